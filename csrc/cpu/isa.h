@@ -1,0 +1,42 @@
+// Run-time choice of the CPU instruction set.
+//
+// The extension is compiled for baseline x86-64; kernels that use AVX2/FMA or
+// AVX-512 are compiled with function-level target attributes (FASTKERN_AVX2,
+// FASTKERN_AVX512) and selected with active_isa(), so one binary runs on any
+// x86-64 CPU. FASTKERN_CPU_ISA=generic|avx2|avx512 (or fastkern._C.set_cpu_isa)
+// forces a path, which is how tests cover every path this machine can run.
+#pragma once
+
+#include <string>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define FASTKERN_X86 1
+#define FASTKERN_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define FASTKERN_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#else
+#define FASTKERN_X86 0
+#define FASTKERN_AVX2
+#define FASTKERN_AVX512
+#endif
+
+namespace fastkern {
+namespace cpu {
+
+struct Features {
+  bool avx = false, avx2 = false, fma = false, f16c = false;
+  bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
+  bool avx512vnni = false, avx512bf16 = false, avxvnni = false;
+};
+
+enum class Isa { Auto = -1, Generic = 0, Avx2 = 1, Avx512 = 2 };
+
+const Features& features();
+// The best path this CPU supports, or the forced one.
+Isa active_isa();
+// Force a path; asking for one the CPU lacks throws. Isa::Auto restores the default.
+void set_isa(Isa isa);
+Isa parse_isa(const std::string& name);
+const char* isa_name(Isa isa);
+
+}  // namespace cpu
+}  // namespace fastkern

@@ -1,0 +1,74 @@
+// The schemas of fastkern's native kernels and the pybind11 module fastkern._C.
+//
+// The public ops live in the `fastkern` namespace and are defined in Python
+// (fastkern/ops.py), which routes each call to a backend. The native kernels
+// are registered here under `fastkern_C` with the same schemas; each family's
+// file adds its CPU (csrc/cpu) or CUDA (csrc/cuda) implementation with
+// TORCH_LIBRARY_IMPL. Argument conventions and formats: DESIGN.md §2-§3.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "cpu/isa.h"
+
+TORCH_LIBRARY(fastkern_C, m) {
+  m.def("gemm(Tensor a, Tensor b) -> Tensor");
+  m.def("int8_gemm(Tensor a, Tensor b) -> Tensor");
+  m.def("linear_w8a16(Tensor x, Tensor w, Tensor w_scale, Tensor? bias) -> Tensor");
+  m.def("linear_w8a8(Tensor x, Tensor w, Tensor w_scale, Tensor? bias) -> Tensor");
+  m.def(
+      "linear_w4a16(Tensor x, Tensor w, Tensor scales, Tensor zeros, int group_size, "
+      "Tensor? bias) -> Tensor");
+  m.def("linear_sparse24(Tensor x, Tensor values, Tensor meta, Tensor? bias) -> Tensor");
+  m.def(
+      "linear_blocksparse(Tensor x, Tensor blocks, Tensor row_ptr, Tensor col_idx, "
+      "int out_features, Tensor? bias) -> Tensor");
+}
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict d;
+  d["version"] = FASTKERN_VERSION;
+  d["torch_version"] = FASTKERN_TORCH_VERSION;
+  d["with_cuda"] = static_cast<bool>(FASTKERN_WITH_CUDA);
+  d["cuda_archs"] = FASTKERN_CUDA_ARCHS;
+#if defined(__clang__)
+  d["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  d["compiler"] = std::string("gcc ") + __VERSION__;
+#else
+  d["compiler"] = "unknown";
+#endif
+  return d;
+}
+
+pybind11::dict cpu_features() {
+  const auto& f = fastkern::cpu::features();
+  pybind11::dict d;
+  d["avx"] = f.avx;
+  d["avx2"] = f.avx2;
+  d["fma"] = f.fma;
+  d["f16c"] = f.f16c;
+  d["avx512f"] = f.avx512f;
+  d["avx512bw"] = f.avx512bw;
+  d["avx512vl"] = f.avx512vl;
+  d["avx512vnni"] = f.avx512vnni;
+  d["avx512bf16"] = f.avx512bf16;
+  d["avxvnni"] = f.avxvnni;
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastkern native kernels (ops are registered under torch.ops.fastkern_C)";
+  m.def("build_info", &build_info, "How this extension was built");
+  m.def("cpu_features", &cpu_features, "CPU features detected at run time");
+  m.def(
+      "set_cpu_isa",
+      [](const std::string& name) { fastkern::cpu::set_isa(fastkern::cpu::parse_isa(name)); },
+      "Force the CPU kernel path: 'auto', 'generic', 'avx2' or 'avx512'");
+  m.def(
+      "cpu_isa", []() { return std::string(fastkern::cpu::isa_name(fastkern::cpu::active_isa())); },
+      "The CPU kernel path in use");
+}

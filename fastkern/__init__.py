@@ -1,0 +1,20 @@
+"""fastkern: quantized and sparse linear layers on native kernels for PyTorch."""
+from fastkern.version import __version__
+from fastkern import _ext  # loads fastkern._C (or warns and runs on the reference backend)
+from fastkern import ops
+from fastkern._backend import BackendUnavailableError, use_backend
+from fastkern._info import info
+# from fastkern.nn import QLinear, SparseLinear
+# from fastkern.convert import quantize_, sparsify_
+
+__all__ = [
+    "__version__",
+    "QLinear",
+    "SparseLinear",
+    "quantize_",
+    "sparsify_",
+    "use_backend",
+    "info",
+    "ops",
+    "BackendUnavailableError",
+]

@@ -1,0 +1,394 @@
+"""The op catalogue (DESIGN.md §2).
+
+Every op is a ``torch.ops.fastkern.<name>`` custom op with one schema, one input
+check, one reference implementation (plain torch, upcast math: the specification),
+one fake kernel (so torch.compile / torch.export trace through it) and a table of
+backend kernels. Calling the op checks the inputs once, picks a backend
+(``use_backend`` > ``FASTKERN_BACKEND`` > the best one built for the tensors'
+device) and runs that backend's kernel.
+
+Backends:
+  cpu        C++ kernels in fastkern._C, registered as torch.ops.fastkern_C.* (CPU key)
+  cuda       CUDA C++ kernels in fastkern._C, same ops (CUDA key)
+  triton     fastkern/triton (GPU; on CPU tensors only under TRITON_INTERPRET=1)
+  reference  the references below, on any device
+"""
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from fastkern import _ext, formats
+from fastkern._backend import BACKENDS, BackendUnavailableError, requested_backend
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# --------------------------------------------------------------------------- checks
+
+
+def describe(name: str, t: torch.Tensor) -> str:
+    return "%s (shape %s, dtype %s, device %s)" % (name, list(t.shape), str(t.dtype).replace("torch.", ""), t.device)
+
+
+def _fail(msg: str):
+    raise ValueError("fastkern: " + msg)
+
+
+def _check_float(name, t):
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError("fastkern: %s must be float32, float16 or bfloat16, got %s" % (name, describe(name, t)))
+
+
+def _check_dtype(name, t, dtype):
+    if t.dtype != dtype:
+        raise TypeError("fastkern: %s must be %s, got %s" % (name, str(dtype).replace("torch.", ""), describe(name, t)))
+
+
+def _check_shape(name, t, shape):
+    if list(t.shape) != list(shape):
+        _fail("%s must have shape %s, got %s" % (name, list(shape), describe(name, t)))
+
+
+def _check_x(name, x, k):
+    if x.dim() < 1:
+        _fail("%s must have at least one dimension [..., K], got %s" % (name, describe(name, x)))
+    if x.shape[-1] != k:
+        _fail("%s must have K=%d features in its last dimension, got %s" % (name, k, describe(name, x)))
+
+
+def _check_devices(named):
+    dev = named[0][1].device
+    for name, t in named[1:]:
+        if t is not None and t.device != dev:
+            _fail(
+                "all tensors must be on one device: %s is on %s but %s"
+                % (named[0][0], dev, describe(name, t))
+            )
+
+
+def _check_2d(name, t):
+    if t.dim() != 2:
+        _fail("%s must be 2-D [N, K], got %s" % (name, describe(name, t)))
+
+
+def _check_bias(bias, n):
+    if bias is None:
+        return
+    _check_float("bias", bias)
+    _check_shape("bias", bias, [n])
+
+
+def _check_gemm(a, b):
+    _check_float("a", a)
+    _check_float("b", b)
+    _check_2d("b", b)
+    _check_x("a", a, b.shape[1])
+    if a.dtype != b.dtype:
+        raise TypeError("fastkern: gemm needs a and b of one dtype, got %s and %s" % (describe("a", a), describe("b", b)))
+    _check_devices([("a", a), ("b", b)])
+
+
+def _check_int8_gemm(a, b):
+    _check_dtype("a", a, torch.int8)
+    _check_dtype("b", b, torch.int8)
+    _check_2d("b", b)
+    _check_x("a", a, b.shape[1])
+    _check_devices([("a", a), ("b", b)])
+
+
+def _check_w8(x, w, w_scale, bias):
+    _check_float("x", x)
+    _check_dtype("w", w, torch.int8)
+    _check_2d("w", w)
+    n, k = w.shape
+    _check_x("x", x, k)
+    _check_float("w_scale", w_scale)
+    _check_shape("w_scale", w_scale, [n])
+    _check_bias(bias, n)
+    _check_devices([("x", x), ("w", w), ("w_scale", w_scale), ("bias", bias)])
+
+
+def _check_w4a16(x, w, scales, zeros, group_size, bias):
+    _check_float("x", x)
+    _check_dtype("w", w, torch.uint8)
+    _check_2d("w", w)
+    n, k = w.shape[0], 2 * w.shape[1]
+    _check_x("x", x, k)
+    if group_size <= 0 or group_size % 2 or k % group_size:
+        _fail("group_size=%d must be a positive even number dividing K=%d (w is %s)" % (group_size, k, describe("w", w)))
+    _check_float("scales", scales)
+    _check_shape("scales", scales, [n, k // group_size])
+    _check_dtype("zeros", zeros, torch.uint8)
+    _check_shape("zeros", zeros, [n, k // group_size])
+    _check_bias(bias, n)
+    _check_devices([("x", x), ("w", w), ("scales", scales), ("zeros", zeros), ("bias", bias)])
+
+
+def _check_sparse24(x, values, meta, bias):
+    _check_float("x", x)
+    _check_float("values", values)
+    _check_2d("values", values)
+    n, k = values.shape[0], 2 * values.shape[1]
+    _check_x("x", x, k)
+    if k % 4:
+        _fail("2:4 sparsity needs K divisible by 4, got K=%d from %s" % (k, describe("values", values)))
+    if values.dtype != x.dtype:
+        raise TypeError("fastkern: values must have x's dtype %s, got %s" % (x.dtype, describe("values", values)))
+    _check_dtype("meta", meta, torch.uint8)
+    _check_shape("meta", meta, [n, k // 4])
+    _check_bias(bias, n)
+    _check_devices([("x", x), ("values", values), ("meta", meta), ("bias", bias)])
+
+
+def _check_blocksparse(x, blocks, row_ptr, col_idx, out_features, bias):
+    _check_float("x", x)
+    _check_float("blocks", blocks)
+    if blocks.dim() != 3:
+        _fail("blocks must be 3-D [nnz_blocks, bn, bk], got %s" % describe("blocks", blocks))
+    if blocks.dtype != x.dtype:
+        raise TypeError("fastkern: blocks must have x's dtype %s, got %s" % (x.dtype, describe("blocks", blocks)))
+    _, bn, bk = blocks.shape
+    if bn <= 0 or bk <= 0:
+        _fail("blocks must have a positive block size, got %s" % describe("blocks", blocks))
+    if out_features < 0:
+        _fail("out_features must be >= 0, got %d" % out_features)
+    _check_dtype("row_ptr", row_ptr, torch.int64)
+    _check_dtype("col_idx", col_idx, torch.int64)
+    _check_shape("row_ptr", row_ptr, [-(-out_features // bn) + 1])
+    _check_shape("col_idx", col_idx, [blocks.shape[0]])
+    if x.dim() < 1:
+        _fail("x must have at least one dimension [..., K], got %s" % describe("x", x))
+    _check_bias(bias, out_features)
+    _check_devices([("x", x), ("blocks", blocks), ("row_ptr", row_ptr), ("col_idx", col_idx), ("bias", bias)])
+
+
+# ----------------------------------------------------------------------- references
+
+
+def _finish(out_f32, bias, dtype):
+    if bias is not None:
+        out_f32 = out_f32 + bias.float()
+    return out_f32.to(dtype)
+
+
+def gemm_ref(a, b):
+    return (a.float() @ b.float().T).to(a.dtype)
+
+
+def int8_gemm_ref(a, b):
+    # float64 holds every int8 dot product exactly for K < 2**38
+    return (a.double() @ b.double().T).to(torch.int32)
+
+
+def linear_w8a16_ref(x, w, w_scale, bias):
+    return _finish(x.float() @ formats.dequantize_int8(w, w_scale).T, bias, x.dtype)
+
+
+def linear_w8a8_ref(x, w, w_scale, bias):
+    q, s = formats.quantize_per_token(x)
+    acc = q.double() @ w.double().T  # exact integer dot products
+    out = (acc * s.double() * w_scale.double()).float()
+    return _finish(out, bias, x.dtype)
+
+
+def linear_w4a16_ref(x, w, scales, zeros, group_size, bias):
+    return _finish(x.float() @ formats.dequantize_int4(w, scales, zeros, group_size).T, bias, x.dtype)
+
+
+def linear_sparse24_ref(x, values, meta, bias):
+    return _finish(x.float() @ formats.decompress_2_4(values, meta).float().T, bias, x.dtype)
+
+
+def linear_blocksparse_ref(x, blocks, row_ptr, col_idx, out_features, bias):
+    k = x.shape[-1]
+    kb = max(int(col_idx.max()) + 1 if col_idx.numel() else 0, -(-k // blocks.shape[2]))
+    dense = formats.blocksparse_to_dense(blocks, row_ptr, col_idx, (out_features, kb * blocks.shape[2]))
+    return _finish(x.float() @ dense[:, :k].float().T, bias, x.dtype)
+
+
+# ---------------------------------------------------------------------- the catalogue
+
+
+@dataclass
+class OpSpec:
+    name: str
+    schema: str
+    check: Callable
+    reference: Callable
+    out: Callable  # (*args) -> (shape, dtype) of the result, for the fake kernel
+
+
+def _out_linear(x, w_rows):
+    return list(x.shape[:-1]) + [w_rows]
+
+
+OPS = {
+    spec.name: spec
+    for spec in [
+        OpSpec("gemm", "(Tensor a, Tensor b) -> Tensor", _check_gemm, gemm_ref,
+               lambda a, b: (_out_linear(a, b.shape[0]), a.dtype)),
+        OpSpec("int8_gemm", "(Tensor a, Tensor b) -> Tensor", _check_int8_gemm, int8_gemm_ref,
+               lambda a, b: (_out_linear(a, b.shape[0]), torch.int32)),
+        OpSpec("linear_w8a16", "(Tensor x, Tensor w, Tensor w_scale, Tensor? bias) -> Tensor", _check_w8,
+               linear_w8a16_ref, lambda x, w, *_: (_out_linear(x, w.shape[0]), x.dtype)),
+        OpSpec("linear_w8a8", "(Tensor x, Tensor w, Tensor w_scale, Tensor? bias) -> Tensor", _check_w8,
+               linear_w8a8_ref, lambda x, w, *_: (_out_linear(x, w.shape[0]), x.dtype)),
+        OpSpec("linear_w4a16",
+               "(Tensor x, Tensor w, Tensor scales, Tensor zeros, int group_size, Tensor? bias) -> Tensor",
+               _check_w4a16, linear_w4a16_ref, lambda x, w, *_: (_out_linear(x, w.shape[0]), x.dtype)),
+        OpSpec("linear_sparse24", "(Tensor x, Tensor values, Tensor meta, Tensor? bias) -> Tensor",
+               _check_sparse24, linear_sparse24_ref,
+               lambda x, values, *_: (_out_linear(x, values.shape[0]), x.dtype)),
+        OpSpec("linear_blocksparse",
+               "(Tensor x, Tensor blocks, Tensor row_ptr, Tensor col_idx, int out_features, Tensor? bias) -> Tensor",
+               _check_blocksparse, linear_blocksparse_ref,
+               lambda x, blocks, row_ptr, col_idx, out_features, bias: (_out_linear(x, out_features), x.dtype)),
+    ]
+}
+
+# (op, backend) -> kernel taking the op's arguments
+_KERNELS = {}
+# backends whose kernels are registered by importing a module, on first use
+_LAZY_BACKENDS = {"triton": "fastkern.triton"}
+_lazy_loaded = {}
+
+
+def register_kernel(op: str, backend: str):
+    """Decorator: ``fn`` implements ``op`` for ``backend`` (used by fastkern/triton)."""
+    if op not in OPS:
+        raise KeyError("fastkern: unknown op %r" % op)
+    if backend not in BACKENDS:
+        raise KeyError("fastkern: unknown backend %r" % backend)
+
+    def deco(fn):
+        _KERNELS[(op, backend)] = fn
+        return fn
+
+    return deco
+
+
+def _native(op):
+    return getattr(torch.ops.fastkern_C, op)
+
+
+def _load_lazy(backend):
+    if backend not in _lazy_loaded:
+        try:
+            importlib.import_module(_LAZY_BACKENDS[backend])
+            _lazy_loaded[backend] = None
+        except ImportError as e:
+            _lazy_loaded[backend] = str(e)
+    return _lazy_loaded[backend]
+
+
+def backend_status(op: str, backend: str, device: torch.device) -> Optional[str]:
+    """None if ``backend`` can run ``op`` on ``device``, else the reason it cannot."""
+    dev = device.type
+    if backend == "reference":
+        return None
+    if backend in ("cpu", "cuda"):
+        if backend != dev:
+            return "the %s backend runs %s tensors, these are on %s" % (backend, backend, device)
+        if _ext._C is None:
+            return "fastkern._C is not built (%s)" % _ext.LOAD_ERROR
+        if backend == "cuda" and not _ext._C.build_info()["with_cuda"]:
+            return "fastkern._C was built without CUDA kernels (rebuild with FASTKERN_CUDA=1)"
+        if not _ext.has_kernel(op, "CPU" if backend == "cpu" else "CUDA"):
+            return "fastkern._C has no %s kernel for %s" % (backend, op)
+        return None
+    if backend == "triton":
+        if dev == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            return "the triton backend runs CPU tensors only under TRITON_INTERPRET=1"
+        if dev not in ("cpu", "cuda"):
+            return "the triton backend does not run on %s" % device
+        err = _load_lazy("triton")
+        if err is not None:
+            return "triton is not available (%s)" % err
+        if (op, "triton") not in _KERNELS:
+            return "fastkern.triton has no kernel for %s" % op
+        return None
+    return "unknown backend %r" % backend
+
+
+_DEFAULT_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+
+
+def select_backend(op: str, device: torch.device) -> str:
+    """The backend a call of ``op`` on ``device`` runs on now."""
+    want = requested_backend()
+    if want is not None:
+        reason = backend_status(op, want, device)
+        if reason is not None:
+            raise BackendUnavailableError("fastkern: backend %r cannot run %s: %s" % (want, op, reason))
+        return want
+    for name in _DEFAULT_ORDER.get(device.type, ("reference",)):
+        if backend_status(op, name, device) is None:
+            return name
+    return "reference"
+
+
+def kernel(op: str, backend: str) -> Callable:
+    """The callable that runs ``op`` on ``backend`` (arguments as the op's)."""
+    if backend in ("cpu", "cuda"):
+        return _native(op)
+    if backend == "reference":
+        return OPS[op].reference
+    if backend in _LAZY_BACKENDS:
+        _load_lazy(backend)
+    return _KERNELS[(op, backend)]
+
+
+# ------------------------------------------------------------------- registration
+
+_lib = torch.library.Library("fastkern", "DEF")
+
+
+def _first_tensor(args):
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a
+    raise AssertionError("no tensor argument")
+
+
+def _make_impl(spec):
+    def impl(*args):
+        spec.check(*args)
+        device = _first_tensor(args).device
+        return kernel(spec.name, select_backend(spec.name, device))(*args)
+
+    impl.__name__ = spec.name
+    return impl
+
+
+def _make_fake(spec):
+    def fake(*args):
+        spec.check(*args)
+        shape, dtype = spec.out(*args)
+        return _first_tensor(args).new_empty(shape, dtype=dtype)
+
+    return fake
+
+
+for _spec in OPS.values():
+    _lib.define(_spec.name + _spec.schema)
+    for _key in ("CPU", "CUDA"):
+        _lib.impl(_spec.name, _make_impl(_spec), _key)
+    torch.library.register_fake("fastkern::" + _spec.name, _make_fake(_spec), lib=_lib)
+    if _ext._C is not None:
+        # the native kernels share the public schemas; their fakes are the same
+        torch.library.register_fake("fastkern_C::" + _spec.name, _make_fake(_spec), lib=_lib)
+
+
+def _public(name):
+    return getattr(torch.ops.fastkern, name)
+
+
+gemm = _public("gemm")
+int8_gemm = _public("int8_gemm")
+linear_w8a16 = _public("linear_w8a16")
+linear_w8a8 = _public("linear_w8a8")
+linear_w4a16 = _public("linear_w4a16")
+linear_sparse24 = _public("linear_sparse24")
+linear_blocksparse = _public("linear_blocksparse")
