@@ -1,0 +1,59 @@
+import os
+
+# The triton backend runs CPU tensors only in the interpreter; Triton reads this
+# when kernels are decorated, so it is set before anything imports triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import fastkern  # noqa: E402
+from fastkern import ops  # noqa: E402
+
+FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+M_SIZES = [0, 1, 3, 17, 128]
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative Frobenius error of out against ref (both upcast to float64)."""
+    out, ref = out.double(), ref.double()
+    denom = ref.norm().item()
+    diff = (out - ref).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def tol(dtype: torch.dtype) -> float:
+    """DESIGN §4: 1e-5 with fp32 out, 1e-2 with half-precision out."""
+    return 1e-5 if dtype == torch.float32 else 1e-2
+
+
+def assert_close_rel(out, ref, dtype, factor=1.0):
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    assert out.dtype == ref.dtype, (out.dtype, ref.dtype)
+    err = rel_err(out, ref)
+    assert err <= tol(dtype) * factor, "relative error %.3g > %.3g" % (err, tol(dtype) * factor)
+
+
+def backends_for(op: str, device="cpu"):
+    """pytest params for every backend of op on device; unavailable ones skip with their reason."""
+    params = []
+    for be in ("cpu", "cuda", "triton", "reference"):
+        reason = ops.backend_status(op, be, torch.device(device))
+        marks = [pytest.mark.skip(reason=reason)] if reason else []
+        params.append(pytest.param(be, marks=marks, id=be))
+    return params
+
+
+@pytest.fixture
+def gen():
+    """A seeded generator: fresh random data per test, reproducible on failure."""
+    return torch.Generator().manual_seed(1234)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU; none is visible")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
