@@ -4,8 +4,8 @@ from fastkern import _ext  # loads fastkern._C (or warns and runs on the referen
 from fastkern import ops
 from fastkern._backend import BackendUnavailableError, use_backend
 from fastkern._info import info
-# from fastkern.nn import QLinear, SparseLinear
-# from fastkern.convert import quantize_, sparsify_
+from fastkern.nn import QLinear, SparseLinear
+from fastkern.convert import quantize_, sparsify_
 
 __all__ = [
     "__version__",
