@@ -1,0 +1,1 @@
+"""Real models used to measure accuracy (loaded offline; optional dependencies)."""
