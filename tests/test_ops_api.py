@@ -1,0 +1,157 @@
+"""The op catalogue itself: schemas/fakes (opcheck), backend routing, input errors, info."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastkern as fk
+from fastkern import formats, ops
+
+
+def sample_args(op, gen, m=5, n=24, k=64, dtype=torch.float32):
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    w = torch.randn(n, k, generator=gen)
+    bias = torch.randn(n, generator=gen)
+    if op == "gemm":
+        return (x, w.to(dtype))
+    if op == "int8_gemm":
+        return (torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8),
+                torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8))
+    if op in ("linear_w8a16", "linear_w8a8"):
+        q, s = formats.quantize_int8(w)
+        return (x, q, s, bias)
+    if op == "linear_w4a16":
+        p, s, z = formats.quantize_int4(w, 32)
+        return (x, p, s, z, 32, bias)
+    if op == "linear_sparse24":
+        v, meta = formats.compress_2_4(w)
+        return (x, v.to(dtype), meta, bias)
+    if op == "linear_blocksparse":
+        blocks, row_ptr, col_idx = formats.dense_to_blocksparse(w, (8, 16), formats.prune_blocks(w, (8, 16), 0.5))
+        return (x, blocks.to(dtype), row_ptr, col_idx, n, bias)
+    raise KeyError(op)
+
+
+@pytest.mark.parametrize("op", list(ops.OPS))
+def test_opcheck_public(gen, op):
+    torch.library.opcheck(getattr(torch.ops.fastkern, op), sample_args(op, gen))
+
+
+@pytest.mark.parametrize("op", list(ops.OPS))
+def test_every_op_has_all_parts(op):
+    spec = ops.OPS[op]
+    assert callable(spec.reference) and callable(spec.check)
+    assert getattr(ops, op + "_ref") is spec.reference
+
+
+@pytest.mark.parametrize("op", list(ops.OPS))
+def test_reference_backend_is_reference(gen, op):
+    args = sample_args(op, gen)
+    with fk.use_backend("reference"):
+        out = getattr(torch.ops.fastkern, op)(*args)
+    assert torch.equal(out, ops.OPS[op].reference(*args))
+
+
+def test_reference_w8a8_by_hand(gen):
+    x, q, s, bias = sample_args("linear_w8a8", gen)
+    xq, xs = formats.quantize_per_token(x)
+    expected = (xq.double() @ q.double().T) * xs.double() * s.double() + bias.double()
+    assert torch.allclose(ops.linear_w8a8_ref(x, q, s, bias).double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_use_backend_errors(gen):
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        with fk.use_backend("nope"):
+            pass
+    args = sample_args("gemm", gen)
+    with fk.use_backend("cuda"):
+        with pytest.raises(fk.BackendUnavailableError, match="backend 'cuda' cannot run gemm: the cuda backend runs cuda tensors"):
+            torch.ops.fastkern.gemm(*args)
+
+
+def test_env_backend_override(gen, monkeypatch):
+    args = sample_args("linear_w4a16", gen)
+    monkeypatch.setenv("FASTKERN_BACKEND", "reference")
+    assert ops.select_backend("linear_w4a16", torch.device("cpu")) == "reference"
+    monkeypatch.setenv("FASTKERN_BACKEND", "cuda")
+    with pytest.raises(fk.BackendUnavailableError):
+        torch.ops.fastkern.linear_w4a16(*args)
+    with fk.use_backend("reference"):  # the context manager wins over the environment
+        torch.ops.fastkern.linear_w4a16(*args)
+    monkeypatch.setenv("FASTKERN_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="unknown backend 'bogus'"):
+        torch.ops.fastkern.linear_w4a16(*args)
+
+
+def test_triton_on_cpu_needs_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "TRITON_INTERPRET=1" in ops.backend_status("gemm", "triton", torch.device("cpu"))
+
+
+def test_default_backend_on_cpu():
+    expected = "cpu" if ops.backend_status("gemm", "cpu", torch.device("cpu")) is None else "reference"
+    assert ops.select_backend("gemm", torch.device("cpu")) == expected
+
+
+BAD = [
+    ("gemm", lambda a: (a[0][:, :-1], a[1]), ValueError, r"a must have K=64 .*shape \[5, 63\]"),
+    ("gemm", lambda a: (a[0], a[1].double()), TypeError, r"b must be float32, float16 or bfloat16.*float64"),
+    ("gemm", lambda a: (a[0], a[1].half()), TypeError, r"one dtype"),
+    ("int8_gemm", lambda a: (a[0].float(), a[1]), TypeError, r"a must be int8.*float32"),
+    ("linear_w8a16", lambda a: (a[0].to(torch.int32),) + a[1:], TypeError, r"x must be float32.*int32"),
+    ("linear_w8a16", lambda a: (a[0], a[1], a[2][:3], a[3]), ValueError, r"w_scale must have shape \[24\].*\[3\]"),
+    ("linear_w8a8", lambda a: (a[0], a[1], a[2], a[3][:5]), ValueError, r"bias must have shape \[24\]"),
+    ("linear_w4a16", lambda a: a[:4] + (24,) + a[5:], ValueError, r"group_size=24 must be .* dividing K=64"),
+    ("linear_w4a16", lambda a: (a[0], a[1].to(torch.int8)) + a[2:], TypeError, r"w must be uint8.*int8"),
+    ("linear_w4a16", lambda a: (a[0], a[1], a[2][:, :1]) + a[3:], ValueError, r"scales must have shape \[24, 2\]"),
+    ("linear_sparse24", lambda a: (a[0][:, :62], a[1][:, :31], a[2][:, :15], a[3]), ValueError, "K divisible by 4.*K=62"),
+    ("linear_sparse24", lambda a: (a[0], a[1].half()) + a[2:], TypeError, r"values must have x's dtype"),
+    ("linear_blocksparse", lambda a: a[:4] + (25,) + a[5:], ValueError, r"row_ptr must have shape \[5\]"),
+    ("linear_blocksparse", lambda a: (a[0], a[1], a[2].int()) + a[3:], TypeError, r"row_ptr must be int64"),
+]
+
+
+@pytest.mark.parametrize("op,mutate,exc,msg", BAD, ids=[b[0] + "-" + str(i) for i, b in enumerate(BAD)])
+def test_bad_inputs_have_clear_errors(gen, op, mutate, exc, msg):
+    args = mutate(sample_args(op, gen))
+    with pytest.raises(exc, match=msg):
+        getattr(torch.ops.fastkern, op)(*args)
+
+
+def test_mismatched_devices(gen):
+    x, q, s, bias = sample_args("linear_w8a16", gen)
+    with pytest.raises(ValueError, match=r"one device: x is on meta but w \(shape \[24, 64\], dtype int8, device cpu\)"):
+        torch.ops.fastkern.linear_w8a16(x.to("meta"), q, s, bias)
+
+
+def test_info_prints(capsys):
+    d = fk.info()
+    out = capsys.readouterr().out
+    assert "fastkern" in out and "backends per op" in out
+    assert set(d["backends"]) == set(ops.OPS)
+    assert "reference" in d["backends"]["gemm"]["cpu"]
+
+
+def test_python_m_fastkern_info():
+    out = subprocess.run([sys.executable, "-m", "fastkern", "info"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "native extension" in out.stdout and "CPU" in out.stdout
+
+
+def test_imports_without_native_extension():
+    code = (
+        "import sys, warnings; sys.modules['fastkern._C'] = None\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import fastkern, torch\n"
+        "assert any('not available' in str(x.message) and 'pip install' in str(x.message) for x in w), w\n"
+        "q = fastkern.QLinear.from_linear(torch.nn.Linear(64, 8), weight_dtype='int4', group_size=32)\n"
+        "print(fastkern.ops.select_backend('linear_w4a16', torch.device('cpu')), q(torch.randn(2, 64)).shape)\n"
+    )
+    env = dict(os.environ)
+    env.pop("FASTKERN_BACKEND", None)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["reference", "torch.Size([2,", "8])"]
