@@ -135,17 +135,28 @@ def mean_pool(last_hidden_state, attention_mask):
 
 @torch.no_grad()
 def embed(model, tokenizer, sentences, batch_size: int = 32, max_length: int = 128):
-    """L2-normalized fp32 embeddings [len(sentences), hidden] (mean pooling over the attention mask)."""
+    """L2-normalized fp32 embeddings [len(sentences), hidden] (mean pooling over the attention mask).
+
+    Sentences are batched in order of length (less padding, same result) and the rows
+    come back in the order given.
+    """
     sentences = list(sentences)
-    out = []
-    for i in range(0, len(sentences), batch_size):
-        batch = tokenize(tokenizer, sentences[i : i + batch_size], max_length)
+    order = _by_length(sentences)
+    out = [None] * len(sentences)
+    for i in range(0, len(order), batch_size):
+        idx = order[i : i + batch_size]
+        batch = tokenize(tokenizer, [sentences[j] for j in idx], max_length)
         hidden = model(**batch).last_hidden_state
-        out.append(mean_pool(hidden, batch["attention_mask"]))
+        for j, row in zip(idx, mean_pool(hidden, batch["attention_mask"])):
+            out[j] = row
     if not out:
         hidden = getattr(getattr(model, "config", None), "hidden_size", 0)
         return torch.zeros(0, hidden)
-    return torch.cat(out)
+    return torch.stack(out)
+
+
+def _by_length(sentences):
+    return sorted(range(len(sentences)), key=lambda i: (len(sentences[i]), i))
 
 
 def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -156,6 +167,8 @@ def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def calibration_batches(tokenizer, n: int = 256, batch_size: int = 32, max_length: int = 128, split: str = "calib"):
-    """List of model input dicts over the first n sentences of a split (for quantize_(..., calibration=...))."""
+    """List of model input dicts over the first n sentences of a split, batched by length
+    (for ``fastkern.quantize_(..., method="gptq", calibration=...)``)."""
     sents = sentences(split, n)
+    sents = [sents[i] for i in _by_length(sents)]
     return [tokenize(tokenizer, sents[i : i + batch_size], max_length) for i in range(0, len(sents), batch_size)]
