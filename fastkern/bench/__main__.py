@@ -1,0 +1,5 @@
+import sys
+
+from fastkern.bench.cli import main
+
+sys.exit(main())

@@ -1,0 +1,171 @@
+"""The machine's own ceilings, measured in the same run as the kernels.
+
+- streaming read bandwidth: a reduction over an array many times the last-level
+  cache, with all of torch's threads (CPU) or on the GPU;
+- peak dense matmul throughput: a large torch matmul (fp32 on CPU; fp16, bf16 and
+  int8 on GPU);
+- the CPU's theoretical FMA peak, estimated from its clock and vector width when
+  the clock can be read (reported, not used for the % columns).
+"""
+import glob
+import os
+import re
+import subprocess
+from typing import Optional
+
+import torch
+
+from fastkern.bench.timing import Rotator, time_rotator
+
+
+def _parse_size(text: str) -> Optional[int]:
+    m = re.match(r"\s*([\d.]+)\s*([KMG]?)(i?B)?", text.strip(), re.I)
+    if not m:
+        return None
+    mult = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m.group(2).upper()]
+    return int(float(m.group(1)) * mult)
+
+
+def cpu_llc_bytes() -> int:
+    """Size of the last-level cache seen by cpu0 (sysfs, then lscpu; 32 MiB if neither answers)."""
+    best_level, best = -1, None
+    for d in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*"):
+        try:
+            with open(os.path.join(d, "level")) as f:
+                level = int(f.read())
+            with open(os.path.join(d, "type")) as f:
+                kind = f.read().strip()
+            with open(os.path.join(d, "size")) as f:
+                size = _parse_size(f.read())
+        except (OSError, ValueError):
+            continue
+        if kind != "Instruction" and size and level > best_level:
+            best_level, best = level, size
+    if best:
+        return best
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=5).stdout
+        for key in ("L3 cache", "L2 cache"):
+            for line in out.splitlines():
+                if line.startswith(key):
+                    size = _parse_size(line.split(":", 1)[1])
+                    if size:
+                        return size
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return 32 << 20
+
+
+def gpu_l2_bytes(device=None) -> int:
+    props = torch.cuda.get_device_properties(device or torch.cuda.current_device())
+    return int(getattr(props, "L2_cache_size", 0) or (50 << 20))
+
+
+def llc_bytes(device: str) -> int:
+    return gpu_l2_bytes() if device == "cuda" else cpu_llc_bytes()
+
+
+def read_bandwidth(device: str, nbytes: int, min_run_time: float) -> float:
+    """GB/s of ``sum`` over a float32 array of ``nbytes`` (a pure streaming read)."""
+    a = torch.ones(max(1, nbytes // 4), dtype=torch.float32, device=device)
+    t = time_rotator(Rotator(lambda x, c: x.sum(), a, [()]), device, min_run_time)
+    return a.numel() * 4 / (t.ms * 1e-3) / 1e9
+
+
+def matmul_peak(device: str, n: int, dtype: torch.dtype, min_run_time: float) -> float:
+    """GFLOP/s of an n x n x n torch matmul."""
+    if dtype == torch.int8:
+        a = torch.randint(-64, 64, (n, n), dtype=torch.int8, device=device)
+        b = torch.randint(-64, 64, (n, n), dtype=torch.int8, device=device)
+
+        def fn(x, c):
+            return torch._int_mm(x, b.t())
+    else:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+
+        def fn(x, c):
+            return torch.mm(x, b)
+
+    t = time_rotator(Rotator(fn, a, [()]), device, min_run_time)
+    return 2 * n**3 / (t.ms * 1e-3) / 1e9
+
+
+def _cpuinfo():
+    info = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if ":" in line:
+                    k, v = line.split(":", 1)
+                    info.setdefault(k.strip(), v.strip())
+    except OSError:
+        pass
+    return info
+
+
+def fma_peak_estimate():
+    """(GFLOP/s, note) from the clock in /proc/cpuinfo x fp32 FMA lanes per cycle, or (None, why)."""
+    info = _cpuinfo()
+    try:
+        mhz = float(info.get("cpu MHz", ""))
+    except ValueError:
+        return None, "the CPU clock is not readable from /proc/cpuinfo"
+    flags = set(info.get("flags", "").split())
+    family = int(info.get("cpu family", "0") or 0)
+    model = int(info.get("model", "0") or 0)
+    vendor = info.get("vendor_id", "")
+    if "avx512f" in flags:
+        per_cycle, why = 64, "AVX-512: 2 FMA units x 16 lanes x 2 flops"
+    elif "avx2" in flags and "fma" in flags:
+        if vendor == "AuthenticAMD" and family == 0x17 and model < 0x30:
+            per_cycle, why = 16, "Zen1 (family 17h model %d): 256-bit FMA at half rate, 8 lanes x 2 flops" % model
+        else:
+            per_cycle, why = 32, "AVX2: 2 FMA units x 8 lanes x 2 flops"
+    elif "sse2" in flags:
+        per_cycle, why = 8, "SSE: 2 units x 4 lanes (mul+add)"
+    else:
+        return None, "unknown vector ISA"
+    cores = torch.get_num_threads()
+    gflops = mhz * 1e-3 * cores * per_cycle
+    note = "%.0f MHz x %d threads x %d flop/cycle (%s; cpuinfo's family/model under a hypervisor may not be the real core)" % (
+        mhz, cores, per_cycle, why)
+    return gflops, note
+
+
+def measure_ceilings(device: str, *, bw_bytes: Optional[int] = None, peak_n: Optional[int] = None,
+                     min_run_time: float = 0.3) -> dict:
+    """Ceilings for the % columns: read_bw_gbs and matmul_gflops[dtype] (+ llc_bytes, FMA estimate)."""
+    llc = llc_bytes(device)
+    if bw_bytes is None:
+        bw_bytes = max(256 << 20, 16 * llc) if device == "cpu" else max(1 << 30, 32 * llc)
+    c = {"device": device, "llc_bytes": llc, "threads": torch.get_num_threads(), "bw_array_bytes": int(bw_bytes)}
+    c["read_bw_gbs"] = read_bandwidth(device, bw_bytes, min_run_time)
+    peaks = {}
+    if device == "cuda":
+        n = peak_n or 8192
+        for name, dt in (("fp16", torch.float16), ("bf16", torch.bfloat16), ("int8", torch.int8)):
+            try:
+                peaks[name] = matmul_peak(device, n, dt, min_run_time)
+            except Exception as e:  # e.g. int8 matmul missing on an older arch
+                c.setdefault("errors", {})["matmul_" + name] = str(e).splitlines()[0]
+        c["matmul_n"] = n
+    else:
+        n = peak_n or 2048
+        peaks["fp32"] = matmul_peak(device, n, torch.float32, min_run_time)
+        c["matmul_n"] = n
+        est, note = fma_peak_estimate()
+        c["fma_peak_gflops_est"] = est
+        c["fma_peak_note"] = note
+    c["matmul_gflops"] = peaks
+    return c
+
+
+def compute_ceiling(ceilings: dict, op: str, dtype: str) -> Optional[float]:
+    """The matmul peak an op's work is measured against (GFLOP/s)."""
+    peaks = ceilings.get("matmul_gflops", {})
+    if ceilings.get("device") == "cuda":
+        if op in ("int8_gemm", "linear_w8a8") or dtype == "int8":
+            return peaks.get("int8") or peaks.get("fp16")
+        return peaks.get(dtype) or peaks.get("fp16")
+    return peaks.get("fp32")

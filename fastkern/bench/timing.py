@@ -1,0 +1,125 @@
+"""Timing: median of many runs after warm-up, rotating among weight copies.
+
+CPU: torch.utils.benchmark.Timer.blocked_autorange with all of torch's threads
+(its default is one thread). GPU: triton.testing.do_bench (CUDA events, L2 flushed
+between runs), or plain CUDA events when triton is missing.
+
+The callable handed to the timer cycles through several copies of the weights whose
+total size exceeds the last-level cache, so a memory-bound kernel is timed reading
+DRAM (as it would inside a model, where every layer has its own weights), not cache.
+"""
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, List
+
+import torch
+
+# a rotation set is at least this many times the last-level cache
+LLC_FACTOR = 4
+# never more than this much memory in copies of one weight (unless 2 copies need more)
+MAX_ROTATION_BYTES = 2 << 30
+
+
+def copies_needed(copy_bytes: int, llc_bytes: int, max_copies: int = 64) -> int:
+    """Copies whose total is >= LLC_FACTOR x the LLC; at least 2, so no call re-reads the previous call's weights."""
+    if copy_bytes <= 0:
+        return 2
+    want = math.ceil(LLC_FACTOR * llc_bytes / copy_bytes)
+    cap = max(2, MAX_ROTATION_BYTES // copy_bytes)
+    return int(max(2, min(want, cap, max_copies)))
+
+
+class Rotator:
+    """Calls ``fn(x, copies[i])`` with i cycling over the copies."""
+
+    def __init__(self, fn: Callable, x: torch.Tensor, copies: List[tuple]):
+        self.fn, self.x, self.copies = fn, x, copies
+        self.i = 0
+
+    def __call__(self):
+        c = self.copies[self.i]
+        self.i = (self.i + 1) % len(self.copies)
+        return self.fn(self.x, c)
+
+
+@dataclass
+class Timing:
+    ms: float  # median
+    iqr_ms: float
+    runs: int  # timed calls
+    method: str
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def warmup(rot: Rotator, device: str) -> float:
+    """One call per copy (first-use costs: lazy init, page faults, layout caches); returns the slowest, in s."""
+    worst = 0.0
+    for _ in range(len(rot.copies) + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        rot()
+        _sync(device)
+        worst = max(worst, time.perf_counter() - t0)
+    return worst
+
+
+def _time_slow(rot: Rotator, device: str, calls: int) -> Timing:
+    # a call longer than the whole measurement budget: a few single calls, median of them
+    times = []
+    for _ in range(calls):
+        _sync(device)
+        t0 = time.perf_counter()
+        rot()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
+    return Timing(statistics.median(times) * 1e3, (q[2] - q[0]) * 1e3, len(times), "perf_counter")
+
+
+def time_cpu(rot: Rotator, min_run_time: float) -> Timing:
+    from torch.utils.benchmark import Timer
+
+    per_call = warmup(rot, "cpu")
+    if per_call >= min_run_time:
+        return _time_slow(rot, "cpu", 3)
+    timer = Timer(stmt="f()", globals={"f": rot}, num_threads=torch.get_num_threads())
+    m = timer.blocked_autorange(min_run_time=min_run_time)
+    return Timing(m.median * 1e3, m.iqr * 1e3, len(m.times) * m.number_per_run, "torch.utils.benchmark")
+
+
+def time_cuda(rot: Rotator, min_run_time: float) -> Timing:
+    per_call = warmup(rot, "cuda")
+    if per_call >= min_run_time:
+        return _time_slow(rot, "cuda", 3)
+    rep_ms = max(1.0, min_run_time * 1e3)
+    try:
+        from triton.testing import do_bench
+
+        ms = do_bench(rot, warmup=max(1.0, rep_ms / 4), rep=rep_ms, quantiles=[0.25, 0.5, 0.75])
+        q1, med, q3 = ms
+        runs = max(1, int(rep_ms / max(med, 1e-3)))
+        return Timing(med, q3 - q1, runs, "triton.testing.do_bench")
+    except ImportError:
+        pass
+    # CUDA events, one pair per call
+    n = max(5, min(1000, int(min_run_time / max(per_call, 1e-6))))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for i in range(n):
+        starts[i].record()
+        rot()
+        ends[i].record()
+    torch.cuda.synchronize()
+    times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+    q = statistics.quantiles(times, n=4)
+    return Timing(statistics.median(times), q[2] - q[0], n, "cuda events")
+
+
+def time_rotator(rot: Rotator, device: str, min_run_time: float) -> Timing:
+    return time_cuda(rot, min_run_time) if device == "cuda" else time_cpu(rot, min_run_time)
