@@ -1,0 +1,246 @@
+"""The benchmark harness, run end to end through its CLI on tiny shapes (no timing thresholds)."""
+import copy
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from fastkern import formats, ops
+from fastkern.bench import cli, report, shapes
+from fastkern.bench.inputs import make_activation, make_weight, op_weight_args
+from fastkern.bench.peers import CPU_PEERS, PeerUnavailable, peers_for
+from fastkern.bench.timing import copies_needed
+
+try:
+    import matplotlib  # noqa: F401
+
+    HAVE_MPL = True
+except ImportError:
+    HAVE_MPL = False
+
+# tiny problem, few repeats, small ceiling probes: the whole module stays well under a minute
+TINY = ["--shapes", "48x128", "--m", "1", "--min-run-time", "0.002", "--max-copies", "2",
+        "--bw-mb", "8", "--peak-n", "64", "--no-progress", "--plain"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench")
+    argv = TINY + ["--backends", "reference,cpu", "--json", str(d / "run.json"), "--txt", str(d / "run.txt")]
+    if HAVE_MPL:
+        argv += ["--plot", str(d / "run.png")]
+    assert cli.main(argv) == 0
+    return d
+
+
+@pytest.fixture(scope="module")
+def result(run_dir):
+    with open(run_dir / "run.json") as f:
+        return json.load(f)
+
+
+def test_json_is_well_formed(result):
+    assert report.validate(result) == []
+    meta = result["metadata"]
+    for key in ("date", "torch", "fastkern", "triton", "cpu_model", "cpu_count", "device_name", "threads"):
+        assert key in meta, key
+    assert meta["torch"] == torch.__version__
+    c = result["ceilings"]
+    assert c["read_bw_gbs"] > 0 and c["matmul_gflops"]["fp32"] > 0 and c["llc_bytes"] > 0
+
+
+def test_every_op_timed_with_its_peers(result):
+    res = result["results"]
+    ok = [e for e in res if e["status"] == "ok"]
+    for e in ok:
+        assert e["ms"] > 0 and e["gflops"] > 0 and e["gbs"] > 0 and e["copies"] >= 2
+    for op in shapes.ALL_OPS:
+        fk = [e for e in res if e["kind"] == "fastkern" and e["op"] == op and e["backend"] == "reference"]
+        assert fk and all(e["status"] == "ok" for e in fk), op
+        # the peers compared with this op were timed at the same size, and the speedups refer to them
+        for e in fk:
+            timed = {p["name"] for p in ok if p["kind"] == "peer" and op in p["ops"]
+                     and (p["n"], p["k"], p["m"]) == (e["n"], e["k"], e["m"])}
+            assert "F.linear fp32" in timed, op
+            assert set(e["speedup"]) == timed
+            for name, sp in e["speedup"].items():
+                peer = next(p for p in ok if p["name"] == name and (p["n"], p["k"], p["m"]) == (e["n"], e["k"], e["m"]))
+                assert sp == pytest.approx(peer["ms"] / e["ms"])
+
+
+def test_unavailable_backends_are_reported_not_timed(result):
+    for e in result["results"]:
+        if e["kind"] != "fastkern" or e["backend"] != "cpu":
+            continue
+        reason = ops.backend_status(e["op"], "cpu", torch.device("cpu"))
+        if reason is None:
+            assert e["status"] in ("ok", "error")
+        else:
+            assert e["status"] == "skipped" and e["reason"] == reason
+
+
+def test_quick_cpu_peers_present(result):
+    names = {e["name"] for e in result["results"] if e["kind"] == "peer"}
+    for p in CPU_PEERS:
+        assert p.name in names
+
+
+def test_table_text_written(run_dir, result):
+    text = (run_dir / "run.txt").read_text()
+    for op in shapes.ALL_OPS:
+        assert "== " + op in text
+    assert "read bandwidth" in text
+    assert text == report.render_text(result)
+
+
+@pytest.mark.skipif(not HAVE_MPL, reason="matplotlib is not installed (pip install 'fastkern[bench]')")
+def test_plot_written(run_dir):
+    data = (run_dir / "run.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def _slower_copy(result, factor):
+    old = copy.deepcopy(result)
+    for e in old["results"]:
+        if e["status"] == "ok":
+            e["ms"] *= factor
+    return old
+
+
+def test_compare_two_files(run_dir, result, capsys):
+    old = _slower_copy(result, 2.0)
+    old_path = run_dir / "old.json"
+    report.write_json(old, str(old_path))
+    rows, warnings = report.compare(old, result)
+    assert rows and warnings == []
+    assert all(r["speedup"] == pytest.approx(2.0) for r in rows)
+    assert len(rows) == sum(e["status"] == "ok" for e in result["results"])
+    capsys.readouterr()
+    assert cli.main(["--compare", str(old_path), str(run_dir / "run.json"), "--plain"]) == 0
+    out = capsys.readouterr().out
+    assert "2.00x" in out and "0.50x" not in out
+
+
+def test_compare_warns_across_machines(result):
+    other = copy.deepcopy(result)
+    other["metadata"]["cpu_model"] = "Some Other CPU"
+    other["metadata"]["device_name"] = "Some Other CPU"
+    _, warnings = report.compare(other, result)
+    assert any("cpu_model" in w for w in warnings)
+
+
+def test_compare_against_a_new_run(run_dir, capsys):
+    capsys.readouterr()
+    argv = TINY[:] + ["--ops", "gemm", "--backends", "reference", "--no-ceilings", "--peers", "fp32",
+                      "--compare", str(run_dir / "run.json")]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "change against" in out and "gemm" in out
+
+
+def test_validate_rejects_broken_results(result):
+    bad = copy.deepcopy(result)
+    ok = next(e for e in bad["results"] if e["status"] == "ok")
+    ok["ms"] = 0.0
+    del bad["metadata"]["date"]
+    problems = report.validate(bad)
+    assert any("ms=0.0" in p for p in problems) and any("date" in p for p in problems)
+    with pytest.raises(ValueError, match="not a fastkern-bench result"):
+        path = os.path.join(os.path.dirname(__file__), "__bad_bench.json")
+        try:
+            report.write_json(bad, path)
+            report.load_json(path)
+        finally:
+            os.remove(path)
+
+
+# ------------------------------------------------------------------ library pieces
+
+
+def test_shape_sets_follow_design():
+    full = shapes.full_cases(device="cpu")
+    lin = {(c.n, c.k) for c in full if c.op == "linear_w4a16"}
+    assert lin == set(shapes.LLAMA_SHAPES)
+    assert {c.m for c in full if c.op == "linear_w8a8"} == {1, 16, 64, 256}
+    assert {c.dtype for c in full if c.op == "linear_w4a16"} == {"fp32", "bf16"}
+    assert [(c.n, c.k, c.m) for c in full if c.op == "gemm"] == [(2048, 2048, 2048)]
+    assert all(c.dtype == "int8" for c in full if c.op == "int8_gemm")
+    quick = shapes.quick_cases(device="cpu")
+    assert {c.m for c in quick if c.op != "gemm"} == {1, 64}
+    assert set(shapes.resolve_ops(["w4a16,gemm"])) == {"linear_w4a16", "gemm"}
+    with pytest.raises(ValueError, match="unknown op"):
+        shapes.resolve_ops(["w3a16"])
+    assert shapes.parse_shapes("4096x11008, 8x16") == [(4096, 11008), (8, 16)]
+
+
+def test_list_prints_plan(capsys):
+    assert cli.main(["--quick", "--ops", "w4a16", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "linear_w4a16 [cpu] N=4096 K=14336 M=1 fp32" in out
+    assert "peer torch int4pack (bf16) N=4096 K=4096 M=64" in out
+
+
+def test_rotation_exceeds_last_level_cache():
+    llc = 8 << 20
+    n = copies_needed(3 << 20, llc)
+    assert n * (3 << 20) >= 4 * llc and n >= 2
+    assert copies_needed(1 << 30, llc) == 2
+    assert copies_needed(1024, llc, max_copies=16) == 16
+
+
+@pytest.mark.parametrize("peer", CPU_PEERS, ids=lambda p: p.short)
+def test_cpu_peers_compute_the_same_product(peer):
+    """Each peer, built from the harness's weight, matches fastkern's reference for the op it stands
+    in for (so a speedup compares like with like)."""
+    n, k, m = 48, 256, 5
+    w = make_weight(n, k, seed=3)
+    try:
+        impl = peer.impl(w, m)
+    except PeerUnavailable as e:
+        pytest.skip(str(e))
+    out = impl.call(impl.x, impl.make_copy())
+    x32 = make_activation(m, k, torch.float32, seed=1)
+    if peer.short == "int4pack":
+        case = shapes.Case("linear_w4a16", n, k, m, "bf16")
+        ref = ops.linear_w4a16_ref(impl.x, *op_weight_args(case, w)).float()
+        tol = 1e-2
+    elif peer.short in ("int8pack", "fbgemm"):
+        q, s = formats.quantize_int8(w)
+        ref = x32 @ formats.dequantize_int8(q, s).T
+        tol = 1e-2 if peer.short == "int8pack" else 3e-2  # fbgemm also quantizes x (uint8, reduced range)
+    elif peer.short == "_int_mm":
+        q, _ = formats.quantize_int8(w)
+        assert torch.equal(out, ops.int8_gemm_ref(impl.x, q))
+        return
+    else:
+        ref = x32 @ w.T
+        tol = 1e-5 if peer.short == "fp32" else 1e-2
+    err = ((out.float() - ref).norm() / ref.norm()).item()
+    assert err < tol, "%s: relative error %.3g" % (peer.name, err)
+
+
+def test_peer_selection():
+    assert {p.short for p in peers_for("linear_w4a16", "cpu")} == {"fp32", "bf16", "fbgemm", "int8pack", "int4pack"}
+    assert {p.short for p in peers_for("linear_sparse24", "cpu")} == {"fp32", "bf16"}
+    assert {p.short for p in peers_for("linear_w8a8", "cuda")} == {"fp16", "bf16", "_int_mm"}
+    assert [p.short for p in peers_for("linear_w4a16", "cpu", ["int4pack"])] == ["int4pack"]
+
+
+def test_model_flag_without_model_module(monkeypatch):
+    import fastkern.bench as fb
+
+    monkeypatch.delattr(fb, "model", raising=False)
+    monkeypatch.setitem(sys.modules, "fastkern.bench.model", None)
+    with pytest.raises(SystemExit, match="model benchmark"):
+        cli.main(["--model", "minilm"])
+    with pytest.raises(SystemExit, match="not one of"):
+        cli.main(["--model", "resnet"])
+
+
+def test_cuda_device_without_gpu_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        cli.main(TINY + ["--device", "cuda", "--ops", "gemm"])
