@@ -15,6 +15,7 @@ Triton's own ``@triton.autotune`` keeps its choice only in memory (or in a cache
 keyed by the kernel's source hash); fastkern wants the choice to survive a process
 and be inspectable, hence this small replacement.
 """
+import contextlib
 import json
 import os
 import tempfile
@@ -91,9 +92,21 @@ class Tuner:
         self.candidates = candidates
         self.default = default
         self.interpret = interpret
+        self._forced = None
+
+    @contextlib.contextmanager
+    def force(self, cfg):
+        """Use ``cfg`` for every call inside the block (tests check each candidate this way)."""
+        prev, self._forced = self._forced, dict(cfg)
+        try:
+            yield
+        finally:
+            self._forced = prev
 
     def config(self, key, device: torch.device, launch):
         """The config for ``key``; ``launch(cfg)`` runs the kernel once (used for timing)."""
+        if self._forced is not None:
+            return dict(self._forced)
         if interpreting() or device.type != "cuda":
             return dict(self.interpret(key))
         if not autotune_enabled():
