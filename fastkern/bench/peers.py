@@ -6,7 +6,7 @@ A peer that cannot run a shape (or is missing from this torch build) raises
 
 CPU: F.linear fp32 and bf16, FBGEMM dynamic int8 (torch.ao dynamic Linear),
 torch._weight_int8pack_mm, torch._weight_int4pack_mm_for_cpu (bf16 activations,
-its fast path), torch._int_mm. GPU: cuBLAS fp16/bf16 (F.linear), torch._int_mm,
+its fast path). GPU: cuBLAS fp16/bf16 (F.linear), torch._int_mm,
 torch._weight_int4pack_mm, 2:4 semi-structured sparsity (cuSPARSELt / CUTLASS).
 """
 import contextlib
@@ -161,10 +161,6 @@ def _int_mm_call(x, state):
     return torch._int_mm(x, state[0].t())
 
 
-def _int_mm_bytes(state):
-    return tensor_bytes(state)
-
-
 CPU_PEERS = [
     PeerSpec("F.linear fp32", "fp32", "cpu", ("gemm",) + LINEAR_FAMILY, torch.float32,
              _linear_build(torch.float32), _linear_call),
@@ -176,8 +172,9 @@ CPU_PEERS = [
              _int8pack_build, _int8pack_call),
     PeerSpec("torch int4pack (bf16)", "int4pack", "cpu", ("linear_w4a16",), torch.bfloat16,
              _int4pack_cpu_build, _int4pack_cpu_call),
-    PeerSpec("torch._int_mm", "_int_mm", "cpu", ("int8_gemm",), torch.int8, _int_mm_build, _int_mm_call),
 ]
+# torch._int_mm also runs on CPU, but through a generic loop (seconds for one 4096x4096 M=64 product):
+# it is no contender there, and would dominate the run time.
 
 # ---------------------------------------------------------------- GPU peers
 # Written for CUDA builds of torch on sm80+; every failure becomes a reported reason.

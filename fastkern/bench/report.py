@@ -4,7 +4,7 @@ from typing import Dict, List, Optional, Tuple
 
 from fastkern.bench.runner import SCHEMA
 
-COLUMNS = ["shape", "M", "impl", "act", "ms", "GFLOP/s", "GB/s", "%BW", "%peak", "bound", "err", "speedup vs peers"]
+COLUMNS = ["shape", "M", "impl", "act", "ms", "GFLOP/s", "GB/s", "%BW", "%peak", "%roof", "err", "speedup vs peers"]
 
 # ------------------------------------------------------------------ JSON
 
@@ -104,8 +104,14 @@ def row_cells(e: dict) -> List[str]:
     else:
         sp = ""
     return [shape, str(e["m"]), name, e["dtype"], _ms(e["ms"]), _f(e["gflops"], "%.1f"), _f(e["gbs"], "%.1f"),
-            _f(e.get("pct_bw"), "%.0f%%"), _f(e.get("pct_compute"), "%.0f%%"), (e.get("bound") or "-")[:3],
+            _f(e.get("pct_bw"), "%.0f%%"), _f(e.get("pct_compute"), "%.0f%%"), _roof(e),
             _f(e.get("rel_err_vs_fp32"), "%.1e"), sp]
+
+
+def _roof(e):
+    if e.get("pct_roofline") is None:
+        return "-"
+    return "%.0f%% %s" % (e["pct_roofline"], (e.get("bound") or "")[:3])
 
 
 _SHORT = {}
@@ -161,7 +167,8 @@ def render_text(result: dict) -> str:
         result["metadata"].get("torch"), result["metadata"].get("fastkern")),
         "ceilings: " + ceilings_line(result),
         "%BW: GB/s on the bytes the op must move (weights as stored + x + out) / read bandwidth; "
-        "%peak: GFLOP/s / matmul peak; err: rel. error vs x @ W.T in fp32; speedup = peer ms / fastkern ms",
+        "%peak: GFLOP/s / matmul peak; %roof: GFLOP/s / min(peak, bandwidth x flop/byte), mem or com bound;",
+        "err: rel. error vs x @ W.T in fp32 (quantization and pruning included); speedup = peer ms / fastkern ms",
         ""]
     for op, rows in sections(result):
         cells = [COLUMNS] + [row_cells(e) for e in rows]

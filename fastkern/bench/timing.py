@@ -58,15 +58,15 @@ def _sync(device):
 
 
 def warmup(rot: Rotator, device: str) -> float:
-    """One call per copy (first-use costs: lazy init, page faults, layout caches); returns the slowest, in s."""
-    worst = 0.0
-    for _ in range(len(rot.copies) + 1):
+    """One call per copy (first-use costs: lazy init, page faults, layout caches); returns the last, in s."""
+    last = 0.0
+    for _ in range(len(rot.copies)):
         _sync(device)
         t0 = time.perf_counter()
         rot()
         _sync(device)
-        worst = max(worst, time.perf_counter() - t0)
-    return worst
+        last = time.perf_counter() - t0
+    return last
 
 
 def _time_slow(rot: Rotator, device: str, calls: int) -> Timing:
