@@ -1,0 +1,419 @@
+// int8 CPU kernels: fastkern_C::int8_gemm, linear_w8a16, linear_w8a8.
+//
+// Integer products use vpmaddwd on int16-widened operands: it is exact for the
+// whole int8 range (-128 * -128 pairs included), which vpmaddubsw is not, and
+// on this machine kind (AMD Zen, one 128-bit integer multiplier pipe) it does
+// as many multiply-adds per cycle as the vpmaddubsw + vpmaddwd pair would.
+//
+// Small M (<= kGemvMaxM) streams the int8 weight once and widens / converts it
+// in registers; larger M widens (int16) or dequantizes (fp32) one cache-sized
+// weight panel at a time and runs every row of x against it.
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "cpu/quant_common.h"
+
+namespace fastkern {
+namespace cpu {
+namespace quant {
+namespace {
+
+constexpr int64_t kGemvMaxM = 3;
+constexpr int64_t kGemvRows = 4;     // weight rows per GEMV tile (and per thread work unit)
+constexpr int64_t kPanelRows = 64;   // weight rows per GEMM panel
+constexpr int64_t kPanelKI16 = 1024; // K columns per int16 panel (64 x 1024 x 2 B = 128 KB, in L2)
+constexpr int64_t kPanelKF32 = 512;  // K columns per fp32 panel (64 x 512 x 4 B = 128 KB, in L2)
+// |sum| <= K * 127 * 127 stays below 2^31 (W8A8 activations never hold -128).
+constexpr int64_t kW8A8MaxK = 133143;
+
+// ------------------------------------------------------------------ GEMV: int8 weights x int16 activations
+
+template <int MR, int NR>
+void gemv_i8_generic(const int16_t* A, int64_t lda, const int8_t* W, int64_t K, int32_t* C, int64_t ldc) {
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) {
+      const int16_t* a = A + i * lda;
+      const int8_t* w = W + j * K;
+      int32_t s = 0;
+      for (int64_t k = 0; k < K; ++k) s += int32_t(a[k]) * int32_t(w[k]);
+      C[i * ldc + j] = s;
+    }
+}
+
+#if FASTKERN_X86
+// A is zero-padded to a multiple of 16 columns; W rows have exactly K bytes, so
+// the last partial 16-byte chunk goes through a zeroed copy instead of reading
+// past the end of the tensor.
+template <int MR, int NR>
+FASTKERN_AVX2 inline void gemv_i8_step(__m256i (&s)[MR][NR], const int16_t* A, int64_t lda,
+                                       const int8_t* const* wp, int64_t k) {
+  __m256i a[MR];
+  for (int i = 0; i < MR; ++i) a[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(A + i * lda + k));
+  for (int j = 0; j < NR; ++j) {
+    __m256i b = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wp[j])));
+    for (int i = 0; i < MR; ++i) s[i][j] = _mm256_add_epi32(s[i][j], _mm256_madd_epi16(a[i], b));
+  }
+}
+
+template <int MR, int NR>
+FASTKERN_AVX2 void gemv_i8_avx2(const int16_t* A, int64_t lda, const int8_t* W, int64_t K, int32_t* C,
+                                int64_t ldc) {
+  __m256i s[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) s[i][j] = _mm256_setzero_si256();
+  int64_t k = 0;
+  const int8_t* wp[NR];
+  for (; k + 16 <= K; k += 16) {
+    for (int j = 0; j < NR; ++j) wp[j] = W + j * K + k;
+    gemv_i8_step<MR, NR>(s, A, lda, wp, k);
+  }
+  if (k < K) {
+    alignas(16) int8_t tail[NR][16];
+    for (int j = 0; j < NR; ++j) {
+      std::memset(tail[j], 0, 16);
+      std::memcpy(tail[j], W + j * K + k, K - k);
+      wp[j] = tail[j];
+    }
+    gemv_i8_step<MR, NR>(s, A, lda, wp, k);
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) C[i * ldc + j] = hsum8_i32_avx2(s[i][j]);
+}
+#endif
+
+template <int MR>
+void gemv_i8_rows(bool avx2, const int16_t* A, int64_t lda, const int8_t* W, int64_t K, int32_t* C, int64_t ldc,
+                  int64_t n0, int64_t n1) {
+  int64_t n = n0;
+#if FASTKERN_X86
+  if (avx2) {
+    for (; n + 4 <= n1; n += 4) gemv_i8_avx2<MR, 4>(A, lda, W + n * K, K, C + n, ldc);
+    for (; n < n1; ++n) gemv_i8_avx2<MR, 1>(A, lda, W + n * K, K, C + n, ldc);
+    return;
+  }
+#endif
+  for (; n + 4 <= n1; n += 4) gemv_i8_generic<MR, 4>(A, lda, W + n * K, K, C + n, ldc);
+  for (; n < n1; ++n) gemv_i8_generic<MR, 1>(A, lda, W + n * K, K, C + n, ldc);
+}
+
+// C [M, N] int32 = A [M, K] (int16, padded to lda >= round_up(K, 16), zeros) x W [N, K]^T (int8).
+void int_matmul(const int16_t* A, int64_t lda, int64_t M, const int8_t* W, int64_t N, int64_t K, int32_t* C) {
+  if (M == 0 || N == 0) return;
+  const bool avx2 = use_avx2();
+  if (K == 0) {
+    std::fill(C, C + M * N, 0);
+    return;
+  }
+  if (M <= kGemvMaxM && avx2) {
+    parallel_rows(N, kGemvRows, 16, [&](int64_t n0, int64_t n1) {
+      switch (M) {
+        case 1: gemv_i8_rows<1>(avx2, A, lda, W, K, C, N, n0, n1); break;
+        case 2: gemv_i8_rows<2>(avx2, A, lda, W, K, C, N, n0, n1); break;
+        default: gemv_i8_rows<3>(avx2, A, lda, W, K, C, N, n0, n1); break;
+      }
+    });
+    return;
+  }
+  parallel_rows(N, kPanelRows, 1, [&](int64_t nb0, int64_t nb1) {
+    std::vector<int16_t> panel(kPanelRows * kPanelKI16);
+    for (int64_t n0 = nb0; n0 < nb1; n0 += kPanelRows) {
+      const int64_t nb = std::min(kPanelRows, nb1 - n0);
+      for (int64_t k0 = 0; k0 < K; k0 += kPanelKI16) {
+        const int64_t kk = std::min(kPanelKI16, K - k0);
+        const int64_t kkp = round_up(kk, 16);
+        for (int64_t r = 0; r < nb; ++r) {
+          const int8_t* src = W + (n0 + r) * K + k0;
+          int16_t* dst = panel.data() + r * kkp;
+          for (int64_t k = 0; k < kk; ++k) dst[k] = src[k];
+          for (int64_t k = kk; k < kkp; ++k) dst[k] = 0;
+        }
+        if (avx2)
+          dot_block_i16<true>(A + k0, lda, M, panel.data(), kkp, nb, C + n0, N, kkp, k0 > 0);
+        else
+          dot_block_i16<false>(A + k0, lda, M, panel.data(), kkp, nb, C + n0, N, kkp, k0 > 0);
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------ GEMV: int8 weights x fp32 activations
+
+template <int MR, int NR>
+void gemv_w8f_generic(const float* X, int64_t ldx, const int8_t* W, int64_t K, float* Y, int64_t ldy) {
+  // K blocks of 8 with 8 partial sums (vectorizable), X zero-padded like the AVX2 path.
+  float s[MR][NR][8];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j)
+      for (int l = 0; l < 8; ++l) s[i][j][l] = 0.f;
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    float w[NR][8];
+    for (int j = 0; j < NR; ++j)
+      for (int l = 0; l < 8; ++l) w[j][l] = float(W[j * K + k + l]);
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NR; ++j)
+        for (int l = 0; l < 8; ++l) s[i][j][l] += X[i * ldx + k + l] * w[j][l];
+  }
+  for (; k < K; ++k)
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NR; ++j) s[i][j][k & 7] += X[i * ldx + k] * float(W[j * K + k]);
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) Y[i * ldy + j] = hsum8_generic(s[i][j]);
+}
+
+#if FASTKERN_X86
+template <int MR, int NR>
+FASTKERN_AVX2 inline void gemv_w8f_step(__m256 (&s)[MR][NR], const float* X, int64_t ldx, const int8_t* const* wp,
+                                        int64_t k) {
+  __m256 a[MR];
+  for (int i = 0; i < MR; ++i) a[i] = _mm256_loadu_ps(X + i * ldx + k);
+  for (int j = 0; j < NR; ++j) {
+    __m256 b = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wp[j]))));
+    for (int i = 0; i < MR; ++i) s[i][j] = _mm256_fmadd_ps(a[i], b, s[i][j]);
+  }
+}
+
+template <int MR, int NR>
+FASTKERN_AVX2 void gemv_w8f_avx2(const float* X, int64_t ldx, const int8_t* W, int64_t K, float* Y, int64_t ldy) {
+  __m256 s[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) s[i][j] = _mm256_setzero_ps();
+  const int8_t* wp[NR];
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    for (int j = 0; j < NR; ++j) wp[j] = W + j * K + k;
+    gemv_w8f_step<MR, NR>(s, X, ldx, wp, k);
+  }
+  if (k < K) {
+    alignas(16) int8_t tail[NR][8];
+    for (int j = 0; j < NR; ++j) {
+      std::memset(tail[j], 0, 8);
+      std::memcpy(tail[j], W + j * K + k, K - k);
+      wp[j] = tail[j];
+    }
+    gemv_w8f_step<MR, NR>(s, X, ldx, wp, k);
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) Y[i * ldy + j] = hsum8_avx2(s[i][j]);
+}
+#endif
+
+template <int MR>
+void gemv_w8f_rows(bool avx2, const float* X, int64_t ldx, const int8_t* W, int64_t K, float* Y, int64_t ldy,
+                   int64_t n0, int64_t n1) {
+  int64_t n = n0;
+#if FASTKERN_X86
+  if (avx2) {
+    for (; n + 4 <= n1; n += 4) gemv_w8f_avx2<MR, 4>(X, ldx, W + n * K, K, Y + n, ldy);
+    for (; n < n1; ++n) gemv_w8f_avx2<MR, 1>(X, ldx, W + n * K, K, Y + n, ldy);
+    return;
+  }
+#endif
+  for (; n + 4 <= n1; n += 4) gemv_w8f_generic<MR, 4>(X, ldx, W + n * K, K, Y + n, ldy);
+  for (; n < n1; ++n) gemv_w8f_generic<MR, 1>(X, ldx, W + n * K, K, Y + n, ldy);
+}
+
+// ------------------------------------------------------------------ ops
+
+at::Tensor int8_gemm_cpu(const at::Tensor& a, const at::Tensor& b) {
+  const char* op = "int8_gemm";
+  check_dtype(op, "a", a, at::kChar);
+  check_dtype(op, "b", b, at::kChar);
+  check_2d(op, "b", b);
+  const int64_t N = b.size(0), K = b.size(1);
+  check_x(op, "a", a, K);
+  at::Tensor bc = b.contiguous();
+  at::Tensor a2 = a.reshape({rows_of(a), K});
+  const int64_t M = a2.size(0), Kp = round_up(K, 16);
+  at::Tensor A = at::zeros({M, Kp}, a.options().dtype(at::kShort));
+  if (M > 0 && K > 0) A.narrow(1, 0, K).copy_(a2);
+  at::Tensor C = at::empty({M, N}, a.options().dtype(at::kInt));
+  int_matmul(A.data_ptr<int16_t>(), Kp, M, bc.data_ptr<int8_t>(), N, K, C.data_ptr<int32_t>());
+  return C.reshape(out_shape(a, N));
+}
+
+void check_w8(const char* op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
+              const c10::optional<at::Tensor>& bias) {
+  check_float(op, "x", x);
+  check_dtype(op, "w", w, at::kChar);
+  check_2d(op, "w", w);
+  check_x(op, "x", x, w.size(1));
+  check_float(op, "w_scale", w_scale);
+  check_vec(op, "w_scale", w_scale, w.size(0));
+  check_bias(op, bias, w.size(0));
+}
+
+at::Tensor linear_w8a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
+                            const c10::optional<at::Tensor>& bias) {
+  check_w8("linear_w8a16", x, w, w_scale, bias);
+  const int64_t N = w.size(0), K = w.size(1);
+  at::Tensor wc = w.contiguous();
+  at::Tensor ws = w_scale.to(at::kFloat).contiguous();
+  const bool avx2 = use_avx2();
+  at::Tensor X = x_f32_padded(x, K, round_up(K, 8));
+  const int64_t Mx = X.size(0), ldx = X.size(1);
+  at::Tensor Y = at::zeros({Mx, N}, X.options());
+  const float* xp = X.data_ptr<float>();
+  const int8_t* wp = wc.data_ptr<int8_t>();
+  const float* sp = ws.data_ptr<float>();
+  float* yp = Y.data_ptr<float>();
+  if (Mx > 0 && N > 0 && K > 0) {
+    if (Mx <= kGemvMaxM) {
+      // y = s * (x . w): the scale multiplies the finished dot product.
+      parallel_rows(N, kGemvRows, 16, [&](int64_t n0, int64_t n1) {
+        switch (Mx) {
+          case 1: gemv_w8f_rows<1>(avx2, xp, ldx, wp, K, yp, N, n0, n1); break;
+          case 2: gemv_w8f_rows<2>(avx2, xp, ldx, wp, K, yp, N, n0, n1); break;
+          default: gemv_w8f_rows<3>(avx2, xp, ldx, wp, K, yp, N, n0, n1); break;
+        }
+        for (int64_t i = 0; i < Mx; ++i)
+          for (int64_t n = n0; n < n1; ++n) yp[i * N + n] *= sp[n];
+      });
+    } else {
+      // Panels dequantized exactly as the reference does (float(w) * s), then fp32 dot tiles.
+      parallel_rows(N, kPanelRows, 1, [&](int64_t nb0, int64_t nb1) {
+        std::vector<float> panel(kPanelRows * kPanelKF32);
+        for (int64_t n0 = nb0; n0 < nb1; n0 += kPanelRows) {
+          const int64_t nb = std::min(kPanelRows, nb1 - n0);
+          for (int64_t k0 = 0; k0 < K; k0 += kPanelKF32) {
+            const int64_t kk = std::min(kPanelKF32, K - k0);
+            const int64_t kkp = round_up(kk, 8);
+            for (int64_t r = 0; r < nb; ++r) {
+              const int8_t* src = wp + (n0 + r) * K + k0;
+              const float s = sp[n0 + r];
+              float* dst = panel.data() + r * kkp;
+              for (int64_t k = 0; k < kk; ++k) dst[k] = float(src[k]) * s;
+              for (int64_t k = kk; k < kkp; ++k) dst[k] = 0.f;
+            }
+            if (avx2)
+              dot_block_f32<true>(xp + k0, ldx, Mx, panel.data(), kkp, nb, yp + n0, N, kkp, k0 > 0);
+            else
+              dot_block_f32<false>(xp + k0, ldx, Mx, panel.data(), kkp, nb, yp + n0, N, kkp, k0 > 0);
+          }
+        }
+      });
+    }
+  }
+  return finish(Y, bias, x, N);
+}
+
+// Per-token symmetric int8 quantization, bit-identical to
+// fastkern.formats.quantize_per_token: s = absmax / 127 (fp32),
+// q = round_half_even(x / s) clamped to +-127; zero rows give s = 0, q = 0; rows
+// holding NaN/inf give q = 0, s = NaN. q is written as int16 (zero-padded).
+void quantize_rows_generic(const float* X, int64_t ldx, int64_t M, int64_t K, int16_t* Q, int64_t ldq, float* S) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* x = X + m * ldx;
+    float amax = 0.f;
+    bool finite = true;
+    for (int64_t k = 0; k < K; ++k) {
+      float a = std::fabs(x[k]);
+      if (!(a <= std::numeric_limits<float>::max())) finite = false;
+      amax = a > amax ? a : amax;
+    }
+    int16_t* q = Q + m * ldq;
+    if (!finite) {
+      S[m] = std::numeric_limits<float>::quiet_NaN();
+      std::fill(q, q + K, int16_t(0));
+      continue;
+    }
+    const float s = amax / 127.0f;
+    S[m] = s;
+    const float safe = s > 0.f ? s : 1.f;
+    for (int64_t k = 0; k < K; ++k) {
+      float v = std::nearbyint(x[k] / safe);
+      v = std::min(127.f, std::max(-127.f, v));
+      q[k] = int16_t(v);
+    }
+  }
+}
+
+#if FASTKERN_X86
+FASTKERN_AVX2 void quantize_rows_avx2(const float* X, int64_t ldx, int64_t M, int64_t K, int16_t* Q, int64_t ldq,
+                                      float* S) {
+  // X is zero-padded to a multiple of 8 columns (ldx), Q to a multiple of 16.
+  const int64_t K8 = round_up(K, 8);
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* x = X + m * ldx;
+    __m256 amax = _mm256_setzero_ps();
+    __m256 bad = _mm256_setzero_ps();  // x * 0 is NaN exactly when x is NaN or inf
+    for (int64_t k = 0; k < K8; k += 8) {
+      __m256 v = _mm256_loadu_ps(x + k);
+      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v));
+      bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_andnot_ps(sign, v), _mm256_set1_ps(INFINITY), _CMP_EQ_OQ));
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, amax);
+    float a = 0.f;
+    for (int l = 0; l < 8; ++l) a = std::max(a, lanes[l]);
+    int16_t* q = Q + m * ldq;
+    if (_mm256_movemask_ps(bad) != 0) {
+      S[m] = std::numeric_limits<float>::quiet_NaN();
+      std::fill(q, q + K8, int16_t(0));
+      continue;
+    }
+    const float s = a / 127.0f;
+    S[m] = s;
+    const __m256 vs = _mm256_set1_ps(s > 0.f ? s : 1.f);
+    const __m256 lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
+    for (int64_t k = 0; k < K8; k += 8) {
+      __m256 v = _mm256_div_ps(_mm256_loadu_ps(x + k), vs);
+      v = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      v = _mm256_min_ps(hi, _mm256_max_ps(lo, v));
+      __m256i i32 = _mm256_cvtps_epi32(v);
+      __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), i16);
+    }
+  }
+}
+#endif
+
+at::Tensor linear_w8a8_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
+                           const c10::optional<at::Tensor>& bias) {
+  const char* op = "linear_w8a8";
+  check_w8(op, x, w, w_scale, bias);
+  const int64_t N = w.size(0), K = w.size(1);
+  TORCH_CHECK(K <= kW8A8MaxK, "fastkern_C::", op, ": ", describe("w", w), " has K=", K,
+              " input features; the exact int32 accumulation supports K <= ", kW8A8MaxK);
+  at::Tensor wc = w.contiguous();
+  const int64_t Kp = round_up(K, 16);
+  at::Tensor X = x_f32_padded(x, K, Kp);
+  const int64_t M = X.size(0);
+  at::Tensor Q = at::zeros({M, Kp}, X.options().dtype(at::kShort));
+  at::Tensor S = at::empty({M, 1}, X.options());
+  if (M > 0) {
+    int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1));
+    at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
+#if FASTKERN_X86
+      if (use_avx2()) {
+        quantize_rows_avx2(X.data_ptr<float>() + m0 * Kp, Kp, m1 - m0, K, Q.data_ptr<int16_t>() + m0 * Kp, Kp,
+                           S.data_ptr<float>() + m0);
+        return;
+      }
+#endif
+      quantize_rows_generic(X.data_ptr<float>() + m0 * Kp, Kp, m1 - m0, K, Q.data_ptr<int16_t>() + m0 * Kp, Kp,
+                            S.data_ptr<float>() + m0);
+    });
+  }
+  at::Tensor C = at::empty({M, N}, X.options().dtype(at::kInt));
+  int_matmul(Q.data_ptr<int16_t>(), Kp, M, wc.data_ptr<int8_t>(), N, K, C.data_ptr<int32_t>());
+  // Same double-precision scaling as the reference, so the fp32 result is bit-identical.
+  at::Tensor out = (C.to(at::kDouble) * S.to(at::kDouble) * w_scale.to(at::kDouble)).to(at::kFloat);
+  return finish(out, bias, x, N);
+}
+
+}  // namespace
+}  // namespace quant
+}  // namespace cpu
+}  // namespace fastkern
+
+TORCH_LIBRARY_IMPL(fastkern_C, CPU, m) {
+  m.impl("int8_gemm", &fastkern::cpu::quant::int8_gemm_cpu);
+  m.impl("linear_w8a16", &fastkern::cpu::quant::linear_w8a16_cpu);
+  m.impl("linear_w8a8", &fastkern::cpu::quant::linear_w8a8_cpu);
+}

@@ -1,0 +1,309 @@
+// Shared pieces of the quantized CPU kernels (int8_gemm.cpp, int4_gemm.cpp):
+// input checks with readable messages, activation preparation, output
+// finishing, and the blocked fp32 / int16 "dot" micro-kernels that the GEMM
+// paths run on dequantized weight panels.
+//
+// Every output element is computed by one thread with one fixed summation
+// order (lanes over K, then a fixed horizontal reduction, then K blocks in
+// order), whatever the tile it falls in and however N is split across threads,
+// so results do not depend on torch.get_num_threads().
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <sstream>
+#include <string>
+
+#include "cpu/isa.h"
+
+#if FASTKERN_X86
+#include <immintrin.h>
+#endif
+
+namespace fastkern {
+namespace cpu {
+namespace quant {
+
+inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+inline std::string describe(const char* name, const at::Tensor& t) {
+  std::ostringstream os;
+  os << name << " (shape " << t.sizes() << ", dtype " << t.scalar_type() << ", device " << t.device() << ")";
+  return os.str();
+}
+
+inline bool is_float(const at::Tensor& t) {
+  auto d = t.scalar_type();
+  return d == at::kFloat || d == at::kHalf || d == at::kBFloat16;
+}
+
+inline void check_cpu(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu(), "fastkern_C::", op, ": ", describe(name, t), " must be a CPU tensor");
+}
+
+inline void check_float(const char* op, const char* name, const at::Tensor& t) {
+  check_cpu(op, name, t);
+  TORCH_CHECK(is_float(t), "fastkern_C::", op, ": ", describe(name, t),
+              " must be float32, float16 or bfloat16");
+}
+
+inline void check_dtype(const char* op, const char* name, const at::Tensor& t, at::ScalarType want) {
+  check_cpu(op, name, t);
+  TORCH_CHECK(t.scalar_type() == want, "fastkern_C::", op, ": ", describe(name, t), " must have dtype ", want);
+}
+
+inline void check_2d(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.dim() == 2, "fastkern_C::", op, ": ", describe(name, t), " must be 2-D");
+}
+
+inline void check_x(const char* op, const char* name, const at::Tensor& x, int64_t k) {
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == k, "fastkern_C::", op, ": ", describe(name, x),
+              " must have shape [..., ", k, "] (K from the weight)");
+}
+
+inline void check_vec(const char* op, const char* name, const at::Tensor& t, int64_t n) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, "fastkern_C::", op, ": ", describe(name, t), " must have shape [", n,
+              "]");
+}
+
+inline void check_bias(const char* op, const c10::optional<at::Tensor>& bias, int64_t n) {
+  if (!bias.has_value()) return;
+  check_float(op, "bias", *bias);
+  check_vec(op, "bias", *bias, n);
+}
+
+// Output shape x.shape[:-1] + [n].
+inline std::vector<int64_t> out_shape(const at::Tensor& x, int64_t n) {
+  std::vector<int64_t> s(x.sizes().begin(), x.sizes().end() - 1);
+  s.push_back(n);
+  return s;
+}
+
+// Number of rows of x [..., K] (the product of the leading dims; K may be 0).
+inline int64_t rows_of(const at::Tensor& x) {
+  int64_t m = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) m *= x.size(d);
+  return m;
+}
+
+// x [..., K] (any float dtype, any strides) -> contiguous fp32 [M, kp], columns K..kp zero.
+inline at::Tensor x_f32_padded(const at::Tensor& x, int64_t k, int64_t kp) {
+  at::Tensor x2 = x.reshape({rows_of(x), k}).to(at::kFloat).contiguous();
+  if (kp == k) return x2;
+  at::Tensor out = at::zeros({x2.size(0), kp}, x2.options());
+  out.narrow(1, 0, k).copy_(x2);
+  return out;
+}
+
+// fp32 [M, N] result -> (+ bias in fp32) -> x.dtype, shaped x.shape[:-1] + [N].
+inline at::Tensor finish(at::Tensor out, const c10::optional<at::Tensor>& bias, const at::Tensor& x, int64_t n) {
+  if (bias.has_value()) out.add_(bias->to(at::kFloat));
+  if (x.scalar_type() != at::kFloat) out = out.to(x.scalar_type());
+  return out.reshape(out_shape(x, n));
+}
+
+// Rows [0, n) split over threads in units of `unit` rows (so tile boundaries
+// never depend on the thread count).
+template <class F>
+inline void parallel_rows(int64_t n, int64_t unit, int64_t min_units, const F& f) {
+  int64_t units = (n + unit - 1) / unit;
+  at::parallel_for(0, units, std::max<int64_t>(min_units, 1), [&](int64_t b, int64_t e) {
+    f(b * unit, std::min(e * unit, n));
+  });
+}
+
+// ------------------------------------------------------------------ fp32 dot tiles
+//
+// C[m][n] (+)= sum_k A[m][k] * B[n][k] for k in [0, kc), kc a multiple of 8.
+// A and B are row-major with row strides lda / ldb; C has row stride ldc.
+
+inline float hsum8_generic(const float* a) {
+  return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+}
+
+template <int MR, int NR>
+inline void dot_tile_f32_generic(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+                                 int64_t kc, bool acc) {
+  float s[MR][NR][8];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j)
+      for (int l = 0; l < 8; ++l) s[i][j][l] = 0.f;
+  for (int64_t k = 0; k < kc; k += 8) {
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NR; ++j) {
+        const float* a = A + i * lda + k;
+        const float* b = B + j * ldb + k;
+        for (int l = 0; l < 8; ++l) s[i][j][l] += a[l] * b[l];
+      }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) {
+      float v = hsum8_generic(s[i][j]);
+      C[i * ldc + j] = acc ? C[i * ldc + j] + v : v;
+    }
+}
+
+#if FASTKERN_X86
+FASTKERN_AVX2 inline float hsum8_avx2(__m256 v) {
+  // Same association as hsum8_generic: (l0+l4)+(l2+l6) + (l1+l5)+(l3+l7).
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));  // l0+l4 .. l3+l7
+  __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));                                    // (0+4)+(2+6), (1+5)+(3+7)
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+
+template <int MR, int NR>
+FASTKERN_AVX2 inline void dot_tile_f32_avx2(const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                                            int64_t ldc, int64_t kc, bool acc) {
+  __m256 s[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) s[i][j] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < kc; k += 8) {
+    __m256 a[MR];
+    for (int i = 0; i < MR; ++i) a[i] = _mm256_loadu_ps(A + i * lda + k);
+    for (int j = 0; j < NR; ++j) {
+      __m256 b = _mm256_loadu_ps(B + j * ldb + k);
+      for (int i = 0; i < MR; ++i) s[i][j] = _mm256_fmadd_ps(a[i], b, s[i][j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) {
+      float v = hsum8_avx2(s[i][j]);
+      C[i * ldc + j] = acc ? C[i * ldc + j] + v : v;
+    }
+}
+#endif
+
+// Whole block: M rows of A against nb rows of B.
+template <bool AVX2>
+inline void dot_block_f32(const float* A, int64_t lda, int64_t M, const float* B, int64_t ldb, int64_t nb, float* C,
+                          int64_t ldc, int64_t kc, bool acc);
+
+#define FASTKERN_DOT_TILE(MR, NR)                                                                       \
+  (AVX2 ? dot_tile_f32_avx2<MR, NR>(A + m * lda, lda, B + n * ldb, ldb, C + m * ldc + n, ldc, kc, acc) \
+        : dot_tile_f32_generic<MR, NR>(A + m * lda, lda, B + n * ldb, ldb, C + m * ldc + n, ldc, kc, acc))
+
+template <bool AVX2, int MR>
+inline void dot_rows_f32(const float* A, int64_t lda, int64_t m, const float* B, int64_t ldb, int64_t nb, float* C,
+                         int64_t ldc, int64_t kc, bool acc) {
+  int64_t n = 0;
+#if FASTKERN_X86
+  for (; n + 4 <= nb; n += 4) FASTKERN_DOT_TILE(MR, 4);
+  switch (nb - n) {
+    case 3: FASTKERN_DOT_TILE(MR, 3); break;
+    case 2: FASTKERN_DOT_TILE(MR, 2); break;
+    case 1: FASTKERN_DOT_TILE(MR, 1); break;
+    default: break;
+  }
+#else
+  for (; n + 4 <= nb; n += 4) dot_tile_f32_generic<MR, 4>(A + m * lda, lda, B + n * ldb, ldb, C + m * ldc + n, ldc, kc, acc);
+  for (; n < nb; ++n) dot_tile_f32_generic<MR, 1>(A + m * lda, lda, B + n * ldb, ldb, C + m * ldc + n, ldc, kc, acc);
+#endif
+}
+#undef FASTKERN_DOT_TILE
+
+template <bool AVX2>
+inline void dot_block_f32(const float* A, int64_t lda, int64_t M, const float* B, int64_t ldb, int64_t nb, float* C,
+                          int64_t ldc, int64_t kc, bool acc) {
+  int64_t m = 0;
+  for (; m + 3 <= M; m += 3) dot_rows_f32<AVX2, 3>(A, lda, m, B, ldb, nb, C, ldc, kc, acc);
+  if (M - m == 2) dot_rows_f32<AVX2, 2>(A, lda, m, B, ldb, nb, C, ldc, kc, acc);
+  if (M - m == 1) dot_rows_f32<AVX2, 1>(A, lda, m, B, ldb, nb, C, ldc, kc, acc);
+}
+
+// ------------------------------------------------------------------ int16 dot tiles
+//
+// C[m][n] (+)= sum_k A[m][k] * B[n][k] exactly in int32 (wrapping), int16
+// operands, kc a multiple of 16.
+
+template <int MR, int NR>
+inline void dot_tile_i16_generic(const int16_t* A, int64_t lda, const int16_t* B, int64_t ldb, int32_t* C,
+                                 int64_t ldc, int64_t kc, bool acc) {
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) {
+      const int16_t* a = A + i * lda;
+      const int16_t* b = B + j * ldb;
+      int32_t s = 0;
+      for (int64_t k = 0; k < kc; ++k) s += int32_t(a[k]) * int32_t(b[k]);
+      uint32_t prev = acc ? uint32_t(C[i * ldc + j]) : 0u;
+      C[i * ldc + j] = int32_t(prev + uint32_t(s));
+    }
+}
+
+#if FASTKERN_X86
+FASTKERN_AVX2 inline int32_t hsum8_i32_avx2(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtsi128_si32(s);
+}
+
+template <int MR, int NR>
+FASTKERN_AVX2 inline void dot_tile_i16_avx2(const int16_t* A, int64_t lda, const int16_t* B, int64_t ldb,
+                                            int32_t* C, int64_t ldc, int64_t kc, bool acc) {
+  __m256i s[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) s[i][j] = _mm256_setzero_si256();
+  for (int64_t k = 0; k < kc; k += 16) {
+    __m256i a[MR];
+    for (int i = 0; i < MR; ++i) a[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(A + i * lda + k));
+    for (int j = 0; j < NR; ++j) {
+      __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(B + j * ldb + k));
+      for (int i = 0; i < MR; ++i) s[i][j] = _mm256_add_epi32(s[i][j], _mm256_madd_epi16(a[i], b));
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) {
+      uint32_t v = uint32_t(hsum8_i32_avx2(s[i][j]));
+      uint32_t prev = acc ? uint32_t(C[i * ldc + j]) : 0u;
+      C[i * ldc + j] = int32_t(prev + v);
+    }
+}
+#endif
+
+#define FASTKERN_DOT_TILE_I16(MR, NR)                                                                   \
+  (AVX2 ? dot_tile_i16_avx2<MR, NR>(A + m * lda, lda, B + n * ldb, ldb, C + m * ldc + n, ldc, kc, acc) \
+        : dot_tile_i16_generic<MR, NR>(A + m * lda, lda, B + n * ldb, ldb, C + m * ldc + n, ldc, kc, acc))
+
+template <bool AVX2, int MR>
+inline void dot_rows_i16(const int16_t* A, int64_t lda, int64_t m, const int16_t* B, int64_t ldb, int64_t nb,
+                         int32_t* C, int64_t ldc, int64_t kc, bool acc) {
+  int64_t n = 0;
+#if FASTKERN_X86
+  for (; n + 4 <= nb; n += 4) FASTKERN_DOT_TILE_I16(MR, 4);
+  switch (nb - n) {
+    case 3: FASTKERN_DOT_TILE_I16(MR, 3); break;
+    case 2: FASTKERN_DOT_TILE_I16(MR, 2); break;
+    case 1: FASTKERN_DOT_TILE_I16(MR, 1); break;
+    default: break;
+  }
+#else
+  for (; n < nb; ++n) dot_tile_i16_generic<MR, 1>(A + m * lda, lda, B + n * ldb, ldb, C + m * ldc + n, ldc, kc, acc);
+#endif
+}
+#undef FASTKERN_DOT_TILE_I16
+
+template <bool AVX2>
+inline void dot_block_i16(const int16_t* A, int64_t lda, int64_t M, const int16_t* B, int64_t ldb, int64_t nb,
+                          int32_t* C, int64_t ldc, int64_t kc, bool acc) {
+  int64_t m = 0;
+  for (; m + 3 <= M; m += 3) dot_rows_i16<AVX2, 3>(A, lda, m, B, ldb, nb, C, ldc, kc, acc);
+  if (M - m == 2) dot_rows_i16<AVX2, 2>(A, lda, m, B, ldb, nb, C, ldc, kc, acc);
+  if (M - m == 1) dot_rows_i16<AVX2, 1>(A, lda, m, B, ldb, nb, C, ldc, kc, acc);
+}
+
+inline bool use_avx2() {
+#if FASTKERN_X86
+  return active_isa() >= Isa::Avx2;
+#else
+  return false;
+#endif
+}
+
+}  // namespace quant
+}  // namespace cpu
+}  // namespace fastkern
