@@ -191,6 +191,7 @@ def print_table(result: dict, console=None, plain: bool = False):
         if plain:
             raise ImportError
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
     except ImportError:
         print(render_text(result), end="")
@@ -204,7 +205,7 @@ def print_table(result: dict, console=None, plain: bool = False):
             t.add_column(c, justify="right" if 4 <= i <= 10 else "left", no_wrap=i < len(COLUMNS) - 1)
         prev = None
         for e in rows:
-            cells = row_cells(e)
+            cells = [escape(c) for c in row_cells(e)]  # "fastkern[cpu]" is not rich markup
             key = (e["n"], e["k"], e["m"])
             if prev is not None and key != prev:
                 t.add_section()
@@ -277,20 +278,21 @@ def print_compare(old: dict, new: dict, console=None, plain: bool = False) -> Li
         if plain:
             raise ImportError
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
     except ImportError:
         print(render_compare_text(rows, warnings, od, nd), end="")
         return rows
     console = console or Console()
     for w in warnings:
-        console.print("[yellow]warning:[/] " + w)
+        console.print("[yellow]warning:[/] " + escape(w))
     t = Table(title="change against %s (speedup = old ms / new ms)" % od, title_justify="left")
     for c in ("op", "impl", "shape", "M", "act", "old ms", "new ms", "speedup"):
         t.add_column(c, justify="right" if c in ("old ms", "new ms", "speedup") else "left")
     for r in rows:
         sp = r["speedup"]
         color = "green" if sp >= 1.05 else ("red" if sp <= 0.95 else "")
-        t.add_row(r["op"] if r["kind"] == "fastkern" else "(peer)", r["name"], "%dx%d" % (r["n"], r["k"]),
+        t.add_row(r["op"] if r["kind"] == "fastkern" else "(peer)", escape(r["name"]), "%dx%d" % (r["n"], r["k"]),
                   str(r["m"]), r["dtype"], _ms(r["old_ms"]), _ms(r["new_ms"]),
                   ("[%s]%.2fx[/]" % (color, sp)) if color else "%.2fx" % sp)
     console.print(t)
