@@ -1,0 +1,342 @@
+// Shared pieces of the CPU float GEMM kernels (gemm.cpp, sparse_gemm.cpp):
+// input checks, float conversion, the register-blocked micro-kernels and the
+// cache-blocked driver that packs A and B panels around them.
+//
+// Every kernel accumulates in fp32 and never splits a K reduction across
+// threads: each output element is summed in the same order whatever the
+// thread count, so results do not change with torch.set_num_threads.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <sstream>
+#include <string>
+
+#include "cpu/isa.h"
+
+#if FASTKERN_X86
+#include <immintrin.h>
+#endif
+
+namespace fastkern {
+namespace cpu {
+namespace gemm {
+
+// ------------------------------------------------------------------ checks
+
+inline std::string describe(const char* name, const at::Tensor& t) {
+  std::ostringstream s;
+  s << name << " (shape " << t.sizes() << ", dtype " << t.scalar_type() << ", device " << t.device() << ")";
+  return s.str();
+}
+
+inline bool is_float_type(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+inline void check_cpu_float(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu(), "fastkern_C::", op, ": ", describe(name, t), " must be a CPU tensor");
+  TORCH_CHECK(is_float_type(t.scalar_type()), "fastkern_C::", op, ": ", describe(name, t),
+              " must be float32, float16 or bfloat16");
+}
+
+// Leading dims of x [..., K] flattened into M rows.
+inline int64_t rows_of(const at::Tensor& x) {
+  int64_t m = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) m *= x.size(d);
+  return m;
+}
+
+inline std::vector<int64_t> out_shape(const at::Tensor& x, int64_t n) {
+  std::vector<int64_t> s(x.sizes().begin(), x.sizes().end() - 1);
+  s.push_back(n);
+  return s;
+}
+
+// fp32 result [M, N] (+ bias in fp32) -> x's dtype with x's leading dims.
+inline at::Tensor finish(at::Tensor out32, const c10::optional<at::Tensor>& bias, const at::Tensor& x,
+                         int64_t n) {
+  if (bias.has_value() && bias->defined() && out32.numel() > 0) out32.add_(bias->to(at::kFloat));
+  at::Tensor out = x.scalar_type() == at::kFloat ? out32 : out32.to(x.scalar_type());
+  return out.view(out_shape(x, n));
+}
+
+inline void check_bias(const char* op, const c10::optional<at::Tensor>& bias, int64_t n) {
+  if (!bias.has_value() || !bias->defined()) return;
+  check_cpu_float(op, "bias", *bias);
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, "fastkern_C::", op, ": ", describe("bias", *bias),
+              " must have shape [", n, "]");
+}
+
+inline int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return div_up(a, b) * b; }
+
+// ------------------------------------------------------------------ conversion
+
+inline float to_f32(float v) { return v; }
+inline float to_f32(c10::Half v) { return static_cast<float>(v); }
+inline float to_f32(c10::BFloat16 v) { return static_cast<float>(v); }
+
+#if FASTKERN_X86
+FASTKERN_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+// F16C converts 8 halves in one instruction.
+FASTKERN_AVX2 inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+// bf16 is the top half of an fp32: widen and shift.
+FASTKERN_AVX2 inline __m256 load8(const c10::BFloat16* p) {
+  __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+// The first n (< 8) elements, zeros after: never reads past p[n-1].
+template <class T>
+FASTKERN_AVX2 inline __m256 load_partial8(const T* p, int64_t n) {
+  T tmp[8];
+  std::memset(static_cast<void*>(tmp), 0, sizeof(tmp));
+  std::memcpy(static_cast<void*>(tmp), p, n * sizeof(T));
+  return load8(tmp);
+}
+FASTKERN_AVX2 inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+// ------------------------------------------------------------------ micro-kernels
+//
+// C[m, n] (+)= sum_k A[k][i] * B[k][j] over one packed A sliver (kc x mr,
+// k-major) and one packed B sliver (kc x nr, k-major). accumulate=false
+// overwrites C (first K block), true adds to it (later K blocks), so C needs
+// no zeroing. Partial tiles (m < mr or n < nr) go through a local tile.
+
+using UKernelFn = void (*)(int64_t kc, const float* A, const float* B, float* C, int64_t ldc, int m, int n,
+                           bool accumulate);
+
+struct MicroKernel {
+  int mr;
+  int nr;
+  UKernelFn fn;
+};
+
+inline void store_partial_tile(const float* tile, int tile_ld, float* C, int64_t ldc, int m, int n,
+                               bool accumulate) {
+  for (int i = 0; i < m; ++i) {
+    float* c = C + i * ldc;
+    const float* t = tile + i * tile_ld;
+    if (accumulate) {
+      for (int j = 0; j < n; ++j) c[j] += t[j];
+    } else {
+      for (int j = 0; j < n; ++j) c[j] = t[j];
+    }
+  }
+}
+
+// Portable 4x8: the j loop is written so the compiler keeps c[][] in SSE registers.
+inline void ukernel_generic_4x8(int64_t kc, const float* A, const float* B, float* C, int64_t ldc, int m,
+                                int n, bool accumulate) {
+  float c[4][8];
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 8; ++j) c[i][j] = 0.f;
+  for (int64_t k = 0; k < kc; ++k) {
+    const float* a = A + k * 4;
+    const float* b = B + k * 8;
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 8; ++j) c[i][j] += a[i] * b[j];
+  }
+  store_partial_tile(&c[0][0], 8, C, ldc, m, n, accumulate);
+}
+
+#if FASTKERN_X86
+// 6x16 with ymm: 12 accumulators hide the FMA latency (4-5 cycles at up to
+// 2 FMAs per cycle needs >= 10 independent chains); per k it does 2 B loads and
+// 6 A broadcasts for 12 FMAs, within the two load ports.
+FASTKERN_AVX2 inline void ukernel_avx2_6x16(int64_t kc, const float* A, const float* B, float* C, int64_t ldc,
+                                            int m, int n, bool accumulate) {
+  __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps();
+  __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
+  __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps();
+  __m256 c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps();
+  __m256 c40 = _mm256_setzero_ps(), c41 = _mm256_setzero_ps();
+  __m256 c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
+#define FK_STEP(a_, b_)                                    \
+  {                                                        \
+    __m256 b0 = _mm256_load_ps(b_), b1 = _mm256_load_ps(b_ + 8); \
+    __m256 a;                                              \
+    a = _mm256_broadcast_ss(a_ + 0);                       \
+    c00 = _mm256_fmadd_ps(a, b0, c00);                     \
+    c01 = _mm256_fmadd_ps(a, b1, c01);                     \
+    a = _mm256_broadcast_ss(a_ + 1);                       \
+    c10 = _mm256_fmadd_ps(a, b0, c10);                     \
+    c11 = _mm256_fmadd_ps(a, b1, c11);                     \
+    a = _mm256_broadcast_ss(a_ + 2);                       \
+    c20 = _mm256_fmadd_ps(a, b0, c20);                     \
+    c21 = _mm256_fmadd_ps(a, b1, c21);                     \
+    a = _mm256_broadcast_ss(a_ + 3);                       \
+    c30 = _mm256_fmadd_ps(a, b0, c30);                     \
+    c31 = _mm256_fmadd_ps(a, b1, c31);                     \
+    a = _mm256_broadcast_ss(a_ + 4);                       \
+    c40 = _mm256_fmadd_ps(a, b0, c40);                     \
+    c41 = _mm256_fmadd_ps(a, b1, c41);                     \
+    a = _mm256_broadcast_ss(a_ + 5);                       \
+    c50 = _mm256_fmadd_ps(a, b0, c50);                     \
+    c51 = _mm256_fmadd_ps(a, b1, c51);                     \
+  }
+  int64_t k = 0;
+  for (; k + 4 <= kc; k += 4) {
+    _mm_prefetch(reinterpret_cast<const char*>(A + 48), _MM_HINT_T0);
+    FK_STEP(A, B);
+    FK_STEP(A + 6, B + 16);
+    FK_STEP(A + 12, B + 32);
+    FK_STEP(A + 18, B + 48);
+    A += 24;
+    B += 64;
+  }
+  for (; k < kc; ++k) {
+    FK_STEP(A, B);
+    A += 6;
+    B += 16;
+  }
+#undef FK_STEP
+  if (m == 6 && n == 16) {
+#define FK_ROW(i, lo, hi)                                              \
+  {                                                                    \
+    float* ci = C + (i) * ldc;                                         \
+    if (accumulate) {                                                  \
+      lo = _mm256_add_ps(lo, _mm256_loadu_ps(ci));                     \
+      hi = _mm256_add_ps(hi, _mm256_loadu_ps(ci + 8));                 \
+    }                                                                  \
+    _mm256_storeu_ps(ci, lo);                                          \
+    _mm256_storeu_ps(ci + 8, hi);                                      \
+  }
+    FK_ROW(0, c00, c01) FK_ROW(1, c10, c11) FK_ROW(2, c20, c21)
+    FK_ROW(3, c30, c31) FK_ROW(4, c40, c41) FK_ROW(5, c50, c51)
+#undef FK_ROW
+    return;
+  }
+  alignas(32) float t[6 * 16];
+  _mm256_store_ps(t + 0, c00); _mm256_store_ps(t + 8, c01);
+  _mm256_store_ps(t + 16, c10); _mm256_store_ps(t + 24, c11);
+  _mm256_store_ps(t + 32, c20); _mm256_store_ps(t + 40, c21);
+  _mm256_store_ps(t + 48, c30); _mm256_store_ps(t + 56, c31);
+  _mm256_store_ps(t + 64, c40); _mm256_store_ps(t + 72, c41);
+  _mm256_store_ps(t + 80, c50); _mm256_store_ps(t + 88, c51);
+  store_partial_tile(t, 16, C, ldc, m, n, accumulate);
+}
+#endif
+
+inline MicroKernel micro_kernel(Isa isa) {
+#if FASTKERN_X86
+  if (isa >= Isa::Avx2) return {6, 16, &ukernel_avx2_6x16};
+#endif
+  (void)isa;
+  return {4, 8, &ukernel_generic_4x8};
+}
+
+// ------------------------------------------------------------------ packing
+//
+// A packer fills one sliver: dst[k * width + r] = src(row0 + r, k0 + k) for
+// r < rows, zero for rows <= r < width (so partial tiles need no masking in the
+// micro-kernel).
+
+// Rows of a strided [R, K] matrix of T.
+template <class T>
+struct StridedRows {
+  const T* p;
+  int64_t s_row;
+  int64_t s_k;
+  void operator()(int64_t row0, int rows, int64_t k0, int64_t kc, int width, float* dst) const {
+    for (int r = 0; r < rows; ++r) {
+      const T* src = p + (row0 + r) * s_row + k0 * s_k;
+      float* d = dst + r;
+      if (s_k == 1) {
+        for (int64_t k = 0; k < kc; ++k) d[k * width] = to_f32(src[k]);
+      } else {
+        for (int64_t k = 0; k < kc; ++k) d[k * width] = to_f32(src[k * s_k]);
+      }
+    }
+    for (int r = rows; r < width; ++r)
+      for (int64_t k = 0; k < kc; ++k) dst[k * width + r] = 0.f;
+  }
+};
+
+// ------------------------------------------------------------------ the blocked driver
+//
+// Goto/BLIS loop order: an NC x KC panel of B is packed once and shared by both
+// cores through L3; each task packs an MC x KC block of A into its own L2 and
+// sweeps the B slivers (KC x NR, kept in L1) against it. Sizes for a core with
+// 32 KB L1d, 512 KB L2 and a shared 8 MB L3:
+//   B sliver  KC*16*4 = 16 KB (L1), A block MC*KC*4 <= 144 KB (L2),
+//   B panel   KC*NC*4 = 3 MB (L3, shared).
+constexpr int64_t kKC = 256;
+constexpr int64_t kMC = 144;
+constexpr int64_t kNC = 3072;
+
+template <class PackA, class PackB>
+void blocked_gemm(int64_t M, int64_t N, int64_t K, const MicroKernel& uk, const PackA& pack_a,
+                  const PackB& pack_b, float* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.f);
+    return;
+  }
+  const int MR = uk.mr, NR = uk.nr;
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  // M blocks: as few as fit in L2, but a multiple of the thread count so no core idles.
+  int64_t nmb = div_up(M, kMC);
+  if (nmb > 1 || M >= 2 * MR * nthreads) nmb = round_up(nmb, nthreads);
+  const int64_t mc = round_up(div_up(M, nmb), MR);
+  nmb = div_up(M, mc);
+  const int64_t nc_max = std::min(kNC, round_up(N, NR));
+  at::Tensor bbuf = at::empty({round_up(nc_max, NR) * kKC + 16}, at::kFloat);
+  float* Bp = bbuf.data_ptr<float>();
+
+  for (int64_t jc = 0; jc < N; jc += kNC) {
+    const int64_t nc = std::min(kNC, N - jc);
+    const int64_t nsl = div_up(nc, NR);
+    // Too few M blocks to feed every core: also split the panel's slivers.
+    const int64_t njs = nmb >= 2 * nthreads ? 1 : std::min(nsl, div_up(2 * nthreads, nmb));
+    for (int64_t pc = 0; pc < K; pc += kKC) {
+      const int64_t kc = std::min(kKC, K - pc);
+      at::parallel_for(0, nsl, 4, [&](int64_t b, int64_t e) {
+        for (int64_t s = b; s < e; ++s)
+          pack_b(jc + s * NR, static_cast<int>(std::min<int64_t>(NR, nc - s * NR)), pc, kc, NR, Bp + s * kc * NR);
+      });
+      at::parallel_for(0, nmb * njs, 1, [&](int64_t b, int64_t e) {
+        at::Tensor abuf = at::empty({mc * kc + 16}, at::kFloat);
+        float* Ap = abuf.data_ptr<float>();
+        int64_t packed = -1;
+        for (int64_t t = b; t < e; ++t) {
+          const int64_t ib = t / njs, js = t % njs;
+          const int64_t i0 = ib * mc, m = std::min(mc, M - i0);
+          const int64_t na = div_up(m, MR);
+          if (packed != ib) {
+            for (int64_t s = 0; s < na; ++s)
+              pack_a(i0 + s * MR, static_cast<int>(std::min<int64_t>(MR, m - s * MR)), pc, kc, MR, Ap + s * kc * MR);
+            packed = ib;
+          }
+          const int64_t s0 = js * nsl / njs, s1 = (js + 1) * nsl / njs;
+          for (int64_t jr = s0; jr < s1; ++jr) {
+            const int nn = static_cast<int>(std::min<int64_t>(NR, nc - jr * NR));
+            const float* bp = Bp + jr * kc * NR;
+            for (int64_t ir = 0; ir < na; ++ir) {
+              const int mm = static_cast<int>(std::min<int64_t>(MR, m - ir * MR));
+              uk.fn(kc, Ap + ir * kc * MR, bp, C + (i0 + ir * MR) * ldc + jc + jr * NR, ldc, mm, nn, pc > 0);
+            }
+          }
+        }
+      });
+    }
+  }
+}
+
+}  // namespace gemm
+}  // namespace cpu
+}  // namespace fastkern

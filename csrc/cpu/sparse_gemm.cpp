@@ -1,0 +1,543 @@
+// Sparse float linear layers on the CPU (formats: DESIGN.md §3, fastkern/formats/sparse.py).
+//
+// linear_sparse24(x [..., K], values [N, K/2], meta uint8 [N, K/4], bias?)
+//   Small M is bound by reading the weights: values and meta stream once (2.25
+//   bytes per dense fp32 weight instead of 4) and x is gathered in registers.
+//   Larger M decompresses 2:4 into the packed B panels of the dense blocked GEMM.
+// linear_blocksparse(x, blocks [nnzb, bn, bk], row_ptr [ceil(N/bn)+1], col_idx [nnzb], N, bias?)
+//   Empty blocks cost nothing: every kernel walks the CSR lists only.
+#include <torch/library.h>
+
+#include <cstring>
+#include <type_traits>
+
+#include "cpu/gemm_blocked.h"
+
+namespace fastkern {
+namespace cpu {
+namespace sparse {
+namespace {
+
+using gemm::describe;
+using gemm::div_up;
+using gemm::round_up;
+using gemm::to_f32;
+
+constexpr int64_t kSmallM = 4;
+
+// =================================================================== 2:4
+
+// --- small M, portable: four partial sums per row keep the adds independent.
+template <class T, int MT>
+void s24_rows_generic(const float* x, int64_t K, const T* vals, int64_t ldv, const uint8_t* meta, int64_t ldm,
+                      int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  const int64_t G = K / 4;
+  for (int64_t n = n0; n < n1; ++n) {
+    const T* v = vals + n * ldv;
+    const uint8_t* mt = meta + n * ldm;
+    float acc[MT][4];
+    for (int m = 0; m < MT; ++m)
+      for (int l = 0; l < 4; ++l) acc[m][l] = 0.f;
+    for (int64_t g = 0; g < G; ++g) {
+      const int i0 = mt[g] & 3, i1 = (mt[g] >> 2) & 3;
+      const float v0 = to_f32(v[2 * g]), v1 = to_f32(v[2 * g + 1]);
+      for (int m = 0; m < MT; ++m) {
+        const float* xg = x + m * K + 4 * g;
+        acc[m][g & 3] += v0 * xg[i0] + v1 * xg[i1];
+      }
+    }
+    for (int m = 0; m < MT; ++m) y[m * ldy + n] = (acc[m][0] + acc[m][1]) + (acc[m][2] + acc[m][3]);
+  }
+}
+
+#if FASTKERN_X86
+// x laid out for the in-lane permute: each chunk of 4 groups (16 floats,
+// g0 g1 g2 g3) is stored as [g0 | g2] [g1 | g3], so one vpermilps per half picks
+// the kept positions of two groups at once; the 2-bit indices come straight
+// from meta (vpermilps reads only the low 2 bits, so no meta byte can index out
+// of its group). Groups past the last whole chunk stay in natural order.
+FASTKERN_AVX2 void s24_reorder_x_avx2(const float* x, int64_t K, float* out) {
+  const int64_t chunks = K / 16;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const float* s = x + c * 16;
+    float* d = out + c * 16;
+    _mm_storeu_ps(d + 0, _mm_loadu_ps(s + 0));
+    _mm_storeu_ps(d + 4, _mm_loadu_ps(s + 8));
+    _mm_storeu_ps(d + 8, _mm_loadu_ps(s + 4));
+    _mm_storeu_ps(d + 12, _mm_loadu_ps(s + 12));
+  }
+  std::memcpy(out + chunks * 16, x + chunks * 16, (K - chunks * 16) * sizeof(float));
+}
+
+template <class T, int MT, int R>
+FASTKERN_AVX2 void s24_tile_avx2(const float* xr, int64_t K, const T* vals, int64_t ldv, const uint8_t* meta,
+                                 int64_t ldm, int64_t n, float* y, int64_t ldy) {
+  const __m256i shifts = _mm256_setr_epi32(0, 2, 8, 10, 16, 18, 24, 26);
+  const int64_t G = K / 4, chunks = K / 16;
+  __m256 acc[MT][R];
+#pragma GCC unroll 8
+  for (int m = 0; m < MT; ++m)
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+  const T* vr[R];
+  const uint8_t* mr[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    vr[r] = vals + (n + r) * ldv;
+    mr[r] = meta + (n + r) * ldm;
+  }
+  for (int64_t c = 0; c < chunks; ++c) {
+    __m256 P[MT], Q[MT];
+#pragma GCC unroll 8
+    for (int m = 0; m < MT; ++m) {
+      P[m] = _mm256_loadu_ps(xr + m * K + c * 16);
+      Q[m] = _mm256_loadu_ps(xr + m * K + c * 16 + 8);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      int32_t mb;
+      std::memcpy(&mb, mr[r] + c * 4, 4);
+      const __m256i ctrl = _mm256_srlv_epi32(_mm256_set1_epi32(mb), shifts);
+      const __m256 v = gemm::load8(vr[r] + c * 8);
+#pragma GCC unroll 8
+      for (int m = 0; m < MT; ++m) {
+        const __m256 xs = _mm256_blend_ps(_mm256_permutevar_ps(P[m], ctrl), _mm256_permutevar_ps(Q[m], ctrl), 0xCC);
+        acc[m][r] = _mm256_fmadd_ps(v, xs, acc[m][r]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MT; ++m)
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      float s = gemm::hsum8(acc[m][r]);
+      for (int64_t g = chunks * 4; g < G; ++g) {
+        const int i0 = mr[r][g] & 3, i1 = (mr[r][g] >> 2) & 3;
+        const float* xg = xr + m * K + 4 * g;
+        s += to_f32(vr[r][2 * g]) * xg[i0] + to_f32(vr[r][2 * g + 1]) * xg[i1];
+      }
+      y[m * ldy + n + r] = s;
+    }
+}
+#endif
+
+template <class T, int MT>
+void s24_rows(Isa isa, const float* x, int64_t K, const T* vals, int64_t ldv, const uint8_t* meta, int64_t ldm,
+              int64_t n0, int64_t n1, float* y, int64_t ldy) {
+#if FASTKERN_X86
+  if (isa >= Isa::Avx2) {
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) s24_tile_avx2<T, MT, 4>(x, K, vals, ldv, meta, ldm, n, y, ldy);
+    for (; n < n1; ++n) s24_tile_avx2<T, MT, 1>(x, K, vals, ldv, meta, ldm, n, y, ldy);
+    return;
+  }
+#endif
+  (void)isa;
+  s24_rows_generic<T, MT>(x, K, vals, ldv, meta, ldm, n0, n1, y, ldy);
+}
+
+template <class T>
+void s24_small_m(Isa isa, const at::Tensor& x2, const at::Tensor& values, const at::Tensor& meta, float* y) {
+  const int64_t M = x2.size(0), K = x2.size(1), N = values.size(0);
+  at::Tensor x32 = x2.to(at::kFloat).contiguous();
+#if FASTKERN_X86
+  if (isa >= Isa::Avx2) {
+    at::Tensor xr = at::empty({M, K}, x32.options());
+    for (int64_t m = 0; m < M; ++m) s24_reorder_x_avx2(x32.data_ptr<float>() + m * K, K, xr.data_ptr<float>() + m * K);
+    x32 = xr;
+  }
+#endif
+  const float* x = x32.data_ptr<float>();
+  const T* v = values.data_ptr<T>();
+  const uint8_t* mt = meta.data_ptr<uint8_t>();
+  const int64_t ldv = values.stride(0), ldm = meta.stride(0);
+  at::parallel_for(0, div_up(N, 4), 16, [&](int64_t b, int64_t e) {
+    const int64_t n0 = b * 4, n1 = std::min(N, e * 4);
+    int64_t m = 0;
+    for (; m + 2 <= M; m += 2) s24_rows<T, 2>(isa, x + m * K, K, v, ldv, mt, ldm, n0, n1, y + m * N, N);
+    for (; m < M; ++m) s24_rows<T, 1>(isa, x + m * K, K, v, ldv, mt, ldm, n0, n1, y + m * N, N);
+  });
+}
+
+// --- larger M: 2:4 rows expanded into packed B slivers of the blocked GEMM.
+template <class T>
+struct Sparse24Rows {
+  const T* vals;
+  int64_t ldv;
+  const uint8_t* meta;
+  int64_t ldm;
+  // k0 and kc are multiples of 4 (K is, and so is the GEMM's KC).
+  void operator()(int64_t row0, int rows, int64_t k0, int64_t kc, int width, float* dst) const {
+    std::fill(dst, dst + kc * width, 0.f);
+    const int64_t g0 = k0 / 4, g1 = (k0 + kc) / 4;
+    for (int r = 0; r < rows; ++r) {
+      const T* v = vals + (row0 + r) * ldv;
+      const uint8_t* mt = meta + (row0 + r) * ldm;
+      float* d = dst + r;
+      for (int64_t g = g0; g < g1; ++g) {
+        const int64_t base = 4 * (g - g0);
+        d[(base + (mt[g] & 3)) * width] = to_f32(v[2 * g]);
+        d[(base + ((mt[g] >> 2) & 3)) * width] = to_f32(v[2 * g + 1]);
+      }
+    }
+  }
+};
+
+template <class T>
+void s24_typed(const at::Tensor& x2, const at::Tensor& values, const at::Tensor& meta, at::Tensor& out32) {
+  const Isa isa = active_isa();
+  const int64_t M = x2.size(0), K = x2.size(1), N = values.size(0);
+  float* y = out32.data_ptr<float>();
+  if (M <= kSmallM && K > 0) {
+    s24_small_m<T>(isa, x2, values, meta, y);
+    return;
+  }
+  gemm::StridedRows<T> pa{x2.data_ptr<T>(), x2.stride(0), x2.stride(1)};
+  Sparse24Rows<T> pb{values.data_ptr<T>(), values.stride(0), meta.data_ptr<uint8_t>(), meta.stride(0)};
+  gemm::blocked_gemm(M, N, K, gemm::micro_kernel(isa), pa, pb, y, N);
+}
+
+at::Tensor linear_sparse24_cpu(const at::Tensor& x, const at::Tensor& values_in, const at::Tensor& meta_in,
+                               const c10::optional<at::Tensor>& bias) {
+  const char* op = "linear_sparse24";
+  gemm::check_cpu_float(op, "x", x);
+  gemm::check_cpu_float(op, "values", values_in);
+  TORCH_CHECK(values_in.dim() == 2, "fastkern_C::linear_sparse24: ", describe("values", values_in),
+              " must be 2-D [N, K/2]");
+  TORCH_CHECK(values_in.scalar_type() == x.scalar_type(), "fastkern_C::linear_sparse24: ",
+              describe("values", values_in), " must have the dtype of ", describe("x", x));
+  const int64_t N = values_in.size(0), K = 2 * values_in.size(1);
+  TORCH_CHECK(K % 4 == 0, "fastkern_C::linear_sparse24: 2:4 sparsity needs K divisible by 4, got K=", K,
+              " from ", describe("values", values_in));
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "fastkern_C::linear_sparse24: ", describe("x", x),
+              " must be [..., K] with K=", K, " from ", describe("values", values_in));
+  TORCH_CHECK(meta_in.device().is_cpu() && meta_in.scalar_type() == at::kByte && meta_in.dim() == 2 &&
+                  meta_in.size(0) == N && meta_in.size(1) == K / 4,
+              "fastkern_C::linear_sparse24: ", describe("meta", meta_in), " must be a uint8 CPU tensor of shape [",
+              N, ", ", K / 4, "]");
+  gemm::check_bias(op, bias, N);
+  // The kernels read rows with unit stride along K.
+  at::Tensor values = values_in.stride(1) == 1 ? values_in : values_in.contiguous();
+  at::Tensor meta = meta_in.stride(1) == 1 ? meta_in : meta_in.contiguous();
+  const int64_t M = gemm::rows_of(x);
+  at::Tensor x2 = x.reshape({M, K});
+  at::Tensor out32 = at::empty({M, N}, x.options().dtype(at::kFloat));
+  switch (x.scalar_type()) {
+    case at::kFloat: s24_typed<float>(x2, values, meta, out32); break;
+    case at::kHalf: s24_typed<c10::Half>(x2, values, meta, out32); break;
+    default: s24_typed<c10::BFloat16>(x2, values, meta, out32); break;
+  }
+  return gemm::finish(out32, bias, x, N);
+}
+
+// =================================================================== block-sparse
+//
+// Columns k >= K of the last block column hold padding (zeros in the format);
+// every kernel stops at K, so x is never read past its end and padding never
+// touches the result, whatever it holds.
+
+struct BlockLayout {
+  int64_t bn, bk, K, N, nbr;
+  const int64_t* row_ptr;
+  const int64_t* col_idx;
+  int64_t valid_rows(int64_t nb) const { return std::min(bn, N - nb * bn); }
+  int64_t k_len(int64_t blk) const { return std::min(bk, K - col_idx[blk] * bk); }
+};
+
+// --- small M: dot products along k, R rows of a block row at a time.
+template <class T, int MT, int R>
+void bs_dot_tile_generic(const float* x, int64_t K, const T* blocks, const BlockLayout& L, int64_t nb, int64_t r0,
+                         float* y, int64_t ldy) {
+  float acc[MT][R][8];
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < R; ++r)
+      for (int l = 0; l < 8; ++l) acc[m][r][l] = 0.f;
+  for (int64_t blk = L.row_ptr[nb]; blk < L.row_ptr[nb + 1]; ++blk) {
+    const int64_t c0 = L.col_idx[blk] * L.bk, len = L.k_len(blk);
+    const T* w = blocks + blk * L.bn * L.bk + r0 * L.bk;
+    for (int64_t kk = 0; kk < len; kk += 8) {
+      const int64_t cnt = std::min<int64_t>(8, len - kk);
+      float wv[R][8], xv[MT][8];
+      for (int l = 0; l < 8; ++l) {
+        for (int r = 0; r < R; ++r) wv[r][l] = l < cnt ? to_f32(w[r * L.bk + kk + l]) : 0.f;
+        for (int m = 0; m < MT; ++m) xv[m][l] = l < cnt ? x[m * K + c0 + kk + l] : 0.f;
+      }
+      for (int m = 0; m < MT; ++m)
+        for (int r = 0; r < R; ++r)
+          for (int l = 0; l < 8; ++l) acc[m][r][l] += xv[m][l] * wv[r][l];
+    }
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < R; ++r) {
+      float t = 0.f;
+      for (int l = 0; l < 8; ++l) t += acc[m][r][l];
+      y[m * ldy + nb * L.bn + r0 + r] = t;
+    }
+}
+
+#if FASTKERN_X86
+template <class T, int MT, int R>
+FASTKERN_AVX2 void bs_dot_tile_avx2(const float* x, int64_t K, const T* blocks, const BlockLayout& L, int64_t nb,
+                                    int64_t r0, float* y, int64_t ldy) {
+  __m256 acc[MT][R];
+#pragma GCC unroll 8
+  for (int m = 0; m < MT; ++m)
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+  const int64_t bk = L.bk;
+  for (int64_t blk = L.row_ptr[nb]; blk < L.row_ptr[nb + 1]; ++blk) {
+    const int64_t c0 = L.col_idx[blk] * bk, len = L.k_len(blk);
+    const T* w = blocks + blk * L.bn * bk + r0 * bk;
+    int64_t kk = 0;
+    for (; kk + 8 <= len; kk += 8) {
+      __m256 wv[R];
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) wv[r] = gemm::load8(w + r * bk + kk);
+#pragma GCC unroll 8
+      for (int m = 0; m < MT; ++m) {
+        const __m256 xv = _mm256_loadu_ps(x + m * K + c0 + kk);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) acc[m][r] = _mm256_fmadd_ps(xv, wv[r], acc[m][r]);
+      }
+    }
+    if (kk < len) {
+      __m256 wv[R];
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) wv[r] = gemm::load_partial8(w + r * bk + kk, len - kk);
+#pragma GCC unroll 8
+      for (int m = 0; m < MT; ++m) {
+        const __m256 xv = gemm::load_partial8(x + m * K + c0 + kk, len - kk);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) acc[m][r] = _mm256_fmadd_ps(xv, wv[r], acc[m][r]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MT; ++m)
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) y[m * ldy + nb * L.bn + r0 + r] = gemm::hsum8(acc[m][r]);
+}
+#endif
+
+template <class T, int MT>
+void bs_dot_block_row(Isa isa, const float* x, int64_t K, const T* blocks, const BlockLayout& L, int64_t nb,
+                      float* y, int64_t ldy) {
+  const int64_t rows = L.valid_rows(nb);
+  int64_t r = 0;
+#if FASTKERN_X86
+  if (isa >= Isa::Avx2) {
+    for (; r + 4 <= rows; r += 4) bs_dot_tile_avx2<T, MT, 4>(x, K, blocks, L, nb, r, y, ldy);
+    for (; r < rows; ++r) bs_dot_tile_avx2<T, MT, 1>(x, K, blocks, L, nb, r, y, ldy);
+    return;
+  }
+#endif
+  (void)isa;
+  for (; r + 4 <= rows; r += 4) bs_dot_tile_generic<T, MT, 4>(x, K, blocks, L, nb, r, y, ldy);
+  for (; r < rows; ++r) bs_dot_tile_generic<T, MT, 1>(x, K, blocks, L, nb, r, y, ldy);
+}
+
+template <class T>
+void bs_small_m(Isa isa, const at::Tensor& x2, const T* blocks, const BlockLayout& L, float* y) {
+  const int64_t M = x2.size(0), K = x2.size(1), N = L.N;
+  at::Tensor x32 = x2.to(at::kFloat).contiguous();
+  const float* x = x32.data_ptr<float>();
+  at::parallel_for(0, L.nbr, 4, [&](int64_t b, int64_t e) {
+    for (int64_t nb = b; nb < e; ++nb) {
+      int64_t m = 0;
+      for (; m + 2 <= M; m += 2) bs_dot_block_row<T, 2>(isa, x + m * K, K, blocks, L, nb, y + m * N, N);
+      for (; m < M; ++m) bs_dot_block_row<T, 1>(isa, x + m * K, K, blocks, L, nb, y + m * N, N);
+    }
+  });
+}
+
+// --- larger M: x transposed once to xt [K, Mp] (Mp = M rounded up to the
+// m tile), then for each block row a register tile of R weight rows x MT
+// columns of M: one broadcast weight times a vector of x per k, so weights are
+// used straight from the block (no packing) and x^T rows stay in L1/L2.
+template <int R>
+void bs_outer_tile_generic(const float* xt, int64_t Mp, const float* wrow, const BlockLayout& L, int64_t b0,
+                           int64_t b1, int64_t r0, int64_t m0, float* tile /* [R][8] */) {
+  float acc[R][8];
+  for (int r = 0; r < R; ++r)
+    for (int l = 0; l < 8; ++l) acc[r][l] = 0.f;
+  for (int64_t blk = b0; blk < b1; ++blk) {
+    const int64_t c0 = L.col_idx[blk] * L.bk, len = L.k_len(blk);
+    const float* w = wrow + (blk - b0) * L.bn * L.bk + r0 * L.bk;
+    const float* xp = xt + c0 * Mp + m0;
+    for (int64_t kk = 0; kk < len; ++kk) {
+      const float* xk = xp + kk * Mp;
+      for (int r = 0; r < R; ++r) {
+        const float wv = w[r * L.bk + kk];
+        for (int l = 0; l < 8; ++l) acc[r][l] += wv * xk[l];
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int l = 0; l < 8; ++l) tile[r * 8 + l] = acc[r][l];
+}
+
+#if FASTKERN_X86
+template <int R>
+FASTKERN_AVX2 void bs_outer_tile_avx2(const float* xt, int64_t Mp, const float* wrow, const BlockLayout& L,
+                                      int64_t b0, int64_t b1, int64_t r0, int64_t m0, float* tile /* [R][16] */) {
+  __m256 acc[R][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  const int64_t bk = L.bk;
+  for (int64_t blk = b0; blk < b1; ++blk) {
+    const int64_t c0 = L.col_idx[blk] * bk, len = L.k_len(blk);
+    const float* w = wrow + (blk - b0) * L.bn * bk + r0 * bk;
+    const float* xp = xt + c0 * Mp + m0;
+    for (int64_t kk = 0; kk < len; ++kk) {
+      const __m256 x0 = _mm256_loadu_ps(xp + kk * Mp), x1 = _mm256_loadu_ps(xp + kk * Mp + 8);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const __m256 wv = _mm256_broadcast_ss(w + r * bk + kk);
+        acc[r][0] = _mm256_fmadd_ps(wv, x0, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(wv, x1, acc[r][1]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(tile + r * 16, acc[r][0]);
+    _mm256_storeu_ps(tile + r * 16 + 8, acc[r][1]);
+  }
+}
+#endif
+
+using OuterTileFn = void (*)(const float*, int64_t, const float*, const BlockLayout&, int64_t, int64_t, int64_t,
+                             int64_t, float*);
+
+struct OuterKernel {
+  int mt;         // columns of M per tile
+  int rmax;       // weight rows per tile
+  OuterTileFn fn[7];  // fn[R] for R in 1..rmax
+};
+
+OuterKernel outer_kernel(Isa isa) {
+#if FASTKERN_X86
+  if (isa >= Isa::Avx2)
+    return {16, 6,
+            {nullptr, &bs_outer_tile_avx2<1>, &bs_outer_tile_avx2<2>, &bs_outer_tile_avx2<3>, &bs_outer_tile_avx2<4>,
+             &bs_outer_tile_avx2<5>, &bs_outer_tile_avx2<6>}};
+#endif
+  (void)isa;
+  return {8, 4,
+          {nullptr, &bs_outer_tile_generic<1>, &bs_outer_tile_generic<2>, &bs_outer_tile_generic<3>,
+           &bs_outer_tile_generic<4>, nullptr, nullptr}};
+}
+
+template <class T>
+void bs_large_m(Isa isa, const at::Tensor& x2, const T* blocks, const BlockLayout& L, float* y) {
+  const OuterKernel ok = outer_kernel(isa);
+  const int64_t M = x2.size(0), K = x2.size(1), N = L.N, bn = L.bn, bk = L.bk;
+  const int64_t Mp = round_up(M, ok.mt);
+  at::Tensor xt = at::zeros({K, Mp}, x2.options().dtype(at::kFloat));
+  xt.narrow(1, 0, M).copy_(x2.t());
+  const float* xtp = xt.data_ptr<float>();
+  at::parallel_for(0, L.nbr, 1, [&](int64_t b, int64_t e) {
+    at::Tensor conv;  // fp32 copy of a block row when the blocks are half precision
+    float tile[6 * 16];
+    for (int64_t nb = b; nb < e; ++nb) {
+      const int64_t b0 = L.row_ptr[nb], b1 = L.row_ptr[nb + 1];
+      const float* wrow;
+      if (std::is_same<T, float>::value) {
+        wrow = reinterpret_cast<const float*>(blocks) + b0 * bn * bk;
+      } else {
+        const int64_t cnt = (b1 - b0) * bn * bk;
+        if (!conv.defined() || conv.numel() < cnt) conv = at::empty({std::max<int64_t>(cnt, 1)}, at::kFloat);
+        float* d = conv.data_ptr<float>();
+        const T* s = blocks + b0 * bn * bk;
+        for (int64_t i = 0; i < cnt; ++i) d[i] = to_f32(s[i]);
+        wrow = d;
+      }
+      const int64_t rows = L.valid_rows(nb);
+      for (int64_t m0 = 0; m0 < M; m0 += ok.mt) {
+        const int64_t mm = std::min<int64_t>(ok.mt, M - m0);
+        for (int64_t r0 = 0; r0 < rows; r0 += ok.rmax) {
+          const int R = static_cast<int>(std::min<int64_t>(ok.rmax, rows - r0));
+          ok.fn[R](xtp, Mp, wrow, L, b0, b1, r0, m0, tile);
+          for (int r = 0; r < R; ++r)
+            for (int64_t i = 0; i < mm; ++i) y[(m0 + i) * N + nb * bn + r0 + r] = tile[r * ok.mt + i];
+        }
+      }
+    }
+  });
+}
+
+void check_layout(const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t nbr, int64_t nnzb, int64_t kb,
+                  int64_t K, int64_t bk) {
+  const int64_t* rp = row_ptr.data_ptr<int64_t>();
+  const int64_t* ci = col_idx.data_ptr<int64_t>();
+  TORCH_CHECK(rp[0] == 0 && rp[nbr] == nnzb, "fastkern_C::linear_blocksparse: row_ptr must start at 0 and end at ",
+              "nnz_blocks=", nnzb, ", got row_ptr[0]=", rp[0], " and row_ptr[", nbr, "]=", rp[nbr]);
+  for (int64_t i = 0; i < nbr; ++i)
+    TORCH_CHECK(rp[i] <= rp[i + 1], "fastkern_C::linear_blocksparse: row_ptr must be non-decreasing, got row_ptr[",
+                i, "]=", rp[i], " > row_ptr[", i + 1, "]=", rp[i + 1]);
+  for (int64_t i = 0; i < nnzb; ++i)
+    TORCH_CHECK(ci[i] >= 0 && ci[i] < kb, "fastkern_C::linear_blocksparse: col_idx[", i, "]=", ci[i],
+                " is out of range: x has K=", K, " columns, ", kb, " block columns of width ", bk);
+}
+
+at::Tensor linear_blocksparse_cpu(const at::Tensor& x, const at::Tensor& blocks_in, const at::Tensor& row_ptr_in,
+                                  const at::Tensor& col_idx_in, int64_t out_features,
+                                  const c10::optional<at::Tensor>& bias) {
+  const char* op = "linear_blocksparse";
+  gemm::check_cpu_float(op, "x", x);
+  gemm::check_cpu_float(op, "blocks", blocks_in);
+  TORCH_CHECK(x.dim() >= 1, "fastkern_C::linear_blocksparse: ", describe("x", x), " must be [..., K]");
+  TORCH_CHECK(blocks_in.dim() == 3 && blocks_in.size(1) > 0 && blocks_in.size(2) > 0,
+              "fastkern_C::linear_blocksparse: ", describe("blocks", blocks_in),
+              " must be 3-D [nnz_blocks, bn, bk] with a positive block size");
+  TORCH_CHECK(blocks_in.scalar_type() == x.scalar_type(), "fastkern_C::linear_blocksparse: ",
+              describe("blocks", blocks_in), " must have the dtype of ", describe("x", x));
+  TORCH_CHECK(out_features >= 0, "fastkern_C::linear_blocksparse: out_features must be >= 0, got ", out_features);
+  const int64_t nnzb = blocks_in.size(0), bn = blocks_in.size(1), bk = blocks_in.size(2);
+  const int64_t N = out_features, K = x.size(-1), nbr = div_up(N, bn), kb = div_up(K, bk);
+  TORCH_CHECK(row_ptr_in.device().is_cpu() && row_ptr_in.scalar_type() == at::kLong && row_ptr_in.dim() == 1 &&
+                  row_ptr_in.size(0) == nbr + 1,
+              "fastkern_C::linear_blocksparse: ", describe("row_ptr", row_ptr_in),
+              " must be an int64 CPU tensor of shape [", nbr + 1, "] (ceil(out_features / bn) + 1)");
+  TORCH_CHECK(col_idx_in.device().is_cpu() && col_idx_in.scalar_type() == at::kLong && col_idx_in.dim() == 1 &&
+                  col_idx_in.size(0) == nnzb,
+              "fastkern_C::linear_blocksparse: ", describe("col_idx", col_idx_in),
+              " must be an int64 CPU tensor of shape [", nnzb, "] (one per block)");
+  gemm::check_bias(op, bias, N);
+  at::Tensor row_ptr = row_ptr_in.contiguous(), col_idx = col_idx_in.contiguous();
+  check_layout(row_ptr, col_idx, nbr, nnzb, kb, K, bk);
+  at::Tensor blocks = blocks_in.contiguous();
+
+  const int64_t M = gemm::rows_of(x);
+  at::Tensor x2 = x.reshape({M, K});
+  at::Tensor out32 = at::empty({M, N}, x.options().dtype(at::kFloat));
+  if (M > 0 && N > 0) {
+    const BlockLayout L{bn, bk, K, N, nbr, row_ptr.data_ptr<int64_t>(), col_idx.data_ptr<int64_t>()};
+    const Isa isa = active_isa();
+    float* y = out32.data_ptr<float>();
+    auto run = [&](auto tag) {
+      using T = decltype(tag);
+      const T* bp = blocks.data_ptr<T>();
+      if (M <= kSmallM)
+        bs_small_m<T>(isa, x2, bp, L, y);
+      else
+        bs_large_m<T>(isa, x2, bp, L, y);
+    };
+    switch (x.scalar_type()) {
+      case at::kFloat: run(float()); break;
+      case at::kHalf: run(c10::Half()); break;
+      default: run(c10::BFloat16()); break;
+    }
+  }
+  return gemm::finish(out32, bias, x, N);
+}
+
+}  // namespace
+}  // namespace sparse
+}  // namespace cpu
+}  // namespace fastkern
+
+TORCH_LIBRARY_IMPL(fastkern_C, CPU, m) {
+  m.impl("linear_sparse24", &fastkern::cpu::sparse::linear_sparse24_cpu);
+  m.impl("linear_blocksparse", &fastkern::cpu::sparse::linear_blocksparse_cpu);
+}
