@@ -240,3 +240,32 @@ def test_cuda_device_without_gpu_is_a_clear_error():
         pytest.skip("a GPU is visible")
     with pytest.raises(RuntimeError, match="no CUDA device"):
         cli.main(TINY + ["--device", "cuda", "--ops", "gemm"])
+
+
+def test_targets_are_checked_on_this_runs_entries(result):
+    from fastkern.bench import targets
+
+    r = copy.deepcopy(result)
+    w4 = next(e for e in r["results"] if e["kind"] == "fastkern" and e["op"] == "linear_w4a16" and e["status"] == "ok")
+    for backend, bw, sp in (("cpu", 90.0, 7.0), ("reference", 10.0, 0.5)):
+        e = copy.deepcopy(w4)
+        e.update(backend=backend, pct_bw=bw, speedup={"F.linear fp32": sp})
+        r["results"].append(e)
+    rows = [row for row in targets.evaluate(r) if row["op"] == "linear_w4a16"]
+    assert rows and all(row["backend"] == "cpu" for row in rows)  # the reference backend is not a contender
+    bw_rows = [row for row in rows if row["metric"] == "pct_bw" and row["value"] == 90.0]
+    assert bw_rows and all(row["met"] for row in bw_rows)
+    fp32 = [row for row in rows if row["peer"] == "F.linear fp32" and row["value"] == 7.0]
+    assert fp32 and all(row["met"] for row in fp32)
+    missing = [row for row in rows if row["peer"] == "FBGEMM dynamic int8" and row["value"] is None]
+    assert missing and all(row["met"] is None for row in missing)
+    assert "DESIGN" in targets.render_text(rows) and "n/a (peer not timed)" in targets.render_text(rows)
+
+
+def test_plain_table_without_rich(result, monkeypatch, capsys):
+    for name in ("rich", "rich.console", "rich.table", "rich.markup"):
+        monkeypatch.setitem(sys.modules, name, None)
+    report.print_table(result)
+    out = capsys.readouterr().out
+    assert out == report.render_text(result)
+    assert "== linear_w4a16" in out and "speedup vs peers" in out

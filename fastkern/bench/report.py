@@ -182,7 +182,16 @@ def render_text(result: dict) -> str:
     if sk:
         lines.append("not timed:")
         lines += ["  " + s for s in sk]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + _targets_text(result)
+
+
+def _targets_text(result):
+    from fastkern.bench import targets
+
+    rows = result.get("targets")
+    if rows is None:
+        rows = targets.evaluate(result)
+    return "\n" + targets.render_text(rows)
 
 
 def print_table(result: dict, console=None, plain: bool = False):
@@ -222,6 +231,7 @@ def print_table(result: dict, console=None, plain: bool = False):
         console.print("[dim]not timed:[/]")
         for s in sk:
             console.print("  " + s, style="dim", markup=False)
+    console.print(_targets_text(result), markup=False, highlight=False, end="")
 
 
 # ------------------------------------------------------------------ compare

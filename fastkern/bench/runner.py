@@ -7,7 +7,8 @@ one implementation at one size: ``kind`` ("fastkern" or "peer"), ``name``, ``op`
 ``status`` ("ok", "skipped" or "error", with ``reason``), and for "ok": ``ms``,
 ``gflops``, ``gbs``, ``bytes``, ``flops``, ``pct_bw``, ``pct_compute``,
 ``pct_roofline``, ``bound``, ``copies``, ``rel_err_vs_fp32``; fastkern entries
-also carry ``speedup`` {peer name: peer ms / fastkern ms}.
+also carry ``speedup`` {peer name: peer ms / fastkern ms}. ``"targets"`` holds the
+DESIGN §6 targets checked on this run's entries (fastkern.bench.targets).
 """
 import datetime
 import gc
@@ -20,6 +21,7 @@ import torch
 
 from fastkern import ops as fk_ops
 from fastkern.bench import ceilings as ceil_mod
+from fastkern.bench import targets
 from fastkern.bench.impls import Impl, fastkern_impl
 from fastkern.bench.inputs import make_activation, make_weight, tensor_bytes
 from fastkern.bench.peers import PeerSpec, PeerUnavailable, peers_for
@@ -121,12 +123,19 @@ def _base_entry(task: Task) -> dict:
     e = {"kind": task.kind, "n": task.n, "k": task.k, "m": task.m}
     if task.kind == "fastkern":
         e.update(name="fastkern[%s]" % task.backend, short="fastkern[%s]" % task.backend, op=task.case.op,
-                 backend=task.backend, dtype=task.case.dtype, params=dict(task.case.params))
+                 backend=task.backend, dtype=task.case.dtype, params=_op_params(task.case))
     else:
         e.update(name=task.peer.name, short=task.peer.short, ops=list(task.peer.ops),
                  dtype={torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
                         torch.int8: "int8"}[task.peer.act_dtype])
     return e
+
+
+_OP_PARAMS = {"linear_w4a16": ("group_size",), "linear_blocksparse": ("block_size", "sparsity")}
+
+
+def _op_params(case: Case) -> dict:
+    return {name: case.param(name) for name in _OP_PARAMS.get(case.op, ())}
 
 
 def _first_line(e: BaseException) -> str:
@@ -139,6 +148,9 @@ def _roofline(entry: dict, ceilings: dict, op: str):
     peak = ceil_mod.compute_ceiling(ceilings, op, entry["dtype"])
     entry["pct_bw"] = 100.0 * entry["gbs"] / bw if bw else None
     entry["pct_compute"] = 100.0 * entry["gflops"] / peak if peak else None
+    fma = ceilings.get("fma_peak_gflops_est")
+    if fma and entry["dtype"] == "fp32":
+        entry["pct_fma_est"] = 100.0 * entry["gflops"] / fma
     if bw and peak and entry["bytes"]:
         ai = entry["flops"] / entry["bytes"]
         entry["arith_intensity"] = ai
@@ -268,7 +280,9 @@ def run_benchmark(cases: Sequence[Case], cfg: RunConfig, *, argv=None,
     config = asdict(cfg)
     config["backends"] = cfg.resolved_backends()
     config["cases"] = len(cases)
-    return {"schema": SCHEMA, "metadata": meta, "config": config, "ceilings": ceilings, "results": results}
+    result = {"schema": SCHEMA, "metadata": meta, "config": config, "ceilings": ceilings, "results": results}
+    result["targets"] = targets.evaluate(result)
+    return result
 
 
 def _peer_op(task: Task) -> str:
