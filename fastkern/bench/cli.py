@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak-n", type=int, default=None, help="size of the peak-matmul probe (n x n x n)")
     p.add_argument("--no-ceilings", action="store_true", help="skip measuring the ceilings (no %% columns)")
     p.add_argument("--no-error-check", action="store_true", help="skip each output's error against fp32 x @ W.T")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plain", action="store_true", help="plain-text table even if rich is installed")
     p.add_argument("--no-progress", action="store_true")
@@ -153,6 +154,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return int(rc or 0)
 
     from fastkern.bench import report
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     if args.compare and len(args.compare) > 2:
         raise SystemExit("--compare takes OLD.json, or OLD.json NEW.json")
