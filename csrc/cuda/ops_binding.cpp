@@ -60,8 +60,10 @@ std::pair<at::Tensor, std::vector<int64_t>> flatten_x(const char* op, const at::
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "fastkern_C::", op, ": ", describe("x", x),
               " must have K=", K, " features in its last dimension");
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
+  int64_t M = 1;
+  for (int64_t d : out_shape) M *= d;  // not reshape(-1, K): with K = 0 the -1 is ambiguous
   out_shape.push_back(N);
-  return {x.reshape({-1, K}).contiguous(), out_shape};
+  return {x.reshape({M, K}).contiguous(), out_shape};
 }
 
 std::optional<at::Tensor> bias_f32(const char* op, const std::optional<at::Tensor>& bias, int64_t N,
