@@ -29,6 +29,9 @@ from fastkern import formats, ops
 
 triton = pytest.importorskip("triton")
 
+# NaN / inf rows make numpy warn inside the interpreter; the tests check the results
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
 from fastkern.triton import _weightonly, autotune, gemm as tgemm, sparse as tsparse  # noqa: E402
 from fastkern.triton import quantize_per_token  # noqa: E402
 
@@ -321,6 +324,28 @@ def test_autotune_times_once_and_caches_on_disk(tmp_path, monkeypatch):
     assert tuner.config((4, 8), cuda, lambda cfg: pytest.fail("re-tuned")) == cands[1]
     monkeypatch.setenv("FASTKERN_TRITON_AUTOTUNE", "0")
     assert tuner.config((5, 8), cuda, lambda cfg: pytest.fail("tuned while disabled")) == cands[0]
+
+
+def _ptxas():
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+@pytest.mark.skipif(not os.path.exists(_ptxas()), reason="this triton wheel ships no ptxas")
+def test_kernels_compile_for_sm90_without_gpu():
+    """The interpreter never lowers to PTX; compile two kernels to sm_90 cubins to catch GPU-only errors.
+
+    ``python -m fastkern.triton.aot_check`` does this for every kernel (about a minute).
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    r = subprocess.run(
+        [sys.executable, "-m", "fastkern.triton.aot_check", "--arch", "90",
+         "--only", "quantize rows=1 ", "--only", "w4a16 gemv M=1 "],
+        env=env, capture_output=True, text=True, timeout=600,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("\nok ") + r.stdout.startswith("ok ") == 2, r.stdout
 
 
 # ------------------------------------------------------------------------ GPU

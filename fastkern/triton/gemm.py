@@ -101,7 +101,9 @@ def _default(key):
     m_bucket, _, _, kind, _ = key
     bm = 64 if m_bucket <= 64 else 128
     bk = 32 if kind == "fp32" else 64
-    return dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=bk, GROUP_M=8, num_warps=4, num_stages=3)
+    # 4 warps spill a 128x128 fp32 / int32 accumulator on sm_80 (aot_check); sm_90's wgmma does not
+    warps = 8 if kind in ("fp32", "int8") and bm == 128 else 4
+    return dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=3)
 
 
 def _interpret(key):

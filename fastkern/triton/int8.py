@@ -23,37 +23,39 @@ def _round_half_even(v):
 
 
 @triton.jit
-def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_xk, stride_qm, BLOCK_K: tl.constexpr):
-    """One program per row: s = absmax / 127, q = round_half_even(x / s) clamped to +-127.
+def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_xk, stride_qm,
+                          ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """ROWS rows per program: s = absmax / 127, q = round_half_even(x / s) clamped to +-127.
 
     Bit-exact with fastkern.formats.quantize_per_token: both divisions are IEEE
     round-to-nearest (div_rn; Triton's '/' on fp32 may be approximate on GPUs).
     A row holding NaN or inf gets q = 0 and s = NaN, so all its outputs are NaN.
     """
-    row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * stride_xm
-    q_row = q_ptr + row * stride_qm
-    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    bad = tl.zeros((BLOCK_K,), dtype=tl.int32)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    mask_r = rows < M
+    x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_xm
+    q_rows = q_ptr + rows[:, None].to(tl.int64) * stride_qm
+    amax = tl.zeros((ROWS, BLOCK_K), dtype=tl.float32)
+    bad = tl.zeros((ROWS, BLOCK_K), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
-        mask = offs < K
-        v = tl.abs(tl.load(x_row + offs * stride_xk, mask=mask, other=0).to(tl.float32))
+        mask = mask_r[:, None] & (offs < K)[None, :]
+        v = tl.abs(tl.load(x_rows + offs[None, :] * stride_xk, mask=mask, other=0).to(tl.float32))
         bad += (mask & ~(v < float("inf"))).to(tl.int32)  # catches NaN and inf
         amax = tl.maximum(amax, v)
-    absmax = tl.max(amax, axis=0)
-    nonfinite = tl.sum(bad, axis=0) > 0
-    s = tl.div_rn(absmax, tl.full((), 127.0, tl.float32))
-    safe = tl.where(s > 0.0, s, 1.0)
+    absmax = tl.max(amax, axis=1)
+    nonfinite = tl.sum(bad, axis=1) > 0
+    s = tl.div_rn(absmax, tl.full((ROWS,), 127.0, tl.float32))
+    safe = tl.where(s > 0.0, s, 1.0)[:, None]
     for k0 in range(0, K, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
-        mask = offs < K
-        v = tl.load(x_row + offs * stride_xk, mask=mask, other=0).to(tl.float32)
+        mask = mask_r[:, None] & (offs < K)[None, :]
+        v = tl.load(x_rows + offs[None, :] * stride_xk, mask=mask, other=0).to(tl.float32)
         r = _round_half_even(tl.div_rn(v, tl.zeros_like(v) + safe))
         r = tl.minimum(tl.maximum(r, -127.0), 127.0)
-        r = tl.where(nonfinite, 0.0, r)
-        tl.store(q_row + offs, r.to(tl.int8), mask=mask)
-    tl.store(s_ptr + row, tl.where(nonfinite, float("nan"), s))
+        r = tl.where(nonfinite[:, None], 0.0, r)
+        tl.store(q_rows + offs[None, :], r.to(tl.int8), mask=mask)
+    tl.store(s_ptr + rows, tl.where(nonfinite, float("nan"), s), mask=mask_r)
 
 
 def quantize_per_token(x: torch.Tensor):
@@ -64,9 +66,16 @@ def quantize_per_token(x: torch.Tensor):
     q = torch.empty((m, k), dtype=torch.int8, device=x.device)
     s = torch.empty((m,), dtype=torch.float32, device=x.device)
     if m > 0:
-        block_k = 32 if interpreting() else min(4096, C.pow2_at_least(k, 128))
+        if interpreting():
+            rows, block_k = 16, 32  # several rows per program: the interpreter pays per program
+        else:
+            # about 4K elements in flight per program; long rows get a program each
+            block_k = min(4096, C.pow2_at_least(k, 128))
+            rows = max(1, min(16, 4096 // block_k))
         with C.device_ctx(x):
-            _quantize_rows_kernel[(m,)](x2, q, s, k, x2.stride(0), x2.stride(1), q.stride(0), BLOCK_K=block_k)
+            _quantize_rows_kernel[(triton.cdiv(m, rows),)](
+                x2, q, s, m, k, x2.stride(0), x2.stride(1), q.stride(0), ROWS=rows, BLOCK_K=block_k,
+            )
     return q.reshape(x.shape), s.reshape(tuple(x.shape[:-1]) + (1,))
 
 
