@@ -29,7 +29,7 @@ import platform
 import sys
 import time
 from types import SimpleNamespace
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -603,14 +603,26 @@ def plain_table(title: str, head: List[str], rows: List[List[str]]) -> str:
 def markdown(result: dict) -> str:
     m = result["meta"]
     inf = m["fastkern_info"]
+    load = lambda v: "/".join("%.1f" % x for x in v) if v else "n/a"  # noqa: E731
     lines = ["# fastkern model benchmark", "",
-             "- date: %s" % m["date"],
+             "- date: %s (wall %.0f s)" % (m["date"], m.get("wall_s", 0)),
              "- command: `%s`" % m["command"],
              "- machine: %s, %d torch threads, %s; torch %s, fastkern %s; native extension: %s"
              % (inf.get("cpu_model"), m["threads"], m["platform"], inf.get("torch"), inf.get("fastkern"),
                 "yes (%s)" % inf.get("cpu_isa") if inf.get("native_extension") else "no"),
-             "- timing: torch.utils.benchmark blocked_autorange, median, one warm-up call, peers timed in the same run",
+             "- load average (1/5/15 min) at start %s, at end %s" % (load(m.get("load_average")),
+                                                                     load(m.get("load_average_end"))),
+             "- timing: torch.utils.benchmark blocked_autorange, median, after one warm-up call; every ratio is "
+             "against a peer timed in the same run",
              ""]
+    if "minilm" in result:
+        lines += ["MiniLM: the model's forward on pre-tokenized inputs (batch 1: one short sentence, unpadded; "
+                  "throughput: a batch padded to the full length). size: bytes of the state_dict; linear size: "
+                  "its linear layers alone. cosine: mean cosine of the sentence embeddings vs fp32 on held-out "
+                  "sentences. backend: where the variant's fastkern op ran.", ""]
+    if "llama_mlp" in result:
+        lines += ["Llama MLP: one forward of the whole stack on M tokens (random weights); ms/token = ms/fwd / M; "
+                  "GB/s = checkpoint bytes of the stack / time (the rate at which the weights were streamed).", ""]
     for title, head, rows in _tables(result):
         lines += ["## " + title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -694,7 +706,7 @@ def run(args) -> dict:
         "meta": {
             "kind": "fastkern-model-bench",
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join([os.path.basename(sys.argv[0]) or "python"] + sys.argv[1:]),
+            "command": _command_line(),
             "platform": platform.platform(),
             "hostname": platform.node(),
             "threads": torch.get_num_threads(),
@@ -714,6 +726,16 @@ def run(args) -> dict:
     result["meta"]["wall_s"] = time.time() - t0
     result["meta"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     return result
+
+
+def _command_line() -> str:
+    prog = sys.argv[0] if sys.argv and sys.argv[0] else "python"
+    if prog.endswith(".py"):
+        rel = os.path.relpath(prog)
+        prog = "python " + (prog if rel.startswith("..") else rel)
+    else:
+        prog = os.path.basename(prog)
+    return " ".join([prog] + sys.argv[1:])
 
 
 class _nullctx:
