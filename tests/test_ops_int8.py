@@ -1,0 +1,334 @@
+"""int8 ops (int8_gemm, linear_w8a16, linear_w8a8) on every backend against the references.
+
+The CPU kernels have a small-M (GEMV) path and a panel (GEMM) path, and a
+generic and an AVX2 variant of each; the tests below reach all of them, their
+tile tails, and check that the thread count does not change a single bit.
+"""
+import contextlib
+
+import pytest
+import torch
+
+import fastkern
+from fastkern import formats, ops
+from fastkern._ext import _C
+
+from conftest import FLOAT_DTYPES, M_SIZES, assert_close_rel, backends_for
+
+NATIVE = pytest.mark.skipif(_C is None, reason="fastkern._C is not built")
+W8_OPS = ["linear_w8a16", "linear_w8a8"]
+
+
+def cpu_isas():
+    if _C is None:
+        return []
+    out = [pytest.param("generic", id="generic")]
+    feats = _C.cpu_features()
+    ok = feats["avx2"] and feats["fma"] and feats["f16c"]
+    out.append(pytest.param("avx2", id="avx2", marks=[] if ok else [pytest.mark.skip(reason="CPU lacks AVX2/FMA/F16C")]))
+    return out
+
+
+@contextlib.contextmanager
+def cpu_isa(name):
+    _C.set_cpu_isa(name)
+    try:
+        yield
+    finally:
+        _C.set_cpu_isa("auto")
+
+
+@contextlib.contextmanager
+def num_threads(n):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def make_x(gen, m, k, dtype, layout):
+    """x with m rows of k features: "2d", "3d" ([m, 1, k] or [1, m, k]) or "noncontig" (strided view)."""
+    if layout == "noncontig":
+        base = torch.randn(m, 2 * k + 3, generator=gen).to(dtype)
+        x = base[:, 3::2]
+        assert not x.is_contiguous() or m <= 1
+        return x
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    if layout == "3d":
+        return x.reshape(1, m, k) if m % 2 else x.reshape(m, 1, k)
+    return x
+
+
+def make_w8(gen, n, k, scale_dtype=torch.float32):
+    q, s = formats.quantize_int8(torch.randn(n, k, generator=gen))
+    return q, s.to(scale_dtype)
+
+
+def matrix(op, layouts=("2d", "3d", "noncontig")):
+    """(be, m, dtype, layout, bias) params: the full product on the native CPU backend; on the
+    others (reference, triton under the interpreter: slow, and tested in depth elsewhere) one
+    rotation per m, which still visits every m, dtype, layout and bias value."""
+    out = []
+    for bp in backends_for(op):
+        be = bp.values[0]
+        for i, m in enumerate(M_SIZES):
+            for dtype in FLOAT_DTYPES:
+                for li, layout in enumerate(layouts):
+                    for bias in (False, True):
+                        if be != "cpu" and (FLOAT_DTYPES[i % 3], layouts[i % len(layouts)], bool(i % 2)) != (
+                            dtype, layout, bias):
+                            continue
+                        out.append(pytest.param(be, m, dtype, layout, bias, marks=bp.marks,
+                                                id="%s-m%d-%s-%s-%s" % (be, m, str(dtype)[6:], layout,
+                                                                        "bias" if bias else "nobias")))
+    return out
+
+
+def xfail_if_native_fake_missing(ns, op):
+    # fastkern/ops.py means to register the fastkern_C fakes, but passes lib=<the fastkern
+    # library>, which files them under fastkern:: instead (reported to the lead).
+    entry = torch._library.simple_registry.singleton.find("%s::%s" % (ns, op))
+    if ns == "fastkern_C" and entry.fake_impl.kernel is None:
+        pytest.xfail("no fake kernel registered for fastkern_C::%s (fastkern/ops.py registration)" % op)
+
+
+def native(op):
+    return getattr(torch.ops.fastkern_C, op)
+
+
+def run(op, be, *args):
+    with fastkern.use_backend(be):
+        return getattr(torch.ops.fastkern, op)(*args)
+
+
+# ----------------------------------------------------------------- against the reference, every backend
+
+
+@pytest.mark.parametrize("be", backends_for("int8_gemm"))
+@pytest.mark.parametrize("m", M_SIZES)
+@pytest.mark.parametrize("layout", ["2d", "3d", "noncontig"])
+def test_int8_gemm_matches_reference(be, m, layout, gen):
+    n, k = 37, 83
+    a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
+    if layout == "3d":
+        a = a.reshape(1, m, k)
+    elif layout == "noncontig":
+        a = torch.randint(-128, 128, (k, m), generator=gen, dtype=torch.int8).T
+    b = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+    out = run("int8_gemm", be, a, b)
+    ref = ops.int8_gemm_ref(a, b)
+    assert out.dtype == torch.int32 and out.shape == ref.shape
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("be", backends_for("int8_gemm"))
+def test_int8_gemm_extremes_exact(be):
+    # -128 * -128 products everywhere: the largest int8 dot product, still exact in int32.
+    a = torch.full((5, 300), -128, dtype=torch.int8)
+    b = torch.full((7, 300), -128, dtype=torch.int8)
+    b[1] = 127
+    out = run("int8_gemm", be, a, b)
+    assert torch.equal(out, ops.int8_gemm_ref(a, b))
+    assert out[0, 0].item() == 300 * 128 * 128
+
+
+@pytest.mark.parametrize("be,m,dtype,layout,bias", matrix("linear_w8a16"))
+def test_w8a16_matches_reference(be, m, dtype, layout, bias, gen):
+    check_w8_against_reference("linear_w8a16", be, m, dtype, layout, bias, gen)
+
+
+@pytest.mark.parametrize("be,m,dtype,layout,bias", matrix("linear_w8a8"))
+def test_w8a8_matches_reference(be, m, dtype, layout, bias, gen):
+    check_w8_against_reference("linear_w8a8", be, m, dtype, layout, bias, gen)
+
+
+def check_w8_against_reference(op, be, m, dtype, layout, bias, gen):
+    n, k = 37, 99
+    x = make_x(gen, m, k, dtype, layout)
+    w, s = make_w8(gen, n, k)
+    b = torch.randn(n, generator=gen).to(dtype) if bias else None
+    out = run(op, be, x, w, s, b)
+    ref = getattr(ops, op + "_ref")(x, w, s, b)
+    assert out.shape == (*x.shape[:-1], n)
+    assert_close_rel(out, ref, dtype)
+    if op == "linear_w8a8" and be == "cpu":
+        # same integer dot products and the same double-precision scaling as the reference
+        assert torch.equal(out, ref)
+
+
+@NATIVE
+@pytest.mark.parametrize("op", W8_OPS)
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_w8_scale_and_bias_dtypes(op, scale_dtype, gen):
+    x = torch.randn(5, 64, generator=gen)
+    w, s = make_w8(gen, 19, 64, scale_dtype)
+    b = torch.randn(19, generator=gen).to(torch.bfloat16)
+    out = native(op)(x, w, s, b)
+    ref = getattr(ops, op + "_ref")(x, w, s, b)
+    assert_close_rel(out, ref, torch.float32)
+
+
+# ----------------------------------------------------------------- CPU paths, tails, threads
+
+
+@NATIVE
+@pytest.mark.parametrize("isa", cpu_isas())
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 70])
+def test_cpu_paths_and_tails(isa, m, gen):
+    # m <= 3 runs the GEMV kernels (AVX2), larger m the panel kernels (3-row tiles);
+    # n 1..9 covers the 4-row tiles' tails, k = 1..33 the 8- and 16-wide K tails,
+    # k = 1100 two int16 panels and three fp32 panels.
+    with cpu_isa(isa):
+        for n in (1, 2, 3, 5, 9):
+            for k in (1, 7, 15, 16, 17, 33, 1100):
+                a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
+                b = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+                assert torch.equal(native("int8_gemm")(a, b), ops.int8_gemm_ref(a, b)), (n, k)
+                x = torch.randn(m, k, generator=gen)
+                w, s = make_w8(gen, n, k)
+                out = native("linear_w8a8")(x, w, s, None)
+                assert torch.equal(out, ops.linear_w8a8_ref(x, w, s, None)), (n, k)
+                out = native("linear_w8a16")(x, w, s, None)
+                assert_close_rel(out, ops.linear_w8a16_ref(x, w, s, None), torch.float32)
+
+
+@NATIVE
+@pytest.mark.parametrize("isa", cpu_isas())
+@pytest.mark.parametrize("m", [1, 3, 40])
+def test_cpu_threads_bitwise_identical(isa, m, gen):
+    n, k = 301, 1030
+    a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
+    b = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+    x = torch.randn(m, k, generator=gen)
+    w, s = make_w8(gen, n, k)
+    outs = []
+    with cpu_isa(isa):
+        for t in (1, 2):
+            with num_threads(t):
+                outs.append([native("int8_gemm")(a, b), native("linear_w8a16")(x, w, s, None),
+                             native("linear_w8a8")(x, w, s, None)])
+    for one, two in zip(*outs):
+        assert torch.equal(one, two)
+
+
+@NATIVE
+def test_w8a16_larger_shapes(gen):
+    # several panels in N and K, with 2 threads
+    x = torch.randn(33, 2100, generator=gen)
+    w, s = make_w8(gen, 200, 2100)
+    assert_close_rel(native("linear_w8a16")(x, w, s, None), ops.linear_w8a16_ref(x, w, s, None), torch.float32)
+    assert torch.equal(native("linear_w8a8")(x, w, s, None), ops.linear_w8a8_ref(x, w, s, None))
+
+
+@NATIVE
+@pytest.mark.parametrize("op", W8_OPS)
+@pytest.mark.parametrize("m", [1, 2, 20])
+def test_nan_propagates(op, m, gen):
+    x = torch.randn(m, 40, generator=gen)
+    x[0, 5] = float("nan")
+    w, s = make_w8(gen, 9, 40)
+    out = native(op)(x, w, s, None)
+    assert torch.isnan(out[0]).all()
+    if m > 1:
+        assert torch.isfinite(out[1:]).all()
+        assert_close_rel(out[1:], getattr(ops, op + "_ref")(x[1:], w, s, None), torch.float32)
+
+
+@NATIVE
+@pytest.mark.parametrize("isa", cpu_isas())
+def test_w8a8_quantization_edge_rows(isa, gen):
+    # an all-zero row, a row with inf, ties at .5 after division, a tiny row
+    x = torch.randn(5, 50, generator=gen)
+    x[0] = 0
+    x[1, 3] = float("inf")
+    x[2] = torch.arange(50, dtype=torch.float32) - 24.5
+    x[3] *= 1e-30
+    w, s = make_w8(gen, 11, 50)
+    with cpu_isa(isa):
+        out = native("linear_w8a8")(x, w, s, None)
+    ref = ops.linear_w8a8_ref(x, w, s, None)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True)  # exact, NaN row included
+    assert (out[0] == 0).all() and torch.isnan(out[1]).all()
+
+
+@NATIVE
+def test_empty_dims(gen):
+    w, s = torch.zeros(6, 0, dtype=torch.int8), torch.rand(6, generator=gen)
+    x = torch.randn(3, 0)
+    for op in W8_OPS:
+        assert torch.equal(native(op)(x, w, s, None), torch.zeros(3, 6))
+    a = torch.zeros(3, 0, dtype=torch.int8)
+    assert torch.equal(native("int8_gemm")(a, w), torch.zeros(3, 6, dtype=torch.int32))
+    w, s = make_w8(gen, 0, 8)
+    assert native("linear_w8a16")(torch.randn(2, 8), w, s, None).shape == (2, 0)
+
+
+# ----------------------------------------------------------------- op checks and errors
+
+
+@NATIVE
+@pytest.mark.parametrize("ns", ["fastkern", "fastkern_C"])
+@pytest.mark.parametrize("op", ["int8_gemm"] + W8_OPS)
+def test_opcheck(ns, op, gen):
+    xfail_if_native_fake_missing(ns, op)
+    opobj = getattr(getattr(torch.ops, ns), op)
+    if op == "int8_gemm":
+        samples = [(torch.randint(-128, 128, (3, 20), generator=gen, dtype=torch.int8),
+                    torch.randint(-128, 128, (5, 20), generator=gen, dtype=torch.int8))]
+    else:
+        w, s = make_w8(gen, 5, 20)
+        samples = [(torch.randn(3, 20, generator=gen), w, s, None),
+                   (torch.randn(2, 3, 20, generator=gen).bfloat16(), w, s, torch.randn(5, generator=gen))]
+    for args in samples:
+        torch.library.opcheck(opobj, args)
+
+
+@NATIVE
+@pytest.mark.parametrize("op", W8_OPS)
+def test_native_bad_inputs(op, gen):
+    f = native(op)
+    w, s = make_w8(gen, 5, 20)
+    with pytest.raises(RuntimeError, match=r"x \(shape \[3, 21\].*must have shape \[\.\.\., 20\]"):
+        f(torch.randn(3, 21), w, s, None)
+    with pytest.raises(RuntimeError, match=r"x \(shape \[3, 20\], dtype Int.*must be float32, float16 or bfloat16"):
+        f(torch.ones(3, 20, dtype=torch.int32), w, s, None)
+    with pytest.raises(RuntimeError, match=r"w_scale \(shape \[4\].*must have shape \[5\]"):
+        f(torch.randn(3, 20), w, s[:4], None)
+    with pytest.raises(RuntimeError, match=r"w \(shape \[5, 20\], dtype Float.*must have dtype Char"):
+        f(torch.randn(3, 20), w.float(), s, None)
+    with pytest.raises(RuntimeError, match=r"w \(shape \[100\].*must be 2-D"):
+        f(torch.randn(3, 20), w.flatten(), s, None)
+    with pytest.raises(RuntimeError, match=r"bias \(shape \[6\].*must have shape \[5\]"):
+        f(torch.randn(3, 20), w, s, torch.randn(6))
+
+
+@NATIVE
+def test_native_bad_inputs_int8_gemm(gen):
+    f = native("int8_gemm")
+    b = torch.zeros(5, 20, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match=r"a \(shape \[3, 21\].*must have shape \[\.\.\., 20\]"):
+        f(torch.zeros(3, 21, dtype=torch.int8), b)
+    with pytest.raises(RuntimeError, match=r"a \(shape \[3, 20\], dtype Float.*must have dtype Char"):
+        f(torch.zeros(3, 20), b)
+    with pytest.raises(RuntimeError, match=r"b \(shape \[5, 20\], dtype Byte.*must have dtype Char"):
+        f(torch.zeros(3, 20, dtype=torch.int8), b.to(torch.uint8))
+
+
+@NATIVE
+def test_w8a8_k_limit_is_an_error():
+    w = torch.ones(1, 133144, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match=r"K=133144.*K <= 133143"):
+        native("linear_w8a8")(torch.randn(1, 133144), w, torch.ones(1), None)
+
+
+@pytest.mark.parametrize("op", W8_OPS)
+def test_public_bad_inputs(op, gen):
+    w, s = make_w8(gen, 5, 20)
+    with pytest.raises(ValueError, match=r"x must have K=20 features.*shape \[3, 21\]"):
+        getattr(torch.ops.fastkern, op)(torch.randn(3, 21), w, s, None)
+    with pytest.raises(TypeError, match=r"x must be float32, float16 or bfloat16.*int32"):
+        getattr(torch.ops.fastkern, op)(torch.ones(3, 20, dtype=torch.int32), w, s, None)
+    with pytest.raises(ValueError, match=r"w_scale must have shape \[5\]"):
+        getattr(torch.ops.fastkern, op)(torch.randn(3, 20), w, s[:4], None)
