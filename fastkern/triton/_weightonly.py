@@ -163,16 +163,15 @@ def _gemm_kernel(
 def _gemv_candidates(key):
     _, n, k, bits, group, _ = key
     out = []
-    for bn in (32, 64, 128, 256):
-        for bk in (64, 128, 256, 512):
+    for bn in (32, 64, 128):
+        for bk in (64, 128, 256):
             if bk > max(64, triton.next_power_of_2(k)):
                 continue
-            for split in (1, 2, 4, 8):
-                if split > 1 and triton.cdiv(k, split) < bk:
-                    continue
-                for warps in (2, 4, 8):
-                    if bn * bk // (warps * 32) > 256:  # too many weight values per thread
-                        continue
+            # split K only as far as it takes to give every SM a few programs (about 1-16 waves on 132 SMs)
+            splits = [s for s in (1, 2, 4, 8, 16) if s == 1 or triton.cdiv(k, s) >= bk]
+            fit = [s for s in splits if 128 <= triton.cdiv(n, bn) * s <= 2048]
+            for split in fit or splits[-1:]:
+                for warps in ((2, 4) if bn * bk <= 8192 else (4, 8)):
                     out.append(dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps, num_stages=3))
     return out
 

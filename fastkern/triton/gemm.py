@@ -93,6 +93,9 @@ def _candidates(key):
             continue
         if kind == "fp32" and bk > 32:  # the fp32 (non tensor core) dot needs more registers per K
             continue
+        elem = {"int8": 1, "fp32": 4}.get(kind, 2)
+        if s * (bm + bn) * bk * elem > 200 * 1024:  # pipeline buffers past sm_90's 227 KiB of shared memory
+            continue
         out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=w, num_stages=s))
     return out
 
