@@ -13,43 +13,55 @@ def plot(result: dict, path: str):
     except ImportError as e:
         raise RuntimeError("--plot needs matplotlib (pip install 'fastkern[bench]'): %s" % e) from None
 
-    secs = [(op, rows) for op, rows in sections(result)
-            if any(r["kind"] == "fastkern" and r["status"] == "ok" for r in rows)]
-    panels = len(secs) + 1
+    # one panel per (op, fastkern backend, activation dtype): colour = peer, line style = weight shape
+    panels_rows = []
+    for op, rows in sections(result):
+        fk = [r for r in rows if r["kind"] == "fastkern" and r["status"] == "ok"]
+        for variant in sorted({(r["name"], r["dtype"]) for r in fk}):
+            panels_rows.append((op, variant, [r for r in fk if (r["name"], r["dtype"]) == variant]))
+    panels = len(panels_rows) + 1
     cols = min(3, panels)
     nrows = math.ceil(panels / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 4.0 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 3.8 * nrows), squeeze=False)
     flat = [a for row in axes for a in row]
     styles = ["-", "--", ":", "-."]
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
-    for ax, (op, rows) in zip(flat, secs):
-        fk = [r for r in rows if r["kind"] == "fastkern" and r["status"] == "ok"]
+    for ax, (op, (impl, dt), fk) in zip(flat, panels_rows):
         shapes = sorted({(r["n"], r["k"]) for r in fk})
         lines = {}
         for r in fk:
             for peer, sp in r.get("speedup", {}).items():
-                lines.setdefault((r["name"], r["dtype"], peer, (r["n"], r["k"])), []).append((r["m"], sp))
+                lines.setdefault((peer, (r["n"], r["k"])), []).append((r["m"], sp))
         colors = {}
-        # colour = peer; line style = which fastkern variant (shape, backend, activation dtype)
-        variants = sorted({(k[3], k[0], k[1]) for k in lines})
-        for (impl, dt, peer, shape), pts in sorted(lines.items()):
+        for (peer, shape), pts in sorted(lines.items()):
             pts.sort()
             c = colors.setdefault(peer, "C%d" % (len(colors) % 10))
-            ls = styles[variants.index((shape, impl, dt)) % len(styles)]
-            label = "vs %s" % peer + ("" if len(shapes) == 1 else " %dx%d" % shape)
-            if len({(k[0], k[1]) for k in lines}) > 1:
-                label += " (%s %s)" % (impl, dt)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], ls, marker="o", color=c, label=label)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], styles[shapes.index(shape) % len(styles)],
+                    marker="o", color=c)
         ax.axhline(1.0, color="grey", lw=0.8)
+        ms = sorted({r["m"] for r in fk})
         ax.set_xscale("log", base=2)
+        ax.set_xticks(ms)
+        ax.set_xticklabels([str(m) for m in ms])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: "%gx" % v))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: "%gx" % v if str(v)[0] in "25" else ""))
+        ax.tick_params(axis="y", which="both", labelsize=7)
         ax.set_xlabel("M (rows of x)")
         ax.set_ylabel("speedup (peer ms / fastkern ms)")
-        ax.set_title(op)
-        if lines:
-            ax.legend(fontsize=6)
+        ax.set_title("%s  %s  %s activations" % (op, impl, dt), fontsize=9)
+        handles = [Line2D([], [], color=c, marker="o", label="vs " + peer) for peer, c in colors.items()]
+        if len(shapes) > 1:
+            handles += [Line2D([], [], color="k", ls=styles[i % len(styles)], label="%dx%d" % sh)
+                        for i, sh in enumerate(shapes)]
+        if handles:
+            ax.legend(handles=handles, fontsize=6)
         else:
             ax.text(0.5, 0.5, "no peer timed", ha="center", transform=ax.transAxes)
+    secs = panels_rows
 
     ax = flat[len(secs)]
     _roofline(ax, result)
@@ -87,6 +99,12 @@ def _roofline(ax, result):
                    color="lightgrey" if op == "peer" else "C%d" % (i % 10), edgecolors="k", linewidths=0.3)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: "%g" % v))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: "%g" % v))
+    if bw:
+        ax.text(lo, lo * bw, " %.1f GB/s" % bw, fontsize=6, rotation=30, va="bottom")
     ax.set_xlabel("arithmetic intensity (flop / byte moved)")
     ax.set_ylabel("GFLOP/s")
     ax.legend(fontsize=6)
