@@ -269,3 +269,25 @@ def test_plain_table_without_rich(result, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert out == report.render_text(result)
     assert "== linear_w4a16" in out and "speedup vs peers" in out
+
+
+def test_interrupted_run_keeps_what_was_measured(monkeypatch):
+    from fastkern.bench import runner
+
+    real = runner.measure
+    calls = []
+
+    def measure_then_stop(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(runner, "measure", measure_then_stop)
+    cases = shapes.custom_cases(["gemm"], [(16, 32)], [1, 2])
+    cfg = runner.RunConfig(backends=["reference"], min_run_time=0.001, max_copies=2, measure_ceilings=False)
+    res = runner.run_benchmark(cases, cfg, argv=[])
+    assert res["metadata"]["interrupted"] is True
+    assert [e["status"] for e in res["results"]] == ["ok", "skipped"]
+    assert res["results"][1]["reason"] == "interrupted"
+    assert report.validate(res) == []

@@ -90,10 +90,12 @@ class _Progress:
         if enabled:
             try:
                 from rich.console import Console
-                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+                from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                           TimeRemainingColumn)
 
                 self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                    TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+                                    TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
+                                    transient=True)
             except ImportError:
                 self.bar = None
 
@@ -147,6 +149,20 @@ def _run_model(args):
     return model.main(args)
 
 
+def _warn_if_busy():
+    import os
+
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return
+    cores = os.cpu_count() or 1
+    if load > 0.5 * cores:
+        print("fastkern-bench: warning: load average %.1f on %d cores - other work shares the CPU, timings "
+              "will be noisy (ratios against peers timed in this run are the robust part)" % (load, cores),
+              file=sys.stderr)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.model:
@@ -194,12 +210,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(t.label)
         return 0
 
+    _warn_if_busy()
     t0 = time.time()
     with _Progress(not args.no_progress) as prog:
         result = run_benchmark(cases, cfg, argv=argv if argv is not None else sys.argv[1:],
                                on_task=prog.update, on_ceilings=prog.message)
     result["metadata"]["wall_s"] = round(time.time() - t0, 1)
 
+    if result["metadata"].get("interrupted"):
+        print("fastkern-bench: interrupted - reporting what was measured", file=sys.stderr)
     report.print_table(result, plain=args.plain)
     if args.json:
         report.write_json(result, args.json)

@@ -236,7 +236,10 @@ def run_benchmark(cases: Sequence[Case], cfg: RunConfig, *, argv=None,
     weights: Dict[tuple, torch.Tensor] = {}
     refs: Dict[tuple, torch.Tensor] = {}
 
+    interrupted = False
     for i, task in enumerate(tasks):
+        if interrupted:
+            break
         if on_task:
             on_task(i, len(tasks), task.label)
         if (task.n, task.k) not in weights:
@@ -262,6 +265,10 @@ def run_benchmark(cases: Sequence[Case], cfg: RunConfig, *, argv=None,
                 entry.update(measure(impl, device, llc, cfg, refs.get(key)))
         except PeerUnavailable as e:
             entry.update(status="skipped", reason=str(e))
+        except KeyboardInterrupt:
+            # keep what was measured: a long run stopped by hand still reports (and saves) its results
+            interrupted = True
+            entry.update(status="skipped", reason="interrupted")
         except Exception as e:  # a failing kernel is a result to report, not a reason to stop the run
             entry.update(status="error", reason=_first_line(e))
         if entry.get("status") == "ok":
@@ -270,8 +277,9 @@ def run_benchmark(cases: Sequence[Case], cfg: RunConfig, *, argv=None,
         impl = None
         gc.collect()
 
-    if on_task:
+    if on_task and not interrupted:
         on_task(len(tasks), len(tasks), "done")
+    meta["interrupted"] = interrupted
     _attach_speedups(results)
     try:
         meta["loadavg_end"] = list(os.getloadavg())
