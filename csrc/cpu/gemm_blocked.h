@@ -279,6 +279,14 @@ constexpr int64_t kKC = 256;
 constexpr int64_t kMC = 144;
 constexpr int64_t kNC = 3072;
 
+// Below this many multiply-adds a parallel region costs more than it saves.
+constexpr int64_t kParallelMinMacs = int64_t(1) << 17;
+
+// A parallel_for grain (in items) that keeps each task at least kParallelMinMacs.
+inline int64_t grain_for(int64_t items, int64_t macs_per_item) {
+  return std::max<int64_t>(1, std::min<int64_t>(items, kParallelMinMacs / std::max<int64_t>(1, macs_per_item)));
+}
+
 template <class PackA, class PackB>
 void blocked_gemm(int64_t M, int64_t N, int64_t K, const MicroKernel& uk, const PackA& pack_a,
                   const PackB& pack_b, float* C, int64_t ldc) {
@@ -305,11 +313,12 @@ void blocked_gemm(int64_t M, int64_t N, int64_t K, const MicroKernel& uk, const 
     const int64_t njs = nmb >= 2 * nthreads ? 1 : std::min(nsl, div_up(2 * nthreads, nmb));
     for (int64_t pc = 0; pc < K; pc += kKC) {
       const int64_t kc = std::min(kKC, K - pc);
-      at::parallel_for(0, nsl, 4, [&](int64_t b, int64_t e) {
+      at::parallel_for(0, nsl, grain_for(nsl, 4 * kc * NR * M), [&](int64_t b, int64_t e) {
         for (int64_t s = b; s < e; ++s)
           pack_b(jc + s * NR, static_cast<int>(std::min<int64_t>(NR, nc - s * NR)), pc, kc, NR, Bp + s * kc * NR);
       });
-      at::parallel_for(0, nmb * njs, 1, [&](int64_t b, int64_t e) {
+      const int64_t macs_per_task = div_up(M, nmb) * div_up(nc, njs) * kc;
+      at::parallel_for(0, nmb * njs, grain_for(nmb * njs, macs_per_task), [&](int64_t b, int64_t e) {
         at::Tensor abuf = at::empty({mc * kc + 16}, at::kFloat);
         float* Ap = abuf.data_ptr<float>();
         int64_t packed = -1;

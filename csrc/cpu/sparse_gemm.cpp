@@ -151,7 +151,7 @@ void s24_small_m(Isa isa, const at::Tensor& x2, const at::Tensor& values, const 
   const T* v = values.data_ptr<T>();
   const uint8_t* mt = meta.data_ptr<uint8_t>();
   const int64_t ldv = values.stride(0), ldm = meta.stride(0);
-  at::parallel_for(0, div_up(N, 4), 16, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, div_up(N, 4), gemm::grain_for(div_up(N, 4), 2 * M * K), [&](int64_t b, int64_t e) {
     const int64_t n0 = b * 4, n1 = std::min(N, e * 4);
     int64_t m = 0;
     for (; m + 2 <= M; m += 2) s24_rows<T, 2>(isa, x + m * K, K, v, ldv, mt, ldm, n0, n1, y + m * N, N);
@@ -341,7 +341,8 @@ void bs_small_m(Isa isa, const at::Tensor& x2, const T* blocks, const BlockLayou
   const int64_t M = x2.size(0), K = x2.size(1), N = L.N;
   at::Tensor x32 = x2.to(at::kFloat).contiguous();
   const float* x = x32.data_ptr<float>();
-  at::parallel_for(0, L.nbr, 4, [&](int64_t b, int64_t e) {
+  const int64_t macs_per_row = div_up(L.row_ptr[L.nbr], std::max<int64_t>(1, L.nbr)) * L.bn * L.bk * M;
+  at::parallel_for(0, L.nbr, gemm::grain_for(L.nbr, macs_per_row), [&](int64_t b, int64_t e) {
     for (int64_t nb = b; nb < e; ++nb) {
       int64_t m = 0;
       for (; m + 2 <= M; m += 2) bs_dot_block_row<T, 2>(isa, x + m * K, K, blocks, L, nb, y + m * N, N);
@@ -436,7 +437,8 @@ void bs_large_m(Isa isa, const at::Tensor& x2, const T* blocks, const BlockLayou
   at::Tensor xt = at::zeros({K, Mp}, x2.options().dtype(at::kFloat));
   xt.narrow(1, 0, M).copy_(x2.t());
   const float* xtp = xt.data_ptr<float>();
-  at::parallel_for(0, L.nbr, 1, [&](int64_t b, int64_t e) {
+  const int64_t macs_per_row = div_up(L.row_ptr[L.nbr], std::max<int64_t>(1, L.nbr)) * L.bn * L.bk * Mp;
+  at::parallel_for(0, L.nbr, gemm::grain_for(L.nbr, macs_per_row), [&](int64_t b, int64_t e) {
     at::Tensor conv;  // fp32 copy of a block row when the blocks are half precision
     float tile[6 * 16];
     for (int64_t nb = b; nb < e; ++nb) {

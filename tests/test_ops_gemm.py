@@ -1,0 +1,183 @@
+"""fastkern.gemm (a @ b.T, float) on every backend against its reference.
+
+The CPU kernel has two paths (GEMV for M <= 4, packed blocked GEMM above) and
+two ISA paths (generic, AVX2); the tests below reach each of them, every tile
+tail of the micro-kernels and every blocking boundary.
+"""
+import pytest
+import torch
+
+import fastkern
+from fastkern import _ext, ops
+
+from conftest import FLOAT_DTYPES, M_SIZES, assert_close_rel, backends_for, rel_err, tol
+
+CPU_REASON = ops.backend_status("gemm", "cpu", torch.device("cpu"))
+needs_cpu = pytest.mark.skipif(CPU_REASON is not None, reason=str(CPU_REASON))
+
+
+def cpu_isas():
+    """The CPU paths this machine can run (params skip the others with a reason)."""
+    feats = _ext._C.cpu_features() if _ext._C is not None else {}
+    avx2 = feats.get("avx2") and feats.get("fma") and feats.get("f16c")
+    return [
+        pytest.param("generic", id="generic"),
+        pytest.param("avx2", id="avx2", marks=[] if avx2 else [pytest.mark.skip(reason="CPU lacks AVX2/FMA/F16C")]),
+    ]
+
+
+@pytest.fixture
+def isa(request):
+    _ext._C.set_cpu_isa(request.param)
+    try:
+        yield request.param
+    finally:
+        _ext._C.set_cpu_isa("auto")
+
+
+def assert_close_elementwise(out, a, b, dtype):
+    """|out - exact| <= tol * (|a| @ |b|.T) per element: a bound that holds for single
+    dot products too, where a relative norm error is ill-conditioned by cancellation."""
+    # broadcast products, not a float64 BLAS call: these are tiny and many
+    prod = a.double()[:, None, :] * b.double()[None, :, :]
+    exact = prod.sum(-1)
+    bound = prod.abs().sum(-1) * tol(dtype)
+    diff = (out.double() - exact).abs()
+    assert out.dtype == dtype and out.shape == exact.shape
+    assert bool((diff <= bound).all()), "max excess %.3g" % (diff - bound).max().item()
+
+
+def make_x(shape_lead, k, dtype, gen, layout):
+    """x [*shape_lead, K] laid out as `layout`: contiguous, 3-D or non-contiguous."""
+    m = 1
+    for s in shape_lead:
+        m *= s
+    if layout == "3d":
+        return torch.randn(2, m, k, generator=gen).to(dtype)
+    if layout == "noncontig":
+        # every other column of a wider matrix: unit stride is lost along K
+        return torch.randn(m, 2 * k, generator=gen).to(dtype)[:, ::2]
+    if layout == "transposed":
+        return torch.randn(k, m, generator=gen).to(dtype).t()
+    return torch.randn(m, k, generator=gen).to(dtype)
+
+
+@pytest.mark.parametrize("backend", backends_for("gemm"))
+@pytest.mark.parametrize("m", M_SIZES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contig", "3d", "noncontig", "transposed"])
+@pytest.mark.parametrize("n,k", [(37, 53), (67, 300)])
+def test_gemm_matches_reference(gen, backend, m, dtype, layout, n, k):
+    if backend == "triton" and (m == 128 or (m == 17 and layout != "contig") or layout == "transposed"):
+        pytest.skip("the Triton interpreter is slow; tests/test_triton.py covers its large shapes")
+    a = make_x([m], k, dtype, gen, layout)
+    b = torch.randn(n, k, generator=gen).to(dtype)
+    with fastkern.use_backend(backend):
+        out = torch.ops.fastkern.gemm(a, b)
+    assert_close_rel(out, ops.gemm_ref(a, b), dtype)
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_gemm_half_precision_error_vs_torch(gen, dtype):
+    """Half-precision output: no worse than 2x torch's own matmul in that dtype (both vs fp32)."""
+    a = torch.randn(97, 1025, generator=gen).to(dtype)
+    b = torch.randn(131, 1025, generator=gen).to(dtype)
+    exact = a.double() @ b.double().T
+    with fastkern.use_backend("cpu"):
+        ours = rel_err(torch.ops.fastkern.gemm(a, b), exact)
+    theirs = rel_err(a @ b.T, exact)
+    assert ours <= max(2 * theirs, tol(dtype) / 10), (ours, theirs)
+
+
+@needs_cpu
+@pytest.mark.parametrize("isa", cpu_isas(), indirect=True)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_gemm_every_tail(gen, isa, dtype):
+    """Every M tail of the 6x16 / 4x8 tiles (GEMM path, M > 4), every N tail, K tails of
+    the 4-step unroll and of the KC=256 block, and the GEMV path's row and K tails.
+    Half precision takes a sample of the same grid (its packing is what differs)."""
+    full = dtype == torch.float32
+    for m in range(1, 14) if full else (1, 2, 5, 7, 11):
+        for n in range(1, 18) if full else (1, 7, 15, 17):
+            for k in (1, 3, 5, 9, 17, 259) if full else (3, 9, 259):
+                a = torch.randn(m, k, generator=gen).to(dtype)
+                b = torch.randn(n, k, generator=gen).to(dtype)
+                assert_close_elementwise(torch.ops.fastkern_C.gemm(a, b), a, b, dtype)
+
+
+@needs_cpu
+@pytest.mark.parametrize("isa", cpu_isas(), indirect=True)
+@pytest.mark.parametrize("m,n,k", [(1, 3100, 300), (3, 50, 4099), (7, 3100, 530), (130, 70, 600)])
+def test_gemm_blocking_boundaries(gen, isa, m, n, k):
+    """Several NC (3072) panels and KC (256) blocks, on both paths and each ISA."""
+    a = torch.randn(m, k, generator=gen)
+    b = torch.randn(n, k, generator=gen)
+    assert_close_rel(torch.ops.fastkern_C.gemm(a, b), ops.gemm_ref(a, b), torch.float32)
+
+
+@needs_cpu
+@pytest.mark.parametrize("m", [1, 3, 200])
+def test_gemm_same_result_for_1_and_2_threads(gen, m):
+    a = torch.randn(m, 700, generator=gen)
+    b = torch.randn(333, 700, generator=gen)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.fastkern_C.gemm(a, b)
+        torch.set_num_threads(2)
+        two = torch.ops.fastkern_C.gemm(a, b)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(one, two)
+
+
+@needs_cpu
+def test_gemm_empty_dims(gen):
+    b = torch.randn(5, 0)
+    out = torch.ops.fastkern_C.gemm(torch.randn(3, 0), b)
+    assert out.shape == (3, 5) and torch.equal(out, torch.zeros(3, 5))
+    out = torch.ops.fastkern_C.gemm(torch.randn(2, 0, 7), torch.randn(4, 7))
+    assert out.shape == (2, 0, 4)
+    out = torch.ops.fastkern_C.gemm(torch.randn(6, 7), torch.randn(0, 7))
+    assert out.shape == (6, 0)
+
+
+@needs_cpu
+@pytest.mark.parametrize("m", [1, 9])
+def test_gemm_nan_inf_propagate(gen, m):
+    a = torch.randn(m, 40, generator=gen)
+    b = torch.randn(20, 40, generator=gen)
+    a[0, 3] = float("nan")
+    b[5, 7] = float("inf")
+    out = torch.ops.fastkern_C.gemm(a, b)
+    ref = ops.gemm_ref(a, b)
+    assert torch.isnan(out[0]).all()
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    assert torch.equal(torch.isinf(out), torch.isinf(ref))
+
+
+@needs_cpu
+@pytest.mark.parametrize("op", ["fastkern", "fastkern_C"])
+@pytest.mark.parametrize("m", [1, 9])
+def test_gemm_opcheck(gen, op, m):
+    args = (torch.randn(m, 24, generator=gen), torch.randn(10, 24, generator=gen))
+    torch.library.opcheck(getattr(torch.ops, op).gemm, args)
+
+
+@needs_cpu
+def test_gemm_bad_inputs_clear_errors(gen):
+    a = torch.randn(4, 8, generator=gen)
+    with pytest.raises(RuntimeError, match=r"a \(shape \[4, 8\].*K=9 from b \(shape \[3, 9\]"):
+        torch.ops.fastkern_C.gemm(a, torch.randn(3, 9))
+    with pytest.raises(RuntimeError, match="one dtype"):
+        torch.ops.fastkern_C.gemm(a, torch.randn(3, 8).half())
+    with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
+        torch.ops.fastkern_C.gemm(a.int(), torch.randn(3, 8).int())
+    with pytest.raises(RuntimeError, match="2-D"):
+        torch.ops.fastkern_C.gemm(a, torch.randn(3, 8, 1))
+    with fastkern.use_backend("cpu"):
+        with pytest.raises(ValueError, match="K=9"):
+            torch.ops.fastkern.gemm(a, torch.randn(3, 9))
+        with pytest.raises(TypeError, match="one dtype"):
+            torch.ops.fastkern.gemm(a, torch.randn(3, 8).bfloat16())
