@@ -291,3 +291,32 @@ def test_interrupted_run_keeps_what_was_measured(monkeypatch):
     assert [e["status"] for e in res["results"]] == ["ok", "skipped"]
     assert res["results"][1]["reason"] == "interrupted"
     assert report.validate(res) == []
+
+
+def test_model_flag_hands_over_to_the_model_benchmark(monkeypatch):
+    import argparse
+    import types
+
+    import fastkern.bench as fb
+
+    seen = {}
+    fake = types.ModuleType("fastkern.bench.model")
+
+    def build_parser():
+        p = argparse.ArgumentParser()
+        p.add_argument("--eval-sentences", type=int, default=None)
+        return p
+
+    def main(args):
+        seen.update(vars(args))
+        return 0
+
+    fake.build_parser, fake.main = build_parser, main
+    monkeypatch.delattr(fb, "model", raising=False)
+    monkeypatch.setitem(sys.modules, "fastkern.bench.model", fake)
+    assert cli.main(["--model", "minilm", "--quick", "--json", "x.json", "--eval-sentences", "8",
+                     "--backends", "reference"]) == 0
+    assert seen["model"] == "minilm" and seen["quick"] and seen["json"] == "x.json"
+    assert seen["eval_sentences"] == 8 and seen["backend"] == "reference"
+    with pytest.raises(SystemExit):
+        cli.main(["--eval-sentences", "8"])  # without --model it is no option of the harness

@@ -130,7 +130,7 @@ class _Progress:
 MODELS = ("minilm", "llama-mlp", "all")
 
 
-def _run_model(args):
+def _run_model(args, extra=()):
     for name in args.model.split(","):
         if name.strip() not in MODELS:
             raise SystemExit("fastkern-bench --model: %r is not one of %s" % (name, ", ".join(MODELS)))
@@ -146,6 +146,12 @@ def _run_model(args):
             raise SystemExit("fastkern-bench --model: the model benchmark (fastkern/bench/model.py) is not "
                              "available in this installation (%s)" % e) from None
         raise
+    if extra:
+        # options only the model benchmark knows (e.g. --eval-sentences) go to its own parser
+        own = model.build_parser().parse_args(list(extra))
+        for key, value in vars(own).items():
+            if value is not None and getattr(args, key, None) is None:
+                setattr(args, key, value)
     return model.main(args)
 
 
@@ -164,10 +170,13 @@ def _warn_if_busy():
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
     if args.model:
-        rc = _run_model(args)
+        rc = _run_model(args, extra)
         return int(rc or 0)
+    if extra:
+        parser.error("unrecognized arguments: %s" % " ".join(extra))
 
     from fastkern.bench import report
 
