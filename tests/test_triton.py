@@ -206,6 +206,14 @@ def test_gemv_splitk_configs(cfg, op, m, gen):
         check(op, args, torch.float16)
 
 
+@pytest.mark.parametrize("op", ["linear_w8a16", "linear_w4a16"])
+def test_gemv_threshold_raised(op, gen, monkeypatch):
+    # FASTKERN_TRITON_GEMV_MAX_M lets a GPU run 17..64 rows through split-K (BLOCK_M 32 here)
+    monkeypatch.setattr(_weightonly, "GEMV_MAX_M", 64)
+    x = torch.randn(20, 64, generator=gen).to(torch.bfloat16)
+    check(op, op_args(op, x, 40, gen, True, group_size=16), torch.bfloat16)
+
+
 @pytest.mark.parametrize("op", ["gemm", "int8_gemm", "linear_w8a8"])
 def test_tiled_other_config(op, gen):
     # taller-than-wide tiles and GROUP_M = 3 exercise the grouped program order's edges

@@ -4,11 +4,11 @@ Weights stay quantized in memory and are dequantized in registers inside the K l
 which is the point: at small M the layer is bound by reading the weight, and int4
 moves a quarter of fp16's bytes. Two kernels:
 
-* ``_gemv_splitk_kernel`` for M <= 16: each program owns a strip of BLOCK_N outputs
+* ``_gemv_splitk_kernel`` for M <= GEMV_MAX_M (16): each program owns a strip of BLOCK_N outputs
   and one slice of K (split-K), so a single token still spreads over every SM; the
   partial sums go to an fp32 workspace reduced by ``splitk_reduce`` (deterministic,
   unlike atomics). With one split the program writes the output itself. M == 1 uses
-  an FMA reduction (no tensor-core padding to 16 rows); 2..16 rows use tl.dot.
+  an FMA reduction (no tensor-core padding to 16 rows); more rows use tl.dot.
 * ``_gemm_kernel`` above that: output tiles in grouped order, tl.dot per K step.
 
 int8 weights are converted exactly to the activation dtype and their per-channel
@@ -16,6 +16,8 @@ scale is applied once in the epilogue; int4 weights are unpacked (low nibble fir
 ``(q - zero) * scale`` in fp32 exactly as the reference computes it, then fed to the
 dot in the activation dtype.
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -24,7 +26,9 @@ from fastkern.triton import _common as C
 from fastkern.triton._common import dot_acc
 from fastkern.triton.autotune import Tuner, bucket_m, launch_options
 
-GEMV_MAX_M = 16
+# Up to this many rows the split-K kernel runs (weight bound); above it, the tiled GEMM.
+# 16 by default; a GPU may prefer it up to 64 (tune with FASTKERN_TRITON_GEMV_MAX_M).
+GEMV_MAX_M = int(os.environ.get("FASTKERN_TRITON_GEMV_MAX_M", "16"))
 
 
 @triton.jit
@@ -202,7 +206,8 @@ def _gemm_candidates(key):
 
 def _gemm_default(key):
     bm = 32 if key[0] <= 32 else (64 if key[0] <= 128 else 128)
-    return dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
+    # 128x128 with 4 warps spills on sm_80 (aot_check)
+    return dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8 if bm == 128 else 4, num_stages=3)
 
 
 def _gemm_interpret(key):
@@ -239,7 +244,7 @@ def weightonly_linear(x, w, scales, zeros, group_size, bias, bits):
     bias_arg = bias if bias is not None else out
 
     if m <= GEMV_MAX_M:
-        block_m = 1 if m == 1 else 16
+        block_m = 1 if m == 1 else C.pow2_at_least(m, 16)
 
         def launch(cfg):
             meta, opts = launch_options(cfg)
