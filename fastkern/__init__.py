@@ -18,3 +18,14 @@ __all__ = [
     "ops",
     "BackendUnavailableError",
 ]
+
+_LAZY_SUBMODULES = ("finetune", "calibrate", "quality", "models", "bench", "triton")
+
+
+def __getattr__(name):
+    # heavier, optional parts load on first use: fastkern.finetune, fastkern.calibrate, ...
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module("fastkern." + name)
+    raise AttributeError("module 'fastkern' has no attribute %r" % name)
