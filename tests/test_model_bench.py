@@ -132,7 +132,7 @@ def llama_run(tmp_path_factory):
     path = tmp_path_factory.mktemp("llama") / "l.json"
     # exactly what `fastkern-bench --model llama-mlp --quick --json PATH` hands over, plus tiny widths
     args = cli.build_parser().parse_args(["--model", "llama-mlp", "--quick", "--json", str(path), "--plain",
-                                          "--min-run-time", "0.002"])
+                                          "--min-run-time", "0.002", "--bw-mb", "16"])
     args.backend = None
     args.llama_hidden, args.llama_intermediate, args.llama_m = HIDDEN, INTER, ",".join(map(str, MS))
     assert mb.main(args) == 0
@@ -153,7 +153,7 @@ def test_llama_every_variant_dtype_and_m(llama_run):
     for r in res["results"]:
         assert r["median_ms"] > 0 and math.isfinite(r["median_ms"])
         assert r["ms_per_token"] == pytest.approx(r["median_ms"] / r["m"])
-        assert r["speedup_vs_fp32"] > 0 and r["speedup_vs_dense_same_dtype"] > 0
+        assert r["speedup_vs_fp32"] > 0 and r["speedup_vs_dense_same_dtype"] > 0 and r["pct_read_bw"] > 0
         if r["variant"] == "dense" and r["dtype"] == "fp32":
             assert r["speedup_vs_fp32"] == 1.0
         if r["variant"] in fk:
@@ -170,6 +170,7 @@ def test_llama_weight_bytes(llama_run):
     assert sizes["w4a16-g128"] == n_params // 2 + 5 * n_params // 128
     assert sizes["2:4"] == 4 * n_params // 2 + n_params // 4
     assert isinstance(cfg["exceeds_l3"], bool)
+    assert cfg["read_bw_gbs"] > 0 and cfg["read_bw_array_bytes"] == 16 << 20
 
 
 def test_llama_outputs_track_fp32(llama_run):

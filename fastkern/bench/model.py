@@ -439,6 +439,12 @@ def run_llama_mlp(cfg: argparse.Namespace) -> dict:
          % (cfg.llama_layers, cfg.llama_hidden, cfg.llama_intermediate, fp32_bytes / 1e6,
             "%.0f MB" % (l3 / 1e6) if l3 else "unknown", time.time() - t0))
 
+    from fastkern.bench.ceilings import read_bandwidth
+
+    bw_bytes = int(cfg.bw_mb * 2**20) if cfg.bw_mb else max(256 << 20, 4 * (l3 or 0))
+    read_bw = read_bandwidth(device.type, bw_bytes, max(cfg.min_run_time, 0.05))
+    _log("streaming read bandwidth: %.1f GB/s (%.0f MB array)" % (read_bw, bw_bytes / 2**20))
+
     variants = [v for v in _select(model_variants(), cfg.variants, device) if v.name in LLAMA_VARIANTS]
     # All variants stay built so each M is timed for every variant back to back: the ratios
     # then compare numbers taken under the same machine load.
@@ -499,6 +505,7 @@ def run_llama_mlp(cfg: argparse.Namespace) -> dict:
         r["speedup_vs_dense_same_dtype"] = same["median_ms"] / r["median_ms"]
         # effective read bandwidth, if the run is bound by streaming the weights once
         r["weight_gb_per_s"] = r["weight_bytes"] / (r["median_ms"] * 1e-3) / 1e9
+        r["pct_read_bw"] = 100.0 * r["weight_gb_per_s"] / read_bw
     del stacks, dense
     gc.collect()
     return {
@@ -510,6 +517,8 @@ def run_llama_mlp(cfg: argparse.Namespace) -> dict:
             "dtypes": dtypes,
             "fp32_weight_bytes": fp32_bytes,
             "l3_bytes": l3,
+            "read_bw_gbs": read_bw,
+            "read_bw_array_bytes": bw_bytes,
             "exceeds_l3": (l3 is not None and min(i["weight_bytes"] for i in info.values()) > l3),
             "variant_weight_bytes": {k: i["weight_bytes"] for k, i in info.items()},
             "min_run_time_s": cfg.min_run_time,
@@ -540,12 +549,12 @@ def minilm_table(res: dict) -> Tuple[List[str], List[List[str]]]:
 
 def llama_table(res: dict) -> Tuple[List[str], List[List[str]]]:
     head = ["act", "M", "variant", "backend", "ms/token", "ms/fwd", "x fp32 dense", "x dense same dtype", "weights",
-            "GB/s"]
+            "GB/s", "% read BW"]
     rows = []
     for r in res["results"]:
         rows.append([r["dtype"], str(r["m"]), r["variant"], r["backend"], "%.3f" % r["ms_per_token"],
                      "%.3f" % r["median_ms"], "%.2fx" % r["speedup_vs_fp32"], "%.2fx" % r["speedup_vs_dense_same_dtype"],
-                     _fmt_bytes(r["weight_bytes"]), "%.1f" % r["weight_gb_per_s"]])
+                     _fmt_bytes(r["weight_bytes"]), "%.1f" % r["weight_gb_per_s"], "%.0f%%" % r["pct_read_bw"]])
     return head, rows
 
 
@@ -563,9 +572,9 @@ def _tables(result: dict):
                    + minilm_table(result["minilm"]))
     if "llama_mlp" in result:
         c = result["llama_mlp"]["config"]
-        out.append(("Llama-7B MLP stack: %d layer(s), %d -> %d -> %d, %s fp32 weights (L3 %s)"
+        out.append(("Llama-7B MLP stack: %d layer(s), %d -> %d -> %d, %s fp32 weights (L3 %s), read bandwidth %.1f GB/s"
                     % (c["layers"], c["hidden"], c["intermediate"], c["hidden"], _fmt_bytes(c["fp32_weight_bytes"]),
-                       _fmt_bytes(c["l3_bytes"]) if c["l3_bytes"] else "unknown"),) + llama_table(result["llama_mlp"]))
+                       _fmt_bytes(c["l3_bytes"]) if c["l3_bytes"] else "unknown", c["read_bw_gbs"]),) + llama_table(result["llama_mlp"]))
         out.append(("Llama MLP stack output error at M=%d" % max(c["m"]),) + llama_accuracy_table(result["llama_mlp"]))
     return out
 
@@ -622,7 +631,9 @@ def markdown(result: dict) -> str:
                   "sentences. backend: where the variant's fastkern op ran.", ""]
     if "llama_mlp" in result:
         lines += ["Llama MLP: one forward of the whole stack on M tokens (random weights); ms/token = ms/fwd / M; "
-                  "GB/s = checkpoint bytes of the stack / time (the rate at which the weights were streamed).", ""]
+                  "GB/s = checkpoint bytes of the stack / time (the rate at which the weights were streamed); % read BW: "
+                  "that rate over the streaming read bandwidth measured in the same run (a sum over a large array).",
+                  ""]
     for title, head, rows in _tables(result):
         lines += ["## " + title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -650,6 +661,8 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     p.add_argument("--throughput-batch", type=int, default=None, help="sentences per throughput batch (32)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sentence in the throughput batch (128)")
     p.add_argument("--min-run-time", type=float, default=None, help="seconds of timing per measurement (1.0)")
+    p.add_argument("--bw-mb", type=float, default=None,
+                   help="MiB of the read-bandwidth probe (default max(256, 4 x LLC))")
     p.add_argument("--llama-hidden", type=int, default=LLAMA_HIDDEN)
     p.add_argument("--llama-intermediate", type=int, default=LLAMA_INTERMEDIATE)
     p.add_argument("--llama-layers", type=int, default=None, help="MLP blocks in the stack (4; --quick 1)")
