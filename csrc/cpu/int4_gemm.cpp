@@ -4,17 +4,14 @@
 //
 // Small M (AVX2): the weight streams once from memory, 4 bits per value, which
 // is the whole cost at M = 1. Activations stay fp32 (the 1e-5 contract rules
-// out int8 activations), so the work per weight is nibble -> fp32 -> FMA. The
-// zero point is folded out of the inner loop:
-//   sum_k (q_k - z) s x_k = s * (sum_k q_k x_k - z * sum_k x_k),
-// with sum_k x_k per group computed once per call. Each 16-byte load holds 32
+// out int8 activations), so the work per weight is nibble -> fp32 -> FMA; the
+// scale multiplies each group's partial sum once. Each 16-byte load holds 32
 // nibbles; widened to 8 x 32-bit lanes, lane j holds the nibbles of k = 4j..4j+3,
 // so one uniform shift + mask gives 8 values for k = 4j + t. The activations
 // are permuted once per call to that order (and zero-padded per group), which
 // keeps the canonical weight layout usable as is, with no repacked copy.
 //
-// Larger M, the generic path, and inputs with NaN/inf (where the folded form
-// would turn inf into NaN) dequantize a cache-sized panel exactly as the
+// Larger M and the generic path dequantize a cache-sized panel exactly as the
 // reference does ((q - z) * s in fp32) and run fp32 dot tiles over all rows.
 #include <torch/library.h>
 
@@ -130,16 +127,19 @@ void w4_panel_gemm(const W4& p, int64_t N, int64_t K, const float* X, int64_t ld
 
 #if FASTKERN_X86
 // One 32-weight block of NR rows against MR rows of permuted activations x
-// (x[i * ldx + 8 t + j] is the activation of k = 4 j + t).
+// (x[i * ldx + 8 t + j] is the activation of k = 4 j + t). q - z is exact in
+// fp32, so the sum is as accurate as the reference's; folding z out of the loop
+// (sum q x - z sum x) saves the subtraction but cancels badly for long groups.
 template <int MR, int NR>
-FASTKERN_AVX2 inline void w4_block(__m256 (&acc)[MR][NR], const uint8_t* const* wp, const float* x, int64_t ldx) {
+FASTKERN_AVX2 inline void w4_block(__m256 (&acc)[MR][NR], const __m256 (&vz)[NR], const uint8_t* const* wp,
+                                   const float* x, int64_t ldx) {
   const __m256i m4 = _mm256_set1_epi32(0x0F);
   for (int j = 0; j < NR; ++j) {
     __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wp[j])));
-    __m256 q0 = _mm256_cvtepi32_ps(_mm256_and_si256(v, m4));
-    __m256 q1 = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 4), m4));
-    __m256 q2 = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 8), m4));
-    __m256 q3 = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 12));
+    __m256 q0 = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, m4)), vz[j]);
+    __m256 q1 = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 4), m4)), vz[j]);
+    __m256 q2 = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 8), m4)), vz[j]);
+    __m256 q3 = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 12)), vz[j]);
     for (int i = 0; i < MR; ++i) {
       const float* xi = x + i * ldx;
       acc[i][j] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(xi), acc[i][j]);
@@ -151,87 +151,70 @@ FASTKERN_AVX2 inline void w4_block(__m256 (&acc)[MR][NR], const uint8_t* const* 
 }
 
 // Rows n .. n + NR of the weight against MR rows of x. XP: permuted activations,
-// row stride ldxp, G * nbg blocks of 32; XS[i * G + gi]: sum of x over group gi.
+// row stride ldxp, G * nbg blocks of 32.
 template <int MR, int NR>
-FASTKERN_AVX2 void w4_gemv_avx2(const W4& p, int64_t n, const float* XP, int64_t ldxp, const float* XS, float* Y,
-                                int64_t ldy) {
+FASTKERN_AVX2 void w4_gemv_avx2(const W4& p, int64_t n, const float* XP, int64_t ldxp, float* Y, int64_t ldy) {
   const int64_t g = p.g, nfull = g / 32, rem = g % 32, nbg = nfull + (rem > 0);
   __m256 tot[MR][NR];
-  float corr[MR][NR];
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) {
-      tot[i][j] = _mm256_setzero_ps();
-      corr[i][j] = 0.f;
-    }
+    for (int j = 0; j < NR; ++j) tot[i][j] = _mm256_setzero_ps();
   alignas(16) uint8_t tail[NR][16];
   for (int j = 0; j < NR; ++j) std::memset(tail[j], 0, 16);
   for (int64_t gi = 0; gi < p.G; ++gi) {
-    __m256 acc[MR][NR];
+    __m256 acc[MR][NR], vz[NR];
     for (int i = 0; i < MR; ++i)
       for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
+    for (int j = 0; j < NR; ++j) vz[j] = _mm256_set1_ps(float(p.z[(n + j) * p.G + gi]));
     const float* xg = XP + gi * nbg * 32;
     const uint8_t* wp[NR];
     for (int j = 0; j < NR; ++j) wp[j] = p.w + (n + j) * p.ldw + gi * (g / 2);
     for (int64_t b = 0; b < nfull; ++b) {
-      w4_block<MR, NR>(acc, wp, xg + b * 32, ldxp);
+      w4_block<MR, NR>(acc, vz, wp, xg + b * 32, ldxp);
       for (int j = 0; j < NR; ++j) wp[j] += 16;
     }
     if (rem) {
+      // The padding nibbles are 0 and meet zero activations: (0 - z) * 0 adds nothing.
       const uint8_t* tp[NR];
       for (int j = 0; j < NR; ++j) {
         std::memcpy(tail[j], wp[j], rem / 2);
         tp[j] = tail[j];
       }
-      w4_block<MR, NR>(acc, tp, xg + nfull * 32, ldxp);
+      w4_block<MR, NR>(acc, vz, tp, xg + nfull * 32, ldxp);
     }
     for (int j = 0; j < NR; ++j) {
-      const float s = p.s[(n + j) * p.G + gi];
-      const float sz = s * float(p.z[(n + j) * p.G + gi]);
-      const __m256 vs = _mm256_set1_ps(s);
-      for (int i = 0; i < MR; ++i) {
-        tot[i][j] = _mm256_fmadd_ps(vs, acc[i][j], tot[i][j]);
-        corr[i][j] += sz * XS[i * p.G + gi];
-      }
+      const __m256 vs = _mm256_set1_ps(p.s[(n + j) * p.G + gi]);
+      for (int i = 0; i < MR; ++i) tot[i][j] = _mm256_fmadd_ps(vs, acc[i][j], tot[i][j]);
     }
   }
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) Y[i * ldy + n + j] = hsum8_avx2(tot[i][j]) - corr[i][j];
+    for (int j = 0; j < NR; ++j) Y[i * ldy + n + j] = hsum8_avx2(tot[i][j]);
 }
 
 template <int MR, int NR>
-void w4_gemv_rows(const W4& p, const float* XP, int64_t ldxp, const float* XS, float* Y, int64_t ldy, int64_t n0,
-                  int64_t n1) {
+void w4_gemv_rows(const W4& p, const float* XP, int64_t ldxp, float* Y, int64_t ldy, int64_t n0, int64_t n1) {
   int64_t n = n0;
-  for (; n + NR <= n1; n += NR) w4_gemv_avx2<MR, NR>(p, n, XP, ldxp, XS, Y, ldy);
-  for (; n < n1; ++n) w4_gemv_avx2<MR, 1>(p, n, XP, ldxp, XS, Y, ldy);
+  for (; n + NR <= n1; n += NR) w4_gemv_avx2<MR, NR>(p, n, XP, ldxp, Y, ldy);
+  for (; n < n1; ++n) w4_gemv_avx2<MR, 1>(p, n, XP, ldxp, Y, ldy);
 }
 #endif
 
-// Permuted, group-padded activations for the GEMV kernel and their group sums.
-// Returns false if x holds NaN or inf.
-bool w4_prepare_x(const float* X, int64_t ldx, int64_t M, int64_t K, int64_t g, float* XP, int64_t ldxp, float* XS) {
+// Activations for the GEMV kernel: per group, blocks of 32 in the order the
+// widened weight words produce (k = 4 j + t at position 8 t + j), zero-padded.
+void w4_prepare_x(const float* X, int64_t ldx, int64_t M, int64_t K, int64_t g, float* XP, int64_t ldxp) {
   const int64_t G = K / g, nbg = (g + 31) / 32;
-  bool finite = true;
   for (int64_t m = 0; m < M; ++m) {
     const float* x = X + m * ldx;
     float* xp = XP + m * ldxp;
-    for (int64_t gi = 0; gi < G; ++gi) {
-      double sum = 0.0;
+    for (int64_t gi = 0; gi < G; ++gi)
       for (int64_t b = 0; b < nbg; ++b) {
         float* blk = xp + (gi * nbg + b) * 32;
         for (int t = 0; t < 4; ++t)
           for (int j = 0; j < 8; ++j) {
             const int64_t kin = b * 32 + 4 * j + t;
-            float v = kin < g ? x[gi * g + kin] : 0.f;
-            blk[8 * t + j] = v;
-            sum += v;
+            blk[8 * t + j] = kin < g ? x[gi * g + kin] : 0.f;
           }
       }
-      if (!std::isfinite(sum)) finite = false;
-      XS[m * G + gi] = float(sum);
-    }
   }
-  return finite;
 }
 
 // ------------------------------------------------------------------ op
@@ -271,21 +254,17 @@ at::Tensor linear_w4a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
   if (avx2 && M <= kGemvMaxM) {
     const int64_t ldxp = G * ((group_size + 31) / 32) * 32;
     at::Tensor XP = at::empty({M, ldxp}, X.options());
-    at::Tensor XS = at::empty({M, G}, X.options());
-    if (w4_prepare_x(X.data_ptr<float>(), ldx, M, K, group_size, XP.data_ptr<float>(), ldxp,
-                     XS.data_ptr<float>())) {
-      const float* xp = XP.data_ptr<float>();
-      const float* xs = XS.data_ptr<float>();
-      float* yp = Y.data_ptr<float>();
-      parallel_rows(N, kGemvRows, 16, [&](int64_t n0, int64_t n1) {
-        switch (M) {
-          case 1: w4_gemv_rows<1, 4>(p, xp, ldxp, xs, yp, N, n0, n1); break;
-          case 2: w4_gemv_rows<2, 2>(p, xp, ldxp, xs, yp, N, n0, n1); break;
-          default: w4_gemv_rows<3, 1>(p, xp, ldxp, xs, yp, N, n0, n1); break;
-        }
-      });
-      done = true;
-    }
+    w4_prepare_x(X.data_ptr<float>(), ldx, M, K, group_size, XP.data_ptr<float>(), ldxp);
+    const float* xp = XP.data_ptr<float>();
+    float* yp = Y.data_ptr<float>();
+    parallel_rows(N, kGemvRows, 16, [&](int64_t n0, int64_t n1) {
+      switch (M) {
+        case 1: w4_gemv_rows<1, 4>(p, xp, ldxp, yp, N, n0, n1); break;
+        case 2: w4_gemv_rows<2, 2>(p, xp, ldxp, yp, N, n0, n1); break;
+        default: w4_gemv_rows<3, 1>(p, xp, ldxp, yp, N, n0, n1); break;
+      }
+    });
+    done = true;
   }
 #endif
   if (!done) w4_panel_gemm(p, N, K, X.data_ptr<float>(), ldx, M, Y.data_ptr<float>(), avx2);

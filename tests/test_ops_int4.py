@@ -1,0 +1,220 @@
+"""linear_w4a16 on every backend against the reference.
+
+The CPU kernel has a small-M GEMV path (AVX2: zero point folded out of the
+inner loop, activations permuted per 32-weight block, partial blocks for group
+sizes that are not multiples of 32) and a panel (GEMM) path (exact (q - z) * s
+dequantization, fp32 dot tiles); the tests reach both, their tails, both ISA
+paths, and check that the thread count does not change a single bit.
+"""
+import pytest
+import torch
+
+import fastkern
+from fastkern import formats, ops
+from fastkern._ext import _C
+
+from conftest import FLOAT_DTYPES, M_SIZES, assert_close_rel, backends_for
+from test_ops_int8 import cpu_isa, cpu_isas, make_x, num_threads, xfail_if_native_fake_missing
+
+NATIVE = pytest.mark.skipif(_C is None, reason="fastkern._C is not built")
+OP = "linear_w4a16"
+
+
+def make_w4(gen, n, k, group_size, symmetric=False, scale_dtype=torch.float32):
+    w, s, z = formats.quantize_int4(torch.randn(n, k, generator=gen), group_size, symmetric=symmetric)
+    return w, s.to(scale_dtype), z
+
+
+def native(*args):
+    return torch.ops.fastkern_C.linear_w4a16(*args)
+
+
+def check(out, x, w, s, z, g, b, dtype=torch.float32):
+    assert out.shape == (*x.shape[:-1], w.shape[0])
+    assert_close_rel(out, ops.linear_w4a16_ref(x, w, s, z, g, b), dtype)
+
+
+def matrix():
+    """Full product on the native CPU backend; one rotation per m on the others (reference,
+    triton under the interpreter: slow, and tested in depth elsewhere)."""
+    layouts = ("2d", "3d", "noncontig")
+    out = []
+    for bp in backends_for(OP):
+        be = bp.values[0]
+        for i, m in enumerate(M_SIZES):
+            for dtype in FLOAT_DTYPES:
+                for layout in layouts:
+                    for bias in (False, True):
+                        if be != "cpu" and (FLOAT_DTYPES[i % 3], layouts[i % 3], bool(i % 2)) != (dtype, layout, bias):
+                            continue
+                        out.append(pytest.param(be, m, dtype, layout, bias, marks=bp.marks,
+                                                id="%s-m%d-%s-%s-%s" % (be, m, str(dtype)[6:], layout,
+                                                                        "bias" if bias else "nobias")))
+    return out
+
+
+# ----------------------------------------------------------------- against the reference, every backend
+
+
+@pytest.mark.parametrize("be,m,dtype,layout,bias", matrix())
+@pytest.mark.parametrize("n,k,g", [(37, 256, 32), (19, 384, 128), (21, 96, 96), (13, 240, 48)],
+                         ids=["g32", "g128", "gK", "g48"])
+def test_w4a16_matches_reference(be, m, dtype, layout, bias, n, k, g, gen):
+    if be != "cpu" and g != 128 and m != 17:
+        pytest.skip("other group sizes are covered at m=17 on this backend")
+    x = make_x(gen, m, k, dtype, layout)
+    w, s, z = make_w4(gen, n, k, g)
+    b = torch.randn(n, generator=gen).to(dtype) if bias else None
+    with fastkern.use_backend(be):
+        out = torch.ops.fastkern.linear_w4a16(x, w, s, z, g, b)
+    check(out, x, w, s, z, g, b, dtype)
+
+
+# ----------------------------------------------------------------- CPU paths, tails, threads
+
+
+@NATIVE
+@pytest.mark.parametrize("isa", cpu_isas())
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 70])
+def test_cpu_paths_and_tails(isa, m, gen):
+    # m <= 3: GEMV (AVX2; NR = 4, 2, 1 weight rows per tile); m > 3: panels (3-row tiles).
+    # n 1..9: tails of the 4-row tiles; group sizes 2..62 give every partial 32-weight
+    # block; k = 1100 (g = 550) spans three 512-column panels with a group across them.
+    # A single output can sit near zero (cancellation), where any two fp32 summation
+    # orders differ by more than 1e-5 relative: each case gets a loose check that still
+    # catches a wrong tile, and all cases together the fp32 contract.
+    outs, refs = [], []
+    with cpu_isa(isa):
+        for n in (1, 2, 3, 5, 9):
+            for k, g in ((2, 2), (6, 6), (30, 30), (32, 32), (34, 34), (62, 62), (64, 32), (96, 48), (120, 40),
+                         (1100, 550), (1100, 1100)):
+                x = torch.randn(m, k, generator=gen)
+                w, s, z = make_w4(gen, n, k, g)
+                out = native(x, w, s, z, g, None)
+                ref = ops.linear_w4a16_ref(x, w, s, z, g, None)
+                assert_close_rel(out, ref, torch.float32, factor=100)
+                outs.append(out.flatten())
+                refs.append(ref.flatten())
+    assert_close_rel(torch.cat(outs), torch.cat(refs), torch.float32)
+
+
+@NATIVE
+@pytest.mark.parametrize("isa", cpu_isas())
+@pytest.mark.parametrize("m", [1, 2, 3, 40])
+def test_cpu_threads_bitwise_identical(isa, m, gen):
+    n, k, g = 301, 1024, 128
+    x = torch.randn(m, k, generator=gen)
+    w, s, z = make_w4(gen, n, k, g)
+    outs = []
+    with cpu_isa(isa):
+        for t in (1, 2):
+            with num_threads(t):
+                outs.append(native(x, w, s, z, g, None))
+    assert torch.equal(outs[0], outs[1])
+
+
+@NATIVE
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("k,g", [(4096, 128), (4096, 4096)])
+def test_gemv_accuracy_long_rows(m, k, g, gen):
+    # the GEMV folds the zero point out (s * (sum q x - z sum x)); its cancellation must stay
+    # inside the fp32 contract for long groups too, and for symmetric (z = 8) weights
+    x = torch.randn(m, k, generator=gen)
+    for sym in (False, True):
+        w, s, z = make_w4(gen, 64, k, g, symmetric=sym)
+        check(native(x, w, s, z, g, None), x, w, s, z, g, None)
+
+
+@NATIVE
+def test_larger_shapes(gen):
+    x = torch.randn(33, 2048, generator=gen)
+    w, s, z = make_w4(gen, 200, 2048, 128)
+    b = torch.randn(200, generator=gen)
+    check(native(x, w, s, z, 128, b), x, w, s, z, 128, b)
+
+
+@NATIVE
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_scale_and_bias_dtypes(scale_dtype, gen):
+    x = torch.randn(2, 128, generator=gen).bfloat16()
+    w, s, z = make_w4(gen, 11, 128, 32, scale_dtype=scale_dtype)
+    b = torch.randn(11, generator=gen).half()
+    check(native(x, w, s, z, 32, b), x, w, s, z, 32, b, torch.bfloat16)
+
+
+@NATIVE
+@pytest.mark.parametrize("isa", cpu_isas())
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_nan_and_inf(isa, m, gen):
+    x = torch.randn(m, 64, generator=gen)
+    x[0, 5] = float("nan")
+    if m > 2:
+        x[1, 7] = float("inf")
+    w, s, z = make_w4(gen, 9, 64, 32)
+    with cpu_isa(isa):
+        out = native(x, w, s, z, 32, None)
+    ref = ops.linear_w4a16_ref(x, w, s, z, 32, None)
+    assert torch.isnan(out[0]).all()
+    # inf behaves as in the reference: +-inf where the weight is non-zero, NaN where it is zero
+    torch.testing.assert_close(out[:2], ref[:2], rtol=1e-5, atol=1e-5, equal_nan=True)
+    if m > 2:
+        assert_close_rel(out[2:], ref[2:], torch.float32)
+
+
+@NATIVE
+def test_empty_dims(gen):
+    w, s, z = make_w4(gen, 6, 64, 32)
+    assert native(torch.randn(0, 64), w, s, z, 32, None).shape == (0, 6)
+    assert native(torch.randn(2, 0, 64), w, s, z, 32, None).shape == (2, 0, 6)
+    e = torch.zeros(0, 32, dtype=torch.uint8)
+    out = native(torch.randn(3, 64), e, torch.zeros(0, 2), torch.zeros(0, 2, dtype=torch.uint8), 32, None)
+    assert out.shape == (3, 0)
+
+
+# ----------------------------------------------------------------- op checks and errors
+
+
+@NATIVE
+@pytest.mark.parametrize("ns", ["fastkern", "fastkern_C"])
+def test_opcheck(ns, gen):
+    xfail_if_native_fake_missing(ns, OP)
+    opobj = getattr(getattr(torch.ops, ns), OP)
+    w, s, z = make_w4(gen, 5, 64, 32)
+    for args in [(torch.randn(3, 64, generator=gen), w, s, z, 32, None),
+                 (torch.randn(2, 1, 64, generator=gen).half(), w, s, z, 32, torch.randn(5, generator=gen))]:
+        torch.library.opcheck(opobj, args)
+
+
+@NATIVE
+def test_native_bad_inputs(gen):
+    w, s, z = make_w4(gen, 5, 64, 32)
+    x = torch.randn(3, 64)
+    with pytest.raises(RuntimeError, match=r"x \(shape \[3, 63\].*must have shape \[\.\.\., 64\]"):
+        native(torch.randn(3, 63), w, s, z, 32, None)
+    with pytest.raises(RuntimeError, match=r"x \(shape \[3, 64\], dtype Long.*must be float32, float16 or bfloat16"):
+        native(torch.ones(3, 64, dtype=torch.long), w, s, z, 32, None)
+    with pytest.raises(RuntimeError, match=r"group_size=24 must be a positive even number dividing K=64"):
+        native(x, w, s, z, 24, None)
+    with pytest.raises(RuntimeError, match=r"group_size=-2 must be"):
+        native(x, w, s, z, -2, None)
+    with pytest.raises(RuntimeError, match=r"scales \(shape \[5, 1\].*must have shape \[5, 2\]"):
+        native(x, w, s[:, :1], z, 32, None)
+    with pytest.raises(RuntimeError, match=r"zeros \(shape \[5, 2\], dtype Float.*must have dtype Byte"):
+        native(x, w, s, z.float(), 32, None)
+    with pytest.raises(RuntimeError, match=r"w \(shape \[5, 32\], dtype Char.*must have dtype Byte"):
+        native(x, w.to(torch.int8), s, z, 32, None)
+    with pytest.raises(RuntimeError, match=r"bias \(shape \[4\].*must have shape \[5\]"):
+        native(x, w, s, z, 32, torch.randn(4))
+
+
+def test_public_bad_inputs(gen):
+    w, s, z = make_w4(gen, 5, 64, 32)
+    f = torch.ops.fastkern.linear_w4a16
+    with pytest.raises(ValueError, match=r"x must have K=64 features.*shape \[3, 63\]"):
+        f(torch.randn(3, 63), w, s, z, 32, None)
+    with pytest.raises(TypeError, match=r"x must be float32, float16 or bfloat16.*int64"):
+        f(torch.ones(3, 64, dtype=torch.long), w, s, z, 32, None)
+    with pytest.raises(ValueError, match=r"group_size=24 must be a positive even number dividing K=64"):
+        f(torch.randn(3, 64), w, s, z, 24, None)
+    with pytest.raises(ValueError, match=r"scales must have shape \[5, 2\]"):
+        f(torch.randn(3, 64), w, s[:, :1], z, 32, None)
