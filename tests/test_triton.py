@@ -269,7 +269,7 @@ def test_mixed_bias_dtype(gen):
 # --------------------------------------------------------------- non-finite inputs
 
 
-@pytest.mark.parametrize("op", ["gemm", "linear_w8a16", "linear_w8a8", "linear_w4a16", "linear_sparse24"])
+@pytest.mark.parametrize("op", FLOAT_OPS)
 @pytest.mark.parametrize("m", [1, 4, 20])
 def test_nonfinite_inputs_propagate(op, m, gen):
     x = torch.randn(m, K, generator=gen).to(torch.float16)
@@ -285,6 +285,28 @@ def test_nonfinite_inputs_propagate(op, m, gen):
     fin = ref.isfinite().all(dim=1)
     if fin.any():
         assert_close_rel(out[fin], ref[fin], torch.float16)
+
+
+@pytest.mark.parametrize("block", [(8, 8), (16, 24)], ids=str)
+def test_blocksparse_nonfinite_meets_skipped_blocks(block, gen):
+    # to the reference a skipped block is zeros and 0 * inf = nan: outputs of block rows
+    # that do not store the block under a non-finite input must be NaN, the others not
+    w = torch.randn(48, 96, generator=gen)
+    args = op_args("linear_blocksparse", torch.randn(6, 96, generator=gen), 48, gen, True, block=block)
+    x, blocks, row_ptr, col_idx = args[0].clone(), args[1].clone(), args[2], args[3]
+    x[0, int(col_idx[0]) * block[1] + 1] = float("inf")  # a column stored by block row 0 only (likely)
+    x[2, 50] = float("nan")
+    x[3, 95] = -float("inf")
+    blocks[1, 0, 0] = float("inf")  # a non-finite weight
+    args = (x, blocks, row_ptr, col_idx, 48, args[5])
+    out = run_triton("linear_blocksparse", args)
+    ref = ops.linear_blocksparse_ref(*args)
+    assert torch.equal(out.isnan(), ref.isnan())
+    assert torch.equal(out.isinf(), ref.isinf())
+    assert not ref[0].isnan().all()  # the case is not trivially "whole row NaN"
+    fin = ref.isfinite()
+    assert_close_rel(out[fin], ref[fin], torch.float32)
+    del w
 
 
 # -------------------------------------------------------------------- plumbing

@@ -140,11 +140,15 @@ def jobs(all_candidates=False):
     key = (4096, 8192, 8192, 32, 32, "torch.float16")
     for cfg in (S._bs_candidates(key) if all_candidates else [S._bs_default(key)]):
         args = dict(x_ptr=f16, blk_ptr=f16, row_ptr_ptr=torch.int64, col_idx_ptr=torch.int64, bias_ptr=f16,
-                    out_ptr=f16, M=4096, N=8192, K=8192, BN=32, BK=32, N_SUB=1, stride_xm=8192, stride_xk=1,
+                    out_ptr=f16, bad_ptr=torch.int8, count_ptr=torch.int32,
+                    M=4096, N=8192, K=8192, BN=32, BK=32, N_SUB=1, KB=256, stride_xm=8192, stride_xk=1,
                     stride_b0=1024, stride_b1=32, stride_b2=1, stride_om=8192, stride_on=1)
         out.append(("blocksparse %s" % cfg, S._blocksparse_kernel, args,
                     dict(HAS_BIAS=True, TILE_N=32, TILE_K=32, **C.dot_args(f16), **cfg), "mma"))
 
+    out.append(("nonfinite_blocks bk=32", S._nonfinite_blocks_kernel,
+                dict(x_ptr=f16, bad_ptr=torch.int8, count_ptr=torch.int32, K=8192, BK=32, KB=256,
+                     stride_xm=8192, stride_xk=1), dict(BLOCK_C=64, BK_P=32), None))
     for rows, bk in ((1, 4096), (16, 256)):
         args = dict(x_ptr=f16, q_ptr=torch.int8, s_ptr=f32, M=4096, K=8192, stride_xm=8192, stride_xk=1, stride_qm=8192)
         out.append(("quantize rows=%d BLOCK_K=%d" % (rows, bk), I8._quantize_rows_kernel, args,

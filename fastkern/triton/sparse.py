@@ -8,6 +8,9 @@ is memory traffic, which is what matters at small M.
 
 Block-sparse: one program per (block row sub-tile, M tile) walks only that block
 row's non-empty blocks (row_ptr / col_idx), so work scales with the kept blocks.
+A first small kernel marks, per row of x, the block columns holding NaN or inf, so
+that skipped (zero) blocks still turn those rows' outputs into NaN as the dense
+reference does.
 """
 import torch
 import triton
@@ -73,9 +76,27 @@ def _sparse24_kernel(
 
 
 @triton.jit
+def _nonfinite_blocks_kernel(x_ptr, bad_ptr, count_ptr, K, BK, KB, stride_xm, stride_xk,
+                             BLOCK_C: tl.constexpr, BK_P: tl.constexpr):
+    """bad[m, c] = 1 where x[m, c*BK : (c+1)*BK] holds NaN or inf; count[m] = sum_c bad[m, c]."""
+    m = tl.program_id(0).to(tl.int64)
+    offs_j = tl.arange(0, BK_P)
+    total = tl.zeros((BLOCK_C,), dtype=tl.int32)
+    for c0 in range(0, KB, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        offs_k = offs_c[:, None] * BK + offs_j[None, :]
+        mask = (offs_c < KB)[:, None] & (offs_j < BK)[None, :] & (offs_k < K)
+        v = tl.abs(tl.load(x_ptr + m * stride_xm + offs_k * stride_xk, mask=mask, other=0).to(tl.float32))
+        bad = tl.max((mask & ~(v < float("inf"))).to(tl.int32), axis=1)
+        tl.store(bad_ptr + m * KB + offs_c, bad.to(tl.int8), mask=offs_c < KB)
+        total += bad
+    tl.store(count_ptr + m, tl.sum(total, axis=0))
+
+
+@triton.jit
 def _blocksparse_kernel(
-    x_ptr, blk_ptr, row_ptr_ptr, col_idx_ptr, bias_ptr, out_ptr,
-    M, N, K, BN, BK, N_SUB,
+    x_ptr, blk_ptr, row_ptr_ptr, col_idx_ptr, bias_ptr, out_ptr, bad_ptr, count_ptr,
+    M, N, K, BN, BK, N_SUB, KB,
     stride_xm, stride_xk, stride_b0, stride_b1, stride_b2, stride_om, stride_on,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, TILE_N: tl.constexpr, TILE_K: tl.constexpr,
@@ -93,8 +114,11 @@ def _blocksparse_kernel(
     start = tl.load(row_ptr_ptr + brow)
     end = tl.load(row_ptr_ptr + brow + 1)
     acc = tl.zeros((BLOCK_M, TILE_N), dtype=tl.float32)
+    seen_bad = tl.zeros((BLOCK_M,), dtype=tl.int32)
     for j in range(start, end):
         col = tl.load(col_idx_ptr + j)
+        flag = tl.load(bad_ptr + offs_m.to(tl.int64) * KB + tl.minimum(col, KB - 1), mask=mask_m, other=0)
+        seen_bad += tl.where(col < KB, flag.to(tl.int32), 0)
         for kk in range(0, BK, TILE_K):
             offs_j = kk + tl.arange(0, TILE_K)
             offs_k = col * BK + offs_j
@@ -109,6 +133,11 @@ def _blocksparse_kernel(
                 mask=mask_i[:, None] & mask_j[None, :], other=0,
             )
             acc = dot_acc(x, tl.trans(b), acc, DOT_PRECISION, DOT_UPCAST)
+    # To the reference a missing block is a block of zeros, and 0 * inf = 0 * nan = nan:
+    # a row whose non-finite inputs are not all covered by this block row's stored
+    # blocks meets a skipped zero, so its outputs here are NaN.
+    all_bad = tl.load(count_ptr + offs_m, mask=mask_m, other=0)
+    acc = tl.where((seen_bad < all_bad)[:, None], float("nan"), acc)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_i, other=0).to(tl.float32)[None, :]
     tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on,
@@ -205,13 +234,17 @@ def linear_blocksparse(x, blocks, row_ptr, col_idx, out_features, bias):
     n_sub = triton.cdiv(bn, tile_n)
     n_brows = row_ptr.shape[0] - 1
     key = (bucket_m(m), n, k, bn, bk, str(x.dtype))
+    # block columns past ceil(K / bk) cover only padding, which is finite
+    kb = triton.cdiv(k, bk)
+    bad = torch.empty((m, max(kb, 1)), dtype=torch.int8, device=x.device)
+    count = torch.empty((m,), dtype=torch.int32, device=x.device)
 
     def launch(cfg):
         meta_p, opts = launch_options(cfg)
         grid = (n_brows * n_sub, triton.cdiv(m, meta_p["BLOCK_M"]))
         _blocksparse_kernel[grid](
-            x2, blocks, row_ptr, col_idx, bias if bias is not None else out, out,
-            m, n, k, bn, bk, n_sub,
+            x2, blocks, row_ptr, col_idx, bias if bias is not None else out, out, bad, count,
+            m, n, k, bn, bk, n_sub, kb,
             x2.stride(0), x2.stride(1), blocks.stride(0), blocks.stride(1), blocks.stride(2),
             out.stride(0), out.stride(1),
             HAS_BIAS=bias is not None, **C.dot_args(x.dtype),
@@ -219,5 +252,10 @@ def linear_blocksparse(x, blocks, row_ptr, col_idx, out_features, bias):
         )
 
     with C.device_ctx(x):
+        bk_p = C.pow2_at_least(bk, 1)
+        _nonfinite_blocks_kernel[(m,)](
+            x2, bad, count, k, bk, kb, x2.stride(0), x2.stride(1),
+            BLOCK_C=max(1, min(64, 4096 // bk_p)) if not C.interpreting() else max(1, 64 // bk_p), BK_P=bk_p,
+        )
         launch(BS_TUNER.config(key, x.device, launch))
     return out.reshape(C.out_shape(x, n))
