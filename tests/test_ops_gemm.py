@@ -68,8 +68,8 @@ def make_x(shape_lead, k, dtype, gen, layout):
 @pytest.mark.parametrize("layout", ["contig", "3d", "noncontig", "transposed"])
 @pytest.mark.parametrize("n,k", [(37, 53), (67, 300)])
 def test_gemm_matches_reference(gen, backend, m, dtype, layout, n, k):
-    if backend == "triton" and (m == 128 or (m == 17 and layout != "contig") or layout == "transposed"):
-        pytest.skip("the Triton interpreter is slow; tests/test_triton.py covers its large shapes")
+    if backend == "triton" and (m not in (1, 17) or dtype != torch.float32):
+        pytest.skip("the Triton interpreter is slow: only M=1, 17 fp32 here, tests/test_triton.py covers the rest")
     a = make_x([m], k, dtype, gen, layout)
     b = torch.randn(n, k, generator=gen).to(dtype)
     with fastkern.use_backend(backend):

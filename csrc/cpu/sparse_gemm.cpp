@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #include "cpu/gemm_blocked.h"
@@ -24,6 +25,33 @@ using gemm::round_up;
 using gemm::to_f32;
 
 constexpr int64_t kSmallM = 4;
+
+// The references multiply x by the dense weight, where a pruned weight is a 0
+// and 0 * inf = 0 * nan = nan. Kernels that skip pruned weights never see
+// those products, so rows of x holding inf/nan are fixed up here: y[m, n]
+// becomes nan when a non-finite x[m, k] meets a weight (n, k) that is not stored.
+// Checking x costs O(M*K), nothing next to the product.
+template <class Pruned>
+void propagate_nonfinite(const at::Tensor& x2, at::Tensor& out32, const Pruned& pruned) {
+  if (x2.numel() == 0) return;
+  const at::Tensor bad = at::logical_not(at::isfinite(x2));
+  const at::Tensor bad_rows = bad.any(1);
+  if (!bad_rows.any().item<bool>()) return;
+  const int64_t N = out32.size(1);
+  float* y = out32.data_ptr<float>();
+  const at::Tensor rows = at::nonzero(bad_rows).view(-1);
+  for (int64_t i = 0; i < rows.numel(); ++i) {
+    const int64_t m = rows[i].item<int64_t>();
+    const at::Tensor cols = at::nonzero(bad[m]).view(-1).contiguous();
+    const int64_t* k = cols.data_ptr<int64_t>();
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t j = 0; j < cols.numel(); ++j)
+        if (pruned(n, k[j])) {
+          y[m * N + n] = std::numeric_limits<float>::quiet_NaN();
+          break;
+        }
+  }
+}
 
 // =================================================================== 2:4
 
@@ -190,6 +218,12 @@ void s24_typed(const at::Tensor& x2, const at::Tensor& values, const at::Tensor&
   float* y = out32.data_ptr<float>();
   if (M <= kSmallM && K > 0) {
     s24_small_m<T>(isa, x2, values, meta, y);
+    const uint8_t* mt = meta.data_ptr<uint8_t>();
+    const int64_t ldm = meta.stride(0);
+    propagate_nonfinite(x2, out32, [&](int64_t n, int64_t k) {
+      const int mb = mt[n * ldm + k / 4], p = static_cast<int>(k % 4);
+      return p != (mb & 3) && p != ((mb >> 2) & 3);
+    });
     return;
   }
   gemm::StridedRows<T> pa{x2.data_ptr<T>(), x2.stride(0), x2.stride(1)};
@@ -525,11 +559,19 @@ at::Tensor linear_blocksparse_cpu(const at::Tensor& x, const at::Tensor& blocks_
       else
         bs_large_m<T>(isa, x2, bp, L, y);
     };
+    // A missing block is a block of zeros to the reference.
+    auto pruned = [&](int64_t n, int64_t k) {
+      const int64_t nb = n / bn, kb_ = k / bk;
+      for (int64_t blk = L.row_ptr[nb]; blk < L.row_ptr[nb + 1]; ++blk)
+        if (L.col_idx[blk] == kb_) return false;
+      return true;
+    };
     switch (x.scalar_type()) {
       case at::kFloat: run(float()); break;
       case at::kHalf: run(c10::Half()); break;
       default: run(c10::BFloat16()); break;
     }
+    propagate_nonfinite(x2, out32, pruned);
   }
   return gemm::finish(out32, bias, x, N);
 }

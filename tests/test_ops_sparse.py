@@ -1,0 +1,345 @@
+"""fastkern.linear_sparse24 and fastkern.linear_blocksparse on every backend against their references.
+
+The CPU kernels have a small-M path (M <= 4: weights streamed once) and a larger-M
+path (2:4 expanded into the blocked GEMM's panels; block-sparse register tiles over
+x^T), each with a generic and an AVX2 version; the tests reach all of them.
+"""
+import pytest
+import torch
+
+import fastkern
+from fastkern import _ext, formats, ops
+
+from conftest import FLOAT_DTYPES, M_SIZES, assert_close_rel, backends_for, rel_err, tol
+
+needs_cpu24 = pytest.mark.skipif(
+    ops.backend_status("linear_sparse24", "cpu", torch.device("cpu")) is not None,
+    reason=str(ops.backend_status("linear_sparse24", "cpu", torch.device("cpu"))),
+)
+needs_cpubs = pytest.mark.skipif(
+    ops.backend_status("linear_blocksparse", "cpu", torch.device("cpu")) is not None,
+    reason=str(ops.backend_status("linear_blocksparse", "cpu", torch.device("cpu"))),
+)
+
+
+def cpu_isas():
+    feats = _ext._C.cpu_features() if _ext._C is not None else {}
+    avx2 = feats.get("avx2") and feats.get("fma") and feats.get("f16c")
+    return [
+        pytest.param("generic", id="generic"),
+        pytest.param("avx2", id="avx2", marks=[] if avx2 else [pytest.mark.skip(reason="CPU lacks AVX2/FMA/F16C")]),
+    ]
+
+
+@pytest.fixture
+def isa(request):
+    _ext._C.set_cpu_isa(request.param)
+    try:
+        yield request.param
+    finally:
+        _ext._C.set_cpu_isa("auto")
+
+
+def make_x(m, k, dtype, gen, layout):
+    if layout == "3d":
+        return torch.randn(2, m, k, generator=gen).to(dtype)
+    if layout == "noncontig":
+        return torch.randn(m, 2 * k, generator=gen).to(dtype)[:, ::2]
+    return torch.randn(m, k, generator=gen).to(dtype)
+
+
+def sparse24_args(n, k, dtype, gen, bias=True):
+    w = torch.randn(n, k, generator=gen)
+    values, meta = formats.compress_2_4(w)
+    b = torch.randn(n, generator=gen) if bias else None
+    return values.to(dtype), meta, b
+
+
+def blocksparse_args(n, k, block, sparsity, dtype, gen, bias=True):
+    w = torch.randn(n, k, generator=gen)
+    blocks, row_ptr, col_idx = formats.dense_to_blocksparse(w, block, formats.prune_blocks(w, block, sparsity))
+    b = torch.randn(n, generator=gen) if bias else None
+    return blocks.to(dtype), row_ptr, col_idx, b
+
+
+def slow_triton(backend, m, dtype):
+    # seconds per call in the interpreter: one case per shape here, the rest in tests/test_triton.py
+    if backend == "triton" and (m != 3 or dtype != torch.float32):
+        pytest.skip("the Triton interpreter is slow: only M=3 fp32 here, tests/test_triton.py covers the rest")
+
+
+# =================================================================== 2:4
+
+
+@pytest.mark.parametrize("backend", backends_for("linear_sparse24"))
+@pytest.mark.parametrize("m", M_SIZES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("layout,n,k,bias", [("contig", 37, 52, True), ("3d", 67, 300, False),
+                                             ("noncontig", 29, 100, True)])
+def test_sparse24_matches_reference(gen, backend, m, dtype, layout, n, k, bias):
+    slow_triton(backend, m, dtype)
+    x = make_x(m, k, dtype, gen, layout)
+    values, meta, b = sparse24_args(n, k, dtype, gen, bias)
+    with fastkern.use_backend(backend):
+        out = torch.ops.fastkern.linear_sparse24(x, values, meta, b)
+    assert_close_rel(out, ops.linear_sparse24_ref(x, values, meta, b), dtype)
+
+
+def assert_close_elementwise(out, x, dense_w, bias, dtype):
+    """|out - exact| <= tol * sum|x w| per element (robust for single short dot products)."""
+    prod = x.double()[:, None, :] * dense_w.double()[None, :, :]
+    exact = prod.sum(-1) + (bias.double() if bias is not None else 0)
+    bound = prod.abs().sum(-1) * tol(dtype) + (exact.abs() * tol(dtype))
+    assert out.dtype == dtype and out.shape == exact.shape
+    diff = (out.double() - exact).abs()
+    assert bool((diff <= bound).all()), "max excess %.3g" % (diff - bound).max().item()
+
+
+@needs_cpu24
+@pytest.mark.parametrize("isa", cpu_isas(), indirect=True)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_sparse24_every_tail(gen, isa, dtype):
+    """Small-M rows (tiles of 4 rows, pairs of x rows), the 16-wide chunks of K and their
+    1..3-group tails, and the GEMM path's tails (M > 4)."""
+    full = dtype == torch.float32
+    for m in range(1, 14) if full else (1, 3, 7):
+        for n in (1, 2, 3, 4, 5, 7, 17) if full else (1, 6, 17):
+            for k in (4, 8, 12, 16, 20, 28, 36, 260) if full else (12, 36, 260):
+                x = torch.randn(m, k, generator=gen).to(dtype)
+                values, meta, b = sparse24_args(n, k, dtype, gen, bias=(n % 2 == 0))
+                out = torch.ops.fastkern_C.linear_sparse24(x, values, meta, b)
+                assert_close_elementwise(out, x, formats.decompress_2_4(values, meta), b, dtype)
+
+
+@needs_cpu24
+@pytest.mark.parametrize("isa", cpu_isas(), indirect=True)
+@pytest.mark.parametrize("m", [1, 3, 9])
+def test_sparse24_meta_high_bits_ignored(gen, isa, m):
+    """Only the low 4 bits of a meta byte hold positions: set the high ones, same result."""
+    x = torch.randn(m, 64, generator=gen)
+    values, meta, b = sparse24_args(33, 64, torch.float32, gen)
+    out = torch.ops.fastkern_C.linear_sparse24(x, values, meta | 0xF0, b)
+    assert_close_rel(out, ops.linear_sparse24_ref(x, values, meta, b), torch.float32)
+
+
+@needs_cpu24
+@pytest.mark.parametrize("isa", cpu_isas(), indirect=True)
+@pytest.mark.parametrize("m", [1, 9])
+def test_sparse24_garbage_meta_stays_in_bounds(gen, isa, m):
+    """Any meta byte selects positions inside its own group of 4: finite inputs give finite
+    outputs of the right shape, and a run on all-255 meta equals position 3 twice."""
+    x = torch.randn(m, 64, generator=gen)
+    values, _, _ = sparse24_args(20, 64, torch.float32, gen)
+    meta = torch.randint(0, 256, (20, 16), generator=gen, dtype=torch.uint8)
+    out = torch.ops.fastkern_C.linear_sparse24(x, values, meta, None)
+    assert out.shape == (m, 20) and bool(torch.isfinite(out).all())
+    out = torch.ops.fastkern_C.linear_sparse24(x, values, torch.full((20, 16), 255, dtype=torch.uint8), None)
+    v = values.reshape(20, 16, 2)
+    x3 = x.reshape(m, 16, 4)[..., 3]
+    if m <= 4:  # the streaming kernel adds both kept values
+        expected = torch.einsum("mg,ng->mn", x3, v.sum(-1))
+    else:  # the GEMM path expands into a dense row: the second value lands last
+        expected = torch.einsum("mg,ng->mn", x3, v[..., 1])
+    assert_close_rel(out, expected, torch.float32)
+
+
+@needs_cpu24
+@pytest.mark.parametrize("m", [1, 3, 200])
+def test_sparse24_same_result_for_1_and_2_threads(gen, m):
+    x = torch.randn(m, 704, generator=gen)
+    values, meta, b = sparse24_args(333, 704, torch.float32, gen)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.fastkern_C.linear_sparse24(x, values, meta, b)
+        torch.set_num_threads(2)
+        two = torch.ops.fastkern_C.linear_sparse24(x, values, meta, b)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(one, two)
+
+
+@needs_cpu24
+@pytest.mark.parametrize("m", [1, 9])
+def test_sparse24_nan_propagates(gen, m):
+    x = torch.randn(m, 64, generator=gen)
+    values, meta, b = sparse24_args(20, 64, torch.float32, gen)
+    x[0, 5] = float("nan")
+    values[3, 0] = float("inf")
+    out = torch.ops.fastkern_C.linear_sparse24(x, values, meta, b)
+    ref = ops.linear_sparse24_ref(x, values, meta, b)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    assert torch.equal(torch.isinf(out), torch.isinf(ref))
+
+
+@needs_cpu24
+@pytest.mark.parametrize("op", ["fastkern", "fastkern_C"])
+@pytest.mark.parametrize("m", [1, 9])
+def test_sparse24_opcheck(gen, op, m):
+    values, meta, b = sparse24_args(10, 32, torch.float32, gen)
+    args = (torch.randn(m, 32, generator=gen), values, meta, b)
+    torch.library.opcheck(getattr(torch.ops, op).linear_sparse24, args)
+
+
+@needs_cpu24
+def test_sparse24_bad_inputs_clear_errors(gen):
+    values, meta, b = sparse24_args(10, 32, torch.float32, gen)
+    x = torch.randn(3, 32, generator=gen)
+    C = torch.ops.fastkern_C.linear_sparse24
+    with pytest.raises(RuntimeError, match=r"x \(shape \[3, 36\].*K=32"):
+        C(torch.randn(3, 36), values, meta, b)
+    with pytest.raises(RuntimeError, match=r"values .*dtype Half.*must have the dtype of x"):
+        C(x, values.half(), meta, b)
+    with pytest.raises(RuntimeError, match=r"meta \(shape \[10, 7\].*\[10, 8\]"):
+        C(x, values, meta[:, :7], b)
+    with pytest.raises(RuntimeError, match=r"meta .*uint8"):
+        C(x, values, meta.int(), b)
+    with pytest.raises(RuntimeError, match=r"bias \(shape \[9\].*\[10\]"):
+        C(x, values, meta, b[:9])
+    with pytest.raises(RuntimeError, match="K divisible by 4"):
+        C(torch.randn(3, 6), torch.randn(10, 3), torch.zeros(10, 1, dtype=torch.uint8), None)
+    with fastkern.use_backend("cpu"):
+        with pytest.raises(ValueError, match="K=32"):
+            torch.ops.fastkern.linear_sparse24(torch.randn(3, 36), values, meta, b)
+
+
+# =================================================================== block-sparse
+
+@pytest.mark.parametrize("backend", backends_for("linear_blocksparse"))
+@pytest.mark.parametrize("m", M_SIZES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("block,layout,n,k,bias", [
+    ((16, 16), "contig", 37, 53, True), ((4, 8), "3d", 67, 300, False),
+    ((1, 32), "noncontig", 29, 70, True), ((3, 5), "contig", 31, 77, False), ((16, 16), "3d", 50, 200, True),
+], ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_blocksparse_matches_reference(gen, backend, m, dtype, block, layout, n, k, bias):
+    slow_triton(backend, m, dtype)
+    x = make_x(m, k, dtype, gen, layout)
+    blocks, row_ptr, col_idx, b = blocksparse_args(n, k, block, 0.7, dtype, gen, bias)
+    with fastkern.use_backend(backend):
+        out = torch.ops.fastkern.linear_blocksparse(x, blocks, row_ptr, col_idx, n, b)
+    assert_close_rel(out, ops.linear_blocksparse_ref(x, blocks, row_ptr, col_idx, n, b), dtype)
+
+
+@needs_cpubs
+@pytest.mark.parametrize("isa", cpu_isas(), indirect=True)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("block", [(16, 16), (6, 8), (1, 32), (3, 5), (7, 19)], ids=lambda b: "%dx%d" % b)
+def test_blocksparse_every_tail(gen, isa, dtype, block):
+    """Rows of a block row in tiles (4 rows small M, 6/4 rows larger M) with their tails,
+    k chunks of 8 with their tails, the last block column cut at K, M tiles of 16/8."""
+    bn, bk = block
+    for m in (1, 2, 3, 4, 5, 8, 17, 33) if dtype == torch.float32 else (1, 3, 17):
+        for n in (1, bn, bn + 1, 2 * bn + 5):
+            for k in (1, bk - 1, bk + 3, 3 * bk + 7):
+                if k <= 0:
+                    continue
+                x = torch.randn(m, k, generator=gen).to(dtype)
+                blocks, row_ptr, col_idx, b = blocksparse_args(n, k, block, 0.5, dtype, gen, bias=(n % 2 == 1))
+                out = torch.ops.fastkern_C.linear_blocksparse(x, blocks, row_ptr, col_idx, n, b)
+                dense = formats.blocksparse_to_dense(blocks, row_ptr, col_idx, (n, k))
+                assert_close_elementwise(out, x, dense, b, dtype)
+
+
+@needs_cpubs
+@pytest.mark.parametrize("isa", cpu_isas(), indirect=True)
+@pytest.mark.parametrize("m", [1, 3, 40])
+def test_blocksparse_padding_never_read(gen, isa, m):
+    """Weights past K in the last block column (padding) and empty block rows: NaN in the
+    padding must not reach the result, empty rows give just the bias."""
+    n, k, block = 40, 37, (8, 16)
+    x = torch.randn(m, k, generator=gen)
+    w = torch.randn(n, k, generator=gen)
+    w[8:16] = 0  # an empty block row
+    blocks, row_ptr, col_idx = formats.dense_to_blocksparse(w, block)
+    last = col_idx == (k - 1) // 16
+    blocks[last, :, k % 16:] = float("nan")
+    b = torch.randn(n, generator=gen)
+    out = torch.ops.fastkern_C.linear_blocksparse(x, blocks, row_ptr, col_idx, n, b)
+    assert_close_rel(out, ops.linear_blocksparse_ref(x, blocks, row_ptr, col_idx, n, b), torch.float32)
+    assert torch.equal(out[:, 8:16], b[8:16].expand(m, 8))
+
+
+@needs_cpubs
+@pytest.mark.parametrize("m", [1, 3, 200])
+def test_blocksparse_same_result_for_1_and_2_threads(gen, m):
+    x = torch.randn(m, 700, generator=gen)
+    blocks, row_ptr, col_idx, b = blocksparse_args(333, 700, (16, 16), 0.8, torch.float32, gen)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.fastkern_C.linear_blocksparse(x, blocks, row_ptr, col_idx, 333, b)
+        torch.set_num_threads(2)
+        two = torch.ops.fastkern_C.linear_blocksparse(x, blocks, row_ptr, col_idx, 333, b)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(one, two)
+
+
+@needs_cpubs
+@pytest.mark.parametrize("m", [1, 9])
+def test_blocksparse_nan_propagates(gen, m):
+    x = torch.randn(m, 64, generator=gen)
+    blocks, row_ptr, col_idx, b = blocksparse_args(32, 64, (8, 8), 0.5, torch.float32, gen)
+    x[0, int(col_idx[0]) * 8] = float("nan")
+    blocks[1, 2, 3] = float("inf")
+    out = torch.ops.fastkern_C.linear_blocksparse(x, blocks, row_ptr, col_idx, 32, b)
+    ref = ops.linear_blocksparse_ref(x, blocks, row_ptr, col_idx, 32, b)
+    assert bool(torch.isnan(out).any())
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    assert torch.equal(torch.isinf(out), torch.isinf(ref))
+
+
+@needs_cpubs
+def test_blocksparse_empty_dims(gen):
+    blocks, row_ptr, col_idx, b = blocksparse_args(20, 30, (4, 8), 0.5, torch.float32, gen)
+    out = torch.ops.fastkern_C.linear_blocksparse(torch.randn(2, 0, 30), blocks, row_ptr, col_idx, 20, b)
+    assert out.shape == (2, 0, 20)
+    empty = torch.zeros(0, 4, 8)
+    out = torch.ops.fastkern_C.linear_blocksparse(torch.randn(3, 30), empty, torch.zeros(6, dtype=torch.long),
+                                                  torch.zeros(0, dtype=torch.long), 20, b)
+    assert torch.equal(out, b.expand(3, 20))
+
+
+@needs_cpubs
+@pytest.mark.parametrize("op", ["fastkern", "fastkern_C"])
+@pytest.mark.parametrize("m", [1, 9])
+def test_blocksparse_opcheck(gen, op, m):
+    blocks, row_ptr, col_idx, b = blocksparse_args(20, 30, (4, 8), 0.5, torch.float32, gen)
+    args = (torch.randn(m, 30, generator=gen), blocks, row_ptr, col_idx, 20, b)
+    torch.library.opcheck(getattr(torch.ops, op).linear_blocksparse, args)
+
+
+@needs_cpubs
+def test_blocksparse_bad_inputs_clear_errors(gen):
+    blocks, row_ptr, col_idx, b = blocksparse_args(20, 30, (4, 8), 0.5, torch.float32, gen)
+    x = torch.randn(3, 30, generator=gen)
+    C = torch.ops.fastkern_C.linear_blocksparse
+    bad = col_idx.clone()
+    bad[2] = 4  # K=30 has 4 block columns of width 8: 0..3
+    with pytest.raises(RuntimeError, match=r"col_idx\[2\]=4 is out of range.*K=30"):
+        C(x, blocks, row_ptr, bad, 20, b)
+    bad[2] = -1
+    with pytest.raises(RuntimeError, match=r"col_idx\[2\]=-1 is out of range"):
+        C(x, blocks, row_ptr, bad, 20, b)
+    rp = row_ptr.clone()
+    rp[2] = int(rp[3]) + 1
+    with pytest.raises(RuntimeError, match="row_ptr must be non-decreasing"):
+        C(x, blocks, rp, col_idx, 20, b)
+    rp = row_ptr.clone()
+    rp[-1] += 1
+    with pytest.raises(RuntimeError, match="row_ptr must start at 0 and end at nnz_blocks"):
+        C(x, blocks, rp, col_idx, 20, b)
+    with pytest.raises(RuntimeError, match=r"row_ptr \(shape \[5\].*\[6\]"):
+        C(x, blocks, row_ptr[:5], col_idx, 20, b)
+    with pytest.raises(RuntimeError, match=r"col_idx .*int64"):
+        C(x, blocks, row_ptr, col_idx.int(), 20, b)
+    with pytest.raises(RuntimeError, match=r"blocks .*dtype BFloat16.*must have the dtype of x"):
+        C(x, blocks.bfloat16(), row_ptr, col_idx, 20, b)
+    with pytest.raises(RuntimeError, match=r"blocks .*3-D"):
+        C(x, blocks[0], row_ptr, col_idx, 20, b)
+    with fastkern.use_backend("cpu"):
+        bad = col_idx.clone()
+        bad[0] = 99
+        with pytest.raises(RuntimeError, match="col_idx"):
+            torch.ops.fastkern.linear_blocksparse(x, blocks, row_ptr, bad, 20, b)
