@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from fastkern import formats
-from fastkern.bench.impls import Impl, _copies
+from fastkern.bench.impls import CopyPool, Impl
 from fastkern.bench.inputs import clone_args, make_activation, tensor_bytes
 from fastkern.bench.shapes import DEFAULT_PARAMS, DTYPE_NAMES
 
@@ -38,23 +38,29 @@ class PeerSpec:
     device: str
     ops: Tuple[str, ...]  # the fastkern ops it is compared with
     act_dtype: torch.dtype
-    build: Callable[[torch.Tensor, int], tuple]  # (w fp32 [N, K] on device, m) -> state
+    build: Callable[[torch.Tensor], tuple]  # w fp32 [N, K] on the device -> state (one weight copy)
     call: Callable[[torch.Tensor, tuple], torch.Tensor]
     clone: Optional[Callable[[tuple], tuple]] = clone_args  # None: build again for each copy
     weight_bytes: Optional[Callable[[tuple], int]] = None
+    applies: Optional[Callable[[int, int, int, str], Optional[str]]] = None  # (n, k, m, device) -> reason or None
 
-    def impl(self, w: torch.Tensor, m: int, device="cpu", seed: int = 1) -> Impl:
+    def pool(self, w: torch.Tensor) -> CopyPool:
+        return CopyPool(lambda: self.build(w), self.clone)
+
+    def impl(self, w: torch.Tensor, m: int, device="cpu", seed: int = 1, pool: Optional[CopyPool] = None) -> Impl:
         n, k = w.shape
-        x = make_activation(m, k, self.act_dtype, seed, device)
-        make_copy = _copies(lambda: self.build(w, m), self.clone)
-        make_copy()  # build now: an unavailable peer fails here, before anything is timed
+        reason = self.applies(n, k, m, device) if self.applies else None
+        if reason:
+            raise PeerUnavailable(reason)
+        pool = pool or self.pool(w)
+        pool.get(0)  # build now: an unavailable peer fails here, before anything is timed
         return Impl(
             name=self.name,
             short=self.short,
             kind="peer",
             dtype=DTYPE_NAMES[self.act_dtype],
-            x=x,
-            make_copy=make_copy,
+            x=make_activation(m, k, self.act_dtype, seed, device),
+            pool=pool,
             call=self.call,
             flops=2 * m * n * k,
             weight_bytes=self.weight_bytes or tensor_bytes,
@@ -93,7 +99,7 @@ def _int4_scales_and_zeros(w, group_size):
 
 
 def _linear_build(dtype):
-    def build(w, m):
+    def build(w):
         return (w.to(dtype).contiguous(),)
 
     return build
@@ -103,7 +109,7 @@ def _linear_call(x, state):
     return F.linear(x, state[0])
 
 
-def _fbgemm_build(w, m):
+def _fbgemm_build(w):
     n, k = w.shape
     q, s = formats.quantize_int8(w)
     with _quant_engine("fbgemm"), warnings.catch_warnings():
@@ -121,7 +127,7 @@ def _fbgemm_call(x, state):
     return state[0](x)
 
 
-def _int8pack_build(w, m):
+def _int8pack_build(w):
     _needs(hasattr(torch, "_weight_int8pack_mm"), "torch._weight_int8pack_mm is not in this torch")
     q, s = formats.quantize_int8(w)
     return (q, s.to(torch.bfloat16))
@@ -131,7 +137,7 @@ def _int8pack_call(x, state):
     return torch._weight_int8pack_mm(x, state[0], state[1])
 
 
-def _int4pack_cpu_build(w, m):
+def _int4pack_cpu_build(w):
     _needs(hasattr(torch, "_weight_int4pack_mm_for_cpu"), "torch._weight_int4pack_mm_for_cpu is not in this torch")
     gs = DEFAULT_PARAMS["group_size"]
     n, k = w.shape
@@ -146,14 +152,18 @@ def _int4pack_cpu_call(x, state):
     return torch._weight_int4pack_mm_for_cpu(x, state[0], DEFAULT_PARAMS["group_size"], state[1])
 
 
-def _int_mm_build(w, m):
+def _int_mm_build(w):
     _needs(hasattr(torch, "_int_mm"), "torch._int_mm is not in this torch")
-    if w.is_cuda:
-        n, k = w.shape
-        _needs(m > 16, "torch._int_mm on CUDA needs M > 16, got M=%d" % m)
-        _needs(k % 8 == 0 and n % 8 == 0, "torch._int_mm on CUDA needs N and K multiples of 8")
     q, _ = formats.quantize_int8(w)
     return (q,)
+
+
+def _int_mm_applies(n, k, m, device):
+    if device == "cuda" and m <= 16:
+        return "torch._int_mm on CUDA needs M > 16, got M=%d" % m
+    if device == "cuda" and (k % 8 or n % 8):
+        return "torch._int_mm on CUDA needs N and K multiples of 8, got N=%d K=%d" % (n, k)
+    return None
 
 
 def _int_mm_call(x, state):
@@ -180,7 +190,7 @@ CPU_PEERS = [
 # Written for CUDA builds of torch on sm80+; every failure becomes a reported reason.
 
 
-def _int4pack_cuda_build(w, m):
+def _int4pack_cuda_build(w):
     _needs(hasattr(torch, "_weight_int4pack_mm"), "torch._weight_int4pack_mm is not in this torch")
     gs = DEFAULT_PARAMS["group_size"]
     n, k = w.shape
@@ -197,7 +207,7 @@ def _int4pack_cuda_call(x, state):
     return torch._weight_int4pack_mm(x, state[0], DEFAULT_PARAMS["group_size"], state[1])
 
 
-def _semi_structured_build(w, m):
+def _semi_structured_build(w):
     try:
         from torch.sparse import to_sparse_semi_structured
     except ImportError as e:
@@ -224,7 +234,7 @@ GPU_PEERS = [
     PeerSpec("cuBLAS bf16", "bf16", "cuda", ("gemm",) + LINEAR_FAMILY, torch.bfloat16,
              _linear_build(torch.bfloat16), _linear_call),
     PeerSpec("torch._int_mm", "_int_mm", "cuda", ("int8_gemm", "linear_w8a8"), torch.int8,
-             _int_mm_build, _int_mm_call),
+             _int_mm_build, _int_mm_call, applies=_int_mm_applies),
     PeerSpec("torch int4pack (bf16)", "int4pack", "cuda", ("linear_w4a16",), torch.bfloat16,
              _int4pack_cuda_build, _int4pack_cuda_call),
     PeerSpec("2:4 semi-structured fp16", "cusparselt", "cuda", ("linear_sparse24",), torch.float16,

@@ -22,7 +22,7 @@ import torch
 from fastkern import ops as fk_ops
 from fastkern.bench import ceilings as ceil_mod
 from fastkern.bench import targets
-from fastkern.bench.impls import Impl, fastkern_impl
+from fastkern.bench.impls import CopyPool, Impl, fastkern_impl, fastkern_pool
 from fastkern.bench.inputs import make_activation, make_weight, tensor_bytes
 from fastkern.bench.peers import PeerSpec, PeerUnavailable, peers_for
 from fastkern.bench.shapes import Case, group_by_weight
@@ -173,10 +173,10 @@ def _rel_err(out: torch.Tensor, ref: Optional[torch.Tensor]) -> Optional[float]:
 
 def measure(impl: Impl, device: str, llc: int, cfg: RunConfig, ref: Optional[torch.Tensor] = None) -> dict:
     """Time one implementation; returns the numeric fields of its entry."""
-    first = impl.make_copy()
+    first = impl.pool.get(0)
     copy_bytes = impl.weight_bytes(first)
     ncopies = copies_needed(copy_bytes, llc, cfg.max_copies)
-    copies = [first] + [impl.make_copy() for _ in range(ncopies - 1)]
+    copies = [impl.pool.get(i) for i in range(ncopies)]
     with impl.context():
         out = impl.call(impl.x, first)
         t = time_rotator(Rotator(impl.call, impl.x, copies), device, cfg.min_run_time)
@@ -235,6 +235,7 @@ def run_benchmark(cases: Sequence[Case], cfg: RunConfig, *, argv=None,
     results: List[dict] = []
     weights: Dict[tuple, torch.Tensor] = {}
     refs: Dict[tuple, torch.Tensor] = {}
+    pools: Dict[tuple, CopyPool] = {}  # formats of the current weight, shared across M and backends
 
     interrupted = False
     for i, task in enumerate(tasks):
@@ -243,8 +244,10 @@ def run_benchmark(cases: Sequence[Case], cfg: RunConfig, *, argv=None,
         if on_task:
             on_task(i, len(tasks), task.label)
         if (task.n, task.k) not in weights:
-            weights.clear()  # one float weight alive at a time
+            weights.clear()  # one float weight (and its formats) alive at a time
             refs.clear()
+            pools.clear()
+            gc.collect()
             weights[(task.n, task.k)] = make_weight(task.n, task.k, cfg.seed, device)
         w = weights[(task.n, task.k)]
         key = (task.n, task.k, task.m)
@@ -258,10 +261,16 @@ def run_benchmark(cases: Sequence[Case], cfg: RunConfig, *, argv=None,
                 if reason is not None:
                     entry.update(status="skipped", reason=reason)
                 else:
-                    impl = fastkern_impl(task.case, task.backend, w, device, cfg.seed + 1)
+                    pkey = ("fastkern", task.case.op, task.case.dtype, task.case.params)
+                    if pkey not in pools:
+                        pools[pkey] = fastkern_pool(task.case, w)
+                    impl = fastkern_impl(task.case, task.backend, w, device, cfg.seed + 1, pool=pools[pkey])
                     entry.update(measure(impl, device, llc, cfg, refs.get(key)))
             else:
-                impl = task.peer.impl(w, task.m, device, cfg.seed + 1)
+                pkey = ("peer", task.peer.name)
+                if pkey not in pools:
+                    pools[pkey] = task.peer.pool(w)
+                impl = task.peer.impl(w, task.m, device, cfg.seed + 1, pool=pools[pkey])
                 entry.update(measure(impl, device, llc, cfg, refs.get(key)))
         except PeerUnavailable as e:
             entry.update(status="skipped", reason=str(e))
@@ -275,7 +284,6 @@ def run_benchmark(cases: Sequence[Case], cfg: RunConfig, *, argv=None,
             _roofline(entry, ceilings, task.case.op if task.kind == "fastkern" else _peer_op(task))
         results.append(entry)
         impl = None
-        gc.collect()
 
     if on_task and not interrupted:
         on_task(len(tasks), len(tasks), "done")
