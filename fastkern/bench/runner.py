@@ -66,6 +66,7 @@ def metadata(device: str, argv: Optional[Sequence[str]] = None) -> dict:
     d["argv"] = list(argv) if argv is not None else sys.argv[1:]
     d["quantized_engine"] = torch.backends.quantized.engine
     d["threads"] = torch.get_num_threads()
+    d["cpu_cores"] = os.cpu_count()
     try:
         d["loadavg_start"] = list(os.getloadavg())
     except OSError:
