@@ -343,6 +343,9 @@ def kernel(op: str, backend: str) -> Callable:
 # ------------------------------------------------------------------- registration
 
 _lib = torch.library.Library("fastkern", "DEF")
+# fakes of the native ops go through a library of their own namespace: register_fake
+# with a library of another namespace files the kernel under that library's name
+_lib_C = torch.library.Library("fastkern_C", "FRAGMENT") if _ext._C is not None else None
 
 
 def _first_tensor(args):
@@ -378,7 +381,7 @@ for _spec in OPS.values():
     torch.library.register_fake("fastkern::" + _spec.name, _make_fake(_spec), lib=_lib)
     if _ext._C is not None:
         # the native kernels share the public schemas; their fakes are the same
-        torch.library.register_fake("fastkern_C::" + _spec.name, _make_fake(_spec), lib=_lib)
+        torch.library.register_fake("fastkern_C::" + _spec.name, _make_fake(_spec), lib=_lib_C)
 
 
 def _public(name):

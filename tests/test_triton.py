@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import fastkern as fk
-from conftest import FLOAT_DTYPES, assert_close_rel, tol
+from conftest import FLOAT_DTYPES, assert_close_rel, rel_err, tol
 from fastkern import formats, ops
 
 triton = pytest.importorskip("triton")
@@ -291,7 +291,6 @@ def test_nonfinite_inputs_propagate(op, m, gen):
 def test_blocksparse_nonfinite_meets_skipped_blocks(block, gen):
     # to the reference a skipped block is zeros and 0 * inf = nan: outputs of block rows
     # that do not store the block under a non-finite input must be NaN, the others not
-    w = torch.randn(48, 96, generator=gen)
     args = op_args("linear_blocksparse", torch.randn(6, 96, generator=gen), 48, gen, True, block=block)
     x, blocks, row_ptr, col_idx = args[0].clone(), args[1].clone(), args[2], args[3]
     x[0, int(col_idx[0]) * block[1] + 1] = float("inf")  # a column stored by block row 0 only (likely)
@@ -306,7 +305,6 @@ def test_blocksparse_nonfinite_meets_skipped_blocks(block, gen):
     assert not ref[0].isnan().all()  # the case is not trivially "whole row NaN"
     fin = ref.isfinite()
     assert_close_rel(out[fin], ref[fin], torch.float32)
-    del w
 
 
 # -------------------------------------------------------------------- plumbing
@@ -458,8 +456,6 @@ def test_gpu_every_candidate_config_is_correct(case, gen):
             assert torch.equal(out, ref), cfg
         else:
             assert out.shape == ref.shape
-            from conftest import rel_err
-
             assert rel_err(out, ref) <= tol(torch.float16), cfg
 
 

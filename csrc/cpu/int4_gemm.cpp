@@ -2,20 +2,19 @@
 // DESIGN §3: w uint8 [N, K/2] low nibble first, scales [N, K/g], zeros uint8
 // [N, K/g], w = (q - zero) * scale).
 //
-// Small M (AVX2): the weight streams once from memory, 4 bits per value, which
-// is the whole cost at M = 1. Activations stay fp32 (the 1e-5 contract rules
-// out int8 activations), so the work per weight is nibble -> fp32 -> FMA; the
-// scale multiplies each group's partial sum once. Each 16-byte load holds 32
-// nibbles; widened to 8 x 32-bit lanes, lane j holds the nibbles of k = 4j..4j+3,
-// so one uniform shift + mask gives 8 values for k = 4j + t. The activations
-// are permuted once per call to that order (and zero-padded per group), which
-// keeps the canonical weight layout usable as is, with no repacked copy.
+// Small M (AVX2), where streaming the weight once is the whole cost at M = 1:
+// a GEMV over the canonical layout as is (no repacked copy), with fp32
+// activations (exact (q - z), FMA; the 1e-5 fp32 contract rules out integer
+// activations) or, for fp16/bf16 activations, int16 activations and vpmaddwd.
+// The activations are permuted once per call into the order the widened weight
+// words produce, zero-padded per group. Details at each kernel.
 //
 // Larger M and the generic path dequantize a cache-sized panel exactly as the
 // reference does ((q - z) * s in fp32) and run fp32 dot tiles over all rows.
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <vector>
 
 #include "cpu/quant_common.h"
@@ -123,85 +122,79 @@ void w4_panel_gemm(const W4& p, int64_t N, int64_t K, const float* X, int64_t ld
   });
 }
 
-// ------------------------------------------------------------------ GEMV (AVX2)
+// ------------------------------------------------------------------ GEMV, fp32 activations (AVX2)
+//
+// Each 16-byte load holds 32 nibbles; widened to 8 x 32-bit lanes, lane j holds
+// the nibbles of k = 4j..4j+3. Instead of shift + mask + int->float convert per
+// 8 values (the convert and the shifts share two of Zen's four vector pipes),
+// the exponent of 2^23 is OR-ed into every lane once, and one AND per t keeps
+// that exponent and nibble t in place: the lane reads as the float
+// 2^23 + q * 16^t, and subtracting 2^23 + z * 16^t leaves (q - z) * 16^t
+// exactly. The activations of slot t are pre-scaled by 16^-t (exact, a power of
+// two), so the FMA adds (q - z) * x.
 
 #if FASTKERN_X86
-// One 32-weight block of NR rows against MR rows of permuted activations x
-// (x[i * ldx + 8 t + j] is the activation of k = 4 j + t). q - z is exact in
-// fp32, so the sum is as accurate as the reference's; folding z out of the loop
-// (sum q x - z sum x) saves the subtraction but cancels badly for long groups.
-template <int MR, int NR>
-FASTKERN_AVX2 inline void w4_block(__m256 (&acc)[MR][NR], const __m256 (&vz)[NR], const uint8_t* const* wp,
-                                   const float* x, int64_t ldx) {
-  const __m256i m4 = _mm256_set1_epi32(0x0F);
-  for (int j = 0; j < NR; ++j) {
-    __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wp[j])));
-    __m256 q0 = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, m4)), vz[j]);
-    __m256 q1 = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 4), m4)), vz[j]);
-    __m256 q2 = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 8), m4)), vz[j]);
-    __m256 q3 = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 12)), vz[j]);
-    for (int i = 0; i < MR; ++i) {
-      const float* xi = x + i * ldx;
-      acc[i][j] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(xi), acc[i][j]);
-      acc[i][j] = _mm256_fmadd_ps(q1, _mm256_loadu_ps(xi + 8), acc[i][j]);
-      acc[i][j] = _mm256_fmadd_ps(q2, _mm256_loadu_ps(xi + 16), acc[i][j]);
-      acc[i][j] = _mm256_fmadd_ps(q3, _mm256_loadu_ps(xi + 24), acc[i][j]);
-    }
+constexpr int kAcc1 = 4;  // accumulators per x row when MR = 1 (FMA latency x throughput)
+
+template <int MR>
+FASTKERN_AVX2 inline void w4f_block(__m256 (&acc)[MR][kAcc1], const __m256 (&c)[4], const uint8_t* wp,
+                                    const float* x, int64_t ldx) {
+  constexpr int A = MR == 1 ? kAcc1 : 1;
+  const __m256i magic = _mm256_set1_epi32(0x4B000000);
+  __m256i v = _mm256_or_si256(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wp))), magic);
+  for (int t = 0; t < 4; ++t) {
+    const __m256i mask = _mm256_set1_epi32(0x4B000000 | (0xF << (4 * t)));
+    __m256 d = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_and_si256(v, mask)), c[t]);
+    for (int i = 0; i < MR; ++i) acc[i][t % A] = _mm256_fmadd_ps(d, _mm256_loadu_ps(x + i * ldx + 8 * t), acc[i][t % A]);
   }
 }
 
-// Rows n .. n + NR of the weight against MR rows of x. XP: permuted activations,
-// row stride ldxp, G * nbg blocks of 32.
-template <int MR, int NR>
-FASTKERN_AVX2 void w4_gemv_avx2(const W4& p, int64_t n, const float* XP, int64_t ldxp, float* Y, int64_t ldy) {
+// Weight row n against MR rows of permuted activations XP (row stride ldxp).
+template <int MR>
+FASTKERN_AVX2 void w4f_gemv_row(const W4& p, int64_t n, const float* XP, int64_t ldxp, float* Y, int64_t ldy) {
+  constexpr int A = MR == 1 ? kAcc1 : 1;
   const int64_t g = p.g, nfull = g / 32, rem = g % 32, nbg = nfull + (rem > 0);
-  __m256 tot[MR][NR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) tot[i][j] = _mm256_setzero_ps();
-  alignas(16) uint8_t tail[NR][16];
-  for (int j = 0; j < NR; ++j) std::memset(tail[j], 0, 16);
+  __m256 tot[MR];
+  for (int i = 0; i < MR; ++i) tot[i] = _mm256_setzero_ps();
+  alignas(16) uint8_t tail[16] = {0};
+  const uint8_t* wrow = p.w + n * p.ldw;
   for (int64_t gi = 0; gi < p.G; ++gi) {
-    __m256 acc[MR][NR], vz[NR];
+    __m256 acc[MR][kAcc1];
     for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
-    for (int j = 0; j < NR; ++j) vz[j] = _mm256_set1_ps(float(p.z[(n + j) * p.G + gi]));
+      for (int a = 0; a < A; ++a) acc[i][a] = _mm256_setzero_ps();
+    const float z = float(p.z[n * p.G + gi]);
+    __m256 c[4];
+    for (int t = 0; t < 4; ++t) c[t] = _mm256_set1_ps(8388608.0f + z * float(1 << (4 * t)));
     const float* xg = XP + gi * nbg * 32;
-    const uint8_t* wp[NR];
-    for (int j = 0; j < NR; ++j) wp[j] = p.w + (n + j) * p.ldw + gi * (g / 2);
-    for (int64_t b = 0; b < nfull; ++b) {
-      w4_block<MR, NR>(acc, vz, wp, xg + b * 32, ldxp);
-      for (int j = 0; j < NR; ++j) wp[j] += 16;
-    }
+    const uint8_t* wg = wrow + gi * (g / 2);
+    for (int64_t b = 0; b < nfull; ++b) w4f_block<MR>(acc, c, wg + b * 16, xg + b * 32, ldxp);
     if (rem) {
-      // The padding nibbles are 0 and meet zero activations: (0 - z) * 0 adds nothing.
-      const uint8_t* tp[NR];
-      for (int j = 0; j < NR; ++j) {
-        std::memcpy(tail[j], wp[j], rem / 2);
-        tp[j] = tail[j];
-      }
-      w4_block<MR, NR>(acc, vz, tp, xg + nfull * 32, ldxp);
+      // padding nibbles meet zero activations and add nothing
+      std::memcpy(tail, wg + nfull * 16, rem / 2);
+      w4f_block<MR>(acc, c, tail, xg + nfull * 32, ldxp);
     }
-    for (int j = 0; j < NR; ++j) {
-      const __m256 vs = _mm256_set1_ps(p.s[(n + j) * p.G + gi]);
-      for (int i = 0; i < MR; ++i) tot[i][j] = _mm256_fmadd_ps(vs, acc[i][j], tot[i][j]);
+    const __m256 vs = _mm256_set1_ps(p.s[n * p.G + gi]);
+    for (int i = 0; i < MR; ++i) {
+      __m256 sum = acc[i][0];
+      if (A == 4) sum = _mm256_add_ps(_mm256_add_ps(acc[i][0], acc[i][1]), _mm256_add_ps(acc[i][2], acc[i][3]));
+      tot[i] = _mm256_fmadd_ps(vs, sum, tot[i]);
     }
   }
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) Y[i * ldy + n + j] = hsum8_avx2(tot[i][j]);
+  for (int i = 0; i < MR; ++i) Y[i * ldy + n] = hsum8_avx2(tot[i]);
 }
 
-template <int MR, int NR>
-void w4_gemv_rows(const W4& p, const float* XP, int64_t ldxp, float* Y, int64_t ldy, int64_t n0, int64_t n1) {
-  int64_t n = n0;
-  for (; n + NR <= n1; n += NR) w4_gemv_avx2<MR, NR>(p, n, XP, ldxp, Y, ldy);
-  for (; n < n1; ++n) w4_gemv_avx2<MR, 1>(p, n, XP, ldxp, Y, ldy);
+template <int MR>
+void w4f_gemv_rows(const W4& p, const float* XP, int64_t ldxp, float* Y, int64_t ldy, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) w4f_gemv_row<MR>(p, n, XP, ldxp, Y, ldy);
 }
 #endif
 
-// Activations for the GEMV kernel: per group, blocks of 32 in the order the
-// widened weight words produce (k = 4 j + t at position 8 t + j), zero-padded.
-void w4_prepare_x(const float* X, int64_t ldx, int64_t M, int64_t K, int64_t g, float* XP, int64_t ldxp) {
+// Activations for the fp32 GEMV: per group, blocks of 32 in the order the
+// widened weight words produce (k = 4 j + t at position 8 t + j), pre-scaled by
+// 16^-t, zero-padded.
+void w4f_prepare_x(const float* X, int64_t ldx, int64_t M, int64_t K, int64_t g, float* XP, int64_t ldxp) {
   const int64_t G = K / g, nbg = (g + 31) / 32;
+  const float scale[4] = {1.f, 1.f / 16, 1.f / 256, 1.f / 4096};
   for (int64_t m = 0; m < M; ++m) {
     const float* x = X + m * ldx;
     float* xp = XP + m * ldxp;
@@ -211,10 +204,162 @@ void w4_prepare_x(const float* X, int64_t ldx, int64_t M, int64_t K, int64_t g, 
         for (int t = 0; t < 4; ++t)
           for (int j = 0; j < 8; ++j) {
             const int64_t kin = b * 32 + 4 * j + t;
-            blk[8 * t + j] = kin < g ? x[gi * g + kin] : 0.f;
+            blk[8 * t + j] = kin < g ? x[gi * g + kin] * scale[t] : 0.f;
           }
       }
   }
+}
+
+// ------------------------------------------------------------------ GEMV, int16 activations (AVX2)
+//
+// For half-precision activations (output tolerance 1e-2) the activations are
+// requantized to int16 per chunk of at most kChunk weights (relative output
+// error about 2e-5, far below the half-precision rounding of the output), and
+// the inner loop becomes integer: vpmovzxbw widens 16 packed bytes to words, a
+// mask and a shift give the even-k and odd-k nibbles, and two vpmaddwd
+// multiply-add them into int32 lanes: no int->float work per weight. Per chunk,
+// sum (q - z) a = sum q a - z sum a is exact in integers up to the float
+// conversion; the chunk's int32 lanes are converted once and scaled by
+// s * s_a. fp32 activations use this path only when FASTKERN_W4A16_INT16_ACT=1
+// (a looser error than the 1e-5 fp32 contract).
+
+constexpr int64_t kChunk = 1024;  // 1024 * 15 * 32767 < 2^31
+
+struct I16Acts {
+  const int16_t* a;  // per row: for each chunk, blocks of 32 as [16 even-k | 16 odd-k] int16
+  int64_t lda;
+  const float* sa;   // per row: the activation scale of each chunk
+  const float* asum; // per row: sum of the chunk's int16 activations
+  int64_t ldc;       // chunks per row
+  int64_t nch;       // chunks per group
+  int64_t chb;       // blocks per full chunk
+};
+
+#if FASTKERN_X86
+template <int MR, int NR>
+FASTKERN_AVX2 inline void w4i_block(__m256i (&acc)[MR][NR], const uint8_t* const* wp, const int16_t* a,
+                                    int64_t lda) {
+  const __m256i m4 = _mm256_set1_epi16(0x0F);
+  for (int j = 0; j < NR; ++j) {
+    __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wp[j])));
+    __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_srli_epi16(v, 4);
+    for (int i = 0; i < MR; ++i) {
+      const int16_t* ai = a + i * lda;
+      __m256i p0 = _mm256_madd_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ai)));
+      __m256i p1 = _mm256_madd_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ai + 16)));
+      acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_add_epi32(p0, p1));
+    }
+  }
+}
+
+template <int MR, int NR>
+FASTKERN_AVX2 void w4i_gemv(const W4& p, const I16Acts& q, int64_t n, float* Y, int64_t ldy) {
+  const int64_t g = p.g, nbg = (g + 31) / 32;
+  __m256 tot[MR][NR];
+  float corr[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) {
+      tot[i][j] = _mm256_setzero_ps();
+      corr[i][j] = 0.f;
+    }
+  alignas(16) uint8_t tail[NR][16];
+  for (int j = 0; j < NR; ++j) std::memset(tail[j], 0, 16);
+  for (int64_t gi = 0; gi < p.G; ++gi) {
+    float s[NR], z[NR];
+    for (int j = 0; j < NR; ++j) {
+      s[j] = p.s[(n + j) * p.G + gi];
+      z[j] = float(p.z[(n + j) * p.G + gi]);
+    }
+    for (int64_t c = 0; c < q.nch; ++c) {
+      const int64_t b0 = c * q.chb, b1 = std::min(nbg, b0 + q.chb);
+      const int64_t ci = gi * q.nch + c;
+      __m256i acc[MR][NR];
+      for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_si256();
+      const uint8_t* wp[NR];
+      for (int j = 0; j < NR; ++j) wp[j] = p.w + (n + j) * p.ldw + gi * (g / 2) + b0 * 16;
+      const int16_t* ab = q.a + (gi * nbg + b0) * 32;
+      for (int64_t b = b0; b < b1; ++b) {
+        if ((b + 1) * 32 > g) {
+          const int64_t nbytes = (g - b * 32) / 2;
+          const uint8_t* tp[NR];
+          for (int j = 0; j < NR; ++j) {
+            std::memcpy(tail[j], wp[j], nbytes);
+            tp[j] = tail[j];
+          }
+          w4i_block<MR, NR>(acc, tp, ab, q.lda);
+        } else {
+          w4i_block<MR, NR>(acc, wp, ab, q.lda);
+        }
+        for (int j = 0; j < NR; ++j) wp[j] += 16;
+        ab += 32;
+      }
+      for (int i = 0; i < MR; ++i) {
+        const float sa = q.sa[i * q.ldc + ci], as = q.asum[i * q.ldc + ci];
+        for (int j = 0; j < NR; ++j) {
+          const float f = s[j] * sa;
+          tot[i][j] = _mm256_fmadd_ps(_mm256_set1_ps(f), _mm256_cvtepi32_ps(acc[i][j]), tot[i][j]);
+          corr[i][j] += f * z[j] * as;
+        }
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) Y[i * ldy + n + j] = hsum8_avx2(tot[i][j]) - corr[i][j];
+}
+
+template <int MR, int NR>
+void w4i_gemv_rows(const W4& p, const I16Acts& q, float* Y, int64_t ldy, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) w4i_gemv<MR, NR>(p, q, n, Y, ldy);
+  for (; n < n1; ++n) w4i_gemv<MR, 1>(p, q, n, Y, ldy);
+}
+#endif
+
+// int16 activations per chunk: s_a = absmax / 32767, a = round(x / s_a).
+// Returns false if x holds NaN or inf (the caller then takes an fp32 path).
+bool w4i_prepare_x(const float* X, int64_t ldx, int64_t M, int64_t K, int64_t g, int16_t* A, int64_t lda, float* SA,
+                   float* AS, int64_t ldc, int64_t nch, int64_t chb) {
+  const int64_t G = K / g, nbg = (g + 31) / 32;
+  for (int64_t m = 0; m < M; ++m) {
+    const float* x = X + m * ldx;
+    for (int64_t gi = 0; gi < G; ++gi)
+      for (int64_t c = 0; c < nch; ++c) {
+        const int64_t k0 = c * chb * 32, k1 = std::min(g, k0 + chb * 32);
+        const float* xc = x + gi * g;
+        float amax = 0.f;
+        for (int64_t k = k0; k < k1; ++k) {
+          const float v = std::fabs(xc[k]);
+          if (!(v <= 3.4e38f)) return false;
+          amax = std::max(amax, v);
+        }
+        const float sa = amax / 32767.f;
+        const float inv = sa > 0.f ? 1.f / sa : 0.f;
+        int64_t sum = 0;
+        for (int64_t b = k0 / 32; b < (k1 + 31) / 32; ++b) {
+          int16_t* blk = A + m * lda + (gi * nbg + b) * 32;
+          for (int i = 0; i < 16; ++i)
+            for (int h = 0; h < 2; ++h) {
+              const int64_t k = b * 32 + 2 * i + h;
+              int v = 0;
+              if (k < k1) v = std::max(-32767, std::min(32767, int(std::nearbyint(xc[k] * inv))));
+              blk[16 * h + i] = int16_t(v);
+              sum += v;
+            }
+        }
+        SA[m * ldc + gi * nch + c] = sa;
+        AS[m * ldc + gi * nch + c] = float(sum);
+      }
+  }
+  return true;
+}
+
+bool int16_acts_for_fp32() {
+  static const bool on = [] {
+    const char* e = std::getenv("FASTKERN_W4A16_INT16_ACT");
+    return e != nullptr && e[0] == '1';
+  }();
+  return on;
 }
 
 // ------------------------------------------------------------------ op
@@ -252,19 +397,39 @@ at::Tensor linear_w4a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
   bool done = false;
 #if FASTKERN_X86
   if (avx2 && M <= kGemvMaxM) {
-    const int64_t ldxp = G * ((group_size + 31) / 32) * 32;
-    at::Tensor XP = at::empty({M, ldxp}, X.options());
-    w4_prepare_x(X.data_ptr<float>(), ldx, M, K, group_size, XP.data_ptr<float>(), ldxp);
-    const float* xp = XP.data_ptr<float>();
+    const int64_t nbg = (group_size + 31) / 32, ldxp = G * nbg * 32;
     float* yp = Y.data_ptr<float>();
-    parallel_rows(N, kGemvRows, 16, [&](int64_t n0, int64_t n1) {
-      switch (M) {
-        case 1: w4_gemv_rows<1, 4>(p, xp, ldxp, yp, N, n0, n1); break;
-        case 2: w4_gemv_rows<2, 2>(p, xp, ldxp, yp, N, n0, n1); break;
-        default: w4_gemv_rows<3, 1>(p, xp, ldxp, yp, N, n0, n1); break;
+    if (x.scalar_type() != at::kFloat || int16_acts_for_fp32()) {
+      const int64_t chb = kChunk / 32, nch = (nbg + chb - 1) / chb, ldc = G * nch;
+      at::Tensor A = at::empty({M, ldxp}, X.options().dtype(at::kShort));
+      at::Tensor SA = at::empty({M, ldc}, X.options());
+      at::Tensor AS = at::empty({M, ldc}, X.options());
+      if (w4i_prepare_x(X.data_ptr<float>(), ldx, M, K, group_size, A.data_ptr<int16_t>(), ldxp,
+                        SA.data_ptr<float>(), AS.data_ptr<float>(), ldc, nch, chb)) {
+        I16Acts q{A.data_ptr<int16_t>(), ldxp, SA.data_ptr<float>(), AS.data_ptr<float>(), ldc, nch, chb};
+        parallel_rows(N, kGemvRows, 16, [&](int64_t n0, int64_t n1) {
+          switch (M) {
+            case 1: w4i_gemv_rows<1, 4>(p, q, yp, N, n0, n1); break;
+            case 2: w4i_gemv_rows<2, 2>(p, q, yp, N, n0, n1); break;
+            default: w4i_gemv_rows<3, 1>(p, q, yp, N, n0, n1); break;
+          }
+        });
+        done = true;
       }
-    });
-    done = true;
+    }
+    if (!done) {
+      at::Tensor XP = at::empty({M, ldxp}, X.options());
+      w4f_prepare_x(X.data_ptr<float>(), ldx, M, K, group_size, XP.data_ptr<float>(), ldxp);
+      const float* xp = XP.data_ptr<float>();
+      parallel_rows(N, kGemvRows, 16, [&](int64_t n0, int64_t n1) {
+        switch (M) {
+          case 1: w4f_gemv_rows<1>(p, xp, ldxp, yp, N, n0, n1); break;
+          case 2: w4f_gemv_rows<2>(p, xp, ldxp, yp, N, n0, n1); break;
+          default: w4f_gemv_rows<3>(p, xp, ldxp, yp, N, n0, n1); break;
+        }
+      });
+      done = true;
+    }
   }
 #endif
   if (!done) w4_panel_gemm(p, N, K, X.data_ptr<float>(), ldx, M, Y.data_ptr<float>(), avx2);
