@@ -18,19 +18,23 @@ if [[ ! -x "$NVCC" ]]; then
 fi
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
+# the C++ standard setup.py builds with (torch >= 2.14 headers need C++20; the
+# kernels compile under either)
+STD=${CXX_STD:-$(grep -o -- '-std=c++[0-9]*' setup.py | head -1)}
+STD=${STD:--std=c++17}
 gencode=()
 for a in $ARCHS; do
   gencode+=(-gencode "arch=compute_${a},code=sm_${a}")
 done
 echo "nvcc: $("$NVCC" --version | tail -1)"
-echo "archs: $ARCHS"
+echo "archs: $ARCHS, $STD"
 status=0
 compile() {
   local src=$1 base
   base=$(basename "$src" .cu)
   local start=$SECONDS
   # the same nvcc flags setup.py passes (minus torch's include folders)
-  if "$NVCC" -std=c++17 -O3 --expt-relaxed-constexpr -lineinfo -Icsrc \
+  if "$NVCC" "$STD" -O3 --expt-relaxed-constexpr -lineinfo -Icsrc \
       -U__CUDA_NO_HALF_OPERATORS__ -U__CUDA_NO_HALF_CONVERSIONS__ -U__CUDA_NO_BFLOAT16_CONVERSIONS__ \
       -Xptxas -warn-spills "${gencode[@]}" -c "$src" -o "$OUT/$base.o" >"$OUT/$base.log" 2>&1; then
     echo "ok    $src ($((SECONDS - start)) s)"

@@ -104,7 +104,7 @@ __global__ void __launch_bounds__(Cfg::THREADS) tc_gemm_kernel(const typename Op
   // this split's k-tiles
   const int64_t per_split = (c.k_tiles + c.splits - 1) / c.splits;
   const int64_t kt_begin = min(c.k_tiles, blockIdx.z * per_split);
-  const int64_t n_iter = min(c.k_tiles, kt_begin + per_split) - kt_begin;
+  const int n_iter = static_cast<int>(min(c.k_tiles, kt_begin + per_split) - kt_begin);
 
   const uint8_t* a_rows = c.a + m0 * c.a_row_bytes;
   const int64_t m_valid = c.M - m0;
@@ -136,13 +136,13 @@ __global__ void __launch_bounds__(Cfg::THREADS) tc_gemm_kernel(const typename Op
 #pragma unroll
       for (int r = 0; r < 4; ++r) acc[i][j][r] = 0;
 
-  for (int64_t it = 0; it < n_iter; ++it) {
+  int stage = 0, next_stage = Cfg::STAGES - 1;  // ring positions of tiles it and it + STAGES - 1
+  for (int it = 0; it < n_iter; ++it) {
     cp_async_wait<Cfg::STAGES - 2>();
     // tile `it` has landed for every thread, and every thread is done with
     // tile it-1, whose stage the next prefetch overwrites
     __syncthreads();
-    const int64_t nt = it + Cfg::STAGES - 1;
-    const int next_stage = static_cast<int>(nt % Cfg::STAGES);
+    const int nt = it + Cfg::STAGES - 1;
     const bool has_next = nt < n_iter;
     if (has_next) {
       load_stage(next_stage, kt_begin + nt);
@@ -150,7 +150,6 @@ __global__ void __launch_bounds__(Cfg::THREADS) tc_gemm_kernel(const typename Op
     }
     cp_async_commit();
 
-    const int stage = static_cast<int>(it % Cfg::STAGES);
     const uint8_t* a_st = sA + stage * kAStage;
     const uint8_t* b_st = sB + stage * kBStage;
 #pragma unroll
@@ -170,6 +169,8 @@ __global__ void __launch_bounds__(Cfg::THREADS) tc_gemm_kernel(const typename Op
         for (int j = 0; j < Cfg::NI; ++j) Op::mma(acc[i][j], af[i], bf[j]);
     }
     if (has_next) Op::template prefetch_store<Cfg::BN, Cfg::THREADS>(pf, sB + next_stage * kBStage);
+    stage = stage + 1 == Cfg::STAGES ? 0 : stage + 1;
+    next_stage = next_stage + 1 == Cfg::STAGES ? 0 : next_stage + 1;
   }
   cp_async_wait<0>();
 
