@@ -194,19 +194,27 @@ def _targets_text(result):
     return "\n" + targets.render_text(rows)
 
 
+def _console():
+    """A console that does not squeeze the tables into 80 columns when the output is a file
+    or a pipe (CI logs, `| tee`): there rich cannot know the width, and cut cells say nothing."""
+    from rich.console import Console
+
+    c = Console()
+    return c if c.is_terminal else Console(width=max(c.width, 200))
+
+
 def print_table(result: dict, console=None, plain: bool = False):
     """Rich tables per op when rich is installed (else the plain text)."""
     try:
         if plain:
             raise ImportError
-        from rich.console import Console
         from rich.markup import escape
         from rich.table import Table
     except ImportError:
         print(render_text(result), end="")
         return
     _register_shorts(result)
-    console = console or Console()
+    console = console or _console()
     console.print("[bold]fastkern-bench[/] %s — %s" % (result["metadata"].get("date"), ceilings_line(result)))
     for op, rows in sections(result):
         t = Table(title=op, title_justify="left", show_lines=False, header_style="bold")
@@ -287,13 +295,12 @@ def print_compare(old: dict, new: dict, console=None, plain: bool = False) -> Li
     try:
         if plain:
             raise ImportError
-        from rich.console import Console
         from rich.markup import escape
         from rich.table import Table
     except ImportError:
         print(render_compare_text(rows, warnings, od, nd), end="")
         return rows
-    console = console or Console()
+    console = console or _console()
     for w in warnings:
         console.print("[yellow]warning:[/] " + escape(w))
     t = Table(title="change against %s (speedup = old ms / new ms)" % od, title_justify="left")
