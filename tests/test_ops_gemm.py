@@ -1,8 +1,9 @@
 """fastkern.gemm (a @ b.T, float) on every backend against its reference.
 
 The CPU kernel has two paths (GEMV for M <= 4, packed blocked GEMM above) and
-two ISA paths (generic, AVX2); the tests below reach each of them, every tile
-tail of the micro-kernels and every blocking boundary.
+three ISA paths (generic 4x8, AVX2 6x16, AVX-512 12x32 micro-kernels); the tests
+below reach each path this CPU can run, every tile tail of the micro-kernels, the
+8-wide k chunks of the packers and GEMV, and every blocking boundary.
 """
 import pytest
 import torch
@@ -16,14 +17,31 @@ CPU_REASON = ops.backend_status("gemm", "cpu", torch.device("cpu"))
 needs_cpu = pytest.mark.skipif(CPU_REASON is not None, reason=str(CPU_REASON))
 
 
+def isa_skip_reason(name):
+    """None if the extension can run the CPU path `name` here, else why not."""
+    if _ext._C is None:
+        return "fastkern._C is not built"
+    try:
+        _ext._C.set_cpu_isa(name)
+    except RuntimeError as e:
+        return str(e).splitlines()[0]
+    finally:
+        _ext._C.set_cpu_isa("auto")
+    return None
+
+
 def cpu_isas():
-    """The CPU paths this machine can run (params skip the others with a reason)."""
-    feats = _ext._C.cpu_features() if _ext._C is not None else {}
-    avx2 = feats.get("avx2") and feats.get("fma") and feats.get("f16c")
-    return [
-        pytest.param("generic", id="generic"),
-        pytest.param("avx2", id="avx2", marks=[] if avx2 else [pytest.mark.skip(reason="CPU lacks AVX2/FMA/F16C")]),
-    ]
+    """The CPU paths (params skip those this CPU cannot run, with the reason)."""
+    params = []
+    for name in ("generic", "avx2", "avx512"):
+        why = isa_skip_reason(name)
+        params.append(pytest.param(name, id=name, marks=[pytest.mark.skip(reason=why)] if why else []))
+    return params
+
+
+# (MR, NR) of each path's GEMM micro-kernel
+TILES = {"generic": (4, 8), "avx2": (6, 16), "avx512": (12, 32)}
+GEMV_MAX_M = 4
 
 
 @pytest.fixture
@@ -90,35 +108,68 @@ def test_gemm_half_precision_error_vs_torch(gen, dtype):
     assert ours <= max(2 * theirs, tol(dtype) / 10), (ours, theirs)
 
 
+def tail_grid(isa, full):
+    """(m, n, k) covering, one dimension at a time, every M tail 1..MR-1 on both paths
+    (GEMV M <= 4, GEMM above: M up to 2*MR+1), every N tail 1..NR-1 and whole tiles,
+    every K tail 1..7 of the 8-wide chunks (GEMV, packers) plus the KC=256 block edge."""
+    mr, nr = TILES[isa]
+    ms = range(1, 2 * mr + 2) if full else sorted({1, 3, GEMV_MAX_M + 1, mr - 1, mr + 1, 2 * mr + 1})
+    ns = range(1, nr + 2) if full else sorted({1, nr // 2 - 1, nr - 1, nr + 1})
+    ks = list(range(1, 18)) + [255, 256, 257, 263] if full else [3, 8, 13, 259]
+    cases = set()
+    for m in ms:
+        for n in (nr - 1, nr + 3):
+            cases.add((m, n, 11))
+    for n in ns:
+        for m in (2, mr + 1):
+            cases.add((m, n, 9))
+    for k in ks:
+        for m, n in ((1, 5), (3, nr + 1), (mr + 3, nr - 3), (2 * mr + 1, 2 * nr + 1)):
+            cases.add((m, n, k))
+    return sorted(cases)
+
+
 @needs_cpu
 @pytest.mark.parametrize("isa", cpu_isas(), indirect=True)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_gemm_every_tail(gen, isa, dtype):
-    """Every M tail of the 6x16 / 4x8 tiles (GEMM path, M > 4), every N tail, K tails of
-    the 4-step unroll and of the KC=256 block, and the GEMV path's row and K tails.
+    """Every tile tail of the path's micro-kernel and GEMV, against float64 products.
     Half precision takes a sample of the same grid (its packing is what differs)."""
-    full = dtype == torch.float32
-    for m in range(1, 14) if full else (1, 2, 5, 7, 11):
-        for n in range(1, 18) if full else (1, 7, 15, 17):
-            for k in (1, 3, 5, 9, 17, 259) if full else (3, 9, 259):
-                a = torch.randn(m, k, generator=gen).to(dtype)
-                b = torch.randn(n, k, generator=gen).to(dtype)
-                assert_close_elementwise(torch.ops.fastkern_C.gemm(a, b), a, b, dtype)
+    for m, n, k in tail_grid(isa, dtype == torch.float32):
+        a = torch.randn(m, k, generator=gen).to(dtype)
+        b = torch.randn(n, k, generator=gen).to(dtype)
+        assert_close_elementwise(torch.ops.fastkern_C.gemm(a, b), a, b, dtype)
 
 
 @needs_cpu
 @pytest.mark.parametrize("isa", cpu_isas(), indirect=True)
-@pytest.mark.parametrize("m,n,k", [(1, 3100, 300), (3, 50, 4099), (7, 3100, 530), (130, 70, 600)])
-def test_gemm_blocking_boundaries(gen, isa, m, n, k):
-    """Several NC (3072) panels and KC (256) blocks, on both paths and each ISA."""
-    a = torch.randn(m, k, generator=gen)
-    b = torch.randn(n, k, generator=gen)
-    assert_close_rel(torch.ops.fastkern_C.gemm(a, b), ops.gemm_ref(a, b), torch.float32)
+@pytest.mark.parametrize("layout", ["noncontig", "transposed"])
+def test_gemm_strided_operands_every_path(gen, isa, layout):
+    """The packers' strided paths (no unit stride along K; unit stride along rows),
+    with M and N tails, for a and for b."""
+    for m, n, k in ((13, 37, 21), (29, 70, 300)):
+        a = make_x([m], k, torch.float32, gen, layout)
+        b = make_x([n], k, torch.float32, gen, layout)
+        assert_close_rel(torch.ops.fastkern_C.gemm(a, b), ops.gemm_ref(a, b), torch.float32)
+        bc = b.contiguous()
+        assert_close_rel(torch.ops.fastkern_C.gemm(a, bc), ops.gemm_ref(a, bc), torch.float32)
 
 
 @needs_cpu
+@pytest.mark.parametrize("isa", cpu_isas(), indirect=True)
+@pytest.mark.parametrize("m,n,k", [(1, 3100, 300), (3, 50, 4099), (7, 3100, 530), (130, 70, 600), (301, 3100, 530)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gemm_blocking_boundaries(gen, isa, m, n, k, dtype):
+    """Several NC (3072) panels, KC (256) blocks and MC (144) blocks, on both paths and each ISA."""
+    a = torch.randn(m, k, generator=gen).to(dtype)
+    b = torch.randn(n, k, generator=gen).to(dtype)
+    assert_close_rel(torch.ops.fastkern_C.gemm(a, b), ops.gemm_ref(a, b), dtype)
+
+
+@needs_cpu
+@pytest.mark.parametrize("isa", cpu_isas(), indirect=True)
 @pytest.mark.parametrize("m", [1, 3, 200])
-def test_gemm_same_result_for_1_and_2_threads(gen, m):
+def test_gemm_same_result_for_1_and_2_threads(gen, isa, m):
     a = torch.randn(m, 700, generator=gen)
     b = torch.randn(333, 700, generator=gen)
     old = torch.get_num_threads()

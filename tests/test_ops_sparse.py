@@ -22,13 +22,26 @@ needs_cpubs = pytest.mark.skipif(
 )
 
 
+def isa_skip_reason(name):
+    """None if the extension can run the CPU path `name` here, else why not."""
+    if _ext._C is None:
+        return "fastkern._C is not built"
+    try:
+        _ext._C.set_cpu_isa(name)
+    except RuntimeError as e:
+        return str(e).splitlines()[0]
+    finally:
+        _ext._C.set_cpu_isa("auto")
+    return None
+
+
 def cpu_isas():
-    feats = _ext._C.cpu_features() if _ext._C is not None else {}
-    avx2 = feats.get("avx2") and feats.get("fma") and feats.get("f16c")
-    return [
-        pytest.param("generic", id="generic"),
-        pytest.param("avx2", id="avx2", marks=[] if avx2 else [pytest.mark.skip(reason="CPU lacks AVX2/FMA/F16C")]),
-    ]
+    """The CPU paths (params skip those this CPU cannot run, with the reason)."""
+    params = []
+    for name in ("generic", "avx2", "avx512"):
+        why = isa_skip_reason(name)
+        params.append(pytest.param(name, id=name, marks=[pytest.mark.skip(reason=why)] if why else []))
+    return params
 
 
 @pytest.fixture

@@ -131,8 +131,8 @@ void gemm_typed(const at::Tensor& a2, const at::Tensor& b, at::Tensor& out32) {
     gemv<T>(isa, x32, bc, C);
     return;
   }
-  StridedRows<T> pa{a2.data_ptr<T>(), a2.stride(0), a2.stride(1)};
-  StridedRows<T> pb{b.data_ptr<T>(), b.stride(0), b.stride(1)};
+  StridedRows<T> pa{a2.data_ptr<T>(), a2.stride(0), a2.stride(1), isa};
+  StridedRows<T> pb{b.data_ptr<T>(), b.stride(0), b.stride(1), isa};
   blocked_gemm(M, N, K, micro_kernel(isa), pa, pb, C, N);
 }
 

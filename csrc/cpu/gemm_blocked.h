@@ -118,7 +118,7 @@ FASTKERN_AVX2 inline float hsum8(__m256 v) {
 // no zeroing. Partial tiles (m < mr or n < nr) go through a local tile.
 
 using UKernelFn = void (*)(int64_t kc, const float* A, const float* B, float* C, int64_t ldc, int m, int n,
-                           bool accumulate);
+                           bool accumulate, const float* next_c);
 
 struct MicroKernel {
   int mr;
@@ -141,7 +141,7 @@ inline void store_partial_tile(const float* tile, int tile_ld, float* C, int64_t
 
 // Portable 4x8: the j loop is written so the compiler keeps c[][] in SSE registers.
 inline void ukernel_generic_4x8(int64_t kc, const float* A, const float* B, float* C, int64_t ldc, int m,
-                                int n, bool accumulate) {
+                                int n, bool accumulate, const float* /*next_c*/) {
   float c[4][8];
   for (int i = 0; i < 4; ++i)
     for (int j = 0; j < 8; ++j) c[i][j] = 0.f;
@@ -159,7 +159,7 @@ inline void ukernel_generic_4x8(int64_t kc, const float* A, const float* B, floa
 // 2 FMAs per cycle needs >= 10 independent chains); per k it does 2 B loads and
 // 6 A broadcasts for 12 FMAs, within the two load ports.
 FASTKERN_AVX2 inline void ukernel_avx2_6x16(int64_t kc, const float* A, const float* B, float* C, int64_t ldc,
-                                            int m, int n, bool accumulate) {
+                                            int m, int n, bool accumulate, const float* /*next_c*/) {
   __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps();
   __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
   __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps();
@@ -232,8 +232,64 @@ FASTKERN_AVX2 inline void ukernel_avx2_6x16(int64_t kc, const float* A, const fl
 }
 #endif
 
+#if FASTKERN_X86
+// MR x (16*NV) with zmm. 12x32 gives 24 of the 32 zmm registers to
+// accumulators: per k, 2 B loads and 12 A broadcasts feed 24 FMAs (12 cycles at
+// 2 FMAs per cycle), well within the load ports, and 24 independent chains
+// cover the FMA latency. C is the one operand that comes from far away (a
+// 16 MB C at 2048^2 lives in L3/DRAM and is revisited once per KC block): while
+// it computes, the kernel prefetches the C tile of the next call, one line
+// per k step, so the loads at the end hit L1. Tails: n < 16*NV by lane masks,
+// m < MR by storing only m rows, so no scratch tile is needed.
+template <int MR, int NV>
+FASTKERN_AVX512 void ukernel_avx512(int64_t kc, const float* A, const float* B, float* C, int64_t ldc, int m, int n,
+                                    bool accumulate, const float* next_c) {
+  __m512 c[MR][NV];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) c[i][j] = _mm512_setzero_ps();
+#define FK_STEP512()                                                            \
+  {                                                                             \
+    __m512 b[NV];                                                               \
+    _Pragma("GCC unroll 4") for (int j = 0; j < NV; ++j) b[j] = _mm512_load_ps(B + 16 * j); \
+    _Pragma("GCC unroll 16") for (int i = 0; i < MR; ++i) {                    \
+      const __m512 a = _mm512_set1_ps(A[i]);                                    \
+      _Pragma("GCC unroll 4") for (int j = 0; j < NV; ++j) c[i][j] = _mm512_fmadd_ps(a, b[j], c[i][j]); \
+    }                                                                           \
+    A += MR;                                                                    \
+    B += 16 * NV;                                                               \
+  }
+  int64_t k = 0;
+  for (int p = 0; p < MR * NV && k < kc; ++p, ++k) {
+    _mm_prefetch(reinterpret_cast<const char*>(next_c + (p / NV) * ldc + 16 * (p % NV)), _MM_HINT_T0);
+    FK_STEP512()
+  }
+  for (; k < kc; ++k) FK_STEP512()
+#undef FK_STEP512
+  __mmask16 mask[NV];
+#pragma GCC unroll 4
+  for (int j = 0; j < NV; ++j) {
+    const int left = std::max(0, std::min(16, n - 16 * j));
+    mask[j] = static_cast<__mmask16>((1u << left) - 1u);
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+    if (i >= m) break;
+    float* ci = C + i * ldc;
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) {
+      __m512 v = c[i][j];
+      if (accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask[j], ci + 16 * j));
+      _mm512_mask_storeu_ps(ci + 16 * j, mask[j], v);
+    }
+  }
+}
+#endif
+
 inline MicroKernel micro_kernel(Isa isa) {
 #if FASTKERN_X86
+  if (isa >= Isa::Avx512) return {12, 32, &ukernel_avx512<12, 2>};
   if (isa >= Isa::Avx2) return {6, 16, &ukernel_avx2_6x16};
 #endif
   (void)isa;
@@ -246,15 +302,83 @@ inline MicroKernel micro_kernel(Isa isa) {
 // r < rows, zero for rows <= r < width (so partial tiles need no masking in the
 // micro-kernel).
 
+#if FASTKERN_X86
+FASTKERN_AVX2 inline void transpose8x8(__m256 r[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+  r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+  r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+  r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+  r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+// The sliver of rows with unit stride along k: 8 rows x 8 k are loaded (and
+// converted to fp32) as 8 vectors and transposed in registers, so both the
+// reads and the writes are whole vectors; packing costs a few percent of the
+// product instead of the element-by-element scatter's tens of percent.
+template <class T>
+FASTKERN_AVX2 void pack_rows_avx2(const T* src, int64_t ld, int rows, int64_t kc, int width, float* dst) {
+  int64_t k = 0;
+  for (; k + 8 <= kc; k += 8) {
+    for (int g = 0; g < width; g += 8) {
+      __m256 v[8];
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) v[i] = g + i < rows ? load8(src + (g + i) * ld + k) : _mm256_setzero_ps();
+      transpose8x8(v);
+      const int w = std::min(8, width - g);
+      if (w == 8) {
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + (k + i) * width + g, v[i]);
+      } else {
+        alignas(32) float t[8];
+        for (int i = 0; i < 8; ++i) {
+          _mm256_store_ps(t, v[i]);
+          std::memcpy(dst + (k + i) * width + g, t, w * sizeof(float));
+        }
+      }
+    }
+  }
+  for (; k < kc; ++k)
+    for (int r = 0; r < width; ++r) dst[k * width + r] = r < rows ? to_f32(src[r * ld + k]) : 0.f;
+}
+#endif
+
 // Rows of a strided [R, K] matrix of T.
 template <class T>
 struct StridedRows {
   const T* p;
   int64_t s_row;
   int64_t s_k;
+  Isa isa = Isa::Generic;
   void operator()(int64_t row0, int rows, int64_t k0, int64_t kc, int width, float* dst) const {
+    const T* base = p + row0 * s_row + k0 * s_k;
+#if FASTKERN_X86
+    if (s_k == 1 && isa >= Isa::Avx2) {
+      pack_rows_avx2(base, s_row, rows, kc, width, dst);
+      return;
+    }
+#endif
+    if (s_row == 1 && s_k != 1) {  // a transposed matrix: each k is a contiguous run of rows
+      for (int64_t k = 0; k < kc; ++k) {
+        const T* src = base + k * s_k;
+        float* d = dst + k * width;
+        for (int r = 0; r < rows; ++r) d[r] = to_f32(src[r]);
+        for (int r = rows; r < width; ++r) d[r] = 0.f;
+      }
+      return;
+    }
     for (int r = 0; r < rows; ++r) {
-      const T* src = p + (row0 + r) * s_row + k0 * s_k;
+      const T* src = base + r * s_row;
       float* d = dst + r;
       if (s_k == 1) {
         for (int64_t k = 0; k < kc; ++k) d[k * width] = to_f32(src[k]);
@@ -269,12 +393,14 @@ struct StridedRows {
 
 // ------------------------------------------------------------------ the blocked driver
 //
-// Goto/BLIS loop order: an NC x KC panel of B is packed once and shared by both
+// Goto/BLIS loop order: an NC x KC panel of B is packed once and shared by the
 // cores through L3; each task packs an MC x KC block of A into its own L2 and
-// sweeps the B slivers (KC x NR, kept in L1) against it. Sizes for a core with
-// 32 KB L1d, 512 KB L2 and a shared 8 MB L3:
-//   B sliver  KC*16*4 = 16 KB (L1), A block MC*KC*4 <= 144 KB (L2),
-//   B panel   KC*NC*4 = 3 MB (L3, shared).
+// sweeps the B slivers (KC x NR) against it, each sliver staying in L1/L2
+// while all A slivers of the block pass over it. With KC x MC x NC =
+// 256 x 144 x 3072 fp32:
+//   B sliver KC*NR*4 = 16 KB (NR 16) or 32 KB (NR 32) (L1),
+//   A block  MC*KC*4 <= 144 KB (L2), B panel KC*NC*4 = 3 MB (L3, shared).
+// The sizes are shared by every ISA (tests aim at the KC and NC boundaries).
 constexpr int64_t kKC = 256;
 constexpr int64_t kMC = 144;
 constexpr int64_t kNC = 3072;
@@ -337,7 +463,12 @@ void blocked_gemm(int64_t M, int64_t N, int64_t K, const MicroKernel& uk, const 
             const float* bp = Bp + jr * kc * NR;
             for (int64_t ir = 0; ir < na; ++ir) {
               const int mm = static_cast<int>(std::min<int64_t>(MR, m - ir * MR));
-              uk.fn(kc, Ap + ir * kc * MR, bp, C + (i0 + ir * MR) * ldc + jc + jr * NR, ldc, mm, nn, pc > 0);
+              float* c = C + (i0 + ir * MR) * ldc + jc + jr * NR;
+              // The tile the next call works on, for the kernel to prefetch.
+              const float* next = ir + 1 < na ? c + MR * ldc
+                                  : jr + 1 < s1 ? C + i0 * ldc + jc + (jr + 1) * NR
+                                                : c;
+              uk.fn(kc, Ap + ir * kc * MR, bp, c, ldc, mm, nn, pc > 0, next);
             }
           }
         }

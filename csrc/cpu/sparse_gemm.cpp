@@ -226,7 +226,7 @@ void s24_typed(const at::Tensor& x2, const at::Tensor& values, const at::Tensor&
     });
     return;
   }
-  gemm::StridedRows<T> pa{x2.data_ptr<T>(), x2.stride(0), x2.stride(1)};
+  gemm::StridedRows<T> pa{x2.data_ptr<T>(), x2.stride(0), x2.stride(1), isa};
   Sparse24Rows<T> pb{values.data_ptr<T>(), values.stride(0), meta.data_ptr<uint8_t>(), meta.stride(0)};
   gemm::blocked_gemm(M, N, K, gemm::micro_kernel(isa), pa, pb, y, N);
 }
