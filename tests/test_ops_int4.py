@@ -1,10 +1,13 @@
 """linear_w4a16 on every backend against the reference.
 
-The CPU kernel has a small-M GEMV path (AVX2: zero point folded out of the
-inner loop, activations permuted per 32-weight block, partial blocks for group
-sizes that are not multiples of 32) and a panel (GEMM) path (exact (q - z) * s
-dequantization, fp32 dot tiles); the tests reach both, their tails, both ISA
-paths, and check that the thread count does not change a single bit.
+The CPU kernel has a small-M GEMV path (AVX2 and AVX-512 VNNI: activations
+quantized per group to three int8 limbs for fp32, two for fp16/bf16, byte dot
+products against the nibbles, zero point folded out; chunks of 64 / 128
+weights with partial chunks for group sizes that are not multiples of them;
+MR x NR tiles of activation and weight rows) and a panel (GEMM) path (exact
+(q - z) * s dequantization, fp32 dot tiles); the tests reach both, their tails,
+every ISA path this CPU runs, and check that the thread count does not change a
+single bit.
 """
 import pytest
 import torch
@@ -75,11 +78,14 @@ def test_w4a16_matches_reference(be, m, dtype, layout, bias, n, k, g, gen):
 
 @NATIVE
 @pytest.mark.parametrize("isa", cpu_isas())
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 70])
-def test_cpu_paths_and_tails(isa, m, gen):
-    # m <= 3: GEMV (AVX2; NR = 4, 2, 1 weight rows per tile); m > 3: panels (3-row tiles).
-    # n 1..9: tails of the 4-row tiles; group sizes 2..62 give every partial 32-weight
-    # block; k = 1100 (g = 550) spans three 512-column panels with a group across them.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 16, 17, 70])
+def test_cpu_paths_and_tails(isa, dtype, m, gen):
+    # m <= 16: GEMV (MR x NR tiles: AVX-512 (1,4) (2,2) (3,1) (4,1), AVX2 (1,2) (2,1) (3,1), so
+    # m = 5, 7, 16 leave every row tail); m > 16: panels (3-row tiles). n 1..9: tails of the
+    # 4-row units and NR tiles; group sizes 2..62 give partial 64- and 128-weight chunks;
+    # g = 192 / 550 several chunks with a partial last one; k = 1100 (g = 550) spans three
+    # 512-column panels with a group across them; the last row's tail is the tensor's end.
     # A single output can sit near zero (cancellation), where any two fp32 summation
     # orders differ by more than 1e-5 relative: each case gets a loose check that still
     # catches a wrong tile, and all cases together the fp32 contract.
@@ -87,23 +93,24 @@ def test_cpu_paths_and_tails(isa, m, gen):
     with cpu_isa(isa):
         for n in (1, 2, 3, 5, 9):
             for k, g in ((2, 2), (6, 6), (30, 30), (32, 32), (34, 34), (62, 62), (64, 32), (96, 48), (120, 40),
-                         (1100, 550), (1100, 1100)):
-                x = torch.randn(m, k, generator=gen)
+                         (384, 192), (1100, 550), (1100, 1100)):
+                x = torch.randn(m, k, generator=gen).to(dtype)
                 w, s, z = make_w4(gen, n, k, g)
                 out = native(x, w, s, z, g, None)
                 ref = ops.linear_w4a16_ref(x, w, s, z, g, None)
-                assert_close_rel(out, ref, torch.float32, factor=100)
+                assert_close_rel(out, ref, dtype, factor=100 if dtype == torch.float32 else 1)
                 outs.append(out.flatten())
                 refs.append(ref.flatten())
-    assert_close_rel(torch.cat(outs), torch.cat(refs), torch.float32)
+    assert_close_rel(torch.cat(outs), torch.cat(refs), dtype)
 
 
 @NATIVE
 @pytest.mark.parametrize("isa", cpu_isas())
-@pytest.mark.parametrize("m", [1, 2, 3, 40])
-def test_cpu_threads_bitwise_identical(isa, m, gen):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 16, 40])
+def test_cpu_threads_bitwise_identical(isa, dtype, m, gen):
     n, k, g = 301, 1024, 128
-    x = torch.randn(m, k, generator=gen)
+    x = torch.randn(m, k, generator=gen).to(dtype)
     w, s, z = make_w4(gen, n, k, g)
     outs = []
     with cpu_isa(isa):
@@ -114,15 +121,31 @@ def test_cpu_threads_bitwise_identical(isa, m, gen):
 
 
 @NATIVE
+@pytest.mark.parametrize("isa", cpu_isas())
+def test_gemv_activation_outliers(isa, gen):
+    # limbs are relative to each group's absmax: a group with one huge activation keeps the
+    # others to fp32-like precision (three limbs resolve ~2^-23 of the absmax)
+    x = torch.randn(2, 1024, generator=gen)
+    x[0, 5] = 300.0
+    x[1, 700] = -1e4
+    w, s, z = make_w4(gen, 77, 1024, 128)
+    with cpu_isa(isa):
+        check(native(x, w, s, z, 128, None), x, w, s, z, 128, None)
+        check(native(x.bfloat16(), w, s, z, 128, None), x.bfloat16(), w, s, z, 128, None, torch.bfloat16)
+
+
+@NATIVE
+@pytest.mark.parametrize("isa", cpu_isas())
 @pytest.mark.parametrize("m", [1, 3])
-@pytest.mark.parametrize("k,g", [(4096, 128), (4096, 4096)])
-def test_gemv_accuracy_long_rows(m, k, g, gen):
+@pytest.mark.parametrize("k,g", [(4096, 128), (4096, 4096), (14336, 14336)])
+def test_gemv_accuracy_long_rows(isa, m, k, g, gen):
     # the GEMV folds the zero point out (s * (sum q x - z sum x)); its cancellation must stay
     # inside the fp32 contract for long groups too, and for symmetric (z = 8) weights
     x = torch.randn(m, k, generator=gen)
-    for sym in (False, True):
-        w, s, z = make_w4(gen, 64, k, g, symmetric=sym)
-        check(native(x, w, s, z, g, None), x, w, s, z, g, None)
+    with cpu_isa(isa):
+        for sym in (False, True):
+            w, s, z = make_w4(gen, 64, k, g, symmetric=sym)
+            check(native(x, w, s, z, g, None), x, w, s, z, g, None)
 
 
 @NATIVE

@@ -26,7 +26,20 @@ def cpu_isas():
     feats = _C.cpu_features()
     ok = feats["avx2"] and feats["fma"] and feats["f16c"]
     out.append(pytest.param("avx2", id="avx2", marks=[] if ok else [pytest.mark.skip(reason="CPU lacks AVX2/FMA/F16C")]))
+    out.append(pytest.param("avx512", id="avx512",
+                            marks=[] if _isa_runs("avx512") else [pytest.mark.skip(reason="CPU lacks AVX-512 F/BW/VL/DQ")]))
     return out
+
+
+def _isa_runs(name):
+    # the extension's own check (set_cpu_isa refuses a path this CPU lacks)
+    try:
+        _C.set_cpu_isa(name)
+        return True
+    except RuntimeError:
+        return False
+    finally:
+        _C.set_cpu_isa("auto")
 
 
 @contextlib.contextmanager

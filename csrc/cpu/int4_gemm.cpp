@@ -24,8 +24,10 @@ namespace cpu {
 namespace quant {
 namespace {
 
-constexpr int64_t kGemvMaxM = 3;
+constexpr int64_t kGemvMaxM = 16;
 constexpr int64_t kGemvRows = 4;
+// per-lane int32 sums of one group stay below 2^31: g / 32 * 4 * 15 * 127 (AVX2 lanes)
+constexpr int64_t kGemvMaxGroup = int64_t(1) << 20;
 constexpr int64_t kPanelRows = 64;
 constexpr int64_t kPanelK = 512;
 
@@ -122,139 +124,101 @@ void w4_panel_gemm(const W4& p, int64_t N, int64_t K, const float* X, int64_t ld
   });
 }
 
-// ------------------------------------------------------------------ GEMV, fp32 activations (AVX2)
+// ------------------------------------------------------------------ GEMV: int8 limbs x nibbles
 //
-// Each 16-byte load holds 32 nibbles; widened to 8 x 32-bit lanes, lane j holds
-// the nibbles of k = 4j..4j+3. Instead of shift + mask + int->float convert per
-// 8 values (the convert and the shifts share two of Zen's four vector pipes),
-// the exponent of 2^23 is OR-ed into every lane once, and one AND per t keeps
-// that exponent and nibble t in place: the lane reads as the float
-// 2^23 + q * 16^t, and subtracting 2^23 + z * 16^t leaves (q - z) * 16^t
-// exactly. The activations of slot t are pre-scaled by 16^-t (exact, a power of
-// two), so the FMA adds (q - z) * x.
-
-#if FASTKERN_X86
-constexpr int kAcc1 = 4;  // accumulators per x row when MR = 1 (FMA latency x throughput)
-
-template <int MR>
-FASTKERN_AVX2 inline void w4f_block(__m256 (&acc)[MR][kAcc1], const __m256 (&c)[4], const uint8_t* wp,
-                                    const float* x, int64_t ldx) {
-  constexpr int A = MR == 1 ? kAcc1 : 1;
-  const __m256i magic = _mm256_set1_epi32(0x4B000000);
-  __m256i v = _mm256_or_si256(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wp))), magic);
-  for (int t = 0; t < 4; ++t) {
-    const __m256i mask = _mm256_set1_epi32(0x4B000000 | (0xF << (4 * t)));
-    __m256 d = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_and_si256(v, mask)), c[t]);
-    for (int i = 0; i < MR; ++i) acc[i][t % A] = _mm256_fmadd_ps(d, _mm256_loadu_ps(x + i * ldx + 8 * t), acc[i][t % A]);
-  }
-}
-
-// Weight row n against MR rows of permuted activations XP (row stride ldxp).
-template <int MR>
-FASTKERN_AVX2 void w4f_gemv_row(const W4& p, int64_t n, const float* XP, int64_t ldxp, float* Y, int64_t ldy) {
-  constexpr int A = MR == 1 ? kAcc1 : 1;
-  const int64_t g = p.g, nfull = g / 32, rem = g % 32, nbg = nfull + (rem > 0);
-  __m256 tot[MR];
-  for (int i = 0; i < MR; ++i) tot[i] = _mm256_setzero_ps();
-  alignas(16) uint8_t tail[16] = {0};
-  const uint8_t* wrow = p.w + n * p.ldw;
-  for (int64_t gi = 0; gi < p.G; ++gi) {
-    __m256 acc[MR][kAcc1];
-    for (int i = 0; i < MR; ++i)
-      for (int a = 0; a < A; ++a) acc[i][a] = _mm256_setzero_ps();
-    const float z = float(p.z[n * p.G + gi]);
-    __m256 c[4];
-    for (int t = 0; t < 4; ++t) c[t] = _mm256_set1_ps(8388608.0f + z * float(1 << (4 * t)));
-    const float* xg = XP + gi * nbg * 32;
-    const uint8_t* wg = wrow + gi * (g / 2);
-    for (int64_t b = 0; b < nfull; ++b) w4f_block<MR>(acc, c, wg + b * 16, xg + b * 32, ldxp);
-    if (rem) {
-      // padding nibbles meet zero activations and add nothing
-      std::memcpy(tail, wg + nfull * 16, rem / 2);
-      w4f_block<MR>(acc, c, tail, xg + nfull * 32, ldxp);
-    }
-    const __m256 vs = _mm256_set1_ps(p.s[n * p.G + gi]);
-    for (int i = 0; i < MR; ++i) {
-      __m256 sum = acc[i][0];
-      if (A == 4) sum = _mm256_add_ps(_mm256_add_ps(acc[i][0], acc[i][1]), _mm256_add_ps(acc[i][2], acc[i][3]));
-      tot[i] = _mm256_fmadd_ps(vs, sum, tot[i]);
-    }
-  }
-  for (int i = 0; i < MR; ++i) Y[i * ldy + n] = hsum8_avx2(tot[i]);
-}
-
-template <int MR>
-void w4f_gemv_rows(const W4& p, const float* XP, int64_t ldxp, float* Y, int64_t ldy, int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) w4f_gemv_row<MR>(p, n, XP, ldxp, Y, ldy);
-}
-#endif
-
-// Activations for the fp32 GEMV: per group, blocks of 32 in the order the
-// widened weight words produce (k = 4 j + t at position 8 t + j), pre-scaled by
-// 16^-t, zero-padded.
-void w4f_prepare_x(const float* X, int64_t ldx, int64_t M, int64_t K, int64_t g, float* XP, int64_t ldxp) {
-  const int64_t G = K / g, nbg = (g + 31) / 32;
-  const float scale[4] = {1.f, 1.f / 16, 1.f / 256, 1.f / 4096};
-  for (int64_t m = 0; m < M; ++m) {
-    const float* x = X + m * ldx;
-    float* xp = XP + m * ldxp;
-    for (int64_t gi = 0; gi < G; ++gi)
-      for (int64_t b = 0; b < nbg; ++b) {
-        float* blk = xp + (gi * nbg + b) * 32;
-        for (int t = 0; t < 4; ++t)
-          for (int j = 0; j < 8; ++j) {
-            const int64_t kin = b * 32 + 4 * j + t;
-            blk[8 * t + j] = kin < g ? x[gi * g + kin] * scale[t] : 0.f;
-          }
-      }
-  }
-}
-
-// ------------------------------------------------------------------ GEMV, int16 activations (AVX2)
+// Small M streams the canonical weight once (no repacked copy): a 32-byte
+// (AVX2) or 64-byte (AVX-512) load holds 64 / 128 nibbles; one AND gives the
+// even-k weights, a shift and an AND the odd-k ones, as unsigned bytes 0..15.
+// The activations are quantized on the fly, per group, to L signed int8
+// "limbs": x ~ s (a1 + a2 / 254 + a3 / 254^2), s = absmax / 127, each limb the
+// rounded remainder of the previous one. Three limbs resolve 127 * 254^2 ~ 2^23
+// steps of the group's absmax, as fine as fp32 itself, so fp32 activations keep
+// the 1e-5 fp32 contract; fp16/bf16 activations (1e-2 contract) take two.
+// Products are u8 x s8 byte dot products: vpdpbusd (AVX-512 VNNI), or
+// vpmaddubsw + vpmaddwd on AVX2 (|pair| <= 2 * 15 * 127, no int16 saturation).
+// Per group and limb the int32 sum of q * a is exact; the zero point folds out
+// as z * sum(x) (the sum of the reconstructed activations, computed at
+// quantization), so the inner loop never touches z. Each 32-bit lane is
+// converted to float once per group and scaled by s_w * s_x with an FMA.
 //
-// For half-precision activations (output tolerance 1e-2) the activations are
-// requantized to int16 per chunk of at most kChunk weights (relative output
-// error about 2e-5, far below the half-precision rounding of the output), and
-// the inner loop becomes integer: vpmovzxbw widens 16 packed bytes to words, a
-// mask and a shift give the even-k and odd-k nibbles, and two vpmaddwd
-// multiply-add them into int32 lanes: no int->float work per weight. Per chunk,
-// sum (q - z) a = sum q a - z sum a is exact in integers up to the float
-// conversion; the chunk's int32 lanes are converted once and scaled by
-// s * s_a. fp32 activations use this path only when FASTKERN_W4A16_INT16_ACT=1
-// (a looser error than the 1e-5 fp32 contract).
+// Activation layout per row: for each group, for each chunk of CW weights
+// (CW = 64 AVX2, 128 AVX-512), L limbs of CW bytes [CW/2 even k | CW/2 odd k],
+// zero past the group's end: weight bytes read past a group's end (another
+// group's, or a masked / copied tail) meet zero activations and add nothing.
 
-constexpr int64_t kChunk = 1024;  // 1024 * 15 * 32767 < 2^31
+constexpr float kLimb = 254.f;
+// Software prefetch distance along each weight row, in bytes. NR rows are read as
+// NR interleaved streams that cross a 4 KiB page every few dozen lines; the
+// hardware prefetchers stop at page ends and one core then reads DRAM at a third
+// of its bandwidth (measured: 6 vs 15 GB/s on one thread at 4096x14336).
+constexpr int64_t kPrefetch = 512;
 
-struct I16Acts {
-  const int16_t* a;  // per row: for each chunk, blocks of 32 as [16 even-k | 16 odd-k] int16
+struct Limbs {
+  const int8_t* a;   // [M, lda]
   int64_t lda;
-  const float* sa;   // per row: the activation scale of each chunk
-  const float* asum; // per row: sum of the chunk's int16 activations
-  int64_t ldc;       // chunks per row
-  int64_t nch;       // chunks per group
-  int64_t chb;       // blocks per full chunk
+  const float* sx;   // [M, G] activation scale of each group
+  const float* sum;  // [M, G] sum of the group's reconstructed activations
+  int64_t nc;        // chunks per group
 };
 
-#if FASTKERN_X86
-template <int MR, int NR>
-FASTKERN_AVX2 inline void w4i_block(__m256i (&acc)[MR][NR], const uint8_t* const* wp, const int16_t* a,
-                                    int64_t lda) {
-  const __m256i m4 = _mm256_set1_epi16(0x0F);
-  for (int j = 0; j < NR; ++j) {
-    __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wp[j])));
-    __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_srli_epi16(v, 4);
-    for (int i = 0; i < MR; ++i) {
-      const int16_t* ai = a + i * lda;
-      __m256i p0 = _mm256_madd_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ai)));
-      __m256i p1 = _mm256_madd_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ai + 16)));
-      acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_add_epi32(p0, p1));
+// Returns false if x holds NaN or inf (the caller then takes the fp32 panel path).
+bool w4_prepare_limbs(const float* X, int64_t ldx, int64_t M, int64_t K, int64_t g, int64_t CW, int L, int8_t* A,
+                      int64_t lda, float* SX, float* SUM) {
+  const int64_t G = K / g, nc = (g + CW - 1) / CW;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t gi = 0; gi < G; ++gi) {
+      const float* x = X + m * ldx + gi * g;
+      float amax = 0.f;
+      for (int64_t k = 0; k < g; ++k) {
+        const float v = std::fabs(x[k]);
+        if (!(v <= 3.4028235e38f)) return false;
+        amax = std::max(amax, v);
+      }
+      const float s = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+      int8_t* blk = A + m * lda + gi * nc * L * CW;
+      std::memset(blk, 0, nc * L * CW);
+      double tot = 0.0;
+      for (int64_t k = 0; k < g; ++k) {
+        const int64_t r = k % CW;
+        int8_t* d = blk + (k / CW) * L * CW + ((r & 1) ? CW / 2 + r / 2 : r / 2);
+        // |t| <= 127 (+ rounding) and every remainder is within +-0.5, so each limb fits +-127
+        float t = x[k] * inv;
+        double rec = 0.0, unit = 1.0;
+        for (int l = 0; l < L; ++l) {
+          const float a = std::nearbyint(t);
+          d[l * CW] = int8_t(a);
+          rec += double(a) * unit;
+          unit /= kLimb;
+          t = (t - a) * kLimb;
+        }
+        tot += rec;
+      }
+      SX[m * G + gi] = s;
+      SUM[m * G + gi] = float(double(s) * tot);
     }
-  }
+  return true;
 }
 
-template <int MR, int NR>
-FASTKERN_AVX2 void w4i_gemv(const W4& p, const I16Acts& q, int64_t n, float* Y, int64_t ldy) {
-  const int64_t g = p.g, nbg = (g + 31) / 32;
+#if FASTKERN_X86
+#define FASTKERN_AVX512VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
+
+// Combine the L limb sums of one group: float(acc0) + float(acc1) / 254 + float(acc2) / 254^2.
+template <int L>
+FASTKERN_AVX2 inline __m256 limbs_to_f32_avx2(const __m256i (&acc)[L]) {
+  __m256 f = _mm256_cvtepi32_ps(acc[0]);
+  if (L > 1) f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[1]), _mm256_set1_ps(1.f / kLimb), f);
+  if (L > 2) f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[L > 2 ? 2 : 0]), _mm256_set1_ps(1.f / (kLimb * kLimb)), f);
+  return f;
+}
+
+// MR activation rows x NR weight rows starting at (m0, n).
+template <int MR, int NR, int L>
+FASTKERN_AVX2 void w4l_tile_avx2(const W4& p, const Limbs& q, const uint8_t* wend, int64_t n, int64_t m0, float* Y,
+                                 int64_t ldy) {
+  constexpr int64_t CW = 64;
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t hb = p.g / 2;
   __m256 tot[MR][NR];
   float corr[MR][NR];
   for (int i = 0; i < MR; ++i)
@@ -262,105 +226,173 @@ FASTKERN_AVX2 void w4i_gemv(const W4& p, const I16Acts& q, int64_t n, float* Y, 
       tot[i][j] = _mm256_setzero_ps();
       corr[i][j] = 0.f;
     }
-  alignas(16) uint8_t tail[NR][16];
-  for (int j = 0; j < NR; ++j) std::memset(tail[j], 0, 16);
+  alignas(32) uint8_t tail[32];
   for (int64_t gi = 0; gi < p.G; ++gi) {
-    float s[NR], z[NR];
-    for (int j = 0; j < NR; ++j) {
-      s[j] = p.s[(n + j) * p.G + gi];
-      z[j] = float(p.z[(n + j) * p.G + gi]);
-    }
-    for (int64_t c = 0; c < q.nch; ++c) {
-      const int64_t b0 = c * q.chb, b1 = std::min(nbg, b0 + q.chb);
-      const int64_t ci = gi * q.nch + c;
-      __m256i acc[MR][NR];
-      for (int i = 0; i < MR; ++i)
-        for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_si256();
-      const uint8_t* wp[NR];
-      for (int j = 0; j < NR; ++j) wp[j] = p.w + (n + j) * p.ldw + gi * (g / 2) + b0 * 16;
-      const int16_t* ab = q.a + (gi * nbg + b0) * 32;
-      for (int64_t b = b0; b < b1; ++b) {
-        if ((b + 1) * 32 > g) {
-          const int64_t nbytes = (g - b * 32) / 2;
-          const uint8_t* tp[NR];
-          for (int j = 0; j < NR; ++j) {
-            std::memcpy(tail[j], wp[j], nbytes);
-            tp[j] = tail[j];
-          }
-          w4i_block<MR, NR>(acc, tp, ab, q.lda);
-        } else {
-          w4i_block<MR, NR>(acc, wp, ab, q.lda);
+    __m256i acc[MR][NR][L];
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NR; ++j)
+        for (int l = 0; l < L; ++l) acc[i][j][l] = _mm256_setzero_si256();
+    const int8_t* ag = q.a + m0 * q.lda + gi * q.nc * L * CW;
+    for (int64_t c = 0; c < q.nc; ++c) {
+      __m256i lo[NR], hi[NR];
+      for (int j = 0; j < NR; ++j) {
+        const uint8_t* wp = p.w + (n + j) * p.ldw + gi * hb + c * 32;
+        if (kPrefetch) _mm_prefetch(reinterpret_cast<const char*>(wp + kPrefetch), _MM_HINT_T0);
+        __m256i v;
+        if (wp + 32 <= wend) {
+          v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp));
+        } else {  // the tensor's last bytes: never read past its end
+          std::memset(tail, 0, 32);
+          std::memcpy(tail, wp, wend - wp);
+          v = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail));
         }
-        for (int j = 0; j < NR; ++j) wp[j] += 16;
-        ab += 32;
+        lo[j] = _mm256_and_si256(v, m4);
+        hi[j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
       }
-      for (int i = 0; i < MR; ++i) {
-        const float sa = q.sa[i * q.ldc + ci], as = q.asum[i * q.ldc + ci];
-        for (int j = 0; j < NR; ++j) {
-          const float f = s[j] * sa;
-          tot[i][j] = _mm256_fmadd_ps(_mm256_set1_ps(f), _mm256_cvtepi32_ps(acc[i][j]), tot[i][j]);
-          corr[i][j] += f * z[j] * as;
+      for (int i = 0; i < MR; ++i)
+        for (int l = 0; l < L; ++l) {
+          const int8_t* al = ag + i * q.lda + (c * L + l) * CW;
+          const __m256i xe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(al));
+          const __m256i xo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(al + 32));
+          for (int j = 0; j < NR; ++j) {
+            __m256i t = _mm256_add_epi16(_mm256_maddubs_epi16(lo[j], xe), _mm256_maddubs_epi16(hi[j], xo));
+            acc[i][j][l] = _mm256_add_epi32(acc[i][j][l], _mm256_madd_epi16(t, ones));
+          }
         }
+    }
+    for (int j = 0; j < NR; ++j) {
+      const float ws = p.s[(n + j) * p.G + gi], z = float(p.z[(n + j) * p.G + gi]);
+      for (int i = 0; i < MR; ++i) {
+        const float sx = q.sx[(m0 + i) * p.G + gi], sm = q.sum[(m0 + i) * p.G + gi];
+        tot[i][j] = _mm256_fmadd_ps(limbs_to_f32_avx2<L>(acc[i][j]), _mm256_set1_ps(ws * sx), tot[i][j]);
+        corr[i][j] += ws * z * sm;
       }
     }
   }
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) Y[i * ldy + n + j] = hsum8_avx2(tot[i][j]) - corr[i][j];
+    for (int j = 0; j < NR; ++j) Y[(m0 + i) * ldy + n + j] = hsum8_avx2(tot[i][j]) - corr[i][j];
 }
 
-template <int MR, int NR>
-void w4i_gemv_rows(const W4& p, const I16Acts& q, float* Y, int64_t ldy, int64_t n0, int64_t n1) {
-  int64_t n = n0;
-  for (; n + NR <= n1; n += NR) w4i_gemv<MR, NR>(p, q, n, Y, ldy);
-  for (; n < n1; ++n) w4i_gemv<MR, 1>(p, q, n, Y, ldy);
+template <int L>
+FASTKERN_AVX512VNNI inline __m512 limbs_to_f32_avx512(const __m512i (&acc)[L]) {
+  __m512 f = _mm512_cvtepi32_ps(acc[0]);
+  if (L > 1) f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[1]), _mm512_set1_ps(1.f / kLimb), f);
+  if (L > 2) f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[L > 2 ? 2 : 0]), _mm512_set1_ps(1.f / (kLimb * kLimb)), f);
+  return f;
+}
+
+FASTKERN_AVX512VNNI inline float hsum16_avx512(__m512 v) {
+  // fixed order: halves, then the AVX2 reduction
+  __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+
+template <int MR, int NR, int L>
+FASTKERN_AVX512VNNI void w4l_tile_avx512(const W4& p, const Limbs& q, const uint8_t* /*wend*/, int64_t n,
+                                         int64_t m0, float* Y, int64_t ldy) {
+  constexpr int64_t CW = 128;
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  const int64_t hb = p.g / 2;
+  __m512 tot[MR][NR];
+  float corr[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) {
+      tot[i][j] = _mm512_setzero_ps();
+      corr[i][j] = 0.f;
+    }
+  for (int64_t gi = 0; gi < p.G; ++gi) {
+    __m512i acc[MR][NR][L];
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NR; ++j)
+        for (int l = 0; l < L; ++l) acc[i][j][l] = _mm512_setzero_si512();
+    const int8_t* ag = q.a + m0 * q.lda + gi * q.nc * L * CW;
+    for (int64_t c = 0; c < q.nc; ++c) {
+      const int64_t nb = std::min<int64_t>(64, hb - c * 64);
+      // masked tail: no read past the group (or the tensor)
+      const __mmask64 mk = nb == 64 ? ~__mmask64(0) : (__mmask64(1) << nb) - 1;
+      __m512i lo[NR], hi[NR];
+      for (int j = 0; j < NR; ++j) {
+        const uint8_t* wp = p.w + (n + j) * p.ldw + gi * hb + c * 64;
+        if (kPrefetch) _mm_prefetch(reinterpret_cast<const char*>(wp + kPrefetch), _MM_HINT_T0);
+        const __m512i v = _mm512_maskz_loadu_epi8(mk, wp);
+        lo[j] = _mm512_and_si512(v, m4);
+        hi[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+      }
+      for (int i = 0; i < MR; ++i)
+        for (int l = 0; l < L; ++l) {
+          const int8_t* al = ag + i * q.lda + (c * L + l) * CW;
+          const __m512i xe = _mm512_loadu_si512(al);
+          const __m512i xo = _mm512_loadu_si512(al + 64);
+          for (int j = 0; j < NR; ++j) {
+            acc[i][j][l] = _mm512_dpbusd_epi32(acc[i][j][l], lo[j], xe);
+            acc[i][j][l] = _mm512_dpbusd_epi32(acc[i][j][l], hi[j], xo);
+          }
+        }
+    }
+    for (int j = 0; j < NR; ++j) {
+      const float ws = p.s[(n + j) * p.G + gi], z = float(p.z[(n + j) * p.G + gi]);
+      for (int i = 0; i < MR; ++i) {
+        const float sx = q.sx[(m0 + i) * p.G + gi], sm = q.sum[(m0 + i) * p.G + gi];
+        tot[i][j] = _mm512_fmadd_ps(limbs_to_f32_avx512<L>(acc[i][j]), _mm512_set1_ps(ws * sx), tot[i][j]);
+        corr[i][j] += ws * z * sm;
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) Y[(m0 + i) * ldy + n + j] = hsum16_avx512(tot[i][j]) - corr[i][j];
+}
+
+using TileFn = void (*)(const W4&, const Limbs&, const uint8_t*, int64_t, int64_t, float*, int64_t);
+
+// Tile shapes per ISA and M remainder: MR rows of x against NR weight rows, MR * NR * L
+// accumulators within the register file (16 ymm / 32 zmm).
+template <bool V512, int L>
+struct W4Tiles {
+  template <int MR, int NR>
+  static constexpr TileFn fn() {
+    return V512 ? &w4l_tile_avx512<MR, NR, L> : &w4l_tile_avx2<MR, NR, L>;
+  }
+  // (MR, NR) for a block of mr activation rows; single-row tails use NR = 1.
+  static void pick(int64_t mr, TileFn& wide, TileFn& one, int& nr, int& mrr) {
+    if (V512) {
+      switch (mr) {
+        case 1: wide = fn<1, 4>(); one = fn<1, 1>(); nr = 4; mrr = 1; return;
+        case 2: wide = fn<2, 2>(); one = fn<2, 1>(); nr = 2; mrr = 2; return;
+        case 3: wide = fn<3, 1>(); one = fn<3, 1>(); nr = 1; mrr = 3; return;
+        default: wide = fn<4, 1>(); one = fn<4, 1>(); nr = 1; mrr = 4; return;
+      }
+    }
+    switch (mr) {
+      case 1: wide = fn<1, 2>(); one = fn<1, 1>(); nr = 2; mrr = 1; return;
+      case 2: wide = fn<2, 1>(); one = fn<2, 1>(); nr = 1; mrr = 2; return;
+      default: wide = fn<3, 1>(); one = fn<3, 1>(); nr = 1; mrr = 3; return;
+    }
+  }
+};
+
+template <bool V512, int L>
+void w4l_gemv(const W4& p, const Limbs& q, int64_t M, int64_t N, float* Y) {
+  const uint8_t* wend = p.w + N * p.ldw;
+  // kGemvRows is a multiple of every NR, so the tiling of a row never depends on the thread split
+  parallel_rows(N, kGemvRows, 16, [&](int64_t n0, int64_t n1) {
+    // kGemvRows weight rows (in L1) meet every row of x before the next rows stream in
+    for (int64_t nb = n0; nb < n1; nb += kGemvRows) {
+      const int64_t ne = std::min(n1, nb + kGemvRows);
+      for (int64_t m0 = 0; m0 < M;) {
+        TileFn wide, one;
+        int nr, mr;
+        W4Tiles<V512, L>::pick(M - m0, wide, one, nr, mr);
+        int64_t n = nb;
+        for (; n + nr <= ne; n += nr) wide(p, q, wend, n, m0, Y, N);
+        for (; n < ne; ++n) one(p, q, wend, n, m0, Y, N);
+        m0 += mr;
+      }
+    }
+  });
 }
 #endif
-
-// int16 activations per chunk: s_a = absmax / 32767, a = round(x / s_a).
-// Returns false if x holds NaN or inf (the caller then takes an fp32 path).
-bool w4i_prepare_x(const float* X, int64_t ldx, int64_t M, int64_t K, int64_t g, int16_t* A, int64_t lda, float* SA,
-                   float* AS, int64_t ldc, int64_t nch, int64_t chb) {
-  const int64_t G = K / g, nbg = (g + 31) / 32;
-  for (int64_t m = 0; m < M; ++m) {
-    const float* x = X + m * ldx;
-    for (int64_t gi = 0; gi < G; ++gi)
-      for (int64_t c = 0; c < nch; ++c) {
-        const int64_t k0 = c * chb * 32, k1 = std::min(g, k0 + chb * 32);
-        const float* xc = x + gi * g;
-        float amax = 0.f;
-        for (int64_t k = k0; k < k1; ++k) {
-          const float v = std::fabs(xc[k]);
-          if (!(v <= 3.4e38f)) return false;
-          amax = std::max(amax, v);
-        }
-        const float sa = amax / 32767.f;
-        const float inv = sa > 0.f ? 1.f / sa : 0.f;
-        int64_t sum = 0;
-        for (int64_t b = k0 / 32; b < (k1 + 31) / 32; ++b) {
-          int16_t* blk = A + m * lda + (gi * nbg + b) * 32;
-          for (int i = 0; i < 16; ++i)
-            for (int h = 0; h < 2; ++h) {
-              const int64_t k = b * 32 + 2 * i + h;
-              int v = 0;
-              if (k < k1) v = std::max(-32767, std::min(32767, int(std::nearbyint(xc[k] * inv))));
-              blk[16 * h + i] = int16_t(v);
-              sum += v;
-            }
-        }
-        SA[m * ldc + gi * nch + c] = sa;
-        AS[m * ldc + gi * nch + c] = float(sum);
-      }
-  }
-  return true;
-}
-
-bool int16_acts_for_fp32() {
-  static const bool on = [] {
-    const char* e = std::getenv("FASTKERN_W4A16_INT16_ACT");
-    return e != nullptr && e[0] == '1';
-  }();
-  return on;
-}
 
 // ------------------------------------------------------------------ op
 
@@ -396,38 +428,22 @@ at::Tensor linear_w4a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
 
   bool done = false;
 #if FASTKERN_X86
-  if (avx2 && M <= kGemvMaxM) {
-    const int64_t nbg = (group_size + 31) / 32, ldxp = G * nbg * 32;
-    float* yp = Y.data_ptr<float>();
-    if (x.scalar_type() != at::kFloat || int16_acts_for_fp32()) {
-      const int64_t chb = kChunk / 32, nch = (nbg + chb - 1) / chb, ldc = G * nch;
-      at::Tensor A = at::empty({M, ldxp}, X.options().dtype(at::kShort));
-      at::Tensor SA = at::empty({M, ldc}, X.options());
-      at::Tensor AS = at::empty({M, ldc}, X.options());
-      if (w4i_prepare_x(X.data_ptr<float>(), ldx, M, K, group_size, A.data_ptr<int16_t>(), ldxp,
-                        SA.data_ptr<float>(), AS.data_ptr<float>(), ldc, nch, chb)) {
-        I16Acts q{A.data_ptr<int16_t>(), ldxp, SA.data_ptr<float>(), AS.data_ptr<float>(), ldc, nch, chb};
-        parallel_rows(N, kGemvRows, 16, [&](int64_t n0, int64_t n1) {
-          switch (M) {
-            case 1: w4i_gemv_rows<1, 4>(p, q, yp, N, n0, n1); break;
-            case 2: w4i_gemv_rows<2, 2>(p, q, yp, N, n0, n1); break;
-            default: w4i_gemv_rows<3, 1>(p, q, yp, N, n0, n1); break;
-          }
-        });
-        done = true;
+  if (avx2 && M <= kGemvMaxM && group_size <= kGemvMaxGroup) {
+    const bool v512 = active_isa() >= Isa::Avx512 && features().avx512vnni;
+    const int L = x.scalar_type() == at::kFloat ? 3 : 2;
+    const int64_t CW = v512 ? 128 : 64, nc = (group_size + CW - 1) / CW, lda = G * nc * L * CW;
+    at::Tensor A = at::empty({M, lda}, X.options().dtype(at::kChar));
+    at::Tensor SX = at::empty({M, G}, X.options());
+    at::Tensor SUM = at::empty({M, G}, X.options());
+    if (w4_prepare_limbs(X.data_ptr<float>(), ldx, M, K, group_size, CW, L, A.data_ptr<int8_t>(), lda,
+                         SX.data_ptr<float>(), SUM.data_ptr<float>())) {
+      Limbs q{A.data_ptr<int8_t>(), lda, SX.data_ptr<float>(), SUM.data_ptr<float>(), nc};
+      float* yp = Y.data_ptr<float>();
+      if (v512) {
+        if (L == 3) w4l_gemv<true, 3>(p, q, M, N, yp); else w4l_gemv<true, 2>(p, q, M, N, yp);
+      } else {
+        if (L == 3) w4l_gemv<false, 3>(p, q, M, N, yp); else w4l_gemv<false, 2>(p, q, M, N, yp);
       }
-    }
-    if (!done) {
-      at::Tensor XP = at::empty({M, ldxp}, X.options());
-      w4f_prepare_x(X.data_ptr<float>(), ldx, M, K, group_size, XP.data_ptr<float>(), ldxp);
-      const float* xp = XP.data_ptr<float>();
-      parallel_rows(N, kGemvRows, 16, [&](int64_t n0, int64_t n1) {
-        switch (M) {
-          case 1: w4f_gemv_rows<1>(p, xp, ldxp, yp, N, n0, n1); break;
-          case 2: w4f_gemv_rows<2>(p, xp, ldxp, yp, N, n0, n1); break;
-          default: w4f_gemv_rows<3>(p, xp, ldxp, yp, N, n0, n1); break;
-        }
-      });
       done = true;
     }
   }
