@@ -13,6 +13,7 @@
 // reference does ((q - z) * s in fp32) and run fp32 dot tiles over all rows.
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <vector>
@@ -161,42 +162,125 @@ struct Limbs {
   int64_t nc;        // chunks per group
 };
 
-// Returns false if x holds NaN or inf (the caller then takes the fp32 panel path).
-bool w4_prepare_limbs(const float* X, int64_t ldx, int64_t M, int64_t K, int64_t g, int64_t CW, int L, int8_t* A,
-                      int64_t lda, float* SX, float* SUM) {
-  const int64_t G = K / g, nc = (g + CW - 1) / CW;
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t gi = 0; gi < G; ++gi) {
-      const float* x = X + m * ldx + gi * g;
-      float amax = 0.f;
-      for (int64_t k = 0; k < g; ++k) {
-        const float v = std::fabs(x[k]);
-        if (!(v <= 3.4028235e38f)) return false;
-        amax = std::max(amax, v);
-      }
-      const float s = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-      int8_t* blk = A + m * lda + gi * nc * L * CW;
-      std::memset(blk, 0, nc * L * CW);
-      double tot = 0.0;
-      for (int64_t k = 0; k < g; ++k) {
-        const int64_t r = k % CW;
-        int8_t* d = blk + (k / CW) * L * CW + ((r & 1) ? CW / 2 + r / 2 : r / 2);
-        // |t| <= 127 (+ rounding) and every remainder is within +-0.5, so each limb fits +-127
-        float t = x[k] * inv;
-        double rec = 0.0, unit = 1.0;
-        for (int l = 0; l < L; ++l) {
-          const float a = std::nearbyint(t);
-          d[l * CW] = int8_t(a);
-          rec += double(a) * unit;
-          unit /= kLimb;
-          t = (t - a) * kLimb;
-        }
-        tot += rec;
-      }
-      SX[m * G + gi] = s;
-      SUM[m * G + gi] = float(double(s) * tot);
+// One group of one row: limbs into blk (nc * L * CW bytes), its scale and the sum of its
+// reconstructed activations. Returns false if the group holds NaN or inf.
+bool w4_limbs_group_generic(const float* x, int64_t g, int64_t CW, int L, int8_t* blk, float* sx, float* sum) {
+  const int64_t nc = (g + CW - 1) / CW;
+  float amax = 0.f;
+  for (int64_t k = 0; k < g; ++k) {
+    const float v = std::fabs(x[k]);
+    if (!(v <= 3.4028235e38f)) return false;
+    amax = std::max(amax, v);
+  }
+  const float s = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+  std::memset(blk, 0, nc * L * CW);
+  int64_t isum[3] = {0, 0, 0};
+  for (int64_t k = 0; k < g; ++k) {
+    const int64_t r = k % CW;
+    int8_t* d = blk + (k / CW) * L * CW + ((r & 1) ? CW / 2 + r / 2 : r / 2);
+    // |t| <= 127 (+ rounding) and every remainder is within +-0.5, so each limb fits +-127
+    float t = x[k] * inv;
+    for (int l = 0; l < L; ++l) {
+      const float a = std::nearbyint(t);
+      d[l * CW] = int8_t(a);
+      isum[l] += int64_t(a);
+      t = (t - a) * kLimb;
     }
+  }
+  *sx = s;
+  *sum = float(double(s) * (double(isum[0]) + double(isum[1]) / kLimb + double(isum[2]) / (double(kLimb) * kLimb)));
   return true;
+}
+
+#if FASTKERN_X86
+// The same limbs, 32 activations per step (g a multiple of 32): even and odd k are
+// split in fp32 (shuffle_ps), each limb is rounded in 8-lane vectors and packed to
+// 16 even-k then 16 odd-k bytes. Bit-identical to the generic version (same fp32
+// operations, same round-to-nearest-even).
+FASTKERN_AVX2 bool w4_limbs_group_avx2(const float* x, int64_t g, int64_t CW, int L, int8_t* blk, float* sx,
+                                       float* sum) {
+  const int64_t nc = (g + CW - 1) / CW;
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 vmax = _mm256_setzero_ps();
+  __m256 bad = _mm256_setzero_ps();
+  const __m256 big = _mm256_set1_ps(3.4028235e38f);
+  for (int64_t k = 0; k < g; k += 8) {
+    const __m256 v = _mm256_and_ps(_mm256_loadu_ps(x + k), absmask);
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, big, _CMP_NLE_UQ));  // NaN or inf
+    vmax = _mm256_max_ps(vmax, v);
+  }
+  if (_mm256_movemask_ps(bad)) return false;
+  alignas(32) float mx[8];
+  _mm256_store_ps(mx, vmax);
+  float amax = 0.f;
+  for (int i = 0; i < 8; ++i) amax = std::max(amax, mx[i]);
+  const float s = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+  if (g % CW) std::memset(blk, 0, nc * L * CW);
+  const __m256 vinv = _mm256_set1_ps(inv), vl = _mm256_set1_ps(kLimb);
+  const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  __m256i isum[3] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+  for (int64_t k = 0; k < g; k += 32) {
+    const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+    const __m256 x2 = _mm256_loadu_ps(x + k + 16), x3 = _mm256_loadu_ps(x + k + 24);
+    // [x0 x2 x8 x10 | x4 x6 x12 x14] -> permute 64-bit lanes (0,2,1,3) -> evens in order
+    __m256 t[4];
+    t[0] = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(x0, x1, 0x88)), 0xD8));
+    t[1] = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(x2, x3, 0x88)), 0xD8));
+    t[2] = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(x0, x1, 0xDD)), 0xD8));
+    t[3] = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(x2, x3, 0xDD)), 0xD8));
+    for (int i = 0; i < 4; ++i) t[i] = _mm256_mul_ps(t[i], vinv);
+    const int64_t r = k % CW;
+    int8_t* d = blk + (k / CW) * L * CW + r / 2;
+    for (int l = 0; l < L; ++l) {
+      __m256i q[4];
+      for (int i = 0; i < 4; ++i) {
+        const __m256 a = _mm256_round_ps(t[i], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        q[i] = _mm256_cvtps_epi32(a);
+        isum[l] = _mm256_add_epi32(isum[l], q[i]);
+        t[i] = _mm256_mul_ps(_mm256_sub_ps(t[i], a), vl);
+      }
+      // packs: [e0_0..3 e1_0..3 o0_0..3 o1_0..3 | e0_4..7 e1_4..7 o0_4..7 o1_4..7] -> dwords (0,4,1,5,2,6,3,7)
+      const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+      const __m256i o = _mm256_permutevar8x32_epi32(b, perm);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(d + l * CW), _mm256_castsi256_si128(o));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(d + l * CW + CW / 2), _mm256_extracti128_si256(o, 1));
+    }
+  }
+  double tot = 0.0, unit = 1.0;
+  for (int l = 0; l < L; ++l) {
+    tot += double(hsum8_i32_avx2(isum[l])) * unit;
+    unit /= kLimb;
+  }
+  *sx = s;
+  *sum = float(double(s) * tot);
+  return true;
+}
+#endif
+
+// Limbs of every group of every row (layout above). Returns false if x holds NaN or
+// inf (the caller then takes the fp32 panel path).
+bool w4_prepare_limbs(const float* X, int64_t ldx, int64_t M, int64_t K, int64_t g, int64_t CW, int L, int8_t* A,
+                      int64_t lda, float* SX, float* SUM, bool avx2) {
+  const int64_t G = K / g, nc = (g + CW - 1) / CW;
+  std::atomic<bool> ok{true};
+  // one task per (row, group); threads only above a size where they pay for their start
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / g);
+  at::parallel_for(0, M * G, grain, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t m = i / G, gi = i % G;
+      const float* x = X + m * ldx + gi * g;
+      int8_t* blk = A + m * lda + gi * nc * L * CW;
+      bool good;
+#if FASTKERN_X86
+      if (avx2 && g % 32 == 0)
+        good = w4_limbs_group_avx2(x, g, CW, L, blk, SX + i, SUM + i);
+      else
+#endif
+        good = w4_limbs_group_generic(x, g, CW, L, blk, SX + i, SUM + i);
+      if (!good) ok = false;
+    }
+  });
+  return ok;
 }
 
 #if FASTKERN_X86
@@ -436,7 +520,7 @@ at::Tensor linear_w4a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
     at::Tensor SX = at::empty({M, G}, X.options());
     at::Tensor SUM = at::empty({M, G}, X.options());
     if (w4_prepare_limbs(X.data_ptr<float>(), ldx, M, K, group_size, CW, L, A.data_ptr<int8_t>(), lda,
-                         SX.data_ptr<float>(), SUM.data_ptr<float>())) {
+                         SX.data_ptr<float>(), SUM.data_ptr<float>(), avx2)) {
       Limbs q{A.data_ptr<int8_t>(), lda, SX.data_ptr<float>(), SUM.data_ptr<float>(), nc};
       float* yp = Y.data_ptr<float>();
       if (v512) {
