@@ -41,6 +41,19 @@ def default_max_jobs():
     return str(max(1, min(os.cpu_count() or 1, int(avail // (1.5 * 2**30)))))
 
 
+def cxx_std():
+    # torch >= 2.14's headers refuse anything older than C++20 (torch/all.h has an
+    # #error); older torch builds with C++17. The CUDA kernels compile under both.
+    all_h = os.path.join(os.path.dirname(torch.__file__), "include", "torch", "csrc", "api",
+                         "include", "torch", "all.h")
+    try:
+        with open(all_h) as f:
+            return "-std=c++20" if "202002L" in f.read() else "-std=c++17"
+    except OSError:
+        major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+        return "-std=c++20" if (major, minor) >= (2, 14) else "-std=c++17"
+
+
 def extension():
     debug = os.environ.get("FASTKERN_DEBUG") == "1"
     with_cuda = want_cuda()
@@ -53,7 +66,7 @@ def extension():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # Baseline x86-64 code only: AVX2/FMA/AVX-512 kernels carry their own
     # target attributes and are chosen at run time, so one wheel runs anywhere.
-    cxx = opt + ["-std=c++17", "-fno-math-errno", "-Wno-unknown-pragmas"]
+    cxx = opt + [cxx_std(), "-fno-math-errno", "-Wno-unknown-pragmas"]
     define_macros = [
         ("FASTKERN_TORCH_VERSION", '"%s"' % torch.__version__),
         ("FASTKERN_VERSION", '"%s"' % read_version()),
@@ -70,7 +83,7 @@ def extension():
         )
     sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
     nvcc = opt + [
-        "-std=c++17",
+        cxx_std(),
         "--expt-relaxed-constexpr",
         "-lineinfo",
         "-U__CUDA_NO_HALF_OPERATORS__",
