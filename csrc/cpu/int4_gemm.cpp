@@ -18,6 +18,7 @@
 #include <cstdlib>
 #include <vector>
 
+#include "cpu/gemm_blocked.h"
 #include "cpu/quant_common.h"
 
 namespace fastkern {
@@ -29,8 +30,6 @@ constexpr int64_t kGemvMaxM = 16;
 constexpr int64_t kGemvRows = 4;
 // per-lane int32 sums of one group stay below 2^31: g / 32 * 4 * 15 * 127 (AVX2 lanes)
 constexpr int64_t kGemvMaxGroup = int64_t(1) << 20;
-constexpr int64_t kPanelRows = 64;
-constexpr int64_t kPanelK = 512;
 
 struct W4 {
   const uint8_t* w;  // [N, ldw]
@@ -102,27 +101,45 @@ FASTKERN_AVX2 void w4_dequant_avx2(const W4& p, int64_t n0, int64_t nb, int64_t 
 }
 #endif
 
-void w4_panel_gemm(const W4& p, int64_t N, int64_t K, const float* X, int64_t ldx, int64_t M, float* Y,
-                   bool avx2) {
-  parallel_rows(N, kPanelRows, 1, [&](int64_t nb0, int64_t nb1) {
-    std::vector<float> panel(kPanelRows * kPanelK);
-    for (int64_t n0 = nb0; n0 < nb1; n0 += kPanelRows) {
-      const int64_t nb = std::min(kPanelRows, nb1 - n0);
-      for (int64_t k0 = 0; k0 < K; k0 += kPanelK) {
-        const int64_t kk = std::min(kPanelK, K - k0);
-        const int64_t kkp = round_up(kk, 8);
+// Larger M: the blocked fp32 GEMM of gemm_blocked.h (packed A and B panels around the
+// register-blocked micro-kernel of each ISA), its B slivers filled by dequantizing
+// the nibbles exactly as the reference does ((q - z) * s in fp32): a weight element
+// is dequantized once per M block (kMC rows of x), not once per row of x.
+struct W4Packer {
+  const W4* p;
+  Isa isa;
+  void operator()(int64_t row0, int rows, int64_t k0, int64_t kc, int width, float* dst) const {
+    // kc <= gemm::kKC and rows <= NR (<= 32): one dequantized [rows, kc] tile on the stack
+    alignas(64) float tmp[32 * gemm::kKC];
+    const int64_t kk = kc & ~int64_t(1), ld = gemm::kKC;
 #if FASTKERN_X86
-        if (avx2) {
-          w4_dequant_avx2(p, n0, nb, k0, kk, panel.data(), kkp);
-          dot_block_f32<true>(X + k0, ldx, M, panel.data(), kkp, nb, Y + n0, N, kkp, k0 > 0);
-          continue;
-        }
-#endif
-        w4_dequant_generic(p, n0, nb, k0, kk, panel.data(), kkp);
-        dot_block_f32<false>(X + k0, ldx, M, panel.data(), kkp, nb, Y + n0, N, kkp, k0 > 0);
-      }
+    if (isa >= Isa::Avx2) {
+      w4_dequant_avx2(*p, row0, rows, k0, kk, tmp, ld);
+      if (kk < kc) dequant_last(row0, rows, k0 + kk, tmp + kk, ld);
+      gemm::pack_rows_avx2(static_cast<const float*>(tmp), ld, rows, kc, width, dst);
+      return;
     }
-  });
+#endif
+    w4_dequant_generic(*p, row0, rows, k0, kk, tmp, ld);
+    if (kk < kc) dequant_last(row0, rows, k0 + kk, tmp + kk, ld);
+    gemm::StridedRows<float>{tmp, ld, 1, Isa::Generic}(0, rows, 0, kc, width, dst);
+  }
+  // kc is even except at K's end when K is odd: never (K = 2 * bytes per row); kept for safety
+  void dequant_last(int64_t row0, int rows, int64_t k, float* d, int64_t ld) const {
+    for (int r = 0; r < rows; ++r) {
+      const int64_t n = row0 + r, gi = k / p->g;
+      const uint8_t b = p->w[n * p->ldw + k / 2];
+      const int q = (k & 1) ? b >> 4 : b & 15;
+      d[r * ld] = (float(q) - float(p->z[n * p->G + gi])) * p->s[n * p->G + gi];
+    }
+  }
+};
+
+void w4_blocked_gemm(const W4& p, int64_t N, int64_t K, const float* X, int64_t ldx, int64_t M, float* Y) {
+  const Isa isa = active_isa();
+  gemm::StridedRows<float> pa{X, ldx, 1, isa};
+  W4Packer pb{&p, isa};
+  gemm::blocked_gemm(M, N, K, gemm::micro_kernel(isa), pa, pb, Y, N);
 }
 
 // ------------------------------------------------------------------ GEMV: int8 limbs x nibbles
@@ -532,7 +549,7 @@ at::Tensor linear_w4a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
     }
   }
 #endif
-  if (!done) w4_panel_gemm(p, N, K, X.data_ptr<float>(), ldx, M, Y.data_ptr<float>(), avx2);
+  if (!done) w4_blocked_gemm(p, N, K, X.data_ptr<float>(), ldx, M, Y.data_ptr<float>());
   return finish(Y, bias, x, N);
 }
 
