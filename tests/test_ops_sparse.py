@@ -237,10 +237,12 @@ def test_blocksparse_matches_reference(gen, backend, m, dtype, block, layout, n,
 @needs_cpubs
 @pytest.mark.parametrize("isa", cpu_isas(), indirect=True)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-@pytest.mark.parametrize("block", [(16, 16), (6, 8), (1, 32), (3, 5), (7, 19)], ids=lambda b: "%dx%d" % b)
+@pytest.mark.parametrize("block", [(16, 16), (6, 8), (1, 32), (3, 5), (7, 19), (13, 16), (24, 8)],
+                         ids=lambda b: "%dx%d" % b)
 def test_blocksparse_every_tail(gen, isa, dtype, block):
-    """Rows of a block row in tiles (4 rows small M, 6/4 rows larger M) with their tails,
-    k chunks of 8 with their tails, the last block column cut at K, M tiles of 16/8."""
+    """Rows of a block row in tiles (small M: 4 rows AVX2, 16/8/4/2/1 AVX-512; larger M:
+    6 rows AVX2, 16 (M tile 16) or 8 (M tile 32) AVX-512) with their tails, k chunks of
+    8/16 with their tails, the last block column cut at K, every M tile and its tail."""
     bn, bk = block
     for m in (1, 2, 3, 4, 5, 8, 17, 33) if dtype == torch.float32 else (1, 3, 17):
         for n in (1, bn, bn + 1, 2 * bn + 5):

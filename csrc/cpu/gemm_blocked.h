@@ -102,6 +102,28 @@ FASTKERN_AVX2 inline __m256 load_partial8(const T* p, int64_t n) {
   std::memcpy(static_cast<void*>(tmp), p, n * sizeof(T));
   return load8(tmp);
 }
+// 16 elements as fp32 in a zmm; the masked forms read only the lanes in the
+// mask (masked-off lanes never fault), so tails need no copies.
+FASTKERN_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+FASTKERN_AVX512 inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+FASTKERN_AVX512 inline __m512 load16(const c10::BFloat16* p) {
+  const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+}
+FASTKERN_AVX512 inline __m512 maskz_load16(__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+FASTKERN_AVX512 inline __m512 maskz_load16(__mmask16 m, const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+}
+FASTKERN_AVX512 inline __m512 maskz_load16(__mmask16 m, const c10::BFloat16* p) {
+  const __m512i v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+}
+FASTKERN_AVX512 inline __mmask16 first_lanes16(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
+}
+
 FASTKERN_AVX2 inline float hsum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
