@@ -167,6 +167,63 @@ FASTKERN_AVX2 void s24_tile_avx2(const float* xr, int64_t K, const T* vals, int6
 }
 #endif
 
+#if FASTKERN_X86
+// One weight row against MT (<= 4) rows of x, in natural order. A step takes 8
+// groups: 16 values (one zmm), 8 meta bytes and 32 floats of x (two zmm); the
+// 2-bit positions become lane indices 4*g + pos and one two-source permute
+// gathers the 16 x values the stored weights meet. Whole rows are done one
+// after another, so each thread reads its values and its meta as two
+// sequential streams (rows are contiguous): what the hardware prefetchers
+// follow best, and what keeps a memory-bound M=1 at the read bandwidth.
+template <class T, int MT>
+FASTKERN_AVX512 void s24_row_avx512(const float* x, int64_t K, const T* v, const uint8_t* mt, float* y,
+                                    int64_t ldy) {
+  const int64_t G = K / 4, steps = G / 8;
+  const __m128i dup = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+  const __m512i shifts = _mm512_setr_epi32(0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2);
+  const __m512i base = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+  const __m512i three = _mm512_set1_epi32(3);
+  __m512 acc[MT][2];
+#pragma GCC unroll 4
+  for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+#define FK_S24_STEP(st, a)                                                                          \
+  {                                                                                                 \
+    const __m128i mb = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(mt + 8 * (st)));            \
+    __m512i idx = _mm512_cvtepu8_epi32(_mm_shuffle_epi8(mb, dup));                                   \
+    idx = _mm512_add_epi32(_mm512_and_si512(_mm512_srlv_epi32(idx, shifts), three), base);           \
+    const __m512 w = gemm::load16(v + 16 * (st));                                                   \
+    _Pragma("GCC unroll 4") for (int m = 0; m < MT; ++m) {                                          \
+      const float* xs = x + m * K + 32 * (st);                                                      \
+      const __m512 g = _mm512_permutex2var_ps(_mm512_loadu_ps(xs), idx, _mm512_loadu_ps(xs + 16));  \
+      acc[m][a] = _mm512_fmadd_ps(w, g, acc[m][a]);                                                 \
+    }                                                                                               \
+  }
+  int64_t st = 0;
+  for (; st + 2 <= steps; st += 2) {
+    FK_S24_STEP(st, 0)
+    FK_S24_STEP(st + 1, 1)
+  }
+  if (st < steps) FK_S24_STEP(st, 0)
+#undef FK_S24_STEP
+#pragma GCC unroll 4
+  for (int m = 0; m < MT; ++m) {
+    float s = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
+    for (int64_t g = steps * 8; g < G; ++g) {
+      const int i0 = mt[g] & 3, i1 = (mt[g] >> 2) & 3;
+      const float* xg = x + m * K + 4 * g;
+      s += to_f32(v[2 * g]) * xg[i0] + to_f32(v[2 * g + 1]) * xg[i1];
+    }
+    y[m * ldy] = s;
+  }
+}
+
+template <class T, int MT>
+FASTKERN_AVX512 void s24_rows_avx512(const float* x, int64_t K, const T* vals, int64_t ldv, const uint8_t* meta,
+                                     int64_t ldm, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  for (int64_t n = n0; n < n1; ++n) s24_row_avx512<T, MT>(x, K, vals + n * ldv, meta + n * ldm, y + n, ldy);
+}
+#endif
+
 template <class T, int MT>
 void s24_rows(Isa isa, const float* x, int64_t K, const T* vals, int64_t ldv, const uint8_t* meta, int64_t ldm,
               int64_t n0, int64_t n1, float* y, int64_t ldy) {
@@ -187,6 +244,22 @@ void s24_small_m(Isa isa, const at::Tensor& x2, const at::Tensor& values, const 
   const int64_t M = x2.size(0), K = x2.size(1), N = values.size(0);
   at::Tensor x32 = x2.to(at::kFloat).contiguous();
 #if FASTKERN_X86
+  if (M == 0) return;
+  if (isa >= Isa::Avx512) {
+    const float* x = x32.data_ptr<float>();
+    const T* v = values.data_ptr<T>();
+    const uint8_t* mt = meta.data_ptr<uint8_t>();
+    const int64_t ldv = values.stride(0), ldm = meta.stride(0);
+    at::parallel_for(0, N, gemm::grain_for(N, 2 * M * K), [&](int64_t n0, int64_t n1) {
+      switch (M) {
+        case 1: s24_rows_avx512<T, 1>(x, K, v, ldv, mt, ldm, n0, n1, y, N); break;
+        case 2: s24_rows_avx512<T, 2>(x, K, v, ldv, mt, ldm, n0, n1, y, N); break;
+        case 3: s24_rows_avx512<T, 3>(x, K, v, ldv, mt, ldm, n0, n1, y, N); break;
+        default: s24_rows_avx512<T, 4>(x, K, v, ldv, mt, ldm, n0, n1, y, N); break;
+      }
+    });
+    return;
+  }
   if (isa >= Isa::Avx2) {
     at::Tensor xr = at::empty({M, K}, x32.options());
     for (int64_t m = 0; m < M; ++m) s24_reorder_x_avx2(x32.data_ptr<float>() + m * K, K, xr.data_ptr<float>() + m * K);
