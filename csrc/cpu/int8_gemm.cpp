@@ -99,6 +99,178 @@ void gemv_i8_rows(bool avx2, const int16_t* A, int64_t lda, const int8_t* W, int
   for (; n < n1; ++n) gemv_i8_generic<MR, 1>(A, lda, W + n * K, K, C + n, ldc);
 }
 
+// ------------------------------------------------------------------ AVX-512 VNNI (int8 x int8 -> int32)
+//
+// vpdpbusd multiplies unsigned by signed bytes, four products per int32 lane. The
+// weight is made the unsigned operand by flipping its sign bit (w ^ 0x80 = w + 128),
+// the activation stays signed (-128..127), and the 128 * sum_k a[m][k] this adds is
+// subtracted at the end. int32 lanes wrap, so the result is exact whenever the true
+// sum fits in int32, as in the reference.
+#if FASTKERN_X86
+#define FASTKERN_VNNI512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
+
+// acc += u8(a) . s8(b) per 4 bytes, in place: GCC keeps arrays of _mm512_dpbusd_epi32
+// accumulators in registers only by copying each one every iteration (tens of extra
+// moves per 16 products); the asm form pins each accumulator to one register.
+FASTKERN_VNNI512 inline __m512i dpbusd_inplace(__m512i acc, __m512i a, __m512i b) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+  return acc;
+}
+
+constexpr int64_t kI8Prefetch = 512;  // bytes ahead along each weight row (see int4_gemm.cpp)
+constexpr int64_t kVnniGemvMaxM = 4;
+constexpr int64_t kVnniNB = 48;     // weight rows per task of the GEMM (8 tiles of 6)
+constexpr int64_t kVnniKC = 2048;   // K bytes per block: 48 x 2 KB of weights + 64 x 2 KB of x in L2
+
+// GEMV: MR rows of x (int8, zero-padded to a multiple of 64) against NR weight rows.
+template <int MR, int NR>
+FASTKERN_VNNI512 void gemv_vnni(const int8_t* A, int64_t lda, const int32_t* asum, const int8_t* W, int64_t K,
+                                int32_t* C, int64_t ldc) {
+  __m512i s[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) s[i][j] = _mm512_setzero_si512();
+  const __m512i flip = _mm512_set1_epi8(char(0x80));
+  for (int64_t k = 0; k < K; k += 64) {
+    const int64_t nb = std::min<int64_t>(64, K - k);
+    const __mmask64 mk = nb == 64 ? ~__mmask64(0) : (__mmask64(1) << nb) - 1;
+    __m512i w[NR];
+    for (int j = 0; j < NR; ++j) {
+      const int8_t* wp = W + j * K + k;
+      _mm_prefetch(reinterpret_cast<const char*>(wp + kI8Prefetch), _MM_HINT_T0);
+      // masked-off bytes become 0x80 (128) and meet zero activations
+      w[j] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, wp), flip);
+    }
+    for (int i = 0; i < MR; ++i) {
+      const __m512i a = _mm512_loadu_si512(A + i * lda + k);
+      for (int j = 0; j < NR; ++j) s[i][j] = dpbusd_inplace(s[i][j], w[j], a);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j)
+      C[i * ldc + j] = int32_t(uint32_t(_mm512_reduce_add_epi32(s[i][j])) - 128u * uint32_t(asum[i]));
+}
+
+template <int MR>
+void gemv_vnni_rows(const int8_t* A, int64_t lda, const int32_t* asum, const int8_t* W, int64_t K, int32_t* C,
+                    int64_t ldc, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) gemv_vnni<MR, 4>(A, lda, asum, W + n * K, K, C + n, ldc);
+  for (; n < n1; ++n) gemv_vnni<MR, 1>(A, lda, asum, W + n * K, K, C + n, ldc);
+}
+
+// GEMM tile, transposed: CT[n + j][16 v + lane] for NR weight rows and VM vectors of 16
+// x rows. x is packed per block of 16 VM rows as [K/4][16 VM][4 bytes] (zero rows past
+// M, zero bytes past K), so one 64-byte load holds 4 k of 16 rows; 4 weight bytes are
+// broadcast. k4 in [k40, k41); kb4 = K / 4 full groups of 4 bytes in a weight row.
+template <int NR, int VM>
+FASTKERN_VNNI512 void gemm_vnni_tile(const int8_t* Ap, const int8_t* W, int64_t K, int64_t k40, int64_t k41,
+                                     int32_t* CT, int64_t ldct, bool acc) {
+  __m512i c[NR][VM];
+  for (int j = 0; j < NR; ++j)
+    for (int v = 0; v < VM; ++v)
+      c[j][v] = acc ? _mm512_loadu_si512(CT + j * ldct + 16 * v) : _mm512_setzero_si512();
+  const __m512i flip = _mm512_set1_epi8(char(0x80));
+  const int64_t kb4 = K / 4;
+  const int64_t kfull = std::min(k41, kb4);
+  int64_t k4 = k40;
+  for (; k4 < kfull; ++k4) {
+    __m512i a[VM];
+    for (int v = 0; v < VM; ++v) a[v] = _mm512_loadu_si512(Ap + (k4 * 16 * VM + 16 * v) * 4);
+    for (int j = 0; j < NR; ++j) {
+      int32_t wv;
+      std::memcpy(&wv, W + j * K + 4 * k4, 4);
+      const __m512i wb = _mm512_xor_si512(_mm512_set1_epi32(wv), flip);
+      for (int v = 0; v < VM; ++v) c[j][v] = dpbusd_inplace(c[j][v], wb, a[v]);
+    }
+  }
+  if (k4 < k41) {  // the last K % 4 bytes: never read past a weight row
+    __m512i a[VM];
+    for (int v = 0; v < VM; ++v) a[v] = _mm512_loadu_si512(Ap + (k4 * 16 * VM + 16 * v) * 4);
+    for (int j = 0; j < NR; ++j) {
+      int32_t wv = 0;
+      std::memcpy(&wv, W + j * K + 4 * k4, K - 4 * k4);
+      const __m512i wb = _mm512_xor_si512(_mm512_set1_epi32(wv), flip);
+      for (int v = 0; v < VM; ++v) c[j][v] = dpbusd_inplace(c[j][v], wb, a[v]);
+    }
+  }
+  for (int j = 0; j < NR; ++j)
+    for (int v = 0; v < VM; ++v) _mm512_storeu_si512(CT + j * ldct + 16 * v, c[j][v]);
+}
+
+template <int VM>
+void gemm_vnni_rows(const int8_t* Ap, const int8_t* W, int64_t K, int64_t k40, int64_t k41, int32_t* CT,
+                    int64_t ldct, int64_t n0, int64_t n1, bool acc) {
+  constexpr int NR = VM >= 3 ? 6 : 12;  // NR * VM accumulators + VM x vectors within 32 zmm
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) gemm_vnni_tile<NR, VM>(Ap, W + n * K, K, k40, k41, CT + n * ldct, ldct, acc);
+  for (; n < n1; ++n) gemm_vnni_tile<1, VM>(Ap, W + n * K, K, k40, k41, CT + n * ldct, ldct, acc);
+}
+
+bool use_vnni512() { return active_isa() >= Isa::Avx512 && features().avx512vnni; }
+
+// C [M, N] = A [M, K] (int16 holding int8 values, row stride lda) x W [N, K]^T.
+void int_matmul_vnni(const int16_t* A, int64_t lda, int64_t M, const int8_t* W, int64_t N, int64_t K, int32_t* C) {
+  std::vector<int32_t> asum(M, 0);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) asum[m] += A[m * lda + k];
+  if (M <= kVnniGemvMaxM) {
+    const int64_t la = round_up(K, 64);
+    std::vector<int8_t> a8(M * la, 0);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) a8[m * la + k] = int8_t(A[m * lda + k]);
+    parallel_rows(N, kGemvRows, 16, [&](int64_t n0, int64_t n1) {
+      switch (M) {
+        case 1: gemv_vnni_rows<1>(a8.data(), la, asum.data(), W, K, C, N, n0, n1); break;
+        case 2: gemv_vnni_rows<2>(a8.data(), la, asum.data(), W, K, C, N, n0, n1); break;
+        case 3: gemv_vnni_rows<3>(a8.data(), la, asum.data(), W, K, C, N, n0, n1); break;
+        default: gemv_vnni_rows<4>(a8.data(), la, asum.data(), W, K, C, N, n0, n1); break;
+      }
+    });
+    return;
+  }
+  // x packed per block of 64 rows (the last block 16, 32 or 48 rows wide)
+  const int64_t K4 = (K + 3) / 4, nmb = (M + 63) / 64, Mp = round_up(M, 16);
+  std::vector<int8_t> ap(Mp * K4 * 4, 0);
+  for (int64_t mb = 0; mb < nmb; ++mb) {
+    const int64_t m0 = mb * 64, w = std::min<int64_t>(64, Mp - m0);
+    int8_t* dst = ap.data() + m0 * K4 * 4;
+    for (int64_t r = 0; r < std::min<int64_t>(w, M - m0); ++r)
+      for (int64_t k = 0; k < K; ++k) dst[((k / 4) * w + r) * 4 + (k % 4)] = int8_t(A[(m0 + r) * lda + k]);
+  }
+  std::vector<int32_t> ct(N * Mp);
+  const int64_t nnb = (N + kVnniNB - 1) / kVnniNB;
+  at::parallel_for(0, nnb, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t n0 = t * kVnniNB, n1 = std::min(N, n0 + kVnniNB);
+      for (int64_t k40 = 0; k40 < K4; k40 += kVnniKC / 4) {
+        const int64_t k41 = std::min(K4, k40 + kVnniKC / 4);
+        for (int64_t mb = 0; mb < nmb; ++mb) {
+          const int64_t m0 = mb * 64, vm = std::min<int64_t>(64, Mp - m0) / 16;
+          const int8_t* a = ap.data() + m0 * K4 * 4;
+          int32_t* c = ct.data() + m0;
+          switch (vm) {
+            case 1: gemm_vnni_rows<1>(a, W, K, k40, k41, c, Mp, n0, n1, k40 > 0); break;
+            case 2: gemm_vnni_rows<2>(a, W, K, k40, k41, c, Mp, n0, n1, k40 > 0); break;
+            case 3: gemm_vnni_rows<3>(a, W, K, k40, k41, c, Mp, n0, n1, k40 > 0); break;
+            default: gemm_vnni_rows<4>(a, W, K, k40, k41, c, Mp, n0, n1, k40 > 0); break;
+          }
+        }
+      }
+    }
+  });
+  // CT [N, Mp] -> C [M, N]: 16 rows of C at a time, each CT read a 64-byte run
+  at::parallel_for(0, Mp / 16, 1, [&](int64_t b, int64_t e) {
+    for (int64_t mb = b; mb < e; ++mb) {
+      const int64_t m0 = mb * 16, m1 = std::min(M, m0 + 16);
+      for (int64_t n = 0; n < N; ++n) {
+        const int32_t* src = ct.data() + n * Mp + m0;
+        for (int64_t m = m0; m < m1; ++m) C[m * N + n] = int32_t(uint32_t(src[m - m0]) - 128u * uint32_t(asum[m]));
+      }
+    }
+  });
+}
+#endif
+
 // C [M, N] int32 = A [M, K] (int16, padded to lda >= round_up(K, 16), zeros) x W [N, K]^T (int8).
 void int_matmul(const int16_t* A, int64_t lda, int64_t M, const int8_t* W, int64_t N, int64_t K, int32_t* C) {
   if (M == 0 || N == 0) return;
@@ -107,6 +279,12 @@ void int_matmul(const int16_t* A, int64_t lda, int64_t M, const int8_t* W, int64
     std::fill(C, C + M * N, 0);
     return;
   }
+#if FASTKERN_X86
+  if (use_vnni512()) {
+    int_matmul_vnni(A, lda, M, W, N, K, C);
+    return;
+  }
+#endif
   if (M <= kGemvMaxM && avx2) {
     parallel_rows(N, kGemvRows, 16, [&](int64_t n0, int64_t n1) {
       switch (M) {
@@ -402,8 +580,22 @@ at::Tensor linear_w8a8_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
   }
   at::Tensor C = at::empty({M, N}, X.options().dtype(at::kInt));
   int_matmul(Q.data_ptr<int16_t>(), Kp, M, wc.data_ptr<int8_t>(), N, K, C.data_ptr<int32_t>());
-  // Same double-precision scaling as the reference, so the fp32 result is bit-identical.
-  at::Tensor out = (C.to(at::kDouble) * S.to(at::kDouble) * w_scale.to(at::kDouble)).to(at::kFloat);
+  // Same double-precision scaling as the reference ((c * s_x) * s_w, each rounded to
+  // double, then to float), so the fp32 result is bit-identical; one pass over C.
+  at::Tensor out = at::empty({M, N}, X.options());
+  at::Tensor wsd = w_scale.to(at::kDouble).contiguous();
+  {
+    const int32_t* cp = C.data_ptr<int32_t>();
+    const float* sp = S.data_ptr<float>();
+    const double* wp = wsd.data_ptr<double>();
+    float* op = out.data_ptr<float>();
+    at::parallel_for(0, M, std::max<int64_t>(1, 65536 / std::max<int64_t>(N, 1)), [&](int64_t b, int64_t e) {
+      for (int64_t m = b; m < e; ++m) {
+        const double sx = double(sp[m]);
+        for (int64_t n = 0; n < N; ++n) op[m * N + n] = float((double(cp[m * N + n]) * sx) * wp[n]);
+      }
+    });
+  }
   return finish(out, bias, x, N);
 }
 
