@@ -10,12 +10,12 @@
 # version matches torch.version.cuda. No GPU is needed. CUDA_HOME must be the
 # toolkit's own folder (bin/nvcc, lib64/): torch guesses wrong when nvcc is
 # reached through a link elsewhere on PATH, so the script resolves it.
-# The build runs in a scratch copy of the tree (tracked and untracked-but-not-
-# ignored files), so it never touches an in-place CPU build; the wheel lands
-# in $OUT_DIR.
+# The build runs in a scratch copy of the package's files (tracked and
+# untracked-but-not-ignored ones), so it never touches an in-place CPU build;
+# the wheel lands in $OUT_DIR.
 #
-# Env: PYTHON (default python3), CUDA_HOME (default: the folder of the nvcc on
-#      PATH, resolved, else /usr/local/cuda), OUT_DIR (default dist/), MAX_JOBS
+# Env: PYTHON (default python3), CUDA_HOME (default: the toolkit of the nvcc on
+#      PATH, as nvcc itself reports it, else /usr/local/cuda), OUT_DIR (default dist/), MAX_JOBS
 #      (default: setup.py's, from free memory), CUOBJDUMP (default: the
 #      toolkit's, else the nvidia-cuda-cuobjdump pip package's, else PATH),
 #      KEEP_BUILD=1 keeps the scratch copy (and prints where it is).
@@ -30,14 +30,16 @@ OUT_DIR=$(cd "$OUT_DIR" && pwd)
 die() { echo "build_wheel: $*" >&2; exit 1; }
 
 if [[ -z "${CUDA_HOME:-}" ]]; then
+  CUDA_HOME=/usr/local/cuda
   if command -v nvcc >/dev/null; then
-    CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
-  else
-    CUDA_HOME=/usr/local/cuda
+    # the nvcc on PATH may be a link or a wrapper script elsewhere: ask it
+    top=$(cd /tmp && nvcc -v --dryrun -c fastkern_probe.cu 2>&1 | sed -n 's/^#\$ TOP=//p' | head -1)
+    [[ -n "$top" ]] && CUDA_HOME=$top
   fi
 fi
 CUDA_HOME=$(readlink -f "$CUDA_HOME")
-[[ -x "$CUDA_HOME/bin/nvcc" ]] || die "no nvcc at $CUDA_HOME/bin/nvcc (set CUDA_HOME to the toolkit folder)"
+[[ -x "$CUDA_HOME/bin/nvcc" && -f "$CUDA_HOME/include/cuda_runtime.h" ]] \
+  || die "$CUDA_HOME is not a CUDA toolkit folder (bin/nvcc, include/): set CUDA_HOME to it"
 NVCC_VERSION=$("$CUDA_HOME/bin/nvcc" --version | sed -n 's/.*release \([0-9][0-9.]*\).*/\1/p')
 
 TORCH_VERSION=$("$PYTHON" - "$NVCC_VERSION" <<'PY'
@@ -92,11 +94,13 @@ if [[ "${KEEP_BUILD:-0}" == 1 ]]; then
 else
   trap 'rm -rf "$WORK"' EXIT
 fi
-# what a checkout would build: tracked and untracked-but-not-ignored files
-# that exist (a file deleted in the work tree is skipped)
+# what a checkout would build: the tracked and untracked-but-not-ignored files
+# of the paths that go into the wheel (never a venv or a build folder), that
+# exist (a file deleted in the work tree is skipped)
 (
   cd "$ROOT"
-  git ls-files -co --exclude-standard -z | while IFS= read -r -d '' f; do
+  git ls-files -co --exclude-standard -z -- setup.py pyproject.toml README.md MANIFEST.in LICENSE \
+      csrc fastkern | while IFS= read -r -d '' f; do
     [[ -f "$f" ]] && printf '%s\0' "$f"
   done | xargs -0 cp --parents -t "$WORK"
 ) || die "could not copy the source tree (is $ROOT a git checkout?)"
