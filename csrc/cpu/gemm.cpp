@@ -110,7 +110,7 @@ void gemv(Isa isa, const at::Tensor& x32, const at::Tensor& w, float* y) {
   const int64_t ldw = w.stride(0);
   // Chunks of whole 4-row tiles so every row is computed by the same tile shape
   // whatever the thread count.
-  at::parallel_for(0, div_up(N, 4), grain_for(div_up(N, 4), 4 * M * K), [&](int64_t b, int64_t e) {
+  parallel_for_dynamic(0, div_up(N, 4), grain_for(div_up(N, 4), 4 * M * K), [&](int64_t b, int64_t e) {
     const int64_t n0 = b * 4, n1 = std::min(N, e * 4);
     int64_t m = 0;
     for (; m + 2 <= M; m += 2) gemv_rows<T, 2>(isa, x + m * K, K, wp, ldw, n0, n1, y + m * N, N);

@@ -13,6 +13,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <sstream>
@@ -435,6 +436,29 @@ inline int64_t grain_for(int64_t items, int64_t macs_per_item) {
   return std::max<int64_t>(1, std::min<int64_t>(items, kParallelMinMacs / std::max<int64_t>(1, macs_per_item)));
 }
 
+// parallel_for with chunks of `grain` items handed out one at a time from a
+// shared counter instead of one fixed range per thread. The machines this runs
+// on are often shared: when one thread is descheduled, the other keeps taking
+// chunks instead of waiting at the join for the slow one's fixed half. Each
+// item is still computed by the same code whichever thread takes it, so
+// results do not depend on the thread count or the schedule.
+template <class F>
+void parallel_for_dynamic(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  if (end <= begin) return;
+  grain = std::max<int64_t>(1, grain);
+  const int64_t nchunks = div_up(end - begin, grain);
+  const int64_t nt = std::min<int64_t>(std::max<int64_t>(1, at::get_num_threads()), nchunks);
+  if (nt <= 1 || at::in_parallel_region()) {
+    f(begin, end);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nt, 1, [&](int64_t, int64_t) {
+    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < nchunks;)
+      f(begin + c * grain, std::min(end, begin + (c + 1) * grain));
+  });
+}
+
 template <class PackA, class PackB>
 void blocked_gemm(int64_t M, int64_t N, int64_t K, const MicroKernel& uk, const PackA& pack_a,
                   const PackB& pack_b, float* C, int64_t ldc) {
@@ -453,6 +477,8 @@ void blocked_gemm(int64_t M, int64_t N, int64_t K, const MicroKernel& uk, const 
   const int64_t nc_max = std::min(kNC, round_up(N, NR));
   at::Tensor bbuf = at::empty({round_up(nc_max, NR) * kKC + 16}, at::kFloat);
   float* Bp = bbuf.data_ptr<float>();
+  // One packed-A buffer per thread (a task may be taken by any thread).
+  at::Tensor abufs = at::empty({std::max<int64_t>(1, at::get_num_threads()) * (mc * std::min(kKC, K) + 16)}, at::kFloat);
 
   for (int64_t jc = 0; jc < N; jc += kNC) {
     const int64_t nc = std::min(kNC, N - jc);
@@ -461,14 +487,14 @@ void blocked_gemm(int64_t M, int64_t N, int64_t K, const MicroKernel& uk, const 
     const int64_t njs = nmb >= 2 * nthreads ? 1 : std::min(nsl, div_up(2 * nthreads, nmb));
     for (int64_t pc = 0; pc < K; pc += kKC) {
       const int64_t kc = std::min(kKC, K - pc);
-      at::parallel_for(0, nsl, grain_for(nsl, 4 * kc * NR * M), [&](int64_t b, int64_t e) {
+      // Packing a sliver costs about 1/M of its use: chunks of slivers worth 16 KB of work.
+      parallel_for_dynamic(0, nsl, div_up(16, std::max<int64_t>(1, kc * NR / 1024)), [&](int64_t b, int64_t e) {
         for (int64_t s = b; s < e; ++s)
           pack_b(jc + s * NR, static_cast<int>(std::min<int64_t>(NR, nc - s * NR)), pc, kc, NR, Bp + s * kc * NR);
       });
       const int64_t macs_per_task = div_up(M, nmb) * div_up(nc, njs) * kc;
-      at::parallel_for(0, nmb * njs, grain_for(nmb * njs, macs_per_task), [&](int64_t b, int64_t e) {
-        at::Tensor abuf = at::empty({mc * kc + 16}, at::kFloat);
-        float* Ap = abuf.data_ptr<float>();
+      parallel_for_dynamic(0, nmb * njs, grain_for(nmb * njs, macs_per_task), [&](int64_t b, int64_t e) {
+        float* Ap = abufs.data_ptr<float>() + at::get_thread_num() * (mc * kc + 16);
         int64_t packed = -1;
         for (int64_t t = b; t < e; ++t) {
           const int64_t ib = t / njs, js = t % njs;
