@@ -112,9 +112,9 @@ def assert_close_elementwise(out, x, dense_w, bias, dtype):
 @pytest.mark.parametrize("isa", cpu_isas(), indirect=True)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_sparse24_every_tail(gen, isa, dtype):
-    """Small-M rows (AVX2: tiles of 4 rows, pairs of x rows, 16-wide K chunks and their
-    1..3-group tails; AVX-512: 1..4 x rows at once, pairs of 32-wide K steps, a last odd
-    step and 1..7-group tails), and the GEMM path's tails (M > 4)."""
+    """Small-M rows (AVX2/AVX-512: one weight row against 1..4 x rows at once, pairs of
+    16-wide K chunks, a last odd chunk and 1..3-group tails; generic: pairs of x rows),
+    and the GEMM path's tails (M > 4)."""
     full = dtype == torch.float32
     for m in range(1, 14) if full else (1, 3, 7):
         for n in (1, 2, 3, 4, 5, 7, 17) if full else (1, 6, 17):

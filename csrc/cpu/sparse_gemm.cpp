@@ -115,111 +115,59 @@ FASTKERN_AVX2 void s24_reorder_x_avx2(const float* x, int64_t K, float* out) {
   std::memcpy(out + chunks * 16, x + chunks * 16, (K - chunks * 16) * sizeof(float));
 }
 
-template <class T, int MT, int R>
-FASTKERN_AVX2 void s24_tile_avx2(const float* xr, int64_t K, const T* vals, int64_t ldv, const uint8_t* meta,
-                                 int64_t ldm, int64_t n, float* y, int64_t ldy) {
-  const __m256i shifts = _mm256_setr_epi32(0, 2, 8, 10, 16, 18, 24, 26);
-  const int64_t G = K / 4, chunks = K / 16;
-  __m256 acc[MT][R];
-#pragma GCC unroll 8
-  for (int m = 0; m < MT; ++m)
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
-  const T* vr[R];
-  const uint8_t* mr[R];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    vr[r] = vals + (n + r) * ldv;
-    mr[r] = meta + (n + r) * ldm;
-  }
-  for (int64_t c = 0; c < chunks; ++c) {
-    __m256 P[MT], Q[MT];
-#pragma GCC unroll 8
-    for (int m = 0; m < MT; ++m) {
-      P[m] = _mm256_loadu_ps(xr + m * K + c * 16);
-      Q[m] = _mm256_loadu_ps(xr + m * K + c * 16 + 8);
-    }
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      int32_t mb;
-      std::memcpy(&mb, mr[r] + c * 4, 4);
-      const __m256i ctrl = _mm256_srlv_epi32(_mm256_set1_epi32(mb), shifts);
-      const __m256 v = gemm::load8(vr[r] + c * 8);
-#pragma GCC unroll 8
-      for (int m = 0; m < MT; ++m) {
-        const __m256 xs = _mm256_blend_ps(_mm256_permutevar_ps(P[m], ctrl), _mm256_permutevar_ps(Q[m], ctrl), 0xCC);
-        acc[m][r] = _mm256_fmadd_ps(v, xs, acc[m][r]);
-      }
-    }
-  }
-#pragma GCC unroll 8
-  for (int m = 0; m < MT; ++m)
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      float s = gemm::hsum8(acc[m][r]);
-      for (int64_t g = chunks * 4; g < G; ++g) {
-        const int i0 = mr[r][g] & 3, i1 = (mr[r][g] >> 2) & 3;
-        const float* xg = xr + m * K + 4 * g;
-        s += to_f32(vr[r][2 * g]) * xg[i0] + to_f32(vr[r][2 * g + 1]) * xg[i1];
-      }
-      y[m * ldy + n + r] = s;
-    }
-}
 #endif
 
 #if FASTKERN_X86
-// One weight row against MT (<= 4) rows of x, in natural order. A step takes 8
-// groups: 16 values (one zmm), 8 meta bytes and 32 floats of x (two zmm); the
-// 2-bit positions become lane indices 4*g + pos and one two-source permute
-// gathers the 16 x values the stored weights meet. Whole rows are done one
-// after another, so each thread reads its values and its meta as two
-// sequential streams (rows are contiguous): what the hardware prefetchers
-// follow best, and what keeps a memory-bound M=1 at the read bandwidth. On top
-// of that each step prefetches 8 KB ahead in the values (and the meta bytes of
-// the same k): with K >= 8192 the x row no longer fits L1 and the hardware
-// prefetcher alone falls behind (measured on K=14336: 17 GB/s without, 33 GB/s
-// with, one core).
+// Software prefetch distance of the streaming kernels. With K >= 8192 the x
+// row no longer fits L1 and the hardware prefetcher alone falls behind on the
+// weights (measured for 2:4 at N=4096, K=14336, one core: 17 GB/s without,
+// 30+ GB/s with 8 KB).
 constexpr int64_t kS24PrefetchBytes = 8192;
+#endif
 
+#if FASTKERN_X86
+// One weight row against MT (<= 4) rows of the reordered x, two accumulators
+// per x row. Whole rows are done one after another, so each thread reads its
+// values and its meta as two sequential streams (rows are contiguous), what
+// the hardware prefetchers follow best, plus the software prefetch 8 KB ahead.
+// This kernel also serves AVX-512 machines: a zmm version (8 groups per step,
+// one two-source permute) measured no faster at K=4096 and 15-20% slower at
+// K >= 11008 on the development machine.
 template <class T, int MT>
-FASTKERN_AVX512 void s24_row_avx512(const float* x, int64_t K, const T* v, const uint8_t* mt, float* y,
-                                    int64_t ldy) {
-  const int64_t G = K / 4, steps = G / 8;
-  const __m128i dup = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
-  const __m512i shifts = _mm512_setr_epi32(0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2);
-  const __m512i base = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
-  const __m512i three = _mm512_set1_epi32(3);
-  __m512 acc[MT][2];
+FASTKERN_AVX2 void s24_row_avx2(const float* xr, int64_t K, const T* v, const uint8_t* mt, float* y, int64_t ldy) {
+  const __m256i shifts = _mm256_setr_epi32(0, 2, 8, 10, 16, 18, 24, 26);
+  const int64_t G = K / 4, chunks = K / 16;
+  __m256 acc[MT][2];
 #pragma GCC unroll 4
-  for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
-#define FK_S24_STEP(st, a)                                                                          \
-  {                                                                                                 \
-    const __m128i mb = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(mt + 8 * (st)));            \
-    __m512i idx = _mm512_cvtepu8_epi32(_mm_shuffle_epi8(mb, dup));                                   \
-    idx = _mm512_add_epi32(_mm512_and_si512(_mm512_srlv_epi32(idx, shifts), three), base);           \
-    _mm_prefetch(reinterpret_cast<const char*>(v + 16 * (st)) + kS24PrefetchBytes, _MM_HINT_T0);    \
-    _mm_prefetch(reinterpret_cast<const char*>(mt + 8 * (st)) + kS24PrefetchBytes / (2 * sizeof(T)), \
-                 _MM_HINT_T0);                                                                      \
-    const __m512 w = gemm::load16(v + 16 * (st));                                                   \
-    _Pragma("GCC unroll 4") for (int m = 0; m < MT; ++m) {                                          \
-      const float* xs = x + m * K + 32 * (st);                                                      \
-      const __m512 g = _mm512_permutex2var_ps(_mm512_loadu_ps(xs), idx, _mm512_loadu_ps(xs + 16));  \
-      acc[m][a] = _mm512_fmadd_ps(w, g, acc[m][a]);                                                 \
-    }                                                                                               \
+  for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+#define FK_S24_CHUNK(c, a)                                                                              \
+  {                                                                                                     \
+    int32_t mb;                                                                                         \
+    std::memcpy(&mb, mt + 4 * (c), 4);                                                                  \
+    const __m256i ctrl = _mm256_srlv_epi32(_mm256_set1_epi32(mb), shifts);                              \
+    _mm_prefetch(reinterpret_cast<const char*>(v + 8 * (c)) + kS24PrefetchBytes, _MM_HINT_T0);          \
+    const __m256 w = gemm::load8(v + 8 * (c));                                                          \
+    _Pragma("GCC unroll 4") for (int m = 0; m < MT; ++m) {                                              \
+      const __m256 P = _mm256_loadu_ps(xr + m * K + 16 * (c)), Q = _mm256_loadu_ps(xr + m * K + 16 * (c) + 8); \
+      const __m256 xs = _mm256_blend_ps(_mm256_permutevar_ps(P, ctrl), _mm256_permutevar_ps(Q, ctrl), 0xCC); \
+      acc[m][a] = _mm256_fmadd_ps(w, xs, acc[m][a]);                                                    \
+    }                                                                                                   \
   }
-  int64_t st = 0;
-  for (; st + 2 <= steps; st += 2) {
-    FK_S24_STEP(st, 0)
-    FK_S24_STEP(st + 1, 1)
+  int64_t c = 0;
+  for (; c + 2 <= chunks; c += 2) {
+    if ((c & 15) == 0)
+      _mm_prefetch(reinterpret_cast<const char*>(mt + 4 * c) + kS24PrefetchBytes / (2 * sizeof(T)), _MM_HINT_T0);
+    FK_S24_CHUNK(c, 0)
+    FK_S24_CHUNK(c + 1, 1)
   }
-  if (st < steps) FK_S24_STEP(st, 0)
-#undef FK_S24_STEP
+  if (c < chunks) FK_S24_CHUNK(c, 0)
+#undef FK_S24_CHUNK
 #pragma GCC unroll 4
   for (int m = 0; m < MT; ++m) {
-    float s = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
-    for (int64_t g = steps * 8; g < G; ++g) {
+    float s = gemm::hsum8(_mm256_add_ps(acc[m][0], acc[m][1]));
+    for (int64_t g = chunks * 4; g < G; ++g) {
       const int i0 = mt[g] & 3, i1 = (mt[g] >> 2) & 3;
-      const float* xg = x + m * K + 4 * g;
+      const float* xg = xr + m * K + 4 * g;
       s += to_f32(v[2 * g]) * xg[i0] + to_f32(v[2 * g + 1]) * xg[i1];
     }
     y[m * ldy] = s;
@@ -227,23 +175,15 @@ FASTKERN_AVX512 void s24_row_avx512(const float* x, int64_t K, const T* v, const
 }
 
 template <class T, int MT>
-FASTKERN_AVX512 void s24_rows_avx512(const float* x, int64_t K, const T* vals, int64_t ldv, const uint8_t* meta,
-                                     int64_t ldm, int64_t n0, int64_t n1, float* y, int64_t ldy) {
-  for (int64_t n = n0; n < n1; ++n) s24_row_avx512<T, MT>(x, K, vals + n * ldv, meta + n * ldm, y + n, ldy);
+FASTKERN_AVX2 void s24_rows_avx2(const float* xr, int64_t K, const T* vals, int64_t ldv, const uint8_t* meta,
+                                 int64_t ldm, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  for (int64_t n = n0; n < n1; ++n) s24_row_avx2<T, MT>(xr, K, vals + n * ldv, meta + n * ldm, y + n, ldy);
 }
 #endif
 
 template <class T, int MT>
 void s24_rows(Isa isa, const float* x, int64_t K, const T* vals, int64_t ldv, const uint8_t* meta, int64_t ldm,
               int64_t n0, int64_t n1, float* y, int64_t ldy) {
-#if FASTKERN_X86
-  if (isa >= Isa::Avx2) {
-    int64_t n = n0;
-    for (; n + 4 <= n1; n += 4) s24_tile_avx2<T, MT, 4>(x, K, vals, ldv, meta, ldm, n, y, ldy);
-    for (; n < n1; ++n) s24_tile_avx2<T, MT, 1>(x, K, vals, ldv, meta, ldm, n, y, ldy);
-    return;
-  }
-#endif
   (void)isa;
   s24_rows_generic<T, MT>(x, K, vals, ldv, meta, ldm, n0, n1, y, ldy);
 }
@@ -254,25 +194,22 @@ void s24_small_m(Isa isa, const at::Tensor& x2, const at::Tensor& values, const 
   at::Tensor x32 = x2.to(at::kFloat).contiguous();
 #if FASTKERN_X86
   if (M == 0) return;
-  if (isa >= Isa::Avx512) {
-    const float* x = x32.data_ptr<float>();
+  if (isa >= Isa::Avx2) {
+    at::Tensor xr = at::empty({M, K}, x32.options());
+    for (int64_t m = 0; m < M; ++m) s24_reorder_x_avx2(x32.data_ptr<float>() + m * K, K, xr.data_ptr<float>() + m * K);
+    const float* x = xr.data_ptr<float>();
     const T* v = values.data_ptr<T>();
     const uint8_t* mt = meta.data_ptr<uint8_t>();
     const int64_t ldv = values.stride(0), ldm = meta.stride(0);
     gemm::parallel_for_dynamic(0, N, gemm::grain_for(N, 2 * M * K), [&](int64_t n0, int64_t n1) {
       switch (M) {
-        case 1: s24_rows_avx512<T, 1>(x, K, v, ldv, mt, ldm, n0, n1, y, N); break;
-        case 2: s24_rows_avx512<T, 2>(x, K, v, ldv, mt, ldm, n0, n1, y, N); break;
-        case 3: s24_rows_avx512<T, 3>(x, K, v, ldv, mt, ldm, n0, n1, y, N); break;
-        default: s24_rows_avx512<T, 4>(x, K, v, ldv, mt, ldm, n0, n1, y, N); break;
+        case 1: s24_rows_avx2<T, 1>(x, K, v, ldv, mt, ldm, n0, n1, y, N); break;
+        case 2: s24_rows_avx2<T, 2>(x, K, v, ldv, mt, ldm, n0, n1, y, N); break;
+        case 3: s24_rows_avx2<T, 3>(x, K, v, ldv, mt, ldm, n0, n1, y, N); break;
+        default: s24_rows_avx2<T, 4>(x, K, v, ldv, mt, ldm, n0, n1, y, N); break;
       }
     });
     return;
-  }
-  if (isa >= Isa::Avx2) {
-    at::Tensor xr = at::empty({M, K}, x32.options());
-    for (int64_t m = 0; m < M; ++m) s24_reorder_x_avx2(x32.data_ptr<float>() + m * K, K, xr.data_ptr<float>() + m * K);
-    x32 = xr;
   }
 #endif
   const float* x = x32.data_ptr<float>();
@@ -419,9 +356,14 @@ FASTKERN_AVX2 void bs_dot_tile_avx2(const float* x, int64_t K, const T* blocks, 
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
   const int64_t bk = L.bk;
+  const int64_t block_bytes = L.bn * bk * static_cast<int64_t>(sizeof(T));
   for (int64_t blk = L.row_ptr[nb]; blk < L.row_ptr[nb + 1]; ++blk) {
     const int64_t c0 = L.col_idx[blk] * bk, len = L.k_len(blk);
     const T* w = blocks + blk * L.bn * bk + r0 * bk;
+    if (r0 == 0) {  // the first pass over a block row pulls in whole blocks 8 KB ahead
+      const char* ahead = reinterpret_cast<const char*>(blocks + blk * L.bn * bk) + kS24PrefetchBytes;
+      for (int64_t off = 0; off < block_bytes; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);
+    }
     int64_t kk = 0;
     for (; kk + 8 <= len; kk += 8) {
       __m256 wv[R];
