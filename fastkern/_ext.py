@@ -6,10 +6,45 @@ import torch
 _C = None
 LOAD_ERROR = None
 
+
+def _pinned_torch():
+    """The torch version this installed fastkern was built against (its metadata pin), or None."""
+    try:
+        from importlib.metadata import PackageNotFoundError, requires
+    except ImportError:
+        return None
+    try:
+        for req in requires("fastkern") or ():
+            name, _, version = req.partition("==")
+            if name.strip() == "torch" and version and ";" not in version:
+                return version.strip()
+    except PackageNotFoundError:  # a source tree that was never installed
+        pass
+    return None
+
+
+def _mismatch_message(built, why=""):
+    return (
+        "fastkern._C was built against torch %s, but torch %s is installed%s. Install the "
+        "fastkern built for this torch, or rebuild it against this torch: `pip install "
+        "--no-build-isolation --force-reinstall --no-deps fastkern` (or `pip install "
+        "--no-build-isolation -e .` from source)." % (built, torch.__version__, why)
+    )
+
+
 try:
     from fastkern import _C  # noqa: F811  (registers torch.ops.fastkern_C.*)
-except ImportError as e:  # not built: fastkern still works on the reference backend
+except ImportError as e:
     LOAD_ERROR = str(e)
+    _pin = _pinned_torch()
+    if _pin is not None and _pin != torch.__version__.split("+")[0]:
+        # a binary for another torch: its loader error (a missing libc10_cuda.so, an
+        # undefined symbol) would not say so
+        raise ImportError(_mismatch_message(_pin, " (loading it failed: %s)" % e)) from e
+    if torch.version.cuda is None and ("libc10_cuda" in LOAD_ERROR or "libtorch_cuda" in LOAD_ERROR):
+        raise ImportError(_mismatch_message(
+            "a CUDA build of torch", ": a CPU build (loading it failed: %s)" % e)) from e
+    # not built: fastkern still works on the reference backend
     warnings.warn(
         "fastkern: the native extension fastkern._C is not available (%s); only the "
         "'reference' (and 'triton') backends will run. Build it with "
@@ -24,12 +59,7 @@ if _C is not None:
         # The C++ ABI of torch changes between releases: a mismatch crashes in odd places.
         _C = None
         LOAD_ERROR = "built against torch %s but running torch %s" % (_built, torch.__version__)
-        raise ImportError(
-            "fastkern._C was built against torch %s, but torch %s is installed. Rebuild "
-            "fastkern for this torch: `pip install --no-build-isolation --force-reinstall "
-            "--no-deps fastkern` (or `pip install --no-build-isolation -e .` from source)."
-            % (_built, torch.__version__)
-        )
+        raise ImportError(_mismatch_message(_built))
 
 
 def has_kernel(op: str, dispatch_key: str) -> bool:
