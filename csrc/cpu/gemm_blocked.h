@@ -182,7 +182,13 @@ inline void ukernel_generic_4x8(int64_t kc, const float* A, const float* B, floa
 // 2 FMAs per cycle needs >= 10 independent chains); per k it does 2 B loads and
 // 6 A broadcasts for 12 FMAs, within the two load ports.
 FASTKERN_AVX2 inline void ukernel_avx2_6x16(int64_t kc, const float* A, const float* B, float* C, int64_t ldc,
-                                            int m, int n, bool accumulate, const float* /*next_c*/) {
+                                            int m, int n, bool accumulate, const float* next_c) {
+  // The next call's C tile (6 rows of 64 bytes, two lines if unaligned) is
+  // requested now and arrives while this tile computes (see ukernel_avx512).
+  for (int i = 0; i < 6; ++i) {
+    _mm_prefetch(reinterpret_cast<const char*>(next_c + i * ldc), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(next_c + i * ldc + 15), _MM_HINT_T0);
+  }
   __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps();
   __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
   __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps();
