@@ -22,6 +22,9 @@ namespace quant {
 namespace {
 
 constexpr int64_t kGemvMaxM = 3;
+// Software prefetch distance along each weight row of a GEMV, in bytes: NR interleaved
+// row streams cross 4 KiB pages, where the hardware prefetchers stop (see int4_gemm.cpp).
+constexpr int64_t kI8Prefetch = 512;
 constexpr int64_t kGemvRows = 4;     // weight rows per GEMV tile (and per thread work unit)
 constexpr int64_t kPanelRows = 64;   // weight rows per GEMM panel
 constexpr int64_t kPanelKI16 = 1024; // K columns per int16 panel (64 x 1024 x 2 B = 128 KB, in L2)
@@ -68,6 +71,8 @@ FASTKERN_AVX2 void gemv_i8_avx2(const int16_t* A, int64_t lda, const int8_t* W, 
   const int8_t* wp[NR];
   for (; k + 16 <= K; k += 16) {
     for (int j = 0; j < NR; ++j) wp[j] = W + j * K + k;
+    if ((k & 63) == 0)
+      for (int j = 0; j < NR; ++j) _mm_prefetch(reinterpret_cast<const char*>(wp[j] + kI8Prefetch), _MM_HINT_T0);
     gemv_i8_step<MR, NR>(s, A, lda, wp, k);
   }
   if (k < K) {
@@ -117,7 +122,6 @@ FASTKERN_VNNI512 inline __m512i dpbusd_inplace(__m512i acc, __m512i a, __m512i b
   return acc;
 }
 
-constexpr int64_t kI8Prefetch = 512;  // bytes ahead along each weight row (see int4_gemm.cpp)
 constexpr int64_t kVnniGemvMaxM = 4;
 constexpr int64_t kVnniNB = 48;     // weight rows per task of the GEMM (8 tiles of 6)
 constexpr int64_t kVnniKC = 2048;   // K bytes per block: 48 x 2 KB of weights + 64 x 2 KB of x in L2
@@ -211,8 +215,12 @@ bool use_vnni512() { return active_isa() >= Isa::Avx512 && features().avx512vnni
 // C [M, N] = A [M, K] (int16 holding int8 values, row stride lda) x W [N, K]^T.
 void int_matmul_vnni(const int16_t* A, int64_t lda, int64_t M, const int8_t* W, int64_t N, int64_t K, int32_t* C) {
   std::vector<int32_t> asum(M, 0);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) asum[m] += A[m * lda + k];
+  for (int64_t m = 0; m < M; ++m) {
+    int32_t t = 0;
+    const int16_t* src = A + m * lda;
+    for (int64_t k = 0; k < K; ++k) t += src[k];
+    asum[m] = t;
+  }
   if (M <= kVnniGemvMaxM) {
     const int64_t la = round_up(K, 64);
     std::vector<int8_t> a8(M * la, 0);
@@ -228,15 +236,36 @@ void int_matmul_vnni(const int16_t* A, int64_t lda, int64_t M, const int8_t* W, 
     });
     return;
   }
-  // x packed per block of 64 rows (the last block 16, 32 or 48 rows wide)
+  // x packed per block of 64 rows (the last block 16, 32 or 48 rows wide): rows to int8
+  // (zero past K), then a transpose of 4-byte words [rows][K/4] -> [K/4][rows]
   const int64_t K4 = (K + 3) / 4, nmb = (M + 63) / 64, Mp = round_up(M, 16);
-  std::vector<int8_t> ap(Mp * K4 * 4, 0);
-  for (int64_t mb = 0; mb < nmb; ++mb) {
-    const int64_t m0 = mb * 64, w = std::min<int64_t>(64, Mp - m0);
-    int8_t* dst = ap.data() + m0 * K4 * 4;
-    for (int64_t r = 0; r < std::min<int64_t>(w, M - m0); ++r)
-      for (int64_t k = 0; k < K; ++k) dst[((k / 4) * w + r) * 4 + (k % 4)] = int8_t(A[(m0 + r) * lda + k]);
-  }
+  std::vector<int32_t> a32(M * K4);
+  at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m) {
+      int8_t* d = reinterpret_cast<int8_t*>(a32.data() + m * K4);
+      const int16_t* src = A + m * lda;
+      for (int64_t k = 0; k < K; ++k) d[k] = int8_t(src[k]);
+      for (int64_t k = K; k < K4 * 4; ++k) d[k] = 0;
+    }
+  });
+  std::vector<int32_t> ap(Mp * K4);
+  at::parallel_for(0, nmb, 1, [&](int64_t b, int64_t e) {
+    for (int64_t mb = b; mb < e; ++mb) {
+      const int64_t m0 = mb * 64, w = std::min<int64_t>(64, Mp - m0), rows = std::min<int64_t>(w, M - m0);
+      int32_t* dst = ap.data() + m0 * K4;
+      for (int64_t k0 = 0; k0 < K4; k0 += 16) {
+        const int64_t k1 = std::min(K4, k0 + 16);
+        for (int64_t r = 0; r < w; ++r) {
+          if (r < rows) {
+            const int32_t* src = a32.data() + (m0 + r) * K4;
+            for (int64_t k4 = k0; k4 < k1; ++k4) dst[k4 * w + r] = src[k4];
+          } else {
+            for (int64_t k4 = k0; k4 < k1; ++k4) dst[k4 * w + r] = 0;
+          }
+        }
+      }
+    }
+  });
   std::vector<int32_t> ct(N * Mp);
   const int64_t nnb = (N + kVnniNB - 1) / kVnniNB;
   at::parallel_for(0, nnb, 1, [&](int64_t b, int64_t e) {
@@ -246,7 +275,7 @@ void int_matmul_vnni(const int16_t* A, int64_t lda, int64_t M, const int8_t* W, 
         const int64_t k41 = std::min(K4, k40 + kVnniKC / 4);
         for (int64_t mb = 0; mb < nmb; ++mb) {
           const int64_t m0 = mb * 64, vm = std::min<int64_t>(64, Mp - m0) / 16;
-          const int8_t* a = ap.data() + m0 * K4 * 4;
+          const int8_t* a = reinterpret_cast<const int8_t*>(ap.data() + m0 * K4);
           int32_t* c = ct.data() + m0;
           switch (vm) {
             case 1: gemm_vnni_rows<1>(a, W, K, k40, k41, c, Mp, n0, n1, k40 > 0); break;
@@ -262,9 +291,14 @@ void int_matmul_vnni(const int16_t* A, int64_t lda, int64_t M, const int8_t* W, 
   at::parallel_for(0, Mp / 16, 1, [&](int64_t b, int64_t e) {
     for (int64_t mb = b; mb < e; ++mb) {
       const int64_t m0 = mb * 16, m1 = std::min(M, m0 + 16);
-      for (int64_t n = 0; n < N; ++n) {
-        const int32_t* src = ct.data() + n * Mp + m0;
-        for (int64_t m = m0; m < m1; ++m) C[m * N + n] = int32_t(uint32_t(src[m - m0]) - 128u * uint32_t(asum[m]));
+      // 16 x 16 blocks: the 16 rows of C being written stay in L1
+      for (int64_t nb = 0; nb < N; nb += 16) {
+        const int64_t ne = std::min(N, nb + 16);
+        for (int64_t m = m0; m < m1; ++m) {
+          const uint32_t corr = 128u * uint32_t(asum[m]);
+          int32_t* c = C + m * N;
+          for (int64_t n = nb; n < ne; ++n) c[n] = int32_t(uint32_t(ct[n * Mp + m]) - corr);
+        }
       }
     }
   });
@@ -363,6 +397,8 @@ FASTKERN_AVX2 void gemv_w8f_avx2(const float* X, int64_t ldx, const int8_t* W, i
   int64_t k = 0;
   for (; k + 8 <= K; k += 8) {
     for (int j = 0; j < NR; ++j) wp[j] = W + j * K + k;
+    if ((k & 63) == 0)
+      for (int j = 0; j < NR; ++j) _mm_prefetch(reinterpret_cast<const char*>(wp[j] + kI8Prefetch), _MM_HINT_T0);
     gemv_w8f_step<MR, NR>(s, X, ldx, wp, k);
   }
   if (k < K) {
