@@ -285,6 +285,129 @@ def test_linear_sparse24_every_meta_pattern(gen, dtype):
     check(run("linear_sparse24", *args), ref("linear_sparse24", *args), dtype)
 
 
+# 2:4 on sparse tensor cores (mma.sp, fp16/bf16 with K % 16 == 0): the instruction's
+# metadata word is built in registers from the canonical meta, so every meta
+# pattern must reach every nibble of it (4 groups x 2 k16 halves x rows g / g + 8);
+# K not a multiple of 32 or 64 leaves zero-filled tails (padded meta nibbles).
+S24_SP_NK = [(37, 48), (130, 80), (27, 16), (64, 1040), (257, 256), (200, 4096)]
+S24_PAIRS = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
+
+
+def _with_mma_sp(monkeypatch, enabled):
+    monkeypatch.setenv("FASTKERN_SPARSE24_MMA_SP", "1" if enabled else "0")
+
+
+def _pattern_weight(gen, n, k, dtype, shift=0):
+    """2:4 weight whose groups cycle through all six kept-position pairs, by row and group."""
+    mask = torch.zeros(n, k // 4, 4, dtype=torch.bool)
+    for r in range(n):
+        for gi in range(k // 4):
+            i0, i1 = S24_PAIRS[(r + gi + shift) % 6]
+            mask[r, gi, i0] = mask[r, gi, i1] = True
+    w = torch.randn(n, k, generator=gen).to(dtype)
+    return formats.compress_2_4(w, mask.reshape(n, k))
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("nk", S24_SP_NK, ids=str)
+@pytest.mark.parametrize("m", [1, 17, 128])
+def test_linear_sparse24_mma_sp(gen, monkeypatch, m, nk, dtype, with_bias):
+    n, k = nk
+    _with_mma_sp(monkeypatch, True)
+    x = make_x(gen, m, k, dtype, "2d")
+    values, meta = formats.compress_2_4(torch.randn(n, k, generator=gen).to(dtype))
+    values, meta = values.to(DEV), meta.to(DEV)
+    bias = make_bias(gen, n, with_bias)
+    expected = ref("linear_sparse24", x, values, meta, bias)
+    check(run("linear_sparse24", x, values, meta, bias), expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("nk", [(27, 96), (40, 80), (19, 48), (130, 128)], ids=str)
+@pytest.mark.parametrize("m", [1, 17, 128])
+@pytest.mark.parametrize("shift", [0, 3])
+def test_linear_sparse24_mma_sp_every_meta_pattern(gen, monkeypatch, m, nk, dtype, shift):
+    n, k = nk
+    _with_mma_sp(monkeypatch, True)
+    values, meta = _pattern_weight(gen, n, k, dtype, shift)
+    x = torch.randn(m, k, generator=gen).to(dtype).to(DEV)
+    args = (x, values.to(DEV), meta.to(DEV), None)
+    check(run("linear_sparse24", *args), ref("linear_sparse24", *args), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m", [1, 17, 128])
+def test_linear_sparse24_mma_sp_single_pattern_weights(gen, monkeypatch, m, dtype):
+    # one pattern for the whole weight: a wrong nibble order or half-word shows up
+    # as a large error instead of averaging out over mixed patterns
+    _with_mma_sp(monkeypatch, True)
+    n, k = 33, 64
+    x = torch.randn(m, k, generator=gen).to(dtype).to(DEV)
+    for i0, i1 in S24_PAIRS:
+        mask = torch.zeros(n, k // 4, 4, dtype=torch.bool)
+        mask[..., i0] = mask[..., i1] = True
+        values, meta = formats.compress_2_4(torch.randn(n, k, generator=gen).to(dtype), mask.reshape(n, k))
+        args = (x, values.to(DEV), meta.to(DEV), None)
+        check(run("linear_sparse24", *args), ref("linear_sparse24", *args), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m", [1, 5, 16])
+def test_linear_sparse24_mma_sp_split_k(gen, monkeypatch, m, dtype):
+    # few output tiles and a long K: linear_splits picks split-K on any GPU
+    _with_mma_sp(monkeypatch, True)
+    n, k = 64, 8192
+    values, meta = formats.compress_2_4(torch.randn(n, k, generator=gen).to(dtype))
+    x = torch.randn(m, k, generator=gen).to(dtype).to(DEV)
+    bias = make_bias(gen, n, True)
+    args = (x, values.to(DEV), meta.to(DEV), bias)
+    out = run("linear_sparse24", *args)
+    check(out, ref("linear_sparse24", *args), dtype)
+    assert torch.equal(out, run("linear_sparse24", *args)), "split-K result is not deterministic"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m", [1, 17, 128])
+def test_linear_sparse24_mma_sp_matches_dense_expansion(gen, monkeypatch, m, dtype):
+    # the two fp16/bf16 paths (mma.sp and values expanded into dense mma) side by side
+    n, k = 96, 320
+    values, meta = formats.compress_2_4(torch.randn(n, k, generator=gen).to(dtype))
+    x = torch.randn(m, k, generator=gen).to(dtype).to(DEV)
+    args = (x, values.to(DEV), meta.to(DEV), make_bias(gen, n, True))
+    _with_mma_sp(monkeypatch, True)
+    sp = run("linear_sparse24", *args)
+    _with_mma_sp(monkeypatch, False)
+    dense = run("linear_sparse24", *args)
+    expected = ref("linear_sparse24", *args)
+    check(sp, expected, dtype)
+    check(dense, expected, dtype)
+    assert rel_err(sp.cpu(), dense.cpu()) <= 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m", [1, 17, 128])
+def test_linear_sparse24_mma_sp_nonfinite_propagates(gen, monkeypatch, m, dtype):
+    # mma.sp never reads x at pruned positions; the reference multiplies them by 0
+    # (0 * inf = NaN): the fix-up pass must give the same NaN/inf pattern
+    _with_mma_sp(monkeypatch, True)
+    n, k = 40, 128
+    values, meta = _pattern_weight(gen, n, k, dtype)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    x[0, 5] = float("nan")
+    x[m - 1, 70] = float("inf")
+    values[3, 0] = float("inf")
+    args = (x.to(DEV), values.to(DEV), meta.to(DEV), None)
+    out = run("linear_sparse24", *args).cpu()
+    expected = ref("linear_sparse24", *args)
+    assert torch.equal(torch.isnan(out), torch.isnan(expected))
+    assert torch.equal(torch.isinf(out), torch.isinf(expected))
+    fin = torch.isfinite(expected)
+    if m > 2:  # rows 1 .. m-2 hold finite x
+        assert bool(fin.any())
+        assert_close_rel(out[fin], expected[fin], dtype)
+
+
 # ----------------------------------------------------------------- block-sparse
 
 BLOCK_CASES = [

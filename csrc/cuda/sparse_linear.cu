@@ -1,7 +1,12 @@
-// Sparse linears: 2:4 (compressed values + meta expanded in registers into
-// dense tensor-core fragments) and block-sparse (CSR over block rows, empty
+// Sparse linears: 2:4 (fp16/bf16 on sparse tensor cores, mma.sp; fp32 and K
+// not a multiple of 16 with compressed values + meta expanded in registers into
+// dense tensor-core fragments or CUDA-core tiles) and block-sparse (CSR over block rows, empty
 // blocks never read).
+#include <cstdlib>
+#include <cstring>
+
 #include "simt_gemm.cuh"
+#include "sp_gemm.cuh"
 #include "tc_ops.cuh"
 
 namespace fastkern {
@@ -22,15 +27,43 @@ static cudaError_t sparse24_tc(const void* x, const void* values, const uint8_t*
   return launch_by_m<Op>(p, stream);
 }
 
+// Sparse tensor cores (sp_gemm.cuh): the math is halved as well as the weight bytes.
+template <typename T>
+static cudaError_t sparse24_mma_sp(const void* x, const void* values, const uint8_t* meta, const float* bias,
+                                   void* out, int64_t M, int64_t N, int64_t K, float* workspace, int splits,
+                                   cudaStream_t stream) {
+  Sp24Params p;
+  p.c = make_common(x, 2, M, N, K, out, Epilogue{nullptr, nullptr, bias}, workspace, splits);
+  p.v = static_cast<const uint8_t*>(values);
+  p.v_row_bytes = K;  // K/2 values of 2 bytes
+  p.v_aligned = aligned16(values, p.v_row_bytes);
+  p.meta = meta;
+  p.m_row_bytes = K / 4;
+  p.m_aligned = aligned16(meta, p.m_row_bytes);
+  return launch_sp24_by_m<T>(p, stream);
+}
+
+// mma.sp for fp16/bf16 when K % 16 == 0 (x and values rows are then whole
+// 16-byte chunks); FASTKERN_SPARSE24_MMA_SP=0 forces the dense-expansion path
+// (read on every call, so tests can compare the two in one process).
+static bool use_mma_sp(int64_t K) {
+  if (K % 16) return false;
+  const char* env = std::getenv("FASTKERN_SPARSE24_MMA_SP");
+  return env == nullptr || std::strcmp(env, "0") != 0;
+}
+
 cudaError_t linear_sparse24(const void* x, DType dtype, const void* values, const uint8_t* meta,
                             const float* bias, void* out, int64_t M, int64_t N, int64_t K, float* workspace,
                             int splits, cudaStream_t stream) {
   if (M == 0 || N == 0) return cudaSuccess;
   if (K % 4) return cudaErrorInvalidValue;
+  const bool sp = dtype != kF32 && use_mma_sp(K);
   switch (dtype) {
     case kF16:
+      if (sp) return sparse24_mma_sp<__half>(x, values, meta, bias, out, M, N, K, workspace, splits, stream);
       return sparse24_tc<__half>(x, values, meta, bias, out, M, N, K, workspace, splits, stream);
     case kBF16:
+      if (sp) return sparse24_mma_sp<__nv_bfloat16>(x, values, meta, bias, out, M, N, K, workspace, splits, stream);
       return sparse24_tc<__nv_bfloat16>(x, values, meta, bias, out, M, N, K, workspace, splits, stream);
     case kF32:
       return launch_simt(static_cast<const float*>(x), M, N, K,

@@ -58,14 +58,23 @@ struct CommonParams {
 
 // Copies rows [0, ROWS) x 16-byte chunks [0, CHUNKS) of a k-tile into shared memory.
 // g points at row 0 of the tile; byte0 is the tile's first byte within a row.
+// SWIZZLE: 128-byte rows store chunk c at c ^ (row & 7); 64-byte rows (two per
+// 128-byte bank line) at c ^ ((row >> 1) & 3). Either way the 8 rows one
+// ldmatrix phase reads at one logical chunk land in 8 different bank groups.
+template <int CHUNKS>
+__device__ __forceinline__ int swizzle_chunk(int row, int chunk) {
+  static_assert(CHUNKS == 8 || CHUNKS == 4, "the swizzle is for 128- or 64-byte rows");
+  return CHUNKS == 8 ? (chunk ^ (row & 7)) : (chunk ^ ((row >> 1) & 3));
+}
+
 template <int ROWS, int CHUNKS, int THREADS, bool SWIZZLE>
 __device__ __forceinline__ void load_tile(uint8_t* smem, const uint8_t* g, int64_t rows_valid, int64_t row_bytes,
                                           int64_t byte0, bool aligned) {
-  static_assert(!SWIZZLE || CHUNKS == 8, "the swizzle is for 128-byte rows");
+  static_assert(!SWIZZLE || CHUNKS == 8 || CHUNKS == 4, "the swizzle is for 128- or 64-byte rows");
 #pragma unroll
   for (int e = threadIdx.x; e < ROWS * CHUNKS; e += THREADS) {
     const int r = e / CHUNKS, c = e % CHUNKS;
-    const int sc = SWIZZLE ? (c ^ (r & 7)) : c;
+    const int sc = SWIZZLE ? swizzle_chunk<(SWIZZLE ? CHUNKS : 8)>(r, c) : c;
     uint8_t* dst = smem + r * (CHUNKS * 16) + sc * 16;
     const int64_t off = byte0 + c * 16;
     if (aligned) {
