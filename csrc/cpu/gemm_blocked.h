@@ -465,6 +465,13 @@ void parallel_for_dynamic(int64_t begin, int64_t end, int64_t grain, const F& f)
   });
 }
 
+// K rows of B packed per pass: one packing region and one compute region per
+// (NC panel, KB pass), instead of two per KC block. Each parallel region ends
+// in a join, and on a shared machine every join can cost a scheduler tick while
+// a descheduled thread catches up; 2048^3 now has 2 joins instead of 16.
+// The packed B of a pass takes at most KB x NC x 4 = 24 MB (L3-sized).
+constexpr int64_t kKB = 8 * kKC;
+
 template <class PackA, class PackB>
 void blocked_gemm(int64_t M, int64_t N, int64_t K, const MicroKernel& uk, const PackA& pack_a,
                   const PackB& pack_b, float* C, int64_t ldc) {
@@ -480,49 +487,58 @@ void blocked_gemm(int64_t M, int64_t N, int64_t K, const MicroKernel& uk, const 
   if (nmb > 1 || M >= 2 * MR * nthreads) nmb = round_up(nmb, nthreads);
   const int64_t mc = round_up(div_up(M, nmb), MR);
   nmb = div_up(M, mc);
-  const int64_t nc_max = std::min(kNC, round_up(N, NR));
-  at::Tensor bbuf = at::empty({round_up(nc_max, NR) * kKC + 16}, at::kFloat);
+  const int64_t ncr_max = round_up(std::min(kNC, N), NR);
+  const int64_t kb_max = std::min(kKB, K);
+  at::Tensor bbuf = at::empty({ncr_max * kb_max + 16}, at::kFloat);
   float* Bp = bbuf.data_ptr<float>();
   // One packed-A buffer per thread (a task may be taken by any thread).
-  at::Tensor abufs = at::empty({std::max<int64_t>(1, at::get_num_threads()) * (mc * std::min(kKC, K) + 16)}, at::kFloat);
+  const int64_t abuf_len = mc * std::min(kKC, K) + 16;
+  at::Tensor abufs = at::empty({nthreads * abuf_len}, at::kFloat);
 
   for (int64_t jc = 0; jc < N; jc += kNC) {
     const int64_t nc = std::min(kNC, N - jc);
-    const int64_t nsl = div_up(nc, NR);
+    const int64_t nsl = div_up(nc, NR), ncr = nsl * NR;
     // Too few M blocks to feed every core: also split the panel's slivers.
     const int64_t njs = nmb >= 2 * nthreads ? 1 : std::min(nsl, div_up(2 * nthreads, nmb));
-    for (int64_t pc = 0; pc < K; pc += kKC) {
-      const int64_t kc = std::min(kKC, K - pc);
-      // Packing a sliver costs about 1/M of its use: chunks of slivers worth 16 KB of work.
-      parallel_for_dynamic(0, nsl, div_up(16, std::max<int64_t>(1, kc * NR / 1024)), [&](int64_t b, int64_t e) {
-        for (int64_t s = b; s < e; ++s)
-          pack_b(jc + s * NR, static_cast<int>(std::min<int64_t>(NR, nc - s * NR)), pc, kc, NR, Bp + s * kc * NR);
+    for (int64_t kb0 = 0; kb0 < K; kb0 += kKB) {
+      const int64_t kb1 = std::min(K, kb0 + kKB);
+      const int64_t npc = div_up(kb1 - kb0, kKC);
+      // The slivers of KC block q sit at Bp + (q * KC) * ncr, sliver s of it at + s * kc * NR.
+      auto sliver = [&](int64_t q, int64_t s, int64_t kc) { return Bp + q * kKC * ncr + s * kc * NR; };
+      // Packing a sliver costs about 1/M of its use: chunks of slivers worth 16 KB or more.
+      parallel_for_dynamic(0, npc * nsl, div_up(16, std::max<int64_t>(1, kKC * NR / 1024)), [&](int64_t b, int64_t e) {
+        for (int64_t t = b; t < e; ++t) {
+          const int64_t q = t / nsl, s = t % nsl;
+          const int64_t pc = kb0 + q * kKC, kc = std::min(kKC, kb1 - pc);
+          pack_b(jc + s * NR, static_cast<int>(std::min<int64_t>(NR, nc - s * NR)), pc, kc, NR, sliver(q, s, kc));
+        }
       });
-      const int64_t macs_per_task = div_up(M, nmb) * div_up(nc, njs) * kc;
+      // A task owns one C block (M block x slice of the panel) and runs all the KC
+      // blocks of the pass over it, so C stays in cache between them.
+      const int64_t macs_per_task = div_up(M, nmb) * div_up(nc, njs) * (kb1 - kb0);
       parallel_for_dynamic(0, nmb * njs, grain_for(nmb * njs, macs_per_task), [&](int64_t b, int64_t e) {
-        float* Ap = abufs.data_ptr<float>() + at::get_thread_num() * (mc * kc + 16);
-        int64_t packed = -1;
+        float* Ap = abufs.data_ptr<float>() + at::get_thread_num() * abuf_len;
         for (int64_t t = b; t < e; ++t) {
           const int64_t ib = t / njs, js = t % njs;
           const int64_t i0 = ib * mc, m = std::min(mc, M - i0);
           const int64_t na = div_up(m, MR);
-          if (packed != ib) {
+          const int64_t s0 = js * nsl / njs, s1 = (js + 1) * nsl / njs;
+          for (int64_t q = 0; q < npc; ++q) {
+            const int64_t pc = kb0 + q * kKC, kc = std::min(kKC, kb1 - pc);
             for (int64_t s = 0; s < na; ++s)
               pack_a(i0 + s * MR, static_cast<int>(std::min<int64_t>(MR, m - s * MR)), pc, kc, MR, Ap + s * kc * MR);
-            packed = ib;
-          }
-          const int64_t s0 = js * nsl / njs, s1 = (js + 1) * nsl / njs;
-          for (int64_t jr = s0; jr < s1; ++jr) {
-            const int nn = static_cast<int>(std::min<int64_t>(NR, nc - jr * NR));
-            const float* bp = Bp + jr * kc * NR;
-            for (int64_t ir = 0; ir < na; ++ir) {
-              const int mm = static_cast<int>(std::min<int64_t>(MR, m - ir * MR));
-              float* c = C + (i0 + ir * MR) * ldc + jc + jr * NR;
-              // The tile the next call works on, for the kernel to prefetch.
-              const float* next = ir + 1 < na ? c + MR * ldc
-                                  : jr + 1 < s1 ? C + i0 * ldc + jc + (jr + 1) * NR
-                                                : c;
-              uk.fn(kc, Ap + ir * kc * MR, bp, c, ldc, mm, nn, pc > 0, next);
+            for (int64_t jr = s0; jr < s1; ++jr) {
+              const int nn = static_cast<int>(std::min<int64_t>(NR, nc - jr * NR));
+              const float* bp = sliver(q, jr, kc);
+              for (int64_t ir = 0; ir < na; ++ir) {
+                const int mm = static_cast<int>(std::min<int64_t>(MR, m - ir * MR));
+                float* c = C + (i0 + ir * MR) * ldc + jc + jr * NR;
+                // The tile the next call works on, for the kernel to prefetch.
+                const float* next = ir + 1 < na ? c + MR * ldc
+                                    : jr + 1 < s1 ? C + i0 * ldc + jc + (jr + 1) * NR
+                                                  : C + i0 * ldc + jc + s0 * NR;
+                uk.fn(kc, Ap + ir * kc * MR, bp, c, ldc, mm, nn, pc > 0, next);
+              }
             }
           }
         }
