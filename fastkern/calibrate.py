@@ -1,8 +1,14 @@
-"""Calibrated int4 weight quantization (GPTQ-style), block by block.
+"""Calibrated conversion, block by block: int4 GPTQ and 2:4 SparseGPT.
 
-``quantize_gptq_(model, group_size, calibration, filter_fn)`` replaces the model's
-nn.Linear layers with int4 ``fastkern.QLinear`` modules whose integers were chosen
-with the layer's input statistics. What it does, and why:
+``quantize_gptq_(model, group_size, calibration, filter_fn)`` (also reached as
+``fastkern.quantize_(..., method="gptq", calibration=...)``) replaces the model's
+nn.Linear layers with int4 ``fastkern.QLinear`` modules in the canonical format,
+whose integers were chosen with the layer's input statistics.
+``prune_sparsegpt_(model, calibration, filter_fn)`` does the same for 2:4
+``fastkern.SparseLinear`` modules (the mask and the kept weights chosen by the same
+second-order rule): a much better starting point for ``fastkern.finetune`` than
+magnitude pruning. Both show a tqdm bar and report their cost (wall and CPU
+seconds, passes). What the int4 path does, and why:
 
 * Sequential. The model's repeated blocks (the nn.ModuleList holding most of the
   layers, e.g. a transformer's layers) are processed one at a time on cached block
@@ -499,11 +505,15 @@ class _Calibrator:
             rest = [n for n in self.targets if n not in done]
             if rest:
                 self._staged(rest, self._model_pass, can_stop=self.batches is not None)
-        if self.bar is not None:
-            self.bar.close()
         self.report["seconds"] = time.perf_counter() - t0
         # CPU seconds of this process: on a shared machine, a steadier cost than the wall time
         self.report["cpu_seconds"] = time.process_time() - c0
+        if self.bar is not None:
+            # the cost, left on the finished bar
+            self.bar.set_postfix_str("%.1f s (%.1f CPU s), %d block + %d model passes" % (
+                self.report["seconds"], self.report["cpu_seconds"], self.report["block_passes"],
+                self.report["model_passes"]))
+            self.bar.close()
         return self.results
 
     def _float_block_pass(self, block, calls, f_hidden, names):
