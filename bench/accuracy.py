@@ -197,8 +197,12 @@ def merge(paths, json_path, md_path):
         with open(p) as f:
             runs.append(json.load(f))
     out = {"meta": dict(runs[0]["meta"]), "runs": [r["meta"] for r in runs], "rows": []}
-    for r in runs:
-        out["rows"].extend(r["rows"])
+    seen = set()
+    for r in runs:  # a row measured again in a later run (e.g. the start of a distillation) is kept once
+        for row in r["rows"]:
+            if row["variant"] not in seen:
+                seen.add(row["variant"])
+                out["rows"].append(row)
     loads = [m.get(k) for m in out["runs"] for k in ("load_avg_1min_start", "load_avg_1min_end") if m.get(k) is not None]
     out["meta"]["load_avg_1min_start"], out["meta"]["load_avg_1min_end"] = min(loads or [0]), max(loads or [0])
     out["meta"]["command"] = " ; ".join(m["command"] for m in out["runs"])
@@ -224,8 +228,9 @@ def markdown(out):
     for r in out["rows"]:
         note = ""
         if "steps" in r:
-            note = "%d steps, batch %d, lr %g; cosine after steps: %s" % (
-                r["steps"], r["batch"], r["lr"], ", ".join("%d: %.4f" % (s, c) for s, c in r["history"]))
+            note = "%d steps in %.0f s of training (the rest is evaluation), batch %d, lr %g; cosine after steps: %s" % (
+                r["steps"], r["train_seconds"], r["batch"], r["lr"],
+                ", ".join("%d: %.4f" % (s, c) for s, c in r["history"]))
         elif "skipped" in r:
             note = "left float (output SQNR dB): " + ", ".join("%s %.1f" % (n, d) for n, d in r["skipped"])
         elif "block_passes" in r:
