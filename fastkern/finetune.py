@@ -3,9 +3,14 @@
 Typical use (see bench/accuracy.py for the full MiniLM run)::
 
     teacher = copy.deepcopy(model)
-    fastkern.sparsify_(model)                     # or fastkern.calibrate.prune_sparsegpt_, quantize_...
-    report = fastkern.finetune.distill_(model, teacher, batches, steps=600, lr=2e-4)
+    fastkern.calibrate.prune_sparsegpt_(model, calib_batches)   # or sparsify_, quantize_, ...
+    report = fastkern.finetune.distill_(model, teacher, train_batches, steps=1500, lr=5e-4,
+                                        max_seconds=900)
     # model holds SparseLinear / QLinear modules again, with trained weights
+
+On all-MiniLM-L6-v2 this recipe (SparseGPT 2:4 start at 0.921, batches of 16 sentences)
+reached 0.957 mean embedding cosine in 900 s on a loaded 2-core machine
+(bench/results/accuracy.md).
 
 How it works:
 
@@ -29,13 +34,12 @@ How it works:
 import math
 import random
 import time
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastkern import formats
 from fastkern.formats.int4 import check_group_size
 from fastkern.nn import QLinear, SparseLinear
 
