@@ -27,6 +27,7 @@ using gemm::round_up;
 using gemm::to_f32;
 
 constexpr int64_t kSmallM = 4;
+constexpr int64_t kS24StreamMaxM = 16;
 
 // The references multiply x by the dense weight, where a pruned weight is a 0
 // and 0 * inf = 0 * nan = nan. Kernels that skip pruned weights never see
@@ -201,12 +202,22 @@ void s24_small_m(Isa isa, const at::Tensor& x2, const at::Tensor& values, const 
     const T* v = values.data_ptr<T>();
     const uint8_t* mt = meta.data_ptr<uint8_t>();
     const int64_t ldv = values.stride(0), ldm = meta.stride(0);
-    gemm::parallel_for_dynamic(0, N, gemm::grain_for(N, 2 * M * K), [&](int64_t n0, int64_t n1) {
-      switch (M) {
-        case 1: s24_rows_avx2<T, 1>(x, K, v, ldv, mt, ldm, n0, n1, y, N); break;
-        case 2: s24_rows_avx2<T, 2>(x, K, v, ldv, mt, ldm, n0, n1, y, N); break;
-        case 3: s24_rows_avx2<T, 3>(x, K, v, ldv, mt, ldm, n0, n1, y, N); break;
-        default: s24_rows_avx2<T, 4>(x, K, v, ldv, mt, ldm, n0, n1, y, N); break;
+    // More than 4 rows of x: groups of 4 over a chunk of weight rows small
+    // enough (<= 256 KB) to stay in L2 while every group passes over it, so the
+    // weights still come from memory once.
+    const int64_t row_bytes = (K / 2) * static_cast<int64_t>(sizeof(T)) + K / 4;
+    int64_t grain = gemm::grain_for(N, 2 * M * K);
+    if (M > 4) grain = std::max<int64_t>(1, std::min(grain, (int64_t(256) << 10) / std::max<int64_t>(1, row_bytes)));
+    gemm::parallel_for_dynamic(0, N, grain, [&](int64_t n0, int64_t n1) {
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const float* xm = x + m0 * K;
+        float* ym = y + m0 * N;
+        switch (std::min<int64_t>(4, M - m0)) {
+          case 1: s24_rows_avx2<T, 1>(xm, K, v, ldv, mt, ldm, n0, n1, ym, N); break;
+          case 2: s24_rows_avx2<T, 2>(xm, K, v, ldv, mt, ldm, n0, n1, ym, N); break;
+          case 3: s24_rows_avx2<T, 3>(xm, K, v, ldv, mt, ldm, n0, n1, ym, N); break;
+          default: s24_rows_avx2<T, 4>(xm, K, v, ldv, mt, ldm, n0, n1, ym, N); break;
+        }
       }
     });
     return;
@@ -253,7 +264,10 @@ void s24_typed(const at::Tensor& x2, const at::Tensor& values, const at::Tensor&
   const Isa isa = active_isa();
   const int64_t M = x2.size(0), K = x2.size(1), N = values.size(0);
   float* y = out32.data_ptr<float>();
-  if (M <= kSmallM && K > 0) {
+  // The streaming kernel beats expanding 2:4 into the dense GEMM's panels up to
+  // M = 16 on AVX2/AVX-512 (weights read once, no dense B to pack per call).
+  const int64_t stream_max_m = isa >= Isa::Avx2 ? kS24StreamMaxM : kSmallM;
+  if (M <= stream_max_m && K > 0) {
     s24_small_m<T>(isa, x2, values, meta, y);
     const uint8_t* mt = meta.data_ptr<uint8_t>();
     const int64_t ldm = meta.stride(0);
