@@ -2,15 +2,16 @@
 // DESIGN §3: w uint8 [N, K/2] low nibble first, scales [N, K/g], zeros uint8
 // [N, K/g], w = (q - zero) * scale).
 //
-// Small M (AVX2), where streaming the weight once is the whole cost at M = 1:
-// a GEMV over the canonical layout as is (no repacked copy), with fp32
-// activations (exact (q - z), FMA; the 1e-5 fp32 contract rules out integer
-// activations) or, for fp16/bf16 activations, int16 activations and vpmaddwd.
-// The activations are permuted once per call into the order the widened weight
-// words produce, zero-padded per group. Details at each kernel.
+// M <= 16 (AVX2 and AVX-512 VNNI), where streaming the weight once is the whole
+// cost at M = 1: a GEMV over the canonical layout as is (no repacked copy), the
+// activations quantized per call to int8 "limbs" per group (three for fp32, which
+// keeps the 1e-5 fp32 contract; two for fp16/bf16) and multiplied with the
+// unpacked nibbles by byte dot products, the zero point folded out. Details at
+// "GEMV: int8 limbs x nibbles".
 //
-// Larger M and the generic path dequantize a cache-sized panel exactly as the
-// reference does ((q - z) * s in fp32) and run fp32 dot tiles over all rows.
+// M > 16, the generic path, and inputs holding NaN/inf: the blocked fp32 GEMM of
+// gemm_blocked.h with B slivers dequantized exactly as the reference does
+// ((q - z) * s in fp32).
 #include <torch/library.h>
 
 #include <atomic>

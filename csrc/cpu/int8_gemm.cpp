@@ -7,7 +7,9 @@
 //
 // Small M (<= kGemvMaxM) streams the int8 weight once and widens / converts it
 // in registers; larger M widens (int16) or dequantizes (fp32) one cache-sized
-// weight panel at a time and runs every row of x against it.
+// weight panel at a time and runs every row of x against it. With AVX-512 VNNI
+// the integer product (int8_gemm, linear_w8a8) runs on vpdpbusd instead: a GEMV
+// for M <= 4 and a transposed-tile GEMM above (section "AVX-512 VNNI").
 #include <torch/library.h>
 
 #include <cmath>
