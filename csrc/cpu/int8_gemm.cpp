@@ -27,6 +27,8 @@ constexpr int64_t kGemvMaxM = 3;
 // Software prefetch distance along each weight row of a GEMV, in bytes: NR interleaved
 // row streams cross 4 KiB pages, where the hardware prefetchers stop (see int4_gemm.cpp).
 constexpr int64_t kI8Prefetch = 512;
+// and 2 KB ahead into L2 only: more lines in flight than the L1 miss buffers allow
+constexpr int64_t kI8PrefetchL2 = 2048;
 constexpr int64_t kGemvRows = 4;     // weight rows per GEMV tile (and per thread work unit)
 constexpr int64_t kPanelRows = 64;   // weight rows per GEMM panel
 constexpr int64_t kPanelKI16 = 1024; // K columns per int16 panel (64 x 1024 x 2 B = 128 KB, in L2)
@@ -143,6 +145,7 @@ FASTKERN_VNNI512 void gemv_vnni(const int8_t* A, int64_t lda, const int32_t* asu
     for (int j = 0; j < NR; ++j) {
       const int8_t* wp = W + j * K + k;
       _mm_prefetch(reinterpret_cast<const char*>(wp + kI8Prefetch), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(wp + kI8PrefetchL2), _MM_HINT_T1);
       // masked-off bytes become 0x80 (128) and meet zero activations
       w[j] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, wp), flip);
     }
