@@ -505,8 +505,8 @@ void blocked_gemm(int64_t M, int64_t N, int64_t K, const MicroKernel& uk, const 
       const int64_t npc = div_up(kb1 - kb0, kKC);
       // The slivers of KC block q sit at Bp + (q * KC) * ncr, sliver s of it at + s * kc * NR.
       auto sliver = [&](int64_t q, int64_t s, int64_t kc) { return Bp + q * kKC * ncr + s * kc * NR; };
-      // Packing a sliver costs about 1/M of its use: chunks of slivers worth 16 KB or more.
-      parallel_for_dynamic(0, npc * nsl, div_up(16, std::max<int64_t>(1, kKC * NR / 1024)), [&](int64_t b, int64_t e) {
+      // Chunks of 64/NR slivers: 64 KB of packed B each at KC=256.
+      parallel_for_dynamic(0, npc * nsl, div_up(64, NR), [&](int64_t b, int64_t e) {
         for (int64_t t = b; t < e; ++t) {
           const int64_t q = t / nsl, s = t % nsl;
           const int64_t pc = kb0 + q * kKC, kc = std::min(kKC, kb1 - pc);
