@@ -1,8 +1,9 @@
 """fastkern.linear_sparse24 and fastkern.linear_blocksparse on every backend against their references.
 
-The CPU kernels have a small-M path (M <= 4: weights streamed once) and a larger-M
-path (2:4 expanded into the blocked GEMM's panels; block-sparse register tiles over
-x^T), each with a generic and an AVX2 version; the tests reach all of them.
+The CPU kernels have a small-M path (weights streamed once: M <= 4, and for 2:4 on
+AVX2/AVX-512 M <= 16) and a larger-M path (2:4 expanded into the blocked GEMM's
+panels; block-sparse register tiles over x^T), each with generic, AVX2 and (block-sparse,
+and the GEMM under 2:4) AVX-512 versions; the tests reach every one this CPU can run.
 """
 import pytest
 import torch

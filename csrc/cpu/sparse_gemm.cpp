@@ -1,11 +1,14 @@
 // Sparse float linear layers on the CPU (formats: DESIGN.md §3, fastkern/formats/sparse.py).
 //
 // linear_sparse24(x [..., K], values [N, K/2], meta uint8 [N, K/4], bias?)
-//   Small M is bound by reading the weights: values and meta stream once (2.25
-//   bytes per dense fp32 weight instead of 4) and x is gathered in registers.
-//   Larger M decompresses 2:4 into the packed B panels of the dense blocked GEMM.
+//   Small M (<= 4 generic, <= 16 AVX2/AVX-512) is bound by reading the weights:
+//   values and meta stream once (2.25 bytes per dense fp32 weight instead of 4)
+//   and x is gathered in registers. Larger M decompresses 2:4 into the packed B
+//   panels of the dense blocked GEMM (AVX-512 12x32 / AVX2 6x16 micro-kernels).
 // linear_blocksparse(x, blocks [nnzb, bn, bk], row_ptr [ceil(N/bn)+1], col_idx [nnzb], N, bias?)
-//   Empty blocks cost nothing: every kernel walks the CSR lists only.
+//   Empty blocks cost nothing: every kernel walks the CSR lists only. M <= 4:
+//   dot products along k over whole blocks; larger M: register tiles of weight
+//   rows x columns of M over x^T, weights broadcast straight from the blocks.
 #include <torch/library.h>
 
 #include <atomic>
