@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include "cpu/isa.h"
+#include "cpu/fma_probe.h"
 
 TORCH_LIBRARY(fastkern_C, m) {
   m.def("gemm(Tensor a, Tensor b) -> Tensor");
@@ -52,6 +53,7 @@ pybind11::dict cpu_features() {
   d["avx512f"] = f.avx512f;
   d["avx512bw"] = f.avx512bw;
   d["avx512vl"] = f.avx512vl;
+  d["avx512dq"] = f.avx512dq;
   d["avx512vnni"] = f.avx512vnni;
   d["avx512bf16"] = f.avx512bf16;
   d["avxvnni"] = f.avxvnni;
@@ -68,6 +70,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "set_cpu_isa",
       [](const std::string& name) { fastkern::cpu::set_isa(fastkern::cpu::parse_isa(name)); },
       "Force the CPU kernel path: 'auto', 'generic', 'avx2' or 'avx512'");
+  m.def(
+      "fma_peak",
+      [](double seconds) {
+        const auto r = fastkern::cpu::measure_fma_peak(seconds);
+        pybind11::dict d;
+        d["gflops"] = r.gflops;
+        d["isa"] = std::string(r.isa);
+        d["threads"] = r.threads;
+        return d;
+      },
+      pybind11::arg("seconds") = 0.25,
+      "Measured fp32 FMA throughput (GFLOP/s) of register-only loops on every torch thread, "
+      "on the active CPU kernel path");
   m.def(
       "cpu_isa", []() { return std::string(fastkern::cpu::isa_name(fastkern::cpu::active_isa())); },
       "The CPU kernel path in use");

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from fastkern import formats, ops
+from fastkern import _ext, formats, ops
 from fastkern.bench import cli, report, shapes
 from fastkern.bench.inputs import make_activation, make_weight, op_weight_args
 from fastkern.bench.peers import CPU_PEERS, PeerUnavailable, peers_for
@@ -49,6 +49,22 @@ def test_json_is_well_formed(result):
     assert meta["torch"] == torch.__version__
     c = result["ceilings"]
     assert c["read_bw_gbs"] > 0 and c["matmul_gflops"]["fp32"] > 0 and c["llc_bytes"] > 0
+    if _ext._C is not None:
+        assert c["fma_peak_gflops"] > 0 and _ext._C.cpu_isa() in c["fma_peak_measured_note"]
+
+
+@pytest.mark.skipif(_ext._C is None, reason="fastkern._C is not built")
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+def test_fma_peak_probe_runs_each_path(isa):
+    try:
+        _ext._C.set_cpu_isa(isa)
+    except RuntimeError as e:
+        pytest.skip("this CPU cannot run the %s path: %s" % (isa, e))
+    try:
+        r = _ext._C.fma_peak(0.01)
+    finally:
+        _ext._C.set_cpu_isa("auto")
+    assert r["isa"] == isa and r["gflops"] > 0 and r["threads"] == torch.get_num_threads()
 
 
 def test_every_op_timed_with_its_peers(result):

@@ -4,8 +4,9 @@
   cache, with all of torch's threads (CPU) or on the GPU;
 - peak dense matmul throughput: a large torch matmul (fp32 on CPU; fp16, bf16 and
   int8 on GPU);
-- the CPU's theoretical FMA peak, estimated from its clock and vector width when
-  the clock can be read (reported, not used for the % columns).
+- the CPU's fp32 FMA peak, measured with register-only FMA loops on every thread
+  (fastkern._C.fma_peak, on the active kernel path), and for reference an estimate
+  from the clock and vector width when the clock can be read.
 """
 import glob
 import os
@@ -133,6 +134,18 @@ def fma_peak_estimate():
     return gflops, note
 
 
+def fma_peak_measured(min_run_time: float):
+    """(GFLOP/s, note) of register-only fp32 FMA loops on every torch thread, or (None, why)."""
+    try:
+        from fastkern import _ext
+    except ImportError as e:
+        return None, "fastkern._C did not load (%s)" % e
+    if _ext._C is None or not hasattr(_ext._C, "fma_peak"):
+        return None, "fastkern._C is not built"
+    r = _ext._C.fma_peak(max(0.1, min_run_time))
+    return r["gflops"], "register-only FMA loops, %s path, %d threads" % (r["isa"], r["threads"])
+
+
 def measure_ceilings(device: str, *, bw_bytes: Optional[int] = None, peak_n: Optional[int] = None,
                      min_run_time: float = 0.3) -> dict:
     """Ceilings for the % columns: read_bw_gbs and matmul_gflops[dtype] (+ llc_bytes, FMA estimate)."""
@@ -157,6 +170,7 @@ def measure_ceilings(device: str, *, bw_bytes: Optional[int] = None, peak_n: Opt
         est, note = fma_peak_estimate()
         c["fma_peak_gflops_est"] = est
         c["fma_peak_note"] = note
+        c["fma_peak_gflops"], c["fma_peak_measured_note"] = fma_peak_measured(min_run_time)
     c["matmul_gflops"] = peaks
     return c
 

@@ -135,8 +135,10 @@ def ceilings_line(result: dict) -> str:
         parts.append("read bandwidth %.1f GB/s" % c["read_bw_gbs"])
     for dt, v in c.get("matmul_gflops", {}).items():
         parts.append("%s matmul %.1f GFLOP/s (n=%s)" % (dt, v, c.get("matmul_n")))
+    if c.get("fma_peak_gflops"):
+        parts.append("fp32 FMA peak %.0f GFLOP/s (measured)" % c["fma_peak_gflops"])
     if c.get("fma_peak_gflops_est"):
-        parts.append("FMA peak est. %.0f GFLOP/s" % c["fma_peak_gflops_est"])
+        parts.append("clock estimate %.0f GFLOP/s" % c["fma_peak_gflops_est"])
     parts.append("LLC %.0f MiB" % (c.get("llc_bytes", 0) / 2**20))
     la = m.get("loadavg_start")
     if la:

@@ -149,9 +149,9 @@ def _roofline(entry: dict, ceilings: dict, op: str):
     peak = ceil_mod.compute_ceiling(ceilings, op, entry["dtype"])
     entry["pct_bw"] = 100.0 * entry["gbs"] / bw if bw else None
     entry["pct_compute"] = 100.0 * entry["gflops"] / peak if peak else None
-    fma = ceilings.get("fma_peak_gflops_est")
+    fma = ceilings.get("fma_peak_gflops")
     if fma and entry["dtype"] == "fp32":
-        entry["pct_fma_est"] = 100.0 * entry["gflops"] / fma
+        entry["pct_fma"] = 100.0 * entry["gflops"] / fma
     if bw and peak and entry["bytes"]:
         ai = entry["flops"] / entry["bytes"]
         entry["arith_intensity"] = ai

@@ -14,7 +14,7 @@ class Target:
     device: str
     op: str
     what: str  # human description, as DESIGN §6 words it
-    metric: str  # "pct_bw", "pct_fma_est" or "speedup"
+    metric: str  # "pct_bw", "pct_fma" or "speedup"
     threshold: float
     peer: Optional[str] = None  # peer name for speedup targets
     backends: tuple = ("cpu",)
@@ -35,7 +35,7 @@ CPU_TARGETS = [
     Target("cpu", "linear_w8a8", "W8A8 M=1: >= 1.2x FBGEMM", "speedup", 1.2, "FBGEMM dynamic int8", select=_m(1)),
     Target("cpu", "linear_w8a8", "W8A8 M>=64: >= 1.0x FBGEMM", "speedup", 1.0, "FBGEMM dynamic int8",
            select=lambda e: e["m"] >= 64),
-    Target("cpu", "gemm", "dense fp32 GEMM 2048^3: >= 80% of fp32 FMA peak (estimated)", "pct_fma_est", 80,
+    Target("cpu", "gemm", "dense fp32 GEMM 2048^3: >= 80% of fp32 FMA peak (measured)", "pct_fma", 80,
            select=lambda e: e["dtype"] == "fp32" and e["m"] >= 2048),
     Target("cpu", "gemm", "dense fp32 GEMM 2048^3: >= 1.5x torch", "speedup", 1.5, "F.linear fp32",
            select=lambda e: e["dtype"] == "fp32" and e["m"] >= 2048),

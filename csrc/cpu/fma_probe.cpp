@@ -1,0 +1,114 @@
+// The machine's fp32 FMA throughput, measured: independent FMA chains held in
+// registers (no memory traffic), one per vector register the path has to spare,
+// on every torch thread at once. The harness reports dense kernels as a
+// percentage of this figure; a clock-times-width estimate is wrong whenever the
+// reported clock is not the real one (turbo, hypervisors, throttling).
+#include "cpu/fma_probe.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <chrono>
+#include <vector>
+
+#include "cpu/isa.h"
+
+#if FASTKERN_X86
+#include <immintrin.h>
+#endif
+
+namespace fastkern {
+namespace cpu {
+namespace {
+
+// Enough independent chains to cover FMA latency (4 cycles) x 2 ports, with
+// registers left for the constants.
+constexpr int kChains = 12;
+
+// Each loop returns a value that depends on every chain, so no work is dead.
+#if FASTKERN_X86
+FASTKERN_AVX512 float fma_chains_avx512(int64_t iters) {
+  __m512 acc[kChains];
+  for (int c = 0; c < kChains; ++c) acc[c] = _mm512_set1_ps(static_cast<float>(c) * 1e-3f);
+  const __m512 mul = _mm512_set1_ps(0.9999999f), add = _mm512_set1_ps(1e-7f);
+  for (int64_t i = 0; i < iters; ++i) {
+#pragma GCC unroll 12
+    for (int c = 0; c < kChains; ++c) acc[c] = _mm512_fmadd_ps(acc[c], mul, add);
+  }
+  __m512 s = acc[0];
+  for (int c = 1; c < kChains; ++c) s = _mm512_add_ps(s, acc[c]);
+  return _mm512_reduce_add_ps(s);
+}
+
+FASTKERN_AVX2 float fma_chains_avx2(int64_t iters) {
+  __m256 acc[kChains];
+  for (int c = 0; c < kChains; ++c) acc[c] = _mm256_set1_ps(static_cast<float>(c) * 1e-3f);
+  const __m256 mul = _mm256_set1_ps(0.9999999f), add = _mm256_set1_ps(1e-7f);
+  for (int64_t i = 0; i < iters; ++i) {
+#pragma GCC unroll 12
+    for (int c = 0; c < kChains; ++c) acc[c] = _mm256_fmadd_ps(acc[c], mul, add);
+  }
+  __m256 s = acc[0];
+  for (int c = 1; c < kChains; ++c) s = _mm256_add_ps(s, acc[c]);
+  alignas(32) float out[8];
+  _mm256_store_ps(out, s);
+  float r = 0.f;
+  for (float v : out) r += v;
+  return r;
+}
+#endif
+
+// The portable path: what the compiler makes of plain multiply-adds.
+float fma_chains_generic(int64_t iters) {
+  float acc[kChains * 4];
+  for (int c = 0; c < kChains * 4; ++c) acc[c] = static_cast<float>(c) * 1e-3f;
+  for (int64_t i = 0; i < iters; ++i)
+    for (int c = 0; c < kChains * 4; ++c) acc[c] = acc[c] * 0.9999999f + 1e-7f;
+  float r = 0.f;
+  for (float v : acc) r += v;
+  return r;
+}
+
+struct Path {
+  float (*fn)(int64_t);
+  int64_t flops_per_iter;
+};
+
+Path path_for(Isa isa) {
+#if FASTKERN_X86
+  if (isa == Isa::Avx512) return {fma_chains_avx512, int64_t{kChains} * 16 * 2};
+  if (isa == Isa::Avx2) return {fma_chains_avx2, int64_t{kChains} * 8 * 2};
+#endif
+  return {fma_chains_generic, int64_t{kChains} * 4 * 2};
+}
+
+double run_once(const Path& p, int64_t iters, int threads, std::vector<float>& sink) {
+  const auto t0 = std::chrono::steady_clock::now();
+  at::parallel_for(0, threads, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) sink[t] += p.fn(iters);
+  });
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return static_cast<double>(threads) * iters * p.flops_per_iter / s;
+}
+
+}  // namespace
+
+FmaPeak measure_fma_peak(double seconds) {
+  const Isa isa = active_isa();
+  const Path p = path_for(isa);
+  const int threads = std::max(1, at::get_num_threads());
+  std::vector<float> sink(threads, 0.f);
+  // calibrate the iteration count to ~seconds/5 per run, then keep the best of 5
+  int64_t iters = 1 << 16;
+  double rate = run_once(p, iters, threads, sink);
+  iters = std::max<int64_t>(iters, static_cast<int64_t>(rate * std::max(seconds, 0.01) / 5 /
+                                                        (static_cast<double>(threads) * p.flops_per_iter)));
+  double best = 0;
+  for (int r = 0; r < 5; ++r) best = std::max(best, run_once(p, iters, threads, sink));
+  float keep = 0;
+  for (float v : sink) keep += v;
+  return {best * 1e-9, isa_name(isa), threads, keep};
+}
+
+}  // namespace cpu
+}  // namespace fastkern
