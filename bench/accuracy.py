@@ -46,10 +46,10 @@ def main(argv=None):
     ap.add_argument("--calib", type=int, default=256, help="calibration sentences for GPTQ / SparseGPT")
     ap.add_argument("--only", default="", help="comma list of rows to run (rtn,search,gptq-plain,gptq,skip,int8,sparse,distill)")
     ap.add_argument("--groups", default="32,128")
-    ap.add_argument("--distill-steps", type=int, default=1200)
+    ap.add_argument("--distill-steps", type=int, default=1500)
     ap.add_argument("--distill-batch", type=int, default=16)
-    ap.add_argument("--distill-lr", type=float, default=2e-4)
-    ap.add_argument("--distill-seconds", type=float, default=None, help="stop distilling after this long")
+    ap.add_argument("--distill-lr", type=float, default=5e-4)
+    ap.add_argument("--distill-seconds", type=float, default=900, help="stop distilling after this much training")
     ap.add_argument("--distill-from", default="sparsegpt", choices=["sparsegpt", "magnitude"])
     ap.add_argument("--distill-eval-every", type=int, default=200)
     ap.add_argument("--distill-max-length", type=int, default=64)
@@ -219,7 +219,7 @@ def markdown(out):
     meta = out["meta"]
     lines = ["# Accuracy on all-MiniLM-L6-v2 (mean embedding cosine vs fp32)", "",
              "%s; %d held-out sentences, %d calibration sentences; torch %s, %d cores; "
-             "load average %.1f at start, %.1f at end (other jobs share the cores: times are upper bounds)."
+             "1-minute load average between %.1f and %.1f (other jobs share the cores: times are upper bounds)."
              % (meta["date"], meta["eval_sentences"], meta["calib_sentences"], meta["torch"], meta["cores"], meta["load_avg_1min_start"] or 0, meta["load_avg_1min_end"] or 0), "",
              ] + ["`%s`  (%d threads, load %.1f -> %.1f)" % (m["command"], m["threads"], m["load_avg_1min_start"] or 0,
                                                          m["load_avg_1min_end"] or 0)
