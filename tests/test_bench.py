@@ -28,7 +28,8 @@ TINY = ["--shapes", "48x128", "--m", "1", "--min-run-time", "0.002", "--max-copi
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("bench")
-    argv = TINY + ["--backends", "reference,cpu", "--json", str(d / "run.json"), "--txt", str(d / "run.txt")]
+    argv = TINY + ["--backends", "reference,cpu", "--json", str(d / "run.json"), "--txt", str(d / "run.txt"),
+                   "--markdown", str(d / "run.md")]
     if HAVE_MPL:
         argv += ["--plot", str(d / "run.png")]
     assert cli.main(argv) == 0
@@ -112,6 +113,14 @@ def test_table_text_written(run_dir, result):
 
 
 @pytest.mark.skipif(not HAVE_MPL, reason="matplotlib is not installed (pip install 'fastkern[bench]')")
+def test_markdown_summary_written(run_dir, result):
+    text = (run_dir / "run.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| op ")]
+    fk = [e for e in result["results"] if e["kind"] == "fastkern" and e["status"] == "ok"]
+    assert len(rows) == len(fk) and fk
+    assert "vs fp32" in text and "48x128" in text and "DESIGN" in text
+
+
 def test_plot_written(run_dir):
     data = (run_dir / "run.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000

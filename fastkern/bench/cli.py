@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--m", help="comma list of M (rows of x)")
     p.add_argument("--json", metavar="PATH", help="write results + metadata as JSON")
     p.add_argument("--txt", metavar="PATH", help="write the table as plain text")
+    p.add_argument("--markdown", metavar="PATH",
+                   help="write a Markdown summary: one row per fastkern entry, its speedup over each peer")
     p.add_argument("--plot", metavar="PATH", help="write a PNG: speedup vs M per op, and a roofline (matplotlib)")
     p.add_argument("--compare", nargs="+", metavar="JSON",
                    help="OLD.json: show the change of this run against OLD; OLD.json NEW.json: compare two saved runs")
@@ -234,6 +236,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.txt:
         with open(args.txt, "w") as f:
             f.write(report.render_text(result))
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(report.render_markdown(result))
     if args.plot:
         from fastkern.bench.plot import plot
 

@@ -244,6 +244,36 @@ def print_table(result: dict, console=None, plain: bool = False):
     console.print(_targets_text(result), markup=False, highlight=False, end="")
 
 
+def render_markdown(result: dict) -> str:
+    """A Markdown summary of a run: the machine and its ceilings, then one row per fastkern
+    entry with ms, % of read bandwidth and of the compute ceiling, and one column per peer
+    (speedup = peer ms / fastkern ms, both timed in this run), then the target checks."""
+    _register_shorts(result)
+    fk = [e for e in result["results"] if e["kind"] == "fastkern" and e["status"] == "ok"]
+    peers = []
+    for e in fk:
+        for name in e.get("speedup", {}):
+            if name not in peers:
+                peers.append(name)
+    m = result["metadata"]
+    lines = ["fastkern-bench %s: %s" % (m.get("date"), ceilings_line(result)), "",
+             "Command: `fastkern-bench %s`" % " ".join(m.get("argv", []) or []), ""]
+    hdr = ["op", "N x K", "M", "act", "ms", "%BW", "%peak"] + ["vs " + _short(p) for p in peers]
+    lines += ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
+    for op, rows in sections(result):
+        for e in rows:
+            if e not in fk:
+                continue
+            sp = e.get("speedup", {})
+            cells = [op + ("" if e.get("backend") in (None, "cpu") else " [%s]" % e["backend"]),
+                     "%dx%d" % (e["n"], e["k"]), str(e["m"]), e["dtype"], _ms(e["ms"]),
+                     _f(e.get("pct_bw"), "%.0f%%"), _f(e.get("pct_compute"), "%.0f%%")]
+            cells += ["%.2fx" % sp[p] if p in sp else "-" for p in peers]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "```", _targets_text(result).rstrip("\n"), "```", ""]
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------ compare
 
 
