@@ -188,9 +188,11 @@ def test_w8_scale_and_bias_dtypes(op, scale_dtype, gen):
 
 @NATIVE
 @pytest.mark.parametrize("isa", cpu_isas())
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 70])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 16, 17, 70])
 def test_cpu_paths_and_tails(isa, m, gen):
     # m <= 3 runs the GEMV kernels (AVX2), larger m the panel kernels (3-row tiles);
+    # linear_w8a16 runs the GEMV in groups of 3 rows of x up to m = 16 (tails of 1 and 2),
+    # the dequantized panels from m = 17;
     # n 1..9 covers the 4-row tiles' tails, k = 1..33 the 8- and 16-wide K tails,
     # k = 1100 two int16 panels and three fp32 panels.
     outs, refs = [], []
