@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 # The triton backend runs CPU tensors only in the interpreter; Triton reads this
@@ -57,3 +58,59 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+# ------------------------------------------------------------ CPU kernel paths and threads
+
+
+def isa_skip_reason(name):
+    """None if the extension can run the CPU path `name` here, else why not."""
+    from fastkern import _ext
+
+    if _ext._C is None:
+        return "fastkern._C is not built"
+    try:
+        _ext._C.set_cpu_isa(name)
+    except RuntimeError as e:
+        return str(e).splitlines()[0]
+    finally:
+        _ext._C.set_cpu_isa("auto")
+    return None
+
+
+def cpu_isas():
+    """The CPU paths as params (those this CPU cannot run are skipped with the reason)."""
+    params = []
+    for name in ("generic", "avx2", "avx512"):
+        why = isa_skip_reason(name)
+        params.append(pytest.param(name, id=name, marks=[pytest.mark.skip(reason=why)] if why else []))
+    return params
+
+
+@contextlib.contextmanager
+def cpu_isa(name):
+    """Force the CPU kernel path `name` inside the block."""
+    from fastkern import _ext
+
+    _ext._C.set_cpu_isa(name)
+    try:
+        yield
+    finally:
+        _ext._C.set_cpu_isa("auto")
+
+
+@contextlib.contextmanager
+def num_threads(n):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.fixture
+def one_thread():
+    # tiny ops on a shared 2-core machine: thread hand-offs cost more than the math
+    with num_threads(1):
+        yield

@@ -16,16 +16,6 @@ from fastkern.calibrate import gptq_quantize_weight, prune_sparsegpt_, quantize_
 from fastkern.formats.int4_search import quantize_int4_search
 from fastkern import quality
 
-@pytest.fixture
-def one_thread():
-    # tiny ops on a shared 2-core machine: thread hand-offs cost more than the math
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-
 def heavy_tailed_weight(gen, n, k):
     # real layers have a few large weights per row: that is where clipping and GPTQ pay
     w = torch.randn(n, k, generator=gen) / k**0.5

@@ -10,16 +10,6 @@ import fastkern as fk
 from fastkern import finetune
 from fastkern.finetune import TrainableLinear
 
-@pytest.fixture
-def one_thread():
-    # tiny ops on a shared 2-core machine: thread hand-offs cost more than the math
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-
 class MLP(nn.Module):
     def __init__(self, d=64):
         super().__init__()

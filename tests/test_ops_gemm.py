@@ -11,32 +11,10 @@ import torch
 import fastkern
 from fastkern import _ext, ops
 
-from conftest import FLOAT_DTYPES, M_SIZES, assert_close_rel, backends_for, rel_err, tol
+from conftest import FLOAT_DTYPES, M_SIZES, assert_close_rel, backends_for, cpu_isas, rel_err, tol
 
 CPU_REASON = ops.backend_status("gemm", "cpu", torch.device("cpu"))
 needs_cpu = pytest.mark.skipif(CPU_REASON is not None, reason=str(CPU_REASON))
-
-
-def isa_skip_reason(name):
-    """None if the extension can run the CPU path `name` here, else why not."""
-    if _ext._C is None:
-        return "fastkern._C is not built"
-    try:
-        _ext._C.set_cpu_isa(name)
-    except RuntimeError as e:
-        return str(e).splitlines()[0]
-    finally:
-        _ext._C.set_cpu_isa("auto")
-    return None
-
-
-def cpu_isas():
-    """The CPU paths (params skip those this CPU cannot run, with the reason)."""
-    params = []
-    for name in ("generic", "avx2", "avx512"):
-        why = isa_skip_reason(name)
-        params.append(pytest.param(name, id=name, marks=[pytest.mark.skip(reason=why)] if why else []))
-    return params
 
 
 # (MR, NR) of each path's GEMM micro-kernel

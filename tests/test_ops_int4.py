@@ -16,8 +16,8 @@ import fastkern
 from fastkern import formats, ops
 from fastkern._ext import _C
 
-from conftest import FLOAT_DTYPES, M_SIZES, assert_close_rel, backends_for
-from test_ops_int8 import cpu_isa, cpu_isas, make_x, num_threads, xfail_if_native_fake_missing
+from conftest import FLOAT_DTYPES, M_SIZES, assert_close_rel, backends_for, cpu_isa, cpu_isas, num_threads
+from test_ops_int8 import make_x
 
 NATIVE = pytest.mark.skipif(_C is None, reason="fastkern._C is not built")
 OP = "linear_w4a16"
@@ -200,7 +200,6 @@ def test_empty_dims(gen):
 @NATIVE
 @pytest.mark.parametrize("ns", ["fastkern", "fastkern_C"])
 def test_opcheck(ns, gen):
-    xfail_if_native_fake_missing(ns, OP)
     opobj = getattr(getattr(torch.ops, ns), OP)
     w, s, z = make_w4(gen, 5, 64, 32)
     for args in [(torch.randn(3, 64, generator=gen), w, s, z, 32, None),
