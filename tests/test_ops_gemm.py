@@ -1,7 +1,7 @@
 """fastkern.gemm (a @ b.T, float) on every backend against its reference.
 
-The CPU kernel has two paths (GEMV for M <= 4, packed blocked GEMM above) and
-three ISA paths (generic 4x8, AVX2 6x16, AVX-512 12x32 micro-kernels); the tests
+The CPU kernel has two paths (GEMV for M <= GEMV_MAX_M[isa], packed blocked GEMM
+above) and three ISA paths (generic 4x8, AVX2 6x16, AVX-512 12x32 micro-kernels); the tests
 below reach each path this CPU can run, every tile tail of the micro-kernels, the
 8-wide k chunks of the packers and GEMV, and every blocking boundary.
 """
@@ -19,7 +19,10 @@ needs_cpu = pytest.mark.skipif(CPU_REASON is not None, reason=str(CPU_REASON))
 
 # (MR, NR) of each path's GEMM micro-kernel
 TILES = {"generic": (4, 8), "avx2": (6, 16), "avx512": (12, 32)}
-GEMV_MAX_M = 4
+# largest M on the GEMV path per ISA (kGemvMaxM* in csrc/cpu/gemm.cpp), and the rows
+# of x the GEMV holds per pass
+GEMV_MAX_M = {"generic": 8, "avx2": 48, "avx512": 64}
+GEMV_ROWS = {"generic": 2, "avx2": 2, "avx512": 4}
 
 
 @pytest.fixture
@@ -88,16 +91,19 @@ def test_gemm_half_precision_error_vs_torch(gen, dtype):
 
 def tail_grid(isa, full):
     """(m, n, k) covering, one dimension at a time, every M tail 1..MR-1 on both paths
-    (GEMV M <= 4, GEMM above: M up to 2*MR+1), every N tail 1..NR-1 and whole tiles,
+    (GEMV M <= GEMV_MAX_M, GEMM above: M up to 2*MR+1), every N tail 1..NR-1 and whole tiles,
     every K tail 1..7 of the 8-wide chunks (GEMV, packers) plus the KC=256 block edge."""
     mr, nr = TILES[isa]
-    ms = range(1, 2 * mr + 2) if full else sorted({1, 3, GEMV_MAX_M + 1, mr - 1, mr + 1, 2 * mr + 1})
+    g = GEMV_MAX_M[isa]
+    ms = range(1, 2 * mr + 2) if full else sorted({1, 3, 5, 6, 7, mr - 1, mr + 1, 2 * mr + 1})
     ns = range(1, nr + 2) if full else sorted({1, nr // 2 - 1, nr - 1, nr + 1})
     ks = list(range(1, 18)) + [255, 256, 257, 263] if full else [3, 8, 13, 259]
     cases = set()
     for m in ms:
         for n in (nr - 1, nr + 3):
             cases.add((m, n, 11))
+    for m in (g - 1, g, g + 1):  # both sides of the GEMV / GEMM switch
+        cases.add((m, nr + 3, 11))
     for n in ns:
         for m in (2, mr + 1):
             cases.add((m, n, 9))
@@ -146,7 +152,44 @@ def test_gemm_blocking_boundaries(gen, isa, m, n, k, dtype):
 
 @needs_cpu
 @pytest.mark.parametrize("isa", cpu_isas(), indirect=True)
-@pytest.mark.parametrize("m", [1, 3, 200])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_gemm_gemv_threshold(gen, isa, dtype):
+    """M at and around the GEMV / GEMM switch and every remainder of the GEMV's row
+    groups, with N tails (4-row tiles, single rows) and K tails (8- and 16-wide
+    chunks), against float64 products."""
+    g, rows = GEMV_MAX_M[isa], GEMV_ROWS[isa]
+    ms = sorted({g - 1, g, g + 1} | {g - r for r in range(rows + 1)} | {5, 9, 17})
+    for m in ms:
+        for n, k in ((35, 77), (9, 16), (6, 5)) if dtype == torch.float32 else ((35, 77),):
+            a = torch.randn(m, k, generator=gen).to(dtype)
+            b = torch.randn(n, k, generator=gen).to(dtype)
+            assert_close_elementwise(torch.ops.fastkern_C.gemm(a, b), a, b, dtype)
+
+
+@needs_cpu
+@pytest.mark.parametrize("isa", cpu_isas(), indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gemm_gemv_threshold_strided_and_3d(gen, isa, dtype):
+    """The GEMV at its largest M with a non-contiguous a, a transposed b and a 3-D a."""
+    g = GEMV_MAX_M[isa]
+    for m in (g, g + 1):
+        a = make_x([m], 45, dtype, gen, "noncontig")
+        b = make_x([37], 45, dtype, gen, "transposed")
+        assert_close_rel(torch.ops.fastkern_C.gemm(a, b), ops.gemm_ref(a, b), dtype)
+    a = torch.randn(2, g // 2, 45, generator=gen).to(dtype)
+    b = torch.randn(37, 45, generator=gen).to(dtype)
+    out = torch.ops.fastkern_C.gemm(a, b)
+    assert out.shape == (2, g // 2, 37)
+    assert_close_rel(out, ops.gemm_ref(a, b), dtype)
+
+
+def _gemv_threshold_ms():
+    return sorted({1, 3, 7} | {g + d for g in GEMV_MAX_M.values() for d in (0, 1)} | {200})
+
+
+@needs_cpu
+@pytest.mark.parametrize("isa", cpu_isas(), indirect=True)
+@pytest.mark.parametrize("m", _gemv_threshold_ms())
 def test_gemm_same_result_for_1_and_2_threads(gen, isa, m):
     a = torch.randn(m, 700, generator=gen)
     b = torch.randn(333, 700, generator=gen)

@@ -1,8 +1,9 @@
 // Dense float GEMM on the CPU: fastkern_C::gemm(a [..., K], b [N, K]) = a @ b.T.
 //
-// Small M (<= kGemvMaxM rows) is a matrix-vector product bound by reading b
-// once: b streams through in its own dtype and is converted in registers.
-// Larger M runs the cache-blocked packed GEMM of gemm_blocked.h.
+// Skinny M (<= gemv_max_m(isa) rows, 8 to 64 by ISA) runs as a matrix-vector
+// product bound by reading b once: b streams through in its own dtype and is
+// converted in registers, 4 rows of b at a time meeting every row of a from
+// cache. Larger M runs the cache-blocked packed GEMM of gemm_blocked.h.
 #include <torch/library.h>
 
 #include "cpu/gemm_blocked.h"
@@ -12,13 +13,32 @@ namespace cpu {
 namespace gemm {
 namespace {
 
-constexpr int64_t kGemvMaxM = 4;
+// Largest M that takes the GEMV path, per ISA, measured on 2 threads (AMD EPYC,
+// AVX-512 machine, shapes 1024x1024 .. 14336x4096, fp32 and bf16): below these
+// the GEMV (w read from memory once, each 4-row tile of w meeting every row of x
+// from cache) beats the packed GEMM, which packs all of b on every call; above,
+// the GEMM's register blocking wins. AVX-512 holds 4 rows of x per pass (16
+// accumulators of 32 zmm) and wins up to M ~ 64 (tie at 4096x14336 M=64, loses
+// at M=96); AVX2 holds 2 rows and wins up to ~48 (64 at the large shapes, 40 at
+// 1024x1024); the generic path up to ~8-16.
+constexpr int64_t kGemvMaxM = 8;
+constexpr int64_t kGemvMaxMAvx2 = 48;
+constexpr int64_t kGemvMaxMAvx512 = 64;
+
+inline int64_t gemv_max_m(Isa isa) {
+#if FASTKERN_X86
+  if (isa >= Isa::Avx512) return kGemvMaxMAvx512;
+  if (isa >= Isa::Avx2) return kGemvMaxMAvx2;
+#endif
+  return kGemvMaxM;
+}
 
 // ------------------------------------------------------------------ GEMV
 //
 // y[m, n] = sum_k x[m, k] * w[n, k] for rows n in [n0, n1); x is fp32 [M, K]
-// contiguous, w rows contiguous with stride ldw. Up to 2 rows of x and 4 rows of
-// w at a time: 8 accumulator chains cover the FMA latency while w streams.
+// contiguous, w rows contiguous with stride ldw. Up to 2 rows of x (4 with
+// AVX-512) and 4 rows of w at a time: 8 (16) accumulator chains cover the FMA
+// latency while w streams.
 
 template <class T, int MT, int R>
 void gemv_tile_generic(const float* x, int64_t K, const T* w, int64_t ldw, int64_t n, float* y, int64_t ldy) {
@@ -87,11 +107,66 @@ FASTKERN_AVX2 void gemv_tile_avx2(const float* x, int64_t K, const T* w, int64_t
 }
 #endif
 
+#if FASTKERN_X86
+// AVX-512: up to 4 rows of x against 4 rows of w, 16 zmm accumulators; the K
+// tail is a masked load (masked-off lanes read nothing and add zeros).
+template <class T, int MT, int R>
+FASTKERN_AVX512 void gemv_tile_avx512(const float* x, int64_t K, const T* w, int64_t ldw, int64_t n, float* y,
+                                      int64_t ldy) {
+  __m512 acc[MT][R];
+#pragma GCC unroll 8
+  for (int m = 0; m < MT; ++m)
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+  const T* wr[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) wr[r] = w + (n + r) * ldw;
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m512 wv[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) wv[r] = load16(wr[r] + k);
+#pragma GCC unroll 8
+    for (int m = 0; m < MT; ++m) {
+      const __m512 xv = _mm512_loadu_ps(x + m * K + k);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_fmadd_ps(xv, wv[r], acc[m][r]);
+    }
+  }
+  if (k < K) {
+    const __mmask16 mk = first_lanes16(K - k);
+    __m512 wv[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) wv[r] = maskz_load16(mk, wr[r] + k);
+#pragma GCC unroll 8
+    for (int m = 0; m < MT; ++m) {
+      const __m512 xv = _mm512_maskz_loadu_ps(mk, x + m * K + k);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_fmadd_ps(xv, wv[r], acc[m][r]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MT; ++m)
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(acc[m][r]),
+                                     _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[m][r]), 1)));
+      y[m * ldy + n + r] = hsum8(h);
+    }
+}
+#endif
+
+// Rows [n0, n1) of y for MT rows of x: 4-row tiles, then single rows.
 template <class T, int MT>
 void gemv_rows(Isa isa, const float* x, int64_t K, const T* w, int64_t ldw, int64_t n0, int64_t n1, float* y,
                int64_t ldy) {
   int64_t n = n0;
 #if FASTKERN_X86
+  if (isa >= Isa::Avx512) {
+    for (; n + 4 <= n1; n += 4) gemv_tile_avx512<T, MT, 4>(x, K, w, ldw, n, y, ldy);
+    for (; n < n1; ++n) gemv_tile_avx512<T, MT, 1>(x, K, w, ldw, n, y, ldy);
+    return;
+  }
   if (isa >= Isa::Avx2) {
     for (; n + 4 <= n1; n += 4) gemv_tile_avx2<T, MT, 4>(x, K, w, ldw, n, y, ldy);
     for (; n < n1; ++n) gemv_tile_avx2<T, MT, 1>(x, K, w, ldw, n, y, ldy);
@@ -100,6 +175,35 @@ void gemv_rows(Isa isa, const float* x, int64_t K, const T* w, int64_t ldw, int6
 #endif
   for (; n + 4 <= n1; n += 4) gemv_tile_generic<T, MT, 4>(x, K, w, ldw, n, y, ldy);
   for (; n < n1; ++n) gemv_tile_generic<T, MT, 1>(x, K, w, ldw, n, y, ldy);
+}
+
+// All M rows of x against weight rows [n0, n1): each group of kGemvTileN weight
+// rows (a few KB, L1/L2 resident) meets every row of x before the next group
+// streams in, so w is read from memory once whatever M is. Rows of x go in
+// groups of 4 (AVX-512) or 2 (AVX2, generic); the grouping depends only on M
+// and the ISA, never on the thread split.
+template <class T>
+void gemv_block(Isa isa, const float* x, int64_t M, int64_t K, const T* w, int64_t ldw, int64_t n0, int64_t n1,
+                float* y, int64_t N) {
+  constexpr int64_t kGemvTileN = 4;
+  for (int64_t nb = n0; nb < n1; nb += kGemvTileN) {
+    const int64_t ne = std::min(n1, nb + kGemvTileN);
+    int64_t m = 0;
+#if FASTKERN_X86
+    if (isa >= Isa::Avx512) {
+      for (; m + 4 <= M; m += 4) gemv_rows<T, 4>(isa, x + m * K, K, w, ldw, nb, ne, y + m * N, N);
+      switch (M - m) {
+        case 3: gemv_rows<T, 3>(isa, x + m * K, K, w, ldw, nb, ne, y + m * N, N); break;
+        case 2: gemv_rows<T, 2>(isa, x + m * K, K, w, ldw, nb, ne, y + m * N, N); break;
+        case 1: gemv_rows<T, 1>(isa, x + m * K, K, w, ldw, nb, ne, y + m * N, N); break;
+        default: break;
+      }
+      continue;
+    }
+#endif
+    for (; m + 2 <= M; m += 2) gemv_rows<T, 2>(isa, x + m * K, K, w, ldw, nb, ne, y + m * N, N);
+    for (; m < M; ++m) gemv_rows<T, 1>(isa, x + m * K, K, w, ldw, nb, ne, y + m * N, N);
+  }
 }
 
 template <class T>
@@ -111,10 +215,7 @@ void gemv(Isa isa, const at::Tensor& x32, const at::Tensor& w, float* y) {
   // Chunks of whole 4-row tiles so every row is computed by the same tile shape
   // whatever the thread count.
   parallel_for_dynamic(0, div_up(N, 4), grain_for(div_up(N, 4), 4 * M * K), [&](int64_t b, int64_t e) {
-    const int64_t n0 = b * 4, n1 = std::min(N, e * 4);
-    int64_t m = 0;
-    for (; m + 2 <= M; m += 2) gemv_rows<T, 2>(isa, x + m * K, K, wp, ldw, n0, n1, y + m * N, N);
-    for (; m < M; ++m) gemv_rows<T, 1>(isa, x + m * K, K, wp, ldw, n0, n1, y + m * N, N);
+    gemv_block<T>(isa, x, M, K, wp, ldw, b * 4, std::min(N, e * 4), y, N);
   });
 }
 
@@ -125,7 +226,7 @@ void gemm_typed(const at::Tensor& a2, const at::Tensor& b, at::Tensor& out32) {
   const Isa isa = active_isa();
   const int64_t M = a2.size(0), K = a2.size(1), N = b.size(0);
   float* C = out32.data_ptr<float>();
-  if (M <= kGemvMaxM && K > 0) {
+  if (M <= gemv_max_m(isa) && K > 0) {
     at::Tensor x32 = a2.to(at::kFloat).contiguous();
     at::Tensor bc = b.stride(1) == 1 ? b : b.contiguous();
     gemv<T>(isa, x32, bc, C);
