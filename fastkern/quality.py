@@ -19,6 +19,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
+from fastkern.calibrate import _call  # a batch is a tensor, a tuple of arguments or a dict of keywords
 from fastkern.nn import QLinear, SparseLinear
 
 
@@ -61,14 +62,6 @@ def _describe(module):
     if isinstance(module, SparseLinear):
         return module.pattern
     return type(module).__name__
-
-
-def _call(model, batch):
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
 
 
 @torch.no_grad()
