@@ -4,7 +4,11 @@ The CPU kernel has a small-M GEMV path (AVX2 and AVX-512 VNNI: activations
 quantized per group to three int8 limbs for fp32, two for fp16/bf16, byte dot
 products against the nibbles, zero point folded out; chunks of 64 / 128
 weights with partial chunks for group sizes that are not multiples of them;
-MR x NR tiles of activation and weight rows) and a panel (GEMM) path (exact
+MR x NR tiles of activation and weight rows; with AVX512-BF16, bf16/fp16
+activations instead take bf16 dot products against the nibbles converted to bf16
+(one bf16 operand for bf16 x, two exact ones for fp16 x): the `gemv` parameter
+covers both on such CPUs, FASTKERN_W4A16_BF16_GEMV=0 forcing the limbs) and a
+panel (GEMM) path (exact
 (q - z) * s dequantization, fp32 dot tiles); the tests reach both, their tails,
 every ISA path this CPU runs, and check that the thread count does not change a
 single bit.
@@ -21,6 +25,17 @@ from test_ops_int8 import make_x
 
 NATIVE = pytest.mark.skipif(_C is None, reason="fastkern._C is not built")
 OP = "linear_w4a16"
+HAS_BF16_DOT = _C is not None and bool(_C.cpu_features().get("avx512bf16", False))
+BF16_DOT = pytest.mark.skipif(not HAS_BF16_DOT, reason="this CPU lacks AVX512-BF16 (bf16 dot-product GEMV)")
+GEMV_VARIANTS = [pytest.param("limbs", id="limbs"),
+                 pytest.param("bf16dot", id="bf16dot", marks=BF16_DOT)]
+
+
+def set_gemv(monkeypatch, isa, variant):
+    """Select the GEMV variant for bf16/fp16 activations; bf16dot exists on the avx512 path only."""
+    if variant == "bf16dot" and isa != "avx512":
+        pytest.skip("the bf16 dot-product GEMV is part of the avx512 path")
+    monkeypatch.setenv("FASTKERN_W4A16_BF16_GEMV", "1" if variant == "bf16dot" else "0")
 
 
 def make_w4(gen, n, k, group_size, symmetric=False, scale_dtype=torch.float32):
@@ -77,10 +92,14 @@ def test_w4a16_matches_reference(be, m, dtype, layout, bias, n, k, g, gen):
 
 
 @NATIVE
+@pytest.mark.parametrize("gemv", GEMV_VARIANTS)
 @pytest.mark.parametrize("isa", cpu_isas())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 16, 17, 70])
-def test_cpu_paths_and_tails(isa, dtype, m, gen):
+def test_cpu_paths_and_tails(isa, dtype, m, gemv, gen, monkeypatch):
+    if gemv == "bf16dot" and (dtype == torch.float32 or m > 16):
+        pytest.skip("the bf16 dot-product GEMV serves bf16/fp16 x at m <= 16")
+    set_gemv(monkeypatch, isa, gemv)
     # m <= 16: GEMV (MR x NR tiles: AVX-512 (1,4) (2,2) (3,1) (4,1), AVX2 (1,2) (2,1) (3,1), so
     # m = 5, 7, 16 leave every row tail); m > 16: panels (3-row tiles). n 1..9: tails of the
     # 4-row units and NR tiles; group sizes 2..62 give partial 64- and 128-weight chunks;
@@ -105,15 +124,83 @@ def test_cpu_paths_and_tails(isa, dtype, m, gen):
 
 
 @NATIVE
+@pytest.mark.parametrize("gemv", GEMV_VARIANTS)
 @pytest.mark.parametrize("isa", cpu_isas())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("m", [1, 2, 3, 5, 16, 40])
-def test_cpu_threads_bitwise_identical(isa, dtype, m, gen):
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 16, 40])
+def test_cpu_threads_bitwise_identical(isa, dtype, m, gemv, gen, monkeypatch):
+    if gemv == "bf16dot" and (dtype == torch.float32 or m > 16):
+        pytest.skip("the bf16 dot-product GEMV serves bf16/fp16 x at m <= 16")
+    set_gemv(monkeypatch, isa, gemv)
     n, k, g = 301, 1024, 128
     x = torch.randn(m, k, generator=gen).to(dtype)
     w, s, z = make_w4(gen, n, k, g)
     outs = []
     with cpu_isa(isa):
+        for t in (1, 2):
+            with num_threads(t):
+                outs.append(native(x, w, s, z, g, None))
+    assert torch.equal(outs[0], outs[1])
+
+
+def even_divisors(k):
+    return [g for g in range(2, k + 1, 2) if k % g == 0]
+
+
+@NATIVE
+@BF16_DOT
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_bf16_dot_gemv_matches_reference(dtype, gen, monkeypatch):
+    # every m of the GEMV (tiles (1,4) (2,2) (3,1) (4,1) (8,1) and their row tails), odd n
+    # (NR tails), every group size the format allows for k = 384 (partial and several
+    # 128-weight chunks, group = K) and k = 1100 / 6 (chunk tails, the tensor's last bytes).
+    # The products are exact (bf16 x, or fp16 x as two exact bf16 parts) and the sums
+    # fp32: the outputs match the reference's up to rare last-bit rounding flips.
+    monkeypatch.setenv("FASTKERN_W4A16_BF16_GEMV", "1")
+    cases = [(384, g) for g in even_divisors(384)] + [(1100, 550), (1100, 1100), (1100, 22), (6, 2), (6, 6)]
+    with cpu_isa("avx512"):
+        for m in range(1, 17):
+            for i, (k, g) in enumerate(cases):
+                if (i + m) % 3:  # a third of the (m, group) pairs, every m and every group covered
+                    continue
+                n = (3, 5, 7, 11)[(i + m) % 4]
+                x = torch.randn(m, k, generator=gen).to(dtype)
+                w, s, z = make_w4(gen, n, k, g, symmetric=bool(i % 2))
+                out = native(x, w, s, z, g, None)
+                assert_close_rel(out, ops.linear_w4a16_ref(x, w, s, z, g, None), dtype)
+
+
+@NATIVE
+@BF16_DOT
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_bf16_dot_nan_and_inf(dtype, m, gen, monkeypatch):
+    monkeypatch.setenv("FASTKERN_W4A16_BF16_GEMV", "1")
+    x = torch.randn(m, 256, generator=gen).to(dtype)
+    x[0, 5] = float("nan")
+    if m > 2:
+        x[1, 200] = float("-inf")
+    w, s, z = make_w4(gen, 9, 256, 128)
+    with cpu_isa("avx512"):
+        out = native(x, w, s, z, 128, None)
+    ref = ops.linear_w4a16_ref(x, w, s, z, 128, None)
+    assert torch.isnan(out[0]).all()
+    torch.testing.assert_close(out[:2].float(), ref[:2].float(), rtol=1e-2, atol=1e-2, equal_nan=True)
+    if m > 2:
+        assert_close_rel(out[2:], ref[2:], dtype)
+
+
+@NATIVE
+@BF16_DOT
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("m", [1, 2, 4, 8, 13, 16])
+def test_bf16_dot_threads_bitwise_identical(dtype, m, gen, monkeypatch):
+    monkeypatch.setenv("FASTKERN_W4A16_BF16_GEMV", "1")
+    n, k, g = 203, 1100, 550
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    w, s, z = make_w4(gen, n, k, g)
+    outs = []
+    with cpu_isa("avx512"):
         for t in (1, 2):
             with num_threads(t):
                 outs.append(native(x, w, s, z, g, None))

@@ -7,7 +7,9 @@
 // activations quantized per call to int8 "limbs" per group (three for fp32, which
 // keeps the 1e-5 fp32 contract; two for fp16/bf16) and multiplied with the
 // unpacked nibbles by byte dot products, the zero point folded out. Details at
-// "GEMV: int8 limbs x nibbles".
+// "GEMV: int8 limbs x nibbles". With AVX512-BF16 (AVX-512 path), bf16/fp16
+// activations instead meet the nibbles converted to bf16 in vdpbf16ps dot products
+// (exact products): "GEMV: bf16 dot products".
 //
 // M > 16, the generic path, and inputs holding NaN/inf: the blocked fp32 GEMM of
 // gemm_blocked.h with B slivers dequantized exactly as the reference does
@@ -17,6 +19,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "cpu/gemm_blocked.h"
@@ -508,6 +511,238 @@ void w4l_gemv(const W4& p, const Limbs& q, int64_t M, int64_t N, float* Y) {
     }
   });
 }
+
+// ------------------------------------------------------------------ GEMV: bf16 dot products (AVX512-BF16)
+//
+// bf16 (and fp16) activations on CPUs with AVX512-BF16: every nibble q (0..15) is exact
+// in bf16, so the products need no activation limbs. A 64-byte load holds 128 nibbles,
+// as 32 16-bit words of 4 nibbles each; word >> 4j indexes (vpermw, low 5 bits) a
+// 32-entry table of bf16(i & 15), giving 32 weights k = 4w + j (w = 0..31) as bf16
+// with one shift and one permute. vdpbf16ps multiplies them by the activations in
+// bf16 (exact products) into fp32 lanes. Per group, the fp32 lanes are scaled by the
+// weight scale with an FMA and the zero point folds out as z * s * sum(x_group).
+// Activations are laid out per group in chunks of 128: 4 vectors of 32 bf16, vector j
+// lane w = x[4w + j], zero past the group's end (the masked weight load reads zeros
+// there too). bf16 x converts exactly; fp16 x (11-bit significand) splits exactly into
+// two bf16 "limbs" hi = bf16(x), lo = x - hi (at most 3 significant bits), laid out
+// one after the other per chunk and dotted into the same accumulators: exact products
+// at twice the dot work (rounding fp16 x to one bf16 would cost ~1.6e-3 relative error,
+// inside the 1e-2 contract but 20x the limb path's). Inputs holding NaN/inf take the
+// panel path, which matches the reference.
+
+#define FASTKERN_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
+
+constexpr int64_t kBfChunk = 128;
+
+// FASTKERN_W4A16_BF16_GEMV=0 keeps bf16/fp16 activations on the limb path even where
+// AVX512-BF16 exists (how the tests cover that path on such CPUs); read per call.
+inline bool bf16_gemv_enabled() {
+  const char* e = std::getenv("FASTKERN_W4A16_BF16_GEMV");
+  return !(e && e[0] == '0');
+}
+
+struct Bf16X {
+  const uint16_t* a;  // [M, lda], lda = G * nc * L * 128
+  int64_t lda;
+  const float* sum;   // [M, G] sum of the group's bf16 activations
+  int64_t nc;         // chunks of 128 per group
+};
+
+inline uint16_t f32_to_bf16_rne(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);  // finite inputs only
+}
+
+inline float bf16_to_f32(uint16_t h) {
+  const uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// acc += pairwise bf16 products of a and b (fp32 lanes), in place (see dpbusd_inplace)
+FASTKERN_AVX512BF16 inline __m512 dpbf16_inplace(__m512 acc, __m512i a, __m512i b) {
+  asm("vdpbf16ps %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+  return acc;
+}
+
+// fp32 -> bf16 bits (nearest even) of 32 floats: lanes 0..15 from lo, 16..31 from hi
+FASTKERN_AVX512BF16 inline __m512i cvt_bf16x32(__m512 lo, __m512 hi) {
+  __m512i r;
+  asm("vcvtne2ps2bf16 %2, %1, %0" : "=v"(r) : "v"(hi), "v"(lo));
+  return r;
+}
+
+// One full chunk of 128 activations into L limb blocks of 128 bf16 (vector t lane w =
+// x[4w + t]). Returns false on NaN/inf; adds the chunk's activations to vs.
+template <int L>
+FASTKERN_AVX512BF16 bool w4_bf16_chunk(const float* x, uint16_t* d, __m512& vs) {
+  const __m512 big = _mm512_set1_ps(3.4028235e38f);
+  __mmask16 bad = 0;
+  __m512 xv[8], lo[8];
+  for (int a = 0; a < 8; ++a) {
+    xv[a] = _mm512_loadu_ps(x + 16 * a);
+    bad |= _mm512_cmp_ps_mask(_mm512_abs_ps(xv[a]), big, _CMP_NLE_UQ);
+    vs = _mm512_add_ps(vs, xv[a]);
+    if (L > 1) {  // hi = bf16(x) in fp32, lo = x - hi (exact)
+      const __m512i u = _mm512_castps_si512(xv[a]);
+      const __m512i rnd = _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(u, 16),
+                                                                                      _mm512_set1_epi32(1)));
+      const __m512 h = _mm512_castsi512_ps(_mm512_and_si512(_mm512_add_epi32(u, rnd), _mm512_set1_epi32(int(0xFFFF0000u))));
+      lo[a] = _mm512_sub_ps(xv[a], h);
+    }
+  }
+  if (bad) return false;
+  // word index 4w + t within 64 words (w & 15), from two 32-word registers
+  alignas(64) uint16_t ix[4][32];
+  for (int t = 0; t < 4; ++t)
+    for (int w = 0; w < 32; ++w) ix[t][w] = uint16_t((4 * w + t) & 63);
+  for (int l = 0; l < L; ++l) {
+    const __m512* v = l == 0 ? xv : lo;
+    __m512i y[4];
+    for (int b = 0; b < 4; ++b) y[b] = cvt_bf16x32(v[2 * b], v[2 * b + 1]);
+    for (int t = 0; t < 4; ++t) {
+      const __m512i idx = _mm512_load_si512(ix[t]);
+      const __m512i A = _mm512_permutex2var_epi16(y[0], idx, y[1]);
+      const __m512i B = _mm512_permutex2var_epi16(y[2], idx, y[3]);
+      _mm512_storeu_si512(d + l * kBfChunk + 32 * t, _mm512_mask_blend_epi16(__mmask32(0xFFFF0000u), A, B));
+    }
+  }
+  return true;
+}
+
+// Returns false if x holds NaN or inf.
+template <int L>
+FASTKERN_AVX512BF16 bool w4_bf16_group(const float* x, int64_t g, uint16_t* blk, float* sum) {
+  const int64_t nc = (g + kBfChunk - 1) / kBfChunk, full = g / kBfChunk;
+  if (g % kBfChunk) std::memset(blk, 0, nc * L * kBfChunk * sizeof(uint16_t));
+  __m512 vs = _mm512_setzero_ps();
+  for (int64_t c = 0; c < full; ++c)
+    if (!w4_bf16_chunk<L>(x + c * kBfChunk, blk + c * L * kBfChunk, vs)) return false;
+  double s = double(_mm512_reduce_add_ps(vs));
+  for (int64_t k = full * kBfChunk; k < g; ++k) {
+    if (!(std::fabs(x[k]) <= 3.4028235e38f)) return false;
+    const uint16_t h = f32_to_bf16_rne(x[k]);
+    const int64_t r = k % kBfChunk;
+    uint16_t* d = blk + (k / kBfChunk) * L * kBfChunk + (r & 3) * 32 + r / 4;
+    d[0] = h;
+    s += double(bf16_to_f32(h));
+    if (L > 1) {  // the remainder: at most 3 significant bits for fp16 x, exact in bf16
+      const uint16_t l = f32_to_bf16_rne(x[k] - bf16_to_f32(h));
+      d[kBfChunk] = l;
+      s += double(bf16_to_f32(l));
+    }
+  }
+  *sum = float(s);
+  return true;
+}
+
+bool w4_prepare_bf16(const float* X, int64_t ldx, int64_t M, int64_t K, int64_t g, int L, uint16_t* A,
+                     int64_t lda, float* SUM) {
+  const int64_t G = K / g, nc = (g + kBfChunk - 1) / kBfChunk;
+  std::atomic<bool> ok{true};
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / g);
+  at::parallel_for(0, M * G, grain, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t m = i / G, gi = i % G;
+      const float* x = X + m * ldx + gi * g;
+      uint16_t* blk = A + m * lda + gi * nc * L * kBfChunk;
+      const bool good = L == 1 ? w4_bf16_group<1>(x, g, blk, SUM + i) : w4_bf16_group<2>(x, g, blk, SUM + i);
+      if (!good) ok = false;
+    }
+  });
+  return ok;
+}
+
+template <int MR, int NR, int L>
+FASTKERN_AVX512BF16 void w4b_tile_avx512(const W4& p, const Bf16X& q, int64_t n, int64_t m0, float* Y,
+                                         int64_t ldy) {
+  alignas(64) uint16_t tb[32];
+  for (int i = 0; i < 32; ++i) tb[i] = f32_to_bf16_rne(float(i & 15));
+  const __m512i tbl = _mm512_load_si512(tb);
+  const int64_t hb = p.g / 2;
+  __m512 tot[MR][NR];
+  float corr[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) {
+      tot[i][j] = _mm512_setzero_ps();
+      corr[i][j] = 0.f;
+    }
+  // NA accumulators per output: vdpbf16ps has a latency of several cycles, fewer than 8
+  // independent chains would leave it waiting
+  constexpr int NA = MR * NR >= 8 ? 1 : 2;
+  for (int64_t gi = 0; gi < p.G; ++gi) {
+    __m512 acc[MR][NR][NA];
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NR; ++j)
+        for (int a = 0; a < NA; ++a) acc[i][j][a] = _mm512_setzero_ps();
+    const uint16_t* ag = q.a + m0 * q.lda + gi * q.nc * L * kBfChunk;
+    for (int64_t c = 0; c < q.nc; ++c) {
+      const int64_t nb = std::min<int64_t>(64, hb - c * 64);
+      // masked tail: no read past the group (or the tensor); zero bytes are q = 0
+      const __mmask64 mk = nb == 64 ? ~__mmask64(0) : (__mmask64(1) << nb) - 1;
+      __m512i wv[NR][4];
+      for (int j = 0; j < NR; ++j) {
+        const uint8_t* wp = p.w + (n + j) * p.ldw + gi * hb + c * 64;
+        _mm_prefetch(reinterpret_cast<const char*>(wp + kPrefetch), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(wp + kPrefetchL2), _MM_HINT_T1);
+        const __m512i v = _mm512_maskz_loadu_epi8(mk, wp);
+        wv[j][0] = _mm512_permutexvar_epi16(v, tbl);
+        wv[j][1] = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), tbl);
+        wv[j][2] = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), tbl);
+        wv[j][3] = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), tbl);
+      }
+      for (int i = 0; i < MR; ++i) {
+        for (int l = 0; l < L; ++l) {
+          const uint16_t* al = ag + i * q.lda + (c * L + l) * kBfChunk;
+          for (int t = 0; t < 4; ++t) {
+            const __m512i xv = _mm512_loadu_si512(al + 32 * t);
+            for (int j = 0; j < NR; ++j) acc[i][j][t % NA] = dpbf16_inplace(acc[i][j][t % NA], wv[j][t], xv);
+          }
+        }
+      }
+    }
+    for (int j = 0; j < NR; ++j) {
+      const float ws = p.s[(n + j) * p.G + gi], z = float(p.z[(n + j) * p.G + gi]);
+      const __m512 vws = _mm512_set1_ps(ws);
+      for (int i = 0; i < MR; ++i) {
+        const __m512 a = NA > 1 ? _mm512_add_ps(acc[i][j][0], acc[i][j][NA - 1]) : acc[i][j][0];
+        tot[i][j] = _mm512_fmadd_ps(a, vws, tot[i][j]);
+        corr[i][j] += ws * z * q.sum[(m0 + i) * p.G + gi];
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) Y[(m0 + i) * ldy + n + j] = hsum16_avx512(tot[i][j]) - corr[i][j];
+}
+
+using BfTileFn = void (*)(const W4&, const Bf16X&, int64_t, int64_t, float*, int64_t);
+
+template <int L>
+void w4b_gemv(const W4& p, const Bf16X& q, int64_t M, int64_t N, float* Y) {
+  // kGemvRows is a multiple of every NR, so the tiling of a row never depends on the thread split
+  parallel_rows(N, kGemvRows, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t nb = n0; nb < n1; nb += kGemvRows) {
+      const int64_t ne = std::min(n1, nb + kGemvRows);
+      for (int64_t m0 = 0; m0 < M;) {
+        BfTileFn wide, one;
+        int nr, mr;
+        switch (M - m0) {
+          case 1: wide = &w4b_tile_avx512<1, 4, L>; one = &w4b_tile_avx512<1, 1, L>; nr = 4; mr = 1; break;
+          case 2: wide = &w4b_tile_avx512<2, 2, L>; one = &w4b_tile_avx512<2, 1, L>; nr = 2; mr = 2; break;
+          case 3: wide = &w4b_tile_avx512<3, 1, L>; one = wide; nr = 1; mr = 3; break;
+          case 4: case 5: case 6: case 7: wide = &w4b_tile_avx512<4, 1, L>; one = wide; nr = 1; mr = 4; break;
+          default: wide = &w4b_tile_avx512<8, 1, L>; one = wide; nr = 1; mr = 8; break;
+        }
+        int64_t n = nb;
+        for (; n + nr <= ne; n += nr) wide(p, q, n, m0, Y, N);
+        for (; n < ne; ++n) one(p, q, n, m0, Y, N);
+        m0 += mr;
+      }
+    }
+  });
+}
 #endif
 
 // ------------------------------------------------------------------ op
@@ -544,7 +779,23 @@ at::Tensor linear_w4a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
 
   bool done = false;
 #if FASTKERN_X86
-  if (avx2 && M <= kGemvMaxM && group_size <= kGemvMaxGroup) {
+  if (avx2 && M <= kGemvMaxM && x.scalar_type() != at::kFloat && active_isa() >= Isa::Avx512 &&
+      features().avx512bf16 && bf16_gemv_enabled()) {
+    // bf16 x: one bf16 operand, exact; fp16 x: two (x = hi + lo exactly, both bf16)
+    const int L = x.scalar_type() == at::kBFloat16 ? 1 : 2;
+    // rows of x one cache line apart from a multiple of 4 KiB: the MR rows a tile reads
+    // together never map to the same L1 sets
+    const int64_t nc = (group_size + kBfChunk - 1) / kBfChunk, lda = G * nc * L * kBfChunk + 32;
+    at::Tensor A = at::empty({M, lda}, X.options().dtype(at::kShort));
+    at::Tensor SUM = at::empty({M, G}, X.options());
+    uint16_t* ap = reinterpret_cast<uint16_t*>(A.data_ptr<int16_t>());
+    if (w4_prepare_bf16(X.data_ptr<float>(), ldx, M, K, group_size, L, ap, lda, SUM.data_ptr<float>())) {
+      const Bf16X q{ap, lda, SUM.data_ptr<float>(), nc};
+      if (L == 1) w4b_gemv<1>(p, q, M, N, Y.data_ptr<float>()); else w4b_gemv<2>(p, q, M, N, Y.data_ptr<float>());
+      done = true;
+    }
+  }
+  if (!done && avx2 && M <= kGemvMaxM && group_size <= kGemvMaxGroup) {
     const bool v512 = active_isa() >= Isa::Avx512 && features().avx512vnni;
     const int L = x.scalar_type() == at::kFloat ? 3 : 2;
     const int64_t CW = v512 ? 128 : 64, nc = (group_size + CW - 1) / CW, lda = G * nc * L * CW;
