@@ -21,7 +21,7 @@ needs_cpu = pytest.mark.skipif(CPU_REASON is not None, reason=str(CPU_REASON))
 TILES = {"generic": (4, 8), "avx2": (6, 16), "avx512": (12, 32)}
 # largest M on the GEMV path per ISA (kGemvMaxM* in csrc/cpu/gemm.cpp), and the rows
 # of x the GEMV holds per pass
-GEMV_MAX_M = {"generic": 8, "avx2": 48, "avx512": 64}
+GEMV_MAX_M = {"generic": 16, "avx2": 64, "avx512": 64}
 GEMV_ROWS = {"generic": 2, "avx2": 2, "avx512": 4}
 
 
@@ -181,6 +181,35 @@ def test_gemm_gemv_threshold_strided_and_3d(gen, isa, dtype):
     out = torch.ops.fastkern_C.gemm(a, b)
     assert out.shape == (2, g // 2, 37)
     assert_close_rel(out, ops.gemm_ref(a, b), dtype)
+
+
+@needs_cpu
+@pytest.mark.parametrize("isa", cpu_isas(), indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_gemm_gemv_k_blocks(gen, isa, dtype):
+    """The GEMV walks K in blocks of max(256, 65536 // M rounded down to 256) columns and
+    adds the blocks' partial sums in y: several blocks, the last one with a tail."""
+    g = GEMV_MAX_M[isa]
+    for m, k in ((g, 2067), (g - 3, 1800), (5, 13123 if dtype == torch.float32 else 300)):
+        a = torch.randn(m, k, generator=gen).to(dtype)
+        b = torch.randn(37, k, generator=gen).to(dtype)
+        assert_close_rel(torch.ops.fastkern_C.gemm(a, b), ops.gemm_ref(a, b), dtype)
+
+
+@needs_cpu
+@pytest.mark.parametrize("isa", cpu_isas(), indirect=True)
+def test_gemm_gemv_k_blocks_same_result_for_1_and_2_threads(gen, isa):
+    a = torch.randn(GEMV_MAX_M[isa], 2100, generator=gen)
+    b = torch.randn(301, 2100, generator=gen)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.fastkern_C.gemm(a, b)
+        torch.set_num_threads(2)
+        two = torch.ops.fastkern_C.gemm(a, b)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(one, two)
 
 
 def _gemv_threshold_ms():

@@ -6,6 +6,8 @@
 // cache. Larger M runs the cache-blocked packed GEMM of gemm_blocked.h.
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "cpu/gemm_blocked.h"
 
 namespace fastkern {
@@ -13,17 +15,26 @@ namespace cpu {
 namespace gemm {
 namespace {
 
-// Largest M that takes the GEMV path, per ISA, measured on 2 threads (AMD EPYC,
-// AVX-512 machine, shapes 1024x1024 .. 14336x4096, fp32 and bf16): below these
-// the GEMV (w read from memory once, each 4-row tile of w meeting every row of x
-// from cache) beats the packed GEMM, which packs all of b on every call; above,
-// the GEMM's register blocking wins. AVX-512 holds 4 rows of x per pass (16
-// accumulators of 32 zmm) and wins up to M ~ 64 (tie at 4096x14336 M=64, loses
-// at M=96); AVX2 holds 2 rows and wins up to ~48 (64 at the large shapes, 40 at
-// 1024x1024); the generic path up to ~8-16.
-constexpr int64_t kGemvMaxM = 8;
-constexpr int64_t kGemvMaxMAvx2 = 48;
+// Largest M that takes the GEMV path, per ISA, measured on 2 threads (AMD EPYC
+// with AVX-512, fp32 and bf16, shapes 1024x1024 .. 14336x4096, ISA forced): the
+// GEMV reads w from memory once, each 4-row tile of w meeting every row of x from
+// cache, while the packed GEMM packs all of b on every call. AVX-512 (4 rows of x
+// per pass, 16 zmm accumulators) still wins at M = 80..128 on the large shapes
+// and ties the GEMM at M = 96 on 1024x1024; AVX2 (2 rows of x per pass) wins up
+// to M = 80 on the large shapes but loses ~10% from M = 48 on 1024x1024; the
+// generic path wins to M = 16. The thresholds stay at the skinny end.
+constexpr int64_t kGemvMaxM = 16;
+constexpr int64_t kGemvMaxMAvx2 = 64;
 constexpr int64_t kGemvMaxMAvx512 = 64;
+
+// The GEMV walks K in blocks of gemv_kb(M) columns so that the M x KB slice of x
+// (about 256 KB) stays in L2 while a chunk of kGemvChunkTiles 4-row tiles of w
+// streams past it (each element of w is still read once); the blocks' partial
+// sums add up in y in block order. KB depends only on M, never on the thread split.
+constexpr int64_t kGemvChunkTiles = 16;
+inline int64_t gemv_kb(int64_t M) {
+  return std::max<int64_t>(256, int64_t(65536) / std::max<int64_t>(1, M) / 256 * 256);
+}
 
 inline int64_t gemv_max_m(Isa isa) {
 #if FASTKERN_X86
@@ -41,7 +52,8 @@ inline int64_t gemv_max_m(Isa isa) {
 // latency while w streams.
 
 template <class T, int MT, int R>
-void gemv_tile_generic(const float* x, int64_t K, const T* w, int64_t ldw, int64_t n, float* y, int64_t ldy) {
+void gemv_tile_generic(const float* x, int64_t ldx, int64_t K, const T* w, int64_t ldw, int64_t n, float* y, int64_t ldy,
+                       bool add) {
   float acc[MT][R][8];
   for (int m = 0; m < MT; ++m)
     for (int r = 0; r < R; ++r)
@@ -53,22 +65,22 @@ void gemv_tile_generic(const float* x, int64_t K, const T* w, int64_t ldw, int64
       for (int l = 0; l < 8; ++l) wv[r][l] = to_f32(w[(n + r) * ldw + k + l]);
     for (int m = 0; m < MT; ++m)
       for (int r = 0; r < R; ++r)
-        for (int l = 0; l < 8; ++l) acc[m][r][l] += x[m * K + k + l] * wv[r][l];
+        for (int l = 0; l < 8; ++l) acc[m][r][l] += x[m * ldx + k + l] * wv[r][l];
   }
   for (int m = 0; m < MT; ++m)
     for (int r = 0; r < R; ++r) {
       float s = 0.f;
-      for (int64_t kk = k; kk < K; ++kk) s += x[m * K + kk] * to_f32(w[(n + r) * ldw + kk]);
+      for (int64_t kk = k; kk < K; ++kk) s += x[m * ldx + kk] * to_f32(w[(n + r) * ldw + kk]);
       float t = 0.f;
       for (int l = 0; l < 8; ++l) t += acc[m][r][l];
-      y[m * ldy + n + r] = t + s;
+      y[m * ldy + n + r] = add ? y[m * ldy + n + r] + (t + s) : t + s;
     }
 }
 
 #if FASTKERN_X86
 template <class T, int MT, int R>
-FASTKERN_AVX2 void gemv_tile_avx2(const float* x, int64_t K, const T* w, int64_t ldw, int64_t n, float* y,
-                                  int64_t ldy) {
+FASTKERN_AVX2 void gemv_tile_avx2(const float* x, int64_t ldx, int64_t K, const T* w, int64_t ldw, int64_t n,
+                                  float* y, int64_t ldy, bool add) {
   __m256 acc[MT][R];
 #pragma GCC unroll 8
   for (int m = 0; m < MT; ++m)
@@ -84,7 +96,7 @@ FASTKERN_AVX2 void gemv_tile_avx2(const float* x, int64_t K, const T* w, int64_t
     for (int r = 0; r < R; ++r) wv[r] = load8(wr[r] + k);
 #pragma GCC unroll 8
     for (int m = 0; m < MT; ++m) {
-      __m256 xv = _mm256_loadu_ps(x + m * K + k);
+      __m256 xv = _mm256_loadu_ps(x + m * ldx + k);
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) acc[m][r] = _mm256_fmadd_ps(xv, wv[r], acc[m][r]);
     }
@@ -95,7 +107,7 @@ FASTKERN_AVX2 void gemv_tile_avx2(const float* x, int64_t K, const T* w, int64_t
     for (int r = 0; r < R; ++r) wv[r] = load_partial8(wr[r] + k, K - k);
 #pragma GCC unroll 8
     for (int m = 0; m < MT; ++m) {
-      __m256 xv = load_partial8(x + m * K + k, K - k);
+      __m256 xv = load_partial8(x + m * ldx + k, K - k);
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) acc[m][r] = _mm256_fmadd_ps(xv, wv[r], acc[m][r]);
     }
@@ -103,7 +115,10 @@ FASTKERN_AVX2 void gemv_tile_avx2(const float* x, int64_t K, const T* w, int64_t
 #pragma GCC unroll 8
   for (int m = 0; m < MT; ++m)
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) y[m * ldy + n + r] = hsum8(acc[m][r]);
+    for (int r = 0; r < R; ++r) {
+        const float v = hsum8(acc[m][r]);
+        y[m * ldy + n + r] = add ? y[m * ldy + n + r] + v : v;
+      }
 }
 #endif
 
@@ -111,8 +126,8 @@ FASTKERN_AVX2 void gemv_tile_avx2(const float* x, int64_t K, const T* w, int64_t
 // AVX-512: up to 4 rows of x against 4 rows of w, 16 zmm accumulators; the K
 // tail is a masked load (masked-off lanes read nothing and add zeros).
 template <class T, int MT, int R>
-FASTKERN_AVX512 void gemv_tile_avx512(const float* x, int64_t K, const T* w, int64_t ldw, int64_t n, float* y,
-                                      int64_t ldy) {
+FASTKERN_AVX512 void gemv_tile_avx512(const float* x, int64_t ldx, int64_t K, const T* w, int64_t ldw, int64_t n,
+                                      float* y, int64_t ldy, bool add) {
   __m512 acc[MT][R];
 #pragma GCC unroll 8
   for (int m = 0; m < MT; ++m)
@@ -128,7 +143,7 @@ FASTKERN_AVX512 void gemv_tile_avx512(const float* x, int64_t K, const T* w, int
     for (int r = 0; r < R; ++r) wv[r] = load16(wr[r] + k);
 #pragma GCC unroll 8
     for (int m = 0; m < MT; ++m) {
-      const __m512 xv = _mm512_loadu_ps(x + m * K + k);
+      const __m512 xv = _mm512_loadu_ps(x + m * ldx + k);
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) acc[m][r] = _mm512_fmadd_ps(xv, wv[r], acc[m][r]);
     }
@@ -140,7 +155,7 @@ FASTKERN_AVX512 void gemv_tile_avx512(const float* x, int64_t K, const T* w, int
     for (int r = 0; r < R; ++r) wv[r] = maskz_load16(mk, wr[r] + k);
 #pragma GCC unroll 8
     for (int m = 0; m < MT; ++m) {
-      const __m512 xv = _mm512_maskz_loadu_ps(mk, x + m * K + k);
+      const __m512 xv = _mm512_maskz_loadu_ps(mk, x + m * ldx + k);
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) acc[m][r] = _mm512_fmadd_ps(xv, wv[r], acc[m][r]);
     }
@@ -151,58 +166,65 @@ FASTKERN_AVX512 void gemv_tile_avx512(const float* x, int64_t K, const T* w, int
     for (int r = 0; r < R; ++r) {
       const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(acc[m][r]),
                                      _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[m][r]), 1)));
-      y[m * ldy + n + r] = hsum8(h);
+      const float v = hsum8(h);
+      y[m * ldy + n + r] = add ? y[m * ldy + n + r] + v : v;
     }
 }
 #endif
 
 // Rows [n0, n1) of y for MT rows of x: 4-row tiles, then single rows.
 template <class T, int MT>
-void gemv_rows(Isa isa, const float* x, int64_t K, const T* w, int64_t ldw, int64_t n0, int64_t n1, float* y,
-               int64_t ldy) {
+void gemv_rows(Isa isa, const float* x, int64_t ldx, int64_t K, const T* w, int64_t ldw, int64_t n0, int64_t n1,
+               float* y, int64_t ldy, bool add) {
   int64_t n = n0;
 #if FASTKERN_X86
   if (isa >= Isa::Avx512) {
-    for (; n + 4 <= n1; n += 4) gemv_tile_avx512<T, MT, 4>(x, K, w, ldw, n, y, ldy);
-    for (; n < n1; ++n) gemv_tile_avx512<T, MT, 1>(x, K, w, ldw, n, y, ldy);
+    for (; n + 4 <= n1; n += 4) gemv_tile_avx512<T, MT, 4>(x, ldx, K, w, ldw, n, y, ldy, add);
+    for (; n < n1; ++n) gemv_tile_avx512<T, MT, 1>(x, ldx, K, w, ldw, n, y, ldy, add);
     return;
   }
   if (isa >= Isa::Avx2) {
-    for (; n + 4 <= n1; n += 4) gemv_tile_avx2<T, MT, 4>(x, K, w, ldw, n, y, ldy);
-    for (; n < n1; ++n) gemv_tile_avx2<T, MT, 1>(x, K, w, ldw, n, y, ldy);
+    for (; n + 4 <= n1; n += 4) gemv_tile_avx2<T, MT, 4>(x, ldx, K, w, ldw, n, y, ldy, add);
+    for (; n < n1; ++n) gemv_tile_avx2<T, MT, 1>(x, ldx, K, w, ldw, n, y, ldy, add);
     return;
   }
 #endif
-  for (; n + 4 <= n1; n += 4) gemv_tile_generic<T, MT, 4>(x, K, w, ldw, n, y, ldy);
-  for (; n < n1; ++n) gemv_tile_generic<T, MT, 1>(x, K, w, ldw, n, y, ldy);
+  for (; n + 4 <= n1; n += 4) gemv_tile_generic<T, MT, 4>(x, ldx, K, w, ldw, n, y, ldy, add);
+  for (; n < n1; ++n) gemv_tile_generic<T, MT, 1>(x, ldx, K, w, ldw, n, y, ldy, add);
 }
 
-// All M rows of x against weight rows [n0, n1): each group of kGemvTileN weight
-// rows (a few KB, L1/L2 resident) meets every row of x before the next group
-// streams in, so w is read from memory once whatever M is. Rows of x go in
-// groups of 4 (AVX-512) or 2 (AVX2, generic); the grouping depends only on M
-// and the ISA, never on the thread split.
+// All M rows of x against weight rows [n0, n1). K goes in blocks of gemv_kb(M)
+// columns; within a block each 4-row tile of w (L1-resident) meets every row of x
+// (the block's slice of x stays in L2) before the next tile streams in, so w is
+// read from memory once whatever M is. Rows of x go in groups of 4 (AVX-512) or
+// 2 (AVX2, generic); the grouping depends only on M and the ISA, never on the
+// thread split.
 template <class T>
 void gemv_block(Isa isa, const float* x, int64_t M, int64_t K, const T* w, int64_t ldw, int64_t n0, int64_t n1,
                 float* y, int64_t N) {
-  constexpr int64_t kGemvTileN = 4;
-  for (int64_t nb = n0; nb < n1; nb += kGemvTileN) {
-    const int64_t ne = std::min(n1, nb + kGemvTileN);
-    int64_t m = 0;
+  constexpr int64_t kTileN = 4;
+  const int64_t kbs = gemv_kb(M);
+  for (int64_t kb = 0; kb < K; kb += kbs) {
+    const int64_t kl = std::min(kbs, K - kb);
+    const bool add = kb > 0;
+    for (int64_t nb = n0; nb < n1; nb += kTileN) {
+      const int64_t ne = std::min(n1, nb + kTileN);
+      auto rows = [&](auto mt, int64_t m) {
+        gemv_rows<T, decltype(mt)::value>(isa, x + m * K + kb, K, kl, w + kb, ldw, nb, ne, y + m * N, N, add);
+      };
+      int64_t m = 0;
 #if FASTKERN_X86
-    if (isa >= Isa::Avx512) {
-      for (; m + 4 <= M; m += 4) gemv_rows<T, 4>(isa, x + m * K, K, w, ldw, nb, ne, y + m * N, N);
-      switch (M - m) {
-        case 3: gemv_rows<T, 3>(isa, x + m * K, K, w, ldw, nb, ne, y + m * N, N); break;
-        case 2: gemv_rows<T, 2>(isa, x + m * K, K, w, ldw, nb, ne, y + m * N, N); break;
-        case 1: gemv_rows<T, 1>(isa, x + m * K, K, w, ldw, nb, ne, y + m * N, N); break;
-        default: break;
+      if (isa >= Isa::Avx512) {
+        for (; m + 4 <= M; m += 4) rows(std::integral_constant<int, 4>(), m);
+        if (M - m == 3) rows(std::integral_constant<int, 3>(), m);
+        if (M - m == 2) rows(std::integral_constant<int, 2>(), m);
+        if (M - m == 1) rows(std::integral_constant<int, 1>(), m);
+        continue;
       }
-      continue;
-    }
 #endif
-    for (; m + 2 <= M; m += 2) gemv_rows<T, 2>(isa, x + m * K, K, w, ldw, nb, ne, y + m * N, N);
-    for (; m < M; ++m) gemv_rows<T, 1>(isa, x + m * K, K, w, ldw, nb, ne, y + m * N, N);
+      for (; m + 2 <= M; m += 2) rows(std::integral_constant<int, 2>(), m);
+      if (m < M) rows(std::integral_constant<int, 1>(), m);
+    }
   }
 }
 
@@ -213,8 +235,11 @@ void gemv(Isa isa, const at::Tensor& x32, const at::Tensor& w, float* y) {
   const T* wp = w.data_ptr<T>();
   const int64_t ldw = w.stride(0);
   // Chunks of whole 4-row tiles so every row is computed by the same tile shape
-  // whatever the thread count.
-  parallel_for_dynamic(0, div_up(N, 4), grain_for(div_up(N, 4), 4 * M * K), [&](int64_t b, int64_t e) {
+  // whatever the thread count; up to kGemvChunkTiles tiles per chunk (so a K
+  // block of x serves several tiles) while leaving at least 8 chunks to share.
+  const int64_t tiles = div_up(N, 4);
+  const int64_t grain = std::max(grain_for(tiles, 4 * M * K), std::min(kGemvChunkTiles, div_up(tiles, 8)));
+  parallel_for_dynamic(0, tiles, grain, [&](int64_t b, int64_t e) {
     gemv_block<T>(isa, x, M, K, wp, ldw, b * 4, std::min(N, e * 4), y, N);
   });
 }
