@@ -7,7 +7,8 @@ weights with partial chunks for group sizes that are not multiples of them;
 MR x NR tiles of activation and weight rows; with AVX512-BF16, bf16/fp16
 activations instead take bf16 dot products against the nibbles converted to bf16
 (one bf16 operand for bf16 x, two exact ones for fp16 x): the `gemv` parameter
-covers both on such CPUs, FASTKERN_W4A16_BF16_GEMV=0 forcing the limbs) and a
+covers both on such CPUs, FASTKERN_W4A16_BF16_GEMV=0 / 1 forcing the limbs / the
+bf16 path at every m; by default the bf16 path serves m >= 3) and a
 panel (GEMM) path (exact
 (q - z) * s dequantization, fp32 dot tiles); the tests reach both, their tails,
 every ISA path this CPU runs, and check that the thread count does not change a
