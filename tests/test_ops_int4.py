@@ -152,7 +152,7 @@ def even_divisors(k):
 @BF16_DOT
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_bf16_dot_gemv_matches_reference(dtype, gen, monkeypatch):
-    # every m of the GEMV (tiles (1,4) (2,2) (3,1) (4,1) (8,1) and their row tails), odd n
+    # every m of the GEMV (tiles (1,4) (2,2) (3,1) (4,1), (4,2) from 8 rows on, and their tails), odd n
     # (NR tails), every group size the format allows for k = 384 (partial and several
     # 128-weight chunks, group = K) and k = 1100 / 6 (chunk tails, the tensor's last bytes).
     # The products are exact (bf16 x, or fp16 x as two exact bf16 parts) and the sums
