@@ -12,11 +12,11 @@
 namespace fastkern {
 namespace cuda {
 
-template <typename T>
-static cudaError_t sparse24_tc(const void* x, const void* values, const uint8_t* meta, const float* bias, void* out,
-                               int64_t M, int64_t N, int64_t K, float* workspace, int splits, cudaStream_t stream) {
-  using Op = Sparse24Op<T>;
-  typename Op::Params p;
+// The parameters both 2:4 kernels share: x, the canonical values and meta rows, the epilogue.
+template <typename P>
+static P sparse24_params(const void* x, const void* values, const uint8_t* meta, const float* bias, void* out,
+                         int64_t M, int64_t N, int64_t K, float* workspace, int splits) {
+  P p;
   p.c = make_common(x, 2, M, N, K, out, Epilogue{nullptr, nullptr, bias}, workspace, splits);
   p.v = static_cast<const uint8_t*>(values);
   p.v_row_bytes = K;  // K/2 values of 2 bytes
@@ -24,7 +24,15 @@ static cudaError_t sparse24_tc(const void* x, const void* values, const uint8_t*
   p.meta = meta;
   p.m_row_bytes = K / 4;
   p.m_aligned = aligned16(meta, p.m_row_bytes);
-  return launch_by_m<Op>(p, stream);
+  return p;
+}
+
+template <typename T>
+static cudaError_t sparse24_tc(const void* x, const void* values, const uint8_t* meta, const float* bias, void* out,
+                               int64_t M, int64_t N, int64_t K, float* workspace, int splits, cudaStream_t stream) {
+  using Op = Sparse24Op<T>;
+  return launch_by_m<Op>(
+      sparse24_params<typename Op::Params>(x, values, meta, bias, out, M, N, K, workspace, splits), stream);
 }
 
 // Sparse tensor cores (sp_gemm.cuh): the math is halved as well as the weight bytes.
@@ -32,15 +40,8 @@ template <typename T>
 static cudaError_t sparse24_mma_sp(const void* x, const void* values, const uint8_t* meta, const float* bias,
                                    void* out, int64_t M, int64_t N, int64_t K, float* workspace, int splits,
                                    cudaStream_t stream) {
-  Sp24Params p;
-  p.c = make_common(x, 2, M, N, K, out, Epilogue{nullptr, nullptr, bias}, workspace, splits);
-  p.v = static_cast<const uint8_t*>(values);
-  p.v_row_bytes = K;  // K/2 values of 2 bytes
-  p.v_aligned = aligned16(values, p.v_row_bytes);
-  p.meta = meta;
-  p.m_row_bytes = K / 4;
-  p.m_aligned = aligned16(meta, p.m_row_bytes);
-  return launch_sp24_by_m<T>(p, stream);
+  return launch_sp24_by_m<T>(sparse24_params<Sp24Params>(x, values, meta, bias, out, M, N, K, workspace, splits),
+                             stream);
 }
 
 // mma.sp for fp16/bf16 when K % 16 == 0 (x and values rows are then whole
