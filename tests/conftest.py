@@ -109,6 +109,15 @@ def num_threads(n):
         torch.set_num_threads(old)
 
 
+def on_1_and_2_threads(fn, *args):
+    """fn(*args) with one torch thread, then with two (for bitwise-identity checks)."""
+    outs = []
+    for t in (1, 2):
+        with num_threads(t):
+            outs.append(fn(*args))
+    return outs
+
+
 @pytest.fixture
 def one_thread():
     # tiny ops on a shared 2-core machine: thread hand-offs cost more than the math

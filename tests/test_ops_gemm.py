@@ -11,7 +11,7 @@ import torch
 import fastkern
 from fastkern import _ext, ops
 
-from conftest import FLOAT_DTYPES, M_SIZES, assert_close_rel, backends_for, cpu_isas, rel_err, tol
+from conftest import FLOAT_DTYPES, M_SIZES, assert_close_rel, backends_for, cpu_isas, on_1_and_2_threads, rel_err, tol
 
 CPU_REASON = ops.backend_status("gemm", "cpu", torch.device("cpu"))
 needs_cpu = pytest.mark.skipif(CPU_REASON is not None, reason=str(CPU_REASON))
@@ -201,14 +201,7 @@ def test_gemm_gemv_k_blocks(gen, isa, dtype):
 def test_gemm_gemv_k_blocks_same_result_for_1_and_2_threads(gen, isa):
     a = torch.randn(GEMV_MAX_M[isa], 2100, generator=gen)
     b = torch.randn(301, 2100, generator=gen)
-    old = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = torch.ops.fastkern_C.gemm(a, b)
-        torch.set_num_threads(2)
-        two = torch.ops.fastkern_C.gemm(a, b)
-    finally:
-        torch.set_num_threads(old)
+    one, two = on_1_and_2_threads(torch.ops.fastkern_C.gemm, a, b)
     assert torch.equal(one, two)
 
 
@@ -222,14 +215,7 @@ def _gemv_threshold_ms():
 def test_gemm_same_result_for_1_and_2_threads(gen, isa, m):
     a = torch.randn(m, 700, generator=gen)
     b = torch.randn(333, 700, generator=gen)
-    old = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = torch.ops.fastkern_C.gemm(a, b)
-        torch.set_num_threads(2)
-        two = torch.ops.fastkern_C.gemm(a, b)
-    finally:
-        torch.set_num_threads(old)
+    one, two = on_1_and_2_threads(torch.ops.fastkern_C.gemm, a, b)
     assert torch.equal(one, two)
 
 

@@ -11,7 +11,7 @@ import torch
 import fastkern
 from fastkern import _ext, formats, ops
 
-from conftest import FLOAT_DTYPES, M_SIZES, assert_close_rel, backends_for, cpu_isas, tol
+from conftest import FLOAT_DTYPES, M_SIZES, assert_close_rel, backends_for, cpu_isas, on_1_and_2_threads, tol
 
 needs_cpu24 = pytest.mark.skipif(
     ops.backend_status("linear_sparse24", "cpu", torch.device("cpu")) is not None,
@@ -141,14 +141,7 @@ def test_sparse24_garbage_meta_stays_in_bounds(gen, isa, m):
 def test_sparse24_same_result_for_1_and_2_threads(gen, m):
     x = torch.randn(m, 704, generator=gen)
     values, meta, b = sparse24_args(333, 704, torch.float32, gen)
-    old = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = torch.ops.fastkern_C.linear_sparse24(x, values, meta, b)
-        torch.set_num_threads(2)
-        two = torch.ops.fastkern_C.linear_sparse24(x, values, meta, b)
-    finally:
-        torch.set_num_threads(old)
+    one, two = on_1_and_2_threads(torch.ops.fastkern_C.linear_sparse24, x, values, meta, b)
     assert torch.equal(one, two)
 
 
@@ -260,14 +253,7 @@ def test_blocksparse_padding_never_read(gen, isa, m):
 def test_blocksparse_same_result_for_1_and_2_threads(gen, m):
     x = torch.randn(m, 700, generator=gen)
     blocks, row_ptr, col_idx, b = blocksparse_args(333, 700, (16, 16), 0.8, torch.float32, gen)
-    old = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = torch.ops.fastkern_C.linear_blocksparse(x, blocks, row_ptr, col_idx, 333, b)
-        torch.set_num_threads(2)
-        two = torch.ops.fastkern_C.linear_blocksparse(x, blocks, row_ptr, col_idx, 333, b)
-    finally:
-        torch.set_num_threads(old)
+    one, two = on_1_and_2_threads(torch.ops.fastkern_C.linear_blocksparse, x, blocks, row_ptr, col_idx, 333, b)
     assert torch.equal(one, two)
 
 
