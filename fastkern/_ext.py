@@ -9,10 +9,8 @@ LOAD_ERROR = None
 
 def _pinned_torch():
     """The torch version this installed fastkern was built against (its metadata pin), or None."""
-    try:
-        from importlib.metadata import PackageNotFoundError, requires
-    except ImportError:
-        return None
+    from importlib.metadata import PackageNotFoundError, requires
+
     try:
         for req in requires("fastkern") or ():
             name, _, version = req.partition("==")
