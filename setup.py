@@ -10,6 +10,7 @@ Build switches (environment variables):
 import glob
 import os
 import re
+import sys
 
 from setuptools import setup
 
@@ -54,6 +55,12 @@ def cxx_std():
         return "-std=c++20" if (major, minor) >= (2, 14) else "-std=c++17"
 
 
+def openmp_backend():
+    """True when torch's ATen parallel backend is OpenMP (the pip wheels on Linux)."""
+    info = torch.__config__.parallel_info()
+    return "parallel backend: OpenMP" in info and sys.platform.startswith("linux")
+
+
 def extension():
     debug = os.environ.get("FASTKERN_DEBUG") == "1"
     with_cuda = want_cuda()
@@ -66,7 +73,15 @@ def extension():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # Baseline x86-64 code only: AVX2/FMA/AVX-512 kernels carry their own
     # target attributes and are chosen at run time, so one wheel runs anywhere.
-    cxx = opt + [cxx_std(), "-fno-math-errno", "-Wno-unknown-pragmas"]
+    cxx = opt + [cxx_std(), "-fno-math-errno"]
+    # at::parallel_for is a header template: under torch's OpenMP backend its
+    # `omp parallel` is compiled into this extension, and without -fopenmp it
+    # silently runs every kernel on one thread. Linking libgomp.so.1 binds to
+    # the copy torch has already loaded (same soname), so one pool serves both.
+    link = []
+    if openmp_backend():
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     define_macros = [
         ("FASTKERN_TORCH_VERSION", '"%s"' % torch.__version__),
         ("FASTKERN_VERSION", '"%s"' % read_version()),
@@ -80,6 +95,7 @@ def extension():
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx},
+            extra_link_args=link,
         )
     sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
     nvcc = opt + [
@@ -89,13 +105,14 @@ def extension():
         "-U__CUDA_NO_HALF_OPERATORS__",
         "-U__CUDA_NO_HALF_CONVERSIONS__",
         "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
-    ]
+    ] + (["-Xcompiler", "-fopenmp"] if link else [])
     return cpp_extension.CUDAExtension(
         "fastkern._C",
         sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        extra_link_args=link,
     )
 
 

@@ -33,6 +33,11 @@ pybind11::dict build_info() {
   d["torch_version"] = FASTKERN_TORCH_VERSION;
   d["with_cuda"] = static_cast<bool>(FASTKERN_WITH_CUDA);
   d["cuda_archs"] = FASTKERN_CUDA_ARCHS;
+#if defined(_OPENMP)
+  d["openmp"] = true;
+#else
+  d["openmp"] = false;
+#endif
 #if defined(__clang__)
   d["compiler"] = std::string("clang ") + __clang_version__;
 #elif defined(__GNUC__)
@@ -83,6 +88,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       pybind11::arg("seconds") = 0.25,
       "Measured fp32 FMA throughput (GFLOP/s) of register-only loops on every torch thread, "
       "on the active CPU kernel path");
+  m.def("parallel_width", &fastkern::cpu::parallel_width, pybind11::arg("n"),
+        "Distinct threads at::parallel_for(0, n, 1) uses inside this extension");
   m.def(
       "cpu_isa", []() { return std::string(fastkern::cpu::isa_name(fastkern::cpu::active_isa())); },
       "The CPU kernel path in use");

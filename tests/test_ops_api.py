@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fastkern as fk
+from conftest import num_threads
 from fastkern import formats, ops
 
 
@@ -155,3 +156,15 @@ def test_imports_without_native_extension():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["reference", "torch.Size([2,", "8])"]
+
+
+@pytest.mark.skipif(fk._ext._C is None, reason="fastkern._C is not built")
+def test_native_kernels_run_on_every_torch_thread():
+    # at::parallel_for is compiled into the extension: built without the parallel
+    # backend (OpenMP here) it runs every chunk on one thread, and the 1-vs-2-thread
+    # identity tests of the kernels would then compare a path with itself
+    if "parallel backend: OpenMP" in torch.__config__.parallel_info():
+        assert fk._ext._C.build_info()["openmp"]
+    for t in (1, 2, 3):
+        with num_threads(t):
+            assert fk._ext._C.parallel_width(8) == t

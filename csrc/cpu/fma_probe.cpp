@@ -9,6 +9,9 @@
 
 #include <algorithm>
 #include <chrono>
+#include <mutex>
+#include <set>
+#include <thread>
 #include <vector>
 
 #include "cpu/isa.h"
@@ -108,6 +111,18 @@ FmaPeak measure_fma_peak(double seconds) {
   float keep = 0;
   for (float v : sink) keep += v;
   return {best * 1e-9, isa_name(isa), threads, keep};
+}
+
+int parallel_width(int64_t n) {
+  std::mutex mu;
+  std::set<std::thread::id> ids;
+  at::parallel_for(0, n, 1, [&](int64_t, int64_t) {
+    // long enough that one thread cannot take every chunk before the others start
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    std::lock_guard<std::mutex> lock(mu);
+    ids.insert(std::this_thread::get_id());
+  });
+  return static_cast<int>(ids.size());
 }
 
 }  // namespace cpu

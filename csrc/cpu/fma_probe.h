@@ -1,5 +1,7 @@
 #pragma once
 
+#include <cstdint>
+
 namespace fastkern {
 namespace cpu {
 
@@ -12,6 +14,10 @@ struct FmaPeak {
 
 // Runs register-only FMA loops on every torch thread for about `seconds`.
 FmaPeak measure_fma_peak(double seconds);
+
+// How many distinct threads at::parallel_for(0, n, 1) runs its chunks on, as
+// compiled into this extension (1 if its parallel backend was compiled out).
+int parallel_width(int64_t n);
 
 }  // namespace cpu
 }  // namespace fastkern
