@@ -88,6 +88,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       pybind11::arg("seconds") = 0.25,
       "Measured fp32 FMA throughput (GFLOP/s) of register-only loops on every torch thread, "
       "on the active CPU kernel path");
+  m.def(
+      "read_bw",
+      [](int64_t nbytes, int reps) {
+        const auto isa = std::string(fastkern::cpu::isa_name(fastkern::cpu::active_isa()));
+        pybind11::dict d;
+        d["gbs"] = fastkern::cpu::measure_read_bw(nbytes, reps);
+        d["isa"] = isa;
+        d["threads"] = at::get_num_threads();
+        return d;
+      },
+      pybind11::arg("nbytes"), pybind11::arg("reps") = 5,
+      "Streaming read bandwidth (GB/s) of vector loads on every torch thread over an nbytes buffer");
   m.def("parallel_width", &fastkern::cpu::parallel_width, pybind11::arg("n"),
         "Distinct threads at::parallel_for(0, n, 1) uses inside this extension");
   m.def(

@@ -50,6 +50,8 @@ def test_json_is_well_formed(result):
     assert meta["torch"] == torch.__version__
     c = result["ceilings"]
     assert c["read_bw_gbs"] > 0 and c["matmul_gflops"]["fp32"] > 0 and c["llc_bytes"] > 0
+    # the ceiling is the best read rate measured, whichever probe reached it
+    assert c["read_bw_gbs"] == max(c["read_bw_gbs_sum"], c.get("read_bw_gbs_native") or 0)
     if _ext._C is not None:
         assert c["fma_peak_gflops"] > 0 and _ext._C.cpu_isa() in c["fma_peak_measured_note"]
 
@@ -345,3 +347,17 @@ def test_model_flag_hands_over_to_the_model_benchmark(monkeypatch):
     assert seen["eval_sentences"] == 8 and seen["backend"] == "reference"
     with pytest.raises(SystemExit):
         cli.main(["--eval-sentences", "8"])  # without --model it is no option of the harness
+
+
+@pytest.mark.skipif(_ext._C is None, reason="fastkern._C is not built")
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+def test_read_bw_probe_runs_each_path(isa):
+    try:
+        _ext._C.set_cpu_isa(isa)
+    except RuntimeError as e:
+        pytest.skip("this CPU cannot run the %s path: %s" % (isa, e))
+    try:
+        r = _ext._C.read_bw(1 << 20, 2)
+    finally:
+        _ext._C.set_cpu_isa("auto")
+    assert r["isa"] == isa and r["gbs"] > 0 and r["threads"] == torch.get_num_threads()

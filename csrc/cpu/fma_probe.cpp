@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstring>
 #include <mutex>
 #include <set>
 #include <thread>
@@ -111,6 +112,87 @@ FmaPeak measure_fma_peak(double seconds) {
   float keep = 0;
   for (float v : sink) keep += v;
   return {best * 1e-9, isa_name(isa), threads, keep};
+}
+
+namespace {
+
+// XOR of every 64-bit word in [p, p + n), n a multiple of 256: the result depends on
+// every byte, so no load is dead.
+#if FASTKERN_X86
+FASTKERN_AVX512 uint64_t read_avx512(const uint8_t* p, int64_t n) {
+  __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+  for (int64_t i = 0; i < n; i += 256) {
+    a0 = _mm512_xor_si512(a0, _mm512_loadu_si512(p + i));
+    a1 = _mm512_xor_si512(a1, _mm512_loadu_si512(p + i + 64));
+    a2 = _mm512_xor_si512(a2, _mm512_loadu_si512(p + i + 128));
+    a3 = _mm512_xor_si512(a3, _mm512_loadu_si512(p + i + 192));
+  }
+  const __m512i a = _mm512_xor_si512(_mm512_xor_si512(a0, a1), _mm512_xor_si512(a2, a3));
+  alignas(64) uint64_t w[8];
+  _mm512_store_si512(w, a);
+  uint64_t r = 0;
+  for (uint64_t v : w) r ^= v;
+  return r;
+}
+
+FASTKERN_AVX2 uint64_t read_avx2(const uint8_t* p, int64_t n) {
+  __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+  for (int64_t i = 0; i < n; i += 128) {
+    a0 = _mm256_xor_si256(a0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i)));
+    a1 = _mm256_xor_si256(a1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 32)));
+    a2 = _mm256_xor_si256(a2, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 64)));
+    a3 = _mm256_xor_si256(a3, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 96)));
+  }
+  const __m256i a = _mm256_xor_si256(_mm256_xor_si256(a0, a1), _mm256_xor_si256(a2, a3));
+  alignas(32) uint64_t w[4];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(w), a);
+  return w[0] ^ w[1] ^ w[2] ^ w[3];
+}
+#endif
+
+volatile uint64_t g_read_sink = 0;
+
+uint64_t read_generic(const uint8_t* p, int64_t n) {
+  uint64_t a[4] = {0, 0, 0, 0};
+  for (int64_t i = 0; i < n; i += 32)
+    for (int j = 0; j < 4; ++j) {
+      uint64_t v;
+      std::memcpy(&v, p + i + 8 * j, 8);
+      a[j] ^= v;
+    }
+  return a[0] ^ a[1] ^ a[2] ^ a[3];
+}
+
+}  // namespace
+
+double measure_read_bw(int64_t nbytes, int reps) {
+  const Isa isa = active_isa();
+  uint64_t (*fn)(const uint8_t*, int64_t) = read_generic;
+#if FASTKERN_X86
+  if (isa == Isa::Avx512) fn = read_avx512;
+  else if (isa == Isa::Avx2) fn = read_avx2;
+#endif
+  constexpr int64_t kUnit = 1 << 16;  // a thread's share is whole 64 KiB units
+  const int64_t units = std::max<int64_t>(1, nbytes / kUnit);
+  std::vector<uint8_t> buf(static_cast<size_t>(units * kUnit + 4096), 1);  // + slack for the prefetches
+  const int threads = std::max(1, at::get_num_threads());
+  std::vector<uint64_t> sink(threads, 0);
+  double best = 0;
+  for (int r = 0; r < std::max(1, reps); ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    at::parallel_for(0, threads, 1, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        const int64_t u0 = units * t / threads, u1 = units * (t + 1) / threads;
+        sink[t] ^= fn(buf.data() + u0 * kUnit, (u1 - u0) * kUnit);
+      }
+    });
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = std::max(best, static_cast<double>(units * kUnit) / s * 1e-9);
+  }
+  uint64_t keep = 0;
+  for (uint64_t v : sink) keep ^= v;
+  g_read_sink = keep;  // the loads stay live
+  return best;
 }
 
 int parallel_width(int64_t n) {

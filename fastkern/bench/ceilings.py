@@ -1,7 +1,9 @@
 """The machine's own ceilings, measured in the same run as the kernels.
 
 - streaming read bandwidth: a reduction over an array many times the last-level
-  cache, with all of torch's threads (CPU) or on the GPU;
+  cache, with all of torch's threads (CPU) or on the GPU; on CPU also fastkern's
+  own vector-load loop (fastkern._C.read_bw), and the ceiling is the faster of the
+  two (a kernel's %BW is measured against the best read rate this machine showed);
 - peak dense matmul throughput: a large torch matmul (fp32 on CPU; fp16, bf16 and
   int8 on GPU);
 - the CPU's fp32 FMA peak, measured with register-only FMA loops on every thread
@@ -71,6 +73,18 @@ def read_bandwidth(device: str, nbytes: int, min_run_time: float) -> float:
     a = torch.ones(max(1, nbytes // 4), dtype=torch.float32, device=device)
     t = time_rotator(Rotator(lambda x, c: x.sum(), a, [()]), device, min_run_time)
     return a.numel() * 4 / (t.ms * 1e-3) / 1e9
+
+
+def native_read_bandwidth(nbytes: int):
+    """(GB/s, note) of fastkern._C.read_bw (vector loads on every torch thread), or (None, why)."""
+    try:
+        from fastkern import _ext
+    except ImportError as e:
+        return None, "fastkern._C did not load (%s)" % e
+    if _ext._C is None or not hasattr(_ext._C, "read_bw"):
+        return None, "fastkern._C is not built"
+    r = _ext._C.read_bw(int(nbytes), 5)
+    return r["gbs"], "vector loads, %s path, %d threads" % (r["isa"], r["threads"])
 
 
 def matmul_peak(device: str, n: int, dtype: torch.dtype, min_run_time: float) -> float:
@@ -153,7 +167,12 @@ def measure_ceilings(device: str, *, bw_bytes: Optional[int] = None, peak_n: Opt
     if bw_bytes is None:
         bw_bytes = max(256 << 20, 16 * llc) if device == "cpu" else max(1 << 30, 32 * llc)
     c = {"device": device, "llc_bytes": llc, "threads": torch.get_num_threads(), "bw_array_bytes": int(bw_bytes)}
-    c["read_bw_gbs"] = read_bandwidth(device, bw_bytes, min_run_time)
+    c["read_bw_gbs"] = c["read_bw_gbs_sum"] = read_bandwidth(device, bw_bytes, min_run_time)
+    if device == "cpu":
+        native, c["read_bw_native_note"] = native_read_bandwidth(bw_bytes)
+        c["read_bw_gbs_native"] = native
+        if native:
+            c["read_bw_gbs"] = max(c["read_bw_gbs"], native)
     peaks = {}
     if device == "cuda":
         n = peak_n or 8192

@@ -132,7 +132,12 @@ def ceilings_line(result: dict) -> str:
     m = result["metadata"]
     parts = ["%s, %s threads" % (m.get("device_name"), m.get("threads"))]
     if c.get("read_bw_gbs"):
-        parts.append("read bandwidth %.1f GB/s" % c["read_bw_gbs"])
+        both = [c.get(k) for k in ("read_bw_gbs_sum", "read_bw_gbs_native")]
+        if all(both):
+            parts.append("read bandwidth %.1f GB/s (best of torch sum %.1f, vector loads %.1f)" % (
+                c["read_bw_gbs"], both[0], both[1]))
+        else:
+            parts.append("read bandwidth %.1f GB/s" % c["read_bw_gbs"])
     for dt, v in c.get("matmul_gflops", {}).items():
         parts.append("%s matmul %.1f GFLOP/s (n=%s)" % (dt, v, c.get("matmul_n")))
     if c.get("fma_peak_gflops"):
