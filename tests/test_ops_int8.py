@@ -168,11 +168,12 @@ def test_cpu_paths_and_tails(isa, m, gen):
 @pytest.mark.parametrize("isa", cpu_isas())
 @pytest.mark.parametrize("m", [4, 5, 16, 33, 50, 64, 130])
 def test_cpu_gemm_blocks_exact(isa, m, gen):
-    # AVX-512 VNNI: GEMV up to m = 4, then x packed in blocks of 64 rows (16/32/48-row
-    # last blocks), 48-row weight tasks with 12- or 6-row tiles and their tails, 2048-byte
-    # K blocks accumulated, K % 4 tails; every other path too, exact
+    # AVX-512 VNNI: GEMV up to m = 4, then x packed (+128) in blocks of 64 rows (16/32/48-row
+    # last blocks), 12-row thread shares in tasks of up to 96 weight rows (fewer for large K)
+    # with 12- or 6-row tiles and their tails, 2048-byte K blocks accumulated, K % 4 tails,
+    # the weight row sums; every other path too, exact
     with cpu_isa(isa):
-        for n, k in ((101, 4099), (53, 2050), (7, 37)):
+        for n, k in ((101, 4099), (53, 2050), (7, 37), (250, 520)):
             a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
             b = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
             assert torch.equal(native("int8_gemm")(a, b), ops.int8_gemm_ref(a, b)), (n, k)

@@ -112,11 +112,16 @@ void gemv_i8_rows(bool avx2, const int16_t* A, int64_t lda, const int8_t* W, int
 
 // ------------------------------------------------------------------ AVX-512 VNNI (int8 x int8 -> int32)
 //
-// vpdpbusd multiplies unsigned by signed bytes, four products per int32 lane. The
-// weight is made the unsigned operand by flipping its sign bit (w ^ 0x80 = w + 128),
-// the activation stays signed (-128..127), and the 128 * sum_k a[m][k] this adds is
-// subtracted at the end. int32 lanes wrap, so the result is exact whenever the true
-// sum fits in int32, as in the reference.
+// vpdpbusd multiplies unsigned by signed bytes, four products per int32 lane; int32
+// lanes wrap, so every result below is exact whenever the true sum fits in int32, as in
+// the reference. One operand has to be made unsigned by adding 128 (flipping its sign
+// bit), and 128 times the other operand's sum is subtracted at the end:
+// - GEMV (M <= kVnniGemvMaxM) streams the weight, flips it in registers (one vpxor per 64
+//   bytes, hidden under the memory stream) and subtracts 128 * sum_k a[m][k].
+// - GEMM flips the activation once, while packing it, so the weight bytes are broadcast
+//   as they are (a load and nothing else per 4 bytes of a weight row), and subtracts
+//   128 * sum_k w[n][k]; each task sums its own weight rows first, which also pulls those
+//   rows into L2 in one sequential stream before its tiles read them.
 #if FASTKERN_X86
 #define FASTKERN_VNNI512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
 
@@ -129,69 +134,102 @@ FASTKERN_VNNI512 inline __m512i dpbusd_inplace(__m512i acc, __m512i a, __m512i b
 }
 
 constexpr int64_t kVnniGemvMaxM = 4;
-constexpr int64_t kVnniNB = 48;     // weight rows per task of the GEMM (8 tiles of 6)
-constexpr int64_t kVnniKC = 2048;   // K bytes per block: 48 x 2 KB of weights + 64 x 2 KB of x in L2
+constexpr int64_t kVnniKC = 2048;  // K bytes per block of x: 64 rows x 2 KB = 128 KB in L2
+// GEMV prefetch distances along a thread's weight stream (bytes ahead, L1 and L2)
+constexpr int64_t kVnniAheadL1 = 1024;
+constexpr int64_t kVnniAheadL2 = 4096;
 
-// GEMV: MR rows of x (int8, zero-padded to a multiple of 64) against NR weight rows.
-template <int MR, int NR>
+// GEMV: MR rows of x (int8, zero-padded to a multiple of 64 columns) against weight rows
+// [n0, n1), one whole row at a time. The rows of a thread are one contiguous run of
+// memory, read front to back as one stream, and the prefetches run a fixed distance ahead
+// in that stream (into the next rows: the hardware prefetchers stop at 4 KiB pages, which
+// a 4096-byte row is). Four accumulators per row of x cover the vpdpbusd latency.
+template <int MR>
 FASTKERN_VNNI512 void gemv_vnni(const int8_t* A, int64_t lda, const int32_t* asum, const int8_t* W, int64_t K,
-                                int32_t* C, int64_t ldc) {
-  __m512i s[MR][NR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) s[i][j] = _mm512_setzero_si512();
+                                int32_t* C, int64_t ldc, int64_t n0, int64_t n1) {
   const __m512i flip = _mm512_set1_epi8(char(0x80));
-  for (int64_t k = 0; k < K; k += 64) {
-    const int64_t nb = std::min<int64_t>(64, K - k);
-    const __mmask64 mk = nb == 64 ? ~__mmask64(0) : (__mmask64(1) << nb) - 1;
-    __m512i w[NR];
-    for (int j = 0; j < NR; ++j) {
-      const int8_t* wp = W + j * K + k;
-      _mm_prefetch(reinterpret_cast<const char*>(wp + kI8Prefetch), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(wp + kI8PrefetchL2), _MM_HINT_T1);
+  const int64_t K256 = K & ~int64_t(255);
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* w = W + n * K;
+    __m512i s[MR][4];
+    for (int i = 0; i < MR; ++i)
+      for (int u = 0; u < 4; ++u) s[i][u] = _mm512_setzero_si512();
+    int64_t k = 0;
+    for (; k < K256; k += 256) {
+      for (int u = 0; u < 4; ++u) {
+        _mm_prefetch(reinterpret_cast<const char*>(w + k + 64 * u + kVnniAheadL1), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w + k + 64 * u + kVnniAheadL2), _MM_HINT_T1);
+      }
+      for (int u = 0; u < 4; ++u) {
+        const __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(w + k + 64 * u), flip);
+        for (int i = 0; i < MR; ++i)
+          s[i][u] = dpbusd_inplace(s[i][u], wv, _mm512_loadu_si512(A + i * lda + k + 64 * u));
+      }
+    }
+    for (; k < K; k += 64) {
+      const int64_t nb = std::min<int64_t>(64, K - k);
+      const __mmask64 mk = nb == 64 ? ~__mmask64(0) : (__mmask64(1) << nb) - 1;
+      _mm_prefetch(reinterpret_cast<const char*>(w + k + kVnniAheadL1), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w + k + kVnniAheadL2), _MM_HINT_T1);
       // masked-off bytes become 0x80 (128) and meet zero activations
-      w[j] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, wp), flip);
+      const __m512i wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, w + k), flip);
+      for (int i = 0; i < MR; ++i) s[i][0] = dpbusd_inplace(s[i][0], wv, _mm512_loadu_si512(A + i * lda + k));
     }
     for (int i = 0; i < MR; ++i) {
-      const __m512i a = _mm512_loadu_si512(A + i * lda + k);
-      for (int j = 0; j < NR; ++j) s[i][j] = dpbusd_inplace(s[i][j], w[j], a);
+      const __m512i t = _mm512_add_epi32(_mm512_add_epi32(s[i][0], s[i][1]), _mm512_add_epi32(s[i][2], s[i][3]));
+      C[i * ldc + n] = int32_t(uint32_t(_mm512_reduce_add_epi32(t)) - 128u * uint32_t(asum[i]));
     }
   }
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j)
-      C[i * ldc + j] = int32_t(uint32_t(_mm512_reduce_add_epi32(s[i][j])) - 128u * uint32_t(asum[i]));
 }
 
-template <int MR>
-void gemv_vnni_rows(const int8_t* A, int64_t lda, const int32_t* asum, const int8_t* W, int64_t K, int32_t* C,
-                    int64_t ldc, int64_t n0, int64_t n1) {
-  int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) gemv_vnni<MR, 4>(A, lda, asum, W + n * K, K, C + n, ldc);
-  for (; n < n1; ++n) gemv_vnni<MR, 1>(A, lda, asum, W + n * K, K, C + n, ldc);
+// sum_k w[n][k] of rows [n0, n1) (exact in int32 for K < 2^24)
+FASTKERN_VNNI512 void row_sums_vnni(const int8_t* W, int64_t K, int64_t n0, int64_t n1, int32_t* out) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  const int64_t K256 = K & ~int64_t(255);
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* w = W + n * K;
+    __m512i s[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+    int64_t k = 0;
+    for (; k < K256; k += 256)
+      for (int u = 0; u < 4; ++u) s[u] = dpbusd_inplace(s[u], ones, _mm512_loadu_si512(w + k + 64 * u));
+    for (; k < K; k += 64) {
+      const int64_t nb = std::min<int64_t>(64, K - k);
+      const __mmask64 mk = nb == 64 ? ~__mmask64(0) : (__mmask64(1) << nb) - 1;
+      s[0] = dpbusd_inplace(s[0], ones, _mm512_maskz_loadu_epi8(mk, w + k));
+    }
+    out[n - n0] = _mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_add_epi32(s[0], s[1]), _mm512_add_epi32(s[2], s[3])));
+  }
 }
 
 // GEMM tile, transposed: CT[n + j][16 v + lane] for NR weight rows and VM vectors of 16
-// x rows. x is packed per block of 16 VM rows as [K/4][16 VM][4 bytes] (zero rows past
-// M, zero bytes past K), so one 64-byte load holds 4 k of 16 rows; 4 weight bytes are
-// broadcast. k4 in [k40, k41); kb4 = K / 4 full groups of 4 bytes in a weight row.
+// x rows. x is packed per block of 16 VM rows as [K/4][16 VM][4 bytes] of x + 128 (zero
+// rows past M, zero bytes past K), so one 64-byte load holds 4 k of 16 rows; 4 weight
+// bytes are broadcast. k4 in [k40, k41); kb4 = K / 4 full groups of 4 bytes in a row.
+// [pf, pf_end): bytes to prefetch into L2 while this tile computes, one 64-byte line
+// every (pf_mask + 1) k4 steps (the weight rows of the thread's next task, see matmul_vnni).
 template <int NR, int VM>
 FASTKERN_VNNI512 void gemm_vnni_tile(const int8_t* Ap, const int8_t* W, int64_t K, int64_t k40, int64_t k41,
-                                     int32_t* CT, int64_t ldct, bool acc) {
+                                     int32_t* CT, int64_t ldct, bool acc, const char* pf, const char* pf_end,
+                                     int64_t pf_mask) {
   __m512i c[NR][VM];
   for (int j = 0; j < NR; ++j)
     for (int v = 0; v < VM; ++v)
       c[j][v] = acc ? _mm512_loadu_si512(CT + j * ldct + 16 * v) : _mm512_setzero_si512();
-  const __m512i flip = _mm512_set1_epi8(char(0x80));
   const int64_t kb4 = K / 4;
   const int64_t kfull = std::min(k41, kb4);
   int64_t k4 = k40;
   for (; k4 < kfull; ++k4) {
+    if (((k4 - k40) & pf_mask) == 0 && pf < pf_end) {
+      _mm_prefetch(pf, _MM_HINT_T1);
+      pf += 64;
+    }
     __m512i a[VM];
     for (int v = 0; v < VM; ++v) a[v] = _mm512_loadu_si512(Ap + (k4 * 16 * VM + 16 * v) * 4);
     for (int j = 0; j < NR; ++j) {
       int32_t wv;
       std::memcpy(&wv, W + j * K + 4 * k4, 4);
-      const __m512i wb = _mm512_xor_si512(_mm512_set1_epi32(wv), flip);
-      for (int v = 0; v < VM; ++v) c[j][v] = dpbusd_inplace(c[j][v], wb, a[v]);
+      const __m512i wb = _mm512_set1_epi32(wv);
+      for (int v = 0; v < VM; ++v) c[j][v] = dpbusd_inplace(c[j][v], a[v], wb);
     }
   }
   if (k4 < k41) {  // the last K % 4 bytes: never read past a weight row
@@ -200,115 +238,236 @@ FASTKERN_VNNI512 void gemm_vnni_tile(const int8_t* Ap, const int8_t* W, int64_t 
     for (int j = 0; j < NR; ++j) {
       int32_t wv = 0;
       std::memcpy(&wv, W + j * K + 4 * k4, K - 4 * k4);
-      const __m512i wb = _mm512_xor_si512(_mm512_set1_epi32(wv), flip);
-      for (int v = 0; v < VM; ++v) c[j][v] = dpbusd_inplace(c[j][v], wb, a[v]);
+      const __m512i wb = _mm512_set1_epi32(wv);
+      for (int v = 0; v < VM; ++v) c[j][v] = dpbusd_inplace(c[j][v], a[v], wb);
     }
   }
   for (int j = 0; j < NR; ++j)
     for (int v = 0; v < VM; ++v) _mm512_storeu_si512(CT + j * ldct + 16 * v, c[j][v]);
 }
 
+// [pf, pf_end): the bytes to prefetch while these tiles run, spread evenly over them.
 template <int VM>
 void gemm_vnni_rows(const int8_t* Ap, const int8_t* W, int64_t K, int64_t k40, int64_t k41, int32_t* CT,
-                    int64_t ldct, int64_t n0, int64_t n1, bool acc) {
+                    int64_t ldct, int64_t n0, int64_t n1, bool acc, const char* pf, const char* pf_end) {
   constexpr int NR = VM >= 3 ? 6 : 12;  // NR * VM accumulators + VM x vectors within 32 zmm
+  const int64_t tiles = std::max<int64_t>(1, (n1 - n0) / NR + (n1 - n0) % NR);
+  const int64_t lines = std::max<int64_t>(1, ((pf_end - pf) / 64 + tiles - 1) / tiles);
+  int64_t step = 1;  // a power of two: one line every step k4 steps
+  while (step * 2 * lines <= k41 - k40) step *= 2;
+  const int64_t share = lines * 64;
   int64_t n = n0;
-  for (; n + NR <= n1; n += NR) gemm_vnni_tile<NR, VM>(Ap, W + n * K, K, k40, k41, CT + n * ldct, ldct, acc);
-  for (; n < n1; ++n) gemm_vnni_tile<1, VM>(Ap, W + n * K, K, k40, k41, CT + n * ldct, ldct, acc);
+  for (; n + NR <= n1; n += NR, pf += share)
+    gemm_vnni_tile<NR, VM>(Ap, W + n * K, K, k40, k41, CT + n * ldct, ldct, acc, pf, std::min(pf_end, pf + share),
+                           step - 1);
+  for (; n < n1; ++n, pf += share)
+    gemm_vnni_tile<1, VM>(Ap, W + n * K, K, k40, k41, CT + n * ldct, ldct, acc, pf, std::min(pf_end, pf + share),
+                          step - 1);
 }
 
 bool use_vnni512() { return active_isa() >= Isa::Avx512 && features().avx512vnni; }
 
-// C [M, N] = A [M, K] (int16 holding int8 values, row stride lda) x W [N, K]^T.
-void int_matmul_vnni(const int16_t* A, int64_t lda, int64_t M, const int8_t* W, int64_t N, int64_t K, int32_t* C) {
-  std::vector<int32_t> asum(M, 0);
-  for (int64_t m = 0; m < M; ++m) {
-    int32_t t = 0;
-    const int16_t* src = A + m * lda;
-    for (int64_t k = 0; k < K; ++k) t += src[k];
-    asum[m] = t;
+// 16 x 16 int32 transpose in registers: r[i] lane j -> r[j] lane i.
+FASTKERN_VNNI512 inline void transpose16x16(__m512i r[16]) {
+  __m512i a[16], b[16];
+  for (int i = 0; i < 8; ++i) {
+    a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
   }
-  if (M <= kVnniGemvMaxM) {
-    const int64_t la = round_up(K, 64);
-    std::vector<int8_t> a8(M * la, 0);
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t k = 0; k < K; ++k) a8[m * la + k] = int8_t(A[m * lda + k]);
-    parallel_rows(N, kGemvRows, 16, [&](int64_t n0, int64_t n1) {
-      switch (M) {
-        case 1: gemv_vnni_rows<1>(a8.data(), la, asum.data(), W, K, C, N, n0, n1); break;
-        case 2: gemv_vnni_rows<2>(a8.data(), la, asum.data(), W, K, C, N, n0, n1); break;
-        case 3: gemv_vnni_rows<3>(a8.data(), la, asum.data(), W, K, C, N, n0, n1); break;
-        default: gemv_vnni_rows<4>(a8.data(), la, asum.data(), W, K, C, N, n0, n1); break;
-      }
-    });
-    return;
+  for (int g = 0; g < 4; ++g) {  // b[4g + c] lane L: column 4L + c of rows 4g .. 4g + 3
+    b[4 * g + 0] = _mm512_unpacklo_epi64(a[4 * g], a[4 * g + 2]);
+    b[4 * g + 1] = _mm512_unpackhi_epi64(a[4 * g], a[4 * g + 2]);
+    b[4 * g + 2] = _mm512_unpacklo_epi64(a[4 * g + 1], a[4 * g + 3]);
+    b[4 * g + 3] = _mm512_unpackhi_epi64(a[4 * g + 1], a[4 * g + 3]);
   }
-  // x packed per block of 64 rows (the last block 16, 32 or 48 rows wide): rows to int8
-  // (zero past K), then a transpose of 4-byte words [rows][K/4] -> [K/4][rows]
-  const int64_t K4 = (K + 3) / 4, nmb = (M + 63) / 64, Mp = round_up(M, 16);
-  std::vector<int32_t> a32(M * K4);
-  at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
-    for (int64_t m = b; m < e; ++m) {
-      int8_t* d = reinterpret_cast<int8_t*>(a32.data() + m * K4);
-      const int16_t* src = A + m * lda;
-      for (int64_t k = 0; k < K; ++k) d[k] = int8_t(src[k]);
-      for (int64_t k = K; k < K4 * 4; ++k) d[k] = 0;
+  for (int c = 0; c < 4; ++c) {
+    const __m512i u0 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0x44), u1 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0x44);
+    const __m512i u2 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0xEE), u3 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0xEE);
+    r[c] = _mm512_shuffle_i32x4(u0, u1, 0x88);
+    r[4 + c] = _mm512_shuffle_i32x4(u0, u1, 0xDD);
+    r[8 + c] = _mm512_shuffle_i32x4(u2, u3, 0x88);
+    r[12 + c] = _mm512_shuffle_i32x4(u2, u3, 0xDD);
+  }
+}
+
+// Where the products go: int32 C [M, N] (int8_gemm) or, for linear_w8a8, fp32
+// out [M, N] = float((double(c) * sx[m]) * ws[n]), the reference's double-precision scaling.
+struct VnniOut {
+  int32_t* c = nullptr;
+  float* f = nullptr;
+  const float* sx = nullptr;
+  const double* ws = nullptr;
+};
+
+// CT [N, Mp] (+ correction -corr[n]) -> out, 16 x 16 blocks transposed in registers;
+// threads split N.
+FASTKERN_VNNI512 void finish_vnni_block(const int32_t* CT, int64_t Mp, const int32_t* corr, int64_t M, int64_t N,
+                                        int64_t m0, int64_t n0, const VnniOut& o) {
+  const int64_t nn = std::min<int64_t>(16, N - n0), mm = std::min<int64_t>(16, M - m0);
+  __m512i r[16];
+  __m512d sxl = _mm512_setzero_pd(), sxh = _mm512_setzero_pd();
+  if (o.f) {
+    alignas(64) double sxd[16] = {};
+    for (int64_t i = 0; i < mm; ++i) sxd[i] = double(o.sx[m0 + i]);
+    sxl = _mm512_load_pd(sxd);
+    sxh = _mm512_load_pd(sxd + 8);
+  }
+  for (int64_t j = 0; j < 16; ++j) {
+    if (j >= nn) {
+      r[j] = _mm512_setzero_si512();
+      continue;
     }
-  });
-  std::vector<int32_t> ap(Mp * K4);
-  at::parallel_for(0, nmb, 1, [&](int64_t b, int64_t e) {
-    for (int64_t mb = b; mb < e; ++mb) {
+    const int64_t n = n0 + j;
+    const __m512i c = _mm512_sub_epi32(_mm512_loadu_si512(CT + n * Mp + m0), _mm512_set1_epi32(corr[n]));
+    if (o.f) {
+      const __m512d wsn = _mm512_set1_pd(o.ws[n]);
+      const __m512d lo = _mm512_mul_pd(_mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(c)), sxl), wsn);
+      const __m512d hi = _mm512_mul_pd(_mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(c, 1)), sxh), wsn);
+      const __m512 f = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(lo)), _mm512_cvtpd_ps(hi), 1);
+      r[j] = _mm512_castps_si512(f);
+    } else {
+      r[j] = c;
+    }
+  }
+  transpose16x16(r);
+  const __mmask16 mask = static_cast<__mmask16>((1u << nn) - 1u);
+  for (int64_t i = 0; i < mm; ++i) {
+    if (o.f)
+      _mm512_mask_storeu_ps(o.f + (m0 + i) * N + n0, mask, _mm512_castsi512_ps(r[i]));
+    else
+      _mm512_mask_storeu_epi32(o.c + (m0 + i) * N + n0, mask, r[i]);
+  }
+}
+
+// x rows (int8, row stride lda) -> x + 128 as unsigned bytes, packed per block of 64 rows
+// (the last one 16, 32 or 48 wide) as [K4][w][4 bytes]; zero rows past M, zero bytes past K.
+void pack_x_vnni(const int8_t* A, int64_t lda, int64_t M, int64_t K, int32_t* ap) {
+  const int64_t K4 = (K + 3) / 4, Mp = round_up(M, 16), nmb = (M + 63) / 64;
+  constexpr int64_t kChunk = 256;  // words of a row per work item
+  const int64_t nkc = (K4 + kChunk - 1) / kChunk;
+  at::parallel_for(0, nmb * nkc, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t mb = t / nkc, k0 = (t % nkc) * kChunk, k1 = std::min(K4, k0 + kChunk);
       const int64_t m0 = mb * 64, w = std::min<int64_t>(64, Mp - m0), rows = std::min<int64_t>(w, M - m0);
-      int32_t* dst = ap.data() + m0 * K4;
-      for (int64_t k0 = 0; k0 < K4; k0 += 16) {
-        const int64_t k1 = std::min(K4, k0 + 16);
-        for (int64_t r = 0; r < w; ++r) {
-          if (r < rows) {
-            const int32_t* src = a32.data() + (m0 + r) * K4;
-            for (int64_t k4 = k0; k4 < k1; ++k4) dst[k4 * w + r] = src[k4];
-          } else {
-            for (int64_t k4 = k0; k4 < k1; ++k4) dst[k4 * w + r] = 0;
-          }
+      int32_t* dst = ap + m0 * K4;
+      for (int64_t r = 0; r < w; ++r) {
+        if (r >= rows) {
+          for (int64_t k4 = k0; k4 < k1; ++k4) dst[k4 * w + r] = 0;
+          continue;
+        }
+        const int8_t* src = A + (m0 + r) * lda;
+        const int64_t kf = std::min(k1, K / 4);
+        for (int64_t k4 = k0; k4 < kf; ++k4) {
+          uint32_t v;
+          std::memcpy(&v, src + 4 * k4, 4);
+          dst[k4 * w + r] = int32_t(v ^ 0x80808080u);
+        }
+        if (kf < k1) {  // the last K % 4 bytes, zero after them
+          uint8_t bytes[4] = {0, 0, 0, 0};
+          for (int64_t k = 4 * kf; k < K; ++k) bytes[k - 4 * kf] = uint8_t(src[k]) ^ 0x80u;
+          int32_t v;
+          std::memcpy(&v, bytes, 4);
+          dst[kf * w + r] = v;
         }
       }
     }
   });
-  std::vector<int32_t> ct(N * Mp);
-  const int64_t nnb = (N + kVnniNB - 1) / kVnniNB;
-  at::parallel_for(0, nnb, 1, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) {
-      const int64_t n0 = t * kVnniNB, n1 = std::min(N, n0 + kVnniNB);
+}
+
+// Weight rows per GEMM task: a multiple of 12 (the 12- and 6-row tiles), about 384 KB of
+// weights, which stay in L2 from the row sums to the last tile.
+int64_t vnni_task_rows(int64_t K) {
+  return std::max<int64_t>(12, std::min<int64_t>(96, (384 * 1024 / std::max<int64_t>(K, 1)) / 12 * 12));
+}
+
+// A [M, K] (int8 rows, stride lda; for M <= kVnniGemvMaxM zero-padded to a multiple of 64
+// columns) x W [N, K]^T -> o.
+void matmul_vnni(const int8_t* A, int64_t lda, int64_t M, const int8_t* W, int64_t N, int64_t K, const VnniOut& o) {
+  if (M <= kVnniGemvMaxM) {
+    int32_t asum[kVnniGemvMaxM] = {0, 0, 0, 0};
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) asum[m] += A[m * lda + k];
+    at::Tensor tmp;
+    int32_t* C = o.c;
+    if (!C) {
+      tmp = at::empty({M, N}, at::kInt);
+      C = tmp.data_ptr<int32_t>();
+    }
+    parallel_rows(N, 16, 8, [&](int64_t n0, int64_t n1) {
+      switch (M) {
+        case 1: gemv_vnni<1>(A, lda, asum, W, K, C, N, n0, n1); break;
+        case 2: gemv_vnni<2>(A, lda, asum, W, K, C, N, n0, n1); break;
+        case 3: gemv_vnni<3>(A, lda, asum, W, K, C, N, n0, n1); break;
+        default: gemv_vnni<4>(A, lda, asum, W, K, C, N, n0, n1); break;
+      }
+    });
+    if (o.f) {
+      at::parallel_for(0, N, 1024, [&](int64_t b, int64_t e) {
+        for (int64_t m = 0; m < M; ++m) {
+          const double sx = double(o.sx[m]);
+          for (int64_t n = b; n < e; ++n) o.f[m * N + n] = float((double(C[m * N + n]) * sx) * o.ws[n]);
+        }
+      });
+    }
+    return;
+  }
+  const int64_t K4 = (K + 3) / 4, nmb = (M + 63) / 64, Mp = round_up(M, 16);
+  at::Tensor apt = at::empty({Mp * K4}, at::kInt);
+  at::Tensor ctt = at::empty({N * Mp}, at::kInt);
+  at::Tensor wst = at::empty({N}, at::kInt);
+  int32_t* ap = apt.data_ptr<int32_t>();
+  int32_t* ct = ctt.data_ptr<int32_t>();
+  int32_t* corr = wst.data_ptr<int32_t>();
+  pack_x_vnni(A, lda, M, K, ap);
+  // Each thread takes one contiguous run of rows (12-row units, so the threads' shares
+  // differ by at most 12 rows) and goes through it in tasks of nb rows; while a task
+  // computes, the next task's rows are prefetched into L2 (spread over its tiles), so the
+  // weight stream overlaps the arithmetic instead of preceding it.
+  const int64_t nb = vnni_task_rows(K);
+  parallel_rows(N, 12, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t n0 = r0; n0 < r1; n0 += nb) {
+      const int64_t n1 = std::min(r1, n0 + nb);
+      const char* pf = reinterpret_cast<const char*>(W + n1 * K);
+      const char* pf_end = reinterpret_cast<const char*>(W + std::min(r1, n1 + nb) * K);
+      // spread over this task's tile calls: nmb x K blocks of them
+      const int64_t nkb = (K4 + kVnniKC / 4 - 1) / (kVnniKC / 4);
+      const int64_t share = ((pf_end - pf) + nmb * nkb - 1) / (nmb * nkb);
+      row_sums_vnni(W, K, n0, n1, corr + n0);
+      for (int64_t n = n0; n < n1; ++n) corr[n] = int32_t(128u * uint32_t(corr[n]));
       for (int64_t k40 = 0; k40 < K4; k40 += kVnniKC / 4) {
         const int64_t k41 = std::min(K4, k40 + kVnniKC / 4);
         for (int64_t mb = 0; mb < nmb; ++mb) {
           const int64_t m0 = mb * 64, vm = std::min<int64_t>(64, Mp - m0) / 16;
-          const int8_t* a = reinterpret_cast<const int8_t*>(ap.data() + m0 * K4);
-          int32_t* c = ct.data() + m0;
+          const int8_t* a = reinterpret_cast<const int8_t*>(ap + m0 * K4);
+          int32_t* c = ct + m0;
+          const char* pe = std::min(pf_end, pf + share);
           switch (vm) {
-            case 1: gemm_vnni_rows<1>(a, W, K, k40, k41, c, Mp, n0, n1, k40 > 0); break;
-            case 2: gemm_vnni_rows<2>(a, W, K, k40, k41, c, Mp, n0, n1, k40 > 0); break;
-            case 3: gemm_vnni_rows<3>(a, W, K, k40, k41, c, Mp, n0, n1, k40 > 0); break;
-            default: gemm_vnni_rows<4>(a, W, K, k40, k41, c, Mp, n0, n1, k40 > 0); break;
+            case 1: gemm_vnni_rows<1>(a, W, K, k40, k41, c, Mp, n0, n1, k40 > 0, pf, pe); break;
+            case 2: gemm_vnni_rows<2>(a, W, K, k40, k41, c, Mp, n0, n1, k40 > 0, pf, pe); break;
+            case 3: gemm_vnni_rows<3>(a, W, K, k40, k41, c, Mp, n0, n1, k40 > 0, pf, pe); break;
+            default: gemm_vnni_rows<4>(a, W, K, k40, k41, c, Mp, n0, n1, k40 > 0, pf, pe); break;
           }
+          pf = pe;
         }
       }
     }
   });
-  // CT [N, Mp] -> C [M, N]: 16 rows of C at a time, each CT read a 64-byte run
-  at::parallel_for(0, Mp / 16, 1, [&](int64_t b, int64_t e) {
-    for (int64_t mb = b; mb < e; ++mb) {
-      const int64_t m0 = mb * 16, m1 = std::min(M, m0 + 16);
-      // 16 x 16 blocks: the 16 rows of C being written stay in L1
-      for (int64_t nb = 0; nb < N; nb += 16) {
-        const int64_t ne = std::min(N, nb + 16);
-        for (int64_t m = m0; m < m1; ++m) {
-          const uint32_t corr = 128u * uint32_t(asum[m]);
-          int32_t* c = C + m * N;
-          for (int64_t n = nb; n < ne; ++n) c[n] = int32_t(uint32_t(ct[n * Mp + m]) - corr);
-        }
-      }
-    }
+  const int64_t nnb16 = (N + 15) / 16;
+  at::parallel_for(0, nnb16, 16, [&](int64_t b, int64_t e) {
+    for (int64_t j = b; j < e; ++j)
+      for (int64_t m0 = 0; m0 < M; m0 += 16) finish_vnni_block(ct, Mp, corr, M, N, m0, j * 16, o);
   });
+}
+
+// C [M, N] = A [M, K] (int16 holding int8 values, row stride lda) x W [N, K]^T.
+void int_matmul_vnni(const int16_t* A, int64_t lda, int64_t M, const int8_t* W, int64_t N, int64_t K, int32_t* C) {
+  const int64_t la = round_up(K, 64);
+  std::vector<int8_t> a8(M * la, 0);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) a8[m * la + k] = int8_t(A[m * lda + k]);
+  VnniOut o;
+  o.c = C;
+  matmul_vnni(a8.data(), la, M, W, N, K, o);
 }
 #endif
 
@@ -449,6 +608,24 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a, const at::Tensor& b) {
   at::Tensor bc = b.contiguous();
   at::Tensor a2 = a.reshape({rows_of(a), K});
   const int64_t M = a2.size(0), Kp = round_up(K, 16);
+#if FASTKERN_X86
+  if (use_vnni512() && M > 0 && N > 0 && K > 0) {
+    at::Tensor C = at::empty({M, N}, a.options().dtype(at::kInt));
+    VnniOut o;
+    o.c = C.data_ptr<int32_t>();
+    at::Tensor A8;
+    int64_t lda = K;
+    if (M <= kVnniGemvMaxM) {  // the GEMV reads whole 64-byte vectors of x: zero-pad
+      lda = round_up(K, 64);
+      A8 = at::zeros({M, lda}, a.options());
+      A8.narrow(1, 0, K).copy_(a2);
+    } else {
+      A8 = a2.contiguous();
+    }
+    matmul_vnni(A8.data_ptr<int8_t>(), lda, M, bc.data_ptr<int8_t>(), N, K, o);
+    return C.reshape(out_shape(a, N));
+  }
+#endif
   at::Tensor A = at::zeros({M, Kp}, a.options().dtype(at::kShort));
   if (M > 0 && K > 0) A.narrow(1, 0, K).copy_(a2);
   at::Tensor C = at::empty({M, N}, a.options().dtype(at::kInt));
@@ -560,9 +737,12 @@ void quantize_rows_generic(const float* X, int64_t ldx, int64_t M, int64_t K, in
 }
 
 #if FASTKERN_X86
-FASTKERN_AVX2 void quantize_rows_avx2(const float* X, int64_t ldx, int64_t M, int64_t K, int16_t* Q, int64_t ldq,
+// Q is int16_t (rows zero-padded to a multiple of 16 by the caller) or int8_t (written up
+// to ldq: zeros after K).
+template <class Q_t>
+FASTKERN_AVX2 void quantize_rows_avx2(const float* X, int64_t ldx, int64_t M, int64_t K, Q_t* Q, int64_t ldq,
                                       float* S) {
-  // X is zero-padded to a multiple of 8 columns (ldx), Q to a multiple of 16.
+  // X is zero-padded to a multiple of 8 columns (ldx).
   const int64_t K8 = round_up(K, 8);
   const __m256 sign = _mm256_set1_ps(-0.0f);
   for (int64_t m = 0; m < M; ++m) {
@@ -579,10 +759,11 @@ FASTKERN_AVX2 void quantize_rows_avx2(const float* X, int64_t ldx, int64_t M, in
     _mm256_store_ps(lanes, amax);
     float a = 0.f;
     for (int l = 0; l < 8; ++l) a = std::max(a, lanes[l]);
-    int16_t* q = Q + m * ldq;
+    Q_t* q = Q + m * ldq;
+    if (sizeof(Q_t) == 1) std::fill(q + K8, q + ldq, Q_t(0));
     if (_mm256_movemask_ps(bad) != 0) {
       S[m] = std::numeric_limits<float>::quiet_NaN();
-      std::fill(q, q + K8, int16_t(0));
+      std::fill(q, q + K8, Q_t(0));
       continue;
     }
     const float s = a / 127.0f;
@@ -595,7 +776,10 @@ FASTKERN_AVX2 void quantize_rows_avx2(const float* X, int64_t ldx, int64_t M, in
       v = _mm256_min_ps(hi, _mm256_max_ps(lo, v));
       __m256i i32 = _mm256_cvtps_epi32(v);
       __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), i16);
+      if (sizeof(Q_t) == 1)
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(q + k), _mm_packs_epi16(i16, i16));
+      else
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), i16);
     }
   }
 }
@@ -612,6 +796,27 @@ at::Tensor linear_w8a8_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
   const int64_t Kp = round_up(K, 16);
   at::Tensor X = x_f32_padded(x, K, Kp);
   const int64_t M = X.size(0);
+#if FASTKERN_X86
+  if (use_vnni512() && M > 0 && N > 0 && K > 0) {
+    // int8 rows (zero-padded to 64 columns for the GEMV), straight into the VNNI kernels,
+    // whose epilogue applies the scales
+    const int64_t Kq = round_up(K, 64);
+    at::Tensor Q8 = at::empty({M, Kq}, X.options().dtype(at::kChar));
+    at::Tensor S = at::empty({M}, X.options());
+    at::parallel_for(0, M, std::max<int64_t>(1, 65536 / K), [&](int64_t m0, int64_t m1) {
+      quantize_rows_avx2<int8_t>(X.data_ptr<float>() + m0 * Kp, Kp, m1 - m0, K, Q8.data_ptr<int8_t>() + m0 * Kq, Kq,
+                                 S.data_ptr<float>() + m0);
+    });
+    at::Tensor out = at::empty({M, N}, X.options());
+    at::Tensor wsd = w_scale.to(at::kDouble).contiguous();
+    VnniOut o;
+    o.f = out.data_ptr<float>();
+    o.sx = S.data_ptr<float>();
+    o.ws = wsd.data_ptr<double>();
+    matmul_vnni(Q8.data_ptr<int8_t>(), Kq, M, wc.data_ptr<int8_t>(), N, K, o);
+    return finish(out, bias, x, N);
+  }
+#endif
   at::Tensor Q = at::zeros({M, Kp}, X.options().dtype(at::kShort));
   at::Tensor S = at::empty({M, 1}, X.options());
   if (M > 0) {
@@ -619,7 +824,7 @@ at::Tensor linear_w8a8_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
     at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
 #if FASTKERN_X86
       if (use_avx2()) {
-        quantize_rows_avx2(X.data_ptr<float>() + m0 * Kp, Kp, m1 - m0, K, Q.data_ptr<int16_t>() + m0 * Kp, Kp,
+        quantize_rows_avx2<int16_t>(X.data_ptr<float>() + m0 * Kp, Kp, m1 - m0, K, Q.data_ptr<int16_t>() + m0 * Kp, Kp,
                            S.data_ptr<float>() + m0);
         return;
       }
