@@ -237,6 +237,31 @@ def test_gemv_accuracy_long_rows(isa, m, k, g, gen):
 
 
 @NATIVE
+@pytest.mark.parametrize("isa", cpu_isas())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("k,g", [(2048, 1024), (2304, 1152), (14336, 14336)])
+def test_gemv_extreme_values_no_overflow(isa, dtype, k, g, gen):
+    # the limbs of a group combine in one int32 per lane (Horner, base 128) over spans of at
+    # most 8 chunks: the largest products (q = 15, every activation at the group's absmax, so
+    # every first limb is +-127) over groups of 8, 9 and 112 chunks of 128 weights must not wrap
+    x = torch.ones(3, k)
+    x[1] = -1.0
+    x[2, ::2] = -1.0
+    x = x.to(dtype)
+    w = torch.full((5, k // 2), 0xFF, dtype=torch.uint8)
+    s = torch.rand(5, k // g, generator=gen) + 0.5
+    z = torch.zeros(5, k // g, dtype=torch.uint8)
+    z[1] = 8
+    with cpu_isa(isa):
+        out = native(x, w, s, z, g, None)
+    # float64 truth: sums of thousands of equal terms are where fp32 summation orders differ
+    # most, so the check is loose; a wrapped int32 would be off by 100%
+    deq = (15.0 - z.double().repeat_interleave(g, dim=1)) * s.double().repeat_interleave(g, dim=1)
+    ref = x.double() @ deq.T
+    assert (out.double() - ref).norm() <= (1e-4 if dtype == torch.float32 else 1e-2) * ref.norm()
+
+
+@NATIVE
 def test_larger_shapes(gen):
     x = torch.randn(33, 2048, generator=gen)
     w, s, z = make_w4(gen, 200, 2048, 128)

@@ -7,9 +7,10 @@
 // activations quantized per call to int8 "limbs" per group (three for fp32, which
 // keeps the 1e-5 fp32 contract; two for fp16/bf16) and multiplied with the
 // unpacked nibbles by byte dot products, the zero point folded out. Details at
-// "GEMV: int8 limbs x nibbles". With AVX512-BF16 (AVX-512 path), bf16/fp16
-// activations instead meet the nibbles converted to bf16 in vdpbf16ps dot products
-// (exact products): "GEMV: bf16 dot products".
+// "GEMV: int8 limbs x nibbles". With AVX512-BF16 (AVX-512 path) a second GEMV for
+// bf16/fp16 activations meets the nibbles converted to bf16 in vdpbf16ps dot products
+// (exact products): "GEMV: bf16 dot products" (slower than the limbs now; kept behind
+// FASTKERN_W4A16_BF16_GEMV=1 and tested).
 //
 // M > 16, the generic path, and inputs holding NaN/inf: the blocked fp32 GEMM of
 // gemm_blocked.h with B slivers dequantized exactly as the reference does
@@ -152,40 +153,52 @@ void w4_blocked_gemm(const W4& p, int64_t N, int64_t K, const float* X, int64_t 
 // (AVX2) or 64-byte (AVX-512) load holds 64 / 128 nibbles; one AND gives the
 // even-k weights, a shift and an AND the odd-k ones, as unsigned bytes 0..15.
 // The activations are quantized on the fly, per group, to L signed int8
-// "limbs": x ~ s (a1 + a2 / 254 + a3 / 254^2), s = absmax / 127, each limb the
-// rounded remainder of the previous one. Three limbs resolve 127 * 254^2 ~ 2^23
-// steps of the group's absmax, as fine as fp32 itself, so fp32 activations keep
-// the 1e-5 fp32 contract; fp16/bf16 activations (1e-2 contract) take two.
+// "limbs": x ~ s (a1 + a2 / 128 + a3 / 128^2), s = absmax / 127, each limb the
+// rounded remainder of the previous one (|a2|, |a3| <= 64). Three limbs resolve
+// 127 * 128^2 ~ 2^21 steps of the group's absmax (an error ~1e-7 of it), so fp32
+// activations keep the 1e-5 fp32 contract with a wide margin; fp16/bf16 activations
+// (1e-2 contract) take two. Base 128 lets the limbs' products combine exactly in one
+// int32 by shifts (Horner), see "Per group and row" below.
 // Products are u8 x s8 byte dot products: vpdpbusd (AVX-512 VNNI), or
 // vpmaddubsw + vpmaddwd on AVX2 (|pair| <= 2 * 15 * 127, no int16 saturation).
 // Per group and limb the int32 sum of q * a is exact; the zero point folds out
 // as z * sum(x) (the sum of the reconstructed activations, computed at
-// quantization), so the inner loop never touches z. Each 32-bit lane is
-// converted to float once per group and scaled by s_w * s_x with an FMA.
+// quantization), so the inner loop never touches z.
 //
 // Activation layout per row: for each group, for each chunk of CW weights
 // (CW = 64 AVX2, 128 AVX-512), L limbs of CW bytes [CW/2 even k | CW/2 odd k],
 // zero past the group's end: weight bytes read past a group's end (another
 // group's, or a masked / copied tail) meet zero activations and add nothing.
 
-constexpr float kLimb = 254.f;
+constexpr float kLimb = 128.f;
 // Software prefetch distance along each weight row, in bytes. NR rows are read as
 // NR interleaved streams that cross a 4 KiB page every few dozen lines; the
 // hardware prefetchers stop at page ends and one core then reads DRAM at a third
 // of its bandwidth (measured: 6 vs 15 GB/s on one thread at 4096x14336).
+// Software prefetches along the weight rows. The GEMV reads each thread's rows one
+// after another (runs of one K block each); the hardware prefetchers alone lose time
+// at every run and 4 KiB page start. Far prefetch: into L2, the same bytes enough rows
+// ahead to be ~kPrefetchL2 bytes ahead in the thread's stream (more lines in flight
+// than the L1 miss buffers allow). Near prefetch: into L1, kPrefetch bytes ahead
+// within the run. Measured (one thread, 4096x4096 / 4096x14336, weights beyond L3):
+// 4 KiB ahead beats 2 KiB by 5-25%, 8 KiB ties; the near distance matters little.
 constexpr int64_t kPrefetch = 512;
-// A second, farther prefetch into L2 only keeps more lines in flight than the L1
-// miss buffers allow (measured, one thread, 4096x14336: 1.8 -> 1.4 ms bf16, 2.0 -> 1.7
-// ms fp32; 1.5-3 KB all good, 1 KB or less no gain).
-constexpr int64_t kPrefetchL2 = 2048;
+constexpr int64_t kPrefetchL2 = 4096;
 
 struct Limbs {
   const int8_t* a;   // [M, lda]
   int64_t lda;
-  const float* sx;   // [M, G] activation scale of each group
+  const float* sx;   // [M, G, 4] per group: the limb weights s, s / 128, s / 128^2 (s = absmax / 127), 0
   const float* sum;  // [M, G] sum of the group's reconstructed activations
   int64_t nc;        // chunks per group
 };
+
+inline void set_limb_weights(float s, float* sx) {
+  sx[0] = s;
+  sx[1] = s / kLimb;
+  sx[2] = s / (kLimb * kLimb);
+  sx[3] = 0.f;
+}
 
 // One group of one row: limbs into blk (nc * L * CW bytes), its scale and the sum of its
 // reconstructed activations. Returns false if the group holds NaN or inf.
@@ -212,7 +225,7 @@ bool w4_limbs_group_generic(const float* x, int64_t g, int64_t CW, int L, int8_t
       t = (t - a) * kLimb;
     }
   }
-  *sx = s;
+  set_limb_weights(s, sx);
   *sum = float(double(s) * (double(isum[0]) + double(isum[1]) / kLimb + double(isum[2]) / (double(kLimb) * kLimb)));
   return true;
 }
@@ -276,7 +289,7 @@ FASTKERN_AVX2 bool w4_limbs_group_avx2(const float* x, int64_t g, int64_t CW, in
     tot += double(hsum8_i32_avx2(isum[l])) * unit;
     unit /= kLimb;
   }
-  *sx = s;
+  set_limb_weights(s, sx);
   *sum = float(double(s) * tot);
   return true;
 }
@@ -298,10 +311,10 @@ bool w4_prepare_limbs(const float* X, int64_t ldx, int64_t M, int64_t K, int64_t
       bool good;
 #if FASTKERN_X86
       if (avx2 && g % 32 == 0)
-        good = w4_limbs_group_avx2(x, g, CW, L, blk, SX + i, SUM + i);
+        good = w4_limbs_group_avx2(x, g, CW, L, blk, SX + 4 * i, SUM + i);
       else
 #endif
-        good = w4_limbs_group_generic(x, g, CW, L, blk, SX + i, SUM + i);
+        good = w4_limbs_group_generic(x, g, CW, L, blk, SX + 4 * i, SUM + i);
       if (!good) ok = false;
     }
   });
@@ -319,84 +332,123 @@ FASTKERN_AVX512VNNI inline __m512i dpbusd_inplace(__m512i acc, __m512i a, __m512
   return acc;
 }
 
-// Combine the L limb sums of one group: float(acc0) + float(acc1) / 254 + float(acc2) / 254^2.
-template <int L>
-FASTKERN_AVX2 inline __m256 limbs_to_f32_avx2(const __m256i (&acc)[L]) {
-  __m256 f = _mm256_cvtepi32_ps(acc[0]);
-  if (L > 1) f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[1]), _mm256_set1_ps(1.f / kLimb), f);
-  if (L > 2) f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[L > 2 ? 2 : 0]), _mm256_set1_ps(1.f / (kLimb * kLimb)), f);
-  return f;
+// Per group and row, the limbs' dot products combine exactly in int32 by Horner's rule,
+// D = (d_0 * 128 + d_1) * 128 + d_2 (the accumulator is shifted left by 7 bits before
+// each further limb), so one accumulator per (x row, weight row) is converted to float
+// per group, scaled by s_x / 128^(L-1) (shared by the tile's weight rows) and the weight
+// scale. |D| grows by at most 8 * 15 * (127 * 128^2 + 64 * 128 + 64) < 2^28 per chunk
+// and lane, so a group is taken in spans of at most kSpan chunks (an int32 never
+// overflows). The zero point's share, sum_g s_w z sum(x_g), is one vectorized dot
+// product over the groups per output (zero_corr_*), outside the streaming loop.
+constexpr int64_t kSpan = 8;
+
+// sum_g ws[g] * z[g] * sm[g] in a fixed order (8 lanes, then hsum8_avx2)
+FASTKERN_AVX2 inline float zero_corr_avx2(const float* ws, const uint8_t* z, const float* sm, int64_t G) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 8 <= G; g += 8) {
+    int64_t zz;
+    std::memcpy(&zz, z + g, 8);
+    const __m256 zf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(zz)));
+    acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(ws + g), zf), _mm256_loadu_ps(sm + g), acc);
+  }
+  if (g < G) {
+    alignas(32) float a[8] = {0, 0, 0, 0, 0, 0, 0, 0}, b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t i = g; i < G; ++i) {
+      a[i - g] = ws[i] * float(z[i]);
+      b[i - g] = sm[i];
+    }
+    acc = _mm256_fmadd_ps(_mm256_load_ps(a), _mm256_load_ps(b), acc);
+  }
+  return hsum8_avx2(acc);
+}
+
+// The part of K a tile covers: groups [g0, g1) (the GEMV walks K in blocks so that the
+// activations' limbs of a block stay in L1 while the weight rows stream past them).
+// `first`: the block that stores y = sum - zero-point share; later blocks add to y.
+struct KRange {
+  int64_t g0, g1;
+  bool first;
+  const uint8_t* wend;  // end of the weight tensor
+  int64_t pf_rows;      // the far (L2) prefetch reads the same bytes pf_rows rows ahead
+};
+
+// Prefetches for the weight bytes at wp (row offset `off` within the block's bytes
+// [0, run)): into L2 the same bytes pf_rows rows ahead, which is where the stream of
+// this thread (rows one after another, `run` bytes of each) will be pf_rows * run
+// bytes later; into L1 the bytes kPrefetch ahead in this row while they are still in
+// the block (beyond it they would be fetched long before their use and evicted).
+inline void w4_prefetch(const uint8_t* wp, int64_t off, int64_t run, int64_t far) {
+  _mm_prefetch(reinterpret_cast<const char*>(wp + far), _MM_HINT_T1);
+  if (off + kPrefetch < run) _mm_prefetch(reinterpret_cast<const char*>(wp + kPrefetch), _MM_HINT_T0);
 }
 
 // MR activation rows x NR weight rows starting at (m0, n).
 template <int MR, int NR, int L>
-FASTKERN_AVX2 void w4l_tile_avx2(const W4& p, const Limbs& q, const uint8_t* wend, int64_t n, int64_t m0, float* Y,
+FASTKERN_AVX2 void w4l_tile_avx2(const W4& p, const Limbs& q, const KRange& kr, int64_t n, int64_t m0, float* Y,
                                  int64_t ldy) {
   constexpr int64_t CW = 64;
   const __m256i m4 = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
-  const int64_t hb = p.g / 2;
+  const int64_t hb = p.g / 2, run = (kr.g1 - kr.g0) * hb, far = kr.pf_rows * p.ldw;
+  const uint8_t* wend = kr.wend;
   __m256 tot[MR][NR];
-  float corr[MR][NR];
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) {
-      tot[i][j] = _mm256_setzero_ps();
-      corr[i][j] = 0.f;
-    }
+    for (int j = 0; j < NR; ++j) tot[i][j] = _mm256_setzero_ps();
   alignas(32) uint8_t tail[32];
-  for (int64_t gi = 0; gi < p.G; ++gi) {
-    __m256i acc[MR][NR][L];
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < NR; ++j)
-        for (int l = 0; l < L; ++l) acc[i][j][l] = _mm256_setzero_si256();
+  auto load_w = [&](const uint8_t* wp) FASTKERN_AVX2 {
+    if (wp + 32 <= wend) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp));
+    std::memset(tail, 0, 32);  // the tensor's last bytes: never read past its end
+    std::memcpy(tail, wp, wend - wp);
+    return _mm256_load_si256(reinterpret_cast<const __m256i*>(tail));
+  };
+  for (int64_t gi = kr.g0; gi < kr.g1; ++gi) {
     const int8_t* ag = q.a + m0 * q.lda + gi * q.nc * L * CW;
-    for (int64_t c = 0; c < q.nc; ++c) {
-      __m256i lo[NR], hi[NR];
-      for (int j = 0; j < NR; ++j) {
-        const uint8_t* wp = p.w + (n + j) * p.ldw + gi * hb + c * 32;
-        _mm_prefetch(reinterpret_cast<const char*>(wp + kPrefetch), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(wp + kPrefetchL2), _MM_HINT_T1);
-        __m256i v;
-        if (wp + 32 <= wend) {
-          v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp));
-        } else {  // the tensor's last bytes: never read past its end
-          std::memset(tail, 0, 32);
-          std::memcpy(tail, wp, wend - wp);
-          v = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail));
-        }
-        lo[j] = _mm256_and_si256(v, m4);
-        hi[j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-      }
+    for (int64_t c0 = 0; c0 < q.nc; c0 += kSpan) {
+      const int64_t ce = std::min(q.nc, c0 + kSpan);
+      __m256i acc[MR][NR];
       for (int i = 0; i < MR; ++i)
-        for (int l = 0; l < L; ++l) {
-          const int8_t* al = ag + i * q.lda + (c * L + l) * CW;
-          const __m256i xe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(al));
-          const __m256i xo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(al + 32));
+        for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_si256();
+      for (int l = 0; l < L; ++l) {
+        if (l > 0)
+          for (int i = 0; i < MR; ++i)
+            for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_slli_epi32(acc[i][j], 7);
+        for (int64_t c = c0; c < ce; ++c) {
+          __m256i lo[NR], hi[NR];
           for (int j = 0; j < NR; ++j) {
-            __m256i t = _mm256_add_epi16(_mm256_maddubs_epi16(lo[j], xe), _mm256_maddubs_epi16(hi[j], xo));
-            acc[i][j][l] = _mm256_add_epi32(acc[i][j][l], _mm256_madd_epi16(t, ones));
+            const uint8_t* wp = p.w + (n + j) * p.ldw + gi * hb + c * 32;
+            if (l == 0) w4_prefetch(wp, (gi - kr.g0) * hb + c * 32, run, far);
+            const __m256i v = load_w(wp);
+            lo[j] = _mm256_and_si256(v, m4);
+            hi[j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+          }
+          for (int i = 0; i < MR; ++i) {
+            const int8_t* al = ag + i * q.lda + (c * L + l) * CW;
+            const __m256i xe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(al));
+            const __m256i xo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(al + 32));
+            for (int j = 0; j < NR; ++j) {
+              __m256i t = _mm256_add_epi16(_mm256_maddubs_epi16(lo[j], xe), _mm256_maddubs_epi16(hi[j], xo));
+              acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(t, ones));
+            }
           }
         }
-    }
-    for (int j = 0; j < NR; ++j) {
-      const float ws = p.s[(n + j) * p.G + gi], z = float(p.z[(n + j) * p.G + gi]);
+      }
       for (int i = 0; i < MR; ++i) {
-        const float sx = q.sx[(m0 + i) * p.G + gi], sm = q.sum[(m0 + i) * p.G + gi];
-        tot[i][j] = _mm256_fmadd_ps(limbs_to_f32_avx2<L>(acc[i][j]), _mm256_set1_ps(ws * sx), tot[i][j]);
-        corr[i][j] += ws * z * sm;
+        const __m256 cx = _mm256_broadcast_ss(q.sx + ((m0 + i) * p.G + gi) * 4 + (L - 1));
+        for (int j = 0; j < NR; ++j) {
+          const __m256 sc = _mm256_mul_ps(cx, _mm256_broadcast_ss(p.s + (n + j) * p.G + gi));
+          tot[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[i][j]), sc, tot[i][j]);
+        }
       }
     }
   }
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) Y[(m0 + i) * ldy + n + j] = hsum8_avx2(tot[i][j]) - corr[i][j];
-}
-
-template <int L>
-FASTKERN_AVX512VNNI inline __m512 limbs_to_f32_avx512(const __m512i (&acc)[L]) {
-  __m512 f = _mm512_cvtepi32_ps(acc[0]);
-  if (L > 1) f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[1]), _mm512_set1_ps(1.f / kLimb), f);
-  if (L > 2) f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[L > 2 ? 2 : 0]), _mm512_set1_ps(1.f / (kLimb * kLimb)), f);
-  return f;
+    for (int j = 0; j < NR; ++j) {
+      float& y = Y[(m0 + i) * ldy + n + j];
+      const float s = hsum8_avx2(tot[i][j]);
+      y = kr.first ? s - zero_corr_avx2(p.s + (n + j) * p.G, p.z + (n + j) * p.G, q.sum + (m0 + i) * p.G, p.G)
+                   : y + s;
+    }
 }
 
 FASTKERN_AVX512VNNI inline float hsum16_avx512(__m512 v) {
@@ -407,63 +459,151 @@ FASTKERN_AVX512VNNI inline float hsum16_avx512(__m512 v) {
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
 }
 
-template <int MR, int NR, int L>
-FASTKERN_AVX512VNNI void w4l_tile_avx512(const W4& p, const Limbs& q, const uint8_t* /*wend*/, int64_t n,
-                                         int64_t m0, float* Y, int64_t ldy) {
-  constexpr int64_t CW = 128;
-  const __m512i m4 = _mm512_set1_epi8(0x0F);
-  const int64_t hb = p.g / 2;
-  __m512 tot[MR][NR];
-  float corr[MR][NR];
+// sum_g ws[g] * z[g] * sm[g] in a fixed order (16 lanes, then hsum16_avx512)
+FASTKERN_AVX512VNNI inline float zero_corr_avx512(const float* ws, const uint8_t* z, const float* sm, int64_t G) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; g += 16) {
+    const __mmask16 mk = G - g >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (G - g)) - 1);
+    const __m512 zf = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, z + g)));
+    acc = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, ws + g), zf), _mm512_maskz_loadu_ps(mk, sm + g), acc);
+  }
+  return hsum16_avx512(acc);
+}
+
+template <int MR, int NR>
+FASTKERN_AVX512VNNI inline void w4l_store_avx512(const W4& p, const Limbs& q, const KRange& kr, int64_t n, int64_t m0,
+                                                 float* Y, int64_t ldy, const __m512 (&tot)[MR][NR]) {
+  float out[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) out[i][j] = hsum16_avx512(tot[i][j]);
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) {
-      tot[i][j] = _mm512_setzero_ps();
-      corr[i][j] = 0.f;
+      float& y = Y[(m0 + i) * ldy + n + j];
+      y = kr.first ? out[i][j] - zero_corr_avx512(p.s + (n + j) * p.G, p.z + (n + j) * p.G, q.sum + (m0 + i) * p.G, p.G)
+                   : y + out[i][j];
     }
-  for (int64_t gi = 0; gi < p.G; ++gi) {
-    __m512i acc[MR][NR][L];
+}
+
+// g <= 128: one (possibly partial) chunk per group, its nibbles unpacked once and
+// reused by every limb; the loop the M = 1 decode spends its time in. The even-k and
+// odd-k products go to separate accumulators (S = 2) where registers allow: the Horner
+// chain of an output is then 3 instead of 6 dependent vpdpbusd per group.
+template <int MR, int NR, int L>
+FASTKERN_AVX512VNNI void w4l_tile1_avx512(const W4& p, const Limbs& q, const KRange& kr, int64_t n, int64_t m0,
+                                          float* Y, int64_t ldy) {
+  constexpr int64_t CW = 128;
+  constexpr int S = MR * NR * 2 <= 8 ? 2 : 1;
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  const int64_t hb = p.g / 2, ldw = p.ldw, G = p.G, run = (kr.g1 - kr.g0) * hb, far = kr.pf_rows * ldw;
+  // masked loads: no read past the group (or the tensor)
+  const __mmask64 mk = hb >= 64 ? ~__mmask64(0) : (__mmask64(1) << hb) - 1;
+  __m512 tot[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) tot[i][j] = _mm512_setzero_ps();
+  const uint8_t* wc = p.w + n * ldw + kr.g0 * hb;
+  const int8_t* ag = q.a + m0 * q.lda + kr.g0 * L * CW;
+  const float* sw = p.s + n * G + kr.g0;
+  const float* cx = q.sx + (m0 * G + kr.g0) * 4 + (L - 1);
+  for (int64_t off = 0; off < run; off += hb, wc += hb, ag += L * CW, sw += 1, cx += 4) {
+    __m512i lo[NR], hi[NR];
+    for (int j = 0; j < NR; ++j) {
+      const uint8_t* wp = wc + j * ldw;
+      w4_prefetch(wp, off, run, far);
+      const __m512i v = _mm512_maskz_loadu_epi8(mk, wp);
+      lo[j] = _mm512_and_si512(v, m4);
+      hi[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+    }
+    __m512i acc[MR][NR][S];
     for (int i = 0; i < MR; ++i)
       for (int j = 0; j < NR; ++j)
-        for (int l = 0; l < L; ++l) acc[i][j][l] = _mm512_setzero_si512();
-    const int8_t* ag = q.a + m0 * q.lda + gi * q.nc * L * CW;
-    for (int64_t c = 0; c < q.nc; ++c) {
-      const int64_t nb = std::min<int64_t>(64, hb - c * 64);
-      // masked tail: no read past the group (or the tensor)
-      const __mmask64 mk = nb == 64 ? ~__mmask64(0) : (__mmask64(1) << nb) - 1;
-      __m512i lo[NR], hi[NR];
-      for (int j = 0; j < NR; ++j) {
-        const uint8_t* wp = p.w + (n + j) * p.ldw + gi * hb + c * 64;
-        _mm_prefetch(reinterpret_cast<const char*>(wp + kPrefetch), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(wp + kPrefetchL2), _MM_HINT_T1);
-        const __m512i v = _mm512_maskz_loadu_epi8(mk, wp);
-        lo[j] = _mm512_and_si512(v, m4);
-        hi[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
-      }
-      for (int i = 0; i < MR; ++i)
-        for (int l = 0; l < L; ++l) {
-          const int8_t* al = ag + i * q.lda + (c * L + l) * CW;
-          const __m512i xe = _mm512_loadu_si512(al);
-          const __m512i xo = _mm512_loadu_si512(al + 64);
-          for (int j = 0; j < NR; ++j) {
-            acc[i][j][l] = dpbusd_inplace(acc[i][j][l], lo[j], xe);
-            acc[i][j][l] = dpbusd_inplace(acc[i][j][l], hi[j], xo);
-          }
-        }
-    }
-    for (int j = 0; j < NR; ++j) {
-      const float ws = p.s[(n + j) * p.G + gi], z = float(p.z[(n + j) * p.G + gi]);
+        for (int t = 0; t < S; ++t) acc[i][j][t] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+    for (int l = 0; l < L; ++l) {
+      if (l > 0)
+        for (int i = 0; i < MR; ++i)
+          for (int j = 0; j < NR; ++j)
+            for (int t = 0; t < S; ++t) acc[i][j][t] = _mm512_slli_epi32(acc[i][j][t], 7);
       for (int i = 0; i < MR; ++i) {
-        const float sx = q.sx[(m0 + i) * p.G + gi], sm = q.sum[(m0 + i) * p.G + gi];
-        tot[i][j] = _mm512_fmadd_ps(limbs_to_f32_avx512<L>(acc[i][j]), _mm512_set1_ps(ws * sx), tot[i][j]);
-        corr[i][j] += ws * z * sm;
+        const int8_t* al = ag + i * q.lda + l * CW;
+        const __m512i xe = _mm512_loadu_si512(al);
+        const __m512i xo = _mm512_loadu_si512(al + 64);
+        for (int j = 0; j < NR; ++j) {
+          acc[i][j][0] = dpbusd_inplace(acc[i][j][0], lo[j], xe);
+          acc[i][j][S - 1] = dpbusd_inplace(acc[i][j][S - 1], hi[j], xo);
+        }
+      }
+    }
+    for (int i = 0; i < MR; ++i) {
+      const __m512 c = _mm512_set1_ps(cx[i * G * 4]);
+      for (int j = 0; j < NR; ++j) {
+        const __m512i a = S == 2 ? _mm512_add_epi32(acc[i][j][0], acc[i][j][S - 1]) : acc[i][j][0];
+        tot[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_mul_ps(c, _mm512_set1_ps(sw[j * G])), tot[i][j]);
       }
     }
   }
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) Y[(m0 + i) * ldy + n + j] = hsum16_avx512(tot[i][j]) - corr[i][j];
+  w4l_store_avx512<MR, NR>(p, q, kr, n, m0, Y, ldy, tot);
 }
 
-using TileFn = void (*)(const W4&, const Limbs&, const uint8_t*, int64_t, int64_t, float*, int64_t);
+// Any g: groups of several chunks, in spans of at most kSpan chunks; the nibbles of a
+// chunk are unpacked again for every limb (reloaded from L1).
+template <int MR, int NR, int L>
+FASTKERN_AVX512VNNI void w4l_tile_avx512(const W4& p, const Limbs& q, const KRange& kr, int64_t n, int64_t m0,
+                                         float* Y, int64_t ldy) {
+  constexpr int64_t CW = 128;
+  if (p.g <= CW) return w4l_tile1_avx512<MR, NR, L>(p, q, kr, n, m0, Y, ldy);
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  const int64_t hb = p.g / 2, run = (kr.g1 - kr.g0) * hb, far = kr.pf_rows * p.ldw;
+  __m512 tot[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) tot[i][j] = _mm512_setzero_ps();
+  const uint8_t* wrow = p.w + n * p.ldw;
+  for (int64_t gi = kr.g0; gi < kr.g1; ++gi) {
+    const int8_t* ag = q.a + m0 * q.lda + gi * q.nc * L * CW;
+    for (int64_t c0 = 0; c0 < q.nc; c0 += kSpan) {
+      const int64_t ce = std::min(q.nc, c0 + kSpan);
+      __m512i acc[MR][NR];
+      for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_si512();
+      for (int l = 0; l < L; ++l) {
+        if (l > 0)
+          for (int i = 0; i < MR; ++i)
+            for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_slli_epi32(acc[i][j], 7);
+        for (int64_t c = c0; c < ce; ++c) {
+          const int64_t nb = std::min<int64_t>(64, hb - c * 64);
+          const __mmask64 mk = nb == 64 ? ~__mmask64(0) : (__mmask64(1) << nb) - 1;
+          __m512i lo[NR], hi[NR];
+          for (int j = 0; j < NR; ++j) {
+            const uint8_t* wp = wrow + j * p.ldw + gi * hb + c * 64;
+            if (l == 0) w4_prefetch(wp, (gi - kr.g0) * hb + c * 64, run, far);
+            const __m512i v = _mm512_maskz_loadu_epi8(mk, wp);
+            lo[j] = _mm512_and_si512(v, m4);
+            hi[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+          }
+          for (int i = 0; i < MR; ++i) {
+            const int8_t* al = ag + i * q.lda + (c * L + l) * CW;
+            const __m512i xe = _mm512_loadu_si512(al);
+            const __m512i xo = _mm512_loadu_si512(al + 64);
+            for (int j = 0; j < NR; ++j) {
+              acc[i][j] = dpbusd_inplace(acc[i][j], lo[j], xe);
+              acc[i][j] = dpbusd_inplace(acc[i][j], hi[j], xo);
+            }
+          }
+        }
+      }
+      for (int i = 0; i < MR; ++i) {
+        const __m512 cx = _mm512_set1_ps(q.sx[((m0 + i) * p.G + gi) * 4 + (L - 1)]);
+        for (int j = 0; j < NR; ++j) {
+          const __m512 sc = _mm512_mul_ps(cx, _mm512_set1_ps(p.s[(n + j) * p.G + gi]));
+          tot[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][j]), sc, tot[i][j]);
+        }
+      }
+    }
+  }
+  w4l_store_avx512<MR, NR>(p, q, kr, n, m0, Y, ldy, tot);
+}
+
+using TileFn = void (*)(const W4&, const Limbs&, const KRange&, int64_t, int64_t, float*, int64_t);
+
 
 // Tile shapes per ISA and M remainder: MR rows of x against NR weight rows, MR * NR * L
 // accumulators within the register file (16 ymm / 32 zmm).
@@ -476,11 +616,15 @@ struct W4Tiles {
   // (MR, NR) for a block of mr activation rows; single-row tails use NR = 1.
   static void pick(int64_t mr, TileFn& wide, TileFn& one, int& nr, int& mrr) {
     if (V512) {
+      // one weight row per tile at m = 1 and two from m = 2 on: every weight row of a
+      // tile is a separate stream, and fewer streams read DRAM faster (one thread,
+      // 4096x4096: m = 1 (1,1) 0.29 ms vs (1,4) 0.40; m = 2 (2,2) 0.48 vs (2,4) 0.61)
+      // while the x limbs come from L1 either way
       switch (mr) {
-        case 1: wide = fn<1, 4>(); one = fn<1, 1>(); nr = 4; mrr = 1; return;
+        case 1: wide = fn<1, 1>(); one = fn<1, 1>(); nr = 1; mrr = 1; return;
         case 2: wide = fn<2, 2>(); one = fn<2, 1>(); nr = 2; mrr = 2; return;
-        case 3: wide = fn<3, 1>(); one = fn<3, 1>(); nr = 1; mrr = 3; return;
-        default: wide = fn<4, 1>(); one = fn<4, 1>(); nr = 1; mrr = 4; return;
+        case 3: wide = fn<3, 2>(); one = fn<3, 1>(); nr = 2; mrr = 3; return;
+        default: wide = fn<4, 2>(); one = fn<4, 1>(); nr = 2; mrr = 4; return;
       }
     }
     switch (mr) {
@@ -491,22 +635,40 @@ struct W4Tiles {
   }
 };
 
+// Groups per K block: the limbs of a block for all M rows of x within ~24 KiB (L1 holds
+// them while the weights stream through), but each row's run of a block at least 2 KiB
+// (32 lines: long enough a stream for the prefetchers); blocks of equal size.
+inline int64_t w4_k_block_groups(int64_t G, int64_t group_bytes_x, int64_t run_bytes) {
+  int64_t gb = std::max<int64_t>((int64_t(24) << 10) / std::max<int64_t>(group_bytes_x, 1),
+                                 (2048 + run_bytes - 1) / run_bytes);
+  gb = std::max<int64_t>(1, std::min(gb, G));
+  const int64_t blocks = (G + gb - 1) / gb;
+  return (G + blocks - 1) / blocks;
+}
+
 template <bool V512, int L>
 void w4l_gemv(const W4& p, const Limbs& q, int64_t M, int64_t N, float* Y) {
-  const uint8_t* wend = p.w + N * p.ldw;
+  constexpr int64_t CW = V512 ? 128 : 64;
+  const int64_t hb = p.g / 2;
+  const int64_t gb = w4_k_block_groups(p.G, M * q.nc * L * CW, hb);
+  // the far prefetch about kPrefetchL2 bytes ahead in this thread's stream of runs
+  const int64_t pf_rows = std::max<int64_t>(1, (kPrefetchL2 + gb * hb - 1) / (gb * hb));
   // kGemvRows is a multiple of every NR, so the tiling of a row never depends on the thread split
   parallel_rows(N, kGemvRows, 16, [&](int64_t n0, int64_t n1) {
-    // kGemvRows weight rows (in L1) meet every row of x before the next rows stream in
-    for (int64_t nb = n0; nb < n1; nb += kGemvRows) {
-      const int64_t ne = std::min(n1, nb + kGemvRows);
-      for (int64_t m0 = 0; m0 < M;) {
-        TileFn wide, one;
-        int nr, mr;
-        W4Tiles<V512, L>::pick(M - m0, wide, one, nr, mr);
-        int64_t n = nb;
-        for (; n + nr <= ne; n += nr) wide(p, q, wend, n, m0, Y, N);
-        for (; n < ne; ++n) one(p, q, wend, n, m0, Y, N);
-        m0 += mr;
+    for (int64_t g0 = 0; g0 < p.G; g0 += gb) {
+      const KRange kr{g0, std::min(p.G, g0 + gb), g0 == 0, p.w + N * p.ldw, pf_rows};
+      // kGemvRows weight rows (in L1) meet every row of x before the next rows stream in
+      for (int64_t nb = n0; nb < n1; nb += kGemvRows) {
+        const int64_t ne = std::min(n1, nb + kGemvRows);
+        for (int64_t m0 = 0; m0 < M;) {
+          TileFn wide, one;
+          int nr, mr;
+          W4Tiles<V512, L>::pick(M - m0, wide, one, nr, mr);
+          int64_t n = nb;
+          for (; n + nr <= ne; n += nr) wide(p, q, kr, n, m0, Y, N);
+          for (; n < ne; ++n) one(p, q, kr, n, m0, Y, N);
+          m0 += mr;
+        }
       }
     }
   });
@@ -534,18 +696,15 @@ void w4l_gemv(const W4& p, const Limbs& q, int64_t M, int64_t N, float* Y) {
 
 constexpr int64_t kBfChunk = 128;
 
-// Where AVX512-BF16 exists, bf16/fp16 x take this path from M = 3 rows on: there it is
-// 8-20% faster than the limbs (4096x4096, 4096x14336, 2 threads, weights beyond L3);
-// at M = 1 it ties and at M = 2 it is ~5% slower (the limbs' byte dot products do the
-// same work in fewer instructions while the stream dominates).
-// FASTKERN_W4A16_BF16_GEMV=0 keeps every M on the limbs, =1 sends every M <= 16 here
-// (how the tests cover both paths on such CPUs); read per call.
-constexpr int64_t kBfMinM = 3;
-inline bool bf16_gemv_enabled(int64_t M) {
+// Off by default: since the limb GEMV combines its limbs by Horner's rule (one int32
+// accumulator per output) and streams fewer rows at once, the limbs (two for bf16 /
+// fp16 x) are faster at every M <= 16 (one thread, 4096x4096: m = 1 0.32 vs 0.45 ms,
+// m = 4 0.63 vs 0.97, m = 16 2.5 vs 3.1). FASTKERN_W4A16_BF16_GEMV=1 sends every
+// M <= 16 here (how the tests keep covering it), =0 or unset keeps the limbs; read per
+// call.
+inline bool bf16_gemv_enabled(int64_t /*M*/) {
   const char* e = std::getenv("FASTKERN_W4A16_BF16_GEMV");
-  if (e && e[0] == '0') return false;
-  if (e && e[0] == '1') return true;
-  return M >= kBfMinM;
+  return e && e[0] == '1';
 }
 
 struct Bf16X {
@@ -810,7 +969,7 @@ at::Tensor linear_w4a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
     const int L = x.scalar_type() == at::kFloat ? 3 : 2;
     const int64_t CW = v512 ? 128 : 64, nc = (group_size + CW - 1) / CW, lda = G * nc * L * CW;
     at::Tensor A = at::empty({M, lda}, X.options().dtype(at::kChar));
-    at::Tensor SX = at::empty({M, G}, X.options());
+    at::Tensor SX = at::empty({M, G, 4}, X.options());
     at::Tensor SUM = at::empty({M, G}, X.options());
     if (w4_prepare_limbs(X.data_ptr<float>(), ldx, M, K, group_size, CW, L, A.data_ptr<int8_t>(), lda,
                          SX.data_ptr<float>(), SUM.data_ptr<float>(), avx2)) {
