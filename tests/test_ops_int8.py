@@ -184,7 +184,26 @@ def test_cpu_gemm_blocks_exact(isa, m, gen):
 
 @NATIVE
 @pytest.mark.parametrize("isa", cpu_isas())
-@pytest.mark.parametrize("m", [1, 3, 5, 40, 70])
+@pytest.mark.parametrize("m", [11, 12, 16, 33, 50, 64, 65, 130])
+def test_w8a16_gemm_tiles(isa, m, gen):
+    # AVX-512: from m = 12 the fp32 GEMM: x packed in 64-row blocks (16/32/48/64 wide),
+    # dequantized panels of 96 rows x 512 columns (K blocks accumulated, masked K tails),
+    # 12- and 6-row tiles with 1-row tails, 12-row thread shares split into 96-row tasks
+    # (n = 250); m = 11 stays on the GEMV. Other ISAs: their GEMV / panel paths.
+    with cpu_isa(isa):
+        for n, k in ((250, 1030), (13, 517), (7, 16)):
+            x = torch.randn(m, k, generator=gen)
+            w, s = make_w8(gen, n, k)
+            out = native("linear_w8a16")(x, w, s, None)
+            assert_close_rel(out, ops.linear_w8a16_ref(x, w, s, None), torch.float32)
+            xb = x.to(torch.bfloat16)
+            b = torch.randn(n, generator=gen)
+            assert_close_rel(native("linear_w8a16")(xb, w, s, b), ops.linear_w8a16_ref(xb, w, s, b), torch.bfloat16)
+
+
+@NATIVE
+@pytest.mark.parametrize("isa", cpu_isas())
+@pytest.mark.parametrize("m", [1, 3, 5, 16, 40, 70])
 def test_cpu_threads_bitwise_identical(isa, m, gen):
     n, k = 301, 1030
     a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
