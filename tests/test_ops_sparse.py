@@ -1,9 +1,11 @@
 """fastkern.linear_sparse24 and fastkern.linear_blocksparse on every backend against their references.
 
 The CPU kernels have a small-M path (weights streamed once: M <= 4, and for 2:4 on
-AVX2/AVX-512 M <= 16) and a larger-M path (2:4 expanded into the blocked GEMM's
-panels; block-sparse register tiles over x^T), each with generic, AVX2 and (block-sparse,
-and the GEMM under 2:4) AVX-512 versions; the tests reach every one this CPU can run.
+AVX2/AVX-512 M <= 8) and a larger-M path (2:4 on AVX2/AVX-512: only the kept weights,
+broadcast against rows of x^T picked by meta, in register tiles of 4 weight rows x
+16..64 (zmm) or 8..16 (ymm) columns of M; 2:4 generic: expanded into the blocked GEMM's
+panels; block-sparse register tiles over x^T), each with generic, AVX2 and AVX-512
+versions where they exist; the tests reach every one this CPU can run.
 """
 import pytest
 import torch
@@ -129,16 +131,59 @@ def test_sparse24_garbage_meta_stays_in_bounds(gen, isa, m):
     out = torch.ops.fastkern_C.linear_sparse24(x, values, torch.full((20, 16), 255, dtype=torch.uint8), None)
     v = values.reshape(20, 16, 2)
     x3 = x.reshape(m, 16, 4)[..., 3]
-    if m <= (4 if isa == "generic" else 16):  # the streaming kernel adds both kept values
+    if isa != "generic" or m <= 4:  # the kernels that skip pruned weights add both kept values
         expected = torch.einsum("mg,ng->mn", x3, v.sum(-1))
-    else:  # the GEMM path expands into a dense row: the second value lands last
+    else:  # the generic GEMM path expands into a dense row: the second value lands last
         expected = torch.einsum("mg,ng->mn", x3, v[..., 1])
     assert_close_rel(out, expected, torch.float32)
 
 
+# largest M on the 2:4 streaming path per ISA (kSmallM, kS24StreamMaxM in csrc/cpu/sparse_gemm.cpp),
+# the lanes of a vector and the widest M tile of the kept-weights kernel above it
+S24_STREAM_MAX_M = {"generic": 4, "avx2": 8, "avx512": 8}
+S24_LANES = {"avx2": 8, "avx512": 16}
+S24_MAX_TILE = {"avx2": 16, "avx512": 64}
+
+
 @needs_cpu24
-@pytest.mark.parametrize("m", [1, 3, 9, 200])
-def test_sparse24_same_result_for_1_and_2_threads(gen, m):
+@pytest.mark.parametrize("isa", [p for p in cpu_isas() if p.values[0] != "generic"], indirect=True)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_sparse24_kept_weights_kernel_every_tail(gen, isa, dtype):
+    """The kept-weights kernel (M above the streaming path): every M tile width (1..4
+    vectors) and a partial last vector, weight rows 1..4 of a register tile and past a
+    parallel chunk, K in several L1 blocks (kc = 32 KB / (4 W) columns on AVX-512,
+    16 KB on AVX2) with group tails of the 8-group packer steps."""
+    lanes, wide = S24_LANES[isa], S24_MAX_TILE[isa]
+    lo = S24_STREAM_MAX_M[isa] + 1
+    ms = sorted({lo, lanes - 1, lanes, lanes + 1, 2 * lanes + 3, wide - 1, wide, wide + 1, wide + lanes, 2 * wide + 5})
+    ms = [m for m in ms if m >= lo]
+    if dtype != torch.float32:
+        ms = ms[::3]
+    for m in ms:
+        for n, k in [(1, 36), (5, 260), (11, 1028), (50, 132), (7, 4)]:
+            x = torch.randn(m, k, generator=gen).to(dtype)
+            values, meta, b = sparse24_args(n, k, dtype, gen, bias=(n % 2 == 1))
+            out = torch.ops.fastkern_C.linear_sparse24(x, values, meta, b)
+            assert_close_elementwise(out, x, formats.decompress_2_4(values, meta), b, dtype)
+
+
+@needs_cpu24
+@pytest.mark.parametrize("isa", cpu_isas(), indirect=True)
+def test_sparse24_around_the_path_switch(gen, isa):
+    """M on both sides of the streaming / larger-M switch, 3-D and non-contiguous x."""
+    s = S24_STREAM_MAX_M[isa]
+    for m in (s - 1, s, s + 1):
+        for layout in ("contig", "3d", "noncontig"):
+            x = make_x(m, 200, torch.float32, gen, layout)
+            values, meta, b = sparse24_args(70, 200, torch.float32, gen)
+            out = torch.ops.fastkern_C.linear_sparse24(x, values, meta, b)
+            assert_close_rel(out, ops.linear_sparse24_ref(x, values, meta, b), torch.float32)
+
+
+@needs_cpu24
+@pytest.mark.parametrize("isa", cpu_isas(), indirect=True)
+@pytest.mark.parametrize("m", [1, 3, 9, 40, 200])
+def test_sparse24_same_result_for_1_and_2_threads(gen, isa, m):
     x = torch.randn(m, 704, generator=gen)
     values, meta, b = sparse24_args(333, 704, torch.float32, gen)
     one, two = on_1_and_2_threads(torch.ops.fastkern_C.linear_sparse24, x, values, meta, b)
@@ -146,8 +191,9 @@ def test_sparse24_same_result_for_1_and_2_threads(gen, m):
 
 
 @needs_cpu24
-@pytest.mark.parametrize("m", [1, 9])
-def test_sparse24_nan_propagates(gen, m):
+@pytest.mark.parametrize("isa", cpu_isas(), indirect=True)
+@pytest.mark.parametrize("m", [1, 9, 40])
+def test_sparse24_nan_propagates(gen, isa, m):
     x = torch.randn(m, 64, generator=gen)
     values, meta, b = sparse24_args(20, 64, torch.float32, gen)
     x[0, 5] = float("nan")
