@@ -1,16 +1,15 @@
 """linear_w4a16 on every backend against the reference.
 
-The CPU kernel has a small-M GEMV path (AVX2 and AVX-512 VNNI: activations
-quantized per group to three int8 limbs for fp32, two for fp16/bf16, byte dot
-products against the nibbles, zero point folded out; chunks of 64 / 128
-weights with partial chunks for group sizes that are not multiples of them;
-MR x NR tiles of activation and weight rows; with AVX512-BF16, bf16/fp16
-activations instead take bf16 dot products against the nibbles converted to bf16
-(one bf16 operand for bf16 x, two exact ones for fp16 x): the `gemv` parameter
-covers both on such CPUs, FASTKERN_W4A16_BF16_GEMV=0 / 1 forcing the limbs / the
-bf16 path at every m; by default the bf16 path serves m >= 3) and a
-panel (GEMM) path (exact
-(q - z) * s dequantization, fp32 dot tiles); the tests reach both, their tails,
+The CPU kernel has a GEMV path up to m = 64 (fp32 x) / 128 (fp16/bf16 x) on AVX2
+and AVX-512 VNNI: activations quantized per group to three int8 limbs (base 128) for
+fp32, two for fp16/bf16, byte dot products against the nibbles combined exactly in
+int32 by Horner's rule, zero point folded out; chunks of 64 / 128 weights with
+partial chunks for group sizes that are not multiples of them, spans of at most 8
+chunks, K blocks, MR x NR tiles of activation and weight rows. With AVX512-BF16 a
+second GEMV takes bf16 dot products against the nibbles converted to bf16 (one bf16
+operand for bf16 x, two exact ones for fp16 x) when FASTKERN_W4A16_BF16_GEMV=1: the
+`gemv` parameter covers both on such CPUs. Larger m: a panel (GEMM) path (exact
+(q - z) * s dequantization, fp32 dot tiles). The tests reach every path, their tails,
 every ISA path this CPU runs, and check that the thread count does not change a
 single bit.
 """
@@ -96,13 +95,17 @@ def test_w4a16_matches_reference(be, m, dtype, layout, bias, n, k, g, gen):
 @pytest.mark.parametrize("gemv", GEMV_VARIANTS)
 @pytest.mark.parametrize("isa", cpu_isas())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 16, 17, 70])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 16, 17, 64, 65, 129])
 def test_cpu_paths_and_tails(isa, dtype, m, gemv, gen, monkeypatch):
     if gemv == "bf16dot" and (dtype == torch.float32 or m > 16):
         pytest.skip("the bf16 dot-product GEMV serves bf16/fp16 x at m <= 16")
+    if isa == "generic" and m in (64, 65):
+        pytest.skip("the generic path has no GEMV; m = 17, 129 cover its panels")
     set_gemv(monkeypatch, isa, gemv)
-    # m <= 16: GEMV (MR x NR tiles: AVX-512 (1,4) (2,2) (3,1) (4,1), AVX2 (1,2) (2,1) (3,1), so
-    # m = 5, 7, 16 leave every row tail); m > 16: panels (3-row tiles). n 1..9: tails of the
+    # limb GEMV up to m = 64 (fp32) / 128 (bf16) (MR x NR tiles: AVX-512 (1,1) (2,2) (3,2)
+    # (4,2), AVX2 (1,2) (2,1) (3,1), so m = 5, 7, 17, 65 leave every row tail; from m = 17
+    # passes of several weight rows and K blocks of a few groups); beyond: panels (m = 65
+    # fp32, 129). bf16dot: (1,4) (2,2) (3,1) (4,1) (4,2). n 1..9: tails of the
     # 4-row units and NR tiles; group sizes 2..62 give partial 64- and 128-weight chunks;
     # g = 192 / 550 several chunks with a partial last one; k = 1100 (g = 550) spans three
     # 512-column panels with a group across them; the last row's tail is the tensor's end.
@@ -128,7 +131,7 @@ def test_cpu_paths_and_tails(isa, dtype, m, gemv, gen, monkeypatch):
 @pytest.mark.parametrize("gemv", GEMV_VARIANTS)
 @pytest.mark.parametrize("isa", cpu_isas())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 16, 40])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 16, 40, 100])
 def test_cpu_threads_bitwise_identical(isa, dtype, m, gemv, gen, monkeypatch):
     if gemv == "bf16dot" and (dtype == torch.float32 or m > 16):
         pytest.skip("the bf16 dot-product GEMV serves bf16/fp16 x at m <= 16")
@@ -225,10 +228,11 @@ def test_gemv_activation_outliers(isa, gen):
 @NATIVE
 @pytest.mark.parametrize("isa", cpu_isas())
 @pytest.mark.parametrize("m", [1, 3])
-@pytest.mark.parametrize("k,g", [(4096, 128), (4096, 4096), (14336, 14336)])
+@pytest.mark.parametrize("k,g", [(4096, 128), (4096, 4096), (14336, 14336), (16448, 64)])
 def test_gemv_accuracy_long_rows(isa, m, k, g, gen):
     # the GEMV folds the zero point out (s * (sum q x - z sum x)); its cancellation must stay
-    # inside the fp32 contract for long groups too, and for symmetric (z = 8) weights
+    # inside the fp32 contract for long groups too, and for symmetric (z = 8) weights;
+    # k = 16448 takes several K blocks (their partial sums added to y in order)
     x = torch.randn(m, k, generator=gen)
     with cpu_isa(isa):
         for sym in (False, True):

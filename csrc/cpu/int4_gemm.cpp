@@ -2,9 +2,10 @@
 // DESIGN §3: w uint8 [N, K/2] low nibble first, scales [N, K/g], zeros uint8
 // [N, K/g], w = (q - zero) * scale).
 //
-// M <= 16 (AVX2 and AVX-512 VNNI), where streaming the weight once is the whole
-// cost at M = 1: a GEMV over the canonical layout as is (no repacked copy), the
-// activations quantized per call to int8 "limbs" per group (three for fp32, which
+// M <= 64 (fp32 x) / 128 (fp16, bf16 x) on AVX2 and AVX-512 VNNI, where streaming
+// the weight once is the whole cost at M = 1: a GEMV over the canonical layout as is
+// (no repacked copy), the activations quantized per call to int8 "limbs" per group
+// (three for fp32, which
 // keeps the 1e-5 fp32 contract; two for fp16/bf16) and multiplied with the
 // unpacked nibbles by byte dot products, the zero point folded out. Details at
 // "GEMV: int8 limbs x nibbles". With AVX512-BF16 (AVX-512 path) a second GEMV for
@@ -12,7 +13,7 @@
 // (exact products): "GEMV: bf16 dot products" (slower than the limbs now; kept behind
 // FASTKERN_W4A16_BF16_GEMV=1 and tested).
 //
-// M > 16, the generic path, and inputs holding NaN/inf: the blocked fp32 GEMM of
+// Larger M, the generic path, and inputs holding NaN/inf: the blocked fp32 GEMM of
 // gemm_blocked.h with B slivers dequantized exactly as the reference does
 // ((q - z) * s in fp32).
 #include <torch/library.h>
@@ -31,7 +32,15 @@ namespace cpu {
 namespace quant {
 namespace {
 
+// The limb GEMV serves M <= kLimbMaxM (fp32 x, three limbs) / kLimbMaxMHalf (fp16/bf16
+// x, two limbs); larger M takes the blocked fp32 GEMM. Measured (one thread, 4096x4096,
+// weights beyond L3, a busy machine): fp32 m = 32 / 64 / 128 / 256: 7.2 / 14.5 / 37 /
+// 77 ms against 18-22 / 19-27 / 31-41 / 47-59 for the GEMM; bf16 5.4 / 10.6 / 29 / 47
+// against 13-20 / 19-27 / 41-47 / 57-70. kGemvMaxM: the small-M regime (the bf16-dot
+// GEMV's limit, L1-sized K blocks, 4-row passes).
 constexpr int64_t kGemvMaxM = 16;
+constexpr int64_t kLimbMaxM = 64;
+constexpr int64_t kLimbMaxMHalf = 128;
 constexpr int64_t kGemvRows = 4;
 // per-lane int32 sums of one group stay below 2^31: g / 32 * 4 * 15 * 127 (AVX2 lanes)
 constexpr int64_t kGemvMaxGroup = int64_t(1) << 20;
@@ -635,12 +644,16 @@ struct W4Tiles {
   }
 };
 
-// Groups per K block: the limbs of a block for all M rows of x within ~24 KiB (L1 holds
-// them while the weights stream through), but each row's run of a block at least 2 KiB
-// (32 lines: long enough a stream for the prefetchers); blocks of equal size.
-inline int64_t w4_k_block_groups(int64_t G, int64_t group_bytes_x, int64_t run_bytes) {
-  int64_t gb = std::max<int64_t>((int64_t(24) << 10) / std::max<int64_t>(group_bytes_x, 1),
-                                 (2048 + run_bytes - 1) / run_bytes);
+// Groups per K block. Small M (<= kGemvMaxM): the limbs of a block for all M rows of x
+// within ~24 KiB (L1 holds them while the weights stream through), but each row's run
+// of a block at least 2 KiB (32 lines: long enough a stream for the prefetchers).
+// Larger M: the limbs of one 4-row x tile within ~12 KiB, so that tile and the runs of
+// the rb weight rows it meets (~24 KiB, w4l_gemv) share L1, all of x's block in L2.
+// Blocks of equal size.
+inline int64_t w4_k_block_groups(int64_t G, int64_t M, int64_t group_bytes_row, int64_t run_bytes) {
+  const int64_t gbx = std::max<int64_t>(M * group_bytes_row, 1);
+  int64_t gb = M <= kGemvMaxM ? std::max((int64_t(24) << 10) / gbx, (2048 + run_bytes - 1) / run_bytes)
+                              : (int64_t(12) << 10) / (4 * group_bytes_row);
   gb = std::max<int64_t>(1, std::min(gb, G));
   const int64_t blocks = (G + gb - 1) / gb;
   return (G + blocks - 1) / blocks;
@@ -650,16 +663,21 @@ template <bool V512, int L>
 void w4l_gemv(const W4& p, const Limbs& q, int64_t M, int64_t N, float* Y) {
   constexpr int64_t CW = V512 ? 128 : 64;
   const int64_t hb = p.g / 2;
-  const int64_t gb = w4_k_block_groups(p.G, M * q.nc * L * CW, hb);
+  const int64_t gb = w4_k_block_groups(p.G, M, q.nc * L * CW, hb);
   // the far prefetch about kPrefetchL2 bytes ahead in this thread's stream of runs
   const int64_t pf_rows = std::max<int64_t>(1, (kPrefetchL2 + gb * hb - 1) / (gb * hb));
+  // weight rows per pass over x: ~24 KiB of their runs (a multiple of kGemvRows, so tile
+  // boundaries stay where they are for any thread split); 4 at small M, where x is in L1
+  const int64_t rb = M <= kGemvMaxM ? kGemvRows
+                                    : std::min<int64_t>(64, std::max<int64_t>(kGemvRows, (int64_t(24) << 10) / (gb * hb) / kGemvRows * kGemvRows));
   // kGemvRows is a multiple of every NR, so the tiling of a row never depends on the thread split
   parallel_rows(N, kGemvRows, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t g0 = 0; g0 < p.G; g0 += gb) {
       const KRange kr{g0, std::min(p.G, g0 + gb), g0 == 0, p.w + N * p.ldw, pf_rows};
-      // kGemvRows weight rows (in L1) meet every row of x before the next rows stream in
-      for (int64_t nb = n0; nb < n1; nb += kGemvRows) {
-        const int64_t ne = std::min(n1, nb + kGemvRows);
+      // rb weight rows (their runs in L1) meet every row of x before the next rows stream
+      // in, so each x tile's limbs come from L2 once per rb rows
+      for (int64_t nb = n0; nb < n1; nb += rb) {
+        const int64_t ne = std::min(n1, nb + rb);
         for (int64_t m0 = 0; m0 < M;) {
           TileFn wide, one;
           int nr, mr;
@@ -964,7 +982,8 @@ at::Tensor linear_w4a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
       done = true;
     }
   }
-  if (!done && avx2 && M <= kGemvMaxM && group_size <= kGemvMaxGroup) {
+  if (!done && avx2 && M <= (x.scalar_type() == at::kFloat ? kLimbMaxM : kLimbMaxMHalf) &&
+      group_size <= kGemvMaxGroup) {
     const bool v512 = active_isa() >= Isa::Avx512 && features().avx512vnni;
     const int L = x.scalar_type() == at::kFloat ? 3 : 2;
     const int64_t CW = v512 ? 128 : 64, nc = (group_size + CW - 1) / CW, lda = G * nc * L * CW;
