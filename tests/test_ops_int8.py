@@ -189,7 +189,8 @@ def test_w8a16_gemm_tiles(isa, m, gen):
     # AVX-512: from m = 12 the fp32 GEMM: x packed in 64-row blocks (16/32/48/64 wide),
     # dequantized panels of 96 rows x 512 columns (K blocks accumulated, masked K tails),
     # 12- and 6-row tiles with 1-row tails, 12-row thread shares split into 96-row tasks
-    # (n = 250); m = 11 stays on the GEMV. Other ISAs: their GEMV / panel paths.
+    # (n = 250); m = 11 stays on the GEMV. bf16 x with AVX512-BF16: the vdpbf16ps tiles
+    # (1024-column panels, odd K). Other ISAs: their GEMV / panel paths.
     with cpu_isa(isa):
         for n, k in ((250, 1030), (13, 517), (7, 16)):
             x = torch.randn(m, k, generator=gen)
@@ -211,11 +212,12 @@ def test_cpu_threads_bitwise_identical(isa, m, gen):
     x = torch.randn(m, k, generator=gen)
     w, s = make_w8(gen, n, k)
     outs = []
+    xb = x.to(torch.bfloat16)
     with cpu_isa(isa):
         for t in (1, 2):
             with num_threads(t):
                 outs.append([native("int8_gemm")(a, b), native("linear_w8a16")(x, w, s, None),
-                             native("linear_w8a8")(x, w, s, None)])
+                             native("linear_w8a8")(x, w, s, None), native("linear_w8a16")(xb, w, s, None)])
     for one, two in zip(*outs):
         assert torch.equal(one, two)
 
@@ -232,15 +234,16 @@ def test_w8a16_larger_shapes(gen):
 @NATIVE
 @pytest.mark.parametrize("op", W8_OPS)
 @pytest.mark.parametrize("m", [1, 2, 20])
-def test_nan_propagates(op, m, gen):
-    x = torch.randn(m, 40, generator=gen)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_nan_propagates(op, m, dtype, gen):
+    x = torch.randn(m, 40, generator=gen).to(dtype)
     x[0, 5] = float("nan")
     w, s = make_w8(gen, 9, 40)
     out = native(op)(x, w, s, None)
     assert torch.isnan(out[0]).all()
     if m > 1:
         assert torch.isfinite(out[1:]).all()
-        assert_close_rel(out[1:], getattr(ops, op + "_ref")(x[1:], w, s, None), torch.float32)
+        assert_close_rel(out[1:], getattr(ops, op + "_ref")(x[1:], w, s, None), dtype)
 
 
 @NATIVE

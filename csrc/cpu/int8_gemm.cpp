@@ -481,13 +481,20 @@ void int_matmul_vnni(const int16_t* A, int64_t lda, int64_t M, const int8_t* W, 
   matmul_vnni(a8.data(), la, M, W, N, K, o);
 }
 
-// Y [m0, m0 + 16) x [n0, n0 + 16) from CT [N, Mp], transposed in registers
+// Y [m0, m0 + 16) x [n0, n0 + 16) from CT [N, Mp] (times s[n] if s), transposed in registers
 FASTKERN_AVX512 void transpose_out_f32(const float* CT, int64_t Mp, int64_t M, int64_t N, int64_t m0, int64_t n0,
-                                       float* Y) {
+                                       float* Y, const float* s = nullptr) {
   const int64_t nn = std::min<int64_t>(16, N - n0), mm = std::min<int64_t>(16, M - m0);
   __m512i r[16];
-  for (int64_t j = 0; j < 16; ++j)
-    r[j] = j < nn ? _mm512_castps_si512(_mm512_loadu_ps(CT + (n0 + j) * Mp + m0)) : _mm512_setzero_si512();
+  for (int64_t j = 0; j < 16; ++j) {
+    if (j >= nn) {
+      r[j] = _mm512_setzero_si512();
+      continue;
+    }
+    __m512 v = _mm512_loadu_ps(CT + (n0 + j) * Mp + m0);
+    if (s) v = _mm512_mul_ps(v, _mm512_set1_ps(s[n0 + j]));
+    r[j] = _mm512_castps_si512(v);
+  }
   transpose16x16(r);
   const __mmask16 mask = static_cast<__mmask16>((1u << nn) - 1u);
   for (int64_t i = 0; i < mm; ++i) _mm512_mask_storeu_ps(Y + (m0 + i) * N + n0, mask, _mm512_castsi512_ps(r[i]));
@@ -648,6 +655,162 @@ void w8a16_gemm_avx512(const float* X, int64_t ldx, int64_t M, const int8_t* W, 
   at::parallel_for(0, (N + 15) / 16, 16, [&](int64_t b, int64_t e) {
     for (int64_t j = b; j < e; ++j)
       for (int64_t m0 = 0; m0 < M; m0 += 16) transpose_out_f32(ct, Mp, M, N, m0, j * 16, Y);
+  });
+}
+
+// ------------------------------------------------------------------ W8A16 GEMM, AVX512-BF16 (bf16 activations)
+//
+// bf16 x against the int8 weight converted to bf16, which is exact (|w| <= 128 needs 8
+// significant bits): vdpbf16ps forms exact products, two k per fp32 lane, at twice the
+// multiply-adds per instruction of the fp32 FMA. The same transposed tiles as above with x
+// packed as [K/2][16 VM][2 bf16] and one (w[k], w[k+1]) pair broadcast per step; the scale
+// multiplies the finished sums (as in the GEMV).
+#define FASTKERN_BF16_512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
+
+template <int NR, int VM>
+FASTKERN_BF16_512 void w8b_tile(const uint32_t* Xp, const uint32_t* P, int64_t ldp, int64_t kc2, float* CT,
+                                int64_t ldct, bool acc, const char* const* pf, int64_t npf, int64_t pf_mask) {
+  __m512 c[NR][VM];
+#pragma GCC unroll 12
+  for (int j = 0; j < NR; ++j)
+#pragma GCC unroll 4
+    for (int v = 0; v < VM; ++v) c[j][v] = acc ? _mm512_loadu_ps(CT + j * ldct + 16 * v) : _mm512_setzero_ps();
+  int64_t ipf = 0;
+  for (int64_t k = 0; k < kc2; ++k) {
+    if ((k & pf_mask) == 0 && ipf < npf) _mm_prefetch(pf[ipf++], _MM_HINT_T1);
+    __m512bh a[VM];
+#pragma GCC unroll 4
+    for (int v = 0; v < VM; ++v) a[v] = (__m512bh)_mm512_loadu_si512(Xp + k * 16 * VM + 16 * v);
+#pragma GCC unroll 12
+    for (int j = 0; j < NR; ++j) {
+      const __m512bh b = (__m512bh)_mm512_set1_epi32(int32_t(P[j * ldp + k]));
+#pragma GCC unroll 4
+      for (int v = 0; v < VM; ++v) c[j][v] = _mm512_dpbf16_ps(c[j][v], a[v], b);
+    }
+  }
+#pragma GCC unroll 12
+  for (int j = 0; j < NR; ++j)
+#pragma GCC unroll 4
+    for (int v = 0; v < VM; ++v) _mm512_storeu_ps(CT + j * ldct + 16 * v, c[j][v]);
+}
+
+template <int VM>
+void w8b_rows(const uint32_t* Xp, const uint32_t* P, int64_t ldp, int64_t rows, int64_t kc2, float* CT,
+              int64_t ldct, bool acc, const char* const* pf, int64_t npf) {
+  constexpr int NR = VM >= 3 ? 6 : 12;
+  const int64_t tiles = std::max<int64_t>(1, rows / NR + rows % NR);
+  const int64_t lines = std::max<int64_t>(1, (npf + tiles - 1) / tiles);
+  int64_t step = 1;
+  while (step * 2 * lines <= kc2) step *= 2;
+  int64_t r = 0;
+  for (; r + NR <= rows; r += NR) {
+    const int64_t np = std::max<int64_t>(0, std::min(lines, npf));
+    w8b_tile<NR, VM>(Xp, P + r * ldp, ldp, kc2, CT + r * ldct, ldct, acc, pf, np, step - 1);
+    pf += np;
+    npf -= np;
+  }
+  for (; r < rows; ++r) {
+    const int64_t np = std::max<int64_t>(0, std::min(lines, npf));
+    w8b_tile<1, VM>(Xp, P + r * ldp, ldp, kc2, CT + r * ldct, ldct, acc, pf, np, step - 1);
+    pf += np;
+    npf -= np;
+  }
+}
+
+// panel[r][k/2] = (bf16(W[n0 + r][k0 + k]), bf16(W[.][k0 + k + 1])) for k < kc (zero past it)
+FASTKERN_BF16_512 void bf16_panel(const int8_t* W, int64_t K, int64_t n0, int64_t n1, int64_t k0, int64_t kc,
+                                  uint32_t* panel, int64_t ldp) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* src = W + n * K + k0;
+    __m256i* dst = reinterpret_cast<__m256i*>(panel + (n - n0) * ldp);
+    for (int64_t k = 0; k < kc; k += 16) {
+      const __mmask16 m = kc - k >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (kc - k)) - 1u);
+      const __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, src + k)));
+      const __m256i h = (__m256i)_mm512_cvtneps_pbh(f);
+      if (kc - k >= 16)
+        _mm256_storeu_si256(dst + k / 16, h);
+      else
+        _mm256_mask_storeu_epi16(dst + k / 16, static_cast<__mmask16>((1u << (round_up(kc - k, 2))) - 1u), h);
+    }
+  }
+}
+
+// x [M, K] bf16 (row stride ldx elements) -> per block of 64 rows [K2][w] pairs (zero rows
+// past M, zero past K); block mb starts at xp + 64 mb K2.
+void pack_x_bf16(const uint16_t* X, int64_t ldx, int64_t M, int64_t K, uint32_t* xp) {
+  const int64_t Mp = round_up(M, 16), nmb = (M + 63) / 64, K2 = (K + 1) / 2;
+  constexpr int64_t kChunk = 256;
+  const int64_t nkc = (K2 + kChunk - 1) / kChunk;
+  at::parallel_for(0, nmb * nkc, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t mb = t / nkc, k0 = (t % nkc) * kChunk, k1 = std::min(K2, k0 + kChunk);
+      const int64_t m0 = mb * 64, w = std::min<int64_t>(64, Mp - m0), rows = std::min<int64_t>(w, M - m0);
+      uint32_t* dst = xp + m0 * K2;
+      for (int64_t r = 0; r < w; ++r) {
+        if (r >= rows) {
+          for (int64_t k = k0; k < k1; ++k) dst[k * w + r] = 0;
+          continue;
+        }
+        const uint16_t* src = X + (m0 + r) * ldx;
+        for (int64_t k = k0; k < k1; ++k) {
+          const uint32_t lo = src[2 * k], hi = 2 * k + 1 < K ? src[2 * k + 1] : 0;
+          dst[k * w + r] = lo | (hi << 16);
+        }
+      }
+    }
+  });
+}
+
+// Y [M, N] = s[n] * (X [M, K] (bf16, row stride ldx) x bf16(W)^T)
+void w8a16_gemm_bf16(const uint16_t* X, int64_t ldx, int64_t M, const int8_t* W, const float* s, int64_t N,
+                     int64_t K, float* Y) {
+  const int64_t Mp = round_up(M, 16), nmb = (M + 63) / 64, K2 = (K + 1) / 2;
+  at::Tensor xpt = at::empty({Mp * K2}, at::kInt);
+  at::Tensor ctt = at::empty({N * Mp}, at::kFloat);
+  uint32_t* xp = reinterpret_cast<uint32_t*>(xpt.data_ptr<int32_t>());
+  float* ct = ctt.data_ptr<float>();
+  pack_x_bf16(X, ldx, M, K, xp);
+  // K columns per panel: twice the fp32 panel's, the same bytes
+  constexpr int64_t KC = 2 * kF32KC;
+  const int64_t nb = kF32TaskRows, kc2max = (std::min(KC, K) + 1) / 2;
+  parallel_rows(N, 12, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<uint32_t> panel(nb * kc2max);
+    std::vector<const char*> pfl;
+    pfl.reserve(nb * (KC / 64 + 1));
+    for (int64_t n0 = r0; n0 < r1; n0 += nb) {
+      const int64_t n1 = std::min(r1, n0 + nb);
+      for (int64_t k0 = 0; k0 < K; k0 += KC) {
+        const int64_t kc = std::min(KC, K - k0), kc2 = (kc + 1) / 2;
+        bf16_panel(W, K, n0, n1, k0, kc, panel.data(), kc2max);
+        int64_t pn0 = n0, pn1 = n1, pk0 = k0 + KC;
+        if (pk0 >= K) pn0 = n1, pn1 = std::min(r1, n1 + nb), pk0 = 0;
+        const int64_t pkc = std::min(KC, K - pk0);
+        pfl.clear();
+        for (int64_t n = pn0; n < pn1; ++n) {
+          const char* row = reinterpret_cast<const char*>(W + n * K + pk0);
+          for (int64_t b = 0; b < pkc; b += 64) pfl.push_back(row + b);
+        }
+        const int64_t per_mb = (int64_t(pfl.size()) + nmb - 1) / nmb;
+        for (int64_t mb = 0; mb < nmb; ++mb) {
+          const int64_t m0 = mb * 64, vm = std::min<int64_t>(64, Mp - m0) / 16;
+          const uint32_t* xb = xp + m0 * K2 + (k0 / 2) * 16 * vm;
+          float* c = ct + n0 * Mp + m0;
+          const int64_t p0 = std::min<int64_t>(pfl.size(), mb * per_mb);
+          const int64_t np = std::min<int64_t>(pfl.size() - p0, per_mb);
+          const char* const* pp = pfl.data() + p0;
+          switch (vm) {
+            case 1: w8b_rows<1>(xb, panel.data(), kc2max, n1 - n0, kc2, c, Mp, k0 > 0, pp, np); break;
+            case 2: w8b_rows<2>(xb, panel.data(), kc2max, n1 - n0, kc2, c, Mp, k0 > 0, pp, np); break;
+            case 3: w8b_rows<3>(xb, panel.data(), kc2max, n1 - n0, kc2, c, Mp, k0 > 0, pp, np); break;
+            default: w8b_rows<4>(xb, panel.data(), kc2max, n1 - n0, kc2, c, Mp, k0 > 0, pp, np); break;
+          }
+        }
+      }
+    }
+  });
+  at::parallel_for(0, (N + 15) / 16, 16, [&](int64_t b, int64_t e) {
+    for (int64_t j = b; j < e; ++j)
+      for (int64_t m0 = 0; m0 < M; m0 += 16) transpose_out_f32(ct, Mp, M, N, m0, j * 16, Y, s);
   });
 }
 #endif
@@ -832,6 +995,19 @@ at::Tensor linear_w8a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
   at::Tensor wc = w.contiguous();
   at::Tensor ws = w_scale.to(at::kFloat).contiguous();
   const bool avx2 = use_avx2();
+#if FASTKERN_X86
+  {
+    const int64_t M = rows_of(x);
+    if (M >= w8a16_gemm_min_m() && N > 0 && K > 0 && x.scalar_type() == at::kBFloat16 &&
+        active_isa() >= Isa::Avx512 && features().avx512bf16) {
+      at::Tensor xb = x.reshape({M, K}).contiguous();
+      at::Tensor Y = at::empty({M, N}, x.options().dtype(at::kFloat));
+      w8a16_gemm_bf16(reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>()), K, M, wc.data_ptr<int8_t>(),
+                      ws.data_ptr<float>(), N, K, Y.data_ptr<float>());
+      return finish(Y, bias, x, N);
+    }
+  }
+#endif
   at::Tensor X = x_f32_padded(x, K, round_up(K, 8));
   const int64_t Mx = X.size(0), ldx = X.size(1);
   at::Tensor Y = at::zeros({Mx, N}, X.options());
