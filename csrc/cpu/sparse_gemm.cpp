@@ -533,8 +533,42 @@ void s24_pack(Isa isa, const T* vals, int64_t ldv, const uint8_t* mt, int64_t ld
 // next to its FMAs.
 constexpr int64_t kS24ChunkRows = 192;
 
+// x rows [m0, m0 + W) (rows >= M as zeros) transposed to dst [K][W] fp32, 8 rows x
+// 8 columns per step through registers; one thread, no ATen call: this runs before
+// the parallel region, and on a shared machine each extra parallel region (fill,
+// copy, transpose) can cost a scheduler tick. Returns whether x holds an inf or nan
+// (exponent bits all ones), so the NaN fix-up scans x only when needed.
 template <class T>
-void s24_mvec(Isa isa, const at::Tensor& x2, const at::Tensor& values, const at::Tensor& meta, float* y) {
+FASTKERN_AVX2 bool s24_transpose_x_avx2(const T* x, int64_t ldx, int64_t M, int64_t K, int64_t m0, int64_t W,
+                                        float* dst) {
+  const __m256i expo = _mm256_set1_epi32(0x7f800000);
+  __m256i bad = _mm256_setzero_si256();
+  for (int64_t mb = m0; mb < m0 + W; mb += 8) {
+    const int rows = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(8, M - mb)));
+    for (int64_t k = 0; k < K; k += 8) {
+      const int64_t kl = std::min<int64_t>(8, K - k);
+      __m256 v[8];
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) {
+        if (i >= rows) {
+          v[i] = _mm256_setzero_ps();
+        } else {
+          v[i] = kl == 8 ? gemm::load8(x + (mb + i) * ldx + k) : gemm::load_partial8(x + (mb + i) * ldx + k, kl);
+          const __m256i e = _mm256_and_si256(_mm256_castps_si256(v[i]), expo);
+          bad = _mm256_or_si256(bad, _mm256_cmpeq_epi32(e, expo));
+        }
+      }
+      gemm::transpose8x8(v);
+      for (int64_t j = 0; j < kl; ++j) _mm256_storeu_ps(dst + (k + j) * W + (mb - m0), v[j]);
+    }
+  }
+  return !_mm256_testz_si256(bad, bad);
+}
+
+// Returns whether x holds an inf or nan.
+template <class T>
+bool s24_mvec(Isa isa, const at::Tensor& x2_in, const at::Tensor& values, const at::Tensor& meta, float* y) {
+  const at::Tensor x2 = x2_in.stride(1) == 1 ? x2_in : x2_in.contiguous();
   constexpr int R = kS24Rows;
   const S24TileSet ts = s24_tiles(isa);
   const int64_t M = x2.size(0), K = x2.size(1), N = values.size(0);
@@ -551,14 +585,11 @@ void s24_mvec(Isa isa, const at::Tensor& x2, const at::Tensor& values, const at:
   const int64_t kc = std::min(K, std::max<int64_t>(32, ts.l1_bytes / (wmax * 4) / 32 * 32));
   // xt: tile t is [K][W_t] at xt + K * off_t; its rows are 64-byte aligned (W_t is a
   // multiple of 16 floats with zmm, of 8 with ymm; ATen's allocator aligns to 64).
-  at::Tensor xp = at::zeros({Mp, K}, x2.options().dtype(at::kFloat));
-  xp.narrow(0, 0, M).copy_(x2);
-  at::Tensor xt = at::empty({Mp * K + 16}, xp.options());
+  at::Tensor xt = at::empty({Mp * K + 16}, x2.options().dtype(at::kFloat));
   float* xtp = xt.data_ptr<float>();
-  for (size_t t = 0; t < t_off.size(); ++t) {
-    const int64_t w = t_mv[t] * L;
-    at::from_blob(xtp + K * t_off[t], {K, w}, xp.options()).copy_(xp.narrow(0, t_off[t], w).t());
-  }
+  bool nonfinite = false;
+  for (size_t t = 0; t < t_off.size(); ++t)
+    nonfinite |= s24_transpose_x_avx2<T>(x2.data_ptr<T>(), x2.stride(0), M, K, t_off[t], t_mv[t] * L, xtp + K * t_off[t]);
 
   const T* vals = values.data_ptr<T>();
   const uint8_t* mt = meta.data_ptr<uint8_t>();
@@ -572,7 +603,7 @@ void s24_mvec(Isa isa, const at::Tensor& x2, const at::Tensor& values, const at:
   const int64_t pv_len = chunk_rows * gmax * 2;
   const int64_t pm_len = div_up(chunk_rows * gmax + 8, 4);  // in floats
   const int64_t per_thread = ct_len + pv_len + pm_len + 16;
-  at::Tensor bufs = at::empty({nthreads * per_thread}, xp.options());
+  at::Tensor bufs = at::empty({nthreads * per_thread}, xt.options());
   gemm::parallel_for_dynamic(0, div_up(N, chunk_rows), 1, [&](int64_t cb, int64_t ce) {
     float* ct = bufs.data_ptr<float>() + at::get_thread_num() * per_thread;
     float* pv = ct + ct_len;
@@ -609,6 +640,7 @@ void s24_mvec(Isa isa, const at::Tensor& x2, const at::Tensor& values, const at:
         for (int64_t r = 0; r < rows; ++r) y[m * N + n0 + r] = ct[r * Mp + m];
     }
   });
+  return nonfinite;
 }
 #endif  // FASTKERN_X86
 
@@ -633,7 +665,7 @@ void s24_typed(const at::Tensor& x2, const at::Tensor& values, const at::Tensor&
   }
 #if FASTKERN_X86
   if (isa >= Isa::Avx2 && K > 0) {
-    s24_mvec<T>(isa, x2, values, meta, y);
+    if (!s24_mvec<T>(isa, x2, values, meta, y)) return;
     const uint8_t* mt = meta.data_ptr<uint8_t>();
     const int64_t ldm = meta.stride(0);
     propagate_nonfinite(x2, out32, [&](int64_t n, int64_t k) {
