@@ -411,42 +411,43 @@ FASTKERN_AVX2 void w4l_tile_avx2(const W4& p, const Limbs& q, const KRange& kr, 
     std::memcpy(tail, wp, wend - wp);
     return _mm256_load_si256(reinterpret_cast<const __m256i*>(tail));
   };
+  // one accumulator per limb (the nibbles of a chunk unpacked once for all limbs), the
+  // limbs combined by Horner's rule in int32 at the end of each span
   for (int64_t gi = kr.g0; gi < kr.g1; ++gi) {
     const int8_t* ag = q.a + m0 * q.lda + gi * q.nc * L * CW;
     for (int64_t c0 = 0; c0 < q.nc; c0 += kSpan) {
       const int64_t ce = std::min(q.nc, c0 + kSpan);
-      __m256i acc[MR][NR];
+      __m256i acc[MR][NR][L];
       for (int i = 0; i < MR; ++i)
-        for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_si256();
-      for (int l = 0; l < L; ++l) {
-        if (l > 0)
-          for (int i = 0; i < MR; ++i)
-            for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_slli_epi32(acc[i][j], 7);
-        for (int64_t c = c0; c < ce; ++c) {
-          __m256i lo[NR], hi[NR];
-          for (int j = 0; j < NR; ++j) {
-            const uint8_t* wp = p.w + (n + j) * p.ldw + gi * hb + c * 32;
-            if (l == 0) w4_prefetch(wp, (gi - kr.g0) * hb + c * 32, run, far);
-            const __m256i v = load_w(wp);
-            lo[j] = _mm256_and_si256(v, m4);
-            hi[j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-          }
-          for (int i = 0; i < MR; ++i) {
+        for (int j = 0; j < NR; ++j)
+          for (int l = 0; l < L; ++l) acc[i][j][l] = _mm256_setzero_si256();
+      for (int64_t c = c0; c < ce; ++c) {
+        __m256i lo[NR], hi[NR];
+        for (int j = 0; j < NR; ++j) {
+          const uint8_t* wp = p.w + (n + j) * p.ldw + gi * hb + c * 32;
+          w4_prefetch(wp, (gi - kr.g0) * hb + c * 32, run, far);
+          const __m256i v = load_w(wp);
+          lo[j] = _mm256_and_si256(v, m4);
+          hi[j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        }
+        for (int i = 0; i < MR; ++i)
+          for (int l = 0; l < L; ++l) {
             const int8_t* al = ag + i * q.lda + (c * L + l) * CW;
             const __m256i xe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(al));
             const __m256i xo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(al + 32));
             for (int j = 0; j < NR; ++j) {
               __m256i t = _mm256_add_epi16(_mm256_maddubs_epi16(lo[j], xe), _mm256_maddubs_epi16(hi[j], xo));
-              acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(t, ones));
+              acc[i][j][l] = _mm256_add_epi32(acc[i][j][l], _mm256_madd_epi16(t, ones));
             }
           }
-        }
       }
       for (int i = 0; i < MR; ++i) {
         const __m256 cx = _mm256_broadcast_ss(q.sx + ((m0 + i) * p.G + gi) * 4 + (L - 1));
         for (int j = 0; j < NR; ++j) {
+          __m256i d = acc[i][j][0];
+          for (int l = 1; l < L; ++l) d = _mm256_add_epi32(_mm256_slli_epi32(d, 7), acc[i][j][l]);
           const __m256 sc = _mm256_mul_ps(cx, _mm256_broadcast_ss(p.s + (n + j) * p.G + gi));
-          tot[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[i][j]), sc, tot[i][j]);
+          tot[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), sc, tot[i][j]);
         }
       }
     }
@@ -637,7 +638,7 @@ struct W4Tiles {
       }
     }
     switch (mr) {
-      case 1: wide = fn<1, 2>(); one = fn<1, 1>(); nr = 2; mrr = 1; return;
+      case 1: wide = fn<1, 2>(); one = fn<1, 1>(); nr = 2; mrr = 1; return;  // (1,1): 10-15% slower
       case 2: wide = fn<2, 1>(); one = fn<2, 1>(); nr = 1; mrr = 2; return;
       default: wide = fn<3, 1>(); one = fn<3, 1>(); nr = 1; mrr = 3; return;
     }
@@ -961,8 +962,9 @@ at::Tensor linear_w4a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
   const bool avx2 = use_avx2();
   at::Tensor X = x_f32_padded(x, K, round_up(K, 8));
   const int64_t M = X.size(0), ldx = X.size(1);
-  at::Tensor Y = at::zeros({M, N}, X.options());
-  if (M == 0 || N == 0 || K == 0) return finish(Y, bias, x, N);
+  // every path stores each output (the GEMVs in their first K block, the GEMM in its first KC block)
+  at::Tensor Y = at::empty({M, N}, X.options());
+  if (M == 0 || N == 0 || K == 0) return finish(Y.zero_(), bias, x, N);
 
   bool done = false;
 #if FASTKERN_X86
