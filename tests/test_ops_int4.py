@@ -1,6 +1,6 @@
 """linear_w4a16 on every backend against the reference.
 
-The CPU kernel has a GEMV path up to m = 64 (fp32 x) / 128 (fp16/bf16 x) on AVX2
+The CPU kernel has a GEMV path up to m = 64 (fp32 x) / 256 (fp16/bf16 x) on AVX2
 and AVX-512 VNNI: activations quantized per group to three int8 limbs (base 128) for
 fp32, two for fp16/bf16, byte dot products against the nibbles combined exactly in
 int32 by Horner's rule, zero point folded out; chunks of 64 / 128 weights with
@@ -95,17 +95,17 @@ def test_w4a16_matches_reference(be, m, dtype, layout, bias, n, k, g, gen):
 @pytest.mark.parametrize("gemv", GEMV_VARIANTS)
 @pytest.mark.parametrize("isa", cpu_isas())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 16, 17, 64, 65, 129])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 16, 17, 64, 65, 256, 257])
 def test_cpu_paths_and_tails(isa, dtype, m, gemv, gen, monkeypatch):
     if gemv == "bf16dot" and (dtype == torch.float32 or m > 16):
         pytest.skip("the bf16 dot-product GEMV serves bf16/fp16 x at m <= 16")
-    if isa == "generic" and m in (64, 65):
-        pytest.skip("the generic path has no GEMV; m = 17, 129 cover its panels")
+    if isa == "generic" and m in (64, 65, 256):
+        pytest.skip("the generic path has no GEMV; m = 17, 257 cover its panels")
     set_gemv(monkeypatch, isa, gemv)
-    # limb GEMV up to m = 64 (fp32) / 128 (bf16) (MR x NR tiles: AVX-512 (1,1) (2,2) (3,2)
+    # limb GEMV up to m = 64 (fp32) / 256 (bf16) (MR x NR tiles: AVX-512 (1,1) (2,2) (3,2)
     # (4,2), AVX2 (1,2) (2,1) (3,1), so m = 5, 7, 17, 65 leave every row tail; from m = 17
     # passes of several weight rows and K blocks of a few groups); beyond: panels (m = 65
-    # fp32, 129). bf16dot: (1,4) (2,2) (3,1) (4,1) (4,2). n 1..9: tails of the
+    # fp32, 257). bf16dot: (1,4) (2,2) (3,1) (4,1) (4,2). n 1..9: tails of the
     # 4-row units and NR tiles; group sizes 2..62 give partial 64- and 128-weight chunks;
     # g = 192 / 550 several chunks with a partial last one; k = 1100 (g = 550) spans three
     # 512-column panels with a group across them; the last row's tail is the tensor's end.

@@ -2,7 +2,7 @@
 // DESIGN §3: w uint8 [N, K/2] low nibble first, scales [N, K/g], zeros uint8
 // [N, K/g], w = (q - zero) * scale).
 //
-// M <= 64 (fp32 x) / 128 (fp16, bf16 x) on AVX2 and AVX-512 VNNI, where streaming
+// M <= 64 (fp32 x) / 256 (fp16, bf16 x) on AVX2 and AVX-512 VNNI, where streaming
 // the weight once is the whole cost at M = 1: a GEMV over the canonical layout as is
 // (no repacked copy), the activations quantized per call to int8 "limbs" per group
 // (three for fp32, which
@@ -33,14 +33,14 @@ namespace quant {
 namespace {
 
 // The limb GEMV serves M <= kLimbMaxM (fp32 x, three limbs) / kLimbMaxMHalf (fp16/bf16
-// x, two limbs); larger M takes the blocked fp32 GEMM. Measured (one thread, 4096x4096,
+// x, two limbs); larger M takes the blocked fp32 GEMM (fp32 m = 128 is a tie). Measured (one thread, 4096x4096,
 // weights beyond L3, a busy machine): fp32 m = 32 / 64 / 128 / 256: 7.2 / 14.5 / 37 /
 // 77 ms against 18-22 / 19-27 / 31-41 / 47-59 for the GEMM; bf16 5.4 / 10.6 / 29 / 47
 // against 13-20 / 19-27 / 41-47 / 57-70. kGemvMaxM: the small-M regime (the bf16-dot
 // GEMV's limit, L1-sized K blocks, 4-row passes).
 constexpr int64_t kGemvMaxM = 16;
 constexpr int64_t kLimbMaxM = 64;
-constexpr int64_t kLimbMaxMHalf = 128;
+constexpr int64_t kLimbMaxMHalf = 256;
 constexpr int64_t kGemvRows = 4;
 // per-lane int32 sums of one group stay below 2^31: g / 32 * 4 * 15 * 127 (AVX2 lanes)
 constexpr int64_t kGemvMaxGroup = int64_t(1) << 20;
