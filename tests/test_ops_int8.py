@@ -141,7 +141,7 @@ def test_w8_scale_and_bias_dtypes(op, scale_dtype, gen):
 def test_cpu_paths_and_tails(isa, m, gen):
     # m <= 3 runs the GEMV kernels (AVX2), larger m the panel kernels (3-row tiles);
     # linear_w8a16 runs the GEMV in groups of 3 rows of x up to m = 16 (tails of 1 and 2),
-    # the dequantized panels from m = 17;
+    # the dequantized panels from m = 17 (AVX-512: the GEMV to m = 12, the GEMM from 13);
     # n 1..9 covers the 4-row tiles' tails, k = 1..33 the 8- and 16-wide K tails,
     # k = 1100 two int16 panels and three fp32 panels.
     outs, refs = [], []
@@ -184,15 +184,16 @@ def test_cpu_gemm_blocks_exact(isa, m, gen):
 
 @NATIVE
 @pytest.mark.parametrize("isa", cpu_isas())
-@pytest.mark.parametrize("m", [11, 12, 16, 33, 50, 64, 65, 130])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 8, 9, 12, 13, 16, 33, 50, 64, 65, 130])
 def test_w8a16_gemm_tiles(isa, m, gen):
-    # AVX-512: from m = 12 the fp32 GEMM: x packed in 64-row blocks (16/32/48/64 wide),
-    # dequantized panels of 96 rows x 512 columns (K blocks accumulated, masked K tails),
-    # 12- and 6-row tiles with 1-row tails, 12-row thread shares split into 96-row tasks
-    # (n = 250); m = 11 stays on the GEMV. bf16 x with AVX512-BF16: the vdpbf16ps tiles
+    # AVX-512: up to m = 12 the streaming GEMV (1-3 rows of x per pass, 64-wide K steps and
+    # masked 16-wide K tails), from m = 13 the fp32 GEMM: x packed in 64-row blocks
+    # (16/32/48/64 wide), dequantized panels of 96 rows x 512 columns (K blocks accumulated,
+    # masked K tails), 12- and 6-row tiles with 1-row tails, 12-row thread shares split into
+    # 96-row tasks (n = 250). bf16 x with AVX512-BF16, from m = 9: the vdpbf16ps tiles
     # (1024-column panels, odd K). Other ISAs: their GEMV / panel paths.
     with cpu_isa(isa):
-        for n, k in ((250, 1030), (13, 517), (7, 16)):
+        for n, k in ((250, 1030), (13, 517), (7, 16), (5, 71)):
             x = torch.randn(m, k, generator=gen)
             w, s = make_w8(gen, n, k)
             out = native("linear_w8a16")(x, w, s, None)

@@ -27,15 +27,16 @@ namespace {
 constexpr int64_t kGemvMaxM = 3;
 // linear_w8a16 runs the GEMV kernel in groups of kGemvMaxM rows up to this M
 constexpr int64_t kW8a16GemvMaxM = 16;
-// and, with AVX-512, the fp32 GEMM from this M: its 16-row tiles cost the same from M = 1
-// to 16, and overtake the 3-row GEMV passes at M = 12 (4096 x 4096, one thread: 3.65 vs
-// 3.8 ms; 3.4 vs 5.2 ms at M = 16). FASTKERN_W8A16_GEMM_MIN_M overrides it.
-int64_t w8a16_gemm_min_m() {
+// and, with AVX-512, the GEMMs from this M: their 16-row tiles cost the same from M = 1 to
+// 16 and overtake the AVX-512 GEMV's 3-row passes at M = 13 with fp32 x (4096 x 4096, one
+// thread: M = 12 3.1 vs 3.4 ms, M = 16 4.4 vs 3.5) and at M = 9 with bf16 x (vdpbf16ps:
+// M = 8 2.2 vs 2.3 ms, M = 10 2.9 vs 2.2). FASTKERN_W8A16_GEMM_MIN_M sets both.
+int64_t w8a16_gemm_min_m(bool bf16) {
   static const int64_t v = [] {
     const char* e = std::getenv("FASTKERN_W8A16_GEMM_MIN_M");
-    return e ? std::max<int64_t>(1, std::atoll(e)) : int64_t(12);
+    return e ? std::max<int64_t>(1, std::atoll(e)) : int64_t(0);
   }();
-  return v;
+  return v > 0 ? v : (bf16 ? 9 : 13);
 }
 // Software prefetch distance along each weight row of a GEMV, in bytes: NR interleaved
 // row streams cross 4 KiB pages, where the hardware prefetchers stop (see int4_gemm.cpp).
@@ -489,6 +490,38 @@ FASTKERN_AVX512 void transpose_out_f32(const float* CT, int64_t Mp, int64_t M, i
   transpose16x16(r);
   const __mmask16 mask = static_cast<__mmask16>((1u << nn) - 1u);
   for (int64_t i = 0; i < mm; ++i) _mm512_mask_storeu_ps(Y + (m0 + i) * N + n0, mask, _mm512_castsi512_ps(r[i]));
+}
+
+
+// W8A16 GEMV with AVX-512: like gemv_vnni, each thread's weight rows as one stream with
+// the prefetch kVnniAhead bytes ahead, one row at a time; 16 int8 -> fp32 per convert,
+// four accumulators per row of x. y = x . float(w) (the scale is applied by the caller).
+template <int MR>
+FASTKERN_AVX512 void gemv_w8f_avx512(const float* X, int64_t ldx, const int8_t* W, int64_t K, float* Y, int64_t ldy,
+                                     int64_t n0, int64_t n1) {
+  const int64_t K64 = K & ~int64_t(63);
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* w = W + n * K;
+    __m512 s[MR][4];
+    for (int i = 0; i < MR; ++i)
+      for (int u = 0; u < 4; ++u) s[i][u] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k < K64; k += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + k + kVnniAhead), _MM_HINT_T0);
+      for (int u = 0; u < 4; ++u) {
+        const __m512 wv = _mm512_cvtepi32_ps(
+            _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k + 16 * u))));
+        for (int i = 0; i < MR; ++i) s[i][u] = _mm512_fmadd_ps(_mm512_loadu_ps(X + i * ldx + k + 16 * u), wv, s[i][u]);
+      }
+    }
+    for (; k < K; k += 16) {
+      const __mmask16 m = K - k >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (K - k)) - 1u);
+      const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, w + k)));
+      for (int i = 0; i < MR; ++i) s[i][0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, X + i * ldx + k), wv, s[i][0]);
+    }
+    for (int i = 0; i < MR; ++i)
+      Y[i * ldy + n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s[i][0], s[i][1]), _mm512_add_ps(s[i][2], s[i][3])));
+  }
 }
 
 // ------------------------------------------------------------------ W8A16 GEMM, AVX-512 (fp32 FMA)
@@ -989,7 +1022,7 @@ at::Tensor linear_w8a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
 #if FASTKERN_X86
   {
     const int64_t M = rows_of(x);
-    if (M >= w8a16_gemm_min_m() && N > 0 && K > 0 && x.scalar_type() == at::kBFloat16 &&
+    if (M >= w8a16_gemm_min_m(true) && N > 0 && K > 0 && x.scalar_type() == at::kBFloat16 &&
         active_isa() >= Isa::Avx512 && features().avx512bf16) {
       at::Tensor xb = x.reshape({M, K}).contiguous();
       at::Tensor Y = at::empty({M, N}, x.options().dtype(at::kFloat));
@@ -1008,7 +1041,7 @@ at::Tensor linear_w8a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
   float* yp = Y.data_ptr<float>();
   if (Mx > 0 && N > 0 && K > 0) {
 #if FASTKERN_X86
-    if (Mx >= w8a16_gemm_min_m() && active_isa() >= Isa::Avx512) {
+    if (Mx >= w8a16_gemm_min_m(false) && active_isa() >= Isa::Avx512) {
       w8a16_gemm_avx512(xp, ldx, Mx, wp, sp, N, K, yp);
       return finish(Y, bias, x, N);
     }
@@ -1018,6 +1051,24 @@ at::Tensor linear_w8a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
       // kGemvMaxM rows the weight streams once per group of kGemvMaxM rows of x:
       // measured at 4096x4096 (2 threads), M=4..16 took 1.6-2.9x longer on the
       // dequantized-panel path, which converts every weight to fp32 in memory.
+#if FASTKERN_X86
+      if (active_isa() >= Isa::Avx512) {
+        parallel_rows(N, 16, 8, [&](int64_t n0, int64_t n1) {
+          for (int64_t m0 = 0; m0 < Mx; m0 += kGemvMaxM) {
+            const float* xm = xp + m0 * ldx;
+            float* ym = yp + m0 * N;
+            switch (std::min(kGemvMaxM, Mx - m0)) {
+              case 1: gemv_w8f_avx512<1>(xm, ldx, wp, K, ym, N, n0, n1); break;
+              case 2: gemv_w8f_avx512<2>(xm, ldx, wp, K, ym, N, n0, n1); break;
+              default: gemv_w8f_avx512<3>(xm, ldx, wp, K, ym, N, n0, n1); break;
+            }
+          }
+          for (int64_t i = 0; i < Mx; ++i)
+            for (int64_t n = n0; n < n1; ++n) yp[i * N + n] *= sp[n];
+        });
+        return finish(Y, bias, x, N);
+      }
+#endif
       parallel_rows(N, kGemvRows, 16, [&](int64_t n0, int64_t n1) {
         for (int64_t m0 = 0; m0 < Mx; m0 += kGemvMaxM) {
           const float* xm = xp + m0 * ldx;
