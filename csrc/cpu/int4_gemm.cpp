@@ -42,7 +42,8 @@ constexpr int64_t kGemvMaxM = 16;
 constexpr int64_t kLimbMaxM = 64;
 constexpr int64_t kLimbMaxMHalf = 256;
 constexpr int64_t kGemvRows = 4;
-// per-lane int32 sums of one group stay below 2^31: g / 32 * 4 * 15 * 127 (AVX2 lanes)
+// groups beyond this take the panels (a bound on the per-group limb blocks; the int32
+// sums stay exact for any group, which is summed in spans of at most kSpan chunks)
 constexpr int64_t kGemvMaxGroup = int64_t(1) << 20;
 
 struct W4 {
@@ -646,14 +647,17 @@ struct W4Tiles {
 };
 
 // Groups per K block. Small M (<= kGemvMaxM): the limbs of a block for all M rows of x
-// within ~24 KiB (L1 holds them while the weights stream through), but each row's run
-// of a block at least 2 KiB (32 lines: long enough a stream for the prefetchers).
+// within ~36 KiB (L1 holds them while the weights stream through; one thread, m = 1,
+// 4096x11008 / 4096x14336: 36 KiB 5-8% faster than 24, 16 KiB 10-15% slower, 48 KiB
+// 2x slower for fp32), but each row's run of a block at least 2 KiB (32 lines: long
+// enough a stream for the prefetchers). Below the budget K is one block and each
+// thread reads its rows as one contiguous stream.
 // Larger M: the limbs of one 4-row x tile within ~12 KiB, so that tile and the runs of
 // the rb weight rows it meets (~24 KiB, w4l_gemv) share L1, all of x's block in L2.
 // Blocks of equal size.
 inline int64_t w4_k_block_groups(int64_t G, int64_t M, int64_t group_bytes_row, int64_t run_bytes) {
   const int64_t gbx = std::max<int64_t>(M * group_bytes_row, 1);
-  int64_t gb = M <= kGemvMaxM ? std::max((int64_t(24) << 10) / gbx, (2048 + run_bytes - 1) / run_bytes)
+  int64_t gb = M <= kGemvMaxM ? std::max((int64_t(36) << 10) / gbx, (2048 + run_bytes - 1) / run_bytes)
                               : (int64_t(12) << 10) / (4 * group_bytes_row);
   gb = std::max<int64_t>(1, std::min(gb, G));
   const int64_t blocks = (G + gb - 1) / gb;
