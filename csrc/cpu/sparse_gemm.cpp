@@ -292,15 +292,17 @@ constexpr int kS24Rows = 4;
 
 // One register tile: kS24Rows weight rows x MV vectors of M columns. pv: [ng][rows][2]
 // fp32 values, pm: [ng][rows] meta bytes.
+// pf: npf cache lines to prefetch (the next K block of the tile's rows), two per group
+// step, so the requests spread over the call instead of stalling in a burst.
 using S24TileFn = void (*)(int64_t ng, const float* xs, const float* pv, const uint8_t* pm, float* ct, int64_t ldct,
-                           int rows_valid, bool accumulate);
+                           int rows_valid, bool accumulate, const char* const* pf, int64_t npf);
 
 #if FASTKERN_X86
 // Two accumulators per (row, vector) when a tile has few of them (MV <= 2: the w0
 // and w1 products chain separately), so at least 8 chains cover the FMA latency.
 template <int MV>
 FASTKERN_AVX512 void s24t_tile_avx512(int64_t ng, const float* xs, const float* pv, const uint8_t* pm, float* ct,
-                                      int64_t ldct, int rows_valid, bool accumulate) {
+                                      int64_t ldct, int rows_valid, bool accumulate, const char* const* pf, int64_t npf) {
   constexpr int R = kS24Rows, W = 16 * MV, A = MV <= 2 ? 2 : 1;
   __m512 acc[A][R][MV];
 #pragma GCC unroll 2
@@ -310,6 +312,10 @@ FASTKERN_AVX512 void s24t_tile_avx512(int64_t ng, const float* xs, const float* 
 #pragma GCC unroll 4
       for (int u = 0; u < MV; ++u) acc[a][r][u] = _mm512_setzero_ps();
   for (int64_t g = 0; g < ng; ++g) {
+    if (2 * g < npf) {
+      _mm_prefetch(pf[2 * g], _MM_HINT_T0);
+      if (2 * g + 1 < npf) _mm_prefetch(pf[2 * g + 1], _MM_HINT_T0);
+    }
     uint32_t q;
     std::memcpy(&q, pm + g * R, 4);
     const float* xg = xs + 4 * g * W;
@@ -343,7 +349,7 @@ FASTKERN_AVX512 void s24t_tile_avx512(int64_t ng, const float* xs, const float* 
 
 template <int MV>
 FASTKERN_AVX2 void s24t_tile_avx2(int64_t ng, const float* xs, const float* pv, const uint8_t* pm, float* ct,
-                                  int64_t ldct, int rows_valid, bool accumulate) {
+                                  int64_t ldct, int rows_valid, bool accumulate, const char* const* pf, int64_t npf) {
   constexpr int R = kS24Rows, W = 8 * MV, A = MV == 1 ? 2 : 1;
   __m256 acc[A][R][MV];
 #pragma GCC unroll 2
@@ -353,6 +359,10 @@ FASTKERN_AVX2 void s24t_tile_avx2(int64_t ng, const float* xs, const float* pv, 
 #pragma GCC unroll 4
       for (int u = 0; u < MV; ++u) acc[a][r][u] = _mm256_setzero_ps();
   for (int64_t g = 0; g < ng; ++g) {
+    if (2 * g < npf) {
+      _mm_prefetch(pf[2 * g], _MM_HINT_T0);
+      if (2 * g + 1 < npf) _mm_prefetch(pf[2 * g + 1], _MM_HINT_T0);
+    }
     uint32_t q;
     std::memcpy(&q, pm + g * R, 4);
     const float* xg = xs + 4 * g * W;
@@ -623,16 +633,24 @@ bool s24_mvec(Isa isa, const at::Tensor& x2_in, const at::Tensor& values, const 
           const float* xs = xtp + K * t_off[t] + k0 * w;
           const S24TileFn fn = ts.fn[t_mv[t]];
           for (int64_t i = 0; i < ntiles; ++i) {
-            // The next K block of this tile's rows, requested a few lines per tile call
-            // (a burst for the whole chunk would overflow the miss queues).
-            if (t == 0 && k0 + kc < K)
+            // The next K block of this tile's rows (values, then meta), requested
+            // during the first M tile's pass.
+            constexpr int64_t kMaxPf = 4 * 48;
+            const char* pf[kMaxPf];
+            int64_t npf = 0;
+            auto lines = [&](const void* p, int64_t bytes) {
+              const uintptr_t a = reinterpret_cast<uintptr_t>(p), e = a + static_cast<uintptr_t>(bytes);
+              for (uintptr_t l = a & ~uintptr_t(63); l < e && npf < kMaxPf; l += 64) pf[npf++] = reinterpret_cast<const char*>(l);
+            };
+            if (t == 0 && k0 + kc < K) {
+              const int64_t kn = std::min(kc, K - k0 - kc);
               for (int64_t r = i * R; r < std::min(rows, i * R + R); ++r) {
-                const char* nv = reinterpret_cast<const char*>(vals + (n0 + r) * ldv + k0 / 2 + kc / 2);
-                for (int64_t b = 0; b < (kc / 2) * static_cast<int64_t>(sizeof(T)); b += 64) _mm_prefetch(nv + b, _MM_HINT_T0);
-                _mm_prefetch(reinterpret_cast<const char*>(mt + (n0 + r) * ldm + k0 / 4 + kc / 4), _MM_HINT_T0);
+                lines(vals + (n0 + r) * ldv + (k0 + kc) / 2, (kn / 2) * static_cast<int64_t>(sizeof(T)));
+                lines(mt + (n0 + r) * ldm + (k0 + kc) / 4, kn / 4);
               }
+            }
             fn(ng, xs, pv + i * ng * 2 * R, pm + i * ng * R, ct + i * R * Mp + t_off[t], Mp,
-               static_cast<int>(std::min<int64_t>(R, rows - i * R)), k0 > 0);
+               static_cast<int>(std::min<int64_t>(R, rows - i * R)), k0 > 0, pf, npf);
           }
         }
       }
