@@ -12,7 +12,8 @@ import fastkern
 from fastkern import formats, ops
 from fastkern._ext import _C
 
-from conftest import FLOAT_DTYPES, M_SIZES, assert_close_rel, backends_for, cpu_isa, cpu_isas, num_threads
+from conftest import (FLOAT_DTYPES, M_SIZES, assert_close_rel, backends_for, cpu_isa, cpu_isas, num_threads,
+                      on_1_and_2_threads)
 
 NATIVE = pytest.mark.skipif(_C is None, reason="fastkern._C is not built")
 W8_OPS = ["linear_w8a16", "linear_w8a8"]
@@ -187,17 +188,20 @@ def test_cpu_gemm_blocks_exact(isa, m, gen):
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 8, 9, 12, 13, 16, 33, 50, 64, 65, 130])
 def test_w8a16_gemm_tiles(isa, m, gen):
     # AVX-512: up to m = 12 the streaming GEMV (1-3 rows of x per pass, 64-wide K steps and
-    # masked 16-wide K tails), from m = 13 the fp32 GEMM: x packed in 64-row blocks
+    # masked 16-wide K tails; K > 2048 in blocks of 2048 over 8-row chunks), from m = 13 the fp32 GEMM: x packed in 64-row blocks
     # (16/32/48/64 wide), dequantized panels of 96 rows x 512 columns (K blocks accumulated,
     # masked K tails), 12- and 6-row tiles with 1-row tails, 12-row thread shares split into
     # 96-row tasks (n = 250). bf16 x with AVX512-BF16, from m = 9: the vdpbf16ps tiles
     # (1024-column panels, odd K). Other ISAs: their GEMV / panel paths.
     with cpu_isa(isa):
-        for n, k in ((250, 1030), (13, 517), (7, 16), (5, 71)):
+        for n, k in ((250, 1030), (13, 517), (7, 16), (5, 71), (37, 4500)):
             x = torch.randn(m, k, generator=gen)
             w, s = make_w8(gen, n, k)
             out = native("linear_w8a16")(x, w, s, None)
             assert_close_rel(out, ops.linear_w8a16_ref(x, w, s, None), torch.float32)
+            if k == 4500:  # the GEMV's K blocks (2048 columns, 8-row chunks) on 1 and 2 threads
+                one, two = on_1_and_2_threads(native("linear_w8a16"), x, w, s, None)
+                assert torch.equal(one, two)
             xb = x.to(torch.bfloat16)
             b = torch.randn(n, generator=gen)
             assert_close_rel(native("linear_w8a16")(xb, w, s, b), ops.linear_w8a16_ref(xb, w, s, b), torch.bfloat16)
