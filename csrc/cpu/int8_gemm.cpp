@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/quant_common.h"
@@ -619,27 +620,34 @@ FASTKERN_AVX512 void w8f_tile(const float* Xp, const float* P, int64_t ldp, int6
     for (int v = 0; v < VM; ++v) _mm512_storeu_ps(CT + j * ldct + 16 * v, c[j][v]);
 }
 
-template <int VM>
-void w8f_rows(const float* Xp, const float* P, int64_t ldp, int64_t rows, int64_t kc, float* CT, int64_t ldct,
-              bool acc, const char* const* pf, int64_t npf) {
+// The rows of a panel in register tiles of NR weight rows (6 when VM >= 3, else 12), then
+// one by one, with the prefetch lines [pf, pf + npf) of the next task spread evenly over the
+// tiles (one every step k steps): tile(integral_constant<int, rows of the tile>, first row,
+// its prefetch lines, how many, step - 1).
+template <int VM, class Tile>
+void panel_rows(int64_t rows, int64_t ksteps, const char* const* pf, int64_t npf, const Tile& tile) {
   constexpr int NR = VM >= 3 ? 6 : 12;
   const int64_t tiles = std::max<int64_t>(1, rows / NR + rows % NR);
   const int64_t lines = std::max<int64_t>(1, (npf + tiles - 1) / tiles);
   int64_t step = 1;
-  while (step * 2 * lines <= kc) step *= 2;
+  while (step * 2 * lines <= ksteps) step *= 2;
   int64_t r = 0;
-  for (; r + NR <= rows; r += NR) {
+  auto run = [&](auto nr) {
     const int64_t np = std::max<int64_t>(0, std::min(lines, npf));
-    w8f_tile<NR, VM>(Xp, P + r * ldp, ldp, kc, CT + r * ldct, ldct, acc, pf, np, step - 1);
+    tile(nr, r, pf, np, step - 1);
     pf += np;
     npf -= np;
-  }
-  for (; r < rows; ++r) {
-    const int64_t np = std::max<int64_t>(0, std::min(lines, npf));
-    w8f_tile<1, VM>(Xp, P + r * ldp, ldp, kc, CT + r * ldct, ldct, acc, pf, np, step - 1);
-    pf += np;
-    npf -= np;
-  }
+  };
+  for (; r + NR <= rows; r += NR) run(std::integral_constant<int, NR>{});
+  for (; r < rows; ++r) run(std::integral_constant<int, 1>{});
+}
+
+template <int VM>
+void w8f_rows(const float* Xp, const float* P, int64_t ldp, int64_t rows, int64_t kc, float* CT, int64_t ldct,
+              bool acc, const char* const* pf, int64_t npf) {
+  panel_rows<VM>(rows, kc, pf, npf, [&](auto nr, int64_t r, const char* const* p, int64_t np, int64_t mask) {
+    w8f_tile<decltype(nr)::value, VM>(Xp, P + r * ldp, ldp, kc, CT + r * ldct, ldct, acc, p, np, mask);
+  });
 }
 
 // panel[r][k] = float(W[n0 + r][k0 + k]) * s[n0 + r] for k < kc
@@ -777,24 +785,9 @@ FASTKERN_BF16_512 void w8b_tile(const uint32_t* Xp, const uint32_t* P, int64_t l
 template <int VM>
 void w8b_rows(const uint32_t* Xp, const uint32_t* P, int64_t ldp, int64_t rows, int64_t kc2, float* CT,
               int64_t ldct, bool acc, const char* const* pf, int64_t npf) {
-  constexpr int NR = VM >= 3 ? 6 : 12;
-  const int64_t tiles = std::max<int64_t>(1, rows / NR + rows % NR);
-  const int64_t lines = std::max<int64_t>(1, (npf + tiles - 1) / tiles);
-  int64_t step = 1;
-  while (step * 2 * lines <= kc2) step *= 2;
-  int64_t r = 0;
-  for (; r + NR <= rows; r += NR) {
-    const int64_t np = std::max<int64_t>(0, std::min(lines, npf));
-    w8b_tile<NR, VM>(Xp, P + r * ldp, ldp, kc2, CT + r * ldct, ldct, acc, pf, np, step - 1);
-    pf += np;
-    npf -= np;
-  }
-  for (; r < rows; ++r) {
-    const int64_t np = std::max<int64_t>(0, std::min(lines, npf));
-    w8b_tile<1, VM>(Xp, P + r * ldp, ldp, kc2, CT + r * ldct, ldct, acc, pf, np, step - 1);
-    pf += np;
-    npf -= np;
-  }
+  panel_rows<VM>(rows, kc2, pf, npf, [&](auto nr, int64_t r, const char* const* p, int64_t np, int64_t mask) {
+    w8b_tile<decltype(nr)::value, VM>(Xp, P + r * ldp, ldp, kc2, CT + r * ldct, ldct, acc, p, np, mask);
+  });
 }
 
 // panel[r][k/2] = (bf16(W[n0 + r][k0 + k]), bf16(W[.][k0 + k + 1])) for k < kc (zero past it)
