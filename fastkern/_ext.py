@@ -1,4 +1,5 @@
 """Loads the native extension fastkern._C, or explains why it is missing."""
+import functools
 import warnings
 
 import torch
@@ -60,8 +61,11 @@ if _C is not None:
         raise ImportError(_mismatch_message(_built))
 
 
+@functools.lru_cache(maxsize=None)
 def has_kernel(op: str, dispatch_key: str) -> bool:
-    """Whether fastkern._C registered a kernel for ``fastkern_C::op`` under ``dispatch_key``."""
+    """Whether fastkern._C registered a kernel for ``fastkern_C::op`` under ``dispatch_key``.
+
+    Cached: _C registers all its kernels when it loads, and every op call asks."""
     if _C is None:
         return False
     return torch._C._dispatch_has_kernel_for_dispatch_key("fastkern_C::" + op, dispatch_key)

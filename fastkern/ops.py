@@ -13,6 +13,7 @@ Backends:
   triton     fastkern/triton (GPU; on CPU tensors only under TRITON_INTERPRET=1)
   reference  the references below, on any device
 """
+import functools
 import importlib
 import os
 from dataclasses import dataclass
@@ -283,6 +284,11 @@ def _load_lazy(backend):
     return _lazy_loaded[backend]
 
 
+@functools.lru_cache(maxsize=None)
+def _with_cuda() -> bool:
+    return bool(_ext._C.build_info()["with_cuda"])
+
+
 def backend_status(op: str, backend: str, device: torch.device) -> Optional[str]:
     """None if ``backend`` can run ``op`` on ``device``, else the reason it cannot."""
     dev = device.type
@@ -293,7 +299,7 @@ def backend_status(op: str, backend: str, device: torch.device) -> Optional[str]
             return "the %s backend runs %s tensors, these are on %s" % (backend, backend, device)
         if _ext._C is None:
             return "fastkern._C is not built (%s)" % _ext.LOAD_ERROR
-        if backend == "cuda" and not _ext._C.build_info()["with_cuda"]:
+        if backend == "cuda" and not _with_cuda():
             return "fastkern._C was built without CUDA kernels (rebuild with FASTKERN_CUDA=1)"
         if not _ext.has_kernel(op, "CPU" if backend == "cpu" else "CUDA"):
             return "fastkern._C has no %s kernel for %s" % (backend, op)
