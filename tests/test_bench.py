@@ -52,6 +52,10 @@ def test_json_is_well_formed(result):
     assert c["read_bw_gbs"] > 0 and c["matmul_gflops"]["fp32"] > 0 and c["llc_bytes"] > 0
     # the ceiling is the best read rate measured, whichever probe reached it
     assert c["read_bw_gbs"] == max(c["read_bw_gbs_sum"], c.get("read_bw_gbs_native") or 0)
+    # measured again after the kernels, and a change between the two is flagged
+    assert c["read_bw_gbs_end"] > 0
+    assert c["read_bw_drift"] == (abs(c["read_bw_gbs_end"] - c["read_bw_gbs_sum"]) > 0.15 * c["read_bw_gbs_sum"])
+    assert "read bandwidth at the end" in report.ceilings_line(result)
     if _ext._C is not None:
         assert c["fma_peak_gflops"] > 0 and _ext._C.cpu_isa() in c["fma_peak_measured_note"]
 

@@ -286,6 +286,14 @@ def run_benchmark(cases: Sequence[Case], cfg: RunConfig, *, argv=None,
         results.append(entry)
         impl = None
 
+    if cfg.measure_ceilings and ceilings.get("read_bw_gbs") and not interrupted:
+        # The memory bandwidth of a shared host can change while the run goes on (seen:
+        # ~48 and ~80 GB/s regimes minutes apart on one VM): measured again at the end,
+        # and a change beyond 15% is flagged (%BW and the ratios may then mix regimes).
+        end = ceil_mod.read_bandwidth(device, ceilings["bw_array_bytes"],
+                                      cfg.ceiling_min_run_time or max(cfg.min_run_time, 0.05))
+        ceilings["read_bw_gbs_end"] = end
+        ceilings["read_bw_drift"] = abs(end - ceilings["read_bw_gbs_sum"]) > 0.15 * ceilings["read_bw_gbs_sum"]
     if on_task and not interrupted:
         on_task(len(tasks), len(tasks), "done")
     meta["interrupted"] = interrupted
