@@ -62,16 +62,18 @@ def test_json_is_well_formed(result):
 
 @pytest.mark.skipif(_ext._C is None, reason="fastkern._C is not built")
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
-def test_fma_peak_probe_runs_each_path(isa):
+@pytest.mark.parametrize("probe", ["fma_peak", "read_bw"])
+def test_native_probe_runs_each_path(isa, probe):
     try:
         _ext._C.set_cpu_isa(isa)
     except RuntimeError as e:
         pytest.skip("this CPU cannot run the %s path: %s" % (isa, e))
     try:
-        r = _ext._C.fma_peak(0.01)
+        r = _ext._C.fma_peak(0.01) if probe == "fma_peak" else _ext._C.read_bw(1 << 20, 2)
     finally:
         _ext._C.set_cpu_isa("auto")
-    assert r["isa"] == isa and r["gflops"] > 0 and r["threads"] == torch.get_num_threads()
+    assert r["isa"] == isa and r["gflops" if probe == "fma_peak" else "gbs"] > 0
+    assert r["threads"] == torch.get_num_threads()
 
 
 def test_every_op_timed_with_its_peers(result):
@@ -351,17 +353,3 @@ def test_model_flag_hands_over_to_the_model_benchmark(monkeypatch):
     assert seen["eval_sentences"] == 8 and seen["backend"] == "reference"
     with pytest.raises(SystemExit):
         cli.main(["--eval-sentences", "8"])  # without --model it is no option of the harness
-
-
-@pytest.mark.skipif(_ext._C is None, reason="fastkern._C is not built")
-@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
-def test_read_bw_probe_runs_each_path(isa):
-    try:
-        _ext._C.set_cpu_isa(isa)
-    except RuntimeError as e:
-        pytest.skip("this CPU cannot run the %s path: %s" % (isa, e))
-    try:
-        r = _ext._C.read_bw(1 << 20, 2)
-    finally:
-        _ext._C.set_cpu_isa("auto")
-    assert r["isa"] == isa and r["gbs"] > 0 and r["threads"] == torch.get_num_threads()

@@ -75,15 +75,23 @@ def read_bandwidth(device: str, nbytes: int, min_run_time: float) -> float:
     return a.numel() * 4 / (t.ms * 1e-3) / 1e9
 
 
-def native_read_bandwidth(nbytes: int):
-    """(GB/s, note) of fastkern._C.read_bw (vector loads on every torch thread), or (None, why)."""
+def _native_probe(name: str):
+    """(fastkern._C's probe ``name``, None), or (None, why it is not there)."""
     try:
         from fastkern import _ext
     except ImportError as e:
         return None, "fastkern._C did not load (%s)" % e
-    if _ext._C is None or not hasattr(_ext._C, "read_bw"):
+    if _ext._C is None or not hasattr(_ext._C, name):
         return None, "fastkern._C is not built"
-    r = _ext._C.read_bw(int(nbytes), 5)
+    return getattr(_ext._C, name), None
+
+
+def native_read_bandwidth(nbytes: int):
+    """(GB/s, note) of fastkern._C.read_bw (vector loads on every torch thread), or (None, why)."""
+    probe, why = _native_probe("read_bw")
+    if probe is None:
+        return None, why
+    r = probe(int(nbytes), 5)
     return r["gbs"], "vector loads, %s path, %d threads" % (r["isa"], r["threads"])
 
 
@@ -150,13 +158,10 @@ def fma_peak_estimate():
 
 def fma_peak_measured(min_run_time: float):
     """(GFLOP/s, note) of register-only fp32 FMA loops on every torch thread, or (None, why)."""
-    try:
-        from fastkern import _ext
-    except ImportError as e:
-        return None, "fastkern._C did not load (%s)" % e
-    if _ext._C is None or not hasattr(_ext._C, "fma_peak"):
-        return None, "fastkern._C is not built"
-    r = _ext._C.fma_peak(max(0.1, min_run_time))
+    probe, why = _native_probe("fma_peak")
+    if probe is None:
+        return None, why
+    r = probe(max(0.1, min_run_time))
     return r["gflops"], "register-only FMA loops, %s path, %d threads" % (r["isa"], r["threads"])
 
 
