@@ -305,30 +305,35 @@ FASTKERN_AVX2 bool w4_limbs_group_avx2(const float* x, int64_t g, int64_t CW, in
 }
 #endif
 
+// f(i, row m, group gi) for every group of every row (i = m * G + gi), in parallel: one
+// task per (row, group), threads only above a size where they pay for their start.
+// Returns false if any call did (x holds NaN or inf there).
+template <class F>
+bool w4_for_each_group(int64_t M, int64_t G, int64_t g, const F& f) {
+  std::atomic<bool> ok{true};
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / g);
+  at::parallel_for(0, M * G, grain, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i)
+      if (!f(i, i / G, i % G)) ok = false;
+  });
+  return ok;
+}
+
 // Limbs of every group of every row (layout above). Returns false if x holds NaN or
 // inf (the caller then takes the fp32 panel path).
 bool w4_prepare_limbs(const float* X, int64_t ldx, int64_t M, int64_t K, int64_t g, int64_t CW, int L, int8_t* A,
                       int64_t lda, float* SX, float* SUM, bool avx2) {
-  const int64_t G = K / g, nc = (g + CW - 1) / CW;
-  std::atomic<bool> ok{true};
-  // one task per (row, group); threads only above a size where they pay for their start
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / g);
-  at::parallel_for(0, M * G, grain, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      const int64_t m = i / G, gi = i % G;
-      const float* x = X + m * ldx + gi * g;
-      int8_t* blk = A + m * lda + gi * nc * L * CW;
-      bool good;
+  const int64_t nc = (g + CW - 1) / CW;
+  return w4_for_each_group(M, K / g, g, [&](int64_t i, int64_t m, int64_t gi) {
+    const float* x = X + m * ldx + gi * g;
+    int8_t* blk = A + m * lda + gi * nc * L * CW;
 #if FASTKERN_X86
-      if (avx2 && g % 32 == 0)
-        good = w4_limbs_group_avx2(x, g, CW, L, blk, SX + 4 * i, SUM + i);
-      else
+    if (avx2 && g % 32 == 0) return w4_limbs_group_avx2(x, g, CW, L, blk, SX + 4 * i, SUM + i);
+#else
+    (void)avx2;
 #endif
-        good = w4_limbs_group_generic(x, g, CW, L, blk, SX + 4 * i, SUM + i);
-      if (!good) ok = false;
-    }
+    return w4_limbs_group_generic(x, g, CW, L, blk, SX + 4 * i, SUM + i);
   });
-  return ok;
 }
 
 #if FASTKERN_X86
@@ -829,19 +834,12 @@ FASTKERN_AVX512BF16 bool w4_bf16_group(const float* x, int64_t g, uint16_t* blk,
 
 bool w4_prepare_bf16(const float* X, int64_t ldx, int64_t M, int64_t K, int64_t g, int L, uint16_t* A,
                      int64_t lda, float* SUM) {
-  const int64_t G = K / g, nc = (g + kBfChunk - 1) / kBfChunk;
-  std::atomic<bool> ok{true};
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / g);
-  at::parallel_for(0, M * G, grain, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      const int64_t m = i / G, gi = i % G;
-      const float* x = X + m * ldx + gi * g;
-      uint16_t* blk = A + m * lda + gi * nc * L * kBfChunk;
-      const bool good = L == 1 ? w4_bf16_group<1>(x, g, blk, SUM + i) : w4_bf16_group<2>(x, g, blk, SUM + i);
-      if (!good) ok = false;
-    }
+  const int64_t nc = (g + kBfChunk - 1) / kBfChunk;
+  return w4_for_each_group(M, K / g, g, [&](int64_t i, int64_t m, int64_t gi) {
+    const float* x = X + m * ldx + gi * g;
+    uint16_t* blk = A + m * lda + gi * nc * L * kBfChunk;
+    return L == 1 ? w4_bf16_group<1>(x, g, blk, SUM + i) : w4_bf16_group<2>(x, g, blk, SUM + i);
   });
-  return ok;
 }
 
 template <int MR, int NR, int L>

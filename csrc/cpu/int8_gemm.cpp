@@ -650,6 +650,21 @@ void w8f_rows(const float* Xp, const float* P, int64_t ldp, int64_t rows, int64_
   });
 }
 
+// pfl = the cache lines of the weight panel a task of the W8A16 GEMMs reads after rows
+// [n0, n1) x K block [k0, k0 + KC): its next K block, or the first one of the thread's next
+// task (rows up to r1, nb per task), for the tiles to prefetch while they compute.
+inline void next_panel_lines(const int8_t* W, int64_t K, int64_t KC, int64_t nb, int64_t r1, int64_t n0,
+                             int64_t n1, int64_t k0, std::vector<const char*>& pfl) {
+  int64_t pn0 = n0, pn1 = n1, pk0 = k0 + KC;
+  if (pk0 >= K) pn0 = n1, pn1 = std::min(r1, n1 + nb), pk0 = 0;
+  const int64_t pkc = std::min(KC, K - pk0);
+  pfl.clear();
+  for (int64_t n = pn0; n < pn1; ++n) {
+    const char* row = reinterpret_cast<const char*>(W + n * K + pk0);
+    for (int64_t b = 0; b < pkc; b += 64) pfl.push_back(row + b);
+  }
+}
+
 // panel[r][k] = float(W[n0 + r][k0 + k]) * s[n0 + r] for k < kc
 FASTKERN_AVX512 void dequant_panel(const int8_t* W, int64_t K, const float* s, int64_t n0, int64_t n1, int64_t k0,
                                     int64_t kc, float* panel, int64_t ldp) {
@@ -713,15 +728,7 @@ void w8a16_gemm_avx512(const float* X, int64_t ldx, int64_t M, const int8_t* W, 
       for (int64_t k0 = 0; k0 < K; k0 += kF32KC) {
         const int64_t kc = std::min(kF32KC, K - k0);
         dequant_panel(W, K, s, n0, n1, k0, kc, panel.data(), kcmax);
-        // the lines of the next panel: this task's next K block, or the next task's first
-        int64_t pn0 = n0, pn1 = n1, pk0 = k0 + kF32KC;
-        if (pk0 >= K) pn0 = n1, pn1 = std::min(r1, n1 + nb), pk0 = 0;
-        const int64_t pkc = std::min(kF32KC, K - pk0);
-        pfl.clear();
-        for (int64_t n = pn0; n < pn1; ++n) {
-          const char* row = reinterpret_cast<const char*>(W + n * K + pk0);
-          for (int64_t b = 0; b < pkc; b += 64) pfl.push_back(row + b);
-        }
+        next_panel_lines(W, K, kF32KC, nb, r1, n0, n1, k0, pfl);
         const int64_t per_mb = (int64_t(pfl.size()) + nmb - 1) / nmb;
         for (int64_t mb = 0; mb < nmb; ++mb) {
           const int64_t m0 = mb * 64, vm = std::min<int64_t>(64, Mp - m0) / 16;
@@ -855,14 +862,7 @@ void w8a16_gemm_bf16(const uint16_t* X, int64_t ldx, int64_t M, const int8_t* W,
       for (int64_t k0 = 0; k0 < K; k0 += KC) {
         const int64_t kc = std::min(KC, K - k0), kc2 = (kc + 1) / 2;
         bf16_panel(W, K, n0, n1, k0, kc, panel.data(), kc2max);
-        int64_t pn0 = n0, pn1 = n1, pk0 = k0 + KC;
-        if (pk0 >= K) pn0 = n1, pn1 = std::min(r1, n1 + nb), pk0 = 0;
-        const int64_t pkc = std::min(KC, K - pk0);
-        pfl.clear();
-        for (int64_t n = pn0; n < pn1; ++n) {
-          const char* row = reinterpret_cast<const char*>(W + n * K + pk0);
-          for (int64_t b = 0; b < pkc; b += 64) pfl.push_back(row + b);
-        }
+        next_panel_lines(W, K, KC, nb, r1, n0, n1, k0, pfl);
         const int64_t per_mb = (int64_t(pfl.size()) + nmb - 1) / nmb;
         for (int64_t mb = 0; mb < nmb; ++mb) {
           const int64_t m0 = mb * 64, vm = std::min<int64_t>(64, Mp - m0) / 16;
