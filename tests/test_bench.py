@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fastkern import _ext, formats, ops
+from fastkern._info import info_dict
 from fastkern.bench import cli, report, shapes
 from fastkern.bench.inputs import make_activation, make_weight, op_weight_args
 from fastkern.bench.peers import CPU_PEERS, PeerUnavailable, peers_for
@@ -307,22 +308,96 @@ def test_plain_table_without_rich(result, monkeypatch, capsys):
 def test_interrupted_run_keeps_what_was_measured(monkeypatch):
     from fastkern.bench import runner
 
-    real = runner.measure
+    real = runner.prepare
     calls = []
 
-    def measure_then_stop(*a, **kw):
+    def prepare_then_stop(*a, **kw):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    monkeypatch.setattr(runner, "measure", measure_then_stop)
+    monkeypatch.setattr(runner, "prepare", prepare_then_stop)
     cases = shapes.custom_cases(["gemm"], [(16, 32)], [1, 2])
-    cfg = runner.RunConfig(backends=["reference"], min_run_time=0.001, max_copies=2, measure_ceilings=False)
+    cfg = runner.RunConfig(backends=["reference"], peers=[], min_run_time=0.001, max_copies=2,
+                           measure_ceilings=False)
     res = runner.run_benchmark(cases, cfg, argv=[])
     assert res["metadata"]["interrupted"] is True
     assert [e["status"] for e in res["results"]] == ["ok", "skipped"]
     assert res["results"][1]["reason"] == "interrupted"
+    assert report.validate(res) == []
+
+
+def test_interleaved_rounds_alternate_and_pool_samples():
+    from fastkern.bench.timing import Rotator, time_interleaved
+
+    order = []
+
+    def fn(name):
+        def call(x, c):
+            order.append(name)
+            return x
+        return call
+
+    x = torch.zeros(1)
+    rots = [Rotator(fn(n), x, [(), ()]) for n in "abc"]
+    timings = time_interleaved(rots, "cpu", 0.03, rounds=4)
+    assert all(t is not None and t.runs >= 4 and t.ms > 0 for t in timings)
+    assert all("4 interleaved rounds" in t.method for t in timings)
+    # stretches: warm-up a b c, then rounds a b c / c b a / a b c / c b a (a round's last
+    # implementation opens the next one, so its two stretches run back to back)
+    runs = [order[0]]
+    for name in order[1:]:
+        if name != runs[-1]:
+            runs.append(name)
+    assert runs == list("abc") + list("abc") + list("ba") + list("bc") + list("ba")
+
+
+def test_interleaved_failure_is_reported_and_others_still_timed():
+    from fastkern.bench.timing import Rotator, time_interleaved
+
+    calls = {"n": 0}
+
+    def flaky(x, c):
+        calls["n"] += 1
+        if calls["n"] > 2:  # fails after warm-up, during a round
+            raise RuntimeError("kernel broke")
+        return x
+
+    x = torch.zeros(1)
+    errors = []
+    rots = [Rotator(lambda x, c: x, x, [()]), Rotator(flaky, x, [(), ()])]
+    out = time_interleaved(rots, "cpu", 0.01, rounds=2, on_error=lambda i, e: errors.append((i, str(e))))
+    assert out[0] is not None and out[1] is None
+    assert errors == [(1, "kernel broke")]
+    with pytest.raises(RuntimeError, match="kernel broke"):
+        calls["n"] = 0
+        time_interleaved(rots, "cpu", 0.01, rounds=2)
+
+
+def test_run_times_fastkern_and_peers_in_rounds(result):
+    for e in result["results"]:
+        if e["status"] == "ok":
+            assert "interleaved rounds" in e["timer"], e
+
+
+@pytest.mark.skipif("avx2" not in info_dict().get("cpu_features", []), reason="--isa avx2 needs a CPU with AVX2")
+def test_isa_cap_restarts_the_run_capped(tmp_path):
+    import subprocess
+
+    out = tmp_path / "capped.json"
+    env = {k: v for k, v in os.environ.items() if k not in cli.ISA_CAPS["avx2"]}
+    proc = subprocess.run([sys.executable, "-m", "fastkern.bench", "--isa", "avx2", "--ops", "w8a8",
+                           "--peers", "fbgemm", "--rounds", "1", "--json", str(out)] + TINY,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with open(out) as f:
+        res = json.load(f)
+    meta = res["metadata"]
+    assert meta["isa_cap"] == "avx2" and meta["isa_cap_env"] == cli.ISA_CAPS["avx2"]
+    assert meta["cpu_isa"] == "avx2"  # fastkern's kernels really ran on the AVX2 path
+    assert "capped to avx2" in proc.stdout
+    assert all(e["status"] == "ok" for e in res["results"]), res["results"]
     assert report.validate(res) == []
 
 

@@ -6,8 +6,10 @@
     fastkern-bench --quick --compare bench/results/cpu-quick.json   # change against an earlier run
     fastkern-bench --compare old.json new.json  # compare two saved runs, no timing
     fastkern-bench --model minilm               # model-level benchmark (fastkern.bench.model)
+    fastkern-bench --quick --isa avx2           # fastkern and every CPU peer capped to AVX2
 """
 import argparse
+import os
 import sys
 import time
 from typing import List, Optional
@@ -44,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak-n", type=int, default=None, help="size of the peak-matmul probe (n x n x n)")
     p.add_argument("--no-ceilings", action="store_true", help="skip measuring the ceilings (no %% columns)")
     p.add_argument("--no-error-check", action="store_true", help="skip each output's error against fp32 x @ W.T")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="time each problem's implementations in this many alternating rounds (default 3; "
+                        "1: one after the other)")
+    p.add_argument("--isa", choices=sorted(ISA_CAPS),
+                   help="cap fastkern AND every CPU peer (ATen, FBGEMM, oneDNN, MKL) to this instruction set: "
+                        "'avx2' measures this machine as the 2-core AVX2 kind DESIGN's CPU targets are set for "
+                        "(the run restarts itself with the capping environment)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plain", action="store_true", help="plain-text table even if rich is installed")
@@ -53,6 +62,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the model-level benchmark instead (fastkern.bench.model): minilm, llama-mlp, "
                         "a comma list of them, or all")
     return p
+
+
+# environment that caps each CPU library's instruction set; read when the library first
+# dispatches, so it must be in place before the process starts (cap_isa re-executes the run)
+ISA_CAPS = {
+    "avx2": {"FASTKERN_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",
+             "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+}
+
+
+def cap_isa(isa: str, argv: List[str]):
+    """Restart this run under ``ISA_CAPS[isa]`` unless that environment is already in place."""
+    want = ISA_CAPS[isa]
+    if all(os.environ.get(k) == v for k, v in want.items()):
+        return
+    from fastkern._info import info_dict
+
+    if isa not in info_dict().get("cpu_features", []):
+        raise SystemExit("fastkern-bench --isa %s: this CPU does not have %s (features: %s)" % (
+            isa, isa, ", ".join(info_dict().get("cpu_features", [])) or "none found"))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "fastkern.bench"] + list(argv), dict(os.environ, **want))
 
 
 def _csv(text):
@@ -174,6 +206,8 @@ def _warn_if_busy():
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if args.isa:
+        cap_isa(args.isa, argv if argv is not None else sys.argv[1:])
     if args.model:
         rc = _run_model(args, extra)
         return int(rc or 0)
@@ -215,6 +249,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         bw_bytes=int(args.bw_mb * 2**20) if args.bw_mb else None,
         peak_n=args.peak_n or (1024 if args.quick else None),
         check_error=not args.no_error_check,
+        rounds=args.rounds,
     )
     if args.list:
         for t in plan(cases, cfg):
@@ -227,6 +262,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         result = run_benchmark(cases, cfg, argv=argv if argv is not None else sys.argv[1:],
                                on_task=prog.update, on_ceilings=prog.message)
     result["metadata"]["wall_s"] = round(time.time() - t0, 1)
+    if args.isa:
+        result["metadata"]["isa_cap"] = args.isa
+        result["metadata"]["isa_cap_env"] = dict(ISA_CAPS[args.isa])
 
     if result["metadata"].get("interrupted"):
         print("fastkern-bench: interrupted - reporting what was measured", file=sys.stderr)

@@ -131,6 +131,9 @@ def ceilings_line(result: dict) -> str:
     c = result["ceilings"]
     m = result["metadata"]
     parts = ["%s, %s threads" % (m.get("device_name"), m.get("threads"))]
+    if m.get("isa_cap"):
+        parts.append("fastkern and every peer capped to %s (%s)" % (
+            m["isa_cap"], " ".join("%s=%s" % kv for kv in sorted(m.get("isa_cap_env", {}).items()))))
     if c.get("read_bw_gbs"):
         both = [c.get(k) for k in ("read_bw_gbs_sum", "read_bw_gbs_native")]
         if all(both):

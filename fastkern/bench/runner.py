@@ -26,7 +26,7 @@ from fastkern.bench.impls import CopyPool, Impl, fastkern_impl, fastkern_pool
 from fastkern.bench.inputs import make_activation, make_weight, tensor_bytes
 from fastkern.bench.peers import PeerSpec, PeerUnavailable, peers_for
 from fastkern.bench.shapes import Case, group_by_weight
-from fastkern.bench.timing import Rotator, copies_needed, time_rotator
+from fastkern.bench.timing import Rotator, Timing, copies_needed, time_interleaved
 
 SCHEMA = "fastkern-bench/1"
 
@@ -50,6 +50,9 @@ class RunConfig:
     peak_n: Optional[int] = None
     ceiling_min_run_time: Optional[float] = None
     check_error: bool = True  # relative error of each output against x @ W.T in fp32
+    # each problem's implementations (fastkern and peers) are timed in this many alternating
+    # rounds, so a change of the machine's state mid-run affects them alike (timing.time_interleaved)
+    rounds: int = 3
     extra: Dict[str, object] = field(default_factory=dict)
 
     def resolved_backends(self):
@@ -172,31 +175,30 @@ def _rel_err(out: torch.Tensor, ref: Optional[torch.Tensor]) -> Optional[float]:
     return (out.double() - ref).norm().item() / denom if denom > 0 else None
 
 
-def measure(impl: Impl, device: str, llc: int, cfg: RunConfig, ref: Optional[torch.Tensor] = None) -> dict:
-    """Time one implementation; returns the numeric fields of its entry."""
+def prepare(impl: Impl, device: str, llc: int, cfg: RunConfig, ref: Optional[torch.Tensor] = None):
+    """Weight copies, one call (its output gives the error), and the rotator to time;
+    returns (the entry's fields known before timing, rotator)."""
     first = impl.pool.get(0)
     copy_bytes = impl.weight_bytes(first)
     ncopies = copies_needed(copy_bytes, llc, cfg.max_copies)
     copies = [impl.pool.get(i) for i in range(ncopies)]
     with impl.context():
         out = impl.call(impl.x, first)
-        t = time_rotator(Rotator(impl.call, impl.x, copies), device, cfg.min_run_time)
-    nbytes = copy_bytes + tensor_bytes(impl.x) + tensor_bytes(out)
-    sec = t.ms * 1e-3
-    return {
-        "status": "ok",
-        "ms": t.ms,
-        "iqr_ms": t.iqr_ms,
-        "runs": t.runs,
-        "timer": t.method,
+    info = {
         "copies": ncopies,
         "weight_bytes": int(copy_bytes),
-        "bytes": int(nbytes),
+        "bytes": int(copy_bytes + tensor_bytes(impl.x) + tensor_bytes(out)),
         "flops": int(impl.flops),
-        "gflops": impl.flops / sec / 1e9,
-        "gbs": nbytes / sec / 1e9,
         "rel_err_vs_fp32": _rel_err(out, ref) if cfg.check_error else None,
     }
+    return info, Rotator(impl.call, impl.x, copies, impl.context)
+
+
+def timed_fields(info: dict, t: Timing) -> dict:
+    """The numeric fields of an entry from ``prepare``'s fields and its timing."""
+    sec = t.ms * 1e-3
+    return dict(info, status="ok", ms=t.ms, iqr_ms=t.iqr_ms, runs=t.runs, timer=t.method,
+                gflops=info["flops"] / sec / 1e9, gbs=info["bytes"] / sec / 1e9)
 
 
 def _attach_speedups(results: List[dict]):
@@ -239,52 +241,64 @@ def run_benchmark(cases: Sequence[Case], cfg: RunConfig, *, argv=None,
     pools: Dict[tuple, CopyPool] = {}  # formats of the current weight, shared across M and backends
 
     interrupted = False
-    for i, task in enumerate(tasks):
+    done = 0
+    for group in _problems(tasks):
         if interrupted:
             break
-        if on_task:
-            on_task(i, len(tasks), task.label)
-        if (task.n, task.k) not in weights:
+        n, k, m = group[0].n, group[0].k, group[0].m
+        if (n, k) not in weights:
             weights.clear()  # one float weight (and its formats) alive at a time
             refs.clear()
             pools.clear()
             gc.collect()
-            weights[(task.n, task.k)] = make_weight(task.n, task.k, cfg.seed, device)
-        w = weights[(task.n, task.k)]
-        key = (task.n, task.k, task.m)
-        if cfg.check_error and key not in refs:
-            x32 = make_activation(task.m, task.k, torch.float32, cfg.seed + 1, device)
-            refs[key] = x32 @ w.T
-        entry = _base_entry(task)
-        try:
-            if task.kind == "fastkern":
-                reason = fk_ops.backend_status(task.case.op, task.backend, torch.device(device))
-                if reason is not None:
-                    entry.update(status="skipped", reason=reason)
-                else:
-                    pkey = ("fastkern", task.case.op, task.case.dtype, task.case.params)
-                    if pkey not in pools:
-                        pools[pkey] = fastkern_pool(task.case, w)
-                    impl = fastkern_impl(task.case, task.backend, w, device, cfg.seed + 1, pool=pools[pkey])
-                    entry.update(measure(impl, device, llc, cfg, refs.get(key)))
-            else:
-                pkey = ("peer", task.peer.name)
-                if pkey not in pools:
-                    pools[pkey] = task.peer.pool(w)
-                impl = task.peer.impl(w, task.m, device, cfg.seed + 1, pool=pools[pkey])
-                entry.update(measure(impl, device, llc, cfg, refs.get(key)))
-        except PeerUnavailable as e:
-            entry.update(status="skipped", reason=str(e))
-        except KeyboardInterrupt:
-            # keep what was measured: a long run stopped by hand still reports (and saves) its results
-            interrupted = True
-            entry.update(status="skipped", reason="interrupted")
-        except Exception as e:  # a failing kernel is a result to report, not a reason to stop the run
-            entry.update(status="error", reason=_first_line(e))
-        if entry.get("status") == "ok":
-            _roofline(entry, ceilings, task.case.op if task.kind == "fastkern" else _peer_op(task))
-        results.append(entry)
-        impl = None
+            weights[(n, k)] = make_weight(n, k, cfg.seed, device)
+        w = weights[(n, k)]
+        if cfg.check_error and (n, k, m) not in refs:
+            x32 = make_activation(m, k, torch.float32, cfg.seed + 1, device)
+            refs[(n, k, m)] = x32 @ w.T
+        entries, timed = [], []  # timed: (entry, info, rotator, op for the roofline)
+        for task in group:
+            if on_task:
+                on_task(done, len(tasks), task.label)
+            done += 1
+            entry = _base_entry(task)
+            entries.append(entry)
+            if interrupted:
+                entry.update(status="skipped", reason="interrupted")
+                continue
+            try:
+                impl = _make_impl(task, w, device, cfg, pools, entry)
+                if impl is not None:
+                    info, rot = prepare(impl, device, llc, cfg, refs.get((n, k, m)))
+                    timed.append((entry, info, rot, task.case.op if task.kind == "fastkern" else _peer_op(task)))
+            except PeerUnavailable as e:
+                entry.update(status="skipped", reason=str(e))
+            except KeyboardInterrupt:
+                # keep what was measured: a long run stopped by hand still reports (and saves) its results
+                interrupted = True
+                entry.update(status="skipped", reason="interrupted")
+            except Exception as e:  # a failing kernel is a result to report, not a reason to stop the run
+                entry.update(status="error", reason=_first_line(e))
+            impl = None
+        if timed and not interrupted:
+            def failed(j, e):
+                timed[j][0].update(status="error", reason=_first_line(e))
+
+            try:
+                timings = time_interleaved([t[2] for t in timed], device, cfg.min_run_time, cfg.rounds,
+                                           on_error=failed)
+            except KeyboardInterrupt:
+                interrupted = True
+                timings = [None] * len(timed)
+            for (entry, info, _, op), t in zip(timed, timings):
+                if t is not None:
+                    entry.update(timed_fields(info, t))
+                    _roofline(entry, ceilings, op)
+        for entry in entries:
+            if "status" not in entry:  # prepared, never timed: the run was stopped
+                entry.update(status="skipped", reason="interrupted")
+        results.extend(entries)
+        timed = None
 
     if cfg.measure_ceilings and ceilings.get("read_bw_gbs") and not interrupted:
         # The memory bandwidth of a shared host can change while the run goes on (seen:
@@ -308,6 +322,35 @@ def run_benchmark(cases: Sequence[Case], cfg: RunConfig, *, argv=None,
     result = {"schema": SCHEMA, "metadata": meta, "config": config, "ceilings": ceilings, "results": results}
     result["targets"] = targets.evaluate(result)
     return result
+
+
+def _problems(tasks: List[Task]) -> List[List[Task]]:
+    """Runs of consecutive tasks on the same (N, K, M): the implementations timed against each other."""
+    groups: List[List[Task]] = []
+    for t in tasks:
+        if groups and (groups[-1][0].n, groups[-1][0].k, groups[-1][0].m) == (t.n, t.k, t.m):
+            groups[-1].append(t)
+        else:
+            groups.append([t])
+    return groups
+
+
+def _make_impl(task: Task, w: torch.Tensor, device: str, cfg: RunConfig, pools: Dict[tuple, CopyPool],
+               entry: dict) -> Optional[Impl]:
+    """The implementation a task times, or None (``entry`` then says why it is skipped)."""
+    if task.kind == "fastkern":
+        reason = fk_ops.backend_status(task.case.op, task.backend, torch.device(device))
+        if reason is not None:
+            entry.update(status="skipped", reason=reason)
+            return None
+        pkey = ("fastkern", task.case.op, task.case.dtype, task.case.params)
+        if pkey not in pools:
+            pools[pkey] = fastkern_pool(task.case, w)
+        return fastkern_impl(task.case, task.backend, w, device, cfg.seed + 1, pool=pools[pkey])
+    pkey = ("peer", task.peer.name)
+    if pkey not in pools:
+        pools[pkey] = task.peer.pool(w)
+    return task.peer.impl(w, task.m, device, cfg.seed + 1, pool=pools[pkey])
 
 
 def _peer_op(task: Task) -> str:

@@ -7,12 +7,18 @@ between runs), or plain CUDA events when triton is missing.
 The callable handed to the timer cycles through several copies of the weights whose
 total size exceeds the last-level cache, so a memory-bound kernel is timed reading
 DRAM (as it would inside a model, where every layer has its own weights), not cache.
+
+``time_interleaved`` times several implementations of one problem in rounds
+(A B C, C B A, A B C, ...) and pools each one's samples, so a change of the machine's
+state during the run (a shared host's memory bandwidth can switch between regimes
+within minutes) falls on every implementation alike instead of skewing their ratios.
 """
+import contextlib
 import math
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, List
+from typing import Callable, ContextManager, List, Optional, Sequence
 
 import torch
 
@@ -34,8 +40,10 @@ def copies_needed(copy_bytes: int, llc_bytes: int, max_copies: int = 64) -> int:
 class Rotator:
     """Calls ``fn(x, copies[i])`` with i cycling over the copies."""
 
-    def __init__(self, fn: Callable, x: torch.Tensor, copies: List[tuple]):
+    def __init__(self, fn: Callable, x: torch.Tensor, copies: List[tuple],
+                 context: Callable[[], ContextManager] = contextlib.nullcontext):
         self.fn, self.x, self.copies = fn, x, copies
+        self.context = context  # entered around every timed stretch (e.g. fastkern.use_backend)
         self.i = 0
 
     def __call__(self):
@@ -123,3 +131,79 @@ def time_cuda(rot: Rotator, min_run_time: float) -> Timing:
 
 def time_rotator(rot: Rotator, device: str, min_run_time: float) -> Timing:
     return time_cuda(rot, min_run_time) if device == "cuda" else time_cpu(rot, min_run_time)
+
+
+def _summary(samples: List[float], method: str) -> Timing:
+    """Median and IQR of per-call times in seconds."""
+    med = statistics.median(samples)
+    q = statistics.quantiles(samples, n=4) if len(samples) >= 2 else [samples[0]] * 3
+    return Timing(med * 1e3, (q[2] - q[0]) * 1e3, len(samples), method)
+
+
+def _round_samples(rot: Rotator, device: str, budget: float, per_call: float, slow_calls: int) -> tuple:
+    """Per-call times (s) of one timed stretch of about ``budget`` seconds, and the timer used."""
+    if per_call >= budget:
+        times = []
+        for _ in range(slow_calls):
+            _sync(device)
+            t0 = time.perf_counter()
+            rot()
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        return times, "perf_counter"
+    if device == "cuda":
+        t = time_cuda(rot, budget)
+        return [t.ms * 1e-3], t.method
+    from torch.utils.benchmark import Timer
+
+    timer = Timer(stmt="f()", globals={"f": rot}, num_threads=torch.get_num_threads())
+    m = timer.blocked_autorange(min_run_time=budget)
+    return list(m.times), "torch.utils.benchmark"
+
+
+def time_interleaved(rots: Sequence[Rotator], device: str, min_run_time: float, rounds: int = 3,
+                     on_error: Optional[Callable[[int, BaseException], None]] = None) -> List[Optional[Timing]]:
+    """Time every rotator for about ``min_run_time`` seconds in all, split into ``rounds``
+    stretches taken in turn (forward, then backward, ...). Returns one Timing per rotator (median
+    and IQR over all its samples), or None for one whose call raised (reported via ``on_error``;
+    without it the exception propagates)."""
+    rounds = max(1, int(rounds))
+    budget = min_run_time / rounds
+    slow_calls = max(1, math.ceil(3 / rounds))  # calls longer than a stretch: >= 3 in all
+    alive = list(range(len(rots)))
+    per_call = {}
+    samples = {i: [] for i in alive}
+    methods = {}
+
+    def guarded(i, fn):
+        try:
+            with rots[i].context():
+                return fn()
+        except Exception as e:  # one failing implementation does not stop the others
+            if on_error is None:
+                raise
+            on_error(i, e)
+            alive.remove(i)
+            return None
+
+    for i in list(alive):
+        t = guarded(i, lambda: warmup(rots[i], device))
+        if t is not None:
+            per_call[i] = t
+    for r in range(rounds):
+        order = list(alive) if r % 2 == 0 else list(reversed(alive))
+        for i in order:
+            got = guarded(i, lambda: _round_samples(rots[i], device, budget, per_call[i], slow_calls))
+            if got is not None:
+                samples[i].extend(got[0])
+                methods[i] = got[1]
+    out: List[Optional[Timing]] = []
+    for i in range(len(rots)):
+        if i in alive and samples[i]:
+            t = _summary(samples[i], methods[i])
+            if rounds > 1:
+                t.method += ", %d interleaved rounds" % rounds
+            out.append(t)
+        else:
+            out.append(None)
+    return out
