@@ -77,8 +77,8 @@ def warmup(rot: Rotator, device: str) -> float:
     return last
 
 
-def _time_slow(rot: Rotator, device: str, calls: int) -> Timing:
-    # a call longer than the whole measurement budget: a few single calls, median of them
+def _single_calls(rot: Rotator, device: str, calls: int) -> List[float]:
+    """Seconds of ``calls`` calls timed one by one (calls too long to batch)."""
     times = []
     for _ in range(calls):
         _sync(device)
@@ -86,19 +86,16 @@ def _time_slow(rot: Rotator, device: str, calls: int) -> Timing:
         rot()
         _sync(device)
         times.append(time.perf_counter() - t0)
-    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
-    return Timing(statistics.median(times) * 1e3, (q[2] - q[0]) * 1e3, len(times), "perf_counter")
+    return times
+
+
+def _time_slow(rot: Rotator, device: str, calls: int) -> Timing:
+    # a call longer than the whole measurement budget: a few single calls, median of them
+    return _summary(_single_calls(rot, device, calls), "perf_counter")
 
 
 def time_cpu(rot: Rotator, min_run_time: float) -> Timing:
-    from torch.utils.benchmark import Timer
-
-    per_call = warmup(rot, "cpu")
-    if per_call >= min_run_time:
-        return _time_slow(rot, "cpu", 3)
-    timer = Timer(stmt="f()", globals={"f": rot}, num_threads=torch.get_num_threads())
-    m = timer.blocked_autorange(min_run_time=min_run_time)
-    return Timing(m.median * 1e3, m.iqr * 1e3, len(m.times) * m.number_per_run, "torch.utils.benchmark")
+    return time_interleaved([rot], "cpu", min_run_time, rounds=1)[0]
 
 
 def time_cuda(rot: Rotator, min_run_time: float) -> Timing:
@@ -143,14 +140,7 @@ def _summary(samples: List[float], method: str) -> Timing:
 def _round_samples(rot: Rotator, device: str, budget: float, per_call: float, slow_calls: int) -> tuple:
     """Per-call times (s) of one timed stretch of about ``budget`` seconds, and the timer used."""
     if per_call >= budget:
-        times = []
-        for _ in range(slow_calls):
-            _sync(device)
-            t0 = time.perf_counter()
-            rot()
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-        return times, "perf_counter"
+        return _single_calls(rot, device, slow_calls), "perf_counter"
     if device == "cuda":
         t = time_cuda(rot, budget)
         return [t.ms * 1e-3], t.method
