@@ -8,7 +8,8 @@
 // (three for fp32, which
 // keeps the 1e-5 fp32 contract; two for fp16/bf16) and multiplied with the
 // unpacked nibbles by byte dot products, the zero point folded out. Details at
-// "GEMV: int8 limbs x nibbles". With AVX512-BF16 (AVX-512 path) a second GEMV for
+// "GEMV: int8 limbs x nibbles". On AVX2 (no VNNI) groups of a multiple of 64 sum the
+// byte products in int16 over spans of up to 4 chunks (w4l_rows16_avx2). With AVX512-BF16 (AVX-512 path) a second GEMV for
 // bf16/fp16 activations meets the nibbles converted to bf16 in vdpbf16ps dot products
 // (exact products): "GEMV: bf16 dot products" (slower than the limbs now; kept behind
 // FASTKERN_W4A16_BF16_GEMV=1 and tested).
@@ -467,6 +468,98 @@ FASTKERN_AVX2 void w4l_tile_avx2(const W4& p, const Limbs& q, const KRange& kr, 
     }
 }
 
+// AVX2 for groups of whole 64-weight chunks (g % 64 == 0, every common group size):
+// the byte products of a span of up to kSpan16 chunks are summed in int16 lanes, one
+// accumulator per limb, widened once per span. A vpmaddubsw lane is at most
+// 2 * 15 * 127 = 3810 for the first limb (|a1| <= 127) and 2 * 15 * 64 = 1920 for the
+// others (|a| <= 64); a span adds 2 * kSpan16 = 8 of them: |sum| <= 30480 < 2^15.
+// The widening vpmaddwd multiplies limb l by 128^(L-1-l) (16384, 128, 1: Horner's rule
+// and the widening in one instruction; |pair| <= 2 * 30480 * 16384 < 2^30, and the
+// smaller limbs add < 2^23), so a span costs per output L vpmaddwd and L - 1 adds,
+// against 2L vpmaddubsw + 2L adds per chunk. The int32 span sums are exact (the same
+// integers as w4l_tile_avx2's; that one converts spans of up to 8 chunks to fp32, this
+// one spans of up to 4, so outputs for g >= 512 may differ in the last bits).
+//
+// Measured (4096x4096 M = 1 fp32, 2 threads, weights beyond L3, AVX2 forced): 0.35 ms
+// with w4l_tile_avx2, 0.196 ms here; bf16 0.30 -> 0.17 ms. Two changes: the int16
+// sums (a g = 128 group costs ~37 vector instructions instead of ~70, which is what
+// the 4 vector ALUs of a core bound: 10 cycles per 64 weight bytes), and one call per
+// thread and K block for all its rows (a call per row cost ~30% at M = 1).
+constexpr int64_t kSpan16 = 4;
+
+// MR rows of x (from m0) against weight rows [n0, n1), one weight row at a time (one
+// stream per thread); CS chunks per span (CS divides the group's chunk count nc,
+// CS <= kSpan16). The far prefetch only (into L2, pf_rows rows ahead): the
+// hardware prefetchers bring the lines of the current run into L1 (measured: the near
+// prefetch costs 3-7% at 4096x4096).
+template <int MR, int L, int CS>
+FASTKERN_AVX2 void w4l_rows16_avx2(const W4& p, const Limbs& q, const KRange& kr, int64_t n0, int64_t n1, int64_t m0,
+                                   float* Y, int64_t ldy) {
+  constexpr int64_t CW = 64;
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  const int64_t hb = p.g / 2, nc = q.nc, spg = nc / CS, ldw = p.ldw, G = p.G, lda = q.lda;
+  const int64_t far = kr.pf_rows * ldw;
+  const int8_t* x0 = q.a + m0 * lda + kr.g0 * nc * L * CW;
+  const float* sx0 = q.sx + (m0 * G + kr.g0) * 4 + (L - 1);
+  for (int64_t n = n0; n < n1; ++n) {
+    __m256 tot[MR];
+    for (int i = 0; i < MR; ++i) tot[i] = _mm256_setzero_ps();
+    const uint8_t* wp = p.w + n * ldw + kr.g0 * hb;
+    const int8_t* xp = x0;
+    const float* sw = p.s + n * G + kr.g0;
+    const float* sx = sx0;
+    for (int64_t gi = kr.g0; gi < kr.g1; ++gi, ++sw, sx += 4) {
+      for (int64_t sp = 0; sp < spg; ++sp, wp += CS * 32, xp += CS * L * CW) {
+        __m256i acc[MR][L];
+        for (int c = 0; c < CS; ++c) {
+          // one prefetch per 64 bytes along the row
+          if (c % 2 == 0)
+            _mm_prefetch(reinterpret_cast<const char*>(wp + c * 32 + far), _MM_HINT_T1);
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + c * 32));
+          const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+          for (int i = 0; i < MR; ++i)
+            for (int l = 0; l < L; ++l) {
+              const int8_t* al = xp + i * lda + (c * L + l) * CW;
+              const __m256i te = _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(al)));
+              const __m256i to =
+                  _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(al + 32)));
+              acc[i][l] = c == 0 ? _mm256_add_epi16(te, to) : _mm256_add_epi16(_mm256_add_epi16(acc[i][l], te), to);
+            }
+        }
+        const __m256 ws = _mm256_broadcast_ss(sw);
+        for (int i = 0; i < MR; ++i) {
+          __m256i d = _mm256_madd_epi16(acc[i][0], _mm256_set1_epi16(int16_t(1 << (7 * (L - 1)))));
+          for (int l = 1; l < L; ++l)
+            d = _mm256_add_epi32(d, _mm256_madd_epi16(acc[i][l], _mm256_set1_epi16(int16_t(1 << (7 * (L - 1 - l))))));
+          tot[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(ws, _mm256_broadcast_ss(sx + i * G * 4)), tot[i]);
+        }
+      }
+    }
+    for (int i = 0; i < MR; ++i) {
+      float& y = Y[(m0 + i) * ldy + n];
+      const float s = hsum8_avx2(tot[i]);
+      y = kr.first ? s - zero_corr_avx2(p.s + n * G, p.z + n * G, q.sum + (m0 + i) * G, G) : y + s;
+    }
+  }
+}
+
+// chunks per span for nc chunks per group
+inline int w4_span16(int64_t nc) {
+  return nc <= kSpan16 ? int(nc) : nc % 4 == 0 ? 4 : nc % 3 == 0 ? 3 : nc % 2 == 0 ? 2 : 1;
+}
+
+using RowsFn = void (*)(const W4&, const Limbs&, const KRange&, int64_t, int64_t, int64_t, float*, int64_t);
+
+template <int MR, int L>
+RowsFn w4_rows16_fn(int cs) {
+  switch (cs) {
+    case 1: return &w4l_rows16_avx2<MR, L, 1>;
+    case 2: return &w4l_rows16_avx2<MR, L, 2>;
+    case 3: return &w4l_rows16_avx2<MR, L, 3>;
+    default: return &w4l_rows16_avx2<MR, L, 4>;
+  }
+}
+
 FASTKERN_AVX512VNNI inline float hsum16_avx512(__m512 v) {
   // fixed order: halves, then the AVX2 reduction
   __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
@@ -700,6 +793,45 @@ void w4l_gemv(const W4& p, const Limbs& q, int64_t M, int64_t N, float* Y) {
       }
     }
   });
+}
+
+// The AVX2 GEMV for g % 64 == 0 (w4l_rows16_avx2): the K blocks, prefetch distance and
+// row passes of w4l_gemv; at M = 1 each thread's rows go to one call (one stream, the
+// per-call setup paid once per K block).
+template <int L>
+void w4l_gemv16_avx2(const W4& p, const Limbs& q, int64_t M, int64_t N, float* Y) {
+  constexpr int64_t CW = 64;
+  const int64_t hb = p.g / 2;
+  const int64_t gb = w4_k_block_groups(p.G, M, q.nc * L * CW, hb);
+  const int64_t pf_rows = std::max<int64_t>(1, (kPrefetchL2 + gb * hb - 1) / (gb * hb));
+  const int64_t rb = M <= kGemvMaxM ? kGemvRows
+                                    : std::min<int64_t>(64, std::max<int64_t>(kGemvRows, (int64_t(24) << 10) / (gb * hb) / kGemvRows * kGemvRows));
+  const int cs = w4_span16(q.nc);
+  const RowsFn f1 = w4_rows16_fn<1, L>(cs), f2 = w4_rows16_fn<2, L>(cs), f3 = w4_rows16_fn<3, L>(cs);
+  parallel_rows(N, kGemvRows, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t g0 = 0; g0 < p.G; g0 += gb) {
+      const KRange kr{g0, std::min(p.G, g0 + gb), g0 == 0, p.w + N * p.ldw, pf_rows};
+      if (M == 1) {
+        f1(p, q, kr, n0, n1, 0, Y, N);
+        continue;
+      }
+      for (int64_t nb = n0; nb < n1; nb += rb) {
+        const int64_t ne = std::min(n1, nb + rb);
+        for (int64_t m0 = 0; m0 < M;) {
+          const int64_t mr = std::min<int64_t>(3, M - m0);
+          (mr == 1 ? f1 : mr == 2 ? f2 : f3)(p, q, kr, nb, ne, m0, Y, N);
+          m0 += mr;
+        }
+      }
+    }
+  });
+}
+
+// FASTKERN_W4A16_AVX2_SPAN16=0 sends the AVX2 GEMV to w4l_tile_avx2 for every group size
+// (A/B timing, tests); unset or 1: w4l_rows16_avx2 where g % 64 == 0. Read per call.
+inline bool span16_enabled() {
+  const char* e = std::getenv("FASTKERN_W4A16_AVX2_SPAN16");
+  return !(e && e[0] == '0');
 }
 
 // ------------------------------------------------------------------ GEMV: bf16 dot products (AVX512-BF16)
@@ -1000,6 +1132,8 @@ at::Tensor linear_w4a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
       float* yp = Y.data_ptr<float>();
       if (v512) {
         if (L == 3) w4l_gemv<true, 3>(p, q, M, N, yp); else w4l_gemv<true, 2>(p, q, M, N, yp);
+      } else if (group_size % 64 == 0 && span16_enabled()) {
+        if (L == 3) w4l_gemv16_avx2<3>(p, q, M, N, yp); else w4l_gemv16_avx2<2>(p, q, M, N, yp);
       } else {
         if (L == 3) w4l_gemv<false, 3>(p, q, M, N, yp); else w4l_gemv<false, 2>(p, q, M, N, yp);
       }
