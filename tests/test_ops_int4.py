@@ -11,7 +11,9 @@ operand for bf16 x, two exact ones for fp16 x) when FASTKERN_W4A16_BF16_GEMV=1: 
 `gemv` parameter covers both on such CPUs. Larger m: a panel (GEMM) path (exact
 (q - z) * s dequantization, fp32 dot tiles). The tests reach every path, their tails,
 every ISA path this CPU runs, and check that the thread count does not change a
-single bit.
+single bit. On AVX2 (no VNNI) groups of a multiple of 64, and g = 32 in pairs, take a
+GEMV that sums the byte products in int16 over spans of up to 4 chunks
+(FASTKERN_W4A16_AVX2_SPAN16=0 keeps the per-row tile for them; both are tested).
 """
 import pytest
 import torch

@@ -9,7 +9,8 @@
 // keeps the 1e-5 fp32 contract; two for fp16/bf16) and multiplied with the
 // unpacked nibbles by byte dot products, the zero point folded out. Details at
 // "GEMV: int8 limbs x nibbles". On AVX2 (no VNNI) groups of a multiple of 64 sum the
-// byte products in int16 over spans of up to 4 chunks (w4l_rows16_avx2). With AVX512-BF16 (AVX-512 path) a second GEMV for
+// byte products in int16 over spans of up to 4 chunks (w4l_rows16_avx2), and g = 32
+// takes two groups per 64-weight chunk (w4l_rows16p_avx2). With AVX512-BF16 (AVX-512 path) a second GEMV for
 // bf16/fp16 activations meets the nibbles converted to bf16 in vdpbf16ps dot products
 // (exact products): "GEMV: bf16 dot products" (slower than the limbs now; kept behind
 // FASTKERN_W4A16_BF16_GEMV=1 and tested).
