@@ -11,7 +11,9 @@ operand for bf16 x, two exact ones for fp16 x) when FASTKERN_W4A16_BF16_GEMV=1: 
 `gemv` parameter covers both on such CPUs. Larger m: a panel (GEMM) path (exact
 (q - z) * s dequantization, fp32 dot tiles). The tests reach every path, their tails,
 every ISA path this CPU runs, and check that the thread count does not change a
-single bit.
+single bit. On AVX2 (no VNNI) groups of a multiple of 64, and g = 32 in pairs, take a
+GEMV that sums the byte products in int16 over spans of up to 4 chunks
+(FASTKERN_W4A16_AVX2_SPAN16=0 keeps the per-row tile for them; both are tested).
 """
 import pytest
 import torch
@@ -20,7 +22,8 @@ import fastkern
 from fastkern import formats, ops
 from fastkern._ext import _C
 
-from conftest import FLOAT_DTYPES, M_SIZES, assert_close_rel, backends_for, cpu_isa, cpu_isas, num_threads
+from conftest import (FLOAT_DTYPES, M_SIZES, assert_close_rel, backends_for, cpu_isa, cpu_isas, isa_skip_reason,
+                      num_threads)
 from test_ops_int8 import make_x
 
 NATIVE = pytest.mark.skipif(_C is None, reason="fastkern._C is not built")
@@ -147,6 +150,62 @@ def test_cpu_threads_bitwise_identical(isa, dtype, m, gemv, gen, monkeypatch):
     assert torch.equal(outs[0], outs[1])
 
 
+AVX2 = pytest.mark.skipif(_C is not None and isa_skip_reason("avx2") is not None,
+                          reason="this CPU cannot run the avx2 path")
+SPAN16 = [pytest.param("1", id="span16"), pytest.param("0", id="tile")]
+# group sizes of the AVX2 int16-span GEMV (g % 64 == 0): 1, 2, 3, 4 chunks of 64 per span
+# (g = 64..256), several spans per group (320: 5 x 1, 384: 2 x 3, 512: 2 x 4, 640: 5 x 2)
+# g = 32: groups in pairs per 64-weight chunk where K % 64 == 0 (96: the tile's fallback)
+SPAN16_CASES = [(64, 64), (128, 128), (192, 192), (256, 256), (640, 320), (768, 384), (1024, 512), (1280, 640),
+                (384, 64), (1536, 128), (64, 32), (256, 32), (96, 32), (1088, 32)]
+
+
+@NATIVE
+@AVX2
+@pytest.mark.parametrize("span16", SPAN16)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_avx2_gemv_groups_of_64(span16, dtype, gen, monkeypatch):
+    # The AVX2 GEMV for g % 64 == 0 (span16: int16 span sums, one call per thread and K
+    # block for all rows at m = 1, tiles of 1..3 x rows in 4-row passes above; tile: the
+    # older per-row tile, FASTKERN_W4A16_AVX2_SPAN16=0) on every group layout above, every
+    # m remainder of the 3-row tiles and 4-row passes (m = 1..7, 16, 17; 64 and 65 for
+    # fp32's limit), n tails of the passes, and k = 12800 (two K blocks at m = 1 fp32,
+    # several at m = 3; with g = 32 blocks of whole pairs).
+    monkeypatch.setenv("FASTKERN_W4A16_AVX2_SPAN16", span16)
+    outs, refs = [], []
+    with cpu_isa("avx2"):
+        for m in (1, 2, 3, 4, 5, 7, 16, 17, 64, 65):
+            for i, (k, g) in enumerate(SPAN16_CASES + [(12800, 128), (12800, 32)]):
+                if (k == 12800 and m not in (1, 3)) or (m >= 64 and i % 3):
+                    continue
+                n = (1, 2, 3, 5, 9, 6)[(i + m) % 6]
+                x = torch.randn(m, k, generator=gen).to(dtype)
+                w, s, z = make_w4(gen, n, k, g, symmetric=bool((i + m) % 2))
+                out = native(x, w, s, z, g, None)
+                ref = ops.linear_w4a16_ref(x, w, s, z, g, None)
+                assert_close_rel(out, ref, dtype, factor=100 if dtype == torch.float32 else 1)
+                outs.append(out.flatten())
+                refs.append(ref.flatten())
+    assert_close_rel(torch.cat(outs), torch.cat(refs), dtype)
+
+
+@NATIVE
+@AVX2
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("g", [32, 64, 192, 640])
+def test_avx2_span16_threads_bitwise_identical(dtype, m, g, gen):
+    n, k = 301, 1920
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    w, s, z = make_w4(gen, n, k, g)
+    outs = []
+    with cpu_isa("avx2"):
+        for t in (1, 2):
+            with num_threads(t):
+                outs.append(native(x, w, s, z, g, None))
+    assert torch.equal(outs[0], outs[1])
+
+
 def even_divisors(k):
     return [g for g in range(2, k + 1, 2) if k % g == 0]
 
@@ -243,11 +302,13 @@ def test_gemv_accuracy_long_rows(isa, m, k, g, gen):
 @NATIVE
 @pytest.mark.parametrize("isa", cpu_isas())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("k,g", [(2048, 1024), (2304, 1152), (14336, 14336)])
+@pytest.mark.parametrize("k,g", [(2048, 1024), (2304, 1152), (14336, 14336), (2048, 256), (1024, 64), (1024, 32)])
 def test_gemv_extreme_values_no_overflow(isa, dtype, k, g, gen):
     # the limbs of a group combine in one int32 per lane (Horner, base 128) over spans of at
     # most 8 chunks: the largest products (q = 15, every activation at the group's absmax, so
-    # every first limb is +-127) over groups of 8, 9 and 112 chunks of 128 weights must not wrap
+    # every first limb is +-127) over groups of 8, 9 and 112 chunks of 128 weights must not wrap;
+    # g = 256 / 64: the AVX2 int16 span sums at their bound (4 chunks: 8 x 2 x 15 x 127 = 30480)
+    # and at one chunk, and the g = 32 pairs
     x = torch.ones(3, k)
     x[1] = -1.0
     x[2, ::2] = -1.0

@@ -8,7 +8,9 @@
 // (three for fp32, which
 // keeps the 1e-5 fp32 contract; two for fp16/bf16) and multiplied with the
 // unpacked nibbles by byte dot products, the zero point folded out. Details at
-// "GEMV: int8 limbs x nibbles". With AVX512-BF16 (AVX-512 path) a second GEMV for
+// "GEMV: int8 limbs x nibbles". On AVX2 (no VNNI) groups of a multiple of 64 sum the
+// byte products in int16 over spans of up to 4 chunks (w4l_rows16_avx2), and g = 32
+// takes two groups per 64-weight chunk (w4l_rows16p_avx2). With AVX512-BF16 (AVX-512 path) a second GEMV for
 // bf16/fp16 activations meets the nibbles converted to bf16 in vdpbf16ps dot products
 // (exact products): "GEMV: bf16 dot products" (slower than the limbs now; kept behind
 // FASTKERN_W4A16_BF16_GEMV=1 and tested).
@@ -245,8 +247,11 @@ bool w4_limbs_group_generic(const float* x, int64_t g, int64_t CW, int L, int8_t
 // split in fp32 (shuffle_ps), each limb is rounded in 8-lane vectors and packed to
 // 16 even-k then 16 odd-k bytes. Bit-identical to the generic version (same fp32
 // operations, same round-to-nearest-even).
+//
+// r0 >= 0 (pair layout, g = 32): the group is the half r0 / 32 of a 64-weight chunk shared
+// with its neighbour group, which writes the other half (no zeroing).
 FASTKERN_AVX2 bool w4_limbs_group_avx2(const float* x, int64_t g, int64_t CW, int L, int8_t* blk, float* sx,
-                                       float* sum) {
+                                       float* sum, int64_t r0 = -1) {
   const int64_t nc = (g + CW - 1) / CW;
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   __m256 vmax = _mm256_setzero_ps();
@@ -263,7 +268,8 @@ FASTKERN_AVX2 bool w4_limbs_group_avx2(const float* x, int64_t g, int64_t CW, in
   float amax = 0.f;
   for (int i = 0; i < 8; ++i) amax = std::max(amax, mx[i]);
   const float s = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-  if (g % CW) std::memset(blk, 0, nc * L * CW);
+  if (g % CW && r0 < 0) std::memset(blk, 0, nc * L * CW);
+  const int64_t ro = r0 < 0 ? 0 : r0;
   const __m256 vinv = _mm256_set1_ps(inv), vl = _mm256_set1_ps(kLimb);
   const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   __m256i isum[3] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
@@ -277,8 +283,8 @@ FASTKERN_AVX2 bool w4_limbs_group_avx2(const float* x, int64_t g, int64_t CW, in
     t[2] = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(x0, x1, 0xDD)), 0xD8));
     t[3] = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(x2, x3, 0xDD)), 0xD8));
     for (int i = 0; i < 4; ++i) t[i] = _mm256_mul_ps(t[i], vinv);
-    const int64_t r = k % CW;
-    int8_t* d = blk + (k / CW) * L * CW + r / 2;
+    const int64_t r = (k + ro) % CW;
+    int8_t* d = blk + ((k + ro) / CW) * L * CW + r / 2;
     for (int l = 0; l < L; ++l) {
       __m256i q[4];
       for (int i = 0; i < 4; ++i) {
@@ -321,11 +327,15 @@ bool w4_for_each_group(int64_t M, int64_t G, int64_t g, const F& f) {
 
 // Limbs of every group of every row (layout above). Returns false if x holds NaN or
 // inf (the caller then takes the fp32 panel path).
+// pair (AVX2, g = 32, K % 64 == 0): groups 2j and 2j + 1 share the 64-weight chunk j.
 bool w4_prepare_limbs(const float* X, int64_t ldx, int64_t M, int64_t K, int64_t g, int64_t CW, int L, int8_t* A,
-                      int64_t lda, float* SX, float* SUM, bool avx2) {
+                      int64_t lda, float* SX, float* SUM, bool avx2, bool pair = false) {
   const int64_t nc = (g + CW - 1) / CW;
   return w4_for_each_group(M, K / g, g, [&](int64_t i, int64_t m, int64_t gi) {
     const float* x = X + m * ldx + gi * g;
+#if FASTKERN_X86
+    if (pair) return w4_limbs_group_avx2(x, g, CW, L, A + m * lda + (gi / 2) * L * CW, SX + 4 * i, SUM + i, 32 * (gi % 2));
+#endif
     int8_t* blk = A + m * lda + gi * nc * L * CW;
 #if FASTKERN_X86
     if (avx2 && g % 32 == 0) return w4_limbs_group_avx2(x, g, CW, L, blk, SX + 4 * i, SUM + i);
@@ -465,6 +475,156 @@ FASTKERN_AVX2 void w4l_tile_avx2(const W4& p, const Limbs& q, const KRange& kr, 
       y = kr.first ? s - zero_corr_avx2(p.s + (n + j) * p.G, p.z + (n + j) * p.G, q.sum + (m0 + i) * p.G, p.G)
                    : y + s;
     }
+}
+
+// AVX2 for groups of whole 64-weight chunks (g % 64 == 0, every common group size):
+// the byte products of a span of up to kSpan16 chunks are summed in int16 lanes, one
+// accumulator per limb, widened once per span. A vpmaddubsw lane is at most
+// 2 * 15 * 127 = 3810 for the first limb (|a1| <= 127) and 2 * 15 * 64 = 1920 for the
+// others (|a| <= 64); a span adds 2 * kSpan16 = 8 of them: |sum| <= 30480 < 2^15.
+// The widening vpmaddwd multiplies limb l by 128^(L-1-l) (16384, 128, 1: Horner's rule
+// and the widening in one instruction; |pair| <= 2 * 30480 * 16384 < 2^30, and the
+// smaller limbs add < 2^23), so a span costs per output L vpmaddwd and L - 1 adds,
+// against 2L vpmaddubsw + 2L adds per chunk. The int32 span sums are exact (the same
+// integers as w4l_tile_avx2's; that one converts spans of up to 8 chunks to fp32, this
+// one spans of up to 4, so outputs for g >= 512 may differ in the last bits).
+//
+// Measured (4096x4096 M = 1 fp32, 2 threads, weights beyond L3, AVX2 forced): 0.35 ms
+// with w4l_tile_avx2, 0.196 ms here; bf16 0.30 -> 0.17 ms. Two changes: the int16
+// sums (a g = 128 group costs ~37 vector instructions instead of ~70, which is what
+// the 4 vector ALUs of a core bound: 10 cycles per 64 weight bytes), and one call per
+// thread and K block for all its rows (a call per row cost ~30% at M = 1).
+constexpr int64_t kSpan16 = 4;
+
+// MR rows of x (from m0) against weight rows [n0, n1), one weight row at a time (one
+// stream per thread); CS chunks per span (CS divides the group's chunk count nc,
+// CS <= kSpan16). The far prefetch only (into L2, pf_rows rows ahead): the
+// hardware prefetchers bring the lines of the current run into L1 (measured: the near
+// prefetch costs 3-7% at 4096x4096).
+template <int MR, int L, int CS>
+FASTKERN_AVX2 void w4l_rows16_avx2(const W4& p, const Limbs& q, const KRange& kr, int64_t n0, int64_t n1, int64_t m0,
+                                   float* Y, int64_t ldy) {
+  constexpr int64_t CW = 64;
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  const int64_t hb = p.g / 2, nc = q.nc, spg = nc / CS, ldw = p.ldw, G = p.G, lda = q.lda;
+  const int64_t far = kr.pf_rows * ldw;
+  const int8_t* x0 = q.a + m0 * lda + kr.g0 * nc * L * CW;
+  const float* sx0 = q.sx + (m0 * G + kr.g0) * 4 + (L - 1);
+  for (int64_t n = n0; n < n1; ++n) {
+    __m256 tot[MR];
+    for (int i = 0; i < MR; ++i) tot[i] = _mm256_setzero_ps();
+    const uint8_t* wp = p.w + n * ldw + kr.g0 * hb;
+    const int8_t* xp = x0;
+    const float* sw = p.s + n * G + kr.g0;
+    const float* sx = sx0;
+    for (int64_t gi = kr.g0; gi < kr.g1; ++gi, ++sw, sx += 4) {
+      for (int64_t sp = 0; sp < spg; ++sp, wp += CS * 32, xp += CS * L * CW) {
+        __m256i acc[MR][L];
+        for (int c = 0; c < CS; ++c) {
+          // one prefetch per 64 bytes along the row
+          if (c % 2 == 0)
+            _mm_prefetch(reinterpret_cast<const char*>(wp + c * 32 + far), _MM_HINT_T1);
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + c * 32));
+          const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+          for (int i = 0; i < MR; ++i)
+            for (int l = 0; l < L; ++l) {
+              const int8_t* al = xp + i * lda + (c * L + l) * CW;
+              const __m256i te = _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(al)));
+              const __m256i to =
+                  _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(al + 32)));
+              acc[i][l] = c == 0 ? _mm256_add_epi16(te, to) : _mm256_add_epi16(_mm256_add_epi16(acc[i][l], te), to);
+            }
+        }
+        const __m256 ws = _mm256_broadcast_ss(sw);
+        for (int i = 0; i < MR; ++i) {
+          __m256i d = _mm256_madd_epi16(acc[i][0], _mm256_set1_epi16(int16_t(1 << (7 * (L - 1)))));
+          for (int l = 1; l < L; ++l)
+            d = _mm256_add_epi32(d, _mm256_madd_epi16(acc[i][l], _mm256_set1_epi16(int16_t(1 << (7 * (L - 1 - l))))));
+          tot[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(ws, _mm256_broadcast_ss(sx + i * G * 4)), tot[i]);
+        }
+      }
+    }
+    for (int i = 0; i < MR; ++i) {
+      float& y = Y[(m0 + i) * ldy + n];
+      const float s = hsum8_avx2(tot[i]);
+      // the zero points of this K block's groups only: their scales are still in cache (the
+      // whole row's, taken in the first block, would be read again from memory: at g = 32,
+      // 4096x14336, 22 -> 36 GB/s)
+      const float zc = zero_corr_avx2(p.s + n * G + kr.g0, p.z + n * G + kr.g0, q.sum + (m0 + i) * G + kr.g0,
+                                      kr.g1 - kr.g0);
+      y = kr.first ? s - zc : y + (s - zc);
+    }
+  }
+}
+
+// chunks per span for nc chunks per group
+inline int w4_span16(int64_t nc) {
+  return nc <= kSpan16 ? int(nc) : nc % 4 == 0 ? 4 : nc % 3 == 0 ? 3 : nc % 2 == 0 ? 2 : 1;
+}
+
+using RowsFn = void (*)(const W4&, const Limbs&, const KRange&, int64_t, int64_t, int64_t, float*, int64_t);
+
+template <int MR, int L>
+RowsFn w4_rows16_fn(int cs) {
+  switch (cs) {
+    case 1: return &w4l_rows16_avx2<MR, L, 1>;
+    case 2: return &w4l_rows16_avx2<MR, L, 2>;
+    case 3: return &w4l_rows16_avx2<MR, L, 3>;
+    default: return &w4l_rows16_avx2<MR, L, 4>;
+  }
+}
+
+// g = 32 (K % 64 == 0): groups in pairs, one 64-weight chunk (32 bytes) per pair: the low
+// 128-bit lane of every vector holds group 2j, the high lane group 2j + 1 (vpmaddubsw and
+// vpmaddwd sum within a lane), so each lane takes its own group's scale. The limbs are in
+// the pair layout (w4_prepare_limbs, pair). kr counts groups (g0, g1 even).
+template <int MR, int L>
+FASTKERN_AVX2 void w4l_rows16p_avx2(const W4& p, const Limbs& q, const KRange& kr, int64_t n0, int64_t n1, int64_t m0,
+                                    float* Y, int64_t ldy) {
+  constexpr int64_t CW = 64;
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  const __m256i lanes = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+  const int64_t ldw = p.ldw, G = p.G, lda = q.lda;
+  const int64_t far = kr.pf_rows * ldw;
+  const int8_t* x0 = q.a + m0 * lda + (kr.g0 / 2) * L * CW;
+  for (int64_t n = n0; n < n1; ++n) {
+    __m256 tot[MR];
+    for (int i = 0; i < MR; ++i) tot[i] = _mm256_setzero_ps();
+    const uint8_t* wp = p.w + n * ldw + kr.g0 * 16;
+    const int8_t* xp = x0;
+    for (int64_t gi = kr.g0; gi < kr.g1; gi += 2, wp += 32, xp += L * CW) {
+      if (!(gi & 2)) _mm_prefetch(reinterpret_cast<const char*>(wp + far), _MM_HINT_T1);
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp));
+      const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+      // the weight scales of the pair: lanes 0..3 group gi, 4..7 group gi + 1
+      double sw2;
+      std::memcpy(&sw2, p.s + n * G + gi, 8);
+      const __m256 ws = _mm256_permutevar8x32_ps(_mm256_castpd_ps(_mm256_set1_pd(sw2)), lanes);
+      for (int i = 0; i < MR; ++i) {
+        __m256i d = _mm256_setzero_si256();
+        for (int l = 0; l < L; ++l) {
+          const int8_t* al = xp + i * lda + l * CW;
+          const __m256i te = _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(al)));
+          const __m256i to = _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(al + 32)));
+          const __m256i t = _mm256_madd_epi16(_mm256_add_epi16(te, to), _mm256_set1_epi16(int16_t(1 << (7 * (L - 1 - l)))));
+          d = l == 0 ? t : _mm256_add_epi32(d, t);
+        }
+        const float* sx = q.sx + ((m0 + i) * G + gi) * 4 + (L - 1);
+        const __m256 xs = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_broadcast_ss(sx)), _mm_broadcast_ss(sx + 4), 1);
+        tot[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(ws, xs), tot[i]);
+      }
+    }
+    for (int i = 0; i < MR; ++i) {
+      float& y = Y[(m0 + i) * ldy + n];
+      const float s = hsum8_avx2(tot[i]);
+      // the zero points of this K block's groups only: their scales are still in cache (the
+      // whole row's, taken in the first block, would be read again from memory: at g = 32,
+      // 4096x14336, 22 -> 36 GB/s)
+      const float zc = zero_corr_avx2(p.s + n * G + kr.g0, p.z + n * G + kr.g0, q.sum + (m0 + i) * G + kr.g0,
+                                      kr.g1 - kr.g0);
+      y = kr.first ? s - zc : y + (s - zc);
+    }
+  }
 }
 
 FASTKERN_AVX512VNNI inline float hsum16_avx512(__m512 v) {
@@ -700,6 +860,50 @@ void w4l_gemv(const W4& p, const Limbs& q, int64_t M, int64_t N, float* Y) {
       }
     }
   });
+}
+
+// The AVX2 GEMV for g % 64 == 0 (w4l_rows16_avx2): the K blocks, prefetch distance and
+// row passes of w4l_gemv; at M = 1 each thread's rows go to one call (one stream, the
+// per-call setup paid once per K block).
+template <int L>
+void w4l_gemv16_avx2(const W4& p, const Limbs& q, int64_t M, int64_t N, float* Y, bool pair = false) {
+  constexpr int64_t CW = 64;
+  // pair: K blocks of whole pairs (counted in 64-weight units, then in groups)
+  const int64_t hb = pair ? 32 : p.g / 2;
+  const int64_t gbu = w4_k_block_groups(pair ? p.G / 2 : p.G, M, q.nc * L * CW, hb);
+  const int64_t gb = pair ? 2 * gbu : gbu;
+  const int64_t pf_rows = std::max<int64_t>(1, (kPrefetchL2 + gbu * hb - 1) / (gbu * hb));
+  const int64_t rb = M <= kGemvMaxM ? kGemvRows
+                                    : std::min<int64_t>(64, std::max<int64_t>(kGemvRows, (int64_t(24) << 10) / (gbu * hb) / kGemvRows * kGemvRows));
+  const int cs = w4_span16(q.nc);
+  const RowsFn f1 = pair ? &w4l_rows16p_avx2<1, L> : w4_rows16_fn<1, L>(cs);
+  const RowsFn f2 = pair ? &w4l_rows16p_avx2<2, L> : w4_rows16_fn<2, L>(cs);
+  const RowsFn f3 = pair ? &w4l_rows16p_avx2<3, L> : w4_rows16_fn<3, L>(cs);
+  parallel_rows(N, kGemvRows, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t g0 = 0; g0 < p.G; g0 += gb) {
+      const KRange kr{g0, std::min(p.G, g0 + gb), g0 == 0, p.w + N * p.ldw, pf_rows};
+      if (M == 1) {
+        f1(p, q, kr, n0, n1, 0, Y, N);
+        continue;
+      }
+      for (int64_t nb = n0; nb < n1; nb += rb) {
+        const int64_t ne = std::min(n1, nb + rb);
+        for (int64_t m0 = 0; m0 < M;) {
+          const int64_t mr = std::min<int64_t>(3, M - m0);
+          (mr == 1 ? f1 : mr == 2 ? f2 : f3)(p, q, kr, nb, ne, m0, Y, N);
+          m0 += mr;
+        }
+      }
+    }
+  });
+}
+
+// FASTKERN_W4A16_AVX2_SPAN16=0 sends the AVX2 GEMV to w4l_tile_avx2 for every group size
+// (A/B timing, tests); unset or 1: w4l_rows16_avx2 where g % 64 == 0, w4l_rows16p_avx2
+// where g = 32 and K % 64 == 0. Read per call.
+inline bool span16_enabled() {
+  const char* e = std::getenv("FASTKERN_W4A16_AVX2_SPAN16");
+  return !(e && e[0] == '0');
 }
 
 // ------------------------------------------------------------------ GEMV: bf16 dot products (AVX512-BF16)
@@ -990,16 +1194,21 @@ at::Tensor linear_w4a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
       group_size <= kGemvMaxGroup) {
     const bool v512 = active_isa() >= Isa::Avx512 && features().avx512vnni;
     const int L = x.scalar_type() == at::kFloat ? 3 : 2;
-    const int64_t CW = v512 ? 128 : 64, nc = (group_size + CW - 1) / CW, lda = G * nc * L * CW;
+    // AVX2, g = 32: groups in pairs per 64-weight chunk (w4l_rows16p_avx2)
+    const bool pair = !v512 && group_size == 32 && K % 64 == 0 && span16_enabled();
+    const int64_t CW = v512 ? 128 : 64, nc = (group_size + CW - 1) / CW;
+    const int64_t lda = pair ? (G / 2) * L * CW : G * nc * L * CW;
     at::Tensor A = at::empty({M, lda}, X.options().dtype(at::kChar));
     at::Tensor SX = at::empty({M, G, 4}, X.options());
     at::Tensor SUM = at::empty({M, G}, X.options());
     if (w4_prepare_limbs(X.data_ptr<float>(), ldx, M, K, group_size, CW, L, A.data_ptr<int8_t>(), lda,
-                         SX.data_ptr<float>(), SUM.data_ptr<float>(), avx2)) {
+                         SX.data_ptr<float>(), SUM.data_ptr<float>(), avx2, pair)) {
       Limbs q{A.data_ptr<int8_t>(), lda, SX.data_ptr<float>(), SUM.data_ptr<float>(), nc};
       float* yp = Y.data_ptr<float>();
       if (v512) {
         if (L == 3) w4l_gemv<true, 3>(p, q, M, N, yp); else w4l_gemv<true, 2>(p, q, M, N, yp);
+      } else if ((group_size % 64 == 0 || pair) && span16_enabled()) {
+        if (L == 3) w4l_gemv16_avx2<3>(p, q, M, N, yp, pair); else w4l_gemv16_avx2<2>(p, q, M, N, yp, pair);
       } else {
         if (L == 3) w4l_gemv<false, 3>(p, q, M, N, yp); else w4l_gemv<false, 2>(p, q, M, N, yp);
       }
