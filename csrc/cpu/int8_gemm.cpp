@@ -1,15 +1,17 @@
 // int8 CPU kernels: fastkern_C::int8_gemm, linear_w8a16, linear_w8a8.
 //
-// Integer products use vpmaddwd on int16-widened operands: it is exact for the
-// whole int8 range (-128 * -128 pairs included), which vpmaddubsw is not, and
-// on this machine kind (AMD Zen, one 128-bit integer multiplier pipe) it does
-// as many multiply-adds per cycle as the vpmaddubsw + vpmaddwd pair would.
+// Without VNNI, integer products use vpmaddwd on int16-widened operands: it is exact for
+// the whole int8 range (-128 * -128 pairs included), which vpmaddubsw is not, and on Zen 5
+// with 256-bit vectors it keeps the two multiplier pipes as busy per multiply-add as the
+// vpmaddubsw + vpmaddwd pair does (section "AVX2 without VNNI" has the measurements).
 //
-// Small M (<= kGemvMaxM) streams the int8 weight once and widens / converts it
-// in registers; larger M widens (int16) or dequantizes (fp32) one cache-sized
-// weight panel at a time and runs every row of x against it. With AVX-512 VNNI
-// the integer product (int8_gemm, linear_w8a8) runs on vpdpbusd instead: a GEMV
-// for M <= 4 and a transposed-tile GEMM above (section "AVX-512 VNNI").
+// AVX2: small M (<= kGemvMaxM) streams the int8 weight once, one stream per thread, and
+// widens it in registers; larger M runs a transposed-tile GEMM on int16 pairs (section
+// "AVX2 without VNNI"). W8A16 widens / dequantizes one cache-sized weight panel at a time.
+// The previous AVX2 integer path (int16 panels, row-vector dot tiles) stays selectable with
+// FASTKERN_INT8_AVX2=panel, for A/B timing; it is also what the generic path runs. With
+// AVX-512 VNNI the integer product (int8_gemm, linear_w8a8) runs on vpdpbusd instead: a
+// GEMV for M <= 4 and a transposed-tile GEMM above (section "AVX-512 VNNI").
 #include <torch/library.h>
 
 #include <cmath>
@@ -1036,6 +1038,8 @@ void gemv_w8f_rows(bool avx2, const float* X, int64_t ldx, const int8_t* W, int6
 //   time (a plain row-major copy in L1/L2, no transpose), and one (w[k], w[k + 1]) pair is
 //   broadcast per step: NR x MV accumulators of 8 outputs, kept over all K blocks in CT
 //   [rows][Mp], transposed into the output (with the W8A8 scaling) at the end of each task.
+// measured at M = 1 (2 threads; 4096 x 4096, 4096 x 14336, 11008 x 4096): 8 KB ahead read
+// 64-69 GB/s in the fast memory regime, 2-4 KB 34-56, 16 KB 41-44
 constexpr int64_t kA2Ahead = 8192;
 constexpr int64_t kA2KC = 1024;    // K columns per block (a 16-row slice of x: 32 KB, in L1)
 constexpr int64_t kA2TaskRows = 32;  // weight rows per task (widened block: 64 KB, in L2)
@@ -1142,10 +1146,7 @@ FASTKERN_AVX2 void s16_tile(const int32_t* Ap, const int16_t* B, int64_t ldb, in
     for (int v = 0; v < MV; ++v) _mm256_storeu_si256(reinterpret_cast<__m256i*>(CT + j * ldct + 8 * v), c[j][v]);
 }
 
-#ifndef FK_NR
-#define FK_NR 4
-#endif
-constexpr int kA2NR = FK_NR;
+constexpr int kA2NR = 4;  // weight rows per tile (4 x 2 accumulators; 6 x 2 measured no faster)
 
 // The cache lines of a weight block [n0, n1) x [k0, k1), walked row by row, `per` lines at a
 // time into L2: the next block's weights are prefetched while this block computes, a few
