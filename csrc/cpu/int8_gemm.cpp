@@ -1114,6 +1114,21 @@ void pack_x_s16(const int8_t* A, int64_t lda, int64_t M, int64_t K, int32_t* ap)
   });
 }
 
+// The cache lines of a weight block [n0, n1) x [k0, k1), walked row by row into L2: the
+// next block's weights are prefetched while this block computes, one line every (mask + 1)
+// k steps inside the tiles (a burst of them before each tile stalls on the full miss
+// queues; at M = 16 the burst took most of the time the weight widening costs).
+struct LinePrefetch {
+  const int8_t* W = nullptr;
+  int64_t K = 0, n = 0, n1 = 0, k0 = 0, k1 = 0, k = 0, mask = 0;
+  void one() {
+    if (n >= n1) return;
+    _mm_prefetch(reinterpret_cast<const char*>(W + n * K + k), _MM_HINT_T1);
+    k += 64;
+    if (k >= k1) k = k0, ++n;
+  }
+};
+
 // acc += t, in place: as with dpbusd_inplace, GCC otherwise copies every accumulator of
 // an array once per step (8 extra moves per 8 products, which made the loop dispatch-bound)
 FASTKERN_AVX2 inline __m256i add_inplace(__m256i acc, __m256i t) {
@@ -1125,13 +1140,15 @@ FASTKERN_AVX2 inline __m256i add_inplace(__m256i acc, __m256i t) {
 // rows (B: int16 rows, stride ldb) and MV vectors of 8 rows of x (Ap: packed, w = 8 MV wide).
 template <int NR, int MV>
 FASTKERN_AVX2 void s16_tile(const int32_t* Ap, const int16_t* B, int64_t ldb, int64_t kc2, int32_t* CT,
-                            int64_t ldct, bool acc) {
+                            int64_t ldct, bool acc, LinePrefetch& pf) {
   __m256i c[NR][MV];
   for (int j = 0; j < NR; ++j)
     for (int v = 0; v < MV; ++v)
       c[j][v] = acc ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(CT + j * ldct + 8 * v))
                     : _mm256_setzero_si256();
+  const int64_t mask = pf.mask;
   for (int64_t k = 0; k < kc2; ++k) {
+    if ((k & mask) == 0) pf.one();
     __m256i a[MV];
     for (int v = 0; v < MV; ++v)
       a[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(Ap + k * 8 * MV + 8 * v));
@@ -1148,33 +1165,12 @@ FASTKERN_AVX2 void s16_tile(const int32_t* Ap, const int16_t* B, int64_t ldb, in
 
 constexpr int kA2NR = 4;  // weight rows per tile (4 x 2 accumulators; 6 x 2 measured no faster)
 
-// The cache lines of a weight block [n0, n1) x [k0, k1), walked row by row, `per` lines at a
-// time into L2: the next block's weights are prefetched while this block computes, a few
-// lines before each tile (a burst of all of them would stall on the full miss queues).
-struct LinePrefetch {
-  const int8_t* W = nullptr;
-  int64_t K = 0, n = 0, n1 = 0, k0 = 0, k1 = 0, k = 0, per = 0;
-  void issue() {
-    for (int64_t i = 0; i < per && n < n1; ++i) {
-      _mm_prefetch(reinterpret_cast<const char*>(W + n * K + k), _MM_HINT_T1);
-      k += 64;
-      if (k >= k1) k = k0, ++n;
-    }
-  }
-};
-
 template <int MV>
 void s16_rows(const int32_t* Ap, const int16_t* B, int64_t ldb, int64_t rows, int64_t kc2, int32_t* CT,
               int64_t ldct, bool acc, LinePrefetch& pf) {
   int64_t r = 0;
-  for (; r + kA2NR <= rows; r += kA2NR) {
-    pf.issue();
-    s16_tile<kA2NR, MV>(Ap, B + r * ldb, ldb, kc2, CT + r * ldct, ldct, acc);
-  }
-  for (; r < rows; ++r) {
-    pf.issue();
-    s16_tile<1, MV>(Ap, B + r * ldb, ldb, kc2, CT + r * ldct, ldct, acc);
-  }
+  for (; r + kA2NR <= rows; r += kA2NR) s16_tile<kA2NR, MV>(Ap, B + r * ldb, ldb, kc2, CT + r * ldct, ldct, acc, pf);
+  for (; r < rows; ++r) s16_tile<1, MV>(Ap, B + r * ldb, ldb, kc2, CT + r * ldct, ldct, acc, pf);
 }
 
 // dst[r][k] = int16(W[n0 + r][k0 + k]) for k < kc, zero up to round_up(kc, 16)
@@ -1271,7 +1267,10 @@ void gemm_s16_avx2(const int8_t* A, int64_t lda, int64_t M, const int8_t* W, int
         pf.k1 = std::min(K, pf.k0 + KC);
         pf.k = pf.k0;
         const int64_t tiles = nmb * ((n1 - n0) / kA2NR + (n1 - n0) % kA2NR);
-        pf.per = ((pf.n1 - pf.n) * ((pf.k1 - pf.k0 + 63) / 64) + tiles - 1) / tiles;
+        const int64_t per = ((pf.n1 - pf.n) * ((pf.k1 - pf.k0 + 63) / 64) + tiles - 1) / tiles;
+        int64_t step = 1;  // a power of two: about `per` lines in each tile
+        while (per > 0 && step * 2 * per <= kc2) step *= 2;
+        pf.mask = step - 1;
         for (int64_t mb = 0; mb < nmb; ++mb) {
           const int64_t m0 = mb * 16, w = std::min<int64_t>(16, Mp - m0);
           const int32_t* a = ap + m0 * K2 + (k0 / 2) * w;
