@@ -1028,7 +1028,12 @@ void gemv_w8f_rows(bool avx2, const float* X, int64_t ldx, const int8_t* W, int6
 // not exact for signed +-127 activations, 133). vpmaddwd needs no -128 special case, so both
 // kernels below use it; what made the previous panel path slow was its shape (row-vector
 // dot products: 7 loads per 12 products, a horizontal sum per output, a widened copy of
-// every weight in memory), not the instruction.
+// every weight in memory), not the instruction. An exact vpmaddubsw GEMM was also built and
+// timed (x + 128 as the unsigned operand; weight pairs with |w0| + |w1| > 128, 1.5% of a
+// Gaussian weight's pairs, lowered while the weight block is copied and the difference
+// added back from a transposed copy of x): 4096 x 4096, 2 threads, it ran 174 / 204 GMAC/s
+// at M = 64 / 256 against 199 / 207 here (the copy's data-dependent branches and the
+// corrections ate the multiplier-pipe gain), so it was not kept.
 //
 // - GEMV (M <= kGemvMaxM): each thread's weight rows as one stream, one row at a time,
 //   prefetched kA2Ahead bytes ahead (the hardware prefetchers stop at 4 KiB pages).
