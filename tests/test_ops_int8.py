@@ -227,6 +227,92 @@ def test_cpu_threads_bitwise_identical(isa, m, gen):
         assert torch.equal(one, two)
 
 
+def avx2_or_skip():
+    from conftest import isa_skip_reason
+
+    why = isa_skip_reason("avx2")
+    if why:
+        pytest.skip(why)
+
+
+@NATIVE
+@pytest.mark.parametrize("m", [4, 5, 8, 9, 15, 17, 24, 40])
+def test_avx2_gemm_tails(m, gen):
+    # The AVX2 (no VNNI) GEMM for m > 3: x packed as int16 pairs in blocks of 16 rows (the last
+    # 8 or 16 wide), 4-row weight tiles and 1-row tails, 32-row tasks in 8-row thread shares,
+    # 1024-column K blocks widened in 16s (odd K: a half pair), 8 x 8 transposed output blocks
+    # and their row / column tails; exact for int8_gemm and bit-identical W8A8.
+    avx2_or_skip()
+    with cpu_isa("avx2"):
+        for n in (1, 3, 4, 5, 9, 37, 70):
+            for k in (1, 2, 3, 17, 33, 1025, 2050):
+                a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
+                b = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+                assert torch.equal(native("int8_gemm")(a, b), ops.int8_gemm_ref(a, b)), (n, k)
+                x = torch.randn(m, k, generator=gen)
+                w, s = make_w8(gen, n, k)
+                assert torch.equal(native("linear_w8a8")(x, w, s, None), ops.linear_w8a8_ref(x, w, s, None)), (n, k)
+
+
+@NATIVE
+@pytest.mark.parametrize("isa", cpu_isas())
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 9, 17, 40])
+def test_int8_minus_128_exact_on_every_path(isa, m, gen):
+    # -128 in x and in the weight (vpmaddubsw-style tricks break there; the AVX2 kernels widen
+    # to int16, VNNI offsets x): all -128 (the largest dot product), -128 against 127, and
+    # random rows with -128 mixed in; int8_gemm exact, and W8A8 with -128 weights bit-identical
+    with cpu_isa(isa):
+        for n, k in ((5, 1), (9, 31), (37, 1030), (8, 4099)):
+            a = torch.full((m, k), -128, dtype=torch.int8)
+            b = torch.full((n, k), -128, dtype=torch.int8)
+            b[0] = 127
+            out = native("int8_gemm")(a, b)
+            assert torch.equal(out, ops.int8_gemm_ref(a, b)), (n, k)
+            assert out[0, 1].item() == k * 128 * 128
+            a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
+            a[:, ::3] = -128
+            b = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+            b[:, 1::2] = -128
+            assert torch.equal(native("int8_gemm")(a, b), ops.int8_gemm_ref(a, b)), (n, k)
+            x = torch.randn(m, k, generator=gen)
+            s = torch.rand(n, generator=gen) + 0.5
+            assert torch.equal(native("linear_w8a8")(x, b, s, None), ops.linear_w8a8_ref(x, b, s, None)), (n, k)
+
+
+@NATIVE
+@pytest.mark.parametrize("m", [1, 3, 4, 40])
+def test_avx2_panel_path_still_selectable(m, gen, monkeypatch):
+    # FASTKERN_INT8_AVX2=panel: the previous AVX2 kernels (int16 panels), kept for A/B timing
+    avx2_or_skip()
+    monkeypatch.setenv("FASTKERN_INT8_AVX2", "panel")
+    with cpu_isa("avx2"):
+        for n, k in ((9, 17), (70, 1100)):
+            a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
+            b = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+            assert torch.equal(native("int8_gemm")(a, b), ops.int8_gemm_ref(a, b))
+            x = torch.randn(m, k, generator=gen)
+            w, s = make_w8(gen, n, k)
+            assert torch.equal(native("linear_w8a8")(x, w, s, None), ops.linear_w8a8_ref(x, w, s, None))
+
+
+@NATIVE
+@pytest.mark.parametrize("isa", cpu_isas())
+@pytest.mark.parametrize("m", [2, 24, 64])
+def test_int8_threads_bitwise_identical_large(isa, m, gen):
+    # enough weight rows for several tasks per thread and uneven thread shares, K over two
+    # K blocks; a GEMV row count and two GEMM ones
+    n, k = 523, 2100
+    a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
+    b = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+    x = torch.randn(m, k, generator=gen)
+    w, s = make_w8(gen, n, k)
+    with cpu_isa(isa):
+        one, two = on_1_and_2_threads(lambda: (native("int8_gemm")(a, b), native("linear_w8a8")(x, w, s, None)))
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+    assert torch.equal(one[0], ops.int8_gemm_ref(a, b))
+    assert torch.equal(one[1], ops.linear_w8a8_ref(x, w, s, None))
+
+
 @NATIVE
 def test_w8a16_larger_shapes(gen):
     # several panels in N and K, with 2 threads

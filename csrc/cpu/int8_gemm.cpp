@@ -1,20 +1,23 @@
 // int8 CPU kernels: fastkern_C::int8_gemm, linear_w8a16, linear_w8a8.
 //
-// Integer products use vpmaddwd on int16-widened operands: it is exact for the
-// whole int8 range (-128 * -128 pairs included), which vpmaddubsw is not, and
-// on this machine kind (AMD Zen, one 128-bit integer multiplier pipe) it does
-// as many multiply-adds per cycle as the vpmaddubsw + vpmaddwd pair would.
+// Without VNNI, integer products use vpmaddwd on int16-widened operands: it is exact for
+// the whole int8 range (-128 * -128 pairs included), which vpmaddubsw is not, and on Zen 5
+// with 256-bit vectors it keeps the two multiplier pipes as busy per multiply-add as the
+// vpmaddubsw + vpmaddwd pair does (section "AVX2 without VNNI" has the measurements).
 //
-// Small M (<= kGemvMaxM) streams the int8 weight once and widens / converts it
-// in registers; larger M widens (int16) or dequantizes (fp32) one cache-sized
-// weight panel at a time and runs every row of x against it. With AVX-512 VNNI
-// the integer product (int8_gemm, linear_w8a8) runs on vpdpbusd instead: a GEMV
-// for M <= 4 and a transposed-tile GEMM above (section "AVX-512 VNNI").
+// AVX2: small M (<= kGemvMaxM) streams the int8 weight once, one stream per thread, and
+// widens it in registers; larger M runs a transposed-tile GEMM on int16 pairs (section
+// "AVX2 without VNNI"). W8A16 widens / dequantizes one cache-sized weight panel at a time.
+// The previous AVX2 integer path (int16 panels, row-vector dot tiles) stays selectable with
+// FASTKERN_INT8_AVX2=panel, for A/B timing; it is also what the generic path runs. With
+// AVX-512 VNNI the integer product (int8_gemm, linear_w8a8) runs on vpdpbusd instead: a
+// GEMV for M <= 4 and a transposed-tile GEMM above (section "AVX-512 VNNI").
 #include <torch/library.h>
 
 #include <cmath>
 #include <cstdlib>
 #include <limits>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -1013,6 +1016,301 @@ void gemv_w8f_rows(bool avx2, const float* X, int64_t ldx, const int8_t* W, int6
   for (; n < n1; ++n) gemv_w8f_generic<MR, 1>(X, ldx, W + n * K, K, Y + n, ldy);
 }
 
+#if FASTKERN_X86
+// ------------------------------------------------------------------ AVX2 without VNNI (int8 x int8 -> int32)
+//
+// Measured on Zen 5 (one core, 256-bit ops, independent chains): vpmaddwd and vpmaddubsw
+// both issue twice per cycle, vpsignb twice, vpaddd four times. So the exact int16 product
+// (vpmaddwd + vpaddd, 16 multiply-adds) keeps the two multiplier pipes exactly as busy per
+// multiply-add as the u8 x s8 pair (vpmaddubsw + vpmaddwd with ones + vpaddd, 32) does, and
+// the sign trick that makes symmetric int8 operands fit vpmaddubsw (vpsignb on top) measured
+// no faster (117 vs 116 GMAC/s per core; the unsigned-activation triple that FBGEMM runs,
+// not exact for signed +-127 activations, 133). vpmaddwd needs no -128 special case, so both
+// kernels below use it; what made the previous panel path slow was its shape (row-vector
+// dot products: 7 loads per 12 products, a horizontal sum per output, a widened copy of
+// every weight in memory), not the instruction. An exact vpmaddubsw GEMM was also built and
+// timed (x + 128 as the unsigned operand; weight pairs with |w0| + |w1| > 128, 1.5% of a
+// Gaussian weight's pairs, lowered while the weight block is copied and the difference
+// added back from a transposed copy of x): 4096 x 4096, 2 threads, it ran 174 / 204 GMAC/s
+// at M = 64 / 256 against 199 / 207 here (the copy's data-dependent branches and the
+// corrections ate the multiplier-pipe gain), so it was not kept.
+//
+// - GEMV (M <= kGemvMaxM): each thread's weight rows as one stream, one row at a time,
+//   prefetched kA2Ahead bytes ahead (the hardware prefetchers stop at 4 KiB pages).
+// - GEMM: the transposed-tile scheme of the VNNI path with int16 operands. x is packed
+//   once per call as int16 pairs per block of 16 rows, [K/2][16][2] (one 32-byte load holds
+//   one k pair of 8 rows), the weight rows of a task are widened to int16 a K block at a
+//   time (a plain row-major copy in L1/L2, no transpose), and one (w[k], w[k + 1]) pair is
+//   broadcast per step: NR x MV accumulators of 8 outputs, kept over all K blocks in CT
+//   [rows][Mp], transposed into the output (with the W8A8 scaling) at the end of each task.
+// measured at M = 1 (2 threads; 4096 x 4096, 4096 x 14336, 11008 x 4096): 8 KB ahead read
+// 64-69 GB/s in the fast memory regime, 2-4 KB 34-56, 16 KB 41-44
+constexpr int64_t kA2Ahead = 8192;
+constexpr int64_t kA2KC = 1024;    // K columns per block (a 16-row slice of x: 32 KB, in L1)
+constexpr int64_t kA2TaskRows = 32;  // weight rows per task (widened block: 64 KB, in L2)
+
+template <int MR>
+FASTKERN_AVX2 void gemv_s16_avx2(const int16_t* A, int64_t lda, const int8_t* W, int64_t K, int64_t n0,
+                                 int64_t n1, const VnniOut& o, int64_t ldo) {
+  const int64_t K64 = K & ~int64_t(63);
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* w = W + n * K;
+    __m256i s[MR][4];
+    for (int i = 0; i < MR; ++i)
+      for (int u = 0; u < 4; ++u) s[i][u] = _mm256_setzero_si256();
+    int64_t k = 0;
+    for (; k < K64; k += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + k + kA2Ahead), _MM_HINT_T0);
+      for (int u = 0; u < 4; ++u) {
+        const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k + 16 * u)));
+        for (int i = 0; i < MR; ++i)
+          s[i][u] = _mm256_add_epi32(
+              s[i][u], _mm256_madd_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(A + i * lda + k + 16 * u)), wv));
+      }
+    }
+    for (; k < K; k += 16) {  // x is zero-padded to 16 columns; never read past a weight row
+      alignas(16) int8_t tail[16] = {};
+      const int8_t* src = w + k;
+      if (K - k < 16) {
+        std::memcpy(tail, src, K - k);
+        src = tail;
+      }
+      const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+      for (int i = 0; i < MR; ++i)
+        s[i][0] = _mm256_add_epi32(
+            s[i][0], _mm256_madd_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(A + i * lda + k)), wv));
+    }
+    for (int i = 0; i < MR; ++i) {
+      const int32_t c = hsum8_i32_avx2(
+          _mm256_add_epi32(_mm256_add_epi32(s[i][0], s[i][1]), _mm256_add_epi32(s[i][2], s[i][3])));
+      if (o.f)
+        o.f[i * ldo + n] = float((double(c) * double(o.sx[i])) * o.ws[n]);
+      else
+        o.c[i * ldo + n] = c;
+    }
+  }
+}
+
+// x rows (int8, row stride lda) -> int16 pairs per block of 16 rows (the last one 8 or 16
+// wide): block m0 starts at ap + m0 * K2 and holds [K2][w] words (a[m][2k], a[m][2k + 1]);
+// zero rows past M, zero past K.
+void pack_x_s16(const int8_t* A, int64_t lda, int64_t M, int64_t K, int32_t* ap) {
+  const int64_t K2 = (K + 1) / 2, Mp = round_up(M, 8), nmb = (M + 15) / 16;
+  constexpr int64_t kChunk = 512;  // pairs of a row per work item
+  const int64_t nkc = (K2 + kChunk - 1) / kChunk;
+  at::parallel_for(0, nmb * nkc, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t mb = t / nkc, k0 = (t % nkc) * kChunk, k1 = std::min(K2, k0 + kChunk);
+      const int64_t m0 = mb * 16, w = std::min<int64_t>(16, Mp - m0), rows = std::min<int64_t>(w, M - m0);
+      int32_t* dst = ap + m0 * K2;
+      for (int64_t r = 0; r < w; ++r) {
+        const int8_t* src = A + (m0 + r) * lda;
+        for (int64_t k = k0; k < k1; ++k) {
+          int32_t v = 0;
+          if (r < rows) {
+            const uint32_t lo = uint16_t(int16_t(src[2 * k]));
+            const uint32_t hi = 2 * k + 1 < K ? uint16_t(int16_t(src[2 * k + 1])) : 0u;
+            v = int32_t(lo | (hi << 16));
+          }
+          dst[k * w + r] = v;
+        }
+      }
+    }
+  });
+}
+
+// The cache lines of a weight block [n0, n1) x [k0, k1), walked row by row into L2: the
+// next block's weights are prefetched while this block computes, one line every (mask + 1)
+// k steps inside the tiles (a burst of them before each tile stalls on the full miss
+// queues; at M = 16 the burst took most of the time the weight widening costs).
+struct LinePrefetch {
+  const int8_t* W = nullptr;
+  int64_t K = 0, n = 0, n1 = 0, k0 = 0, k1 = 0, k = 0, mask = 0;
+  void one() {
+    if (n >= n1) return;
+    _mm_prefetch(reinterpret_cast<const char*>(W + n * K + k), _MM_HINT_T1);
+    k += 64;
+    if (k >= k1) k = k0, ++n;
+  }
+};
+
+// acc += t, in place: as with dpbusd_inplace, GCC otherwise copies every accumulator of
+// an array once per step (8 extra moves per 8 products, which made the loop dispatch-bound)
+FASTKERN_AVX2 inline __m256i add_inplace(__m256i acc, __m256i t) {
+  asm("vpaddd %1, %0, %0" : "+x"(acc) : "x"(t));
+  return acc;
+}
+
+// CT[j][8 v + lane] (+)= sum over kc2 k pairs of Ap[k][8 v + lane] . B[j][k] for NR weight
+// rows (B: int16 rows, stride ldb) and MV vectors of 8 rows of x (Ap: packed, w = 8 MV wide).
+template <int NR, int MV>
+FASTKERN_AVX2 void s16_tile(const int32_t* Ap, const int16_t* B, int64_t ldb, int64_t kc2, int32_t* CT,
+                            int64_t ldct, bool acc, LinePrefetch& pf) {
+  __m256i c[NR][MV];
+  for (int j = 0; j < NR; ++j)
+    for (int v = 0; v < MV; ++v)
+      c[j][v] = acc ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(CT + j * ldct + 8 * v))
+                    : _mm256_setzero_si256();
+  const int64_t mask = pf.mask;
+  for (int64_t k = 0; k < kc2; ++k) {
+    if ((k & mask) == 0) pf.one();
+    __m256i a[MV];
+    for (int v = 0; v < MV; ++v)
+      a[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(Ap + k * 8 * MV + 8 * v));
+    for (int j = 0; j < NR; ++j) {
+      int32_t bw;
+      std::memcpy(&bw, B + j * ldb + 2 * k, 4);
+      const __m256i b = _mm256_set1_epi32(bw);
+      for (int v = 0; v < MV; ++v) c[j][v] = add_inplace(c[j][v], _mm256_madd_epi16(a[v], b));
+    }
+  }
+  for (int j = 0; j < NR; ++j)
+    for (int v = 0; v < MV; ++v) _mm256_storeu_si256(reinterpret_cast<__m256i*>(CT + j * ldct + 8 * v), c[j][v]);
+}
+
+constexpr int kA2NR = 4;  // weight rows per tile (4 x 2 accumulators; 6 x 2 measured no faster)
+
+template <int MV>
+void s16_rows(const int32_t* Ap, const int16_t* B, int64_t ldb, int64_t rows, int64_t kc2, int32_t* CT,
+              int64_t ldct, bool acc, LinePrefetch& pf) {
+  int64_t r = 0;
+  for (; r + kA2NR <= rows; r += kA2NR) s16_tile<kA2NR, MV>(Ap, B + r * ldb, ldb, kc2, CT + r * ldct, ldct, acc, pf);
+  for (; r < rows; ++r) s16_tile<1, MV>(Ap, B + r * ldb, ldb, kc2, CT + r * ldct, ldct, acc, pf);
+}
+
+// dst[r][k] = int16(W[n0 + r][k0 + k]) for k < kc, zero up to round_up(kc, 16)
+FASTKERN_AVX2 void widen_rows(const int8_t* W, int64_t K, int64_t n0, int64_t n1, int64_t k0, int64_t kc,
+                              int16_t* dst, int64_t ldd) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* src = W + n * K + k0;
+    int16_t* d = dst + (n - n0) * ldd;
+    int64_t k = 0;
+    for (; k + 16 <= kc; k += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + k),
+                          _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k))));
+    if (k < kc) {
+      alignas(16) int8_t tail[16] = {};
+      std::memcpy(tail, src + k, kc - k);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + k),
+                          _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(tail))));
+    }
+  }
+}
+
+// out rows [n0, n1) from CT [n1 - n0][Mp]: C[m][n] = CT[n - n0][m], or the W8A8 scaling
+// float((double(c) * sx[m]) * ws[n]), 8 x 8 blocks transposed in registers.
+FASTKERN_AVX2 void finish_s16(const int32_t* CT, int64_t Mp, int64_t M, int64_t N, int64_t n0, int64_t n1,
+                              const VnniOut& o) {
+  int64_t n = n0;
+  for (; n + 8 <= n1; n += 8) {
+    for (int64_t m0 = 0; m0 < M; m0 += 8) {
+      __m256i r[8];
+      for (int j = 0; j < 8; ++j) r[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(CT + (n - n0 + j) * Mp + m0));
+      // 8 x 8 int32 transpose: r[j] lane i -> t[i] lane j
+      __m256i a[8], b[8], t[8];
+      for (int j = 0; j < 4; ++j) {
+        a[2 * j] = _mm256_unpacklo_epi32(r[2 * j], r[2 * j + 1]);
+        a[2 * j + 1] = _mm256_unpackhi_epi32(r[2 * j], r[2 * j + 1]);
+      }
+      for (int g = 0; g < 2; ++g) {
+        b[4 * g + 0] = _mm256_unpacklo_epi64(a[4 * g], a[4 * g + 2]);
+        b[4 * g + 1] = _mm256_unpackhi_epi64(a[4 * g], a[4 * g + 2]);
+        b[4 * g + 2] = _mm256_unpacklo_epi64(a[4 * g + 1], a[4 * g + 3]);
+        b[4 * g + 3] = _mm256_unpackhi_epi64(a[4 * g + 1], a[4 * g + 3]);
+      }
+      for (int c = 0; c < 4; ++c) {
+        t[c] = _mm256_permute2x128_si256(b[c], b[4 + c], 0x20);
+        t[4 + c] = _mm256_permute2x128_si256(b[c], b[4 + c], 0x31);
+      }
+      const int64_t mm = std::min<int64_t>(8, M - m0);
+      for (int64_t i = 0; i < mm; ++i) {
+        const int64_t m = m0 + i;
+        if (o.f) {
+          const __m256d sx = _mm256_set1_pd(double(o.sx[m]));
+          const __m256d lo = _mm256_mul_pd(_mm256_mul_pd(_mm256_cvtepi32_pd(_mm256_castsi256_si128(t[i])), sx),
+                                           _mm256_loadu_pd(o.ws + n));
+          const __m256d hi = _mm256_mul_pd(_mm256_mul_pd(_mm256_cvtepi32_pd(_mm256_extracti128_si256(t[i], 1)), sx),
+                                           _mm256_loadu_pd(o.ws + n + 4));
+          _mm256_storeu_ps(o.f + m * N + n, _mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo)));
+        } else {
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o.c + m * N + n), t[i]);
+        }
+      }
+    }
+  }
+  for (; n < n1; ++n)
+    for (int64_t m = 0; m < M; ++m) {
+      const int32_t c = CT[(n - n0) * Mp + m];
+      if (o.f)
+        o.f[m * N + n] = float((double(c) * double(o.sx[m])) * o.ws[n]);
+      else
+        o.c[m * N + n] = c;
+    }
+}
+
+// A [M, K] (int8, row stride lda) x W [N, K]^T -> o, for M > kGemvMaxM.
+void gemm_s16_avx2(const int8_t* A, int64_t lda, int64_t M, const int8_t* W, int64_t N, int64_t K,
+                   const VnniOut& o) {
+  const int64_t K2 = (K + 1) / 2, Mp = round_up(M, 8), nmb = (M + 15) / 16;
+  at::Tensor apt = at::empty({Mp * K2}, at::kInt);
+  int32_t* ap = apt.data_ptr<int32_t>();
+  pack_x_s16(A, lda, M, K, ap);
+  const int64_t KC = std::min(kA2KC, round_up(K, 2)), ldb = round_up(KC, 16);
+  parallel_rows(N, 8, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<int16_t> wb(kA2TaskRows * ldb);
+    std::vector<int32_t> ct(kA2TaskRows * Mp);
+    for (int64_t n0 = r0; n0 < r1; n0 += kA2TaskRows) {
+      const int64_t n1 = std::min(r1, n0 + kA2TaskRows);
+      for (int64_t k0 = 0; k0 < K; k0 += KC) {
+        const int64_t kc = std::min(KC, K - k0), kc2 = (kc + 1) / 2;
+        widen_rows(W, K, n0, n1, k0, kc, wb.data(), ldb);
+        LinePrefetch pf;  // the next block: the next K block of these rows, or the next task's first
+        pf.W = W;
+        pf.K = K;
+        pf.n = n0, pf.n1 = n1, pf.k0 = k0 + KC;
+        if (pf.k0 >= K) pf.n = n1, pf.n1 = std::min(r1, n1 + kA2TaskRows), pf.k0 = 0;
+        pf.k1 = std::min(K, pf.k0 + KC);
+        pf.k = pf.k0;
+        const int64_t tiles = nmb * ((n1 - n0) / kA2NR + (n1 - n0) % kA2NR);
+        const int64_t per = ((pf.n1 - pf.n) * ((pf.k1 - pf.k0 + 63) / 64) + tiles - 1) / tiles;
+        int64_t step = 1;  // a power of two: about `per` lines in each tile
+        while (per > 0 && step * 2 * per <= kc2) step *= 2;
+        pf.mask = step - 1;
+        for (int64_t mb = 0; mb < nmb; ++mb) {
+          const int64_t m0 = mb * 16, w = std::min<int64_t>(16, Mp - m0);
+          const int32_t* a = ap + m0 * K2 + (k0 / 2) * w;
+          if (w == 16)
+            s16_rows<2>(a, wb.data(), ldb, n1 - n0, kc2, ct.data() + m0, Mp, k0 > 0, pf);
+          else
+            s16_rows<1>(a, wb.data(), ldb, n1 - n0, kc2, ct.data() + m0, Mp, k0 > 0, pf);
+        }
+      }
+      finish_s16(ct.data(), Mp, M, N, n0, n1, o);
+    }
+  });
+}
+
+// The legacy AVX2 path (int16 panels), kept selectable for A/B timing:
+// FASTKERN_INT8_AVX2=panel (read on every call).
+bool int8_avx2_legacy() {
+  const char* e = std::getenv("FASTKERN_INT8_AVX2");
+  return e && std::string(e) == "panel";
+}
+
+bool use_s16_avx2() { return use_avx2() && !use_vnni512() && !int8_avx2_legacy(); }
+
+// C or o = A (int16 holding int8 values, zero-padded to lda >= round_up(K, 16)) x W^T, M <= kGemvMaxM
+void gemv_s16(const int16_t* A, int64_t lda, int64_t M, const int8_t* W, int64_t N, int64_t K, const VnniOut& o) {
+  parallel_rows(N, 16, 8, [&](int64_t n0, int64_t n1) {
+    switch (M) {
+      case 1: gemv_s16_avx2<1>(A, lda, W, K, n0, n1, o, N); break;
+      case 2: gemv_s16_avx2<2>(A, lda, W, K, n0, n1, o, N); break;
+      default: gemv_s16_avx2<3>(A, lda, W, K, n0, n1, o, N); break;
+    }
+  });
+}
+#endif
+
 // ------------------------------------------------------------------ ops
 
 at::Tensor int8_gemm_cpu(const at::Tensor& a, const at::Tensor& b) {
@@ -1040,6 +1338,20 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a, const at::Tensor& b) {
       A8 = a2.contiguous();
     }
     matmul_vnni(A8.data_ptr<int8_t>(), lda, M, bc.data_ptr<int8_t>(), N, K, o);
+    return C.reshape(out_shape(a, N));
+  }
+  if (use_s16_avx2() && M > 0 && N > 0 && K > 0) {
+    at::Tensor C = at::empty({M, N}, a.options().dtype(at::kInt));
+    VnniOut o;
+    o.c = C.data_ptr<int32_t>();
+    if (M <= kGemvMaxM) {
+      at::Tensor A = at::zeros({M, Kp}, a.options().dtype(at::kShort));
+      A.narrow(1, 0, K).copy_(a2);
+      gemv_s16(A.data_ptr<int16_t>(), Kp, M, bc.data_ptr<int8_t>(), N, K, o);
+    } else {
+      at::Tensor A8 = a2.contiguous();
+      gemm_s16_avx2(A8.data_ptr<int8_t>(), K, M, bc.data_ptr<int8_t>(), N, K, o);
+    }
     return C.reshape(out_shape(a, N));
   }
 #endif
@@ -1276,6 +1588,29 @@ at::Tensor linear_w8a8_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
     o.sx = S.data_ptr<float>();
     o.ws = wsd.data_ptr<double>();
     matmul_vnni(Q8.data_ptr<int8_t>(), Kq, M, wc.data_ptr<int8_t>(), N, K, o);
+    return finish(out, bias, x, N);
+  }
+  if (use_s16_avx2() && M > 0 && N > 0 && K > 0) {
+    // the AVX2 kernels apply the scales as they write the output
+    at::Tensor S = at::empty({M}, X.options());
+    at::Tensor out = at::empty({M, N}, X.options());
+    at::Tensor wsd = w_scale.to(at::kDouble).contiguous();
+    VnniOut o;
+    o.f = out.data_ptr<float>();
+    o.sx = S.data_ptr<float>();
+    o.ws = wsd.data_ptr<double>();
+    if (M <= kGemvMaxM) {
+      at::Tensor Q = at::zeros({M, Kp}, X.options().dtype(at::kShort));
+      quantize_rows_avx2<int16_t>(X.data_ptr<float>(), Kp, M, K, Q.data_ptr<int16_t>(), Kp, S.data_ptr<float>());
+      gemv_s16(Q.data_ptr<int16_t>(), Kp, M, wc.data_ptr<int8_t>(), N, K, o);
+    } else {
+      at::Tensor Q8 = at::empty({M, Kp}, X.options().dtype(at::kChar));
+      at::parallel_for(0, M, std::max<int64_t>(1, 65536 / K), [&](int64_t m0, int64_t m1) {
+        quantize_rows_avx2<int8_t>(X.data_ptr<float>() + m0 * Kp, Kp, m1 - m0, K, Q8.data_ptr<int8_t>() + m0 * Kp, Kp,
+                                   S.data_ptr<float>() + m0);
+      });
+      gemm_s16_avx2(Q8.data_ptr<int8_t>(), Kp, M, wc.data_ptr<int8_t>(), N, K, o);
+    }
     return finish(out, bias, x, N);
   }
 #endif
