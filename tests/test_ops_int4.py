@@ -98,14 +98,15 @@ def test_w4a16_matches_reference(be, m, dtype, layout, bias, n, k, g, gen):
 @pytest.mark.parametrize("gemv", GEMV_VARIANTS)
 @pytest.mark.parametrize("isa", cpu_isas())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 16, 17, 64, 65, 256, 257])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 16, 17, 48, 49, 64, 65, 256, 257])
 def test_cpu_paths_and_tails(isa, dtype, m, gemv, gen, monkeypatch):
     if gemv == "bf16dot" and (dtype == torch.float32 or m > 16):
         pytest.skip("the bf16 dot-product GEMV serves bf16/fp16 x at m <= 16")
-    if isa == "generic" and m in (64, 65, 256):
+    if isa == "generic" and m in (48, 49, 64, 65, 256):
         pytest.skip("the generic path has no GEMV; m = 17, 257 cover its panels")
     set_gemv(monkeypatch, isa, gemv)
-    # limb GEMV up to m = 64 (fp32) / 256 (bf16) (MR x NR tiles: AVX-512 (1,1) (2,2) (3,2)
+    # limb GEMV up to m = 64 (fp32) / 256 (bf16) with VNNI, 48 on AVX2 without (m = 49 the
+    # GEMM there) (MR x NR tiles: AVX-512 (1,1) (2,2) (3,2)
     # (4,2), AVX2 (1,2) (2,1) (3,1), so m = 5, 7, 17, 65 leave every row tail; from m = 17
     # passes of several weight rows and K blocks of a few groups); beyond: panels (m = 65
     # fp32, 257). bf16dot: (1,4) (2,2) (3,1) (4,1) (4,2). n 1..9: tails of the
@@ -168,15 +169,16 @@ def test_avx2_gemv_groups_of_64(span16, dtype, gen, monkeypatch):
     # The AVX2 GEMV for g % 64 == 0 (span16: int16 span sums, one call per thread and K
     # block for all rows at m = 1, tiles of 1..3 x rows in 4-row passes above; tile: the
     # older per-row tile, FASTKERN_W4A16_AVX2_SPAN16=0) on every group layout above, every
-    # m remainder of the 3-row tiles and 4-row passes (m = 1..7, 16, 17; 64 and 65 for
-    # fp32's limit), n tails of the passes, and k = 12800 (two K blocks at m = 1 fp32,
+    # m remainder of the 3-row tiles and 4-row passes (m = 1..7, 16, 17, 47; 48 the AVX2
+    # limit, 64 and 65 through FASTKERN_W4A16_LIMB_MAX_M), n tails of the passes, and k = 12800 (two K blocks at m = 1 fp32,
     # several at m = 3; with g = 32 blocks of whole pairs).
     monkeypatch.setenv("FASTKERN_W4A16_AVX2_SPAN16", span16)
+    monkeypatch.setenv("FASTKERN_W4A16_LIMB_MAX_M", "65")  # the limbs also above the AVX2 default (48)
     outs, refs = [], []
     with cpu_isa("avx2"):
-        for m in (1, 2, 3, 4, 5, 7, 16, 17, 64, 65):
+        for m in (1, 2, 3, 4, 5, 7, 16, 17, 47, 48, 64, 65):
             for i, (k, g) in enumerate(SPAN16_CASES + [(12800, 128), (12800, 32)]):
-                if (k == 12800 and m not in (1, 3)) or (m >= 64 and i % 3):
+                if (k == 12800 and m not in (1, 3)) or (m >= 47 and i % 3):
                     continue
                 n = (1, 2, 3, 5, 9, 6)[(i + m) % 6]
                 x = torch.randn(m, k, generator=gen).to(dtype)

@@ -43,6 +43,10 @@ namespace {
 constexpr int64_t kGemvMaxM = 16;
 constexpr int64_t kLimbMaxM = 64;
 constexpr int64_t kLimbMaxMHalf = 256;
+// AVX2 (2 threads, 4096x4096 g128, weights beyond L3), limbs vs GEMM: fp32 m = 32 / 64 /
+// 128: 11 / 19.5 / 39 ms against 14 / 16.6 / 28; bf16 9.1 / 18 / 34 against 13 / 16.5 / 27.
+constexpr int64_t kLimbMaxMAvx2 = 48;
+constexpr int64_t kLimbMaxMHalfAvx2 = 48;
 constexpr int64_t kGemvRows = 4;
 // groups beyond this take the panels (a bound on the per-group limb blocks; the int32
 // sums stay exact for any group, which is summed in spans of at most kSpan chunks)
@@ -901,6 +905,17 @@ void w4l_gemv16_avx2(const W4& p, const Limbs& q, int64_t M, int64_t N, float* Y
 // FASTKERN_W4A16_AVX2_SPAN16=0 sends the AVX2 GEMV to w4l_tile_avx2 for every group size
 // (A/B timing, tests); unset or 1: w4l_rows16_avx2 where g % 64 == 0, w4l_rows16p_avx2
 // where g = 32 and K % 64 == 0. Read per call.
+// Largest M the limb GEMV serves (above it the blocked fp32 GEMM): kLimbMaxM /
+// kLimbMaxMHalf with VNNI; on AVX2 without it (vpmaddubsw + vpmaddwd, at most 2 per
+// cycle) the limbs cost more and the GEMM takes over earlier: kLimbMaxMAvx2 /
+// kLimbMaxMHalfAvx2. FASTKERN_W4A16_LIMB_MAX_M overrides both (read per call: A/B).
+inline int64_t limb_max_m(bool fp32_x, bool vnni) {
+  const char* e = std::getenv("FASTKERN_W4A16_LIMB_MAX_M");
+  if (e && *e) return std::atoll(e);
+  if (vnni) return fp32_x ? kLimbMaxM : kLimbMaxMHalf;
+  return fp32_x ? kLimbMaxMAvx2 : kLimbMaxMHalfAvx2;
+}
+
 inline bool span16_enabled() {
   const char* e = std::getenv("FASTKERN_W4A16_AVX2_SPAN16");
   return !(e && e[0] == '0');
@@ -1190,9 +1205,8 @@ at::Tensor linear_w4a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
       done = true;
     }
   }
-  if (!done && avx2 && M <= (x.scalar_type() == at::kFloat ? kLimbMaxM : kLimbMaxMHalf) &&
-      group_size <= kGemvMaxGroup) {
-    const bool v512 = active_isa() >= Isa::Avx512 && features().avx512vnni;
+  const bool v512 = avx2 && active_isa() >= Isa::Avx512 && features().avx512vnni;
+  if (!done && avx2 && M <= limb_max_m(x.scalar_type() == at::kFloat, v512) && group_size <= kGemvMaxGroup) {
     const int L = x.scalar_type() == at::kFloat ? 3 : 2;
     // AVX2, g = 32: groups in pairs per 64-weight chunk (w4l_rows16p_avx2)
     const bool pair = !v512 && group_size == 32 && K % 64 == 0 && span16_enabled();
