@@ -428,3 +428,25 @@ def test_model_flag_hands_over_to_the_model_benchmark(monkeypatch):
     assert seen["eval_sentences"] == 8 and seen["backend"] == "reference"
     with pytest.raises(SystemExit):
         cli.main(["--eval-sentences", "8"])  # without --model it is no option of the harness
+
+
+def test_bandwidth_higher_at_the_end_is_the_ceiling(monkeypatch):
+    """A run that starts in a slow memory regime: %BW is taken against the higher reading."""
+    from fastkern.bench import ceilings as ceil_mod
+    from fastkern.bench import runner
+
+    monkeypatch.setattr(ceil_mod, "measure_ceilings", lambda device, **kw: {
+        "device": device, "llc_bytes": 1 << 20, "read_bw_gbs": 10.0, "read_bw_gbs_sum": 10.0,
+        "bw_array_bytes": 1 << 20, "matmul_gflops": {"fp32": 100.0}})
+    monkeypatch.setattr(ceil_mod, "read_bandwidth", lambda device, nbytes, t: 20.0)
+    cases = shapes.custom_cases(["gemm"], [(16, 32)], [1])
+    cfg = runner.RunConfig(backends=["reference"], peers=["fp32"], min_run_time=0.001, max_copies=2)
+    res = runner.run_benchmark(cases, cfg, argv=[])
+    c = res["ceilings"]
+    assert c["read_bw_gbs"] == 20.0 and c["read_bw_gbs_start"] == 10.0 and c["read_bw_drift"]
+    ok = [e for e in res["results"] if e["status"] == "ok"]
+    assert len(ok) == 2
+    for e in ok:
+        assert e["pct_bw"] == pytest.approx(100.0 * e["gbs"] / 20.0)
+    assert "higher than at the start" in report.ceilings_line(res)
+    assert report.validate(res) == []
