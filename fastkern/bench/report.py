@@ -150,7 +150,8 @@ def ceilings_line(result: dict) -> str:
     if c.get("read_bw_gbs_end"):
         parts.append("read bandwidth at the end (torch sum) %.1f GB/s%s%s" % (
             c["read_bw_gbs_end"], " - CHANGED DURING THE RUN" if c.get("read_bw_drift") else "",
-            " (higher than at the start: %BW uses it)" if c.get("read_bw_gbs_start") else ""))
+            "" if not c.get("read_bw_probe_factor") else
+            " (%BW: against the bandwidth measured within each problem's own time window)"))
     parts.append("LLC %.0f MiB" % (c.get("llc_bytes", 0) / 2**20))
     la = m.get("loadavg_start")
     if la:

@@ -148,7 +148,7 @@ def _first_line(e: BaseException) -> str:
 
 
 def _roofline(entry: dict, ceilings: dict, op: str):
-    bw = ceilings.get("read_bw_gbs")
+    bw = entry.get("read_bw_window_gbs") or ceilings.get("read_bw_gbs")
     peak = ceil_mod.compute_ceiling(ceilings, op, entry["dtype"])
     entry["pct_bw"] = 100.0 * entry["gbs"] / bw if bw else None
     entry["pct_compute"] = 100.0 * entry["gflops"] / peak if peak else None
@@ -240,6 +240,16 @@ def run_benchmark(cases: Sequence[Case], cfg: RunConfig, *, argv=None,
     refs: Dict[tuple, torch.Tensor] = {}
     pools: Dict[tuple, CopyPool] = {}  # formats of the current weight, shared across M and backends
 
+    # The machine's read bandwidth is measured again inside every problem's time window (a
+    # streaming sum timed in the same alternating rounds as the implementations): a shared
+    # host's memory bandwidth can switch regimes within minutes, and %BW is taken against
+    # the bandwidth of the minutes the kernel ran in.
+    probe = None
+    if cfg.measure_ceilings and ceilings.get("read_bw_gbs_sum"):
+        ceilings["read_bw_probe_factor"] = ceilings["read_bw_gbs"] / ceilings["read_bw_gbs_sum"]
+        a = torch.ones(max(1, ceilings["bw_array_bytes"] // 4), dtype=torch.float32, device=device)
+        probe = Rotator(lambda x, c: x.sum(), a, [()])
+
     interrupted = False
     done = 0
     for group in _problems(tasks):
@@ -284,21 +294,29 @@ def run_benchmark(cases: Sequence[Case], cfg: RunConfig, *, argv=None,
             def failed(j, e):
                 timed[j][0].update(status="error", reason=_first_line(e))
 
+            rots = [t[2] for t in timed] + ([probe] if probe is not None else [])
             try:
-                timings = time_interleaved([t[2] for t in timed], device, cfg.min_run_time, cfg.rounds,
-                                           on_error=failed)
+                timings = time_interleaved(rots, device, cfg.min_run_time, cfg.rounds, on_error=failed)
             except KeyboardInterrupt:
                 interrupted = True
-                timings = [None] * len(timed)
+                timings = [None] * len(rots)
+            window_bw = None
+            if probe is not None and timings[-1] is not None:
+                # the read bandwidth of this problem's own time window, on the scale of the
+                # run's best probe (fastkern's vector loads read faster than torch's sum)
+                window_bw = probe.x.numel() * 4 / (timings[-1].ms * 1e-3) / 1e9 * ceilings["read_bw_probe_factor"]
             for (entry, info, _, op), t in zip(timed, timings):
                 if t is not None:
                     entry.update(timed_fields(info, t))
+                    if window_bw:
+                        entry["read_bw_window_gbs"] = window_bw
                     _roofline(entry, ceilings, op)
         for entry in entries:
             if "status" not in entry:  # prepared, never timed: the run was stopped
                 entry.update(status="skipped", reason="interrupted")
         results.extend(entries)
         timed = None
+    probe = None
 
     if cfg.measure_ceilings and ceilings.get("read_bw_gbs") and not interrupted:
         # The memory bandwidth of a shared host can change while the run goes on (seen:
@@ -308,13 +326,6 @@ def run_benchmark(cases: Sequence[Case], cfg: RunConfig, *, argv=None,
                                       cfg.ceiling_min_run_time or max(cfg.min_run_time, 0.05))
         ceilings["read_bw_gbs_end"] = end
         ceilings["read_bw_drift"] = abs(end - ceilings["read_bw_gbs_sum"]) > 0.15 * ceilings["read_bw_gbs_sum"]
-        if end > ceilings["read_bw_gbs"]:
-            # %BW against the better of the two readings: never inflated by a slow start
-            ceilings["read_bw_gbs_start"] = ceilings["read_bw_gbs"]
-            ceilings["read_bw_gbs"] = end
-            for e in results:
-                if e.get("status") == "ok":
-                    _roofline(e, ceilings, e["op"] if e["kind"] == "fastkern" else _peer_op_of(e))
     if on_task and not interrupted:
         on_task(len(tasks), len(tasks), "done")
     meta["interrupted"] = interrupted
@@ -364,6 +375,3 @@ def _peer_op(task: Task) -> str:
     # a peer's compute ceiling follows its own activation dtype; the op only matters for int8 on GPU
     return "int8_gemm" if task.peer.act_dtype == torch.int8 else "gemm"
 
-
-def _peer_op_of(entry: dict) -> str:
-    return "int8_gemm" if entry["dtype"] == "int8" else "gemm"
