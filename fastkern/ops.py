@@ -343,8 +343,10 @@ def register_kernel(op: str, backend: str):
 
 
 def _native(op):
-    # the overload itself: calling the packet would resolve it again on every call
-    return getattr(torch.ops.fastkern_C, op).default
+    # the overload's C++ entry point: OpOverload.__call__ is one Python frame around it
+    # (calling the packet would also resolve the overload again on every call)
+    overload = getattr(torch.ops.fastkern_C, op).default
+    return getattr(overload, "_op", overload)
 
 
 def _load_lazy(backend):
