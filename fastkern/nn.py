@@ -34,8 +34,23 @@ def _check_incoming(prefix, name, t, shape, dtype, errors):
         errors.append("fastkern: state_dict entry %r has %s, expected %s" % (key, got, want))
 
 
+# the overloads themselves (the packets would resolve them on every call)
+_linear_w8a16 = ops.linear_w8a16.default
+_linear_w8a8 = ops.linear_w8a8.default
+_linear_w4a16 = ops.linear_w4a16.default
+_linear_sparse24 = ops.linear_sparse24.default
+_linear_blocksparse = ops.linear_blocksparse.default
+
+
 class _CanonicalLinear(nn.Module):
-    """Shared plumbing: bias, float-buffer dtype handling, checked state_dict loading."""
+    """Shared plumbing: bias, float-buffer dtype handling, checked state_dict loading.
+
+    forward reads the buffers from ``self._buffers`` directly. That finds what
+    ``self.<name>`` finds: nn.Module keeps a name in one place only (instance dict,
+    ``_parameters``, ``_buffers`` or ``_modules``; assigning a Parameter to a buffer's name
+    moves it), and a name that is not a buffer (a bias set to None, a buffer replaced by a
+    Parameter) falls back to the attribute.
+    """
 
     # buffers whose float dtype is part of the format and survives .half()/.to(dtype)
     _fp32_buffers: Tuple[str, ...] = ()
@@ -166,11 +181,18 @@ class QLinear(_CanonicalLinear):
         return {"weight": ([n, k // 2], torch.uint8), "weight_scale": ([n, g], None), "weight_zero": ([n, g], torch.uint8)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # buffers read from self._buffers (see _CanonicalLinear): `self.weight` would cost
+        # ~0.5 us each, through nn.Module.__getattr__
+        b = self._buffers
+        w = b["weight"] if "weight" in b else self.weight
+        scale = b["weight_scale"] if "weight_scale" in b else self.weight_scale
+        bias = b["bias"] if "bias" in b else self.bias
         if self.weight_dtype == "int4":
-            return ops.linear_w4a16(x, self.weight, self.weight_scale, self.weight_zero, self.group_size, self.bias)
+            zero = b["weight_zero"] if "weight_zero" in b else self.weight_zero
+            return _linear_w4a16(x, w, scale, zero, self.group_size, bias)
         if self.act_dtype == "int8":
-            return ops.linear_w8a8(x, self.weight, self.weight_scale, self.bias)
-        return ops.linear_w8a16(x, self.weight, self.weight_scale, self.bias)
+            return _linear_w8a8(x, w, scale, bias)
+        return _linear_w8a16(x, w, scale, bias)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float32 weight [out_features, in_features] this module computes with."""
@@ -282,11 +304,20 @@ class SparseLinear(_CanonicalLinear):
         return hit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self._buffers  # see QLinear.forward
+        bias = b["bias"] if "bias" in b else self.bias
         if self.pattern == "2:4":
-            values = self._weights_as(self.weight_values, x.dtype)
-            return ops.linear_sparse24(x, values, self.weight_meta, self.bias)
-        blocks = self._weights_as(self.weight_blocks, x.dtype)
-        return ops.linear_blocksparse(x, blocks, self.weight_row_ptr, self.weight_col_idx, self.out_features, self.bias)
+            values = b["weight_values"] if "weight_values" in b else self.weight_values
+            if values.dtype != x.dtype:
+                values = self._weights_as(values, x.dtype)
+            meta = b["weight_meta"] if "weight_meta" in b else self.weight_meta
+            return _linear_sparse24(x, values, meta, bias)
+        blocks = b["weight_blocks"] if "weight_blocks" in b else self.weight_blocks
+        if blocks.dtype != x.dtype:
+            blocks = self._weights_as(blocks, x.dtype)
+        row_ptr = b["weight_row_ptr"] if "weight_row_ptr" in b else self.weight_row_ptr
+        col_idx = b["weight_col_idx"] if "weight_col_idx" in b else self.weight_col_idx
+        return _linear_blocksparse(x, blocks, row_ptr, col_idx, self.out_features, bias)
 
     def dense_weight(self) -> torch.Tensor:
         """The dense (pruned) weight [out_features, in_features] in the module's dtype."""

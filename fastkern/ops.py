@@ -22,11 +22,17 @@ from typing import Callable, Optional
 import torch
 
 from fastkern import _ext, formats
-from fastkern._backend import BACKENDS, BackendUnavailableError, requested_backend
+from fastkern._backend import BACKENDS, BackendUnavailableError, _override, env_backend, requested_backend
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # --------------------------------------------------------------------------- checks
+#
+# Each op's check is one expression that accepts well-formed inputs at the cost of a few
+# attribute reads; only when it fails does the op's _explain_* run the checks step by step,
+# and the first of those that fails raises the error that names the tensor. The expression
+# may reject good inputs (_explain_* then passes them), never accept bad ones; the tests
+# hold the two to the same verdict.
 
 
 def describe(name: str, t: torch.Tensor) -> str:
@@ -82,6 +88,14 @@ def _check_bias(bias, n):
 
 
 def _check_gemm(a, b):
+    dt = a.dtype
+    if (dt in FLOAT_DTYPES and b.dtype == dt and b.dim() == 2 and a.dim() >= 1 and a.shape[-1] == b.shape[1]
+            and b.device == a.device):
+        return
+    _explain_gemm(a, b)
+
+
+def _explain_gemm(a, b):
     _check_float("a", a)
     _check_float("b", b)
     _check_2d("b", b)
@@ -92,6 +106,13 @@ def _check_gemm(a, b):
 
 
 def _check_int8_gemm(a, b):
+    if (a.dtype == torch.int8 and b.dtype == torch.int8 and b.dim() == 2 and a.dim() >= 1
+            and a.shape[-1] == b.shape[1] and b.device == a.device):
+        return
+    _explain_int8_gemm(a, b)
+
+
+def _explain_int8_gemm(a, b):
     _check_dtype("a", a, torch.int8)
     _check_dtype("b", b, torch.int8)
     _check_2d("b", b)
@@ -100,6 +121,17 @@ def _check_int8_gemm(a, b):
 
 
 def _check_w8(x, w, w_scale, bias):
+    if x.dtype in FLOAT_DTYPES and w.dtype == torch.int8 and w.dim() == 2 and x.dim() >= 1:
+        n, k = w.shape
+        dev = x.device
+        if (x.shape[-1] == k and w_scale.dtype in FLOAT_DTYPES and w_scale.shape == (n,)
+                and w.device == dev and w_scale.device == dev
+                and (bias is None or (bias.dtype in FLOAT_DTYPES and bias.shape == (n,) and bias.device == dev))):
+            return
+    _explain_w8(x, w, w_scale, bias)
+
+
+def _explain_w8(x, w, w_scale, bias):
     _check_float("x", x)
     _check_dtype("w", w, torch.int8)
     _check_2d("w", w)
@@ -112,6 +144,19 @@ def _check_w8(x, w, w_scale, bias):
 
 
 def _check_w4a16(x, w, scales, zeros, group_size, bias):
+    if x.dtype in FLOAT_DTYPES and w.dtype == torch.uint8 and w.dim() == 2 and x.dim() >= 1 and group_size > 0:
+        n, k = w.shape[0], 2 * w.shape[1]
+        dev = x.device
+        if (x.shape[-1] == k and group_size % 2 == 0 and k % group_size == 0
+                and scales.dtype in FLOAT_DTYPES and scales.shape == (n, k // group_size)
+                and zeros.dtype == torch.uint8 and zeros.shape == (n, k // group_size)
+                and w.device == dev and scales.device == dev and zeros.device == dev
+                and (bias is None or (bias.dtype in FLOAT_DTYPES and bias.shape == (n,) and bias.device == dev))):
+            return
+    _explain_w4a16(x, w, scales, zeros, group_size, bias)
+
+
+def _explain_w4a16(x, w, scales, zeros, group_size, bias):
     _check_float("x", x)
     _check_dtype("w", w, torch.uint8)
     _check_2d("w", w)
@@ -128,6 +173,18 @@ def _check_w4a16(x, w, scales, zeros, group_size, bias):
 
 
 def _check_sparse24(x, values, meta, bias):
+    dt = x.dtype
+    if dt in FLOAT_DTYPES and values.dtype == dt and values.dim() == 2 and x.dim() >= 1:
+        n, k = values.shape[0], 2 * values.shape[1]
+        dev = x.device
+        if (x.shape[-1] == k and k % 4 == 0 and meta.dtype == torch.uint8 and meta.shape == (n, k // 4)
+                and values.device == dev and meta.device == dev
+                and (bias is None or (bias.dtype in FLOAT_DTYPES and bias.shape == (n,) and bias.device == dev))):
+            return
+    _explain_sparse24(x, values, meta, bias)
+
+
+def _explain_sparse24(x, values, meta, bias):
     _check_float("x", x)
     _check_float("values", values)
     _check_2d("values", values)
@@ -144,6 +201,20 @@ def _check_sparse24(x, values, meta, bias):
 
 
 def _check_blocksparse(x, blocks, row_ptr, col_idx, out_features, bias):
+    dt = x.dtype
+    if (dt in FLOAT_DTYPES and blocks.dtype == dt and blocks.dim() == 3 and x.dim() >= 1 and out_features >= 0
+            and row_ptr.dtype == torch.int64 and col_idx.dtype == torch.int64):
+        nnz, bn, bk = blocks.shape
+        dev = x.device
+        if (bn > 0 and bk > 0 and row_ptr.shape == (-(-out_features // bn) + 1,) and col_idx.shape == (nnz,)
+                and blocks.device == dev and row_ptr.device == dev and col_idx.device == dev
+                and (bias is None or (bias.dtype in FLOAT_DTYPES and bias.shape == (out_features,)
+                                      and bias.device == dev))):
+            return
+    _explain_blocksparse(x, blocks, row_ptr, col_idx, out_features, bias)
+
+
+def _explain_blocksparse(x, blocks, row_ptr, col_idx, out_features, bias):
     _check_float("x", x)
     _check_float("blocks", blocks)
     if blocks.dim() != 3:
@@ -265,13 +336,17 @@ def register_kernel(op: str, backend: str):
 
     def deco(fn):
         _KERNELS[(op, backend)] = fn
+        _DEFAULT.clear()  # a new kernel can change the default choice (a GPU without cuda kernels)
         return fn
 
     return deco
 
 
 def _native(op):
-    return getattr(torch.ops.fastkern_C, op)
+    # the overload's C++ entry point: OpOverload.__call__ is one Python frame around it
+    # (calling the packet would also resolve the overload again on every call)
+    overload = getattr(torch.ops.fastkern_C, op).default
+    return getattr(overload, "_op", overload)
 
 
 def _load_lazy(backend):
@@ -321,26 +396,67 @@ def backend_status(op: str, backend: str, device: torch.device) -> Optional[str]
 _DEFAULT_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
 
 
+# Every op call selects a backend, so what cannot change between calls is remembered:
+# _DEFAULT: (op, device type) -> (backend, kernel) of the default choice. It depends only on
+#   what was built (fastkern._C and its kernels, fixed once loaded) and on the registered
+#   kernels (register_kernel clears it), never on the environment or the context:
+#   use_backend and FASTKERN_BACKEND are read on every call, before it is consulted.
+# _RUNNABLE: (op, backend, device type) that a requested backend was found able to run, for
+#   the backends whose status is fixed by the build (triton on CPU depends on
+#   TRITON_INTERPRET, so it is asked every time). Only successes are kept: a refusal is
+#   worked out again and names the actual device.
+# _CALLABLES: (op, backend) -> kernel for the native and reference backends.
+_DEFAULT = {}
+_RUNNABLE = set()
+_STATIC_BACKENDS = ("cpu", "cuda", "reference")
+_CALLABLES = {}
+
+
+def _default(op: str, device: torch.device):
+    key = (op, device.type)
+    hit = _DEFAULT.get(key)
+    if hit is None:
+        name = "reference"
+        for cand in _DEFAULT_ORDER.get(device.type, ("reference",)):
+            if backend_status(op, cand, device) is None:
+                name = cand
+                break
+        hit = _DEFAULT[key] = (name, kernel(op, name))
+    return hit
+
+
+def _require(op: str, backend: str, device: torch.device):
+    """Raise BackendUnavailableError unless ``backend`` can run ``op`` on ``device``."""
+    key = (op, backend, device.type)
+    if key in _RUNNABLE:
+        return
+    reason = backend_status(op, backend, device)
+    if reason is not None:
+        raise BackendUnavailableError("fastkern: backend %r cannot run %s: %s" % (backend, op, reason))
+    if backend in _STATIC_BACKENDS:
+        _RUNNABLE.add(key)
+
+
 def select_backend(op: str, device: torch.device) -> str:
     """The backend a call of ``op`` on ``device`` runs on now."""
     want = requested_backend()
     if want is not None:
-        reason = backend_status(op, want, device)
-        if reason is not None:
-            raise BackendUnavailableError("fastkern: backend %r cannot run %s: %s" % (want, op, reason))
+        _require(op, want, device)
         return want
-    for name in _DEFAULT_ORDER.get(device.type, ("reference",)):
-        if backend_status(op, name, device) is None:
-            return name
-    return "reference"
+    return _default(op, device)[0]
 
 
 def kernel(op: str, backend: str) -> Callable:
     """The callable that runs ``op`` on ``backend`` (arguments as the op's)."""
+    fn = _CALLABLES.get((op, backend))
+    if fn is not None:
+        return fn
     if backend in ("cpu", "cuda"):
-        return _native(op)
+        fn = _CALLABLES[(op, backend)] = _native(op)
+        return fn
     if backend == "reference":
-        return OPS[op].reference
+        fn = _CALLABLES[(op, backend)] = OPS[op].reference
+        return fn
     if backend in _LAZY_BACKENDS:
         _load_lazy(backend)
     return _KERNELS[(op, backend)]
@@ -362,10 +478,23 @@ def _first_tensor(args):
 
 
 def _make_impl(spec):
+    # select_backend and kernel, inlined: this runs on every eager call of the op
+    name, check = spec.name, spec.check
+    assert spec.schema.startswith("(Tensor "), spec.schema  # args[0] is a tensor
+
     def impl(*args):
-        spec.check(*args)
-        device = _first_tensor(args).device
-        return kernel(spec.name, select_backend(spec.name, device))(*args)
+        check(*args)
+        device = args[0].device
+        want = _override.get()
+        if want is None:
+            want = env_backend()
+            if want is None:
+                hit = _DEFAULT.get((name, device.type))
+                if hit is None:
+                    hit = _default(name, device)
+                return hit[1](*args)
+        _require(name, want, device)
+        return kernel(name, want)(*args)
 
     impl.__name__ = spec.name
     return impl

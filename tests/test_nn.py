@@ -208,3 +208,25 @@ def test_export(gen):
     names = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
     assert any("fastkern.linear_w4a16" in t for t in names)
     assert_close_rel(ep.module()(x), model(x), torch.float32)
+
+
+@pytest.mark.parametrize("cfg", QCONFIGS + SCONFIGS, ids=lambda c: "-".join(str(v) for v in c.values()))
+def test_forward_sees_swapped_and_reassigned_tensors(gen, cfg):
+    # forward reads buffers from _buffers: it must still find what attribute access finds
+    cls = fk.SparseLinear if "pattern" in cfg else fk.QLinear
+    lin = make_linear(gen, k=128, n=32)
+    mod, other = cls.from_linear(lin, **cfg), cls.from_linear(make_linear(gen, k=128, n=32), **cfg)
+    x = torch.randn(3, 128, generator=gen)
+    base = mod(x)
+    # other's weights, mod's bias, swapped in for one call (torch.func writes _buffers directly)
+    out = torch.func.functional_call(mod, dict(other.state_dict(), bias=mod.bias), (x,))
+    assert torch.equal(out, torch.func.functional_call(other, {"bias": mod.bias}, (x,)))
+    assert not torch.equal(out, base)
+    assert torch.equal(mod(x), base)  # restored
+    mod.bias = None
+    nobias = mod(x)
+    assert_close_rel(nobias + lin.bias.detach(), base, torch.float32)
+    mod.bias = nn.Parameter(lin.bias.detach() * 2)
+    assert "bias" in mod._parameters and "bias" not in mod._buffers
+    with torch.no_grad():
+        assert_close_rel(mod(x), nobias + 2 * lin.bias.detach(), torch.float32)

@@ -168,3 +168,126 @@ def test_native_kernels_run_on_every_torch_thread():
     for t in (1, 2, 3):
         with num_threads(t):
             assert fk._ext._C.parallel_width(8) == t
+
+
+# ------------------------------------------------ per-call fast paths (checks, backend choice)
+
+
+def _explain(op):
+    return getattr(ops, ops.OPS[op].check.__name__.replace("_check_", "_explain_"))
+
+
+def _valid_variants(op, gen):
+    """Well-formed argument tuples: with/without bias, 3-D and 1-D x, fp16."""
+    args = sample_args(op, gen)
+    out = [args, sample_args(op, gen, dtype=torch.float16) if op != "int8_gemm" else args]
+    out.append((args[0].reshape(1, *args[0].shape),) + args[1:])  # [1, M, K]
+    out.append((args[0][0],) + args[1:])  # [K]
+    if op not in ("gemm", "int8_gemm"):
+        out.append(args[:-1] + (None,))
+    return out
+
+
+def _mutations(args):
+    """Argument tuples with one thing wrong (or maybe not: the verdict is _explain_*'s)."""
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor):
+            alts = [a.to("meta"), a.unsqueeze(0), a.to(torch.float64), a.to(torch.int16), a.to(torch.uint8),
+                    a.to(torch.int8), a.to(torch.int64), a.float(), a.half(), a.bfloat16()]
+            if a.dim() >= 1 and a.shape[-1] > 1:
+                alts.append(a[..., :-1])
+            if a.dim() >= 1 and a.shape[0] > 1:
+                alts.append(a[1:])
+            if a.dim() >= 2:
+                alts.append(a.flatten())
+            if a.dim() == 0:
+                alts.append(a.reshape(1))
+        elif isinstance(a, int):
+            alts = [0, -2, 3, 16, 24, 64, a + 8, a * 2]
+        else:
+            alts = []
+        for alt in alts:
+            yield args[:i] + (alt,) + args[i + 1:]
+
+
+@pytest.mark.parametrize("op", list(ops.OPS))
+def test_fast_checks_accept_valid_inputs_without_explaining(gen, op, monkeypatch):
+    spec = ops.OPS[op]
+    monkeypatch.setattr(ops, _explain(op).__name__, lambda *a: pytest.fail("fast check refused valid inputs"))
+    for args in _valid_variants(op, gen):
+        spec.check(*args)
+
+
+@pytest.mark.parametrize("op", list(ops.OPS))
+def test_fast_checks_agree_with_explanations(gen, op):
+    spec, explain = ops.OPS[op], _explain(op)
+    seen = 0
+    for base in _valid_variants(op, gen):
+        for args in _mutations(base):
+            try:
+                explain(*args)
+                want = None
+            except (TypeError, ValueError) as e:
+                want = (type(e), str(e))
+                seen += 1
+            try:
+                spec.check(*args)
+                got = None
+            except (TypeError, ValueError) as e:
+                got = (type(e), str(e))
+            assert got == want, [describe_args(args)]
+    assert seen > 20
+
+
+def describe_args(args):
+    return [ops.describe("arg", a) if isinstance(a, torch.Tensor) else a for a in args]
+
+
+def test_env_backend_read_at_every_call(gen, monkeypatch):
+    args = sample_args("gemm", gen)
+    cpu = torch.device("cpu")
+    default = ops.select_backend("gemm", cpu)
+    monkeypatch.setenv("FASTKERN_BACKEND", "reference")
+    assert ops.select_backend("gemm", cpu) == "reference"
+    monkeypatch.setenv("FASTKERN_BACKEND", "")  # empty means unset
+    assert ops.select_backend("gemm", cpu) == default
+    os.environ["FASTKERN_BACKEND"] = "cuda"  # plain os.environ assignment (monkeypatch restores it)
+    with pytest.raises(fk.BackendUnavailableError, match="backend 'cuda' cannot run gemm"):
+        torch.ops.fastkern.gemm(*args)
+    with pytest.raises(fk.BackendUnavailableError, match="backend 'cuda' cannot run gemm"):  # refusals are not cached
+        torch.ops.fastkern.gemm(*args)
+    del os.environ["FASTKERN_BACKEND"]
+    assert ops.select_backend("gemm", cpu) == default
+    torch.ops.fastkern.gemm(*args)
+    # os.environ replaced by another mapping: still honoured
+    monkeypatch.setattr(os, "environ", {"FASTKERN_BACKEND": "reference"})
+    assert ops.select_backend("gemm", cpu) == "reference"
+
+
+def test_default_choice_is_recomputed_after_register_kernel(gen):
+    cpu = torch.device("cpu")
+    default = ops.select_backend("gemm", cpu)
+    assert ops._DEFAULT
+    key = ("gemm", "triton")
+    old = ops._KERNELS.get(key)
+    try:
+        ops.register_kernel("gemm", "triton")(lambda a, b: None)
+        assert not ops._DEFAULT
+    finally:
+        if old is None:
+            ops._KERNELS.pop(key, None)
+        else:
+            ops._KERNELS[key] = old
+        ops._DEFAULT.clear()
+    assert ops.select_backend("gemm", cpu) == default
+
+
+def test_triton_on_cpu_is_asked_at_every_call(gen, monkeypatch):
+    if ops.backend_status("gemm", "triton", torch.device("cpu")) is not None:
+        pytest.skip(ops.backend_status("gemm", "triton", torch.device("cpu")))
+    args = sample_args("gemm", gen, m=2, n=8, k=16)
+    with fk.use_backend("triton"):
+        torch.ops.fastkern.gemm(*args)
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(fk.BackendUnavailableError, match="TRITON_INTERPRET=1"):
+            torch.ops.fastkern.gemm(*args)
