@@ -500,6 +500,23 @@ FASTKERN_AVX2 void w4l_tile_avx2(const W4& p, const Limbs& q, const KRange& kr, 
 // thread and K block for all its rows (a call per row cost ~30% at M = 1).
 constexpr int64_t kSpan16 = 4;
 
+// Weight row n's outputs for MR rows of x after K block kr: the block's sum less the zero
+// points of this block's groups only (their scales are still in cache; the whole row's,
+// taken in the first block, would be read again from memory: at g = 32, 4096x14336,
+// 22 -> 36 GB/s); the first block stores, the others add.
+template <int MR>
+FASTKERN_AVX2 inline void w4l_store_block_avx2(const W4& p, const Limbs& q, const KRange& kr, int64_t n, int64_t m0,
+                                               const __m256* tot, float* Y, int64_t ldy) {
+  const int64_t G = p.G;
+  for (int i = 0; i < MR; ++i) {
+    float& y = Y[(m0 + i) * ldy + n];
+    const float s = hsum8_avx2(tot[i]);
+    const float zc = zero_corr_avx2(p.s + n * G + kr.g0, p.z + n * G + kr.g0, q.sum + (m0 + i) * G + kr.g0,
+                                    kr.g1 - kr.g0);
+    y = kr.first ? s - zc : y + (s - zc);
+  }
+}
+
 // MR rows of x (from m0) against weight rows [n0, n1), one weight row at a time (one
 // stream per thread); CS chunks per span (CS divides the group's chunk count nc,
 // CS <= kSpan16). The far prefetch only (into L2, pf_rows rows ahead): the
@@ -548,16 +565,7 @@ FASTKERN_AVX2 void w4l_rows16_avx2(const W4& p, const Limbs& q, const KRange& kr
         }
       }
     }
-    for (int i = 0; i < MR; ++i) {
-      float& y = Y[(m0 + i) * ldy + n];
-      const float s = hsum8_avx2(tot[i]);
-      // the zero points of this K block's groups only: their scales are still in cache (the
-      // whole row's, taken in the first block, would be read again from memory: at g = 32,
-      // 4096x14336, 22 -> 36 GB/s)
-      const float zc = zero_corr_avx2(p.s + n * G + kr.g0, p.z + n * G + kr.g0, q.sum + (m0 + i) * G + kr.g0,
-                                      kr.g1 - kr.g0);
-      y = kr.first ? s - zc : y + (s - zc);
-    }
+    w4l_store_block_avx2<MR>(p, q, kr, n, m0, tot, Y, ldy);
   }
 }
 
@@ -618,16 +626,7 @@ FASTKERN_AVX2 void w4l_rows16p_avx2(const W4& p, const Limbs& q, const KRange& k
         tot[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(ws, xs), tot[i]);
       }
     }
-    for (int i = 0; i < MR; ++i) {
-      float& y = Y[(m0 + i) * ldy + n];
-      const float s = hsum8_avx2(tot[i]);
-      // the zero points of this K block's groups only: their scales are still in cache (the
-      // whole row's, taken in the first block, would be read again from memory: at g = 32,
-      // 4096x14336, 22 -> 36 GB/s)
-      const float zc = zero_corr_avx2(p.s + n * G + kr.g0, p.z + n * G + kr.g0, q.sum + (m0 + i) * G + kr.g0,
-                                      kr.g1 - kr.g0);
-      y = kr.first ? s - zc : y + (s - zc);
-    }
+    w4l_store_block_avx2<MR>(p, q, kr, n, m0, tot, Y, ldy);
   }
 }
 
