@@ -165,6 +165,16 @@ def test_cpu_paths_and_tails(isa, m, gen):
     assert_close_rel(torch.cat(outs), torch.cat(refs), torch.float32)
 
 
+def check_int8_exact(gen, m, n, k):
+    """int8_gemm on full-range int8 (-128 included) and W8A8 on fresh data: bit-identical to the references."""
+    a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
+    b = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+    assert torch.equal(native("int8_gemm")(a, b), ops.int8_gemm_ref(a, b)), (m, n, k)
+    x = torch.randn(m, k, generator=gen)
+    w, s = make_w8(gen, n, k)
+    assert torch.equal(native("linear_w8a8")(x, w, s, None), ops.linear_w8a8_ref(x, w, s, None)), (m, n, k)
+
+
 @NATIVE
 @pytest.mark.parametrize("isa", cpu_isas())
 @pytest.mark.parametrize("m", [4, 5, 16, 33, 50, 64, 130])
@@ -175,12 +185,7 @@ def test_cpu_gemm_blocks_exact(isa, m, gen):
     # the weight row sums; every other path too, exact
     with cpu_isa(isa):
         for n, k in ((101, 4099), (53, 2050), (7, 37), (250, 520)):
-            a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
-            b = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
-            assert torch.equal(native("int8_gemm")(a, b), ops.int8_gemm_ref(a, b)), (n, k)
-            x = torch.randn(m, k, generator=gen)
-            w, s = make_w8(gen, n, k)
-            assert torch.equal(native("linear_w8a8")(x, w, s, None), ops.linear_w8a8_ref(x, w, s, None)), (n, k)
+            check_int8_exact(gen, m, n, k)
 
 
 @NATIVE
@@ -246,12 +251,7 @@ def test_avx2_gemm_tails(m, gen):
     with cpu_isa("avx2"):
         for n in (1, 3, 4, 5, 9, 37, 70):
             for k in (1, 2, 3, 17, 33, 1025, 2050):
-                a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
-                b = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
-                assert torch.equal(native("int8_gemm")(a, b), ops.int8_gemm_ref(a, b)), (n, k)
-                x = torch.randn(m, k, generator=gen)
-                w, s = make_w8(gen, n, k)
-                assert torch.equal(native("linear_w8a8")(x, w, s, None), ops.linear_w8a8_ref(x, w, s, None)), (n, k)
+                check_int8_exact(gen, m, n, k)
 
 
 @NATIVE
