@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import torch
 
 from fastkern import _ext, formats
-from fastkern._backend import BACKENDS, BackendUnavailableError, _override, env_backend, requested_backend
+from fastkern._backend import BACKENDS, BackendUnavailableError, requested_backend
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -437,13 +437,18 @@ def _require(op: str, backend: str, device: torch.device):
         _RUNNABLE.add(key)
 
 
+def _resolve(op: str, device: torch.device):
+    """(backend, kernel) that a call of ``op`` on ``device`` runs on now."""
+    want = requested_backend()
+    if want is None:
+        return _default(op, device)
+    _require(op, want, device)
+    return want, kernel(op, want)
+
+
 def select_backend(op: str, device: torch.device) -> str:
     """The backend a call of ``op`` on ``device`` runs on now."""
-    want = requested_backend()
-    if want is not None:
-        _require(op, want, device)
-        return want
-    return _default(op, device)[0]
+    return _resolve(op, device)[0]
 
 
 def kernel(op: str, backend: str) -> Callable:
@@ -478,23 +483,12 @@ def _first_tensor(args):
 
 
 def _make_impl(spec):
-    # select_backend and kernel, inlined: this runs on every eager call of the op
     name, check = spec.name, spec.check
     assert spec.schema.startswith("(Tensor "), spec.schema  # args[0] is a tensor
 
     def impl(*args):
         check(*args)
-        device = args[0].device
-        want = _override.get()
-        if want is None:
-            want = env_backend()
-            if want is None:
-                hit = _DEFAULT.get((name, device.type))
-                if hit is None:
-                    hit = _default(name, device)
-                return hit[1](*args)
-        _require(name, want, device)
-        return kernel(name, want)(*args)
+        return _resolve(name, args[0].device)[1](*args)
 
     impl.__name__ = spec.name
     return impl
