@@ -68,11 +68,21 @@ def llc_bytes(device: str) -> int:
     return gpu_l2_bytes() if device == "cuda" else cpu_llc_bytes()
 
 
+def sum_probe(device: str, nbytes: int) -> Rotator:
+    """A pure streaming read to time: ``sum`` over a float32 array of ``nbytes``."""
+    a = torch.ones(max(1, nbytes // 4), dtype=torch.float32, device=device)
+    return Rotator(lambda x, c: x.sum(), a, [()])
+
+
+def probe_gbs(probe: Rotator, ms: float) -> float:
+    """GB/s of one call of ``probe`` that took ``ms``."""
+    return probe.x.numel() * probe.x.element_size() / (ms * 1e-3) / 1e9
+
+
 def read_bandwidth(device: str, nbytes: int, min_run_time: float) -> float:
     """GB/s of ``sum`` over a float32 array of ``nbytes`` (a pure streaming read)."""
-    a = torch.ones(max(1, nbytes // 4), dtype=torch.float32, device=device)
-    t = time_rotator(Rotator(lambda x, c: x.sum(), a, [()]), device, min_run_time)
-    return a.numel() * 4 / (t.ms * 1e-3) / 1e9
+    probe = sum_probe(device, nbytes)
+    return probe_gbs(probe, time_rotator(probe, device, min_run_time).ms)
 
 
 def _native_probe(name: str):

@@ -247,8 +247,7 @@ def run_benchmark(cases: Sequence[Case], cfg: RunConfig, *, argv=None,
     probe = None
     if cfg.measure_ceilings and ceilings.get("read_bw_gbs_sum"):
         ceilings["read_bw_probe_factor"] = ceilings["read_bw_gbs"] / ceilings["read_bw_gbs_sum"]
-        a = torch.ones(max(1, ceilings["bw_array_bytes"] // 4), dtype=torch.float32, device=device)
-        probe = Rotator(lambda x, c: x.sum(), a, [()])
+        probe = ceil_mod.sum_probe(device, ceilings["bw_array_bytes"])
 
     interrupted = False
     done = 0
@@ -304,7 +303,7 @@ def run_benchmark(cases: Sequence[Case], cfg: RunConfig, *, argv=None,
             if probe is not None and timings[-1] is not None:
                 # the read bandwidth of this problem's own time window, on the scale of the
                 # run's best probe (fastkern's vector loads read faster than torch's sum)
-                window_bw = probe.x.numel() * 4 / (timings[-1].ms * 1e-3) / 1e9 * ceilings["read_bw_probe_factor"]
+                window_bw = ceil_mod.probe_gbs(probe, timings[-1].ms) * ceilings["read_bw_probe_factor"]
             for (entry, info, _, op), t in zip(timed, timings):
                 if t is not None:
                     entry.update(timed_fields(info, t))
