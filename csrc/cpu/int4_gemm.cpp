@@ -1208,7 +1208,8 @@ at::Tensor linear_w4a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
   if (!done && avx2 && M <= limb_max_m(x.scalar_type() == at::kFloat, v512) && group_size <= kGemvMaxGroup) {
     const int L = x.scalar_type() == at::kFloat ? 3 : 2;
     // AVX2, g = 32: groups in pairs per 64-weight chunk (w4l_rows16p_avx2)
-    const bool pair = !v512 && group_size == 32 && K % 64 == 0 && span16_enabled();
+    const bool span16 = !v512 && span16_enabled();
+    const bool pair = span16 && group_size == 32 && K % 64 == 0;
     const int64_t CW = v512 ? 128 : 64, nc = (group_size + CW - 1) / CW;
     const int64_t lda = pair ? (G / 2) * L * CW : G * nc * L * CW;
     at::Tensor A = at::empty({M, lda}, X.options().dtype(at::kChar));
@@ -1220,7 +1221,7 @@ at::Tensor linear_w4a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
       float* yp = Y.data_ptr<float>();
       if (v512) {
         if (L == 3) w4l_gemv<true, 3>(p, q, M, N, yp); else w4l_gemv<true, 2>(p, q, M, N, yp);
-      } else if ((group_size % 64 == 0 || pair) && span16_enabled()) {
+      } else if (span16 && (group_size % 64 == 0 || pair)) {
         if (L == 3) w4l_gemv16_avx2<3>(p, q, M, N, yp, pair); else w4l_gemv16_avx2<2>(p, q, M, N, yp, pair);
       } else {
         if (L == 3) w4l_gemv<false, 3>(p, q, M, N, yp); else w4l_gemv<false, 2>(p, q, M, N, yp);
