@@ -1,15 +1,16 @@
 """linear_w4a16 on every backend against the reference.
 
-The CPU kernel has a GEMV path up to m = 64 (fp32 x) / 256 (fp16/bf16 x) on AVX2
-and AVX-512 VNNI: activations quantized per group to three int8 limbs (base 128) for
+The CPU kernel has a GEMV path up to m = 32 (fp32 x) / 40 (fp16/bf16 x) with AVX-512
+VNNI, 16 on AVX2 without it: activations quantized per group to three int8 limbs (base 128) for
 fp32, two for fp16/bf16, byte dot products against the nibbles combined exactly in
 int32 by Horner's rule, zero point folded out; chunks of 64 / 128 weights with
 partial chunks for group sizes that are not multiples of them, spans of at most 8
 chunks, K blocks, MR x NR tiles of activation and weight rows. With AVX512-BF16 a
 second GEMV takes bf16 dot products against the nibbles converted to bf16 (one bf16
 operand for bf16 x, two exact ones for fp16 x) when FASTKERN_W4A16_BF16_GEMV=1: the
-`gemv` parameter covers both on such CPUs. Larger m: a panel (GEMM) path (exact
-(q - z) * s dequantization, fp32 dot tiles). The tests reach every path, their tails,
+`gemv` parameter covers both on such CPUs. Larger m: the fp32 GEMM over exactly
+dequantized ((q - z) * s) weight slivers, skinny_gemm up to m = 256, blocked_gemm above
+(FASTKERN_SKINNY_MAX_M moves the switch; both drivers are tested). The tests reach every path, their tails,
 every ISA path this CPU runs, and check that the thread count does not change a
 single bit. On AVX2 (no VNNI) groups of a multiple of 64, and g = 32 in pairs, take a
 GEMV that sums the byte products in int16 over spans of up to 4 chunks
@@ -111,18 +112,18 @@ def check_native_case(gen, m, n, k, g, dtype, outs, refs, **w4_kw):
 @pytest.mark.parametrize("gemv", GEMV_VARIANTS)
 @pytest.mark.parametrize("isa", cpu_isas())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 16, 17, 48, 49, 64, 65, 256, 257])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 16, 17, 32, 33, 40, 41, 256, 257])
 def test_cpu_paths_and_tails(isa, dtype, m, gemv, gen, monkeypatch):
     if gemv == "bf16dot" and (dtype == torch.float32 or m > 16):
         pytest.skip("the bf16 dot-product GEMV serves bf16/fp16 x at m <= 16")
-    if isa == "generic" and m in (48, 49, 64, 65, 256):
-        pytest.skip("the generic path has no GEMV; m = 17, 257 cover its panels")
+    if isa == "generic" and m in (32, 33, 40, 41, 256):
+        pytest.skip("the generic path has no GEMV; m = 17, 257 cover its GEMM drivers")
     set_gemv(monkeypatch, isa, gemv)
-    # limb GEMV up to m = 64 (fp32) / 256 (bf16) with VNNI, 48 on AVX2 without (m = 49 the
-    # GEMM there) (MR x NR tiles: AVX-512 (1,1) (2,2) (3,2)
-    # (4,2), AVX2 (1,2) (2,1) (3,1), so m = 5, 7, 17, 65 leave every row tail; from m = 17
-    # passes of several weight rows and K blocks of a few groups); beyond: panels (m = 65
-    # fp32, 257). bf16dot: (1,4) (2,2) (3,1) (4,1) (4,2). n 1..9: tails of the
+    # limb GEMV up to m = 32 (fp32) / 40 (bf16) with VNNI, 16 on AVX2 without (m = 17 the
+    # GEMM there); the GEMM: skinny_gemm to m = 256, blocked_gemm at 257
+    # (limb MR x NR tiles: AVX-512 (1,1) (2,2) (3,2)
+    # (4,2), AVX2 (1,2) (2,1) (3,1), so m = 5, 7, 17, 33, 41 leave every row tail; from m = 17
+    # passes of several weight rows and K blocks of a few groups). bf16dot: (1,4) (2,2) (3,1) (4,1) (4,2). n 1..9: tails of the
     # 4-row units and NR tiles; group sizes 2..62 give partial 64- and 128-weight chunks;
     # g = 192 / 550 several chunks with a partial last one; k = 1100 (g = 550) spans three
     # 512-column panels with a group across them; the last row's tail is the tensor's end.
@@ -176,11 +177,11 @@ def test_avx2_gemv_groups_of_64(span16, dtype, gen, monkeypatch):
     # The AVX2 GEMV for g % 64 == 0 (span16: int16 span sums, one call per thread and K
     # block for all rows at m = 1, tiles of 1..3 x rows in 4-row passes above; tile: the
     # older per-row tile, FASTKERN_W4A16_AVX2_SPAN16=0) on every group layout above, every
-    # m remainder of the 3-row tiles and 4-row passes (m = 1..7, 16, 17, 47; 48 the AVX2
-    # limit, 64 and 65 through FASTKERN_W4A16_LIMB_MAX_M), n tails of the passes, and k = 12800 (two K blocks at m = 1 fp32,
+    # m remainder of the 3-row tiles and 4-row passes (m = 1..7, 16, 17, 47, 48, 64 and 65,
+    # above the AVX2 limit of 16 through FASTKERN_W4A16_LIMB_MAX_M), n tails of the passes, and k = 12800 (two K blocks at m = 1 fp32,
     # several at m = 3; with g = 32 blocks of whole pairs).
     monkeypatch.setenv("FASTKERN_W4A16_AVX2_SPAN16", span16)
-    monkeypatch.setenv("FASTKERN_W4A16_LIMB_MAX_M", "65")  # the limbs also above the AVX2 default (48)
+    monkeypatch.setenv("FASTKERN_W4A16_LIMB_MAX_M", "65")  # the limbs also above the AVX2 default (16)
     outs, refs = [], []
     with cpu_isa("avx2"):
         for m in (1, 2, 3, 4, 5, 7, 16, 17, 47, 48, 64, 65):

@@ -3,12 +3,15 @@
 // Skinny M (<= gemv_max_m(isa) rows, 8 to 64 by ISA) runs as a matrix-vector
 // product bound by reading b once: b streams through in its own dtype and is
 // converted in registers, 4 rows of b at a time meeting every row of a from
-// cache. Larger M runs the cache-blocked packed GEMM of gemm_blocked.h.
+// cache. Larger M, up to kSkinnyMaxM, runs skinny_gemm (gemm_skinny.h: each task packs
+// its own B slivers right before using them); beyond, the cache-blocked packed GEMM
+// of gemm_blocked.h.
 #include <torch/library.h>
 
 #include <type_traits>
 
 #include "cpu/gemm_blocked.h"
+#include "cpu/gemm_skinny.h"
 
 namespace fastkern {
 namespace cpu {
@@ -259,7 +262,12 @@ void gemm_typed(const at::Tensor& a2, const at::Tensor& b, at::Tensor& out32) {
   }
   StridedRows<T> pa{a2.data_ptr<T>(), a2.stride(0), a2.stride(1), isa};
   StridedRows<T> pb{b.data_ptr<T>(), b.stride(0), b.stride(1), isa};
-  blocked_gemm(M, N, K, micro_kernel(isa), pa, pb, C, N);
+  if (M > skinny_max_m())
+    blocked_gemm(M, N, K, micro_kernel(isa), pa, pb, C, N);
+  else if (b.stride(1) == 1)
+    skinny_gemm(M, N, K, micro_kernel(isa), pa, PrefetchRows<T>{pb}, C, N);
+  else
+    skinny_gemm(M, N, K, micro_kernel(isa), pa, pb, C, N);
 }
 
 at::Tensor gemm_cpu(const at::Tensor& a, const at::Tensor& b) {

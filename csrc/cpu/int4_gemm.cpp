@@ -2,7 +2,7 @@
 // DESIGN §3: w uint8 [N, K/2] low nibble first, scales [N, K/g], zeros uint8
 // [N, K/g], w = (q - zero) * scale).
 //
-// M <= 64 (fp32 x) / 256 (fp16, bf16 x) on AVX2 and AVX-512 VNNI, where streaming
+// M <= 32 (fp32 x) / 40 (fp16, bf16 x) with AVX-512 VNNI, 16 on AVX2, where streaming
 // the weight once is the whole cost at M = 1: a GEMV over the canonical layout as is
 // (no repacked copy), the activations quantized per call to int8 "limbs" per group
 // (three for fp32, which
@@ -15,9 +15,9 @@
 // (exact products): "GEMV: bf16 dot products" (slower than the limbs now; kept behind
 // FASTKERN_W4A16_BF16_GEMV=1 and tested).
 //
-// Larger M, the generic path, and inputs holding NaN/inf: the blocked fp32 GEMM of
-// gemm_blocked.h with B slivers dequantized exactly as the reference does
-// ((q - z) * s in fp32).
+// Larger M, the generic path, and inputs holding NaN/inf: the fp32 GEMM of
+// gemm_skinny.h (M <= 256) or gemm_blocked.h with B slivers dequantized exactly as
+// the reference does ((q - z) * s in fp32).
 #include <torch/library.h>
 
 #include <atomic>
@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "cpu/gemm_blocked.h"
+#include "cpu/gemm_skinny.h"
 #include "cpu/quant_common.h"
 
 namespace fastkern {
@@ -35,18 +36,20 @@ namespace quant {
 namespace {
 
 // The limb GEMV serves M <= kLimbMaxM (fp32 x, three limbs) / kLimbMaxMHalf (fp16/bf16
-// x, two limbs); larger M takes the blocked fp32 GEMM (fp32 m = 128 is a tie). Measured (one thread, 4096x4096,
-// weights beyond L3, a busy machine): fp32 m = 32 / 64 / 128 / 256: 7.2 / 14.5 / 37 /
-// 77 ms against 18-22 / 19-27 / 31-41 / 47-59 for the GEMM; bf16 5.4 / 10.6 / 29 / 47
-// against 13-20 / 19-27 / 41-47 / 57-70. kGemvMaxM: the small-M regime (the bf16-dot
-// GEMV's limit, L1-sized K blocks, 4-row passes).
+// x, two limbs); larger M takes the fp32 GEMM over dequantized slivers (skinny_gemm up
+// to gemm::kSkinnyMaxM, blocked_gemm beyond). The limbs' cost grows with M (L products
+// per weight and row) while the GEMM dequantizes each weight once per call. Measured
+// (2 threads, 4096x4096 g128, weights beyond L3, alternating rounds), limbs vs
+// skinny_gemm: AVX-512 VNNI fp32 m = 16 / 32 / 48: 2.5 / 5.5 / 7.0 ms against 4.2 / 5.2
+// / 6.0; bf16 m = 32 / 48: 4.7 / 6.0 against 5.6 / 5.8. AVX2 fp32 m = 16 / 32 / 48 /
+// 64: 5.4 / 13 / 20 / 25 against 5.4 / 8.9 / 11.4 / 14.4; bf16 m = 16 / 24: 3.4 / 9.6
+// against 5.0 / 7.8. kGemvMaxM: the small-M regime (the bf16-dot GEMV's limit,
+// L1-sized K blocks, 4-row passes).
 constexpr int64_t kGemvMaxM = 16;
-constexpr int64_t kLimbMaxM = 64;
-constexpr int64_t kLimbMaxMHalf = 256;
-// AVX2 (2 threads, 4096x4096 g128, weights beyond L3), limbs vs GEMM: fp32 m = 32 / 64 /
-// 128: 11 / 19.5 / 39 ms against 14 / 16.6 / 28; bf16 9.1 / 18 / 34 against 13 / 16.5 / 27.
-constexpr int64_t kLimbMaxMAvx2 = 48;
-constexpr int64_t kLimbMaxMHalfAvx2 = 48;
+constexpr int64_t kLimbMaxM = 32;
+constexpr int64_t kLimbMaxMHalf = 40;
+constexpr int64_t kLimbMaxMAvx2 = 16;
+constexpr int64_t kLimbMaxMHalfAvx2 = 16;
 constexpr int64_t kGemvRows = 4;
 // groups beyond this take the panels (a bound on the per-group limb blocks; the int32
 // sums stay exact for any group, which is summed in spans of at most kSpan chunks)
@@ -122,10 +125,10 @@ FASTKERN_AVX2 void w4_dequant_avx2(const W4& p, int64_t n0, int64_t nb, int64_t 
 }
 #endif
 
-// Larger M: the blocked fp32 GEMM of gemm_blocked.h (packed A and B panels around the
-// register-blocked micro-kernel of each ISA), its B slivers filled by dequantizing
-// the nibbles exactly as the reference does ((q - z) * s in fp32): a weight element
-// is dequantized once per M block (kMC rows of x), not once per row of x.
+// Larger M: the fp32 GEMM (packed A and B slivers around the register-blocked
+// micro-kernel of each ISA), its B slivers filled by dequantizing the nibbles exactly
+// as the reference does ((q - z) * s in fp32): a weight element is dequantized once per
+// call in skinny_gemm (M <= 256), once per M block (kMC rows of x) in blocked_gemm.
 struct W4Packer {
   const W4* p;
   Isa isa;
@@ -145,6 +148,10 @@ struct W4Packer {
     if (kk < kc) dequant_last(row0, rows, k0 + kk, tmp + kk, ld);
     gemm::StridedRows<float>{tmp, ld, 1, Isa::Generic}(0, rows, 0, kc, width, dst);
   }
+  // the nibbles of rows [row0, row0 + rows), k in [k0, k0 + kc) (skinny_gemm)
+  void prefetch(int64_t row0, int rows, int64_t k0, int64_t kc) const {
+    gemm::prefetch_rows(p->w + row0 * p->ldw, p->ldw, rows, k0 / 2, (kc + 1) / 2);
+  }
   // kc is even except at K's end when K is odd: never (K = 2 * bytes per row); kept for safety
   void dequant_last(int64_t row0, int rows, int64_t k, float* d, int64_t ld) const {
     for (int r = 0; r < rows; ++r) {
@@ -160,7 +167,10 @@ void w4_blocked_gemm(const W4& p, int64_t N, int64_t K, const float* X, int64_t 
   const Isa isa = active_isa();
   gemm::StridedRows<float> pa{X, ldx, 1, isa};
   W4Packer pb{&p, isa};
-  gemm::blocked_gemm(M, N, K, gemm::micro_kernel(isa), pa, pb, Y, N);
+  if (M <= gemm::skinny_max_m())
+    gemm::skinny_gemm(M, N, K, gemm::micro_kernel(isa), pa, pb, Y, N);
+  else
+    gemm::blocked_gemm(M, N, K, gemm::micro_kernel(isa), pa, pb, Y, N);
 }
 
 // ------------------------------------------------------------------ GEMV: int8 limbs x nibbles
@@ -904,7 +914,7 @@ void w4l_gemv16_avx2(const W4& p, const Limbs& q, int64_t M, int64_t N, float* Y
 // FASTKERN_W4A16_AVX2_SPAN16=0 sends the AVX2 GEMV to w4l_tile_avx2 for every group size
 // (A/B timing, tests); unset or 1: w4l_rows16_avx2 where g % 64 == 0, w4l_rows16p_avx2
 // where g = 32 and K % 64 == 0. Read per call.
-// Largest M the limb GEMV serves (above it the blocked fp32 GEMM): kLimbMaxM /
+// Largest M the limb GEMV serves (above it the fp32 GEMM): kLimbMaxM /
 // kLimbMaxMHalf with VNNI; on AVX2 without it (vpmaddubsw + vpmaddwd, at most 2 per
 // cycle) the limbs cost more and the GEMM takes over earlier: kLimbMaxMAvx2 /
 // kLimbMaxMHalfAvx2. FASTKERN_W4A16_LIMB_MAX_M overrides both (read per call: A/B).

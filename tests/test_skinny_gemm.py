@@ -1,0 +1,94 @@
+"""The two fp32 GEMM drivers of the CPU backend: skinny_gemm (M up to 256: all of x packed
+once, each task packing its own weight slivers right before the micro-kernel uses them)
+and blocked_gemm (larger M: BLIS-style shared B panels). Both run the same micro-kernels
+over the same KC blocks in the same order, so they must agree to the bit; each is also
+checked against the reference on every tile tail, for gemm and for linear_w4a16 (whose
+slivers are dequantized int4). FASTKERN_SKINNY_MAX_M moves the switch between them.
+"""
+import pytest
+import torch
+
+from fastkern import formats, ops
+from fastkern._ext import _C
+
+from conftest import assert_close_rel, cpu_isa, cpu_isas, on_1_and_2_threads
+
+NATIVE = pytest.mark.skipif(_C is None, reason="fastkern._C is not built")
+# (MR, NR) of each path's micro-kernel; the GEMV of gemm serves M <= GEMV_MAX_M, the limb
+# GEMV of linear_w4a16 M <= 16 on AVX2 (32 with AVX-512 VNNI), so M >= 65 reaches the GEMMs
+TILES = {"generic": (4, 8), "avx2": (6, 16), "avx512": (12, 32)}
+KC = 192
+
+
+def both_drivers(monkeypatch, fn, *args):
+    """fn(*args) through skinny_gemm (the default up to M = 256) and through blocked_gemm."""
+    monkeypatch.setenv("FASTKERN_SKINNY_MAX_M", "100000")
+    skinny = fn(*args)
+    monkeypatch.setenv("FASTKERN_SKINNY_MAX_M", "0")
+    blocked = fn(*args)
+    monkeypatch.delenv("FASTKERN_SKINNY_MAX_M")
+    return skinny, blocked
+
+
+def cases(isa):
+    """(m, n, k): every M tail of the micro-kernel above the GEMVs (65 .. 65 + MR), N tails
+    1..NR+1 and several tasks of 64 columns, K tails around the KC block edges."""
+    mr, nr = TILES[isa]
+    out = [(65 + d, nr + 3, 2 * KC + 7) for d in range(mr + 1)]
+    out += [(70, n, 40) for n in range(1, nr + 2)]
+    out += [(66, 3 * 64 + 5, k) for k in (1, 7, KC - 1, KC, KC + 1, 3 * KC + 5)]
+    out += [(256, 100, 300), (129, 250, 1000)]
+    return out
+
+
+@NATIVE
+@pytest.mark.parametrize("isa", cpu_isas())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gemm_skinny_matches_reference_and_blocked(isa, dtype, gen, monkeypatch):
+    with cpu_isa(isa):
+        for m, n, k in cases(isa):
+            a = torch.randn(m, k, generator=gen).to(dtype)
+            b = torch.randn(n, k, generator=gen).to(dtype)
+            skinny, blocked = both_drivers(monkeypatch, torch.ops.fastkern_C.gemm, a, b)
+            assert_close_rel(skinny, ops.gemm_ref(a, b), dtype)
+            assert torch.equal(skinny, blocked), (m, n, k)
+
+
+@NATIVE
+@pytest.mark.parametrize("isa", cpu_isas())
+def test_gemm_skinny_strided_weight(isa, gen, monkeypatch):
+    """b without unit stride along K: the skinny driver's packer without prefetching."""
+    with cpu_isa(isa):
+        a = torch.randn(80, 300, generator=gen)
+        b = torch.randn(300, 2 * 150, generator=gen)[:, ::2].t()  # [150, 300], strides (2, 300)
+        skinny, blocked = both_drivers(monkeypatch, torch.ops.fastkern_C.gemm, a, b)
+        assert_close_rel(skinny, ops.gemm_ref(a, b), torch.float32)
+        assert torch.equal(skinny, blocked)
+
+
+@NATIVE
+@pytest.mark.parametrize("isa", cpu_isas())
+@pytest.mark.parametrize("g", [32, 128])
+def test_w4a16_skinny_matches_reference_and_blocked(isa, g, gen, monkeypatch):
+    with cpu_isa(isa):
+        for m, n, k in cases(isa):
+            k = max(g, k // g * g)
+            x = torch.randn(m, k, generator=gen)
+            w, s, z = formats.quantize_int4(torch.randn(n, k, generator=gen), g)
+            skinny, blocked = both_drivers(monkeypatch, torch.ops.fastkern_C.linear_w4a16, x, w, s, z, g, None)
+            assert_close_rel(skinny, ops.linear_w4a16_ref(x, w, s, z, g, None), torch.float32)
+            assert torch.equal(skinny, blocked), (m, n, k)
+
+
+@NATIVE
+@pytest.mark.parametrize("isa", cpu_isas())
+def test_skinny_same_result_for_1_and_2_threads(isa, gen):
+    with cpu_isa(isa):
+        a = torch.randn(100, 700, generator=gen)
+        b = torch.randn(333, 700, generator=gen)
+        one, two = on_1_and_2_threads(torch.ops.fastkern_C.gemm, a, b)
+        assert torch.equal(one, two)
+        x = torch.randn(100, 640, generator=gen)
+        w, s, z = formats.quantize_int4(torch.randn(333, 640, generator=gen), 128)
+        one, two = on_1_and_2_threads(torch.ops.fastkern_C.linear_w4a16, x, w, s, z, 128, None)
+        assert torch.equal(one, two)
