@@ -112,14 +112,14 @@ def check_native_case(gen, m, n, k, g, dtype, outs, refs, **w4_kw):
 @pytest.mark.parametrize("gemv", GEMV_VARIANTS)
 @pytest.mark.parametrize("isa", cpu_isas())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 16, 17, 32, 33, 40, 41, 256, 257])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 32, 33, 40, 41, 256, 257])
 def test_cpu_paths_and_tails(isa, dtype, m, gemv, gen, monkeypatch):
     if gemv == "bf16dot" and (dtype == torch.float32 or m > 16):
         pytest.skip("the bf16 dot-product GEMV serves bf16/fp16 x at m <= 16")
     if isa == "generic" and m in (32, 33, 40, 41, 256):
         pytest.skip("the generic path has no GEMV; m = 17, 257 cover its GEMM drivers")
     set_gemv(monkeypatch, isa, gemv)
-    # limb GEMV up to m = 32 (fp32) / 40 (bf16) with VNNI, 16 on AVX2 without (m = 17 the
+    # limb GEMV up to m = 32 (fp32) / 40 (bf16) with VNNI (8 for g < 64), 16 on AVX2 without (m = 17 the
     # GEMM there); the GEMM: skinny_gemm to m = 256, blocked_gemm at 257
     # (limb MR x NR tiles: AVX-512 (1,1) (2,2) (3,2)
     # (4,2), AVX2 (1,2) (2,1) (3,1), so m = 5, 7, 17, 33, 41 leave every row tail; from m = 17

@@ -2,7 +2,8 @@
 // DESIGN §3: w uint8 [N, K/2] low nibble first, scales [N, K/g], zeros uint8
 // [N, K/g], w = (q - zero) * scale).
 //
-// M <= 32 (fp32 x) / 40 (fp16, bf16 x) with AVX-512 VNNI, 16 on AVX2, where streaming
+// M <= 32 (fp32 x) / 40 (fp16, bf16 x) with AVX-512 VNNI (8 for groups under 64), 16 on
+// AVX2, where streaming
 // the weight once is the whole cost at M = 1: a GEMV over the canonical layout as is
 // (no repacked copy), the activations quantized per call to int8 "limbs" per group
 // (three for fp32, which
@@ -48,6 +49,9 @@ namespace {
 constexpr int64_t kGemvMaxM = 16;
 constexpr int64_t kLimbMaxM = 32;
 constexpr int64_t kLimbMaxMHalf = 40;
+// VNNI, groups under 64 (more per-group work per weight): g = 32 at 4096x4096, limbs vs
+// skinny_gemm m = 4 / 8 / 16: 2.4 / 3.2 / 9.1 ms against 4.5 / 3.9 / 5.8.
+constexpr int64_t kLimbMaxMSmallGroup = 8;
 constexpr int64_t kLimbMaxMAvx2 = 16;
 constexpr int64_t kLimbMaxMHalfAvx2 = 16;
 constexpr int64_t kGemvRows = 4;
@@ -918,10 +922,10 @@ void w4l_gemv16_avx2(const W4& p, const Limbs& q, int64_t M, int64_t N, float* Y
 // kLimbMaxMHalf with VNNI; on AVX2 without it (vpmaddubsw + vpmaddwd, at most 2 per
 // cycle) the limbs cost more and the GEMM takes over earlier: kLimbMaxMAvx2 /
 // kLimbMaxMHalfAvx2. FASTKERN_W4A16_LIMB_MAX_M overrides both (read per call: A/B).
-inline int64_t limb_max_m(bool fp32_x, bool vnni) {
+inline int64_t limb_max_m(bool fp32_x, bool vnni, int64_t g) {
   const char* e = std::getenv("FASTKERN_W4A16_LIMB_MAX_M");
   if (e && *e) return std::atoll(e);
-  if (vnni) return fp32_x ? kLimbMaxM : kLimbMaxMHalf;
+  if (vnni) return g < 64 ? kLimbMaxMSmallGroup : fp32_x ? kLimbMaxM : kLimbMaxMHalf;
   return fp32_x ? kLimbMaxMAvx2 : kLimbMaxMHalfAvx2;
 }
 
@@ -1215,7 +1219,7 @@ at::Tensor linear_w4a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
     }
   }
   const bool v512 = avx2 && active_isa() >= Isa::Avx512 && features().avx512vnni;
-  if (!done && avx2 && M <= limb_max_m(x.scalar_type() == at::kFloat, v512) && group_size <= kGemvMaxGroup) {
+  if (!done && avx2 && M <= limb_max_m(x.scalar_type() == at::kFloat, v512, group_size) && group_size <= kGemvMaxGroup) {
     const int L = x.scalar_type() == at::kFloat ? 3 : 2;
     // AVX2, g = 32: groups in pairs per 64-weight chunk (w4l_rows16p_avx2)
     const bool span16 = !v512 && span16_enabled();
