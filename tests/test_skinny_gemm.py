@@ -92,3 +92,21 @@ def test_skinny_same_result_for_1_and_2_threads(isa, gen):
         w, s, z = formats.quantize_int4(torch.randn(333, 640, generator=gen), 128)
         one, two = on_1_and_2_threads(torch.ops.fastkern_C.linear_w4a16, x, w, s, z, 128, None)
         assert torch.equal(one, two)
+
+
+@NATIVE
+@pytest.mark.parametrize("isa", cpu_isas())
+def test_w4a16_fused_sliver_packer_matches_dequantize_then_pack(isa, gen, monkeypatch):
+    """The sliver packer that dequantizes the nibbles in registers (g % 8 == 0) gives the same
+    bits as dequantizing to a buffer and packing that (FASTKERN_W4A16_FUSED_PACK=0): group
+    edges inside and across KC blocks, row tails; g = 130 keeps the buffer path."""
+    with cpu_isa(isa):
+        for m, n, k, g in ((70, 37, 8 * 50, 8), (65, 50, 2 * KC + 64, 64), (80, 33, 640, 128), (66, 21, 390, 130)):
+            x = torch.randn(m, k, generator=gen)
+            w, s, z = formats.quantize_int4(torch.randn(n, k, generator=gen), g)
+            fused = torch.ops.fastkern_C.linear_w4a16(x, w, s, z, g, None)
+            monkeypatch.setenv("FASTKERN_W4A16_FUSED_PACK", "0")
+            plain = torch.ops.fastkern_C.linear_w4a16(x, w, s, z, g, None)
+            monkeypatch.delenv("FASTKERN_W4A16_FUSED_PACK")
+            assert torch.equal(fused, plain), (m, n, k, g)
+            assert_close_rel(fused, ops.linear_w4a16_ref(x, w, s, z, g, None), torch.float32)

@@ -129,6 +129,61 @@ FASTKERN_AVX2 void w4_dequant_avx2(const W4& p, int64_t n0, int64_t nb, int64_t 
 }
 #endif
 
+#if FASTKERN_X86
+// One B sliver straight from the nibbles: dst[k * width + r] = (q - z) * s of row row0 + r
+// at k0 + k (zero for rows <= r < width), the same fp32 operations as the reference.
+// 8 rows x 8 k at a time: each row's 4 bytes are spread to 8 lanes (variable shifts),
+// converted and scaled, and the 8 x 8 block is transposed in registers into 8 stores,
+// with no dequantized copy in between. Needs g % 8 == 0 and k0 % 8 == 0 (8 consecutive
+// k share a group); a K tail under 8 goes element by element.
+FASTKERN_AVX2 void w4_pack_sliver_avx2(const W4& p, int64_t row0, int rows, int64_t k0, int64_t kc, int width,
+                                       float* dst) {
+  const __m256i sh = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), m4 = _mm256_set1_epi32(15);
+  float sv[32], zv[32];  // the group's scale and zero point per row (width <= 32)
+  int64_t k = 0;
+  while (k + 8 <= kc) {
+    const int64_t gi = (k0 + k) / p.g, ge = std::min(kc & ~int64_t(7), (gi + 1) * p.g - k0);
+    for (int r = 0; r < rows; ++r) {
+      sv[r] = p.s[(row0 + r) * p.G + gi];
+      zv[r] = float(p.z[(row0 + r) * p.G + gi]);
+    }
+    for (; k < ge; k += 8) {
+      const uint8_t* wb = p.w + row0 * p.ldw + (k0 + k) / 2;
+      for (int g8 = 0; g8 < width; g8 += 8) {
+        __m256 v[8];
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; ++i) {
+          const int r = g8 + i;
+          if (r < rows) {
+            int32_t b;
+            std::memcpy(&b, wb + r * p.ldw, 4);
+            const __m256i q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(b), sh), m4);
+            v[i] = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(q), _mm256_broadcast_ss(zv + r)),
+                                 _mm256_broadcast_ss(sv + r));
+          } else {
+            v[i] = _mm256_setzero_ps();
+          }
+        }
+        gemm::transpose8x8(v);
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + (k + i) * width + g8, v[i]);
+      }
+    }
+  }
+  for (; k < kc; ++k)
+    for (int r = 0; r < width; ++r) {
+      float& d = dst[k * width + r];
+      if (r >= rows) {
+        d = 0.f;
+        continue;
+      }
+      const int64_t n = row0 + r, kk = k0 + k, gi = kk / p.g;
+      const uint8_t b = p.w[n * p.ldw + kk / 2];
+      d = (float((kk & 1) ? b >> 4 : b & 15) - float(p.z[n * p.G + gi])) * p.s[n * p.G + gi];
+    }
+}
+#endif
+
 // Larger M: the fp32 GEMM (packed A and B slivers around the register-blocked
 // micro-kernel of each ISA), its B slivers filled by dequantizing the nibbles exactly
 // as the reference does ((q - z) * s in fp32): a weight element is dequantized once per
@@ -136,11 +191,16 @@ FASTKERN_AVX2 void w4_dequant_avx2(const W4& p, int64_t n0, int64_t nb, int64_t 
 struct W4Packer {
   const W4* p;
   Isa isa;
+  bool fused;  // w4_pack_sliver_avx2 where it applies (FASTKERN_W4A16_FUSED_PACK=0: dequantize, then pack)
   void operator()(int64_t row0, int rows, int64_t k0, int64_t kc, int width, float* dst) const {
     // kc <= gemm::kKC and rows <= NR (<= 32): one dequantized [rows, kc] tile on the stack
     alignas(64) float tmp[32 * gemm::kKC];
     const int64_t kk = kc & ~int64_t(1), ld = gemm::kKC;
 #if FASTKERN_X86
+    if (fused && isa >= Isa::Avx2 && p->g % 8 == 0 && k0 % 8 == 0 && width % 8 == 0 && width <= 32) {
+      w4_pack_sliver_avx2(*p, row0, rows, k0, kc, width, dst);
+      return;
+    }
     if (isa >= Isa::Avx2) {
       w4_dequant_avx2(*p, row0, rows, k0, kk, tmp, ld);
       if (kk < kc) dequant_last(row0, rows, k0 + kk, tmp + kk, ld);
@@ -170,7 +230,8 @@ struct W4Packer {
 void w4_blocked_gemm(const W4& p, int64_t N, int64_t K, const float* X, int64_t ldx, int64_t M, float* Y) {
   const Isa isa = active_isa();
   gemm::StridedRows<float> pa{X, ldx, 1, isa};
-  W4Packer pb{&p, isa};
+  const char* e = std::getenv("FASTKERN_W4A16_FUSED_PACK");
+  W4Packer pb{&p, isa, !(e && e[0] == '0')};
   if (M <= gemm::skinny_max_m())
     gemm::skinny_gemm(M, N, K, gemm::micro_kernel(isa), pa, pb, Y, N);
   else
