@@ -175,7 +175,8 @@ SPAN16_CASES = [(64, 64), (128, 128), (192, 192), (256, 256), (640, 320), (768, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 def test_avx2_gemv_groups_of_64(span16, dtype, gen, monkeypatch):
     # The AVX2 GEMV for g % 64 == 0 (span16: int16 span sums, one call per thread and K
-    # block for all rows at m = 1, tiles of 1..3 x rows in 4-row passes above; tile: the
+    # block for all rows at m = 1, one x row per call in 4-row passes above, g = 32 pairs in
+    # tiles of 1..3 x rows; tile: the
     # older per-row tile, FASTKERN_W4A16_AVX2_SPAN16=0) on every group layout above, every
     # m remainder of the 3-row tiles and 4-row passes (m = 1..7, 16, 17, 47, 48, 64 and 65,
     # above the AVX2 limit of 16 through FASTKERN_W4A16_LIMB_MAX_M), n tails of the passes, and k = 12800 (two K blocks at m = 1 fp32,

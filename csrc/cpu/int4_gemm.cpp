@@ -954,9 +954,16 @@ void w4l_gemv16_avx2(const W4& p, const Limbs& q, int64_t M, int64_t N, float* Y
   const int64_t rb = M <= kGemvMaxM ? kGemvRows
                                     : std::min<int64_t>(64, std::max<int64_t>(kGemvRows, (int64_t(24) << 10) / (gbu * hb) / kGemvRows * kGemvRows));
   const int cs = w4_span16(q.nc);
+  // Rows of x per call: up to 3 for the pairs; one for w4l_rows16_avx2, whose multi-row
+  // tiles spill their accumulators (3 limbs x 3 rows + totals > 16 ymm) and gained nothing
+  // from sharing the unpacked nibbles. Measured (2 threads, 4096x14336 g128, fp32, 3-row
+  // tiles vs one row): m = 3 / 8: 6.8 / 16.6 ms against 5.4 / 13.3; 4096x4096 m = 4 / 12:
+  // 1.45 / 4.6 against 0.99 / 3.6; bf16 m = 8: 8.2 against 7.3. Pairs (g = 32): m = 4 11 vs
+  // 9.6, m = 12 16 vs 18 (kept at 3).
   const RowsFn f1 = pair ? &w4l_rows16p_avx2<1, L> : w4_rows16_fn<1, L>(cs);
-  const RowsFn f2 = pair ? &w4l_rows16p_avx2<2, L> : w4_rows16_fn<2, L>(cs);
-  const RowsFn f3 = pair ? &w4l_rows16p_avx2<3, L> : w4_rows16_fn<3, L>(cs);
+  const RowsFn f2 = pair ? &w4l_rows16p_avx2<2, L> : nullptr;
+  const RowsFn f3 = pair ? &w4l_rows16p_avx2<3, L> : nullptr;
+  const int64_t mr_max = pair ? 3 : 1;
   parallel_rows(N, kGemvRows, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t g0 = 0; g0 < p.G; g0 += gb) {
       const KRange kr{g0, std::min(p.G, g0 + gb), g0 == 0, p.w + N * p.ldw, pf_rows};
@@ -967,7 +974,7 @@ void w4l_gemv16_avx2(const W4& p, const Limbs& q, int64_t M, int64_t N, float* Y
       for (int64_t nb = n0; nb < n1; nb += rb) {
         const int64_t ne = std::min(n1, nb + rb);
         for (int64_t m0 = 0; m0 < M;) {
-          const int64_t mr = std::min<int64_t>(3, M - m0);
+          const int64_t mr = std::min<int64_t>(mr_max, M - m0);
           (mr == 1 ? f1 : mr == 2 ? f2 : f3)(p, q, kr, nb, ne, m0, Y, N);
           m0 += mr;
         }
