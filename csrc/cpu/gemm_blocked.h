@@ -543,10 +543,14 @@ void blocked_gemm(int64_t M, int64_t N, int64_t K, const MicroKernel& uk, const 
       const int64_t npc = div_up(kb1 - kb0, kKC);
       // The slivers of KC block q sit at Bp + (q * KC) * ncr, sliver s of it at + s * kc * NR.
       auto sliver = [&](int64_t q, int64_t s, int64_t kc) { return Bp + q * kKC * ncr + s * kc * NR; };
-      // Chunks of 64/NR slivers: 64 KB of packed B each at KC=256.
-      parallel_for_dynamic(0, npc * nsl, div_up(64, NR), [&](int64_t b, int64_t e) {
+      // One chunk packs one sliver column, all KC blocks of the pass in k order, so
+      // each of its NR source rows is read as one run of up to KB elements that the
+      // hardware prefetcher follows. Block-major order (every sliver of KC block 0,
+      // then of block 1, ...) read runs of KC elements only: packing 2048x2048 fp32
+      // from DRAM on one core took 2.2-2.3 ms against 1.6-2.0 ms this way.
+      parallel_for_dynamic(0, npc * nsl, npc, [&](int64_t b, int64_t e) {
         for (int64_t t = b; t < e; ++t) {
-          const int64_t q = t / nsl, s = t % nsl;
+          const int64_t s = t / npc, q = t % npc;
           const int64_t pc = kb0 + q * kKC, kc = std::min(kKC, kb1 - pc);
           pack_b(jc + s * NR, static_cast<int>(std::min<int64_t>(NR, nc - s * NR)), pc, kc, NR, sliver(q, s, kc));
         }
