@@ -191,7 +191,9 @@ inline void ukernel_generic_4x8(int64_t kc, const float* A, const float* B, floa
 // fed from L1/L2 (kc 192, 22 A slivers per B sliver): 116 against 111-112
 // GFLOP/s per core, of a 114-117 measured peak; 2048^3 on 2 threads with
 // the AVX2 cap: 89-90% of peak against 86% (both with the B-sliver prefetch
-// of blocked_gemm). The sums leave through a 384-byte stack tile that the C
+// of blocked_gemm). Together with that prefetch, M=2048 against 4096x4096 and
+// 11008x4096 weights went from 175 and 194 to 209 and 216 GFLOP/s (2 threads,
+// AVX2 cap, medians). The sums leave through a 384-byte stack tile that the C
 // update reads back from L1.
 #define FK_AVX2_ROW(a_off, ya, c0, c1)                 \
   "vbroadcastss " a_off "(%[a]), %%ymm" ya "\n\t"      \
@@ -460,6 +462,10 @@ struct StridedRows {
 // KC 192 against 256 (B sliver 32 KB + A sliver 12 KB, nearly all of L1): 2048^3 on
 // 2 Zen 5 cores 465-473 GFLOP/s against 350-370, measured back to back.
 // The sizes are shared by every ISA (tests aim at the KC and NC boundaries).
+// With the AVX2 6x16 kernel (B sliver 12 KB), KC 256 and 384 (and KB 6 x 256,
+// 4 x 384), MC 72/96/192 and NC 1024 were measured against these on 2 Zen 5
+// cores with the AVX2 cap: within the run-to-run noise (+-3%) at 2048^3; KC 384
+// won ~6% at K=11008 and lost ~2% at 4096x4096 x M=2048, so none was taken.
 constexpr int64_t kKC = 192;
 constexpr int64_t kMC = 144;
 constexpr int64_t kNC = 3072;
@@ -577,8 +583,7 @@ void blocked_gemm(int64_t M, int64_t N, int64_t K, const MicroKernel& uk, const 
               // slivers sweep this one, so it is in L1 when its sweep starts. Without it
               // the first call on each sliver waited for its kc x NR floats from L3,
               // as one in na calls (1 in 22 at 2048^2): 2048^3, AVX2 cap, 1 thread
-              // 102 against 95 GFLOP/s, the 4096x4096 and 11008x4096 weights at M=2048
-              // on 2 threads +7-14%.
+              // 102 against 95 GFLOP/s (before the assembly k loop).
               const int64_t nkc = jr + 1 < s1 ? kc : q + 1 < npc ? std::min(kKC, kb1 - pc - kc) : 0;
               const float* nb = jr + 1 < s1 ? sliver(q, jr + 1, kc) : nkc > 0 ? sliver(q + 1, s0, nkc) : bp;
               const int64_t nb_lines = nkc * NR / 16;
