@@ -141,10 +141,13 @@ def test_gemm_strided_operands_every_path(gen, isa, layout):
 
 @needs_cpu
 @pytest.mark.parametrize("isa", cpu_isas(), indirect=True)
-@pytest.mark.parametrize("m,n,k", [(1, 3100, 300), (3, 50, 4099), (7, 3100, 530), (130, 70, 600), (301, 3100, 530)])
+@pytest.mark.parametrize("m,n,k", [(1, 3100, 300), (3, 50, 4099), (7, 3100, 530), (130, 70, 600), (301, 3100, 530),
+                                   (150, 70, 3500)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_gemm_blocking_boundaries(gen, isa, m, n, k, dtype):
-    """Several NC (3072) panels, KC (192) blocks and MC (144) blocks, on both paths and each ISA."""
+    """Several NC (3072) panels, KC (192) blocks and MC (144) blocks, on both paths and each ISA;
+    K=3500 on the blocked path takes three KB (1536) passes of B packing, the last one
+    ending in a short KC block (428 = 2 x 192 + 44)."""
     a = torch.randn(m, k, generator=gen).to(dtype)
     b = torch.randn(n, k, generator=gen).to(dtype)
     assert_close_rel(torch.ops.fastkern_C.gemm(a, b), ops.gemm_ref(a, b), dtype)
@@ -201,6 +204,17 @@ def test_gemm_gemv_k_blocks(gen, isa, dtype):
 def test_gemm_gemv_k_blocks_same_result_for_1_and_2_threads(gen, isa):
     a = torch.randn(GEMV_MAX_M[isa], 2100, generator=gen)
     b = torch.randn(301, 2100, generator=gen)
+    one, two = on_1_and_2_threads(torch.ops.fastkern_C.gemm, a, b)
+    assert torch.equal(one, two)
+
+
+@needs_cpu
+@pytest.mark.parametrize("isa", cpu_isas(), indirect=True)
+def test_gemm_blocked_k_passes_same_result_for_1_and_2_threads(gen, isa):
+    """Several KB passes and a panel split between the threads (2 M blocks): every
+    element is summed in the same order whichever thread packs or computes what."""
+    a = torch.randn(150, 3500, generator=gen)
+    b = torch.randn(70, 3500, generator=gen)
     one, two = on_1_and_2_threads(torch.ops.fastkern_C.gemm, a, b)
     assert torch.equal(one, two)
 

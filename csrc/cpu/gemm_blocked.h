@@ -178,9 +178,35 @@ inline void ukernel_generic_4x8(int64_t kc, const float* A, const float* B, floa
 }
 
 #if FASTKERN_X86
-// 6x16 with ymm: 12 accumulators hide the FMA latency (4-5 cycles at up to
-// 2 FMAs per cycle needs >= 10 independent chains); per k it does 2 B loads and
-// 6 A broadcasts for 12 FMAs, within the two load ports.
+// 6x16 with ymm: 12 accumulators hide the FMA latency (4 cycles at 2 FMAs per
+// cycle needs >= 8 independent chains); per k it does 2 B loads and 6 A
+// broadcasts for 12 FMAs, within the load ports.
+//
+// The k loop is inline assembly with the accumulators pinned to ymm0-11, B in
+// ymm12-13 and the broadcast A values alternating in ymm14-15: the loop needs
+// all 16 ymm registers, and GCC 12 scheduling the same loop written with
+// intrinsics spilled an accumulator to the stack (a store and a reload every
+// 4 k, store-forwarding latency added to a chain with little slack) and
+// shuffled accumulators between registers. Measured on Zen 5 with the kernel
+// fed from L1/L2 (kc 192, 22 A slivers per B sliver): 116 against 111-112
+// GFLOP/s per core, of a 114-117 measured peak; 2048^3 on 2 threads with
+// the AVX2 cap: 89-90% of peak against 86% (both with the B-sliver prefetch
+// of blocked_gemm). Together with that prefetch, M=2048 against 4096x4096 and
+// 11008x4096 weights went from 175 and 194 to 209 and 216 GFLOP/s (2 threads,
+// AVX2 cap, medians). The sums leave through a 384-byte stack tile that the C
+// update reads back from L1.
+#define FK_AVX2_ROW(a_off, ya, c0, c1)                 \
+  "vbroadcastss " a_off "(%[a]), %%ymm" ya "\n\t"      \
+  "vfmadd231ps %%ymm12, %%ymm" ya ", %%ymm" c0 "\n\t"  \
+  "vfmadd231ps %%ymm13, %%ymm" ya ", %%ymm" c1 "\n\t"
+// One k step: B[k][0..15] into ymm12-13, then A[k][0..5] against it; the
+// offsets are in bytes from the current A and B pointers.
+#define FK_AVX2_STEP(b0, b1, a0, a1, a2, a3, a4, a5)                                          \
+  "vmovaps " b0 "(%[b]), %%ymm12\n\t"                                                         \
+  "vmovaps " b1 "(%[b]), %%ymm13\n\t"                                                         \
+  FK_AVX2_ROW(a0, "14", "0", "1") FK_AVX2_ROW(a1, "15", "2", "3") FK_AVX2_ROW(a2, "14", "4", "5") \
+  FK_AVX2_ROW(a3, "15", "6", "7") FK_AVX2_ROW(a4, "14", "8", "9") FK_AVX2_ROW(a5, "15", "10", "11")
+
 FASTKERN_AVX2 inline void ukernel_avx2_6x16(int64_t kc, const float* A, const float* B, float* C, int64_t ldc,
                                             int m, int n, bool accumulate, const float* next_c) {
   // The next call's C tile (6 rows of 64 bytes, two lines if unaligned) is
@@ -189,76 +215,79 @@ FASTKERN_AVX2 inline void ukernel_avx2_6x16(int64_t kc, const float* A, const fl
     _mm_prefetch(reinterpret_cast<const char*>(next_c + i * ldc), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(next_c + i * ldc + 15), _MM_HINT_T0);
   }
-  __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps();
-  __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
-  __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps();
-  __m256 c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps();
-  __m256 c40 = _mm256_setzero_ps(), c41 = _mm256_setzero_ps();
-  __m256 c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
-#define FK_STEP(a_, b_)                                    \
-  {                                                        \
-    __m256 b0 = _mm256_load_ps(b_), b1 = _mm256_load_ps(b_ + 8); \
-    __m256 a;                                              \
-    a = _mm256_broadcast_ss(a_ + 0);                       \
-    c00 = _mm256_fmadd_ps(a, b0, c00);                     \
-    c01 = _mm256_fmadd_ps(a, b1, c01);                     \
-    a = _mm256_broadcast_ss(a_ + 1);                       \
-    c10 = _mm256_fmadd_ps(a, b0, c10);                     \
-    c11 = _mm256_fmadd_ps(a, b1, c11);                     \
-    a = _mm256_broadcast_ss(a_ + 2);                       \
-    c20 = _mm256_fmadd_ps(a, b0, c20);                     \
-    c21 = _mm256_fmadd_ps(a, b1, c21);                     \
-    a = _mm256_broadcast_ss(a_ + 3);                       \
-    c30 = _mm256_fmadd_ps(a, b0, c30);                     \
-    c31 = _mm256_fmadd_ps(a, b1, c31);                     \
-    a = _mm256_broadcast_ss(a_ + 4);                       \
-    c40 = _mm256_fmadd_ps(a, b0, c40);                     \
-    c41 = _mm256_fmadd_ps(a, b1, c41);                     \
-    a = _mm256_broadcast_ss(a_ + 5);                       \
-    c50 = _mm256_fmadd_ps(a, b0, c50);                     \
-    c51 = _mm256_fmadd_ps(a, b1, c51);                     \
-  }
-  int64_t k = 0;
-  for (; k + 4 <= kc; k += 4) {
-    _mm_prefetch(reinterpret_cast<const char*>(A + 48), _MM_HINT_T0);
-    FK_STEP(A, B);
-    FK_STEP(A + 6, B + 16);
-    FK_STEP(A + 12, B + 32);
-    FK_STEP(A + 18, B + 48);
-    A += 24;
-    B += 64;
-  }
-  for (; k < kc; ++k) {
-    FK_STEP(A, B);
-    A += 6;
-    B += 16;
-  }
-#undef FK_STEP
+  alignas(32) float acc[6 * 16];  // row i: acc[16 * i .. 16 * i + 15]
+  int64_t k4 = kc / 4, k1 = kc % 4;
+  asm volatile(
+      "vxorps %%ymm0, %%ymm0, %%ymm0\n\t"
+      "vxorps %%ymm1, %%ymm1, %%ymm1\n\t"
+      "vxorps %%ymm2, %%ymm2, %%ymm2\n\t"
+      "vxorps %%ymm3, %%ymm3, %%ymm3\n\t"
+      "vxorps %%ymm4, %%ymm4, %%ymm4\n\t"
+      "vxorps %%ymm5, %%ymm5, %%ymm5\n\t"
+      "vxorps %%ymm6, %%ymm6, %%ymm6\n\t"
+      "vxorps %%ymm7, %%ymm7, %%ymm7\n\t"
+      "vxorps %%ymm8, %%ymm8, %%ymm8\n\t"
+      "vxorps %%ymm9, %%ymm9, %%ymm9\n\t"
+      "vxorps %%ymm10, %%ymm10, %%ymm10\n\t"
+      "vxorps %%ymm11, %%ymm11, %%ymm11\n\t"
+      "test %[k4], %[k4]\n\t"
+      "jz 2f\n\t"
+      ".p2align 5\n\t"
+      "1:\n\t"
+      // A sliver rows stream from L2: ask for the line 8 k steps ahead.
+      "prefetcht0 192(%[a])\n\t"
+      FK_AVX2_STEP("0", "32", "0", "4", "8", "12", "16", "20")
+      FK_AVX2_STEP("64", "96", "24", "28", "32", "36", "40", "44")
+      FK_AVX2_STEP("128", "160", "48", "52", "56", "60", "64", "68")
+      FK_AVX2_STEP("192", "224", "72", "76", "80", "84", "88", "92")
+      "add $96, %[a]\n\t"
+      "add $256, %[b]\n\t"
+      "dec %[k4]\n\t"
+      "jnz 1b\n\t"
+      "2:\n\t"
+      "test %[k1], %[k1]\n\t"
+      "jz 4f\n\t"
+      "3:\n\t"
+      FK_AVX2_STEP("0", "32", "0", "4", "8", "12", "16", "20")
+      "add $24, %[a]\n\t"
+      "add $64, %[b]\n\t"
+      "dec %[k1]\n\t"
+      "jnz 3b\n\t"
+      "4:\n\t"
+      "vmovaps %%ymm0, 0(%[acc])\n\t"
+      "vmovaps %%ymm1, 32(%[acc])\n\t"
+      "vmovaps %%ymm2, 64(%[acc])\n\t"
+      "vmovaps %%ymm3, 96(%[acc])\n\t"
+      "vmovaps %%ymm4, 128(%[acc])\n\t"
+      "vmovaps %%ymm5, 160(%[acc])\n\t"
+      "vmovaps %%ymm6, 192(%[acc])\n\t"
+      "vmovaps %%ymm7, 224(%[acc])\n\t"
+      "vmovaps %%ymm8, 256(%[acc])\n\t"
+      "vmovaps %%ymm9, 288(%[acc])\n\t"
+      "vmovaps %%ymm10, 320(%[acc])\n\t"
+      "vmovaps %%ymm11, 352(%[acc])\n\t"
+      : [a] "+r"(A), [b] "+r"(B), [k4] "+r"(k4), [k1] "+r"(k1)
+      : [acc] "r"(acc)
+      : "cc", "memory", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10",
+        "xmm11", "xmm12", "xmm13", "xmm14", "xmm15");
   if (m == 6 && n == 16) {
-#define FK_ROW(i, lo, hi)                                              \
-  {                                                                    \
-    float* ci = C + (i) * ldc;                                         \
-    if (accumulate) {                                                  \
-      lo = _mm256_add_ps(lo, _mm256_loadu_ps(ci));                     \
-      hi = _mm256_add_ps(hi, _mm256_loadu_ps(ci + 8));                 \
-    }                                                                  \
-    _mm256_storeu_ps(ci, lo);                                          \
-    _mm256_storeu_ps(ci + 8, hi);                                      \
-  }
-    FK_ROW(0, c00, c01) FK_ROW(1, c10, c11) FK_ROW(2, c20, c21)
-    FK_ROW(3, c30, c31) FK_ROW(4, c40, c41) FK_ROW(5, c50, c51)
-#undef FK_ROW
+#pragma GCC unroll 6
+    for (int i = 0; i < 6; ++i) {
+      float* ci = C + i * ldc;
+      __m256 lo = _mm256_load_ps(acc + 16 * i), hi = _mm256_load_ps(acc + 16 * i + 8);
+      if (accumulate) {
+        lo = _mm256_add_ps(lo, _mm256_loadu_ps(ci));
+        hi = _mm256_add_ps(hi, _mm256_loadu_ps(ci + 8));
+      }
+      _mm256_storeu_ps(ci, lo);
+      _mm256_storeu_ps(ci + 8, hi);
+    }
     return;
   }
-  alignas(32) float t[6 * 16];
-  _mm256_store_ps(t + 0, c00); _mm256_store_ps(t + 8, c01);
-  _mm256_store_ps(t + 16, c10); _mm256_store_ps(t + 24, c11);
-  _mm256_store_ps(t + 32, c20); _mm256_store_ps(t + 40, c21);
-  _mm256_store_ps(t + 48, c30); _mm256_store_ps(t + 56, c31);
-  _mm256_store_ps(t + 64, c40); _mm256_store_ps(t + 72, c41);
-  _mm256_store_ps(t + 80, c50); _mm256_store_ps(t + 88, c51);
-  store_partial_tile(t, 16, C, ldc, m, n, accumulate);
+  store_partial_tile(acc, 16, C, ldc, m, n, accumulate);
 }
+#undef FK_AVX2_STEP
+#undef FK_AVX2_ROW
 #endif
 
 #if FASTKERN_X86
@@ -433,6 +462,10 @@ struct StridedRows {
 // KC 192 against 256 (B sliver 32 KB + A sliver 12 KB, nearly all of L1): 2048^3 on
 // 2 Zen 5 cores 465-473 GFLOP/s against 350-370, measured back to back.
 // The sizes are shared by every ISA (tests aim at the KC and NC boundaries).
+// With the AVX2 6x16 kernel (B sliver 12 KB), KC 256 and 384 (and KB 6 x 256,
+// 4 x 384), MC 72/96/192 and NC 1024 were measured against these on 2 Zen 5
+// cores with the AVX2 cap: within the run-to-run noise (+-3%) at 2048^3; KC 384
+// won ~6% at K=11008 and lost ~2% at 4096x4096 x M=2048, so none was taken.
 constexpr int64_t kKC = 192;
 constexpr int64_t kMC = 144;
 constexpr int64_t kNC = 3072;
@@ -466,6 +499,14 @@ void parallel_for_dynamic(int64_t begin, int64_t end, int64_t grain, const F& f)
     for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < nchunks;)
       f(begin + c * grain, std::min(end, begin + (c + 1) * grain));
   });
+}
+
+inline void prefetch_l1(const float* p) {
+#if FASTKERN_X86
+  _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
+#else
+  __builtin_prefetch(p, 0, 3);
+#endif
 }
 
 // K rows of B packed per pass: one packing region and one compute region per
@@ -508,10 +549,14 @@ void blocked_gemm(int64_t M, int64_t N, int64_t K, const MicroKernel& uk, const 
       const int64_t npc = div_up(kb1 - kb0, kKC);
       // The slivers of KC block q sit at Bp + (q * KC) * ncr, sliver s of it at + s * kc * NR.
       auto sliver = [&](int64_t q, int64_t s, int64_t kc) { return Bp + q * kKC * ncr + s * kc * NR; };
-      // Chunks of 64/NR slivers: 64 KB of packed B each at KC=256.
-      parallel_for_dynamic(0, npc * nsl, div_up(64, NR), [&](int64_t b, int64_t e) {
+      // One chunk packs one sliver column, all KC blocks of the pass in k order, so
+      // each of its NR source rows is read as one run of up to KB elements that the
+      // hardware prefetcher follows. Block-major order (every sliver of KC block 0,
+      // then of block 1, ...) read runs of KC elements only: packing 2048x2048 fp32
+      // from DRAM on one core took 2.2-2.3 ms against 1.6-2.0 ms this way.
+      parallel_for_dynamic(0, npc * nsl, npc, [&](int64_t b, int64_t e) {
         for (int64_t t = b; t < e; ++t) {
-          const int64_t q = t / nsl, s = t % nsl;
+          const int64_t s = t / npc, q = t % npc;
           const int64_t pc = kb0 + q * kKC, kc = std::min(kKC, kb1 - pc);
           pack_b(jc + s * NR, static_cast<int>(std::min<int64_t>(NR, nc - s * NR)), pc, kc, NR, sliver(q, s, kc));
         }
@@ -533,7 +578,19 @@ void blocked_gemm(int64_t M, int64_t N, int64_t K, const MicroKernel& uk, const 
             for (int64_t jr = s0; jr < s1; ++jr) {
               const int nn = static_cast<int>(std::min<int64_t>(NR, nc - jr * NR));
               const float* bp = sliver(q, jr, kc);
+              // The next B sliver (the next one of this slice, else the first one of the
+              // next KC block) is requested a few lines per micro-kernel call while the A
+              // slivers sweep this one, so it is in L1 when its sweep starts. Without it
+              // the first call on each sliver waited for its kc x NR floats from L3,
+              // as one in na calls (1 in 22 at 2048^2): 2048^3, AVX2 cap, 1 thread
+              // 102 against 95 GFLOP/s (before the assembly k loop).
+              const int64_t nkc = jr + 1 < s1 ? kc : q + 1 < npc ? std::min(kKC, kb1 - pc - kc) : 0;
+              const float* nb = jr + 1 < s1 ? sliver(q, jr + 1, kc) : nkc > 0 ? sliver(q + 1, s0, nkc) : bp;
+              const int64_t nb_lines = nkc * NR / 16;
+              int64_t line = 0;
               for (int64_t ir = 0; ir < na; ++ir) {
+                for (const int64_t end = (ir + 1) * nb_lines / na; line < end; ++line)
+                  prefetch_l1(nb + line * 16);
                 const int mm = static_cast<int>(std::min<int64_t>(MR, m - ir * MR));
                 float* c = C + (i0 + ir * MR) * ldc + jc + jr * NR;
                 // The tile the next call works on, for the kernel to prefetch.
