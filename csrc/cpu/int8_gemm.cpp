@@ -1537,26 +1537,32 @@ void wv_gemm_vnni(const int8_t* X, int64_t ldx, int64_t M, const int32_t* xc, co
   });
 }
 
-// -------- AVX2: P [k2][8 nv rows] dwords of int16 pairs (w[2k], w[2k + 1]); x as int16 rows,
-// one pair broadcast per step; vpmaddwd is exact, no correction.
+// -------- AVX2: vpmaddwd (exact, no correction) on int16 pairs. The weight block is packed
+// per group of 4 columns as two vectors of 8 rows: E holds the pairs (w[4j], w[4j + 2]),
+// O the pairs (w[4j + 1], w[4j + 3]): a dword transpose of the int8 rows (4 bytes per lane)
+// and two shifts, a quarter of the shuffles that widening first and then transposing int16
+// pairs takes (at 1536 x 384 that packing cost as much as 6 rows of x). x is reordered to
+// match, each group of 4 as (x[4j], x[4j + 2], x[4j + 1], x[4j + 3]), so step 2j of the
+// tile broadcasts the pair for E and step 2j + 1 the pair for O.
 
-// rows [n0, n0 + 8 nv) (those >= N zero) x columns [k0, k0 + kc) -> P; zero past K.
+// rows [n0, n0 + 8 nv) (those >= N zero) x columns [k0, k0 + kc) -> P [2 ceil(kc / 4)][nv][8];
+// zero past K.
 FASTKERN_AVX2 void wv_pack_avx2(const int8_t* W, int64_t N, int64_t K, int64_t n0, int nv, int64_t k0, int64_t kc,
                                 int32_t* P) {
-  const int64_t kc2 = (kc + 1) / 2;
+  const int64_t kc4 = (kc + 3) / 4;
   for (int g = 0; g < nv; ++g) {
-    for (int64_t c = 0; c < kc; c += 16) {
+    for (int64_t c = 0; c < kc; c += 32) {
       __m256i r[8];
       for (int i = 0; i < 8; ++i) {
         const int64_t n = n0 + 8 * g + i;
         if (n >= N) {
           r[i] = _mm256_setzero_si256();
-        } else if (kc - c >= 16) {
-          r[i] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(W + n * K + k0 + c)));
+        } else if (kc - c >= 32) {
+          r[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(W + n * K + k0 + c));
         } else {
-          alignas(16) int8_t tail[16] = {};
+          alignas(32) int8_t tail[32] = {};
           std::memcpy(tail, W + n * K + k0 + c, kc - c);
-          r[i] = _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(tail)));
+          r[i] = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail));
         }
       }
       __m256i a[8], b[8], t[8];  // 8 x 8 dword transpose: r[i] lane j -> t[j] lane i
@@ -1574,9 +1580,41 @@ FASTKERN_AVX2 void wv_pack_avx2(const int8_t* W, int64_t N, int64_t K, int64_t n
         t[j] = _mm256_permute2x128_si256(b[j], b[4 + j], 0x20);
         t[4 + j] = _mm256_permute2x128_si256(b[j], b[4 + j], 0x31);
       }
-      const int64_t t1 = std::min<int64_t>(8, kc2 - c / 2);
-      for (int64_t j = 0; j < t1; ++j)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(P + ((c / 2 + j) * nv + g) * 8), t[j]);
+      const int64_t t1 = std::min<int64_t>(8, kc4 - c / 4);
+      for (int64_t j = 0; j < t1; ++j) {
+        const int64_t q = 2 * (c / 4 + j);
+        // bytes (b0, b1, b2, b3) of a lane -> words (b0, b2) and (b1, b3), sign-extended
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(P + (q * nv + g) * 8),
+                            _mm256_srai_epi16(_mm256_slli_epi16(t[j], 8), 8));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(P + ((q + 1) * nv + g) * 8), _mm256_srai_epi16(t[j], 8));
+      }
+    }
+  }
+}
+
+// x [M, K] (int8, or int16 holding int8 values) -> int16 rows [M][ldq] in the order the
+// packed weight wants: each group of 4 columns as (x0, x2, x1, x3); zero past K (ldq a
+// multiple of 16 >= K).
+template <class T>
+FASTKERN_AVX2 void wv_x_avx2(const T* X, int64_t ldx, int64_t M, int64_t K, int16_t* Q, int64_t ldq) {
+  const __m256i perm = _mm256_setr_epi8(0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15,
+                                        0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15);
+  for (int64_t m = 0; m < M; ++m) {
+    const T* x = X + m * ldx;
+    int16_t* q = Q + m * ldq;
+    for (int64_t k = 0; k < ldq; k += 16) {
+      __m256i v;
+      if (K - k >= 16) {
+        if (sizeof(T) == 1)
+          v = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + k)));
+        else
+          v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k));
+      } else {
+        alignas(32) int16_t t[16] = {};
+        for (int64_t j = 0; j < K - k; ++j) t[j] = int16_t(x[k + j]);
+        v = _mm256_load_si256(reinterpret_cast<const __m256i*>(t));
+      }
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k), _mm256_shuffle_epi8(v, perm));
     }
   }
 }
@@ -1657,7 +1695,7 @@ void wv_rows_avx2(const int16_t* X, int64_t ldx, int64_t M, int64_t k0, const in
   });
 }
 
-// X [M, K] int16 holding int8 values (row stride ldx >= round_up(K, 2), zero past K) -> o.
+// X [M, K]: int16 rows from wv_x_avx2 (row stride ldx) -> o.
 void wv_gemm_avx2(const int16_t* X, int64_t ldx, int64_t M, const int8_t* W, int64_t N, int64_t K, const WvOut& o) {
   parallel_rows(N, 16, 1, [&](int64_t r0, int64_t r1) {
     std::vector<int32_t> buf(kWvRows * kWvKC2 / 2 + M * 64 + 8);
@@ -1668,9 +1706,9 @@ void wv_gemm_avx2(const int16_t* X, int64_t ldx, int64_t M, const int8_t* W, int
       const int64_t n1 = std::min(r1, n0 + kWvRows);
       const int nv = int((n1 - n0 + 7) / 8);
       WvPrefetchPlan pf(W, K, n1, std::min(r1, n1 + kWvRows), nkb * chunks * ((nv + 1) / 2),
-                        (std::min(kWvKC2, K) + 1) / 2);
+                        2 * ((std::min(kWvKC2, K) + 3) / 4));
       for (int64_t k0 = 0; k0 < K; k0 += kWvKC2) {
-        const int64_t kc = std::min(kWvKC2, K - k0), kc2 = (kc + 1) / 2;
+        const int64_t kc = std::min(kWvKC2, K - k0), kc2 = 2 * ((kc + 3) / 4);
         wv_pack_avx2(W, N, K, n0, nv, k0, kc, P);
         const bool first = k0 == 0, last = k0 + kWvKC2 >= K;
         int g0 = 0;
@@ -1750,8 +1788,9 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a, const at::Tensor& b) {
       A.narrow(1, 0, K).copy_(a2);
       gemv_s16(A.data_ptr<int16_t>(), Kp, M, bc.data_ptr<int8_t>(), N, K, o);
     } else if (M <= wv_max_m(false)) {
-      at::Tensor A = at::zeros({M, round_up(K, 2)}, a.options().dtype(at::kShort));
-      A.narrow(1, 0, K).copy_(a2);
+      at::Tensor A8 = a2.contiguous();
+      at::Tensor A = at::empty({M, Kp}, a.options().dtype(at::kShort));
+      wv_x_avx2(A8.data_ptr<int8_t>(), K, M, K, A.data_ptr<int16_t>(), Kp);
       WvOut wo;
       wo.c = o.c;
       wv_gemm_avx2(A.data_ptr<int16_t>(), A.size(1), M, bc.data_ptr<int8_t>(), N, K, wo);
@@ -2024,6 +2063,7 @@ at::Tensor linear_w8a8_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
     } else if (M <= wv_max_m(false)) {
       at::Tensor Q = at::zeros({M, Kp}, X.options().dtype(at::kShort));
       quantize_rows_avx2<int16_t>(X.data_ptr<float>(), Kp, M, K, Q.data_ptr<int16_t>(), Kp, S.data_ptr<float>());
+      wv_x_avx2(Q.data_ptr<int16_t>(), Kp, M, Kp, Q.data_ptr<int16_t>(), Kp);  // in place: 16 columns at a time
       at::Tensor wsf = w_scale.to(at::kFloat).contiguous();
       WvOut wo;
       wo.f = o.f;
