@@ -1321,21 +1321,26 @@ void gemv_s16(const int16_t* A, int64_t lda, int64_t M, const int8_t* W, int64_t
 // per group of rows, in L1), and every row of x is broadcast 4 (2) bytes at a time against
 // it: M x N x K products exactly, an output row of 16 (8) columns per accumulator stored
 // straight into y, one parallel region. The packing costs a few shuffles per weight vector,
-// paid once per M rows of x, so the larger tiles above win again from some M on
-// (wv_max_m()). While a block computes, the next block's weight lines are prefetched into
+// paid once per M rows of x; on larger weights the tiles above win again (use_wv(): measured,
+// not modelled). While a block computes, the next block's weight rows are prefetched into
 // L2, spread over its k steps.
 constexpr int64_t kWvRows = 64;      // weight rows per packed block
 constexpr int64_t kWvKC = 512;       // K bytes per VNNI block (64 x 512 B = 32 KB, in L1)
 constexpr int64_t kWvKC2 = 256;      // K columns per AVX2 block (64 x 256 x 2 B = 32 KB)
 constexpr int kWvMR = 6;             // rows of x per register tile (at most)
 
-// the largest M that runs the weight-vector kernels (FASTKERN_INT8_WV_MAX_M overrides it)
-int64_t wv_max_m(bool vnni) {
-  static const int64_t v = [] {
-    const char* e = std::getenv("FASTKERN_INT8_WV_MAX_M");
-    return e ? std::max<int64_t>(0, std::atoll(e)) : int64_t(-1);
-  }();
-  return std::min<int64_t>(64, v >= 0 ? v : (vnni ? 64 : 64));  // xc[] below holds 64 rows
+// Whether an M x [N, K] product runs the weight-vector kernels: M up to 64 (xc[] below holds
+// 64 rows; FASTKERN_INT8_WV_MAX_M lowers it, read on every call for A/B timing in one process,
+// 0 turns them off) and weights up to 1 MiB with VNNI, 4 MiB with AVX2. Measured in one
+// process against the tiles above (2 threads, M = 16 / 64, weights beyond L3): with VNNI
+// 1536 x 384, 384 x 1536 and 384 x 384 ran 1.0-1.5x faster (hot or cold), but 3072 x 768 M =
+// 16 took 179 against 106 us, 4096 x 4096 757 against 597 us; with AVX2 the small layers ran
+// 1.1-1.7x faster, 3072 x 768 and 768 x 3072 the same, 4096 x 4096 M = 16 12% slower.
+bool use_wv(bool vnni, int64_t M, int64_t N, int64_t K) {
+  const char* e = std::getenv("FASTKERN_INT8_WV_MAX_M");
+  const int64_t max_m = std::min<int64_t>(64, e ? std::max<int64_t>(0, std::atoll(e)) : 64);
+  const int64_t min_m = vnni ? kVnniGemvMaxM + 1 : kGemvMaxM + 1;
+  return M >= min_m && M <= max_m && N * K <= (vnni ? (int64_t(1) << 20) : (int64_t(1) << 22));
 }
 
 // Where the small-M kernels write: int32 c [M, N], or f [M, N] = float((double(c) * sx[m]) * ws[n])
@@ -1749,7 +1754,7 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a, const at::Tensor& b) {
   at::Tensor a2 = a.reshape({rows_of(a), K});
   const int64_t M = a2.size(0), Kp = round_up(K, 16);
 #if FASTKERN_X86
-  if (use_vnni512() && M > kVnniGemvMaxM && M <= wv_max_m(true) && N > 0 && K > 0) {
+  if (use_vnni512() && use_wv(true, M, N, K) && N > 0 && K > 0) {
     at::Tensor C = at::empty({M, N}, a.options().dtype(at::kInt));
     at::Tensor A8 = a2;
     if (K % 4 != 0 || !a2.is_contiguous()) {  // the kernel reads whole 4-byte groups of x
@@ -1787,7 +1792,7 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a, const at::Tensor& b) {
       at::Tensor A = at::zeros({M, Kp}, a.options().dtype(at::kShort));
       A.narrow(1, 0, K).copy_(a2);
       gemv_s16(A.data_ptr<int16_t>(), Kp, M, bc.data_ptr<int8_t>(), N, K, o);
-    } else if (M <= wv_max_m(false)) {
+    } else if (use_wv(false, M, N, K)) {
       at::Tensor A8 = a2.contiguous();
       at::Tensor A = at::empty({M, Kp}, a.options().dtype(at::kShort));
       wv_x_avx2(A8.data_ptr<int8_t>(), K, M, K, A.data_ptr<int16_t>(), Kp);
@@ -2028,7 +2033,7 @@ at::Tensor linear_w8a8_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
                                  S.data_ptr<float>() + m0);
     });
     at::Tensor out = at::empty({M, N}, X.options());
-    if (M > kVnniGemvMaxM && M <= wv_max_m(true)) {
+    if (use_wv(true, M, N, K)) {
       at::Tensor wsf = w_scale.to(at::kFloat).contiguous();
       int32_t xc[64];
       int8_row_sums(Q8.data_ptr<int8_t>(), Kq, M, K, xc);
@@ -2060,7 +2065,7 @@ at::Tensor linear_w8a8_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
       at::Tensor Q = at::zeros({M, Kp}, X.options().dtype(at::kShort));
       quantize_rows_avx2<int16_t>(X.data_ptr<float>(), Kp, M, K, Q.data_ptr<int16_t>(), Kp, S.data_ptr<float>());
       gemv_s16(Q.data_ptr<int16_t>(), Kp, M, wc.data_ptr<int8_t>(), N, K, o);
-    } else if (M <= wv_max_m(false)) {
+    } else if (use_wv(false, M, N, K)) {
       at::Tensor Q = at::zeros({M, Kp}, X.options().dtype(at::kShort));
       quantize_rows_avx2<int16_t>(X.data_ptr<float>(), Kp, M, K, Q.data_ptr<int16_t>(), Kp, S.data_ptr<float>());
       wv_x_avx2(Q.data_ptr<int16_t>(), Kp, M, Kp, Q.data_ptr<int16_t>(), Kp);  // in place: 16 columns at a time
