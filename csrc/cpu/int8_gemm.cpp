@@ -11,7 +11,9 @@
 // The previous AVX2 integer path (int16 panels, row-vector dot tiles) stays selectable with
 // FASTKERN_INT8_AVX2=panel, for A/B timing; it is also what the generic path runs. With
 // AVX-512 VNNI the integer product (int8_gemm, linear_w8a8) runs on vpdpbusd instead: a
-// GEMV for M <= 4 and a transposed-tile GEMM above (section "AVX-512 VNNI").
+// GEMV for M <= 4 and a transposed-tile GEMM above (section "AVX-512 VNNI"). On small layers
+// (BERT/MiniLM-sized weights) at small M both ISAs run weight-vector kernels instead (section
+// "small M: weight vectors"; use_wv() says where).
 #include <torch/library.h>
 
 #include <cmath>
