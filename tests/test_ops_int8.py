@@ -196,8 +196,9 @@ def test_small_m_weight_vector_tails(isa, m, gen):
     # weight-vector kernels. x in register tiles of up to 6 rows (m = 13: 5 + 4 + 4, 17: 6 + 6 +
     # 5, 31, 64: 6s and 5s), 16-row thread shares, 64-row packed blocks with 1-4 (VNNI) or 1-8
     # (AVX2) vectors and rows past N, K in blocks of 512 (VNNI) / 256 (AVX2) columns with
-    # partial last blocks and K % 4 (VNNI) / K % 32 (AVX2 packing) tails; m = 65 and the generic
-    # path run the other kernels. int8_gemm exact with -128, W8A8 bit-identical.
+    # partial last blocks and K % 4 (VNNI) / K % 32 (AVX2 packing) tails; m = 65, the generic
+    # path and (VNNI) K > 512 from m = 25 run the other kernels. int8_gemm exact with -128,
+    # W8A8 bit-identical.
     with cpu_isa(isa):
         for n, k in ((1, 1), (7, 3), (17, 33), (65, 257), (130, 513), (37, 1030), (200, 1537), (1100, 384)):
             check_int8_exact(gen, m, n, k)

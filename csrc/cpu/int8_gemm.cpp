@@ -1342,6 +1342,9 @@ bool use_wv(bool vnni, int64_t M, int64_t N, int64_t K) {
   const char* e = std::getenv("FASTKERN_INT8_WV_MAX_M");
   const int64_t max_m = std::min<int64_t>(64, e ? std::max<int64_t>(0, std::atoll(e)) : 64);
   const int64_t min_m = vnni ? kVnniGemvMaxM + 1 : kGemvMaxM + 1;
+  // VNNI with K in several blocks (384 x 1536): from M = 32 the tiles above were as fast with 2
+  // threads and 1.2-1.4x faster with one (weights in L3 or DRAM; in L2 these kernels won)
+  if (vnni && K > kWvKC && M > 24) return false;
   return M >= min_m && M <= max_m && N * K <= (vnni ? (int64_t(1) << 20) : (int64_t(1) << 22));
 }
 
@@ -1368,13 +1371,14 @@ inline void wv_row_chunks(int64_t M, const F& f) {
 
 // The weight rows a thread computes next (its next block of kWvRows whole rows, one contiguous
 // run of memory), prefetched into L2 while the current block's tiles run: each tile takes the
-// next share of lines, one (or two) every mask + 1 k steps. The first block of a thread is
-// left to the hardware prefetchers.
+// next share of lines, n of them every mask + 1 k steps (n > 1 where a block has more lines
+// than its tiles have k steps: one row of x per tile at K = 1536, where one line per step
+// left half the block unrequested and M = 5 ran at 0.5-0.6x the tiles above).
 struct WvPrefetch {
   const char* p = nullptr;
   const char* end = nullptr;
   int64_t mask = 0;
-  bool two = false;
+  int64_t n = 1;
 };
 
 // The first block of a thread has no block before it to prefetch it: its lines are requested
@@ -1398,25 +1402,26 @@ struct WvPrefetchPlan {
   const char* end;
   int64_t share;  // bytes per tile
   int64_t mask;
-  bool two;
+  int64_t n;  // lines per issue
   // the rows [n1, n2) of W spread over `tiles` tiles of `steps` k steps each
   WvPrefetchPlan(const int8_t* W, int64_t K, int64_t n1, int64_t n2, int64_t tiles, int64_t steps) {
     p = reinterpret_cast<const char*>(W + n1 * K);
     end = reinterpret_cast<const char*>(W + std::max(n1, n2) * K);
+    steps = std::max<int64_t>(1, steps);
     const int64_t lines = ((end - p) / 64 + tiles - 1) / std::max<int64_t>(1, tiles);
-    two = lines > steps;
-    const int64_t per = two ? (lines + 1) / 2 : lines;
+    n = std::max<int64_t>(1, (lines + steps - 1) / steps);
+    const int64_t per = (lines + n - 1) / n;  // issues per tile, <= steps
     int64_t step = 1;
     while (per > 0 && step * 2 * per <= steps) step *= 2;
     mask = step - 1;
-    share = (two ? 2 * per : per) * 64;
+    share = per * n * 64;
   }
   WvPrefetch next() {
     WvPrefetch t;
     t.p = p;
     t.end = std::min(end, p + share);
     t.mask = mask;
-    t.two = two;
+    t.n = n;
     p = t.end;
     return t;
   }
@@ -1467,9 +1472,8 @@ FASTKERN_VNNI512 void wv_tile_vnni(const int8_t* X, int64_t ldx, const int32_t* 
     for (int g = 0; g < NV; ++g) acc[i][g] = first ? _mm512_setzero_si512() : _mm512_loadu_si512(Cb + i * 64 + 16 * g);
   for (int64_t k4 = 0; k4 < kc4; ++k4) {
     if ((k4 & pf.mask) == 0 && pf.p < pf.end) {
-      _mm_prefetch(pf.p, _MM_HINT_T1);
-      if (pf.two) _mm_prefetch(pf.p + 64, _MM_HINT_T1);
-      pf.p += pf.two ? 128 : 64;
+      for (int64_t q = 0; q < pf.n; ++q) _mm_prefetch(pf.p + 64 * q, _MM_HINT_T1);
+      pf.p += 64 * pf.n;
     }
     __m512i w[NV];
     for (int g = 0; g < NV; ++g) w[g] = _mm512_loadu_si512(P + (k4 * NV + g) * 16);
@@ -1657,9 +1661,8 @@ FASTKERN_AVX2 void wv_tile_avx2(const int16_t* X, int64_t ldx, const int32_t* P,
   const int32_t* p = P + g0 * 8;
   for (int64_t k2 = 0; k2 < kc2; ++k2) {
     if ((k2 & pf.mask) == 0 && pf.p < pf.end) {
-      _mm_prefetch(pf.p, _MM_HINT_T1);
-      if (pf.two) _mm_prefetch(pf.p + 64, _MM_HINT_T1);
-      pf.p += pf.two ? 128 : 64;
+      for (int64_t q = 0; q < pf.n; ++q) _mm_prefetch(pf.p + 64 * q, _MM_HINT_T1);
+      pf.p += 64 * pf.n;
     }
     __m256i w[NV];
     for (int g = 0; g < NV; ++g) w[g] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + (k2 * nv + g) * 8));
