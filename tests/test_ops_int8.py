@@ -190,6 +190,46 @@ def test_cpu_gemm_blocks_exact(isa, m, gen):
 
 @NATIVE
 @pytest.mark.parametrize("isa", cpu_isas())
+@pytest.mark.parametrize("m", [4, 5, 6, 7, 8, 12, 13, 17, 31, 64, 65])
+def test_small_m_weight_vector_tails(isa, m, gen):
+    # Small layers (weights up to 1 MiB with VNNI, 4 MiB with AVX2) at 4/5 < m <= 64: the
+    # weight-vector kernels. x in register tiles of up to 6 rows (m = 13: 5 + 4 + 4, 17: 6 + 6 +
+    # 5, 31, 64: 6s and 5s), 16-row thread shares, 64-row packed blocks with 1-4 (VNNI) or 1-8
+    # (AVX2) vectors and rows past N, K in blocks of 512 (VNNI) / 256 (AVX2) columns with
+    # partial last blocks and K % 4 (VNNI) / K % 32 (AVX2 packing) tails; m = 65, the generic
+    # path and (VNNI) K > 512 from m = 25 run the other kernels. int8_gemm exact with -128,
+    # W8A8 bit-identical.
+    with cpu_isa(isa):
+        for n, k in ((1, 1), (7, 3), (17, 33), (65, 257), (130, 513), (37, 1030), (200, 1537), (1100, 384)):
+            check_int8_exact(gen, m, n, k)
+
+
+@NATIVE
+@pytest.mark.parametrize("isa", cpu_isas())
+@pytest.mark.parametrize("m", [5, 17, 64])
+def test_small_m_weight_vector_threads_and_old_tiles(isa, m, gen, monkeypatch):
+    # several 64-row blocks per thread and uneven 16-row shares: 1 and 2 threads bitwise equal;
+    # FASTKERN_INT8_WV_MAX_M=0 (read per call) runs the same small shapes on the other kernels
+    n, k = 900, 700
+    a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
+    b = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+    b[::7, ::3] = -128
+    x = torch.randn(m, k, generator=gen)
+    w, s = make_w8(gen, n, k)
+    with cpu_isa(isa):
+        one, two = on_1_and_2_threads(lambda: (native("int8_gemm")(a, b), native("linear_w8a8")(x, w, s, None)))
+        assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+        assert torch.equal(one[0], ops.int8_gemm_ref(a, b))
+        assert torch.equal(one[1], ops.linear_w8a8_ref(x, w, s, None))
+        monkeypatch.setenv("FASTKERN_INT8_WV_MAX_M", "0")
+        assert torch.equal(native("int8_gemm")(a, b), one[0])
+        assert torch.equal(native("linear_w8a8")(x, w, s, None), one[1])
+        for nn, kk in ((70, 1100), (9, 17)):
+            check_int8_exact(gen, m, nn, kk)
+
+
+@NATIVE
+@pytest.mark.parametrize("isa", cpu_isas())
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 8, 9, 12, 13, 16, 33, 50, 64, 65, 130])
 def test_w8a16_gemm_tiles(isa, m, gen):
     # AVX-512: up to m = 12 the streaming GEMV (1-3 rows of x per pass, 64-wide K steps and

@@ -11,7 +11,9 @@
 // The previous AVX2 integer path (int16 panels, row-vector dot tiles) stays selectable with
 // FASTKERN_INT8_AVX2=panel, for A/B timing; it is also what the generic path runs. With
 // AVX-512 VNNI the integer product (int8_gemm, linear_w8a8) runs on vpdpbusd instead: a
-// GEMV for M <= 4 and a transposed-tile GEMM above (section "AVX-512 VNNI").
+// GEMV for M <= 4 and a transposed-tile GEMM above (section "AVX-512 VNNI"). On small layers
+// (BERT/MiniLM-sized weights) at small M both ISAs run weight-vector kernels instead (section
+// "small M: weight vectors"; use_wv() says where).
 #include <torch/library.h>
 
 #include <cmath>
@@ -1309,6 +1311,459 @@ void gemv_s16(const int16_t* A, int64_t lda, int64_t M, const int8_t* W, int64_t
     }
   });
 }
+
+// ------------------------------------------------------------------ small M: weight vectors (both ISAs)
+//
+// At small M (a BERT/MiniLM layer at batch 1: M ~ 8..64, N, K ~ 384..1536) the transposed
+// tiles above lose on two counts: their x vectors hold 16 (VNNI) or 8 (AVX2) rows, so M = 17
+// runs 32 (24) rows of products, and the VNNI GEMM also needs the weight row sums, a packed
+// copy of x, a transposed output and three parallel regions per call. Here the weight is the
+// vector operand instead: each thread packs a block of up to kWvRows of its weight rows x a
+// K block into [k group][row] order (a 16 x 16 (VNNI) or 8 x 8 (AVX2) transpose in registers
+// per group of rows, in L1), and every row of x is broadcast 4 (2) bytes at a time against
+// it: M x N x K products exactly, an output row of 16 (8) columns per accumulator stored
+// straight into y, one parallel region. The packing costs a few shuffles per weight vector,
+// paid once per M rows of x; on larger weights the tiles above win again (use_wv(): measured,
+// not modelled). While a block computes, the next block's weight rows are prefetched into
+// L2, spread over its k steps.
+constexpr int64_t kWvRows = 64;      // weight rows per packed block
+constexpr int64_t kWvKC = 512;       // K bytes per VNNI block (64 x 512 B = 32 KB, in L1)
+constexpr int64_t kWvKC2 = 256;      // K columns per AVX2 block (64 x 256 x 2 B = 32 KB)
+constexpr int kWvMR = 6;             // rows of x per register tile (at most)
+
+// Whether an M x [N, K] product runs the weight-vector kernels: M up to 64 (xc[] below holds
+// 64 rows; FASTKERN_INT8_WV_MAX_M lowers it, read on every call for A/B timing in one process,
+// 0 turns them off) and weights up to 1 MiB with VNNI, 4 MiB with AVX2. Measured in one
+// process against the tiles above (2 threads, M = 16 / 64, weights beyond L3): with VNNI
+// 1536 x 384, 384 x 1536 and 384 x 384 ran 1.0-1.5x faster (hot or cold), but 3072 x 768 M =
+// 16 took 179 against 106 us, 4096 x 4096 757 against 597 us; with AVX2 the small layers ran
+// 1.1-1.7x faster, 3072 x 768 and 768 x 3072 the same, 4096 x 4096 M = 16 12% slower.
+bool use_wv(bool vnni, int64_t M, int64_t N, int64_t K) {
+  const char* e = std::getenv("FASTKERN_INT8_WV_MAX_M");
+  const int64_t max_m = std::min<int64_t>(64, e ? std::max<int64_t>(0, std::atoll(e)) : 64);
+  const int64_t min_m = vnni ? kVnniGemvMaxM + 1 : kGemvMaxM + 1;
+  // VNNI with K in several blocks (384 x 1536): from M = 32 the tiles above were as fast with 2
+  // threads and 1.2-1.4x faster with one (weights in L3 or DRAM; in L2 these kernels won)
+  if (vnni && K > kWvKC && M > 24) return false;
+  return M >= min_m && M <= max_m && N * K <= (vnni ? (int64_t(1) << 20) : (int64_t(1) << 22));
+}
+
+// Where the small-M kernels write: int32 c [M, N], or f [M, N] = float((double(c) * sx[m]) * ws[n])
+// (ws as float: converting it to double is exact, the same value the reference multiplies by).
+struct WvOut {
+  int32_t* c = nullptr;
+  float* f = nullptr;
+  const float* sx = nullptr;
+  const float* ws = nullptr;
+};
+
+// Rows of x in register tiles of at most kWvMR, as even as possible (M = 8: 4 + 4, 17: 6 + 6 + 5).
+template <class F>
+inline void wv_row_chunks(int64_t M, const F& f) {
+  const int64_t chunks = (M + kWvMR - 1) / kWvMR;
+  int64_t m0 = 0;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t mr = (M - m0) / (chunks - c) + ((M - m0) % (chunks - c) ? 1 : 0);
+    f(m0, mr);
+    m0 += mr;
+  }
+}
+
+// The weight rows a thread computes next (its next block of kWvRows whole rows, one contiguous
+// run of memory), prefetched into L2 while the current block's tiles run: each tile takes the
+// next share of lines, n of them every mask + 1 k steps (n > 1 where a block has more lines
+// than its tiles have k steps: one row of x per tile at K = 1536, where one line per step
+// left half the block unrequested and M = 5 ran at 0.5-0.6x the tiles above).
+struct WvPrefetch {
+  const char* p = nullptr;
+  const char* end = nullptr;
+  int64_t mask = 0;
+  int64_t n = 1;
+};
+
+// The first block of a thread has no block before it to prefetch it: its lines are requested
+// in address order before it is packed (the pack reads 16 rows side by side, which the
+// hardware prefetchers follow poorly: 384 x 1536 from DRAM, one thread, M = 8 took 72 us
+// against 46 on the tiles above, which read rows front to back). Tested with
+// FASTKERN_INT8_WV_FIRST=0 (read per call) for A/B timing.
+inline void wv_prefetch_first(const int8_t* W, int64_t K, int64_t n0, int64_t n1) {
+  const char* p = reinterpret_cast<const char*>(W + n0 * K);
+  const char* e = reinterpret_cast<const char*>(W + n1 * K);
+  for (; p < e; p += 64) _mm_prefetch(p, _MM_HINT_T1);
+}
+
+inline bool wv_first_on() {
+  const char* e = std::getenv("FASTKERN_INT8_WV_FIRST");
+  return !(e && e[0] == '0');
+}
+
+struct WvPrefetchPlan {
+  const char* p;
+  const char* end;
+  int64_t share;  // bytes per tile
+  int64_t mask;
+  int64_t n;  // lines per issue
+  // the rows [n1, n2) of W spread over `tiles` tiles of `steps` k steps each
+  WvPrefetchPlan(const int8_t* W, int64_t K, int64_t n1, int64_t n2, int64_t tiles, int64_t steps) {
+    p = reinterpret_cast<const char*>(W + n1 * K);
+    end = reinterpret_cast<const char*>(W + std::max(n1, n2) * K);
+    steps = std::max<int64_t>(1, steps);
+    const int64_t lines = ((end - p) / 64 + tiles - 1) / std::max<int64_t>(1, tiles);
+    n = std::max<int64_t>(1, (lines + steps - 1) / steps);
+    const int64_t per = (lines + n - 1) / n;  // issues per tile, <= steps
+    int64_t step = 1;
+    while (per > 0 && step * 2 * per <= steps) step *= 2;
+    mask = step - 1;
+    share = per * n * 64;
+  }
+  WvPrefetch next() {
+    WvPrefetch t;
+    t.p = p;
+    t.end = std::min(end, p + share);
+    t.mask = mask;
+    t.n = n;
+    p = t.end;
+    return t;
+  }
+};
+
+FASTKERN_AVX2 inline __m256 wv_scale8(__m256i c, __m256d sx, const float* ws) {
+  const __m256d lo = _mm256_mul_pd(_mm256_mul_pd(_mm256_cvtepi32_pd(_mm256_castsi256_si128(c)), sx),
+                                   _mm256_cvtps_pd(_mm_loadu_ps(ws)));
+  const __m256d hi = _mm256_mul_pd(_mm256_mul_pd(_mm256_cvtepi32_pd(_mm256_extracti128_si256(c, 1)), sx),
+                                   _mm256_cvtps_pd(_mm_loadu_ps(ws + 4)));
+  return _mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo));
+}
+
+// -------- AVX-512 VNNI: P [k4][16 nv rows] dwords of w + 128 (unsigned), x broadcast signed;
+// sum (w + 128) x = sum w x + 128 sum x, so 128 * xsum[m] comes off at the end.
+
+// rows [n0, n0 + 16 nv) (those >= N zero) x bytes [k0, k0 + kc) -> P; zero bytes past K.
+FASTKERN_VNNI512 void wv_pack_vnni(const int8_t* W, int64_t N, int64_t K, int64_t n0, int nv, int64_t k0,
+                                   int64_t kc, int32_t* P) {
+  const __m512i flip = _mm512_set1_epi8(char(0x80));
+  const int64_t kc4 = (kc + 3) / 4;
+  for (int g = 0; g < nv; ++g) {
+    for (int64_t c = 0; c < kc; c += 64) {
+      const int64_t nb = std::min<int64_t>(64, kc - c);
+      const __mmask64 mk = nb == 64 ? ~__mmask64(0) : (__mmask64(1) << nb) - 1;
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) {
+        const int64_t n = n0 + 16 * g + i;
+        r[i] = n < N ? _mm512_maskz_loadu_epi8(mk, W + n * K + k0 + c) : _mm512_setzero_si512();
+      }
+      transpose16x16(r);
+      const int64_t t1 = std::min<int64_t>(16, kc4 - c / 4);
+      for (int64_t t = 0; t < t1; ++t)
+        _mm512_storeu_si512(P + ((c / 4 + t) * nv + g) * 16, _mm512_xor_si512(r[t], flip));
+    }
+  }
+}
+
+
+// rows [m0, m0 + MR) of x (bytes [k0, k0 + 4 kc4)) x the packed block (NV vectors of 16 rows):
+// Cb [MR][64] int32 (+)= the products (first: start at 0). The accumulators go through
+// memory once per K block.
+template <int MR, int NV>
+FASTKERN_VNNI512 void wv_tile_vnni(const int8_t* X, int64_t ldx, const int32_t* P, int64_t kc4, int32_t* Cb,
+                                   bool first, WvPrefetch pf) {
+  __m512i acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int g = 0; g < NV; ++g) acc[i][g] = first ? _mm512_setzero_si512() : _mm512_loadu_si512(Cb + i * 64 + 16 * g);
+  for (int64_t k4 = 0; k4 < kc4; ++k4) {
+    if ((k4 & pf.mask) == 0 && pf.p < pf.end) {
+      for (int64_t q = 0; q < pf.n; ++q) _mm_prefetch(pf.p + 64 * q, _MM_HINT_T1);
+      pf.p += 64 * pf.n;
+    }
+    __m512i w[NV];
+    for (int g = 0; g < NV; ++g) w[g] = _mm512_loadu_si512(P + (k4 * NV + g) * 16);
+    // x broadcast into a register (a load): an asm memory operand ({1to16}) would make GCC keep
+    // a memory copy of every accumulator up to date, as the asm might read it
+    for (int i = 0; i < MR; ++i) {
+      int32_t xv;
+      std::memcpy(&xv, X + i * ldx + 4 * k4, 4);
+      const __m512i b = _mm512_set1_epi32(xv);
+      for (int g = 0; g < NV; ++g) acc[i][g] = dpbusd_inplace(acc[i][g], w[g], b);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int g = 0; g < NV; ++g) _mm512_storeu_si512(Cb + i * 64 + 16 * g, acc[i][g]);
+}
+
+// Cb [mr][64] (columns n0 .. n0 + 16 nv) minus 128 xc[m] -> o
+FASTKERN_VNNI512 void wv_finish_vnni(const int32_t* Cb, int64_t m0, int64_t mr, int nv, const int32_t* xc, int64_t N,
+                                     int64_t n0, const WvOut& o) {
+  for (int64_t i = 0; i < mr; ++i) {
+    const int64_t m = m0 + i;
+    const __m512i corr = _mm512_set1_epi32(int32_t(128u * uint32_t(xc[m])));
+    for (int g = 0; g < nv; ++g) {
+      const int64_t n = n0 + 16 * g;
+      if (n >= N) break;
+      const __mmask16 mk = N - n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (N - n)) - 1u);
+      const __m512i c = _mm512_sub_epi32(_mm512_loadu_si512(Cb + i * 64 + 16 * g), corr);
+      if (o.f) {
+        const __m512d sx = _mm512_set1_pd(double(o.sx[m]));
+        const __m512d lo = _mm512_mul_pd(_mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(c)), sx),
+                                         _mm512_cvtps_pd(_mm256_maskz_loadu_ps(static_cast<__mmask8>(mk), o.ws + n)));
+        const __m512d hi = _mm512_mul_pd(_mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(c, 1)), sx),
+                                         _mm512_cvtps_pd(_mm256_maskz_loadu_ps(static_cast<__mmask8>(mk >> 8), o.ws + n + 8)));
+        const __m512 f = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(lo)), _mm512_cvtpd_ps(hi), 1);
+        _mm512_mask_storeu_ps(o.f + m * N + n, mk, f);
+      } else {
+        _mm512_mask_storeu_epi32(o.c + m * N + n, mk, c);
+      }
+    }
+  }
+}
+
+template <int NV>
+void wv_rows_vnni(const int8_t* X, int64_t ldx, int64_t M, int64_t k0, const int32_t* P, int64_t kc4, int32_t* Cb,
+                  bool first, bool last, const int32_t* xc, int64_t N, int64_t n0, const WvOut& o,
+                  WvPrefetchPlan& pf) {
+  wv_row_chunks(M, [&](int64_t m0, int64_t mr) {
+    int32_t* cb = Cb + m0 * 64;
+    const int8_t* x = X + m0 * ldx + k0;
+#define FASTKERN_WV_TILE(R) wv_tile_vnni<R, NV>(x, ldx, P, kc4, cb, first, pf.next())
+    switch (mr) {
+      case 1: FASTKERN_WV_TILE(1); break;
+      case 2: FASTKERN_WV_TILE(2); break;
+      case 3: FASTKERN_WV_TILE(3); break;
+      case 4: FASTKERN_WV_TILE(4); break;
+      case 5: FASTKERN_WV_TILE(5); break;
+      default: FASTKERN_WV_TILE(6); break;
+    }
+#undef FASTKERN_WV_TILE
+    if (last) wv_finish_vnni(cb, m0, mr, NV, xc, N, n0, o);
+  });
+}
+
+// X [M, K] int8 (row stride ldx >= round_up(K, 4), zero past K), xc[m] = sum_k X[m][k] -> o.
+void wv_gemm_vnni(const int8_t* X, int64_t ldx, int64_t M, const int32_t* xc, const int8_t* W, int64_t N, int64_t K,
+                  const WvOut& o) {
+  const bool first_pf = wv_first_on();
+  parallel_rows(N, 16, 1, [&](int64_t r0, int64_t r1) {
+    if (first_pf) wv_prefetch_first(W, K, r0, std::min(r1, r0 + kWvRows));
+    std::vector<int32_t> buf(kWvRows * kWvKC / 4 + M * 64 + 16);
+    int32_t* P = buf.data();
+    int32_t* Cb = P + kWvRows * kWvKC / 4;
+    const int64_t chunks = (M + kWvMR - 1) / kWvMR, nkb = (K + kWvKC - 1) / kWvKC;
+    for (int64_t n0 = r0; n0 < r1; n0 += kWvRows) {
+      const int64_t n1 = std::min(r1, n0 + kWvRows);
+      const int nv = int((n1 - n0 + 15) / 16);
+      WvPrefetchPlan pf(W, K, n1, std::min(r1, n1 + kWvRows), nkb * chunks, std::min(kWvKC, K) / 4);
+      for (int64_t k0 = 0; k0 < K; k0 += kWvKC) {
+        const int64_t kc = std::min(kWvKC, K - k0), kc4 = (kc + 3) / 4;
+        wv_pack_vnni(W, N, K, n0, nv, k0, kc, P);
+        const bool first = k0 == 0, last = k0 + kWvKC >= K;
+        switch (nv) {
+          case 1: wv_rows_vnni<1>(X, ldx, M, k0, P, kc4, Cb, first, last, xc, N, n0, o, pf); break;
+          case 2: wv_rows_vnni<2>(X, ldx, M, k0, P, kc4, Cb, first, last, xc, N, n0, o, pf); break;
+          case 3: wv_rows_vnni<3>(X, ldx, M, k0, P, kc4, Cb, first, last, xc, N, n0, o, pf); break;
+          default: wv_rows_vnni<4>(X, ldx, M, k0, P, kc4, Cb, first, last, xc, N, n0, o, pf); break;
+        }
+      }
+    }
+  });
+}
+
+// -------- AVX2: vpmaddwd (exact, no correction) on int16 pairs. The weight block is packed
+// per group of 4 columns as two vectors of 8 rows: E holds the pairs (w[4j], w[4j + 2]),
+// O the pairs (w[4j + 1], w[4j + 3]): a dword transpose of the int8 rows (4 bytes per lane)
+// and two shifts, a quarter of the shuffles that widening first and then transposing int16
+// pairs takes (at 1536 x 384 that packing cost as much as 6 rows of x). x is reordered to
+// match, each group of 4 as (x[4j], x[4j + 2], x[4j + 1], x[4j + 3]), so step 2j of the
+// tile broadcasts the pair for E and step 2j + 1 the pair for O.
+
+// rows [n0, n0 + 8 nv) (those >= N zero) x columns [k0, k0 + kc) -> P [2 ceil(kc / 4)][nv][8];
+// zero past K.
+FASTKERN_AVX2 void wv_pack_avx2(const int8_t* W, int64_t N, int64_t K, int64_t n0, int nv, int64_t k0, int64_t kc,
+                                int32_t* P) {
+  const int64_t kc4 = (kc + 3) / 4;
+  for (int g = 0; g < nv; ++g) {
+    for (int64_t c = 0; c < kc; c += 32) {
+      __m256i r[8];
+      for (int i = 0; i < 8; ++i) {
+        const int64_t n = n0 + 8 * g + i;
+        if (n >= N) {
+          r[i] = _mm256_setzero_si256();
+        } else if (kc - c >= 32) {
+          r[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(W + n * K + k0 + c));
+        } else {
+          alignas(32) int8_t tail[32] = {};
+          std::memcpy(tail, W + n * K + k0 + c, kc - c);
+          r[i] = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail));
+        }
+      }
+      __m256i a[8], b[8], t[8];  // 8 x 8 dword transpose: r[i] lane j -> t[j] lane i
+      for (int j = 0; j < 4; ++j) {
+        a[2 * j] = _mm256_unpacklo_epi32(r[2 * j], r[2 * j + 1]);
+        a[2 * j + 1] = _mm256_unpackhi_epi32(r[2 * j], r[2 * j + 1]);
+      }
+      for (int h = 0; h < 2; ++h) {
+        b[4 * h + 0] = _mm256_unpacklo_epi64(a[4 * h], a[4 * h + 2]);
+        b[4 * h + 1] = _mm256_unpackhi_epi64(a[4 * h], a[4 * h + 2]);
+        b[4 * h + 2] = _mm256_unpacklo_epi64(a[4 * h + 1], a[4 * h + 3]);
+        b[4 * h + 3] = _mm256_unpackhi_epi64(a[4 * h + 1], a[4 * h + 3]);
+      }
+      for (int j = 0; j < 4; ++j) {
+        t[j] = _mm256_permute2x128_si256(b[j], b[4 + j], 0x20);
+        t[4 + j] = _mm256_permute2x128_si256(b[j], b[4 + j], 0x31);
+      }
+      const int64_t t1 = std::min<int64_t>(8, kc4 - c / 4);
+      for (int64_t j = 0; j < t1; ++j) {
+        const int64_t q = 2 * (c / 4 + j);
+        // bytes (b0, b1, b2, b3) of a lane -> words (b0, b2) and (b1, b3), sign-extended
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(P + (q * nv + g) * 8),
+                            _mm256_srai_epi16(_mm256_slli_epi16(t[j], 8), 8));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(P + ((q + 1) * nv + g) * 8), _mm256_srai_epi16(t[j], 8));
+      }
+    }
+  }
+}
+
+// x [M, K] (int8, or int16 holding int8 values) -> int16 rows [M][ldq] in the order the
+// packed weight wants: each group of 4 columns as (x0, x2, x1, x3); zero past K (ldq a
+// multiple of 16 >= K).
+template <class T>
+FASTKERN_AVX2 void wv_x_avx2(const T* X, int64_t ldx, int64_t M, int64_t K, int16_t* Q, int64_t ldq) {
+  const __m256i perm = _mm256_setr_epi8(0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15,
+                                        0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15);
+  for (int64_t m = 0; m < M; ++m) {
+    const T* x = X + m * ldx;
+    int16_t* q = Q + m * ldq;
+    for (int64_t k = 0; k < ldq; k += 16) {
+      __m256i v;
+      if (K - k >= 16) {
+        if (sizeof(T) == 1)
+          v = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + k)));
+        else
+          v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k));
+      } else {
+        alignas(32) int16_t t[16] = {};
+        for (int64_t j = 0; j < K - k; ++j) t[j] = int16_t(x[k + j]);
+        v = _mm256_load_si256(reinterpret_cast<const __m256i*>(t));
+      }
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k), _mm256_shuffle_epi8(v, perm));
+    }
+  }
+}
+
+// rows [m0, m0 + MR) of x (int16, columns [k0, k0 + 2 kc2)) x NV vectors of 8 rows of the
+// packed block starting at vector g0 (of nv): Cb [MR][64] (+)= the products, as in wv_tile_vnni.
+template <int MR, int NV>
+FASTKERN_AVX2 void wv_tile_avx2(const int16_t* X, int64_t ldx, const int32_t* P, int nv, int g0, int64_t kc2,
+                                int32_t* Cb, bool first, WvPrefetch pf) {
+  __m256i acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int g = 0; g < NV; ++g)
+      acc[i][g] = first ? _mm256_setzero_si256()
+                        : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(Cb + i * 64 + 8 * (g0 + g)));
+  const int32_t* p = P + g0 * 8;
+  for (int64_t k2 = 0; k2 < kc2; ++k2) {
+    if ((k2 & pf.mask) == 0 && pf.p < pf.end) {
+      for (int64_t q = 0; q < pf.n; ++q) _mm_prefetch(pf.p + 64 * q, _MM_HINT_T1);
+      pf.p += 64 * pf.n;
+    }
+    __m256i w[NV];
+    for (int g = 0; g < NV; ++g) w[g] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + (k2 * nv + g) * 8));
+    for (int i = 0; i < MR; ++i) {
+      int32_t xv;
+      std::memcpy(&xv, X + i * ldx + 2 * k2, 4);
+      const __m256i b = _mm256_set1_epi32(xv);
+      for (int g = 0; g < NV; ++g) acc[i][g] = add_inplace(acc[i][g], _mm256_madd_epi16(w[g], b));
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int g = 0; g < NV; ++g) _mm256_storeu_si256(reinterpret_cast<__m256i*>(Cb + i * 64 + 8 * (g0 + g)), acc[i][g]);
+}
+
+// Cb [mr][64] (columns n0 .. n0 + 8 nv) -> o
+FASTKERN_AVX2 void wv_finish_avx2(const int32_t* Cb, int64_t m0, int64_t mr, int nv, int64_t N, int64_t n0,
+                                  const WvOut& o) {
+  for (int64_t i = 0; i < mr; ++i) {
+    const int64_t m = m0 + i;
+    for (int g = 0; g < nv; ++g) {
+      const int64_t n = n0 + 8 * g;
+      if (n >= N) break;
+      const int64_t nn = std::min<int64_t>(8, N - n);
+      const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(Cb + i * 64 + 8 * g));
+      if (o.f) {
+        const __m256d sx = _mm256_set1_pd(double(o.sx[m]));
+        if (nn == 8) {
+          _mm256_storeu_ps(o.f + m * N + n, wv_scale8(c, sx, o.ws + n));
+        } else {
+          alignas(32) float wsb[8] = {}, fb[8];
+          std::memcpy(wsb, o.ws + n, nn * sizeof(float));
+          _mm256_store_ps(fb, wv_scale8(c, sx, wsb));
+          std::memcpy(o.f + m * N + n, fb, nn * sizeof(float));
+        }
+      } else {
+        std::memcpy(o.c + m * N + n, Cb + i * 64 + 8 * g, nn * sizeof(int32_t));
+      }
+    }
+  }
+}
+
+template <int NV>
+void wv_rows_avx2(const int16_t* X, int64_t ldx, int64_t M, int64_t k0, const int32_t* P, int nv, int g0,
+                  int64_t kc2, int32_t* Cb, bool first, WvPrefetchPlan& pf) {
+  wv_row_chunks(M, [&](int64_t m0, int64_t mr) {
+    int32_t* cb = Cb + m0 * 64;
+    const int16_t* x = X + m0 * ldx + k0;
+#define FASTKERN_WV_TILE(R) wv_tile_avx2<R, NV>(x, ldx, P, nv, g0, kc2, cb, first, pf.next())
+    switch (mr) {
+      case 1: FASTKERN_WV_TILE(1); break;
+      case 2: FASTKERN_WV_TILE(2); break;
+      case 3: FASTKERN_WV_TILE(3); break;
+      case 4: FASTKERN_WV_TILE(4); break;
+      case 5: FASTKERN_WV_TILE(5); break;
+      default: FASTKERN_WV_TILE(6); break;
+    }
+#undef FASTKERN_WV_TILE
+  });
+}
+
+// X [M, K]: int16 rows from wv_x_avx2 (row stride ldx) -> o.
+void wv_gemm_avx2(const int16_t* X, int64_t ldx, int64_t M, const int8_t* W, int64_t N, int64_t K, const WvOut& o) {
+  const bool first_pf = wv_first_on();
+  parallel_rows(N, 16, 1, [&](int64_t r0, int64_t r1) {
+    if (first_pf) wv_prefetch_first(W, K, r0, std::min(r1, r0 + kWvRows));
+    std::vector<int32_t> buf(kWvRows * kWvKC2 / 2 + M * 64 + 8);
+    int32_t* P = buf.data();
+    int32_t* Cb = P + kWvRows * kWvKC2 / 2;
+    const int64_t chunks = (M + kWvMR - 1) / kWvMR, nkb = (K + kWvKC2 - 1) / kWvKC2;
+    for (int64_t n0 = r0; n0 < r1; n0 += kWvRows) {
+      const int64_t n1 = std::min(r1, n0 + kWvRows);
+      const int nv = int((n1 - n0 + 7) / 8);
+      WvPrefetchPlan pf(W, K, n1, std::min(r1, n1 + kWvRows), nkb * chunks * ((nv + 1) / 2),
+                        2 * ((std::min(kWvKC2, K) + 3) / 4));
+      for (int64_t k0 = 0; k0 < K; k0 += kWvKC2) {
+        const int64_t kc = std::min(kWvKC2, K - k0), kc2 = 2 * ((kc + 3) / 4);
+        wv_pack_avx2(W, N, K, n0, nv, k0, kc, P);
+        const bool first = k0 == 0, last = k0 + kWvKC2 >= K;
+        int g0 = 0;
+        for (; g0 + 2 <= nv; g0 += 2) wv_rows_avx2<2>(X, ldx, M, k0, P, nv, g0, kc2, Cb, first, pf);
+        if (g0 < nv) wv_rows_avx2<1>(X, ldx, M, k0, P, nv, g0, kc2, Cb, first, pf);
+        if (last) wv_finish_avx2(Cb, 0, M, nv, N, n0, o);
+      }
+    }
+  });
+}
+
+// sum_k x[m][k] of int8 rows
+FASTKERN_AVX2 void int8_row_sums(const int8_t* X, int64_t ldx, int64_t M, int64_t K, int32_t* out) {
+  for (int64_t m = 0; m < M; ++m) {
+    const int8_t* x = X + m * ldx;
+    __m256i s = _mm256_setzero_si256();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16)
+      s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + k))),
+                                                _mm256_set1_epi16(1)));
+    int32_t t = hsum8_i32_avx2(s);
+    for (; k < K; ++k) t += x[k];
+    out[m] = t;
+  }
+}
 #endif
 
 // ------------------------------------------------------------------ ops
@@ -1324,6 +1779,20 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a, const at::Tensor& b) {
   at::Tensor a2 = a.reshape({rows_of(a), K});
   const int64_t M = a2.size(0), Kp = round_up(K, 16);
 #if FASTKERN_X86
+  if (use_vnni512() && use_wv(true, M, N, K) && N > 0 && K > 0) {
+    at::Tensor C = at::empty({M, N}, a.options().dtype(at::kInt));
+    at::Tensor A8 = a2;
+    if (K % 4 != 0 || !a2.is_contiguous()) {  // the kernel reads whole 4-byte groups of x
+      A8 = at::zeros({M, round_up(K, 4)}, a.options());
+      A8.narrow(1, 0, K).copy_(a2);
+    }
+    int32_t xc[64];
+    int8_row_sums(A8.data_ptr<int8_t>(), A8.size(1), M, K, xc);
+    WvOut o;
+    o.c = C.data_ptr<int32_t>();
+    wv_gemm_vnni(A8.data_ptr<int8_t>(), A8.size(1), M, xc, bc.data_ptr<int8_t>(), N, K, o);
+    return C.reshape(out_shape(a, N));
+  }
   if (use_vnni512() && M > 0 && N > 0 && K > 0) {
     at::Tensor C = at::empty({M, N}, a.options().dtype(at::kInt));
     VnniOut o;
@@ -1348,6 +1817,13 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a, const at::Tensor& b) {
       at::Tensor A = at::zeros({M, Kp}, a.options().dtype(at::kShort));
       A.narrow(1, 0, K).copy_(a2);
       gemv_s16(A.data_ptr<int16_t>(), Kp, M, bc.data_ptr<int8_t>(), N, K, o);
+    } else if (use_wv(false, M, N, K)) {
+      at::Tensor A8 = a2.contiguous();
+      at::Tensor A = at::empty({M, Kp}, a.options().dtype(at::kShort));
+      wv_x_avx2(A8.data_ptr<int8_t>(), K, M, K, A.data_ptr<int16_t>(), Kp);
+      WvOut wo;
+      wo.c = o.c;
+      wv_gemm_avx2(A.data_ptr<int16_t>(), A.size(1), M, bc.data_ptr<int8_t>(), N, K, wo);
     } else {
       at::Tensor A8 = a2.contiguous();
       gemm_s16_avx2(A8.data_ptr<int8_t>(), K, M, bc.data_ptr<int8_t>(), N, K, o);
@@ -1582,6 +2058,17 @@ at::Tensor linear_w8a8_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
                                  S.data_ptr<float>() + m0);
     });
     at::Tensor out = at::empty({M, N}, X.options());
+    if (use_wv(true, M, N, K)) {
+      at::Tensor wsf = w_scale.to(at::kFloat).contiguous();
+      int32_t xc[64];
+      int8_row_sums(Q8.data_ptr<int8_t>(), Kq, M, K, xc);
+      WvOut wo;
+      wo.f = out.data_ptr<float>();
+      wo.sx = S.data_ptr<float>();
+      wo.ws = wsf.data_ptr<float>();
+      wv_gemm_vnni(Q8.data_ptr<int8_t>(), Kq, M, xc, wc.data_ptr<int8_t>(), N, K, wo);
+      return finish(out, bias, x, N);
+    }
     at::Tensor wsd = w_scale.to(at::kDouble).contiguous();
     VnniOut o;
     o.f = out.data_ptr<float>();
@@ -1603,6 +2090,16 @@ at::Tensor linear_w8a8_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
       at::Tensor Q = at::zeros({M, Kp}, X.options().dtype(at::kShort));
       quantize_rows_avx2<int16_t>(X.data_ptr<float>(), Kp, M, K, Q.data_ptr<int16_t>(), Kp, S.data_ptr<float>());
       gemv_s16(Q.data_ptr<int16_t>(), Kp, M, wc.data_ptr<int8_t>(), N, K, o);
+    } else if (use_wv(false, M, N, K)) {
+      at::Tensor Q = at::zeros({M, Kp}, X.options().dtype(at::kShort));
+      quantize_rows_avx2<int16_t>(X.data_ptr<float>(), Kp, M, K, Q.data_ptr<int16_t>(), Kp, S.data_ptr<float>());
+      wv_x_avx2(Q.data_ptr<int16_t>(), Kp, M, Kp, Q.data_ptr<int16_t>(), Kp);  // in place: 16 columns at a time
+      at::Tensor wsf = w_scale.to(at::kFloat).contiguous();
+      WvOut wo;
+      wo.f = o.f;
+      wo.sx = o.sx;
+      wo.ws = wsf.data_ptr<float>();
+      wv_gemm_avx2(Q.data_ptr<int16_t>(), Kp, M, wc.data_ptr<int8_t>(), N, K, wo);
     } else {
       at::Tensor Q8 = at::empty({M, Kp}, X.options().dtype(at::kChar));
       at::parallel_for(0, M, std::max<int64_t>(1, 65536 / K), [&](int64_t m0, int64_t m1) {
