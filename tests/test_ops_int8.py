@@ -204,6 +204,22 @@ def test_small_m_weight_vector_tails(isa, m, gen):
             check_int8_exact(gen, m, n, k)
 
 
+def int8_threads_check(gen, m, n, k, min_rows=False):
+    """int8_gemm and linear_w8a8 on fresh data with 1 and 2 threads: bitwise equal, and exact
+    against the references; min_rows puts -128 in every 7th weight row."""
+    a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
+    b = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+    if min_rows:
+        b[::7, ::3] = -128
+    x = torch.randn(m, k, generator=gen)
+    w, s = make_w8(gen, n, k)
+    one, two = on_1_and_2_threads(lambda: (native("int8_gemm")(a, b), native("linear_w8a8")(x, w, s, None)))
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+    assert torch.equal(one[0], ops.int8_gemm_ref(a, b))
+    assert torch.equal(one[1], ops.linear_w8a8_ref(x, w, s, None))
+    return a, b, x, w, s, one
+
+
 @NATIVE
 @pytest.mark.parametrize("isa", cpu_isas())
 @pytest.mark.parametrize("m", [5, 17, 64])
@@ -211,16 +227,8 @@ def test_small_m_weight_vector_threads_and_old_tiles(isa, m, gen, monkeypatch):
     # several 64-row blocks per thread and uneven 16-row shares: 1 and 2 threads bitwise equal;
     # FASTKERN_INT8_WV_MAX_M=0 (read per call) runs the same small shapes on the other kernels
     n, k = 900, 700
-    a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
-    b = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
-    b[::7, ::3] = -128
-    x = torch.randn(m, k, generator=gen)
-    w, s = make_w8(gen, n, k)
     with cpu_isa(isa):
-        one, two = on_1_and_2_threads(lambda: (native("int8_gemm")(a, b), native("linear_w8a8")(x, w, s, None)))
-        assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
-        assert torch.equal(one[0], ops.int8_gemm_ref(a, b))
-        assert torch.equal(one[1], ops.linear_w8a8_ref(x, w, s, None))
+        a, b, x, w, s, one = int8_threads_check(gen, m, n, k, min_rows=True)
         monkeypatch.setenv("FASTKERN_INT8_WV_MAX_M", "0")
         assert torch.equal(native("int8_gemm")(a, b), one[0])
         assert torch.equal(native("linear_w8a8")(x, w, s, None), one[1])
@@ -342,15 +350,8 @@ def test_int8_threads_bitwise_identical_large(isa, m, gen):
     # enough weight rows for several tasks per thread and uneven thread shares, K over two
     # K blocks; a GEMV row count and two GEMM ones
     n, k = 523, 2100
-    a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
-    b = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
-    x = torch.randn(m, k, generator=gen)
-    w, s = make_w8(gen, n, k)
     with cpu_isa(isa):
-        one, two = on_1_and_2_threads(lambda: (native("int8_gemm")(a, b), native("linear_w8a8")(x, w, s, None)))
-    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
-    assert torch.equal(one[0], ops.int8_gemm_ref(a, b))
-    assert torch.equal(one[1], ops.linear_w8a8_ref(x, w, s, None))
+        int8_threads_check(gen, m, n, k)
 
 
 @NATIVE

@@ -71,9 +71,29 @@ void gemv_i8_generic(const int16_t* A, int64_t lda, const int8_t* W, int64_t K, 
 }
 
 #if FASTKERN_X86
+// 8 x 8 dword transpose: lane j of r[i] -> lane i of t[j].
+FASTKERN_AVX2 inline void transpose8x8_epi32(const __m256i r[8], __m256i t[8]) {
+  __m256i a[8], b[8];
+  for (int j = 0; j < 4; ++j) {
+    a[2 * j] = _mm256_unpacklo_epi32(r[2 * j], r[2 * j + 1]);
+    a[2 * j + 1] = _mm256_unpackhi_epi32(r[2 * j], r[2 * j + 1]);
+  }
+  for (int h = 0; h < 2; ++h) {
+    b[4 * h + 0] = _mm256_unpacklo_epi64(a[4 * h], a[4 * h + 2]);
+    b[4 * h + 1] = _mm256_unpackhi_epi64(a[4 * h], a[4 * h + 2]);
+    b[4 * h + 2] = _mm256_unpacklo_epi64(a[4 * h + 1], a[4 * h + 3]);
+    b[4 * h + 3] = _mm256_unpackhi_epi64(a[4 * h + 1], a[4 * h + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    t[j] = _mm256_permute2x128_si256(b[j], b[4 + j], 0x20);
+    t[4 + j] = _mm256_permute2x128_si256(b[j], b[4 + j], 0x31);
+  }
+}
+
 // A is zero-padded to a multiple of 16 columns; W rows have exactly K bytes, so
 // the last partial 16-byte chunk goes through a zeroed copy instead of reading
 // past the end of the tensor.
+
 template <int MR, int NR>
 FASTKERN_AVX2 inline void gemv_i8_step(__m256i (&s)[MR][NR], const int16_t* A, int64_t lda,
                                        const int8_t* const* wp, int64_t k) {
@@ -1208,22 +1228,8 @@ FASTKERN_AVX2 void finish_s16(const int32_t* CT, int64_t Mp, int64_t M, int64_t 
     for (int64_t m0 = 0; m0 < M; m0 += 8) {
       __m256i r[8];
       for (int j = 0; j < 8; ++j) r[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(CT + (n - n0 + j) * Mp + m0));
-      // 8 x 8 int32 transpose: r[j] lane i -> t[i] lane j
-      __m256i a[8], b[8], t[8];
-      for (int j = 0; j < 4; ++j) {
-        a[2 * j] = _mm256_unpacklo_epi32(r[2 * j], r[2 * j + 1]);
-        a[2 * j + 1] = _mm256_unpackhi_epi32(r[2 * j], r[2 * j + 1]);
-      }
-      for (int g = 0; g < 2; ++g) {
-        b[4 * g + 0] = _mm256_unpacklo_epi64(a[4 * g], a[4 * g + 2]);
-        b[4 * g + 1] = _mm256_unpackhi_epi64(a[4 * g], a[4 * g + 2]);
-        b[4 * g + 2] = _mm256_unpacklo_epi64(a[4 * g + 1], a[4 * g + 3]);
-        b[4 * g + 3] = _mm256_unpackhi_epi64(a[4 * g + 1], a[4 * g + 3]);
-      }
-      for (int c = 0; c < 4; ++c) {
-        t[c] = _mm256_permute2x128_si256(b[c], b[4 + c], 0x20);
-        t[4 + c] = _mm256_permute2x128_si256(b[c], b[4 + c], 0x31);
-      }
+      __m256i t[8];
+      transpose8x8_epi32(r, t);
       const int64_t mm = std::min<int64_t>(8, M - m0);
       for (int64_t i = 0; i < mm; ++i) {
         const int64_t m = m0 + i;
@@ -1594,21 +1600,8 @@ FASTKERN_AVX2 void wv_pack_avx2(const int8_t* W, int64_t N, int64_t K, int64_t n
           r[i] = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail));
         }
       }
-      __m256i a[8], b[8], t[8];  // 8 x 8 dword transpose: r[i] lane j -> t[j] lane i
-      for (int j = 0; j < 4; ++j) {
-        a[2 * j] = _mm256_unpacklo_epi32(r[2 * j], r[2 * j + 1]);
-        a[2 * j + 1] = _mm256_unpackhi_epi32(r[2 * j], r[2 * j + 1]);
-      }
-      for (int h = 0; h < 2; ++h) {
-        b[4 * h + 0] = _mm256_unpacklo_epi64(a[4 * h], a[4 * h + 2]);
-        b[4 * h + 1] = _mm256_unpackhi_epi64(a[4 * h], a[4 * h + 2]);
-        b[4 * h + 2] = _mm256_unpacklo_epi64(a[4 * h + 1], a[4 * h + 3]);
-        b[4 * h + 3] = _mm256_unpackhi_epi64(a[4 * h + 1], a[4 * h + 3]);
-      }
-      for (int j = 0; j < 4; ++j) {
-        t[j] = _mm256_permute2x128_si256(b[j], b[4 + j], 0x20);
-        t[4 + j] = _mm256_permute2x128_si256(b[j], b[4 + j], 0x31);
-      }
+      __m256i t[8];
+      transpose8x8_epi32(r, t);
       const int64_t t1 = std::min<int64_t>(8, kc4 - c / 4);
       for (int64_t j = 0; j < t1; ++j) {
         const int64_t q = 2 * (c / 4 + j);
