@@ -134,15 +134,15 @@ FASTKERN_AVX2 void w4_dequant_avx2(const W4& p, int64_t n0, int64_t nb, int64_t 
 // at k0 + k (zero for rows <= r < width), the same fp32 operations as the reference.
 // 8 rows x 8 k at a time: each row's 4 bytes are spread to 8 lanes (variable shifts),
 // converted and scaled, and the 8 x 8 block is transposed in registers into 8 stores,
-// with no dequantized copy in between. Needs g % 8 == 0 and k0 % 8 == 0 (8 consecutive
-// k share a group); a K tail under 8 goes element by element.
+// with no dequantized copy in between. Needs g % 8 == 0 (8 consecutive k share a group)
+// and k0, kc multiples of 8 (K is a multiple of g).
 FASTKERN_AVX2 void w4_pack_sliver_avx2(const W4& p, int64_t row0, int rows, int64_t k0, int64_t kc, int width,
                                        float* dst) {
   const __m256i sh = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), m4 = _mm256_set1_epi32(15);
   float sv[32], zv[32];  // the group's scale and zero point per row (width <= 32)
   int64_t k = 0;
-  while (k + 8 <= kc) {
-    const int64_t gi = (k0 + k) / p.g, ge = std::min(kc & ~int64_t(7), (gi + 1) * p.g - k0);
+  while (k < kc) {
+    const int64_t gi = (k0 + k) / p.g, ge = std::min(kc, (gi + 1) * p.g - k0);
     for (int r = 0; r < rows; ++r) {
       sv[r] = p.s[(row0 + r) * p.G + gi];
       zv[r] = float(p.z[(row0 + r) * p.G + gi]);
@@ -170,17 +170,6 @@ FASTKERN_AVX2 void w4_pack_sliver_avx2(const W4& p, int64_t row0, int rows, int6
       }
     }
   }
-  for (; k < kc; ++k)
-    for (int r = 0; r < width; ++r) {
-      float& d = dst[k * width + r];
-      if (r >= rows) {
-        d = 0.f;
-        continue;
-      }
-      const int64_t n = row0 + r, kk = k0 + k, gi = kk / p.g;
-      const uint8_t b = p.w[n * p.ldw + kk / 2];
-      d = (float((kk & 1) ? b >> 4 : b & 15) - float(p.z[n * p.G + gi])) * p.s[n * p.G + gi];
-    }
 }
 #endif
 
@@ -197,7 +186,7 @@ struct W4Packer {
     alignas(64) float tmp[32 * gemm::kKC];
     const int64_t kk = kc & ~int64_t(1), ld = gemm::kKC;
 #if FASTKERN_X86
-    if (fused && isa >= Isa::Avx2 && p->g % 8 == 0 && k0 % 8 == 0 && width % 8 == 0 && width <= 32) {
+    if (fused && isa >= Isa::Avx2 && p->g % 8 == 0 && k0 % 8 == 0 && kc % 8 == 0 && width % 8 == 0 && width <= 32) {
       w4_pack_sliver_avx2(*p, row0, rows, k0, kc, width, dst);
       return;
     }
@@ -651,13 +640,13 @@ inline int w4_span16(int64_t nc) {
 
 using RowsFn = void (*)(const W4&, const Limbs&, const KRange&, int64_t, int64_t, int64_t, float*, int64_t);
 
-template <int MR, int L>
+template <int L>
 RowsFn w4_rows16_fn(int cs) {
   switch (cs) {
-    case 1: return &w4l_rows16_avx2<MR, L, 1>;
-    case 2: return &w4l_rows16_avx2<MR, L, 2>;
-    case 3: return &w4l_rows16_avx2<MR, L, 3>;
-    default: return &w4l_rows16_avx2<MR, L, 4>;
+    case 1: return &w4l_rows16_avx2<1, L, 1>;
+    case 2: return &w4l_rows16_avx2<1, L, 2>;
+    case 3: return &w4l_rows16_avx2<1, L, 3>;
+    default: return &w4l_rows16_avx2<1, L, 4>;
   }
 }
 
@@ -960,7 +949,7 @@ void w4l_gemv16_avx2(const W4& p, const Limbs& q, int64_t M, int64_t N, float* Y
   // tiles vs one row): m = 3 / 8: 6.8 / 16.6 ms against 5.4 / 13.3; 4096x4096 m = 4 / 12:
   // 1.45 / 4.6 against 0.99 / 3.6; bf16 m = 8: 8.2 against 7.3. Pairs (g = 32): m = 4 11 vs
   // 9.6, m = 12 16 vs 18 (kept at 3).
-  const RowsFn f1 = pair ? &w4l_rows16p_avx2<1, L> : w4_rows16_fn<1, L>(cs);
+  const RowsFn f1 = pair ? &w4l_rows16p_avx2<1, L> : w4_rows16_fn<L>(cs);
   const RowsFn f2 = pair ? &w4l_rows16p_avx2<2, L> : nullptr;
   const RowsFn f3 = pair ? &w4l_rows16p_avx2<3, L> : nullptr;
   const int64_t mr_max = pair ? 3 : 1;
