@@ -289,15 +289,18 @@ def avx2_or_skip():
 
 
 @NATIVE
-@pytest.mark.parametrize("m", [4, 5, 8, 9, 15, 17, 24, 40])
-def test_avx2_gemm_tails(m, gen):
-    # The AVX2 (no VNNI) GEMM for m > 3: x packed as int16 pairs in blocks of 16 rows (the last
-    # 8 or 16 wide), 4-row weight tiles and 1-row tails, 32-row tasks in 8-row thread shares,
-    # 1024-column K blocks widened in 16s (odd K: a half pair), 8 x 8 transposed output blocks
-    # and their row / column tails; exact for int8_gemm and bit-identical W8A8.
+@pytest.mark.parametrize("m", [4, 5, 8, 9, 15, 17, 24, 40, 70])
+def test_avx2_gemm_tails(m, gen, monkeypatch):
+    # The AVX2 (no VNNI) GEMM for m > 3 (the small-layer weight-vector kernels, which would
+    # take these small weights up to m = 64, turned off): x packed as int16 pairs in blocks of
+    # 16 rows (the last 8 or 16 wide), 6-row weight tiles with 4-, 2- and 1-row tails, 48-row
+    # tasks in 8-row thread shares, 1024-column K blocks widened in 16s (odd K: a half pair),
+    # 8 x 8 transposed output blocks and their row / column tails; exact for int8_gemm and
+    # bit-identical W8A8.
     avx2_or_skip()
+    monkeypatch.setenv("FASTKERN_INT8_WV_MAX_M", "0")
     with cpu_isa("avx2"):
-        for n in (1, 3, 4, 5, 9, 37, 70):
+        for n in (1, 3, 4, 5, 6, 7, 9, 13, 37, 70, 101):
             for k in (1, 2, 3, 17, 33, 1025, 2050):
                 check_int8_exact(gen, m, n, k)
 
