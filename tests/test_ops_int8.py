@@ -306,6 +306,27 @@ def test_avx2_gemm_tails(m, gen, monkeypatch):
 
 
 @NATIVE
+@pytest.mark.parametrize("m", [17, 24, 70, 257])
+def test_w8a16_avx2_gemm_tails_and_threads(m, gen, monkeypatch):
+    # AVX2 without AVX-512, m > 16: the fp32 GEMM (skinny_gemm up to m = 256, blocked_gemm at
+    # 257) with its B slivers dequantized from the int8 rows in 8 x 8 blocks (K tails element by
+    # element): sliver (16-column) tails in N, K within and across 192-wide KC blocks; 1 and 2
+    # threads bitwise equal; FASTKERN_W8A16_AVX2=panel still runs the dequantized panels.
+    avx2_or_skip()
+    with cpu_isa("avx2"):
+        for n, k in ((1, 1), (5, 7), (16, 9), (17, 33), (37, 300), (70, 1100)):
+            x = torch.randn(m, k, generator=gen)
+            w, s = make_w8(gen, n, k)
+            ref = ops.linear_w8a16_ref(x, w, s, None)
+            one, two = on_1_and_2_threads(native("linear_w8a16"), x, w, s, None)
+            assert torch.equal(one, two), (n, k)
+            assert_close_rel(two, ref, torch.float32)
+            monkeypatch.setenv("FASTKERN_W8A16_AVX2", "panel")
+            assert_close_rel(native("linear_w8a16")(x, w, s, None), ref, torch.float32)
+            monkeypatch.delenv("FASTKERN_W8A16_AVX2")
+
+
+@NATIVE
 @pytest.mark.parametrize("isa", cpu_isas())
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 9, 17, 40])
 def test_int8_minus_128_exact_on_every_path(isa, m, gen):

@@ -7,7 +7,9 @@
 //
 // AVX2: small M (<= kGemvMaxM) streams the int8 weight once, one stream per thread, and
 // widens it in registers; larger M runs a transposed-tile GEMM on int16 pairs (section
-// "AVX2 without VNNI"). W8A16 widens / dequantizes one cache-sized weight panel at a time.
+// "AVX2 without VNNI"). W8A16 above its GEMV rows runs the fp32 GEMM drivers with B slivers
+// dequantized from the int8 rows (section "W8A16 GEMM, AVX2"; the generic path dequantizes
+// one cache-sized weight panel at a time).
 // The previous AVX2 integer path (int16 panels, row-vector dot tiles) stays selectable with
 // FASTKERN_INT8_AVX2=panel, for A/B timing; it is also what the generic path runs. With
 // AVX-512 VNNI the integer product (int8_gemm, linear_w8a8) runs on vpdpbusd instead: a
@@ -18,11 +20,14 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <type_traits>
 #include <vector>
 
+#include "cpu/gemm_blocked.h"
+#include "cpu/gemm_skinny.h"
 #include "cpu/quant_common.h"
 
 namespace fastkern {
@@ -1860,6 +1865,78 @@ void check_w8(const char* op, const at::Tensor& x, const at::Tensor& w, const at
   check_bias(op, bias, w.size(0));
 }
 
+// ------------------------------------------------------------------ W8A16 GEMM, AVX2 (fp32 FMA)
+//
+// Above the GEMV's rows (kW8a16GemvMaxM), without AVX-512: the fp32 GEMM drivers
+// (skinny_gemm up to its M, blocked_gemm above) around the AVX2 6 x 16 micro-kernel, their
+// B slivers filled straight from the int8 rows: float(w) * s per element, the reference's
+// dequantization, converted and scaled 8 rows x 8 k at a time and transposed in registers
+// into the packed layout (no dequantized panel in memory). FASTKERN_W8A16_AVX2=panel (read
+// on every call) runs the previous dequantized-panel dot tiles instead.
+
+#if FASTKERN_X86
+// dst[k * width + r] = float(W[row0 + r][k0 + k]) * s[row0 + r] for k < kc (0 for rows <= r < width);
+// width a multiple of 8.
+FASTKERN_AVX2 void w8_pack_sliver_avx2(const int8_t* W, int64_t K, const float* s, int64_t row0, int rows,
+                                       int64_t k0, int64_t kc, int width, float* dst) {
+  int64_t k = 0;
+  for (; k + 8 <= kc; k += 8) {
+    const int8_t* wb = W + row0 * K + k0 + k;
+    for (int g8 = 0; g8 < width; g8 += 8) {
+      __m256 v[8];
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) {
+        const int r = g8 + i;
+        if (r < rows) {
+          int64_t b;
+          std::memcpy(&b, wb + r * K, 8);
+          v[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(b))),
+                               _mm256_broadcast_ss(s + row0 + r));
+        } else {
+          v[i] = _mm256_setzero_ps();
+        }
+      }
+      gemm::transpose8x8(v);
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + (k + i) * width + g8, v[i]);
+    }
+  }
+  for (; k < kc; ++k)
+    for (int r = 0; r < width; ++r)
+      dst[k * width + r] = r < rows ? float(W[(row0 + r) * K + k0 + k]) * s[row0 + r] : 0.f;
+}
+
+struct W8Packer {
+  const int8_t* w;
+  const float* s;
+  int64_t K;
+  void operator()(int64_t row0, int rows, int64_t k0, int64_t kc, int width, float* dst) const {
+    w8_pack_sliver_avx2(w, K, s, row0, rows, k0, kc, width, dst);
+  }
+  // the bytes of rows [row0, row0 + rows), k in [k0, k0 + kc) (skinny_gemm)
+  void prefetch(int64_t row0, int rows, int64_t k0, int64_t kc) const {
+    gemm::prefetch_rows(w + row0 * K, K, rows, k0, kc);
+  }
+};
+
+bool w8a16_avx2_panel() {
+  const char* e = std::getenv("FASTKERN_W8A16_AVX2");
+  return e && std::string(e) == "panel";
+}
+
+// Y [M, N] = X [M, K] (fp32, row stride ldx) x (float(W) * s)^T
+void w8a16_gemm_avx2(const float* X, int64_t ldx, int64_t M, const int8_t* W, const float* s, int64_t N, int64_t K,
+                     float* Y) {
+  const Isa isa = active_isa();
+  const gemm::StridedRows<float> pa{X, ldx, 1, isa};
+  const W8Packer pb{W, s, K};
+  if (M <= gemm::skinny_max_m())
+    gemm::skinny_gemm(M, N, K, gemm::micro_kernel(isa), pa, pb, Y, N);
+  else
+    gemm::blocked_gemm(M, N, K, gemm::micro_kernel(isa), pa, pb, Y, N);
+}
+#endif
+
 at::Tensor linear_w8a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
                             const c10::optional<at::Tensor>& bias) {
   check_w8("linear_w8a16", x, w, w_scale, bias);
@@ -1891,6 +1968,12 @@ at::Tensor linear_w8a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
 #if FASTKERN_X86
     if (Mx >= w8a16_gemm_min_m(false) && active_isa() >= Isa::Avx512) {
       w8a16_gemm_avx512(xp, ldx, Mx, wp, sp, N, K, yp);
+      return finish(Y, bias, x, N);
+    }
+#endif
+#if FASTKERN_X86
+    if (Mx > kW8a16GemvMaxM && avx2 && gemm::micro_kernel(active_isa()).nr % 8 == 0 && !w8a16_avx2_panel()) {
+      w8a16_gemm_avx2(xp, ldx, Mx, wp, sp, N, K, yp);
       return finish(Y, bias, x, N);
     }
 #endif
