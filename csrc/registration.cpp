@@ -89,6 +89,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "Measured fp32 FMA throughput (GFLOP/s) of register-only loops on every torch thread, "
       "on the active CPU kernel path");
   m.def(
+      "int8_peak",
+      [](double seconds) {
+        const auto r = fastkern::cpu::measure_int8_peak(seconds);
+        pybind11::dict d;
+        d["exact_gmacs"] = r.exact_gmacs;
+        d["u8s8_gmacs"] = r.u8s8_gmacs;
+        d["threads"] = r.threads;
+        return d;
+      },
+      pybind11::arg("seconds") = 0.25,
+      "Measured int8 multiply-accumulate throughput (GMAC/s, every torch thread) of register-only AVX2 "
+      "loops: the exact int16 mix (vpmaddwd + vpaddd) and the u8 x s8 mix (vpmaddubsw + vpmaddwd + vpaddd); "
+      "0 without AVX2");
+  m.def(
       "read_bw",
       [](int64_t nbytes, int reps) {
         const auto isa = std::string(fastkern::cpu::isa_name(fastkern::cpu::active_isa()));

@@ -59,6 +59,11 @@ def test_json_is_well_formed(result):
     assert "read bandwidth at the end" in report.ceilings_line(result)
     if _ext._C is not None:
         assert c["fma_peak_gflops"] > 0 and _ext._C.cpu_isa() in c["fma_peak_measured_note"]
+        assert c["w4a16_compute_gbs"] > 0 and _ext._C.cpu_isa() in c["w4a16_compute_note"]
+        if _ext._C.cpu_features()["avx2"]:
+            assert c["int8_peak"]["exact_gmacs"] > 0 and c["int8_peak"]["u8s8_gmacs"] > 0
+    # the ceilings of the targets, in the JSON and under the targets in the reports
+    assert result["target_ceilings"] == targets_mod().ceiling_rows(result)
 
 
 @pytest.mark.skipif(_ext._C is None, reason="fastkern._C is not built")
@@ -75,6 +80,46 @@ def test_native_probe_runs_each_path(isa, probe):
         _ext._C.set_cpu_isa("auto")
     assert r["isa"] == isa and r["gflops" if probe == "fma_peak" else "gbs"] > 0
     assert r["threads"] == torch.get_num_threads()
+
+
+def targets_mod():
+    from fastkern.bench import targets
+
+    return targets
+
+
+@pytest.mark.skipif(_ext._C is None or not _ext._C.cpu_features()["avx2"], reason="needs fastkern._C and AVX2")
+def test_int8_peak_probe():
+    # both mixes run on every thread; 32 products per u8 x s8 triple against 16 per exact
+    # pair, so the u8 x s8 rate is the higher one on any AVX2 core (two multiply ports)
+    r = _ext._C.int8_peak(0.05)
+    assert r["threads"] == torch.get_num_threads()
+    assert 0 < r["exact_gmacs"] < 1.5 * r["u8s8_gmacs"]
+
+
+def test_ceiling_rows_from_the_runs_measurements():
+    targets = targets_mod()
+    res = {"ceilings": {"device": "cpu", "read_bw_gbs": 50.0, "w4a16_compute_gbs": 30.0,
+                        "w4a16_compute_note": "probe", "int8_peak": {"exact_gmacs": 90.0, "u8s8_gmacs": 100.0},
+                        "fma_peak_gflops": 200.0, "matmul_gflops": {"fp32": 160.0}, "matmul_n": 2048},
+           "results": [
+               {"kind": "fastkern", "op": "linear_w4a16", "m": 1, "status": "ok", "read_bw_window_gbs": 40.0},
+               {"kind": "fastkern", "op": "linear_w4a16", "m": 1, "status": "ok", "read_bw_window_gbs": 60.0},
+               {"kind": "peer", "name": "FBGEMM dynamic int8", "ops": ["linear_w8a8"], "m": 1, "status": "ok",
+                "pct_bw": 80.0},
+               {"kind": "peer", "name": "FBGEMM dynamic int8", "ops": ["linear_w8a8"], "m": 64, "status": "ok",
+                "pct_bw": 5.0}]}
+    rows = {r["target"]: r for r in targets.ceiling_rows(res)}
+    bw = rows["W4A16 M=1: >= 85% of read bandwidth"]
+    assert bw["ceiling"] == pytest.approx(75.0) and bw["ceiling_lo"] == pytest.approx(50.0)
+    fb4 = rows["W4A16 M=1: >= 1.5x FBGEMM dynamic int8"]
+    assert fb4["ceiling"] == pytest.approx(1.5) and fb4["ceiling_lo"] == pytest.approx(1.0)
+    assert rows["W8A8 M=1: >= 1.2x FBGEMM"]["ceiling"] == pytest.approx(1.25)
+    assert rows["W8A8 M>=64: >= 1.0x FBGEMM"]["ceiling"] == pytest.approx(0.9)
+    assert rows["dense fp32 GEMM 2048^3: >= 1.5x torch"]["ceiling"] == pytest.approx(1.25)
+    text = targets.render_ceilings(list(rows.values()))
+    assert "at most 50% - 75%" in text and "at most 0.90x" in text
+    assert targets.ceiling_rows({"ceilings": {"device": "cuda"}, "results": []}) == []
 
 
 def test_every_op_timed_with_its_peers(result):
@@ -128,6 +173,8 @@ def test_markdown_summary_written(run_dir, result):
     fk = [e for e in result["results"] if e["kind"] == "fastkern" and e["status"] == "ok"]
     assert len(rows) == len(fk) and fk
     assert "vs fp32" in text and "48x128" in text and "DESIGN" in text
+    if result["target_ceilings"]:
+        assert "Ceilings measured in this run" in text and result["target_ceilings"][0]["target"] in text
 
 
 def test_plot_written(run_dir):

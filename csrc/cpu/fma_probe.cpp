@@ -116,6 +116,91 @@ FmaPeak measure_fma_peak(double seconds) {
 
 namespace {
 
+#if FASTKERN_X86
+// 12 accumulators (ymm0-11), like the AVX2 int8 GEMM's 6 x 2 tile, in asm so that the
+// compiler neither merges the identical products nor spills the accumulators.
+#define FASTKERN_I8_REGS "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", \
+                         "xmm11", "xmm12", "xmm13", "xmm14", "xmm15"
+#define FASTKERN_I8_EXACT(r) "vpmaddwd %%ymm13, %%ymm12, %%ymm14\n\tvpaddd %%ymm14, %%" r ", %%" r "\n\t"
+#define FASTKERN_I8_U8S8(r)                                 \
+  "vpmaddubsw %%ymm13, %%ymm12, %%ymm14\n\t"               \
+  "vpmaddwd %%ymm15, %%ymm14, %%ymm14\n\t"                 \
+  "vpaddd %%ymm14, %%" r ", %%" r "\n\t"
+#define FASTKERN_I8_TWELVE(M) \
+  M("ymm0") M("ymm1") M("ymm2") M("ymm3") M("ymm4") M("ymm5") M("ymm6") M("ymm7") M("ymm8") M("ymm9") M("ymm10") M("ymm11")
+#define FASTKERN_I8_PROLOGUE                                                                              \
+  "vpxor %%xmm0, %%xmm0, %%xmm0\n\tvmovdqa %%ymm0, %%ymm1\n\tvmovdqa %%ymm0, %%ymm2\n\t"                  \
+  "vmovdqa %%ymm0, %%ymm3\n\tvmovdqa %%ymm0, %%ymm4\n\tvmovdqa %%ymm0, %%ymm5\n\tvmovdqa %%ymm0, %%ymm6\n\t" \
+  "vmovdqa %%ymm0, %%ymm7\n\tvmovdqa %%ymm0, %%ymm8\n\tvmovdqa %%ymm0, %%ymm9\n\tvmovdqa %%ymm0, %%ymm10\n\t" \
+  "vmovdqa %%ymm0, %%ymm11\n\t"                                                                          \
+  "vpcmpeqd %%ymm12, %%ymm12, %%ymm12\n\tvpsrlw $9, %%ymm12, %%ymm13\n\tvpsrlw $15, %%ymm12, %%ymm15\n\t"
+#define FASTKERN_I8_EPILOGUE                                                                        \
+  "vpaddd %%ymm1, %%ymm0, %%ymm0\n\tvpaddd %%ymm3, %%ymm2, %%ymm2\n\tvpaddd %%ymm5, %%ymm4, %%ymm4\n\t" \
+  "vpaddd %%ymm7, %%ymm6, %%ymm6\n\tvpaddd %%ymm9, %%ymm8, %%ymm8\n\tvpaddd %%ymm11, %%ymm10, %%ymm10\n\t" \
+  "vpaddd %%ymm2, %%ymm0, %%ymm0\n\tvpaddd %%ymm6, %%ymm4, %%ymm4\n\tvpaddd %%ymm10, %%ymm8, %%ymm8\n\t" \
+  "vpaddd %%ymm4, %%ymm0, %%ymm0\n\tvpaddd %%ymm8, %%ymm0, %%ymm0\n\tvmovd %%xmm0, %1\n\tvzeroupper\n\t"
+
+FASTKERN_AVX2 int int8_exact_avx2(int64_t iters) {
+  int out = 0;
+  if (iters <= 0) return 0;
+  asm volatile(FASTKERN_I8_PROLOGUE "1:\n\t" FASTKERN_I8_TWELVE(FASTKERN_I8_EXACT) "dec %0\n\tjnz 1b\n\t"
+               FASTKERN_I8_EPILOGUE
+               : "+r"(iters), "=r"(out)
+               :
+               : FASTKERN_I8_REGS, "cc");
+  return out;
+}
+
+FASTKERN_AVX2 int int8_u8s8_avx2(int64_t iters) {
+  int out = 0;
+  if (iters <= 0) return 0;
+  asm volatile(FASTKERN_I8_PROLOGUE "1:\n\t" FASTKERN_I8_TWELVE(FASTKERN_I8_U8S8) "dec %0\n\tjnz 1b\n\t"
+               FASTKERN_I8_EPILOGUE
+               : "+r"(iters), "=r"(out)
+               :
+               : FASTKERN_I8_REGS, "cc");
+  return out;
+}
+
+// GMAC/s of fn on every thread: calibrated to ~seconds / 5 per run, best of 5
+double int8_rate(int (*fn)(int64_t), int64_t macs_per_iter, double seconds, int threads, std::vector<int>& sink) {
+  auto once = [&](int64_t iters) {
+    const auto t0 = std::chrono::steady_clock::now();
+    at::parallel_for(0, threads, 1, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) sink[t] += fn(iters);
+    });
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    return static_cast<double>(threads) * iters * macs_per_iter / s;
+  };
+  int64_t iters = 1 << 14;
+  const double rate = once(iters);
+  iters = std::max<int64_t>(iters, static_cast<int64_t>(rate * std::max(seconds, 0.01) / 5 /
+                                                        (static_cast<double>(threads) * macs_per_iter)));
+  double best = 0;
+  for (int r = 0; r < 5; ++r) best = std::max(best, once(iters));
+  return best * 1e-9;
+}
+#endif
+
+}  // namespace
+
+Int8Peak measure_int8_peak(double seconds) {
+  const int threads = std::max(1, at::get_num_threads());
+  Int8Peak r{0.0, 0.0, threads, 0};
+#if FASTKERN_X86
+  if (!features().avx2 || !features().fma) return r;
+  std::vector<int> sink(threads, 0);
+  r.exact_gmacs = int8_rate(int8_exact_avx2, int64_t{kChains} * 16, seconds / 2, threads, sink);
+  r.u8s8_gmacs = int8_rate(int8_u8s8_avx2, int64_t{kChains} * 32, seconds / 2, threads, sink);
+  for (int v : sink) r.checksum += v;
+#else
+  (void)seconds;
+#endif
+  return r;
+}
+
+namespace {
+
 // XOR of every 64-bit word in [p, p + n), n a multiple of 256: the result depends on
 // every byte, so no load is dead.
 #if FASTKERN_X86

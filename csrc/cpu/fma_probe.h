@@ -15,6 +15,20 @@ struct FmaPeak {
 // Runs register-only FMA loops on every torch thread for about `seconds`.
 FmaPeak measure_fma_peak(double seconds);
 
+// int8 multiply-accumulate throughput of two AVX2 instruction mixes, register-only, on
+// every torch thread (GMAC/s, all threads; 0 where the CPU has no AVX2):
+// - exact: vpmaddwd + vpaddd on int16-widened operands (16 products per pair), what
+//   fastkern's AVX2 int8 GEMM runs (exact for the whole int8 range);
+// - u8s8: vpmaddubsw + vpmaddwd (ones) + vpaddd (32 products per triple), the mix of
+//   FBGEMM's AVX2 kernels, which needs activations of at most 7 bits to never saturate.
+struct Int8Peak {
+  double exact_gmacs;
+  double u8s8_gmacs;
+  int threads;
+  int checksum;
+};
+Int8Peak measure_int8_peak(double seconds);
+
 // Streaming read bandwidth (GB/s) of this extension's own vector loads: every
 // torch thread reads its contiguous share of an `nbytes` buffer (written once
 // beforehand, so its pages are real) with independent accumulators and software

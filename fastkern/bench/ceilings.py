@@ -8,7 +8,11 @@
   int8 on GPU);
 - the CPU's fp32 FMA peak, measured with register-only FMA loops on every thread
   (fastkern._C.fma_peak, on the active kernel path), and for reference an estimate
-  from the clock and vector width when the clock can be read.
+  from the clock and vector width when the clock can be read;
+- for the ceilings of DESIGN §6's CPU targets (targets.ceiling_rows): the int8
+  multiply-accumulate rates of the exact int16 AVX2 mix and of FBGEMM's u8 x s8 mix
+  (fastkern._C.int8_peak), and fastkern's W4A16 M=1 rate with its weight in the
+  last-level cache (its compute rate, w4a16_compute_gbs).
 """
 import glob
 import os
@@ -175,6 +179,47 @@ def fma_peak_measured(min_run_time: float):
     return r["gflops"], "register-only FMA loops, %s path, %d threads" % (r["isa"], r["threads"])
 
 
+def int8_peak_measured(min_run_time: float):
+    """({exact_gmacs, u8s8_gmacs, threads}, note) of fastkern._C.int8_peak, or (None, why)."""
+    probe, why = _native_probe("int8_peak")
+    if probe is None:
+        return None, why
+    r = probe(max(0.1, min_run_time))
+    if not r["exact_gmacs"]:
+        return None, "this CPU has no AVX2"
+    return dict(r), "register-only AVX2 loops, %d threads" % r["threads"]
+
+
+W4A16_PROBE = (4096, 4096, 128)  # N, K, group size
+
+
+def w4a16_compute_gbs(min_run_time: float):
+    """(GB/s, note) of fastkern's W4A16 at M=1 with fp32 activations on a weight that stays in
+    the last-level cache (one copy, re-read every call; N x K x g = W4A16_PROBE), counting the
+    bytes as the harness does (weight, scales, zero points, x and y): the rate the kernel
+    computes at when memory is not what bounds it, so the most %BW it can reach. (None, why)
+    where fastkern's CPU kernels are not built."""
+    probe, why = _native_probe("cpu_isa")
+    if probe is None:
+        return None, why
+    from fastkern.bench.inputs import tensor_bytes
+
+    n, k, g = W4A16_PROBE
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=gen)
+    s = torch.rand(n, k // g, generator=gen) * 0.01
+    z = torch.randint(0, 16, (n, k // g), dtype=torch.uint8, generator=gen)
+    x = torch.randn(1, k, generator=gen)
+    op = torch.ops.fastkern_C.linear_w4a16
+
+    def fn(xx, c):
+        return op(xx, w, s, z, g, None)
+
+    t = time_rotator(Rotator(fn, x, [()]), "cpu", min_run_time)
+    nbytes = tensor_bytes(w, s, z, x, fn(x, None))
+    return nbytes / (t.ms * 1e-3) / 1e9, "%dx%d g%d M=1 fp32, %s path, weight in the LLC" % (n, k, g, probe())
+
+
 def measure_ceilings(device: str, *, bw_bytes: Optional[int] = None, peak_n: Optional[int] = None,
                      min_run_time: float = 0.3) -> dict:
     """Ceilings for the % columns: read_bw_gbs and matmul_gflops[dtype] (+ llc_bytes, FMA estimate)."""
@@ -205,6 +250,8 @@ def measure_ceilings(device: str, *, bw_bytes: Optional[int] = None, peak_n: Opt
         c["fma_peak_gflops_est"] = est
         c["fma_peak_note"] = note
         c["fma_peak_gflops"], c["fma_peak_measured_note"] = fma_peak_measured(min_run_time)
+        c["int8_peak"], c["int8_peak_note"] = int8_peak_measured(min_run_time)
+        c["w4a16_compute_gbs"], c["w4a16_compute_note"] = w4a16_compute_gbs(min_run_time)
     c["matmul_gflops"] = peaks
     return c
 

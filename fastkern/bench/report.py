@@ -206,7 +206,11 @@ def _targets_text(result):
     rows = result.get("targets")
     if rows is None:
         rows = targets.evaluate(result)
-    return "\n" + targets.render_text(rows)
+    ceil = result.get("target_ceilings")
+    if ceil is None:
+        ceil = targets.ceiling_rows(result)
+    text = "\n" + targets.render_text(rows)
+    return text + ("\n" + targets.render_ceilings(ceil) if ceil else "")
 
 
 def _console():

@@ -338,6 +338,7 @@ def run_benchmark(cases: Sequence[Case], cfg: RunConfig, *, argv=None,
     config["cases"] = len(cases)
     result = {"schema": SCHEMA, "metadata": meta, "config": config, "ceilings": ceilings, "results": results}
     result["targets"] = targets.evaluate(result)
+    result["target_ceilings"] = targets.ceiling_rows(result)
     return result
 
 

@@ -90,6 +90,75 @@ def evaluate(result: dict) -> List[dict]:
     return rows
 
 
+def ceiling_rows(result: dict) -> List[dict]:
+    """What this run's own measurements allow for the CPU targets that depend on more than
+    fastkern's kernels: rows {target, ceiling, unit, how}, from result["ceilings"] (the
+    probes of ceilings.measure_ceilings) and the peers' entries.
+
+    - W4A16 M=1 %BW: fastkern's W4A16 rate with its weight in the LLC (its compute rate)
+      against the read bandwidth: a kernel that computes slower than memory streams cannot
+      reach more than that share of it.
+    - W4A16 M=1 vs FBGEMM: FBGEMM reads an int8 weight, twice the int4 bytes, at best at the
+      read bandwidth; fastkern at the smaller of the bandwidth and its compute rate.
+    - W8A8 M=1 vs FBGEMM: both stream the same int8 weight, so 100 / (FBGEMM's %BW).
+    - W8A8 M>=64 vs FBGEMM: the exact int16 product mix against FBGEMM's u8 x s8 mix, both
+      register-only (the same share of their own peak gives this ratio).
+    - gemm vs torch: the FMA peak over torch's own fp32 matmul rate.
+    """
+    c = result.get("ceilings") or {}
+    if c.get("device", "cpu") != "cpu":
+        return []
+    rows = []
+    what = {t.op + t.metric + str(t.threshold): t.what for t in CPU_TARGETS}
+    comp = c.get("w4a16_compute_gbs")
+    # %BW is taken against the bandwidth of each problem's own time window
+    bws = [e["read_bw_window_gbs"] for e in result.get("results", [])
+           if e.get("kind") == "fastkern" and e.get("op") == "linear_w4a16" and e.get("m") == 1
+           and e.get("status") == "ok" and e.get("read_bw_window_gbs")] or [c.get("read_bw_gbs")]
+    bws = [b for b in bws if b]
+    if bws and comp:
+        lo, hi = min(bws), max(bws)
+        rows.append({"target": what["linear_w4a16pct_bw85"], "ceiling": min(100.0, 100.0 * comp / lo),
+                     "ceiling_lo": min(100.0, 100.0 * comp / hi), "unit": "%",
+                     "how": "W4A16 with its weight in the LLC runs %.1f GB/s (%s); read bandwidth %.1f-%.1f GB/s"
+                            % (comp, c.get("w4a16_compute_note", ""), lo, hi)})
+        rows.append({"target": what["linear_w4a16speedup1.5"], "ceiling": 2.0 * min(1.0, comp / lo),
+                     "ceiling_lo": 2.0 * min(1.0, comp / hi), "unit": "x",
+                     "how": "FBGEMM's int8 weight is 2x the int4 bytes, read at most at the bandwidth; W4A16 at the "
+                            "smaller of the bandwidth and %.1f GB/s" % comp})
+    fb = [e.get("pct_bw") for e in result.get("results", [])
+          if e.get("kind") == "peer" and e.get("name") == "FBGEMM dynamic int8" and e.get("m") == 1
+          and "linear_w8a8" in (e.get("ops") or []) and e.get("status") == "ok" and e.get("pct_bw")]
+    if fb:
+        rows.append({"target": what["linear_w8a8speedup1.2"], "ceiling": 100.0 / max(fb), "unit": "x",
+                     "how": "both stream the same int8 weight; FBGEMM at up to %.0f%% of the read bandwidth" % max(fb)})
+    i8 = c.get("int8_peak")
+    if i8 and i8.get("u8s8_gmacs"):
+        rows.append({"target": what["linear_w8a8speedup1.0"], "ceiling": i8["exact_gmacs"] / i8["u8s8_gmacs"],
+                     "unit": "x", "how": "exact int16 mix (vpmaddwd + vpaddd) %.0f GMAC/s against FBGEMM's u8 x s8 mix "
+                                         "(vpmaddubsw + vpmaddwd + vpaddd) %.0f, register-only"
+                                         % (i8["exact_gmacs"], i8["u8s8_gmacs"])})
+    fma, mm = c.get("fma_peak_gflops"), (c.get("matmul_gflops") or {}).get("fp32")
+    if fma and mm:
+        rows.append({"target": what["gemmspeedup1.5"], "ceiling": fma / mm, "unit": "x",
+                     "how": "torch's fp32 matmul (n=%s) runs %.0f GFLOP/s, %.0f%% of the measured FMA peak %.0f"
+                            % (c.get("matmul_n"), mm, 100.0 * mm / fma, fma)})
+    return rows
+
+
+def render_ceilings(rows: List[dict]) -> str:
+    if not rows:
+        return ""
+    lines = ["Ceilings measured in this run (the most each target allows here):"]
+    for r in rows:
+        fmt = "%.0f%%" if r["unit"] == "%" else "%.2fx"
+        val = fmt % r["ceiling"]
+        if r.get("ceiling_lo") is not None and abs(r["ceiling_lo"] - r["ceiling"]) > 1e-9:
+            val = (fmt % r["ceiling_lo"]) + " - " + val
+        lines.append("  %-62s at most %s: %s" % (r["target"], val, r["how"]))
+    return "\n".join(lines) + "\n"
+
+
 def render_text(rows: List[dict]) -> str:
     if not rows:
         return "DESIGN §6 targets: no fastkern entry of this run is covered by a target\n"
