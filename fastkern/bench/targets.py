@@ -101,8 +101,8 @@ def ceiling_rows(result: dict) -> List[dict]:
     - W4A16 M=1 vs FBGEMM: FBGEMM reads an int8 weight, twice the int4 bytes, at best at the
       read bandwidth; fastkern at the smaller of the bandwidth and its compute rate.
     - W8A8 M=1 vs FBGEMM: both stream the same int8 weight, so 100 / (FBGEMM's %BW).
-    - W8A8 M>=64 vs FBGEMM: the exact int16 product mix against FBGEMM's u8 x s8 mix, both
-      register-only (the same share of their own peak gives this ratio).
+    - W8A8 M>=64 vs FBGEMM (AVX2 path): the exact int16 product mix against FBGEMM's u8 x s8
+      mix, both register-only (the same share of their own peak gives this ratio).
     - gemm vs torch: the FMA peak over torch's own fp32 matmul rate.
     """
     c = result.get("ceilings") or {}
@@ -133,7 +133,8 @@ def ceiling_rows(result: dict) -> List[dict]:
         rows.append({"target": what["linear_w8a8speedup1.2"], "ceiling": 100.0 / max(fb), "unit": "x",
                      "how": "both stream the same int8 weight; FBGEMM at up to %.0f%% of the read bandwidth" % max(fb)})
     i8 = c.get("int8_peak")
-    if i8 and i8.get("u8s8_gmacs"):
+    # the AVX2 kernels' mix; with AVX-512 VNNI fastkern multiplies int8 with vpdpbusd instead
+    if i8 and i8.get("u8s8_gmacs") and c.get("cpu_isa") == "avx2":
         rows.append({"target": what["linear_w8a8speedup1.0"], "ceiling": i8["exact_gmacs"] / i8["u8s8_gmacs"],
                      "unit": "x", "how": "exact int16 mix (vpmaddwd + vpaddd) %.0f GMAC/s against FBGEMM's u8 x s8 mix "
                                          "(vpmaddubsw + vpmaddwd + vpaddd) %.0f, register-only"
