@@ -140,27 +140,20 @@ namespace {
   "vpaddd %%ymm2, %%ymm0, %%ymm0\n\tvpaddd %%ymm6, %%ymm4, %%ymm4\n\tvpaddd %%ymm10, %%ymm8, %%ymm8\n\t" \
   "vpaddd %%ymm4, %%ymm0, %%ymm0\n\tvpaddd %%ymm8, %%ymm0, %%ymm0\n\tvmovd %%xmm0, %1\n\tvzeroupper\n\t"
 
-FASTKERN_AVX2 int int8_exact_avx2(int64_t iters) {
-  int out = 0;
-  if (iters <= 0) return 0;
-  asm volatile(FASTKERN_I8_PROLOGUE "1:\n\t" FASTKERN_I8_TWELVE(FASTKERN_I8_EXACT) "dec %0\n\tjnz 1b\n\t"
-               FASTKERN_I8_EPILOGUE
-               : "+r"(iters), "=r"(out)
-               :
-               : FASTKERN_I8_REGS, "cc");
-  return out;
-}
-
-FASTKERN_AVX2 int int8_u8s8_avx2(int64_t iters) {
-  int out = 0;
-  if (iters <= 0) return 0;
-  asm volatile(FASTKERN_I8_PROLOGUE "1:\n\t" FASTKERN_I8_TWELVE(FASTKERN_I8_U8S8) "dec %0\n\tjnz 1b\n\t"
-               FASTKERN_I8_EPILOGUE
-               : "+r"(iters), "=r"(out)
-               :
-               : FASTKERN_I8_REGS, "cc");
-  return out;
-}
+// The loop of STEP (12 of them, one per accumulator) `iters` times; returns a sum of the
+// accumulators so that none is dead.
+#define FASTKERN_I8_PROBE(name, STEP)                                                                      \
+  FASTKERN_AVX2 int name(int64_t iters) {                                                                 \
+    int out = 0;                                                                                          \
+    if (iters <= 0) return 0;                                                                             \
+    asm volatile(FASTKERN_I8_PROLOGUE "1:\n\t" FASTKERN_I8_TWELVE(STEP) "dec %0\n\tjnz 1b\n\t" FASTKERN_I8_EPILOGUE \
+                 : "+r"(iters), "=r"(out)                                                                 \
+                 :                                                                                        \
+                 : FASTKERN_I8_REGS, "cc");                                                               \
+    return out;                                                                                           \
+  }
+FASTKERN_I8_PROBE(int8_exact_avx2, FASTKERN_I8_EXACT)
+FASTKERN_I8_PROBE(int8_u8s8_avx2, FASTKERN_I8_U8S8)
 
 // GMAC/s of fn on every thread: calibrated to ~seconds / 5 per run, best of 5
 double int8_rate(int (*fn)(int64_t), int64_t macs_per_iter, double seconds, int threads, std::vector<int>& sink) {

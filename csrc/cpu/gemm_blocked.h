@@ -380,32 +380,39 @@ FASTKERN_AVX2 inline void transpose8x8(__m256 r[8]) {
   r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
 }
 
-// The sliver of rows with unit stride along k: 8 rows x 8 k are loaded (and
-// converted to fp32) as 8 vectors and transposed in registers, so both the
-// reads and the writes are whole vectors; packing costs a few percent of the
-// product instead of the element-by-element scatter's tens of percent.
-template <class T>
-FASTKERN_AVX2 void pack_rows_avx2(const T* src, int64_t ld, int rows, int64_t kc, int width, float* dst) {
-  int64_t k = 0;
-  for (; k + 8 <= kc; k += 8) {
-    for (int g = 0; g < width; g += 8) {
-      __m256 v[8];
+// One 8-k step of a packed sliver: dst[i * width + r] = lane i of row8(r) (i < 8) for the
+// rows r < rows, 0 for rows <= r < width. 8 rows at a time as 8 vectors, transposed in
+// registers, so both the reads and the writes are whole vectors.
+template <class Row8>
+FASTKERN_AVX2 inline __attribute__((always_inline)) void pack_k8_avx2(int rows, int width, float* dst,
+                                                                     const Row8& row8) {
+  for (int g = 0; g < width; g += 8) {
+    __m256 v[8];
 #pragma GCC unroll 8
-      for (int i = 0; i < 8; ++i) v[i] = g + i < rows ? load8(src + (g + i) * ld + k) : _mm256_setzero_ps();
-      transpose8x8(v);
-      const int w = std::min(8, width - g);
-      if (w == 8) {
+    for (int i = 0; i < 8; ++i) v[i] = g + i < rows ? row8(g + i) : _mm256_setzero_ps();
+    transpose8x8(v);
+    const int w = std::min(8, width - g);
+    if (w == 8) {
 #pragma GCC unroll 8
-        for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + (k + i) * width + g, v[i]);
-      } else {
-        alignas(32) float t[8];
-        for (int i = 0; i < 8; ++i) {
-          _mm256_store_ps(t, v[i]);
-          std::memcpy(dst + (k + i) * width + g, t, w * sizeof(float));
-        }
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + i * width + g, v[i]);
+    } else {
+      alignas(32) float t[8];
+      for (int i = 0; i < 8; ++i) {
+        _mm256_store_ps(t, v[i]);
+        std::memcpy(dst + i * width + g, t, w * sizeof(float));
       }
     }
   }
+}
+
+// The sliver of rows with unit stride along k: 8 rows x 8 k are loaded (and converted to
+// fp32) and packed by pack_k8_avx2; packing costs a few percent of the product instead of
+// the element-by-element scatter's tens of percent.
+template <class T>
+FASTKERN_AVX2 void pack_rows_avx2(const T* src, int64_t ld, int rows, int64_t kc, int width, float* dst) {
+  int64_t k = 0;
+  for (; k + 8 <= kc; k += 8)
+    pack_k8_avx2(rows, width, dst + k * width, [&](int r) FASTKERN_AVX2 { return load8(src + r * ld + k); });
   for (; k < kc; ++k)
     for (int r = 0; r < width; ++r) dst[k * width + r] = r < rows ? to_f32(src[r * ld + k]) : 0.f;
 }

@@ -149,25 +149,13 @@ FASTKERN_AVX2 void w4_pack_sliver_avx2(const W4& p, int64_t row0, int rows, int6
     }
     for (; k < ge; k += 8) {
       const uint8_t* wb = p.w + row0 * p.ldw + (k0 + k) / 2;
-      for (int g8 = 0; g8 < width; g8 += 8) {
-        __m256 v[8];
-#pragma GCC unroll 8
-        for (int i = 0; i < 8; ++i) {
-          const int r = g8 + i;
-          if (r < rows) {
-            int32_t b;
-            std::memcpy(&b, wb + r * p.ldw, 4);
-            const __m256i q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(b), sh), m4);
-            v[i] = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(q), _mm256_broadcast_ss(zv + r)),
-                                 _mm256_broadcast_ss(sv + r));
-          } else {
-            v[i] = _mm256_setzero_ps();
-          }
-        }
-        gemm::transpose8x8(v);
-#pragma GCC unroll 8
-        for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + (k + i) * width + g8, v[i]);
-      }
+      gemm::pack_k8_avx2(rows, width, dst + k * width, [&](int r) FASTKERN_AVX2 {
+        int32_t b;
+        std::memcpy(&b, wb + r * p.ldw, 4);
+        const __m256i q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(b), sh), m4);
+        return _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(q), _mm256_broadcast_ss(zv + r)),
+                             _mm256_broadcast_ss(sv + r));
+      });
     }
   }
 }

@@ -1875,31 +1875,18 @@ void check_w8(const char* op, const at::Tensor& x, const at::Tensor& w, const at
 // on every call) runs the previous dequantized-panel dot tiles instead.
 
 #if FASTKERN_X86
-// dst[k * width + r] = float(W[row0 + r][k0 + k]) * s[row0 + r] for k < kc (0 for rows <= r < width);
-// width a multiple of 8.
+// dst[k * width + r] = float(W[row0 + r][k0 + k]) * s[row0 + r] for k < kc (0 for rows <= r < width).
 FASTKERN_AVX2 void w8_pack_sliver_avx2(const int8_t* W, int64_t K, const float* s, int64_t row0, int rows,
                                        int64_t k0, int64_t kc, int width, float* dst) {
   int64_t k = 0;
   for (; k + 8 <= kc; k += 8) {
     const int8_t* wb = W + row0 * K + k0 + k;
-    for (int g8 = 0; g8 < width; g8 += 8) {
-      __m256 v[8];
-#pragma GCC unroll 8
-      for (int i = 0; i < 8; ++i) {
-        const int r = g8 + i;
-        if (r < rows) {
-          int64_t b;
-          std::memcpy(&b, wb + r * K, 8);
-          v[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(b))),
-                               _mm256_broadcast_ss(s + row0 + r));
-        } else {
-          v[i] = _mm256_setzero_ps();
-        }
-      }
-      gemm::transpose8x8(v);
-#pragma GCC unroll 8
-      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + (k + i) * width + g8, v[i]);
-    }
+    gemm::pack_k8_avx2(rows, width, dst + k * width, [&](int r) FASTKERN_AVX2 {
+      int64_t b;
+      std::memcpy(&b, wb + r * K, 8);
+      return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(b))),
+                           _mm256_broadcast_ss(s + row0 + r));
+    });
   }
   for (; k < kc; ++k)
     for (int r = 0; r < width; ++r)
@@ -1972,7 +1959,7 @@ at::Tensor linear_w8a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
     }
 #endif
 #if FASTKERN_X86
-    if (Mx > kW8a16GemvMaxM && avx2 && gemm::micro_kernel(active_isa()).nr % 8 == 0 && !w8a16_avx2_panel()) {
+    if (Mx > kW8a16GemvMaxM && avx2 && !w8a16_avx2_panel()) {
       w8a16_gemm_avx2(xp, ldx, Mx, wp, sp, N, K, yp);
       return finish(Y, bias, x, N);
     }
