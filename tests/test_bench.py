@@ -119,7 +119,15 @@ def test_ceiling_rows_from_the_runs_measurements():
     assert rows["dense fp32 GEMM 2048^3: >= 1.5x torch"]["ceiling"] == pytest.approx(1.25)
     text = targets.render_ceilings(list(rows.values()))
     assert "at most 50% - 75%" in text and "at most 0.90x" in text
+    # a kernel that reached more on cold weights than the probe: the ceiling follows the kernel
+    res2 = copy.deepcopy(res)
+    res2["results"][0].update(dtype="fp32", gbs=45.0)
+    bw2 = {r["target"]: r for r in targets.ceiling_rows(res2)}["W4A16 M=1: >= 85% of read bandwidth"]
+    assert bw2["ceiling"] == pytest.approx(100.0) and bw2["ceiling_lo"] == pytest.approx(75.0)
     assert targets.ceiling_rows({"ceilings": {"device": "cuda"}, "results": []}) == []
+    # a run's own target checks decide which ceilings it lists
+    res["targets"] = [{"target": "W8A8 M=1: >= 1.2x FBGEMM"}]
+    assert [r["target"] for r in targets.ceiling_rows(res)] == ["W8A8 M=1: >= 1.2x FBGEMM"]
     # with AVX-512 VNNI fastkern's int8 products are not the AVX2 mix: no such ceiling
     res["ceilings"]["cpu_isa"] = "avx512"
     assert "W8A8 M>=64: >= 1.0x FBGEMM" not in {r["target"] for r in targets.ceiling_rows(res)}

@@ -215,9 +215,10 @@ def w4a16_compute_gbs(min_run_time: float):
     def fn(xx, c):
         return op(xx, w, s, z, g, None)
 
-    t = time_rotator(Rotator(fn, x, [()]), "cpu", min_run_time)
+    # best of three: other tenants of a shared host use the same cache and cores
+    ms = min(time_rotator(Rotator(fn, x, [()]), "cpu", min_run_time).ms for _ in range(3))
     nbytes = tensor_bytes(w, s, z, x, fn(x, None))
-    return nbytes / (t.ms * 1e-3) / 1e9, "%dx%d g%d M=1 fp32, %s path, weight in the LLC" % (n, k, g, probe())
+    return nbytes / (ms * 1e-3) / 1e9, "%dx%d g%d M=1 fp32, %s path, weight in the LLC" % (n, k, g, probe())
 
 
 def measure_ceilings(device: str, *, bw_bytes: Optional[int] = None, peak_n: Optional[int] = None,

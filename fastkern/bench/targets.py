@@ -95,9 +95,9 @@ def ceiling_rows(result: dict) -> List[dict]:
     fastkern's kernels: rows {target, ceiling, unit, how}, from result["ceilings"] (the
     probes of ceilings.measure_ceilings) and the peers' entries.
 
-    - W4A16 M=1 %BW: fastkern's W4A16 rate with its weight in the LLC (its compute rate)
-      against the read bandwidth: a kernel that computes slower than memory streams cannot
-      reach more than that share of it.
+    - W4A16 M=1 %BW: fastkern's W4A16 rate with its weight in the LLC (its compute rate; at
+      least the best fp32 rate it reached in the run) against the read bandwidth: a kernel
+      that computes slower than memory streams cannot reach more than that share of it.
     - W4A16 M=1 vs FBGEMM: FBGEMM reads an int8 weight, twice the int4 bytes, at best at the
       read bandwidth; fastkern at the smaller of the bandwidth and its compute rate.
     - W8A8 M=1 vs FBGEMM: both stream the same int8 weight, so 100 / (FBGEMM's %BW).
@@ -110,18 +110,22 @@ def ceiling_rows(result: dict) -> List[dict]:
         return []
     rows = []
     what = {t.op + t.metric + str(t.threshold): t.what for t in CPU_TARGETS}
-    comp = c.get("w4a16_compute_gbs")
+    w4 = [e for e in result.get("results", []) if e.get("kind") == "fastkern" and e.get("op") == "linear_w4a16"
+          and e.get("m") == 1 and e.get("status") == "ok" and e.get("backend", "cpu") == "cpu"]
+    # the compute rate is at least what the kernel reached on weights from memory in this run
+    # (a shared host's last-level cache is shared too, so the probe can come out low)
+    probe = c.get("w4a16_compute_gbs") or 0.0
+    comp = max([probe] + [e["gbs"] for e in w4 if e.get("dtype") == "fp32" and e.get("gbs")])
     # %BW is taken against the bandwidth of each problem's own time window
-    bws = [e["read_bw_window_gbs"] for e in result.get("results", [])
-           if e.get("kind") == "fastkern" and e.get("op") == "linear_w4a16" and e.get("m") == 1
-           and e.get("status") == "ok" and e.get("read_bw_window_gbs")] or [c.get("read_bw_gbs")]
+    bws = [e["read_bw_window_gbs"] for e in w4 if e.get("read_bw_window_gbs")] or [c.get("read_bw_gbs")]
     bws = [b for b in bws if b]
     if bws and comp:
         lo, hi = min(bws), max(bws)
         rows.append({"target": what["linear_w4a16pct_bw85"], "ceiling": min(100.0, 100.0 * comp / lo),
                      "ceiling_lo": min(100.0, 100.0 * comp / hi), "unit": "%",
-                     "how": "W4A16 with its weight in the LLC runs %.1f GB/s (%s); read bandwidth %.1f-%.1f GB/s"
-                            % (comp, c.get("w4a16_compute_note", ""), lo, hi)})
+                     "how": "W4A16 with its weight in the LLC runs %.1f GB/s (%s)%s; read bandwidth %.1f-%.1f GB/s"
+                            % (probe, c.get("w4a16_compute_note", ""),
+                               "" if comp == probe else ", from memory in this run up to %.1f" % comp, lo, hi)})
         rows.append({"target": what["linear_w4a16speedup1.5"], "ceiling": 2.0 * min(1.0, comp / lo),
                      "ceiling_lo": 2.0 * min(1.0, comp / hi), "unit": "x",
                      "how": "FBGEMM's int8 weight is 2x the int4 bytes, read at most at the bandwidth; W4A16 at the "
@@ -144,6 +148,9 @@ def ceiling_rows(result: dict) -> List[dict]:
         rows.append({"target": what["gemmspeedup1.5"], "ceiling": fma / mm, "unit": "x",
                      "how": "torch's fp32 matmul (n=%s) runs %.0f GFLOP/s, %.0f%% of the measured FMA peak %.0f"
                             % (c.get("matmul_n"), mm, 100.0 * mm / fma, fma)})
+    if result.get("targets") is not None:  # only the targets this run has entries for
+        covered = {r["target"] for r in result["targets"]}
+        rows = [r for r in rows if r["target"] in covered]
     return rows
 
 
