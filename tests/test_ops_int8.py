@@ -292,17 +292,38 @@ def avx2_or_skip():
 @pytest.mark.parametrize("m", [4, 5, 8, 9, 15, 17, 24, 40, 70])
 def test_avx2_gemm_tails(m, gen, monkeypatch):
     # The AVX2 (no VNNI) GEMM for m > 3 (the small-layer weight-vector kernels, which would
-    # take these small weights up to m = 64, turned off): x packed as int16 pairs in blocks of
+    # take these small weights up to m = 64, and the GEMV passes, which take m <= 8 on large
+    # weights, turned off): x packed as int16 pairs in blocks of
     # 16 rows (the last 8 or 16 wide), 6-row weight tiles with 4-, 2- and 1-row tails, 48-row
     # tasks in 8-row thread shares, 1024-column K blocks widened in 16s (odd K: a half pair),
     # 8 x 8 transposed output blocks and their row / column tails; exact for int8_gemm and
     # bit-identical W8A8.
     avx2_or_skip()
     monkeypatch.setenv("FASTKERN_INT8_WV_MAX_M", "0")
+    monkeypatch.setenv("FASTKERN_INT8_GEMV_MAX_M", "3")
     with cpu_isa("avx2"):
         for n in (1, 3, 4, 5, 6, 7, 9, 13, 37, 70, 101):
             for k in (1, 2, 3, 17, 33, 1025, 2050):
                 check_int8_exact(gen, m, n, k)
+
+
+@NATIVE
+@pytest.mark.parametrize("m", [4, 5, 6, 7, 8, 9, 12])
+def test_avx2_gemv_passes(m, gen, monkeypatch):
+    # AVX2 without VNNI, 3 < m <= 8 on weights the small-layer kernels leave alone: the GEMV in
+    # passes of up to 4 rows of x (m = 5: 3 + 2, 7: 4 + 3), 4-row passes with 2 accumulators per
+    # row, K tails of 16 and 64; exact for int8_gemm, bit-identical W8A8, 1 and 2 threads equal.
+    # m = 9 and 12 run the GEMM tiles, and FASTKERN_INT8_GEMV_MAX_M=12 sends them to the GEMV.
+    avx2_or_skip()
+    monkeypatch.setenv("FASTKERN_INT8_WV_MAX_M", "0")
+    with cpu_isa("avx2"):
+        for n, k in ((1, 1), (5, 17), (19, 64), (37, 1100), (70, 4099)):
+            check_int8_exact(gen, m, n, k)
+        a, b, x, w, s, one = int8_threads_check(gen, m, 300, 1000)
+        monkeypatch.setenv("FASTKERN_INT8_GEMV_MAX_M", "12")
+        assert torch.equal(native("int8_gemm")(a, b), one[0])
+        assert torch.equal(native("linear_w8a8")(x, w, s, None), one[1])
+        check_int8_exact(gen, m, 37, 1100)
 
 
 @NATIVE

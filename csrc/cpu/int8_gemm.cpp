@@ -5,8 +5,9 @@
 // with 256-bit vectors it keeps the two multiplier pipes as busy per multiply-add as the
 // vpmaddubsw + vpmaddwd pair does (section "AVX2 without VNNI" has the measurements).
 //
-// AVX2: small M (<= kGemvMaxM) streams the int8 weight once, one stream per thread, and
-// widens it in registers; larger M runs a transposed-tile GEMM on int16 pairs (section
+// AVX2: small M (<= kGemvMaxM, and up to kS16GemvMaxM where the small-layer kernels do not
+// take it) streams the int8 weight once per 4 rows of x, one stream per thread, and widens
+// it in registers; larger M runs a transposed-tile GEMM on int16 pairs (section
 // "AVX2 without VNNI"). W8A16 above its GEMV rows runs the fp32 GEMM drivers with B slivers
 // dequantized from the int8 rows (section "W8A16 GEMM, AVX2"; the generic path dequantizes
 // one cache-sized weight panel at a time).
@@ -1076,23 +1077,27 @@ constexpr int64_t kA2Ahead = 8192;
 constexpr int64_t kA2KC = 1024;    // K columns per block (a 16-row slice of x: 32 KB, in L1)
 constexpr int64_t kA2TaskRows = 48;  // weight rows per task, 8 tiles (widened block: 96 KB, in L2)
 
+// MR rows of x against weight rows [n0, n1), one row at a time; U accumulators per row of x
+// (4 up to 3 rows, 2 for 4: within the 16 ymm registers).
 template <int MR>
 FASTKERN_AVX2 void gemv_s16_avx2(const int16_t* A, int64_t lda, const int8_t* W, int64_t K, int64_t n0,
                                  int64_t n1, const VnniOut& o, int64_t ldo) {
+  constexpr int U = MR <= 3 ? 4 : 2;
   const int64_t K64 = K & ~int64_t(63);
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* w = W + n * K;
-    __m256i s[MR][4];
+    __m256i s[MR][U];
     for (int i = 0; i < MR; ++i)
-      for (int u = 0; u < 4; ++u) s[i][u] = _mm256_setzero_si256();
+      for (int u = 0; u < U; ++u) s[i][u] = _mm256_setzero_si256();
     int64_t k = 0;
     for (; k < K64; k += 64) {
       _mm_prefetch(reinterpret_cast<const char*>(w + k + kA2Ahead), _MM_HINT_T0);
       for (int u = 0; u < 4; ++u) {
         const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k + 16 * u)));
         for (int i = 0; i < MR; ++i)
-          s[i][u] = _mm256_add_epi32(
-              s[i][u], _mm256_madd_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(A + i * lda + k + 16 * u)), wv));
+          s[i][u % U] = _mm256_add_epi32(
+              s[i][u % U],
+              _mm256_madd_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(A + i * lda + k + 16 * u)), wv));
       }
     }
     for (; k < K; k += 16) {  // x is zero-padded to 16 columns; never read past a weight row
@@ -1108,8 +1113,9 @@ FASTKERN_AVX2 void gemv_s16_avx2(const int16_t* A, int64_t lda, const int8_t* W,
             s[i][0], _mm256_madd_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(A + i * lda + k)), wv));
     }
     for (int i = 0; i < MR; ++i) {
-      const int32_t c = hsum8_i32_avx2(
-          _mm256_add_epi32(_mm256_add_epi32(s[i][0], s[i][1]), _mm256_add_epi32(s[i][2], s[i][3])));
+      __m256i t = s[i][0];
+      for (int u = 1; u < U; ++u) t = _mm256_add_epi32(t, s[i][u]);
+      const int32_t c = hsum8_i32_avx2(t);
       if (o.f)
         o.f[i * ldo + n] = float((double(c) * double(o.sx[i])) * o.ws[n]);
       else
@@ -1330,13 +1336,40 @@ bool int8_avx2_legacy() {
 
 bool use_s16_avx2() { return use_avx2() && !use_vnni512() && !int8_avx2_legacy(); }
 
-// C or o = A (int16 holding int8 values, zero-padded to lda >= round_up(K, 16)) x W^T, M <= kGemvMaxM
+// The AVX2 GEMV serves M <= kS16GemvMaxM where the small-layer kernels do not (use_wv), in
+// passes of at most kS16GemvRows rows of x over the weight, the rows spread evenly over the
+// passes (M = 5: 3 + 2). Measured against the GEMM tiles (AVX2, 2 threads, one process,
+// alternating, FBGEMM alongside as the yardstick; 4096 x 4096 unless said): M = 4 0.66 vs
+// 1.69 ms, M = 6 1.12 vs 1.99, M = 8 1.29 vs 1.88 and 1.10 vs 1.38, 11008 x 4096 M = 4 1.46
+// vs 3.92; M = 10..12 within the noise either way, M = 16 2.71 (tiles) vs 3.64. Passes of 4
+// rows beat 5, 6 and 8 (4096^2 M = 8: 1.10 / 1.37 / 1.33 / 1.64 ms). FASTKERN_INT8_GEMV_MAX_M
+// overrides the limit, read on every call (A/B timing, tests).
+constexpr int64_t kS16GemvRows = 4;
+constexpr int64_t kS16GemvMaxM = 8;
+
+int64_t s16_gemv_max_m() {
+  const char* e = std::getenv("FASTKERN_INT8_GEMV_MAX_M");
+  return e && *e ? std::max<int64_t>(kGemvMaxM, std::atoll(e)) : kS16GemvMaxM;
+}
+
+// C or o = A (int16 holding int8 values, zero-padded to lda >= round_up(K, 16)) x W^T: the
+// weight streams once per pass of up to kS16GemvRows rows of x.
 void gemv_s16(const int16_t* A, int64_t lda, int64_t M, const int8_t* W, int64_t N, int64_t K, const VnniOut& o) {
+  const int64_t passes = (M + kS16GemvRows - 1) / kS16GemvRows;
   parallel_rows(N, 16, 8, [&](int64_t n0, int64_t n1) {
-    switch (M) {
-      case 1: gemv_s16_avx2<1>(A, lda, W, K, n0, n1, o, N); break;
-      case 2: gemv_s16_avx2<2>(A, lda, W, K, n0, n1, o, N); break;
-      default: gemv_s16_avx2<3>(A, lda, W, K, n0, n1, o, N); break;
+    for (int64_t p = 0, m0 = 0; p < passes; ++p) {
+      const int64_t mr = (M - m0) / (passes - p) + ((M - m0) % (passes - p) ? 1 : 0);
+      VnniOut om = o;
+      if (om.f) om.f += m0 * N, om.sx += m0;
+      if (om.c) om.c += m0 * N;
+      const int16_t* Am = A + m0 * lda;
+      switch (mr) {
+        case 1: gemv_s16_avx2<1>(Am, lda, W, K, n0, n1, om, N); break;
+        case 2: gemv_s16_avx2<2>(Am, lda, W, K, n0, n1, om, N); break;
+        case 3: gemv_s16_avx2<3>(Am, lda, W, K, n0, n1, om, N); break;
+        default: gemv_s16_avx2<4>(Am, lda, W, K, n0, n1, om, N); break;
+      }
+      m0 += mr;
     }
   });
 }
@@ -1840,6 +1873,10 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a, const at::Tensor& b) {
       WvOut wo;
       wo.c = o.c;
       wv_gemm_avx2(A.data_ptr<int16_t>(), A.size(1), M, bc.data_ptr<int8_t>(), N, K, wo);
+    } else if (M <= s16_gemv_max_m()) {
+      at::Tensor A = at::zeros({M, Kp}, a.options().dtype(at::kShort));
+      A.narrow(1, 0, K).copy_(a2);
+      gemv_s16(A.data_ptr<int16_t>(), Kp, M, bc.data_ptr<int8_t>(), N, K, o);
     } else {
       at::Tensor A8 = a2.contiguous();
       gemm_s16_avx2(A8.data_ptr<int8_t>(), K, M, bc.data_ptr<int8_t>(), N, K, o);
@@ -2181,6 +2218,10 @@ at::Tensor linear_w8a8_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
       wo.sx = o.sx;
       wo.ws = wsf.data_ptr<float>();
       wv_gemm_avx2(Q.data_ptr<int16_t>(), Kp, M, wc.data_ptr<int8_t>(), N, K, wo);
+    } else if (M <= s16_gemv_max_m()) {
+      at::Tensor Q = at::zeros({M, Kp}, X.options().dtype(at::kShort));
+      quantize_rows_avx2<int16_t>(X.data_ptr<float>(), Kp, M, K, Q.data_ptr<int16_t>(), Kp, S.data_ptr<float>());
+      gemv_s16(Q.data_ptr<int16_t>(), Kp, M, wc.data_ptr<int8_t>(), N, K, o);
     } else {
       at::Tensor Q8 = at::empty({M, Kp}, X.options().dtype(at::kChar));
       at::parallel_for(0, M, std::max<int64_t>(1, 65536 / K), [&](int64_t m0, int64_t m1) {
