@@ -86,13 +86,26 @@ Path path_for(Isa isa) {
   return {fma_chains_generic, int64_t{kChains} * 4 * 2};
 }
 
-double run_once(const Path& p, int64_t iters, int threads, std::vector<float>& sink) {
-  const auto t0 = std::chrono::steady_clock::now();
-  at::parallel_for(0, threads, 1, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) sink[t] += p.fn(iters);
-  });
-  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  return static_cast<double>(threads) * iters * p.flops_per_iter / s;
+// Work per second of fn(iters) run on every thread at once (sink[t] += its result, so no
+// loop is dead): the iteration count calibrated to ~seconds / 5 per run from a first run of
+// `iters`, then the best of 5 runs. work_per_iter: the work of one iteration on one thread.
+template <class T>
+double best_rate(T (*fn)(int64_t), int64_t iters, int64_t work_per_iter, double seconds, int threads,
+                 std::vector<T>& sink) {
+  auto once = [&](int64_t n) {
+    const auto t0 = std::chrono::steady_clock::now();
+    at::parallel_for(0, threads, 1, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) sink[t] += fn(n);
+    });
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    return static_cast<double>(threads) * n * work_per_iter / s;
+  };
+  const double rate = once(iters);
+  iters = std::max<int64_t>(iters, static_cast<int64_t>(rate * std::max(seconds, 0.01) / 5 /
+                                                        (static_cast<double>(threads) * work_per_iter)));
+  double best = 0;
+  for (int r = 0; r < 5; ++r) best = std::max(best, once(iters));
+  return best;
 }
 
 }  // namespace
@@ -102,13 +115,7 @@ FmaPeak measure_fma_peak(double seconds) {
   const Path p = path_for(isa);
   const int threads = std::max(1, at::get_num_threads());
   std::vector<float> sink(threads, 0.f);
-  // calibrate the iteration count to ~seconds/5 per run, then keep the best of 5
-  int64_t iters = 1 << 16;
-  double rate = run_once(p, iters, threads, sink);
-  iters = std::max<int64_t>(iters, static_cast<int64_t>(rate * std::max(seconds, 0.01) / 5 /
-                                                        (static_cast<double>(threads) * p.flops_per_iter)));
-  double best = 0;
-  for (int r = 0; r < 5; ++r) best = std::max(best, run_once(p, iters, threads, sink));
+  const double best = best_rate(p.fn, int64_t{1} << 16, p.flops_per_iter, seconds, threads, sink);
   float keep = 0;
   for (float v : sink) keep += v;
   return {best * 1e-9, isa_name(isa), threads, keep};
@@ -155,24 +162,6 @@ namespace {
 FASTKERN_I8_PROBE(int8_exact_avx2, FASTKERN_I8_EXACT)
 FASTKERN_I8_PROBE(int8_u8s8_avx2, FASTKERN_I8_U8S8)
 
-// GMAC/s of fn on every thread: calibrated to ~seconds / 5 per run, best of 5
-double int8_rate(int (*fn)(int64_t), int64_t macs_per_iter, double seconds, int threads, std::vector<int>& sink) {
-  auto once = [&](int64_t iters) {
-    const auto t0 = std::chrono::steady_clock::now();
-    at::parallel_for(0, threads, 1, [&](int64_t b, int64_t e) {
-      for (int64_t t = b; t < e; ++t) sink[t] += fn(iters);
-    });
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    return static_cast<double>(threads) * iters * macs_per_iter / s;
-  };
-  int64_t iters = 1 << 14;
-  const double rate = once(iters);
-  iters = std::max<int64_t>(iters, static_cast<int64_t>(rate * std::max(seconds, 0.01) / 5 /
-                                                        (static_cast<double>(threads) * macs_per_iter)));
-  double best = 0;
-  for (int r = 0; r < 5; ++r) best = std::max(best, once(iters));
-  return best * 1e-9;
-}
 #endif
 
 }  // namespace
@@ -183,8 +172,8 @@ Int8Peak measure_int8_peak(double seconds) {
 #if FASTKERN_X86
   if (!features().avx2 || !features().fma) return r;
   std::vector<int> sink(threads, 0);
-  r.exact_gmacs = int8_rate(int8_exact_avx2, int64_t{kChains} * 16, seconds / 2, threads, sink);
-  r.u8s8_gmacs = int8_rate(int8_u8s8_avx2, int64_t{kChains} * 32, seconds / 2, threads, sink);
+  r.exact_gmacs = best_rate(int8_exact_avx2, int64_t{1} << 14, int64_t{kChains} * 16, seconds / 2, threads, sink) * 1e-9;
+  r.u8s8_gmacs = best_rate(int8_u8s8_avx2, int64_t{1} << 14, int64_t{kChains} * 32, seconds / 2, threads, sink) * 1e-9;
   for (int v : sink) r.checksum += v;
 #else
   (void)seconds;

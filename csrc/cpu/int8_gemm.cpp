@@ -99,7 +99,6 @@ FASTKERN_AVX2 inline void transpose8x8_epi32(const __m256i r[8], __m256i t[8]) {
 // A is zero-padded to a multiple of 16 columns; W rows have exactly K bytes, so
 // the last partial 16-byte chunk goes through a zeroed copy instead of reading
 // past the end of the tensor.
-
 template <int MR, int NR>
 FASTKERN_AVX2 inline void gemv_i8_step(__m256i (&s)[MR][NR], const int16_t* A, int64_t lda,
                                        const int8_t* const* wp, int64_t k) {
@@ -1862,21 +1861,18 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a, const at::Tensor& b) {
     at::Tensor C = at::empty({M, N}, a.options().dtype(at::kInt));
     VnniOut o;
     o.c = C.data_ptr<int32_t>();
-    if (M <= kGemvMaxM) {
+    const bool wv = use_wv(false, M, N, K);  // never for M <= kGemvMaxM
+    if (!wv && M <= s16_gemv_max_m()) {
       at::Tensor A = at::zeros({M, Kp}, a.options().dtype(at::kShort));
       A.narrow(1, 0, K).copy_(a2);
       gemv_s16(A.data_ptr<int16_t>(), Kp, M, bc.data_ptr<int8_t>(), N, K, o);
-    } else if (use_wv(false, M, N, K)) {
+    } else if (wv) {
       at::Tensor A8 = a2.contiguous();
       at::Tensor A = at::empty({M, Kp}, a.options().dtype(at::kShort));
       wv_x_avx2(A8.data_ptr<int8_t>(), K, M, K, A.data_ptr<int16_t>(), Kp);
       WvOut wo;
       wo.c = o.c;
       wv_gemm_avx2(A.data_ptr<int16_t>(), A.size(1), M, bc.data_ptr<int8_t>(), N, K, wo);
-    } else if (M <= s16_gemv_max_m()) {
-      at::Tensor A = at::zeros({M, Kp}, a.options().dtype(at::kShort));
-      A.narrow(1, 0, K).copy_(a2);
-      gemv_s16(A.data_ptr<int16_t>(), Kp, M, bc.data_ptr<int8_t>(), N, K, o);
     } else {
       at::Tensor A8 = a2.contiguous();
       gemm_s16_avx2(A8.data_ptr<int8_t>(), K, M, bc.data_ptr<int8_t>(), N, K, o);
@@ -1994,8 +1990,6 @@ at::Tensor linear_w8a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
       w8a16_gemm_avx512(xp, ldx, Mx, wp, sp, N, K, yp);
       return finish(Y, bias, x, N);
     }
-#endif
-#if FASTKERN_X86
     if (Mx > kW8a16GemvMaxM && avx2 && !w8a16_avx2_panel()) {
       w8a16_gemm_avx2(xp, ldx, Mx, wp, sp, N, K, yp);
       return finish(Y, bias, x, N);
@@ -2204,11 +2198,12 @@ at::Tensor linear_w8a8_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
     o.f = out.data_ptr<float>();
     o.sx = S.data_ptr<float>();
     o.ws = wsd.data_ptr<double>();
-    if (M <= kGemvMaxM) {
+    const bool wv = use_wv(false, M, N, K);  // never for M <= kGemvMaxM
+    if (!wv && M <= s16_gemv_max_m()) {
       at::Tensor Q = at::zeros({M, Kp}, X.options().dtype(at::kShort));
       quantize_rows_avx2<int16_t>(X.data_ptr<float>(), Kp, M, K, Q.data_ptr<int16_t>(), Kp, S.data_ptr<float>());
       gemv_s16(Q.data_ptr<int16_t>(), Kp, M, wc.data_ptr<int8_t>(), N, K, o);
-    } else if (use_wv(false, M, N, K)) {
+    } else if (wv) {
       at::Tensor Q = at::zeros({M, Kp}, X.options().dtype(at::kShort));
       quantize_rows_avx2<int16_t>(X.data_ptr<float>(), Kp, M, K, Q.data_ptr<int16_t>(), Kp, S.data_ptr<float>());
       wv_x_avx2(Q.data_ptr<int16_t>(), Kp, M, Kp, Q.data_ptr<int16_t>(), Kp);  // in place: 16 columns at a time
@@ -2218,10 +2213,6 @@ at::Tensor linear_w8a8_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
       wo.sx = o.sx;
       wo.ws = wsf.data_ptr<float>();
       wv_gemm_avx2(Q.data_ptr<int16_t>(), Kp, M, wc.data_ptr<int8_t>(), N, K, wo);
-    } else if (M <= s16_gemv_max_m()) {
-      at::Tensor Q = at::zeros({M, Kp}, X.options().dtype(at::kShort));
-      quantize_rows_avx2<int16_t>(X.data_ptr<float>(), Kp, M, K, Q.data_ptr<int16_t>(), Kp, S.data_ptr<float>());
-      gemv_s16(Q.data_ptr<int16_t>(), Kp, M, wc.data_ptr<int8_t>(), N, K, o);
     } else {
       at::Tensor Q8 = at::empty({M, Kp}, X.options().dtype(at::kChar));
       at::parallel_for(0, M, std::max<int64_t>(1, 65536 / K), [&](int64_t m0, int64_t m1) {

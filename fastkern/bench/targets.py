@@ -109,7 +109,7 @@ def ceiling_rows(result: dict) -> List[dict]:
     if c.get("device", "cpu") != "cpu":
         return []
     rows = []
-    what = {t.op + t.metric + str(t.threshold): t.what for t in CPU_TARGETS}
+    what = {(t.op, t.metric, t.threshold): t.what for t in CPU_TARGETS}
     w4 = [e for e in result.get("results", []) if e.get("kind") == "fastkern" and e.get("op") == "linear_w4a16"
           and e.get("m") == 1 and e.get("status") == "ok" and e.get("backend", "cpu") == "cpu"]
     # the compute rate is at least what the kernel reached on weights from memory in this run
@@ -121,12 +121,12 @@ def ceiling_rows(result: dict) -> List[dict]:
     bws = [b for b in bws if b]
     if bws and comp:
         lo, hi = min(bws), max(bws)
-        rows.append({"target": what["linear_w4a16pct_bw85"], "ceiling": min(100.0, 100.0 * comp / lo),
+        rows.append({"target": what["linear_w4a16", "pct_bw", 85], "ceiling": min(100.0, 100.0 * comp / lo),
                      "ceiling_lo": min(100.0, 100.0 * comp / hi), "unit": "%",
                      "how": "W4A16 with its weight in the LLC runs %.1f GB/s (%s)%s; read bandwidth %.1f-%.1f GB/s"
                             % (probe, c.get("w4a16_compute_note", ""),
                                "" if comp == probe else ", from memory in this run up to %.1f" % comp, lo, hi)})
-        rows.append({"target": what["linear_w4a16speedup1.5"], "ceiling": 2.0 * min(1.0, comp / lo),
+        rows.append({"target": what["linear_w4a16", "speedup", 1.5], "ceiling": 2.0 * min(1.0, comp / lo),
                      "ceiling_lo": 2.0 * min(1.0, comp / hi), "unit": "x",
                      "how": "FBGEMM's int8 weight is 2x the int4 bytes, read at most at the bandwidth; W4A16 at the "
                             "smaller of the bandwidth and %.1f GB/s" % comp})
@@ -134,18 +134,18 @@ def ceiling_rows(result: dict) -> List[dict]:
           if e.get("kind") == "peer" and e.get("name") == "FBGEMM dynamic int8" and e.get("m") == 1
           and "linear_w8a8" in (e.get("ops") or []) and e.get("status") == "ok" and e.get("pct_bw")]
     if fb:
-        rows.append({"target": what["linear_w8a8speedup1.2"], "ceiling": 100.0 / max(fb), "unit": "x",
+        rows.append({"target": what["linear_w8a8", "speedup", 1.2], "ceiling": 100.0 / max(fb), "unit": "x",
                      "how": "both stream the same int8 weight; FBGEMM at up to %.0f%% of the read bandwidth" % max(fb)})
     i8 = c.get("int8_peak")
     # the AVX2 kernels' mix; with AVX-512 VNNI fastkern multiplies int8 with vpdpbusd instead
     if i8 and i8.get("u8s8_gmacs") and c.get("cpu_isa") == "avx2":
-        rows.append({"target": what["linear_w8a8speedup1.0"], "ceiling": i8["exact_gmacs"] / i8["u8s8_gmacs"],
+        rows.append({"target": what["linear_w8a8", "speedup", 1.0], "ceiling": i8["exact_gmacs"] / i8["u8s8_gmacs"],
                      "unit": "x", "how": "exact int16 mix (vpmaddwd + vpaddd) %.0f GMAC/s against FBGEMM's u8 x s8 mix "
                                          "(vpmaddubsw + vpmaddwd + vpaddd) %.0f, register-only"
                                          % (i8["exact_gmacs"], i8["u8s8_gmacs"])})
     fma, mm = c.get("fma_peak_gflops"), (c.get("matmul_gflops") or {}).get("fp32")
     if fma and mm:
-        rows.append({"target": what["gemmspeedup1.5"], "ceiling": fma / mm, "unit": "x",
+        rows.append({"target": what["gemm", "speedup", 1.5], "ceiling": fma / mm, "unit": "x",
                      "how": "torch's fp32 matmul (n=%s) runs %.0f GFLOP/s, %.0f%% of the measured FMA peak %.0f"
                             % (c.get("matmul_n"), mm, 100.0 * mm / fma, fma)})
     if result.get("targets") is not None:  # only the targets this run has entries for
