@@ -334,6 +334,45 @@ def test_cuda_device_without_gpu_is_a_clear_error():
         cli.main(TINY + ["--device", "cuda", "--ops", "gemm"])
 
 
+def test_each_target_row_carries_its_own_ceiling():
+    targets = targets_mod()
+    c = {"device": "cpu", "cpu_isa": "avx2", "read_bw_gbs": 50.0, "w4a16_compute_gbs": 30.0,
+         "w4a16_compute_gbs_bf16": 45.0, "int8_peak": {"exact_gmacs": 100.0, "u8s8_gmacs": 120.0},
+         "fma_peak_gflops": 200.0}
+    w4 = {"kind": "fastkern", "op": "linear_w4a16", "backend": "cpu", "status": "ok", "m": 1, "n": 4096, "k": 4096,
+          "bytes": 40e6, "flops": 2 * 4096 * 4096, "read_bw_window_gbs": 40.0}
+    # fp32: 40 MB at min(40 GB/s window, 30 GB/s compute) takes at least 1.333 ms
+    w4f = dict(w4, dtype="fp32", ms=2.0, gbs=20.0, pct_bw=50.0, speedup={"FBGEMM dynamic int8": 1.2})
+    # bf16: its own probe (45 GB/s) is above the window, so memory bounds it at 1 ms
+    w4b = dict(w4, dtype="bf16", ms=1.25, gbs=32.0, pct_bw=80.0, speedup={"FBGEMM dynamic int8": 1.6})
+    # W8A8 M=64 on the AVX2 path: 4096 x 4096 x 64 multiply-adds at 100 GMAC/s take 10.7 ms
+    i8 = {"kind": "fastkern", "op": "linear_w8a8", "backend": "cpu", "status": "ok", "m": 64, "n": 4096, "k": 4096,
+          "dtype": "fp32", "bytes": 17e6, "flops": 2 * 64 * 4096 * 4096, "read_bw_window_gbs": 40.0, "ms": 12.0,
+          "speedup": {"FBGEMM dynamic int8": 0.8}}
+    res = {"metadata": {}, "ceilings": c, "results": [w4f, w4b, i8]}
+    rows = targets.evaluate(res)
+    get = lambda e, target: next(r for r in rows if r["dtype"] == e["dtype"] and r["op"] == e["op"]
+                                 and r["target"] == target)
+    bw_f = get(w4f, "W4A16 M=1: >= 85% of read bandwidth")
+    assert bw_f["ceiling"] == pytest.approx(75.0) and bw_f["ceiling_bound"] == "compute" and bw_f["met"] is False
+    fb_f = get(w4f, "W4A16 M=1: >= 1.5x FBGEMM dynamic int8")  # FBGEMM took 2.4 ms
+    assert fb_f["ceiling"] == pytest.approx(2.4 / (40e6 / 30e6)) and fb_f["ceiling_bound"] == "compute"
+    bw_b = get(w4b, "W4A16 M=1: >= 85% of read bandwidth")
+    assert bw_b["ceiling"] == pytest.approx(100.0) and bw_b["ceiling_bound"] == "memory"
+    assert get(w4b, "W4A16 M=1: >= 1.5x FBGEMM dynamic int8")["ceiling"] == pytest.approx(2.0)
+    w8 = get(i8, "W8A8 M>=64: >= 1.0x FBGEMM")
+    assert w8["ceiling"] == pytest.approx(0.8 * 12.0 / (64 * 4096 * 4096 / 100e6)) and w8["ceiling_bound"] == "compute"
+    text = targets.render_text(rows)
+    assert "ceiling 75% (compute-bound): out of reach" in text and "ceiling 0.89x (compute-bound): out of reach" in text
+    assert "ceiling 1.80x (compute-bound)\n" in text  # below its ceiling: not out of reach
+    assert "4 miss(es); 2 with a ceiling below the target" in text
+    # no probe of the VNNI products, and none on a GPU run
+    res["ceilings"] = dict(c, cpu_isa="avx512")
+    assert next(r for r in targets.evaluate(res) if r["op"] == "linear_w8a8")["ceiling"] is None
+    res["ceilings"] = dict(c, device="cuda")
+    assert len(targets.evaluate(res)) == len(rows) and all(r["ceiling"] is None for r in targets.evaluate(res))
+
+
 def test_targets_are_checked_on_this_runs_entries(result):
     from fastkern.bench import targets
 

@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from fastkern.bench.shapes import DTYPES
 from fastkern.bench.timing import Rotator, time_rotator
 
 
@@ -193,10 +194,10 @@ def int8_peak_measured(min_run_time: float):
 W4A16_PROBE = (4096, 4096, 128)  # N, K, group size
 
 
-def w4a16_compute_gbs(min_run_time: float):
-    """(GB/s, note) of fastkern's W4A16 at M=1 with fp32 activations on a weight that stays in
-    the last-level cache (one copy, re-read every call; N x K x g = W4A16_PROBE), counting the
-    bytes as the harness does (weight, scales, zero points, x and y): the rate the kernel
+def w4a16_compute_gbs(min_run_time: float, dtype: str = "fp32"):
+    """(GB/s, note) of fastkern's W4A16 at M=1 with `dtype` activations on a weight that stays
+    in the last-level cache (one copy, re-read every call; N x K x g = W4A16_PROBE), counting
+    the bytes as the harness does (weight, scales, zero points, x and y): the rate the kernel
     computes at when memory is not what bounds it, so the most %BW it can reach. (None, why)
     where fastkern's CPU kernels are not built."""
     probe, why = _native_probe("cpu_isa")
@@ -209,7 +210,7 @@ def w4a16_compute_gbs(min_run_time: float):
     w = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=gen)
     s = torch.rand(n, k // g, generator=gen) * 0.01
     z = torch.randint(0, 16, (n, k // g), dtype=torch.uint8, generator=gen)
-    x = torch.randn(1, k, generator=gen)
+    x = torch.randn(1, k, generator=gen).to(DTYPES[dtype])
     op = torch.ops.fastkern_C.linear_w4a16
 
     def fn(xx, c):
@@ -218,7 +219,7 @@ def w4a16_compute_gbs(min_run_time: float):
     # best of three: other tenants of a shared host use the same cache and cores
     ms = min(time_rotator(Rotator(fn, x, [()]), "cpu", min_run_time).ms for _ in range(3))
     nbytes = tensor_bytes(w, s, z, x, fn(x, None))
-    return nbytes / (ms * 1e-3) / 1e9, "%dx%d g%d M=1 fp32, %s path, weight in the LLC" % (n, k, g, probe())
+    return nbytes / (ms * 1e-3) / 1e9, "%dx%d g%d M=1 %s, %s path, weight in the LLC" % (n, k, g, dtype, probe())
 
 
 def measure_ceilings(device: str, *, bw_bytes: Optional[int] = None, peak_n: Optional[int] = None,
@@ -255,6 +256,8 @@ def measure_ceilings(device: str, *, bw_bytes: Optional[int] = None, peak_n: Opt
         c["cpu_isa"] = isa() if isa else None
         c["int8_peak"], c["int8_peak_note"] = int8_peak_measured(min_run_time)
         c["w4a16_compute_gbs"], c["w4a16_compute_note"] = w4a16_compute_gbs(min_run_time)
+        # the half-precision GEMV does less work per weight (two limbs instead of three)
+        c["w4a16_compute_gbs_bf16"], _ = w4a16_compute_gbs(min_run_time, "bf16")
     c["matmul_gflops"] = peaks
     return c
 

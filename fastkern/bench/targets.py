@@ -69,7 +69,8 @@ GPU_TARGETS = [
 
 
 def evaluate(result: dict) -> List[dict]:
-    """Rows {target, op, backend, n, k, m, dtype, value, threshold, met} for every covered entry."""
+    """Rows {target, op, backend, n, k, m, dtype, value, threshold, met, ceiling, ceiling_bound} for every
+    covered entry (the ceiling: row_ceiling)."""
     device = result["metadata"].get("bench_device", "cpu")
     targets = GPU_TARGETS if device == "cuda" else CPU_TARGETS
     rows = []
@@ -83,11 +84,70 @@ def evaluate(result: dict) -> List[dict]:
                 value = e.get("speedup", {}).get(t.peer)
             else:
                 value = e.get(t.metric)
-            rows.append({"target": t.what, "op": t.op, "backend": e["backend"], "n": e["n"], "k": e["k"],
-                         "m": e["m"], "dtype": e["dtype"], "metric": t.metric, "peer": t.peer,
-                         "value": value, "threshold": t.threshold,
-                         "met": None if value is None else bool(value >= t.threshold)})
+            row = {"target": t.what, "op": t.op, "backend": e["backend"], "n": e["n"], "k": e["k"],
+                   "m": e["m"], "dtype": e["dtype"], "metric": t.metric, "peer": t.peer,
+                   "value": value, "threshold": t.threshold,
+                   "met": None if value is None else bool(value >= t.threshold)}
+            row.update(row_ceiling(result, t, e))
+            rows.append(row)
     return rows
+
+
+def _w4a16_compute(result: dict, dtype: str) -> float:
+    """fastkern's W4A16 M=1 compute rate (GB/s) for an activation dtype: the LLC probe for that
+    dtype (the fp32 probe for half dtypes when a run has no probe of its own for them: their
+    GEMV does less work per weight), and at least the best rate the kernel reached on weights
+    from memory in the run (a shared host's last-level cache is shared too)."""
+    c = result.get("ceilings") or {}
+    probe = c.get("w4a16_compute_gbs_" + dtype) if dtype != "fp32" else None
+    probe = probe or c.get("w4a16_compute_gbs") or 0.0
+    seen = [e["gbs"] for e in result.get("results", []) if e.get("kind") == "fastkern"
+            and e.get("op") == "linear_w4a16" and e.get("m") == 1 and e.get("status") == "ok"
+            and e.get("backend", "cpu") == "cpu" and e.get("dtype") == dtype and e.get("gbs")]
+    return max([probe] + seen)
+
+
+def row_ceiling(result: dict, t: Target, e: dict) -> dict:
+    """The most a CPU target allows on one entry, from this run's own measurements: the entry's
+    floor time is the larger of its bytes at the read bandwidth of its own time window and its
+    work at the compute rate the run measured for that kind of kernel (W4A16 M=1: the kernel's
+    compute rate in GB/s; int8 products on the AVX2 path: the exact int16 mix's GMAC/s; fp32
+    GEMM: the FMA peak). A speedup target allows the peer's time over that floor, a %BW target
+    the bandwidth's share of it. {"ceiling", "ceiling_bound"}: ceiling None where the run has
+    no measurement for it (GPU runs, or an int8 product on the VNNI path, which no probe
+    covers)."""
+    c = result.get("ceilings") or {}
+    none = {"ceiling": None, "ceiling_bound": None}
+    if c.get("device", "cpu") != "cpu" or t.device != "cpu" or e.get("status") != "ok" or not e.get("ms"):
+        return none
+    bw = e.get("read_bw_window_gbs") or c.get("read_bw_gbs")
+    if not bw or not e.get("bytes"):
+        return none
+    floors = {"memory": e["bytes"] / (bw * 1e6)}  # ms
+    if t.op == "linear_w4a16" and e["m"] == 1:
+        comp = _w4a16_compute(result, e["dtype"])
+        if comp:
+            floors["compute"] = e["bytes"] / (comp * 1e6)
+    elif t.op in ("linear_w8a8", "int8_gemm"):
+        i8 = c.get("int8_peak") or {}
+        if c.get("cpu_isa") == "avx2" and i8.get("exact_gmacs"):
+            floors["compute"] = e["flops"] / 2 / (i8["exact_gmacs"] * 1e6)
+        elif e["m"] > 1:
+            return none  # the VNNI products: no probe of their peak
+    elif t.op == "gemm" and c.get("fma_peak_gflops"):
+        floors["compute"] = e["flops"] / (c["fma_peak_gflops"] * 1e6)
+    bound = max(floors, key=floors.get)
+    floor = floors[bound]
+    if t.metric == "speedup":
+        sp = (e.get("speedup") or {}).get(t.peer)
+        if not sp:
+            return none
+        return {"ceiling": sp * e["ms"] / floor, "ceiling_bound": bound}
+    if t.metric == "pct_bw":
+        return {"ceiling": 100.0 * floors["memory"] / floor, "ceiling_bound": bound}
+    if t.metric == "pct_fma" and "compute" in floors:
+        return {"ceiling": 100.0, "ceiling_bound": "compute"}
+    return none
 
 
 def ceiling_rows(result: dict) -> List[dict]:
@@ -170,11 +230,23 @@ def render_ceilings(rows: List[dict]) -> str:
 def render_text(rows: List[dict]) -> str:
     if not rows:
         return "DESIGN §6 targets: no fastkern entry of this run is covered by a target\n"
-    lines = ["DESIGN §6 targets (this run only):"]
+    lines = ["DESIGN §6 targets (this run only; a miss shows the most its entry allows here, see row_ceiling):"]
+    misses = out_of_reach = 0
     for r in rows:
         unit = "x" if r["metric"] == "speedup" else "%"
         val = "n/a (peer not timed)" if r["value"] is None else ("%.2f%s" % (r["value"], unit))
         mark = "-" if r["met"] is None else ("ok" if r["met"] else "MISS")
+        if r["met"] is False:
+            misses += 1
+            ceil = r.get("ceiling")
+            if ceil is not None:
+                below = ceil < r["threshold"]
+                out_of_reach += below
+                val += "   ceiling %s (%s-bound)%s" % (("%.2fx" if unit == "x" else "%.0f%%") % ceil,
+                                                     r["ceiling_bound"], ": out of reach" if below else "")
         lines.append("  %-4s %-62s %-9s %dx%d M=%d %s: %s" % (mark, r["target"], "[%s]" % r["backend"], r["n"], r["k"],
                                                               r["m"], r["dtype"], val))
+    if misses:
+        lines.append("  %d miss(es); %d with a ceiling below the target (out of reach on this machine), %d below "
+                     "what their ceiling allows or without one" % (misses, out_of_reach, misses - out_of_reach))
     return "\n".join(lines) + "\n"
