@@ -141,8 +141,9 @@ def test_w8_scale_and_bias_dtypes(op, scale_dtype, gen):
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 16, 17, 70])
 def test_cpu_paths_and_tails(isa, m, gen):
     # m <= 3 runs the GEMV kernels (AVX2), larger m the panel kernels (3-row tiles);
-    # linear_w8a16 runs the GEMV in groups of 3 rows of x up to m = 16 (tails of 1 and 2),
-    # the dequantized panels from m = 17 (AVX-512: the GEMV to m = 12, the GEMM from 13);
+    # linear_w8a16 runs the GEMV in groups of 3 rows of x (tails of 1 and 2) up to m = 16
+    # (generic) / 128 (AVX2), the dequantized panels / fp32 GEMM above (AVX-512: the GEMV to
+    # m = 12, the GEMM from 13);
     # n 1..9 covers the 4-row tiles' tails, k = 1..33 the 8- and 16-wide K tails,
     # k = 1100 two int16 panels and three fp32 panels.
     outs, refs = [], []
@@ -308,19 +309,20 @@ def test_avx2_gemm_tails(m, gen, monkeypatch):
 
 
 @NATIVE
-@pytest.mark.parametrize("m", [4, 5, 6, 7, 8, 9, 12])
+@pytest.mark.parametrize("m", [4, 5, 6, 7, 8, 9, 12, 13])
 def test_avx2_gemv_passes(m, gen, monkeypatch):
-    # AVX2 without VNNI, 3 < m <= 8 on weights the small-layer kernels leave alone: the GEMV in
-    # passes of up to 4 rows of x (m = 5: 3 + 2, 7: 4 + 3), 4-row passes with 2 accumulators per
-    # row, K tails of 16 and 64; exact for int8_gemm, bit-identical W8A8, 1 and 2 threads equal.
-    # m = 9 and 12 run the GEMM tiles, and FASTKERN_INT8_GEMV_MAX_M=12 sends them to the GEMV.
+    # AVX2 without VNNI, 3 < m <= 12 on weights the small-layer kernels leave alone: the GEMV in
+    # passes of up to 4 rows of x (m = 5: 3 + 2, 7: 4 + 3, 9: 3 + 3 + 3), 4-row passes with 2
+    # accumulators per row, K tails of 16 and 64; exact for int8_gemm, bit-identical W8A8, 1 and
+    # 2 threads equal. m = 13 runs the GEMM tiles; FASTKERN_INT8_GEMV_MAX_M sends each m to the
+    # other path, which gives the same bits.
     avx2_or_skip()
     monkeypatch.setenv("FASTKERN_INT8_WV_MAX_M", "0")
     with cpu_isa("avx2"):
         for n, k in ((1, 1), (5, 17), (19, 64), (37, 1100), (70, 4099)):
             check_int8_exact(gen, m, n, k)
         a, b, x, w, s, one = int8_threads_check(gen, m, 300, 1000)
-        monkeypatch.setenv("FASTKERN_INT8_GEMV_MAX_M", "12")
+        monkeypatch.setenv("FASTKERN_INT8_GEMV_MAX_M", "3" if m <= 12 else "16")
         assert torch.equal(native("int8_gemm")(a, b), one[0])
         assert torch.equal(native("linear_w8a8")(x, w, s, None), one[1])
         check_int8_exact(gen, m, 37, 1100)
@@ -329,11 +331,13 @@ def test_avx2_gemv_passes(m, gen, monkeypatch):
 @NATIVE
 @pytest.mark.parametrize("m", [17, 24, 70, 257])
 def test_w8a16_avx2_gemm_tails_and_threads(m, gen, monkeypatch):
-    # AVX2 without AVX-512, m > 16: the fp32 GEMM (skinny_gemm up to m = 256, blocked_gemm at
+    # AVX2 without AVX-512, above the GEMV's rows (moved down to 16 here, so that m = 17..128
+    # reach the GEMM too): the fp32 GEMM (skinny_gemm up to m = 256, blocked_gemm at
     # 257) with its B slivers dequantized from the int8 rows in 8 x 8 blocks (K tails element by
     # element): sliver (16-column) tails in N, K within and across 192-wide KC blocks; 1 and 2
     # threads bitwise equal; FASTKERN_W8A16_AVX2=panel still runs the dequantized panels.
     avx2_or_skip()
+    monkeypatch.setenv("FASTKERN_W8A16_GEMV_MAX_M", "16")
     with cpu_isa("avx2"):
         for n, k in ((1, 1), (5, 7), (16, 9), (17, 33), (37, 300), (70, 1100)):
             x = torch.randn(m, k, generator=gen)
@@ -345,6 +349,38 @@ def test_w8a16_avx2_gemm_tails_and_threads(m, gen, monkeypatch):
             monkeypatch.setenv("FASTKERN_W8A16_AVX2", "panel")
             assert_close_rel(native("linear_w8a16")(x, w, s, None), ref, torch.float32)
             monkeypatch.delenv("FASTKERN_W8A16_AVX2")
+
+
+@NATIVE
+@pytest.mark.parametrize("isa", cpu_isas())
+@pytest.mark.parametrize("m", [4, 7, 12, 17, 40, 128])
+def test_gemv_row_blocks(isa, m, gen, monkeypatch):
+    # GEMVs with more than one pass over the weight take each thread's rows in blocks, all
+    # passes over a block before the next: linear_w8a16's GEMV (3 rows of x per pass; up to
+    # m = 128 on AVX2, 16 generic, 12 AVX-512 whose K > 2048 runs in 2048-column blocks) and the
+    # AVX2 int8 GEMV (4-row passes, up to m = 12). FASTKERN_GEMV_BLOCK_KB=1 makes the blocks 16
+    # rows (several per thread, the last one short), 0 turns them off: the same bits either
+    # way, on 1 and 2 threads, and the reference's results.
+    monkeypatch.setenv("FASTKERN_INT8_WV_MAX_M", "0")
+    with cpu_isa(isa):
+        for n, k in ((70, 1100), (250, 4500)):
+            x = torch.randn(m, k, generator=gen)
+            w, s = make_w8(gen, n, k)
+            a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
+            b = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+            outs = {}
+            for kb in ("0", "1", "256"):
+                monkeypatch.setenv("FASTKERN_GEMV_BLOCK_KB", kb)
+                outs[kb] = on_1_and_2_threads(
+                    lambda: (native("linear_w8a16")(x, w, s, None), native("int8_gemm")(a, b),
+                             native("linear_w8a8")(x, w, s, None)))
+            base = outs["0"][0]
+            for one, two in outs.values():
+                for u, v, o in zip(one, two, base):
+                    assert torch.equal(u, o) and torch.equal(v, o), (n, k)
+            assert_close_rel(base[0], ops.linear_w8a16_ref(x, w, s, None), torch.float32)
+            assert torch.equal(base[1], ops.int8_gemm_ref(a, b))
+            assert torch.equal(base[2], ops.linear_w8a8_ref(x, w, s, None))
 
 
 @NATIVE

@@ -6,11 +6,13 @@
 // vpmaddubsw + vpmaddwd pair does (section "AVX2 without VNNI" has the measurements).
 //
 // AVX2: small M (<= kGemvMaxM, and up to kS16GemvMaxM where the small-layer kernels do not
-// take it) streams the int8 weight once per 4 rows of x, one stream per thread, and widens
-// it in registers; larger M runs a transposed-tile GEMM on int16 pairs (section
-// "AVX2 without VNNI"). W8A16 above its GEMV rows runs the fp32 GEMM drivers with B slivers
-// dequantized from the int8 rows (section "W8A16 GEMM, AVX2"; the generic path dequantizes
-// one cache-sized weight panel at a time).
+// take it) runs a GEMV in passes of up to 4 rows of x, widening the int8 weight in
+// registers; each thread's weight rows go in L2-sized blocks, all passes over a block before
+// the next (gemv_row_block), so the weight comes from DRAM once. Larger M runs a
+// transposed-tile GEMM on int16 pairs (section "AVX2 without VNNI"). W8A16 runs its fp32
+// GEMV (3 rows of x per pass, the same row blocks) up to kW8a16GemvMaxMAvx2 and the fp32
+// GEMM drivers with B slivers dequantized from the int8 rows above (section "W8A16 GEMM,
+// AVX2"; the generic path dequantizes one cache-sized weight panel at a time).
 // The previous AVX2 integer path (int16 panels, row-vector dot tiles) stays selectable with
 // FASTKERN_INT8_AVX2=panel, for A/B timing; it is also what the generic path runs. With
 // AVX-512 VNNI the integer product (int8_gemm, linear_w8a8) runs on vpdpbusd instead: a
@@ -37,8 +39,18 @@ namespace quant {
 namespace {
 
 constexpr int64_t kGemvMaxM = 3;
-// linear_w8a16 runs the GEMV kernel in groups of kGemvMaxM rows up to this M
+// linear_w8a16 runs the GEMV kernel in groups of kGemvMaxM rows up to this M (generic path,
+// and the AVX2 panel path kept for A/B timing)
 constexpr int64_t kW8a16GemvMaxM = 16;
+// and on the AVX2 path up to this one, in row blocks (gemv_row_block): 2 threads, one
+// process, alternating, against the fp32 GEMM drivers with int8 slivers (w8a16_gemm_avx2),
+// 11008 x 4096 / 4096 x 11008 / 4096 x 4096: M = 17 7.4 / 7.3 / 2.9 ms vs 12.0 / 12.8 / 4.5,
+// M = 32 13.4 / 13.3 / 5.0 vs 18.4 / 21.9 / 7.4, M = 64 25.5 / - / 9.4 vs 28.7 / - / 10.8,
+// M = 128 50.7 / - / 18.1 vs 55.7 / - / 19.2, M = 256 97.1 / - / 36.2 vs 96.7 / - / 36.8. The
+// GEMV converts each weight once per 3 rows of x, but on other pipes than the FMAs, which it
+// keeps busier than the GEMM's packed slivers do. FASTKERN_W8A16_GEMV_MAX_M overrides it,
+// read on every call (A/B timing, tests).
+constexpr int64_t kW8a16GemvMaxMAvx2 = 128;
 // and, with AVX-512, the GEMMs from this M: their 16-row tiles cost the same from M = 1 to
 // 16 and overtake the AVX-512 GEMV's 3-row passes at M = 13 with fp32 x (4096 x 4096, one
 // thread: M = 12 3.1 vs 3.4 ms, M = 16 4.4 vs 3.5) and at M = 9 with bf16 x (vdpbf16ps:
@@ -61,6 +73,20 @@ constexpr int64_t kPanelKI16 = 1024; // K columns per int16 panel (64 x 1024 x 2
 constexpr int64_t kPanelKF32 = 512;  // K columns per fp32 panel (64 x 512 x 4 B = 128 KB, in L2)
 // |sum| <= K * 127 * 127 stays below 2^31 (W8A8 activations never hold -128).
 constexpr int64_t kW8A8MaxK = 133143;
+
+// GEMVs that pass over the weight more than once (one pass per few rows of x) take a
+// thread's rows in blocks of about kGemvBlockBytes of weight, all passes over one block
+// before the next: the first pass reads the block from DRAM, the others from L2.
+// FASTKERN_GEMV_BLOCK_KB sets the size (0: every pass over all of the thread's rows, read on
+// every call for A/B timing).
+constexpr int64_t kGemvBlockBytes = 256 << 10;
+inline int64_t gemv_row_block(int64_t K, int64_t passes) {
+  if (passes <= 1) return std::numeric_limits<int64_t>::max();
+  const char* e = std::getenv("FASTKERN_GEMV_BLOCK_KB");
+  const int64_t bytes = e && *e ? std::atoll(e) << 10 : kGemvBlockBytes;
+  if (bytes <= 0) return std::numeric_limits<int64_t>::max();
+  return std::max<int64_t>(16, bytes / std::max<int64_t>(K, 1) / 16 * 16);
+}
 
 // ------------------------------------------------------------------ GEMV: int8 weights x int16 activations
 
@@ -1340,11 +1366,13 @@ bool use_s16_avx2() { return use_avx2() && !use_vnni512() && !int8_avx2_legacy()
 // passes (M = 5: 3 + 2). Measured against the GEMM tiles (AVX2, 2 threads, one process,
 // alternating, FBGEMM alongside as the yardstick; 4096 x 4096 unless said): M = 4 0.66 vs
 // 1.69 ms, M = 6 1.12 vs 1.99, M = 8 1.29 vs 1.88 and 1.10 vs 1.38, 11008 x 4096 M = 4 1.46
-// vs 3.92; M = 10..12 within the noise either way, M = 16 2.71 (tiles) vs 3.64. Passes of 4
-// rows beat 5, 6 and 8 (4096^2 M = 8: 1.10 / 1.37 / 1.33 / 1.64 ms). FASTKERN_INT8_GEMV_MAX_M
-// overrides the limit, read on every call (A/B timing, tests).
+// vs 3.92. Passes of 4 rows beat 5, 6 and 8 (4096^2 M = 8: 1.10 / 1.37 / 1.33 / 1.64 ms).
+// With the passes in row blocks (gemv_row_block) it also wins at M = 10..12 (11008 x 4096 /
+// 4096 x 11008: M = 10 4.07 / 4.25 ms vs 4.35 / 4.48, M = 12 3.91 / 3.80 vs 4.75 / 4.58) and
+// loses at 16 (4.73 / 5.03 vs 4.25 / 4.41). FASTKERN_INT8_GEMV_MAX_M overrides the limit, read
+// on every call (A/B timing, tests).
 constexpr int64_t kS16GemvRows = 4;
-constexpr int64_t kS16GemvMaxM = 8;
+constexpr int64_t kS16GemvMaxM = 12;
 
 int64_t s16_gemv_max_m() {
   const char* e = std::getenv("FASTKERN_INT8_GEMV_MAX_M");
@@ -1355,20 +1383,24 @@ int64_t s16_gemv_max_m() {
 // weight streams once per pass of up to kS16GemvRows rows of x.
 void gemv_s16(const int16_t* A, int64_t lda, int64_t M, const int8_t* W, int64_t N, int64_t K, const VnniOut& o) {
   const int64_t passes = (M + kS16GemvRows - 1) / kS16GemvRows;
-  parallel_rows(N, 16, 8, [&](int64_t n0, int64_t n1) {
-    for (int64_t p = 0, m0 = 0; p < passes; ++p) {
-      const int64_t mr = (M - m0) / (passes - p) + ((M - m0) % (passes - p) ? 1 : 0);
-      VnniOut om = o;
-      if (om.f) om.f += m0 * N, om.sx += m0;
-      if (om.c) om.c += m0 * N;
-      const int16_t* Am = A + m0 * lda;
-      switch (mr) {
-        case 1: gemv_s16_avx2<1>(Am, lda, W, K, n0, n1, om, N); break;
-        case 2: gemv_s16_avx2<2>(Am, lda, W, K, n0, n1, om, N); break;
-        case 3: gemv_s16_avx2<3>(Am, lda, W, K, n0, n1, om, N); break;
-        default: gemv_s16_avx2<4>(Am, lda, W, K, n0, n1, om, N); break;
+  const int64_t rb = gemv_row_block(K, passes);
+  parallel_rows(N, 16, 8, [&](int64_t r0, int64_t r1) {
+    for (int64_t n0 = r0, n1; n0 < r1; n0 = n1) {
+      n1 = n0 + std::min(rb, r1 - n0);
+      for (int64_t p = 0, m0 = 0; p < passes; ++p) {
+        const int64_t mr = (M - m0) / (passes - p) + ((M - m0) % (passes - p) ? 1 : 0);
+        VnniOut om = o;
+        if (om.f) om.f += m0 * N, om.sx += m0;
+        if (om.c) om.c += m0 * N;
+        const int16_t* Am = A + m0 * lda;
+        switch (mr) {
+          case 1: gemv_s16_avx2<1>(Am, lda, W, K, n0, n1, om, N); break;
+          case 2: gemv_s16_avx2<2>(Am, lda, W, K, n0, n1, om, N); break;
+          case 3: gemv_s16_avx2<3>(Am, lda, W, K, n0, n1, om, N); break;
+          default: gemv_s16_avx2<4>(Am, lda, W, K, n0, n1, om, N); break;
+        }
+        m0 += mr;
       }
-      m0 += mr;
     }
   });
 }
@@ -1900,7 +1932,7 @@ void check_w8(const char* op, const at::Tensor& x, const at::Tensor& w, const at
 
 // ------------------------------------------------------------------ W8A16 GEMM, AVX2 (fp32 FMA)
 //
-// Above the GEMV's rows (kW8a16GemvMaxM), without AVX-512: the fp32 GEMM drivers
+// Above the GEMV's rows (kW8a16GemvMaxMAvx2), without AVX-512: the fp32 GEMM drivers
 // (skinny_gemm up to its M, blocked_gemm above) around the AVX2 6 x 16 micro-kernel, their
 // B slivers filled straight from the int8 rows: float(w) * s per element, the reference's
 // dequantization, converted and scaled 8 rows x 8 k at a time and transposed in registers
@@ -1942,6 +1974,13 @@ struct W8Packer {
 bool w8a16_avx2_panel() {
   const char* e = std::getenv("FASTKERN_W8A16_AVX2");
   return e && std::string(e) == "panel";
+}
+
+// the largest M the W8A16 GEMV takes on the AVX2 path (avx2: use_avx2(), not the panel path)
+int64_t w8a16_gemv_max_m(bool avx2) {
+  if (!avx2) return kW8a16GemvMaxM;
+  const char* e = std::getenv("FASTKERN_W8A16_GEMV_MAX_M");
+  return e && *e ? std::max<int64_t>(kGemvMaxM, std::atoll(e)) : kW8a16GemvMaxMAvx2;
 }
 
 // Y [M, N] = X [M, K] (fp32, row stride ldx) x (float(W) * s)^T
@@ -1990,54 +2029,66 @@ at::Tensor linear_w8a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
       w8a16_gemm_avx512(xp, ldx, Mx, wp, sp, N, K, yp);
       return finish(Y, bias, x, N);
     }
-    if (Mx > kW8a16GemvMaxM && avx2 && !w8a16_avx2_panel()) {
+#endif
+    const bool avx2_fma = avx2 && !w8a16_avx2_panel();
+    const int64_t gemv_max_m = w8a16_gemv_max_m(avx2_fma);
+#if FASTKERN_X86
+    if (Mx > gemv_max_m && avx2_fma) {
       w8a16_gemm_avx2(xp, ldx, Mx, wp, sp, N, K, yp);
       return finish(Y, bias, x, N);
     }
 #endif
-    if (Mx <= kW8a16GemvMaxM) {
+    if (Mx <= gemv_max_m) {
       // y = s * (x . w): the scale multiplies the finished dot product. Beyond
       // kGemvMaxM rows the weight streams once per group of kGemvMaxM rows of x:
       // measured at 4096x4096 (2 threads), M=4..16 took 1.6-2.9x longer on the
       // dequantized-panel path, which converts every weight to fp32 in memory.
 #if FASTKERN_X86
       if (active_isa() >= Isa::Avx512) {
-        parallel_rows(N, 16, 8, [&](int64_t n0, int64_t n1) {
-          for (int64_t m0 = 0; m0 < Mx; m0 += kGemvMaxM) {
-            const float* xm = xp + m0 * ldx;
-            float* ym = yp + m0 * N;
-            if (K > kW8fBlockK) {
-              switch (std::min(kGemvMaxM, Mx - m0)) {
-                case 1: gemv_w8f_avx512_kblocked<1>(xm, ldx, wp, K, ym, N, n0, n1); break;
-                case 2: gemv_w8f_avx512_kblocked<2>(xm, ldx, wp, K, ym, N, n0, n1); break;
-                default: gemv_w8f_avx512_kblocked<3>(xm, ldx, wp, K, ym, N, n0, n1); break;
+        const int64_t rb = gemv_row_block(K, (Mx + kGemvMaxM - 1) / kGemvMaxM);
+        parallel_rows(N, 16, 8, [&](int64_t r0, int64_t r1) {
+          for (int64_t n0 = r0, n1; n0 < r1; n0 = n1) {
+            n1 = n0 + std::min(rb, r1 - n0);
+            for (int64_t m0 = 0; m0 < Mx; m0 += kGemvMaxM) {
+              const float* xm = xp + m0 * ldx;
+              float* ym = yp + m0 * N;
+              if (K > kW8fBlockK) {
+                switch (std::min(kGemvMaxM, Mx - m0)) {
+                  case 1: gemv_w8f_avx512_kblocked<1>(xm, ldx, wp, K, ym, N, n0, n1); break;
+                  case 2: gemv_w8f_avx512_kblocked<2>(xm, ldx, wp, K, ym, N, n0, n1); break;
+                  default: gemv_w8f_avx512_kblocked<3>(xm, ldx, wp, K, ym, N, n0, n1); break;
+                }
+                continue;
               }
-              continue;
-            }
-            switch (std::min(kGemvMaxM, Mx - m0)) {
-              case 1: gemv_w8f_avx512<1>(xm, ldx, wp, K, ym, N, n0, n1); break;
-              case 2: gemv_w8f_avx512<2>(xm, ldx, wp, K, ym, N, n0, n1); break;
-              default: gemv_w8f_avx512<3>(xm, ldx, wp, K, ym, N, n0, n1); break;
+              switch (std::min(kGemvMaxM, Mx - m0)) {
+                case 1: gemv_w8f_avx512<1>(xm, ldx, wp, K, ym, N, n0, n1); break;
+                case 2: gemv_w8f_avx512<2>(xm, ldx, wp, K, ym, N, n0, n1); break;
+                default: gemv_w8f_avx512<3>(xm, ldx, wp, K, ym, N, n0, n1); break;
+              }
             }
           }
           for (int64_t i = 0; i < Mx; ++i)
-            for (int64_t n = n0; n < n1; ++n) yp[i * N + n] *= sp[n];
+            for (int64_t n = r0; n < r1; ++n) yp[i * N + n] *= sp[n];
         });
         return finish(Y, bias, x, N);
       }
 #endif
-      parallel_rows(N, kGemvRows, 16, [&](int64_t n0, int64_t n1) {
-        for (int64_t m0 = 0; m0 < Mx; m0 += kGemvMaxM) {
-          const float* xm = xp + m0 * ldx;
-          float* ym = yp + m0 * N;
-          switch (std::min(kGemvMaxM, Mx - m0)) {
-            case 1: gemv_w8f_rows<1>(avx2, xm, ldx, wp, K, ym, N, n0, n1); break;
-            case 2: gemv_w8f_rows<2>(avx2, xm, ldx, wp, K, ym, N, n0, n1); break;
-            default: gemv_w8f_rows<3>(avx2, xm, ldx, wp, K, ym, N, n0, n1); break;
+      const int64_t rb = gemv_row_block(K, (Mx + kGemvMaxM - 1) / kGemvMaxM);
+      parallel_rows(N, kGemvRows, 16, [&](int64_t r0, int64_t r1) {
+        for (int64_t n0 = r0, n1; n0 < r1; n0 = n1) {
+          n1 = n0 + std::min(rb, r1 - n0);
+          for (int64_t m0 = 0; m0 < Mx; m0 += kGemvMaxM) {
+            const float* xm = xp + m0 * ldx;
+            float* ym = yp + m0 * N;
+            switch (std::min(kGemvMaxM, Mx - m0)) {
+              case 1: gemv_w8f_rows<1>(avx2, xm, ldx, wp, K, ym, N, n0, n1); break;
+              case 2: gemv_w8f_rows<2>(avx2, xm, ldx, wp, K, ym, N, n0, n1); break;
+              default: gemv_w8f_rows<3>(avx2, xm, ldx, wp, K, ym, N, n0, n1); break;
+            }
           }
         }
         for (int64_t i = 0; i < Mx; ++i)
-          for (int64_t n = n0; n < n1; ++n) yp[i * N + n] *= sp[n];
+          for (int64_t n = r0; n < r1; ++n) yp[i * N + n] *= sp[n];
       });
     } else {
       // Panels dequantized exactly as the reference does (float(w) * s), then fp32 dot tiles.
