@@ -74,19 +74,6 @@ constexpr int64_t kPanelKF32 = 512;  // K columns per fp32 panel (64 x 512 x 4 B
 // |sum| <= K * 127 * 127 stays below 2^31 (W8A8 activations never hold -128).
 constexpr int64_t kW8A8MaxK = 133143;
 
-// GEMVs that pass over the weight more than once (one pass per few rows of x) take a
-// thread's rows in blocks of about kGemvBlockBytes of weight, all passes over one block
-// before the next: the first pass reads the block from DRAM, the others from L2.
-// FASTKERN_GEMV_BLOCK_KB sets the size (0: every pass over all of the thread's rows, read on
-// every call for A/B timing).
-constexpr int64_t kGemvBlockBytes = 256 << 10;
-inline int64_t gemv_row_block(int64_t K, int64_t passes) {
-  if (passes <= 1) return std::numeric_limits<int64_t>::max();
-  const char* e = std::getenv("FASTKERN_GEMV_BLOCK_KB");
-  const int64_t bytes = e && *e ? std::atoll(e) << 10 : kGemvBlockBytes;
-  if (bytes <= 0) return std::numeric_limits<int64_t>::max();
-  return std::max<int64_t>(16, bytes / std::max<int64_t>(K, 1) / 16 * 16);
-}
 
 // ------------------------------------------------------------------ GEMV: int8 weights x int16 activations
 

@@ -15,6 +15,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <limits>
 #include <cstring>
 #include <sstream>
 #include <string>
@@ -115,6 +117,20 @@ inline void parallel_rows(int64_t n, int64_t unit, int64_t min_units, const F& f
   at::parallel_for(0, units, std::max<int64_t>(min_units, 1), [&](int64_t b, int64_t e) {
     f(b * unit, std::min(e * unit, n));
   });
+}
+
+// GEMVs that pass over the weight more than once (one pass per few rows of x) take a
+// thread's rows in blocks of about kGemvBlockBytes of weight, all passes over one block
+// before the next: the first pass reads the block from DRAM, the others from L2.
+// row_bytes: the weight bytes of one row. FASTKERN_GEMV_BLOCK_KB sets the size (0: every
+// pass over all of the thread's rows), read on every call for A/B timing.
+constexpr int64_t kGemvBlockBytes = 256 << 10;
+inline int64_t gemv_row_block(int64_t row_bytes, int64_t passes) {
+  if (passes <= 1) return std::numeric_limits<int64_t>::max();
+  const char* e = std::getenv("FASTKERN_GEMV_BLOCK_KB");
+  const int64_t bytes = e && *e ? std::atoll(e) << 10 : kGemvBlockBytes;
+  if (bytes <= 0) return std::numeric_limits<int64_t>::max();
+  return std::max<int64_t>(16, bytes / std::max<int64_t>(row_bytes, 1) / 16 * 16);
 }
 
 // ------------------------------------------------------------------ fp32 dot tiles
