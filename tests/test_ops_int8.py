@@ -352,6 +352,27 @@ def test_w8a16_avx2_gemm_tails_and_threads(m, gen, monkeypatch):
 
 
 @NATIVE
+@pytest.mark.parametrize("m", [1, 2, 3])
+def test_w8a16_avx2_streaming_gemv(m, gen, monkeypatch):
+    # AVX2, m <= 2: linear_w8a16's GEMV streams one weight row at a time (8 or 4 accumulators
+    # per row of x, 64-column steps, 8-column K tails through a zeroed copy of the row's end);
+    # m = 3 and FASTKERN_W8A16_STREAM=0 run the 4-row tiles. Against the reference, 1 and 2
+    # threads bitwise equal.
+    avx2_or_skip()
+    with cpu_isa("avx2"):
+        for n, k in ((1, 1), (3, 7), (5, 63), (9, 64), (13, 65), (70, 1100), (37, 4099)):
+            x = torch.randn(m, k, generator=gen)
+            w, s = make_w8(gen, n, k)
+            ref = ops.linear_w8a16_ref(x, w, s, None)
+            one, two = on_1_and_2_threads(native("linear_w8a16"), x, w, s, None)
+            assert torch.equal(one, two), (n, k)
+            assert_close_rel(two, ref, torch.float32)
+            monkeypatch.setenv("FASTKERN_W8A16_STREAM", "0")
+            assert_close_rel(native("linear_w8a16")(x, w, s, None), ref, torch.float32)
+            monkeypatch.delenv("FASTKERN_W8A16_STREAM")
+
+
+@NATIVE
 @pytest.mark.parametrize("isa", cpu_isas())
 @pytest.mark.parametrize("m", [4, 7, 12, 17, 40, 128])
 def test_gemv_row_blocks(isa, m, gen, monkeypatch):

@@ -1041,6 +1041,52 @@ FASTKERN_AVX2 void gemv_w8f_avx2(const float* X, int64_t ldx, const int8_t* W, i
 }
 #endif
 
+// M <= kW8fStreamMaxM: like gemv_s16_avx2, each thread's weight rows as one stream, one row
+// at a time, prefetched kW8fAhead bytes ahead (1, 2, 4 and 16 KB measured 0.78, 0.85, 0.96
+// and 1.02x as fast at 11008 x 4096), 8 (one row of x) or 4 accumulators per row of x. The
+// 4-row tiles above interleave four row streams with the prefetch 512 bytes ahead in each,
+// which read the weight at 48-77% of the bandwidth at M = 1 against 84-104% for the int8
+// GEMV (AVX2 run of 2026-12-02 00:54). In one process, alternating, against the tiles:
+// 4096 x 4096 / 11008 x 4096 / 4096 x 14336 M = 1 1.50 / 1.28 / 1.22x, M = 2 1.56 / 1.23 /
+// 1.18x, M = 3 0.95 / 0.82 / 0.84x (the tiles share each x load among 4 weight rows).
+constexpr int64_t kW8fStreamMaxM = 2;
+constexpr int64_t kW8fAhead = 8192;
+template <int MR>
+FASTKERN_AVX2 void gemv_w8f_stream_avx2(const float* X, int64_t ldx, const int8_t* W, int64_t K, float* Y,
+                                        int64_t ldy, int64_t n0, int64_t n1) {
+  constexpr int U = MR == 1 ? 8 : 4;  // FMA chains in flight: 8 for one row of x
+  const int64_t K64 = K & ~int64_t(63);
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* w = W + n * K;
+    __m256 s[MR][U];
+    for (int i = 0; i < MR; ++i)
+      for (int u = 0; u < U; ++u) s[i][u] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k < K64; k += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + k + kW8fAhead), _MM_HINT_T0);
+      for (int u = 0; u < 8; ++u) {
+        const __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + k + 8 * u))));
+        for (int i = 0; i < MR; ++i)
+          s[i][u % U] = _mm256_fmadd_ps(_mm256_loadu_ps(X + i * ldx + k + 8 * u), wv, s[i][u % U]);
+      }
+    }
+    for (; k < K; k += 8) {  // x is zero-padded to 8 columns; never read past a weight row
+      alignas(16) int8_t tail[8] = {};
+      const int8_t* src = w + k;
+      if (K - k < 8) {
+        std::memcpy(tail, src, K - k);
+        src = tail;
+      }
+      const __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src))));
+      for (int i = 0; i < MR; ++i) s[i][0] = _mm256_fmadd_ps(_mm256_loadu_ps(X + i * ldx + k), wv, s[i][0]);
+    }
+    for (int i = 0; i < MR; ++i) {
+      for (int u = 4; u < U; ++u) s[i][u - 4] = _mm256_add_ps(s[i][u - 4], s[i][u]);
+      Y[i * ldy + n] = hsum8_avx2(_mm256_add_ps(_mm256_add_ps(s[i][0], s[i][1]), _mm256_add_ps(s[i][2], s[i][3])));
+    }
+  }
+}
+
 template <int MR>
 void gemv_w8f_rows(bool avx2, const float* X, int64_t ldx, const int8_t* W, int64_t K, float* Y, int64_t ldy,
                    int64_t n0, int64_t n1) {
@@ -1958,6 +2004,13 @@ struct W8Packer {
   }
 };
 
+// FASTKERN_W8A16_STREAM=0: the AVX2 W8A16 GEMV at M <= kW8fStreamMaxM runs the 4-row tiles
+// instead of gemv_w8f_stream_avx2 (A/B timing, tests; read on every call)
+bool w8f_stream_enabled() {
+  const char* e = std::getenv("FASTKERN_W8A16_STREAM");
+  return !(e && e[0] == '0');
+}
+
 bool w8a16_avx2_panel() {
   const char* e = std::getenv("FASTKERN_W8A16_AVX2");
   return e && std::string(e) == "panel";
@@ -2064,6 +2117,15 @@ at::Tensor linear_w8a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
       parallel_rows(N, kGemvRows, 16, [&](int64_t r0, int64_t r1) {
         for (int64_t n0 = r0, n1; n0 < r1; n0 = n1) {
           n1 = n0 + std::min(rb, r1 - n0);
+#if FASTKERN_X86
+          if (avx2 && Mx <= kW8fStreamMaxM && w8f_stream_enabled()) {
+            if (Mx == 1)
+              gemv_w8f_stream_avx2<1>(xp, ldx, wp, K, yp, N, n0, n1);
+            else
+              gemv_w8f_stream_avx2<2>(xp, ldx, wp, K, yp, N, n0, n1);
+            continue;
+          }
+#endif
           for (int64_t m0 = 0; m0 < Mx; m0 += kGemvMaxM) {
             const float* xm = xp + m0 * ldx;
             float* ym = yp + m0 * N;
