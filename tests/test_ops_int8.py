@@ -338,17 +338,24 @@ def test_w8a16_avx2_gemm_tails_and_threads(m, gen, monkeypatch):
     # threads bitwise equal; FASTKERN_W8A16_AVX2=panel still runs the dequantized panels.
     avx2_or_skip()
     monkeypatch.setenv("FASTKERN_W8A16_GEMV_MAX_M", "16")
+    check_w8a16_avx2(gen, m, ((1, 1), (5, 7), (16, 9), (17, 33), (37, 300), (70, 1100)), monkeypatch,
+                     "FASTKERN_W8A16_AVX2", "panel")
+
+
+def check_w8a16_avx2(gen, m, shapes, monkeypatch, alt_var, alt_value):
+    """linear_w8a16 on the AVX2 path for each (n, k): 1 and 2 threads bitwise equal and the
+    reference's results, and again with alt_var=alt_value (the path it selects instead)."""
     with cpu_isa("avx2"):
-        for n, k in ((1, 1), (5, 7), (16, 9), (17, 33), (37, 300), (70, 1100)):
+        for n, k in shapes:
             x = torch.randn(m, k, generator=gen)
             w, s = make_w8(gen, n, k)
             ref = ops.linear_w8a16_ref(x, w, s, None)
             one, two = on_1_and_2_threads(native("linear_w8a16"), x, w, s, None)
             assert torch.equal(one, two), (n, k)
             assert_close_rel(two, ref, torch.float32)
-            monkeypatch.setenv("FASTKERN_W8A16_AVX2", "panel")
+            monkeypatch.setenv(alt_var, alt_value)
             assert_close_rel(native("linear_w8a16")(x, w, s, None), ref, torch.float32)
-            monkeypatch.delenv("FASTKERN_W8A16_AVX2")
+            monkeypatch.delenv(alt_var)
 
 
 @NATIVE
@@ -359,17 +366,8 @@ def test_w8a16_avx2_streaming_gemv(m, gen, monkeypatch):
     # m = 3 and FASTKERN_W8A16_STREAM=0 run the 4-row tiles. Against the reference, 1 and 2
     # threads bitwise equal.
     avx2_or_skip()
-    with cpu_isa("avx2"):
-        for n, k in ((1, 1), (3, 7), (5, 63), (9, 64), (13, 65), (70, 1100), (37, 4099)):
-            x = torch.randn(m, k, generator=gen)
-            w, s = make_w8(gen, n, k)
-            ref = ops.linear_w8a16_ref(x, w, s, None)
-            one, two = on_1_and_2_threads(native("linear_w8a16"), x, w, s, None)
-            assert torch.equal(one, two), (n, k)
-            assert_close_rel(two, ref, torch.float32)
-            monkeypatch.setenv("FASTKERN_W8A16_STREAM", "0")
-            assert_close_rel(native("linear_w8a16")(x, w, s, None), ref, torch.float32)
-            monkeypatch.delenv("FASTKERN_W8A16_STREAM")
+    check_w8a16_avx2(gen, m, ((1, 1), (3, 7), (5, 63), (9, 64), (13, 65), (70, 1100), (37, 4099)), monkeypatch,
+                     "FASTKERN_W8A16_STREAM", "0")
 
 
 @NATIVE
