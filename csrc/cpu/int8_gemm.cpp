@@ -74,7 +74,6 @@ constexpr int64_t kPanelKF32 = 512;  // K columns per fp32 panel (64 x 512 x 4 B
 // |sum| <= K * 127 * 127 stays below 2^31 (W8A8 activations never hold -128).
 constexpr int64_t kW8A8MaxK = 133143;
 
-
 // ------------------------------------------------------------------ GEMV: int8 weights x int16 activations
 
 template <int MR, int NR>
@@ -1412,8 +1411,9 @@ int64_t s16_gemv_max_m() {
   return e && *e ? std::max<int64_t>(kGemvMaxM, std::atoll(e)) : kS16GemvMaxM;
 }
 
-// C or o = A (int16 holding int8 values, zero-padded to lda >= round_up(K, 16)) x W^T: the
-// weight streams once per pass of up to kS16GemvRows rows of x.
+// C or o = A (int16 holding int8 values, zero-padded to lda >= round_up(K, 16)) x W^T: one
+// pass over the weight per kS16GemvRows rows of x, each thread's rows in row blocks
+// (gemv_row_block), so that only the first pass over a block reads it from DRAM.
 void gemv_s16(const int16_t* A, int64_t lda, int64_t M, const int8_t* W, int64_t N, int64_t K, const VnniOut& o) {
   const int64_t passes = (M + kS16GemvRows - 1) / kS16GemvRows;
   const int64_t rb = gemv_row_block(K, passes);
