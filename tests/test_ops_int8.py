@@ -309,20 +309,20 @@ def test_avx2_gemm_tails(m, gen, monkeypatch):
 
 
 @NATIVE
-@pytest.mark.parametrize("m", [4, 5, 6, 7, 8, 9, 12, 13])
+@pytest.mark.parametrize("m", [4, 5, 6, 7, 8, 9, 12, 13, 23, 24, 25])
 def test_avx2_gemv_passes(m, gen, monkeypatch):
-    # AVX2 without VNNI, 3 < m <= 12 on weights the small-layer kernels leave alone: the GEMV in
-    # passes of up to 4 rows of x (m = 5: 3 + 2, 7: 4 + 3, 9: 3 + 3 + 3), 4-row passes with 2
-    # accumulators per row, K tails of 16 and 64; exact for int8_gemm, bit-identical W8A8, 1 and
-    # 2 threads equal. m = 13 runs the GEMM tiles; FASTKERN_INT8_GEMV_MAX_M sends each m to the
-    # other path, which gives the same bits.
+    # AVX2 without VNNI, 3 < m <= 24 on weights the small-layer kernels leave alone: the GEMV in
+    # passes of up to 4 rows of x (m = 5: 3 + 2, 7: 4 + 3, 9: 3 + 3 + 3, 23: 4 x 4 + 3 x 2), 4-row
+    # passes with 2 accumulators per row, K tails of 16 and 64; exact for int8_gemm, bit-identical
+    # W8A8, 1 and 2 threads equal. m = 25 runs the GEMM tiles; FASTKERN_INT8_GEMV_MAX_M sends each
+    # m to the other path, which gives the same bits.
     avx2_or_skip()
     monkeypatch.setenv("FASTKERN_INT8_WV_MAX_M", "0")
     with cpu_isa("avx2"):
         for n, k in ((1, 1), (5, 17), (19, 64), (37, 1100), (70, 4099)):
             check_int8_exact(gen, m, n, k)
         a, b, x, w, s, one = int8_threads_check(gen, m, 300, 1000)
-        monkeypatch.setenv("FASTKERN_INT8_GEMV_MAX_M", "3" if m <= 12 else "16")
+        monkeypatch.setenv("FASTKERN_INT8_GEMV_MAX_M", "3" if m <= 24 else "32")
         assert torch.equal(native("int8_gemm")(a, b), one[0])
         assert torch.equal(native("linear_w8a8")(x, w, s, None), one[1])
         check_int8_exact(gen, m, 37, 1100)
@@ -377,7 +377,7 @@ def test_gemv_row_blocks(isa, m, gen, monkeypatch):
     # GEMVs with more than one pass over the weight take each thread's rows in blocks, all
     # passes over a block before the next: linear_w8a16's GEMV (3 rows of x per pass; up to
     # m = 128 on AVX2, 16 generic, 12 AVX-512 whose K > 2048 runs in 2048-column blocks) and the
-    # AVX2 int8 GEMV (4-row passes, up to m = 12). FASTKERN_GEMV_BLOCK_KB=1 makes the blocks 16
+    # AVX2 int8 GEMV (4-row passes, up to m = 24). FASTKERN_GEMV_BLOCK_KB=1 makes the blocks 16
     # rows (several per thread, the last one short), 0 turns them off: the same bits either
     # way, on 1 and 2 threads, and the reference's results.
     monkeypatch.setenv("FASTKERN_INT8_WV_MAX_M", "0")

@@ -535,7 +535,6 @@ FASTKERN_AVX512 void transpose_out_f32(const float* CT, int64_t Mp, int64_t M, i
   for (int64_t i = 0; i < mm; ++i) _mm512_mask_storeu_ps(Y + (m0 + i) * N + n0, mask, _mm512_castsi512_ps(r[i]));
 }
 
-
 // W8A16 GEMV with AVX-512: like gemv_vnni, each thread's weight rows as one stream with
 // the prefetch kVnniAhead bytes ahead, one row at a time; 16 int8 -> fp32 per convert,
 // four accumulators per row of x. y = x . float(w) (the scale is applied by the caller).
@@ -566,7 +565,6 @@ FASTKERN_AVX512 void gemv_w8f_avx512(const float* X, int64_t ldx, const int8_t* 
       Y[i * ldy + n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s[i][0], s[i][1]), _mm512_add_ps(s[i][2], s[i][3])));
   }
 }
-
 
 // The same products for K > kW8fBlockK, where a row of fp32 x no longer fits L1 next to the
 // weight stream (at K = 14336 the plain loop above read 16 GB/s instead of 38): chunks of
@@ -1131,6 +1129,13 @@ void gemv_w8f_rows(bool avx2, const float* X, int64_t ldx, const int8_t* W, int6
 // measured at M = 1 (2 threads; 4096 x 4096, 4096 x 14336, 11008 x 4096): 8 KB ahead read
 // 64-69 GB/s in the fast memory regime, 2-4 KB 34-56, 16 KB 41-44
 constexpr int64_t kA2Ahead = 8192;
+
+// acc += t, in place: as with dpbusd_inplace, GCC otherwise copies every accumulator of
+// an array once per step (8 extra moves per 8 products, which made the loop dispatch-bound)
+FASTKERN_AVX2 inline __m256i add_inplace(__m256i acc, __m256i t) {
+  asm("vpaddd %1, %0, %0" : "+x"(acc) : "x"(t));
+  return acc;
+}
 constexpr int64_t kA2KC = 1024;    // K columns per block (a 16-row slice of x: 32 KB, in L1)
 constexpr int64_t kA2TaskRows = 48;  // weight rows per task, 8 tiles (widened block: 96 KB, in L2)
 
@@ -1152,7 +1157,7 @@ FASTKERN_AVX2 void gemv_s16_avx2(const int16_t* A, int64_t lda, const int8_t* W,
       for (int u = 0; u < 4; ++u) {
         const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k + 16 * u)));
         for (int i = 0; i < MR; ++i)
-          s[i][u % U] = _mm256_add_epi32(
+          s[i][u % U] = add_inplace(
               s[i][u % U],
               _mm256_madd_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(A + i * lda + k + 16 * u)), wv));
       }
@@ -1223,13 +1228,6 @@ struct LinePrefetch {
     if (k >= k1) k = k0, ++n;
   }
 };
-
-// acc += t, in place: as with dpbusd_inplace, GCC otherwise copies every accumulator of
-// an array once per step (8 extra moves per 8 products, which made the loop dispatch-bound)
-FASTKERN_AVX2 inline __m256i add_inplace(__m256i acc, __m256i t) {
-  asm("vpaddd %1, %0, %0" : "+x"(acc) : "x"(t));
-  return acc;
-}
 
 // CT[j][8 v + lane] (+)= sum over kc2 k pairs of Ap[k][8 v + lane] . B[j][k] for NR weight
 // rows (B: int16 rows, stride ldb) and MV vectors of 8 rows of x (Ap: packed, w = 8 MV wide).
@@ -1399,12 +1397,14 @@ bool use_s16_avx2() { return use_avx2() && !use_vnni512() && !int8_avx2_legacy()
 // alternating, FBGEMM alongside as the yardstick; 4096 x 4096 unless said): M = 4 0.66 vs
 // 1.69 ms, M = 6 1.12 vs 1.99, M = 8 1.29 vs 1.88 and 1.10 vs 1.38, 11008 x 4096 M = 4 1.46
 // vs 3.92. Passes of 4 rows beat 5, 6 and 8 (4096^2 M = 8: 1.10 / 1.37 / 1.33 / 1.64 ms).
-// With the passes in row blocks (gemv_row_block) it also wins at M = 10..12 (11008 x 4096 /
-// 4096 x 11008: M = 10 4.07 / 4.25 ms vs 4.35 / 4.48, M = 12 3.91 / 3.80 vs 4.75 / 4.58) and
-// loses at 16 (4.73 / 5.03 vs 4.25 / 4.41). FASTKERN_INT8_GEMV_MAX_M overrides the limit, read
-// on every call (A/B timing, tests).
+// With the passes in row blocks (gemv_row_block) and the accumulators pinned (add_inplace:
+// GCC had reassociated the sums, spilled two accumulators and copied four per step; 4096^2
+// M = 8 1.89 -> 1.47 ms, one thread) it also wins up to M = 24 (11008 x 4096 / 4096^2: M = 16
+// 4.33 / 1.93 ms vs 4.40 / 2.18, M = 24 6.34 / 2.36 vs 7.06 / 2.66) and loses from 32 (8.92 /
+// 3.30 vs 8.43 / 3.18). FASTKERN_INT8_GEMV_MAX_M overrides the limit, read on every call (A/B
+// timing, tests).
 constexpr int64_t kS16GemvRows = 4;
-constexpr int64_t kS16GemvMaxM = 12;
+constexpr int64_t kS16GemvMaxM = 24;
 
 int64_t s16_gemv_max_m() {
   const char* e = std::getenv("FASTKERN_INT8_GEMV_MAX_M");
@@ -1585,7 +1585,6 @@ FASTKERN_VNNI512 void wv_pack_vnni(const int8_t* W, int64_t N, int64_t K, int64_
     }
   }
 }
-
 
 // rows [m0, m0 + MR) of x (bytes [k0, k0 + 4 kc4)) x the packed block (NV vectors of 16 rows):
 // Cb [MR][64] int32 (+)= the products (first: start at 0). The accumulators go through
