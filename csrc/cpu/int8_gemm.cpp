@@ -8,7 +8,7 @@
 // AVX2: small M (<= kGemvMaxM, and up to kS16GemvMaxM where the small-layer kernels do not
 // take it) runs a GEMV in passes of up to 4 rows of x, widening the int8 weight in
 // registers; each thread's weight rows go in L2-sized blocks, all passes over a block before
-// the next (gemv_row_block), so the weight comes from DRAM once. Larger M runs a
+// the next (parallel_row_blocks), so the weight comes from DRAM once. Larger M runs a
 // transposed-tile GEMM on int16 pairs (section "AVX2 without VNNI"). W8A16 runs its fp32
 // GEMV (3 rows of x per pass, the same row blocks) up to kW8a16GemvMaxMAvx2 and the fp32
 // GEMM drivers with B slivers dequantized from the int8 rows above (section "W8A16 GEMM,
@@ -42,7 +42,7 @@ constexpr int64_t kGemvMaxM = 3;
 // linear_w8a16 runs the GEMV kernel in groups of kGemvMaxM rows up to this M (generic path,
 // and the AVX2 panel path kept for A/B timing)
 constexpr int64_t kW8a16GemvMaxM = 16;
-// and on the AVX2 path up to this one, in row blocks (gemv_row_block): 2 threads, one
+// and on the AVX2 path up to this one, in row blocks (parallel_row_blocks): 2 threads, one
 // process, alternating, against the fp32 GEMM drivers with int8 slivers (w8a16_gemm_avx2),
 // 11008 x 4096 / 4096 x 11008 / 4096 x 4096: M = 17 7.4 / 7.3 / 2.9 ms vs 12.0 / 12.8 / 4.5,
 // M = 32 13.4 / 13.3 / 5.0 vs 18.4 / 21.9 / 7.4, M = 64 25.5 / - / 9.4 vs 28.7 / - / 10.8,
@@ -1397,7 +1397,7 @@ bool use_s16_avx2() { return use_avx2() && !use_vnni512() && !int8_avx2_legacy()
 // alternating, FBGEMM alongside as the yardstick; 4096 x 4096 unless said): M = 4 0.66 vs
 // 1.69 ms, M = 6 1.12 vs 1.99, M = 8 1.29 vs 1.88 and 1.10 vs 1.38, 11008 x 4096 M = 4 1.46
 // vs 3.92. Passes of 4 rows beat 5, 6 and 8 (4096^2 M = 8: 1.10 / 1.37 / 1.33 / 1.64 ms).
-// With the passes in row blocks (gemv_row_block) and the accumulators pinned (add_inplace:
+// With the passes in row blocks (parallel_row_blocks) and the accumulators pinned (add_inplace:
 // GCC had reassociated the sums, spilled two accumulators and copied four per step; 4096^2
 // M = 8 1.89 -> 1.47 ms, one thread) it also wins up to M = 24 (11008 x 4096 / 4096^2: M = 16
 // 4.33 / 1.93 ms vs 4.40 / 2.18, M = 24 6.34 / 2.36 vs 7.06 / 2.66) and loses from 32 (8.92 /
@@ -1413,27 +1413,23 @@ int64_t s16_gemv_max_m() {
 
 // C or o = A (int16 holding int8 values, zero-padded to lda >= round_up(K, 16)) x W^T: one
 // pass over the weight per kS16GemvRows rows of x, each thread's rows in row blocks
-// (gemv_row_block), so that only the first pass over a block reads it from DRAM.
+// (parallel_row_blocks), so that only the first pass over a block reads it from DRAM.
 void gemv_s16(const int16_t* A, int64_t lda, int64_t M, const int8_t* W, int64_t N, int64_t K, const VnniOut& o) {
   const int64_t passes = (M + kS16GemvRows - 1) / kS16GemvRows;
-  const int64_t rb = gemv_row_block(K, passes);
-  parallel_rows(N, 16, 8, [&](int64_t r0, int64_t r1) {
-    for (int64_t n0 = r0, n1; n0 < r1; n0 = n1) {
-      n1 = n0 + std::min(rb, r1 - n0);
-      for (int64_t p = 0, m0 = 0; p < passes; ++p) {
-        const int64_t mr = (M - m0) / (passes - p) + ((M - m0) % (passes - p) ? 1 : 0);
-        VnniOut om = o;
-        if (om.f) om.f += m0 * N, om.sx += m0;
-        if (om.c) om.c += m0 * N;
-        const int16_t* Am = A + m0 * lda;
-        switch (mr) {
-          case 1: gemv_s16_avx2<1>(Am, lda, W, K, n0, n1, om, N); break;
-          case 2: gemv_s16_avx2<2>(Am, lda, W, K, n0, n1, om, N); break;
-          case 3: gemv_s16_avx2<3>(Am, lda, W, K, n0, n1, om, N); break;
-          default: gemv_s16_avx2<4>(Am, lda, W, K, n0, n1, om, N); break;
-        }
-        m0 += mr;
+  parallel_row_blocks(N, 16, 8, K, passes, [&](int64_t n0, int64_t n1) {
+    for (int64_t p = 0, m0 = 0; p < passes; ++p) {
+      const int64_t mr = (M - m0) / (passes - p) + ((M - m0) % (passes - p) ? 1 : 0);
+      VnniOut om = o;
+      if (om.f) om.f += m0 * N, om.sx += m0;
+      if (om.c) om.c += m0 * N;
+      const int16_t* Am = A + m0 * lda;
+      switch (mr) {
+        case 1: gemv_s16_avx2<1>(Am, lda, W, K, n0, n1, om, N); break;
+        case 2: gemv_s16_avx2<2>(Am, lda, W, K, n0, n1, om, N); break;
+        case 3: gemv_s16_avx2<3>(Am, lda, W, K, n0, n1, om, N); break;
+        default: gemv_s16_avx2<4>(Am, lda, W, K, n0, n1, om, N); break;
       }
+      m0 += mr;
     }
   });
 }
@@ -2079,51 +2075,48 @@ at::Tensor linear_w8a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
 #endif
     if (Mx <= gemv_max_m) {
       // y = s * (x . w): the scale multiplies the finished dot product. Beyond
-      // kGemvMaxM rows the weight streams once per group of kGemvMaxM rows of x:
-      // measured at 4096x4096 (2 threads), M=4..16 took 1.6-2.9x longer on the
-      // dequantized-panel path, which converts every weight to fp32 in memory.
+      // kGemvMaxM rows the GEMV passes over the weight once per group of kGemvMaxM rows
+      // of x, in row blocks (parallel_row_blocks): measured at 4096x4096 (2 threads),
+      // M=4..16 took 1.6-2.9x longer on the dequantized-panel path, which converts every
+      // weight to fp32 in memory.
+      const int64_t passes = (Mx + kGemvMaxM - 1) / kGemvMaxM;
+      const auto scale_rows = [&](int64_t n0, int64_t n1) {
+        for (int64_t i = 0; i < Mx; ++i)
+          for (int64_t n = n0; n < n1; ++n) yp[i * N + n] *= sp[n];
+      };
 #if FASTKERN_X86
       if (active_isa() >= Isa::Avx512) {
-        const int64_t rb = gemv_row_block(K, (Mx + kGemvMaxM - 1) / kGemvMaxM);
-        parallel_rows(N, 16, 8, [&](int64_t r0, int64_t r1) {
-          for (int64_t n0 = r0, n1; n0 < r1; n0 = n1) {
-            n1 = n0 + std::min(rb, r1 - n0);
-            for (int64_t m0 = 0; m0 < Mx; m0 += kGemvMaxM) {
-              const float* xm = xp + m0 * ldx;
-              float* ym = yp + m0 * N;
-              if (K > kW8fBlockK) {
-                switch (std::min(kGemvMaxM, Mx - m0)) {
-                  case 1: gemv_w8f_avx512_kblocked<1>(xm, ldx, wp, K, ym, N, n0, n1); break;
-                  case 2: gemv_w8f_avx512_kblocked<2>(xm, ldx, wp, K, ym, N, n0, n1); break;
-                  default: gemv_w8f_avx512_kblocked<3>(xm, ldx, wp, K, ym, N, n0, n1); break;
-                }
-                continue;
-              }
+        parallel_row_blocks(N, 16, 8, K, passes, [&](int64_t n0, int64_t n1) {
+          for (int64_t m0 = 0; m0 < Mx; m0 += kGemvMaxM) {
+            const float* xm = xp + m0 * ldx;
+            float* ym = yp + m0 * N;
+            if (K > kW8fBlockK) {
               switch (std::min(kGemvMaxM, Mx - m0)) {
-                case 1: gemv_w8f_avx512<1>(xm, ldx, wp, K, ym, N, n0, n1); break;
-                case 2: gemv_w8f_avx512<2>(xm, ldx, wp, K, ym, N, n0, n1); break;
-                default: gemv_w8f_avx512<3>(xm, ldx, wp, K, ym, N, n0, n1); break;
+                case 1: gemv_w8f_avx512_kblocked<1>(xm, ldx, wp, K, ym, N, n0, n1); break;
+                case 2: gemv_w8f_avx512_kblocked<2>(xm, ldx, wp, K, ym, N, n0, n1); break;
+                default: gemv_w8f_avx512_kblocked<3>(xm, ldx, wp, K, ym, N, n0, n1); break;
               }
+              continue;
+            }
+            switch (std::min(kGemvMaxM, Mx - m0)) {
+              case 1: gemv_w8f_avx512<1>(xm, ldx, wp, K, ym, N, n0, n1); break;
+              case 2: gemv_w8f_avx512<2>(xm, ldx, wp, K, ym, N, n0, n1); break;
+              default: gemv_w8f_avx512<3>(xm, ldx, wp, K, ym, N, n0, n1); break;
             }
           }
-          for (int64_t i = 0; i < Mx; ++i)
-            for (int64_t n = r0; n < r1; ++n) yp[i * N + n] *= sp[n];
+          scale_rows(n0, n1);
         });
         return finish(Y, bias, x, N);
       }
 #endif
-      const int64_t rb = gemv_row_block(K, (Mx + kGemvMaxM - 1) / kGemvMaxM);
-      parallel_rows(N, kGemvRows, 16, [&](int64_t r0, int64_t r1) {
-        for (int64_t n0 = r0, n1; n0 < r1; n0 = n1) {
-          n1 = n0 + std::min(rb, r1 - n0);
+      parallel_row_blocks(N, kGemvRows, 16, K, passes, [&](int64_t n0, int64_t n1) {
 #if FASTKERN_X86
-          if (avx2 && Mx <= kW8fStreamMaxM && w8f_stream_enabled()) {
-            if (Mx == 1)
-              gemv_w8f_stream_avx2<1>(xp, ldx, wp, K, yp, N, n0, n1);
-            else
-              gemv_w8f_stream_avx2<2>(xp, ldx, wp, K, yp, N, n0, n1);
-            continue;
-          }
+        if (avx2 && Mx <= kW8fStreamMaxM && w8f_stream_enabled()) {
+          if (Mx == 1)
+            gemv_w8f_stream_avx2<1>(xp, ldx, wp, K, yp, N, n0, n1);
+          else
+            gemv_w8f_stream_avx2<2>(xp, ldx, wp, K, yp, N, n0, n1);
+        } else
 #endif
           for (int64_t m0 = 0; m0 < Mx; m0 += kGemvMaxM) {
             const float* xm = xp + m0 * ldx;
@@ -2134,9 +2127,7 @@ at::Tensor linear_w8a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
               default: gemv_w8f_rows<3>(avx2, xm, ldx, wp, K, ym, N, n0, n1); break;
             }
           }
-        }
-        for (int64_t i = 0; i < Mx; ++i)
-          for (int64_t n = r0; n < r1; ++n) yp[i * N + n] *= sp[n];
+        scale_rows(n0, n1);
       });
     } else {
       // Panels dequantized exactly as the reference does (float(w) * s), then fp32 dot tiles.

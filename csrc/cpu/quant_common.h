@@ -16,7 +16,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
-#include <limits>
 #include <cstring>
 #include <sstream>
 #include <string>
@@ -119,18 +118,22 @@ inline void parallel_rows(int64_t n, int64_t unit, int64_t min_units, const F& f
   });
 }
 
-// GEMVs that pass over the weight more than once (one pass per few rows of x) take a
-// thread's rows in blocks of about kGemvBlockBytes of weight, all passes over one block
-// before the next: the first pass reads the block from DRAM, the others from L2.
-// row_bytes: the weight bytes of one row. FASTKERN_GEMV_BLOCK_KB sets the size (0: every
-// pass over all of the thread's rows), read on every call for A/B timing.
+// GEMVs that pass over the weight more than once (one pass per few rows of x): rows [0, n)
+// split over threads as parallel_rows does, and each thread's share taken in blocks of about
+// kGemvBlockBytes of weight, f(n0, n1) per block, so that all passes over a block run before
+// the next: the first pass reads it from DRAM, the others from L2. One pass: one block per
+// thread. row_bytes: the weight bytes of one row. FASTKERN_GEMV_BLOCK_KB sets the size (0:
+// one block per thread), read on every call for A/B timing.
 constexpr int64_t kGemvBlockBytes = 256 << 10;
-inline int64_t gemv_row_block(int64_t row_bytes, int64_t passes) {
-  if (passes <= 1) return std::numeric_limits<int64_t>::max();
+template <class F>
+inline void parallel_row_blocks(int64_t n, int64_t unit, int64_t min_units, int64_t row_bytes, int64_t passes,
+                                const F& f) {
   const char* e = std::getenv("FASTKERN_GEMV_BLOCK_KB");
-  const int64_t bytes = e && *e ? std::atoll(e) << 10 : kGemvBlockBytes;
-  if (bytes <= 0) return std::numeric_limits<int64_t>::max();
-  return std::max<int64_t>(16, bytes / std::max<int64_t>(row_bytes, 1) / 16 * 16);
+  const int64_t bytes = passes <= 1 ? 0 : e && *e ? std::atoll(e) << 10 : kGemvBlockBytes;
+  const int64_t rb = bytes <= 0 ? n : std::max<int64_t>(16, bytes / std::max<int64_t>(row_bytes, 1) / 16 * 16);
+  parallel_rows(n, unit, min_units, [&](int64_t r0, int64_t r1) {
+    for (int64_t n0 = r0; n0 < r1; n0 += rb) f(n0, std::min(r1, n0 + rb));
+  });
 }
 
 // ------------------------------------------------------------------ fp32 dot tiles

@@ -172,10 +172,8 @@ def ceiling_rows(result: dict) -> List[dict]:
     what = {(t.op, t.metric, t.threshold): t.what for t in CPU_TARGETS}
     w4 = [e for e in result.get("results", []) if e.get("kind") == "fastkern" and e.get("op") == "linear_w4a16"
           and e.get("m") == 1 and e.get("status") == "ok" and e.get("backend", "cpu") == "cpu"]
-    # the compute rate is at least what the kernel reached on weights from memory in this run
-    # (a shared host's last-level cache is shared too, so the probe can come out low)
     probe = c.get("w4a16_compute_gbs") or 0.0
-    comp = max([probe] + [e["gbs"] for e in w4 if e.get("dtype") == "fp32" and e.get("gbs")])
+    comp = _w4a16_compute(result, "fp32")
     # %BW is taken against the bandwidth of each problem's own time window
     bws = [e["read_bw_window_gbs"] for e in w4 if e.get("read_bw_window_gbs")] or [c.get("read_bw_gbs")]
     bws = [b for b in bws if b]
