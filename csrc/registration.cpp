@@ -95,13 +95,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::dict d;
         d["exact_gmacs"] = r.exact_gmacs;
         d["u8s8_gmacs"] = r.u8s8_gmacs;
+        d["vnni_gmacs"] = r.vnni_gmacs;
         d["threads"] = r.threads;
         return d;
       },
       pybind11::arg("seconds") = 0.25,
       "Measured int8 multiply-accumulate throughput (GMAC/s, every torch thread) of register-only AVX2 "
       "loops: the exact int16 mix (vpmaddwd + vpaddd) and the u8 x s8 mix (vpmaddubsw + vpmaddwd + vpaddd); "
-      "0 without AVX2");
+      "0 without AVX2; and of AVX-512 vpdpbusd (vnni_gmacs) where the active path is AVX-512 with VNNI, else 0");
   m.def(
       "read_bw",
       [](int64_t nbytes, int reps) {

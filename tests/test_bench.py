@@ -95,6 +95,14 @@ def test_int8_peak_probe():
     r = _ext._C.int8_peak(0.05)
     assert r["threads"] == torch.get_num_threads()
     assert 0 < r["exact_gmacs"] < 1.5 * r["u8s8_gmacs"]
+    # vpdpbusd (64 products per instruction) where the active path has AVX-512 VNNI, else 0
+    vnni = _ext._C.cpu_isa() == "avx512" and _ext._C.cpu_features()["avx512vnni"]
+    assert (r["vnni_gmacs"] > r["exact_gmacs"]) if vnni else r["vnni_gmacs"] == 0
+    _ext._C.set_cpu_isa("avx2")
+    try:
+        assert _ext._C.int8_peak(0.02)["vnni_gmacs"] == 0
+    finally:
+        _ext._C.set_cpu_isa("auto")
 
 
 def test_ceiling_rows_from_the_runs_measurements():
@@ -366,7 +374,10 @@ def test_each_target_row_carries_its_own_ceiling():
     assert "ceiling 75% (compute-bound): out of reach" in text and "ceiling 0.89x (compute-bound): out of reach" in text
     assert "ceiling 1.80x (compute-bound)\n" in text  # below its ceiling: not out of reach
     assert "4 miss(es); 2 with a ceiling below the target" in text
-    # no probe of the VNNI products, and none on a GPU run
+    # the VNNI path: vpdpbusd's rate; no ceiling where the run has no probe of it, nor on a GPU run
+    res["ceilings"] = dict(c, cpu_isa="avx512", int8_peak=dict(c["int8_peak"], vnni_gmacs=400.0))
+    w8v = next(r for r in targets.evaluate(res) if r["op"] == "linear_w8a8")
+    assert w8v["ceiling"] == pytest.approx(0.8 * 12.0 / (64 * 4096 * 4096 / 400e6)) and w8v["ceiling_bound"] == "compute"
     res["ceilings"] = dict(c, cpu_isa="avx512")
     assert next(r for r in targets.evaluate(res) if r["op"] == "linear_w8a8")["ceiling"] is None
     res["ceilings"] = dict(c, device="cuda")

@@ -20,10 +20,13 @@ FmaPeak measure_fma_peak(double seconds);
 // - exact: vpmaddwd + vpaddd on int16-widened operands (16 products per pair), what
 //   fastkern's AVX2 int8 GEMM runs (exact for the whole int8 range);
 // - u8s8: vpmaddubsw + vpmaddwd (ones) + vpaddd (32 products per triple), the mix of
-//   FBGEMM's AVX2 kernels, which needs activations of at most 7 bits to never saturate.
+//   FBGEMM's AVX2 kernels, which needs activations of at most 7 bits to never saturate;
+// - vnni: vpdpbusd on zmm (64 products each), what the VNNI int8 kernels run; measured
+//   only where the active kernel path is AVX-512 with VNNI (0 otherwise).
 struct Int8Peak {
   double exact_gmacs;
   double u8s8_gmacs;
+  double vnni_gmacs;
   int threads;
   int checksum;
 };

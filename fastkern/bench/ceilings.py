@@ -10,8 +10,9 @@
   (fastkern._C.fma_peak, on the active kernel path), and for reference an estimate
   from the clock and vector width when the clock can be read;
 - for the ceilings of DESIGN §6's CPU targets (targets.ceiling_rows): the int8
-  multiply-accumulate rates of the exact int16 AVX2 mix and of FBGEMM's u8 x s8 mix
-  (fastkern._C.int8_peak), and fastkern's W4A16 M=1 rate with its weight in the
+  multiply-accumulate rates of the exact int16 AVX2 mix, of FBGEMM's u8 x s8 mix and, on
+  the AVX-512 VNNI path, of vpdpbusd (fastkern._C.int8_peak), and fastkern's W4A16 M=1 rate
+  with its weight in the
   last-level cache (its compute rate, w4a16_compute_gbs).
 """
 import glob
@@ -181,14 +182,15 @@ def fma_peak_measured(min_run_time: float):
 
 
 def int8_peak_measured(min_run_time: float):
-    """({exact_gmacs, u8s8_gmacs, threads}, note) of fastkern._C.int8_peak, or (None, why)."""
+    """({exact_gmacs, u8s8_gmacs, vnni_gmacs, threads}, note) of fastkern._C.int8_peak, or (None, why)."""
     probe, why = _native_probe("int8_peak")
     if probe is None:
         return None, why
     r = probe(max(0.1, min_run_time))
     if not r["exact_gmacs"]:
         return None, "this CPU has no AVX2"
-    return dict(r), "register-only AVX2 loops, %d threads" % r["threads"]
+    return dict(r), "register-only AVX2%s loops, %d threads" % (
+        " and AVX-512 VNNI" if r.get("vnni_gmacs") else "", r["threads"])
 
 
 W4A16_PROBE = (4096, 4096, 128)  # N, K, group size

@@ -111,11 +111,11 @@ def row_ceiling(result: dict, t: Target, e: dict) -> dict:
     """The most a CPU target allows on one entry, from this run's own measurements: the entry's
     floor time is the larger of its bytes at the read bandwidth of its own time window and its
     work at the compute rate the run measured for that kind of kernel (W4A16 M=1: the kernel's
-    compute rate in GB/s; int8 products on the AVX2 path: the exact int16 mix's GMAC/s; fp32
+    compute rate in GB/s; int8 products: the exact int16 mix's GMAC/s on the AVX2 path,
+    vpdpbusd's on the AVX-512 VNNI path; fp32
     GEMM: the FMA peak). A speedup target allows the peer's time over that floor, a %BW target
     the bandwidth's share of it. {"ceiling", "ceiling_bound"}: ceiling None where the run has
-    no measurement for it (GPU runs, or an int8 product on the VNNI path, which no probe
-    covers)."""
+    no measurement for it (GPU runs, or an int8 product on a path no probe covers)."""
     c = result.get("ceilings") or {}
     none = {"ceiling": None, "ceiling_bound": None}
     if c.get("device", "cpu") != "cpu" or t.device != "cpu" or e.get("status") != "ok" or not e.get("ms"):
@@ -132,8 +132,10 @@ def row_ceiling(result: dict, t: Target, e: dict) -> dict:
         i8 = c.get("int8_peak") or {}
         if c.get("cpu_isa") == "avx2" and i8.get("exact_gmacs"):
             floors["compute"] = e["flops"] / 2 / (i8["exact_gmacs"] * 1e6)
+        elif c.get("cpu_isa") != "avx2" and i8.get("vnni_gmacs"):
+            floors["compute"] = e["flops"] / 2 / (i8["vnni_gmacs"] * 1e6)
         elif e["m"] > 1:
-            return none  # the VNNI products: no probe of their peak
+            return none  # a path whose int8 products no probe covers
     elif t.op == "gemm" and c.get("fma_peak_gflops"):
         floors["compute"] = e["flops"] / (c["fma_peak_gflops"] * 1e6)
     bound = max(floors, key=floors.get)
