@@ -241,11 +241,12 @@ def test_small_m_weight_vector_threads_and_old_tiles(isa, m, gen, monkeypatch):
 @pytest.mark.parametrize("isa", cpu_isas())
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 8, 9, 12, 13, 16, 33, 50, 64, 65, 130])
 def test_w8a16_gemm_tiles(isa, m, gen):
-    # AVX-512: up to m = 12 the streaming GEMV (1-3 rows of x per pass, 64-wide K steps and
-    # masked 16-wide K tails; K > 2048 in blocks of 2048 over 8-row chunks), from m = 13 the fp32 GEMM: x packed in 64-row blocks
+    # AVX-512: up to m = 3 the streaming GEMV (1-3 rows of x, 64-wide K steps and masked
+    # 16-wide K tails; K > 2048 in blocks of 2048 over 8-row chunks), m = 4..24 its tiles
+    # (test_w8a16_avx512_gemv_tiles), from m = 25 the fp32 GEMM: x packed in 64-row blocks
     # (16/32/48/64 wide), dequantized panels of 96 rows x 512 columns (K blocks accumulated,
     # masked K tails), 12- and 6-row tiles with 1-row tails, 12-row thread shares split into
-    # 96-row tasks (n = 250). bf16 x with AVX512-BF16, from m = 9: the vdpbf16ps tiles
+    # 96-row tasks (n = 250). bf16 x with AVX512-BF16, from m = 13: the vdpbf16ps tiles
     # (1024-column panels, odd K). Other ISAs: their GEMV / panel paths.
     with cpu_isa(isa):
         for n, k in ((250, 1030), (13, 517), (7, 16), (5, 71), (37, 4500)):
@@ -371,12 +372,39 @@ def test_w8a16_avx2_streaming_gemv(m, gen, monkeypatch):
 
 
 @NATIVE
+@pytest.mark.parametrize("m", [4, 5, 6, 7, 8, 9, 12, 13, 16, 17, 24])
+def test_w8a16_avx512_gemv_tiles(m, gen, monkeypatch):
+    # AVX-512, 4 <= m <= 24 (bf16 x with AVX512-BF16: <= 12): linear_w8a16's GEMV tiles, MR
+    # rows of x x NR weight rows ((4..6) x 4, (7, 8) x 3), in passes of at most 8 rows spread
+    # evenly (9: 5 + 4, 17: 6 + 6 + 5), single-row tiles for the n % NR rows, 64-column steps
+    # and masked 16-column K tails. Against the reference, 1 and 2 threads bitwise equal, and
+    # FASTKERN_W8A16_TILE_MAX_M=0 (the 3-row GEMV / the GEMMs) within the contract as well.
+    from conftest import isa_skip_reason
+
+    why = isa_skip_reason("avx512")
+    if why:
+        pytest.skip(why)
+    with cpu_isa("avx512"):
+        for n, k in ((1, 1), (5, 15), (7, 16), (13, 63), (4, 64), (9, 65), (70, 1100), (37, 4500)):
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                x = torch.randn(m, k, generator=gen).to(dtype)
+                w, s = make_w8(gen, n, k)
+                ref = ops.linear_w8a16_ref(x, w, s, None)
+                one, two = on_1_and_2_threads(native("linear_w8a16"), x, w, s, None)
+                assert torch.equal(one, two), (n, k, dtype)
+                assert_close_rel(two, ref, dtype)
+                monkeypatch.setenv("FASTKERN_W8A16_TILE_MAX_M", "0")
+                assert_close_rel(native("linear_w8a16")(x, w, s, None), ref, dtype)
+                monkeypatch.delenv("FASTKERN_W8A16_TILE_MAX_M")
+
+
+@NATIVE
 @pytest.mark.parametrize("isa", cpu_isas())
 @pytest.mark.parametrize("m", [4, 7, 12, 17, 40, 128])
 def test_gemv_row_blocks(isa, m, gen, monkeypatch):
     # GEMVs with more than one pass over the weight take each thread's rows in blocks, all
-    # passes over a block before the next: linear_w8a16's GEMV (3 rows of x per pass; up to
-    # m = 128 on AVX2, 16 generic, 12 AVX-512 whose K > 2048 runs in 2048-column blocks) and the
+    # passes over a block before the next: linear_w8a16's GEMV (3 rows of x per pass, up to
+    # m = 128 on AVX2 and 16 generic; AVX-512 tiles of up to 8 rows per pass to m = 24) and the
     # AVX2 int8 GEMV (4-row passes, up to m = 24). FASTKERN_GEMV_BLOCK_KB=1 makes the blocks 16
     # rows (several per thread, the last one short), 0 turns them off: the same bits either
     # way, on 1 and 2 threads, and the reference's results.

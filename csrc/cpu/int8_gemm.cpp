@@ -621,6 +621,83 @@ FASTKERN_AVX512 void gemv_w8f_avx512_kblocked(const float* X, int64_t ldx, const
   }
 }
 
+// From M = kW8fTileMinM the AVX-512 GEMV takes NR weight rows at a time as well as MR rows
+// of x: each 16-weight vector of a row is converted once per MR rows of x and each vector of
+// x loaded once per NR weight rows, MR x NR accumulators (one per output, summed over k in
+// order, so the result does not depend on the tile shape or the thread split). The one-row
+// loop above converts a weight vector per 3 FMAs and loads x for every FMA: it ran at ~45% of
+// the FMA peak at M = 4..16 (the loads, not the FMAs, were the bound).
+constexpr int64_t kW8fTileMinM = 4;
+constexpr int64_t kW8fTileRows = 8;  // rows of x per pass at most
+
+// acc += a * b in place, register operands: GCC otherwise folds the load of x into every
+// FMA (one load per FMA again, the bound this tile removes) and copies accumulators around
+FASTKERN_AVX512 inline __m512 fma_inplace(__m512 acc, __m512 a, __m512 b) {
+  asm("vfmadd231ps %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+  return acc;
+}
+
+// acc[i][j] += x[i][k .. k + 16) * float(w[j][k .. k + 16)); MASKED: lanes past m zero
+template <int MR, int NR, bool MASKED>
+FASTKERN_AVX512 inline void w8f_tile_step(__m512 (&acc)[MR][NR], const float* X, int64_t ldx, const int8_t* w,
+                                          int64_t K, int64_t k, __mmask16 m) {
+  __m512 wv[NR];
+  for (int j = 0; j < NR; ++j) {
+    const __m128i b = MASKED ? _mm_maskz_loadu_epi8(m, w + j * K + k)
+                             : _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j * K + k));
+    wv[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+  }
+  for (int i = 0; i < MR; ++i) {
+    const __m512 xv = MASKED ? _mm512_maskz_loadu_ps(m, X + i * ldx + k) : _mm512_loadu_ps(X + i * ldx + k);
+    for (int j = 0; j < NR; ++j) acc[i][j] = fma_inplace(acc[i][j], xv, wv[j]);
+  }
+}
+
+template <int MR, int NR>
+FASTKERN_AVX512 void gemv_w8f_tile_avx512(const float* X, int64_t ldx, const int8_t* W, int64_t K, float* Y,
+                                          int64_t ldy, int64_t n) {
+  const int64_t K64 = K & ~int64_t(63);
+  __m512 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+  const int8_t* w = W + n * K;
+  const __mmask16 all = static_cast<__mmask16>(0xFFFF);
+  int64_t k = 0;
+  for (; k < K64; k += 64) {
+    for (int j = 0; j < NR; ++j) _mm_prefetch(reinterpret_cast<const char*>(w + j * K + k + kVnniAhead), _MM_HINT_T0);
+    w8f_tile_step<MR, NR, false>(acc, X, ldx, w, K, k, all);
+    w8f_tile_step<MR, NR, false>(acc, X, ldx, w, K, k + 16, all);
+    w8f_tile_step<MR, NR, false>(acc, X, ldx, w, K, k + 32, all);
+    w8f_tile_step<MR, NR, false>(acc, X, ldx, w, K, k + 48, all);
+  }
+  for (; k < K; k += 16)
+    w8f_tile_step<MR, NR, true>(acc, X, ldx, w, K, k,
+                                K - k >= 16 ? all : static_cast<__mmask16>((1u << (K - k)) - 1u));
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) Y[i * ldy + n + j] = _mm512_reduce_add_ps(acc[i][j]);
+}
+
+// weight rows [n0, n1) against MR rows of x: NR rows per tile, then single rows
+template <int MR, int NR>
+void gemv_w8f_tiles_avx512(const float* X, int64_t ldx, const int8_t* W, int64_t K, float* Y, int64_t ldy,
+                           int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) gemv_w8f_tile_avx512<MR, NR>(X, ldx, W, K, Y, ldy, n);
+  for (; n < n1; ++n) gemv_w8f_tile_avx512<MR, 1>(X, ldx, W, K, Y, ldy, n);
+}
+
+// mr (kW8fTileMinM ..= kW8fTileRows) rows of x: MR x NR within 24 of the 32 zmm registers
+void gemv_w8f_pass_avx512(int64_t mr, const float* X, int64_t ldx, const int8_t* W, int64_t K, float* Y, int64_t ldy,
+                          int64_t n0, int64_t n1) {
+  switch (mr) {
+    case 4: gemv_w8f_tiles_avx512<4, 4>(X, ldx, W, K, Y, ldy, n0, n1); break;
+    case 5: gemv_w8f_tiles_avx512<5, 4>(X, ldx, W, K, Y, ldy, n0, n1); break;
+    case 6: gemv_w8f_tiles_avx512<6, 4>(X, ldx, W, K, Y, ldy, n0, n1); break;
+    case 7: gemv_w8f_tiles_avx512<7, 3>(X, ldx, W, K, Y, ldy, n0, n1); break;
+    default: gemv_w8f_tiles_avx512<8, 3>(X, ldx, W, K, Y, ldy, n0, n1); break;
+  }
+}
+
 // ------------------------------------------------------------------ W8A16 GEMM, AVX-512 (fp32 FMA)
 //
 // The transposed-tile scheme of the VNNI GEMM with fp32 operands: x packed per block of 64
@@ -2018,6 +2095,20 @@ int64_t w8a16_gemv_max_m(bool avx2) {
   return e && *e ? std::max<int64_t>(kGemvMaxM, std::atoll(e)) : kW8a16GemvMaxMAvx2;
 }
 
+// The largest M the AVX-512 GEMV tiles serve (gemv_w8f_tile_avx512), above it the GEMMs.
+// Measured (2 threads, 11008 x 4096, weights beyond L3, one process, alternating; ms, tiles
+// vs before): fp32 x M = 4 / 6 / 8 / 12 / 16 / 24: 1.65 / 1.83 / 2.17 / 2.81 / 4.12 / 6.13
+// against 1.93 / 2.65 / 3.03 / 4.10 / 5.33 / 7.55 (the 3-row GEMV to 12, the fp32 GEMM from
+// 13), M = 32: 8.2 against the GEMM's 7.6; bf16 x, where AVX512-BF16 runs the vdpbf16ps GEMM
+// from M = 9: M = 8 / 9 / 12 2.7 / 3.3 / 4.0 against 3.8 / 4.8 / 5.0, M = 16 6.0 against 5.2.
+// FASTKERN_W8A16_TILE_MAX_M overrides both (0: off), read on every call (A/B timing, tests).
+constexpr int64_t kW8fTileMaxM = 24;
+constexpr int64_t kW8fTileMaxMBf16 = 12;
+int64_t w8f_tile_max_m(bool bf16_gemm) {
+  const char* e = std::getenv("FASTKERN_W8A16_TILE_MAX_M");
+  return e && *e ? std::atoll(e) : bf16_gemm ? kW8fTileMaxMBf16 : kW8fTileMaxM;
+}
+
 // Y [M, N] = X [M, K] (fp32, row stride ldx) x (float(W) * s)^T
 void w8a16_gemm_avx2(const float* X, int64_t ldx, int64_t M, const int8_t* W, const float* s, int64_t N, int64_t K,
                      float* Y) {
@@ -2041,6 +2132,26 @@ at::Tensor linear_w8a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
 #if FASTKERN_X86
   {
     const int64_t M = rows_of(x);
+    const bool bf16_gemm = x.scalar_type() == at::kBFloat16 && features().avx512bf16;
+    if (active_isa() >= Isa::Avx512 && M >= kW8fTileMinM && M <= w8f_tile_max_m(bf16_gemm) && N > 0 && K > 0) {
+      at::Tensor X = x_f32_padded(x, K, round_up(K, 8));
+      const int64_t ldx = X.size(1), passes = (M + kW8fTileRows - 1) / kW8fTileRows;
+      at::Tensor Y = at::empty({M, N}, X.options());
+      const float* xp = X.data_ptr<float>();
+      const int8_t* wp = wc.data_ptr<int8_t>();
+      const float* sp = ws.data_ptr<float>();
+      float* yp = Y.data_ptr<float>();
+      parallel_row_blocks(N, 16, 8, K, passes, [&](int64_t n0, int64_t n1) {
+        for (int64_t p = 0, m0 = 0; p < passes; ++p) {
+          const int64_t mr = (M - m0) / (passes - p) + ((M - m0) % (passes - p) ? 1 : 0);
+          gemv_w8f_pass_avx512(mr, xp + m0 * ldx, ldx, wp, K, yp + m0 * N, N, n0, n1);
+          m0 += mr;
+        }
+        for (int64_t i = 0; i < M; ++i)
+          for (int64_t n = n0; n < n1; ++n) yp[i * N + n] *= sp[n];
+      });
+      return finish(Y, bias, x, N);
+    }
     if (M >= w8a16_gemm_min_m(true) && N > 0 && K > 0 && x.scalar_type() == at::kBFloat16 &&
         active_isa() >= Isa::Avx512 && features().avx512bf16) {
       at::Tensor xb = x.reshape({M, K}).contiguous();
