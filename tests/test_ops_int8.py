@@ -399,6 +399,41 @@ def test_w8a16_avx512_gemv_tiles(m, gen, monkeypatch):
 
 
 @NATIVE
+@pytest.mark.parametrize("m", [5, 6, 7, 8, 9, 12, 13, 17, 24])
+def test_vnni_gemv_tiles(m, gen, monkeypatch):
+    # AVX-512 VNNI, 5 <= m <= 12 and K <= 4096: int8_gemm / linear_w8a8 run the GEMV tiles, MR
+    # rows of x x NR weight rows in passes of at most 8 rows (9: 5 + 4; 13, 17, 24 with
+    # FASTKERN_INT8_TILE_MAX_M=24: 7 + 6, 6 + 6 + 5, 8 + 8 + 8), single-row tiles for the
+    # n % NR rows, a masked last 64-byte K step, the full int8 range (-128 included). Exact
+    # against the reference, 1 and 2 threads bitwise equal, and the GEMM (TILE_MAX_M=0) equal.
+    from conftest import isa_skip_reason
+
+    why = isa_skip_reason("avx512")
+    if why or not _C.cpu_features()["avx512vnni"]:
+        pytest.skip(why or "no AVX-512 VNNI")
+    monkeypatch.setenv("FASTKERN_INT8_WV_MAX_M", "0")  # the small-layer kernels would take these weights
+    if m > 12:
+        monkeypatch.setenv("FASTKERN_INT8_TILE_MAX_M", "24")
+    with cpu_isa("avx512"):
+        for n, k in ((1, 1), (5, 63), (7, 64), (13, 65), (70, 1100), (37, 4096)):
+            a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
+            b = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+            x = torch.randn(m, k, generator=gen)
+            w, s = make_w8(gen, n, k)
+            both = lambda: (native("int8_gemm")(a, b), native("linear_w8a8")(x, w, s, None))
+            one, two = on_1_and_2_threads(both)
+            assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1]), (n, k)
+            assert torch.equal(two[0], ops.int8_gemm_ref(a, b)), (n, k)
+            assert torch.equal(two[1], ops.linear_w8a8_ref(x, w, s, None)), (n, k)
+            monkeypatch.setenv("FASTKERN_INT8_TILE_MAX_M", "0")
+            gemm = both()
+            assert torch.equal(gemm[0], two[0]) and torch.equal(gemm[1], two[1]), (n, k)
+            monkeypatch.setenv("FASTKERN_INT8_TILE_MAX_M", "24")
+            if m <= 12:
+                monkeypatch.delenv("FASTKERN_INT8_TILE_MAX_M")
+
+
+@NATIVE
 @pytest.mark.parametrize("isa", cpu_isas())
 @pytest.mark.parametrize("m", [4, 7, 12, 17, 40, 128])
 def test_gemv_row_blocks(isa, m, gen, monkeypatch):

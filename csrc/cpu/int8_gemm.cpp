@@ -16,7 +16,10 @@
 // The previous AVX2 integer path (int16 panels, row-vector dot tiles) stays selectable with
 // FASTKERN_INT8_AVX2=panel, for A/B timing; it is also what the generic path runs. With
 // AVX-512 VNNI the integer product (int8_gemm, linear_w8a8) runs on vpdpbusd instead: a
-// GEMV for M <= 4 and a transposed-tile GEMM above (section "AVX-512 VNNI"). On small layers
+// GEMV for M <= 4, GEMV tiles of several weight rows up to M = 12 where K <= 4096, and a
+// transposed-tile GEMM above (section "AVX-512 VNNI"). W8A16 with AVX-512 runs an fp32 GEMV
+// up to M = 3, GEMV tiles to M = 24 (12 for bf16 x with AVX512-BF16) and fp32 / vdpbf16ps
+// GEMMs above. On small layers
 // (BERT/MiniLM-sized weights) at small M both ISAs run weight-vector kernels instead (section
 // "small M: weight vectors"; use_wv() says where).
 #include <torch/library.h>
@@ -171,8 +174,9 @@ void gemv_i8_rows(bool avx2, const int16_t* A, int64_t lda, const int8_t* W, int
 // lanes wrap, so every result below is exact whenever the true sum fits in int32, as in
 // the reference. One operand has to be made unsigned by adding 128 (flipping its sign
 // bit), and 128 times the other operand's sum is subtracted at the end:
-// - GEMV (M <= kVnniGemvMaxM) streams the weight, flips it in registers (one vpxor per 64
-//   bytes, hidden under the memory stream) and subtracts 128 * sum_k a[m][k].
+// - GEMV (M <= kVnniGemvMaxM, and its tiles to vnni_tile_max_m()) streams the weight, flips
+//   it in registers (one vpxor per 64 bytes, hidden under the memory stream) and subtracts
+//   128 * sum_k a[m][k].
 // - GEMM flips the activation once, while packing it, so the weight bytes are broadcast
 //   as they are (a load and nothing else per 4 bytes of a weight row), and subtracts
 //   128 * sum_k w[n][k]; each task sums its own weight rows first, which also pulls those
@@ -433,15 +437,124 @@ void pack_x_vnni(const int8_t* A, int64_t lda, int64_t M, int64_t K, int32_t* ap
   });
 }
 
+// From M = kVnniGemvMaxM + 1 to vnni_tile_max_m() the GEMV takes NR weight rows at a time
+// as well as MR rows of x (passes of at most kVnniTileRows rows over each row block of
+// weight, parallel_row_blocks): one 64-byte load of x per NR vpdpbusd and one of weight
+// per MR, MR x NR accumulators. The GEMM's 16-row tiles (one x vector, a broadcast per
+// weight row) compute 16 rows whatever M is and ran at ~35% of vpdpbusd's peak at M = 16.
+constexpr int64_t kVnniTileRows = 8;
+
+// s[i][j] += (w[j] + 128) . x[i] over the 64 bytes at k; MASKED: the first nb bytes only
+// (masked-off weight bytes become 0x80 (128) and meet zero activations)
+template <int MR, int NR, bool MASKED>
+FASTKERN_VNNI512 inline void vnni_tile_step(__m512i (&s)[MR][NR], const int8_t* A, int64_t lda, const int8_t* w,
+                                            int64_t K, int64_t k, __mmask64 mk) {
+  const __m512i flip = _mm512_set1_epi8(char(0x80));
+  __m512i wv[NR];
+  for (int j = 0; j < NR; ++j) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + j * K + k + kVnniAhead), _MM_HINT_T0);
+    wv[j] = _mm512_xor_si512(MASKED ? _mm512_maskz_loadu_epi8(mk, w + j * K + k) : _mm512_loadu_si512(w + j * K + k),
+                             flip);
+  }
+  for (int i = 0; i < MR; ++i) {
+    const __m512i xa = _mm512_loadu_si512(A + i * lda + k);
+    for (int j = 0; j < NR; ++j) s[i][j] = dpbusd_inplace(s[i][j], wv[j], xa);
+  }
+}
+
+template <int MR, int NR>
+FASTKERN_VNNI512 void gemv_vnni_tile(const int8_t* A, int64_t lda, const int32_t* asum, const int8_t* W, int64_t K,
+                                     int64_t n, const VnniOut& o, int64_t ldc) {
+  const int64_t K64 = K & ~int64_t(63);
+  __m512i s[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) s[i][j] = _mm512_setzero_si512();
+  const int8_t* w = W + n * K;
+  for (int64_t k = 0; k < K64; k += 64) vnni_tile_step<MR, NR, false>(s, A, lda, w, K, k, ~__mmask64(0));
+  if (K64 < K) vnni_tile_step<MR, NR, true>(s, A, lda, w, K, K64, (__mmask64(1) << (K - K64)) - 1);
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) {
+      const int32_t c = int32_t(uint32_t(_mm512_reduce_add_epi32(s[i][j])) - 128u * uint32_t(asum[i]));
+      if (o.f)
+        o.f[i * ldc + n + j] = float((double(c) * double(o.sx[i])) * o.ws[n + j]);
+      else
+        o.c[i * ldc + n + j] = c;
+    }
+}
+
+template <int MR, int NR>
+void gemv_vnni_tiles(const int8_t* A, int64_t lda, const int32_t* asum, const int8_t* W, int64_t K, int64_t n0,
+                     int64_t n1, const VnniOut& o, int64_t ldc) {
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) gemv_vnni_tile<MR, NR>(A, lda, asum, W, K, n, o, ldc);
+  for (; n < n1; ++n) gemv_vnni_tile<MR, 1>(A, lda, asum, W, K, n, o, ldc);
+}
+
+// mr (1 ..= kVnniTileRows) rows of x: MR x NR accumulators within 24 of the 32 zmm registers
+void gemv_vnni_pass(int64_t mr, const int8_t* A, int64_t lda, const int32_t* asum, const int8_t* W, int64_t K,
+                    int64_t n0, int64_t n1, const VnniOut& o, int64_t ldc) {
+  switch (mr) {
+    case 1: gemv_vnni_tiles<1, 8>(A, lda, asum, W, K, n0, n1, o, ldc); break;
+    case 2: gemv_vnni_tiles<2, 6>(A, lda, asum, W, K, n0, n1, o, ldc); break;
+    case 3: gemv_vnni_tiles<3, 6>(A, lda, asum, W, K, n0, n1, o, ldc); break;
+    case 4: gemv_vnni_tiles<4, 4>(A, lda, asum, W, K, n0, n1, o, ldc); break;
+    case 5: gemv_vnni_tiles<5, 4>(A, lda, asum, W, K, n0, n1, o, ldc); break;
+    case 6: gemv_vnni_tiles<6, 4>(A, lda, asum, W, K, n0, n1, o, ldc); break;
+    case 7: gemv_vnni_tiles<7, 3>(A, lda, asum, W, K, n0, n1, o, ldc); break;
+    default: gemv_vnni_tiles<8, 3>(A, lda, asum, W, K, n0, n1, o, ldc); break;
+  }
+}
+
+// The largest M the VNNI GEMV tiles serve, for K up to kVnniTileMaxK (a pass's rows of x,
+// 8 x 4 KB, stay in L1 while the weight rows stream past; the tiles have no K blocks).
+// Measured (2 threads, weights beyond L3, one process, alternating; ms, tiles vs GEMM, FBGEMM
+// alongside): 11008 x 4096 M = 5 / 8 / 12 / 16 / 24: 1.63 / 1.95 / 2.29 / 2.69 / 3.82
+// against 2.16 / 2.46 / 2.74 / 2.66 / 3.60 (FBGEMM 1.39 / 1.74 / 2.19 / 2.58 / 2.99);
+// 4096 x 4096 M = 5 / 8 / 12: 0.65 / 0.56 / 0.63 against 1.08 / 0.59 / 0.62; with K = 11008
+// (4096 x 11008) the tiles won at M = 5 (1.70 vs 1.99) but lost from M = 8 (2.14 vs 2.04,
+// M = 16 3.21 vs 2.05): x no longer fits L1. FASTKERN_INT8_TILE_MAX_M overrides the M limit
+// (at most kVnniTileMaxMCap; kVnniGemvMaxM or less: the one-row GEMV only), read per call.
+constexpr int64_t kVnniTileMaxM = 12;
+constexpr int64_t kVnniTileMaxMCap = 64;
+constexpr int64_t kVnniTileMaxK = 4096;
+int64_t vnni_tile_max_m() {
+  const char* e = std::getenv("FASTKERN_INT8_TILE_MAX_M");
+  return std::min(kVnniTileMaxMCap, e && *e ? std::max<int64_t>(0, std::atoll(e)) : kVnniTileMaxM);
+}
+bool use_vnni_tiles(int64_t M, int64_t K) {
+  return M > kVnniGemvMaxM && M <= vnni_tile_max_m() && K <= kVnniTileMaxK;
+}
+
+// Whether the VNNI GEMV paths take M x K: they read x in whole 64-byte vectors (rows
+// zero-padded to a multiple of 64 columns).
+bool vnni_gemv(int64_t M, int64_t K) { return M <= kVnniGemvMaxM || use_vnni_tiles(M, K); }
+
 // Weight rows per GEMM task: a multiple of 12 (the 12- and 6-row tiles), about 384 KB of
 // weights, which stay in L2 from the row sums to the last tile.
 int64_t vnni_task_rows(int64_t K) {
   return std::max<int64_t>(12, std::min<int64_t>(96, (384 * 1024 / std::max<int64_t>(K, 1)) / 12 * 12));
 }
 
-// A [M, K] (int8 rows, stride lda; for M <= kVnniGemvMaxM zero-padded to a multiple of 64
+// A [M, K] (int8 rows, stride lda; where vnni_gemv(M, K) zero-padded to a multiple of 64
 // columns) x W [N, K]^T -> o.
 void matmul_vnni(const int8_t* A, int64_t lda, int64_t M, const int8_t* W, int64_t N, int64_t K, const VnniOut& o) {
+  if (use_vnni_tiles(M, K)) {
+    int32_t asum[kVnniTileMaxMCap] = {};
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) asum[m] += A[m * lda + k];
+    const int64_t passes = (M + kVnniTileRows - 1) / kVnniTileRows;
+    parallel_row_blocks(N, 16, 8, K, passes, [&](int64_t n0, int64_t n1) {
+      for (int64_t p = 0, m0 = 0; p < passes; ++p) {
+        const int64_t mr = (M - m0) / (passes - p) + ((M - m0) % (passes - p) ? 1 : 0);
+        VnniOut om = o;
+        if (om.f) om.f += m0 * N, om.sx += m0;
+        if (om.c) om.c += m0 * N;
+        gemv_vnni_pass(mr, A + m0 * lda, lda, asum + m0, W, K, n0, n1, om, N);
+        m0 += mr;
+      }
+    });
+    return;
+  }
   if (M <= kVnniGemvMaxM) {
     int32_t asum[kVnniGemvMaxM] = {0, 0, 0, 0};
     for (int64_t m = 0; m < M; ++m)
@@ -1984,7 +2097,7 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a, const at::Tensor& b) {
     o.c = C.data_ptr<int32_t>();
     at::Tensor A8;
     int64_t lda = K;
-    if (M <= kVnniGemvMaxM) {  // the GEMV reads whole 64-byte vectors of x: zero-pad
+    if (vnni_gemv(M, K)) {  // the GEMVs read whole 64-byte vectors of x: zero-pad
       lda = round_up(K, 64);
       A8 = at::zeros({M, lda}, a.options());
       A8.narrow(1, 0, K).copy_(a2);
