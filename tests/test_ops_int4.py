@@ -24,7 +24,7 @@ from fastkern import formats, ops
 from fastkern._ext import _C
 
 from conftest import (FLOAT_DTYPES, M_SIZES, assert_close_rel, backends_for, cpu_isa, cpu_isas, isa_skip_reason,
-                      num_threads)
+                      num_threads, on_1_and_2_threads)
 from test_ops_int8 import make_x
 
 NATIVE = pytest.mark.skipif(_C is None, reason="fastkern._C is not built")
@@ -157,6 +157,35 @@ def test_cpu_threads_bitwise_identical(isa, dtype, m, gemv, gen, monkeypatch):
             with num_threads(t):
                 outs.append(native(x, w, s, z, g, None))
     assert torch.equal(outs[0], outs[1])
+
+
+@NATIVE
+@pytest.mark.parametrize("m", [6, 7, 8, 9, 13, 17, 24, 64, 65])
+def test_avx512_fp32_tiles(m, gen, monkeypatch):
+    # AVX-512, fp32 x, 6 <= m <= 64, g % 16 == 0: the dequantizing FMA tiles (4 rows of x x
+    # 4 weight rows, passes of 3 or 4 rows: 7 = 4 + 3, 9 = 3 + 3 + 3, 13 = 4 + 3 + 3 + 3),
+    # single-row tiles for the n % 4 rows, one 16-weight table per row and group (g = 16, 48:
+    # odd multiples of 16), x permuted per 16 columns. Against the reference (the same
+    # dequantized fp32 weights), 1 and 2 threads bitwise equal; FASTKERN_W4A16_TILE_MAX_M=0
+    # (the limbs, or from m = 33 the GEMM) within the contract too. m = 65: past the tiles.
+    why = isa_skip_reason("avx512")
+    if why:
+        pytest.skip(why)
+    outs, refs = [], []
+    with cpu_isa("avx512"):
+        for n, k, g in ((1, 16, 16), (3, 96, 48), (5, 256, 32), (9, 384, 128), (70, 1024, 128), (13, 4096, 64)):
+            x = torch.randn(m, k, generator=gen)
+            w, s, z = make_w4(gen, n, k, g)
+            ref = ops.linear_w4a16_ref(x, w, s, z, g, None)
+            one, two = on_1_and_2_threads(native, x, w, s, z, g, None)
+            assert torch.equal(one, two), (n, k, g)
+            assert_close_rel(two, ref, torch.float32, factor=100)
+            outs.append(two.flatten())
+            refs.append(ref.flatten())
+            monkeypatch.setenv("FASTKERN_W4A16_TILE_MAX_M", "0")
+            assert_close_rel(native(x, w, s, z, g, None), ref, torch.float32, factor=100)
+            monkeypatch.delenv("FASTKERN_W4A16_TILE_MAX_M")
+    assert_close_rel(torch.cat(outs), torch.cat(refs), torch.float32)
 
 
 AVX2 = pytest.mark.skipif(_C is not None and isa_skip_reason("avx2") is not None,

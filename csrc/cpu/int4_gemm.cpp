@@ -16,7 +16,11 @@
 // (exact products): "GEMV: bf16 dot products" (slower than the limbs now; kept behind
 // FASTKERN_W4A16_BF16_GEMV=1 and tested).
 //
-// Larger M, the generic path, and inputs holding NaN/inf: the fp32 GEMM of
+// fp32 x with AVX-512, 6 <= M <= 64 (groups of a multiple of 16): fp32 FMA tiles over weights
+// dequantized in registers by a 16-entry table per row and group ("GEMV tiles: fp32 FMA"; NaN
+// and inf in x propagate through the FMAs as in the reference).
+//
+// Larger M, the generic path, and inputs holding NaN/inf on the limb paths: the fp32 GEMM of
 // gemm_skinny.h (M <= 256) or gemm_blocked.h with B slivers dequantized exactly as
 // the reference does ((q - z) * s in fp32).
 #include <torch/library.h>
@@ -979,6 +983,120 @@ inline bool span16_enabled() {
   return !(e && e[0] == '0');
 }
 
+// ------------------------------------------------------------------ GEMV tiles: fp32 FMA (AVX-512)
+//
+// From M = kW4TileMinM (AVX-512, groups of a multiple of 16) the weights meet MR rows of x in
+// fp32 FMAs, NR weight rows at a time, dequantized in registers by a table: per weight row
+// and group the 16 values (q - z) * s for q = 0..15 (the reference's fp32 operations, so each
+// weight is bit-identical to its dequantized value) fill one zmm, and 16 weights are one
+// 8-byte broadcast, a variable shift that brings nibble t of the low and of the high dword
+// into lanes 2t and 2t + 1, and a vpermps (which reads the low 4 bits of each lane). x is
+// permuted to match once per call (lane 2t: k = t, lane 2t + 1: k = 8 + t of each 16). The
+// dequantization is paid once per MR rows of x, where the limbs pay L byte products per
+// weight and row. One accumulator per output summed over k in order, so the result does not
+// depend on the tile shape or thread split.
+constexpr int64_t kW4TileMinM = 6;  // so that every pass has 3 or 4 rows
+constexpr int64_t kW4TileRows = 4;  // rows of x per pass at most
+
+// 16 weights (8 bytes at b, low nibble first) from the group's table, in x's permuted order
+FASTKERN_AVX512 inline __m512 w4f_lookup16(const uint8_t* b, __m512i shifts, __m512 tbl) {
+  int64_t v;
+  std::memcpy(&v, b, 8);
+  return _mm512_permutexvar_ps(_mm512_srlv_epi32(_mm512_set1_epi64(v), shifts), tbl);
+}
+
+// MR rows of x (fp32, permuted, row stride ldx) x weight rows [n, n + NR) -> Y[i * ldy + n + j]
+template <int MR, int NR>
+FASTKERN_AVX512 void w4f_tile_avx512(const W4& p, const float* X, int64_t ldx, int64_t n, float* Y, int64_t ldy) {
+  __m512 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+  const __m512i shifts = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const int64_t g = p.g, hb = g / 2;
+  for (int64_t gi = 0; gi < p.G; ++gi) {
+    __m512 tbl[NR];
+    const uint8_t* wg[NR];
+    for (int j = 0; j < NR; ++j) {
+      tbl[j] = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(float(p.z[(n + j) * p.G + gi]))),
+                             _mm512_set1_ps(p.s[(n + j) * p.G + gi]));
+      wg[j] = p.w + (n + j) * p.ldw + gi * hb;
+    }
+    const float* xg = X + gi * g;
+    for (int64_t c = 0; c < g; c += 16) {
+      if (c % 128 == 0)
+        for (int j = 0; j < NR; ++j) _mm_prefetch(reinterpret_cast<const char*>(wg[j] + c / 2 + kPrefetchL2), _MM_HINT_T0);
+      __m512 wv[NR];
+      for (int j = 0; j < NR; ++j) wv[j] = w4f_lookup16(wg[j] + c / 2, shifts, tbl[j]);
+      for (int i = 0; i < MR; ++i) {
+        const __m512 xv = _mm512_loadu_ps(xg + i * ldx + c);
+        for (int j = 0; j < NR; ++j) acc[i][j] = fma_inplace(acc[i][j], xv, wv[j]);
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) Y[i * ldy + n + j] = _mm512_reduce_add_ps(acc[i][j]);
+}
+
+// x [M, K] (row stride ldx, K a multiple of 16) -> xp: each 16 columns as (0, 8, 1, 9, .., 7, 15)
+FASTKERN_AVX512 void w4f_permute_x(const float* X, int64_t ldx, int64_t M, int64_t K, float* xp) {
+  const __m512i idx = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; k += 16)
+      _mm512_storeu_ps(xp + m * K + k, _mm512_permutexvar_ps(idx, _mm512_loadu_ps(X + m * ldx + k)));
+}
+
+template <int MR, int NR>
+void w4f_tiles_avx512(const W4& p, const float* X, int64_t ldx, int64_t n0, int64_t n1, float* Y, int64_t ldy) {
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) w4f_tile_avx512<MR, NR>(p, X, ldx, n, Y, ldy);
+  for (; n < n1; ++n) w4f_tile_avx512<MR, 1>(p, X, ldx, n, Y, ldy);
+}
+
+// mr (3 or 4: M >= kW4TileMinM rows spread evenly over passes of at most 4) rows of x: 4 x 4
+// tiles (16 accumulators, 4 tables, 4 weight vectors). Tried: 8 x 2 (twice the x rows per
+// weight vector, but 8 loads of x per 16 FMAs, from L2) ran at the limbs' rate; 4 x 5 no
+// faster than 4 x 4.
+void w4f_pass_avx512(int64_t mr, const W4& p, const float* X, int64_t ldx, int64_t n0, int64_t n1, float* Y,
+                     int64_t ldy) {
+  if (mr == 3)
+    w4f_tiles_avx512<3, 4>(p, X, ldx, n0, n1, Y, ldy);
+  else
+    w4f_tiles_avx512<4, 4>(p, X, ldx, n0, n1, Y, ldy);
+}
+
+// Y [M, N] = X [M, K] (fp32, row stride ldx) x dequantized W^T, in passes of at most
+// kW4TileRows rows of x over each thread's row blocks (parallel_row_blocks)
+void w4f_gemv_avx512(const W4& p, const float* X, int64_t ldx, int64_t M, int64_t N, float* Y) {
+  const int64_t K = 2 * p.ldw, passes = (M + kW4TileRows - 1) / kW4TileRows;
+  std::vector<float> xpv(M * K);
+  float* xp = xpv.data();
+  w4f_permute_x(X, ldx, M, K, xp);
+  parallel_row_blocks(N, 16, 8, p.ldw, passes, [&](int64_t n0, int64_t n1) {
+    for (int64_t q = 0, m0 = 0; q < passes; ++q) {
+      const int64_t mr = (M - m0) / (passes - q) + ((M - m0) % (passes - q) ? 1 : 0);
+      w4f_pass_avx512(mr, p, xp + m0 * K, K, n0, n1, Y + m0 * N, N);
+      m0 += mr;
+    }
+  });
+}
+
+// The M range of the tiles: fp32 x (bf16 / fp16 x take two limbs, which cost less: bf16
+// 11008 x 4096 M = 4 / 8 1.2 / 2.4 ms against 1.7 / 2.7, M = 16..40 the same), AVX-512,
+// groups of a multiple of 16. Measured (fp32 x, 2 threads, weights beyond L3, one process,
+// alternating; ms, tiles vs the limbs to M = 32 and the fp32 GEMM above): 11008 x 4096 M =
+// 4 / 8 / 16 / 24 / 32 / 48 / 64 / 96: 1.67 / 3.00 / 4.37 / 7.76 / 9.83 / 12.2 / 15.7 / 24.4
+// against 1.78 / 3.36 / 5.01 / 10.8 / 15.1 / 15.2 / 19.7 / 25.1; 4096 x 11008 M = 4 / 8 / 16
+// / 32 / 64: 1.46 / 2.64 / 4.24 / 8.24 / 17.0 against 1.55 / 3.24 / 5.28 / 10.3 / 19.3;
+// 4096 x 4096 M = 4 / 8 / 16: 0.60 / 0.89 / 1.58 against 0.57 / 0.90 / 1.79.
+// FASTKERN_W4A16_TILE_MAX_M overrides the top (0: off), read on every call (A/B, tests).
+constexpr int64_t kW4TileMaxM = 64;
+inline bool use_w4f_tiles(int64_t M, int64_t g, bool fp32_x) {
+  const char* e = std::getenv("FASTKERN_W4A16_TILE_MAX_M");
+  const int64_t top = e && *e ? std::atoll(e) : kW4TileMaxM;
+  return fp32_x && active_isa() >= Isa::Avx512 && g % 16 == 0 && M >= kW4TileMinM && M <= top;
+}
+
 // ------------------------------------------------------------------ GEMV: bf16 dot products (AVX512-BF16)
 //
 // bf16 (and fp16) activations on CPUs with AVX512-BF16: every nibble q (0..15) is exact
@@ -1247,6 +1365,10 @@ at::Tensor linear_w4a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
 
   bool done = false;
 #if FASTKERN_X86
+  if (use_w4f_tiles(M, group_size, x.scalar_type() == at::kFloat)) {
+    w4f_gemv_avx512(p, X.data_ptr<float>(), ldx, M, N, Y.data_ptr<float>());
+    return finish(Y, bias, x, N);
+  }
   if (avx2 && M <= kGemvMaxM && x.scalar_type() != at::kFloat && active_isa() >= Isa::Avx512 &&
       features().avx512bf16 && bf16_gemv_enabled(M)) {
     // bf16 x: one bf16 operand, exact; fp16 x: two (x = hi + lo exactly, both bf16)

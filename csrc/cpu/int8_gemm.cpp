@@ -743,13 +743,6 @@ FASTKERN_AVX512 void gemv_w8f_avx512_kblocked(const float* X, int64_t ldx, const
 constexpr int64_t kW8fTileMinM = 4;
 constexpr int64_t kW8fTileRows = 8;  // rows of x per pass at most
 
-// acc += a * b in place, register operands: GCC otherwise folds the load of x into every
-// FMA (one load per FMA again, the bound this tile removes) and copies accumulators around
-FASTKERN_AVX512 inline __m512 fma_inplace(__m512 acc, __m512 a, __m512 b) {
-  asm("vfmadd231ps %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
-  return acc;
-}
-
 // acc[i][j] += x[i][k .. k + 16) * float(w[j][k .. k + 16)); MASKED: lanes past m zero
 template <int MR, int NR, bool MASKED>
 FASTKERN_AVX512 inline void w8f_tile_step(__m512 (&acc)[MR][NR], const float* X, int64_t ldx, const int8_t* w,

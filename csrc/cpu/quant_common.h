@@ -168,6 +168,14 @@ inline void dot_tile_f32_generic(const float* A, int64_t lda, const float* B, in
 }
 
 #if FASTKERN_X86
+// acc += a * b in place, register operands: in tiles with many accumulators GCC otherwise
+// folds a load of the shared operand into every FMA (one load per FMA) and copies
+// accumulators around
+FASTKERN_AVX512 inline __m512 fma_inplace(__m512 acc, __m512 a, __m512 b) {
+  asm("vfmadd231ps %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+  return acc;
+}
+
 FASTKERN_AVX2 inline float hsum8_avx2(__m256 v) {
   // Same association as hsum8_generic: (l0+l4)+(l2+l6) + (l1+l5)+(l3+l7).
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));  // l0+l4 .. l3+l7
