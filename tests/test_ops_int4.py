@@ -160,7 +160,7 @@ def test_cpu_threads_bitwise_identical(isa, dtype, m, gemv, gen, monkeypatch):
 
 
 @NATIVE
-@pytest.mark.parametrize("m", [6, 7, 8, 9, 13, 17, 24, 64, 65])
+@pytest.mark.parametrize("m", [6, 7, 8, 9, 13, 17, 24, 41, 64, 65])
 def test_avx512_fp32_tiles(m, gen, monkeypatch):
     # AVX-512, fp32 x, 6 <= m <= 64, g % 16 == 0: the dequantizing FMA tiles (4 rows of x x
     # 4 weight rows, passes of 3 or 4 rows: 7 = 4 + 3, 9 = 3 + 3 + 3, 13 = 4 + 3 + 3 + 3),
@@ -168,6 +168,7 @@ def test_avx512_fp32_tiles(m, gen, monkeypatch):
     # odd multiples of 16), x permuted per 16 columns. Against the reference (the same
     # dequantized fp32 weights), 1 and 2 threads bitwise equal; FASTKERN_W4A16_TILE_MAX_M=0
     # (the limbs, or from m = 33 the GEMM) within the contract too. m = 65: past the tiles.
+    # bf16 / fp16 x take the tiles above the limbs' range (m = 41, 64 with VNNI).
     why = isa_skip_reason("avx512")
     if why:
         pytest.skip(why)
@@ -185,6 +186,11 @@ def test_avx512_fp32_tiles(m, gen, monkeypatch):
             monkeypatch.setenv("FASTKERN_W4A16_TILE_MAX_M", "0")
             assert_close_rel(native(x, w, s, z, g, None), ref, torch.float32, factor=100)
             monkeypatch.delenv("FASTKERN_W4A16_TILE_MAX_M")
+            for dtype in (torch.bfloat16, torch.float16):
+                xh = x.to(dtype)
+                one, two = on_1_and_2_threads(native, xh, w, s, z, g, None)
+                assert torch.equal(one, two), (n, k, g, dtype)
+                assert_close_rel(two, ops.linear_w4a16_ref(xh, w, s, z, g, None), dtype)
     assert_close_rel(torch.cat(outs), torch.cat(refs), torch.float32)
 
 

@@ -16,7 +16,8 @@
 // (exact products): "GEMV: bf16 dot products" (slower than the limbs now; kept behind
 // FASTKERN_W4A16_BF16_GEMV=1 and tested).
 //
-// fp32 x with AVX-512, 6 <= M <= 64 (groups of a multiple of 16): fp32 FMA tiles over weights
+// With AVX-512, fp32 x at 6 <= M <= 64 and bf16 / fp16 x above the limbs up to 64 (groups of a
+// multiple of 16): fp32 FMA tiles over weights
 // dequantized in registers by a 16-entry table per row and group ("GEMV tiles: fp32 FMA"; NaN
 // and inf in x propagate through the FMAs as in the reference).
 //
@@ -1081,9 +1082,11 @@ void w4f_gemv_avx512(const W4& p, const float* X, int64_t ldx, int64_t M, int64_
   });
 }
 
-// The M range of the tiles: fp32 x (bf16 / fp16 x take two limbs, which cost less: bf16
-// 11008 x 4096 M = 4 / 8 1.2 / 2.4 ms against 1.7 / 2.7, M = 16..40 the same), AVX-512,
-// groups of a multiple of 16. Measured (fp32 x, 2 threads, weights beyond L3, one process,
+// The M range of the tiles (AVX-512, groups of a multiple of 16): fp32 x from kW4TileMinM;
+// bf16 / fp16 x above the limbs' range (two limbs cost less: bf16 11008 x 4096 M = 4 / 8 1.2
+// / 2.4 ms against 1.7 / 2.7, M = 16..40 the same), where the tiles beat the fp32 GEMM: bf16
+// 11008 x 4096 M = 41 / 48 / 64 / 80 14.5 / 16.0 / 20.9 / 26.3 ms against 19.8 / 17.7 / 26.7
+// / 27.2, 4096 x 4096 M = 41 / 64 / 96 5.5 / 7.7 / 11.6 against 7.4 / 10.5 / 12.9. Measured (fp32 x, 2 threads, weights beyond L3, one process,
 // alternating; ms, tiles vs the limbs to M = 32 and the fp32 GEMM above): 11008 x 4096 M =
 // 4 / 8 / 16 / 24 / 32 / 48 / 64 / 96: 1.67 / 3.00 / 4.37 / 7.76 / 9.83 / 12.2 / 15.7 / 24.4
 // against 1.78 / 3.36 / 5.01 / 10.8 / 15.1 / 15.2 / 19.7 / 25.1; 4096 x 11008 M = 4 / 8 / 16
@@ -1094,7 +1097,8 @@ constexpr int64_t kW4TileMaxM = 64;
 inline bool use_w4f_tiles(int64_t M, int64_t g, bool fp32_x) {
   const char* e = std::getenv("FASTKERN_W4A16_TILE_MAX_M");
   const int64_t top = e && *e ? std::atoll(e) : kW4TileMaxM;
-  return fp32_x && active_isa() >= Isa::Avx512 && g % 16 == 0 && M >= kW4TileMinM && M <= top;
+  const int64_t lo = fp32_x ? kW4TileMinM : std::max(kW4TileMinM, limb_max_m(false, features().avx512vnni, g) + 1);
+  return active_isa() >= Isa::Avx512 && g % 16 == 0 && M >= lo && M <= top;
 }
 
 // ------------------------------------------------------------------ GEMV: bf16 dot products (AVX512-BF16)
