@@ -1069,16 +1069,14 @@ void w4f_pass_avx512(int64_t mr, const W4& p, const float* X, int64_t ldx, int64
 // Y [M, N] = X [M, K] (fp32, row stride ldx) x dequantized W^T, in passes of at most
 // kW4TileRows rows of x over each thread's row blocks (parallel_row_blocks)
 void w4f_gemv_avx512(const W4& p, const float* X, int64_t ldx, int64_t M, int64_t N, float* Y) {
-  const int64_t K = 2 * p.ldw, passes = (M + kW4TileRows - 1) / kW4TileRows;
+  const int64_t K = 2 * p.ldw;
   std::vector<float> xpv(M * K);
   float* xp = xpv.data();
   w4f_permute_x(X, ldx, M, K, xp);
-  parallel_row_blocks(N, 16, 8, p.ldw, passes, [&](int64_t n0, int64_t n1) {
-    for (int64_t q = 0, m0 = 0; q < passes; ++q) {
-      const int64_t mr = (M - m0) / (passes - q) + ((M - m0) % (passes - q) ? 1 : 0);
+  parallel_row_blocks(N, 16, 8, p.ldw, (M + kW4TileRows - 1) / kW4TileRows, [&](int64_t n0, int64_t n1) {
+    for_each_pass(M, kW4TileRows, [&](int64_t m0, int64_t mr) {
       w4f_pass_avx512(mr, p, xp + m0 * K, K, n0, n1, Y + m0 * N, N);
-      m0 += mr;
-    }
+    });
   });
 }
 

@@ -360,6 +360,13 @@ struct VnniOut {
   float* f = nullptr;
   const float* sx = nullptr;
   const double* ws = nullptr;
+  // the same output from row m0 of x on (rows of ldc outputs)
+  VnniOut from_row(int64_t m0, int64_t ldc) const {
+    VnniOut r = *this;
+    if (r.f) r.f += m0 * ldc, r.sx += m0;
+    if (r.c) r.c += m0 * ldc;
+    return r;
+  }
 };
 
 // CT [N, Mp] (+ correction -corr[n]) -> out, 16 x 16 blocks transposed in registers;
@@ -538,27 +545,19 @@ int64_t vnni_task_rows(int64_t K) {
 // A [M, K] (int8 rows, stride lda; where vnni_gemv(M, K) zero-padded to a multiple of 64
 // columns) x W [N, K]^T -> o.
 void matmul_vnni(const int8_t* A, int64_t lda, int64_t M, const int8_t* W, int64_t N, int64_t K, const VnniOut& o) {
-  if (use_vnni_tiles(M, K)) {
+  if (vnni_gemv(M, K)) {
+    static_assert(kVnniTileMaxMCap >= kVnniGemvMaxM, "asum holds the rows of either GEMV");
     int32_t asum[kVnniTileMaxMCap] = {};
     for (int64_t m = 0; m < M; ++m)
       for (int64_t k = 0; k < K; ++k) asum[m] += A[m * lda + k];
-    const int64_t passes = (M + kVnniTileRows - 1) / kVnniTileRows;
-    parallel_row_blocks(N, 16, 8, K, passes, [&](int64_t n0, int64_t n1) {
-      for (int64_t p = 0, m0 = 0; p < passes; ++p) {
-        const int64_t mr = (M - m0) / (passes - p) + ((M - m0) % (passes - p) ? 1 : 0);
-        VnniOut om = o;
-        if (om.f) om.f += m0 * N, om.sx += m0;
-        if (om.c) om.c += m0 * N;
-        gemv_vnni_pass(mr, A + m0 * lda, lda, asum + m0, W, K, n0, n1, om, N);
-        m0 += mr;
-      }
-    });
-    return;
-  }
-  if (M <= kVnniGemvMaxM) {
-    int32_t asum[kVnniGemvMaxM] = {0, 0, 0, 0};
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t k = 0; k < K; ++k) asum[m] += A[m * lda + k];
+    if (M > kVnniGemvMaxM) {  // the tiles
+      parallel_row_blocks(N, 16, 8, K, (M + kVnniTileRows - 1) / kVnniTileRows, [&](int64_t n0, int64_t n1) {
+        for_each_pass(M, kVnniTileRows, [&](int64_t m0, int64_t mr) {
+          gemv_vnni_pass(mr, A + m0 * lda, lda, asum + m0, W, K, n0, n1, o.from_row(m0, N), N);
+        });
+      });
+      return;
+    }
     int32_t* C = o.c;
     parallel_rows(N, 16, 8, [&](int64_t n0, int64_t n1) {
       switch (M) {
@@ -1598,13 +1597,9 @@ int64_t s16_gemv_max_m() {
 // pass over the weight per kS16GemvRows rows of x, each thread's rows in row blocks
 // (parallel_row_blocks), so that only the first pass over a block reads it from DRAM.
 void gemv_s16(const int16_t* A, int64_t lda, int64_t M, const int8_t* W, int64_t N, int64_t K, const VnniOut& o) {
-  const int64_t passes = (M + kS16GemvRows - 1) / kS16GemvRows;
-  parallel_row_blocks(N, 16, 8, K, passes, [&](int64_t n0, int64_t n1) {
-    for (int64_t p = 0, m0 = 0; p < passes; ++p) {
-      const int64_t mr = (M - m0) / (passes - p) + ((M - m0) % (passes - p) ? 1 : 0);
-      VnniOut om = o;
-      if (om.f) om.f += m0 * N, om.sx += m0;
-      if (om.c) om.c += m0 * N;
+  parallel_row_blocks(N, 16, 8, K, (M + kS16GemvRows - 1) / kS16GemvRows, [&](int64_t n0, int64_t n1) {
+    for_each_pass(M, kS16GemvRows, [&](int64_t m0, int64_t mr) {
+      const VnniOut om = o.from_row(m0, N);
       const int16_t* Am = A + m0 * lda;
       switch (mr) {
         case 1: gemv_s16_avx2<1>(Am, lda, W, K, n0, n1, om, N); break;
@@ -1612,8 +1607,7 @@ void gemv_s16(const int16_t* A, int64_t lda, int64_t M, const int8_t* W, int64_t
         case 3: gemv_s16_avx2<3>(Am, lda, W, K, n0, n1, om, N); break;
         default: gemv_s16_avx2<4>(Am, lda, W, K, n0, n1, om, N); break;
       }
-      m0 += mr;
-    }
+    });
   });
 }
 
@@ -2235,30 +2229,14 @@ at::Tensor linear_w8a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
   at::Tensor wc = w.contiguous();
   at::Tensor ws = w_scale.to(at::kFloat).contiguous();
   const bool avx2 = use_avx2();
+  bool tiles = false;  // the AVX-512 GEMV tiles (before either GEMM)
+  (void)tiles;
 #if FASTKERN_X86
   {
     const int64_t M = rows_of(x);
-    const bool bf16_gemm = x.scalar_type() == at::kBFloat16 && features().avx512bf16;
-    if (active_isa() >= Isa::Avx512 && M >= kW8fTileMinM && M <= w8f_tile_max_m(bf16_gemm) && N > 0 && K > 0) {
-      at::Tensor X = x_f32_padded(x, K, round_up(K, 8));
-      const int64_t ldx = X.size(1), passes = (M + kW8fTileRows - 1) / kW8fTileRows;
-      at::Tensor Y = at::empty({M, N}, X.options());
-      const float* xp = X.data_ptr<float>();
-      const int8_t* wp = wc.data_ptr<int8_t>();
-      const float* sp = ws.data_ptr<float>();
-      float* yp = Y.data_ptr<float>();
-      parallel_row_blocks(N, 16, 8, K, passes, [&](int64_t n0, int64_t n1) {
-        for (int64_t p = 0, m0 = 0; p < passes; ++p) {
-          const int64_t mr = (M - m0) / (passes - p) + ((M - m0) % (passes - p) ? 1 : 0);
-          gemv_w8f_pass_avx512(mr, xp + m0 * ldx, ldx, wp, K, yp + m0 * N, N, n0, n1);
-          m0 += mr;
-        }
-        for (int64_t i = 0; i < M; ++i)
-          for (int64_t n = n0; n < n1; ++n) yp[i * N + n] *= sp[n];
-      });
-      return finish(Y, bias, x, N);
-    }
-    if (M >= w8a16_gemm_min_m(true) && N > 0 && K > 0 && x.scalar_type() == at::kBFloat16 &&
+    tiles = active_isa() >= Isa::Avx512 && M >= kW8fTileMinM &&
+            M <= w8f_tile_max_m(x.scalar_type() == at::kBFloat16 && features().avx512bf16);
+    if (!tiles && M >= w8a16_gemm_min_m(true) && N > 0 && K > 0 && x.scalar_type() == at::kBFloat16 &&
         active_isa() >= Isa::Avx512 && features().avx512bf16) {
       at::Tensor xb = x.reshape({M, K}).contiguous();
       at::Tensor Y = at::empty({M, N}, x.options().dtype(at::kFloat));
@@ -2275,8 +2253,22 @@ at::Tensor linear_w8a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
   const int8_t* wp = wc.data_ptr<int8_t>();
   const float* sp = ws.data_ptr<float>();
   float* yp = Y.data_ptr<float>();
+  // y = s * (x . w): the GEMVs scale each finished dot product
+  const auto scale_rows = [&](int64_t n0, int64_t n1) {
+    for (int64_t i = 0; i < Mx; ++i)
+      for (int64_t n = n0; n < n1; ++n) yp[i * N + n] *= sp[n];
+  };
   if (Mx > 0 && N > 0 && K > 0) {
 #if FASTKERN_X86
+    if (tiles) {
+      parallel_row_blocks(N, 16, 8, K, (Mx + kW8fTileRows - 1) / kW8fTileRows, [&](int64_t n0, int64_t n1) {
+        for_each_pass(Mx, kW8fTileRows, [&](int64_t m0, int64_t mr) {
+          gemv_w8f_pass_avx512(mr, xp + m0 * ldx, ldx, wp, K, yp + m0 * N, N, n0, n1);
+        });
+        scale_rows(n0, n1);
+      });
+      return finish(Y, bias, x, N);
+    }
     if (Mx >= w8a16_gemm_min_m(false) && active_isa() >= Isa::Avx512) {
       w8a16_gemm_avx512(xp, ldx, Mx, wp, sp, N, K, yp);
       return finish(Y, bias, x, N);
@@ -2291,16 +2283,11 @@ at::Tensor linear_w8a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
     }
 #endif
     if (Mx <= gemv_max_m) {
-      // y = s * (x . w): the scale multiplies the finished dot product. Beyond
-      // kGemvMaxM rows the GEMV passes over the weight once per group of kGemvMaxM rows
-      // of x, in row blocks (parallel_row_blocks): measured at 4096x4096 (2 threads),
+      // Beyond kGemvMaxM rows the GEMV passes over the weight once per group of kGemvMaxM
+      // rows of x, in row blocks (parallel_row_blocks): measured at 4096x4096 (2 threads),
       // M=4..16 took 1.6-2.9x longer on the dequantized-panel path, which converts every
       // weight to fp32 in memory.
       const int64_t passes = (Mx + kGemvMaxM - 1) / kGemvMaxM;
-      const auto scale_rows = [&](int64_t n0, int64_t n1) {
-        for (int64_t i = 0; i < Mx; ++i)
-          for (int64_t n = n0; n < n1; ++n) yp[i * N + n] *= sp[n];
-      };
 #if FASTKERN_X86
       if (active_isa() >= Isa::Avx512) {
         parallel_row_blocks(N, 16, 8, K, passes, [&](int64_t n0, int64_t n1) {

@@ -136,6 +136,18 @@ inline void parallel_row_blocks(int64_t n, int64_t unit, int64_t min_units, int6
   });
 }
 
+// M rows of x in passes of at most `rows` (ceil(M / rows) passes), spread evenly (M = 9 in
+// passes of 4: 3 + 3 + 3): f(m0, mr) per pass, in order.
+template <class F>
+inline void for_each_pass(int64_t M, int64_t rows, const F& f) {
+  const int64_t passes = (M + rows - 1) / rows;
+  for (int64_t p = 0, m0 = 0; p < passes; ++p) {
+    const int64_t mr = (M - m0) / (passes - p) + ((M - m0) % (passes - p) ? 1 : 0);
+    f(m0, mr);
+    m0 += mr;
+  }
+}
+
 // ------------------------------------------------------------------ fp32 dot tiles
 //
 // C[m][n] (+)= sum_k A[m][k] * B[n][k] for k in [0, kc), kc a multiple of 8.
