@@ -215,9 +215,10 @@ def test_avx2_gemv_groups_of_64(span16, dtype, gen, monkeypatch):
     # older per-row tile, FASTKERN_W4A16_AVX2_SPAN16=0) on every group layout above, every
     # m remainder of the 3-row tiles and 4-row passes (m = 1..7, 16, 17, 47, 48, 64 and 65,
     # above the AVX2 limit of 16 through FASTKERN_W4A16_LIMB_MAX_M), n tails of the passes, and k = 12800 (two K blocks at m = 1 fp32,
-    # several at m = 3; with g = 32 blocks of whole pairs).
+    # several at m = 3, with FASTKERN_W4A16_WHOLE_K_KB=0; with g = 32 blocks of whole pairs).
     monkeypatch.setenv("FASTKERN_W4A16_AVX2_SPAN16", span16)
     monkeypatch.setenv("FASTKERN_W4A16_LIMB_MAX_M", "65")  # the limbs also above the AVX2 default (16)
+    monkeypatch.setenv("FASTKERN_W4A16_WHOLE_K_KB", "0")  # K blocks (test_gemv_k_blocks_windows_and_whole_k: one)
     outs, refs = [], []
     with cpu_isa("avx2"):
         for m in (1, 2, 3, 4, 5, 7, 16, 17, 47, 48, 64, 65):
@@ -245,6 +246,42 @@ def test_avx2_span16_threads_bitwise_identical(dtype, m, g, gen):
                 outs.append(native(x, w, s, z, g, None))
     assert torch.equal(outs[0], outs[1])
 
+
+
+@NATIVE
+@pytest.mark.parametrize("isa", [i for i in cpu_isas() if i != "generic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gemv_k_blocks_windows_and_whole_k(isa, dtype, gen, monkeypatch):
+    # GEMV shapes with several K blocks (the limbs of all m rows beyond the 36 KiB block
+    # budget): k = 12800 at m = 1, 3, 5; m = 16 at k = 2000. Group sizes: 128 and 64 (the
+    # AVX2 int16-span GEMV), 32 (its pairs), 50 (the per-row tiles on every ISA).
+    # - Windows (w4l_gemv: each thread's rows in windows, every K block of a window before
+    #   the next): FASTKERN_W4A16_WINDOW_KB=1 (4-row windows, many per thread) against 0 (no
+    #   windows) bitwise equal, as they only reorder whole tiles; 1 and 2 threads equal.
+    # - Whole K (the AVX2 int16-span GEMV: one K block while the limbs of all m rows fit in
+    #   FASTKERN_W4A16_WHOLE_K_KB, 768 by default): the default and 0 (always blocks) both
+    #   against the reference.
+    outs, refs = [], []
+    with cpu_isa(isa):
+        for m, n, k, g in ((1, 37, 12800, 128), (1, 21, 12800, 32), (1, 11, 12800, 50), (3, 13, 12800, 64),
+                           (5, 9, 12800, 128), (16, 23, 2000, 50), (16, 6, 2048, 128)):
+            x = torch.randn(m, k, generator=gen).to(dtype)
+            w, s, z = make_w4(gen, n, k, g)
+            ref = ops.linear_w4a16_ref(x, w, s, z, g, None)
+            monkeypatch.setenv("FASTKERN_W4A16_WHOLE_K_KB", "0")
+            monkeypatch.setenv("FASTKERN_W4A16_WINDOW_KB", "0")
+            plain = native(x, w, s, z, g, None)
+            monkeypatch.setenv("FASTKERN_W4A16_WINDOW_KB", "1")
+            one, two = on_1_and_2_threads(native, x, w, s, z, g, None)
+            assert torch.equal(plain, one) and torch.equal(one, two), (m, n, k, g)
+            monkeypatch.delenv("FASTKERN_W4A16_WINDOW_KB")
+            monkeypatch.delenv("FASTKERN_W4A16_WHOLE_K_KB")
+            whole = native(x, w, s, z, g, None)
+            for out in (plain, whole):
+                assert_close_rel(out, ref, dtype, factor=100 if dtype == torch.float32 else 1)
+                outs.append(out.flatten())
+                refs.append(ref.flatten())
+    assert_close_rel(torch.cat(outs), torch.cat(refs), dtype)
 
 def even_divisors(k):
     return [g for g in range(2, k + 1, 2) if k % g == 0]

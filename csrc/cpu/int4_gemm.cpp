@@ -30,6 +30,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "cpu/gemm_blocked.h"
@@ -880,7 +881,35 @@ struct W4Tiles {
 // Larger M: the limbs of one 4-row x tile within ~12 KiB, so that tile and the runs of
 // the rb weight rows it meets (~24 KiB, w4l_gemv) share L1, all of x's block in L2.
 // Blocks of equal size.
-inline int64_t w4_k_block_groups(int64_t G, int64_t M, int64_t group_bytes_row, int64_t run_bytes) {
+// whole_k_bytes (the AVX2 row GEMV, w4l_gemv16_avx2): K is one block whenever the limbs
+// of all M rows fit in it. That GEMV reads each thread's rows as one stream; K blocks cut
+// it into runs with gaps (the other blocks' bytes), which DRAM delivers far slower than
+// the limbs come from L2. Measured (2 threads, AVX2 forced, weights beyond L3, alternating
+// in one process): fp32 M = 1 4096x14336 0.85 against 1.10 ms, 2048x28672 0.76 against
+// 1.16 ms; bf16 M = 4 4096x14336 2.30 against 3.12 ms; M = 8 2048x28672 fp32 5.6 against
+// 6.1 ms; 4096x4096 unchanged. M = 16 at K = 28672 (1.4 MB of limbs, beyond L2) was
+// faster with the blocks (12.3 against 14.6 ms), hence the bound.
+constexpr int64_t kW4WholeKBytes = 768 << 10;
+// w4l_gemv with several K blocks: each thread's rows in windows of about kW4WindowBytes of
+// weight, every K block of a window before the next window, so the runs of a window's
+// blocks fill each other's gaps while the window is still in L2 (the hardware
+// prefetchers' overshoot past a run's end is used, not evicted). Measured (2 threads,
+// AVX-512 VNNI, M = 1, paired rounds in one process): 4096x14336 fp32 1.04-1.06x,
+// 2048x28672 fp32 / bf16 1.05-1.07x; one K block (4096x4096) is unchanged (no windows).
+constexpr int64_t kW4WindowBytes = 768 << 10;
+inline int64_t w4_window_rows(int64_t row_bytes, int64_t unit) {
+  const char* e = std::getenv("FASTKERN_W4A16_WINDOW_KB");  // A/B and tests, read per call; 0: none
+  const int64_t bytes = e && *e ? std::atoll(e) << 10 : kW4WindowBytes;
+  if (bytes <= 0) return std::numeric_limits<int64_t>::max() / 2;
+  return std::max<int64_t>(1, bytes / std::max<int64_t>(row_bytes, 1) / unit) * unit;
+}
+inline int64_t w4_whole_k_bytes() {
+  const char* e = std::getenv("FASTKERN_W4A16_WHOLE_K_KB");  // A/B and tests, read per call
+  return e && *e ? std::atoll(e) << 10 : kW4WholeKBytes;
+}
+inline int64_t w4_k_block_groups(int64_t G, int64_t M, int64_t group_bytes_row, int64_t run_bytes,
+                                 int64_t whole_k_bytes = 0) {
+  if (M * group_bytes_row * G <= whole_k_bytes) return G;
   const int64_t gbx = std::max<int64_t>(M * group_bytes_row, 1);
   int64_t gb = M <= kGemvMaxM ? std::max((int64_t(36) << 10) / gbx, (2048 + run_bytes - 1) / run_bytes)
                               : (int64_t(12) << 10) / (4 * group_bytes_row);
@@ -900,22 +929,27 @@ void w4l_gemv(const W4& p, const Limbs& q, int64_t M, int64_t N, float* Y) {
   // boundaries stay where they are for any thread split); 4 at small M, where x is in L1
   const int64_t rb = M <= kGemvMaxM ? kGemvRows
                                     : std::min<int64_t>(64, std::max<int64_t>(kGemvRows, (int64_t(24) << 10) / (gb * hb) / kGemvRows * kGemvRows));
-  // kGemvRows is a multiple of every NR, so the tiling of a row never depends on the thread split
-  parallel_rows(N, kGemvRows, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t g0 = 0; g0 < p.G; g0 += gb) {
-      const KRange kr{g0, std::min(p.G, g0 + gb), g0 == 0, p.w + N * p.ldw, pf_rows};
-      // rb weight rows (their runs in L1) meet every row of x before the next rows stream
-      // in, so each x tile's limbs come from L2 once per rb rows
-      for (int64_t nb = n0; nb < n1; nb += rb) {
-        const int64_t ne = std::min(n1, nb + rb);
-        for (int64_t m0 = 0; m0 < M;) {
-          TileFn wide, one;
-          int nr, mr;
-          W4Tiles<V512, L>::pick(M - m0, wide, one, nr, mr);
-          int64_t n = nb;
-          for (; n + nr <= ne; n += nr) wide(p, q, kr, n, m0, Y, N);
-          for (; n < ne; ++n) one(p, q, kr, n, m0, Y, N);
-          m0 += mr;
+  const int64_t win = gb < p.G ? w4_window_rows(p.ldw, rb) : N;
+  // kGemvRows is a multiple of every NR (and win of rb), so the tiling of a row never
+  // depends on the thread split or the windows
+  parallel_rows(N, kGemvRows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t n0 = r0; n0 < r1; n0 += win) {
+      const int64_t n1 = std::min(r1, n0 + win);
+      for (int64_t g0 = 0; g0 < p.G; g0 += gb) {
+        const KRange kr{g0, std::min(p.G, g0 + gb), g0 == 0, p.w + N * p.ldw, pf_rows};
+        // rb weight rows (their runs in L1) meet every row of x before the next rows stream
+        // in, so each x tile's limbs come from L2 once per rb rows
+        for (int64_t nb = n0; nb < n1; nb += rb) {
+          const int64_t ne = std::min(n1, nb + rb);
+          for (int64_t m0 = 0; m0 < M;) {
+            TileFn wide, one;
+            int nr, mr;
+            W4Tiles<V512, L>::pick(M - m0, wide, one, nr, mr);
+            int64_t n = nb;
+            for (; n + nr <= ne; n += nr) wide(p, q, kr, n, m0, Y, N);
+            for (; n < ne; ++n) one(p, q, kr, n, m0, Y, N);
+            m0 += mr;
+          }
         }
       }
     }
@@ -930,7 +964,7 @@ void w4l_gemv16_avx2(const W4& p, const Limbs& q, int64_t M, int64_t N, float* Y
   constexpr int64_t CW = 64;
   // pair: K blocks of whole pairs (counted in 64-weight units, then in groups)
   const int64_t hb = pair ? 32 : p.g / 2;
-  const int64_t gbu = w4_k_block_groups(pair ? p.G / 2 : p.G, M, q.nc * L * CW, hb);
+  const int64_t gbu = w4_k_block_groups(pair ? p.G / 2 : p.G, M, q.nc * L * CW, hb, w4_whole_k_bytes());
   const int64_t gb = pair ? 2 * gbu : gbu;
   const int64_t pf_rows = std::max<int64_t>(1, (kPrefetchL2 + gbu * hb - 1) / (gbu * hb));
   const int64_t rb = M <= kGemvMaxM ? kGemvRows
