@@ -78,10 +78,11 @@ def isa_skip_reason(name):
     return None
 
 
-def cpu_isas():
-    """The CPU paths as params (those this CPU cannot run are skipped with the reason)."""
+def cpu_isas(avx2vnni=False):
+    """The CPU paths as params (those this CPU cannot run are skipped with the reason).
+    avx2vnni (AVX2 + AVX-VNNI) differs from avx2 only in the int8 GEMM: the int8 tests ask for it."""
     params = []
-    for name in ("generic", "avx2", "avx512"):
+    for name in ("generic", "avx2") + (("avx2vnni",) if avx2vnni else ()) + ("avx512",):
         why = isa_skip_reason(name)
         params.append(pytest.param(name, id=name, marks=[pytest.mark.skip(reason=why)] if why else []))
     return params

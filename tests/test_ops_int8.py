@@ -137,7 +137,7 @@ def test_w8_scale_and_bias_dtypes(op, scale_dtype, gen):
 
 
 @NATIVE
-@pytest.mark.parametrize("isa", cpu_isas())
+@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True))
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 16, 17, 70])
 def test_cpu_paths_and_tails(isa, m, gen):
     # m <= 3 runs the GEMV kernels (AVX2), larger m the panel kernels (3-row tiles);
@@ -177,7 +177,7 @@ def check_int8_exact(gen, m, n, k):
 
 
 @NATIVE
-@pytest.mark.parametrize("isa", cpu_isas())
+@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True))
 @pytest.mark.parametrize("m", [4, 5, 16, 33, 50, 64, 130])
 def test_cpu_gemm_blocks_exact(isa, m, gen):
     # AVX-512 VNNI: GEMV up to m = 4, then x packed (+128) in blocks of 64 rows (16/32/48-row
@@ -190,7 +190,7 @@ def test_cpu_gemm_blocks_exact(isa, m, gen):
 
 
 @NATIVE
-@pytest.mark.parametrize("isa", cpu_isas())
+@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True))
 @pytest.mark.parametrize("m", [4, 5, 6, 7, 8, 12, 13, 17, 31, 64, 65])
 def test_small_m_weight_vector_tails(isa, m, gen):
     # Small layers (weights up to 1 MiB with VNNI, 4 MiB with AVX2) at 4/5 < m <= 64: the
@@ -222,7 +222,7 @@ def int8_threads_check(gen, m, n, k, min_rows=False):
 
 
 @NATIVE
-@pytest.mark.parametrize("isa", cpu_isas())
+@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True))
 @pytest.mark.parametrize("m", [5, 17, 64])
 def test_small_m_weight_vector_threads_and_old_tiles(isa, m, gen, monkeypatch):
     # several 64-row blocks per thread and uneven 16-row shares: 1 and 2 threads bitwise equal;
@@ -238,7 +238,7 @@ def test_small_m_weight_vector_threads_and_old_tiles(isa, m, gen, monkeypatch):
 
 
 @NATIVE
-@pytest.mark.parametrize("isa", cpu_isas())
+@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True))
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 8, 9, 12, 13, 16, 33, 50, 64, 65, 130])
 def test_w8a16_gemm_tiles(isa, m, gen):
     # AVX-512: up to m = 3 the streaming GEMV (1-3 rows of x, 64-wide K steps and masked
@@ -263,7 +263,7 @@ def test_w8a16_gemm_tiles(isa, m, gen):
 
 
 @NATIVE
-@pytest.mark.parametrize("isa", cpu_isas())
+@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True))
 @pytest.mark.parametrize("m", [1, 3, 5, 16, 40, 70])
 def test_cpu_threads_bitwise_identical(isa, m, gen):
     n, k = 301, 1030
@@ -307,6 +307,47 @@ def test_avx2_gemm_tails(m, gen, monkeypatch):
         for n in (1, 3, 4, 5, 6, 7, 9, 13, 37, 70, 101):
             for k in (1, 2, 3, 17, 33, 1025, 2050):
                 check_int8_exact(gen, m, n, k)
+
+
+@NATIVE
+@pytest.mark.parametrize("m", [4, 8, 9, 15, 16, 17, 33, 48, 64, 65, 130])
+def test_avx2vnni_gemm_tails(m, gen, monkeypatch):
+    # The AVX-VNNI GEMM (avx2vnni path: matmul_vnni256) with the GEMV and the small-layer
+    # kernels turned off: x + 128 packed in 64-row blocks (16/32/48-row last blocks: m = 17,
+    # 33, 48, 65, 130) taken 16 rows at a time, 6-row weight tiles and 1-row tails (n = 1..7,
+    # 13, 37, 101), 2048-byte K blocks (k = 4099: two and a partial third) and K % 4 tails,
+    # the weight row sums subtracted, 8 x 8 transposed output. int8_gemm exact (-128
+    # included), W8A8 bit-identical to the reference and to the avx2 path, 1 and 2 threads
+    # equal; then the default thresholds (the GEMV up to m = 7) on the same shapes.
+    from conftest import isa_skip_reason
+
+    why = isa_skip_reason("avx2vnni")
+    if why:
+        pytest.skip(why)
+    monkeypatch.setenv("FASTKERN_INT8_WV_MAX_M", "0")
+    monkeypatch.setenv("FASTKERN_INT8_GEMV_MAX_M", "3")
+    for n in (1, 2, 3, 5, 6, 7, 13, 37, 101):
+        for k in (1, 3, 4, 17, 130, 2049, 4099):
+            if k > 200 and n not in (7, 37, 101):
+                continue
+            a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
+            b = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+            b[::3, ::5] = -128
+            x = torch.randn(m, k, generator=gen)
+            w, s = make_w8(gen, n, k)
+            got = {}
+            for isa in ("avx2vnni", "avx2"):
+                with cpu_isa(isa):
+                    got[isa] = (native("int8_gemm")(a, b), native("linear_w8a8")(x, w, s, None))
+            assert torch.equal(got["avx2vnni"][0], ops.int8_gemm_ref(a, b)), (n, k)
+            assert torch.equal(got["avx2vnni"][1], ops.linear_w8a8_ref(x, w, s, None)), (n, k)
+            assert torch.equal(got["avx2vnni"][1], got["avx2"][1]), (n, k)
+    with cpu_isa("avx2vnni"):
+        int8_threads_check(gen, m, 101, 4099, min_rows=True)
+        monkeypatch.delenv("FASTKERN_INT8_GEMV_MAX_M")
+        monkeypatch.delenv("FASTKERN_INT8_WV_MAX_M")
+        int8_threads_check(gen, m, 37, 1100)
+        int8_threads_check(gen, m, 384, 384)
 
 
 @NATIVE
@@ -434,7 +475,7 @@ def test_vnni_gemv_tiles(m, gen, monkeypatch):
 
 
 @NATIVE
-@pytest.mark.parametrize("isa", cpu_isas())
+@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True))
 @pytest.mark.parametrize("m", [4, 7, 12, 17, 40, 128])
 def test_gemv_row_blocks(isa, m, gen, monkeypatch):
     # GEMVs with more than one pass over the weight take each thread's rows in blocks, all
@@ -466,7 +507,7 @@ def test_gemv_row_blocks(isa, m, gen, monkeypatch):
 
 
 @NATIVE
-@pytest.mark.parametrize("isa", cpu_isas())
+@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True))
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 9, 17, 40])
 def test_int8_minus_128_exact_on_every_path(isa, m, gen):
     # -128 in x and in the weight (vpmaddubsw-style tricks break there; the AVX2 kernels widen
@@ -507,7 +548,7 @@ def test_avx2_panel_path_still_selectable(m, gen, monkeypatch):
 
 
 @NATIVE
-@pytest.mark.parametrize("isa", cpu_isas())
+@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True))
 @pytest.mark.parametrize("m", [2, 24, 64])
 def test_int8_threads_bitwise_identical_large(isa, m, gen):
     # enough weight rows for several tasks per thread and uneven thread shares, K over two
@@ -542,7 +583,7 @@ def test_nan_propagates(op, m, dtype, gen):
 
 
 @NATIVE
-@pytest.mark.parametrize("isa", cpu_isas())
+@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True))
 def test_w8a8_quantization_edge_rows(isa, gen):
     # an all-zero row, a row with inf, ties at .5 after division, a tiny row
     x = torch.randn(5, 50, generator=gen)

@@ -81,7 +81,7 @@ struct Path {
 Path path_for(Isa isa) {
 #if FASTKERN_X86
   if (isa == Isa::Avx512) return {fma_chains_avx512, int64_t{kChains} * 16 * 2};
-  if (isa == Isa::Avx2) return {fma_chains_avx2, int64_t{kChains} * 8 * 2};
+  if (isa >= Isa::Avx2) return {fma_chains_avx2, int64_t{kChains} * 8 * 2};
 #endif
   return {fma_chains_generic, int64_t{kChains} * 4 * 2};
 }
@@ -264,7 +264,7 @@ double measure_read_bw(int64_t nbytes, int reps) {
   uint64_t (*fn)(const uint8_t*, int64_t) = read_generic;
 #if FASTKERN_X86
   if (isa == Isa::Avx512) fn = read_avx512;
-  else if (isa == Isa::Avx2) fn = read_avx2;
+  else if (isa >= Isa::Avx2) fn = read_avx2;
 #endif
   constexpr int64_t kUnit = 1 << 16;  // a thread's share is whole 64 KiB units
   const int64_t units = std::max<int64_t>(1, nbytes / kUnit);

@@ -39,6 +39,8 @@ bool supported(Isa isa) {
       return true;
     case Isa::Avx2:
       return f.avx2 && f.fma && f.f16c;
+    case Isa::Avx2Vnni:
+      return f.avx2 && f.fma && f.f16c && f.avxvnni;
     case Isa::Avx512:
       return f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq;
     default:
@@ -48,6 +50,7 @@ bool supported(Isa isa) {
 
 Isa best() {
   if (supported(Isa::Avx512)) return Isa::Avx512;
+  if (supported(Isa::Avx2Vnni)) return Isa::Avx2Vnni;
   if (supported(Isa::Avx2)) return Isa::Avx2;
   return Isa::Generic;
 }
@@ -86,8 +89,9 @@ Isa parse_isa(const std::string& name) {
   if (name == "auto") return Isa::Auto;
   if (name == "generic") return Isa::Generic;
   if (name == "avx2") return Isa::Avx2;
+  if (name == "avx2vnni") return Isa::Avx2Vnni;
   if (name == "avx512") return Isa::Avx512;
-  TORCH_CHECK(false, "fastkern: unknown CPU path '", name, "'; expected auto, generic, avx2 or avx512");
+  TORCH_CHECK(false, "fastkern: unknown CPU path '", name, "'; expected auto, generic, avx2, avx2vnni or avx512");
 }
 
 const char* isa_name(Isa isa) {
@@ -96,6 +100,8 @@ const char* isa_name(Isa isa) {
       return "generic";
     case Isa::Avx2:
       return "avx2";
+    case Isa::Avx2Vnni:
+      return "avx2vnni";
     case Isa::Avx512:
       return "avx512";
     default:

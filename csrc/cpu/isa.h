@@ -3,8 +3,11 @@
 // The extension is compiled for baseline x86-64; kernels that use AVX2/FMA or
 // AVX-512 are compiled with function-level target attributes (FASTKERN_AVX2,
 // FASTKERN_AVX512) and selected with active_isa(), so one binary runs on any
-// x86-64 CPU. FASTKERN_CPU_ISA=generic|avx2|avx512 (or fastkern._C.set_cpu_isa)
+// x86-64 CPU. FASTKERN_CPU_ISA=generic|avx2|avx2vnni|avx512 (or fastkern._C.set_cpu_isa)
 // forces a path, which is how tests cover every path this machine can run.
+// avx2vnni: the AVX2 path plus AVX-VNNI (VEX vpdpbusd on ymm; Intel client cores from Alder
+// Lake, AMD Zen 5) where a kernel has a use for it; avx2 is plain AVX2 + FMA (the machine
+// kind of DESIGN's CPU targets, which `fastkern-bench --isa avx2` emulates).
 #pragma once
 
 #include <string>
@@ -13,10 +16,12 @@
 #define FASTKERN_X86 1
 #define FASTKERN_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define FASTKERN_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#define FASTKERN_AVXVNNI __attribute__((target("avx2,fma,f16c,avxvnni")))
 #else
 #define FASTKERN_X86 0
 #define FASTKERN_AVX2
 #define FASTKERN_AVX512
+#define FASTKERN_AVXVNNI
 #endif
 
 namespace fastkern {
@@ -28,7 +33,8 @@ struct Features {
   bool avx512vnni = false, avx512bf16 = false, avxvnni = false;
 };
 
-enum class Isa { Auto = -1, Generic = 0, Avx2 = 1, Avx512 = 2 };
+// ordered: a path includes what the ones below it use (isa >= Isa::Avx2 holds for avx2vnni)
+enum class Isa { Auto = -1, Generic = 0, Avx2 = 1, Avx2Vnni = 2, Avx512 = 3 };
 
 const Features& features();
 // The best path this CPU supports, or the forced one.
