@@ -97,12 +97,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         d["u8s8_gmacs"] = r.u8s8_gmacs;
         d["vnni_gmacs"] = r.vnni_gmacs;
         d["threads"] = r.threads;
+        d["isa"] = std::string(fastkern::cpu::isa_name(fastkern::cpu::active_isa()));
         return d;
       },
       pybind11::arg("seconds") = 0.25,
       "Measured int8 multiply-accumulate throughput (GMAC/s, every torch thread) of register-only AVX2 "
       "loops: the exact int16 mix (vpmaddwd + vpaddd) and the u8 x s8 mix (vpmaddubsw + vpmaddwd + vpaddd); "
-      "0 without AVX2; and of AVX-512 vpdpbusd (vnni_gmacs) where the active path is AVX-512 with VNNI, else 0");
+      "0 without AVX2; and of vpdpbusd (vnni_gmacs) where the active path has it (zmm on AVX-512 with VNNI, ymm on "
+      "avx2vnni), else 0");
   m.def(
       "read_bw",
       [](int64_t nbytes, int reps) {

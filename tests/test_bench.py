@@ -101,6 +101,10 @@ def test_int8_peak_probe():
     _ext._C.set_cpu_isa("avx2")
     try:
         assert _ext._C.int8_peak(0.02)["vnni_gmacs"] == 0
+        if _ext._C.cpu_features()["avxvnni"]:  # ymm vpdpbusd (32 products) on the avx2vnni path
+            _ext._C.set_cpu_isa("avx2vnni")
+            r = _ext._C.int8_peak(0.05)
+            assert r["isa"] == "avx2vnni" and r["vnni_gmacs"] > r["exact_gmacs"]
     finally:
         _ext._C.set_cpu_isa("auto")
 

@@ -161,6 +161,9 @@ namespace {
   }
 FASTKERN_I8_PROBE(int8_exact_avx2, FASTKERN_I8_EXACT)
 FASTKERN_I8_PROBE(int8_u8s8_avx2, FASTKERN_I8_U8S8)
+// AVX-VNNI: the VEX vpdpbusd on ymm (32 products each), what the avx2vnni int8 GEMM runs
+#define FASTKERN_I8_VNNI256(r) "%{vex%} vpdpbusd %%ymm13, %%ymm12, %%" r "\n\t"
+FASTKERN_I8_PROBE(int8_vnni_avx2, FASTKERN_I8_VNNI256)
 
 // AVX-512 VNNI: 12 vpdpbusd chains (zmm0-11, 64 products each), the instruction every
 // int8 product of fastkern's VNNI kernels runs on.
@@ -201,6 +204,8 @@ Int8Peak measure_int8_peak(double seconds) {
   r.u8s8_gmacs = best_rate(int8_u8s8_avx2, int64_t{1} << 14, int64_t{kChains} * 32, seconds / 2, threads, sink) * 1e-9;
   if (active_isa() >= Isa::Avx512 && features().avx512vnni)
     r.vnni_gmacs = best_rate(int8_vnni_avx512, int64_t{1} << 14, int64_t{kChains} * 64, seconds / 2, threads, sink) * 1e-9;
+  else if (active_isa() == Isa::Avx2Vnni)
+    r.vnni_gmacs = best_rate(int8_vnni_avx2, int64_t{1} << 14, int64_t{kChains} * 32, seconds / 2, threads, sink) * 1e-9;
   for (int v : sink) r.checksum += v;
 #else
   (void)seconds;

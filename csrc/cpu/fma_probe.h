@@ -21,8 +21,9 @@ FmaPeak measure_fma_peak(double seconds);
 //   fastkern's AVX2 int8 GEMM runs (exact for the whole int8 range);
 // - u8s8: vpmaddubsw + vpmaddwd (ones) + vpaddd (32 products per triple), the mix of
 //   FBGEMM's AVX2 kernels, which needs activations of at most 7 bits to never saturate;
-// - vnni: vpdpbusd on zmm (64 products each), what the VNNI int8 kernels run; measured
-//   only where the active kernel path is AVX-512 with VNNI (0 otherwise).
+// - vnni: vpdpbusd, what the VNNI int8 kernels run: on zmm (64 products each) where the
+//   active kernel path is AVX-512 with VNNI, on ymm (AVX-VNNI, 32) on the avx2vnni path, 0
+//   otherwise.
 struct Int8Peak {
   double exact_gmacs;
   double u8s8_gmacs;

@@ -11,7 +11,7 @@
   from the clock and vector width when the clock can be read;
 - for the ceilings of DESIGN §6's CPU targets (targets.ceiling_rows): the int8
   multiply-accumulate rates of the exact int16 AVX2 mix, of FBGEMM's u8 x s8 mix and, on
-  the AVX-512 VNNI path, of vpdpbusd (fastkern._C.int8_peak), and fastkern's W4A16 M=1 rate
+  the AVX-512 VNNI and avx2vnni paths, of vpdpbusd (fastkern._C.int8_peak), and fastkern's W4A16 M=1 rate
   with its weight in the
   last-level cache (its compute rate, w4a16_compute_gbs).
 """
@@ -190,7 +190,8 @@ def int8_peak_measured(min_run_time: float):
     if not r["exact_gmacs"]:
         return None, "this CPU has no AVX2"
     return dict(r), "register-only AVX2%s loops, %d threads" % (
-        " and AVX-512 VNNI" if r.get("vnni_gmacs") else "", r["threads"])
+        (" and AVX-512 VNNI" if r.get("vnni_gmacs") and r.get("isa") != "avx2vnni" else " and AVX-VNNI")
+        if r.get("vnni_gmacs") else "", r["threads"])
 
 
 W4A16_PROBE = (4096, 4096, 128)  # N, K, group size

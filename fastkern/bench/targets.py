@@ -107,16 +107,12 @@ def _w4a16_compute(result: dict, dtype: str) -> float:
     return max([probe] + seen)
 
 
-# the CPU paths whose int8 products are the AVX2 int16 mix (avx2vnni adds VNNI to W4A16 only)
-AVX2_PATHS = ("avx2", "avx2vnni")
-
-
 def row_ceiling(result: dict, t: Target, e: dict) -> dict:
     """The most a CPU target allows on one entry, from this run's own measurements: the entry's
     floor time is the larger of its bytes at the read bandwidth of its own time window and its
     work at the compute rate the run measured for that kind of kernel (W4A16 M=1: the kernel's
     compute rate in GB/s; int8 products: the exact int16 mix's GMAC/s on the AVX2 path,
-    vpdpbusd's on the AVX-512 VNNI path; fp32
+    vpdpbusd's on the AVX-512 VNNI and avx2vnni paths; fp32
     GEMM: the FMA peak). A speedup target allows the peer's time over that floor, a %BW target
     the bandwidth's share of it. {"ceiling", "ceiling_bound"}: ceiling None where the run has
     no measurement for it (GPU runs, or an int8 product on a path no probe covers)."""
@@ -134,9 +130,9 @@ def row_ceiling(result: dict, t: Target, e: dict) -> dict:
             floors["compute"] = e["bytes"] / (comp * 1e6)
     elif t.op in ("linear_w8a8", "int8_gemm"):
         i8 = c.get("int8_peak") or {}
-        if c.get("cpu_isa") in AVX2_PATHS and i8.get("exact_gmacs"):
+        if c.get("cpu_isa") == "avx2" and i8.get("exact_gmacs"):
             floors["compute"] = e["flops"] / 2 / (i8["exact_gmacs"] * 1e6)
-        elif c.get("cpu_isa") not in AVX2_PATHS and i8.get("vnni_gmacs"):
+        elif c.get("cpu_isa") != "avx2" and i8.get("vnni_gmacs"):
             floors["compute"] = e["flops"] / 2 / (i8["vnni_gmacs"] * 1e6)
         elif e["m"] > 1:
             return none  # a path whose int8 products no probe covers
@@ -201,8 +197,8 @@ def ceiling_rows(result: dict) -> List[dict]:
         rows.append({"target": what["linear_w8a8", "speedup", 1.2], "ceiling": 100.0 / max(fb), "unit": "x",
                      "how": "both stream the same int8 weight; FBGEMM at up to %.0f%% of the read bandwidth" % max(fb)})
     i8 = c.get("int8_peak")
-    # the AVX2 kernels' mix; with AVX-512 VNNI fastkern multiplies int8 with vpdpbusd instead
-    if i8 and i8.get("u8s8_gmacs") and c.get("cpu_isa") in AVX2_PATHS:
+    # the AVX2 kernels' mix; with VNNI (AVX-512 or AVX-VNNI) fastkern multiplies int8 with vpdpbusd instead
+    if i8 and i8.get("u8s8_gmacs") and c.get("cpu_isa") == "avx2":
         rows.append({"target": what["linear_w8a8", "speedup", 1.0], "ceiling": i8["exact_gmacs"] / i8["u8s8_gmacs"],
                      "unit": "x", "how": "exact int16 mix (vpmaddwd + vpaddd) %.0f GMAC/s against FBGEMM's u8 x s8 mix "
                                          "(vpmaddubsw + vpmaddwd + vpaddd) %.0f, register-only"
