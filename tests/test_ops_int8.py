@@ -351,6 +351,44 @@ def test_avx2vnni_gemm_tails(m, gen, monkeypatch):
 
 
 @NATIVE
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 8, 9, 16, 17])
+def test_avx2vnni_gemv(m, gen, monkeypatch):
+    # The AVX-VNNI GEMV (avx2vnni path: gemv_vnni256): one weight row at a time against passes
+    # of up to 8 rows of x (m = 9: 5 + 4, 16: 8 + 8, 17: 6 + 6 + 5, through
+    # FASTKERN_INT8_GEMV_MAX_M), 4 / 2 / 1 accumulators per row (m = 1 / 2-3 / 4+) over K
+    # steps of 128 / 64 / 32 bytes and their tails (k = 1..33, 95, 127, 129), the last K % 32
+    # bytes copied (the tensor's last row never read past its end), the weight flipped to
+    # w + 128 and 128 * sum(x) subtracted. int8_gemm exact (-128 included), W8A8
+    # bit-identical to the reference and to the avx2 path, 1 and 2 threads equal; the small
+    # layers, which take the weight-vector kernels on avx2, come here too.
+    from conftest import isa_skip_reason
+
+    why = isa_skip_reason("avx2vnni")
+    if why:
+        pytest.skip(why)
+    monkeypatch.setenv("FASTKERN_INT8_GEMV_MAX_M", "17")
+    for n in (1, 2, 5, 13, 64):
+        for k in (1, 2, 31, 32, 33, 95, 127, 129, 4099):
+            a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
+            b = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+            b[::2, ::7] = -128
+            x = torch.randn(m, k, generator=gen)
+            w, s = make_w8(gen, n, k)
+            got = {}
+            for isa in ("avx2vnni", "avx2"):
+                with cpu_isa(isa):
+                    got[isa] = (native("int8_gemm")(a, b), native("linear_w8a8")(x, w, s, None))
+            assert torch.equal(got["avx2vnni"][0], ops.int8_gemm_ref(a, b)), (n, k)
+            assert torch.equal(got["avx2vnni"][1], ops.linear_w8a8_ref(x, w, s, None)), (n, k)
+            assert torch.equal(got["avx2vnni"][1], got["avx2"][1]), (n, k)
+    with cpu_isa("avx2vnni"):
+        int8_threads_check(gen, m, 301, 1100, min_rows=True)
+        monkeypatch.delenv("FASTKERN_INT8_GEMV_MAX_M")
+        int8_threads_check(gen, m, 384, 384)
+        int8_threads_check(gen, m, 70, 4099)
+
+
+@NATIVE
 @pytest.mark.parametrize("m", [4, 5, 6, 7, 8, 9, 12, 13, 23, 24, 25])
 def test_avx2_gemv_passes(m, gen, monkeypatch):
     # AVX2 without VNNI, 3 < m <= 24 on weights the small-layer kernels leave alone: the GEMV in

@@ -1662,6 +1662,87 @@ void gemm_vnni256_rows(const int8_t* Ap, int64_t step, const int8_t* W, int64_t 
 
 bool use_vnni256() { return active_isa() == Isa::Avx2Vnni; }
 
+// The GEMV on AVX-VNNI (avx2vnni, M <= s16_gemv_max_m(K)): one weight row at a time (each
+// thread's rows one stream, as the AVX-512 GEMV: several interleaved rows read DRAM
+// slower) against MR rows of x, passes of at most kVnni256GemvRows rows over each row block
+// of weight (parallel_row_blocks); the weight bytes flipped to w + 128 in registers (one
+// vpxor per 32 bytes), x int8 (rows zero-padded to a multiple of 32 columns), 128 * sum_k
+// x[m][k] subtracted. U accumulators per row of x (k steps of U x 32 bytes) keep 4
+// vpdpbusd chains in flight at MR = 1; 8 rows cost 8 vpdpbusd per 32 weight bytes, under the
+// bandwidth of a core.
+constexpr int64_t kVnni256GemvRows = 8;
+
+template <int MR>
+FASTKERN_AVXVNNI void gemv_vnni256_row(const int8_t* A, int64_t lda, const int32_t* asum, const int8_t* W, int64_t K,
+                                       int64_t n0, int64_t n1, const VnniOut& o, int64_t ldc) {
+  constexpr int U = MR == 1 ? 4 : MR <= 3 ? 2 : 1;
+  const __m256i flip = _mm256_set1_epi8(char(0x80));
+  const int64_t KU = K & ~int64_t(32 * U - 1), K32 = K & ~int64_t(31);
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* w = W + n * K;
+    __m256i s[MR][U];
+    for (int i = 0; i < MR; ++i)
+      for (int u = 0; u < U; ++u) s[i][u] = _mm256_setzero_si256();
+    int64_t k = 0;
+    for (; k < KU; k += 32 * U) {
+      if (U > 1 || k % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(w + k + kVnniAhead), _MM_HINT_T0);
+      if (U > 2) _mm_prefetch(reinterpret_cast<const char*>(w + k + 64 + kVnniAhead), _MM_HINT_T0);
+      for (int u = 0; u < U; ++u) {
+        const __m256i wv = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k + 32 * u)), flip);
+        for (int i = 0; i < MR; ++i)
+          s[i][u] = dpbusd256_inplace(s[i][u], wv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(A + i * lda + k + 32 * u)));
+      }
+    }
+    for (; k < K; k += 32) {
+      __m256i wv;
+      if (k < K32) {
+        wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
+      } else {  // the last K % 32 bytes, copied (never read past the tensor); the zero bytes
+        // after them flip to 128 and meet x's zero padding
+        alignas(32) int8_t tail[32] = {};
+        std::memcpy(tail, w + k, K - k);
+        wv = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail));
+      }
+      wv = _mm256_xor_si256(wv, flip);
+      for (int i = 0; i < MR; ++i)
+        s[i][0] = dpbusd256_inplace(s[i][0], wv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(A + i * lda + k)));
+    }
+    for (int i = 0; i < MR; ++i) {
+      __m256i t = s[i][0];
+      for (int u = 1; u < U; ++u) t = _mm256_add_epi32(t, s[i][u]);
+      const int32_t c = int32_t(uint32_t(hsum8_i32_avx2(t)) - 128u * uint32_t(asum[i]));
+      if (o.f)
+        o.f[i * ldc + n] = float((double(c) * double(o.sx[i])) * o.ws[n]);
+      else
+        o.c[i * ldc + n] = c;
+    }
+  }
+}
+
+// A [M, lda] (int8, rows zero-padded to lda >= round_up(K, 32)) x W [N, K]^T -> o.
+void gemv_vnni256(const int8_t* A, int64_t lda, int64_t M, const int8_t* W, int64_t N, int64_t K, const VnniOut& o) {
+  std::vector<int32_t> asum(M, 0);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) asum[m] += A[m * lda + k];
+  parallel_row_blocks(N, 16, 8, K, (M + kVnni256GemvRows - 1) / kVnni256GemvRows, [&](int64_t n0, int64_t n1) {
+    for_each_pass(M, kVnni256GemvRows, [&](int64_t m0, int64_t mr) {
+      const int8_t* Am = A + m0 * lda;
+      const int32_t* as = asum.data() + m0;
+      const VnniOut om = o.from_row(m0, N);
+      switch (mr) {
+        case 1: gemv_vnni256_row<1>(Am, lda, as, W, K, n0, n1, om, N); break;
+        case 2: gemv_vnni256_row<2>(Am, lda, as, W, K, n0, n1, om, N); break;
+        case 3: gemv_vnni256_row<3>(Am, lda, as, W, K, n0, n1, om, N); break;
+        case 4: gemv_vnni256_row<4>(Am, lda, as, W, K, n0, n1, om, N); break;
+        case 5: gemv_vnni256_row<5>(Am, lda, as, W, K, n0, n1, om, N); break;
+        case 6: gemv_vnni256_row<6>(Am, lda, as, W, K, n0, n1, om, N); break;
+        case 7: gemv_vnni256_row<7>(Am, lda, as, W, K, n0, n1, om, N); break;
+        default: gemv_vnni256_row<8>(Am, lda, as, W, K, n0, n1, om, N); break;
+      }
+    });
+  });
+}
+
 // A [M, K] (int8 rows, stride lda) x W [N, K]^T -> o.
 void matmul_vnni256(const int8_t* A, int64_t lda, int64_t M, const int8_t* W, int64_t N, int64_t K, const VnniOut& o) {
   const int64_t K4 = (K + 3) / 4, nmb = (M + 63) / 64, Mp = round_up(M, 16);
@@ -1722,17 +1803,25 @@ bool use_s16_avx2() { return use_avx2() && !use_vnni512() && !int8_avx2_legacy()
 constexpr int64_t kS16GemvRows = 4;
 constexpr int64_t kS16GemvMaxM = 24;
 
-// With AVX-VNNI (avx2vnni) the GEMM (matmul_vnni256) runs twice as fast and takes over from
-// M = 8 (2 threads, one process, alternating; 4096 x 4096 / 11008 x 4096: M = 5 GEMV 0.76 /
-// 2.01 ms against 1.07 / 2.47, M = 8 1.04 / 2.59 against 1.05 / 2.57, M = 12 1.50 / 3.85
-// against 1.11 / 2.51, M = 16 1.99 / 5.16 against 1.05 / 2.51).
-constexpr int64_t kS16GemvMaxMVnni = 7;
+// With AVX-VNNI (avx2vnni) the GEMV is gemv_vnni256 (memory-bound to M = 8 at K = 4096) and
+// the GEMM matmul_vnni256, which takes over from M = 9, or from M = 8 where K > 4096 (x's
+// rows no longer stay in L1). Measured (2 threads, weights beyond L3, one process,
+// alternating, linear_w8a8; ms, GEMV / GEMM / the AVX2 int16 GEMV / FBGEMM): 4096 x 4096
+// M = 5: 0.42 / 0.70 / 0.56 / 0.47, M = 8: 0.45 / 0.70 / 0.78 / 0.65, M = 12: 0.69 / 0.72 /
+// 1.14 / 0.92, M = 16: 0.82 / 0.74 / 1.53 / 1.21; 4096 x 11008 M = 5: 1.71 / 2.01 / 2.19 /
+// 1.18, M = 8: 2.25 / 1.88 / 2.89 / 1.63; M = 1, 2: the same as the AVX2 GEMV (memory-bound).
+constexpr int64_t kVnni256GemvMaxM = 8;
+constexpr int64_t kVnni256GemvMaxMLongK = 7;
 
 bool use_vnni256();
 
-int64_t s16_gemv_max_m() {
+// The largest M the GEMVs serve for K: FASTKERN_INT8_GEMV_MAX_M overrides it (read on every
+// call: A/B timing, tests).
+int64_t s16_gemv_max_m(int64_t K) {
   const char* e = std::getenv("FASTKERN_INT8_GEMV_MAX_M");
-  return e && *e ? std::max<int64_t>(kGemvMaxM, std::atoll(e)) : use_vnni256() ? kS16GemvMaxMVnni : kS16GemvMaxM;
+  if (e && *e) return std::max<int64_t>(kGemvMaxM, std::atoll(e));
+  if (use_vnni256()) return K <= kVnniTileMaxK ? kVnni256GemvMaxM : kVnni256GemvMaxMLongK;
+  return kS16GemvMaxM;
 }
 
 // C or o = A (int16 holding int8 values, zero-padded to lda >= round_up(K, 16)) x W^T: one
@@ -1782,9 +1871,10 @@ constexpr int kWvMR = 6;             // rows of x per register tile (at most)
 bool use_wv(bool vnni, int64_t M, int64_t N, int64_t K) {
   const char* e = std::getenv("FASTKERN_INT8_WV_MAX_M");
   int64_t max_m = std::min<int64_t>(64, e ? std::max<int64_t>(0, std::atoll(e)) : 64);
-  // with AVX-VNNI (avx2vnni) the VNNI GEMM wins from M = 8 on every small layer measured (384
-  // x 384, 1536 x 384, 384 x 1536, 3072 x 768: 1.4-2.4x); below, these kernels or the GEMV
-  if (!vnni && use_vnni256()) max_m = std::min(max_m, kS16GemvMaxMVnni);
+  // with AVX-VNNI (avx2vnni) the VNNI GEMV and GEMM win on every small layer measured (384 x
+  // 384, 1536 x 384, 384 x 1536, 3072 x 768, 768 x 3072: M = 4..7 the GEMV 1.6-2.7x, M >= 8
+  // the GEMM 1.4-2.4x)
+  if (!vnni && use_vnni256()) return false;
   const int64_t min_m = vnni ? kVnniGemvMaxM + 1 : kGemvMaxM + 1;
   // VNNI with K in several blocks (384 x 1536): from M = 32 the tiles above were as fast with 2
   // threads and 1.2-1.4x faster with one (weights in L3 or DRAM; in L2 these kernels won)
@@ -2244,7 +2334,11 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a, const at::Tensor& b) {
     VnniOut o;
     o.c = C.data_ptr<int32_t>();
     const bool wv = use_wv(false, M, N, K);  // never for M <= kGemvMaxM
-    if (!wv && M <= s16_gemv_max_m()) {
+    if (!wv && M <= s16_gemv_max_m(K) && use_vnni256()) {
+      at::Tensor A8 = at::zeros({M, round_up(K, 32)}, a.options());
+      A8.narrow(1, 0, K).copy_(a2);
+      gemv_vnni256(A8.data_ptr<int8_t>(), A8.size(1), M, bc.data_ptr<int8_t>(), N, K, o);
+    } else if (!wv && M <= s16_gemv_max_m(K)) {
       at::Tensor A = at::zeros({M, Kp}, a.options().dtype(at::kShort));
       A.narrow(1, 0, K).copy_(a2);
       gemv_s16(A.data_ptr<int16_t>(), Kp, M, bc.data_ptr<int8_t>(), N, K, o);
@@ -2641,7 +2735,12 @@ at::Tensor linear_w8a8_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
     o.sx = S.data_ptr<float>();
     o.ws = wsd.data_ptr<double>();
     const bool wv = use_wv(false, M, N, K);  // never for M <= kGemvMaxM
-    if (!wv && M <= s16_gemv_max_m()) {
+    if (!wv && M <= s16_gemv_max_m(K) && use_vnni256()) {
+      const int64_t Kq = round_up(K, 32);
+      at::Tensor Q8 = at::zeros({M, Kq}, X.options().dtype(at::kChar));
+      quantize_rows_avx2<int8_t>(X.data_ptr<float>(), Kp, M, K, Q8.data_ptr<int8_t>(), Kq, S.data_ptr<float>());
+      gemv_vnni256(Q8.data_ptr<int8_t>(), Kq, M, wc.data_ptr<int8_t>(), N, K, o);
+    } else if (!wv && M <= s16_gemv_max_m(K)) {
       at::Tensor Q = at::zeros({M, Kp}, X.options().dtype(at::kShort));
       quantize_rows_avx2<int16_t>(X.data_ptr<float>(), Kp, M, K, Q.data_ptr<int16_t>(), Kp, S.data_ptr<float>());
       gemv_s16(Q.data_ptr<int16_t>(), Kp, M, wc.data_ptr<int8_t>(), N, K, o);
