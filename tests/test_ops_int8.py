@@ -310,12 +310,13 @@ def test_avx2_gemm_tails(m, gen, monkeypatch):
 
 
 @NATIVE
-@pytest.mark.parametrize("m", [4, 8, 9, 15, 16, 17, 33, 48, 64, 65, 130])
+@pytest.mark.parametrize("m", [4, 8, 9, 15, 16, 17, 23, 24, 33, 40, 48, 64, 65, 130])
 def test_avx2vnni_gemm_tails(m, gen, monkeypatch):
     # The AVX-VNNI GEMM (avx2vnni path: matmul_vnni256) with the GEMV and the small-layer
     # kernels turned off: x + 128 packed in 64-row blocks (16/32/48-row last blocks: m = 17,
-    # 33, 48, 65, 130) taken 16 rows at a time, 6-row weight tiles and 1-row tails (n = 1..7,
-    # 13, 37, 101), 2048-byte K blocks (k = 4099: two and a partial third) and K % 4 tails,
+    # 33, 48, 65, 130) taken 16 rows at a time in 6-row weight tiles, a last slice of at most 8
+    # real rows (m = 4, 8, 17, 23, 24, 40, 65, 130) 8 at a time in 12-row tiles, their 1-row
+    # tails (n = 1..7, 12, 13, 25, 37, 101), 2048-byte K blocks (k = 4099: two and a partial third) and K % 4 tails,
     # the weight row sums subtracted, 8 x 8 transposed output. int8_gemm exact (-128
     # included), W8A8 bit-identical to the reference and to the avx2 path, 1 and 2 threads
     # equal; then the default thresholds (the GEMV up to m = 7) on the same shapes.
@@ -326,7 +327,7 @@ def test_avx2vnni_gemm_tails(m, gen, monkeypatch):
         pytest.skip(why)
     monkeypatch.setenv("FASTKERN_INT8_WV_MAX_M", "0")
     monkeypatch.setenv("FASTKERN_INT8_GEMV_MAX_M", "3")
-    for n in (1, 2, 3, 5, 6, 7, 13, 37, 101):
+    for n in (1, 2, 3, 5, 6, 7, 12, 13, 25, 37, 101):
         for k in (1, 3, 4, 17, 130, 2049, 4099):
             if k > 200 and n not in (7, 37, 101):
                 continue

@@ -1572,7 +1572,8 @@ void gemm_s16_avx2(const int8_t* A, int64_t lda, int64_t M, const int8_t* W, int
 // it without AVX-512. One vpdpbusd does 32 exact byte products where the AVX2 GEMM's int16
 // mix (vpmaddwd + vpaddd) does 16 in two instructions. Tiles of 6 weight rows x 16 rows of
 // x (12 accumulators, 2 x vectors and a broadcast in the 16 ymm registers), over the
-// 16-row slices of pack_x_vnni's 64-row blocks; each thread's rows in tasks as matmul_vnni
+// 16-row slices of pack_x_vnni's 64-row blocks (12 x 8 where a last slice holds at most 8
+// rows: M = 17..24 computes 24 rows, not 32); each thread's rows in tasks as matmul_vnni
 // (the task's weight row sums first, the next task prefetched into L2 while it computes),
 // the int32 results transposed out by finish_s16. The products are exact, so the output is
 // bitwise the AVX2 path's (and the reference's).
@@ -1597,17 +1598,27 @@ FASTKERN_AVXVNNI void row_sums_vnni256(const int8_t* W, int64_t K, int64_t n0, i
   }
 }
 
-// CT[j][0..16) (+)= 16 rows of packed x (from Ap, `step` bytes per group of 4 k) . weight row
+// CT[j][0..8V) (+)= 8V rows of packed x (from Ap, `step` bytes per group of 4 k) . weight row
 // j, for NR rows, k4 in [k40, k41). init: the first K block, which starts from -init[j]
 // (the weight rows' 128 * sum); otherwise CT is accumulated. Prefetches as gemm_vnni_tile.
-template <int NR>
+template <int NR, int V>
 FASTKERN_AVXVNNI void gemm_vnni256_tile(const int8_t* Ap, int64_t step, const int8_t* W, int64_t K, int64_t k40,
                                         int64_t k41, int32_t* CT, int64_t ldct, const int32_t* init, const char* pf,
                                         const char* pf_end, int64_t pf_mask) {
-  __m256i c[NR][2];
+  __m256i c[NR][V];
   for (int j = 0; j < NR; ++j)
-    for (int v = 0; v < 2; ++v)
+    for (int v = 0; v < V; ++v)
       c[j][v] = init ? _mm256_set1_epi32(-init[j]) : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(CT + j * ldct + 8 * v));
+  auto step4 = [&](int64_t k4, bool tail) FASTKERN_AVXVNNI {
+    __m256i a[V];
+    for (int v = 0; v < V; ++v) a[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(Ap + k4 * step + 32 * v));
+    for (int j = 0; j < NR; ++j) {
+      int32_t wv = 0;  // the last K % 4 bytes: never read past a weight row
+      std::memcpy(&wv, W + j * K + 4 * k4, tail ? K - 4 * k4 : 4);
+      const __m256i wb = _mm256_set1_epi32(wv);
+      for (int v = 0; v < V; ++v) c[j][v] = dpbusd256_inplace(c[j][v], a[v], wb);
+    }
+  };
   const int64_t kfull = std::min(k41, K / 4);
   int64_t k4 = k40;
   for (; k4 < kfull; ++k4) {
@@ -1615,37 +1626,20 @@ FASTKERN_AVXVNNI void gemm_vnni256_tile(const int8_t* Ap, int64_t step, const in
       _mm_prefetch(pf, _MM_HINT_T1);
       pf += 64;
     }
-    const __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(Ap + k4 * step));
-    const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(Ap + k4 * step + 32));
-    for (int j = 0; j < NR; ++j) {
-      int32_t wv;
-      std::memcpy(&wv, W + j * K + 4 * k4, 4);
-      const __m256i wb = _mm256_set1_epi32(wv);
-      c[j][0] = dpbusd256_inplace(c[j][0], a0, wb);
-      c[j][1] = dpbusd256_inplace(c[j][1], a1, wb);
-    }
+    step4(k4, false);
   }
-  if (k4 < k41) {  // the last K % 4 bytes: never read past a weight row
-    const __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(Ap + k4 * step));
-    const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(Ap + k4 * step + 32));
-    for (int j = 0; j < NR; ++j) {
-      int32_t wv = 0;
-      std::memcpy(&wv, W + j * K + 4 * k4, K - 4 * k4);
-      const __m256i wb = _mm256_set1_epi32(wv);
-      c[j][0] = dpbusd256_inplace(c[j][0], a0, wb);
-      c[j][1] = dpbusd256_inplace(c[j][1], a1, wb);
-    }
-  }
+  if (k4 < k41) step4(k4, true);
   for (int j = 0; j < NR; ++j)
-    for (int v = 0; v < 2; ++v) _mm256_storeu_si256(reinterpret_cast<__m256i*>(CT + j * ldct + 8 * v), c[j][v]);
+    for (int v = 0; v < V; ++v) _mm256_storeu_si256(reinterpret_cast<__m256i*>(CT + j * ldct + 8 * v), c[j][v]);
 }
 
-// Weight rows [n0, n1) (CT and init indexed from n0) in tiles of 6, then single rows; the
-// bytes [pf, pf_end) prefetched over them as in gemm_vnni_rows.
+// Weight rows [n0, n1) (CT and init indexed from n0) in tiles of NR (6 for 16 rows of x, 12 for
+// 8), then single rows; the bytes [pf, pf_end) prefetched over them as in gemm_vnni_rows.
+template <int V>
 void gemm_vnni256_rows(const int8_t* Ap, int64_t step, const int8_t* W, int64_t K, int64_t k40, int64_t k41,
                        int32_t* CT, int64_t ldct, int64_t n0, int64_t n1, const int32_t* init, const char* pf,
                        const char* pf_end) {
-  constexpr int NR = 6;
+  constexpr int NR = V == 2 ? 6 : 12;  // NR x V accumulators, V x vectors and a broadcast in 16 ymm
   const int64_t tiles = std::max<int64_t>(1, (n1 - n0) / NR + (n1 - n0) % NR);
   const int64_t lines = std::max<int64_t>(1, ((pf_end - pf) / 64 + tiles - 1) / tiles);
   int64_t st = 1;
@@ -1653,10 +1647,10 @@ void gemm_vnni256_rows(const int8_t* Ap, int64_t step, const int8_t* W, int64_t 
   const int64_t share = lines * 64;
   int64_t n = n0;
   for (; n + NR <= n1; n += NR, pf += share)
-    gemm_vnni256_tile<NR>(Ap, step, W + n * K, K, k40, k41, CT + (n - n0) * ldct, ldct, init ? init + (n - n0) : nullptr,
+    gemm_vnni256_tile<NR, V>(Ap, step, W + n * K, K, k40, k41, CT + (n - n0) * ldct, ldct, init ? init + (n - n0) : nullptr,
                           pf, std::min(pf_end, pf + share), st - 1);
   for (; n < n1; ++n, pf += share)
-    gemm_vnni256_tile<1>(Ap, step, W + n * K, K, k40, k41, CT + (n - n0) * ldct, ldct, init ? init + (n - n0) : nullptr,
+    gemm_vnni256_tile<1, V>(Ap, step, W + n * K, K, k40, k41, CT + (n - n0) * ldct, ldct, init ? init + (n - n0) : nullptr,
                          pf, std::min(pf_end, pf + share), st - 1);
 }
 
@@ -1768,8 +1762,13 @@ void matmul_vnni256(const int8_t* A, int64_t lda, int64_t M, const int8_t* W, in
           for (int64_t r = 0; r < w; r += 16) {
             const int8_t* a = reinterpret_cast<const int8_t*>(ap + m0 * K4 + r);
             const char* pe = std::min(pf_end, pf + share);
-            gemm_vnni256_rows(a, 4 * w, W, K, k40, k41, ct.data() + m0 + r, Mp, n0, n1, k40 == 0 ? corr.data() : nullptr,
-                              pf, pe);
+            // a last slice of at most 8 real rows takes the 8-row tiles
+            if (M - (m0 + r) <= 8)
+              gemm_vnni256_rows<1>(a, 4 * w, W, K, k40, k41, ct.data() + m0 + r, Mp, n0, n1,
+                                   k40 == 0 ? corr.data() : nullptr, pf, pe);
+            else
+              gemm_vnni256_rows<2>(a, 4 * w, W, K, k40, k41, ct.data() + m0 + r, Mp, n0, n1,
+                                   k40 == 0 ? corr.data() : nullptr, pf, pe);
             pf = pe;
           }
         }
