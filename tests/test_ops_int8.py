@@ -282,10 +282,10 @@ def test_cpu_threads_bitwise_identical(isa, m, gen):
         assert torch.equal(one, two)
 
 
-def avx2_or_skip():
+def isa_or_skip(name):
     from conftest import isa_skip_reason
 
-    why = isa_skip_reason("avx2")
+    why = isa_skip_reason(name)
     if why:
         pytest.skip(why)
 
@@ -300,13 +300,30 @@ def test_avx2_gemm_tails(m, gen, monkeypatch):
     # tasks in 8-row thread shares, 1024-column K blocks widened in 16s (odd K: a half pair),
     # 8 x 8 transposed output blocks and their row / column tails; exact for int8_gemm and
     # bit-identical W8A8.
-    avx2_or_skip()
+    isa_or_skip("avx2")
     monkeypatch.setenv("FASTKERN_INT8_WV_MAX_M", "0")
     monkeypatch.setenv("FASTKERN_INT8_GEMV_MAX_M", "3")
     with cpu_isa("avx2"):
         for n in (1, 3, 4, 5, 6, 7, 9, 13, 37, 70, 101):
             for k in (1, 2, 3, 17, 33, 1025, 2050):
                 check_int8_exact(gen, m, n, k)
+
+
+def check_avx2vnni_exact(gen, m, n, k, row_step, col_step):
+    """int8_gemm (with -128 in every row_step-th weight row, every col_step-th column) and W8A8 on
+    fresh data on the avx2vnni path: exact against the references, W8A8 bit-identical to avx2's."""
+    a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
+    b = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+    b[::row_step, ::col_step] = -128
+    x = torch.randn(m, k, generator=gen)
+    w, s = make_w8(gen, n, k)
+    got = {}
+    for isa in ("avx2vnni", "avx2"):
+        with cpu_isa(isa):
+            got[isa] = (native("int8_gemm")(a, b), native("linear_w8a8")(x, w, s, None))
+    assert torch.equal(got["avx2vnni"][0], ops.int8_gemm_ref(a, b)), (m, n, k)
+    assert torch.equal(got["avx2vnni"][1], ops.linear_w8a8_ref(x, w, s, None)), (m, n, k)
+    assert torch.equal(got["avx2vnni"][1], got["avx2"][1]), (m, n, k)
 
 
 @NATIVE
@@ -320,29 +337,14 @@ def test_avx2vnni_gemm_tails(m, gen, monkeypatch):
     # the weight row sums subtracted, 8 x 8 transposed output. int8_gemm exact (-128
     # included), W8A8 bit-identical to the reference and to the avx2 path, 1 and 2 threads
     # equal; then the default thresholds (the GEMV up to m = 7) on the same shapes.
-    from conftest import isa_skip_reason
-
-    why = isa_skip_reason("avx2vnni")
-    if why:
-        pytest.skip(why)
+    isa_or_skip("avx2vnni")
     monkeypatch.setenv("FASTKERN_INT8_WV_MAX_M", "0")
     monkeypatch.setenv("FASTKERN_INT8_GEMV_MAX_M", "3")
     for n in (1, 2, 3, 5, 6, 7, 12, 13, 25, 37, 101):
         for k in (1, 3, 4, 17, 130, 2049, 4099):
             if k > 200 and n not in (7, 37, 101):
                 continue
-            a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
-            b = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
-            b[::3, ::5] = -128
-            x = torch.randn(m, k, generator=gen)
-            w, s = make_w8(gen, n, k)
-            got = {}
-            for isa in ("avx2vnni", "avx2"):
-                with cpu_isa(isa):
-                    got[isa] = (native("int8_gemm")(a, b), native("linear_w8a8")(x, w, s, None))
-            assert torch.equal(got["avx2vnni"][0], ops.int8_gemm_ref(a, b)), (n, k)
-            assert torch.equal(got["avx2vnni"][1], ops.linear_w8a8_ref(x, w, s, None)), (n, k)
-            assert torch.equal(got["avx2vnni"][1], got["avx2"][1]), (n, k)
+            check_avx2vnni_exact(gen, m, n, k, 3, 5)
     with cpu_isa("avx2vnni"):
         int8_threads_check(gen, m, 101, 4099, min_rows=True)
         monkeypatch.delenv("FASTKERN_INT8_GEMV_MAX_M")
@@ -362,26 +364,11 @@ def test_avx2vnni_gemv(m, gen, monkeypatch):
     # w + 128 and 128 * sum(x) subtracted. int8_gemm exact (-128 included), W8A8
     # bit-identical to the reference and to the avx2 path, 1 and 2 threads equal; the small
     # layers, which take the weight-vector kernels on avx2, come here too.
-    from conftest import isa_skip_reason
-
-    why = isa_skip_reason("avx2vnni")
-    if why:
-        pytest.skip(why)
+    isa_or_skip("avx2vnni")
     monkeypatch.setenv("FASTKERN_INT8_GEMV_MAX_M", "17")
     for n in (1, 2, 5, 13, 64):
         for k in (1, 2, 31, 32, 33, 95, 127, 129, 4099):
-            a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
-            b = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
-            b[::2, ::7] = -128
-            x = torch.randn(m, k, generator=gen)
-            w, s = make_w8(gen, n, k)
-            got = {}
-            for isa in ("avx2vnni", "avx2"):
-                with cpu_isa(isa):
-                    got[isa] = (native("int8_gemm")(a, b), native("linear_w8a8")(x, w, s, None))
-            assert torch.equal(got["avx2vnni"][0], ops.int8_gemm_ref(a, b)), (n, k)
-            assert torch.equal(got["avx2vnni"][1], ops.linear_w8a8_ref(x, w, s, None)), (n, k)
-            assert torch.equal(got["avx2vnni"][1], got["avx2"][1]), (n, k)
+            check_avx2vnni_exact(gen, m, n, k, 2, 7)
     with cpu_isa("avx2vnni"):
         int8_threads_check(gen, m, 301, 1100, min_rows=True)
         monkeypatch.delenv("FASTKERN_INT8_GEMV_MAX_M")
@@ -397,7 +384,7 @@ def test_avx2_gemv_passes(m, gen, monkeypatch):
     # passes with 2 accumulators per row, K tails of 16 and 64; exact for int8_gemm, bit-identical
     # W8A8, 1 and 2 threads equal. m = 25 runs the GEMM tiles; FASTKERN_INT8_GEMV_MAX_M sends each
     # m to the other path, which gives the same bits.
-    avx2_or_skip()
+    isa_or_skip("avx2")
     monkeypatch.setenv("FASTKERN_INT8_WV_MAX_M", "0")
     with cpu_isa("avx2"):
         for n, k in ((1, 1), (5, 17), (19, 64), (37, 1100), (70, 4099)):
@@ -417,7 +404,7 @@ def test_w8a16_avx2_gemm_tails_and_threads(m, gen, monkeypatch):
     # 257) with its B slivers dequantized from the int8 rows in 8 x 8 blocks (K tails element by
     # element): sliver (16-column) tails in N, K within and across 192-wide KC blocks; 1 and 2
     # threads bitwise equal; FASTKERN_W8A16_AVX2=panel still runs the dequantized panels.
-    avx2_or_skip()
+    isa_or_skip("avx2")
     monkeypatch.setenv("FASTKERN_W8A16_GEMV_MAX_M", "16")
     check_w8a16_avx2(gen, m, ((1, 1), (5, 7), (16, 9), (17, 33), (37, 300), (70, 1100)), monkeypatch,
                      "FASTKERN_W8A16_AVX2", "panel")
@@ -446,7 +433,7 @@ def test_w8a16_avx2_streaming_gemv(m, gen, monkeypatch):
     # per row of x, 64-column steps, 8-column K tails through a zeroed copy of the row's end);
     # m = 3 and FASTKERN_W8A16_STREAM=0 run the 4-row tiles. Against the reference, 1 and 2
     # threads bitwise equal.
-    avx2_or_skip()
+    isa_or_skip("avx2")
     check_w8a16_avx2(gen, m, ((1, 1), (3, 7), (5, 63), (9, 64), (13, 65), (70, 1100), (37, 4099)), monkeypatch,
                      "FASTKERN_W8A16_STREAM", "0")
 
@@ -574,7 +561,7 @@ def test_int8_minus_128_exact_on_every_path(isa, m, gen):
 @pytest.mark.parametrize("m", [1, 3, 4, 40])
 def test_avx2_panel_path_still_selectable(m, gen, monkeypatch):
     # FASTKERN_INT8_AVX2=panel: the previous AVX2 kernels (int16 panels), kept for A/B timing
-    avx2_or_skip()
+    isa_or_skip("avx2")
     monkeypatch.setenv("FASTKERN_INT8_AVX2", "panel")
     with cpu_isa("avx2"):
         for n, k in ((9, 17), (70, 1100)):

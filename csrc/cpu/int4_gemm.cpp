@@ -30,7 +30,6 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <limits>
 #include <vector>
 
 #include "cpu/gemm_blocked.h"
@@ -896,17 +895,10 @@ constexpr int64_t kW4WholeKBytes = 768 << 10;
 // prefetchers' overshoot past a run's end is used, not evicted). Measured (2 threads,
 // AVX-512 VNNI, M = 1, paired rounds in one process): 4096x14336 fp32 1.04-1.06x,
 // 2048x28672 fp32 / bf16 1.05-1.07x; one K block (4096x4096) is unchanged (no windows).
+// FASTKERN_W4A16_WINDOW_KB (0: no windows) and FASTKERN_W4A16_WHOLE_K_KB (0: always K blocks)
+// override the two sizes.
 constexpr int64_t kW4WindowBytes = 768 << 10;
-inline int64_t w4_window_rows(int64_t row_bytes, int64_t unit) {
-  const char* e = std::getenv("FASTKERN_W4A16_WINDOW_KB");  // A/B and tests, read per call; 0: none
-  const int64_t bytes = e && *e ? std::atoll(e) << 10 : kW4WindowBytes;
-  if (bytes <= 0) return std::numeric_limits<int64_t>::max() / 2;
-  return std::max<int64_t>(1, bytes / std::max<int64_t>(row_bytes, 1) / unit) * unit;
-}
-inline int64_t w4_whole_k_bytes() {
-  const char* e = std::getenv("FASTKERN_W4A16_WHOLE_K_KB");  // A/B and tests, read per call
-  return e && *e ? std::atoll(e) << 10 : kW4WholeKBytes;
-}
+inline int64_t w4_whole_k_bytes() { return env_knob("FASTKERN_W4A16_WHOLE_K_KB", kW4WholeKBytes >> 10) << 10; }
 inline int64_t w4_k_block_groups(int64_t G, int64_t M, int64_t group_bytes_row, int64_t run_bytes,
                                  int64_t whole_k_bytes = 0) {
   if (M * group_bytes_row * G <= whole_k_bytes) return G;
@@ -929,7 +921,8 @@ void w4l_gemv(const W4& p, const Limbs& q, int64_t M, int64_t N, float* Y) {
   // boundaries stay where they are for any thread split); 4 at small M, where x is in L1
   const int64_t rb = M <= kGemvMaxM ? kGemvRows
                                     : std::min<int64_t>(64, std::max<int64_t>(kGemvRows, (int64_t(24) << 10) / (gb * hb) / kGemvRows * kGemvRows));
-  const int64_t win = gb < p.G ? w4_window_rows(p.ldw, rb) : N;
+  const int64_t win =
+      gb < p.G ? rows_in_bytes(env_knob("FASTKERN_W4A16_WINDOW_KB", kW4WindowBytes >> 10) << 10, p.ldw, rb, N) : N;
   // kGemvRows is a multiple of every NR (and win of rb), so the tiling of a row never
   // depends on the thread split or the windows
   parallel_rows(N, kGemvRows, 16, [&](int64_t r0, int64_t r1) {

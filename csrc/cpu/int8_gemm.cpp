@@ -329,6 +329,8 @@ void gemm_vnni_rows(const int8_t* Ap, const int8_t* W, int64_t K, int64_t k40, i
 }
 
 bool use_vnni512() { return active_isa() >= Isa::Avx512 && features().avx512vnni; }
+// AVX2 + AVX-VNNI (the avx2vnni path: matmul_vnni256, gemv_vnni256)
+bool use_vnni256() { return active_isa() == Isa::Avx2Vnni; }
 
 // 16 x 16 int32 transpose in registers: r[i] lane j -> r[j] lane i.
 FASTKERN_AVX512 inline void transpose16x16(__m512i r[16]) {
@@ -1654,9 +1656,7 @@ void gemm_vnni256_rows(const int8_t* Ap, int64_t step, const int8_t* W, int64_t 
                          pf, std::min(pf_end, pf + share), st - 1);
 }
 
-bool use_vnni256() { return active_isa() == Isa::Avx2Vnni; }
-
-// The GEMV on AVX-VNNI (avx2vnni, M <= s16_gemv_max_m(K)): one weight row at a time (each
+// The GEMV on AVX-VNNI (avx2vnni, M <= int8_gemv_max_m(K)): one weight row at a time (each
 // thread's rows one stream, as the AVX-512 GEMV: several interleaved rows read DRAM
 // slower) against MR rows of x, passes of at most kVnni256GemvRows rows over each row block
 // of weight (parallel_row_blocks); the weight bytes flipped to w + 128 in registers (one
@@ -1778,6 +1778,15 @@ void matmul_vnni256(const int8_t* A, int64_t lda, int64_t M, const int8_t* W, in
   });
 }
 
+// The int8 GEMM of the AVX2 paths: VEX vpdpbusd on avx2vnni, the int16 mix on plain AVX2.
+void gemm_int8_avx2(const int8_t* A, int64_t lda, int64_t M, const int8_t* W, int64_t N, int64_t K,
+                    const VnniOut& o) {
+  if (use_vnni256())
+    matmul_vnni256(A, lda, M, W, N, K, o);
+  else
+    gemm_s16_avx2(A, lda, M, W, N, K, o);
+}
+
 // The legacy AVX2 path (int16 panels), kept selectable for A/B timing:
 // FASTKERN_INT8_AVX2=panel (read on every call).
 bool int8_avx2_legacy() {
@@ -1812,11 +1821,9 @@ constexpr int64_t kS16GemvMaxM = 24;
 constexpr int64_t kVnni256GemvMaxM = 8;
 constexpr int64_t kVnni256GemvMaxMLongK = 7;
 
-bool use_vnni256();
-
 // The largest M the GEMVs serve for K: FASTKERN_INT8_GEMV_MAX_M overrides it (read on every
 // call: A/B timing, tests).
-int64_t s16_gemv_max_m(int64_t K) {
+int64_t int8_gemv_max_m(int64_t K) {
   const char* e = std::getenv("FASTKERN_INT8_GEMV_MAX_M");
   if (e && *e) return std::max<int64_t>(kGemvMaxM, std::atoll(e));
   if (use_vnni256()) return K <= kVnniTileMaxK ? kVnni256GemvMaxM : kVnni256GemvMaxMLongK;
@@ -2333,11 +2340,12 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a, const at::Tensor& b) {
     VnniOut o;
     o.c = C.data_ptr<int32_t>();
     const bool wv = use_wv(false, M, N, K);  // never for M <= kGemvMaxM
-    if (!wv && M <= s16_gemv_max_m(K) && use_vnni256()) {
+    const bool gemv = !wv && M <= int8_gemv_max_m(K);
+    if (gemv && use_vnni256()) {
       at::Tensor A8 = at::zeros({M, round_up(K, 32)}, a.options());
       A8.narrow(1, 0, K).copy_(a2);
       gemv_vnni256(A8.data_ptr<int8_t>(), A8.size(1), M, bc.data_ptr<int8_t>(), N, K, o);
-    } else if (!wv && M <= s16_gemv_max_m(K)) {
+    } else if (gemv) {
       at::Tensor A = at::zeros({M, Kp}, a.options().dtype(at::kShort));
       A.narrow(1, 0, K).copy_(a2);
       gemv_s16(A.data_ptr<int16_t>(), Kp, M, bc.data_ptr<int8_t>(), N, K, o);
@@ -2350,10 +2358,7 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a, const at::Tensor& b) {
       wv_gemm_avx2(A.data_ptr<int16_t>(), A.size(1), M, bc.data_ptr<int8_t>(), N, K, wo);
     } else {
       at::Tensor A8 = a2.contiguous();
-      if (use_vnni256())
-        matmul_vnni256(A8.data_ptr<int8_t>(), K, M, bc.data_ptr<int8_t>(), N, K, o);
-      else
-        gemm_s16_avx2(A8.data_ptr<int8_t>(), K, M, bc.data_ptr<int8_t>(), N, K, o);
+      gemm_int8_avx2(A8.data_ptr<int8_t>(), K, M, bc.data_ptr<int8_t>(), N, K, o);
     }
     return C.reshape(out_shape(a, N));
   }
@@ -2734,12 +2739,13 @@ at::Tensor linear_w8a8_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
     o.sx = S.data_ptr<float>();
     o.ws = wsd.data_ptr<double>();
     const bool wv = use_wv(false, M, N, K);  // never for M <= kGemvMaxM
-    if (!wv && M <= s16_gemv_max_m(K) && use_vnni256()) {
+    const bool gemv = !wv && M <= int8_gemv_max_m(K);
+    if (gemv && use_vnni256()) {
       const int64_t Kq = round_up(K, 32);
       at::Tensor Q8 = at::zeros({M, Kq}, X.options().dtype(at::kChar));
       quantize_rows_avx2<int8_t>(X.data_ptr<float>(), Kp, M, K, Q8.data_ptr<int8_t>(), Kq, S.data_ptr<float>());
       gemv_vnni256(Q8.data_ptr<int8_t>(), Kq, M, wc.data_ptr<int8_t>(), N, K, o);
-    } else if (!wv && M <= s16_gemv_max_m(K)) {
+    } else if (gemv) {
       at::Tensor Q = at::zeros({M, Kp}, X.options().dtype(at::kShort));
       quantize_rows_avx2<int16_t>(X.data_ptr<float>(), Kp, M, K, Q.data_ptr<int16_t>(), Kp, S.data_ptr<float>());
       gemv_s16(Q.data_ptr<int16_t>(), Kp, M, wc.data_ptr<int8_t>(), N, K, o);
@@ -2759,10 +2765,7 @@ at::Tensor linear_w8a8_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
         quantize_rows_avx2<int8_t>(X.data_ptr<float>() + m0 * Kp, Kp, m1 - m0, K, Q8.data_ptr<int8_t>() + m0 * Kp, Kp,
                                    S.data_ptr<float>() + m0);
       });
-      if (use_vnni256())
-        matmul_vnni256(Q8.data_ptr<int8_t>(), Kp, M, wc.data_ptr<int8_t>(), N, K, o);
-      else
-        gemm_s16_avx2(Q8.data_ptr<int8_t>(), Kp, M, wc.data_ptr<int8_t>(), N, K, o);
+      gemm_int8_avx2(Q8.data_ptr<int8_t>(), Kp, M, wc.data_ptr<int8_t>(), N, K, o);
     }
     return finish(out, bias, x, N);
   }

@@ -118,6 +118,19 @@ inline void parallel_rows(int64_t n, int64_t unit, int64_t min_units, const F& f
   });
 }
 
+// An integer knob from the environment, read on every call (A/B timing in one process,
+// tests); `fallback` when unset or empty.
+inline int64_t env_knob(const char* name, int64_t fallback) {
+  const char* e = std::getenv(name);
+  return e && *e ? std::atoll(e) : fallback;
+}
+
+// Rows of row_bytes each in about `bytes`: a multiple of unit, at least one unit; all n where
+// bytes <= 0.
+inline int64_t rows_in_bytes(int64_t bytes, int64_t row_bytes, int64_t unit, int64_t n) {
+  return bytes <= 0 ? n : std::max<int64_t>(1, bytes / std::max<int64_t>(row_bytes, 1) / unit) * unit;
+}
+
 // GEMVs that pass over the weight more than once (one pass per few rows of x): rows [0, n)
 // split over threads as parallel_rows does, and each thread's share taken in blocks of about
 // kGemvBlockBytes of weight, f(n0, n1) per block, so that all passes over a block run before
@@ -128,9 +141,8 @@ constexpr int64_t kGemvBlockBytes = 256 << 10;
 template <class F>
 inline void parallel_row_blocks(int64_t n, int64_t unit, int64_t min_units, int64_t row_bytes, int64_t passes,
                                 const F& f) {
-  const char* e = std::getenv("FASTKERN_GEMV_BLOCK_KB");
-  const int64_t bytes = passes <= 1 ? 0 : e && *e ? std::atoll(e) << 10 : kGemvBlockBytes;
-  const int64_t rb = bytes <= 0 ? n : std::max<int64_t>(16, bytes / std::max<int64_t>(row_bytes, 1) / 16 * 16);
+  const int64_t bytes = passes <= 1 ? 0 : env_knob("FASTKERN_GEMV_BLOCK_KB", kGemvBlockBytes >> 10) << 10;
+  const int64_t rb = rows_in_bytes(bytes, row_bytes, 16, n);
   parallel_rows(n, unit, min_units, [&](int64_t r0, int64_t r1) {
     for (int64_t n0 = r0; n0 < r1; n0 += rb) f(n0, std::min(r1, n0 + rb));
   });

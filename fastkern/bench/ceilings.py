@@ -189,9 +189,8 @@ def int8_peak_measured(min_run_time: float):
     r = probe(max(0.1, min_run_time))
     if not r["exact_gmacs"]:
         return None, "this CPU has no AVX2"
-    return dict(r), "register-only AVX2%s loops, %d threads" % (
-        (" and AVX-512 VNNI" if r.get("vnni_gmacs") and r.get("isa") != "avx2vnni" else " and AVX-VNNI")
-        if r.get("vnni_gmacs") else "", r["threads"])
+    vnni = "" if not r.get("vnni_gmacs") else " and AVX-VNNI" if r.get("isa") == "avx2vnni" else " and AVX-512 VNNI"
+    return dict(r), "register-only AVX2%s loops, %d threads" % (vnni, r["threads"])
 
 
 W4A16_PROBE = (4096, 4096, 128)  # N, K, group size
