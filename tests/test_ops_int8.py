@@ -466,13 +466,15 @@ def test_w8a16_avx512_gemv_tiles(m, gen, monkeypatch):
 
 
 @NATIVE
-@pytest.mark.parametrize("m", [5, 6, 7, 8, 9, 12, 13, 17, 24])
-def test_vnni_gemv_tiles(m, gen, monkeypatch):
-    # AVX-512 VNNI, 5 <= m <= 12 and K <= 4096: int8_gemm / linear_w8a8 run the GEMV tiles, MR
-    # rows of x x NR weight rows in passes of at most 8 rows (9: 5 + 4; 13, 17, 24 with
-    # FASTKERN_INT8_TILE_MAX_M=24: 7 + 6, 6 + 6 + 5, 8 + 8 + 8), single-row tiles for the
-    # n % NR rows, a masked last 64-byte K step, the full int8 range (-128 included). Exact
-    # against the reference, 1 and 2 threads bitwise equal, and the GEMM (TILE_MAX_M=0) equal.
+@pytest.mark.parametrize("m", [2, 4, 5, 8, 9, 12, 13, 17, 24])
+def test_vnni_gemv_blocked(m, gen, monkeypatch):
+    # AVX-512 VNNI: int8_gemm / linear_w8a8 run gemv_vnni_blocked for 5 <= m <= 12, and for
+    # m <= 4 where the m rows of x exceed 24 KB (K = 7000 at m = 4). Passes of at most 8 rows
+    # (9: 5 + 4; 13, 17, 24 with FASTKERN_INT8_ROW_MAX_M=24: 7 + 6, 6 + 6 + 5, 8 + 8 + 8), x in
+    # K blocks of 32 KB (K = 7000 at m = 8: 4096 + 2904, a masked last 64-byte step), each
+    # thread's rows in 128 KB blocks (70 x 4500: 29 rows), the full int8 range (-128 included).
+    # Exact against the reference, 1 and 2 threads bitwise equal, and the GEMM
+    # (FASTKERN_INT8_ROW_MAX_M=0) equal.
     from conftest import isa_skip_reason
 
     why = isa_skip_reason("avx512")
@@ -480,9 +482,9 @@ def test_vnni_gemv_tiles(m, gen, monkeypatch):
         pytest.skip(why or "no AVX-512 VNNI")
     monkeypatch.setenv("FASTKERN_INT8_WV_MAX_M", "0")  # the small-layer kernels would take these weights
     if m > 12:
-        monkeypatch.setenv("FASTKERN_INT8_TILE_MAX_M", "24")
+        monkeypatch.setenv("FASTKERN_INT8_ROW_MAX_M", "24")
     with cpu_isa("avx512"):
-        for n, k in ((1, 1), (5, 63), (7, 64), (13, 65), (70, 1100), (37, 4096)):
+        for n, k in ((1, 1), (5, 63), (7, 64), (13, 65), (70, 1100), (70, 4500), (37, 7000)):
             a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
             b = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
             x = torch.randn(m, k, generator=gen)
@@ -492,12 +494,12 @@ def test_vnni_gemv_tiles(m, gen, monkeypatch):
             assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1]), (n, k)
             assert torch.equal(two[0], ops.int8_gemm_ref(a, b)), (n, k)
             assert torch.equal(two[1], ops.linear_w8a8_ref(x, w, s, None)), (n, k)
-            monkeypatch.setenv("FASTKERN_INT8_TILE_MAX_M", "0")
+            monkeypatch.setenv("FASTKERN_INT8_ROW_MAX_M", "0")
             gemm = both()
             assert torch.equal(gemm[0], two[0]) and torch.equal(gemm[1], two[1]), (n, k)
-            monkeypatch.setenv("FASTKERN_INT8_TILE_MAX_M", "24")
+            monkeypatch.setenv("FASTKERN_INT8_ROW_MAX_M", "24")
             if m <= 12:
-                monkeypatch.delenv("FASTKERN_INT8_TILE_MAX_M")
+                monkeypatch.delenv("FASTKERN_INT8_ROW_MAX_M")
 
 
 @NATIVE

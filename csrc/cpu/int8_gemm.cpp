@@ -174,7 +174,7 @@ void gemv_i8_rows(bool avx2, const int16_t* A, int64_t lda, const int8_t* W, int
 // lanes wrap, so every result below is exact whenever the true sum fits in int32, as in
 // the reference. One operand has to be made unsigned by adding 128 (flipping its sign
 // bit), and 128 times the other operand's sum is subtracted at the end:
-// - GEMV (M <= kVnniGemvMaxM, and its tiles to vnni_tile_max_m()) streams the weight, flips
+// - GEMV (M <= kVnniGemvMaxM, and gemv_vnni_blocked to row_gemv_max_m()) streams the weight, flips
 //   it in registers (one vpxor per 64 bytes, hidden under the memory stream) and subtracts
 //   128 * sum_k a[m][k].
 // - GEMM flips the activation once, while packing it, so the weight bytes are broadcast
@@ -243,6 +243,78 @@ FASTKERN_VNNI512 void gemv_vnni(const int8_t* A, int64_t lda, const int32_t* asu
         C[i * ldc + n] = c;
     }
   }
+}
+
+// GEMV with K blocks (gemv_vnni_blocked): MR rows of x against weight rows [n0, n1), NR at a
+// time ((n1 - n0) % NR == 0), over k in [k0, k1) (k0 a multiple of 64; weight bytes past K
+// masked), the int32 lane sums added into part[((n - n0) * MR + i) * 16 ..] (stored where
+// first). x is packed per 64 bytes of k as [k / 64][MR][64], so one pointer reaches all MR
+// rows (with one pointer per row GCC ran out of general registers and spilled in the loop).
+// While it runs, one 64-byte line at pf per 64 bytes of weight read is prefetched into L2
+// (pf advances, up to pf_end).
+template <int MR, int NR>
+FASTKERN_VNNI512 void gemv_vnni_kb(const int8_t* xp, const int8_t* W, int64_t K, int64_t k0, int64_t k1, int64_t n0,
+                                   int64_t n1, int32_t* part, bool first, const char*& pf_io, const char* pf_end) {
+  constexpr int U = MR * NR <= 8 ? 2 : 1;  // independent accumulators per (x row, weight row)
+  const __m512i flip = _mm512_set1_epi8(char(0x80));
+  const int64_t kend = std::min(k1, K);
+  const int64_t kfull = k0 + ((kend - k0) & ~int64_t(64 * U - 1));
+  const char* pf = pf_io;
+  for (int64_t n = n0; n + NR <= n1; n += NR) {
+    const int8_t* w = W + n * K;
+    const int8_t* x = xp + k0 * MR;
+    __m512i s[MR][NR][U];
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NR; ++j)
+        for (int u = 0; u < U; ++u) s[i][j][u] = _mm512_setzero_si512();
+    int64_t k = k0;
+    for (; k < kfull; k += 64 * U, x += 64 * U * MR) {
+      if (pf < pf_end) {
+        for (int u = 0; u < NR * U; ++u) _mm_prefetch(pf + 64 * u, _MM_HINT_T1);
+        pf += 64 * NR * U;
+      }
+      for (int u = 0; u < U; ++u) {
+        __m512i wv[NR];
+        for (int j = 0; j < NR; ++j) wv[j] = _mm512_xor_si512(_mm512_loadu_si512(w + j * K + k + 64 * u), flip);
+        for (int i = 0; i < MR; ++i) {
+          const __m512i xa = _mm512_loadu_si512(x + (u * MR + i) * 64);
+          for (int j = 0; j < NR; ++j) s[i][j][u] = dpbusd_inplace(s[i][j][u], wv[j], xa);
+        }
+      }
+    }
+    for (; k < kend; k += 64, x += 64 * MR) {
+      const int64_t nb = std::min<int64_t>(64, kend - k);
+      const __mmask64 mk = nb == 64 ? ~__mmask64(0) : (__mmask64(1) << nb) - 1;
+      // masked-off bytes become 0x80 (128) and meet zero activations
+      __m512i wv[NR];
+      for (int j = 0; j < NR; ++j) wv[j] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, w + j * K + k), flip);
+      for (int i = 0; i < MR; ++i) {
+        const __m512i xa = _mm512_loadu_si512(x + i * 64);
+        for (int j = 0; j < NR; ++j) s[i][j][0] = dpbusd_inplace(s[i][j][0], wv[j], xa);
+      }
+    }
+    for (int j = 0; j < NR; ++j) {
+      int32_t* pr = part + (n + j - n0) * MR * 16;
+      for (int i = 0; i < MR; ++i) {
+        __m512i t = s[i][j][0];
+        for (int u = 1; u < U; ++u) t = _mm512_add_epi32(t, s[i][j][u]);
+        _mm512_storeu_si512(pr + 16 * i, first ? t : _mm512_add_epi32(_mm512_loadu_si512(pr + 16 * i), t));
+      }
+    }
+  }
+  pf_io = pf;
+}
+
+// All rows of [n0, n1): kVnniRowNR at a time (two weight vectors per x load: 10 loads per 16
+// vpdpbusd at MR = 8 where one row took 9 per 8; 8 x 2 ran ~13% faster than 8 x 1 with the
+// weight in L2), an odd last row alone.
+constexpr int kVnniRowNR = 2;
+template <int MR>
+void gemv_vnni_kb_rows(const int8_t* xp, const int8_t* W, int64_t K, int64_t k0, int64_t k1, int64_t n0, int64_t n1,
+                       int32_t* part, bool first, const char*& pf, const char* pf_end) {
+  const int64_t nw = n0 + (n1 - n0) / kVnniRowNR * kVnniRowNR;
+  gemv_vnni_kb<MR, kVnniRowNR>(xp, W, K, k0, k1, n0, nw, part, first, pf, pf_end);
+  if (nw < n1) gemv_vnni_kb<MR, 1>(xp, W, K, k0, k1, nw, n1, part + (nw - n0) * MR * 16, first, pf, pf_end);
 }
 
 // sum_k w[n][k] of rows [n0, n1) (exact in int32 for K < 2^24)
@@ -446,97 +518,31 @@ void pack_x_vnni(const int8_t* A, int64_t lda, int64_t M, int64_t K, int32_t* ap
   });
 }
 
-// From M = kVnniGemvMaxM + 1 to vnni_tile_max_m() the GEMV takes NR weight rows at a time
-// as well as MR rows of x (passes of at most kVnniTileRows rows over each row block of
-// weight, parallel_row_blocks): one 64-byte load of x per NR vpdpbusd and one of weight
-// per MR, MR x NR accumulators. The GEMM's 16-row tiles (one x vector, a broadcast per
-// weight row) compute 16 rows whatever M is and ran at ~35% of vpdpbusd's peak at M = 16.
-constexpr int64_t kVnniTileRows = 8;
-
-// s[i][j] += (w[j] + 128) . x[i] over the 64 bytes at k; MASKED: the first nb bytes only
-// (masked-off weight bytes become 0x80 (128) and meet zero activations)
-template <int MR, int NR, bool MASKED>
-FASTKERN_VNNI512 inline void vnni_tile_step(__m512i (&s)[MR][NR], const int8_t* A, int64_t lda, const int8_t* w,
-                                            int64_t K, int64_t k, __mmask64 mk) {
-  const __m512i flip = _mm512_set1_epi8(char(0x80));
-  __m512i wv[NR];
-  for (int j = 0; j < NR; ++j) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + j * K + k + kVnniAhead), _MM_HINT_T0);
-    wv[j] = _mm512_xor_si512(MASKED ? _mm512_maskz_loadu_epi8(mk, w + j * K + k) : _mm512_loadu_si512(w + j * K + k),
-                             flip);
-  }
-  for (int i = 0; i < MR; ++i) {
-    const __m512i xa = _mm512_loadu_si512(A + i * lda + k);
-    for (int j = 0; j < NR; ++j) s[i][j] = dpbusd_inplace(s[i][j], wv[j], xa);
-  }
-}
-
-template <int MR, int NR>
-FASTKERN_VNNI512 void gemv_vnni_tile(const int8_t* A, int64_t lda, const int32_t* asum, const int8_t* W, int64_t K,
-                                     int64_t n, const VnniOut& o, int64_t ldc) {
-  const int64_t K64 = K & ~int64_t(63);
-  __m512i s[MR][NR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) s[i][j] = _mm512_setzero_si512();
-  const int8_t* w = W + n * K;
-  for (int64_t k = 0; k < K64; k += 64) vnni_tile_step<MR, NR, false>(s, A, lda, w, K, k, ~__mmask64(0));
-  if (K64 < K) vnni_tile_step<MR, NR, true>(s, A, lda, w, K, K64, (__mmask64(1) << (K - K64)) - 1);
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) {
-      const int32_t c = int32_t(uint32_t(_mm512_reduce_add_epi32(s[i][j])) - 128u * uint32_t(asum[i]));
-      if (o.f)
-        o.f[i * ldc + n + j] = float((double(c) * double(o.sx[i])) * o.ws[n + j]);
-      else
-        o.c[i * ldc + n + j] = c;
-    }
-}
-
-template <int MR, int NR>
-void gemv_vnni_tiles(const int8_t* A, int64_t lda, const int32_t* asum, const int8_t* W, int64_t K, int64_t n0,
-                     int64_t n1, const VnniOut& o, int64_t ldc) {
-  int64_t n = n0;
-  for (; n + NR <= n1; n += NR) gemv_vnni_tile<MR, NR>(A, lda, asum, W, K, n, o, ldc);
-  for (; n < n1; ++n) gemv_vnni_tile<MR, 1>(A, lda, asum, W, K, n, o, ldc);
-}
-
-// mr (1 ..= kVnniTileRows) rows of x: MR x NR accumulators within 24 of the 32 zmm registers
-void gemv_vnni_pass(int64_t mr, const int8_t* A, int64_t lda, const int32_t* asum, const int8_t* W, int64_t K,
-                    int64_t n0, int64_t n1, const VnniOut& o, int64_t ldc) {
-  switch (mr) {
-    case 1: gemv_vnni_tiles<1, 8>(A, lda, asum, W, K, n0, n1, o, ldc); break;
-    case 2: gemv_vnni_tiles<2, 6>(A, lda, asum, W, K, n0, n1, o, ldc); break;
-    case 3: gemv_vnni_tiles<3, 6>(A, lda, asum, W, K, n0, n1, o, ldc); break;
-    case 4: gemv_vnni_tiles<4, 4>(A, lda, asum, W, K, n0, n1, o, ldc); break;
-    case 5: gemv_vnni_tiles<5, 4>(A, lda, asum, W, K, n0, n1, o, ldc); break;
-    case 6: gemv_vnni_tiles<6, 4>(A, lda, asum, W, K, n0, n1, o, ldc); break;
-    case 7: gemv_vnni_tiles<7, 3>(A, lda, asum, W, K, n0, n1, o, ldc); break;
-    default: gemv_vnni_tiles<8, 3>(A, lda, asum, W, K, n0, n1, o, ldc); break;
-  }
-}
-
-// The largest M the VNNI GEMV tiles serve, for K up to kVnniTileMaxK (a pass's rows of x,
-// 8 x 4 KB, stay in L1 while the weight rows stream past; the tiles have no K blocks).
-// Measured (2 threads, weights beyond L3, one process, alternating; ms, tiles vs GEMM, FBGEMM
-// alongside): 11008 x 4096 M = 5 / 8 / 12 / 16 / 24: 1.63 / 1.95 / 2.29 / 2.69 / 3.82
-// against 2.16 / 2.46 / 2.74 / 2.66 / 3.60 (FBGEMM 1.39 / 1.74 / 2.19 / 2.58 / 2.99);
-// 4096 x 4096 M = 5 / 8 / 12: 0.65 / 0.56 / 0.63 against 1.08 / 0.59 / 0.62; with K = 11008
-// (4096 x 11008) the tiles won at M = 5 (1.70 vs 1.99) but lost from M = 8 (2.14 vs 2.04,
-// M = 16 3.21 vs 2.05): x no longer fits L1. FASTKERN_INT8_TILE_MAX_M overrides the M limit
-// (at most kVnniTileMaxMCap; kVnniGemvMaxM or less: the one-row GEMV only), read per call.
-constexpr int64_t kVnniTileMaxM = 12;
-constexpr int64_t kVnniTileMaxMCap = 64;
-constexpr int64_t kVnniTileMaxK = 4096;
-int64_t vnni_tile_max_m() {
-  const char* e = std::getenv("FASTKERN_INT8_TILE_MAX_M");
-  return std::min(kVnniTileMaxMCap, e && *e ? std::max<int64_t>(0, std::atoll(e)) : kVnniTileMaxM);
-}
-bool use_vnni_tiles(int64_t M, int64_t K) {
-  return M > kVnniGemvMaxM && M <= vnni_tile_max_m() && K <= kVnniTileMaxK;
-}
+// M <= row_gemv_max_m() (above the one-row GEMV's own range): gemv_vnni_blocked, weight rows
+// as vectors along k as well, x in L1-sized K blocks and each thread's rows in L2-sized blocks
+// whose successor streams into L2 while they compute. It replaced GEMV tiles of NR weight
+// rows x MR rows of x (NR interleaved streams from memory, K <= 4096 only) and the GEMM's
+// 16-row tiles, which compute 16 rows whatever M is. Measured (2 threads, AVX-512 VNNI,
+// W8A8, weights beyond L3, one process, 9 alternating rounds, best ms, FBGEMM in the same
+// rounds): 4096 x 4096 M = 5 / 6 / 7 / 8 / 10 / 12: 0.27 / 0.38 / 0.41 / 0.43 / 0.50 / 0.55
+// against the tiles' 0.43 / 0.50 / 0.55 / 0.56 / 0.54 / 0.56 (FBGEMM 0.30 / 0.39 / 0.38 /
+// 0.40 / 0.52 / 0.54); 11008 x 4096 M = 5 / 6 / 8 / 12: 0.74 / 0.82 / 1.02 / 1.37 against
+// 1.09 / 1.14 / 1.31 / 1.55 (FBGEMM 0.75 / 0.82 / 0.83 / 1.36); 4096 x 11008 (where the
+// GEMM took M = 5..12 and the one-row GEMV M <= 4 with 44 KB of x at M = 4) M = 4 / 8 / 9:
+// 1.06 / 1.11 / 1.26 against 1.49 / 1.39 / 1.51 (FBGEMM 0.94 / 1.13 / 1.46). From M = 16
+// the GEMM won (4096 x 4096 0.72 against 0.74, 11008 x 4096 1.53 against 1.84).
+// FASTKERN_INT8_ROW_MAX_M overrides the limit (at most kVnniRowMaxMCap; 0 or
+// kVnniGemvMaxM: the one-row GEMV for M <= 4 with x in L1, the GEMM above), read per call.
+constexpr int64_t kVnniRowMaxM = 12;
+constexpr int64_t kVnniRowMaxMCap = 64;
+int64_t row_gemv_max_m() { return std::min(kVnniRowMaxMCap, std::max<int64_t>(0, env_knob("FASTKERN_INT8_ROW_MAX_M", kVnniRowMaxM))); }
+// the one-row GEMV streams x from L1 for every weight row: up to this many bytes of x
+constexpr int64_t kVnniGemvXBytes = 24 << 10;
+bool use_gemv_vnni(int64_t M, int64_t K) { return M <= kVnniGemvMaxM && M * round_up(K, 64) <= kVnniGemvXBytes; }
 
 // Whether the VNNI GEMV paths take M x K: they read x in whole 64-byte vectors (rows
 // zero-padded to a multiple of 64 columns).
-bool vnni_gemv(int64_t M, int64_t K) { return M <= kVnniGemvMaxM || use_vnni_tiles(M, K); }
+bool vnni_gemv(int64_t M, int64_t K) { return use_gemv_vnni(M, K) || M <= row_gemv_max_m(); }
 
 // Weight rows per GEMM task: a multiple of 12 (the 12- and 6-row tiles), about 384 KB of
 // weights, which stay in L2 from the row sums to the last tile.
@@ -544,20 +550,85 @@ int64_t vnni_task_rows(int64_t K) {
   return std::max<int64_t>(12, std::min<int64_t>(96, (384 * 1024 / std::max<int64_t>(K, 1)) / 12 * 12));
 }
 
+FASTKERN_AVX2 void int8_row_sums(const int8_t* X, int64_t ldx, int64_t M, int64_t K, int32_t* out);
+
+// y[i][n] for rows [n0, n1) from the lane sums of gemv_vnni_kb
+FASTKERN_VNNI512 void finish_row_parts(const int32_t* part, int64_t M, const int32_t* asum, int64_t n0, int64_t n1,
+                                       const VnniOut& o, int64_t ldc) {
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t i = 0; i < M; ++i) {
+      const int32_t c = int32_t(uint32_t(_mm512_reduce_add_epi32(_mm512_loadu_si512(part + ((n - n0) * M + i) * 16))) - 128u * uint32_t(asum[i]));
+      if (o.f)
+        o.f[i * ldc + n] = float((double(c) * double(o.sx[i])) * o.ws[n]);
+      else
+        o.c[i * ldc + n] = c;
+    }
+}
+
+
+// M rows of x (zero-padded to whole 64-byte vectors) in passes of at most kVnniRowPass rows,
+// two weight rows at a time (gemv_vnni_kb): each thread's rows in blocks of about
+// kVnniRowBlock bytes of weight, all passes over a block before the next; while the first
+// pass runs, the next block streams into L2 (one sequential stream: without it the block
+// took twice as long). x in K blocks of at most kVnniRowXBytes, in L1 while a block's rows
+// pass. Each weight row is read once per pass (from L2 after the first).
+constexpr int64_t kVnniRowPass = 8;
+constexpr int64_t kVnniRowBlock = 128 << 10;
+constexpr int64_t kVnniRowXBytes = 32 << 10;
+void gemv_vnni_blocked(const int8_t* A, int64_t lda, int64_t M, const int32_t* asum, const int8_t* W, int64_t N,
+                       int64_t K, const VnniOut& o) {
+  const int64_t rb = rows_in_bytes(kVnniRowBlock, K, kVnniRowNR, N);
+  const int64_t mp = std::min<int64_t>(M, kVnniRowPass);
+  const int64_t kc = std::max<int64_t>(256, kVnniRowXBytes / mp / 256 * 256);
+  // x per pass as [k / 64][mr][64] (rows of A hold round_up(K, 64) bytes)
+  const int64_t K64 = (K + 63) / 64;
+  std::vector<int8_t> xpack(size_t(M * K64 * 64));
+  for_each_pass(M, kVnniRowPass, [&](int64_t m0, int64_t mr) {
+    int8_t* d = xpack.data() + m0 * K64 * 64;
+    for (int64_t j = 0; j < K64; ++j)
+      for (int64_t i = 0; i < mr; ++i, d += 64) std::memcpy(d, A + (m0 + i) * lda + j * 64, 64);
+  });
+  parallel_rows(N, 16, 8, [&](int64_t r0, int64_t r1) {
+    std::vector<int32_t> part(size_t(std::min(rb, r1 - r0) * mp * 16));
+    for (int64_t n0 = r0; n0 < r1; n0 += rb) {
+      const int64_t n1 = std::min(r1, n0 + rb);
+      // the next block, prefetched during the first pass over this one
+      const char* pf = reinterpret_cast<const char*>(W + n1 * K);
+      const char* pf_end = reinterpret_cast<const char*>(W + std::min(r1, n1 + rb) * K);
+      for_each_pass(M, kVnniRowPass, [&](int64_t m0, int64_t mr) {
+        const int8_t* xp = xpack.data() + m0 * K64 * 64;
+        for (int64_t k0 = 0; k0 < K; k0 += kc) {
+          const int64_t k1 = std::min(K, k0 + kc);
+          switch (mr) {
+#define FASTKERN_ROW_CASE(R) \
+  case R: gemv_vnni_kb_rows<R>(xp, W, K, k0, k1, n0, n1, part.data(), k0 == 0, pf, pf_end); break;
+            FASTKERN_ROW_CASE(1)
+            FASTKERN_ROW_CASE(2)
+            FASTKERN_ROW_CASE(3)
+            FASTKERN_ROW_CASE(4)
+            FASTKERN_ROW_CASE(5)
+            FASTKERN_ROW_CASE(6)
+            FASTKERN_ROW_CASE(7)
+            default: gemv_vnni_kb_rows<8>(xp, W, K, k0, k1, n0, n1, part.data(), k0 == 0, pf, pf_end); break;
+#undef FASTKERN_ROW_CASE
+          }
+        }
+        finish_row_parts(part.data(), mr, asum + m0, n0, n1, o.from_row(m0, N), N);
+      });
+    }
+  });
+}
+
+
 // A [M, K] (int8 rows, stride lda; where vnni_gemv(M, K) zero-padded to a multiple of 64
 // columns) x W [N, K]^T -> o.
 void matmul_vnni(const int8_t* A, int64_t lda, int64_t M, const int8_t* W, int64_t N, int64_t K, const VnniOut& o) {
   if (vnni_gemv(M, K)) {
-    static_assert(kVnniTileMaxMCap >= kVnniGemvMaxM, "asum holds the rows of either GEMV");
-    int32_t asum[kVnniTileMaxMCap] = {};
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t k = 0; k < K; ++k) asum[m] += A[m * lda + k];
-    if (M > kVnniGemvMaxM) {  // the tiles
-      parallel_row_blocks(N, 16, 8, K, (M + kVnniTileRows - 1) / kVnniTileRows, [&](int64_t n0, int64_t n1) {
-        for_each_pass(M, kVnniTileRows, [&](int64_t m0, int64_t mr) {
-          gemv_vnni_pass(mr, A + m0 * lda, lda, asum + m0, W, K, n0, n1, o.from_row(m0, N), N);
-        });
-      });
+    static_assert(kVnniRowMaxMCap >= kVnniGemvMaxM, "asum holds the rows of either GEMV");
+    int32_t asum[kVnniRowMaxMCap] = {};
+    int8_row_sums(A, lda, M, K, asum);
+    if (!use_gemv_vnni(M, K)) {
+      gemv_vnni_blocked(A, lda, M, asum, W, N, K, o);
       return;
     }
     int32_t* C = o.c;
@@ -1820,13 +1891,14 @@ constexpr int64_t kS16GemvMaxM = 24;
 // 1.18, M = 8: 2.25 / 1.88 / 2.89 / 1.63; M = 1, 2: the same as the AVX2 GEMV (memory-bound).
 constexpr int64_t kVnni256GemvMaxM = 8;
 constexpr int64_t kVnni256GemvMaxMLongK = 7;
+constexpr int64_t kVnni256LongK = 4096;  // K above which kVnni256GemvMaxMLongK applies
 
 // The largest M the GEMVs serve for K: FASTKERN_INT8_GEMV_MAX_M overrides it (read on every
 // call: A/B timing, tests).
 int64_t int8_gemv_max_m(int64_t K) {
   const char* e = std::getenv("FASTKERN_INT8_GEMV_MAX_M");
   if (e && *e) return std::max<int64_t>(kGemvMaxM, std::atoll(e));
-  if (use_vnni256()) return K <= kVnniTileMaxK ? kVnni256GemvMaxM : kVnni256GemvMaxMLongK;
+  if (use_vnni256()) return K <= kVnni256LongK ? kVnni256GemvMaxM : kVnni256GemvMaxMLongK;
   return kS16GemvMaxM;
 }
 
