@@ -1787,8 +1787,7 @@ FASTKERN_AVXVNNI void gemv_vnni256_row(const int8_t* A, int64_t lda, const int32
 // A [M, lda] (int8, rows zero-padded to lda >= round_up(K, 32)) x W [N, K]^T -> o.
 void gemv_vnni256(const int8_t* A, int64_t lda, int64_t M, const int8_t* W, int64_t N, int64_t K, const VnniOut& o) {
   std::vector<int32_t> asum(M, 0);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) asum[m] += A[m * lda + k];
+  int8_row_sums(A, lda, M, K, asum.data());
   parallel_row_blocks(N, 16, 8, K, (M + kVnni256GemvRows - 1) / kVnni256GemvRows, [&](int64_t n0, int64_t n1) {
     for_each_pass(M, kVnni256GemvRows, [&](int64_t m0, int64_t mr) {
       const int8_t* Am = A + m0 * lda;
