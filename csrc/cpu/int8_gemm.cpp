@@ -524,17 +524,16 @@ void pack_x_vnni(const int8_t* A, int64_t lda, int64_t M, int64_t K, int32_t* ap
 
 // M <= row_gemv_max_m() (above the one-row GEMV's own range): gemv_vnni_blocked, weight rows
 // as vectors along k as well, x in L1-sized K blocks and each thread's rows in L2-sized blocks
-// whose successor streams into L2 while they compute. It replaced GEMV tiles of NR weight
-// rows x MR rows of x (NR interleaved streams from memory, K <= 4096 only) and the GEMM's
-// 16-row tiles, which compute 16 rows whatever M is. Measured (2 threads, AVX-512 VNNI,
-// W8A8, weights beyond L3, one process, 9 alternating rounds, best ms, FBGEMM in the same
-// rounds): 4096 x 4096 M = 5 / 6 / 7 / 8 / 10 / 12: 0.27 / 0.38 / 0.41 / 0.43 / 0.50 / 0.55
-// against the tiles' 0.43 / 0.50 / 0.55 / 0.56 / 0.54 / 0.56 (FBGEMM 0.30 / 0.39 / 0.38 /
-// 0.40 / 0.52 / 0.54); 11008 x 4096 M = 5 / 6 / 8 / 12: 0.74 / 0.82 / 1.02 / 1.37 against
-// 1.09 / 1.14 / 1.31 / 1.55 (FBGEMM 0.75 / 0.82 / 0.83 / 1.36); 4096 x 11008 (where the
-// GEMM took M = 5..12 and the one-row GEMV M <= 4 with 44 KB of x at M = 4) M = 4 / 8 / 9:
-// 1.06 / 1.11 / 1.26 against 1.49 / 1.39 / 1.51 (FBGEMM 0.94 / 1.13 / 1.46). From M = 16
-// the GEMM won (4096 x 4096 0.72 against 0.74, 11008 x 4096 1.53 against 1.84).
+// (gemv_vnni_blocked says how they are prefetched). It replaced GEMV tiles of NR weight rows
+// x MR rows of x (NR interleaved streams from memory, K <= 4096 only) and the GEMM's 16-row
+// tiles, which compute 16 rows whatever M is. Measured in one process against the tiles (2
+// threads, W8A8, weights beyond L3, 9 alternating rounds, best ms; an earlier form of this
+// kernel, one weight row at a time, x unpacked): 4096 x 4096 M = 5 / 8 / 12: 0.27 / 0.43 /
+// 0.55 against 0.43 / 0.56 / 0.56; 11008 x 4096 M = 5 / 8 / 12: 0.74 / 1.02 / 1.37 against
+// 1.09 / 1.31 / 1.55; 4096 x 11008 (where the GEMM took M = 5..12 and the one-row GEMV M = 4
+// with 44 KB of x) M = 4 / 8 / 9: 1.06 / 1.11 / 1.26 against 1.49 / 1.39 / 1.51. From M = 16
+// the GEMM won (4096 x 4096 0.72 against 0.74, 11008 x 4096 1.53 against 1.84). The current
+// form against FBGEMM: bench/results/cpu-int8-smallbatch.md.
 // FASTKERN_INT8_ROW_MAX_M overrides the limit (at most kVnniRowMaxMCap; 0 or
 // kVnniGemvMaxM: the one-row GEMV for M <= 4 with x in L1, the GEMM above), read per call.
 constexpr int64_t kVnniRowMaxM = 12;
