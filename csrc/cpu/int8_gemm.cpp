@@ -272,7 +272,8 @@ FASTKERN_VNNI512 void gemv_vnni_kb(const int8_t* xp, const int8_t* W, int64_t K,
     for (; k < kfull; k += 64 * U, x += 64 * U * MR) {
       if (!pf_end) {  // one K block: along each row, kVnniAhead bytes ahead
         for (int j = 0; j < NR; ++j)
-          for (int u = 0; u < U; ++u) _mm_prefetch(reinterpret_cast<const char*>(w + j * K + k + 64 * u + kVnniAhead), _MM_HINT_T0);
+          for (int u = 0; u < U; ++u)
+            _mm_prefetch(reinterpret_cast<const char*>(w + j * K + k + 64 * u + kVnniAhead), _MM_HINT_T0);
       } else if (pf < pf_end) {
         for (int u = 0; u < NR * U; ++u) _mm_prefetch(pf + 64 * u, _MM_HINT_T1);
         pf += 64 * NR * U;
@@ -538,7 +539,9 @@ void pack_x_vnni(const int8_t* A, int64_t lda, int64_t M, int64_t K, int32_t* ap
 // kVnniGemvMaxM: the one-row GEMV for M <= 4 with x in L1, the GEMM above), read per call.
 constexpr int64_t kVnniRowMaxM = 12;
 constexpr int64_t kVnniRowMaxMCap = 64;
-int64_t row_gemv_max_m() { return std::min(kVnniRowMaxMCap, std::max<int64_t>(0, env_knob("FASTKERN_INT8_ROW_MAX_M", kVnniRowMaxM))); }
+int64_t row_gemv_max_m() {
+  return std::min(kVnniRowMaxMCap, std::max<int64_t>(0, env_knob("FASTKERN_INT8_ROW_MAX_M", kVnniRowMaxM)));
+}
 // the one-row GEMV streams x from L1 for every weight row: up to this many bytes of x
 constexpr int64_t kVnniGemvXBytes = 24 << 10;
 bool use_gemv_vnni(int64_t M, int64_t K) { return M <= kVnniGemvMaxM && M * round_up(K, 64) <= kVnniGemvXBytes; }
@@ -560,7 +563,8 @@ FASTKERN_VNNI512 void finish_row_parts(const int32_t* part, int64_t M, const int
                                        const VnniOut& o, int64_t ldc) {
   for (int64_t n = n0; n < n1; ++n)
     for (int64_t i = 0; i < M; ++i) {
-      const int32_t c = int32_t(uint32_t(_mm512_reduce_add_epi32(_mm512_loadu_si512(part + ((n - n0) * M + i) * 16))) - 128u * uint32_t(asum[i]));
+      const __m512i t = _mm512_loadu_si512(part + ((n - n0) * M + i) * 16);
+      const int32_t c = int32_t(uint32_t(_mm512_reduce_add_epi32(t)) - 128u * uint32_t(asum[i]));
       if (o.f)
         o.f[i * ldc + n] = float((double(c) * double(o.sx[i])) * o.ws[n]);
       else
