@@ -466,10 +466,11 @@ def test_w8a16_avx512_gemv_tiles(m, gen, monkeypatch):
 
 
 @NATIVE
-@pytest.mark.parametrize("m", [2, 4, 5, 8, 9, 12, 13, 17, 24])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9, 12, 13, 17, 24])
 def test_vnni_gemv_blocked(m, gen, monkeypatch):
     # AVX-512 VNNI: int8_gemm / linear_w8a8 run gemv_vnni_blocked for 5 <= m <= 12, and for
-    # m <= 4 where the m rows of x exceed 24 KB (K = 7000 at m = 4). Passes of at most 8 rows
+    # m <= 4 where the m rows of x exceed 24 KB (K = 7000 at m = 4, 9000 at m = 3, 30000 at
+    # m = 1 and 2, in K blocks of 8-32 KB at m <= 4; otherwise the one-row GEMV). Passes of at most 8 rows
     # (9: 5 + 4; 13, 17, 24 with FASTKERN_INT8_ROW_MAX_M=24: 7 + 6, 6 + 6 + 5, 8 + 8 + 8), x in
     # K blocks of 32 KB (K = 7000 at m = 8: 4096 + 2904, a masked last 64-byte step), each
     # thread's rows in 128 KB blocks (70 x 4500: 29 rows), the full int8 range (-128 included).
@@ -484,7 +485,7 @@ def test_vnni_gemv_blocked(m, gen, monkeypatch):
     if m > 12:
         monkeypatch.setenv("FASTKERN_INT8_ROW_MAX_M", "24")
     with cpu_isa("avx512"):
-        for n, k in ((1, 1), (5, 63), (7, 64), (13, 65), (70, 1100), (70, 4500), (37, 7000)):
+        for n, k in ((1, 1), (5, 63), (7, 64), (13, 65), (70, 1100), (70, 4500), (37, 7000), (9, 9000), (5, 30000)):
             a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
             b = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
             x = torch.randn(m, k, generator=gen)
