@@ -470,12 +470,12 @@ def test_w8a16_avx512_gemv_tiles(m, gen, monkeypatch):
 def test_vnni_gemv_blocked(m, gen, monkeypatch):
     # AVX-512 VNNI: int8_gemm / linear_w8a8 run gemv_vnni_blocked for 5 <= m <= 12, and for
     # m <= 4 where the m rows of x exceed 24 KB (K = 7000 at m = 4, 9000 at m = 3, 30000 at
-    # m = 1 and 2, in K blocks of 8-32 KB at m <= 4; otherwise the one-row GEMV). Passes of at most 8 rows
-    # (9: 5 + 4; 13, 17, 24 with FASTKERN_INT8_ROW_MAX_M=24: 7 + 6, 6 + 6 + 5, 8 + 8 + 8), x in
-    # K blocks of 32 KB (K = 7000 at m = 8: 4096 + 2904, a masked last 64-byte step), each
-    # thread's rows in 128 KB blocks (70 x 4500: 29 rows), the full int8 range (-128 included).
-    # Exact against the reference, 1 and 2 threads bitwise equal, and the GEMM
-    # (FASTKERN_INT8_ROW_MAX_M=0) equal.
+    # m = 1 and 2; otherwise the one-row GEMV). Passes of at most 8 rows (9: 5 + 4; 13, 17, 24
+    # with FASTKERN_INT8_ROW_MAX_M=24: 7 + 6, 6 + 6 + 5, 8 + 8 + 8); x whole where a pass holds
+    # at most 32 KB of it, else in 8 KB K blocks (K = 4500 at m = 8: 4 x 1024 + 404; K = 30000
+    # at m = 1: 3 x 8192 + 5424; masked last 64-byte steps); each thread's rows in 128 KB blocks
+    # (70 x 4500: 28 rows), the full int8 range (-128 included). Exact against the reference,
+    # 1 and 2 threads bitwise equal, and the GEMM (FASTKERN_INT8_ROW_MAX_M=0) equal.
     from conftest import isa_skip_reason
 
     why = isa_skip_reason("avx512")

@@ -576,21 +576,26 @@ FASTKERN_VNNI512 void finish_row_parts(const int32_t* part, int64_t M, const int
 // M rows of x (zero-padded to whole 64-byte vectors) in passes of at most kVnniRowPass rows,
 // two weight rows at a time (gemv_vnni_kb): each thread's rows in blocks of about
 // kVnniRowBlock bytes of weight, all passes over a block before the next, so only the first
-// pass reads it from memory. x in K blocks of at most kVnniRowXBytes, in L1 while a block's
-// rows pass. With one K block the rows prefetch their own stream kVnniAhead ahead, as the
-// one-row GEMV does; with several, each row is read in pieces, and the next block streams
-// into L2 while the first pass runs instead (one sequential stream; without either prefetch
-// the block took twice as long). Measured (2 threads, W8A8, 15 alternating rounds, median
+// pass reads it from memory. x in L1 while a block's rows pass: whole when a pass's rows hold
+// at most kVnniRowXBytes, else in K blocks of kVnniRowSplitXBytes (median speed ratios of 25
+// alternating rounds, 4096 x 11008 M = 4 / 6 / 8 / 12: 16 KB against 32 KB 1.06 / 1.15 / 1.25
+// / 1.11, 8 KB against 16 KB 1.07 / 1.17 / 1.06 / 1.11, 4 or 6 KB no better; 8 or 16 KB blocks
+// where K fits whole lost at 4096 x 4096 and 11008 x 4096: 0.77-1.05). With one K block the
+// rows prefetch their own stream kVnniAhead ahead, as the one-row GEMV does; with several,
+// each row is read in pieces, and the next block streams into L2 while the first pass runs
+// instead (one sequential stream; without either prefetch the block took twice as long). Measured (2 threads, W8A8, 15 alternating rounds, median
 // speed ratio, own stream against next-block prefetch): 4096 x 4096 M = 5 / 8: 1.12 / 1.32;
 // 4096 x 11008 (K blocks) M = 4 / 8 / 12: 0.98 / 0.81 / 0.85.
 constexpr int64_t kVnniRowPass = 8;
 constexpr int64_t kVnniRowBlock = 128 << 10;
 constexpr int64_t kVnniRowXBytes = 32 << 10;
+constexpr int64_t kVnniRowSplitXBytes = 8 << 10;
 void gemv_vnni_blocked(const int8_t* A, int64_t lda, int64_t M, const int32_t* asum, const int8_t* W, int64_t N,
                        int64_t K, const VnniOut& o) {
   const int64_t rb = rows_in_bytes(kVnniRowBlock, K, kVnniRowNR, N);
   const int64_t mp = std::min<int64_t>(M, kVnniRowPass);
-  const int64_t kc = std::max<int64_t>(256, kVnniRowXBytes / mp / 256 * 256);
+  const int64_t kc =
+      mp * round_up(K, 64) <= kVnniRowXBytes ? K : std::max<int64_t>(256, kVnniRowSplitXBytes / mp / 256 * 256);
   // x per pass as [k / 64][mr][64] (rows of A hold round_up(K, 64) bytes)
   const int64_t K64 = (K + 63) / 64;
   std::vector<int8_t> xpack(size_t(M * K64 * 64));
