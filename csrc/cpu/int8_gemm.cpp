@@ -446,6 +446,13 @@ struct VnniOut {
     if (r.c) r.c += m0 * ldc;
     return r;
   }
+  // output (i, n) of the exact int32 product v: v itself, or float((double(v) * sx[i]) * ws[n])
+  void put(int64_t i, int64_t n, int64_t ldc, int32_t v) const {
+    if (f)
+      f[i * ldc + n] = float((double(v) * double(sx[i])) * ws[n]);
+    else
+      c[i * ldc + n] = v;
+  }
 };
 
 // CT [N, Mp] (+ correction -corr[n]) -> out, 16 x 16 blocks transposed in registers;
@@ -565,10 +572,7 @@ FASTKERN_VNNI512 void finish_row_parts(const int32_t* part, int64_t M, const int
     for (int64_t i = 0; i < M; ++i) {
       const __m512i t = _mm512_loadu_si512(part + ((n - n0) * M + i) * 16);
       const int32_t c = int32_t(uint32_t(_mm512_reduce_add_epi32(t)) - 128u * uint32_t(asum[i]));
-      if (o.f)
-        o.f[i * ldc + n] = float((double(c) * double(o.sx[i])) * o.ws[n]);
-      else
-        o.c[i * ldc + n] = c;
+      o.put(i, n, ldc, c);
     }
 }
 
@@ -583,9 +587,10 @@ FASTKERN_VNNI512 void finish_row_parts(const int32_t* part, int64_t M, const int
 // where K fits whole lost at 4096 x 4096 and 11008 x 4096: 0.77-1.05). With one K block the
 // rows prefetch their own stream kVnniAhead ahead, as the one-row GEMV does; with several,
 // each row is read in pieces, and the next block streams into L2 while the first pass runs
-// instead (one sequential stream; without either prefetch the block took twice as long). Measured (2 threads, W8A8, 15 alternating rounds, median
-// speed ratio, own stream against next-block prefetch): 4096 x 4096 M = 5 / 8: 1.12 / 1.32;
-// 4096 x 11008 (K blocks) M = 4 / 8 / 12: 0.98 / 0.81 / 0.85.
+// instead (one sequential stream; without either prefetch the block took twice as long).
+// Measured (2 threads, W8A8, 15 alternating rounds, median speed ratio, own stream against
+// next-block prefetch): 4096 x 4096 M = 5 / 8: 1.12 / 1.32; 4096 x 11008 (K blocks) M = 4 / 8
+// / 12: 0.98 / 0.81 / 0.85.
 constexpr int64_t kVnniRowPass = 8;
 constexpr int64_t kVnniRowBlock = 128 << 10;
 constexpr int64_t kVnniRowXBytes = 32 << 10;
@@ -635,7 +640,6 @@ void gemv_vnni_blocked(const int8_t* A, int64_t lda, int64_t M, const int32_t* a
     }
   });
 }
-
 
 // A [M, K] (int8 rows, stride lda; where vnni_gemv(M, K) zero-padded to a multiple of 64
 // columns) x W [N, K]^T -> o.
@@ -1450,10 +1454,7 @@ FASTKERN_AVX2 void gemv_s16_avx2(const int16_t* A, int64_t lda, const int8_t* W,
       __m256i t = s[i][0];
       for (int u = 1; u < U; ++u) t = _mm256_add_epi32(t, s[i][u]);
       const int32_t c = hsum8_i32_avx2(t);
-      if (o.f)
-        o.f[i * ldo + n] = float((double(c) * double(o.sx[i])) * o.ws[n]);
-      else
-        o.c[i * ldo + n] = c;
+      o.put(i, n, ldo, c);
     }
   }
 }
@@ -1603,10 +1604,7 @@ FASTKERN_AVX2 void finish_s16(const int32_t* CT, int64_t Mp, int64_t M, int64_t 
   for (; n < n1; ++n)
     for (int64_t m = 0; m < M; ++m) {
       const int32_t c = CT[(n - n0) * Mp + m];
-      if (o.f)
-        o.f[m * N + n] = float((double(c) * double(o.sx[m])) * o.ws[n]);
-      else
-        o.c[m * N + n] = c;
+      o.put(m, n, N, c);
     }
 }
 
@@ -1793,10 +1791,7 @@ FASTKERN_AVXVNNI void gemv_vnni256_row(const int8_t* A, int64_t lda, const int32
       __m256i t = s[i][0];
       for (int u = 1; u < U; ++u) t = _mm256_add_epi32(t, s[i][u]);
       const int32_t c = int32_t(uint32_t(hsum8_i32_avx2(t)) - 128u * uint32_t(asum[i]));
-      if (o.f)
-        o.f[i * ldc + n] = float((double(c) * double(o.sx[i])) * o.ws[n]);
-      else
-        o.c[i * ldc + n] = c;
+      o.put(i, n, ldc, c);
     }
   }
 }
