@@ -190,6 +190,25 @@ def test_cpu_gemm_blocks_exact(isa, m, gen):
 
 
 @NATIVE
+@pytest.mark.parametrize("m", [17, 65, 130])
+def test_w8a8_gemm_bias_in_epilogue(m, gen):
+    # The AVX-512 VNNI GEMM adds the bias as it writes each 16 x 16 output block (the other
+    # paths leave it to the op): blocks cut by 12-row thread shares and tasks (n = 101 / 250 /
+    # 300), 16-row tails of x, fp32 / bf16 x and bias; at m <= 64 only the layer over 1 MiB
+    # (300 x 4099) takes the GEMM. Bit-identical to the reference (the bias added in fp32 to
+    # the rounded product, as the reference does), 1 and 2 threads alike.
+    for n, k in ((300, 4099), (101, 4099), (250, 520), (33, 1100)):
+        for dt in (torch.float32, torch.bfloat16):
+            x = torch.randn(m, k, generator=gen).to(dt)
+            w, s = make_w8(gen, n, k)
+            b = (torch.randn(n, generator=gen) * 3).to(dt)
+            one, two = on_1_and_2_threads(lambda: native("linear_w8a8")(x, w, s, b))
+            ref = ops.linear_w8a8_ref(x, w, s, b)
+            assert torch.equal(one, two), (m, n, k, dt)
+            assert torch.equal(one, ref), (m, n, k, dt, (one.float() - ref.float()).abs().max())
+
+
+@NATIVE
 @pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True))
 @pytest.mark.parametrize("m", [4, 5, 6, 7, 8, 12, 13, 17, 31, 64, 65])
 def test_small_m_weight_vector_tails(isa, m, gen):
