@@ -190,14 +190,22 @@ def test_cpu_gemm_blocks_exact(isa, m, gen):
 
 
 @NATIVE
+@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True))
 @pytest.mark.parametrize("m", [17, 65, 130])
-def test_w8a8_gemm_bias_in_epilogue(m, gen):
-    # The AVX-512 VNNI GEMM adds the bias as it writes each 16 x 16 output block (the other
-    # paths leave it to the op): blocks cut by 12-row thread shares and tasks (n = 101 / 250 /
-    # 300), 16-row tails of x, fp32 / bf16 x and bias; at m <= 64 only the layer over 1 MiB
-    # (300 x 4099) takes the GEMM. Bit-identical to the reference (the bias added in fp32 to
-    # the rounded product, as the reference does), 1 and 2 threads alike.
-    for n, k in ((300, 4099), (101, 4099), (250, 520), (33, 1100)):
+def test_w8a8_gemm_bias_in_epilogue(isa, m, gen):
+    # The GEMMs add the bias as they write the output (the GEMV and small-layer paths leave it
+    # to the op): AVX-512 VNNI per 16 x 16 block, cut by 12-row thread shares and tasks (n =
+    # 101 / 250 / 300); AVX2 and avx2vnni per 8 columns with single-column tails (n = 1100,
+    # 101). 16- and 8-row tails of x, fp32 / bf16 x and bias. The GEMMs take m <= 64 only on
+    # layers over 1 MiB (AVX-512: 300 x 4099) or 4 MiB (AVX2: 1100 x 4099). Bit-identical to
+    # the reference (the bias added in fp32 to the rounded product, as the reference does), 1
+    # and 2 threads alike.
+    with cpu_isa(isa):
+        bias_in_epilogue_check(gen, m)
+
+
+def bias_in_epilogue_check(gen, m):
+    for n, k in ((1100, 4099), (300, 4099), (101, 4099), (250, 520), (33, 1100)):
         for dt in (torch.float32, torch.bfloat16):
             x = torch.randn(m, k, generator=gen).to(dt)
             w, s = make_w8(gen, n, k)

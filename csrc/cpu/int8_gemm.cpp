@@ -442,7 +442,8 @@ struct VnniOut {
   const float* sx = nullptr;
   const double* ws = nullptr;
   // fp32 bias [N] added to the scaled output (after its rounding to float, as the reference
-  // adds it); only the GEMM's finish_vnni_block reads it, the GEMV paths leave it to the op
+  // adds it); read by the GEMMs' epilogues (finish_vnni_block, finish_s16) and put(), while
+  // the GEMV paths leave the bias to the op
   const float* bias = nullptr;
   // the same output from row m0 of x on (rows of ldc outputs)
   VnniOut from_row(int64_t m0, int64_t ldc) const {
@@ -452,11 +453,15 @@ struct VnniOut {
     return r;
   }
   // output (i, n) of the exact int32 product v: v itself, or float((double(v) * sx[i]) * ws[n])
+  // (+ bias[n])
   void put(int64_t i, int64_t n, int64_t ldc, int32_t v) const {
-    if (f)
-      f[i * ldc + n] = float((double(v) * double(sx[i])) * ws[n]);
-    else
+    if (f) {
+      float y = float((double(v) * double(sx[i])) * ws[n]);
+      if (bias) y += bias[n];
+      f[i * ldc + n] = y;
+    } else {
       c[i * ldc + n] = v;
+    }
   }
 };
 
@@ -700,7 +705,7 @@ void matmul_vnni(const int8_t* A, int64_t lda, int64_t M, const int8_t* W, int64
   // from a thread's nb x 64 buffer (in L1 / L2), not through a buffer of the whole output.
   const int64_t nb = vnni_task_rows(K);
   parallel_rows(N, 12, 1, [&](int64_t r0, int64_t r1) {
-    Scratch cts(ScratchSlot::Thread1, size_t(nb * 64) * 4);
+    Scratch cts(ScratchSlot::Worker0, size_t(nb * 64) * 4);
     int32_t* ct = cts.as<int32_t>();
     for (int64_t n0 = r0; n0 < r1; n0 += nb) {
       const int64_t n1 = std::min(r1, n0 + nb);
@@ -1619,7 +1624,9 @@ FASTKERN_AVX2 void finish_s16(const int32_t* CT, int64_t Mp, int64_t M, int64_t 
                                            _mm256_loadu_pd(o.ws + n));
           const __m256d hi = _mm256_mul_pd(_mm256_mul_pd(_mm256_cvtepi32_pd(_mm256_extracti128_si256(t[i], 1)), sx),
                                            _mm256_loadu_pd(o.ws + n + 4));
-          _mm256_storeu_ps(o.f + m * N + n, _mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo)));
+          __m256 y = _mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo));
+          if (o.bias) y = _mm256_add_ps(y, _mm256_loadu_ps(o.bias + n));
+          _mm256_storeu_ps(o.f + m * N + n, y);
         } else {
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(o.c + m * N + n), t[i]);
         }
@@ -1637,18 +1644,20 @@ FASTKERN_AVX2 void finish_s16(const int32_t* CT, int64_t Mp, int64_t M, int64_t 
 void gemm_s16_avx2(const int8_t* A, int64_t lda, int64_t M, const int8_t* W, int64_t N, int64_t K,
                    const VnniOut& o) {
   const int64_t K2 = (K + 1) / 2, Mp = round_up(M, 8), nmb = (M + 15) / 16;
-  at::Tensor apt = at::empty({Mp * K2}, at::kInt);
-  int32_t* ap = apt.data_ptr<int32_t>();
+  Scratch apt(ScratchSlot::XPack, size_t(Mp * K2) * 4);
+  int32_t* ap = apt.as<int32_t>();
   pack_x_s16(A, lda, M, K, ap);
   const int64_t KC = std::min(kA2KC, round_up(K, 2)), ldb = round_up(KC, 16);
   parallel_rows(N, 8, 1, [&](int64_t r0, int64_t r1) {
-    std::vector<int16_t> wb(kA2TaskRows * ldb);
-    std::vector<int32_t> ct(kA2TaskRows * Mp);
+    Scratch wbs(ScratchSlot::Worker1, size_t(kA2TaskRows * ldb) * 2);
+    Scratch cts(ScratchSlot::Worker0, size_t(kA2TaskRows * Mp) * 4);
+    int16_t* wb = wbs.as<int16_t>();
+    int32_t* ct = cts.as<int32_t>();
     for (int64_t n0 = r0; n0 < r1; n0 += kA2TaskRows) {
       const int64_t n1 = std::min(r1, n0 + kA2TaskRows);
       for (int64_t k0 = 0; k0 < K; k0 += KC) {
         const int64_t kc = std::min(KC, K - k0), kc2 = (kc + 1) / 2;
-        widen_rows(W, K, n0, n1, k0, kc, wb.data(), ldb);
+        widen_rows(W, K, n0, n1, k0, kc, wb, ldb);
         LinePrefetch pf;  // the next block: the next K block of these rows, or the next task's first
         pf.W = W;
         pf.K = K;
@@ -1667,12 +1676,12 @@ void gemm_s16_avx2(const int8_t* A, int64_t lda, int64_t M, const int8_t* W, int
           const int64_t m0 = mb * 16, w = std::min<int64_t>(16, Mp - m0);
           const int32_t* a = ap + m0 * K2 + (k0 / 2) * w;
           if (w == 16)
-            s16_rows<2>(a, wb.data(), ldb, n1 - n0, kc2, ct.data() + m0, Mp, k0 > 0, pf);
+            s16_rows<2>(a, wb, ldb, n1 - n0, kc2, ct + m0, Mp, k0 > 0, pf);
           else
-            s16_rows<1>(a, wb.data(), ldb, n1 - n0, kc2, ct.data() + m0, Mp, k0 > 0, pf);
+            s16_rows<1>(a, wb, ldb, n1 - n0, kc2, ct + m0, Mp, k0 > 0, pf);
         }
       }
-      finish_s16(ct.data(), Mp, M, N, n0, n1, o);
+      finish_s16(ct, Mp, M, N, n0, n1, o);
     }
   });
 }
@@ -1847,20 +1856,22 @@ void gemv_vnni256(const int8_t* A, int64_t lda, int64_t M, const int8_t* W, int6
 // A [M, K] (int8 rows, stride lda) x W [N, K]^T -> o.
 void matmul_vnni256(const int8_t* A, int64_t lda, int64_t M, const int8_t* W, int64_t N, int64_t K, const VnniOut& o) {
   const int64_t K4 = (K + 3) / 4, nmb = (M + 63) / 64, Mp = round_up(M, 16);
-  at::Tensor apt = at::empty({Mp * K4}, at::kInt);
-  int32_t* ap = apt.data_ptr<int32_t>();
+  Scratch apt(ScratchSlot::XPack, size_t(Mp * K4) * 4);
+  int32_t* ap = apt.as<int32_t>();
   pack_x_vnni(A, lda, M, K, ap);
   const int64_t nb = vnni_task_rows(K);
   const int64_t nkb = (K4 + kVnniKC / 4 - 1) / (kVnniKC / 4);
   parallel_rows(N, 12, 1, [&](int64_t r0, int64_t r1) {
-    std::vector<int32_t> ct(nb * Mp), corr(nb);
+    Scratch cts(ScratchSlot::Worker0, size_t(nb * Mp) * 4), corrs(ScratchSlot::Worker1, size_t(nb) * 4);
+    int32_t* ct = cts.as<int32_t>();
+    int32_t* corr = corrs.as<int32_t>();
     for (int64_t n0 = r0; n0 < r1; n0 += nb) {
       const int64_t n1 = std::min(r1, n0 + nb);
       const char* pf = reinterpret_cast<const char*>(W + n1 * K);
       const char* pf_end = reinterpret_cast<const char*>(W + std::min(r1, n1 + nb) * K);
       const int64_t calls = nkb * (Mp / 16);  // the tile-row calls of this task
       const int64_t share = ((pf_end - pf) + calls - 1) / calls;
-      row_sums_vnni256(W, K, n0, n1, corr.data());
+      row_sums_vnni256(W, K, n0, n1, corr);
       for (int64_t n = 0; n < n1 - n0; ++n) corr[n] = int32_t(128u * uint32_t(corr[n]));
       for (int64_t k40 = 0; k40 < K4; k40 += kVnniKC / 4) {
         const int64_t k41 = std::min(K4, k40 + kVnniKC / 4);
@@ -1871,16 +1882,16 @@ void matmul_vnni256(const int8_t* A, int64_t lda, int64_t M, const int8_t* W, in
             const char* pe = std::min(pf_end, pf + share);
             // a last slice of at most 8 real rows takes the 8-row tiles
             if (M - (m0 + r) <= 8)
-              gemm_vnni256_rows<1>(a, 4 * w, W, K, k40, k41, ct.data() + m0 + r, Mp, n0, n1,
-                                   k40 == 0 ? corr.data() : nullptr, pf, pe);
+              gemm_vnni256_rows<1>(a, 4 * w, W, K, k40, k41, ct + m0 + r, Mp, n0, n1,
+                                   k40 == 0 ? corr : nullptr, pf, pe);
             else
-              gemm_vnni256_rows<2>(a, 4 * w, W, K, k40, k41, ct.data() + m0 + r, Mp, n0, n1,
-                                   k40 == 0 ? corr.data() : nullptr, pf, pe);
+              gemm_vnni256_rows<2>(a, 4 * w, W, K, k40, k41, ct + m0 + r, Mp, n0, n1,
+                                   k40 == 0 ? corr : nullptr, pf, pe);
             pf = pe;
           }
         }
       }
-      finish_s16(ct.data(), Mp, M, N, n0, n1, o);
+      finish_s16(ct, Mp, M, N, n0, n1, o);
     }
   });
 }
@@ -2447,6 +2458,7 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a, const at::Tensor& b) {
     at::Tensor C = at::empty({M, N}, a.options().dtype(at::kInt));
     VnniOut o;
     o.c = C.data_ptr<int32_t>();
+    at::Tensor bf;
     const bool wv = use_wv(false, M, N, K);  // never for M <= kGemvMaxM
     const bool gemv = !wv && M <= int8_gemv_max_m(K);
     if (gemv && use_vnni256()) {
@@ -2811,7 +2823,7 @@ at::Tensor linear_w8a8_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
     // int8 rows (zero-padded to 64 columns for the GEMV), straight into the VNNI kernels,
     // whose epilogue applies the scales
     const int64_t Kq = round_up(K, 64);
-    Scratch q8s(ScratchSlot::XQuant, size_t(M * Kq)), ss(ScratchSlot::Thread0, size_t(M) * 4);
+    Scratch q8s(ScratchSlot::XQuant, size_t(M * Kq)), ss(ScratchSlot::Scale, size_t(M) * 4);
     int8_t* q8 = q8s.as<int8_t>();
     float* sx = ss.as<float>();
     at::parallel_for(0, M, std::max<int64_t>(1, 65536 / K), [&](int64_t m0, int64_t m1) {
@@ -2853,6 +2865,7 @@ at::Tensor linear_w8a8_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
     o.f = out.data_ptr<float>();
     o.sx = S.data_ptr<float>();
     o.ws = wsd.data_ptr<double>();
+    at::Tensor bf;
     const bool wv = use_wv(false, M, N, K);  // never for M <= kGemvMaxM
     const bool gemv = !wv && M <= int8_gemv_max_m(K);
     if (gemv && use_vnni256()) {
@@ -2875,14 +2888,20 @@ at::Tensor linear_w8a8_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
       wo.ws = wsf.data_ptr<float>();
       wv_gemm_avx2(Q.data_ptr<int16_t>(), Kp, M, wc.data_ptr<int8_t>(), N, K, wo);
     } else {
-      at::Tensor Q8 = at::empty({M, Kp}, X.options().dtype(at::kChar));
+      Scratch q8s(ScratchSlot::XQuant, size_t(M * Kp));
+      int8_t* q8 = q8s.as<int8_t>();
       at::parallel_for(0, M, std::max<int64_t>(1, 65536 / K), [&](int64_t m0, int64_t m1) {
-        quantize_rows_avx2<int8_t>(X.data_ptr<float>() + m0 * Kp, Kp, m1 - m0, K, Q8.data_ptr<int8_t>() + m0 * Kp, Kp,
+        quantize_rows_avx2<int8_t>(X.data_ptr<float>() + m0 * Kp, Kp, m1 - m0, K, q8 + m0 * Kp, Kp,
                                    S.data_ptr<float>() + m0);
       });
-      gemm_int8_avx2(Q8.data_ptr<int8_t>(), Kp, M, wc.data_ptr<int8_t>(), N, K, o);
+      // the GEMM adds the bias in its epilogue, as the AVX-512 one does
+      if (bias.has_value()) {
+        bf = bias->to(at::kFloat).contiguous();
+        o.bias = bf.data_ptr<float>();
+      }
+      gemm_int8_avx2(q8, Kp, M, wc.data_ptr<int8_t>(), N, K, o);
     }
-    return finish(out, bias, x, N);
+    return finish(out, o.bias ? c10::nullopt : bias, x, N);
   }
 #endif
   at::Tensor Q = at::zeros({M, Kp}, X.options().dtype(at::kShort));

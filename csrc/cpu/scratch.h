@@ -19,7 +19,9 @@
 namespace fastkern {
 namespace cpu {
 
-enum class ScratchSlot : int { XQuant = 0, XPack, Product, Small, Thread0, Thread1, kCount };
+// Slots: taken by the calling thread before a parallel region (XQuant, XPack, Small, Scale),
+// or by each thread inside one (Worker0, Worker1).
+enum class ScratchSlot : int { XQuant = 0, XPack, Small, Scale, Worker0, Worker1, kCount };
 
 constexpr size_t kScratchKeepBytes = size_t(64) << 20;
 constexpr size_t kScratchAlign = 64;
