@@ -5,7 +5,9 @@
 // on first touch and unmapped again when it is freed, on every call: linear_w8a8 at
 // M = 4096, 384 x 384 took ~4400 page faults per call (perf stat), more time than its
 // arithmetic. A Scratch takes the calling thread's buffer for its slot instead, which
-// stays mapped; each thread keeps a slot's buffer up to kScratchKeepBytes, and a larger
+// stays mapped; each thread keeps a slot's buffer up to kScratchKeepBytes (what a thread
+// holds on to is bounded by that times the slots it has used: in practice the quantized and
+// the packed x of the largest call, a task's products on the worker threads), and a larger
 // request (or a slot already in use on the thread) gets its own buffer, freed with the
 // Scratch. The contents are undefined: callers write what they read.
 #pragma once
@@ -23,7 +25,7 @@ namespace cpu {
 // or by each thread inside one (Worker0, Worker1).
 enum class ScratchSlot : int { XQuant = 0, XPack, Small, Scale, Worker0, Worker1, kCount };
 
-constexpr size_t kScratchKeepBytes = size_t(64) << 20;
+constexpr size_t kScratchKeepBytes = size_t(32) << 20;
 constexpr size_t kScratchAlign = 64;
 
 class Scratch {
