@@ -204,6 +204,19 @@ def test_w8a8_gemm_bias_in_epilogue(isa, m, gen):
         bias_in_epilogue_check(gen, m)
 
 
+@NATIVE
+@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True))
+def test_gemm_scratch_reuse_and_oversize(isa, gen):
+    # The GEMMs' temporaries come from per-thread buffers kept between calls (up to 32 MB per
+    # buffer): calls that grow them, one whose packed x (8200 x 4100, ~34 MB) is served by a
+    # buffer of its own, and smaller calls after it reusing larger buffers, all exact.
+    with cpu_isa(isa):
+        for m, n, k in ((70, 40, 300), (700, 90, 2000), (8200, 20, 4100), (65, 33, 1000), (700, 90, 2000)):
+            a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
+            b = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+            assert torch.equal(native("int8_gemm")(a, b), ops.int8_gemm_ref(a, b)), (m, n, k)
+
+
 def bias_in_epilogue_check(gen, m):
     for n, k in ((1100, 4099), (300, 4099), (101, 4099), (250, 520), (33, 1100)):
         for dt in (torch.float32, torch.bfloat16):
