@@ -506,12 +506,13 @@ def test_w8a16_avx512_gemv_tiles(m, gen, monkeypatch):
 
 
 @NATIVE
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9, 12, 13, 17, 24])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9, 12, 13, 17, 18, 20, 24])
 def test_vnni_gemv_blocked(m, gen, monkeypatch):
-    # AVX-512 VNNI: int8_gemm / linear_w8a8 run gemv_vnni_blocked for 5 <= m <= 12, and for
-    # m <= 4 where the m rows of x exceed 24 KB (K = 7000 at m = 4, 9000 at m = 3, 30000 at
-    # m = 1 and 2; otherwise the one-row GEMV). Passes of at most 8 rows (9: 5 + 4; 13, 17, 24
-    # with FASTKERN_INT8_ROW_MAX_M=24: 7 + 6, 6 + 6 + 5, 8 + 8 + 8); x whole where a pass holds
+    # AVX-512 VNNI: int8_gemm / linear_w8a8 run gemv_vnni_blocked for 5 <= m <= 12, for
+    # 17 <= m <= 20 where K <= 4096 (the GEMM above it), and for m <= 4 where the m rows of x
+    # exceed 24 KB (K = 7000 at m = 4, 9000 at m = 3, 30000 at m = 1 and 2; otherwise the one-row
+    # GEMV). Passes of at most 8 rows (9: 5 + 4; 17, 18, 20: 6 + 6 + 5, 6 + 6 + 6, 7 + 7 + 6; 13,
+    # 24 with FASTKERN_INT8_ROW_MAX_M=24: 7 + 6, 8 + 8 + 8); x whole where a pass holds
     # at most 32 KB of it, else in 8 KB K blocks (K = 4500 at m = 8: 4 x 1024 + 404; K = 30000
     # at m = 1: 3 x 8192 + 5424; masked last 64-byte steps); each thread's rows in 128 KB blocks
     # (70 x 4500: 28 rows), the full int8 range (-128 included). Exact against the reference,
@@ -522,7 +523,8 @@ def test_vnni_gemv_blocked(m, gen, monkeypatch):
     if why or not _C.cpu_features()["avx512vnni"]:
         pytest.skip(why or "no AVX-512 VNNI")
     monkeypatch.setenv("FASTKERN_INT8_WV_MAX_M", "0")  # the small-layer kernels would take these weights
-    if m > 12:
+    default_path = m <= 12 or 17 <= m <= 20
+    if not default_path:
         monkeypatch.setenv("FASTKERN_INT8_ROW_MAX_M", "24")
     with cpu_isa("avx512"):
         for n, k in ((1, 1), (5, 63), (7, 64), (13, 65), (70, 1100), (70, 4500), (37, 7000), (9, 9000), (5, 30000)):
@@ -539,7 +541,7 @@ def test_vnni_gemv_blocked(m, gen, monkeypatch):
             gemm = both()
             assert torch.equal(gemm[0], two[0]) and torch.equal(gemm[1], two[1]), (n, k)
             monkeypatch.setenv("FASTKERN_INT8_ROW_MAX_M", "24")
-            if m <= 12:
+            if default_path:
                 monkeypatch.delenv("FASTKERN_INT8_ROW_MAX_M")
 
 

@@ -175,7 +175,7 @@ void gemv_i8_rows(bool avx2, const int16_t* A, int64_t lda, const int8_t* W, int
 // lanes wrap, so every result below is exact whenever the true sum fits in int32, as in
 // the reference. One operand has to be made unsigned by adding 128 (flipping its sign
 // bit), and 128 times the other operand's sum is subtracted at the end:
-// - GEMV (M <= kVnniGemvMaxM, and gemv_vnni_blocked to row_gemv_max_m()) streams the weight, flips
+// - GEMV (M <= kVnniGemvMaxM, and gemv_vnni_blocked, see row_gemv_takes()) streams the weight, flips
 //   it in registers (one vpxor per 64 bytes, hidden under the memory stream) and subtracts
 //   128 * sum_k a[m][k].
 // - GEMM flips the activation once, while packing it, so the weight bytes are broadcast
@@ -557,7 +557,7 @@ void pack_x_vnni(const int8_t* A, int64_t lda, int64_t M, int64_t K, int32_t* ap
   });
 }
 
-// M <= row_gemv_max_m() (above the one-row GEMV's own range): gemv_vnni_blocked, weight rows
+// M <= kVnniRowMaxM (above the one-row GEMV's own range): gemv_vnni_blocked, weight rows
 // as vectors along k as well, x in L1-sized K blocks and each thread's rows in L2-sized blocks
 // (gemv_vnni_blocked says how they are prefetched). It replaced GEMV tiles of NR weight rows
 // x MR rows of x (NR interleaved streams from memory, K <= 4096 only) and the GEMM's 16-row
@@ -569,12 +569,24 @@ void pack_x_vnni(const int8_t* A, int64_t lda, int64_t M, int64_t K, int32_t* ap
 // with 44 KB of x) M = 4 / 8 / 9: 1.06 / 1.11 / 1.26 against 1.49 / 1.39 / 1.51. From M = 16
 // the GEMM won (4096 x 4096 0.72 against 0.74, 11008 x 4096 1.53 against 1.84). The current
 // form against FBGEMM: bench/results/cpu-int8-smallbatch.md.
-// FASTKERN_INT8_ROW_MAX_M overrides the limit (at most kVnniRowMaxMCap; 0 or
+// It also takes M = 17..20 where a pass's x fits L1 whole (K <= 4096), which the GEMM computes
+// as 32 rows; in one process against the GEMM (9 alternating rounds, median speed ratio, W8A8,
+// 2 threads), M = 17 / 18 / 20: 4096 x 4096 1.02 / 1.44 / 1.01, 11008 x 4096 1.32 / 1.44 /
+// 1.16, 1024 x 4096 1.34 / 1.26 / 1.16 (a second run: 4096 x 4096 1.22 / 1.23 / 1.19, 11008 x
+// 4096 1.41 / 0.98 / 0.93); not at M = 16 (0.75-1.04), 13-14 (0.93-1.34), 22-24 (0.74-1.21)
+// or with K blocks (4096 x 11008 / 14336 M = 18-20: 0.82-0.87).
+// FASTKERN_INT8_ROW_MAX_M overrides both (M up to it, at most kVnniRowMaxMCap; 0 or
 // kVnniGemvMaxM: the one-row GEMV for M <= 4 with x in L1, the GEMM above), read per call.
 constexpr int64_t kVnniRowMaxM = 12;
 constexpr int64_t kVnniRowMaxMCap = 64;
-int64_t row_gemv_max_m() {
-  return std::min(kVnniRowMaxMCap, std::max<int64_t>(0, env_knob("FASTKERN_INT8_ROW_MAX_M", kVnniRowMaxM)));
+constexpr int64_t kVnniRowBandLo = 17, kVnniRowBandHi = 20;
+constexpr int64_t kVnniRowPass = 8;             // rows of x per pass (gemv_vnni_blocked)
+constexpr int64_t kVnniRowXBytes = 32 << 10;    // x of a pass whole in L1 up to this
+bool row_gemv_takes(int64_t M, int64_t K) {
+  const char* e = std::getenv("FASTKERN_INT8_ROW_MAX_M");
+  if (e && *e) return M <= std::min(kVnniRowMaxMCap, std::max<int64_t>(0, std::atoll(e)));
+  return M <= kVnniRowMaxM ||
+         (M >= kVnniRowBandLo && M <= kVnniRowBandHi && kVnniRowPass * round_up(K, 64) <= kVnniRowXBytes);
 }
 // the one-row GEMV streams x from L1 for every weight row: up to this many bytes of x
 constexpr int64_t kVnniGemvXBytes = 24 << 10;
@@ -582,7 +594,7 @@ bool use_gemv_vnni(int64_t M, int64_t K) { return M <= kVnniGemvMaxM && M * roun
 
 // Whether the VNNI GEMV paths take M x K: they read x in whole 64-byte vectors (rows
 // zero-padded to a multiple of 64 columns).
-bool vnni_gemv(int64_t M, int64_t K) { return use_gemv_vnni(M, K) || M <= row_gemv_max_m(); }
+bool vnni_gemv(int64_t M, int64_t K) { return use_gemv_vnni(M, K) || row_gemv_takes(M, K); }
 
 // Weight rows per GEMM task: a multiple of 12 (the 12- and 6-row tiles), about 384 KB of
 // weights, which stay in L2 from the row sums to the last tile.
@@ -618,9 +630,7 @@ FASTKERN_VNNI512 void finish_row_parts(const int32_t* part, int64_t M, const int
 // Measured (2 threads, W8A8, 15 alternating rounds, median speed ratio, own stream against
 // next-block prefetch): 4096 x 4096 M = 5 / 8: 1.12 / 1.32; 4096 x 11008 (K blocks) M = 4 / 8
 // / 12: 0.98 / 0.81 / 0.85.
-constexpr int64_t kVnniRowPass = 8;
 constexpr int64_t kVnniRowBlock = 128 << 10;
-constexpr int64_t kVnniRowXBytes = 32 << 10;
 constexpr int64_t kVnniRowSplitXBytes = 8 << 10;
 void gemv_vnni_blocked(const int8_t* A, int64_t lda, int64_t M, const int32_t* asum, const int8_t* W, int64_t N,
                        int64_t K, const VnniOut& o) {
