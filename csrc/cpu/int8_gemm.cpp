@@ -445,6 +445,14 @@ struct VnniOut {
   // adds it); read by the GEMMs' epilogues (finish_vnni_block, finish_s16) and put(), while
   // the GEMV paths leave the bias to the op
   const float* bias = nullptr;
+  // Hands the op's bias to the epilogue: converted to fp32 (the returned tensor holds it while
+  // the kernel runs); the op then passes no bias to finish().
+  at::Tensor take_bias(const c10::optional<at::Tensor>& b) {
+    if (!b.has_value()) return at::Tensor();
+    at::Tensor bf = b->to(at::kFloat).contiguous();
+    bias = bf.data_ptr<float>();
+    return bf;
+  }
   // the same output from row m0 of x on (rows of ldc outputs)
   VnniOut from_row(int64_t m0, int64_t ldc) const {
     VnniOut r = *this;
@@ -582,11 +590,13 @@ constexpr int64_t kVnniRowMaxMCap = 64;
 constexpr int64_t kVnniRowBandLo = 17, kVnniRowBandHi = 20;
 constexpr int64_t kVnniRowPass = 8;             // rows of x per pass (gemv_vnni_blocked)
 constexpr int64_t kVnniRowXBytes = 32 << 10;    // x of a pass whole in L1 up to this
+// whether `rows` rows of x (whole 64-byte vectors) fit L1 unsplit in gemv_vnni_blocked
+bool row_x_whole(int64_t rows, int64_t K) { return rows * round_up(K, 64) <= kVnniRowXBytes; }
 bool row_gemv_takes(int64_t M, int64_t K) {
   const char* e = std::getenv("FASTKERN_INT8_ROW_MAX_M");
   if (e && *e) return M <= std::min(kVnniRowMaxMCap, std::max<int64_t>(0, std::atoll(e)));
   return M <= kVnniRowMaxM ||
-         (M >= kVnniRowBandLo && M <= kVnniRowBandHi && kVnniRowPass * round_up(K, 64) <= kVnniRowXBytes);
+         (M >= kVnniRowBandLo && M <= kVnniRowBandHi && row_x_whole(kVnniRowPass, K));
 }
 // the one-row GEMV streams x from L1 for every weight row: up to this many bytes of x
 constexpr int64_t kVnniGemvXBytes = 24 << 10;
@@ -636,18 +646,19 @@ void gemv_vnni_blocked(const int8_t* A, int64_t lda, int64_t M, const int32_t* a
                        int64_t K, const VnniOut& o) {
   const int64_t rb = rows_in_bytes(kVnniRowBlock, K, kVnniRowNR, N);
   const int64_t mp = std::min<int64_t>(M, kVnniRowPass);
-  const int64_t kc =
-      mp * round_up(K, 64) <= kVnniRowXBytes ? K : std::max<int64_t>(256, kVnniRowSplitXBytes / mp / 256 * 256);
+  const int64_t kc = row_x_whole(mp, K) ? K : std::max<int64_t>(256, kVnniRowSplitXBytes / mp / 256 * 256);
   // x per pass as [k / 64][mr][64] (rows of A hold round_up(K, 64) bytes)
   const int64_t K64 = (K + 63) / 64;
-  std::vector<int8_t> xpack(size_t(M * K64 * 64));
+  Scratch xps(ScratchSlot::XPack, size_t(M * K64 * 64));
+  int8_t* xpack = xps.as<int8_t>();
   for_each_pass(M, kVnniRowPass, [&](int64_t m0, int64_t mr) {
-    int8_t* d = xpack.data() + m0 * K64 * 64;
+    int8_t* d = xpack + m0 * K64 * 64;
     for (int64_t j = 0; j < K64; ++j)
       for (int64_t i = 0; i < mr; ++i, d += 64) std::memcpy(d, A + (m0 + i) * lda + j * 64, 64);
   });
   parallel_rows(N, 16, 8, [&](int64_t r0, int64_t r1) {
-    std::vector<int32_t> part(size_t(std::min(rb, r1 - r0) * mp * 16));
+    Scratch parts(ScratchSlot::Worker0, size_t(std::min(rb, r1 - r0) * mp * 16) * 4);
+    int32_t* part = parts.as<int32_t>();
     for (int64_t n0 = r0; n0 < r1; n0 += rb) {
       const int64_t n1 = std::min(r1, n0 + rb);
       // with K blocks, the next block is prefetched during the first pass over this one;
@@ -655,12 +666,12 @@ void gemv_vnni_blocked(const int8_t* A, int64_t lda, int64_t M, const int32_t* a
       const char* pf = reinterpret_cast<const char*>(W + n1 * K);
       const char* pf_end = kc >= K ? nullptr : reinterpret_cast<const char*>(W + std::min(r1, n1 + rb) * K);
       for_each_pass(M, kVnniRowPass, [&](int64_t m0, int64_t mr) {
-        const int8_t* xp = xpack.data() + m0 * K64 * 64;
+        const int8_t* xp = xpack + m0 * K64 * 64;
         for (int64_t k0 = 0; k0 < K; k0 += kc) {
           const int64_t k1 = std::min(K, k0 + kc);
           switch (mr) {
 #define FASTKERN_ROW_CASE(R) \
-  case R: gemv_vnni_kb_rows<R>(xp, W, K, k0, k1, n0, n1, part.data(), k0 == 0, pf, pf_end); break;
+  case R: gemv_vnni_kb_rows<R>(xp, W, K, k0, k1, n0, n1, part, k0 == 0, pf, pf_end); break;
             FASTKERN_ROW_CASE(1)
             FASTKERN_ROW_CASE(2)
             FASTKERN_ROW_CASE(3)
@@ -668,11 +679,11 @@ void gemv_vnni_blocked(const int8_t* A, int64_t lda, int64_t M, const int32_t* a
             FASTKERN_ROW_CASE(5)
             FASTKERN_ROW_CASE(6)
             FASTKERN_ROW_CASE(7)
-            default: gemv_vnni_kb_rows<8>(xp, W, K, k0, k1, n0, n1, part.data(), k0 == 0, pf, pf_end); break;
+            default: gemv_vnni_kb_rows<8>(xp, W, K, k0, k1, n0, n1, part, k0 == 0, pf, pf_end); break;
 #undef FASTKERN_ROW_CASE
           }
         }
-        finish_row_parts(part.data(), mr, asum + m0, n0, n1, o.from_row(m0, N), N);
+        finish_row_parts(part, mr, asum + m0, n0, n1, o.from_row(m0, N), N);
       });
     }
   });
@@ -2468,7 +2479,6 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a, const at::Tensor& b) {
     at::Tensor C = at::empty({M, N}, a.options().dtype(at::kInt));
     VnniOut o;
     o.c = C.data_ptr<int32_t>();
-    at::Tensor bf;
     const bool wv = use_wv(false, M, N, K);  // never for M <= kGemvMaxM
     const bool gemv = !wv && M <= int8_gemv_max_m(K);
     if (gemv && use_vnni256()) {
@@ -2858,11 +2868,7 @@ at::Tensor linear_w8a8_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
     o.ws = wsd.data_ptr<double>();
     // the GEMM adds the bias as it writes the output (a separate pass over a large output
     // cost up to ~14%: 4096 x 1536 x 384, 2 threads)
-    at::Tensor bf;
-    if (bias.has_value() && !vnni_gemv(M, K)) {
-      bf = bias->to(at::kFloat).contiguous();
-      o.bias = bf.data_ptr<float>();
-    }
+    const at::Tensor bf = vnni_gemv(M, K) ? at::Tensor() : o.take_bias(bias);
     matmul_vnni(q8, Kq, M, wc.data_ptr<int8_t>(), N, K, o);
     return finish(out, o.bias ? c10::nullopt : bias, x, N);
   }
@@ -2875,7 +2881,6 @@ at::Tensor linear_w8a8_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
     o.f = out.data_ptr<float>();
     o.sx = S.data_ptr<float>();
     o.ws = wsd.data_ptr<double>();
-    at::Tensor bf;
     const bool wv = use_wv(false, M, N, K);  // never for M <= kGemvMaxM
     const bool gemv = !wv && M <= int8_gemv_max_m(K);
     if (gemv && use_vnni256()) {
@@ -2905,10 +2910,7 @@ at::Tensor linear_w8a8_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
                                    S.data_ptr<float>() + m0);
       });
       // the GEMM adds the bias in its epilogue, as the AVX-512 one does
-      if (bias.has_value()) {
-        bf = bias->to(at::kFloat).contiguous();
-        o.bias = bf.data_ptr<float>();
-      }
+      const at::Tensor bf = o.take_bias(bias);
       gemm_int8_avx2(q8, Kp, M, wc.data_ptr<int8_t>(), N, K, o);
     }
     return finish(out, o.bias ? c10::nullopt : bias, x, N);
