@@ -670,6 +670,63 @@ def test_w8a8_quantization_edge_rows(isa, gen):
     assert (out[0] == 0).all() and torch.isnan(out[1]).all()
 
 
+def edge_rows_x(gen, m, k):
+    """x [m, k] fp32 with an all-zero row, rows holding inf / NaN, ties at .5 after the
+    division, a tiny row and a huge one among random rows."""
+    x = torch.randn(m, k, generator=gen)
+    x[0] = 0
+    x[1, k // 2] = float("inf")
+    x[2, k - 1] = float("nan")
+    x[3] = (torch.arange(k, dtype=torch.float32) % 255 - 127) * 0.5 + 0.25 * (torch.arange(k) % 2)
+    x[4] *= 1e-30
+    x[m - 1] *= 1e30
+    return x
+
+
+@NATIVE
+@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True))
+@pytest.mark.parametrize("m", [21, 33, 64, 70, 130])
+def test_w8a8_gemm_quantization_edge_rows(isa, m, gen, monkeypatch):
+    # The GEMM paths quantize x themselves (AVX-512 VNNI: straight into the packed layout, 16
+    # rows at a time, 64 columns per transposed block): edge rows, rows past m in the last
+    # group of 16 and block of 64, K % 4 / % 16 / % 64 tails and a partial last 64-column
+    # chunk; exact against the reference (NaN rows included), 1 and 2 threads alike.
+    monkeypatch.setenv("FASTKERN_INT8_WV_MAX_M", "0")  # small layers too: the GEMM, not the wv kernels
+    with cpu_isa(isa):
+        for n, k in ((37, 50), (64, 1030), (20, 4099), (48, 64)):
+            x = edge_rows_x(gen, m, k)
+            w, s = make_w8(gen, n, k)
+            b = torch.randn(n, generator=gen)
+            one, two = on_1_and_2_threads(lambda: native("linear_w8a8")(x, w, s, b))
+            ref = ops.linear_w8a8_ref(x, w, s, b)
+            torch.testing.assert_close(one, ref, rtol=0, atol=0, equal_nan=True, msg=lambda e: "%s %s" % ((m, n, k), e))
+            torch.testing.assert_close(one, two, rtol=0, atol=0, equal_nan=True)
+            assert torch.isnan(one[1]).all() and torch.isnan(one[2]).all() and torch.isfinite(one[3:]).all()
+
+
+@NATIVE
+@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True))
+def test_gemm_streamed_output(isa, gen, monkeypatch):
+    # Outputs beyond the caches leave the AVX-512 VNNI GEMM through non-temporal stores (rows
+    # of whole aligned lines: N % 16 == 0); a 16 MiB one by default, and with the threshold at 0
+    # small ones too, next to N % 16 != 0 (plain stores); int8_gemm and W8A8, exact.
+    with cpu_isa(isa):
+        a = torch.randint(-128, 128, (4096, 40), generator=gen, dtype=torch.int8)
+        b = torch.randint(-128, 128, (1024, 40), generator=gen, dtype=torch.int8)
+        assert torch.equal(native("int8_gemm")(a, b), ops.int8_gemm_ref(a, b))
+        monkeypatch.setenv("FASTKERN_VNNI_STREAM_OUT_KB", "0")
+        for m, n, k in ((70, 48, 300), (130, 50, 1030), (65, 96, 40)):
+            a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
+            b = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+            one, two = on_1_and_2_threads(lambda: native("int8_gemm")(a, b))
+            assert torch.equal(one, ops.int8_gemm_ref(a, b)) and torch.equal(one, two), (m, n, k)
+            x = torch.randn(m, k, generator=gen)
+            w, s = make_w8(gen, n, k)
+            bias = torch.randn(n, generator=gen)
+            one, two = on_1_and_2_threads(lambda: native("linear_w8a8")(x, w, s, bias))
+            assert torch.equal(one, ops.linear_w8a8_ref(x, w, s, bias)) and torch.equal(one, two), (m, n, k)
+
+
 @NATIVE
 def test_empty_dims(gen):
     w, s = torch.zeros(6, 0, dtype=torch.int8), torch.rand(6, generator=gen)

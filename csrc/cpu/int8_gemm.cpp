@@ -445,6 +445,9 @@ struct VnniOut {
   // adds it); read by the GEMMs' epilogues (finish_vnni_block, finish_s16) and put(), while
   // the GEMV paths leave the bias to the op
   const float* bias = nullptr;
+  // finish_vnni_block writes whole 16-word blocks with non-temporal stores (set by
+  // gemm_vnni_packed for an output beyond the caches, rows of whole aligned lines)
+  bool stream = false;
   // Hands the op's bias to the epilogue: converted to fp32 (the returned tensor holds it while
   // the kernel runs); the op then passes no bias to finish().
   at::Tensor take_bias(const c10::optional<at::Tensor>& b) {
@@ -511,7 +514,11 @@ FASTKERN_VNNI512 void finish_vnni_block(const int32_t* ct, int64_t ldct, const i
   // (4096 x 1536 x 384 W8A8: 6.9 against 5.0 ms per call, 2 threads)
   const __mmask16 mask = static_cast<__mmask16>(((1u << jhi) - 1u) & ~((1u << jlo) - 1u));
   for (int64_t i = 0; i < mm; ++i) {
-    if (o.f && mask == 0xFFFF)
+    if (o.stream && mask == 0xFFFF)
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(o.f ? static_cast<void*>(o.f + (m0 + i) * N + n0)
+                                                          : static_cast<void*>(o.c + (m0 + i) * N + n0)),
+                          r[i]);
+    else if (o.f && mask == 0xFFFF)
       _mm512_storeu_ps(o.f + (m0 + i) * N + n0, _mm512_castsi512_ps(r[i]));
     else if (o.f)
       _mm512_mask_storeu_ps(o.f + (m0 + i) * N + n0, mask, _mm512_castsi512_ps(r[i]));
@@ -560,6 +567,75 @@ void pack_x_vnni(const int8_t* A, int64_t lda, int64_t M, int64_t K, int32_t* ap
           std::memcpy(&v, bytes, 4);
           dst[kf * w + r] = v;
         }
+      }
+    }
+  });
+}
+
+// linear_w8a8's per-token quantization (quantize_rows_avx2's fp32 operations, so the same
+// bytes and scales) written straight into pack_x_vnni's layout, with no int8 rows between
+// the two: 16 rows at a time (their absmax first), 64 columns of each row quantized into
+// one vector of 16 words (x + 128 bytes), the 16 vectors transposed in registers into the
+// 16 k-words' stores. Rows past M (up to a multiple of 16) are zero rows; X rows hold ldx
+// floats (a multiple of 16, zero past K).
+FASTKERN_AVX512 void quantize_pack_vnni(const float* X, int64_t ldx, int64_t M, int64_t K, int32_t* ap, float* S) {
+  const int64_t K4 = (K + 3) / 4, Mp = round_up(M, 16);
+  TORCH_INTERNAL_ASSERT(ldx % 16 == 0 && ldx >= 4 * K4, "quantize_pack_vnni: row stride ", ldx, " for K=", K);
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(K, 1));
+  at::parallel_for(0, Mp / 16, grain, [&](int64_t g0, int64_t g1) FASTKERN_AVX512 {
+    const __m512 lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
+    const __m512i flip = _mm512_set1_epi8(char(0x80));
+    for (int64_t gi = g0; gi < g1; ++gi) {
+      const int64_t m0 = gi * 16, blk = m0 / 64 * 64, w = std::min<int64_t>(64, Mp - blk);
+      int32_t* dst = ap + blk * K4 + (m0 - blk);
+      float safe[16];
+      bool live[16];  // a row that is quantized (not past M, no NaN / inf)
+      for (int r = 0; r < 16; ++r) {
+        const int64_t m = m0 + r;
+        live[r] = m < M;
+        if (!live[r]) continue;
+        const float* x = X + m * ldx;
+        __m512 amax = _mm512_setzero_ps();
+        __mmask16 bad = 0;
+        for (int64_t k = 0; k < ldx; k += 16) {
+          const __m512 v = _mm512_loadu_ps(x + k);
+          amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+          bad |= _mm512_fpclass_ps_mask(v, 0x99);  // QNaN, SNaN, +inf, -inf
+        }
+        if (bad) {
+          S[m] = std::numeric_limits<float>::quiet_NaN();
+          live[r] = false;
+          continue;
+        }
+        const float s = _mm512_reduce_max_ps(amax) / 127.0f;
+        S[m] = s;
+        safe[r] = s > 0.f ? s : 1.f;
+      }
+      for (int64_t c0 = 0; c0 < K4; c0 += 16) {
+        __m512i t[16];
+        for (int r = 0; r < 16; ++r) {
+          if (!live[r]) {
+            t[r] = flip;
+            continue;
+          }
+          const float* x = X + (m0 + r) * ldx + 4 * c0;
+          const __m512 vs = _mm512_set1_ps(safe[r]);
+          __m512i q = _mm512_setzero_si512();
+          for (int j = 0; j < 4; ++j) {
+            __m128i b = _mm_setzero_si128();
+            if (4 * c0 + 16 * j < ldx) {
+              __m512 v = _mm512_div_ps(_mm512_loadu_ps(x + 16 * j), vs);
+              v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+              v = _mm512_min_ps(hi, _mm512_max_ps(lo, v));
+              b = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v));
+            }
+            q = _mm512_inserti32x4(q, b, j);
+          }
+          t[r] = _mm512_xor_si512(q, flip);
+        }
+        transpose16x16(t);
+        const int64_t n4 = std::min<int64_t>(16, K4 - c0);
+        for (int64_t j = 0; j < n4; ++j) _mm512_storeu_si512(dst + (c0 + j) * w, t[j]);
       }
     }
   });
@@ -689,6 +765,10 @@ void gemv_vnni_blocked(const int8_t* A, int64_t lda, int64_t M, const int32_t* a
   });
 }
 
+void gemm_vnni_packed(const int32_t* ap, int64_t M, const int8_t* W, int64_t N, int64_t K, const VnniOut& o);
+// gemm_vnni_packed's output from this size on goes out with non-temporal stores
+constexpr int64_t kVnniStreamOutBytes = int64_t(16) << 20;
+
 // A [M, K] (int8 rows, stride lda; where vnni_gemv(M, K) zero-padded to a multiple of 64
 // columns) x W [N, K]^T -> o.
 void matmul_vnni(const int8_t* A, int64_t lda, int64_t M, const int8_t* W, int64_t N, int64_t K, const VnniOut& o) {
@@ -712,12 +792,17 @@ void matmul_vnni(const int8_t* A, int64_t lda, int64_t M, const int8_t* W, int64
     });
     return;
   }
-  const int64_t K4 = (K + 3) / 4, nmb = (M + 63) / 64, Mp = round_up(M, 16);
-  Scratch apt(ScratchSlot::XPack, size_t(Mp * K4) * 4);
-  Scratch wst(ScratchSlot::Small, size_t(N) * 4);
+  Scratch apt(ScratchSlot::XPack, size_t(round_up(M, 16) * ((K + 3) / 4)) * 4);
   int32_t* ap = apt.as<int32_t>();
-  int32_t* corr = wst.as<int32_t>();
   pack_x_vnni(A, lda, M, K, ap);
+  gemm_vnni_packed(ap, M, W, N, K, o);
+}
+
+// x packed by pack_x_vnni (or quantize_pack_vnni) x W [N, K]^T -> o: matmul_vnni's GEMM.
+void gemm_vnni_packed(const int32_t* ap, int64_t M, const int8_t* W, int64_t N, int64_t K, const VnniOut& o) {
+  const int64_t K4 = (K + 3) / 4, nmb = (M + 63) / 64, Mp = round_up(M, 16);
+  Scratch wst(ScratchSlot::Small, size_t(N) * 4);
+  int32_t* corr = wst.as<int32_t>();
   // Each thread takes one contiguous run of rows (12-row units, so the threads' shares
   // differ by at most 12 rows) and goes through it in tasks of nb rows; while a task
   // computes, the next task's rows are prefetched into L2 (spread over its tiles), so the
@@ -725,6 +810,12 @@ void matmul_vnni(const int8_t* A, int64_t lda, int64_t M, const int8_t* W, int64
   // of 64 rows of x meets the task's rows over all of K, and its products go out at once
   // from a thread's nb x 64 buffer (in L1 / L2), not through a buffer of the whole output.
   const int64_t nb = vnni_task_rows(K);
+  VnniOut os = o;
+  {
+    const void* base = o.f ? static_cast<const void*>(o.f) : static_cast<const void*>(o.c);
+    os.stream = N % 16 == 0 && reinterpret_cast<uintptr_t>(base) % 64 == 0 &&
+                M * N * 4 >= env_knob("FASTKERN_VNNI_STREAM_OUT_KB", kVnniStreamOutBytes >> 10) << 10;
+  }
   parallel_rows(N, 12, 1, [&](int64_t r0, int64_t r1) {
     Scratch cts(ScratchSlot::Worker0, size_t(nb * 64) * 4);
     int32_t* ct = cts.as<int32_t>();
@@ -740,7 +831,7 @@ void matmul_vnni(const int8_t* A, int64_t lda, int64_t M, const int8_t* W, int64
       for (int64_t mb = 0; mb < nmb; ++mb) {
         const int64_t m0 = mb * 64, vm = std::min<int64_t>(64, Mp - m0) / 16;
         const int8_t* a = reinterpret_cast<const int8_t*>(ap + m0 * K4);
-        prefetch_out_vnni(o, N, m0, std::min(M, m0 + 64), n0, n1);
+        if (!os.stream) prefetch_out_vnni(o, N, m0, std::min(M, m0 + 64), n0, n1);
         for (int64_t k40 = 0; k40 < K4; k40 += kVnniKC / 4) {
           const int64_t k41 = std::min(K4, k40 + kVnniKC / 4);
           const char* pe = std::min(pf_end, pf + share);
@@ -755,10 +846,11 @@ void matmul_vnni(const int8_t* A, int64_t lda, int64_t M, const int8_t* W, int64
         for (int64_t nb16 = n0 / 16 * 16; nb16 < n1; nb16 += 16) {
           const int64_t lo = std::max(n0, nb16), hi = std::min(n1, nb16 + 16);
           for (int64_t m = m0; m < std::min(M, m0 + 64); m += 16)
-            finish_vnni_block(ct + (lo - n0) * 64 + (m - m0), 64, corr, M, N, m, nb16, lo - nb16, hi - nb16, o);
+            finish_vnni_block(ct + (lo - n0) * 64 + (m - m0), 64, corr, M, N, m, nb16, lo - nb16, hi - nb16, os);
         }
       }
     }
+    if (os.stream) _mm_sfence();  // the non-temporal stores before the threads join
   });
 }
 
@@ -2839,6 +2931,24 @@ at::Tensor linear_w8a8_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
   at::Tensor X = x_f32_padded(x, K, Kp);
   const int64_t M = X.size(0);
 #if FASTKERN_X86
+  if (use_vnni512() && M > 0 && N > 0 && K > 0 && !use_wv(true, M, N, K) && !vnni_gemv(M, K) &&
+      env_knob("FASTKERN_W8A8_FUSED_PACK", 1) != 0) {
+    // the GEMM: x quantized straight into its packed layout; the epilogue applies the scales
+    // and adds the bias
+    Scratch aps(ScratchSlot::XPack, size_t(round_up(M, 16) * ((K + 3) / 4)) * 4),
+        ss(ScratchSlot::Scale, size_t(M) * 4);
+    float* sx = ss.as<float>();
+    quantize_pack_vnni(X.data_ptr<float>(), Kp, M, K, aps.as<int32_t>(), sx);
+    at::Tensor out = at::empty({M, N}, X.options());
+    at::Tensor wsd = w_scale.to(at::kDouble).contiguous();
+    VnniOut o;
+    o.f = out.data_ptr<float>();
+    o.sx = sx;
+    o.ws = wsd.data_ptr<double>();
+    const at::Tensor bf = o.take_bias(bias);
+    gemm_vnni_packed(aps.as<int32_t>(), M, wc.data_ptr<int8_t>(), N, K, o);
+    return finish(out, c10::nullopt, x, N);
+  }
   if (use_vnni512() && M > 0 && N > 0 && K > 0) {
     // int8 rows (zero-padded to 64 columns for the GEMV), straight into the VNNI kernels,
     // whose epilogue applies the scales
