@@ -1753,13 +1753,20 @@ FASTKERN_AVX2 void finish_s16(const int32_t* CT, int64_t Mp, int64_t M, int64_t 
     }
 }
 
+void gemm_s16_packed(const int32_t* ap, int64_t M, const int8_t* W, int64_t N, int64_t K, const VnniOut& o);
+
 // A [M, K] (int8, row stride lda) x W [N, K]^T -> o, for M > kGemvMaxM.
 void gemm_s16_avx2(const int8_t* A, int64_t lda, int64_t M, const int8_t* W, int64_t N, int64_t K,
                    const VnniOut& o) {
-  const int64_t K2 = (K + 1) / 2, Mp = round_up(M, 8), nmb = (M + 15) / 16;
-  Scratch apt(ScratchSlot::XPack, size_t(Mp * K2) * 4);
+  Scratch apt(ScratchSlot::XPack, size_t(round_up(M, 8) * ((K + 1) / 2)) * 4);
   int32_t* ap = apt.as<int32_t>();
   pack_x_s16(A, lda, M, K, ap);
+  gemm_s16_packed(ap, M, W, N, K, o);
+}
+
+// x packed by pack_x_s16 (or quantize_pack_s16) x W [N, K]^T -> o: gemm_s16_avx2's GEMM.
+void gemm_s16_packed(const int32_t* ap, int64_t M, const int8_t* W, int64_t N, int64_t K, const VnniOut& o) {
+  const int64_t K2 = (K + 1) / 2, Mp = round_up(M, 8), nmb = (M + 15) / 16;
   const int64_t KC = std::min(kA2KC, round_up(K, 2)), ldb = round_up(KC, 16);
   parallel_rows(N, 8, 1, [&](int64_t r0, int64_t r1) {
     Scratch wbs(ScratchSlot::Worker1, size_t(kA2TaskRows * ldb) * 2);
@@ -2871,6 +2878,32 @@ void quantize_rows_generic(const float* X, int64_t ldx, int64_t M, int64_t K, in
 }
 
 #if FASTKERN_X86
+// max |x[k]| over k < n (a multiple of 8) into *amax; false if x holds NaN or inf there.
+FASTKERN_AVX2 inline bool row_absmax_avx2(const float* x, int64_t n, float* amax) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 a = _mm256_setzero_ps();
+  __m256 bad = _mm256_setzero_ps();
+  for (int64_t k = 0; k < n; k += 8) {
+    const __m256 v = _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k));
+    a = _mm256_max_ps(a, v);
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, _mm256_set1_ps(INFINITY), _CMP_EQ_OQ));
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, a);
+  float r = 0.f;
+  for (int l = 0; l < 8; ++l) r = std::max(r, lanes[l]);
+  *amax = r;
+  return _mm256_movemask_ps(bad) == 0;
+}
+
+// round_half_even(x / s) clamped to +-127, as int32 lanes (s: the row's safe scale)
+FASTKERN_AVX2 inline __m256i quantize8_avx2(__m256 x, __m256 s) {
+  __m256 v = _mm256_round_ps(_mm256_div_ps(x, s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  v = _mm256_min_ps(_mm256_set1_ps(127.f), _mm256_max_ps(_mm256_set1_ps(-127.f), v));
+  return _mm256_cvtps_epi32(v);
+}
+
 // Q is int16_t (rows zero-padded to a multiple of 16 by the caller) or int8_t (written up
 // to ldq: zeros after K).
 template <class Q_t>
@@ -2878,24 +2911,13 @@ FASTKERN_AVX2 void quantize_rows_avx2(const float* X, int64_t ldx, int64_t M, in
                                       float* S) {
   // X is zero-padded to a multiple of 8 columns (ldx).
   const int64_t K8 = round_up(K, 8);
-  const __m256 sign = _mm256_set1_ps(-0.0f);
   for (int64_t m = 0; m < M; ++m) {
     const float* x = X + m * ldx;
-    __m256 amax = _mm256_setzero_ps();
-    __m256 bad = _mm256_setzero_ps();  // x * 0 is NaN exactly when x is NaN or inf
-    for (int64_t k = 0; k < K8; k += 8) {
-      __m256 v = _mm256_loadu_ps(x + k);
-      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v));
-      bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-      bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_andnot_ps(sign, v), _mm256_set1_ps(INFINITY), _CMP_EQ_OQ));
-    }
-    alignas(32) float lanes[8];
-    _mm256_store_ps(lanes, amax);
-    float a = 0.f;
-    for (int l = 0; l < 8; ++l) a = std::max(a, lanes[l]);
+    float a;
+    const bool bad = !row_absmax_avx2(x, K8, &a);
     Q_t* q = Q + m * ldq;
     if (sizeof(Q_t) == 1) std::fill(q + K8, q + ldq, Q_t(0));
-    if (_mm256_movemask_ps(bad) != 0) {
+    if (bad) {
       S[m] = std::numeric_limits<float>::quiet_NaN();
       std::fill(q, q + K8, Q_t(0));
       continue;
@@ -2903,12 +2925,8 @@ FASTKERN_AVX2 void quantize_rows_avx2(const float* X, int64_t ldx, int64_t M, in
     const float s = a / 127.0f;
     S[m] = s;
     const __m256 vs = _mm256_set1_ps(s > 0.f ? s : 1.f);
-    const __m256 lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
     for (int64_t k = 0; k < K8; k += 8) {
-      __m256 v = _mm256_div_ps(_mm256_loadu_ps(x + k), vs);
-      v = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      v = _mm256_min_ps(hi, _mm256_max_ps(lo, v));
-      __m256i i32 = _mm256_cvtps_epi32(v);
+      __m256i i32 = quantize8_avx2(_mm256_loadu_ps(x + k), vs);
       __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
       if (sizeof(Q_t) == 1)
         _mm_storel_epi64(reinterpret_cast<__m128i*>(q + k), _mm_packs_epi16(i16, i16));
@@ -2916,6 +2934,56 @@ FASTKERN_AVX2 void quantize_rows_avx2(const float* X, int64_t ldx, int64_t M, in
         _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), i16);
     }
   }
+}
+
+// linear_w8a8's quantization (quantize_rows_avx2's operations: the same values and scales)
+// written straight into pack_x_s16's layout for gemm_s16_packed, with no int8 rows between
+// them: 8 rows at a time (their absmax first), 16 columns of each row quantized into one
+// vector of 8 int16 pairs, the 8 vectors transposed in registers into 8 k-pair stores. Rows
+// past M (up to a multiple of 8) and rows holding NaN / inf are zero; X rows hold ldx floats
+// (a multiple of 16, zero past K).
+FASTKERN_AVX2 void quantize_pack_s16(const float* X, int64_t ldx, int64_t M, int64_t K, int32_t* ap, float* S) {
+  const int64_t K2 = (K + 1) / 2, Mp = round_up(M, 8);
+  TORCH_INTERNAL_ASSERT(ldx % 16 == 0 && ldx >= 2 * K2, "quantize_pack_s16: row stride ", ldx, " for K=", K);
+  const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(K, 1));
+  at::parallel_for(0, Mp / 8, grain, [&](int64_t g0, int64_t g1) FASTKERN_AVX2 {
+    for (int64_t gi = g0; gi < g1; ++gi) {
+      const int64_t m0 = gi * 8, blk = m0 / 16 * 16, w = std::min<int64_t>(16, Mp - blk);
+      int32_t* dst = ap + blk * K2 + (m0 - blk);
+      float safe[8];
+      bool live[8];  // a row that is quantized (not past M, no NaN / inf)
+      for (int r = 0; r < 8; ++r) {
+        const int64_t m = m0 + r;
+        live[r] = m < M;
+        if (!live[r]) continue;
+        float a;
+        if (!row_absmax_avx2(X + m * ldx, ldx, &a)) {
+          S[m] = std::numeric_limits<float>::quiet_NaN();
+          live[r] = false;
+          continue;
+        }
+        const float s = a / 127.0f;
+        S[m] = s;
+        safe[r] = s > 0.f ? s : 1.f;
+      }
+      for (int64_t c0 = 0; c0 < K2; c0 += 8) {
+        __m256i q[8], t[8];
+        for (int r = 0; r < 8; ++r) {
+          if (!live[r]) {
+            q[r] = _mm256_setzero_si256();
+            continue;
+          }
+          const float* x = X + (m0 + r) * ldx + 2 * c0;
+          const __m256 vs = _mm256_set1_ps(safe[r]);
+          const __m256i a = quantize8_avx2(_mm256_loadu_ps(x), vs), b = quantize8_avx2(_mm256_loadu_ps(x + 8), vs);
+          q[r] = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);  // 16 int16 in k order
+        }
+        transpose8x8_epi32(q, t);
+        const int64_t n2 = std::min<int64_t>(8, K2 - c0);
+        for (int64_t j = 0; j < n2; ++j) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (c0 + j) * w), t[j]);
+      }
+    }
+  });
 }
 #endif
 
@@ -3012,6 +3080,13 @@ at::Tensor linear_w8a8_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
       wo.sx = o.sx;
       wo.ws = wsf.data_ptr<float>();
       wv_gemm_avx2(Q.data_ptr<int16_t>(), Kp, M, wc.data_ptr<int8_t>(), N, K, wo);
+    } else if (!use_vnni256() && env_knob("FASTKERN_W8A8_FUSED_PACK", 1) != 0) {
+      // x quantized straight into the int16 GEMM's packed layout; the GEMM adds the bias in
+      // its epilogue, as the AVX-512 one does
+      Scratch aps(ScratchSlot::XPack, size_t(round_up(M, 8) * ((K + 1) / 2)) * 4);
+      quantize_pack_s16(X.data_ptr<float>(), Kp, M, K, aps.as<int32_t>(), S.data_ptr<float>());
+      const at::Tensor bf = o.take_bias(bias);
+      gemm_s16_packed(aps.as<int32_t>(), M, wc.data_ptr<int8_t>(), N, K, o);
     } else {
       Scratch q8s(ScratchSlot::XQuant, size_t(M * Kp));
       int8_t* q8 = q8s.as<int8_t>();
