@@ -1557,6 +1557,9 @@ FASTKERN_AVX2 inline __m256i add_inplace(__m256i acc, __m256i t) {
 }
 constexpr int64_t kA2KC = 1024;    // K columns per block (a 16-row slice of x: 32 KB, in L1)
 constexpr int64_t kA2TaskRows = 48;  // weight rows per task, 8 tiles (widened block: 96 KB, in L2)
+// packed x per chunk of rows (gemm_s16_packed): every task of a thread meets one chunk before
+// the next, so x streams from memory once per call instead of once per task
+constexpr int64_t kA2XChunkBytes = 512 << 10;
 
 // MR rows of x against weight rows [n0, n1), one row at a time; U accumulators per row of x
 // (4 up to 3 rows, 2 for 4: within the 16 ymm registers).
@@ -1766,42 +1769,57 @@ void gemm_s16_avx2(const int8_t* A, int64_t lda, int64_t M, const int8_t* W, int
 
 // x packed by pack_x_s16 (or quantize_pack_s16) x W [N, K]^T -> o: gemm_s16_avx2's GEMM.
 void gemm_s16_packed(const int32_t* ap, int64_t M, const int8_t* W, int64_t N, int64_t K, const VnniOut& o) {
-  const int64_t K2 = (K + 1) / 2, Mp = round_up(M, 8), nmb = (M + 15) / 16;
+  const int64_t K2 = (K + 1) / 2, Mp = round_up(M, 8);
   const int64_t KC = std::min(kA2KC, round_up(K, 2)), ldb = round_up(KC, 16);
+  // chunks of MC rows of x, each one's packed x (MC x K int16) kept in L2 while all of a
+  // thread's tasks meet it
+  const int64_t chunk_bytes = env_knob("FASTKERN_S16_X_CHUNK_KB", kA2XChunkBytes >> 10) << 10;
+  const int64_t MC = chunk_bytes <= 0 ? round_up(Mp, 16)
+                                      : std::max<int64_t>(16, chunk_bytes / (4 * K2) / 16 * 16);
   parallel_rows(N, 8, 1, [&](int64_t r0, int64_t r1) {
     Scratch wbs(ScratchSlot::Worker1, size_t(kA2TaskRows * ldb) * 2);
-    Scratch cts(ScratchSlot::Worker0, size_t(kA2TaskRows * Mp) * 4);
+    Scratch cts(ScratchSlot::Worker0, size_t(kA2TaskRows * std::min(MC, Mp)) * 4);
     int16_t* wb = wbs.as<int16_t>();
     int32_t* ct = cts.as<int32_t>();
-    for (int64_t n0 = r0; n0 < r1; n0 += kA2TaskRows) {
-      const int64_t n1 = std::min(r1, n0 + kA2TaskRows);
-      for (int64_t k0 = 0; k0 < K; k0 += KC) {
-        const int64_t kc = std::min(KC, K - k0), kc2 = (kc + 1) / 2;
-        widen_rows(W, K, n0, n1, k0, kc, wb, ldb);
-        LinePrefetch pf;  // the next block: the next K block of these rows, or the next task's first
-        pf.W = W;
-        pf.K = K;
-        pf.n = n0, pf.n1 = n1, pf.k0 = k0 + KC;
-        if (pf.k0 >= K) pf.n = n1, pf.n1 = std::min(r1, n1 + kA2TaskRows), pf.k0 = 0;
-        pf.k1 = std::min(K, pf.k0 + KC);
-        pf.k = pf.k0;
-        int64_t tiles = 0;
-        s16_row_tiles(n1 - n0, [&](auto, int64_t) { ++tiles; });
-        tiles *= nmb;
-        const int64_t per = ((pf.n1 - pf.n) * ((pf.k1 - pf.k0 + 63) / 64) + tiles - 1) / tiles;
-        int64_t step = 1;  // a power of two: about `per` lines in each tile
-        while (per > 0 && step * 2 * per <= kc2) step *= 2;
-        pf.mask = step - 1;
-        for (int64_t mb = 0; mb < nmb; ++mb) {
-          const int64_t m0 = mb * 16, w = std::min<int64_t>(16, Mp - m0);
-          const int32_t* a = ap + m0 * K2 + (k0 / 2) * w;
-          if (w == 16)
-            s16_rows<2>(a, wb, ldb, n1 - n0, kc2, ct + m0, Mp, k0 > 0, pf);
-          else
-            s16_rows<1>(a, wb, ldb, n1 - n0, kc2, ct + m0, Mp, k0 > 0, pf);
+    for (int64_t mc0 = 0; mc0 < M; mc0 += MC) {
+      const int64_t mc1 = std::min(M, mc0 + MC), ldct = std::min(MC, Mp - mc0);
+      const int64_t nmb = (mc1 - mc0 + 15) / 16;
+      const VnniOut oc = o.from_row(mc0, N);
+      for (int64_t n0 = r0; n0 < r1; n0 += kA2TaskRows) {
+        const int64_t n1 = std::min(r1, n0 + kA2TaskRows);
+        for (int64_t k0 = 0; k0 < K; k0 += KC) {
+          const int64_t kc = std::min(KC, K - k0), kc2 = (kc + 1) / 2;
+          widen_rows(W, K, n0, n1, k0, kc, wb, ldb);
+          // the next block: the next K block of these rows, or the next task's first (the
+          // thread's first task where the next chunk of x starts)
+          LinePrefetch pf;
+          pf.W = W;
+          pf.K = K;
+          pf.n = n0, pf.n1 = n1, pf.k0 = k0 + KC;
+          if (pf.k0 >= K) {
+            pf.n = n1 < r1 || mc1 >= M ? n1 : r0;
+            pf.n1 = std::min(r1, pf.n + kA2TaskRows), pf.k0 = 0;
+          }
+          pf.k1 = std::min(K, pf.k0 + KC);
+          pf.k = pf.k0;
+          int64_t tiles = 0;
+          s16_row_tiles(n1 - n0, [&](auto, int64_t) { ++tiles; });
+          tiles *= nmb;
+          const int64_t per = ((pf.n1 - pf.n) * ((pf.k1 - pf.k0 + 63) / 64) + tiles - 1) / tiles;
+          int64_t step = 1;  // a power of two: about `per` lines in each tile
+          while (per > 0 && step * 2 * per <= kc2) step *= 2;
+          pf.mask = step - 1;
+          for (int64_t mb = 0; mb < nmb; ++mb) {
+            const int64_t m0 = mc0 + mb * 16, w = std::min<int64_t>(16, Mp - m0);
+            const int32_t* a = ap + m0 * K2 + (k0 / 2) * w;
+            if (w == 16)
+              s16_rows<2>(a, wb, ldb, n1 - n0, kc2, ct + (m0 - mc0), ldct, k0 > 0, pf);
+            else
+              s16_rows<1>(a, wb, ldb, n1 - n0, kc2, ct + (m0 - mc0), ldct, k0 > 0, pf);
+          }
         }
+        finish_s16(ct, ldct, mc1 - mc0, N, n0, n1, oc);
       }
-      finish_s16(ct, Mp, M, N, n0, n1, o);
     }
   });
 }
