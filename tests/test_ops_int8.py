@@ -714,7 +714,7 @@ def test_gemm_streamed_output(isa, gen, monkeypatch):
         a = torch.randint(-128, 128, (4096, 40), generator=gen, dtype=torch.int8)
         b = torch.randint(-128, 128, (1024, 40), generator=gen, dtype=torch.int8)
         assert torch.equal(native("int8_gemm")(a, b), ops.int8_gemm_ref(a, b))
-        monkeypatch.setenv("FASTKERN_VNNI_STREAM_OUT_KB", "0")
+        monkeypatch.setenv("FASTKERN_STREAM_OUT_KB", "0")
         for m, n, k in ((70, 48, 300), (130, 50, 1030), (65, 96, 40)):
             a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
             b = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)

@@ -476,6 +476,19 @@ struct VnniOut {
   }
 };
 
+// A GEMM output from this size on (FASTKERN_STREAM_OUT_KB) goes out with non-temporal stores
+// (half the LLC here: the next layer would not find it in cache; 1536 x 384 x 4096 W8A8, 25 MB
+// out, AVX-512: 3.6 against 4.2 ms).
+constexpr int64_t kStreamOutBytes = int64_t(16) << 20;
+
+// Whether the GEMM epilogues stream an [M, N] output: large enough, and rows of whole
+// 64-byte lines (N % 16 == 0, the tensor 64-byte aligned).
+inline bool stream_out(const VnniOut& o, int64_t M, int64_t N) {
+  const void* base = o.f ? static_cast<const void*>(o.f) : static_cast<const void*>(o.c);
+  return N % 16 == 0 && reinterpret_cast<uintptr_t>(base) % 64 == 0 &&
+         M * N * 4 >= env_knob("FASTKERN_STREAM_OUT_KB", kStreamOutBytes >> 10) << 10;
+}
+
 // Products of x rows [m0, m0 + 16) and the weight rows n0 + j, j in [jlo, jhi) of the
 // 16-column block at n0 (a multiple of 16, so that full blocks store whole cache lines):
 // from ct (the row of column n0 + jlo, then ldct per row, 16 x rows per row), less corr[n],
@@ -766,8 +779,6 @@ void gemv_vnni_blocked(const int8_t* A, int64_t lda, int64_t M, const int32_t* a
 }
 
 void gemm_vnni_packed(const int32_t* ap, int64_t M, const int8_t* W, int64_t N, int64_t K, const VnniOut& o);
-// gemm_vnni_packed's output from this size on goes out with non-temporal stores
-constexpr int64_t kVnniStreamOutBytes = int64_t(16) << 20;
 
 // A [M, K] (int8 rows, stride lda; where vnni_gemv(M, K) zero-padded to a multiple of 64
 // columns) x W [N, K]^T -> o.
@@ -811,11 +822,7 @@ void gemm_vnni_packed(const int32_t* ap, int64_t M, const int8_t* W, int64_t N, 
   // from a thread's nb x 64 buffer (in L1 / L2), not through a buffer of the whole output.
   const int64_t nb = vnni_task_rows(K);
   VnniOut os = o;
-  {
-    const void* base = o.f ? static_cast<const void*>(o.f) : static_cast<const void*>(o.c);
-    os.stream = N % 16 == 0 && reinterpret_cast<uintptr_t>(base) % 64 == 0 &&
-                M * N * 4 >= env_knob("FASTKERN_VNNI_STREAM_OUT_KB", kVnniStreamOutBytes >> 10) << 10;
-  }
+  os.stream = stream_out(o, M, N);
   parallel_rows(N, 12, 1, [&](int64_t r0, int64_t r1) {
     Scratch cts(ScratchSlot::Worker0, size_t(nb * 64) * 4);
     int32_t* ct = cts.as<int32_t>();
@@ -1724,30 +1731,48 @@ FASTKERN_AVX2 void widen_rows(const int8_t* W, int64_t K, int64_t n0, int64_t n1
 // float((double(c) * sx[m]) * ws[n]), 8 x 8 blocks transposed in registers.
 FASTKERN_AVX2 void finish_s16(const int32_t* CT, int64_t Mp, int64_t M, int64_t N, int64_t n0, int64_t n1,
                               const VnniOut& o) {
+  // the outputs of rows [m0, m0 + 8) x columns [n, n + 8) into t[0..8) (float bits for W8A8)
+  auto block = [&](int64_t n, int64_t m0, __m256i t[8]) FASTKERN_AVX2 {
+    __m256i r[8];
+    for (int j = 0; j < 8; ++j) r[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(CT + (n - n0 + j) * Mp + m0));
+    transpose8x8_epi32(r, t);
+    if (!o.f) return;
+    const int64_t mm = std::min<int64_t>(8, M - m0);
+    for (int64_t i = 0; i < mm; ++i) {
+      const __m256d sx = _mm256_set1_pd(double(o.sx[m0 + i]));
+      const __m256d lo = _mm256_mul_pd(_mm256_mul_pd(_mm256_cvtepi32_pd(_mm256_castsi256_si128(t[i])), sx),
+                                       _mm256_loadu_pd(o.ws + n));
+      const __m256d hi = _mm256_mul_pd(_mm256_mul_pd(_mm256_cvtepi32_pd(_mm256_extracti128_si256(t[i], 1)), sx),
+                                       _mm256_loadu_pd(o.ws + n + 4));
+      __m256 y = _mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo));
+      if (o.bias) y = _mm256_add_ps(y, _mm256_loadu_ps(o.bias + n));
+      t[i] = _mm256_castps_si256(y);
+    }
+  };
+  int32_t* out = o.f ? reinterpret_cast<int32_t*>(o.f) : o.c;
   int64_t n = n0;
-  for (; n + 8 <= n1; n += 8) {
-    for (int64_t m0 = 0; m0 < M; m0 += 8) {
-      __m256i r[8];
-      for (int j = 0; j < 8; ++j) r[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(CT + (n - n0 + j) * Mp + m0));
-      __m256i t[8];
-      transpose8x8_epi32(r, t);
-      const int64_t mm = std::min<int64_t>(8, M - m0);
-      for (int64_t i = 0; i < mm; ++i) {
-        const int64_t m = m0 + i;
-        if (o.f) {
-          const __m256d sx = _mm256_set1_pd(double(o.sx[m]));
-          const __m256d lo = _mm256_mul_pd(_mm256_mul_pd(_mm256_cvtepi32_pd(_mm256_castsi256_si128(t[i])), sx),
-                                           _mm256_loadu_pd(o.ws + n));
-          const __m256d hi = _mm256_mul_pd(_mm256_mul_pd(_mm256_cvtepi32_pd(_mm256_extracti128_si256(t[i], 1)), sx),
-                                           _mm256_loadu_pd(o.ws + n + 4));
-          __m256 y = _mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo));
-          if (o.bias) y = _mm256_add_ps(y, _mm256_loadu_ps(o.bias + n));
-          _mm256_storeu_ps(o.f + m * N + n, y);
-        } else {
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o.c + m * N + n), t[i]);
+  while (n + 8 <= n1) {
+    if (o.stream && n % 16 == 0 && n + 16 <= n1) {  // whole lines: non-temporal stores
+      for (int64_t m0 = 0; m0 < M; m0 += 8) {
+        __m256i a[8], b[8];
+        block(n, m0, a);
+        block(n + 8, m0, b);
+        for (int64_t i = 0; i < std::min<int64_t>(8, M - m0); ++i) {
+          __m256i* d = reinterpret_cast<__m256i*>(out + (m0 + i) * N + n);
+          _mm256_stream_si256(d, a[i]);
+          _mm256_stream_si256(d + 1, b[i]);
         }
       }
+      n += 16;
+      continue;
     }
+    for (int64_t m0 = 0; m0 < M; m0 += 8) {
+      __m256i t[8];
+      block(n, m0, t);
+      for (int64_t i = 0; i < std::min<int64_t>(8, M - m0); ++i)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (m0 + i) * N + n), t[i]);
+    }
+    n += 8;
   }
   for (; n < n1; ++n)
     for (int64_t m = 0; m < M; ++m) {
@@ -1776,6 +1801,8 @@ void gemm_s16_packed(const int32_t* ap, int64_t M, const int8_t* W, int64_t N, i
   const int64_t chunk_bytes = env_knob("FASTKERN_S16_X_CHUNK_KB", kA2XChunkBytes >> 10) << 10;
   const int64_t MC = chunk_bytes <= 0 ? round_up(Mp, 16)
                                       : std::max<int64_t>(16, chunk_bytes / (4 * K2) / 16 * 16);
+  VnniOut os = o;
+  os.stream = stream_out(o, M, N);
   parallel_rows(N, 8, 1, [&](int64_t r0, int64_t r1) {
     Scratch wbs(ScratchSlot::Worker1, size_t(kA2TaskRows * ldb) * 2);
     Scratch cts(ScratchSlot::Worker0, size_t(kA2TaskRows * std::min(MC, Mp)) * 4);
@@ -1784,7 +1811,7 @@ void gemm_s16_packed(const int32_t* ap, int64_t M, const int8_t* W, int64_t N, i
     for (int64_t mc0 = 0; mc0 < M; mc0 += MC) {
       const int64_t mc1 = std::min(M, mc0 + MC), ldct = std::min(MC, Mp - mc0);
       const int64_t nmb = (mc1 - mc0 + 15) / 16;
-      const VnniOut oc = o.from_row(mc0, N);
+      const VnniOut oc = os.from_row(mc0, N);
       for (int64_t n0 = r0; n0 < r1; n0 += kA2TaskRows) {
         const int64_t n1 = std::min(r1, n0 + kA2TaskRows);
         for (int64_t k0 = 0; k0 < K; k0 += KC) {
@@ -1821,6 +1848,7 @@ void gemm_s16_packed(const int32_t* ap, int64_t M, const int8_t* W, int64_t N, i
         finish_s16(ct, ldct, mc1 - mc0, N, n0, n1, oc);
       }
     }
+    if (os.stream) _mm_sfence();  // the non-temporal stores before the threads join
   });
 }
 
@@ -3017,8 +3045,7 @@ at::Tensor linear_w8a8_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
   at::Tensor X = x_f32_padded(x, K, Kp);
   const int64_t M = X.size(0);
 #if FASTKERN_X86
-  if (use_vnni512() && M > 0 && N > 0 && K > 0 && !use_wv(true, M, N, K) && !vnni_gemv(M, K) &&
-      env_knob("FASTKERN_W8A8_FUSED_PACK", 1) != 0) {
+  if (use_vnni512() && M > 0 && N > 0 && K > 0 && !use_wv(true, M, N, K) && !vnni_gemv(M, K)) {
     // the GEMM: x quantized straight into its packed layout; the epilogue applies the scales
     // and adds the bias
     Scratch aps(ScratchSlot::XPack, size_t(round_up(M, 16) * ((K + 3) / 4)) * 4),
@@ -3098,7 +3125,7 @@ at::Tensor linear_w8a8_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
       wo.sx = o.sx;
       wo.ws = wsf.data_ptr<float>();
       wv_gemm_avx2(Q.data_ptr<int16_t>(), Kp, M, wc.data_ptr<int8_t>(), N, K, wo);
-    } else if (!use_vnni256() && env_knob("FASTKERN_W8A8_FUSED_PACK", 1) != 0) {
+    } else if (!use_vnni256()) {
       // x quantized straight into the int16 GEMM's packed layout; the GEMM adds the bias in
       // its epilogue, as the AVX-512 one does
       Scratch aps(ScratchSlot::XPack, size_t(round_up(M, 8) * ((K + 1) / 2)) * 4);
@@ -3112,9 +3139,9 @@ at::Tensor linear_w8a8_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
         quantize_rows_avx2<int8_t>(X.data_ptr<float>() + m0 * Kp, Kp, m1 - m0, K, q8 + m0 * Kp, Kp,
                                    S.data_ptr<float>() + m0);
       });
-      // the GEMM adds the bias in its epilogue, as the AVX-512 one does
+      // avx2vnni: the GEMM adds the bias in its epilogue, as the AVX-512 one does
       const at::Tensor bf = o.take_bias(bias);
-      gemm_int8_avx2(q8, Kp, M, wc.data_ptr<int8_t>(), N, K, o);
+      matmul_vnni256(q8, Kp, M, wc.data_ptr<int8_t>(), N, K, o);
     }
     return finish(out, o.bias ? c10::nullopt : bias, x, N);
   }
