@@ -505,12 +505,9 @@ FASTKERN_VNNI512 void finish_vnni_block(const int32_t* ct, int64_t ldct, const i
     sxh = _mm512_load_pd(sxd + 8);
   }
   for (int64_t j = 0; j < 16; ++j) {
-    if (j < jlo || j >= jhi) {
-      r[j] = _mm512_setzero_si512();
-      continue;
-    }
-    const int64_t n = n0 + j;
-    const __m512i c = _mm512_sub_epi32(_mm512_loadu_si512(ct + (j - jlo) * ldct), _mm512_set1_epi32(corr[n]));
+    // columns outside [jlo, jhi) repeat an edge column (never stored): no branch in the loop
+    const int64_t jc = std::min(std::max(j, jlo), jhi - 1), n = n0 + jc;
+    const __m512i c = _mm512_sub_epi32(_mm512_loadu_si512(ct + (jc - jlo) * ldct), _mm512_set1_epi32(corr[n]));
     if (o.f) {
       const __m512d wsn = _mm512_set1_pd(o.ws[n]);
       const __m512d lo = _mm512_mul_pd(_mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(c)), sxl), wsn);
