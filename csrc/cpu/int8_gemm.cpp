@@ -2016,12 +2016,21 @@ void gemv_vnni256(const int8_t* A, int64_t lda, int64_t M, const int8_t* W, int6
   });
 }
 
+void gemm_vnni256_packed(const int32_t* ap, int64_t M, const int8_t* W, int64_t N, int64_t K, const VnniOut& o);
+
 // A [M, K] (int8 rows, stride lda) x W [N, K]^T -> o.
 void matmul_vnni256(const int8_t* A, int64_t lda, int64_t M, const int8_t* W, int64_t N, int64_t K, const VnniOut& o) {
-  const int64_t K4 = (K + 3) / 4, nmb = (M + 63) / 64, Mp = round_up(M, 16);
-  Scratch apt(ScratchSlot::XPack, size_t(Mp * K4) * 4);
+  Scratch apt(ScratchSlot::XPack, size_t(round_up(M, 16) * ((K + 3) / 4)) * 4);
   int32_t* ap = apt.as<int32_t>();
   pack_x_vnni(A, lda, M, K, ap);
+  gemm_vnni256_packed(ap, M, W, N, K, o);
+}
+
+// x packed by pack_x_vnni (or quantize_pack_vnni256) x W [N, K]^T -> o: matmul_vnni256's GEMM.
+void gemm_vnni256_packed(const int32_t* ap, int64_t M, const int8_t* W, int64_t N, int64_t K, const VnniOut& o) {
+  const int64_t K4 = (K + 3) / 4, nmb = (M + 63) / 64, Mp = round_up(M, 16);
+  VnniOut os = o;
+  os.stream = stream_out(o, M, N);
   const int64_t nb = vnni_task_rows(K);
   const int64_t nkb = (K4 + kVnniKC / 4 - 1) / (kVnniKC / 4);
   parallel_rows(N, 12, 1, [&](int64_t r0, int64_t r1) {
@@ -2054,8 +2063,9 @@ void matmul_vnni256(const int8_t* A, int64_t lda, int64_t M, const int8_t* W, in
           }
         }
       }
-      finish_s16(ct, Mp, M, N, n0, n1, o);
+      finish_s16(ct, Mp, M, N, n0, n1, os);
     }
+    if (os.stream) _mm_sfence();  // the non-temporal stores before the threads join
   });
 }
 
@@ -3028,6 +3038,58 @@ FASTKERN_AVX2 void quantize_pack_s16(const float* X, int64_t ldx, int64_t M, int
     }
   });
 }
+
+// The same into pack_x_vnni's layout (x + 128 bytes, [K4][w][4] per 64-row block) with AVX2 for
+// matmul_vnni256 (the avx2vnni path): 8 rows at a time, 32 columns of each row quantized into
+// one vector of 8 k-words, the 8 vectors transposed in registers into 8 k-word stores. Rows
+// past M (up to a multiple of 16) and rows holding NaN / inf hold x = 0.
+FASTKERN_AVX2 void quantize_pack_vnni256(const float* X, int64_t ldx, int64_t M, int64_t K, int32_t* ap, float* S) {
+  const int64_t K4 = (K + 3) / 4, Mp = round_up(M, 16);
+  TORCH_INTERNAL_ASSERT(ldx % 16 == 0 && ldx >= 4 * K4, "quantize_pack_vnni256: row stride ", ldx, " for K=", K);
+  const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(K, 1));
+  at::parallel_for(0, Mp / 8, grain, [&](int64_t g0, int64_t g1) FASTKERN_AVX2 {
+    const __m256i flip = _mm256_set1_epi8(char(0x80)), order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int64_t gi = g0; gi < g1; ++gi) {
+      const int64_t m0 = gi * 8, blk = m0 / 64 * 64, w = std::min<int64_t>(64, Mp - blk);
+      int32_t* dst = ap + blk * K4 + (m0 - blk);
+      float safe[8];
+      bool live[8];
+      for (int r = 0; r < 8; ++r) {
+        const int64_t m = m0 + r;
+        live[r] = m < M;
+        if (!live[r]) continue;
+        float a;
+        if (!row_absmax_avx2(X + m * ldx, ldx, &a)) {
+          S[m] = std::numeric_limits<float>::quiet_NaN();
+          live[r] = false;
+          continue;
+        }
+        const float s = a / 127.0f;
+        S[m] = s;
+        safe[r] = s > 0.f ? s : 1.f;
+      }
+      for (int64_t c0 = 0; c0 < K4; c0 += 8) {
+        __m256i q[8], t[8];
+        for (int r = 0; r < 8; ++r) {
+          if (!live[r]) {
+            q[r] = flip;
+            continue;
+          }
+          const float* x = X + (m0 + r) * ldx + 4 * c0;
+          const __m256 vs = _mm256_set1_ps(safe[r]);
+          __m256i v[4];
+          for (int j = 0; j < 4; ++j)  // columns past ldx (the last block's) are zero
+            v[j] = 4 * c0 + 8 * j < ldx ? quantize8_avx2(_mm256_loadu_ps(x + 8 * j), vs) : _mm256_setzero_si256();
+          const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+          q[r] = _mm256_xor_si256(_mm256_permutevar8x32_epi32(b, order), flip);  // 32 bytes in k order
+        }
+        transpose8x8_epi32(q, t);
+        const int64_t n4 = std::min<int64_t>(8, K4 - c0);
+        for (int64_t j = 0; j < n4; ++j) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (c0 + j) * w), t[j]);
+      }
+    }
+  });
+}
 #endif
 
 at::Tensor linear_w8a8_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
@@ -3122,23 +3184,19 @@ at::Tensor linear_w8a8_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
       wo.sx = o.sx;
       wo.ws = wsf.data_ptr<float>();
       wv_gemm_avx2(Q.data_ptr<int16_t>(), Kp, M, wc.data_ptr<int8_t>(), N, K, wo);
-    } else if (!use_vnni256()) {
+    } else if (use_vnni256()) {
+      // x quantized straight into the VNNI GEMM's packed layout; the bias in its epilogue
+      Scratch aps(ScratchSlot::XPack, size_t(round_up(M, 16) * ((K + 3) / 4)) * 4);
+      quantize_pack_vnni256(X.data_ptr<float>(), Kp, M, K, aps.as<int32_t>(), S.data_ptr<float>());
+      const at::Tensor bf = o.take_bias(bias);
+      gemm_vnni256_packed(aps.as<int32_t>(), M, wc.data_ptr<int8_t>(), N, K, o);
+    } else {
       // x quantized straight into the int16 GEMM's packed layout; the GEMM adds the bias in
       // its epilogue, as the AVX-512 one does
       Scratch aps(ScratchSlot::XPack, size_t(round_up(M, 8) * ((K + 1) / 2)) * 4);
       quantize_pack_s16(X.data_ptr<float>(), Kp, M, K, aps.as<int32_t>(), S.data_ptr<float>());
       const at::Tensor bf = o.take_bias(bias);
       gemm_s16_packed(aps.as<int32_t>(), M, wc.data_ptr<int8_t>(), N, K, o);
-    } else {
-      Scratch q8s(ScratchSlot::XQuant, size_t(M * Kp));
-      int8_t* q8 = q8s.as<int8_t>();
-      at::parallel_for(0, M, std::max<int64_t>(1, 65536 / K), [&](int64_t m0, int64_t m1) {
-        quantize_rows_avx2<int8_t>(X.data_ptr<float>() + m0 * Kp, Kp, m1 - m0, K, q8 + m0 * Kp, Kp,
-                                   S.data_ptr<float>() + m0);
-      });
-      // avx2vnni: the GEMM adds the bias in its epilogue, as the AVX-512 one does
-      const at::Tensor bf = o.take_bias(bias);
-      matmul_vnni256(q8, Kp, M, wc.data_ptr<int8_t>(), N, K, o);
     }
     return finish(out, o.bias ? c10::nullopt : bias, x, N);
   }
