@@ -685,12 +685,13 @@ def edge_rows_x(gen, m, k):
 
 @NATIVE
 @pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True))
-@pytest.mark.parametrize("m", [21, 33, 64, 70, 130])
+@pytest.mark.parametrize("m", [21, 33, 64, 70, 130, 300])
 def test_w8a8_gemm_quantization_edge_rows(isa, m, gen, monkeypatch):
-    # The GEMM paths quantize x themselves (AVX-512 VNNI: straight into the packed layout, 16
-    # rows at a time, 64 columns per transposed block): edge rows, rows past m in the last
-    # group of 16 and block of 64, K % 4 / % 16 / % 64 tails and a partial last 64-column
-    # chunk; exact against the reference (NaN rows included), 1 and 2 threads alike.
+    # The GEMM paths quantize x straight into their packed layouts (AVX-512 VNNI: 16 rows at a
+    # time, 64 columns per transposed block; avx2vnni 8 rows, 32 columns; AVX2 int16 pairs, 8
+    # rows, 16 columns): edge rows, rows past m in the last group and block, K % 4 / % 16 / %
+    # 64 tails and partial last column blocks; m = 300: the AVX2 GEMM's chunks of x (256
+    # rows). Exact against the reference (NaN rows included), 1 and 2 threads alike.
     monkeypatch.setenv("FASTKERN_INT8_WV_MAX_M", "0")  # small layers too: the GEMM, not the wv kernels
     with cpu_isa(isa):
         for n, k in ((37, 50), (64, 1030), (20, 4099), (48, 64)):

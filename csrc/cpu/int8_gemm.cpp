@@ -1564,6 +1564,10 @@ constexpr int64_t kA2TaskRows = 48;  // weight rows per task, 8 tiles (widened b
 // packed x per chunk of rows (gemm_s16_packed): every task of a thread meets one chunk before
 // the next, so x streams from memory once per call instead of once per task
 constexpr int64_t kA2XChunkBytes = 512 << 10;
+// ... of at least this many rows: each chunk reads and widens the weights again, which cost
+// more than the chunks saved below it (AVX2, 2 threads, W8A8 M = 64 / 256 in 16-row chunks
+// at K = 11008 / 14336: 0.85-0.94x)
+constexpr int64_t kA2ChunkMinRows = 256;
 
 // MR rows of x against weight rows [n0, n1), one row at a time; U accumulators per row of x
 // (4 up to 3 rows, 2 for 4: within the 16 ymm registers).
@@ -1797,7 +1801,7 @@ void gemm_s16_packed(const int32_t* ap, int64_t M, const int8_t* W, int64_t N, i
   // thread's tasks meet it
   const int64_t chunk_bytes = env_knob("FASTKERN_S16_X_CHUNK_KB", kA2XChunkBytes >> 10) << 10;
   const int64_t MC = chunk_bytes <= 0 ? round_up(Mp, 16)
-                                      : std::max<int64_t>(16, chunk_bytes / (4 * K2) / 16 * 16);
+                                      : std::max<int64_t>(kA2ChunkMinRows, chunk_bytes / (4 * K2) / 16 * 16);
   VnniOut os = o;
   os.stream = stream_out(o, M, N);
   parallel_rows(N, 8, 1, [&](int64_t r0, int64_t r1) {
