@@ -691,8 +691,10 @@ def test_w8a8_gemm_quantization_edge_rows(isa, m, gen, monkeypatch):
     # time, 64 columns per transposed block; avx2vnni 8 rows, 32 columns; AVX2 int16 pairs, 8
     # rows, 16 columns): edge rows, rows past m in the last group and block, K % 4 / % 16 / %
     # 64 tails and partial last column blocks; m = 300: the AVX2 GEMM's chunks of x (256
-    # rows). Exact against the reference (NaN rows included), 1 and 2 threads alike.
+    # rows; forced on below their default size). Exact against the reference (NaN rows
+    # included), 1 and 2 threads alike.
     monkeypatch.setenv("FASTKERN_INT8_WV_MAX_M", "0")  # small layers too: the GEMM, not the wv kernels
+    monkeypatch.setenv("FASTKERN_S16_X_WHOLE_KB", "0")  # the AVX2 GEMM in chunks of x whatever its size
     with cpu_isa(isa):
         for n, k in ((37, 50), (64, 1030), (20, 4099), (48, 64)):
             x = edge_rows_x(gen, m, k)

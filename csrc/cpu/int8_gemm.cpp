@@ -1568,6 +1568,9 @@ constexpr int64_t kA2XChunkBytes = 512 << 10;
 // more than the chunks saved below it (AVX2, 2 threads, W8A8 M = 64 / 256 in 16-row chunks
 // at K = 11008 / 14336: 0.85-0.94x)
 constexpr int64_t kA2ChunkMinRows = 256;
+// ... and only where the packed x is larger than this (smaller ones stay in the LLC between
+// tasks: 384 x 384 x 4096, 3 MB, ran no faster in chunks, and in some processes 1.4x slower)
+constexpr int64_t kA2XWholeBytes = int64_t(8) << 20;
 
 // MR rows of x against weight rows [n0, n1), one row at a time; U accumulators per row of x
 // (4 up to 3 rows, 2 for 4: within the 16 ymm registers).
@@ -1800,8 +1803,9 @@ void gemm_s16_packed(const int32_t* ap, int64_t M, const int8_t* W, int64_t N, i
   // chunks of MC rows of x, each one's packed x (MC x K int16) kept in L2 while all of a
   // thread's tasks meet it
   const int64_t chunk_bytes = env_knob("FASTKERN_S16_X_CHUNK_KB", kA2XChunkBytes >> 10) << 10;
-  const int64_t MC = chunk_bytes <= 0 ? round_up(Mp, 16)
-                                      : std::max<int64_t>(kA2ChunkMinRows, chunk_bytes / (4 * K2) / 16 * 16);
+  const bool whole =
+      chunk_bytes <= 0 || Mp * K2 * 4 <= env_knob("FASTKERN_S16_X_WHOLE_KB", kA2XWholeBytes >> 10) << 10;
+  const int64_t MC = whole ? round_up(Mp, 16) : std::max<int64_t>(kA2ChunkMinRows, chunk_bytes / (4 * K2) / 16 * 16);
   VnniOut os = o;
   os.stream = stream_out(o, M, N);
   parallel_rows(N, 8, 1, [&](int64_t r0, int64_t r1) {
