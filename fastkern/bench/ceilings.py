@@ -193,6 +193,31 @@ def int8_peak_measured(min_run_time: float):
     return dict(r), "register-only AVX2%s loops, %d threads" % (vnni, r["threads"])
 
 
+def remeasure_peaks(ceilings: dict, results: list, min_run_time: float) -> None:
+    """The register-only peaks (fp32 FMA, int8) measured again at the end of a CPU run. Another
+    tenant of a shared host can only lower such a probe, never raise it, so the larger reading
+    of each stands (the start's is kept as ``*_start`` when the end's is larger): a low start
+    reading put every row ceiling built on it below what the kernels then reached. Entries'
+    ``pct_fma`` follow a raised FMA peak."""
+    fma, _ = fma_peak_measured(min_run_time)
+    if fma and ceilings.get("fma_peak_gflops") and fma > ceilings["fma_peak_gflops"]:
+        ceilings["fma_peak_gflops_start"] = ceilings["fma_peak_gflops"]
+        ceilings["fma_peak_gflops"] = fma
+        for e in results:
+            if e.get("pct_fma") is not None:
+                e["pct_fma"] = 100.0 * e["gflops"] / fma
+    old = ceilings.get("int8_peak")
+    i8, _ = int8_peak_measured(min_run_time) if old else (None, None)
+    if i8:
+        merged = dict(old)
+        for k in ("exact_gmacs", "u8s8_gmacs", "vnni_gmacs"):
+            if (i8.get(k) or 0) > (old.get(k) or 0):
+                merged[k] = i8[k]
+        if merged != old:
+            ceilings["int8_peak_start"] = old
+            ceilings["int8_peak"] = merged
+
+
 W4A16_PROBE = (4096, 4096, 128)  # N, K, group size
 
 
