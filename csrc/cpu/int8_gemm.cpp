@@ -582,6 +582,53 @@ void pack_x_vnni(const int8_t* A, int64_t lda, int64_t M, int64_t K, int32_t* ap
   });
 }
 
+// max |x[k]| over k < n (a multiple of 8) into *amax; false if x holds NaN or inf there.
+FASTKERN_AVX2 inline bool row_absmax_avx2(const float* x, int64_t n, float* amax) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 a = _mm256_setzero_ps();
+  __m256 bad = _mm256_setzero_ps();
+  for (int64_t k = 0; k < n; k += 8) {
+    const __m256 v = _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k));
+    a = _mm256_max_ps(a, v);
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, _mm256_set1_ps(INFINITY), _CMP_EQ_OQ));
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, a);
+  float r = 0.f;
+  for (int l = 0; l < 8; ++l) r = std::max(r, lanes[l]);
+  *amax = r;
+  return _mm256_movemask_ps(bad) == 0;
+}
+
+// round_half_even(x / s) clamped to +-127, as int32 lanes (s: the row's safe scale)
+FASTKERN_AVX2 inline __m256i quantize8_avx2(__m256 x, __m256 s) {
+  __m256 v = _mm256_round_ps(_mm256_div_ps(x, s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  v = _mm256_min_ps(_mm256_set1_ps(127.f), _mm256_max_ps(_mm256_set1_ps(-127.f), v));
+  return _mm256_cvtps_epi32(v);
+}
+
+// The scales of rows [m0, m0 + rows) of X for the quantize-and-pack kernels: S[m] as
+// quantize_rows_avx2 sets it, safe[r] the divisor of a quantized row, live[r] false for a row
+// past M or one holding NaN / inf (its S NaN), which the packs fill with x = 0.
+FASTKERN_AVX2 inline void row_scales_avx2(const float* X, int64_t ldx, int64_t M, int64_t m0, int rows, float* S,
+                                          float* safe, bool* live) {
+  for (int r = 0; r < rows; ++r) {
+    const int64_t m = m0 + r;
+    live[r] = m < M;
+    if (!live[r]) continue;
+    float a;
+    if (!row_absmax_avx2(X + m * ldx, ldx, &a)) {
+      S[m] = std::numeric_limits<float>::quiet_NaN();
+      live[r] = false;
+      continue;
+    }
+    const float s = a / 127.0f;
+    S[m] = s;
+    safe[r] = s > 0.f ? s : 1.f;
+  }
+}
+
 // linear_w8a8's per-token quantization (quantize_rows_avx2's fp32 operations, so the same
 // bytes and scales) written straight into pack_x_vnni's layout, with no int8 rows between
 // the two: 16 rows at a time (their absmax first), 64 columns of each row quantized into
@@ -599,28 +646,8 @@ FASTKERN_AVX512 void quantize_pack_vnni(const float* X, int64_t ldx, int64_t M, 
       const int64_t m0 = gi * 16, blk = m0 / 64 * 64, w = std::min<int64_t>(64, Mp - blk);
       int32_t* dst = ap + blk * K4 + (m0 - blk);
       float safe[16];
-      bool live[16];  // a row that is quantized (not past M, no NaN / inf)
-      for (int r = 0; r < 16; ++r) {
-        const int64_t m = m0 + r;
-        live[r] = m < M;
-        if (!live[r]) continue;
-        const float* x = X + m * ldx;
-        __m512 amax = _mm512_setzero_ps();
-        __mmask16 bad = 0;
-        for (int64_t k = 0; k < ldx; k += 16) {
-          const __m512 v = _mm512_loadu_ps(x + k);
-          amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
-          bad |= _mm512_fpclass_ps_mask(v, 0x99);  // QNaN, SNaN, +inf, -inf
-        }
-        if (bad) {
-          S[m] = std::numeric_limits<float>::quiet_NaN();
-          live[r] = false;
-          continue;
-        }
-        const float s = _mm512_reduce_max_ps(amax) / 127.0f;
-        S[m] = s;
-        safe[r] = s > 0.f ? s : 1.f;
-      }
+      bool live[16];
+      row_scales_avx2(X, ldx, M, m0, 16, S, safe, live);
       for (int64_t c0 = 0; c0 < K4; c0 += 16) {
         __m512i t[16];
         for (int r = 0; r < 16; ++r) {
@@ -2939,32 +2966,6 @@ void quantize_rows_generic(const float* X, int64_t ldx, int64_t M, int64_t K, in
 }
 
 #if FASTKERN_X86
-// max |x[k]| over k < n (a multiple of 8) into *amax; false if x holds NaN or inf there.
-FASTKERN_AVX2 inline bool row_absmax_avx2(const float* x, int64_t n, float* amax) {
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  __m256 a = _mm256_setzero_ps();
-  __m256 bad = _mm256_setzero_ps();
-  for (int64_t k = 0; k < n; k += 8) {
-    const __m256 v = _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k));
-    a = _mm256_max_ps(a, v);
-    bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, _mm256_set1_ps(INFINITY), _CMP_EQ_OQ));
-  }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, a);
-  float r = 0.f;
-  for (int l = 0; l < 8; ++l) r = std::max(r, lanes[l]);
-  *amax = r;
-  return _mm256_movemask_ps(bad) == 0;
-}
-
-// round_half_even(x / s) clamped to +-127, as int32 lanes (s: the row's safe scale)
-FASTKERN_AVX2 inline __m256i quantize8_avx2(__m256 x, __m256 s) {
-  __m256 v = _mm256_round_ps(_mm256_div_ps(x, s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  v = _mm256_min_ps(_mm256_set1_ps(127.f), _mm256_max_ps(_mm256_set1_ps(-127.f), v));
-  return _mm256_cvtps_epi32(v);
-}
-
 // Q is int16_t (rows zero-padded to a multiple of 16 by the caller) or int8_t (written up
 // to ldq: zeros after K).
 template <class Q_t>
@@ -3012,21 +3013,8 @@ FASTKERN_AVX2 void quantize_pack_s16(const float* X, int64_t ldx, int64_t M, int
       const int64_t m0 = gi * 8, blk = m0 / 16 * 16, w = std::min<int64_t>(16, Mp - blk);
       int32_t* dst = ap + blk * K2 + (m0 - blk);
       float safe[8];
-      bool live[8];  // a row that is quantized (not past M, no NaN / inf)
-      for (int r = 0; r < 8; ++r) {
-        const int64_t m = m0 + r;
-        live[r] = m < M;
-        if (!live[r]) continue;
-        float a;
-        if (!row_absmax_avx2(X + m * ldx, ldx, &a)) {
-          S[m] = std::numeric_limits<float>::quiet_NaN();
-          live[r] = false;
-          continue;
-        }
-        const float s = a / 127.0f;
-        S[m] = s;
-        safe[r] = s > 0.f ? s : 1.f;
-      }
+      bool live[8];
+      row_scales_avx2(X, ldx, M, m0, 8, S, safe, live);
       for (int64_t c0 = 0; c0 < K2; c0 += 8) {
         __m256i q[8], t[8];
         for (int r = 0; r < 8; ++r) {
@@ -3062,20 +3050,7 @@ FASTKERN_AVX2 void quantize_pack_vnni256(const float* X, int64_t ldx, int64_t M,
       int32_t* dst = ap + blk * K4 + (m0 - blk);
       float safe[8];
       bool live[8];
-      for (int r = 0; r < 8; ++r) {
-        const int64_t m = m0 + r;
-        live[r] = m < M;
-        if (!live[r]) continue;
-        float a;
-        if (!row_absmax_avx2(X + m * ldx, ldx, &a)) {
-          S[m] = std::numeric_limits<float>::quiet_NaN();
-          live[r] = false;
-          continue;
-        }
-        const float s = a / 127.0f;
-        S[m] = s;
-        safe[r] = s > 0.f ? s : 1.f;
-      }
+      row_scales_avx2(X, ldx, M, m0, 8, S, safe, live);
       for (int64_t c0 = 0; c0 < K4; c0 += 8) {
         __m256i q[8], t[8];
         for (int r = 0; r < 8; ++r) {
