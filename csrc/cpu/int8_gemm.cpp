@@ -2999,78 +2999,60 @@ FASTKERN_AVX2 void quantize_rows_avx2(const float* X, int64_t ldx, int64_t M, in
 }
 
 // linear_w8a8's quantization (quantize_rows_avx2's operations: the same values and scales)
-// written straight into pack_x_s16's layout for gemm_s16_packed, with no int8 rows between
-// them: 8 rows at a time (their absmax first), 16 columns of each row quantized into one
-// vector of 8 int16 pairs, the 8 vectors transposed in registers into 8 k-pair stores. Rows
-// past M (up to a multiple of 8) and rows holding NaN / inf are zero; X rows hold ldx floats
-// (a multiple of 16, zero past K).
-FASTKERN_AVX2 void quantize_pack_s16(const float* X, int64_t ldx, int64_t M, int64_t K, int32_t* ap, float* S) {
-  const int64_t K2 = (K + 1) / 2, Mp = round_up(M, 8);
-  TORCH_INTERNAL_ASSERT(ldx % 16 == 0 && ldx >= 2 * K2, "quantize_pack_s16: row stride ", ldx, " for K=", K);
+// written straight into a GEMM's packed layout, with no int8 rows between them: 8 rows at a
+// time (their absmax first), 8 packed words of KW k each per row quantized into one vector,
+// the 8 vectors transposed in registers into 8 k-word stores of the row block (BW rows wide;
+// rows up to round_up(M, MR)). `words` turns a row's KW vectors of 8 quantized int32 into
+// its 8 words; rows past M and rows holding NaN / inf get `dead`. X rows hold ldx floats (a
+// multiple of 16, zero past K).
+template <int KW, int BW, int MR, class Words>
+FASTKERN_AVX2 void quantize_pack8_avx2(const float* X, int64_t ldx, int64_t M, int64_t K, int32_t* ap, float* S,
+                                       __m256i dead, const Words& words) {
+  const int64_t KQ = (K + KW - 1) / KW, Mp = round_up(M, MR);
+  TORCH_INTERNAL_ASSERT(ldx % 16 == 0 && ldx >= KW * KQ, "quantize_pack8_avx2: row stride ", ldx, " for K=", K);
   const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(K, 1));
   at::parallel_for(0, Mp / 8, grain, [&](int64_t g0, int64_t g1) FASTKERN_AVX2 {
     for (int64_t gi = g0; gi < g1; ++gi) {
-      const int64_t m0 = gi * 8, blk = m0 / 16 * 16, w = std::min<int64_t>(16, Mp - blk);
-      int32_t* dst = ap + blk * K2 + (m0 - blk);
+      const int64_t m0 = gi * 8, blk = m0 / BW * BW, w = std::min<int64_t>(BW, Mp - blk);
+      int32_t* dst = ap + blk * KQ + (m0 - blk);
       float safe[8];
       bool live[8];
       row_scales_avx2(X, ldx, M, m0, 8, S, safe, live);
-      for (int64_t c0 = 0; c0 < K2; c0 += 8) {
+      for (int64_t c0 = 0; c0 < KQ; c0 += 8) {
         __m256i q[8], t[8];
         for (int r = 0; r < 8; ++r) {
           if (!live[r]) {
-            q[r] = _mm256_setzero_si256();
+            q[r] = dead;
             continue;
           }
-          const float* x = X + (m0 + r) * ldx + 2 * c0;
+          const float* x = X + (m0 + r) * ldx + KW * c0;
           const __m256 vs = _mm256_set1_ps(safe[r]);
-          const __m256i a = quantize8_avx2(_mm256_loadu_ps(x), vs), b = quantize8_avx2(_mm256_loadu_ps(x + 8), vs);
-          q[r] = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);  // 16 int16 in k order
+          __m256i v[KW];
+          for (int j = 0; j < KW; ++j)  // columns past ldx (a last block's) are zero
+            v[j] = KW * c0 + 8 * j < ldx ? quantize8_avx2(_mm256_loadu_ps(x + 8 * j), vs) : _mm256_setzero_si256();
+          q[r] = words(v);
         }
         transpose8x8_epi32(q, t);
-        const int64_t n2 = std::min<int64_t>(8, K2 - c0);
-        for (int64_t j = 0; j < n2; ++j) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (c0 + j) * w), t[j]);
+        const int64_t n = std::min<int64_t>(8, KQ - c0);
+        for (int64_t j = 0; j < n; ++j) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (c0 + j) * w), t[j]);
       }
     }
   });
 }
 
-// The same into pack_x_vnni's layout (x + 128 bytes, [K4][w][4] per 64-row block) with AVX2 for
-// matmul_vnni256 (the avx2vnni path): 8 rows at a time, 32 columns of each row quantized into
-// one vector of 8 k-words, the 8 vectors transposed in registers into 8 k-word stores. Rows
-// past M (up to a multiple of 16) and rows holding NaN / inf hold x = 0.
+// Into pack_x_s16's layout (int16 pairs, 16-row blocks) for gemm_s16_packed.
+FASTKERN_AVX2 void quantize_pack_s16(const float* X, int64_t ldx, int64_t M, int64_t K, int32_t* ap, float* S) {
+  quantize_pack8_avx2<2, 16, 8>(X, ldx, M, K, ap, S, _mm256_setzero_si256(), [](const __m256i* v) FASTKERN_AVX2 {
+    return _mm256_permute4x64_epi64(_mm256_packs_epi32(v[0], v[1]), 0xD8);  // 16 int16 in k order
+  });
+}
+
+// Into pack_x_vnni's layout (x + 128 bytes, 64-row blocks) for gemm_vnni256_packed (avx2vnni).
 FASTKERN_AVX2 void quantize_pack_vnni256(const float* X, int64_t ldx, int64_t M, int64_t K, int32_t* ap, float* S) {
-  const int64_t K4 = (K + 3) / 4, Mp = round_up(M, 16);
-  TORCH_INTERNAL_ASSERT(ldx % 16 == 0 && ldx >= 4 * K4, "quantize_pack_vnni256: row stride ", ldx, " for K=", K);
-  const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(K, 1));
-  at::parallel_for(0, Mp / 8, grain, [&](int64_t g0, int64_t g1) FASTKERN_AVX2 {
-    const __m256i flip = _mm256_set1_epi8(char(0x80)), order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-    for (int64_t gi = g0; gi < g1; ++gi) {
-      const int64_t m0 = gi * 8, blk = m0 / 64 * 64, w = std::min<int64_t>(64, Mp - blk);
-      int32_t* dst = ap + blk * K4 + (m0 - blk);
-      float safe[8];
-      bool live[8];
-      row_scales_avx2(X, ldx, M, m0, 8, S, safe, live);
-      for (int64_t c0 = 0; c0 < K4; c0 += 8) {
-        __m256i q[8], t[8];
-        for (int r = 0; r < 8; ++r) {
-          if (!live[r]) {
-            q[r] = flip;
-            continue;
-          }
-          const float* x = X + (m0 + r) * ldx + 4 * c0;
-          const __m256 vs = _mm256_set1_ps(safe[r]);
-          __m256i v[4];
-          for (int j = 0; j < 4; ++j)  // columns past ldx (the last block's) are zero
-            v[j] = 4 * c0 + 8 * j < ldx ? quantize8_avx2(_mm256_loadu_ps(x + 8 * j), vs) : _mm256_setzero_si256();
-          const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
-          q[r] = _mm256_xor_si256(_mm256_permutevar8x32_epi32(b, order), flip);  // 32 bytes in k order
-        }
-        transpose8x8_epi32(q, t);
-        const int64_t n4 = std::min<int64_t>(8, K4 - c0);
-        for (int64_t j = 0; j < n4; ++j) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (c0 + j) * w), t[j]);
-      }
-    }
+  const __m256i flip = _mm256_set1_epi8(char(0x80));
+  quantize_pack8_avx2<4, 64, 16>(X, ldx, M, K, ap, S, flip, [flip](const __m256i* v) FASTKERN_AVX2 {
+    const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+    return _mm256_xor_si256(_mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)), flip);
   });
 }
 #endif
