@@ -456,6 +456,14 @@ struct VnniOut {
     bias = bf.data_ptr<float>();
     return bf;
   }
+  // linear_w8a8's output: out [M, N] fp32, the products scaled by sx [M] and wsd [N] (double)
+  static VnniOut scaled(at::Tensor& out, const float* sx, const at::Tensor& wsd) {
+    VnniOut o;
+    o.f = out.data_ptr<float>();
+    o.sx = sx;
+    o.ws = wsd.data_ptr<double>();
+    return o;
+  }
   // the same output from row m0 of x on (rows of ldc outputs)
   VnniOut from_row(int64_t m0, int64_t ldc) const {
     VnniOut r = *this;
@@ -3069,34 +3077,30 @@ at::Tensor linear_w8a8_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
   at::Tensor X = x_f32_padded(x, K, Kp);
   const int64_t M = X.size(0);
 #if FASTKERN_X86
-  if (use_vnni512() && M > 0 && N > 0 && K > 0 && !use_wv(true, M, N, K) && !vnni_gemv(M, K)) {
-    // the GEMM: x quantized straight into its packed layout; the epilogue applies the scales
-    // and adds the bias
-    Scratch aps(ScratchSlot::XPack, size_t(round_up(M, 16) * ((K + 3) / 4)) * 4),
-        ss(ScratchSlot::Scale, size_t(M) * 4);
-    float* sx = ss.as<float>();
-    quantize_pack_vnni(X.data_ptr<float>(), Kp, M, K, aps.as<int32_t>(), sx);
-    at::Tensor out = at::empty({M, N}, X.options());
-    at::Tensor wsd = w_scale.to(at::kDouble).contiguous();
-    VnniOut o;
-    o.f = out.data_ptr<float>();
-    o.sx = sx;
-    o.ws = wsd.data_ptr<double>();
-    const at::Tensor bf = o.take_bias(bias);
-    gemm_vnni_packed(aps.as<int32_t>(), M, wc.data_ptr<int8_t>(), N, K, o);
-    return finish(out, c10::nullopt, x, N);
-  }
   if (use_vnni512() && M > 0 && N > 0 && K > 0) {
-    // int8 rows (zero-padded to 64 columns for the GEMV), straight into the VNNI kernels,
-    // whose epilogue applies the scales
-    const int64_t Kq = round_up(K, 64);
-    Scratch q8s(ScratchSlot::XQuant, size_t(M * Kq)), ss(ScratchSlot::Scale, size_t(M) * 4);
-    int8_t* q8 = q8s.as<int8_t>();
+    Scratch ss(ScratchSlot::Scale, size_t(M) * 4);
     float* sx = ss.as<float>();
+    at::Tensor out = at::empty({M, N}, X.options());
+    if (!use_wv(true, M, N, K) && !vnni_gemv(M, K)) {
+      // the GEMM: x quantized straight into its packed layout; the epilogue applies the scales
+      // and adds the bias (a separate pass over a large output cost up to ~14%: 4096 x 1536 x
+      // 384, 2 threads)
+      Scratch aps(ScratchSlot::XPack, size_t(round_up(M, 16) * ((K + 3) / 4)) * 4);
+      quantize_pack_vnni(X.data_ptr<float>(), Kp, M, K, aps.as<int32_t>(), sx);
+      const at::Tensor wsd = w_scale.to(at::kDouble).contiguous();
+      VnniOut o = VnniOut::scaled(out, sx, wsd);
+      const at::Tensor bf = o.take_bias(bias);
+      gemm_vnni_packed(aps.as<int32_t>(), M, wc.data_ptr<int8_t>(), N, K, o);
+      return finish(out, c10::nullopt, x, N);
+    }
+    // the GEMVs and the small-layer kernels: int8 rows (zero-padded to 64 columns), the scales
+    // applied as they write the output, the bias by finish()
+    const int64_t Kq = round_up(K, 64);
+    Scratch q8s(ScratchSlot::XQuant, size_t(M * Kq));
+    int8_t* q8 = q8s.as<int8_t>();
     at::parallel_for(0, M, std::max<int64_t>(1, 65536 / K), [&](int64_t m0, int64_t m1) {
       quantize_rows_avx2<int8_t>(X.data_ptr<float>() + m0 * Kp, Kp, m1 - m0, K, q8 + m0 * Kq, Kq, sx + m0);
     });
-    at::Tensor out = at::empty({M, N}, X.options());
     if (use_wv(true, M, N, K)) {
       at::Tensor wsf = w_scale.to(at::kFloat).contiguous();
       int32_t xc[64];
@@ -3108,26 +3112,16 @@ at::Tensor linear_w8a8_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
       wv_gemm_vnni(q8, Kq, M, xc, wc.data_ptr<int8_t>(), N, K, wo);
       return finish(out, bias, x, N);
     }
-    at::Tensor wsd = w_scale.to(at::kDouble).contiguous();
-    VnniOut o;
-    o.f = out.data_ptr<float>();
-    o.sx = sx;
-    o.ws = wsd.data_ptr<double>();
-    // the GEMM adds the bias as it writes the output (a separate pass over a large output
-    // cost up to ~14%: 4096 x 1536 x 384, 2 threads)
-    const at::Tensor bf = vnni_gemv(M, K) ? at::Tensor() : o.take_bias(bias);
-    matmul_vnni(q8, Kq, M, wc.data_ptr<int8_t>(), N, K, o);
-    return finish(out, o.bias ? c10::nullopt : bias, x, N);
+    const at::Tensor wsd = w_scale.to(at::kDouble).contiguous();
+    matmul_vnni(q8, Kq, M, wc.data_ptr<int8_t>(), N, K, VnniOut::scaled(out, sx, wsd));
+    return finish(out, bias, x, N);
   }
   if (use_s16_avx2() && M > 0 && N > 0 && K > 0) {
     // the AVX2 kernels apply the scales as they write the output
     at::Tensor S = at::empty({M}, X.options());
     at::Tensor out = at::empty({M, N}, X.options());
-    at::Tensor wsd = w_scale.to(at::kDouble).contiguous();
-    VnniOut o;
-    o.f = out.data_ptr<float>();
-    o.sx = S.data_ptr<float>();
-    o.ws = wsd.data_ptr<double>();
+    const at::Tensor wsd = w_scale.to(at::kDouble).contiguous();
+    VnniOut o = VnniOut::scaled(out, S.data_ptr<float>(), wsd);
     const bool wv = use_wv(false, M, N, K);  // never for M <= kGemvMaxM
     const bool gemv = !wv && M <= int8_gemv_max_m(K);
     if (gemv && use_vnni256()) {
