@@ -159,6 +159,40 @@ def test_cpu_threads_bitwise_identical(isa, dtype, m, gemv, gen, monkeypatch):
     assert torch.equal(outs[0], outs[1])
 
 
+
+@NATIVE
+@pytest.mark.parametrize("rows", [pytest.param("1", id="rows"), pytest.param("0", id="tile")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_avx512_m1_rows_kernel(rows, dtype, gen, monkeypatch):
+    # AVX-512 VNNI, m = 1, g <= 128 (one chunk per group): w4l_rows1_avx512 takes a thread's
+    # rows of a K block in one call, two groups per step (odd group counts leave a single
+    # group), masked loads for g < 128; FASTKERN_W4A16_ROWS512=0 the per-row tiles. Group
+    # sizes 2..128 (partial chunks, groups across 64-byte lines), n tails of the 4-row units,
+    # k = 12800 (several K blocks; windows with FASTKERN_W4A16_WINDOW_KB=1), the last row's
+    # bytes the tensor's end. Against the reference; 1 and 2 threads bitwise equal.
+    why = isa_skip_reason("avx512")
+    if why:
+        pytest.skip(why)
+    monkeypatch.setenv("FASTKERN_W4A16_ROWS512", rows)
+    outs, refs = [], []
+    with cpu_isa("avx512"):
+        for i, (n, k, g) in enumerate(((1, 2, 2), (3, 6, 2), (5, 96, 32), (9, 126, 42), (2, 384, 128), (7, 512, 128),
+                                       (13, 640, 64), (6, 700, 50), (33, 1152, 96), (11, 4224, 128),
+                                       (37, 12800, 128), (10, 12800, 64), (9, 12800, 100))):
+            x = torch.randn(1, k, generator=gen).to(dtype)
+            w, s, z = make_w4(gen, n, k, g, symmetric=bool(i % 2))
+            if k == 12800:
+                monkeypatch.setenv("FASTKERN_W4A16_WINDOW_KB", str(i % 2))
+            one, two = on_1_and_2_threads(native, x, w, s, z, g, None)
+            monkeypatch.delenv("FASTKERN_W4A16_WINDOW_KB", raising=False)
+            assert torch.equal(one, two), (n, k, g)
+            ref = ops.linear_w4a16_ref(x, w, s, z, g, None)
+            assert_close_rel(two, ref, dtype, factor=100 if dtype == torch.float32 else 1)
+            outs.append(two.flatten())
+            refs.append(ref.flatten())
+    assert_close_rel(torch.cat(outs), torch.cat(refs), dtype)
+
+
 @NATIVE
 @pytest.mark.parametrize("m", [6, 7, 8, 9, 13, 17, 24, 41, 64, 65])
 def test_avx512_fp32_tiles(m, gen, monkeypatch):

@@ -16,6 +16,9 @@
 // (exact products): "GEMV: bf16 dot products" (slower than the limbs now; kept behind
 // FASTKERN_W4A16_BF16_GEMV=1 and tested).
 //
+// At M = 1 with AVX-512 VNNI and g <= 128, one call per thread and K block for all its
+// rows (w4l_rows1_avx512), two groups per step.
+//
 // With AVX-512, fp32 x at 6 <= M <= 64 and bf16 / fp16 x above the limbs up to 64 (groups of a
 // multiple of 16): fp32 FMA tiles over weights
 // dequantized in registers by a 16-entry table per row and group ("GEMV tiles: fp32 FMA"; NaN
@@ -838,6 +841,74 @@ FASTKERN_AVX512VNNI void w4l_tile_avx512(const W4& p, const Limbs& q, const KRan
   w4l_store_avx512<MR, NR>(p, q, kr, n, m0, Y, ldy, tot);
 }
 
+// M = 1, g <= 128 (one chunk per group): a thread's rows of a K block in one call, one
+// weight row (one stream) at a time. Two groups per step with the limbs' dot products
+// taken apart (limb l's even-k and odd-k products in one chain of two vpdpbusd, the limbs
+// combined by Horner's rule after), and two fp32 totals: the independent chains keep the
+// VNNI ports busy where w4l_tile1_avx512's one Horner chain per group (three dependent
+// vpdpbusd and shifts, then the convert and the total's FMA) left them idle. The int32
+// group sums are the same integers as w4l_tile1_avx512's; the fp32 totals add the even and
+// the odd groups apart, so outputs may differ from it in the last bits. Only the far
+// prefetch (into L2, pf_rows rows ahead), one per line; an L1 prefetch kPrefetch ahead as
+// well measured 0.94-1.08x (noise). Measured against the per-row tiles (2 threads,
+// weights beyond L3, paired rounds in one process, three runs; the Llama-7B shapes,
+// g = 128): 0.93-1.22x, most rows 1.03-1.12x.
+template <int L>
+FASTKERN_AVX512VNNI inline __m512i w4l_group1_avx512(__m512i v, const int8_t* a) {
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+  __m512i t[L];
+  for (int l = 0; l < L; ++l) {
+    t[l] = _mm512_setzero_si512();
+    t[l] = dpbusd_inplace(t[l], lo, _mm512_loadu_si512(a + l * 128));
+    t[l] = dpbusd_inplace(t[l], hi, _mm512_loadu_si512(a + l * 128 + 64));
+  }
+  __m512i d = t[0];
+  for (int l = 1; l < L; ++l) d = _mm512_add_epi32(_mm512_slli_epi32(d, 7), t[l]);
+  return d;
+}
+
+template <int L>
+FASTKERN_AVX512VNNI void w4l_rows1_avx512(const W4& p, const Limbs& q, const KRange& kr, int64_t n0, int64_t n1,
+                                          float* Y) {
+  constexpr int64_t CW = 128;
+  const int64_t hb = p.g / 2, ldw = p.ldw, G = p.G, ng = kr.g1 - kr.g0, far = kr.pf_rows * ldw;
+  // masked loads: no read past the group (or the tensor)
+  const __mmask64 mk = hb >= 64 ? ~__mmask64(0) : (__mmask64(1) << hb) - 1;
+  const int8_t* x0 = q.a + kr.g0 * L * CW;
+  const float* sx = q.sx + kr.g0 * 4 + (L - 1);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wp = p.w + n * ldw + kr.g0 * hb;
+    const float* sw = p.s + n * G + kr.g0;
+    __m512 tot0 = _mm512_setzero_ps(), tot1 = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 2 <= ng; k += 2) {
+      // the far prefetch for every line of the two groups' bytes
+      _mm_prefetch(reinterpret_cast<const char*>(wp + k * hb + far), _MM_HINT_T1);
+      if (hb > 32) _mm_prefetch(reinterpret_cast<const char*>(wp + (k + 2) * hb - 1 + far), _MM_HINT_T1);
+      const __m512i d0 = w4l_group1_avx512<L>(_mm512_maskz_loadu_epi8(mk, wp + k * hb), x0 + k * L * CW);
+      const __m512i d1 = w4l_group1_avx512<L>(_mm512_maskz_loadu_epi8(mk, wp + (k + 1) * hb), x0 + (k + 1) * L * CW);
+      tot0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_set1_ps(sx[k * 4] * sw[k]), tot0);
+      tot1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_set1_ps(sx[(k + 1) * 4] * sw[k + 1]), tot1);
+    }
+    if (k < ng) {
+      _mm_prefetch(reinterpret_cast<const char*>(wp + k * hb + far), _MM_HINT_T1);
+      const __m512i d0 = w4l_group1_avx512<L>(_mm512_maskz_loadu_epi8(mk, wp + k * hb), x0 + k * L * CW);
+      tot0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_set1_ps(sx[k * 4] * sw[k]), tot0);
+    }
+    float& y = Y[n];
+    const float s = hsum16_avx512(_mm512_add_ps(tot0, tot1));
+    const float zc = zero_corr_avx512(sw, p.z + n * G + kr.g0, q.sum + kr.g0, ng);
+    y = kr.first ? s - zc : y + (s - zc);
+  }
+}
+
+// FASTKERN_W4A16_ROWS512=0 sends M = 1 back to the per-row tiles (A/B timing, tests); read per call.
+inline bool rows512_enabled() {
+  const char* e = std::getenv("FASTKERN_W4A16_ROWS512");
+  return !(e && e[0] == '0');
+}
+
 using TileFn = void (*)(const W4&, const Limbs&, const KRange&, int64_t, int64_t, float*, int64_t);
 
 
@@ -925,11 +996,16 @@ void w4l_gemv(const W4& p, const Limbs& q, int64_t M, int64_t N, float* Y) {
       gb < p.G ? rows_in_bytes(env_knob("FASTKERN_W4A16_WINDOW_KB", kW4WindowBytes >> 10) << 10, p.ldw, rb, N) : N;
   // kGemvRows is a multiple of every NR (and win of rb), so the tiling of a row never
   // depends on the thread split or the windows
+  const bool rows1 = V512 && M == 1 && p.g <= CW && rows512_enabled();
   parallel_rows(N, kGemvRows, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t n0 = r0; n0 < r1; n0 += win) {
       const int64_t n1 = std::min(r1, n0 + win);
       for (int64_t g0 = 0; g0 < p.G; g0 += gb) {
         const KRange kr{g0, std::min(p.G, g0 + gb), g0 == 0, p.w + N * p.ldw, pf_rows};
+        if (rows1) {
+          w4l_rows1_avx512<L>(p, q, kr, n0, n1, Y);
+          continue;
+        }
         // rb weight rows (their runs in L1) meet every row of x before the next rows stream
         // in, so each x tile's limbs come from L2 once per rb rows
         for (int64_t nb = n0; nb < n1; nb += rb) {
