@@ -220,6 +220,7 @@ def test_avx512_fp32_tiles(m, gen, monkeypatch):
             monkeypatch.setenv("FASTKERN_W4A16_TILE_MAX_M", "0")
             assert_close_rel(native(x, w, s, z, g, None), ref, torch.float32, factor=100)
             monkeypatch.delenv("FASTKERN_W4A16_TILE_MAX_M")
+            monkeypatch.setenv("FASTKERN_W4A16_BF16_GEMM_MIN_M", "0")  # bf16 x: the tiles, not the bf16 GEMM
             for dtype in (torch.bfloat16, torch.float16):
                 xh = x.to(dtype)
                 one, two = on_1_and_2_threads(native, xh, w, s, z, g, None)
@@ -379,6 +380,104 @@ def test_bf16_dot_threads_bitwise_identical(dtype, m, gen, monkeypatch):
             with num_threads(t):
                 outs.append(native(x, w, s, z, g, None))
     assert torch.equal(outs[0], outs[1])
+
+
+
+BF16_GEMM = pytest.mark.skipif(not HAS_BF16_DOT, reason="this CPU lacks AVX512-BF16 (bf16 dot-product GEMM)")
+# (n, k, g): weight rows in tasks of 48 (n = 49, 97 cross them) and tiles of 6 / 4 / 2 / 1 (n
+# tails), K blocks of 512 pairs (k = 2048, 4224: several, a partial last one), group sizes 2
+# and 6 (several groups per 16-pair chunk), 48 (24 pairs: chunks across groups, the scalar
+# widening), 32 / 64 / 128 (whole chunks), 550 (a group across K blocks; 550 pairs, not a
+# multiple of 16), k (one group)
+BF16_GEMM_CASES = [(1, 64, 2), (5, 96, 6), (13, 96, 48), (6, 256, 32), (49, 2048, 128), (97, 4224, 64),
+                   (7, 1100, 550), (11, 1024, 1024), (3, 2048, 32), (10, 160, 32)]
+
+
+@NATIVE
+@BF16_GEMM
+@pytest.mark.parametrize("m", [16, 17, 31, 32, 33, 48, 63, 64, 65, 100, 130])
+def test_bf16_gemm_matches_reference(m, gen):
+    # bf16 x at m >= 16 with AVX512-BF16 (w4b_gemm_bf16): x packed in blocks of 64 rows (the
+    # last one 16, 32, 48 or 64 wide, rows past m zero: m = 17..130 leave each), the cases
+    # above; with and without bias. Against the reference, 1 and 2 threads bitwise equal.
+    outs, refs = [], []
+    with cpu_isa("avx512"):
+        for i, (n, k, g) in enumerate(BF16_GEMM_CASES):
+            x = torch.randn(m, k, generator=gen).bfloat16()
+            w, s, z = make_w4(gen, n, k, g, symmetric=bool(i % 2))
+            b = torch.randn(n, generator=gen).bfloat16() if i % 3 == 0 else None
+            one, two = on_1_and_2_threads(native, x, w, s, z, g, b)
+            assert torch.equal(one, two), (n, k, g)
+            ref = ops.linear_w4a16_ref(x, w, s, z, g, b)
+            assert_close_rel(two, ref, torch.bfloat16)
+            outs.append(two.flatten())
+            refs.append(ref.flatten())
+    assert_close_rel(torch.cat(outs), torch.cat(refs), torch.bfloat16)
+
+
+@NATIVE
+@BF16_GEMM
+@pytest.mark.parametrize("m", [16, 40, 64])
+def test_bf16_gemm_exact_products(m, gen):
+    # the products are exact (q - z and bf16 x are both bf16): a group whose largest activation
+    # meets a zero weight (q = z) leaves its small activations to carry the output, which the
+    # limbs (x quantized to 2 x 8 bits per group) would round away; here only fp32 summation
+    # and the bf16 output round. Against a float64 truth.
+    n, k, g = 24, 512, 128
+    x = torch.randn(m, k, generator=gen) * 1e-3
+    x[:, ::g] = 1000.0
+    x = x.bfloat16()
+    w, s, z = make_w4(gen, n, k, g)
+    q = torch.stack([w & 15, w >> 4], dim=-1).reshape(n, k)
+    q[:, ::g] = z  # q - z = 0 where x is large
+    w = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
+    with cpu_isa("avx512"):
+        out = native(x, w, s, z, g, None)
+    deq = (q.double() - z.double().repeat_interleave(g, dim=1)) * s.double().repeat_interleave(g, dim=1)
+    truth = x.double() @ deq.T
+    assert (out.double() - truth).norm() <= 4e-3 * truth.norm()
+
+
+@NATIVE
+@BF16_GEMM
+def test_bf16_gemm_nan_inf_and_huge_values(gen):
+    # NaN / inf, or |x| beyond 1e30 (where 15 |x| summed over K could overflow fp32 before the
+    # scale), take the fp32 path, which matches the reference; rows without them are unchanged
+    m, n, k, g = 20, 9, 256, 128
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    w, s, z = make_w4(gen, n, k, g)
+    with cpu_isa("avx512"):
+        clean = native(x, w, s, z, g, None)
+        for bad in (float("nan"), float("inf"), 3e35):
+            xb = x.clone()
+            xb[3, 17] = bad
+            out = native(xb, w, s, z, g, None)
+            ref = ops.linear_w4a16_ref(xb, w, s, z, g, None)
+            if bad == 3e35:  # the row's outputs ~1e35: the contract's relative error over the whole
+                assert_close_rel(out, ref, torch.bfloat16)
+            else:  # +-inf where the weight is non-zero, NaN where it is zero, as in the reference
+                torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=1e-2, equal_nan=True)
+            rows = [r for r in range(m) if r != 3]
+            assert_close_rel(out[rows], clean[rows], torch.bfloat16)
+
+
+@NATIVE
+@BF16_GEMM
+@pytest.mark.parametrize("m", [16, 17, 33, 40])
+def test_bf16_limbs_without_the_gemm(m, gen, monkeypatch):
+    # FASTKERN_W4A16_BF16_GEMM_MIN_M=0: bf16 x at m = 16..40 back on the AVX-512 limbs (their
+    # range on CPUs without AVX512-BF16); against the reference, 1 and 2 threads bitwise equal
+    monkeypatch.setenv("FASTKERN_W4A16_BF16_GEMM_MIN_M", "0")
+    outs, refs = [], []
+    with cpu_isa("avx512"):
+        for n, k, g in ((5, 96, 48), (49, 2048, 128), (7, 1100, 550), (13, 256, 32)):
+            x = torch.randn(m, k, generator=gen).bfloat16()
+            w, s, z = make_w4(gen, n, k, g)
+            one, two = on_1_and_2_threads(native, x, w, s, z, g, None)
+            assert torch.equal(one, two), (n, k, g)
+            outs.append(two.flatten())
+            refs.append(ops.linear_w4a16_ref(x, w, s, z, g, None).flatten())
+    assert_close_rel(torch.cat(outs), torch.cat(refs), torch.bfloat16)
 
 
 @NATIVE

@@ -19,8 +19,12 @@
 // At M = 1 with AVX-512 VNNI and g <= 128, one call per thread and K block for all its
 // rows (w4l_rows1_avx512), two groups per step.
 //
-// With AVX-512, fp32 x at 6 <= M <= 64 and bf16 / fp16 x above the limbs up to 64 (groups of a
-// multiple of 16): fp32 FMA tiles over weights
+// bf16 x from M = 16 with AVX512-BF16 (AVX-512 path): a GEMM of vdpbf16ps over the weights as
+// exact bf16 integers q - z, the groups' fp32 sums scaled by their weight scales ("GEMM: bf16
+// dot products"; NaN / inf and |x| > 1e30 take the fp32 paths below).
+//
+// With AVX-512, fp32 x at 6 <= M <= 64 and fp16 x (bf16 x without AVX512-BF16) above the limbs
+// up to 64 (groups of a multiple of 16): fp32 FMA tiles over weights
 // dequantized in registers by a 16-entry table per row and group ("GEMV tiles: fp32 FMA"; NaN
 // and inf in x propagate through the FMAs as in the reference).
 //
@@ -1433,6 +1437,228 @@ void w4b_gemv(const W4& p, const Bf16X& q, int64_t M, int64_t N, float* Y) {
     }
   });
 }
+// ------------------------------------------------------------------ GEMM: bf16 dot products (AVX512-BF16)
+//
+// bf16 activations from kW4BfGemmMinM rows on CPUs with AVX512-BF16: vdpbf16ps over the
+// weights as exact bf16 integers q - z (-15..15), each group's fp32 dot products scaled by
+// its weight scale (s * sum_k (q - z) x, the products exact, the sums fp32), so the output
+// differs from the reference ((q - z) * s in fp32, then x @ W^T) only by fp32 summation
+// order. One vdpbf16ps is 32 multiply-adds where an fp32 FMA is 16: the dequantizing fp32
+// GEMM (the only path for this M before) ran at a third to a half of torch's dense bf16
+// F.linear on the same CPU, while reading 4x the weight bytes.
+//
+// The transposed-tile scheme of the AVX2 int8 GEMM (gemm_s16_packed): x is packed once per
+// call as bf16 pairs per block of 64 rows, [K/2][w] 32-bit words (x[m][2kp], x[m][2kp+1]),
+// w = 64 (16, 32 or 48 for the last block; rows past M are zero); each thread's weight rows
+// are widened a K block at a time to a row-major copy of 32-bit words (bf16(q0 - z),
+// bf16(q1 - z)), one per weight byte, while the next block's bytes are prefetched into L2;
+// and one word is broadcast per step against 16 rows of x per vector: NR weight rows x MV
+// vectors of dot accumulators per group, folded with the group's scale into the fp32 totals
+// CT [rows][Mp] (in L1, kept over all K blocks), transposed into Y at the end of each task.
+// Measured (2 threads, weights beyond L3, alternating in one process with the fp32 path and
+// torch's dense bf16 F.linear): 4096x4096 / 11008x4096 / 4096x11008, M = 16: 1.07-1.19x the
+// limbs; M = 32 / 64 / 256: 1.8-3.0x the fp32 GEMM, and 1.1-1.5x dense bf16 F.linear up to
+// M = 64, 0.85-0.96x at M = 256. Below M = 16 the limbs are faster (M = 8: 1.0 against 1.6
+// ms at 4096x4096: this GEMM pays about a third of its M = 16 time for the widening).
+constexpr int64_t kW4BfGemmMinM = 16;  // FASTKERN_W4A16_BF16_GEMM_MIN_M (0: off), read per call
+constexpr int64_t kW4BfKCP = 512;      // k pairs per K block (48 rows x 512 x 4 B = 96 KB widened, in L2)
+constexpr int64_t kW4BfTaskRows = 48;  // weight rows per task
+constexpr int64_t kW4BfBlockRows = 64;  // rows of x per packed block (4 vectors of 16)
+// |x| above this takes the fp32 path: 15 |x| summed over any K stays finite in fp32
+constexpr float kW4BfMaxX = 1e30f;
+
+inline int64_t w4_bf16_gemm_min_m() { return env_knob("FASTKERN_W4A16_BF16_GEMM_MIN_M", kW4BfGemmMinM); }
+
+// Rows [m0, m0 + w) of x (fp32 holding bf16 values, row stride ldx; zero from row M on),
+// k pairs [k0, k1) -> dst[kp * w + r] (dst: the block's [K/2][w] words). Returns false if
+// a value is NaN, inf or beyond kW4BfMaxX.
+FASTKERN_AVX512BF16 bool w4_pack_x_bf16_block(const float* X, int64_t ldx, int64_t M, int64_t m0, int64_t w,
+                                              int64_t k0, int64_t k1, uint32_t* dst) {
+  alignas(64) uint32_t t[kW4BfBlockRows][16];
+  const __m512 lim = _mm512_set1_ps(kW4BfMaxX);
+  const int64_t rows = std::min<int64_t>(w, M - m0);
+  __mmask16 bad = 0;
+  for (int64_t kk = k0; kk < k1; kk += 16) {
+    const int64_t n = std::min<int64_t>(16, k1 - kk);  // pairs in this step
+    const __mmask16 mlo = __mmask16(n >= 8 ? 0xFFFFu : (1u << (2 * n)) - 1);
+    const __mmask16 mhi = __mmask16(n > 8 ? (1u << (2 * (n - 8))) - 1 : 0u);
+    for (int64_t r = 0; r < w; ++r) {
+      __m512i v = _mm512_setzero_si512();
+      if (r < rows) {
+        const float* src = X + (m0 + r) * ldx + 2 * kk;
+        const __m512 lo = _mm512_maskz_loadu_ps(mlo, src), hi = _mm512_maskz_loadu_ps(mhi, src + 16);
+        bad |= _mm512_cmp_ps_mask(_mm512_abs_ps(lo), lim, _CMP_NLE_UQ) |
+               _mm512_cmp_ps_mask(_mm512_abs_ps(hi), lim, _CMP_NLE_UQ);
+        v = cvt_bf16x32(lo, hi);
+      }
+      _mm512_store_si512(t[r], v);
+    }
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t r = 0; r < w; ++r) dst[(kk + i) * w + r] = t[r][i];
+  }
+  return bad == 0;
+}
+
+// x -> bf16 pairs per block of 64 rows (above), in parallel. Returns false if x holds NaN,
+// inf or a value beyond kW4BfMaxX.
+bool w4_pack_x_bf16(const float* X, int64_t ldx, int64_t M, int64_t K, uint32_t* ap) {
+  const int64_t KP = K / 2, Mp = round_up(M, 16), nmb = (Mp + kW4BfBlockRows - 1) / kW4BfBlockRows;
+  constexpr int64_t kChunk = 256;  // k pairs per work item
+  const int64_t nkc = (KP + kChunk - 1) / kChunk;
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, nmb * nkc, 1, [&](int64_t b, int64_t e) {
+    for (int64_t it = b; it < e; ++it) {
+      const int64_t mb = it / nkc, k0 = (it % nkc) * kChunk, k1 = std::min(KP, k0 + kChunk);
+      const int64_t m0 = mb * kW4BfBlockRows, w = std::min<int64_t>(kW4BfBlockRows, Mp - m0);
+      if (!w4_pack_x_bf16_block(X, ldx, M, m0, w, k0, k1, ap + m0 * KP)) ok = false;
+    }
+  });
+  return ok;
+}
+
+// dst[r * ldd + (kp - kp0)] = (bf16(q_lo - z), bf16(q_hi - z)) of weight byte kp of row
+// n0 + r, for kp in [kp0, kp1); and into L2 the next block's bytes: pf_rows rows of
+// pf_bytes from pf (row stride ldw), one row per row widened
+FASTKERN_AVX512BF16 void w4_widen_bf16(const W4& p, int64_t n0, int64_t n1, int64_t kp0, int64_t kp1, uint32_t* dst,
+                                      int64_t ldd, const uint8_t* pf, int64_t pf_rows, int64_t pf_bytes) {
+  const int64_t hb = p.g / 2;
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i nib = _mm512_set1_epi32(0x000F000F);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* src = p.w + n * p.ldw;
+    uint32_t* d = dst + (n - n0) * ldd - kp0;
+    if (n - n0 < pf_rows)
+      for (int64_t c = 0; c < pf_bytes; c += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(pf + (n - n0) * p.ldw + c), _MM_HINT_T1);
+    int64_t kp = kp0;
+    while (kp < kp1) {
+      const int64_t gi = kp / hb, ge = std::min(kp1, (gi + 1) * hb);
+      const float z = float(p.z[n * p.G + gi]);
+      // words 0..15 and 16..31: bf16(i - z)
+      const __m512 f = _mm512_sub_ps(iota, _mm512_set1_ps(z));
+      const __m512i tbl = cvt_bf16x32(f, f);
+      for (; kp + 16 <= ge; kp += 16) {
+        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + kp)));
+        // word 2i = byte & 15, word 2i + 1 = byte >> 4
+        const __m512i idx = _mm512_and_si512(_mm512_or_si512(b, _mm512_slli_epi32(b, 12)), nib);
+        _mm512_storeu_si512(d + kp, _mm512_permutexvar_epi16(idx, tbl));
+      }
+      for (; kp < ge; ++kp) {
+        const uint8_t byte = src[kp];
+        d[kp] = uint32_t(f32_to_bf16_rne(float(byte & 15) - z)) | (uint32_t(f32_to_bf16_rne(float(byte >> 4) - z)) << 16);
+      }
+    }
+  }
+}
+
+// CT[j][16 v + lane] += the groups' scaled dot products of weight rows j < NR (widened, B,
+// stride ldb, word 0 = pair kp0) with MV vectors of 16 rows of x (Ap: [kp][w] words) over k
+// pairs [kp0, kp1); sw: the rows' scales (row stride G), hb pairs per group. The dot
+// products of a group run in NR x MV registers (independent vdpbf16ps chains) and are
+// folded into CT (in L1) with the group's scale at its end.
+template <int NR, int MV>
+FASTKERN_AVX512BF16 void w4b_gemm_tile(const uint32_t* Ap, int64_t w, const uint32_t* B, int64_t ldb, int64_t kp0,
+                                       int64_t kp1, const float* sw, int64_t G, int64_t hb, float* CT, int64_t ldct) {
+  // U accumulators per output over alternating k pairs for a single vector of x, where the
+  // 6 x 1 tile's 6 chains would leave vdpbf16ps (latency ~6 cycles, two per cycle) waiting.
+  // U depends on MV only (the rows of x, not the tile's weight rows, which depend on where a
+  // thread's rows start), so each output's summation order is the same for any thread split.
+  constexpr int U = MV == 1 ? 2 : 1;
+  for (int64_t a = kp0; a < kp1;) {
+    const int64_t gi = a / hb, e = std::min(kp1, (gi + 1) * hb);
+    __m512 dot[U][NR][MV];
+    for (int u = 0; u < U; ++u)
+      for (int j = 0; j < NR; ++j)
+        for (int v = 0; v < MV; ++v) dot[u][j][v] = _mm512_setzero_ps();
+    const uint32_t* xp = Ap + a * w;
+    const uint32_t* bp = B + (a - kp0);
+    auto step = [&](int u) FASTKERN_AVX512BF16 {
+      __m512i x[MV];
+      for (int v = 0; v < MV; ++v) x[v] = _mm512_loadu_si512(xp + 16 * v);
+      for (int j = 0; j < NR; ++j) {
+        const __m512i b = _mm512_set1_epi32(int(bp[j * ldb]));
+        for (int v = 0; v < MV; ++v) dot[u][j][v] = dpbf16_inplace(dot[u][j][v], x[v], b);
+      }
+      xp += w;
+      ++bp;
+    };
+    int64_t kp = a;
+    for (; kp + U <= e; kp += U)
+      for (int u = 0; u < U; ++u) step(u);
+    for (int u = 0; kp < e; ++kp, ++u) step(u);
+    for (int j = 0; j < NR; ++j) {
+      const __m512 s = _mm512_set1_ps(sw[j * G + gi]);
+      for (int v = 0; v < MV; ++v) {
+        __m512 d = dot[0][j][v];
+        for (int u = 1; u < U; ++u) d = _mm512_add_ps(d, dot[u][j][v]);
+        float* c = CT + j * ldct + 16 * v;
+        _mm512_storeu_ps(c, _mm512_fmadd_ps(d, s, _mm512_loadu_ps(c)));
+      }
+    }
+    a = e;
+  }
+}
+
+// Weight rows: 6 at a time (24 accumulators at MV = 4), then 4, 2, 1.
+template <int MV>
+void w4b_gemm_rows(const uint32_t* Ap, int64_t w, const uint32_t* B, int64_t ldb, int64_t rows, int64_t kp0,
+                   int64_t kp1, const float* sw, int64_t G, int64_t hb, float* CT, int64_t ldct) {
+  int64_t r = 0;
+  for (; r + 6 <= rows; r += 6)
+    w4b_gemm_tile<6, MV>(Ap, w, B + r * ldb, ldb, kp0, kp1, sw + r * G, G, hb, CT + r * ldct, ldct);
+  if (r + 4 <= rows) {
+    w4b_gemm_tile<4, MV>(Ap, w, B + r * ldb, ldb, kp0, kp1, sw + r * G, G, hb, CT + r * ldct, ldct);
+    r += 4;
+  }
+  if (r + 2 <= rows) {
+    w4b_gemm_tile<2, MV>(Ap, w, B + r * ldb, ldb, kp0, kp1, sw + r * G, G, hb, CT + r * ldct, ldct);
+    r += 2;
+  }
+  if (r < rows) w4b_gemm_tile<1, MV>(Ap, w, B + r * ldb, ldb, kp0, kp1, sw + r * G, G, hb, CT + r * ldct, ldct);
+}
+
+// Y [M, N] = x (fp32 holding bf16 values) x ((q - z) * s)^T. Returns false (Y untouched)
+// if x holds NaN, inf or values beyond kW4BfMaxX.
+bool w4b_gemm_bf16(const W4& p, const float* X, int64_t ldx, int64_t M, int64_t N, float* Y) {
+  const int64_t K = 2 * p.ldw, KP = p.ldw, Mp = round_up(M, 16), hb = p.g / 2;
+  std::vector<uint32_t> apv(size_t(Mp * KP));
+  uint32_t* ap = apv.data();
+  if (!w4_pack_x_bf16(X, ldx, M, K, ap)) return false;
+  const int64_t KCP = std::min(kW4BfKCP, KP), ldb = KCP + 16;  // + 64 B: rows off 4 KiB strides
+  parallel_rows(N, 16, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<uint32_t> wbv(size_t(kW4BfTaskRows * ldb));
+    std::vector<float> ctv(size_t(kW4BfTaskRows * Mp));
+    uint32_t* wb = wbv.data();
+    float* ct = ctv.data();
+    for (int64_t n0 = r0; n0 < r1; n0 += kW4BfTaskRows) {
+      const int64_t n1 = std::min(r1, n0 + kW4BfTaskRows), rows = n1 - n0;
+      std::fill(ct, ct + rows * Mp, 0.f);
+      for (int64_t kp0 = 0; kp0 < KP; kp0 += KCP) {
+        const int64_t kp1 = std::min(KP, kp0 + KCP);
+        // the next block's bytes into L2 while this one is widened: the next K block of these
+        // rows, or the next task's first
+        if (kp1 < KP)
+          w4_widen_bf16(p, n0, n1, kp0, kp1, wb, ldb, p.w + n0 * p.ldw + kp1, rows, std::min(KCP, KP - kp1));
+        else
+          w4_widen_bf16(p, n0, n1, kp0, kp1, wb, ldb, p.w + n1 * p.ldw, std::min(kW4BfTaskRows, r1 - n1), KCP);
+        for (int64_t m0 = 0; m0 < Mp; m0 += kW4BfBlockRows) {
+          const int64_t w = std::min<int64_t>(kW4BfBlockRows, Mp - m0);
+          const uint32_t* a = ap + m0 * KP;
+          const float* sw = p.s + n0 * p.G;
+          switch (w / 16) {
+            case 1: w4b_gemm_rows<1>(a, w, wb, ldb, rows, kp0, kp1, sw, p.G, hb, ct + m0, Mp); break;
+            case 2: w4b_gemm_rows<2>(a, w, wb, ldb, rows, kp0, kp1, sw, p.G, hb, ct + m0, Mp); break;
+            case 3: w4b_gemm_rows<3>(a, w, wb, ldb, rows, kp0, kp1, sw, p.G, hb, ct + m0, Mp); break;
+            default: w4b_gemm_rows<4>(a, w, wb, ldb, rows, kp0, kp1, sw, p.G, hb, ct + m0, Mp); break;
+          }
+        }
+      }
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t j = 0; j < rows; ++j) Y[m * N + n0 + j] = ct[j * Mp + m];
+    }
+  });
+  return true;
+}
 #endif
 
 // ------------------------------------------------------------------ op
@@ -1470,6 +1696,10 @@ at::Tensor linear_w4a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
 
   bool done = false;
 #if FASTKERN_X86
+  if (x.scalar_type() == at::kBFloat16 && active_isa() >= Isa::Avx512 && features().avx512bf16 &&
+      w4_bf16_gemm_min_m() > 0 && M >= w4_bf16_gemm_min_m() &&
+      w4b_gemm_bf16(p, X.data_ptr<float>(), ldx, M, N, Y.data_ptr<float>()))
+    return finish(Y, bias, x, N);
   if (use_w4f_tiles(M, group_size, x.scalar_type() == at::kFloat)) {
     w4f_gemv_avx512(p, X.data_ptr<float>(), ldx, M, N, Y.data_ptr<float>());
     return finish(Y, bias, x, N);
