@@ -42,6 +42,7 @@
 #include "cpu/gemm_blocked.h"
 #include "cpu/gemm_skinny.h"
 #include "cpu/quant_common.h"
+#include "cpu/scratch.h"
 
 namespace fastkern {
 namespace cpu {
@@ -1621,15 +1622,16 @@ void w4b_gemm_rows(const uint32_t* Ap, int64_t w, const uint32_t* B, int64_t ldb
 // if x holds NaN, inf or values beyond kW4BfMaxX.
 bool w4b_gemm_bf16(const W4& p, const float* X, int64_t ldx, int64_t M, int64_t N, float* Y) {
   const int64_t K = 2 * p.ldw, KP = p.ldw, Mp = round_up(M, 16), hb = p.g / 2;
-  std::vector<uint32_t> apv(size_t(Mp * KP));
-  uint32_t* ap = apv.data();
+  // thread-kept scratch (scratch.h): no page faults per call
+  Scratch apt(ScratchSlot::XPack, size_t(Mp * KP) * 4);
+  uint32_t* ap = apt.as<uint32_t>();
   if (!w4_pack_x_bf16(X, ldx, M, K, ap)) return false;
   const int64_t KCP = std::min(kW4BfKCP, KP), ldb = KCP + 16;  // + 64 B: rows off 4 KiB strides
   parallel_rows(N, 16, 1, [&](int64_t r0, int64_t r1) {
-    std::vector<uint32_t> wbv(size_t(kW4BfTaskRows * ldb));
-    std::vector<float> ctv(size_t(kW4BfTaskRows * Mp));
-    uint32_t* wb = wbv.data();
-    float* ct = ctv.data();
+    Scratch wbs(ScratchSlot::Worker1, size_t(kW4BfTaskRows * ldb) * 4);
+    Scratch cts(ScratchSlot::Worker0, size_t(kW4BfTaskRows * Mp) * 4);
+    uint32_t* wb = wbs.as<uint32_t>();
+    float* ct = cts.as<float>();
     for (int64_t n0 = r0; n0 < r1; n0 += kW4BfTaskRows) {
       const int64_t n1 = std::min(r1, n0 + kW4BfTaskRows), rows = n1 - n0;
       std::fill(ct, ct + rows * Mp, 0.f);
