@@ -1455,7 +1455,8 @@ void w4b_gemv(const W4& p, const Bf16X& q, int64_t M, int64_t N, float* Y) {
 // bf16(q1 - z)), one per weight byte, while the next block's bytes are prefetched into L2;
 // and one word is broadcast per step against 16 rows of x per vector: NR weight rows x MV
 // vectors of dot accumulators per group, folded with the group's scale into the fp32 totals
-// CT [rows][Mp] (in L1, kept over all K blocks), transposed into Y at the end of each task.
+// CT [rows][Mp] (48 x Mp floats per thread, in L1 up to M = 64; kept over all K blocks),
+// transposed into Y at the end of each task.
 // Measured (2 threads, weights beyond L3, alternating in one process with the fp32 path and
 // torch's dense bf16 F.linear): 4096x4096 / 11008x4096 / 4096x11008, M = 16: 1.07-1.19x the
 // limbs; M = 32 / 64 / 256: 1.8-3.0x the fp32 GEMM, and 1.1-1.5x dense bf16 F.linear up to
@@ -1556,7 +1557,7 @@ FASTKERN_AVX512BF16 void w4_widen_bf16(const W4& p, int64_t n0, int64_t n1, int6
 // stride ldb, word 0 = pair kp0) with MV vectors of 16 rows of x (Ap: [kp][w] words) over k
 // pairs [kp0, kp1); sw: the rows' scales (row stride G), hb pairs per group. The dot
 // products of a group run in NR x MV registers (independent vdpbf16ps chains) and are
-// folded into CT (in L1) with the group's scale at its end.
+// folded into CT (in L1 at small M) with the group's scale at its end.
 template <int NR, int MV>
 FASTKERN_AVX512BF16 void w4b_gemm_tile(const uint32_t* Ap, int64_t w, const uint32_t* B, int64_t ldb, int64_t kp0,
                                        int64_t kp1, const float* sw, int64_t G, int64_t hb, float* CT, int64_t ldct) {
