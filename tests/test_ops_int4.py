@@ -396,10 +396,13 @@ BF16_GEMM_CASES = [(1, 64, 2), (5, 96, 6), (13, 96, 48), (6, 256, 32), (49, 2048
 @NATIVE
 @BF16_GEMM
 @pytest.mark.parametrize("m", [16, 17, 31, 32, 33, 48, 63, 64, 65, 100, 130])
-def test_bf16_gemm_matches_reference(m, gen):
+def test_bf16_gemm_matches_reference(m, gen, monkeypatch):
     # bf16 x at m >= 16 with AVX512-BF16 (w4b_gemm_bf16): x packed in blocks of 64 rows (the
     # last one 16, 32, 48 or 64 wide, rows past m zero: m = 17..130 leave each), the cases
     # above; with and without bias. Against the reference, 1 and 2 threads bitwise equal.
+    # Groups under 32 (g = 2, 6) take it only through FASTKERN_W4A16_BF16_GEMM_MIN_G (by
+    # default the fp32 paths are faster there).
+    monkeypatch.setenv("FASTKERN_W4A16_BF16_GEMM_MIN_G", "2")
     outs, refs = [], []
     with cpu_isa("avx512"):
         for i, (n, k, g) in enumerate(BF16_GEMM_CASES):
@@ -418,7 +421,7 @@ def test_bf16_gemm_matches_reference(m, gen):
 @NATIVE
 @BF16_GEMM
 @pytest.mark.parametrize("m", [16, 40, 64])
-def test_bf16_gemm_exact_products(m, gen):
+def test_bf16_gemm_exact_products(m, gen):  # g = 128: the default switch
     # the products are exact (q - z and bf16 x are both bf16): a group whose largest activation
     # meets a zero weight (q = z) leaves its small activations to carry the output, which the
     # limbs (x quantized to 2 x 8 bits per group) would round away; here only fp32 summation

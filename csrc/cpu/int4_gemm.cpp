@@ -19,9 +19,10 @@
 // At M = 1 with AVX-512 VNNI and g <= 128, one call per thread and K block for all its
 // rows (w4l_rows1_avx512), two groups per step.
 //
-// bf16 x from M = 16 with AVX512-BF16 (AVX-512 path): a GEMM of vdpbf16ps over the weights as
-// exact bf16 integers q - z, the groups' fp32 sums scaled by their weight scales ("GEMM: bf16
-// dot products"; NaN / inf and |x| > 1e30 take the fp32 paths below).
+// bf16 x from M = 16 with AVX512-BF16 (AVX-512 path), groups of at least 32: a GEMM of
+// vdpbf16ps over the weights as exact bf16 integers q - z, the groups' fp32 sums scaled by
+// their weight scales ("GEMM: bf16 dot products"; NaN / inf and |x| > 1e30 take the fp32
+// paths below).
 //
 // With AVX-512, fp32 x at 6 <= M <= 64 and fp16 x (bf16 x without AVX512-BF16) above the limbs
 // up to 64 (groups of a multiple of 16): fp32 FMA tiles over weights
@@ -1469,7 +1470,16 @@ constexpr int64_t kW4BfBlockRows = 64;  // rows of x per packed block (4 vectors
 // |x| above this takes the fp32 path: 15 |x| summed over any K stays finite in fp32
 constexpr float kW4BfMaxX = 1e30f;
 
-inline int64_t w4_bf16_gemm_min_m() { return env_knob("FASTKERN_W4A16_BF16_GEMM_MIN_M", kW4BfGemmMinM); }
+// Groups from 32 weights (16 pairs): each group ends in a fold of NR x MV totals, which below
+// that costs more than the products (4096x4096 M = 16 / 64, against the fp32 paths: g = 16
+// 0.48 / 1.44x, g = 8 0.39 / 0.58x; g = 32 1.26 / 1.96x, g = 64 2.15 / 2.56x).
+// FASTKERN_W4A16_BF16_GEMM_MIN_G moves the bound (A/B, tests), read per call.
+constexpr int64_t kW4BfGemmMinG = 32;
+
+inline bool use_w4_bf16_gemm(int64_t M, int64_t g) {
+  const int64_t min_m = env_knob("FASTKERN_W4A16_BF16_GEMM_MIN_M", kW4BfGemmMinM);
+  return min_m > 0 && M >= min_m && g >= env_knob("FASTKERN_W4A16_BF16_GEMM_MIN_G", kW4BfGemmMinG);
+}
 
 // Rows [m0, m0 + w) of x (fp32 holding bf16 values, row stride ldx; zero from row M on),
 // k pairs [k0, k1) -> dst[kp * w + r] (dst: the block's [K/2][w] words). Returns false if
@@ -1700,7 +1710,7 @@ at::Tensor linear_w4a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
   bool done = false;
 #if FASTKERN_X86
   if (x.scalar_type() == at::kBFloat16 && active_isa() >= Isa::Avx512 && features().avx512bf16 &&
-      w4_bf16_gemm_min_m() > 0 && M >= w4_bf16_gemm_min_m() &&
+      use_w4_bf16_gemm(M, group_size) &&
       w4b_gemm_bf16(p, X.data_ptr<float>(), ldx, M, N, Y.data_ptr<float>()))
     return finish(Y, bias, x, N);
   if (use_w4f_tiles(M, group_size, x.scalar_type() == at::kFloat)) {
