@@ -445,19 +445,22 @@ def test_bf16_gemm_exact_products(m, gen):  # g = 128: the default switch
 @BF16_GEMM
 def test_bf16_gemm_nan_inf_and_huge_values(gen):
     # NaN / inf, or |x| beyond 1e30 (where 15 |x| summed over K could overflow fp32 before the
-    # scale), take the fp32 path, which matches the reference; rows without them are unchanged
+    # scale), take the fp32 path, which matches the reference; rows without them are unchanged.
+    # x = 1e38 against small weight scales: the reference's outputs are ~1e35, while (q - z) x
+    # summed before the scale would be inf.
     m, n, k, g = 20, 9, 256, 128
     x = torch.randn(m, k, generator=gen).bfloat16()
-    w, s, z = make_w4(gen, n, k, g)
+    w, s, z = formats.quantize_int4(torch.randn(n, k, generator=gen) * 1e-3, g)
     with cpu_isa("avx512"):
         clean = native(x, w, s, z, g, None)
-        for bad in (float("nan"), float("inf"), 3e35):
+        for bad in (float("nan"), float("inf"), 1e38):
             xb = x.clone()
             xb[3, 17] = bad
             out = native(xb, w, s, z, g, None)
             ref = ops.linear_w4a16_ref(xb, w, s, z, g, None)
-            if bad == 3e35:  # the row's outputs ~1e35: the contract's relative error over the whole
-                assert_close_rel(out, ref, torch.bfloat16)
+            if bad == 1e38:  # finite, within the contract (norms in float64: fp32 ones overflow)
+                o, r = out.double(), ref.double()
+                assert torch.isfinite(o).all() and (o - r).norm() <= 1e-2 * r.norm()
             else:  # +-inf where the weight is non-zero, NaN where it is zero, as in the reference
                 torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=1e-2, equal_nan=True)
             rows = [r for r in range(m) if r != 3]

@@ -910,10 +910,7 @@ FASTKERN_AVX512VNNI void w4l_rows1_avx512(const W4& p, const Limbs& q, const KRa
 }
 
 // FASTKERN_W4A16_ROWS512=0 sends M = 1 back to the per-row tiles (A/B timing, tests); read per call.
-inline bool rows512_enabled() {
-  const char* e = std::getenv("FASTKERN_W4A16_ROWS512");
-  return !(e && e[0] == '0');
-}
+inline bool rows512_enabled() { return env_knob("FASTKERN_W4A16_ROWS512", 1) != 0; }
 
 using TileFn = void (*)(const W4&, const Limbs&, const KRange&, int64_t, int64_t, float*, int64_t);
 
@@ -1481,27 +1478,24 @@ inline bool use_w4_bf16_gemm(int64_t M, int64_t g) {
   return min_m > 0 && M >= min_m && g >= env_knob("FASTKERN_W4A16_BF16_GEMM_MIN_G", kW4BfGemmMinG);
 }
 
-// Rows [m0, m0 + w) of x (fp32 holding bf16 values, row stride ldx; zero from row M on),
-// k pairs [k0, k1) -> dst[kp * w + r] (dst: the block's [K/2][w] words). Returns false if
-// a value is NaN, inf or beyond kW4BfMaxX.
-FASTKERN_AVX512BF16 bool w4_pack_x_bf16_block(const float* X, int64_t ldx, int64_t M, int64_t m0, int64_t w,
+// Rows [m0, m0 + w) of x (bf16, row stride ldx elements; zero from row M on), k pairs [k0, k1)
+// -> dst[kp * w + r] (dst: the block's [K/2][w] words). A pair of bf16 is the 32-bit word it
+// occupies in x, so this is a transpose of words. Returns false if a value is NaN, inf or
+// beyond kW4BfMaxX (bf16 magnitudes order as their bits: one unsigned compare).
+FASTKERN_AVX512BF16 bool w4_pack_x_bf16_block(const uint16_t* X, int64_t ldx, int64_t M, int64_t m0, int64_t w,
                                               int64_t k0, int64_t k1, uint32_t* dst) {
   alignas(64) uint32_t t[kW4BfBlockRows][16];
-  const __m512 lim = _mm512_set1_ps(kW4BfMaxX);
+  const __m512i mag = _mm512_set1_epi16(0x7FFF), lim = _mm512_set1_epi16(int16_t(f32_to_bf16_rne(kW4BfMaxX)));
   const int64_t rows = std::min<int64_t>(w, M - m0);
-  __mmask16 bad = 0;
+  __mmask32 bad = 0;
   for (int64_t kk = k0; kk < k1; kk += 16) {
     const int64_t n = std::min<int64_t>(16, k1 - kk);  // pairs in this step
-    const __mmask16 mlo = __mmask16(n >= 8 ? 0xFFFFu : (1u << (2 * n)) - 1);
-    const __mmask16 mhi = __mmask16(n > 8 ? (1u << (2 * (n - 8))) - 1 : 0u);
+    const __mmask32 mk = n == 16 ? ~__mmask32(0) : (__mmask32(1) << (2 * n)) - 1;
     for (int64_t r = 0; r < w; ++r) {
       __m512i v = _mm512_setzero_si512();
       if (r < rows) {
-        const float* src = X + (m0 + r) * ldx + 2 * kk;
-        const __m512 lo = _mm512_maskz_loadu_ps(mlo, src), hi = _mm512_maskz_loadu_ps(mhi, src + 16);
-        bad |= _mm512_cmp_ps_mask(_mm512_abs_ps(lo), lim, _CMP_NLE_UQ) |
-               _mm512_cmp_ps_mask(_mm512_abs_ps(hi), lim, _CMP_NLE_UQ);
-        v = cvt_bf16x32(lo, hi);
+        v = _mm512_maskz_loadu_epi16(mk, X + (m0 + r) * ldx + 2 * kk);
+        bad |= _mm512_cmpgt_epu16_mask(_mm512_and_si512(v, mag), lim);
       }
       _mm512_store_si512(t[r], v);
     }
@@ -1513,7 +1507,7 @@ FASTKERN_AVX512BF16 bool w4_pack_x_bf16_block(const float* X, int64_t ldx, int64
 
 // x -> bf16 pairs per block of 64 rows (above), in parallel. Returns false if x holds NaN,
 // inf or a value beyond kW4BfMaxX.
-bool w4_pack_x_bf16(const float* X, int64_t ldx, int64_t M, int64_t K, uint32_t* ap) {
+bool w4_pack_x_bf16(const uint16_t* X, int64_t ldx, int64_t M, int64_t K, uint32_t* ap) {
   const int64_t KP = K / 2, Mp = round_up(M, 16), nmb = (Mp + kW4BfBlockRows - 1) / kW4BfBlockRows;
   constexpr int64_t kChunk = 256;  // k pairs per work item
   const int64_t nkc = (KP + kChunk - 1) / kChunk;
@@ -1629,14 +1623,14 @@ void w4b_gemm_rows(const uint32_t* Ap, int64_t w, const uint32_t* B, int64_t ldb
   if (r < rows) w4b_gemm_tile<1, MV>(Ap, w, B + r * ldb, ldb, kp0, kp1, sw + r * G, G, hb, CT + r * ldct, ldct);
 }
 
-// Y [M, N] = x (fp32 holding bf16 values) x ((q - z) * s)^T. Returns false (Y untouched)
+// Y [M, N] = x (bf16, contiguous rows of K) x ((q - z) * s)^T. Returns false (Y untouched)
 // if x holds NaN, inf or values beyond kW4BfMaxX.
-bool w4b_gemm_bf16(const W4& p, const float* X, int64_t ldx, int64_t M, int64_t N, float* Y) {
+bool w4b_gemm_bf16(const W4& p, const uint16_t* X, int64_t M, int64_t N, float* Y) {
   const int64_t K = 2 * p.ldw, KP = p.ldw, Mp = round_up(M, 16), hb = p.g / 2;
   // thread-kept scratch (scratch.h): no page faults per call
   Scratch apt(ScratchSlot::XPack, size_t(Mp * KP) * 4);
   uint32_t* ap = apt.as<uint32_t>();
-  if (!w4_pack_x_bf16(X, ldx, M, K, ap)) return false;
+  if (!w4_pack_x_bf16(X, K, M, K, ap)) return false;
   const int64_t KCP = std::min(kW4BfKCP, KP), ldb = KCP + 16;  // + 64 B: rows off 4 KiB strides
   parallel_rows(N, 16, 1, [&](int64_t r0, int64_t r1) {
     Scratch wbs(ScratchSlot::Worker1, size_t(kW4BfTaskRows * ldb) * 4);
@@ -1701,6 +1695,17 @@ at::Tensor linear_w4a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
   at::Tensor zc = zeros.contiguous();
   W4 p{wc.data_ptr<uint8_t>(), K / 2, sc.data_ptr<float>(), zc.data_ptr<uint8_t>(), G, group_size};
   const bool avx2 = use_avx2();
+#if FASTKERN_X86
+  // bf16 x as it is (no fp32 copy): the bf16 GEMM
+  if (x.scalar_type() == at::kBFloat16 && N > 0 && K > 0 && active_isa() >= Isa::Avx512 && features().avx512bf16 &&
+      use_w4_bf16_gemm(rows_of(x), group_size)) {
+    const int64_t M = rows_of(x);
+    at::Tensor xb = x.reshape({M, K}).contiguous();
+    at::Tensor Y = at::empty({M, N}, x.options().dtype(at::kFloat));
+    if (w4b_gemm_bf16(p, reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>()), M, N, Y.data_ptr<float>()))
+      return finish(Y, bias, x, N);
+  }
+#endif
   at::Tensor X = x_f32_padded(x, K, round_up(K, 8));
   const int64_t M = X.size(0), ldx = X.size(1);
   // every path stores each output (the GEMVs in their first K block, the GEMM in its first KC block)
@@ -1709,10 +1714,6 @@ at::Tensor linear_w4a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
 
   bool done = false;
 #if FASTKERN_X86
-  if (x.scalar_type() == at::kBFloat16 && active_isa() >= Isa::Avx512 && features().avx512bf16 &&
-      use_w4_bf16_gemm(M, group_size) &&
-      w4b_gemm_bf16(p, X.data_ptr<float>(), ldx, M, N, Y.data_ptr<float>()))
-    return finish(Y, bias, x, N);
   if (use_w4f_tiles(M, group_size, x.scalar_type() == at::kFloat)) {
     w4f_gemv_avx512(p, X.data_ptr<float>(), ldx, M, N, Y.data_ptr<float>());
     return finish(Y, bias, x, N);
