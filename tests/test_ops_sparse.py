@@ -5,7 +5,8 @@ AVX2/AVX-512 M <= 8) and a larger-M path (2:4 on AVX2/AVX-512: only the kept wei
 broadcast against rows of x^T picked by meta, in register tiles of 4 weight rows x
 16..64 (zmm) or 8..16 (ymm) columns of M; 2:4 generic: expanded into the blocked GEMM's
 panels; block-sparse register tiles over x^T), each with generic, AVX2 and AVX-512
-versions where they exist; the tests reach every one this CPU can run.
+versions where they exist, and for bf16 x with AVX512-BF16 the pair kernel (one vdpbf16ps
+lane per kept pair, from M = 6); the tests reach every one this CPU can run.
 """
 import pytest
 import torch
@@ -92,10 +93,11 @@ def assert_close_elementwise(out, x, dense_w, bias, dtype):
 @needs_cpu24
 @pytest.mark.parametrize("isa", cpu_isas(), indirect=True)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-def test_sparse24_every_tail(gen, isa, dtype):
+def test_sparse24_every_tail(gen, isa, dtype, monkeypatch):
     """Small-M rows (AVX2/AVX-512: one weight row against 1..4 x rows at once, pairs of
     16-wide K chunks, a last odd chunk and 1..3-group tails; generic: pairs of x rows),
-    and the GEMM path's tails (M > 4)."""
+    and the GEMM path's tails (M > 4). bf16 without the pair kernel (tested below)."""
+    monkeypatch.setenv("FASTKERN_S24_BF16_MIN_M", "0")
     full = dtype == torch.float32
     for m in range(1, 14) if full else (1, 3, 7):
         for n in (1, 2, 3, 4, 5, 7, 17) if full else (1, 6, 17):
@@ -148,11 +150,13 @@ S24_MAX_TILE = {"avx2": 16, "avx512": 64}
 @needs_cpu24
 @pytest.mark.parametrize("isa", [p for p in cpu_isas() if p.values[0] != "generic"], indirect=True)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-def test_sparse24_kept_weights_kernel_every_tail(gen, isa, dtype):
+def test_sparse24_kept_weights_kernel_every_tail(gen, isa, dtype, monkeypatch):
     """The kept-weights kernel (M above the streaming path): every M tile width (1..4
     vectors) and a partial last vector, weight rows 1..4 of a register tile and past a
     parallel chunk, K in several L1 blocks (kc = 32 KB / (4 W) columns on AVX-512,
-    16 KB on AVX2) with group tails of the 8-group packer steps."""
+    16 KB on AVX2) with group tails of the 8-group packer steps. bf16 x takes it where
+    the pair kernel is off (no AVX512-BF16)."""
+    monkeypatch.setenv("FASTKERN_S24_BF16_MIN_M", "0")
     lanes, wide = S24_LANES[isa], S24_MAX_TILE[isa]
     lo = S24_STREAM_MAX_M[isa] + 1
     ms = sorted({lo, lanes - 1, lanes, lanes + 1, 2 * lanes + 3, wide - 1, wide, wide + 1, wide + lanes, 2 * wide + 5})
@@ -165,6 +169,120 @@ def test_sparse24_kept_weights_kernel_every_tail(gen, isa, dtype):
             values, meta, b = sparse24_args(n, k, dtype, gen, bias=(n % 2 == 1))
             out = torch.ops.fastkern_C.linear_sparse24(x, values, meta, b)
             assert_close_elementwise(out, x, formats.decompress_2_4(values, meta), b, dtype)
+
+
+# The bf16 pair kernel (bf16 x and values, AVX512-BF16: one vdpbf16ps lane per kept pair).
+HAS_BF16_DOT = _ext._C is not None and bool(_ext._C.cpu_features().get("avx512bf16", False))
+needs_pair = pytest.mark.skipif(not HAS_BF16_DOT, reason="the bf16 2:4 pair kernel needs a CPU with AVX512-BF16")
+
+
+def int_sparse24(n, k, gen, lo=-3, hi=3):
+    """bf16 2:4 weights holding small integers: every product and sum is exact in fp32, so
+    the kernel's result (rounded to bf16 once) must equal the reference's bit for bit."""
+    w = torch.randint(lo, hi + 1, (n, k), generator=gen).float()
+    values, meta = formats.compress_2_4(w + 0.01 * torch.rand(n, k, generator=gen))  # ties broken
+    values = values.round().bfloat16()
+    return values, meta
+
+
+def int_x(m, k, gen):
+    return torch.randint(-3, 4, (m, k), generator=gen).bfloat16()
+
+
+@needs_cpu24
+@needs_pair
+def test_sparse24_bf16_pair_kernel_every_tail(gen, monkeypatch):
+    """Every M tile width (16..64 rows of x) and partial last vector, several M tiles, weight
+    rows 1..6 of a register tile and several parallel chunks, K in several L1 blocks (85 /
+    42 / 28 / 21 groups for 1 / 2 / 3 / 4 vectors of x) with tails of the 16-group packer and
+    8-group x-expansion steps. Integer-valued data: exact, compared bit for bit."""
+    monkeypatch.setenv("FASTKERN_S24_BF16_MIN_M", "1")
+    for m in (1, 5, 15, 16, 17, 31, 33, 47, 49, 63, 64, 65, 80, 130):
+        for n, g in [(1, 1), (5, 15), (7, 17), (13, 86), (50, 41), (200, 29), (12, 257)]:
+            if m > 33 and n * g > 2000:
+                continue
+            k = 4 * g
+            x = int_x(m, k, gen)
+            values, meta = int_sparse24(n, k, gen)
+            b = torch.randint(-3, 4, (n,), generator=gen).float() if n % 2 else None
+            out = torch.ops.fastkern_C.linear_sparse24(x, values, meta, b)
+            ref = ops.linear_sparse24_ref(x, values, meta, b)
+            assert torch.equal(out, ref), (m, n, k)
+
+
+@needs_cpu24
+@needs_pair
+def test_sparse24_bf16_pair_kernel_random_data(gen):
+    """Random bf16 data at the default switch: within the bf16 contract against the exact sum."""
+    for m in (6, 9, 40, 200):
+        x = torch.randn(m, 1028, generator=gen).bfloat16()
+        values, meta, b = sparse24_args(37, 1028, torch.bfloat16, gen)
+        out = torch.ops.fastkern_C.linear_sparse24(x, values, meta, b)
+        assert_close_elementwise(out, x, formats.decompress_2_4(values, meta), b, torch.bfloat16)
+
+
+@needs_cpu24
+@needs_pair
+def test_sparse24_bf16_pair_kernel_meta_orders(gen, monkeypatch):
+    """Kept positions in either order (the pair is stored first position low) and groups
+    whose two positions are the same (malformed meta: like the other kernels that skip
+    pruned weights, both values are added: stored as their bf16 sum); high meta bits ignored."""
+    monkeypatch.setenv("FASTKERN_S24_BF16_MIN_M", "1")
+    n, g, m = 23, 70, 21
+    x = int_x(m, 4 * g, gen)
+    values = torch.randint(-3, 4, (n, 2 * g), generator=gen).bfloat16()
+    a = torch.randint(0, 4, (n, g), generator=gen)
+    b = (a + torch.randint(1, 4, (n, g), generator=gen)) % 4  # distinct from a, either order
+    meta = (a | (b << 2) | (torch.randint(0, 16, (n, g), generator=gen) << 4)).to(torch.uint8)
+    out = torch.ops.fastkern_C.linear_sparse24(x, values, meta, None)
+    assert torch.equal(out, ops.linear_sparse24_ref(x, values, meta & 15, None))
+    same = (a | (a << 2)).to(torch.uint8)
+    out = torch.ops.fastkern_C.linear_sparse24(x, values, same, None)
+    v = values.float().reshape(n, g, 2).sum(-1)  # small integers: exact in bf16
+    expected = torch.einsum("mgp,ngp->mn", x.float().reshape(m, g, 4),
+                            torch.nn.functional.one_hot(a, 4).float() * v[..., None]).bfloat16()
+    assert torch.equal(out, expected)
+
+
+@needs_cpu24
+@needs_pair
+def test_sparse24_bf16_pair_kernel_layouts(gen, monkeypatch):
+    """3-D and non-contiguous x, values with an odd row stride (its rows are read as 32-bit
+    pairs), x in several passes (over 24 MB of expanded x: K = 65536 passes 64 rows at a time)."""
+    monkeypatch.setenv("FASTKERN_S24_BF16_MIN_M", "1")
+    for layout in ("3d", "noncontig"):
+        x = make_x(20, 200, torch.bfloat16, gen, layout).round()
+        values, meta = int_sparse24(30, 200, gen)
+        assert torch.equal(torch.ops.fastkern_C.linear_sparse24(x, values, meta, None),
+                           ops.linear_sparse24_ref(x, values, meta, None))
+    big = torch.randint(-3, 4, (30, 101), generator=gen).bfloat16()
+    values = big[:, :100]
+    assert values.stride(0) == 101
+    _, meta = int_sparse24(30, 200, gen)
+    x = int_x(19, 200, gen)
+    assert torch.equal(torch.ops.fastkern_C.linear_sparse24(x, values, meta, None),
+                       ops.linear_sparse24_ref(x, values, meta, None))
+    x = int_x(130, 65536, gen)
+    values, meta = int_sparse24(5, 65536, gen, -1, 1)
+    assert torch.equal(torch.ops.fastkern_C.linear_sparse24(x, values, meta, None),
+                       ops.linear_sparse24_ref(x, values, meta, None))
+
+
+@needs_cpu24
+@needs_pair
+@pytest.mark.parametrize("m", [6, 40, 200])
+def test_sparse24_bf16_pair_kernel_threads_and_nonfinite(gen, m):
+    x = torch.randn(m, 704, generator=gen).bfloat16()
+    values, meta, b = sparse24_args(333, 704, torch.bfloat16, gen)
+    one, two = on_1_and_2_threads(torch.ops.fastkern_C.linear_sparse24, x, values, meta, b)
+    assert torch.equal(one, two)
+    x[0, 5] = float("nan")
+    x[m - 1, 9] = float("inf")
+    values[3, 0] = float("inf")
+    out = torch.ops.fastkern_C.linear_sparse24(x, values, meta, b)
+    ref = ops.linear_sparse24_ref(x, values, meta, b)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    assert torch.equal(torch.isinf(out), torch.isinf(ref))
 
 
 @needs_cpu24

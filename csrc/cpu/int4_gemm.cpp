@@ -1223,8 +1223,6 @@ inline bool use_w4f_tiles(int64_t M, int64_t g, bool fp32_x) {
 // inside the 1e-2 contract but 20x the limb path's). Inputs holding NaN/inf take the
 // panel path, which matches the reference.
 
-#define FASTKERN_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
-
 constexpr int64_t kBfChunk = 128;
 
 // Off by default: since the limb GEMV combines its limbs by Horner's rule (one int32
@@ -1256,12 +1254,6 @@ inline float bf16_to_f32(uint16_t h) {
   float f;
   std::memcpy(&f, &u, 4);
   return f;
-}
-
-// acc += pairwise bf16 products of a and b (fp32 lanes), in place (see dpbusd_inplace)
-FASTKERN_AVX512BF16 inline __m512 dpbf16_inplace(__m512 acc, __m512i a, __m512i b) {
-  asm("vdpbf16ps %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
-  return acc;
 }
 
 // fp32 -> bf16 bits (nearest even) of 32 floats: lanes 0..15 from lo, 16..31 from hi

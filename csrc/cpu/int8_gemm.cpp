@@ -1258,10 +1258,9 @@ void w8a16_gemm_avx512(const float* X, int64_t ldx, int64_t M, const int8_t* W, 
 // multiply-adds per instruction of the fp32 FMA. The same transposed tiles as above with x
 // packed as [K/2][16 VM][2 bf16] and one (w[k], w[k+1]) pair broadcast per step; the scale
 // multiplies the finished sums (as in the GEMV).
-#define FASTKERN_BF16_512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
 
 template <int NR, int VM>
-FASTKERN_BF16_512 void w8b_tile(const uint32_t* Xp, const uint32_t* P, int64_t ldp, int64_t kc2, float* CT,
+FASTKERN_AVX512BF16 void w8b_tile(const uint32_t* Xp, const uint32_t* P, int64_t ldp, int64_t kc2, float* CT,
                                 int64_t ldct, bool acc, const char* const* pf, int64_t npf, int64_t pf_mask) {
   __m512 c[NR][VM];
 #pragma GCC unroll 12
@@ -1296,7 +1295,7 @@ void w8b_rows(const uint32_t* Xp, const uint32_t* P, int64_t ldp, int64_t rows, 
 }
 
 // panel[r][k/2] = (bf16(W[n0 + r][k0 + k]), bf16(W[.][k0 + k + 1])) for k < kc (zero past it)
-FASTKERN_BF16_512 void bf16_panel(const int8_t* W, int64_t K, int64_t n0, int64_t n1, int64_t k0, int64_t kc,
+FASTKERN_AVX512BF16 void bf16_panel(const int8_t* W, int64_t K, int64_t n0, int64_t n1, int64_t k0, int64_t kc,
                                   uint32_t* panel, int64_t ldp) {
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* src = W + n * K + k0;

@@ -10,6 +10,8 @@
 // kind of DESIGN's CPU targets, which `fastkern-bench --isa avx2` emulates).
 #pragma once
 
+#include <cstdint>
+#include <cstdlib>
 #include <string>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -17,11 +19,15 @@
 #define FASTKERN_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define FASTKERN_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
 #define FASTKERN_AVXVNNI __attribute__((target("avx2,fma,f16c,avxvnni")))
+// AVX-512 with AVX512-BF16 (vdpbf16ps, vcvtne2ps2bf16): check features().avx512bf16 too
+#define FASTKERN_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
+#include <immintrin.h>
 #else
 #define FASTKERN_X86 0
 #define FASTKERN_AVX2
 #define FASTKERN_AVX512
 #define FASTKERN_AVXVNNI
+#define FASTKERN_AVX512BF16
 #endif
 
 namespace fastkern {
@@ -43,6 +49,22 @@ Isa active_isa();
 void set_isa(Isa isa);
 Isa parse_isa(const std::string& name);
 const char* isa_name(Isa isa);
+
+// An integer knob from the environment, read on every call (A/B timing in one process,
+// tests); `fallback` when unset or empty.
+inline int64_t env_knob(const char* name, int64_t fallback) {
+  const char* e = std::getenv(name);
+  return e && *e ? std::atoll(e) : fallback;
+}
+
+#if FASTKERN_X86
+// acc += pairwise bf16 products of a and b (fp32 lanes), in place: GCC otherwise copies an
+// accumulator array once per step where the intrinsic's result is assigned back
+FASTKERN_AVX512BF16 inline __m512 dpbf16_inplace(__m512 acc, __m512i a, __m512i b) {
+  asm("vdpbf16ps %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+  return acc;
+}
+#endif
 
 }  // namespace cpu
 }  // namespace fastkern

@@ -118,13 +118,6 @@ inline void parallel_rows(int64_t n, int64_t unit, int64_t min_units, const F& f
   });
 }
 
-// An integer knob from the environment, read on every call (A/B timing in one process,
-// tests); `fallback` when unset or empty.
-inline int64_t env_knob(const char* name, int64_t fallback) {
-  const char* e = std::getenv(name);
-  return e && *e ? std::atoll(e) : fallback;
-}
-
 // Rows of row_bytes each in about `bytes`: a multiple of unit, at least one unit; all n where
 // bytes <= 0.
 inline int64_t rows_in_bytes(int64_t bytes, int64_t row_bytes, int64_t unit, int64_t n) {

@@ -5,8 +5,10 @@
 //   values and meta stream once (2.25 bytes per dense fp32 weight instead of 4)
 //   and x is gathered in registers. Larger M on AVX2/AVX-512 multiplies only the
 //   kept weights: each is broadcast against a row of x^T picked by its meta
-//   (s24_mvec, half the FMAs of the dense product). The generic path expands 2:4
-//   into the packed B panels of the dense blocked GEMM.
+//   (s24_mvec, half the FMAs of the dense product). bf16 x (and values) with
+//   AVX512-BF16 takes s24b_gemm from M = 6: each kept pair meets its two activations in
+//   one vdpbf16ps lane, x expanded into the six position pairs of every group. The
+//   generic path expands 2:4 into the packed B panels of the dense blocked GEMM.
 // linear_blocksparse(x, blocks [nnzb, bn, bk], row_ptr [ceil(N/bn)+1], col_idx [nnzb], N, bias?)
 //   Empty blocks cost nothing: every kernel walks the CSR lists only. M <= 4:
 //   dot products along k over whole blocks; larger M: register tiles of weight
@@ -20,6 +22,7 @@
 #include <vector>
 
 #include "cpu/gemm_blocked.h"
+#include "cpu/scratch.h"
 
 namespace fastkern {
 namespace cpu {
@@ -660,6 +663,265 @@ bool s24_mvec(Isa isa, const at::Tensor& x2_in, const at::Tensor& values, const 
   });
   return nonfinite;
 }
+
+// --- bf16 x and values on CPUs with AVX512-BF16, above the streaming path: the two kept
+// weights of a group meet their two activations in one vdpbf16ps lane (one pair product
+// per kept pair, where the fp32 kernel above runs two FMAs of half the width: a quarter
+// of its multiply instructions). The x pair a weight row needs depends on its meta, so x
+// is expanded once per call into all six position pairs of each group (0,1) (0,2) (0,3)
+// (1,2) (1,3) (2,3): xe [G][6][W] bf16 pairs per M tile of W = 16 MV rows (3x the bytes of
+// x in bf16), and a kept pair reads its x vectors at the offset of its combination. The
+// weights go in K blocks whose slice of xe (6 W 4 bytes per group) fits in L1, repacked
+// per block as one 64-bit record per (row, group): the bf16 pair ordered by position
+// (first position in the low half) and the byte offset of its combination. A group whose
+// two positions are the same (only a malformed meta has them; the kernels that skip
+// pruned weights add both values) is stored as the bf16 sum of its values paired with a
+// zero weight at the neighbouring position. vdpbf16ps products are exact in fp32; it
+// flushes denormal inputs and outputs to zero (inside the 1e-2 contract of bf16 outputs).
+// The outputs accumulate in ct [rows][Mp] across the K blocks as in s24_mvec, in an order
+// that depends on M only.
+constexpr int kS24bRows = 6;
+constexpr int64_t kS24bChunkRows = 96;  // a multiple of kS24bRows
+constexpr int64_t kS24bL1Bytes = 32 << 10;
+// xe of at most this many bytes per pass: larger M goes in passes of row chunks
+constexpr int64_t kS24bXeBytes = int64_t(24) << 20;
+
+// Smallest M that takes it, below the streaming path's limit: measured (2 threads, one
+// process, alternating; ms, this / the streaming kernel) 4096x4096 M = 5 1.71 / 1.62, M = 6
+// 1.74 / 1.84, M = 8 1.61 / 2.23; 11008x4096 M = 6 4.45 / 5.13, M = 8 4.91 / 6.34; 4096x11008
+// M = 5 4.59 / 4.56, M = 6 5.46 / 5.62. FASTKERN_S24_BF16_MIN_M overrides it (0: off); read
+// per call (A/B timing, tests).
+constexpr int64_t kS24bMinM = 6;
+inline bool s24b_enabled(int64_t M) {
+  const int64_t lo = env_knob("FASTKERN_S24_BF16_MIN_M", kS24bMinM);
+  return lo > 0 && M >= lo && active_isa() >= Isa::Avx512 && features().avx512bf16;
+}
+
+// The combination of positions (a = meta & 3, b = meta >> 2 & 3), indexed a | b << 2, either
+// order; a == b (a malformed group) takes the pair of a and its neighbour a ^ 1.
+constexpr int kS24bCombo[16] = {0, 0, 1, 2, 0, 0, 3, 4, 1, 3, 5, 5, 2, 4, 5, 5};
+constexpr int kS24bFirst[6] = {0, 0, 0, 1, 1, 2};
+constexpr int kS24bSecond[6] = {1, 2, 3, 2, 3, 3};
+
+// 8 x 8 transpose of 64-bit elements: r[i] lane j -> r[j] lane i
+FASTKERN_AVX512BF16 inline void transpose8x8_epi64(__m512i r[8]) {
+  __m512i t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm512_unpacklo_epi64(r[i], r[i + 1]);      // r_i[2l] r_i+1[2l] per 128-bit lane l
+    t[i + 1] = _mm512_unpackhi_epi64(r[i], r[i + 1]);  // r_i[2l+1] r_i+1[2l+1]
+  }
+  const __m512i lo = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13), hi = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
+  for (int i = 0; i < 8; i += 4)
+    for (int j = 0; j < 2; ++j) {
+      u[i + j] = _mm512_permutex2var_epi64(t[i + j], lo, t[i + 2 + j]);      // columns j, j + 4 of 4 rows
+      u[i + 2 + j] = _mm512_permutex2var_epi64(t[i + j], hi, t[i + 2 + j]);  // columns j + 2, j + 6
+    }
+  for (int j = 0; j < 4; ++j) {
+    r[j] = _mm512_shuffle_i64x2(u[j], u[4 + j], 0x44);
+    r[j + 4] = _mm512_shuffle_i64x2(u[j], u[4 + j], 0xEE);
+  }
+}
+
+// Rows [m0, m0 + W) of x (bf16 bits, rows >= M as zeros) expanded to dst [G][6][W] bf16
+// pairs: 16 rows x 8 groups per step, transposed in registers, one two-source word permute
+// per combination. Returns whether x holds an inf or nan.
+FASTKERN_AVX512BF16 bool s24b_expand_x(const uint16_t* X, int64_t ldx, int64_t M, int64_t G, int64_t m0, int64_t W,
+                                       uint32_t* dst) {
+  __m512i idx[6];
+  for (int c = 0; c < 6; ++c) {
+    alignas(64) uint16_t w[32];
+    for (int i = 0; i < 16; ++i) {
+      const int base = (i < 8 ? 0 : 32) + 4 * (i % 8);
+      w[2 * i] = static_cast<uint16_t>(base + kS24bFirst[c]);
+      w[2 * i + 1] = static_cast<uint16_t>(base + kS24bSecond[c]);
+    }
+    idx[c] = _mm512_load_si512(w);
+  }
+  const __m512i expo = _mm512_set1_epi16(0x7f80);
+  __mmask32 bad = 0;
+  for (int64_t rb = 0; rb < W; rb += 16) {
+    const int rows = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(16, M - (m0 + rb))));
+    for (int64_t g0 = 0; g0 < G; g0 += 8) {
+      const int ng = static_cast<int>(std::min<int64_t>(8, G - g0));
+      const __mmask8 mk = static_cast<__mmask8>((1u << ng) - 1);
+      __m512i r[16];
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i) {
+        if (i < rows) {
+          r[i] = _mm512_maskz_loadu_epi64(mk, X + (m0 + rb + i) * ldx + 4 * g0);
+          bad |= _mm512_cmpeq_epi16_mask(_mm512_and_si512(r[i], expo), expo);
+        } else {
+          r[i] = _mm512_setzero_si512();
+        }
+      }
+      transpose8x8_epi64(r);
+      transpose8x8_epi64(r + 8);
+      for (int j = 0; j < ng; ++j) {
+        uint32_t* d = dst + (g0 + j) * 6 * W + rb;
+#pragma GCC unroll 6
+        for (int c = 0; c < 6; ++c) _mm512_storeu_si512(d + c * W, _mm512_permutex2var_epi16(r[j], idx[c], r[8 + j]));
+      }
+    }
+  }
+  return bad != 0;
+}
+
+// Records of weight rows [n, n + rows) (rows <= kS24bRows; the others zero weights) for
+// groups [g0, g0 + ng): rec[r][g] = bf16 pair (first position low) | combination offset
+// (bytes at W = 16) << 32; 16 groups per step.
+FASTKERN_AVX512BF16 void s24b_pack(const uint32_t* vals, int64_t ldv, const uint8_t* mt, int64_t ldm, int rows,
+                                   int64_t g0, int64_t ng, uint64_t* rec) {
+  alignas(64) int32_t tab[16];
+  for (int i = 0; i < 16; ++i) tab[i] = kS24bCombo[i] * 64;
+  const __m512i table = _mm512_load_si512(tab);
+  const __m512i three = _mm512_set1_epi32(3), hi16 = _mm512_set1_epi32(int32_t(0xFFFF0000u));
+  const __m512i ilo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i ihi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  for (int r = 0; r < kS24bRows; ++r) {
+    uint64_t* d = rec + r * ng;
+    if (r >= rows) {
+      std::memset(d, 0, size_t(ng) * 8);  // a zero pair at combination 0
+      continue;
+    }
+    const uint32_t* v = vals + r * ldv + g0;
+    const uint8_t* m = mt + r * ldm + g0;
+    for (int64_t g = 0; g < ng; g += 16) {
+      const int cnt = static_cast<int>(std::min<int64_t>(16, ng - g));
+      const __mmask16 mk = static_cast<__mmask16>((1u << cnt) - 1);
+      // the same groups of the next tile's rows, which the next call packs (2.9 -> 1.6 ms
+      // at 4096 x 4096, M = 16: the hardware prefetchers alone stop at every 4 KB page)
+      _mm_prefetch(reinterpret_cast<const char*>(v + g + kS24bRows * ldv), _MM_HINT_T1);
+      if (g % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(m + g + kS24bRows * ldm), _MM_HINT_T1);
+      __m512i p = _mm512_maskz_loadu_epi32(mk, v + g);
+      const __m512i mb = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, m + g));
+      const __m512i a = _mm512_and_si512(mb, three), b = _mm512_and_si512(_mm512_srli_epi32(mb, 2), three);
+      const __m512i off = _mm512_permutexvar_epi32(_mm512_or_si512(a, _mm512_slli_epi32(b, 2)), table);
+      p = _mm512_mask_ror_epi32(p, _mm512_cmpgt_epi32_mask(a, b), p, 16);  // the first position low
+      const __mmask16 dup = _mm512_cmpeq_epi32_mask(a, b);
+      if (dup) {
+        const __m512 s = _mm512_add_ps(_mm512_castsi512_ps(_mm512_slli_epi32(p, 16)),
+                                       _mm512_castsi512_ps(_mm512_and_si512(p, hi16)));
+        __m512i sb = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(s));
+        // a odd: a is the pair's second position (a ^ 1 < a), so the sum goes high
+        sb = _mm512_mask_slli_epi32(sb, _mm512_test_epi32_mask(a, _mm512_set1_epi32(1)), sb, 16);
+        p = _mm512_mask_mov_epi32(p, dup, sb);
+      }
+      const __m512i lo8 = _mm512_permutex2var_epi32(p, ilo, off), hi8 = _mm512_permutex2var_epi32(p, ihi, off);
+      _mm512_mask_storeu_epi64(d + g, static_cast<__mmask8>(cnt >= 8 ? 0xFF : (1u << cnt) - 1), lo8);
+      if (cnt > 8) _mm512_mask_storeu_epi64(d + g + 8, static_cast<__mmask8>((1u << (cnt - 8)) - 1), hi8);
+    }
+  }
+}
+
+// One register tile: kS24bRows weight rows x MV vectors of 16 rows of x over ng groups.
+// xs: the tile's xe at the K block ([ng][6][16 MV] pairs); rec [rows][ldr] records.
+// Two accumulators per output (alternate groups) where MV <= 2, so at least 12
+// independent vdpbf16ps chains cover its latency.
+template <int MV>
+FASTKERN_AVX512BF16 void s24b_tile(int64_t ng, const uint32_t* xs, const uint64_t* rec, int64_t ldr, float* ct,
+                                   int64_t ldct, int rows_valid, bool accumulate) {
+  constexpr int R = kS24bRows, A = MV <= 2 ? 2 : 1;
+  constexpr int64_t GS = 6 * 16 * MV * 4;  // bytes of a group's xe
+  __m512 acc[A][R][MV];
+#pragma GCC unroll 2
+  for (int a = 0; a < A; ++a)
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < MV; ++v) acc[a][r][v] = _mm512_setzero_ps();
+  const char* xg = reinterpret_cast<const char*>(xs);
+  auto step = [&](int a, int64_t g) FASTKERN_AVX512BF16 {
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      // one 64-bit load per record, the pair broadcast from the general register: the
+      // loads (two a cycle here, narrow ones included) bound this loop, not vdpbf16ps
+      const uint64_t q = rec[r * ldr + g];
+      const char* xp = xg + g * GS + static_cast<int64_t>(q >> 32) * MV;
+      const __m512i w = _mm512_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(q)));
+#pragma GCC unroll 4
+      for (int v = 0; v < MV; ++v)
+        acc[a][r][v] = dpbf16_inplace(acc[a][r][v], _mm512_loadu_si512(xp + 64 * v), w);
+    }
+  };
+  int64_t g = 0;
+  if (A == 2)
+    for (; g + 2 <= ng; g += 2) step(0, g), step(A - 1, g + 1);
+  for (; g < ng; ++g) step(0, g);
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) {
+    if (r >= rows_valid) break;
+#pragma GCC unroll 4
+    for (int v = 0; v < MV; ++v) {
+      const __m512 s = A == 2 ? _mm512_add_ps(acc[0][r][v], acc[A - 1][r][v]) : acc[0][r][v];
+      float* c = ct + r * ldct + 16 * v;
+      _mm512_storeu_ps(c, accumulate ? _mm512_add_ps(_mm512_loadu_ps(c), s) : s);
+    }
+  }
+}
+
+using S24bTileFn = void (*)(int64_t, const uint32_t*, const uint64_t*, int64_t, float*, int64_t, int, bool);
+constexpr S24bTileFn kS24bTiles[5] = {nullptr, &s24b_tile<1>, &s24b_tile<2>, &s24b_tile<3>, &s24b_tile<4>};
+
+// y [M, N] (fp32) = x (bf16 [M, K], unit stride along K) times the 2:4 weight. Returns
+// whether x holds an inf or nan.
+bool s24b_gemm(const at::Tensor& x2, const at::Tensor& values_in, const at::Tensor& meta, float* y) {
+  constexpr int R = kS24bRows;
+  // rows read as 32-bit pairs: an odd row stride would split pairs
+  const at::Tensor values = values_in.stride(0) % 2 == 0 ? values_in : values_in.contiguous();
+  const int64_t M = x2.size(0), K = x2.size(1), N = values.size(0), G = K / 4;
+  const uint16_t* X = reinterpret_cast<const uint16_t*>(x2.data_ptr<c10::BFloat16>());
+  const uint32_t* vals = reinterpret_cast<const uint32_t*>(values.data_ptr<c10::BFloat16>());
+  const uint8_t* mt = meta.data_ptr<uint8_t>();
+  const int64_t ldx = x2.stride(0), ldv = values.stride(0) / 2, ldm = meta.stride(0);
+  // rows of x per pass: xe (24 bytes per row and group) within kS24bXeBytes, whole tiles
+  const int64_t pass_rows = std::max<int64_t>(64, kS24bXeBytes / std::max<int64_t>(1, 24 * G) / 64 * 64);
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t chunk_rows = std::max<int64_t>(R, std::min(kS24bChunkRows, round_up(div_up(N, 4 * nthreads), R)));
+  bool nonfinite = false;
+  for (int64_t p0 = 0; p0 < M; p0 += pass_rows) {
+    const int64_t Mq = std::min(pass_rows, M - p0), Mp = round_up(Mq, 16);
+    std::vector<int64_t> t_off, t_mv;  // M tiles: widest first (Mp = 80 -> 64 + 16)
+    for (int64_t m0 = 0; m0 < Mp;) {
+      const int64_t mv = std::min<int64_t>(4, (Mp - m0) / 16);
+      t_off.push_back(m0), t_mv.push_back(mv);
+      m0 += mv * 16;
+    }
+    // K block: the widest tile's slice of xe within the L1 budget
+    const int64_t gb = std::max<int64_t>(1, std::min(G, kS24bL1Bytes / (6 * 16 * t_mv[0] * 4)));
+    Scratch xes(ScratchSlot::XPack, size_t(6 * Mp * G) * 4);
+    uint32_t* xe = xes.as<uint32_t>();
+    for (size_t t = 0; t < t_off.size(); ++t)
+      nonfinite |= s24b_expand_x(X + p0 * ldx, ldx, Mq, G, t_off[t], 16 * t_mv[t], xe + 6 * G * t_off[t]);
+    const int64_t ntile_max = chunk_rows / R;
+    gemm::parallel_for_dynamic(0, div_up(N, chunk_rows), 1, [&](int64_t cb, int64_t ce) {
+      Scratch cts(ScratchSlot::Worker0, size_t(chunk_rows * Mp) * 4);
+      Scratch recs(ScratchSlot::Worker1, size_t(ntile_max * R * G) * 8);
+      float* ct = cts.as<float>();
+      uint64_t* rec = recs.as<uint64_t>();
+      for (int64_t c = cb; c < ce; ++c) {
+        const int64_t n0 = c * chunk_rows, rows = std::min(chunk_rows, N - n0), ntiles = div_up(rows, int64_t(R));
+        // the chunk's records over all of K: each weight row read as one run
+        for (int64_t i = 0; i < ntiles; ++i) {
+          const int64_t n = n0 + i * R;
+          s24b_pack(vals + n * ldv, ldv, mt + n * ldm, ldm, static_cast<int>(std::min<int64_t>(R, n0 + rows - n)), 0, G,
+                    rec + i * R * G);
+        }
+        for (int64_t g0 = 0; g0 < G; g0 += gb) {
+          const int64_t ng = std::min(gb, G - g0);
+          for (size_t t = 0; t < t_off.size(); ++t) {
+            const uint32_t* xs = xe + 6 * G * t_off[t] + g0 * 6 * 16 * t_mv[t];
+            for (int64_t i = 0; i < ntiles; ++i)
+              kS24bTiles[t_mv[t]](ng, xs, rec + i * R * G + g0, G, ct + i * R * Mp + t_off[t], Mp,
+                                  static_cast<int>(std::min<int64_t>(R, rows - i * R)), g0 > 0);
+          }
+        }
+        for (int64_t m = 0; m < Mq; ++m)
+          for (int64_t r = 0; r < rows; ++r) y[(p0 + m) * N + n0 + r] = ct[r * Mp + m];
+      }
+    });
+  }
+  return nonfinite;
+}
 #endif  // FASTKERN_X86
 
 template <class T>
@@ -671,7 +933,11 @@ void s24_typed(const at::Tensor& x2, const at::Tensor& values, const at::Tensor&
   // one core at 4096x4096: M = 8 4.4 vs 4.7 ms, M = 12 6.5 vs 4.6, M = 16 8.5 vs 4.5;
   // the streaming kernel's cost grows with M, s24_mvec's is flat up to its 16-column tile).
   const int64_t stream_max_m = isa >= Isa::Avx2 ? kS24StreamMaxM : kSmallM;
-  if (M <= stream_max_m && K > 0) {
+  bool pair_gemm = false;  // bf16 x on AVX512-BF16: s24b_gemm from its own M bound
+#if FASTKERN_X86
+  if constexpr (std::is_same_v<T, c10::BFloat16>) pair_gemm = K > 0 && s24b_enabled(M);
+#endif
+  if (M <= stream_max_m && K > 0 && !pair_gemm) {
     s24_small_m<T>(isa, x2, values, meta, y);
     const uint8_t* mt = meta.data_ptr<uint8_t>();
     const int64_t ldm = meta.stride(0);
@@ -683,7 +949,9 @@ void s24_typed(const at::Tensor& x2, const at::Tensor& values, const at::Tensor&
   }
 #if FASTKERN_X86
   if (isa >= Isa::Avx2 && K > 0) {
-    if (!s24_mvec<T>(isa, x2, values, meta, y)) return;
+    const bool nonfinite = pair_gemm ? s24b_gemm(x2.stride(1) == 1 ? x2 : x2.contiguous(), values, meta, y)
+                                     : s24_mvec<T>(isa, x2, values, meta, y);
+    if (!nonfinite) return;
     const uint8_t* mt = meta.data_ptr<uint8_t>();
     const int64_t ldm = meta.stride(0);
     propagate_nonfinite(x2, out32, [&](int64_t n, int64_t k) {
