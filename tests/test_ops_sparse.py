@@ -248,7 +248,8 @@ def test_sparse24_bf16_pair_kernel_meta_orders(gen, monkeypatch):
 @needs_pair
 def test_sparse24_bf16_pair_kernel_layouts(gen, monkeypatch):
     """3-D and non-contiguous x, values with an odd row stride (its rows are read as 32-bit
-    pairs), x in several passes (over 24 MB of expanded x: K = 65536 passes 64 rows at a time)."""
+    pairs), K in several super-blocks (6 MB of expanded x each: K = 65536 at M = 130 takes
+    ten) and M in passes of 256 rows."""
     monkeypatch.setenv("FASTKERN_S24_BF16_MIN_M", "1")
     for layout in ("3d", "noncontig"):
         x = make_x(20, 200, torch.bfloat16, gen, layout).round()
@@ -262,10 +263,11 @@ def test_sparse24_bf16_pair_kernel_layouts(gen, monkeypatch):
     x = int_x(19, 200, gen)
     assert torch.equal(torch.ops.fastkern_C.linear_sparse24(x, values, meta, None),
                        ops.linear_sparse24_ref(x, values, meta, None))
-    x = int_x(130, 65536, gen)
-    values, meta = int_sparse24(5, 65536, gen, -1, 1)
-    assert torch.equal(torch.ops.fastkern_C.linear_sparse24(x, values, meta, None),
-                       ops.linear_sparse24_ref(x, values, meta, None))
+    for m, n, k in [(130, 5, 65536), (300, 7, 1028), (530, 13, 260)]:
+        x = int_x(m, k, gen)
+        values, meta = int_sparse24(n, k, gen, -1, 1)
+        assert torch.equal(torch.ops.fastkern_C.linear_sparse24(x, values, meta, None),
+                           ops.linear_sparse24_ref(x, values, meta, None)), (m, n, k)
 
 
 @needs_cpu24

@@ -21,9 +21,9 @@
 namespace fastkern {
 namespace cpu {
 
-// Slots: taken by the calling thread before a parallel region (XQuant, XPack, Small, Scale),
-// or by each thread inside one (Worker0, Worker1).
-enum class ScratchSlot : int { XQuant = 0, XPack, Small, Scale, Worker0, Worker1, kCount };
+// Slots: taken by the calling thread before a parallel region (XQuant, XPack, Small, Scale,
+// Out: products shared by the threads), or by each thread inside one (Worker0, Worker1).
+enum class ScratchSlot : int { XQuant = 0, XPack, Small, Scale, Out, Worker0, Worker1, kCount };
 
 constexpr size_t kScratchKeepBytes = size_t(32) << 20;
 constexpr size_t kScratchAlign = 64;

@@ -683,8 +683,10 @@ bool s24_mvec(Isa isa, const at::Tensor& x2_in, const at::Tensor& values, const 
 constexpr int kS24bRows = 6;
 constexpr int64_t kS24bChunkRows = 96;  // a multiple of kS24bRows
 constexpr int64_t kS24bL1Bytes = 32 << 10;
-// xe of at most this many bytes per pass: larger M goes in passes of row chunks
-constexpr int64_t kS24bXeBytes = int64_t(24) << 20;
+// xe of a K super-block: stays in the L3 while every chunk of weight rows streams it
+constexpr int64_t kS24bXeBytes = int64_t(6) << 20;
+// rows of x per pass (bounds ct, [N][Mp] fp32)
+constexpr int64_t kS24bPassRows = 256;
 
 // Smallest M that takes it, below the streaming path's limit: measured (2 threads, one
 // process, alternating; ms, this / the streaming kernel) 4096x4096 M = 5 1.71 / 1.62, M = 6
@@ -727,6 +729,7 @@ FASTKERN_AVX512BF16 inline void transpose8x8_epi64(__m512i r[8]) {
 // per combination. Returns whether x holds an inf or nan.
 FASTKERN_AVX512BF16 bool s24b_expand_x(const uint16_t* X, int64_t ldx, int64_t M, int64_t G, int64_t m0, int64_t W,
                                        uint32_t* dst) {
+  // X: the block's first group; G: its groups
   __m512i idx[6];
   for (int c = 0; c < 6; ++c) {
     alignas(64) uint16_t w[32];
@@ -864,6 +867,14 @@ constexpr S24bTileFn kS24bTiles[5] = {nullptr, &s24b_tile<1>, &s24b_tile<2>, &s2
 
 // y [M, N] (fp32) = x (bf16 [M, K], unit stride along K) times the 2:4 weight. Returns
 // whether x holds an inf or nan.
+//
+// Loops: M in passes of up to kS24bPassRows rows; K in super-blocks whose xe (all M tiles)
+// stays in the L3 (kS24bXeBytes), expanded at the start of each; within one, the weight rows
+// in chunks (the parallel items): a chunk's records for the super-block are packed (each row
+// read as one run), then for each L1 K block and M tile every row tile of the chunk passes
+// over the slice. Each chunk streams the super-block's xe once from the L3 (384 / chunk
+// rows bytes per pair product). Products accumulate in ct [N][Mp] (shared, each chunk its
+// rows) across the super-blocks; the last one writes y.
 bool s24b_gemm(const at::Tensor& x2, const at::Tensor& values_in, const at::Tensor& meta, float* y) {
   constexpr int R = kS24bRows;
   // rows read as 32-bit pairs: an odd row stride would split pairs
@@ -873,52 +884,59 @@ bool s24b_gemm(const at::Tensor& x2, const at::Tensor& values_in, const at::Tens
   const uint32_t* vals = reinterpret_cast<const uint32_t*>(values.data_ptr<c10::BFloat16>());
   const uint8_t* mt = meta.data_ptr<uint8_t>();
   const int64_t ldx = x2.stride(0), ldv = values.stride(0) / 2, ldm = meta.stride(0);
-  // rows of x per pass: xe (24 bytes per row and group) within kS24bXeBytes, whole tiles
-  const int64_t pass_rows = std::max<int64_t>(64, kS24bXeBytes / std::max<int64_t>(1, 24 * G) / 64 * 64);
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t chunk_rows = std::max<int64_t>(R, std::min(kS24bChunkRows, round_up(div_up(N, 4 * nthreads), R)));
+  const int64_t nchunks = div_up(N, chunk_rows), ntile_max = chunk_rows / R;
   bool nonfinite = false;
-  for (int64_t p0 = 0; p0 < M; p0 += pass_rows) {
-    const int64_t Mq = std::min(pass_rows, M - p0), Mp = round_up(Mq, 16);
+  for (int64_t p0 = 0; p0 < M; p0 += kS24bPassRows) {
+    const int64_t Mq = std::min(kS24bPassRows, M - p0), Mp = round_up(Mq, 16);
     std::vector<int64_t> t_off, t_mv;  // M tiles: widest first (Mp = 80 -> 64 + 16)
     for (int64_t m0 = 0; m0 < Mp;) {
       const int64_t mv = std::min<int64_t>(4, (Mp - m0) / 16);
       t_off.push_back(m0), t_mv.push_back(mv);
       m0 += mv * 16;
     }
-    // K block: the widest tile's slice of xe within the L1 budget
+    // L1 K block: the widest tile's slice of xe within kS24bL1Bytes; super-block: whole
+    // L1 blocks whose xe (24 Mp bytes per group) stays within kS24bXeBytes
     const int64_t gb = std::max<int64_t>(1, std::min(G, kS24bL1Bytes / (6 * 16 * t_mv[0] * 4)));
-    Scratch xes(ScratchSlot::XPack, size_t(6 * Mp * G) * 4);
+    const int64_t gs_max = std::max<int64_t>(1, kS24bXeBytes / (24 * Mp * gb)) * gb;
+    const int64_t gs = std::min(G, round_up(div_up(G, div_up(G, gs_max)), gb));  // equal super-blocks
+    Scratch xes(ScratchSlot::XPack, size_t(6 * Mp * gs) * 4);
+    Scratch cts(ScratchSlot::Out, size_t(N * Mp) * 4);
     uint32_t* xe = xes.as<uint32_t>();
-    for (size_t t = 0; t < t_off.size(); ++t)
-      nonfinite |= s24b_expand_x(X + p0 * ldx, ldx, Mq, G, t_off[t], 16 * t_mv[t], xe + 6 * G * t_off[t]);
-    const int64_t ntile_max = chunk_rows / R;
-    gemm::parallel_for_dynamic(0, div_up(N, chunk_rows), 1, [&](int64_t cb, int64_t ce) {
-      Scratch cts(ScratchSlot::Worker0, size_t(chunk_rows * Mp) * 4);
-      Scratch recs(ScratchSlot::Worker1, size_t(ntile_max * R * G) * 8);
-      float* ct = cts.as<float>();
-      uint64_t* rec = recs.as<uint64_t>();
-      for (int64_t c = cb; c < ce; ++c) {
-        const int64_t n0 = c * chunk_rows, rows = std::min(chunk_rows, N - n0), ntiles = div_up(rows, int64_t(R));
-        // the chunk's records over all of K: each weight row read as one run
-        for (int64_t i = 0; i < ntiles; ++i) {
-          const int64_t n = n0 + i * R;
-          s24b_pack(vals + n * ldv, ldv, mt + n * ldm, ldm, static_cast<int>(std::min<int64_t>(R, n0 + rows - n)), 0, G,
-                    rec + i * R * G);
-        }
-        for (int64_t g0 = 0; g0 < G; g0 += gb) {
-          const int64_t ng = std::min(gb, G - g0);
-          for (size_t t = 0; t < t_off.size(); ++t) {
-            const uint32_t* xs = xe + 6 * G * t_off[t] + g0 * 6 * 16 * t_mv[t];
-            for (int64_t i = 0; i < ntiles; ++i)
-              kS24bTiles[t_mv[t]](ng, xs, rec + i * R * G + g0, G, ct + i * R * Mp + t_off[t], Mp,
-                                  static_cast<int>(std::min<int64_t>(R, rows - i * R)), g0 > 0);
+    float* ct = cts.as<float>();
+    for (int64_t s0 = 0; s0 < G; s0 += gs) {
+      const int64_t ns = std::min(gs, G - s0);
+      const bool last = s0 + ns == G;
+      // xe of tile t: [ns][6][16 MV] pairs at xe + 6 ns t_off
+      for (size_t t = 0; t < t_off.size(); ++t)
+        nonfinite |= s24b_expand_x(X + p0 * ldx + 4 * s0, ldx, Mq, ns, t_off[t], 16 * t_mv[t], xe + 6 * ns * t_off[t]);
+      gemm::parallel_for_dynamic(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
+        Scratch recs(ScratchSlot::Worker1, size_t(ntile_max * R * ns) * 8);
+        uint64_t* rec = recs.as<uint64_t>();
+        for (int64_t c = cb; c < ce; ++c) {
+          const int64_t n0 = c * chunk_rows, rows = std::min(chunk_rows, N - n0), ntiles = div_up(rows, int64_t(R));
+          for (int64_t i = 0; i < ntiles; ++i) {
+            const int64_t n = n0 + i * R;
+            s24b_pack(vals + n * ldv, ldv, mt + n * ldm, ldm, static_cast<int>(std::min<int64_t>(R, n0 + rows - n)), s0,
+                      ns, rec + i * R * ns);
           }
+          float* cc = ct + n0 * Mp;
+          for (int64_t g0 = 0; g0 < ns; g0 += gb) {
+            const int64_t ng = std::min(gb, ns - g0);
+            for (size_t t = 0; t < t_off.size(); ++t) {
+              const uint32_t* xs = xe + 6 * ns * t_off[t] + g0 * 6 * 16 * t_mv[t];
+              for (int64_t i = 0; i < ntiles; ++i)
+                kS24bTiles[t_mv[t]](ng, xs, rec + i * R * ns + g0, ns, cc + i * R * Mp + t_off[t], Mp,
+                                    static_cast<int>(std::min<int64_t>(R, rows - i * R)), s0 + g0 > 0);
+            }
+          }
+          if (last)
+            for (int64_t m = 0; m < Mq; ++m)
+              for (int64_t r = 0; r < rows; ++r) y[(p0 + m) * N + n0 + r] = cc[r * Mp + m];
         }
-        for (int64_t m = 0; m < Mq; ++m)
-          for (int64_t r = 0; r < rows; ++r) y[(p0 + m) * N + n0 + r] = ct[r * Mp + m];
-      }
-    });
+      });
+    }
   }
   return nonfinite;
 }
