@@ -664,22 +664,22 @@ bool s24_mvec(Isa isa, const at::Tensor& x2_in, const at::Tensor& values, const 
   return nonfinite;
 }
 
-// --- bf16 x and values on CPUs with AVX512-BF16, above the streaming path: the two kept
-// weights of a group meet their two activations in one vdpbf16ps lane (one pair product
-// per kept pair, where the fp32 kernel above runs two FMAs of half the width: a quarter
-// of its multiply instructions). The x pair a weight row needs depends on its meta, so x
-// is expanded once per call into all six position pairs of each group (0,1) (0,2) (0,3)
-// (1,2) (1,3) (2,3): xe [G][6][W] bf16 pairs per M tile of W = 16 MV rows (3x the bytes of
-// x in bf16), and a kept pair reads its x vectors at the offset of its combination. The
-// weights go in K blocks whose slice of xe (6 W 4 bytes per group) fits in L1, repacked
-// per block as one 64-bit record per (row, group): the bf16 pair ordered by position
-// (first position in the low half) and the byte offset of its combination. A group whose
-// two positions are the same (only a malformed meta has them; the kernels that skip
-// pruned weights add both values) is stored as the bf16 sum of its values paired with a
-// zero weight at the neighbouring position. vdpbf16ps products are exact in fp32; it
-// flushes denormal inputs and outputs to zero (inside the 1e-2 contract of bf16 outputs).
-// The outputs accumulate in ct [rows][Mp] across the K blocks as in s24_mvec, in an order
-// that depends on M only.
+// --- bf16 x and values on CPUs with AVX512-BF16, from M = 6: the two kept weights of a
+// group meet their two activations in one vdpbf16ps lane (one instruction per kept pair
+// and 16 rows of x, where the fp32 kernel above, which bf16 x took before, runs two FMAs).
+// The x pair a weight row needs depends on its meta, so x is expanded into all six
+// position pairs of each group (0,1) (0,2) (0,3) (1,2) (1,3) (2,3): xe [G][6][W] bf16 pairs
+// per M tile of W = 16 MV rows (3x the bytes of x in bf16), and a kept pair reads its x
+// vectors at the offset of its combination. The weights are repacked as one 64-bit record
+// per (row, group): the bf16 pair ordered by position (first position in the low half)
+// and the byte offset of its combination. A group whose two positions are the same (only
+// a malformed meta has them; the kernels that skip pruned weights add both values) is
+// stored as the bf16 sum of its values paired with a zero weight at the neighbouring
+// position. vdpbf16ps products are exact in fp32; it flushes denormal inputs and outputs
+// to zero (inside the 1e-2 contract of bf16 outputs). Each output's sum runs over the
+// groups in order, in an order that depends on M only (1 and 2 threads agree). s24b_gemm
+// has the loops; the tile loop is bound by its loads (two a cycle here, narrow ones
+// included: a record and MV x vectors per row and group), not by vdpbf16ps.
 constexpr int kS24bRows = 6;
 constexpr int64_t kS24bChunkRows = 96;  // a multiple of kS24bRows
 constexpr int64_t kS24bL1Bytes = 32 << 10;
@@ -836,8 +836,8 @@ FASTKERN_AVX512BF16 void s24b_tile(int64_t ng, const uint32_t* xs, const uint64_
   auto step = [&](int a, int64_t g) FASTKERN_AVX512BF16 {
 #pragma GCC unroll 6
     for (int r = 0; r < R; ++r) {
-      // one 64-bit load per record, the pair broadcast from the general register: the
-      // loads (two a cycle here, narrow ones included) bound this loop, not vdpbf16ps
+      // one 64-bit load per record, the pair broadcast from the general register (a
+      // broadcast from memory would be one more load)
       const uint64_t q = rec[r * ldr + g];
       const char* xp = xg + g * GS + static_cast<int64_t>(q >> 32) * MV;
       const __m512i w = _mm512_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(q)));
