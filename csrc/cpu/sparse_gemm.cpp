@@ -301,6 +301,25 @@ using S24TileFn = void (*)(int64_t ng, const float* xs, const float* pv, const u
                            int rows_valid, bool accumulate, const char* const* pf, int64_t npf);
 
 #if FASTKERN_X86
+// The end of a zmm register tile of R weight rows x MV vectors of 16 rows of x: ct[r][16 v +
+// lane] (+)= the sums (acc[0] + acc[1] where the tile keeps A = 2 accumulators per output) for
+// r < rows_valid.
+template <int A, int R, int MV>
+FASTKERN_AVX512 inline __attribute__((always_inline)) void s24_store_tile_avx512(const __m512 (&acc)[A][R][MV],
+                                                                               float* ct, int64_t ldct,
+                                                                               int rows_valid, bool accumulate) {
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    if (r >= rows_valid) break;
+#pragma GCC unroll 4
+    for (int v = 0; v < MV; ++v) {
+      const __m512 s = A == 2 ? _mm512_add_ps(acc[0][r][v], acc[A - 1][r][v]) : acc[0][r][v];
+      float* c = ct + r * ldct + 16 * v;
+      _mm512_storeu_ps(c, accumulate ? _mm512_add_ps(_mm512_loadu_ps(c), s) : s);
+    }
+  }
+}
+
 // Two accumulators per (row, vector) when a tile has few of them (MV <= 2: the w0
 // and w1 products chain separately), so at least 8 chains cover the FMA latency.
 template <int MV>
@@ -338,16 +357,7 @@ FASTKERN_AVX512 void s24t_tile_avx512(int64_t ng, const float* xs, const float* 
       }
     }
   }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    if (r >= rows_valid) break;
-#pragma GCC unroll 4
-    for (int u = 0; u < MV; ++u) {
-      __m512 s = A == 2 ? _mm512_add_ps(acc[0][r][u], acc[A - 1][r][u]) : acc[0][r][u];
-      float* c = ct + r * ldct + 16 * u;
-      _mm512_storeu_ps(c, accumulate ? _mm512_add_ps(_mm512_loadu_ps(c), s) : s);
-    }
-  }
+  s24_store_tile_avx512(acc, ct, ldct, rows_valid, accumulate);
 }
 
 template <int MV>
@@ -578,6 +588,16 @@ FASTKERN_AVX2 bool s24_transpose_x_avx2(const T* x, int64_t ldx, int64_t M, int6
   return !_mm256_testz_si256(bad, bad);
 }
 
+// M tiles of Mp rows (a multiple of lanes), widest first: at most mv_max vectors of `lanes`
+// rows each (Mp = 80, 16 lanes, 4 vectors: 64 + 16); tile t starts at row off[t], mv[t] wide.
+inline void m_tiles(int64_t Mp, int64_t lanes, int64_t mv_max, std::vector<int64_t>& off, std::vector<int64_t>& mv) {
+  for (int64_t m0 = 0; m0 < Mp;) {
+    const int64_t v = std::min<int64_t>(mv_max, (Mp - m0) / lanes);
+    off.push_back(m0), mv.push_back(v);
+    m0 += v * lanes;
+  }
+}
+
 // Returns whether x holds an inf or nan.
 template <class T>
 bool s24_mvec(Isa isa, const at::Tensor& x2_in, const at::Tensor& values, const at::Tensor& meta, float* y) {
@@ -588,11 +608,7 @@ bool s24_mvec(Isa isa, const at::Tensor& x2_in, const at::Tensor& values, const 
   const int64_t L = ts.lanes, Mp = round_up(M, L);
   // M tiles: widest first, the last one narrower (Mp = 80 -> 64 + 16).
   std::vector<int64_t> t_off, t_mv;
-  for (int64_t m0 = 0; m0 < Mp;) {
-    const int64_t mv = std::min<int64_t>(ts.mv_max, (Mp - m0) / L);
-    t_off.push_back(m0), t_mv.push_back(mv);
-    m0 += mv * L;
-  }
+  m_tiles(Mp, L, ts.mv_max, t_off, t_mv);
   const int64_t wmax = t_mv[0] * L;
   // K block: the widest tile's slice within the L1 budget, a multiple of 4 columns.
   const int64_t kc = std::min(K, std::max<int64_t>(32, ts.l1_bytes / (wmax * 4) / 32 * 32));
@@ -825,13 +841,7 @@ FASTKERN_AVX512BF16 void s24b_tile(int64_t ng, const uint32_t* xs, const uint64_
                                    int64_t ldct, int rows_valid, bool accumulate) {
   constexpr int R = kS24bRows, A = MV <= 2 ? 2 : 1;
   constexpr int64_t GS = 6 * 16 * MV * 4;  // bytes of a group's xe
-  __m512 acc[A][R][MV];
-#pragma GCC unroll 2
-  for (int a = 0; a < A; ++a)
-#pragma GCC unroll 6
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-      for (int v = 0; v < MV; ++v) acc[a][r][v] = _mm512_setzero_ps();
+  __m512 acc[A][R][MV] = {};
   const char* xg = reinterpret_cast<const char*>(xs);
   auto step = [&](int a, int64_t g) FASTKERN_AVX512BF16 {
 #pragma GCC unroll 6
@@ -850,16 +860,7 @@ FASTKERN_AVX512BF16 void s24b_tile(int64_t ng, const uint32_t* xs, const uint64_
   if (A == 2)
     for (; g + 2 <= ng; g += 2) step(0, g), step(A - 1, g + 1);
   for (; g < ng; ++g) step(0, g);
-#pragma GCC unroll 6
-  for (int r = 0; r < R; ++r) {
-    if (r >= rows_valid) break;
-#pragma GCC unroll 4
-    for (int v = 0; v < MV; ++v) {
-      const __m512 s = A == 2 ? _mm512_add_ps(acc[0][r][v], acc[A - 1][r][v]) : acc[0][r][v];
-      float* c = ct + r * ldct + 16 * v;
-      _mm512_storeu_ps(c, accumulate ? _mm512_add_ps(_mm512_loadu_ps(c), s) : s);
-    }
-  }
+  s24_store_tile_avx512(acc, ct, ldct, rows_valid, accumulate);
 }
 
 using S24bTileFn = void (*)(int64_t, const uint32_t*, const uint64_t*, int64_t, float*, int64_t, int, bool);
@@ -890,12 +891,8 @@ bool s24b_gemm(const at::Tensor& x2, const at::Tensor& values_in, const at::Tens
   bool nonfinite = false;
   for (int64_t p0 = 0; p0 < M; p0 += kS24bPassRows) {
     const int64_t Mq = std::min(kS24bPassRows, M - p0), Mp = round_up(Mq, 16);
-    std::vector<int64_t> t_off, t_mv;  // M tiles: widest first (Mp = 80 -> 64 + 16)
-    for (int64_t m0 = 0; m0 < Mp;) {
-      const int64_t mv = std::min<int64_t>(4, (Mp - m0) / 16);
-      t_off.push_back(m0), t_mv.push_back(mv);
-      m0 += mv * 16;
-    }
+    std::vector<int64_t> t_off, t_mv;
+    m_tiles(Mp, 16, 4, t_off, t_mv);
     // L1 K block: the widest tile's slice of xe within kS24bL1Bytes; super-block: whole
     // L1 blocks whose xe (24 Mp bytes per group) stays within kS24bXeBytes
     const int64_t gb = std::max<int64_t>(1, std::min(G, kS24bL1Bytes / (6 * 16 * t_mv[0] * 4)));
