@@ -78,6 +78,13 @@ def isa_skip_reason(name):
     return None
 
 
+def has_bf16_dot():
+    """Whether this CPU has AVX512-BF16 (vdpbf16ps), which the bf16 dot-product kernels need."""
+    from fastkern import _ext
+
+    return _ext._C is not None and bool(_ext._C.cpu_features().get("avx512bf16", False))
+
+
 def cpu_isas(avx2vnni=False):
     """The CPU paths as params (those this CPU cannot run are skipped with the reason).
     avx2vnni (AVX2 + AVX-VNNI) differs from avx2 only in the int8 GEMM: the int8 tests ask for it."""

@@ -3,7 +3,9 @@
 The CPU kernel has two paths (GEMV for M <= GEMV_MAX_M[isa], packed blocked GEMM
 above) and three ISA paths (generic 4x8, AVX2 6x16, AVX-512 12x32 micro-kernels); the tests
 below reach each path this CPU can run, every tile tail of the micro-kernels, the
-8-wide k chunks of the packers and GEMV, and every blocking boundary.
+8-wide k chunks of the packers and GEMV, and every blocking boundary. bf16 operands on a CPU
+with AVX512-BF16 take a vdpbf16ps tile GEMM from M = 16 instead (tests at the end); the
+tests aimed at the fp32 paths turn it off (`fp32_paths`) so those keep their bf16 coverage.
 """
 import pytest
 import torch
@@ -11,7 +13,8 @@ import torch
 import fastkern
 from fastkern import _ext, ops
 
-from conftest import FLOAT_DTYPES, M_SIZES, assert_close_rel, backends_for, cpu_isas, on_1_and_2_threads, rel_err, tol
+from conftest import (FLOAT_DTYPES, M_SIZES, assert_close_rel, backends_for, cpu_isas, has_bf16_dot, on_1_and_2_threads,
+                      rel_err, tol)
 
 CPU_REASON = ops.backend_status("gemm", "cpu", torch.device("cpu"))
 needs_cpu = pytest.mark.skipif(CPU_REASON is not None, reason=str(CPU_REASON))
@@ -23,6 +26,12 @@ TILES = {"generic": (4, 8), "avx2": (6, 16), "avx512": (12, 32)}
 # of x the GEMV holds per pass
 GEMV_MAX_M = {"generic": 16, "avx2": 64, "avx512": 64}
 GEMV_ROWS = {"generic": 2, "avx2": 2, "avx512": 4}
+
+
+@pytest.fixture
+def fp32_paths(monkeypatch):
+    """bf16 operands through the fp32 paths (GEMV, skinny and blocked GEMMs) at every M."""
+    monkeypatch.setenv("FASTKERN_GEMM_BF16_MIN_M", "0")
 
 
 @pytest.fixture
@@ -114,6 +123,7 @@ def tail_grid(isa, full):
 
 
 @needs_cpu
+@pytest.mark.usefixtures("fp32_paths")
 @pytest.mark.parametrize("isa", cpu_isas(), indirect=True)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_gemm_every_tail(gen, isa, dtype):
@@ -140,6 +150,7 @@ def test_gemm_strided_operands_every_path(gen, isa, layout):
 
 
 @needs_cpu
+@pytest.mark.usefixtures("fp32_paths")
 @pytest.mark.parametrize("isa", cpu_isas(), indirect=True)
 @pytest.mark.parametrize("m,n,k", [(1, 3100, 300), (3, 50, 4099), (7, 3100, 530), (130, 70, 600), (301, 3100, 530),
                                    (150, 70, 3500)])
@@ -154,6 +165,7 @@ def test_gemm_blocking_boundaries(gen, isa, m, n, k, dtype):
 
 
 @needs_cpu
+@pytest.mark.usefixtures("fp32_paths")
 @pytest.mark.parametrize("isa", cpu_isas(), indirect=True)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_gemm_gemv_threshold(gen, isa, dtype):
@@ -170,6 +182,7 @@ def test_gemm_gemv_threshold(gen, isa, dtype):
 
 
 @needs_cpu
+@pytest.mark.usefixtures("fp32_paths")
 @pytest.mark.parametrize("isa", cpu_isas(), indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_gemm_gemv_threshold_strided_and_3d(gen, isa, dtype):
@@ -187,6 +200,7 @@ def test_gemm_gemv_threshold_strided_and_3d(gen, isa, dtype):
 
 
 @needs_cpu
+@pytest.mark.usefixtures("fp32_paths")
 @pytest.mark.parametrize("isa", cpu_isas(), indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_gemm_gemv_k_blocks(gen, isa, dtype):
@@ -282,3 +296,131 @@ def test_gemm_bad_inputs_clear_errors(gen):
             torch.ops.fastkern.gemm(a, torch.randn(3, 9))
         with pytest.raises(TypeError, match="one dtype"):
             torch.ops.fastkern.gemm(a, torch.randn(3, 8).bfloat16())
+
+
+# ------------------------------------------------------------ bf16: the vdpbf16ps tile GEMM
+#
+# bf16 a and b with AVX512-BF16 (csrc/cpu/tile_gemm.h, gemm.cpp): x packed per block of 64 rows
+# as [K/2][16 VM] bf16 pairs (VM = 1..4 vectors of 16 rows), the weight copied into panels
+# of 96 rows x 1024 k (12 rows per parallel unit) and broadcast one pair at a time against
+# x, register tiles of 12 weight rows (VM <= 2) or 6 (VM >= 3) and then single rows, the sums
+# in CT [N, Mp] transposed into the output 16 x 16 at a time. FASTKERN_GEMM_BF16_MIN_M moves
+# the switch (default 16; 0 turns it off).
+
+needs_bf16_dot = pytest.mark.skipif(not has_bf16_dot(), reason="the bf16 tile GEMM needs a CPU with AVX512-BF16")
+BF16_GEMM_MIN_M = 16
+
+
+@pytest.fixture
+def bf16_tiles(monkeypatch):
+    """The bf16 tile GEMM from M = 1, on the native path."""
+    monkeypatch.setenv("FASTKERN_GEMM_BF16_MIN_M", "1")
+    _ext._C.set_cpu_isa("avx512")
+    try:
+        yield
+    finally:
+        _ext._C.set_cpu_isa("auto")
+
+
+def int_bf16(shape, gen, lo=-4, hi=4):
+    """bf16 holding small integers: every product and sum is exact in fp32, so the result
+    (rounded to bf16 once) must equal the float64 product's rounding bit for bit."""
+    return torch.randint(lo, hi + 1, shape, generator=gen).to(torch.bfloat16)
+
+
+def exact_bf16(a, b):
+    return (a.double() @ b.double().T).to(torch.bfloat16)
+
+
+@needs_cpu
+@needs_bf16_dot
+@pytest.mark.usefixtures("bf16_tiles")
+def test_gemm_bf16_tiles_every_tail(gen):
+    """M: every width of the last 64-row block (1..4 vectors of 16 rows, partial vectors) and
+    several blocks; N: the 12- and 6-row register tiles with single-row tails, the 12-row
+    parallel units and the 96-row tasks, output transposes with 1..15 columns left; K: odd K
+    (a pair half-filled with zero), the 32-element steps of the panel copy, the 1024-k
+    panels with tails. Integer-valued data, compared bit for bit."""
+    cases = set()
+    for m in (1, 2, 15, 16, 17, 31, 32, 33, 47, 48, 49, 63, 64, 65, 80, 127, 128, 129, 200):
+        cases.add((m, 29, 37))
+    for n in list(range(1, 26)) + [95, 96, 97, 108, 191, 193]:
+        for m in (5, 40):  # 12-row tiles (VM 1), 6-row tiles (VM 3)
+            cases.add((m, n, 21))
+    for k in list(range(1, 8)) + [31, 32, 33, 63, 64, 65, 1023, 1024, 1025, 2047, 2048, 2049, 3001]:
+        cases.add((19, 26, k))
+        cases.add((70, 13, k))
+    for m, n, k in sorted(cases):
+        a = int_bf16((m, k), gen)
+        b = int_bf16((n, k), gen)
+        out = torch.ops.fastkern_C.gemm(a, b)
+        assert out.dtype == torch.bfloat16 and out.shape == (m, n)
+        assert torch.equal(out, exact_bf16(a, b)), (m, n, k)
+
+
+@needs_cpu
+@needs_bf16_dot
+@pytest.mark.usefixtures("bf16_tiles")
+def test_gemm_bf16_tiles_layouts(gen):
+    """Non-contiguous and transposed a, a and b with a row stride above K (rows of a wider
+    matrix: the x packing and the panel copy step by it), transposed b, 3-D a."""
+    m, n, k = 37, 45, 301
+    a_wide = int_bf16((m, k + 40), gen)[:, 3:k + 3]
+    for a in [make_x([m], k, torch.float32, gen, layout).round().clamp(-4, 4).bfloat16()
+              for layout in ("noncontig", "transposed", "contig")] + [a_wide]:
+        for b in (int_bf16((n, k), gen), int_bf16((k, n), gen).t(), int_bf16((n, k + 40), gen)[:, 5:k + 5]):
+            assert torch.equal(torch.ops.fastkern_C.gemm(a, b), exact_bf16(a, b))
+    a3 = int_bf16((2, 21, k), gen)
+    b = int_bf16((n, 2 * k), gen)[:, ::2]
+    out = torch.ops.fastkern_C.gemm(a3, b)
+    assert out.shape == (2, 21, n)
+    assert torch.equal(out, exact_bf16(a3.reshape(-1, k), b).reshape(2, 21, n))
+
+
+@needs_cpu
+@needs_bf16_dot
+@pytest.mark.parametrize("m", [BF16_GEMM_MIN_M - 1, BF16_GEMM_MIN_M, 100, 300])
+def test_gemm_bf16_tiles_random_data(gen, m):
+    """Random data at the default switch (M = 15 stays on the fp32 GEMV), against float64
+    products within the bf16 contract, and no worse than torch's own bf16 matmul."""
+    a = torch.randn(m, 2100, generator=gen).bfloat16()
+    b = torch.randn(230, 2100, generator=gen).bfloat16()
+    out = torch.ops.fastkern_C.gemm(a, b)
+    assert_close_elementwise(out, a, b, torch.bfloat16)
+    exact = a.double() @ b.double().T
+    assert rel_err(out, exact) <= 1.01 * rel_err(a @ b.T, exact) + 1e-4
+
+
+@needs_cpu
+@needs_bf16_dot
+@pytest.mark.usefixtures("bf16_tiles")
+def test_gemm_bf16_tiles_same_result_for_1_and_2_threads(gen):
+    a = torch.randn(100, 2100, generator=gen).bfloat16()
+    b = torch.randn(301, 2100, generator=gen).bfloat16()
+    one, two = on_1_and_2_threads(torch.ops.fastkern_C.gemm, a, b)
+    assert torch.equal(one, two)
+
+
+@needs_cpu
+@needs_bf16_dot
+@pytest.mark.usefixtures("bf16_tiles")
+def test_gemm_bf16_tiles_nan_inf_propagate(gen):
+    a = torch.randn(40, 50, generator=gen).bfloat16()
+    b = torch.randn(30, 50, generator=gen).bfloat16()
+    a[3, 7] = float("nan")  # row 3: NaN
+    a[5, 8] = float("inf")  # row 5: +-inf, -inf where it meets b[9, 8]
+    b[9, 8] = float("-inf")  # column 9: +-inf
+    b[11, 20] = float("inf")  # column 11: +-inf, NaN at row 5 where the two infs differ in sign
+    out = torch.ops.fastkern_C.gemm(a, b)
+    ref = ops.gemm_ref(a, b)
+    assert torch.isnan(out[3]).all() and torch.isinf(out[5, 9])
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    assert torch.equal(torch.isinf(out), torch.isinf(ref))
+    assert torch.equal(out[torch.isinf(ref)], ref[torch.isinf(ref)])
+    # odd K over three panels: the last panel's half-filled pair must not keep the inf that
+    # the previous panel held there (inf x the zero that pads x is NaN)
+    a = torch.randn(20, 2049, generator=gen).bfloat16()
+    b = torch.randn(7, 2049, generator=gen).bfloat16()
+    b[2, 1025] = float("inf")
+    out = torch.ops.fastkern_C.gemm(a, b)
+    assert torch.isinf(out[:, 2]).all() and not torch.isnan(out).any()

@@ -23,13 +23,13 @@ import fastkern
 from fastkern import formats, ops
 from fastkern._ext import _C
 
-from conftest import (FLOAT_DTYPES, M_SIZES, assert_close_rel, backends_for, cpu_isa, cpu_isas, isa_skip_reason,
+from conftest import (FLOAT_DTYPES, has_bf16_dot, M_SIZES, assert_close_rel, backends_for, cpu_isa, cpu_isas, isa_skip_reason,
                       num_threads, on_1_and_2_threads)
 from test_ops_int8 import make_x
 
 NATIVE = pytest.mark.skipif(_C is None, reason="fastkern._C is not built")
 OP = "linear_w4a16"
-HAS_BF16_DOT = _C is not None and bool(_C.cpu_features().get("avx512bf16", False))
+HAS_BF16_DOT = has_bf16_dot()
 BF16_DOT = pytest.mark.skipif(not HAS_BF16_DOT, reason="this CPU lacks AVX512-BF16 (bf16 dot-product GEMV)")
 GEMV_VARIANTS = [pytest.param("limbs", id="limbs"),
                  pytest.param("bf16dot", id="bf16dot", marks=BF16_DOT)]

@@ -14,7 +14,7 @@ import torch
 import fastkern
 from fastkern import _ext, formats, ops
 
-from conftest import FLOAT_DTYPES, M_SIZES, assert_close_rel, backends_for, cpu_isas, on_1_and_2_threads, tol
+from conftest import FLOAT_DTYPES, M_SIZES, has_bf16_dot, assert_close_rel, backends_for, cpu_isas, on_1_and_2_threads, tol
 
 needs_cpu24 = pytest.mark.skipif(
     ops.backend_status("linear_sparse24", "cpu", torch.device("cpu")) is not None,
@@ -172,7 +172,7 @@ def test_sparse24_kept_weights_kernel_every_tail(gen, isa, dtype, monkeypatch):
 
 
 # The bf16 pair kernel (bf16 x and values, AVX512-BF16: one vdpbf16ps lane per kept pair).
-HAS_BF16_DOT = _ext._C is not None and bool(_ext._C.cpu_features().get("avx512bf16", False))
+HAS_BF16_DOT = has_bf16_dot()
 needs_pair = pytest.mark.skipif(not HAS_BF16_DOT, reason="the bf16 2:4 pair kernel needs a CPU with AVX512-BF16")
 
 

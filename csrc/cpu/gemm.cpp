@@ -12,6 +12,7 @@
 
 #include "cpu/gemm_blocked.h"
 #include "cpu/gemm_skinny.h"
+#include "cpu/tile_gemm.h"
 
 namespace fastkern {
 namespace cpu {
@@ -38,6 +39,9 @@ constexpr int64_t kGemvChunkTiles = 16;
 inline int64_t gemv_kb(int64_t M) {
   return std::max<int64_t>(256, int64_t(65536) / std::max<int64_t>(1, M) / 256 * 256);
 }
+
+// bf16 a and b with AVX512-BF16: the vdpbf16ps tile GEMM from this M (see "bf16, AVX512-BF16").
+constexpr int64_t kBf16GemmMinM = 16;
 
 inline int64_t gemv_max_m(Isa isa) {
 #if FASTKERN_X86
@@ -247,6 +251,51 @@ void gemv(Isa isa, const at::Tensor& x32, const at::Tensor& w, float* y) {
   });
 }
 
+// ------------------------------------------------------------------ bf16, AVX512-BF16
+//
+// bf16 a and b on a CPU with AVX512-BF16 (Zen 4/5, Sapphire Rapids and later) run
+// tile_gemm.h's vdpbf16ps GEMM from M = bf16_gemm_min_m(): the products of two bf16 are
+// exact in fp32 and vdpbf16ps forms two per lane, where the fp32 paths convert both operands
+// and run one FMA per product. The weight is copied into the tile GEMM's L2 panels as it is.
+
+// FASTKERN_GEMM_BF16_MIN_M (read on every call; 0 turns the path off)
+int64_t bf16_gemm_min_m() { return env_knob("FASTKERN_GEMM_BF16_MIN_M", kBf16GemmMinM); }
+
+#if FASTKERN_X86
+// panel[n - n0][k / 2] = (b[n][k0 + k], b[n][k0 + k + 1]) for k < kc, zero past kc
+FASTKERN_AVX512BF16 void bf16_copy_panel(const uint16_t* B, int64_t ldb, int64_t n0, int64_t n1, int64_t k0,
+                                         int64_t kc, uint32_t* panel, int64_t ldp) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint16_t* src = B + n * ldb + k0;
+    uint16_t* dst = reinterpret_cast<uint16_t*>(panel + (n - n0) * ldp);
+    for (int64_t k = 0; k < kc; k += 32) {
+      const int64_t left = std::min<int64_t>(32, kc - k);
+      const __mmask32 ld = left == 32 ? ~__mmask32(0) : (__mmask32(1) << left) - 1;
+      const __mmask32 st = left >= 31 ? ~__mmask32(0) : (__mmask32(1) << (left + (left & 1))) - 1;
+      _mm512_mask_storeu_epi16(dst + k, st, _mm512_maskz_loadu_epi16(ld, src + k));
+    }
+  }
+}
+
+bool use_bf16_gemm(int64_t M, int64_t N, int64_t K) {
+  const int64_t lo = bf16_gemm_min_m();
+  return lo > 0 && M >= lo && N > 0 && K > 0 && active_isa() >= Isa::Avx512 && features().avx512bf16;
+}
+
+void bf16_gemm(const at::Tensor& a2, const at::Tensor& b, float* C) {
+  const int64_t M = a2.size(0), K = a2.size(1), N = b.size(0);
+  at::Tensor ac = a2.stride(1) == 1 ? a2 : a2.contiguous();
+  at::Tensor bc = b.stride(1) == 1 ? b : b.contiguous();
+  const uint16_t* A = reinterpret_cast<const uint16_t*>(ac.data_ptr<c10::BFloat16>());
+  const uint16_t* B = reinterpret_cast<const uint16_t*>(bc.data_ptr<c10::BFloat16>());
+  const int64_t ldb = bc.stride(0);
+  tiles::bf16_tile_gemm(A, ac.stride(0), M, B, ldb, N, K, C, nullptr,
+                        [&](int64_t n0, int64_t n1, int64_t k0, int64_t kc, uint32_t* panel, int64_t ldp) {
+                          bf16_copy_panel(B, ldb, n0, n1, k0, kc, panel, ldp);
+                        });
+}
+#endif
+
 // ------------------------------------------------------------------ entry
 
 template <class T>
@@ -254,6 +303,12 @@ void gemm_typed(const at::Tensor& a2, const at::Tensor& b, at::Tensor& out32) {
   const Isa isa = active_isa();
   const int64_t M = a2.size(0), K = a2.size(1), N = b.size(0);
   float* C = out32.data_ptr<float>();
+#if FASTKERN_X86
+  if (std::is_same<T, c10::BFloat16>::value && use_bf16_gemm(M, N, K)) {
+    bf16_gemm(a2, b, C);
+    return;
+  }
+#endif
   if (M <= gemv_max_m(isa) && K > 0) {
     at::Tensor x32 = a2.to(at::kFloat).contiguous();
     at::Tensor bc = b.stride(1) == 1 ? b : b.contiguous();

@@ -36,11 +36,21 @@
 #include "cpu/gemm_skinny.h"
 #include "cpu/quant_common.h"
 #include "cpu/scratch.h"
+#include "cpu/tile_gemm.h"
 
 namespace fastkern {
 namespace cpu {
 namespace quant {
 namespace {
+
+using tiles::kF32KC;
+using tiles::kF32TaskRows;
+using tiles::next_panel_lines;
+using tiles::panel_rows;
+using tiles::transpose_out_f32;
+#if FASTKERN_X86
+using tiles::transpose16x16;
+#endif
 
 constexpr int64_t kGemvMaxM = 3;
 // linear_w8a16 runs the GEMV kernel in groups of kGemvMaxM rows up to this M (generic path,
@@ -411,28 +421,6 @@ bool use_vnni512() { return active_isa() >= Isa::Avx512 && features().avx512vnni
 // AVX2 + AVX-VNNI (the avx2vnni path: matmul_vnni256, gemv_vnni256)
 bool use_vnni256() { return active_isa() == Isa::Avx2Vnni; }
 
-// 16 x 16 int32 transpose in registers: r[i] lane j -> r[j] lane i.
-FASTKERN_AVX512 inline void transpose16x16(__m512i r[16]) {
-  __m512i a[16], b[16];
-  for (int i = 0; i < 8; ++i) {
-    a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-  for (int g = 0; g < 4; ++g) {  // b[4g + c] lane L: column 4L + c of rows 4g .. 4g + 3
-    b[4 * g + 0] = _mm512_unpacklo_epi64(a[4 * g], a[4 * g + 2]);
-    b[4 * g + 1] = _mm512_unpackhi_epi64(a[4 * g], a[4 * g + 2]);
-    b[4 * g + 2] = _mm512_unpacklo_epi64(a[4 * g + 1], a[4 * g + 3]);
-    b[4 * g + 3] = _mm512_unpackhi_epi64(a[4 * g + 1], a[4 * g + 3]);
-  }
-  for (int c = 0; c < 4; ++c) {
-    const __m512i u0 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0x44), u1 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0x44);
-    const __m512i u2 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0xEE), u3 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0xEE);
-    r[c] = _mm512_shuffle_i32x4(u0, u1, 0x88);
-    r[4 + c] = _mm512_shuffle_i32x4(u0, u1, 0xDD);
-    r[8 + c] = _mm512_shuffle_i32x4(u2, u3, 0x88);
-    r[12 + c] = _mm512_shuffle_i32x4(u2, u3, 0xDD);
-  }
-}
 
 // Where the products go: int32 C [M, N] (int8_gemm) or, for linear_w8a8, fp32
 // out [M, N] = float((double(c) * sx[m]) * ws[n]), the reference's double-precision scaling.
@@ -904,24 +892,6 @@ void int_matmul_vnni(const int16_t* A, int64_t lda, int64_t M, const int8_t* W, 
   matmul_vnni(a8.data(), la, M, W, N, K, o);
 }
 
-// Y [m0, m0 + 16) x [n0, n0 + 16) from CT [N, Mp] (times s[n] if s), transposed in registers
-FASTKERN_AVX512 void transpose_out_f32(const float* CT, int64_t Mp, int64_t M, int64_t N, int64_t m0, int64_t n0,
-                                       float* Y, const float* s = nullptr) {
-  const int64_t nn = std::min<int64_t>(16, N - n0), mm = std::min<int64_t>(16, M - m0);
-  __m512i r[16];
-  for (int64_t j = 0; j < 16; ++j) {
-    if (j >= nn) {
-      r[j] = _mm512_setzero_si512();
-      continue;
-    }
-    __m512 v = _mm512_loadu_ps(CT + (n0 + j) * Mp + m0);
-    if (s) v = _mm512_mul_ps(v, _mm512_set1_ps(s[n0 + j]));
-    r[j] = _mm512_castps_si512(v);
-  }
-  transpose16x16(r);
-  const __mmask16 mask = static_cast<__mmask16>((1u << nn) - 1u);
-  for (int64_t i = 0; i < mm; ++i) _mm512_mask_storeu_ps(Y + (m0 + i) * N + n0, mask, _mm512_castsi512_ps(r[i]));
-}
 
 // W8A16 GEMV with AVX-512: like gemv_vnni, each thread's weight rows as one stream with
 // the prefetch kVnniAhead bytes ahead, one row at a time; 16 int8 -> fp32 per convert,
@@ -1087,8 +1057,6 @@ void gemv_w8f_pass_avx512(int64_t mr, const float* X, int64_t ldx, const int8_t*
 // (in L2) and broadcast one element at a time: NR x VM accumulators, each output one FMA
 // chain over k in order (the same for every tile shape and thread count). While a panel's
 // tiles run, the next panel's weight lines are prefetched into L2, spread over the tiles.
-constexpr int64_t kF32KC = 512;     // K columns per panel (96 rows x 512 x 4 B = 192 KB)
-constexpr int64_t kF32TaskRows = 96;
 
 // [pf, pf + npf): weight lines to prefetch, one every (pf_mask + 1) k steps
 template <int NR, int VM>
@@ -1118,27 +1086,6 @@ FASTKERN_AVX512 void w8f_tile(const float* Xp, const float* P, int64_t ldp, int6
     for (int v = 0; v < VM; ++v) _mm512_storeu_ps(CT + j * ldct + 16 * v, c[j][v]);
 }
 
-// The rows of a panel in register tiles of NR weight rows (6 when VM >= 3, else 12), then
-// one by one, with the prefetch lines [pf, pf + npf) of the next task spread evenly over the
-// tiles (one every step k steps): tile(integral_constant<int, rows of the tile>, first row,
-// its prefetch lines, how many, step - 1).
-template <int VM, class Tile>
-void panel_rows(int64_t rows, int64_t ksteps, const char* const* pf, int64_t npf, const Tile& tile) {
-  constexpr int NR = VM >= 3 ? 6 : 12;
-  const int64_t tiles = std::max<int64_t>(1, rows / NR + rows % NR);
-  const int64_t lines = std::max<int64_t>(1, (npf + tiles - 1) / tiles);
-  int64_t step = 1;
-  while (step * 2 * lines <= ksteps) step *= 2;
-  int64_t r = 0;
-  auto run = [&](auto nr) {
-    const int64_t np = std::max<int64_t>(0, std::min(lines, npf));
-    tile(nr, r, pf, np, step - 1);
-    pf += np;
-    npf -= np;
-  };
-  for (; r + NR <= rows; r += NR) run(std::integral_constant<int, NR>{});
-  for (; r < rows; ++r) run(std::integral_constant<int, 1>{});
-}
 
 template <int VM>
 void w8f_rows(const float* Xp, const float* P, int64_t ldp, int64_t rows, int64_t kc, float* CT, int64_t ldct,
@@ -1148,20 +1095,6 @@ void w8f_rows(const float* Xp, const float* P, int64_t ldp, int64_t rows, int64_
   });
 }
 
-// pfl = the cache lines of the weight panel a task of the W8A16 GEMMs reads after rows
-// [n0, n1) x K block [k0, k0 + KC): its next K block, or the first one of the thread's next
-// task (rows up to r1, nb per task), for the tiles to prefetch while they compute.
-inline void next_panel_lines(const int8_t* W, int64_t K, int64_t KC, int64_t nb, int64_t r1, int64_t n0,
-                             int64_t n1, int64_t k0, std::vector<const char*>& pfl) {
-  int64_t pn0 = n0, pn1 = n1, pk0 = k0 + KC;
-  if (pk0 >= K) pn0 = n1, pn1 = std::min(r1, n1 + nb), pk0 = 0;
-  const int64_t pkc = std::min(KC, K - pk0);
-  pfl.clear();
-  for (int64_t n = pn0; n < pn1; ++n) {
-    const char* row = reinterpret_cast<const char*>(W + n * K + pk0);
-    for (int64_t b = 0; b < pkc; b += 64) pfl.push_back(row + b);
-  }
-}
 
 // panel[r][k] = float(W[n0 + r][k0 + k]) * s[n0 + r] for k < kc
 FASTKERN_AVX512 void dequant_panel(const int8_t* W, int64_t K, const float* s, int64_t n0, int64_t n1, int64_t k0,
@@ -1226,7 +1159,7 @@ void w8a16_gemm_avx512(const float* X, int64_t ldx, int64_t M, const int8_t* W, 
       for (int64_t k0 = 0; k0 < K; k0 += kF32KC) {
         const int64_t kc = std::min(kF32KC, K - k0);
         dequant_panel(W, K, s, n0, n1, k0, kc, panel.data(), kcmax);
-        next_panel_lines(W, K, kF32KC, nb, r1, n0, n1, k0, pfl);
+        next_panel_lines(W, K, K, kF32KC, nb, r1, n0, n1, k0, pfl);
         const int64_t per_mb = (int64_t(pfl.size()) + nmb - 1) / nmb;
         for (int64_t mb = 0; mb < nmb; ++mb) {
           const int64_t m0 = mb * 64, vm = std::min<int64_t>(64, Mp - m0) / 16;
@@ -1253,50 +1186,12 @@ void w8a16_gemm_avx512(const float* X, int64_t ldx, int64_t M, const int8_t* W, 
 
 // ------------------------------------------------------------------ W8A16 GEMM, AVX512-BF16 (bf16 activations)
 //
-// bf16 x against the int8 weight converted to bf16, which is exact (|w| <= 128 needs 8
-// significant bits): vdpbf16ps forms exact products, two k per fp32 lane, at twice the
-// multiply-adds per instruction of the fp32 FMA. The same transposed tiles as above with x
-// packed as [K/2][16 VM][2 bf16] and one (w[k], w[k+1]) pair broadcast per step; the scale
-// multiplies the finished sums (as in the GEMV).
-
-template <int NR, int VM>
-FASTKERN_AVX512BF16 void w8b_tile(const uint32_t* Xp, const uint32_t* P, int64_t ldp, int64_t kc2, float* CT,
-                                int64_t ldct, bool acc, const char* const* pf, int64_t npf, int64_t pf_mask) {
-  __m512 c[NR][VM];
-#pragma GCC unroll 12
-  for (int j = 0; j < NR; ++j)
-#pragma GCC unroll 4
-    for (int v = 0; v < VM; ++v) c[j][v] = acc ? _mm512_loadu_ps(CT + j * ldct + 16 * v) : _mm512_setzero_ps();
-  int64_t ipf = 0;
-  for (int64_t k = 0; k < kc2; ++k) {
-    if ((k & pf_mask) == 0 && ipf < npf) _mm_prefetch(pf[ipf++], _MM_HINT_T1);
-    __m512bh a[VM];
-#pragma GCC unroll 4
-    for (int v = 0; v < VM; ++v) a[v] = (__m512bh)_mm512_loadu_si512(Xp + k * 16 * VM + 16 * v);
-#pragma GCC unroll 12
-    for (int j = 0; j < NR; ++j) {
-      const __m512bh b = (__m512bh)_mm512_set1_epi32(int32_t(P[j * ldp + k]));
-#pragma GCC unroll 4
-      for (int v = 0; v < VM; ++v) c[j][v] = _mm512_dpbf16_ps(c[j][v], a[v], b);
-    }
-  }
-#pragma GCC unroll 12
-  for (int j = 0; j < NR; ++j)
-#pragma GCC unroll 4
-    for (int v = 0; v < VM; ++v) _mm512_storeu_ps(CT + j * ldct + 16 * v, c[j][v]);
-}
-
-template <int VM>
-void w8b_rows(const uint32_t* Xp, const uint32_t* P, int64_t ldp, int64_t rows, int64_t kc2, float* CT,
-              int64_t ldct, bool acc, const char* const* pf, int64_t npf) {
-  panel_rows<VM>(rows, kc2, pf, npf, [&](auto nr, int64_t r, const char* const* p, int64_t np, int64_t mask) {
-    w8b_tile<decltype(nr)::value, VM>(Xp, P + r * ldp, ldp, kc2, CT + r * ldct, ldct, acc, p, np, mask);
-  });
-}
+// tile_gemm.h's bf16 GEMM on the int8 weight converted to bf16, which is exact (|w| <= 128
+// needs 8 significant bits); the scale multiplies the finished sums (as in the GEMV).
 
 // panel[r][k/2] = (bf16(W[n0 + r][k0 + k]), bf16(W[.][k0 + k + 1])) for k < kc (zero past it)
 FASTKERN_AVX512BF16 void bf16_panel(const int8_t* W, int64_t K, int64_t n0, int64_t n1, int64_t k0, int64_t kc,
-                                  uint32_t* panel, int64_t ldp) {
+                                    uint32_t* panel, int64_t ldp) {
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* src = W + n * K + k0;
     __m256i* dst = reinterpret_cast<__m256i*>(panel + (n - n0) * ldp);
@@ -1312,76 +1207,13 @@ FASTKERN_AVX512BF16 void bf16_panel(const int8_t* W, int64_t K, int64_t n0, int6
   }
 }
 
-// x [M, K] bf16 (row stride ldx elements) -> per block of 64 rows [K2][w] pairs (zero rows
-// past M, zero past K); block mb starts at xp + 64 mb K2.
-void pack_x_bf16(const uint16_t* X, int64_t ldx, int64_t M, int64_t K, uint32_t* xp) {
-  const int64_t Mp = round_up(M, 16), nmb = (M + 63) / 64, K2 = (K + 1) / 2;
-  constexpr int64_t kChunk = 256;
-  const int64_t nkc = (K2 + kChunk - 1) / kChunk;
-  at::parallel_for(0, nmb * nkc, 1, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) {
-      const int64_t mb = t / nkc, k0 = (t % nkc) * kChunk, k1 = std::min(K2, k0 + kChunk);
-      const int64_t m0 = mb * 64, w = std::min<int64_t>(64, Mp - m0), rows = std::min<int64_t>(w, M - m0);
-      uint32_t* dst = xp + m0 * K2;
-      for (int64_t r = 0; r < w; ++r) {
-        if (r >= rows) {
-          for (int64_t k = k0; k < k1; ++k) dst[k * w + r] = 0;
-          continue;
-        }
-        const uint16_t* src = X + (m0 + r) * ldx;
-        for (int64_t k = k0; k < k1; ++k) {
-          const uint32_t lo = src[2 * k], hi = 2 * k + 1 < K ? src[2 * k + 1] : 0;
-          dst[k * w + r] = lo | (hi << 16);
-        }
-      }
-    }
-  });
-}
-
 // Y [M, N] = s[n] * (X [M, K] (bf16, row stride ldx) x bf16(W)^T)
 void w8a16_gemm_bf16(const uint16_t* X, int64_t ldx, int64_t M, const int8_t* W, const float* s, int64_t N,
                      int64_t K, float* Y) {
-  const int64_t Mp = round_up(M, 16), nmb = (M + 63) / 64, K2 = (K + 1) / 2;
-  at::Tensor xpt = at::empty({Mp * K2}, at::kInt);
-  at::Tensor ctt = at::empty({N * Mp}, at::kFloat);
-  uint32_t* xp = reinterpret_cast<uint32_t*>(xpt.data_ptr<int32_t>());
-  float* ct = ctt.data_ptr<float>();
-  pack_x_bf16(X, ldx, M, K, xp);
-  // K columns per panel: twice the fp32 panel's, the same bytes
-  constexpr int64_t KC = 2 * kF32KC;
-  const int64_t nb = kF32TaskRows, kc2max = (std::min(KC, K) + 1) / 2;
-  parallel_rows(N, 12, 1, [&](int64_t r0, int64_t r1) {
-    std::vector<uint32_t> panel(nb * kc2max);
-    std::vector<const char*> pfl;
-    pfl.reserve(nb * (KC / 64 + 1));
-    for (int64_t n0 = r0; n0 < r1; n0 += nb) {
-      const int64_t n1 = std::min(r1, n0 + nb);
-      for (int64_t k0 = 0; k0 < K; k0 += KC) {
-        const int64_t kc = std::min(KC, K - k0), kc2 = (kc + 1) / 2;
-        bf16_panel(W, K, n0, n1, k0, kc, panel.data(), kc2max);
-        next_panel_lines(W, K, KC, nb, r1, n0, n1, k0, pfl);
-        const int64_t per_mb = (int64_t(pfl.size()) + nmb - 1) / nmb;
-        for (int64_t mb = 0; mb < nmb; ++mb) {
-          const int64_t m0 = mb * 64, vm = std::min<int64_t>(64, Mp - m0) / 16;
-          const uint32_t* xb = xp + m0 * K2 + (k0 / 2) * 16 * vm;
-          float* c = ct + n0 * Mp + m0;
-          const int64_t p0 = std::min<int64_t>(pfl.size(), mb * per_mb);
-          const int64_t np = std::min<int64_t>(pfl.size() - p0, per_mb);
-          const char* const* pp = pfl.data() + p0;
-          switch (vm) {
-            case 1: w8b_rows<1>(xb, panel.data(), kc2max, n1 - n0, kc2, c, Mp, k0 > 0, pp, np); break;
-            case 2: w8b_rows<2>(xb, panel.data(), kc2max, n1 - n0, kc2, c, Mp, k0 > 0, pp, np); break;
-            case 3: w8b_rows<3>(xb, panel.data(), kc2max, n1 - n0, kc2, c, Mp, k0 > 0, pp, np); break;
-            default: w8b_rows<4>(xb, panel.data(), kc2max, n1 - n0, kc2, c, Mp, k0 > 0, pp, np); break;
-          }
-        }
-      }
-    }
-  });
-  at::parallel_for(0, (N + 15) / 16, 16, [&](int64_t b, int64_t e) {
-    for (int64_t j = b; j < e; ++j)
-      for (int64_t m0 = 0; m0 < M; m0 += 16) transpose_out_f32(ct, Mp, M, N, m0, j * 16, Y, s);
-  });
+  tiles::bf16_tile_gemm(X, ldx, M, W, K, N, K, Y, s,
+                        [&](int64_t n0, int64_t n1, int64_t k0, int64_t kc, uint32_t* panel, int64_t ldp) {
+                          bf16_panel(W, K, n0, n1, k0, kc, panel, ldp);
+                        });
 }
 #endif
 

@@ -1,0 +1,238 @@
+// The transposed-tile GEMMs of the CPU kernels (int8_gemm.cpp's W8A16 and VNNI GEMMs, gemm.cpp's
+// bf16 GEMM): x is packed per block of 64 rows so that one 64-byte load holds one k (or one k
+// pair) of 16 rows; a weight panel (nb rows x a K block, in L2) is broadcast one element (or
+// pair) at a time against it, NR weight rows x VM vectors of x per register tile, and the sums
+// land in CT [N, Mp] (weight row major), transposed into Y [M, N] at the end. Every output is
+// one chain over k in order, whatever the tile shape and the thread split.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/isa.h"
+#include "cpu/quant_common.h"
+
+namespace fastkern {
+namespace cpu {
+namespace tiles {
+
+using quant::round_up;
+
+#if FASTKERN_X86
+// 16 x 16 int32 transpose in registers: r[i] lane j -> r[j] lane i.
+FASTKERN_AVX512 inline void transpose16x16(__m512i r[16]) {
+  __m512i a[16], b[16];
+  for (int i = 0; i < 8; ++i) {
+    a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int g = 0; g < 4; ++g) {  // b[4g + c] lane L: column 4L + c of rows 4g .. 4g + 3
+    b[4 * g + 0] = _mm512_unpacklo_epi64(a[4 * g], a[4 * g + 2]);
+    b[4 * g + 1] = _mm512_unpackhi_epi64(a[4 * g], a[4 * g + 2]);
+    b[4 * g + 2] = _mm512_unpacklo_epi64(a[4 * g + 1], a[4 * g + 3]);
+    b[4 * g + 3] = _mm512_unpackhi_epi64(a[4 * g + 1], a[4 * g + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512i u0 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0x44), u1 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0x44);
+    const __m512i u2 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0xEE), u3 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0xEE);
+    r[c] = _mm512_shuffle_i32x4(u0, u1, 0x88);
+    r[4 + c] = _mm512_shuffle_i32x4(u0, u1, 0xDD);
+    r[8 + c] = _mm512_shuffle_i32x4(u2, u3, 0x88);
+    r[12 + c] = _mm512_shuffle_i32x4(u2, u3, 0xDD);
+  }
+}
+
+// Y [m0, m0 + 16) x [n0, n0 + 16) from CT [N, Mp] (times s[n] if s), transposed in registers
+FASTKERN_AVX512 inline void transpose_out_f32(const float* CT, int64_t Mp, int64_t M, int64_t N, int64_t m0, int64_t n0,
+                                       float* Y, const float* s = nullptr) {
+  const int64_t nn = std::min<int64_t>(16, N - n0), mm = std::min<int64_t>(16, M - m0);
+  __m512i r[16];
+  for (int64_t j = 0; j < 16; ++j) {
+    if (j >= nn) {
+      r[j] = _mm512_setzero_si512();
+      continue;
+    }
+    __m512 v = _mm512_loadu_ps(CT + (n0 + j) * Mp + m0);
+    if (s) v = _mm512_mul_ps(v, _mm512_set1_ps(s[n0 + j]));
+    r[j] = _mm512_castps_si512(v);
+  }
+  transpose16x16(r);
+  const __mmask16 mask = static_cast<__mmask16>((1u << nn) - 1u);
+  for (int64_t i = 0; i < mm; ++i) _mm512_mask_storeu_ps(Y + (m0 + i) * N + n0, mask, _mm512_castsi512_ps(r[i]));
+}
+#endif
+
+// K columns per fp32 panel (96 rows x 512 x 4 B = 192 KB) and weight rows per task of the
+// transposed-tile GEMMs; the bf16 GEMM takes twice the columns (the same bytes)
+constexpr int64_t kF32KC = 512;     // K columns per panel (96 rows x 512 x 4 B = 192 KB)
+constexpr int64_t kF32TaskRows = 96;
+
+// The rows of a panel in register tiles of NR weight rows (6 when VM >= 3, else 12), then
+// one by one, with the prefetch lines [pf, pf + npf) of the next task spread evenly over the
+// tiles (one every step k steps): tile(integral_constant<int, rows of the tile>, first row,
+// its prefetch lines, how many, step - 1).
+template <int VM, class Tile>
+void panel_rows(int64_t rows, int64_t ksteps, const char* const* pf, int64_t npf, const Tile& tile) {
+  constexpr int NR = VM >= 3 ? 6 : 12;
+  const int64_t tiles = std::max<int64_t>(1, rows / NR + rows % NR);
+  const int64_t lines = std::max<int64_t>(1, (npf + tiles - 1) / tiles);
+  int64_t step = 1;
+  while (step * 2 * lines <= ksteps) step *= 2;
+  int64_t r = 0;
+  auto run = [&](auto nr) {
+    const int64_t np = std::max<int64_t>(0, std::min(lines, npf));
+    tile(nr, r, pf, np, step - 1);
+    pf += np;
+    npf -= np;
+  };
+  for (; r + NR <= rows; r += NR) run(std::integral_constant<int, NR>{});
+  for (; r < rows; ++r) run(std::integral_constant<int, 1>{});
+}
+
+// pfl = the cache lines of the weight W (row stride ldw) that a task of the transposed-tile
+// GEMMs reads after rows [n0, n1) x K block [k0, k0 + KC): its next K block, or the first one
+// of the thread's next task (rows up to r1, nb per task), for the tiles to prefetch while
+// they compute.
+template <class T>
+void next_panel_lines(const T* W, int64_t ldw, int64_t K, int64_t KC, int64_t nb, int64_t r1, int64_t n0,
+                      int64_t n1, int64_t k0, std::vector<const char*>& pfl) {
+  int64_t pn0 = n0, pn1 = n1, pk0 = k0 + KC;
+  if (pk0 >= K) pn0 = n1, pn1 = std::min(r1, n1 + nb), pk0 = 0;
+  const int64_t pkc = std::min(KC, K - pk0);
+  pfl.clear();
+  for (int64_t n = pn0; n < pn1; ++n) {
+    const char* row = reinterpret_cast<const char*>(W + n * ldw + pk0);
+    for (int64_t b = 0; b < pkc * int64_t(sizeof(T)); b += 64) pfl.push_back(row + b);
+  }
+}
+
+#if FASTKERN_X86
+// ------------------------------------------------------------------ bf16 x, AVX512-BF16
+//
+// bf16 x against a weight given as bf16 (int8_gemm.cpp's W8A16: the int8 weight converted,
+// which is exact; gemm.cpp: a bf16 weight as it is): vdpbf16ps forms the products exactly,
+// two k per fp32 lane, at twice the multiply-adds per instruction of the fp32 FMA. x is
+// packed as [K/2][16 VM][2 bf16] and one (w[k], w[k+1]) pair is broadcast per step. Like every
+// vdpbf16ps path, it treats bf16 subnormals (|v| < 1.2e-38) as zero and flushes subnormal
+// sums to zero.
+
+template <int NR, int VM>
+FASTKERN_AVX512BF16 void bf16_tile(const uint32_t* Xp, const uint32_t* P, int64_t ldp, int64_t kc2, float* CT,
+                                   int64_t ldct, bool acc, const char* const* pf, int64_t npf, int64_t pf_mask) {
+  __m512 c[NR][VM];
+#pragma GCC unroll 12
+  for (int j = 0; j < NR; ++j)
+#pragma GCC unroll 4
+    for (int v = 0; v < VM; ++v) c[j][v] = acc ? _mm512_loadu_ps(CT + j * ldct + 16 * v) : _mm512_setzero_ps();
+  int64_t ipf = 0;
+  for (int64_t k = 0; k < kc2; ++k) {
+    if ((k & pf_mask) == 0 && ipf < npf) _mm_prefetch(pf[ipf++], _MM_HINT_T1);
+    __m512bh a[VM];
+#pragma GCC unroll 4
+    for (int v = 0; v < VM; ++v) a[v] = (__m512bh)_mm512_loadu_si512(Xp + k * 16 * VM + 16 * v);
+#pragma GCC unroll 12
+    for (int j = 0; j < NR; ++j) {
+      const __m512bh b = (__m512bh)_mm512_set1_epi32(int32_t(P[j * ldp + k]));
+#pragma GCC unroll 4
+      for (int v = 0; v < VM; ++v) c[j][v] = _mm512_dpbf16_ps(c[j][v], a[v], b);
+    }
+  }
+#pragma GCC unroll 12
+  for (int j = 0; j < NR; ++j)
+#pragma GCC unroll 4
+    for (int v = 0; v < VM; ++v) _mm512_storeu_ps(CT + j * ldct + 16 * v, c[j][v]);
+}
+
+template <int VM>
+void bf16_rows(const uint32_t* Xp, const uint32_t* P, int64_t ldp, int64_t rows, int64_t kc2, float* CT,
+               int64_t ldct, bool acc, const char* const* pf, int64_t npf) {
+  panel_rows<VM>(rows, kc2, pf, npf, [&](auto nr, int64_t r, const char* const* p, int64_t np, int64_t mask) {
+    bf16_tile<decltype(nr)::value, VM>(Xp, P + r * ldp, ldp, kc2, CT + r * ldct, ldct, acc, p, np, mask);
+  });
+}
+
+// x [M, K] bf16 (row stride ldx elements) -> per block of 64 rows [K2][w] pairs (zero rows
+// past M, zero past K); block mb starts at xp + 64 mb K2.
+inline void pack_x_bf16(const uint16_t* X, int64_t ldx, int64_t M, int64_t K, uint32_t* xp) {
+  const int64_t Mp = round_up(M, 16), nmb = (M + 63) / 64, K2 = (K + 1) / 2;
+  constexpr int64_t kChunk = 256;
+  const int64_t nkc = (K2 + kChunk - 1) / kChunk;
+  at::parallel_for(0, nmb * nkc, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t mb = t / nkc, k0 = (t % nkc) * kChunk, k1 = std::min(K2, k0 + kChunk);
+      const int64_t m0 = mb * 64, w = std::min<int64_t>(64, Mp - m0), rows = std::min<int64_t>(w, M - m0);
+      uint32_t* dst = xp + m0 * K2;
+      for (int64_t r = 0; r < w; ++r) {
+        if (r >= rows) {
+          for (int64_t k = k0; k < k1; ++k) dst[k * w + r] = 0;
+          continue;
+        }
+        const uint16_t* src = X + (m0 + r) * ldx;
+        for (int64_t k = k0; k < k1; ++k) {
+          const uint32_t lo = src[2 * k], hi = 2 * k + 1 < K ? src[2 * k + 1] : 0;
+          dst[k * w + r] = lo | (hi << 16);
+        }
+      }
+    }
+  });
+}
+
+// Y [M, N] = s[n] * (X [M, K] (bf16, row stride ldx) x B^T) (no s: unscaled), B [N, K] the
+// weight as bf16, whose panels fill(n0, n1, k0, kc, panel, ldp) writes as
+// panel[n - n0][k / 2] = (B[n][k0 + k], B[n][k0 + k + 1]) for k < kc, zero past kc. W: the
+// weight as stored (row stride ldw elements of T), whose next panel's lines are prefetched.
+template <class T, class Fill>
+void bf16_tile_gemm(const uint16_t* X, int64_t ldx, int64_t M, const T* W, int64_t ldw, int64_t N, int64_t K,
+                    float* Y, const float* s, const Fill& fill) {
+  const int64_t Mp = round_up(M, 16), nmb = (M + 63) / 64, K2 = (K + 1) / 2;
+  at::Tensor xpt = at::empty({Mp * K2}, at::kInt);
+  at::Tensor ctt = at::empty({N * Mp}, at::kFloat);
+  uint32_t* xp = reinterpret_cast<uint32_t*>(xpt.data_ptr<int32_t>());
+  float* ct = ctt.data_ptr<float>();
+  pack_x_bf16(X, ldx, M, K, xp);
+  // K columns per panel: twice the fp32 panel's, the same bytes
+  constexpr int64_t KC = 2 * kF32KC;
+  const int64_t nb = kF32TaskRows, kc2max = (std::min(KC, K) + 1) / 2;
+  quant::parallel_rows(N, 12, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<uint32_t> panel(nb * kc2max);
+    std::vector<const char*> pfl;
+    pfl.reserve(nb * (KC * sizeof(T) / 64 + 1));
+    for (int64_t n0 = r0; n0 < r1; n0 += nb) {
+      const int64_t n1 = std::min(r1, n0 + nb);
+      for (int64_t k0 = 0; k0 < K; k0 += KC) {
+        const int64_t kc = std::min(KC, K - k0), kc2 = (kc + 1) / 2;
+        fill(n0, n1, k0, kc, panel.data(), kc2max);
+        next_panel_lines(W, ldw, K, KC, nb, r1, n0, n1, k0, pfl);
+        const int64_t per_mb = (int64_t(pfl.size()) + nmb - 1) / nmb;
+        for (int64_t mb = 0; mb < nmb; ++mb) {
+          const int64_t m0 = mb * 64, vm = std::min<int64_t>(64, Mp - m0) / 16;
+          const uint32_t* xb = xp + m0 * K2 + (k0 / 2) * 16 * vm;
+          float* c = ct + n0 * Mp + m0;
+          const int64_t p0 = std::min<int64_t>(pfl.size(), mb * per_mb);
+          const int64_t np = std::min<int64_t>(pfl.size() - p0, per_mb);
+          const char* const* pp = pfl.data() + p0;
+          switch (vm) {
+            case 1: bf16_rows<1>(xb, panel.data(), kc2max, n1 - n0, kc2, c, Mp, k0 > 0, pp, np); break;
+            case 2: bf16_rows<2>(xb, panel.data(), kc2max, n1 - n0, kc2, c, Mp, k0 > 0, pp, np); break;
+            case 3: bf16_rows<3>(xb, panel.data(), kc2max, n1 - n0, kc2, c, Mp, k0 > 0, pp, np); break;
+            default: bf16_rows<4>(xb, panel.data(), kc2max, n1 - n0, kc2, c, Mp, k0 > 0, pp, np); break;
+          }
+        }
+      }
+    }
+  });
+  at::parallel_for(0, (N + 15) / 16, 16, [&](int64_t b, int64_t e) {
+    for (int64_t j = b; j < e; ++j)
+      for (int64_t m0 = 0; m0 < M; m0 += 16) transpose_out_f32(ct, Mp, M, N, m0, j * 16, Y, s);
+  });
+}
+#endif
+
+}  // namespace tiles
+}  // namespace cpu
+}  // namespace fastkern
