@@ -32,6 +32,7 @@ GEMV_ROWS = {"generic": 2, "avx2": 2, "avx512": 4}
 def fp32_paths(monkeypatch):
     """bf16 operands through the fp32 paths (GEMV, skinny and blocked GEMMs) at every M."""
     monkeypatch.setenv("FASTKERN_GEMM_BF16_MIN_M", "0")
+    monkeypatch.setenv("FASTKERN_GEMM_BF16_GEMV_MAX_M", "0")
 
 
 @pytest.fixture
@@ -298,26 +299,32 @@ def test_gemm_bad_inputs_clear_errors(gen):
             torch.ops.fastkern.gemm(a, torch.randn(3, 8).bfloat16())
 
 
-# ------------------------------------------------------------ bf16: the vdpbf16ps tile GEMM
+# ------------------------------------------------------------ bf16: vdpbf16ps
 #
-# bf16 a and b with AVX512-BF16 (csrc/cpu/tile_gemm.h, gemm.cpp): x packed per block of 64 rows
-# as [K/2][16 VM] bf16 pairs (VM = 1..4 vectors of 16 rows), the weight copied into panels
-# of 96 rows x 1024 k (12 rows per parallel unit) and broadcast one pair at a time against
-# x, register tiles of 12 weight rows (VM <= 2) or 6 (VM >= 3) and then single rows, the sums
-# in CT [N, Mp] transposed into the output 16 x 16 at a time. FASTKERN_GEMM_BF16_MIN_M moves
-# the switch (default 16; 0 turns it off).
+# bf16 a and b with AVX512-BF16 (gemm.cpp, csrc/cpu/tile_gemm.h) take two vdpbf16ps paths:
+# - up to M = 15 a GEMV: 4 rows of w x 4 rows of x (then 3, 2, 1) straight from their rows, 32 k
+#   per step with a masked K tail, K in blocks of max(256, 65536 // M // 256 * 256);
+# - from M = 16 the tile GEMM: x packed per block of 64 rows as [K/2][16 VM] bf16 pairs (VM =
+#   1..4 vectors of 16 rows), the weight copied into panels of 96 rows x 1024 k (12 rows per
+#   parallel unit) and broadcast one pair at a time against x, register tiles of 12 weight
+#   rows (VM <= 2) or 6 (VM >= 3) and then single rows, the sums in CT [N, Mp] transposed into
+#   the output 16 x 16 at a time.
+# FASTKERN_GEMM_BF16_GEMV_MAX_M and FASTKERN_GEMM_BF16_MIN_M move the switches (0: off).
 
-needs_bf16_dot = pytest.mark.skipif(not has_bf16_dot(), reason="the bf16 tile GEMM needs a CPU with AVX512-BF16")
-BF16_GEMM_MIN_M = 16
+needs_bf16_dot = pytest.mark.skipif(not has_bf16_dot(), reason="the bf16 vdpbf16ps paths need a CPU with AVX512-BF16")
+BF16_GEMV_MAX_M, BF16_GEMM_MIN_M = 15, 16
+BF16_PATHS = {"gemv": ("100000", "0"), "tile": ("0", "1")}
 
 
-@pytest.fixture
-def bf16_tiles(monkeypatch):
-    """The bf16 tile GEMM from M = 1, on the native path."""
-    monkeypatch.setenv("FASTKERN_GEMM_BF16_MIN_M", "1")
+@pytest.fixture(params=sorted(BF16_PATHS))
+def bf16_path(request, monkeypatch):
+    """One of the two vdpbf16ps paths at every M, on the native path."""
+    gemv_max, gemm_min = BF16_PATHS[request.param]
+    monkeypatch.setenv("FASTKERN_GEMM_BF16_GEMV_MAX_M", gemv_max)
+    monkeypatch.setenv("FASTKERN_GEMM_BF16_MIN_M", gemm_min)
     _ext._C.set_cpu_isa("avx512")
     try:
-        yield
+        yield request.param
     finally:
         _ext._C.set_cpu_isa("auto")
 
@@ -334,21 +341,22 @@ def exact_bf16(a, b):
 
 @needs_cpu
 @needs_bf16_dot
-@pytest.mark.usefixtures("bf16_tiles")
-def test_gemm_bf16_tiles_every_tail(gen):
-    """M: every width of the last 64-row block (1..4 vectors of 16 rows, partial vectors) and
-    several blocks; N: the 12- and 6-row register tiles with single-row tails, the 12-row
-    parallel units and the 96-row tasks, output transposes with 1..15 columns left; K: odd K
-    (a pair half-filled with zero), the 32-element steps of the panel copy, the 1024-k
-    panels with tails. Integer-valued data, compared bit for bit."""
+@pytest.mark.usefixtures("bf16_path")
+def test_gemm_bf16_dot_every_tail(gen):
+    """M: the GEMV's row groups 1..4 and every width of the tile GEMM's last 64-row block
+    (1..4 vectors of 16 rows, partial vectors) and several blocks; N: the GEMV's 4-row tiles,
+    the tile GEMM's 12- and 6-row register tiles with single-row tails, 12-row parallel units
+    and 96-row tasks, output transposes with 1..15 columns left; K: odd K (a pair half-filled
+    with zero), the 32-element steps of the GEMV and of the panel copy with every tail, the
+    1024-k panels and the GEMV's K blocks with tails. Integer-valued data, bit for bit."""
     cases = set()
-    for m in (1, 2, 15, 16, 17, 31, 32, 33, 47, 48, 49, 63, 64, 65, 80, 127, 128, 129, 200):
+    for m in list(range(1, 18)) + [31, 32, 33, 47, 48, 49, 63, 64, 65, 80, 127, 128, 129, 200]:
         cases.add((m, 29, 37))
     for n in list(range(1, 26)) + [95, 96, 97, 108, 191, 193]:
         for m in (5, 40):  # 12-row tiles (VM 1), 6-row tiles (VM 3)
             cases.add((m, n, 21))
-    for k in list(range(1, 8)) + [31, 32, 33, 63, 64, 65, 1023, 1024, 1025, 2047, 2048, 2049, 3001]:
-        cases.add((19, 26, k))
+    for k in list(range(1, 34)) + [63, 64, 65, 1023, 1024, 1025, 2047, 2048, 2049, 3001, 4353, 5000]:
+        cases.add((15, 26, k))
         cases.add((70, 13, k))
     for m, n, k in sorted(cases):
         a = int_bf16((m, k), gen)
@@ -360,8 +368,8 @@ def test_gemm_bf16_tiles_every_tail(gen):
 
 @needs_cpu
 @needs_bf16_dot
-@pytest.mark.usefixtures("bf16_tiles")
-def test_gemm_bf16_tiles_layouts(gen):
+@pytest.mark.usefixtures("bf16_path")
+def test_gemm_bf16_dot_layouts(gen):
     """Non-contiguous and transposed a, a and b with a row stride above K (rows of a wider
     matrix: the x packing and the panel copy step by it), transposed b, 3-D a."""
     m, n, k = 37, 45, 301
@@ -379,10 +387,10 @@ def test_gemm_bf16_tiles_layouts(gen):
 
 @needs_cpu
 @needs_bf16_dot
-@pytest.mark.parametrize("m", [BF16_GEMM_MIN_M - 1, BF16_GEMM_MIN_M, 100, 300])
-def test_gemm_bf16_tiles_random_data(gen, m):
-    """Random data at the default switch (M = 15 stays on the fp32 GEMV), against float64
-    products within the bf16 contract, and no worse than torch's own bf16 matmul."""
+@pytest.mark.parametrize("m", [1, 6, BF16_GEMV_MAX_M, BF16_GEMM_MIN_M, 100, 300])
+def test_gemm_bf16_dot_random_data(gen, m):
+    """Random data at the default switches, against float64 products within the bf16
+    contract, and no worse than torch's own bf16 matmul."""
     a = torch.randn(m, 2100, generator=gen).bfloat16()
     b = torch.randn(230, 2100, generator=gen).bfloat16()
     out = torch.ops.fastkern_C.gemm(a, b)
@@ -393,8 +401,8 @@ def test_gemm_bf16_tiles_random_data(gen, m):
 
 @needs_cpu
 @needs_bf16_dot
-@pytest.mark.usefixtures("bf16_tiles")
-def test_gemm_bf16_tiles_same_result_for_1_and_2_threads(gen):
+@pytest.mark.usefixtures("bf16_path")
+def test_gemm_bf16_dot_same_result_for_1_and_2_threads(gen):
     a = torch.randn(100, 2100, generator=gen).bfloat16()
     b = torch.randn(301, 2100, generator=gen).bfloat16()
     one, two = on_1_and_2_threads(torch.ops.fastkern_C.gemm, a, b)
@@ -403,8 +411,8 @@ def test_gemm_bf16_tiles_same_result_for_1_and_2_threads(gen):
 
 @needs_cpu
 @needs_bf16_dot
-@pytest.mark.usefixtures("bf16_tiles")
-def test_gemm_bf16_tiles_nan_inf_propagate(gen):
+@pytest.mark.usefixtures("bf16_path")
+def test_gemm_bf16_dot_nan_inf_propagate(gen):
     a = torch.randn(40, 50, generator=gen).bfloat16()
     b = torch.randn(30, 50, generator=gen).bfloat16()
     a[3, 7] = float("nan")  # row 3: NaN

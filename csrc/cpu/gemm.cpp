@@ -42,6 +42,8 @@ inline int64_t gemv_kb(int64_t M) {
 
 // bf16 a and b with AVX512-BF16: the vdpbf16ps tile GEMM from this M (see "bf16, AVX512-BF16").
 constexpr int64_t kBf16GemmMinM = 16;
+// and its GEMV (vdpbf16ps on both operands' rows) up to this one
+constexpr int64_t kBf16GemvMaxM = 15;
 
 inline int64_t gemv_max_m(Isa isa) {
 #if FASTKERN_X86
@@ -179,11 +181,59 @@ FASTKERN_AVX512 void gemv_tile_avx512(const float* x, int64_t ldx, int64_t K, co
 }
 #endif
 
-// Rows [n0, n1) of y for MT rows of x: 4-row tiles, then single rows.
-template <class T, int MT>
-void gemv_rows(Isa isa, const float* x, int64_t ldx, int64_t K, const T* w, int64_t ldw, int64_t n0, int64_t n1,
+#if FASTKERN_X86
+// bf16 x and w with AVX512-BF16: 32 k per vdpbf16ps (two per fp32 lane, each product exact),
+// both operands straight from their rows, no conversion; the same 4 x 4 tiles and the same
+// masked K tail as the fp32 tile above.
+template <int MT, int R>
+FASTKERN_AVX512BF16 void gemv_tile_bf16dot(const c10::BFloat16* x, int64_t ldx, int64_t K, const c10::BFloat16* w,
+                                           int64_t ldw, int64_t n, float* y, int64_t ldy, bool add) {
+  __m512 acc[MT][R];
+#pragma GCC unroll 8
+  for (int m = 0; m < MT; ++m)
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+  const c10::BFloat16* wr[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) wr[r] = w + (n + r) * ldw;
+  auto step = [&](int64_t k, __mmask32 mk) FASTKERN_AVX512BF16 {
+    __m512i wv[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) wv[r] = _mm512_maskz_loadu_epi16(mk, wr[r] + k);
+#pragma GCC unroll 8
+    for (int m = 0; m < MT; ++m) {
+      const __m512i xv = _mm512_maskz_loadu_epi16(mk, x + m * ldx + k);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) acc[m][r] = dpbf16_inplace(acc[m][r], xv, wv[r]);
+    }
+  };
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) step(k, ~__mmask32(0));
+  if (k < K) step(k, (__mmask32(1) << (K - k)) - 1);
+#pragma GCC unroll 8
+  for (int m = 0; m < MT; ++m)
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const float v = _mm512_reduce_add_ps(acc[m][r]);
+      y[m * ldy + n + r] = add ? y[m * ldy + n + r] + v : v;
+    }
+}
+#endif
+
+// Rows [n0, n1) of y for MT rows of x (fp32, or bf16 against a bf16 w on the vdpbf16ps
+// tiles): 4-row tiles, then single rows.
+template <class T, int MT, class X>
+void gemv_rows(Isa isa, const X* x, int64_t ldx, int64_t K, const T* w, int64_t ldw, int64_t n0, int64_t n1,
                float* y, int64_t ldy, bool add) {
   int64_t n = n0;
+  if constexpr (!std::is_same<X, float>::value) {
+#if FASTKERN_X86
+    static_assert(std::is_same<X, c10::BFloat16>::value && std::is_same<T, c10::BFloat16>::value, "bf16 x and w");
+    for (; n + 4 <= n1; n += 4) gemv_tile_bf16dot<MT, 4>(x, ldx, K, w, ldw, n, y, ldy, add);
+    for (; n < n1; ++n) gemv_tile_bf16dot<MT, 1>(x, ldx, K, w, ldw, n, y, ldy, add);
+#endif
+    return;
+  } else {
 #if FASTKERN_X86
   if (isa >= Isa::Avx512) {
     for (; n + 4 <= n1; n += 4) gemv_tile_avx512<T, MT, 4>(x, ldx, K, w, ldw, n, y, ldy, add);
@@ -198,6 +248,7 @@ void gemv_rows(Isa isa, const float* x, int64_t ldx, int64_t K, const T* w, int6
 #endif
   for (; n + 4 <= n1; n += 4) gemv_tile_generic<T, MT, 4>(x, ldx, K, w, ldw, n, y, ldy, add);
   for (; n < n1; ++n) gemv_tile_generic<T, MT, 1>(x, ldx, K, w, ldw, n, y, ldy, add);
+  }
 }
 
 // All M rows of x against weight rows [n0, n1). K goes in blocks of gemv_kb(M)
@@ -206,8 +257,8 @@ void gemv_rows(Isa isa, const float* x, int64_t ldx, int64_t K, const T* w, int6
 // read from memory once whatever M is. Rows of x go in groups of 4 (AVX-512) or
 // 2 (AVX2, generic); the grouping depends only on M and the ISA, never on the
 // thread split.
-template <class T>
-void gemv_block(Isa isa, const float* x, int64_t M, int64_t K, const T* w, int64_t ldw, int64_t n0, int64_t n1,
+template <class T, class X>
+void gemv_block(Isa isa, const X* x, int64_t M, int64_t K, const T* w, int64_t ldw, int64_t n0, int64_t n1,
                 float* y, int64_t N) {
   constexpr int64_t kTileN = 4;
   const int64_t kbs = gemv_kb(M);
@@ -235,10 +286,11 @@ void gemv_block(Isa isa, const float* x, int64_t M, int64_t K, const T* w, int64
   }
 }
 
-template <class T>
-void gemv(Isa isa, const at::Tensor& x32, const at::Tensor& w, float* y) {
-  const int64_t M = x32.size(0), K = x32.size(1), N = w.size(0);
-  const float* x = x32.data_ptr<float>();
+// x: fp32, or bf16 (contiguous rows either way)
+template <class T, class X = float>
+void gemv(Isa isa, const at::Tensor& xt, const at::Tensor& w, float* y) {
+  const int64_t M = xt.size(0), K = xt.size(1), N = w.size(0);
+  const X* x = xt.data_ptr<X>();
   const T* wp = w.data_ptr<T>();
   const int64_t ldw = w.stride(0);
   // Chunks of whole 4-row tiles so every row is computed by the same tile shape
@@ -247,7 +299,7 @@ void gemv(Isa isa, const at::Tensor& x32, const at::Tensor& w, float* y) {
   const int64_t tiles = div_up(N, 4);
   const int64_t grain = std::max(grain_for(tiles, 4 * M * K), std::min(kGemvChunkTiles, div_up(tiles, 8)));
   parallel_for_dynamic(0, tiles, grain, [&](int64_t b, int64_t e) {
-    gemv_block<T>(isa, x, M, K, wp, ldw, b * 4, std::min(N, e * 4), y, N);
+    gemv_block(isa, x, M, K, wp, ldw, b * 4, std::min(N, e * 4), y, N);
   });
 }
 
@@ -277,9 +329,17 @@ FASTKERN_AVX512BF16 void bf16_copy_panel(const uint16_t* B, int64_t ldb, int64_t
   }
 }
 
+bool bf16_dot(int64_t N, int64_t K) {
+  return N > 0 && K > 0 && active_isa() >= Isa::Avx512 && features().avx512bf16;
+}
 bool use_bf16_gemm(int64_t M, int64_t N, int64_t K) {
   const int64_t lo = bf16_gemm_min_m();
-  return lo > 0 && M >= lo && N > 0 && K > 0 && active_isa() >= Isa::Avx512 && features().avx512bf16;
+  return lo > 0 && M >= lo && bf16_dot(N, K);
+}
+// The vdpbf16ps GEMV tiles up to this M (FASTKERN_GEMM_BF16_GEMV_MAX_M, read on every call;
+// 0 turns them off)
+bool use_bf16_gemv(int64_t M, int64_t N, int64_t K) {
+  return M <= env_knob("FASTKERN_GEMM_BF16_GEMV_MAX_M", kBf16GemvMaxM) && bf16_dot(N, K);
 }
 
 void bf16_gemm(const at::Tensor& a2, const at::Tensor& b, float* C) {
@@ -304,9 +364,16 @@ void gemm_typed(const at::Tensor& a2, const at::Tensor& b, at::Tensor& out32) {
   const int64_t M = a2.size(0), K = a2.size(1), N = b.size(0);
   float* C = out32.data_ptr<float>();
 #if FASTKERN_X86
-  if (std::is_same<T, c10::BFloat16>::value && use_bf16_gemm(M, N, K)) {
-    bf16_gemm(a2, b, C);
-    return;
+  if constexpr (std::is_same<T, c10::BFloat16>::value) {
+    if (use_bf16_gemv(M, N, K)) {
+      at::Tensor bc = b.stride(1) == 1 ? b : b.contiguous();
+      gemv<T, T>(isa, a2.contiguous(), bc, C);
+      return;
+    }
+    if (use_bf16_gemm(M, N, K)) {
+      bf16_gemm(a2, b, C);
+      return;
+    }
   }
 #endif
   if (M <= gemv_max_m(isa) && K > 0) {
