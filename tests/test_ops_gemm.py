@@ -371,13 +371,17 @@ def test_gemm_bf16_dot_every_tail(gen):
 @pytest.mark.usefixtures("bf16_path")
 def test_gemm_bf16_dot_layouts(gen):
     """Non-contiguous and transposed a, a and b with a row stride above K (rows of a wider
-    matrix: the x packing and the panel copy step by it), transposed b, 3-D a."""
-    m, n, k = 37, 45, 301
-    a_wide = int_bf16((m, k + 40), gen)[:, 3:k + 3]
-    for a in [make_x([m], k, torch.float32, gen, layout).round().clamp(-4, 4).bfloat16()
-              for layout in ("noncontig", "transposed", "contig")] + [a_wide]:
-        for b in (int_bf16((n, k), gen), int_bf16((k, n), gen).t(), int_bf16((n, k + 40), gen)[:, 5:k + 5]):
-            assert torch.equal(torch.ops.fastkern_C.gemm(a, b), exact_bf16(a, b))
+    matrix), transposed b, 3-D a. With even K the tile GEMM reads b's pairs from its own rows
+    (an even row stride and 4-byte alignment: offset 4), else through panels (offset 5)."""
+    m, n = 37, 45
+    for k in (300, 301):
+        a_wide = int_bf16((m, k + 40), gen)[:, 3:k + 3]
+        for a in [make_x([m], k, torch.float32, gen, layout).round().clamp(-4, 4).bfloat16()
+                  for layout in ("noncontig", "transposed", "contig")] + [a_wide]:
+            for b in (int_bf16((n, k), gen), int_bf16((k, n), gen).t(), int_bf16((n, k + 40), gen)[:, 4:k + 4],
+                      int_bf16((n, k + 40), gen)[:, 5:k + 5]):
+                assert torch.equal(torch.ops.fastkern_C.gemm(a, b), exact_bf16(a, b))
+    k = 301
     a3 = int_bf16((2, 21, k), gen)
     b = int_bf16((n, 2 * k), gen)[:, ::2]
     out = torch.ops.fastkern_C.gemm(a3, b)

@@ -1213,6 +1213,7 @@ void w8a16_gemm_bf16(const uint16_t* X, int64_t ldx, int64_t M, const int8_t* W,
   tiles::bf16_tile_gemm(X, ldx, M, W, K, N, K, Y, s,
                         [&](int64_t n0, int64_t n1, int64_t k0, int64_t kc, uint32_t* panel, int64_t ldp) {
                           bf16_panel(W, K, n0, n1, k0, kc, panel, ldp);
+                          return std::pair<const uint32_t*, int64_t>(panel, ldp);
                         });
 }
 #endif

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "cpu/isa.h"
@@ -183,9 +184,11 @@ inline void pack_x_bf16(const uint16_t* X, int64_t ldx, int64_t M, int64_t K, ui
 }
 
 // Y [M, N] = s[n] * (X [M, K] (bf16, row stride ldx) x B^T) (no s: unscaled), B [N, K] the
-// weight as bf16, whose panels fill(n0, n1, k0, kc, panel, ldp) writes as
-// panel[n - n0][k / 2] = (B[n][k0 + k], B[n][k0 + k + 1]) for k < kc, zero past kc. W: the
-// weight as stored (row stride ldw elements of T), whose next panel's lines are prefetched.
+// weight as bf16 pairs: fill(n0, n1, k0, kc, panel, ldp) returns where rows [n0, n1) of K block
+// [k0, k0 + kc) are and their row stride, {P, ldp'} with P[(n - n0) ldp' + k / 2] =
+// (B[n][k0 + k], B[n][k0 + k + 1]) for k < kc and zero past kc: either the panel it was given
+// (ldp u32 per row), filled, or the weight's own rows. W: the weight as stored (row stride
+// ldw elements of T), whose next K block's lines are prefetched.
 template <class T, class Fill>
 void bf16_tile_gemm(const uint16_t* X, int64_t ldx, int64_t M, const T* W, int64_t ldw, int64_t N, int64_t K,
                     float* Y, const float* s, const Fill& fill) {
@@ -206,7 +209,9 @@ void bf16_tile_gemm(const uint16_t* X, int64_t ldx, int64_t M, const T* W, int64
       const int64_t n1 = std::min(r1, n0 + nb);
       for (int64_t k0 = 0; k0 < K; k0 += KC) {
         const int64_t kc = std::min(KC, K - k0), kc2 = (kc + 1) / 2;
-        fill(n0, n1, k0, kc, panel.data(), kc2max);
+        const std::pair<const uint32_t*, int64_t> pv = fill(n0, n1, k0, kc, panel.data(), kc2max);
+        const uint32_t* P = pv.first;
+        const int64_t ldp = pv.second;
         next_panel_lines(W, ldw, K, KC, nb, r1, n0, n1, k0, pfl);
         const int64_t per_mb = (int64_t(pfl.size()) + nmb - 1) / nmb;
         for (int64_t mb = 0; mb < nmb; ++mb) {
@@ -217,10 +222,10 @@ void bf16_tile_gemm(const uint16_t* X, int64_t ldx, int64_t M, const T* W, int64
           const int64_t np = std::min<int64_t>(pfl.size() - p0, per_mb);
           const char* const* pp = pfl.data() + p0;
           switch (vm) {
-            case 1: bf16_rows<1>(xb, panel.data(), kc2max, n1 - n0, kc2, c, Mp, k0 > 0, pp, np); break;
-            case 2: bf16_rows<2>(xb, panel.data(), kc2max, n1 - n0, kc2, c, Mp, k0 > 0, pp, np); break;
-            case 3: bf16_rows<3>(xb, panel.data(), kc2max, n1 - n0, kc2, c, Mp, k0 > 0, pp, np); break;
-            default: bf16_rows<4>(xb, panel.data(), kc2max, n1 - n0, kc2, c, Mp, k0 > 0, pp, np); break;
+            case 1: bf16_rows<1>(xb, P, ldp, n1 - n0, kc2, c, Mp, k0 > 0, pp, np); break;
+            case 2: bf16_rows<2>(xb, P, ldp, n1 - n0, kc2, c, Mp, k0 > 0, pp, np); break;
+            case 3: bf16_rows<3>(xb, P, ldp, n1 - n0, kc2, c, Mp, k0 > 0, pp, np); break;
+            default: bf16_rows<4>(xb, P, ldp, n1 - n0, kc2, c, Mp, k0 > 0, pp, np); break;
           }
         }
       }
