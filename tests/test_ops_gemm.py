@@ -391,6 +391,18 @@ def test_gemm_bf16_dot_layouts(gen):
 
 @needs_cpu
 @needs_bf16_dot
+@pytest.mark.usefixtures("bf16_path")
+def test_gemm_bf16_dot_m_passes(gen):
+    """The tile GEMM takes M in passes whose sums [N, pass] fit 32 MB: N = 65537 gives passes
+    of 64 rows (M = 150: 64, 64, 22), with the direct (even K) and the panel (odd K) weight."""
+    for k in (4, 3):
+        a = int_bf16((150, k), gen)
+        b = int_bf16((65537, k), gen)
+        assert torch.equal(torch.ops.fastkern_C.gemm(a, b), exact_bf16(a, b)), k
+
+
+@needs_cpu
+@needs_bf16_dot
 @pytest.mark.parametrize("m", [1, 6, BF16_GEMV_MAX_M, BF16_GEMM_MIN_M, 100, 300])
 def test_gemm_bf16_dot_random_data(gen, m):
     """Random data at the default switches, against float64 products within the bf16
