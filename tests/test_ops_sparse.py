@@ -424,6 +424,39 @@ def test_blocksparse_same_result_for_1_and_2_threads(gen, m):
 
 
 @needs_cpubs
+@pytest.mark.skipif(not HAS_BF16_DOT, reason="the bf16 block-sparse pair tiles need a CPU with AVX512-BF16")
+@pytest.mark.parametrize("block", [(16, 16), (6, 8), (1, 32), (24, 8), (3, 2)], ids=lambda b: "%dx%d" % b)
+def test_blocksparse_bf16_pair_tiles(gen, block):
+    """bf16 x and blocks with an even bk at M > 4 (AVX512-BF16): x^T packed as [K/2][Mp] pairs,
+    each weight pair broadcast from its block. M tiles of 16 (up to 16 rows) and 32 (up to 8)
+    with their tails, block rows with row tails, K odd (the last block ends in a half pair,
+    its padding never read, NaN there) and even, K < bk. Integer-valued data and bias: the
+    result must equal the exact one rounded to bf16, bit for bit; 1 = 2 threads."""
+    bn, bk = block
+    C = torch.ops.fastkern_C.linear_blocksparse
+    for m in (5, 16, 17, 31, 32, 33, 48, 65):
+        for n in (1, bn + 1, 2 * bn + 5, 17 * bn):
+            for k in (1, bk - 1, bk, bk + 3, 3 * bk + 7, 4 * bk):
+                if k <= 0:
+                    continue
+                w = torch.randint(-3, 4, (n, k), generator=gen).float()
+                blocks, row_ptr, col_idx = formats.dense_to_blocksparse(w, block, formats.prune_blocks(w, block, 0.5))
+                blocks = blocks.bfloat16()
+                if k % bk:  # NaN in the padding of the last block column
+                    blocks[col_idx == k // bk, :, k % bk:] = float("nan")
+                x = torch.randint(-3, 4, (m, k), generator=gen).bfloat16()
+                b = torch.randint(-5, 6, (n,), generator=gen).float()
+                dense = formats.blocksparse_to_dense(blocks, row_ptr, col_idx, (n, k)).double()
+                exact = (x.double() @ dense.T + b.double()).to(torch.bfloat16)
+                out = C(x, blocks, row_ptr, col_idx, n, b)
+                assert torch.equal(out, exact), (m, n, k)
+    x = torch.randn(70, 700, generator=gen).bfloat16()
+    blocks, row_ptr, col_idx, b = blocksparse_args(333, 700, block, 0.6, torch.bfloat16, gen)
+    one, two = on_1_and_2_threads(C, x, blocks, row_ptr, col_idx, 333, b)
+    assert torch.equal(one, two)
+
+
+@needs_cpubs
 @pytest.mark.parametrize("m", [1, 9])
 def test_blocksparse_nan_propagates(gen, m):
     x = torch.randn(m, 64, generator=gen)

@@ -1286,6 +1286,55 @@ FASTKERN_AVX512 void bs_outer_tile_avx512(const float* xt, int64_t Mp, const flo
 }
 #endif
 
+#if FASTKERN_X86
+// bf16 x and blocks with AVX512-BF16 and an even bk: the same tiles on bf16 pairs. x^T is
+// packed as pairs [K/2][Mp] (x[m][2j], x[m][2j + 1]) and each (w[k], w[k + 1]) pair is
+// broadcast straight from its block against it: one vdpbf16ps forms two exact products per
+// lane, where the fp32 tile above converts each block row to fp32 first and runs one FMA per
+// product. The tile-function type is shared with the fp32 tiles, so xt and wrow arrive as
+// float pointers to that u32 and bf16 data. An odd last block (K odd, the block cut at K)
+// ends in a half pair: its weight's second half, padding, is left out.
+template <int R, int MV>
+FASTKERN_AVX512BF16 void bs_outer_tile_bf16(const float* xt_, int64_t Mp, const float* wrow_, const BlockLayout& L,
+                                            int64_t b0, int64_t b1, int64_t r0, int64_t m0, float* tile) {
+  const uint32_t* xt = reinterpret_cast<const uint32_t*>(xt_);
+  const uint16_t* wrow = reinterpret_cast<const uint16_t*>(wrow_);
+  __m512 acc[R][MV];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < MV; ++v) acc[r][v] = _mm512_setzero_ps();
+  const int64_t bk = L.bk;
+  auto step = [&](const uint32_t* xk, auto pair) FASTKERN_AVX512BF16 {
+    __m512i xv[MV];
+#pragma GCC unroll 2
+    for (int v = 0; v < MV; ++v) xv[v] = _mm512_loadu_si512(xk + 16 * v);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const __m512i wv = _mm512_set1_epi32(static_cast<int32_t>(pair(r)));
+#pragma GCC unroll 2
+      for (int v = 0; v < MV; ++v) acc[r][v] = dpbf16_inplace(acc[r][v], xv[v], wv);
+    }
+  };
+  for (int64_t blk = b0; blk < b1; ++blk) {
+    const int64_t c0 = L.col_idx[blk] * bk, len = L.k_len(blk), np = len / 2;
+    const uint16_t* w = wrow + (blk - b0) * L.bn * bk + r0 * bk;
+    const uint32_t* xp = xt + (c0 / 2) * Mp + m0;
+    for (int64_t kp = 0; kp < np; ++kp)
+      step(xp + kp * Mp, [&](int r) {
+        uint32_t u;
+        std::memcpy(&u, w + r * bk + 2 * kp, sizeof(u));
+        return u;
+      });
+    if (len & 1) step(xp + np * Mp, [&](int r) { return uint32_t(w[r * bk + len - 1]); });
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < MV; ++v) _mm512_storeu_ps(tile + r * 16 * MV + 16 * v, acc[r][v]);
+}
+#endif
+
 using OuterTileFn = void (*)(const float*, int64_t, const float*, const BlockLayout&, int64_t, int64_t, int64_t,
                              int64_t, float*);
 
@@ -1324,10 +1373,22 @@ template <int R>
 struct Avx512Tile2 {
   static constexpr OuterTileFn fn = &bs_outer_tile_avx512<R, 2>;
 };
+template <int R>
+struct Bf16Tile1 {
+  static constexpr OuterTileFn fn = &bs_outer_tile_bf16<R, 1>;
+};
+template <int R>
+struct Bf16Tile2 {
+  static constexpr OuterTileFn fn = &bs_outer_tile_bf16<R, 2>;
+};
 #endif
 
-OuterKernel outer_kernel(Isa isa) {
+// bf16: the pair tiles (bs_outer_tile_bf16) where this CPU and the block width allow them
+OuterKernel outer_kernel(Isa isa, bool bf16_pairs) {
 #if FASTKERN_X86
+  if (bf16_pairs)
+    return {make_tiles<Bf16Tile2, 1, 2, 3, 4, 5, 6, 7, 8>(32),
+            make_tiles<Bf16Tile1, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16>(16)};
   if (isa >= Isa::Avx512)
     return {make_tiles<Avx512Tile2, 1, 2, 3, 4, 5, 6, 7, 8>(32),
             make_tiles<Avx512Tile1, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16>(16)};
@@ -1337,20 +1398,36 @@ OuterKernel outer_kernel(Isa isa) {
   }
 #endif
   (void)isa;
+  (void)bf16_pairs;
   const OuterTiles t = make_tiles<GenericTile, 1, 2, 3, 4>(8);
   return {t, t};
 }
 
+// FASTKERN_BLOCKSPARSE_BF16 (read on every call): 0 keeps bf16 on the fp32 tiles
+bool use_bf16_pairs(Isa isa, const BlockLayout& L) {
+  return isa >= Isa::Avx512 && features().avx512bf16 && L.bk % 2 == 0 && env_knob("FASTKERN_BLOCKSPARSE_BF16", 1) != 0;
+}
+
 template <class T>
 void bs_large_m(Isa isa, const at::Tensor& x2, const T* blocks, const BlockLayout& L, float* y) {
-  const OuterKernel ok = outer_kernel(isa);
+  const bool pairs = std::is_same<T, c10::BFloat16>::value && use_bf16_pairs(isa, L);
+  const OuterKernel ok = outer_kernel(isa, pairs);
   const int64_t M = x2.size(0), K = x2.size(1), N = L.N, bn = L.bn, bk = L.bk;
   // Whole narrow tiles; a wide tile starts only where more than a narrow one is left,
   // which (wide.mt = 2 * narrow.mt or equal) keeps it inside Mp.
   const int64_t Mp = round_up(M, ok.narrow.mt);
-  at::Tensor xt = at::zeros({K, Mp}, x2.options().dtype(at::kFloat));
-  xt.narrow(1, 0, M).copy_(x2.t());
-  const float* xtp = xt.data_ptr<float>();
+  at::Tensor xt;
+  if (pairs) {  // [K/2, Mp] pairs of bf16 (an odd K padded with a zero)
+    const int64_t K2 = (K + 1) / 2;
+    at::Tensor xe = at::zeros({M, 2 * K2}, x2.options());
+    xe.narrow(1, 0, K).copy_(x2);
+    xt = at::zeros({K2, Mp}, x2.options().dtype(at::kInt));
+    xt.narrow(1, 0, M).copy_(xe.view(at::kInt).t());
+  } else {
+    xt = at::zeros({K, Mp}, x2.options().dtype(at::kFloat));
+    xt.narrow(1, 0, M).copy_(x2.t());
+  }
+  const float* xtp = static_cast<const float*>(xt.data_ptr());
   const int64_t macs_per_row = div_up(L.row_ptr[L.nbr], std::max<int64_t>(1, L.nbr)) * L.bn * L.bk * Mp;
   gemm::parallel_for_dynamic(0, L.nbr, gemm::grain_for(L.nbr, macs_per_row), [&](int64_t b, int64_t e) {
     at::Tensor conv;  // fp32 copy of a block row when the blocks are half precision
@@ -1363,6 +1440,8 @@ void bs_large_m(Isa isa, const at::Tensor& x2, const T* blocks, const BlockLayou
       const float* wrow;
       if (std::is_same<T, float>::value) {
         wrow = reinterpret_cast<const float*>(blocks) + b0 * bn * bk;
+      } else if (pairs) {  // the pair tiles read the bf16 blocks as they are
+        wrow = reinterpret_cast<const float*>(blocks + b0 * bn * bk);
       } else {
         const int64_t cnt = (b1 - b0) * bn * bk;
         if (!conv.defined() || conv.numel() < cnt) conv = at::empty({std::max<int64_t>(cnt, 1)}, at::kFloat);
