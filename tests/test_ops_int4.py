@@ -24,7 +24,7 @@ from fastkern import formats, ops
 from fastkern._ext import _C
 
 from conftest import (FLOAT_DTYPES, has_bf16_dot, M_SIZES, assert_close_rel, backends_for, cpu_isa, cpu_isas, isa_skip_reason,
-                      num_threads, on_1_and_2_threads)
+                      num_threads, on_1_and_2_threads, tol)
 from test_ops_int8 import make_x
 
 NATIVE = pytest.mark.skipif(_C is None, reason="fastkern._C is not built")
@@ -576,6 +576,39 @@ def test_nan_and_inf(isa, m, gen):
     torch.testing.assert_close(out[:2], ref[:2], rtol=1e-5, atol=1e-5, equal_nan=True)
     if m > 2:
         assert_close_rel(out[2:], ref[2:], torch.float32)
+
+
+@NATIVE
+@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("gemv", ["limbs", "bf16dot"])
+def test_huge_activations_every_path(isa, dtype, gemv, gen, monkeypatch):
+    """|x| far beyond what the scale-free sums can hold (3e38, 1e35; 1e31 is past the 1e30
+    bound too) against ordinary weight scales: the limbs and bf16 paths hand such rows to the
+    fp32 path, which dequantizes as the reference does. x = 3e38 there used to give NaN (inf
+    minus inf from the zero point's share) where the reference is finite or +-inf. Every M up
+    to the GEMMs and the M = 1 rows kernel; NaN / inf where the reference has them, the finite
+    outputs within the contract."""
+    if gemv == "bf16dot":
+        if dtype != torch.bfloat16 or isa != "avx512" or not HAS_BF16_DOT:
+            pytest.skip("the bf16 dot GEMV: bf16 x on the AVX-512 path with AVX512-BF16")
+        monkeypatch.setenv("FASTKERN_W4A16_BF16_GEMV", "1")
+    w, s, z = make_w4(gen, 37, 512, 128)
+    with cpu_isa(isa):
+        for m in (1, 3, 8, 20, 40, 64):
+            for big in (3e38, -1e35, 1e31):
+                x = torch.randn(m, 512, generator=gen).to(dtype)
+                x[0, 5] = big
+                x[m - 1, 300] = -big / 3
+                out = native(x, w, s, z, 128, None)
+                ref = ops.linear_w4a16_ref(x, w, s, z, 128, None)
+                assert torch.equal(torch.isnan(out), torch.isnan(ref)), (m, big)
+                assert torch.equal(torch.isinf(out), torch.isinf(ref)), (m, big)
+                inf = torch.isinf(ref)
+                assert torch.equal(out[inf], ref[inf])
+                fin = ~inf & ~torch.isnan(ref)
+                o, r = out[fin].double(), ref[fin].double()
+                assert (o - r).norm() <= tol(dtype) * r.norm(), (m, big)
 
 
 @NATIVE

@@ -13,7 +13,7 @@ from fastkern import formats, ops
 from fastkern._ext import _C
 
 from conftest import (FLOAT_DTYPES, M_SIZES, assert_close_rel, backends_for, cpu_isa, cpu_isas, num_threads,
-                      on_1_and_2_threads)
+                      on_1_and_2_threads, tol)
 
 NATIVE = pytest.mark.skipif(_C is None, reason="fastkern._C is not built")
 W8_OPS = ["linear_w8a16", "linear_w8a8"]
@@ -651,6 +651,34 @@ def test_nan_propagates(op, m, dtype, gen):
     if m > 1:
         assert torch.isfinite(out[1:]).all()
         assert_close_rel(out[1:], getattr(ops, op + "_ref")(x[1:], w, s, None), dtype)
+
+
+@NATIVE
+@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_huge_activations_every_path(isa, dtype, gen):
+    """|x| beyond 1e30 against ordinary weight scales: linear_w8a16's GEMVs, tiles and bf16
+    GEMM sum x * q before the scale and would overflow (x = 3e38 gave inf where the
+    reference's x * (q * s) is finite), so such inputs take the paths that dequantize the
+    weight first; linear_w8a8 scales in double. Every M from the GEMVs to the GEMMs: NaN and
+    inf exactly where the reference has them, the finite outputs within the contract."""
+    w, s = make_w8(gen, 37, 512)
+    with cpu_isa(isa):
+        for op in W8_OPS:
+            for m in (1, 3, 8, 13, 20, 40, 64, 130):
+                for big in (3e38, -1e35, 1e31):
+                    x = torch.randn(m, 512, generator=gen).to(dtype)
+                    x[0, 5] = big
+                    x[m - 1, 300] = -big / 3
+                    out = native(op)(x, w, s, None)
+                    ref = getattr(ops, op + "_ref")(x, w, s, None)
+                    assert torch.equal(torch.isnan(out), torch.isnan(ref)), (op, m, big)
+                    assert torch.equal(torch.isinf(out), torch.isinf(ref)), (op, m, big)
+                    inf = torch.isinf(ref)
+                    assert torch.equal(out[inf], ref[inf])
+                    fin = ~inf & ~torch.isnan(ref)
+                    o, r = out[fin].double(), ref[fin].double()
+                    assert (o - r).norm() <= tol(dtype) * r.norm(), (op, m, big)
 
 
 @NATIVE

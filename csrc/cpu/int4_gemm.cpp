@@ -29,7 +29,8 @@
 // dequantized in registers by a 16-entry table per row and group ("GEMV tiles: fp32 FMA"; NaN
 // and inf in x propagate through the FMAs as in the reference).
 //
-// Larger M, the generic path, and inputs holding NaN/inf on the limb paths: the fp32 GEMM of
+// Larger M, the generic path, and inputs holding NaN, inf or |x| > 1e30 on the limb and bf16
+// paths: the fp32 GEMM of
 // gemm_skinny.h (M <= 256) or gemm_blocked.h with B slivers dequantized exactly as
 // the reference does ((q - z) * s in fp32).
 #include <torch/library.h>
@@ -253,6 +254,12 @@ void w4_blocked_gemm(const W4& p, int64_t N, int64_t K, const float* X, int64_t 
 // group's, or a masked / copied tail) meet zero activations and add nothing.
 
 constexpr float kLimb = 128.f;
+// The paths that sum x against the integers q - z (or q) before the scales (limbs, bf16 GEMV
+// and GEMM) take |x| up to this; NaN, inf and anything larger go to the fp32 paths, which
+// dequantize the weight as the reference does. 15 |x| summed over any K stays finite in fp32
+// here, while x = 3e38 against a weight scale of 0.3 overflowed those sums where the
+// reference's x * ((q - z) * s) did not (inf, and NaN from the zero point's share).
+constexpr float kW4MaxX = 1e30f;
 // Software prefetch distance along each weight row, in bytes. NR rows are read as
 // NR interleaved streams that cross a 4 KiB page every few dozen lines; the
 // hardware prefetchers stop at page ends and one core then reads DRAM at a third
@@ -283,13 +290,13 @@ inline void set_limb_weights(float s, float* sx) {
 }
 
 // One group of one row: limbs into blk (nc * L * CW bytes), its scale and the sum of its
-// reconstructed activations. Returns false if the group holds NaN or inf.
+// reconstructed activations. Returns false if the group holds NaN, inf or |x| > kW4MaxX.
 bool w4_limbs_group_generic(const float* x, int64_t g, int64_t CW, int L, int8_t* blk, float* sx, float* sum) {
   const int64_t nc = (g + CW - 1) / CW;
   float amax = 0.f;
   for (int64_t k = 0; k < g; ++k) {
     const float v = std::fabs(x[k]);
-    if (!(v <= 3.4028235e38f)) return false;
+    if (!(v <= kW4MaxX)) return false;
     amax = std::max(amax, v);
   }
   const float s = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
@@ -326,10 +333,10 @@ FASTKERN_AVX2 bool w4_limbs_group_avx2(const float* x, int64_t g, int64_t CW, in
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   __m256 vmax = _mm256_setzero_ps();
   __m256 bad = _mm256_setzero_ps();
-  const __m256 big = _mm256_set1_ps(3.4028235e38f);
+  const __m256 big = _mm256_set1_ps(kW4MaxX);
   for (int64_t k = 0; k < g; k += 8) {
     const __m256 v = _mm256_and_ps(_mm256_loadu_ps(x + k), absmask);
-    bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, big, _CMP_NLE_UQ));  // NaN or inf
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, big, _CMP_NLE_UQ));  // NaN, inf or beyond kW4MaxX
     vmax = _mm256_max_ps(vmax, v);
   }
   if (_mm256_movemask_ps(bad)) return false;
@@ -383,7 +390,7 @@ FASTKERN_AVX2 bool w4_limbs_group_avx2(const float* x, int64_t g, int64_t CW, in
 
 // f(i, row m, group gi) for every group of every row (i = m * G + gi), in parallel: one
 // task per (row, group), threads only above a size where they pay for their start.
-// Returns false if any call did (x holds NaN or inf there).
+// Returns false if any call did (x holds NaN, inf or |x| > kW4MaxX there).
 template <class F>
 bool w4_for_each_group(int64_t M, int64_t G, int64_t g, const F& f) {
   std::atomic<bool> ok{true};
@@ -395,8 +402,8 @@ bool w4_for_each_group(int64_t M, int64_t G, int64_t g, const F& f) {
   return ok;
 }
 
-// Limbs of every group of every row (layout above). Returns false if x holds NaN or
-// inf (the caller then takes the fp32 panel path).
+// Limbs of every group of every row (layout above). Returns false if x holds NaN, inf or
+// |x| > kW4MaxX (the caller then takes the fp32 panel path).
 // pair (AVX2, g = 32, K % 64 == 0): groups 2j and 2j + 1 share the 64-weight chunk j.
 bool w4_prepare_limbs(const float* X, int64_t ldx, int64_t M, int64_t K, int64_t g, int64_t CW, int L, int8_t* A,
                       int64_t lda, float* SX, float* SUM, bool avx2, bool pair = false) {
@@ -1267,7 +1274,7 @@ FASTKERN_AVX512BF16 inline __m512i cvt_bf16x32(__m512 lo, __m512 hi) {
 // x[4w + t]). Returns false on NaN/inf; adds the chunk's activations to vs.
 template <int L>
 FASTKERN_AVX512BF16 bool w4_bf16_chunk(const float* x, uint16_t* d, __m512& vs) {
-  const __m512 big = _mm512_set1_ps(3.4028235e38f);
+  const __m512 big = _mm512_set1_ps(kW4MaxX);
   __mmask16 bad = 0;
   __m512 xv[8], lo[8];
   for (int a = 0; a < 8; ++a) {
@@ -1301,7 +1308,7 @@ FASTKERN_AVX512BF16 bool w4_bf16_chunk(const float* x, uint16_t* d, __m512& vs) 
   return true;
 }
 
-// Returns false if x holds NaN or inf.
+// Returns false if x holds NaN, inf or |x| > kW4MaxX.
 template <int L>
 FASTKERN_AVX512BF16 bool w4_bf16_group(const float* x, int64_t g, uint16_t* blk, float* sum) {
   const int64_t nc = (g + kBfChunk - 1) / kBfChunk, full = g / kBfChunk;
@@ -1311,7 +1318,7 @@ FASTKERN_AVX512BF16 bool w4_bf16_group(const float* x, int64_t g, uint16_t* blk,
     if (!w4_bf16_chunk<L>(x + c * kBfChunk, blk + c * L * kBfChunk, vs)) return false;
   double s = double(_mm512_reduce_add_ps(vs));
   for (int64_t k = full * kBfChunk; k < g; ++k) {
-    if (!(std::fabs(x[k]) <= 3.4028235e38f)) return false;
+    if (!(std::fabs(x[k]) <= kW4MaxX)) return false;
     const uint16_t h = f32_to_bf16_rne(x[k]);
     const int64_t r = k % kBfChunk;
     uint16_t* d = blk + (k / kBfChunk) * L * kBfChunk + (r & 3) * 32 + r / 4;
@@ -1456,8 +1463,6 @@ constexpr int64_t kW4BfGemmMinM = 16;  // FASTKERN_W4A16_BF16_GEMM_MIN_M (0: off
 constexpr int64_t kW4BfKCP = 512;      // k pairs per K block (48 rows x 512 x 4 B = 96 KB widened, in L2)
 constexpr int64_t kW4BfTaskRows = 48;  // weight rows per task
 constexpr int64_t kW4BfBlockRows = 64;  // rows of x per packed block (4 vectors of 16)
-// |x| above this takes the fp32 path: 15 |x| summed over any K stays finite in fp32
-constexpr float kW4BfMaxX = 1e30f;
 
 // Groups from 32 weights (16 pairs): each group ends in a fold of NR x MV totals, which below
 // that costs more than the products (4096x4096 M = 16 / 64, against the fp32 paths: g = 16
@@ -1473,11 +1478,11 @@ inline bool use_w4_bf16_gemm(int64_t M, int64_t g) {
 // Rows [m0, m0 + w) of x (bf16, row stride ldx elements; zero from row M on), k pairs [k0, k1)
 // -> dst[kp * w + r] (dst: the block's [K/2][w] words). A pair of bf16 is the 32-bit word it
 // occupies in x, so this is a transpose of words. Returns false if a value is NaN, inf or
-// beyond kW4BfMaxX (bf16 magnitudes order as their bits: one unsigned compare).
+// beyond kW4MaxX (bf16 magnitudes order as their bits: one unsigned compare).
 FASTKERN_AVX512BF16 bool w4_pack_x_bf16_block(const uint16_t* X, int64_t ldx, int64_t M, int64_t m0, int64_t w,
                                               int64_t k0, int64_t k1, uint32_t* dst) {
   alignas(64) uint32_t t[kW4BfBlockRows][16];
-  const __m512i mag = _mm512_set1_epi16(0x7FFF), lim = _mm512_set1_epi16(int16_t(f32_to_bf16_rne(kW4BfMaxX)));
+  const __m512i mag = _mm512_set1_epi16(0x7FFF), lim = _mm512_set1_epi16(int16_t(f32_to_bf16_rne(kW4MaxX)));
   const int64_t rows = std::min<int64_t>(w, M - m0);
   __mmask32 bad = 0;
   for (int64_t kk = k0; kk < k1; kk += 16) {
@@ -1498,7 +1503,7 @@ FASTKERN_AVX512BF16 bool w4_pack_x_bf16_block(const uint16_t* X, int64_t ldx, in
 }
 
 // x -> bf16 pairs per block of 64 rows (above), in parallel. Returns false if x holds NaN,
-// inf or a value beyond kW4BfMaxX.
+// inf or a value beyond kW4MaxX.
 bool w4_pack_x_bf16(const uint16_t* X, int64_t ldx, int64_t M, int64_t K, uint32_t* ap) {
   const int64_t KP = K / 2, Mp = round_up(M, 16), nmb = (Mp + kW4BfBlockRows - 1) / kW4BfBlockRows;
   constexpr int64_t kChunk = 256;  // k pairs per work item
@@ -1616,7 +1621,7 @@ void w4b_gemm_rows(const uint32_t* Ap, int64_t w, const uint32_t* B, int64_t ldb
 }
 
 // Y [M, N] = x (bf16, contiguous rows of K) x ((q - z) * s)^T. Returns false (Y untouched)
-// if x holds NaN, inf or values beyond kW4BfMaxX.
+// if x holds NaN, inf or values beyond kW4MaxX.
 bool w4b_gemm_bf16(const W4& p, const uint16_t* X, int64_t M, int64_t N, float* Y) {
   const int64_t K = 2 * p.ldw, KP = p.ldw, Mp = round_up(M, 16), hb = p.g / 2;
   // thread-kept scratch (scratch.h): no page faults per call

@@ -85,6 +85,9 @@ constexpr int64_t kGemvRows = 4;     // weight rows per GEMV tile (and per threa
 constexpr int64_t kPanelRows = 64;   // weight rows per GEMM panel
 constexpr int64_t kPanelKI16 = 1024; // K columns per int16 panel (64 x 1024 x 2 B = 128 KB, in L2)
 constexpr int64_t kPanelKF32 = 512;  // K columns per fp32 panel (64 x 512 x 4 B = 128 KB, in L2)
+// linear_w8a16 sums x * q before the scale on its GEMV paths: 127 |x| summed over any K
+// stays finite in fp32 up to this |x| (see holds_beyond)
+constexpr float kW8MaxX = 1e30f;
 // |sum| <= K * 127 * 127 stays below 2^31 (W8A8 activations never hold -128).
 constexpr int64_t kW8A8MaxK = 133143;
 
@@ -2642,14 +2645,17 @@ at::Tensor linear_w8a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
   at::Tensor wc = w.contiguous();
   at::Tensor ws = w_scale.to(at::kFloat).contiguous();
   const bool avx2 = use_avx2();
+  // |x| > kW8MaxX (or NaN / inf): the paths that dequantize the weight first (the GEMMs'
+  // fp32 panels and slivers); the GEMVs, tiles and the bf16 GEMM scale finished sums
+  const bool huge = holds_beyond(x, kW8MaxX);
   bool tiles = false;  // the AVX-512 GEMV tiles (before either GEMM)
   (void)tiles;
 #if FASTKERN_X86
   {
     const int64_t M = rows_of(x);
-    tiles = active_isa() >= Isa::Avx512 && M >= kW8fTileMinM &&
+    tiles = !huge && active_isa() >= Isa::Avx512 && M >= kW8fTileMinM &&
             M <= w8f_tile_max_m(x.scalar_type() == at::kBFloat16 && features().avx512bf16);
-    if (!tiles && M >= w8a16_gemm_min_m(true) && N > 0 && K > 0 && x.scalar_type() == at::kBFloat16 &&
+    if (!tiles && !huge && M >= w8a16_gemm_min_m(true) && N > 0 && K > 0 && x.scalar_type() == at::kBFloat16 &&
         active_isa() >= Isa::Avx512 && features().avx512bf16) {
       at::Tensor xb = x.reshape({M, K}).contiguous();
       at::Tensor Y = at::empty({M, N}, x.options().dtype(at::kFloat));
@@ -2688,7 +2694,7 @@ at::Tensor linear_w8a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
     }
 #endif
     const bool avx2_fma = avx2 && !w8a16_avx2_panel();
-    const int64_t gemv_max_m = w8a16_gemv_max_m(avx2_fma);
+    const int64_t gemv_max_m = huge ? 0 : w8a16_gemv_max_m(avx2_fma);
 #if FASTKERN_X86
     if (Mx > gemv_max_m && avx2_fma) {
       w8a16_gemm_avx2(xp, ldx, Mx, wp, sp, N, K, yp);

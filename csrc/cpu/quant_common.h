@@ -101,6 +101,30 @@ inline at::Tensor x_f32_padded(const at::Tensor& x, int64_t k, int64_t kp) {
   return out;
 }
 
+// Whether x holds a magnitude above lim (inf and NaN count too): the kernels that sum x
+// against integer weights before applying the weight scales route such inputs to a path that
+// dequantizes the weight first, as the reference does (x * (q * s) stays finite where
+// sum(x * q) would overflow). One pass over x's bits, branch-free so that it vectorizes.
+inline bool holds_beyond(const at::Tensor& x, float lim) {
+  const at::Tensor xc = x.contiguous();
+  const int64_t n = xc.numel();
+  if (xc.scalar_type() == at::kFloat) {
+    uint32_t l;
+    std::memcpy(&l, &lim, sizeof(l));
+    const uint32_t* p = static_cast<const uint32_t*>(xc.data_ptr());
+    uint32_t any = 0;
+    for (int64_t i = 0; i < n; ++i) any |= uint32_t((p[i] & 0x7FFFFFFFu) > l);
+    return any != 0;
+  }
+  // half precision: the magnitude of lim in x's format (rounded to nearest)
+  const at::Tensor limt = at::full({1}, lim, at::kFloat).to(xc.scalar_type());
+  const uint16_t l = static_cast<const uint16_t*>(limt.data_ptr())[0] & 0x7FFFu;
+  const uint16_t* p = static_cast<const uint16_t*>(xc.data_ptr());
+  uint32_t any = 0;
+  for (int64_t i = 0; i < n; ++i) any |= uint32_t((p[i] & 0x7FFFu) > l);
+  return any != 0;
+}
+
 // fp32 [M, N] result -> (+ bias in fp32) -> x.dtype, shaped x.shape[:-1] + [N].
 inline at::Tensor finish(at::Tensor out, const c10::optional<at::Tensor>& bias, const at::Tensor& x, int64_t n) {
   if (bias.has_value()) out.add_(bias->to(at::kFloat));
