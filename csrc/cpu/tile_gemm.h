@@ -49,11 +49,11 @@ FASTKERN_AVX512 inline void transpose16x16(__m512i r[16]) {
   }
 }
 
-// Y [m0, m0 + 16) x [n0, n0 + 16) from CT [N, Mp] (times s[n] if s), transposed in registers
-FASTKERN_AVX512 inline void transpose_out_f32(const float* CT, int64_t Mp, int64_t M, int64_t N, int64_t m0, int64_t n0,
-                                       float* Y, const float* s = nullptr) {
-  const int64_t nn = std::min<int64_t>(16, N - n0), mm = std::min<int64_t>(16, M - m0);
-  __m512i r[16];
+// CT [n0, n0 + 16) x [m0, m0 + 16) of CT [N, Mp] (times s[n] if s) transposed in registers:
+// r[i] = the row m0 + i of the output block; returns how many columns (nn) are real
+FASTKERN_AVX512 inline int64_t transpose_block(const float* CT, int64_t Mp, int64_t N, int64_t m0, int64_t n0,
+                                               const float* s, __m512i r[16]) {
+  const int64_t nn = std::min<int64_t>(16, N - n0);
   for (int64_t j = 0; j < 16; ++j) {
     if (j >= nn) {
       r[j] = _mm512_setzero_si512();
@@ -64,8 +64,26 @@ FASTKERN_AVX512 inline void transpose_out_f32(const float* CT, int64_t Mp, int64
     r[j] = _mm512_castps_si512(v);
   }
   transpose16x16(r);
+  return nn;
+}
+
+// Y [m0, m0 + 16) x [n0, n0 + 16) from CT [N, Mp] (times s[n] if s)
+FASTKERN_AVX512 inline void transpose_out_f32(const float* CT, int64_t Mp, int64_t M, int64_t N, int64_t m0, int64_t n0,
+                                       float* Y, const float* s = nullptr) {
+  __m512i r[16];
+  const int64_t nn = transpose_block(CT, Mp, N, m0, n0, s, r), mm = std::min<int64_t>(16, M - m0);
   const __mmask16 mask = static_cast<__mmask16>((1u << nn) - 1u);
   for (int64_t i = 0; i < mm; ++i) _mm512_mask_storeu_ps(Y + (m0 + i) * N + n0, mask, _mm512_castsi512_ps(r[i]));
+}
+
+// The same block rounded to bf16 (to nearest even, as torch converts) into a bf16 Y
+FASTKERN_AVX512BF16 inline void transpose_out_f32(const float* CT, int64_t Mp, int64_t M, int64_t N, int64_t m0,
+                                                  int64_t n0, uint16_t* Y, const float* s = nullptr) {
+  __m512i r[16];
+  const int64_t nn = transpose_block(CT, Mp, N, m0, n0, s, r), mm = std::min<int64_t>(16, M - m0);
+  const __mmask16 mask = static_cast<__mmask16>((1u << nn) - 1u);
+  for (int64_t i = 0; i < mm; ++i)
+    _mm256_mask_storeu_epi16(Y + (m0 + i) * N + n0, mask, (__m256i)_mm512_cvtneps_pbh(_mm512_castsi512_ps(r[i])));
 }
 #endif
 
@@ -184,15 +202,16 @@ inline void pack_x_bf16(const uint16_t* X, int64_t ldx, int64_t M, int64_t K, ui
   });
 }
 
-// Y [M, N] = s[n] * (X [M, K] (bf16, row stride ldx) x B^T) (no s: unscaled), B [N, K] the
-// weight as bf16 pairs: fill(n0, n1, k0, kc, panel, ldp) returns where rows [n0, n1) of K block
+// Y [M, N] (fp32, or bf16 as uint16_t) = s[n] * (X [M, K] (bf16, row stride ldx) x B^T) (no s:
+// unscaled), B [N, K] the weight as bf16 pairs: fill(n0, n1, k0, kc, panel, ldp) returns where
+// rows [n0, n1) of K block
 // [k0, k0 + kc) are and their row stride, {P, ldp'} with P[(n - n0) ldp' + k / 2] =
 // (B[n][k0 + k], B[n][k0 + k + 1]) for k < kc and zero past kc: either the panel it was given
 // (ldp u32 per row), filled, or the weight's own rows. W: the weight as stored (row stride
 // ldw elements of T), whose next K block's lines are prefetched.
-template <class T, class Fill>
+template <class T, class Y_t, class Fill>
 void bf16_tile_gemm_pass(const uint16_t* X, int64_t ldx, int64_t M, const T* W, int64_t ldw, int64_t N, int64_t K,
-                         float* Y, const float* s, const Fill& fill) {
+                         Y_t* Y, const float* s, const Fill& fill) {
   const int64_t Mp = round_up(M, 16), nmb = (M + 63) / 64, K2 = (K + 1) / 2;
   Scratch xps(ScratchSlot::XPack, Mp * K2 * sizeof(uint32_t));
   Scratch cts(ScratchSlot::Out, N * Mp * sizeof(float));
@@ -242,9 +261,9 @@ void bf16_tile_gemm_pass(const uint16_t* X, int64_t ldx, int64_t M, const T* W, 
 // a fresh buffer of tens of MB is mapped one page at a time on every call, while the weight is
 // read once more per pass. 11008 x 4096 at M = 2048 (bf16 gemm, 2 threads): 265 against 319 ms
 // in one process (perf had put 10% of the time in page faults).
-template <class T, class Fill>
+template <class T, class Y_t, class Fill>
 void bf16_tile_gemm(const uint16_t* X, int64_t ldx, int64_t M, const T* W, int64_t ldw, int64_t N, int64_t K,
-                    float* Y, const float* s, const Fill& fill) {
+                    Y_t* Y, const float* s, const Fill& fill) {
   const int64_t pass = std::max<int64_t>(64, int64_t(kScratchKeepBytes) / (std::max<int64_t>(N, 1) * 4) / 64 * 64);
   for (int64_t m0 = 0; m0 < M; m0 += pass)
     bf16_tile_gemm_pass(X + m0 * ldx, ldx, std::min(pass, M - m0), W, ldw, N, K, Y + m0 * N, s, fill);
