@@ -357,10 +357,10 @@ void bf16_gemm(const at::Tensor& a2, const at::Tensor& b, uint16_t* C) {
   const bool direct = K % 2 == 0 && ldb % 2 == 0 && reinterpret_cast<uintptr_t>(B) % 4 == 0;
   tiles::bf16_tile_gemm(A, ac.stride(0), M, B, ldb, N, K, C, nullptr,
                         [&](int64_t n0, int64_t n1, int64_t k0, int64_t kc, uint32_t* panel, int64_t ldp) {
-                          if (direct)
-                            return std::pair<const uint32_t*, int64_t>(reinterpret_cast<const uint32_t*>(B + n0 * ldb + k0), ldb / 2);
+                          using Rows = std::pair<const uint32_t*, int64_t>;
+                          if (direct) return Rows(reinterpret_cast<const uint32_t*>(B + n0 * ldb + k0), ldb / 2);
                           bf16_copy_panel(B, ldb, n0, n1, k0, kc, panel, ldp);
-                          return std::pair<const uint32_t*, int64_t>(panel, ldp);
+                          return Rows(panel, ldp);
                         });
 }
 #endif
