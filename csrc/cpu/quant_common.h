@@ -116,9 +116,9 @@ inline bool holds_beyond(const at::Tensor& x, float lim) {
     for (int64_t i = 0; i < n; ++i) any |= uint32_t((p[i] & 0x7FFFFFFFu) > l);
     return any != 0;
   }
-  // half precision: the magnitude of lim in x's format (rounded to nearest)
-  const at::Tensor limt = at::full({1}, lim, at::kFloat).to(xc.scalar_type());
-  const uint16_t l = static_cast<const uint16_t*>(limt.data_ptr())[0] & 0x7FFFu;
+  // half precision: the magnitude of lim in x's format (rounded to nearest; fp16 saturates to
+  // inf, so only NaN counts there)
+  const uint16_t l = (xc.scalar_type() == at::kBFloat16 ? c10::BFloat16(lim).x : c10::Half(lim).x) & 0x7FFFu;
   const uint16_t* p = static_cast<const uint16_t*>(xc.data_ptr());
   uint32_t any = 0;
   for (int64_t i = 0; i < n; ++i) any |= uint32_t((p[i] & 0x7FFFu) > l);
