@@ -668,7 +668,8 @@ def test_huge_activations_every_path(isa, dtype, gen):
             for m in (1, 3, 8, 13, 20, 40, 64, 130):
                 for big in (3e38, -1e35, 1e31):
                     x = torch.randn(m, 512, generator=gen).to(dtype)
-                    x[0, 5] = big
+                    if m < 130:  # m = 130: only the last row's, past the first 65536 elements
+                        x[0, 5] = big
                     x[m - 1, 300] = -big / 3
                     out = native(op)(x, w, s, None)
                     ref = getattr(ops, op + "_ref")(x, w, s, None)

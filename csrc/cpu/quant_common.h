@@ -14,6 +14,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -107,22 +108,24 @@ inline at::Tensor x_f32_padded(const at::Tensor& x, int64_t k, int64_t kp) {
 // sum(x * q) would overflow). One pass over x's bits, branch-free so that it vectorizes.
 inline bool holds_beyond(const at::Tensor& x, float lim) {
   const at::Tensor xc = x.contiguous();
-  const int64_t n = xc.numel();
+  std::atomic<bool> found{false};
+  auto scan = [&](const auto* p, auto mag, auto l) {
+    at::parallel_for(0, xc.numel(), int64_t(1) << 16, [&](int64_t b, int64_t e) {
+      uint32_t any = 0;
+      for (int64_t i = b; i < e; ++i) any |= uint32_t((p[i] & mag) > l);
+      if (any) found.store(true, std::memory_order_relaxed);
+    });
+  };
   if (xc.scalar_type() == at::kFloat) {
     uint32_t l;
     std::memcpy(&l, &lim, sizeof(l));
-    const uint32_t* p = static_cast<const uint32_t*>(xc.data_ptr());
-    uint32_t any = 0;
-    for (int64_t i = 0; i < n; ++i) any |= uint32_t((p[i] & 0x7FFFFFFFu) > l);
-    return any != 0;
+    scan(static_cast<const uint32_t*>(xc.data_ptr()), 0x7FFFFFFFu, l);
+  } else {  // half precision: lim in x's format (rounded to nearest; fp16 saturates to inf, so
+            // only NaN counts there)
+    const uint16_t l = (xc.scalar_type() == at::kBFloat16 ? c10::BFloat16(lim).x : c10::Half(lim).x) & 0x7FFFu;
+    scan(static_cast<const uint16_t*>(xc.data_ptr()), uint16_t(0x7FFFu), l);
   }
-  // half precision: the magnitude of lim in x's format (rounded to nearest; fp16 saturates to
-  // inf, so only NaN counts there)
-  const uint16_t l = (xc.scalar_type() == at::kBFloat16 ? c10::BFloat16(lim).x : c10::Half(lim).x) & 0x7FFFu;
-  const uint16_t* p = static_cast<const uint16_t*>(xc.data_ptr());
-  uint32_t any = 0;
-  for (int64_t i = 0; i < n; ++i) any |= uint32_t((p[i] & 0x7FFFu) > l);
-  return any != 0;
+  return found.load();
 }
 
 // fp32 [M, N] result -> (+ bias in fp32) -> x.dtype, shaped x.shape[:-1] + [N].
