@@ -232,22 +232,21 @@ void gemv_rows(Isa isa, const X* x, int64_t ldx, int64_t K, const T* w, int64_t 
     for (; n + 4 <= n1; n += 4) gemv_tile_bf16dot<MT, 4>(x, ldx, K, w, ldw, n, y, ldy, add);
     for (; n < n1; ++n) gemv_tile_bf16dot<MT, 1>(x, ldx, K, w, ldw, n, y, ldy, add);
 #endif
-    return;
   } else {
 #if FASTKERN_X86
-  if (isa >= Isa::Avx512) {
-    for (; n + 4 <= n1; n += 4) gemv_tile_avx512<T, MT, 4>(x, ldx, K, w, ldw, n, y, ldy, add);
-    for (; n < n1; ++n) gemv_tile_avx512<T, MT, 1>(x, ldx, K, w, ldw, n, y, ldy, add);
-    return;
-  }
-  if (isa >= Isa::Avx2) {
-    for (; n + 4 <= n1; n += 4) gemv_tile_avx2<T, MT, 4>(x, ldx, K, w, ldw, n, y, ldy, add);
-    for (; n < n1; ++n) gemv_tile_avx2<T, MT, 1>(x, ldx, K, w, ldw, n, y, ldy, add);
-    return;
-  }
+    if (isa >= Isa::Avx512) {
+      for (; n + 4 <= n1; n += 4) gemv_tile_avx512<T, MT, 4>(x, ldx, K, w, ldw, n, y, ldy, add);
+      for (; n < n1; ++n) gemv_tile_avx512<T, MT, 1>(x, ldx, K, w, ldw, n, y, ldy, add);
+      return;
+    }
+    if (isa >= Isa::Avx2) {
+      for (; n + 4 <= n1; n += 4) gemv_tile_avx2<T, MT, 4>(x, ldx, K, w, ldw, n, y, ldy, add);
+      for (; n < n1; ++n) gemv_tile_avx2<T, MT, 1>(x, ldx, K, w, ldw, n, y, ldy, add);
+      return;
+    }
 #endif
-  for (; n + 4 <= n1; n += 4) gemv_tile_generic<T, MT, 4>(x, ldx, K, w, ldw, n, y, ldy, add);
-  for (; n < n1; ++n) gemv_tile_generic<T, MT, 1>(x, ldx, K, w, ldw, n, y, ldy, add);
+    for (; n + 4 <= n1; n += 4) gemv_tile_generic<T, MT, 4>(x, ldx, K, w, ldw, n, y, ldy, add);
+    for (; n < n1; ++n) gemv_tile_generic<T, MT, 1>(x, ldx, K, w, ldw, n, y, ldy, add);
   }
 }
 
@@ -306,14 +305,11 @@ void gemv(Isa isa, const at::Tensor& xt, const at::Tensor& w, float* y) {
 // ------------------------------------------------------------------ bf16, AVX512-BF16
 //
 // bf16 a and b on a CPU with AVX512-BF16 (Zen 4/5, Sapphire Rapids and later) run
-// tile_gemm.h's vdpbf16ps GEMM from M = bf16_gemm_min_m(): the products of two bf16 are
+// tile_gemm.h's vdpbf16ps GEMM from M = kBf16GemmMinM: the products of two bf16 are
 // exact in fp32 and vdpbf16ps forms two per lane, where the fp32 paths convert both operands
 // and run one FMA per product. The tiles broadcast the weight's pairs straight from its rows
 // where K is even (copying them into L2 panels first, as W8A16 has to, ran 1.16-1.33x slower at
 // M = 16 / 64 on the Llama shapes with the weight from DRAM, 1.01-1.07x at M = 256).
-
-// FASTKERN_GEMM_BF16_MIN_M (read on every call; 0 turns the path off)
-int64_t bf16_gemm_min_m() { return env_knob("FASTKERN_GEMM_BF16_MIN_M", kBf16GemmMinM); }
 
 #if FASTKERN_X86
 // panel[n - n0][k / 2] = (b[n][k0 + k], b[n][k0 + k + 1]) for k < kc, zero past kc
@@ -334,8 +330,9 @@ FASTKERN_AVX512BF16 void bf16_copy_panel(const uint16_t* B, int64_t ldb, int64_t
 bool bf16_dot(int64_t N, int64_t K) {
   return N > 0 && K > 0 && active_isa() >= Isa::Avx512 && features().avx512bf16;
 }
+// The tile GEMM from this M (FASTKERN_GEMM_BF16_MIN_M, read on every call; 0 turns it off)
 bool use_bf16_gemm(int64_t M, int64_t N, int64_t K) {
-  const int64_t lo = bf16_gemm_min_m();
+  const int64_t lo = env_knob("FASTKERN_GEMM_BF16_MIN_M", kBf16GemmMinM);
   return lo > 0 && M >= lo && bf16_dot(N, K);
 }
 // The vdpbf16ps GEMV tiles up to this M (FASTKERN_GEMM_BF16_GEMV_MAX_M, read on every call;
