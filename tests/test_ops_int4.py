@@ -606,6 +606,40 @@ def test_huge_activations_every_path(isa, dtype, gemv, gen, monkeypatch):
 
 
 @NATIVE
+@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("gemv", ["limbs", "bf16dot"])
+def test_tiny_activations_every_path(isa, dtype, gemv, gen, monkeypatch):
+    """Rows of x whose largest |x| is tiny but normal (1e-37 .. 1e-19) against ordinary weight
+    scales: the limbs scale each group by 127 / |x|max, which overflowed under 3.7e-37 (outputs
+    100x off), and lost bits where the finest limb weight times the scale left the normal
+    range (1e-35: 2e-4 error). Such groups take the fp32 path; each row's outputs within the
+    contract (a row at a time: the tiny rows would vanish in a whole-tensor norm). The
+    vdpbf16ps paths (bf16 x, AVX-512) flush subnormals as documented, which at 1e-37 takes
+    a visible share of the sums (the reference's own products are subnormal there too): those
+    start at 1e-35."""
+    dot = dtype == torch.bfloat16 and isa == "avx512" and HAS_BF16_DOT
+    if gemv == "bf16dot":
+        if dtype != torch.bfloat16 or isa != "avx512" or not HAS_BF16_DOT:
+            pytest.skip("the bf16 dot GEMV: bf16 x on the AVX-512 path with AVX512-BF16")
+        monkeypatch.setenv("FASTKERN_W4A16_BF16_GEMV", "1")
+    with cpu_isa(isa):
+        # g = 128: the vector limbs; g = 40 (not a multiple of 32): the scalar ones
+        for k, g in ((512, 128), (480, 40)):
+            w, s, z = make_w4(gen, 37, k, g)
+            for m in (1, 3, 8, 20, 40, 64):
+                for tiny in (1e-35, 1e-30, 1e-22, 1e-19) if dot else (1e-37, 1e-35, 1e-30, 1e-22, 1e-19):
+                    x = torch.randn(m, k, generator=gen)
+                    x[0] *= tiny
+                    x[m - 1, g:2 * g] *= tiny  # one group of the last row (the whole row when m = 1)
+                    x = x.to(dtype)
+                    out = native(x, w, s, z, g, None)
+                    ref = ops.linear_w4a16_ref(x, w, s, z, g, None)
+                    for i in range(m):
+                        assert_close_rel(out[i], ref[i], dtype)
+
+
+@NATIVE
 def test_empty_dims(gen):
     w, s, z = make_w4(gen, 6, 64, 32)
     assert native(torch.randn(0, 64), w, s, z, 32, None).shape == (0, 6)

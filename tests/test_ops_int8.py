@@ -816,10 +816,20 @@ def test_native_bad_inputs_int8_gemm(gen):
 
 
 @NATIVE
-def test_w8a8_k_limit_is_an_error():
-    w = torch.ones(1, 133144, dtype=torch.int8)
-    with pytest.raises(RuntimeError, match=r"K=133144.*K <= 133143"):
-        native("linear_w8a8")(torch.randn(1, 133144), w, torch.ones(1), None)
+@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True))
+def test_w8a8_k_limit_is_an_error(isa):
+    # the largest int32 sum: x quantized to -127 everywhere against weights of -128, in 1, 3
+    # and 64 rows (K * 127 * 128 < 2^31 up to K = 132104; a bound of K * 127^2 let it wrap and flip sign)
+    k = 132104
+    w = torch.full((2, k), -128, dtype=torch.int8)
+    with cpu_isa(isa):
+        for m in (1, 3, 64):
+            x = torch.full((m, k), -1.0)
+            out = native("linear_w8a8")(x, w, torch.ones(2), None)
+            assert_close_rel(out, ops.linear_w8a8_ref(x, w, torch.ones(2), None), torch.float32)
+    w = torch.ones(1, k + 1, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match=r"K=132105.*K <= 132104"):
+        native("linear_w8a8")(torch.randn(1, k + 1), w, torch.ones(1), None)
 
 
 @pytest.mark.parametrize("op", W8_OPS)

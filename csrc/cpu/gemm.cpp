@@ -352,7 +352,7 @@ void bf16_gemm(const at::Tensor& a2, const at::Tensor& b, uint16_t* C) {
   // Even K, an even row stride and 4-byte alignment: the tiles read the pairs from b's own
   // rows; otherwise through panels (zero past K).
   const bool direct = K % 2 == 0 && ldb % 2 == 0 && reinterpret_cast<uintptr_t>(B) % 4 == 0;
-  tiles::bf16_tile_gemm(A, ac.stride(0), M, B, ldb, N, K, C, nullptr,
+  tiles::bf16_tile_gemm(A, ac.stride(0), M, B, ldb, N, K, C, nullptr, nullptr,
                         [&](int64_t n0, int64_t n1, int64_t k0, int64_t kc, uint32_t* panel, int64_t ldp) {
                           using Rows = std::pair<const uint32_t*, int64_t>;
                           if (direct) return Rows(reinterpret_cast<const uint32_t*>(B + n0 * ldb + k0), ldb / 2);

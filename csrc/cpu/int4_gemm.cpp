@@ -45,6 +45,7 @@
 #include "cpu/gemm_skinny.h"
 #include "cpu/quant_common.h"
 #include "cpu/scratch.h"
+#include "cpu/tile_gemm.h"
 
 namespace fastkern {
 namespace cpu {
@@ -260,6 +261,13 @@ constexpr float kLimb = 128.f;
 // here, while x = 3e38 against a weight scale of 0.3 overflowed those sums where the
 // reference's x * ((q - z) * s) did not (inf, and NaN from the zero point's share).
 constexpr float kW4MaxX = 1e30f;
+// And from below, for the limbs: a group's finest limb weight |x|max / 127 / 128^(L - 1), times
+// the weight scale, must stay a normal fp32 number, or the products lose bits (and under
+// |x|max = 3.7e-37, 127 / |x|max overflows: x ~ 1e-37 gave outputs 100x off). A group whose
+// largest |x| is not zero but under kW4MinX goes to the fp32 paths too; over it the limbs keep
+// fp32's precision for every weight scale from 2.5e-12 (|x|max s >= 2.5e-32).
+constexpr float kW4MinX = 1e-20f;
+inline bool limbs_hold(float amax) { return amax == 0.f || amax >= kW4MinX; }
 // Software prefetch distance along each weight row, in bytes. NR rows are read as
 // NR interleaved streams that cross a 4 KiB page every few dozen lines; the
 // hardware prefetchers stop at page ends and one core then reads DRAM at a third
@@ -290,7 +298,8 @@ inline void set_limb_weights(float s, float* sx) {
 }
 
 // One group of one row: limbs into blk (nc * L * CW bytes), its scale and the sum of its
-// reconstructed activations. Returns false if the group holds NaN, inf or |x| > kW4MaxX.
+// reconstructed activations. Returns false if the group holds NaN, inf or |x| > kW4MaxX, or
+// its largest |x| is under kW4MinX but not zero.
 bool w4_limbs_group_generic(const float* x, int64_t g, int64_t CW, int L, int8_t* blk, float* sx, float* sum) {
   const int64_t nc = (g + CW - 1) / CW;
   float amax = 0.f;
@@ -299,6 +308,7 @@ bool w4_limbs_group_generic(const float* x, int64_t g, int64_t CW, int L, int8_t
     if (!(v <= kW4MaxX)) return false;
     amax = std::max(amax, v);
   }
+  if (!limbs_hold(amax)) return false;
   const float s = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
   std::memset(blk, 0, nc * L * CW);
   int64_t isum[3] = {0, 0, 0};
@@ -344,6 +354,7 @@ FASTKERN_AVX2 bool w4_limbs_group_avx2(const float* x, int64_t g, int64_t CW, in
   _mm256_store_ps(mx, vmax);
   float amax = 0.f;
   for (int i = 0; i < 8; ++i) amax = std::max(amax, mx[i]);
+  if (!limbs_hold(amax)) return false;
   const float s = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
   if (g % CW && r0 < 0) std::memset(blk, 0, nc * L * CW);
   const int64_t ro = r0 < 0 ? 0 : r0;
@@ -390,7 +401,8 @@ FASTKERN_AVX2 bool w4_limbs_group_avx2(const float* x, int64_t g, int64_t CW, in
 
 // f(i, row m, group gi) for every group of every row (i = m * G + gi), in parallel: one
 // task per (row, group), threads only above a size where they pay for their start.
-// Returns false if any call did (x holds NaN, inf or |x| > kW4MaxX there).
+// Returns false if any call did (x holds NaN, inf or |x| > kW4MaxX there, or, for the limbs, a
+// group whose largest |x| is under kW4MinX but not zero).
 template <class F>
 bool w4_for_each_group(int64_t M, int64_t G, int64_t g, const F& f) {
   std::atomic<bool> ok{true};
@@ -403,7 +415,8 @@ bool w4_for_each_group(int64_t M, int64_t G, int64_t g, const F& f) {
 }
 
 // Limbs of every group of every row (layout above). Returns false if x holds NaN, inf or
-// |x| > kW4MaxX (the caller then takes the fp32 panel path).
+// |x| > kW4MaxX, or a group too small for the limbs (kW4MinX; the caller then takes the fp32
+// panel path).
 // pair (AVX2, g = 32, K % 64 == 0): groups 2j and 2j + 1 share the 64-weight chunk j.
 bool w4_prepare_limbs(const float* X, int64_t ldx, int64_t M, int64_t K, int64_t g, int64_t CW, int L, int8_t* A,
                       int64_t lda, float* SX, float* SUM, bool avx2, bool pair = false) {
@@ -1620,9 +1633,9 @@ void w4b_gemm_rows(const uint32_t* Ap, int64_t w, const uint32_t* B, int64_t ldb
   if (r < rows) w4b_gemm_tile<1, MV>(Ap, w, B + r * ldb, ldb, kp0, kp1, sw + r * G, G, hb, CT + r * ldct, ldct);
 }
 
-// Y [M, N] = x (bf16, contiguous rows of K) x ((q - z) * s)^T. Returns false (Y untouched)
-// if x holds NaN, inf or values beyond kW4MaxX.
-bool w4b_gemm_bf16(const W4& p, const uint16_t* X, int64_t M, int64_t N, float* Y) {
+// Y [M, N] (bf16) = x (bf16, contiguous rows of K) x ((q - z) * s)^T + b[n] (if b), rounded once.
+// Returns false (Y untouched) if x holds NaN, inf or values beyond kW4MaxX.
+bool w4b_gemm_bf16(const W4& p, const uint16_t* X, int64_t M, int64_t N, const float* b, uint16_t* Y) {
   const int64_t K = 2 * p.ldw, KP = p.ldw, Mp = round_up(M, 16), hb = p.g / 2;
   // thread-kept scratch (scratch.h): no page faults per call
   Scratch apt(ScratchSlot::XPack, size_t(Mp * KP) * 4);
@@ -1657,8 +1670,10 @@ bool w4b_gemm_bf16(const W4& p, const uint16_t* X, int64_t M, int64_t N, float* 
           }
         }
       }
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t j = 0; j < rows; ++j) Y[m * N + n0 + j] = ct[j * Mp + m];
+      for (int64_t j = 0; j < rows; j += 16)
+        for (int64_t m0 = 0; m0 < M; m0 += 16)
+          tiles::transpose_out(ct + j * Mp + m0, Mp, std::min<int64_t>(16, rows - j), std::min<int64_t>(16, M - m0),
+                               Y + m0 * N + n0 + j, N, nullptr, b ? b + n0 + j : nullptr);
     }
   });
   return true;
@@ -1698,9 +1713,12 @@ at::Tensor linear_w4a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
       use_w4_bf16_gemm(rows_of(x), group_size)) {
     const int64_t M = rows_of(x);
     at::Tensor xb = x.reshape({M, K}).contiguous();
-    at::Tensor Y = at::empty({M, N}, x.options().dtype(at::kFloat));
-    if (w4b_gemm_bf16(p, reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>()), M, N, Y.data_ptr<float>()))
-      return finish(Y, bias, x, N);
+    // the bf16 result written by the GEMM, bias included (no fp32 copy to convert)
+    at::Tensor Y = at::empty({M, N}, x.options());
+    const at::Tensor bf = bias_f32(bias);
+    if (w4b_gemm_bf16(p, reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>()), M, N, data_or_null(bf),
+                      reinterpret_cast<uint16_t*>(Y.data_ptr<at::BFloat16>())))
+      return Y.reshape(out_shape(x, N));
   }
 #endif
   at::Tensor X = x_f32_padded(x, K, round_up(K, 8));

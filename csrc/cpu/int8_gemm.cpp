@@ -47,7 +47,6 @@ using tiles::kF32KC;
 using tiles::kF32TaskRows;
 using tiles::next_panel_lines;
 using tiles::panel_rows;
-using tiles::transpose_out_f32;
 #if FASTKERN_X86
 using tiles::transpose16x16;
 #endif
@@ -88,8 +87,9 @@ constexpr int64_t kPanelKF32 = 512;  // K columns per fp32 panel (64 x 512 x 4 B
 // linear_w8a16 sums x * q before the scale on its GEMV paths: 127 |x| summed over any K
 // stays finite in fp32 up to this |x| (see holds_beyond)
 constexpr float kW8MaxX = 1e30f;
-// |sum| <= K * 127 * 127 stays below 2^31 (W8A8 activations never hold -128).
-constexpr int64_t kW8A8MaxK = 133143;
+// |sum| <= K * 127 * 128 stays below 2^31 (W8A8 activations never hold -128, the weights may:
+// with K * 127 * 127 the bound let K = 132105 .. 133143 of -127 x -128 products wrap).
+constexpr int64_t kW8A8MaxK = 132104;
 
 // ------------------------------------------------------------------ GEMV: int8 weights x int16 activations
 
@@ -1181,10 +1181,7 @@ void w8a16_gemm_avx512(const float* X, int64_t ldx, int64_t M, const int8_t* W, 
       }
     }
   });
-  at::parallel_for(0, (N + 15) / 16, 16, [&](int64_t b, int64_t e) {
-    for (int64_t j = b; j < e; ++j)
-      for (int64_t m0 = 0; m0 < M; m0 += 16) transpose_out_f32(ct, Mp, M, N, m0, j * 16, Y);
-  });
+  tiles::transpose_all(ct, Mp, M, N, Y, nullptr, nullptr);
 }
 
 // ------------------------------------------------------------------ W8A16 GEMM, AVX512-BF16 (bf16 activations)
@@ -1210,10 +1207,10 @@ FASTKERN_AVX512BF16 void bf16_panel(const int8_t* W, int64_t K, int64_t n0, int6
   }
 }
 
-// Y [M, N] = s[n] * (X [M, K] (bf16, row stride ldx) x bf16(W)^T)
-void w8a16_gemm_bf16(const uint16_t* X, int64_t ldx, int64_t M, const int8_t* W, const float* s, int64_t N,
-                     int64_t K, float* Y) {
-  tiles::bf16_tile_gemm(X, ldx, M, W, K, N, K, Y, s,
+// Y [M, N] (bf16) = s[n] * (X [M, K] (bf16, row stride ldx) x bf16(W)^T) + b[n] (if b), rounded once
+void w8a16_gemm_bf16(const uint16_t* X, int64_t ldx, int64_t M, const int8_t* W, const float* s, const float* b,
+                     int64_t N, int64_t K, uint16_t* Y) {
+  tiles::bf16_tile_gemm(X, ldx, M, W, K, N, K, Y, s, b,
                         [&](int64_t n0, int64_t n1, int64_t k0, int64_t kc, uint32_t* panel, int64_t ldp) {
                           bf16_panel(W, K, n0, n1, k0, kc, panel, ldp);
                           return std::pair<const uint32_t*, int64_t>(panel, ldp);
@@ -2658,10 +2655,13 @@ at::Tensor linear_w8a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
     if (!tiles && !huge && M >= w8a16_gemm_min_m(true) && N > 0 && K > 0 && x.scalar_type() == at::kBFloat16 &&
         active_isa() >= Isa::Avx512 && features().avx512bf16) {
       at::Tensor xb = x.reshape({M, K}).contiguous();
-      at::Tensor Y = at::empty({M, N}, x.options().dtype(at::kFloat));
+      // the bf16 result written by the GEMM, bias included (no fp32 copy to convert)
+      at::Tensor Y = at::empty({M, N}, x.options());
+      const at::Tensor bf = bias_f32(bias);
       w8a16_gemm_bf16(reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>()), K, M, wc.data_ptr<int8_t>(),
-                      ws.data_ptr<float>(), N, K, Y.data_ptr<float>());
-      return finish(Y, bias, x, N);
+                      ws.data_ptr<float>(), data_or_null(bf), N, K,
+                      reinterpret_cast<uint16_t*>(Y.data_ptr<at::BFloat16>()));
+      return Y.reshape(out_shape(x, N));
     }
   }
 #endif

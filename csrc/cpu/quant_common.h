@@ -128,6 +128,12 @@ inline bool holds_beyond(const at::Tensor& x, float lim) {
   return found.load();
 }
 
+// The bias as contiguous fp32 (undefined without one), for kernels that add it themselves
+inline at::Tensor bias_f32(const c10::optional<at::Tensor>& bias) {
+  return bias.has_value() && bias->defined() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+}
+inline const float* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
 // fp32 [M, N] result -> (+ bias in fp32) -> x.dtype, shaped x.shape[:-1] + [N].
 inline at::Tensor finish(at::Tensor out, const c10::optional<at::Tensor>& bias, const at::Tensor& x, int64_t n) {
   if (bias.has_value()) out.add_(bias->to(at::kFloat));

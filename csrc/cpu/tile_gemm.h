@@ -49,41 +49,59 @@ FASTKERN_AVX512 inline void transpose16x16(__m512i r[16]) {
   }
 }
 
-// CT [n0, n0 + 16) x [m0, m0 + 16) of CT [N, Mp] (times s[n] if s) transposed in registers:
-// r[i] = the row m0 + i of the output block; returns how many columns (nn) are real
-FASTKERN_AVX512 inline int64_t transpose_block(const float* CT, int64_t Mp, int64_t N, int64_t m0, int64_t n0,
-                                               const float* s, __m512i r[16]) {
-  const int64_t nn = std::min<int64_t>(16, N - n0);
+// Rows [0, nn) (nn <= 16) of the sums ct (row stride ldct), 16 columns each, times s[j] (if s)
+// plus b[j] (if b), transposed in registers: r[i] lane j = ct[j][i] s[j] + b[j], zero for j >= nn
+FASTKERN_AVX512 inline void transpose_block(const float* ct, int64_t ldct, int64_t nn, const float* s, const float* b,
+                                            __m512i r[16]) {
   for (int64_t j = 0; j < 16; ++j) {
     if (j >= nn) {
       r[j] = _mm512_setzero_si512();
       continue;
     }
-    __m512 v = _mm512_loadu_ps(CT + (n0 + j) * Mp + m0);
-    if (s) v = _mm512_mul_ps(v, _mm512_set1_ps(s[n0 + j]));
+    __m512 v = _mm512_loadu_ps(ct + j * ldct);
+    // one rounding where both apply (an explicit FMA: the same result whatever the compiler contracts)
+    if (s && b)
+      v = _mm512_fmadd_ps(v, _mm512_set1_ps(s[j]), _mm512_set1_ps(b[j]));
+    else if (s)
+      v = _mm512_mul_ps(v, _mm512_set1_ps(s[j]));
+    else if (b)
+      v = _mm512_add_ps(v, _mm512_set1_ps(b[j]));
     r[j] = _mm512_castps_si512(v);
   }
   transpose16x16(r);
-  return nn;
 }
 
-// Y [m0, m0 + 16) x [n0, n0 + 16) from CT [N, Mp] (times s[n] if s)
-FASTKERN_AVX512 inline void transpose_out_f32(const float* CT, int64_t Mp, int64_t M, int64_t N, int64_t m0, int64_t n0,
-                                       float* Y, const float* s = nullptr) {
+// Y[i][j] (row stride ldy) = ct[j][i] s[j] + b[j] for i < mm, j < nn (both <= 16): a block of
+// the tile GEMMs' sums (one row per output column) out as rows of the result
+FASTKERN_AVX512 inline void transpose_out(const float* ct, int64_t ldct, int64_t nn, int64_t mm, float* Y, int64_t ldy,
+                                          const float* s = nullptr, const float* b = nullptr) {
   __m512i r[16];
-  const int64_t nn = transpose_block(CT, Mp, N, m0, n0, s, r), mm = std::min<int64_t>(16, M - m0);
+  transpose_block(ct, ldct, nn, s, b, r);
   const __mmask16 mask = static_cast<__mmask16>((1u << nn) - 1u);
-  for (int64_t i = 0; i < mm; ++i) _mm512_mask_storeu_ps(Y + (m0 + i) * N + n0, mask, _mm512_castsi512_ps(r[i]));
+  for (int64_t i = 0; i < mm; ++i) _mm512_mask_storeu_ps(Y + i * ldy, mask, _mm512_castsi512_ps(r[i]));
 }
 
 // The same block rounded to bf16 (to nearest even, as torch converts) into a bf16 Y
-FASTKERN_AVX512BF16 inline void transpose_out_f32(const float* CT, int64_t Mp, int64_t M, int64_t N, int64_t m0,
-                                                  int64_t n0, uint16_t* Y, const float* s = nullptr) {
+FASTKERN_AVX512BF16 inline void transpose_out(const float* ct, int64_t ldct, int64_t nn, int64_t mm, uint16_t* Y,
+                                              int64_t ldy, const float* s = nullptr, const float* b = nullptr) {
   __m512i r[16];
-  const int64_t nn = transpose_block(CT, Mp, N, m0, n0, s, r), mm = std::min<int64_t>(16, M - m0);
+  transpose_block(ct, ldct, nn, s, b, r);
   const __mmask16 mask = static_cast<__mmask16>((1u << nn) - 1u);
   for (int64_t i = 0; i < mm; ++i)
-    _mm256_mask_storeu_epi16(Y + (m0 + i) * N + n0, mask, (__m256i)_mm512_cvtneps_pbh(_mm512_castsi512_ps(r[i])));
+    _mm256_mask_storeu_epi16(Y + i * ldy, mask, (__m256i)_mm512_cvtneps_pbh(_mm512_castsi512_ps(r[i])));
+}
+
+// Y [M, N] (row stride N) from the sums CT [N, ldct] (one row per output column, M <= ldct
+// columns of which are real, ldct a multiple of 16), times s[n] (if s) plus b[n] (if b), in
+// parallel blocks of 16 columns
+template <class Y_t>
+void transpose_all(const float* CT, int64_t ldct, int64_t M, int64_t N, Y_t* Y, const float* s, const float* b) {
+  at::parallel_for(0, (N + 15) / 16, 16, [&](int64_t j0, int64_t j1) {
+    for (int64_t n0 = 16 * j0; n0 < std::min(N, 16 * j1); n0 += 16)
+      for (int64_t m0 = 0; m0 < M; m0 += 16)
+        transpose_out(CT + n0 * ldct + m0, ldct, std::min<int64_t>(16, N - n0), std::min<int64_t>(16, M - m0),
+                      Y + m0 * N + n0, N, s ? s + n0 : nullptr, b ? b + n0 : nullptr);
+  });
 }
 #endif
 
@@ -202,16 +220,16 @@ inline void pack_x_bf16(const uint16_t* X, int64_t ldx, int64_t M, int64_t K, ui
   });
 }
 
-// Y [M, N] (fp32, or bf16 as uint16_t) = s[n] * (X [M, K] (bf16, row stride ldx) x B^T) (no s:
-// unscaled), B [N, K] the weight as bf16 pairs: fill(n0, n1, k0, kc, panel, ldp) returns where
-// rows [n0, n1) of K block
+// Y [M, N] (fp32, or bf16 as uint16_t) = s[n] * (X [M, K] (bf16, row stride ldx) x B^T) + bias[n]
+// (no s: unscaled; no bias: none; rounded to bf16 once, from the fp32 sum), B [N, K] the weight
+// as bf16 pairs: fill(n0, n1, k0, kc, panel, ldp) returns where rows [n0, n1) of K block
 // [k0, k0 + kc) are and their row stride, {P, ldp'} with P[(n - n0) ldp' + k / 2] =
 // (B[n][k0 + k], B[n][k0 + k + 1]) for k < kc and zero past kc: either the panel it was given
 // (ldp u32 per row), filled, or the weight's own rows. W: the weight as stored (row stride
 // ldw elements of T), whose next K block's lines are prefetched.
 template <class T, class Y_t, class Fill>
 void bf16_tile_gemm_pass(const uint16_t* X, int64_t ldx, int64_t M, const T* W, int64_t ldw, int64_t N, int64_t K,
-                         Y_t* Y, const float* s, const Fill& fill) {
+                         Y_t* Y, const float* s, const float* bias, const Fill& fill) {
   const int64_t Mp = round_up(M, 16), nmb = (M + 63) / 64, K2 = (K + 1) / 2;
   Scratch xps(ScratchSlot::XPack, Mp * K2 * sizeof(uint32_t));
   Scratch cts(ScratchSlot::Out, N * Mp * sizeof(float));
@@ -251,10 +269,7 @@ void bf16_tile_gemm_pass(const uint16_t* X, int64_t ldx, int64_t M, const T* W, 
       }
     }
   });
-  at::parallel_for(0, (N + 15) / 16, 16, [&](int64_t b, int64_t e) {
-    for (int64_t j = b; j < e; ++j)
-      for (int64_t m0 = 0; m0 < M; m0 += 16) transpose_out_f32(ct, Mp, M, N, m0, j * 16, Y, s);
-  });
+  transpose_all(ct, Mp, M, N, Y, s, bias);
 }
 
 // M in passes whose sums CT [N, pass] stay within a kept scratch buffer (kScratchKeepBytes):
@@ -263,10 +278,10 @@ void bf16_tile_gemm_pass(const uint16_t* X, int64_t ldx, int64_t M, const T* W, 
 // in one process (perf had put 10% of the time in page faults).
 template <class T, class Y_t, class Fill>
 void bf16_tile_gemm(const uint16_t* X, int64_t ldx, int64_t M, const T* W, int64_t ldw, int64_t N, int64_t K,
-                    Y_t* Y, const float* s, const Fill& fill) {
+                    Y_t* Y, const float* s, const float* bias, const Fill& fill) {
   const int64_t pass = std::max<int64_t>(64, int64_t(kScratchKeepBytes) / (std::max<int64_t>(N, 1) * 4) / 64 * 64);
   for (int64_t m0 = 0; m0 < M; m0 += pass)
-    bf16_tile_gemm_pass(X + m0 * ldx, ldx, std::min(pass, M - m0), W, ldw, N, K, Y + m0 * N, s, fill);
+    bf16_tile_gemm_pass(X + m0 * ldx, ldx, std::min(pass, M - m0), W, ldw, N, K, Y + m0 * N, s, bias, fill);
 }
 #endif
 
