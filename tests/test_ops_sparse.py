@@ -121,23 +121,21 @@ def test_sparse24_meta_high_bits_ignored(gen, isa, m):
 
 @needs_cpu24
 @pytest.mark.parametrize("isa", cpu_isas(), indirect=True)
-@pytest.mark.parametrize("m", [1, 3, 6, 9, 17])
+@pytest.mark.parametrize("m", [1, 3, 6, 9, 17, 40])
 def test_sparse24_garbage_meta_stays_in_bounds(gen, isa, m):
-    """Any meta byte selects positions inside its own group of 4: finite inputs give finite
-    outputs of the right shape, and a run on all-255 meta equals position 3 twice."""
+    """Any meta byte selects positions inside its own group of 4 (high bits ignored), and a
+    malformed group whose two positions are the same holds the sum of its two values, on every
+    path as in the reference (the generic GEMM path used to keep only the second value): random
+    bytes against the reference, and all-255 meta against position 3 with both values added."""
     x = torch.randn(m, 64, generator=gen)
     values, _, _ = sparse24_args(20, 64, torch.float32, gen)
     meta = torch.randint(0, 256, (20, 16), generator=gen, dtype=torch.uint8)
     out = torch.ops.fastkern_C.linear_sparse24(x, values, meta, None)
     assert out.shape == (m, 20) and bool(torch.isfinite(out).all())
+    assert_close_rel(out, ops.linear_sparse24_ref(x, values, meta, None), torch.float32)
     out = torch.ops.fastkern_C.linear_sparse24(x, values, torch.full((20, 16), 255, dtype=torch.uint8), None)
-    v = values.reshape(20, 16, 2)
     x3 = x.reshape(m, 16, 4)[..., 3]
-    if isa != "generic" or m <= 4:  # the kernels that skip pruned weights add both kept values
-        expected = torch.einsum("mg,ng->mn", x3, v.sum(-1))
-    else:  # the generic GEMM path expands into a dense row: the second value lands last
-        expected = torch.einsum("mg,ng->mn", x3, v[..., 1])
-    assert_close_rel(out, expected, torch.float32)
+    assert_close_rel(out, torch.einsum("mg,ng->mn", x3, values.reshape(20, 16, 2).sum(-1)), torch.float32)
 
 
 # largest M on the 2:4 streaming path per ISA (kSmallM, kS24StreamMaxM in csrc/cpu/sparse_gemm.cpp),
@@ -412,6 +410,31 @@ def test_blocksparse_padding_never_read(gen, isa, m):
     out = torch.ops.fastkern_C.linear_blocksparse(x, blocks, row_ptr, col_idx, n, b)
     assert_close_rel(out, ops.linear_blocksparse_ref(x, blocks, row_ptr, col_idx, n, b), torch.float32)
     assert torch.equal(out[:, 8:16], b[8:16].expand(m, 8))
+
+
+@needs_cpubs
+@pytest.mark.parametrize("isa", cpu_isas(), indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m", [1, 3, 40])
+def test_blocksparse_duplicate_blocks_add(gen, isa, dtype, m):
+    """A block listed twice in its block row (a malformed col_idx) counts twice, in every
+    kernel and in the reference (which used to keep one of them); against a dense weight
+    built by adding the blocks one at a time."""
+    n, k = 40, 96
+    for block in ((16, 16), (8, 32)):
+        bn, bk = block
+        cols = [[0, 2, 0, 1, 2, 2], [1], [], [0, 0], [2, 1, 1], [0]][: -(-n // bn)]
+        row_ptr = torch.tensor([0] + [sum(len(c) for c in cols[: i + 1]) for i in range(len(cols))])
+        col_idx = torch.tensor([c for row in cols for c in row], dtype=torch.int64)
+        blocks = torch.randn(len(col_idx), bn, bk, generator=gen).to(dtype)
+        dense = torch.zeros(n, k)
+        for r, row in enumerate(cols):
+            for j, c in enumerate(row):
+                dense[r * bn:(r + 1) * bn, c * bk:(c + 1) * bk] += blocks[int(row_ptr[r]) + j].float()
+        x = torch.randn(m, k, generator=gen).to(dtype)
+        out = torch.ops.fastkern_C.linear_blocksparse(x, blocks, row_ptr, col_idx, n, None)
+        assert_close_rel(out, (x.float() @ dense.T).to(dtype), dtype)
+        assert_close_rel(out, ops.linear_blocksparse_ref(x, blocks, row_ptr, col_idx, n, None), dtype)
 
 
 @needs_cpubs

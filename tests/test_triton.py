@@ -258,6 +258,20 @@ def test_blocksparse_empty_rows_and_no_blocks(gen):
     assert torch.equal(out0, torch.zeros(5, 48))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_malformed_sparse_layouts_as_reference(dtype, gen):
+    # 2:4 meta bytes of any value (positions in either order, or both the same: their two
+    # values add up there) and a block listed twice in its block row (it counts twice)
+    x = torch.randn(5, 64, generator=gen).to(dtype)
+    values = torch.randn(24, 32, generator=gen).to(dtype)
+    meta = torch.randint(0, 256, (24, 16), generator=gen, dtype=torch.uint8)
+    meta[0] = 0x05  # position 1 twice in every group of row 0
+    check("linear_sparse24", (x, values, meta, None), dtype)
+    blocks = torch.randn(5, 16, 16, generator=gen).to(dtype)
+    row_ptr, col_idx = torch.tensor([0, 3, 5]), torch.tensor([1, 1, 3, 0, 0])
+    check("linear_blocksparse", (x, blocks, row_ptr, col_idx, 32, None), dtype)
+
+
 def test_mixed_bias_dtype(gen):
     # the op accepts any float bias; it is added in fp32 like the reference does
     x = torch.randn(3, K, generator=gen).to(torch.bfloat16)

@@ -264,8 +264,10 @@ struct Sparse24Rows {
       float* d = dst + r;
       for (int64_t g = g0; g < g1; ++g) {
         const int64_t base = 4 * (g - g0);
-        d[(base + (mt[g] & 3)) * width] = to_f32(v[2 * g]);
-        d[(base + ((mt[g] >> 2) & 3)) * width] = to_f32(v[2 * g + 1]);
+        // added, not stored: a malformed group with both positions the same gets the sum of
+        // its values, as in every other path and the reference
+        d[(base + (mt[g] & 3)) * width] += to_f32(v[2 * g]);
+        d[(base + ((mt[g] >> 2) & 3)) * width] += to_f32(v[2 * g + 1]);
       }
     }
   }

@@ -73,12 +73,13 @@ def compress_2_4(w: torch.Tensor, mask: torch.Tensor = None):
 
 
 def decompress_2_4(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
-    """Dense [N, K] (values' dtype) from the compressed 2:4 format."""
+    """Dense [N, K] (values' dtype) from the compressed 2:4 format. A group whose two positions
+    are the same (a malformed meta) holds the sum of its two values there, as the kernels do."""
     n, groups = meta.shape
     m = meta.to(torch.int64)
     idx = torch.stack((m & 3, (m >> 2) & 3), dim=-1)  # [N, G, 2]
     dense = torch.zeros(n, groups, 4, dtype=values.dtype, device=values.device)
-    dense.scatter_(-1, idx, values.reshape(n, groups, 2))
+    dense.scatter_add_(-1, idx, values.reshape(n, groups, 2))
     return dense.reshape(n, groups * 4)
 
 
@@ -137,12 +138,13 @@ def dense_to_blocksparse(w: torch.Tensor, block_size=(16, 16), mask: torch.Tenso
 
 
 def blocksparse_to_dense(blocks, row_ptr, col_idx, shape) -> torch.Tensor:
-    """Dense [N, K] (blocks' dtype) from the block-sparse format; ``shape`` is (N, K)."""
+    """Dense [N, K] (blocks' dtype) from the block-sparse format; ``shape`` is (N, K). A block
+    listed twice in a block row (a malformed col_idx) counts twice, as in the kernels."""
     n, k = shape
     _, bn, bk = blocks.shape
     nb, kb = math.ceil(n / bn), math.ceil(k / bk)
     tiles = torch.zeros(nb, kb, bn, bk, dtype=blocks.dtype, device=blocks.device)
     counts = row_ptr[1:] - row_ptr[:-1]
     rows = torch.repeat_interleave(torch.arange(nb, device=blocks.device), counts)
-    tiles[rows, col_idx] = blocks
+    tiles.index_put_((rows, col_idx.to(torch.int64)), blocks, accumulate=True)
     return tiles.permute(0, 2, 1, 3).reshape(nb * bn, kb * bk)[:n, :k]

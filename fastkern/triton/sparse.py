@@ -61,8 +61,11 @@ def _sparse24_kernel(
             v_ptr + offs_n[:, None].to(tl.int64) * stride_vn + offs_v[None, :] * stride_vk,
             mask=mask_n[:, None] & (offs_v < K // 2)[None, :], other=0,
         )
-        # [BN, BK/2] -> the two kept values of each group of 4, then scattered to their slots
+        # [BN, BK/2] -> the two kept values of each group of 4, then scattered to their slots; a
+        # malformed group with both positions the same holds their sum there, as in the reference
         v0, v1 = tl.split(tl.reshape(vals, (BLOCK_N, BLOCK_K // 4, 2)))
+        vsum = (v0.to(tl.float32) + v1.to(tl.float32)).to(vals.dtype)
+        v0 = tl.where((meta & 3) == ((meta >> 2) & 3), vsum, v0)
         idx0 = (meta & 3)[:, :, None]
         idx1 = ((meta >> 2) & 3)[:, :, None]
         zero = tl.zeros((BLOCK_N, BLOCK_K // 4, 4), dtype=vals.dtype)
