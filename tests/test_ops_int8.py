@@ -817,6 +817,22 @@ def test_native_bad_inputs_int8_gemm(gen):
 
 @NATIVE
 @pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True))
+def test_int8_gemm_k_limit_is_an_error(isa):
+    # -128 x -128 everywhere: K * 16384 < 2^31 up to K = 131071; past it the int32 result
+    # would wrap (the op used to return the wrapped number)
+    k = 131071
+    with cpu_isa(isa):
+        for m in (1, 3, 64):
+            a = torch.full((m, k), -128, dtype=torch.int8)
+            b = torch.full((2, k), -128, dtype=torch.int8)
+            out = native("int8_gemm")(a, b)
+            assert torch.equal(out, torch.full((m, 2), k * 16384, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match=r"K=131072.*K <= 131071"):
+        native("int8_gemm")(torch.ones(1, k + 1, dtype=torch.int8), torch.ones(1, k + 1, dtype=torch.int8))
+
+
+@NATIVE
+@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True))
 def test_w8a8_k_limit_is_an_error(isa):
     # the largest int32 sum: x quantized to -127 everywhere against weights of -128, in 1, 3
     # and 64 rows (K * 127 * 128 < 2^31 up to K = 132104; a bound of K * 127^2 let it wrap and flip sign)

@@ -90,6 +90,8 @@ constexpr float kW8MaxX = 1e30f;
 // |sum| <= K * 127 * 128 stays below 2^31 (W8A8 activations never hold -128, the weights may:
 // with K * 127 * 127 the bound let K = 132105 .. 133143 of -127 x -128 products wrap).
 constexpr int64_t kW8A8MaxK = 132104;
+// int8_gemm: both operands may hold -128, |sum| <= K * 128 * 128 < 2^31
+constexpr int64_t kInt8GemmMaxK = 131071;
 
 // ------------------------------------------------------------------ GEMV: int8 weights x int16 activations
 
@@ -2468,6 +2470,8 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a, const at::Tensor& b) {
   check_2d(op, "b", b);
   const int64_t N = b.size(0), K = b.size(1);
   check_x(op, "a", a, K);
+  TORCH_CHECK(K <= kInt8GemmMaxK, "fastkern_C::", op, ": ", describe("b", b), " has K=", K,
+              "; the int32 result holds every sum exactly only for K <= ", kInt8GemmMaxK);
   at::Tensor bc = b.contiguous();
   at::Tensor a2 = a.reshape({rows_of(a), K});
   const int64_t M = a2.size(0), Kp = round_up(K, 16);
