@@ -105,9 +105,20 @@ def _explain_gemm(a, b):
     _check_devices([("a", a), ("b", b)])
 
 
+# The longest K whose int32 sums are exact for every int8 input: int8_gemm's operands may both
+# hold -128 (K * 128 * 128 < 2^31); linear_w8a8 quantizes x to +-127 (K * 127 * 128 < 2^31).
+INT8_GEMM_MAX_K = 131071
+W8A8_MAX_K = 132104
+
+
+def _check_k_limit(op, name, t, k, limit):
+    if k > limit:
+        _fail("%s: %s has K=%d; its int32 sums are exact only for K <= %d" % (op, describe(name, t), k, limit))
+
+
 def _check_int8_gemm(a, b):
     if (a.dtype == torch.int8 and b.dtype == torch.int8 and b.dim() == 2 and a.dim() >= 1
-            and a.shape[-1] == b.shape[1] and b.device == a.device):
+            and a.shape[-1] == b.shape[1] and b.device == a.device and b.shape[1] <= INT8_GEMM_MAX_K):
         return
     _explain_int8_gemm(a, b)
 
@@ -118,6 +129,7 @@ def _explain_int8_gemm(a, b):
     _check_2d("b", b)
     _check_x("a", a, b.shape[1])
     _check_devices([("a", a), ("b", b)])
+    _check_k_limit("int8_gemm", "b", b, b.shape[1], INT8_GEMM_MAX_K)
 
 
 def _check_w8(x, w, w_scale, bias):
@@ -141,6 +153,17 @@ def _explain_w8(x, w, w_scale, bias):
     _check_shape("w_scale", w_scale, [n])
     _check_bias(bias, n)
     _check_devices([("x", x), ("w", w), ("w_scale", w_scale), ("bias", bias)])
+
+
+def _check_w8a8(x, w, w_scale, bias):
+    _check_w8(x, w, w_scale, bias)
+    if w.shape[1] > W8A8_MAX_K:
+        _explain_w8a8(x, w, w_scale, bias)
+
+
+def _explain_w8a8(x, w, w_scale, bias):
+    _explain_w8(x, w, w_scale, bias)
+    _check_k_limit("linear_w8a8", "w", w, w.shape[1], W8A8_MAX_K)
 
 
 def _check_w4a16(x, w, scales, zeros, group_size, bias):
@@ -305,7 +328,7 @@ OPS = {
                lambda a, b: (_out_linear(a, b.shape[0]), torch.int32)),
         OpSpec("linear_w8a16", "(Tensor x, Tensor w, Tensor w_scale, Tensor? bias) -> Tensor", _check_w8,
                linear_w8a16_ref, lambda x, w, *_: (_out_linear(x, w.shape[0]), x.dtype)),
-        OpSpec("linear_w8a8", "(Tensor x, Tensor w, Tensor w_scale, Tensor? bias) -> Tensor", _check_w8,
+        OpSpec("linear_w8a8", "(Tensor x, Tensor w, Tensor w_scale, Tensor? bias) -> Tensor", _check_w8a8,
                linear_w8a8_ref, lambda x, w, *_: (_out_linear(x, w.shape[0]), x.dtype)),
         OpSpec("linear_w4a16",
                "(Tensor x, Tensor w, Tensor scales, Tensor zeros, int group_size, Tensor? bias) -> Tensor",

@@ -101,6 +101,11 @@ BAD = [
     ("gemm", lambda a: (a[0], a[1].double()), TypeError, r"b must be float32, float16 or bfloat16.*float64"),
     ("gemm", lambda a: (a[0], a[1].half()), TypeError, r"one dtype"),
     ("int8_gemm", lambda a: (a[0].float(), a[1]), TypeError, r"a must be int8.*float32"),
+    # K past the exact int32 sums, on every backend
+    ("int8_gemm", lambda a: (torch.zeros(1, 131072, dtype=torch.int8), torch.zeros(2, 131072, dtype=torch.int8)),
+     ValueError, r"int8_gemm: b \(shape \[2, 131072\].*K <= 131071"),
+    ("linear_w8a8", lambda a: (torch.zeros(1, 132105), torch.zeros(24, 132105, dtype=torch.int8)) + a[2:],
+     ValueError, r"linear_w8a8: w \(shape \[24, 132105\].*K <= 132104"),
     ("linear_w8a16", lambda a: (a[0].to(torch.int32),) + a[1:], TypeError, r"x must be float32.*int32"),
     ("linear_w8a16", lambda a: (a[0], a[1], a[2][:3], a[3]), ValueError, r"w_scale must have shape \[24\].*\[3\]"),
     ("linear_w8a8", lambda a: (a[0], a[1], a[2], a[3][:5]), ValueError, r"bias must have shape \[24\]"),
