@@ -1670,10 +1670,7 @@ bool w4b_gemm_bf16(const W4& p, const uint16_t* X, int64_t M, int64_t N, const f
           }
         }
       }
-      for (int64_t j = 0; j < rows; j += 16)
-        for (int64_t m0 = 0; m0 < M; m0 += 16)
-          tiles::transpose_out(ct + j * Mp + m0, Mp, std::min<int64_t>(16, rows - j), std::min<int64_t>(16, M - m0),
-                               Y + m0 * N + n0 + j, N, nullptr, b ? b + n0 + j : nullptr);
+      tiles::transpose_strip(ct, Mp, M, rows, Y + n0, N, nullptr, b ? b + n0 : nullptr);
     }
   });
   return true;

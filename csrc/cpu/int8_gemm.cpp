@@ -444,9 +444,8 @@ struct VnniOut {
   // Hands the op's bias to the epilogue: converted to fp32 (the returned tensor holds it while
   // the kernel runs); the op then passes no bias to finish().
   at::Tensor take_bias(const c10::optional<at::Tensor>& b) {
-    if (!b.has_value()) return at::Tensor();
-    at::Tensor bf = b->to(at::kFloat).contiguous();
-    bias = bf.data_ptr<float>();
+    at::Tensor bf = bias_f32(b);
+    bias = data_or_null(bf);
     return bf;
   }
   // linear_w8a8's output: out [M, N] fp32, the products scaled by sx [M] and wsd [N] (double)

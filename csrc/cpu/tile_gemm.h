@@ -91,16 +91,25 @@ FASTKERN_AVX512BF16 inline void transpose_out(const float* ct, int64_t ldct, int
     _mm256_mask_storeu_epi16(Y + i * ldy, mask, (__m256i)_mm512_cvtneps_pbh(_mm512_castsi512_ps(r[i])));
 }
 
-// Y [M, N] (row stride N) from the sums CT [N, ldct] (one row per output column, M <= ldct
-// columns of which are real, ldct a multiple of 16), times s[n] (if s) plus b[n] (if b), in
-// parallel blocks of 16 columns
+// Y[m][j] (row stride ldy) = ct[j][m] s[j] + b[j] for m < M, j < n: n rows of the sums (one row
+// per output column, M <= ldct columns of which are real, ldct a multiple of 16) out as n
+// columns of the result, in 16 x 16 blocks
+template <class Y_t>
+void transpose_strip(const float* ct, int64_t ldct, int64_t M, int64_t n, Y_t* Y, int64_t ldy, const float* s,
+                     const float* b) {
+  for (int64_t j = 0; j < n; j += 16)
+    for (int64_t m0 = 0; m0 < M; m0 += 16)
+      transpose_out(ct + j * ldct + m0, ldct, std::min<int64_t>(16, n - j), std::min<int64_t>(16, M - m0),
+                    Y + m0 * ldy + j, ldy, s ? s + j : nullptr, b ? b + j : nullptr);
+}
+
+// Y [M, N] (row stride N) from the sums CT [N, ldct], in parallel strips of 16 columns
 template <class Y_t>
 void transpose_all(const float* CT, int64_t ldct, int64_t M, int64_t N, Y_t* Y, const float* s, const float* b) {
   at::parallel_for(0, (N + 15) / 16, 16, [&](int64_t j0, int64_t j1) {
-    for (int64_t n0 = 16 * j0; n0 < std::min(N, 16 * j1); n0 += 16)
-      for (int64_t m0 = 0; m0 < M; m0 += 16)
-        transpose_out(CT + n0 * ldct + m0, ldct, std::min<int64_t>(16, N - n0), std::min<int64_t>(16, M - m0),
-                      Y + m0 * N + n0, N, s ? s + n0 : nullptr, b ? b + n0 : nullptr);
+    const int64_t n0 = 16 * j0;
+    transpose_strip(CT + n0 * ldct, ldct, M, std::min(N, 16 * j1) - n0, Y + n0, N, s ? s + n0 : nullptr,
+                    b ? b + n0 : nullptr);
   });
 }
 #endif
@@ -220,16 +229,16 @@ inline void pack_x_bf16(const uint16_t* X, int64_t ldx, int64_t M, int64_t K, ui
   });
 }
 
-// Y [M, N] (fp32, or bf16 as uint16_t) = s[n] * (X [M, K] (bf16, row stride ldx) x B^T) + bias[n]
-// (no s: unscaled; no bias: none; rounded to bf16 once, from the fp32 sum), B [N, K] the weight
+// Y [M, N] (bf16) = s[n] * (X [M, K] (bf16, row stride ldx) x B^T) + bias[n] (no s: unscaled; no
+// bias: none; rounded to bf16 once, from the fp32 sum), B [N, K] the weight
 // as bf16 pairs: fill(n0, n1, k0, kc, panel, ldp) returns where rows [n0, n1) of K block
 // [k0, k0 + kc) are and their row stride, {P, ldp'} with P[(n - n0) ldp' + k / 2] =
 // (B[n][k0 + k], B[n][k0 + k + 1]) for k < kc and zero past kc: either the panel it was given
 // (ldp u32 per row), filled, or the weight's own rows. W: the weight as stored (row stride
 // ldw elements of T), whose next K block's lines are prefetched.
-template <class T, class Y_t, class Fill>
+template <class T, class Fill>
 void bf16_tile_gemm_pass(const uint16_t* X, int64_t ldx, int64_t M, const T* W, int64_t ldw, int64_t N, int64_t K,
-                         Y_t* Y, const float* s, const float* bias, const Fill& fill) {
+                         uint16_t* Y, const float* s, const float* bias, const Fill& fill) {
   const int64_t Mp = round_up(M, 16), nmb = (M + 63) / 64, K2 = (K + 1) / 2;
   Scratch xps(ScratchSlot::XPack, Mp * K2 * sizeof(uint32_t));
   Scratch cts(ScratchSlot::Out, N * Mp * sizeof(float));
@@ -276,9 +285,9 @@ void bf16_tile_gemm_pass(const uint16_t* X, int64_t ldx, int64_t M, const T* W, 
 // a fresh buffer of tens of MB is mapped one page at a time on every call, while the weight is
 // read once more per pass. 11008 x 4096 at M = 2048 (bf16 gemm, 2 threads): 265 against 319 ms
 // in one process (perf had put 10% of the time in page faults).
-template <class T, class Y_t, class Fill>
+template <class T, class Fill>
 void bf16_tile_gemm(const uint16_t* X, int64_t ldx, int64_t M, const T* W, int64_t ldw, int64_t N, int64_t K,
-                    Y_t* Y, const float* s, const float* bias, const Fill& fill) {
+                    uint16_t* Y, const float* s, const float* bias, const Fill& fill) {
   const int64_t pass = std::max<int64_t>(64, int64_t(kScratchKeepBytes) / (std::max<int64_t>(N, 1) * 4) / 64 * 64);
   for (int64_t m0 = 0; m0 < M; m0 += pass)
     bf16_tile_gemm_pass(X + m0 * ldx, ldx, std::min(pass, M - m0), W, ldw, N, K, Y + m0 * N, s, bias, fill);
