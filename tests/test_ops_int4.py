@@ -641,6 +641,29 @@ def test_tiny_activations_every_path(isa, dtype, gemv, gen, monkeypatch):
 
 
 @NATIVE
+@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_tiny_weight_scales_every_path(isa, dtype, gen):
+    """Weight scales so small that |x|max x scale is under 2.5e-32 while every product of the
+    reference, x * ((q - z) s), stays a normal number: the limbs multiplied the finest limb
+    weight (|x|max / 127 / 128^(L-1)) by the weight scale first, which left fp32's normal range
+    there (subnormal, bits lost: 0.3 relative error at x ~ 1e-10, scales ~ 1e-28). Normal x
+    against scales of 1e-36, x of 1e-8 against 1e-26 and x of 1e-19 against 1e-16 (products
+    ~1e-35, normal for the vdpbf16ps paths too); each row's outputs within the contract, on
+    every M up to the GEMMs."""
+    with cpu_isa(isa):
+        for k, g in ((512, 128), (512, 256), (600, 40), (384, 128), (512, 32)):
+            w, s, z = make_w4(gen, 37, k, g)
+            for xs, ss in ((1.0, 1e-36), (1e-8, 1e-26), (1e-19, 1e-16)):
+                for m in (1, 3, 8, 20, 64):
+                    x = (torch.randn(m, k, generator=gen) * xs).to(dtype)
+                    out = native(x, w, s * ss, z, g, None)
+                    ref = ops.linear_w4a16_ref(x, w, s * ss, z, g, None)
+                    for i in range(m):
+                        assert_close_rel(out[i], ref[i], dtype)
+
+
+@NATIVE
 def test_empty_dims(gen):
     w, s, z = make_w4(gen, 6, 64, 32)
     assert native(torch.randn(0, 64), w, s, z, 32, None).shape == (0, 6)

@@ -264,8 +264,11 @@ constexpr float kW4MaxX = 1e30f;
 // And from below, for the limbs: a group's finest limb weight |x|max / 127 / 128^(L - 1), times
 // the weight scale, must stay a normal fp32 number, or the products lose bits (and under
 // |x|max = 3.7e-37, 127 / |x|max overflows: x ~ 1e-37 gave outputs 100x off). A group whose
-// largest |x| is not zero but under kW4MinX goes to the fp32 paths too; over it the limbs keep
-// fp32's precision for every weight scale from 2.5e-12 (|x|max s >= 2.5e-32).
+// largest |x| is not zero but under kW4MinX goes to the fp32 paths too. Over it each group's
+// integer sum D times that limb weight is a normal fp32 number (>= 4.8e-27 for D != 0), and the
+// kernels multiply by the weight scale after that product, never by (limb weight x scale),
+// which left the normal range wherever |x|max s < 2.5e-32 (x ~ 1e-10 against scales of 1e-28:
+// 0.3 relative error). The limbs' products are then as normal as the reference's own.
 constexpr float kW4MinX = 1e-20f;
 inline bool limbs_hold(float amax) { return amax == 0.f || amax >= kW4MinX; }
 // Software prefetch distance along each weight row, in bytes. NR rows are read as
@@ -450,8 +453,8 @@ FASTKERN_AVX512VNNI inline __m512i dpbusd_inplace(__m512i acc, __m512i a, __m512
 // Per group and row, the limbs' dot products combine exactly in int32 by Horner's rule,
 // D = (d_0 * 128 + d_1) * 128 + d_2 (the accumulator is shifted left by 7 bits before
 // each further limb), so one accumulator per (x row, weight row) is converted to float
-// per group, scaled by s_x / 128^(L-1) (shared by the tile's weight rows) and the weight
-// scale. |D| grows by at most 8 * 15 * (127 * 128^2 + 64 * 128 + 64) < 2^28 per chunk
+// per group, scaled by s_x / 128^(L-1) (shared by the tile's weight rows) and then by the
+// weight scale, in that order (kW4MinX). |D| grows by at most 8 * 15 * (127 * 128^2 + 64 * 128 + 64) < 2^28 per chunk
 // and lane, so a group is taken in spans of at most kSpan chunks (an int32 never
 // overflows). The zero point's share, sum_g s_w z sum(x_g), is one vectorized dot
 // product over the groups per output (zero_corr_*), outside the streaming loop.
@@ -552,8 +555,8 @@ FASTKERN_AVX2 void w4l_tile_avx2(const W4& p, const Limbs& q, const KRange& kr, 
         for (int j = 0; j < NR; ++j) {
           __m256i d = acc[i][j][0];
           for (int l = 1; l < L; ++l) d = _mm256_add_epi32(_mm256_slli_epi32(d, 7), acc[i][j][l]);
-          const __m256 sc = _mm256_mul_ps(cx, _mm256_broadcast_ss(p.s + (n + j) * p.G + gi));
-          tot[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), sc, tot[i][j]);
+          tot[i][j] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(d), cx),
+                                      _mm256_broadcast_ss(p.s + (n + j) * p.G + gi), tot[i][j]);
         }
       }
     }
@@ -647,7 +650,7 @@ FASTKERN_AVX2 void w4l_rows16_avx2(const W4& p, const Limbs& q, const KRange& kr
           __m256i d = _mm256_madd_epi16(acc[i][0], _mm256_set1_epi16(int16_t(1 << (7 * (L - 1)))));
           for (int l = 1; l < L; ++l)
             d = _mm256_add_epi32(d, _mm256_madd_epi16(acc[i][l], _mm256_set1_epi16(int16_t(1 << (7 * (L - 1 - l))))));
-          tot[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(ws, _mm256_broadcast_ss(sx + i * G * 4)), tot[i]);
+          tot[i] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(d), _mm256_broadcast_ss(sx + i * G * 4)), ws, tot[i]);
         }
       }
     }
@@ -709,7 +712,7 @@ FASTKERN_AVX2 void w4l_rows16p_avx2(const W4& p, const Limbs& q, const KRange& k
         }
         const float* sx = q.sx + ((m0 + i) * G + gi) * 4 + (L - 1);
         const __m256 xs = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_broadcast_ss(sx)), _mm_broadcast_ss(sx + 4), 1);
-        tot[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(ws, xs), tot[i]);
+        tot[i] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(d), xs), ws, tot[i]);
       }
     }
     w4l_store_block_avx2<MR>(p, q, kr, n, m0, tot, Y, ldy);
@@ -802,7 +805,7 @@ FASTKERN_AVX512VNNI void w4l_tile1_avx512(const W4& p, const Limbs& q, const KRa
       const __m512 c = _mm512_set1_ps(cx[i * G * 4]);
       for (int j = 0; j < NR; ++j) {
         const __m512i a = S == 2 ? _mm512_add_epi32(acc[i][j][0], acc[i][j][S - 1]) : acc[i][j][0];
-        tot[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_mul_ps(c, _mm512_set1_ps(sw[j * G])), tot[i][j]);
+        tot[i][j] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(a), c), _mm512_set1_ps(sw[j * G]), tot[i][j]);
       }
     }
   }
@@ -858,8 +861,8 @@ FASTKERN_AVX512VNNI void w4l_tile_avx512(const W4& p, const Limbs& q, const KRan
       for (int i = 0; i < MR; ++i) {
         const __m512 cx = _mm512_set1_ps(q.sx[((m0 + i) * p.G + gi) * 4 + (L - 1)]);
         for (int j = 0; j < NR; ++j) {
-          const __m512 sc = _mm512_mul_ps(cx, _mm512_set1_ps(p.s[(n + j) * p.G + gi]));
-          tot[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][j]), sc, tot[i][j]);
+          tot[i][j] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[i][j]), cx),
+                                      _mm512_set1_ps(p.s[(n + j) * p.G + gi]), tot[i][j]);
         }
       }
     }
@@ -914,13 +917,14 @@ FASTKERN_AVX512VNNI void w4l_rows1_avx512(const W4& p, const Limbs& q, const KRa
       if (hb > 32) _mm_prefetch(reinterpret_cast<const char*>(wp + (k + 2) * hb - 1 + far), _MM_HINT_T1);
       const __m512i d0 = w4l_group1_avx512<L>(_mm512_maskz_loadu_epi8(mk, wp + k * hb), x0 + k * L * CW);
       const __m512i d1 = w4l_group1_avx512<L>(_mm512_maskz_loadu_epi8(mk, wp + (k + 1) * hb), x0 + (k + 1) * L * CW);
-      tot0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_set1_ps(sx[k * 4] * sw[k]), tot0);
-      tot1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_set1_ps(sx[(k + 1) * 4] * sw[k + 1]), tot1);
+      tot0 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d0), _mm512_set1_ps(sx[k * 4])), _mm512_set1_ps(sw[k]), tot0);
+      tot1 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d1), _mm512_set1_ps(sx[(k + 1) * 4])),
+                             _mm512_set1_ps(sw[k + 1]), tot1);
     }
     if (k < ng) {
       _mm_prefetch(reinterpret_cast<const char*>(wp + k * hb + far), _MM_HINT_T1);
       const __m512i d0 = w4l_group1_avx512<L>(_mm512_maskz_loadu_epi8(mk, wp + k * hb), x0 + k * L * CW);
-      tot0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_set1_ps(sx[k * 4] * sw[k]), tot0);
+      tot0 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d0), _mm512_set1_ps(sx[k * 4])), _mm512_set1_ps(sw[k]), tot0);
     }
     float& y = Y[n];
     const float s = hsum16_avx512(_mm512_add_ps(tot0, tot1));
