@@ -8,6 +8,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "autograd.h"
 #include "cpu/isa.h"
 #include "cpu/fma_probe.h"
 
@@ -122,4 +123,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "cpu_isa", []() { return std::string(fastkern::cpu::isa_name(fastkern::cpu::active_isa())); },
       "The CPU kernel path in use");
+  m.def("set_autograd_hook", &fastkern::set_autograd_hook, pybind11::arg("fn"),
+        "fn(op_name, args) runs a call of torch.ops.fastkern.<op_name> that needs gradients");
 }

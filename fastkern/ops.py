@@ -536,6 +536,113 @@ for _spec in OPS.values():
         torch.library.register_fake("fastkern_C::" + _spec.name, _make_fake(_spec), lib=_lib_C)
 
 
+# ---------------------------------------------------------------------- autograd
+#
+# Every op is differentiable in its floating-point inputs: x (a and b of gemm), the bias, and
+# the weight-side floats (weight scales, 2:4 values, blocks). The weight's own integers and
+# indices are not. The gradients are those of the reference: grad_x = grad_y @ W and grad_W =
+# grad_y^T @ x in fp32 with W the op's dense fp32 weight, carried back to the scales / values
+# through the format's dequantization; each cast back to its input's dtype. linear_w8a8 passes
+# grad_x straight through its per-token rounding of x (whose own derivative is zero almost
+# everywhere): grad_x = grad_y @ (w * w_scale), as quantization-aware training does.
+# int8_gemm has no float inputs.
+#
+# The ops' Autograd kernel (csrc/autograd.cpp) sends a call here only when grad mode is on and
+# a tensor argument requires grad; every other call goes below autograd in C++. Without the
+# native extension a Python kernel does the same. Second derivatives are not provided.
+
+
+def _blocksparse_weight(blocks, row_ptr, col_idx, out_features, k):
+    """linear_blocksparse_ref's dense weight without data-dependent shapes (so that AOT
+    autograd traces it): blocks past K, which meet no column of x, land in one spare block
+    column that the slice drops."""
+    nnz, bn, bk = blocks.shape
+    nb, kb = -(-out_features // bn), -(-k // bk)
+    rows = torch.repeat_interleave(torch.arange(nb, device=blocks.device), row_ptr[1:] - row_ptr[:-1],
+                                   output_size=nnz)
+    tiles = torch.zeros(nb, kb + 1, bn, bk, dtype=torch.float32, device=blocks.device)
+    tiles = tiles.index_put((rows, col_idx.clamp(max=kb)), blocks.float(), accumulate=True)
+    return tiles.permute(0, 2, 1, 3).reshape(nb * bn, (kb + 1) * bk)[:out_features, :k]
+
+
+def _dense_weight(name, args):
+    """The op's weight as the dense fp32 [N, K] matrix the reference multiplies by."""
+    if name in ("linear_w8a16", "linear_w8a8"):
+        return formats.dequantize_int8(args[1], args[2])
+    if name == "linear_w4a16":
+        return formats.dequantize_int4(args[1], args[2], args[3], args[4])
+    if name == "linear_sparse24":
+        return formats.decompress_2_4(args[1], args[2]).float()
+    if name == "linear_blocksparse":
+        return _blocksparse_weight(args[1], args[2], args[3], args[4], args[0].shape[-1])
+    assert name == "gemm", name
+    return args[1].float()
+
+
+def _backward(name, args, need, grad_y):
+    grads = [None] * len(args)
+    if not any(need):
+        return grads
+    x = args[0]
+    bias_i = None if name == "gemm" else len(args) - 1
+    gy = grad_y.reshape(-1, grad_y.shape[-1]).float()
+    weight_side = [i for i in range(1, len(args)) if i != bias_i and need[i]]
+    with torch.enable_grad():
+        leaves = {i: args[i].detach().requires_grad_() for i in weight_side}
+        W = _dense_weight(name, [leaves.get(i, a) for i, a in enumerate(args)])
+    if need[0]:
+        grads[0] = (gy @ W.detach()).reshape(x.shape).to(x.dtype)
+    if weight_side:
+        grad_w = gy.T @ x.reshape(-1, x.shape[-1]).float()
+        got = torch.autograd.grad(W, [leaves[i] for i in weight_side], grad_w, allow_unused=True)
+        for i, g in zip(weight_side, got):
+            grads[i] = torch.zeros_like(args[i]) if g is None else g.to(args[i].dtype)
+    if bias_i is not None and need[bias_i]:
+        grads[bias_i] = gy.sum(0).to(args[bias_i].dtype)
+    return grads
+
+
+class _OpWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, name, *args):
+        ctx.name = name
+        ctx.tensor_at = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+        ctx.others = [None if isinstance(a, torch.Tensor) else a for a in args]
+        ctx.save_for_backward(*[args[i] for i in ctx.tensor_at])
+        return getattr(torch.ops.fastkern, name).default(*args)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        args = list(ctx.others)
+        for i, t in zip(ctx.tensor_at, ctx.saved_tensors):
+            args[i] = t
+        return (None, *_backward(ctx.name, args, ctx.needs_input_grad[1:], grad_y))
+
+
+def _call_with_grad(name, args):
+    return _OpWithGrad.apply(name, *args)
+
+
+def _python_autograd_kernel(name):
+    op = getattr(torch.ops.fastkern, name).default
+
+    def kernel(*args):
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            return _call_with_grad(name, args)
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+
+    return kernel
+
+
+if _ext._C is not None:
+    _ext._C.set_autograd_hook(_call_with_grad)
+else:
+    for _spec in OPS.values():
+        _lib.impl(_spec.name, _python_autograd_kernel(_spec.name), "Autograd")
+
+
 def _public(name):
     return getattr(torch.ops.fastkern, name)
 
