@@ -76,10 +76,14 @@ def test_grads_as_reference(op, backend, dtype, gen):
     assert checked == {"gemm": 2, "linear_w8a8": 3, "linear_w8a16": 3, "linear_w4a16": 3}.get(op, 3)
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunked"])
 @pytest.mark.parametrize("op", LINEAR_OPS)
-def test_grad_of_x_only(op, gen):
+def test_grad_of_x_only(op, chunked, gen, monkeypatch):
     """Only x requires grad (frozen quantized weights, as in adapter fine-tuning): grad_x alone,
-    within the contract, and no gradient computed for anything else."""
+    within the contract, and no gradient computed for anything else. chunked: the dense weight
+    built a few rows at a time (5 rows of 64, the last chunk 4), as for a large layer."""
+    if chunked:
+        monkeypatch.setattr(ops, "_GRAD_CHUNK_ELEMS", 5 * K)
     args = make_args(op, gen, torch.float32)
     args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
     args[0].requires_grad_()
