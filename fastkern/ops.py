@@ -297,10 +297,9 @@ def linear_sparse24_ref(x, values, meta, bias):
 
 
 def linear_blocksparse_ref(x, blocks, row_ptr, col_idx, out_features, bias):
-    k = x.shape[-1]
-    kb = max(int(col_idx.max()) + 1 if col_idx.numel() else 0, -(-k // blocks.shape[2]))
-    dense = formats.blocksparse_to_dense(blocks, row_ptr, col_idx, (out_features, kb * blocks.shape[2]))
-    return _finish(x.float() @ dense[:, :k].float().T, bias, x.dtype)
+    # blocks past K (a malformed col_idx) meet no column of x: blocksparse_to_dense drops them
+    dense = formats.blocksparse_to_dense(blocks, row_ptr, col_idx, (out_features, x.shape[-1]))
+    return _finish(x.float() @ dense.float().T, bias, x.dtype)
 
 
 # ---------------------------------------------------------------------- the catalogue
@@ -552,19 +551,6 @@ for _spec in OPS.values():
 # native extension a Python kernel does the same. Second derivatives are not provided.
 
 
-def _blocksparse_weight(blocks, row_ptr, col_idx, out_features, k):
-    """linear_blocksparse_ref's dense weight without data-dependent shapes (so that AOT
-    autograd traces it): blocks past K, which meet no column of x, land in one spare block
-    column that the slice drops."""
-    nnz, bn, bk = blocks.shape
-    nb, kb = -(-out_features // bn), -(-k // bk)
-    rows = torch.repeat_interleave(torch.arange(nb, device=blocks.device), row_ptr[1:] - row_ptr[:-1],
-                                   output_size=nnz)
-    tiles = torch.zeros(nb, kb + 1, bn, bk, dtype=torch.float32, device=blocks.device)
-    tiles = tiles.index_put((rows, col_idx.clamp(max=kb)), blocks.float(), accumulate=True)
-    return tiles.permute(0, 2, 1, 3).reshape(nb * bn, (kb + 1) * bk)[:out_features, :k]
-
-
 def _dense_weight(name, args):
     """The op's weight as the dense fp32 [N, K] matrix the reference multiplies by."""
     if name in ("linear_w8a16", "linear_w8a8"):
@@ -574,7 +560,7 @@ def _dense_weight(name, args):
     if name == "linear_sparse24":
         return formats.decompress_2_4(args[1], args[2]).float()
     if name == "linear_blocksparse":
-        return _blocksparse_weight(args[1], args[2], args[3], args[4], args[0].shape[-1])
+        return formats.blocksparse_to_dense(args[1], args[2], args[3], (args[4], args[0].shape[-1])).float()
     assert name == "gemm", name
     return args[1].float()
 

@@ -139,12 +139,15 @@ def dense_to_blocksparse(w: torch.Tensor, block_size=(16, 16), mask: torch.Tenso
 
 def blocksparse_to_dense(blocks, row_ptr, col_idx, shape) -> torch.Tensor:
     """Dense [N, K] (blocks' dtype) from the block-sparse format; ``shape`` is (N, K). A block
-    listed twice in a block row (a malformed col_idx) counts twice, as in the kernels."""
+    listed twice in a block row (a malformed col_idx) counts twice, as in the kernels; a block
+    whose column lies past K is outside the matrix and dropped. No shape depends on the index
+    values, so AOT autograd traces it (the ops' backward)."""
     n, k = shape
-    _, bn, bk = blocks.shape
+    nnz, bn, bk = blocks.shape
     nb, kb = math.ceil(n / bn), math.ceil(k / bk)
-    tiles = torch.zeros(nb, kb, bn, bk, dtype=blocks.dtype, device=blocks.device)
+    # one spare block column takes the blocks past K; the slice below drops it
+    tiles = torch.zeros(nb, kb + 1, bn, bk, dtype=blocks.dtype, device=blocks.device)
     counts = row_ptr[1:] - row_ptr[:-1]
-    rows = torch.repeat_interleave(torch.arange(nb, device=blocks.device), counts)
-    tiles.index_put_((rows, col_idx.to(torch.int64)), blocks, accumulate=True)
-    return tiles.permute(0, 2, 1, 3).reshape(nb * bn, kb * bk)[:n, :k]
+    rows = torch.repeat_interleave(torch.arange(nb, device=blocks.device), counts, output_size=nnz)
+    tiles.index_put_((rows, col_idx.to(torch.int64).clamp(max=kb)), blocks, accumulate=True)
+    return tiles.permute(0, 2, 1, 3).reshape(nb * bn, (kb + 1) * bk)[:n, :k]
