@@ -63,6 +63,7 @@ pybind11::dict cpu_features() {
   d["avx512vnni"] = f.avx512vnni;
   d["avx512bf16"] = f.avx512bf16;
   d["avxvnni"] = f.avxvnni;
+  d["amx_int8"] = f.amx_int8;
   return d;
 }
 
@@ -97,6 +98,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         d["exact_gmacs"] = r.exact_gmacs;
         d["u8s8_gmacs"] = r.u8s8_gmacs;
         d["vnni_gmacs"] = r.vnni_gmacs;
+        d["amx_gmacs"] = r.amx_gmacs;
         d["threads"] = r.threads;
         d["isa"] = std::string(fastkern::cpu::isa_name(fastkern::cpu::active_isa()));
         return d;
@@ -105,7 +107,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "Measured int8 multiply-accumulate throughput (GMAC/s, every torch thread) of register-only AVX2 "
       "loops: the exact int16 mix (vpmaddwd + vpaddd) and the u8 x s8 mix (vpmaddubsw + vpmaddwd + vpaddd); "
       "0 without AVX2; and of vpdpbusd (vnni_gmacs) where the active path has it (zmm on AVX-512 with VNNI, ymm on "
-      "avx2vnni), else 0");
+      "avx2vnni), else 0; and of AMX tdpbsud on tiles (amx_gmacs) on the amx path, else 0");
   m.def(
       "read_bw",
       [](int64_t nbytes, int reps) {

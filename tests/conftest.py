@@ -97,11 +97,12 @@ def has_bf16_dot():
     return _ext._C is not None and bool(_ext._C.cpu_features().get("avx512bf16", False))
 
 
-def cpu_isas(avx2vnni=False):
+def cpu_isas(avx2vnni=False, amx=False):
     """The CPU paths as params (those this CPU cannot run are skipped with the reason).
-    avx2vnni (AVX2 + AVX-VNNI) differs from avx2 only in the int8 GEMM: the int8 tests ask for it."""
+    avx2vnni (AVX2 + AVX-VNNI) differs from avx2, and amx (AVX-512 + AMX tiles) from avx512,
+    only in the int8 GEMM: the int8 tests ask for them."""
     params = []
-    for name in ("generic", "avx2") + (("avx2vnni",) if avx2vnni else ()) + ("avx512",):
+    for name in ("generic", "avx2") + (("avx2vnni",) if avx2vnni else ()) + ("avx512",) + (("amx",) if amx else ()):
         why = isa_skip_reason(name)
         params.append(pytest.param(name, id=name, marks=[pytest.mark.skip(reason=why)] if why else []))
     return params

@@ -96,11 +96,12 @@ def test_int8_peak_probe():
     r = _ext._C.int8_peak(0.05)
     assert r["threads"] == torch.get_num_threads()
     assert r["exact_gmacs"] > 0 and r["u8s8_gmacs"] > 0
-    vnni = _ext._C.cpu_isa() == "avx512" and _ext._C.cpu_features()["avx512vnni"]
+    vnni = _ext._C.cpu_isa() in ("avx512", "amx") and _ext._C.cpu_features()["avx512vnni"]
     assert (r["vnni_gmacs"] > 0) if vnni else r["vnni_gmacs"] == 0
+    assert (r["amx_gmacs"] > 0) if _ext._C.cpu_isa() == "amx" else r["amx_gmacs"] == 0
     _ext._C.set_cpu_isa("avx2")
     try:
-        assert _ext._C.int8_peak(0.02)["vnni_gmacs"] == 0
+        assert _ext._C.int8_peak(0.02)["vnni_gmacs"] == 0 and _ext._C.int8_peak(0.02)["amx_gmacs"] == 0
         if _ext._C.cpu_features()["avxvnni"]:  # ymm vpdpbusd (32 products) on the avx2vnni path
             _ext._C.set_cpu_isa("avx2vnni")
             r = _ext._C.int8_peak(0.05)

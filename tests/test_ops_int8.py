@@ -137,7 +137,7 @@ def test_w8_scale_and_bias_dtypes(op, scale_dtype, gen):
 
 
 @NATIVE
-@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True))
+@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True, amx=True))
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 16, 17, 70])
 def test_cpu_paths_and_tails(isa, m, gen):
     # m <= 3 runs the GEMV kernels (AVX2), larger m the panel kernels (3-row tiles);
@@ -177,7 +177,7 @@ def check_int8_exact(gen, m, n, k):
 
 
 @NATIVE
-@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True))
+@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True, amx=True))
 @pytest.mark.parametrize("m", [4, 5, 16, 33, 50, 64, 130])
 def test_cpu_gemm_blocks_exact(isa, m, gen):
     # AVX-512 VNNI: GEMV up to m = 4, then x packed (+128) in blocks of 64 rows (16/32/48-row
@@ -190,7 +190,7 @@ def test_cpu_gemm_blocks_exact(isa, m, gen):
 
 
 @NATIVE
-@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True))
+@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True, amx=True))
 @pytest.mark.parametrize("m", [17, 65, 130])
 def test_w8a8_gemm_bias_in_epilogue(isa, m, gen):
     # The GEMMs add the bias as they write the output (the GEMV and small-layer paths leave it
@@ -205,7 +205,7 @@ def test_w8a8_gemm_bias_in_epilogue(isa, m, gen):
 
 
 @NATIVE
-@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True))
+@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True, amx=True))
 def test_gemm_scratch_reuse_and_oversize(isa, gen):
     # The GEMMs' temporaries come from per-thread buffers kept between calls (up to 32 MB per
     # buffer): calls that grow them, one whose packed x (8200 x 4100, ~34 MB) is served by a
@@ -230,7 +230,7 @@ def bias_in_epilogue_check(gen, m):
 
 
 @NATIVE
-@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True))
+@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True, amx=True))
 @pytest.mark.parametrize("m", [4, 5, 6, 7, 8, 12, 13, 17, 31, 64, 65])
 def test_small_m_weight_vector_tails(isa, m, gen):
     # Small layers (weights up to 1 MiB with VNNI, 4 MiB with AVX2) at 4/5 < m <= 64: the
@@ -262,7 +262,7 @@ def int8_threads_check(gen, m, n, k, min_rows=False):
 
 
 @NATIVE
-@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True))
+@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True, amx=True))
 @pytest.mark.parametrize("m", [5, 17, 64])
 def test_small_m_weight_vector_threads_and_old_tiles(isa, m, gen, monkeypatch):
     # several 64-row blocks per thread and uneven 16-row shares: 1 and 2 threads bitwise equal;
@@ -278,7 +278,7 @@ def test_small_m_weight_vector_threads_and_old_tiles(isa, m, gen, monkeypatch):
 
 
 @NATIVE
-@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True))
+@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True, amx=True))
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 8, 9, 12, 13, 16, 33, 50, 64, 65, 130])
 def test_w8a16_gemm_tiles(isa, m, gen):
     # AVX-512: up to m = 3 the streaming GEMV (1-3 rows of x, 64-wide K steps and masked
@@ -303,7 +303,7 @@ def test_w8a16_gemm_tiles(isa, m, gen):
 
 
 @NATIVE
-@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True))
+@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True, amx=True))
 @pytest.mark.parametrize("m", [1, 3, 5, 16, 40, 70])
 def test_cpu_threads_bitwise_identical(isa, m, gen):
     n, k = 301, 1030
@@ -328,6 +328,41 @@ def isa_or_skip(name):
     why = isa_skip_reason(name)
     if why:
         pytest.skip(why)
+
+
+@NATIVE
+@pytest.mark.parametrize("m", [5, 16, 17, 31, 32, 33, 48, 63, 64, 65, 97, 130])
+def test_amx_gemm_tails(m, gen, monkeypatch):
+    # The AMX GEMM (amx path; the small-layer and row GEMVs turned off so it takes every m > 4):
+    # 2 x 2 blocks of 16 x 16 tiles with a missing second weight or x tile (16/32/48/64-row
+    # blocks of x, odd 16-row groups of weight rows), weight rows past N from a zero-padded
+    # copy (n % 16), K % 64 bytes from padded copies of the weight rows and of x's last
+    # k-words (K < 64: no whole chunk), 32-row thread shares in tasks of 32-128 rows (n = 300
+    # with k = 70: three tasks); int8_gemm exact with -128, W8A8 bit-identical.
+    isa_or_skip("amx")
+    monkeypatch.setenv("FASTKERN_INT8_WV_MAX_M", "0")
+    monkeypatch.setenv("FASTKERN_INT8_ROW_MAX_M", "0")
+    with cpu_isa("amx"):
+        for n in (1, 15, 16, 17, 33, 47, 300):
+            for k in (1, 3, 63, 64, 70, 130, 4099):
+                check_int8_exact(gen, m, n, k)
+
+
+@NATIVE
+@pytest.mark.parametrize("m", [40, 130])
+def test_amx_gemm_threads_and_streamed_output(m, gen, monkeypatch):
+    # Several tasks per thread (k = 2048: 128-row tasks; n = 1000: uneven 32-row shares), 1 and
+    # 2 threads bitwise equal and exact; FASTKERN_STREAM_OUT_KB=0 streams every output of whole
+    # 64-byte lines (n % 16 == 0) with non-temporal stores, bias included.
+    isa_or_skip("amx")
+    with cpu_isa("amx"):
+        int8_threads_check(gen, m, 1000, 2048, min_rows=True)
+        monkeypatch.setenv("FASTKERN_STREAM_OUT_KB", "0")
+        int8_threads_check(gen, m, 1008, 2050)
+        x = torch.randn(m, 520, generator=gen)
+        w, s = make_w8(gen, 96, 520)
+        b = torch.randn(96, generator=gen)
+        assert torch.equal(native("linear_w8a8")(x, w, s, b), ops.linear_w8a8_ref(x, w, s, b))
 
 
 @NATIVE
@@ -546,7 +581,7 @@ def test_vnni_gemv_blocked(m, gen, monkeypatch):
 
 
 @NATIVE
-@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True))
+@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True, amx=True))
 @pytest.mark.parametrize("m", [4, 7, 12, 17, 40, 128])
 def test_gemv_row_blocks(isa, m, gen, monkeypatch):
     # GEMVs with more than one pass over the weight take each thread's rows in blocks, all
@@ -578,7 +613,7 @@ def test_gemv_row_blocks(isa, m, gen, monkeypatch):
 
 
 @NATIVE
-@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True))
+@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True, amx=True))
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 9, 17, 40])
 def test_int8_minus_128_exact_on_every_path(isa, m, gen):
     # -128 in x and in the weight (vpmaddubsw-style tricks break there; the AVX2 kernels widen
@@ -619,7 +654,7 @@ def test_avx2_panel_path_still_selectable(m, gen, monkeypatch):
 
 
 @NATIVE
-@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True))
+@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True, amx=True))
 @pytest.mark.parametrize("m", [2, 24, 64])
 def test_int8_threads_bitwise_identical_large(isa, m, gen):
     # enough weight rows for several tasks per thread and uneven thread shares, K over two
@@ -654,7 +689,7 @@ def test_nan_propagates(op, m, dtype, gen):
 
 
 @NATIVE
-@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True))
+@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True, amx=True))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_huge_activations_every_path(isa, dtype, gen):
     """|x| beyond 1e30 against ordinary weight scales: linear_w8a16's GEMVs, tiles and bf16
@@ -677,7 +712,7 @@ def test_huge_activations_every_path(isa, dtype, gen):
 
 
 @NATIVE
-@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True))
+@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True, amx=True))
 def test_w8a8_quantization_edge_rows(isa, gen):
     # an all-zero row, a row with inf, ties at .5 after division, a tiny row
     x = torch.randn(5, 50, generator=gen)
@@ -707,7 +742,7 @@ def edge_rows_x(gen, m, k):
 
 
 @NATIVE
-@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True))
+@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True, amx=True))
 @pytest.mark.parametrize("m", [21, 33, 64, 70, 130, 300])
 def test_w8a8_gemm_quantization_edge_rows(isa, m, gen, monkeypatch):
     # The GEMM paths quantize x straight into their packed layouts (AVX-512 VNNI: 16 rows at a
@@ -731,7 +766,7 @@ def test_w8a8_gemm_quantization_edge_rows(isa, m, gen, monkeypatch):
 
 
 @NATIVE
-@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True))
+@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True, amx=True))
 def test_gemm_streamed_output(isa, gen, monkeypatch):
     # Outputs beyond the caches leave the AVX-512 VNNI GEMM through non-temporal stores (rows
     # of whole aligned lines: N % 16 == 0); a 16 MiB one by default, and with the threshold at 0
@@ -816,7 +851,7 @@ def test_native_bad_inputs_int8_gemm(gen):
 
 
 @NATIVE
-@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True))
+@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True, amx=True))
 def test_int8_gemm_k_limit_is_an_error(isa):
     # -128 x -128 everywhere: K * 16384 < 2^31 up to K = 131071; past it the int32 result
     # would wrap (the op used to return the wrapped number)
@@ -832,7 +867,7 @@ def test_int8_gemm_k_limit_is_an_error(isa):
 
 
 @NATIVE
-@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True))
+@pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True, amx=True))
 def test_w8a8_k_limit_is_an_error(isa):
     # the largest int32 sum: x quantized to -127 everywhere against weights of -128, in 1, 3
     # and 64 rows (K * 127 * 128 < 2^31 up to K = 132104; a bound of K * 127^2 let it wrap and flip sign)

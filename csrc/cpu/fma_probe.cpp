@@ -80,7 +80,7 @@ struct Path {
 
 Path path_for(Isa isa) {
 #if FASTKERN_X86
-  if (isa == Isa::Avx512) return {fma_chains_avx512, int64_t{kChains} * 16 * 2};
+  if (isa >= Isa::Avx512) return {fma_chains_avx512, int64_t{kChains} * 16 * 2};
   if (isa >= Isa::Avx2) return {fma_chains_avx2, int64_t{kChains} * 8 * 2};
 #endif
   return {fma_chains_generic, int64_t{kChains} * 4 * 2};
@@ -192,11 +192,39 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) int int
 
 #endif
 
+#if FASTKERN_HAVE_AMX
+// AMX: tdpbsud on tiles in registers, the 2 x 2 block of the amx path's int8 GEMM (four 16 x 16
+// int32 accumulators, two signed and two unsigned 16 x 64-byte operands): 4 x 16384 products
+// per iteration.
+FASTKERN_AMX int int8_amx(int64_t iters) {
+  alignas(64) static const int8_t ones[16 * 64] = {};
+  alignas(64) int32_t out[16 * 16];
+  amx_begin();
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  _tile_loadd(4, ones, 64);
+  _tile_loadd(5, ones, 64);
+  _tile_loadd(6, ones, 64);
+  _tile_loadd(7, ones, 64);
+  for (int64_t i = 0; i < iters; ++i) {
+    _tile_dpbsud(0, 4, 6);
+    _tile_dpbsud(1, 4, 7);
+    _tile_dpbsud(2, 5, 6);
+    _tile_dpbsud(3, 5, 7);
+  }
+  _tile_stored(0, out, 64);
+  amx_end();
+  return out[0];
+}
+#endif
+
 }  // namespace
 
 Int8Peak measure_int8_peak(double seconds) {
   const int threads = std::max(1, at::get_num_threads());
-  Int8Peak r{0.0, 0.0, 0.0, threads, 0};
+  Int8Peak r{0.0, 0.0, 0.0, 0.0, threads, 0};
 #if FASTKERN_X86
   if (!features().avx2 || !features().fma) return r;
   std::vector<int> sink(threads, 0);
@@ -206,6 +234,10 @@ Int8Peak measure_int8_peak(double seconds) {
     r.vnni_gmacs = best_rate(int8_vnni_avx512, int64_t{1} << 14, int64_t{kChains} * 64, seconds / 2, threads, sink) * 1e-9;
   else if (active_isa() == Isa::Avx2Vnni)
     r.vnni_gmacs = best_rate(int8_vnni_avx2, int64_t{1} << 14, int64_t{kChains} * 32, seconds / 2, threads, sink) * 1e-9;
+#if FASTKERN_HAVE_AMX
+  if (active_isa() >= Isa::Amx)
+    r.amx_gmacs = best_rate(int8_amx, int64_t{1} << 12, int64_t{4} * 16384, seconds / 2, threads, sink) * 1e-9;
+#endif
   for (int v : sink) r.checksum += v;
 #else
   (void)seconds;
@@ -268,7 +300,7 @@ double measure_read_bw(int64_t nbytes, int reps) {
   const Isa isa = active_isa();
   uint64_t (*fn)(const uint8_t*, int64_t) = read_generic;
 #if FASTKERN_X86
-  if (isa == Isa::Avx512) fn = read_avx512;
+  if (isa >= Isa::Avx512) fn = read_avx512;
   else if (isa >= Isa::Avx2) fn = read_avx2;
 #endif
   constexpr int64_t kUnit = 1 << 16;  // a thread's share is whole 64 KiB units

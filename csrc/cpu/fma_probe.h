@@ -23,11 +23,14 @@ FmaPeak measure_fma_peak(double seconds);
 //   FBGEMM's AVX2 kernels, which needs activations of at most 7 bits to never saturate;
 // - vnni: vpdpbusd, what the VNNI int8 kernels run: on zmm (64 products each) where the
 //   active kernel path is AVX-512 with VNNI, on ymm (AVX-VNNI, 32) on the avx2vnni path, 0
-//   otherwise.
+//   otherwise;
+// - amx: tdpbsud on AMX tiles (16 x 16 x 64 products each), what the amx path's int8 GEMM
+//   runs, where that path is active; 0 otherwise.
 struct Int8Peak {
   double exact_gmacs;
   double u8s8_gmacs;
   double vnni_gmacs;
+  double amx_gmacs;
   int threads;
   int checksum;
 };

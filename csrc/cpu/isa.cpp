@@ -6,10 +6,35 @@
 
 #include <c10/util/Exception.h>
 
+#if defined(__linux__) && (defined(__x86_64__) || defined(_M_X64))
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace fastkern {
 namespace cpu {
 
 namespace {
+
+// AMX-TILE and AMX-INT8 (CPUID.7.0:EDX bits 24 and 25), tile state enabled in XCR0 (bits 17
+// and 18), and this process allowed to use it: Linux hands out the tile data state only on
+// request (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA, kernel 5.16+).
+bool detect_amx_int8() {
+#if defined(__linux__) && (defined(__x86_64__) || defined(_M_X64))
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  if (!((d >> 24) & 1u) || !((d >> 25) & 1u)) return false;
+  if (!__get_cpuid(1, &a, &b, &c, &d) || !((c >> 27) & 1u)) return false;  // OSXSAVE
+  unsigned lo, hi;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  if (((lo >> 17) & 3u) != 3u) return false;
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
 
 Features detect() {
   Features f;
@@ -27,6 +52,7 @@ Features detect() {
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
   f.avx512bf16 = __builtin_cpu_supports("avx512bf16");
   f.avxvnni = __builtin_cpu_supports("avxvnni");
+  f.amx_int8 = FASTKERN_HAVE_AMX && detect_amx_int8();  // no AMX kernels without the intrinsics
 #endif
 #endif
   return f;
@@ -43,12 +69,15 @@ bool supported(Isa isa) {
       return f.avx2 && f.fma && f.f16c && f.avxvnni;
     case Isa::Avx512:
       return f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq;
+    case Isa::Amx:
+      return supported(Isa::Avx512) && f.avx512vnni && f.amx_int8;
     default:
       return false;
   }
 }
 
 Isa best() {
+  if (supported(Isa::Amx)) return Isa::Amx;
   if (supported(Isa::Avx512)) return Isa::Avx512;
   if (supported(Isa::Avx2Vnni)) return Isa::Avx2Vnni;
   if (supported(Isa::Avx2)) return Isa::Avx2;
@@ -85,13 +114,37 @@ void set_isa(Isa isa) {
   current().store(static_cast<int>(isa));
 }
 
+#if FASTKERN_HAVE_AMX
+namespace {
+struct alignas(64) AmxTileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+}  // namespace
+
+FASTKERN_AMX void amx_begin() {
+  static const AmxTileConfig cfg = [] {
+    AmxTileConfig c;
+    for (int t = 0; t < 8; ++t) c.colsb[t] = 64, c.rows[t] = 16;
+    return c;
+  }();
+  _tile_loadconfig(&cfg);
+}
+
+FASTKERN_AMX void amx_end() { _tile_release(); }
+#endif
+
 Isa parse_isa(const std::string& name) {
   if (name == "auto") return Isa::Auto;
   if (name == "generic") return Isa::Generic;
   if (name == "avx2") return Isa::Avx2;
   if (name == "avx2vnni") return Isa::Avx2Vnni;
   if (name == "avx512") return Isa::Avx512;
-  TORCH_CHECK(false, "fastkern: unknown CPU path '", name, "'; expected auto, generic, avx2, avx2vnni or avx512");
+  if (name == "amx") return Isa::Amx;
+  TORCH_CHECK(false, "fastkern: unknown CPU path '", name,
+              "'; expected auto, generic, avx2, avx2vnni, avx512 or amx");
 }
 
 const char* isa_name(Isa isa) {
@@ -104,6 +157,8 @@ const char* isa_name(Isa isa) {
       return "avx2vnni";
     case Isa::Avx512:
       return "avx512";
+    case Isa::Amx:
+      return "amx";
     default:
       return "auto";
   }

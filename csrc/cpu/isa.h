@@ -3,8 +3,10 @@
 // The extension is compiled for baseline x86-64; kernels that use AVX2/FMA or
 // AVX-512 are compiled with function-level target attributes (FASTKERN_AVX2,
 // FASTKERN_AVX512) and selected with active_isa(), so one binary runs on any
-// x86-64 CPU. FASTKERN_CPU_ISA=generic|avx2|avx2vnni|avx512 (or fastkern._C.set_cpu_isa)
+// x86-64 CPU. FASTKERN_CPU_ISA=generic|avx2|avx2vnni|avx512|amx (or fastkern._C.set_cpu_isa)
 // forces a path, which is how tests cover every path this machine can run.
+// amx: the AVX-512 path plus AMX tiles (Intel Xeon from Sapphire Rapids) where a kernel has a
+// use for them: the int8 GEMM multiplies on tdpbsud.
 // avx2vnni: the AVX2 path plus AVX-VNNI (VEX vpdpbusd on ymm; Intel client cores from Alder
 // Lake, AMD Zen 5) where a kernel has a use for it; avx2 is plain AVX2 + FMA (the machine
 // kind of DESIGN's CPU targets, which `fastkern-bench --isa avx2` emulates).
@@ -21,6 +23,13 @@
 #define FASTKERN_AVXVNNI __attribute__((target("avx2,fma,f16c,avxvnni")))
 // AVX-512 with AVX512-BF16 (vdpbf16ps, vcvtne2ps2bf16): check features().avx512bf16 too
 #define FASTKERN_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11  // GCC 11: AMX intrinsics
+#define FASTKERN_HAVE_AMX 1
+#define FASTKERN_AMX \
+  __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
+#else
+#define FASTKERN_HAVE_AMX 0
+#endif
 #include <immintrin.h>
 #else
 #define FASTKERN_X86 0
@@ -28,6 +37,7 @@
 #define FASTKERN_AVX512
 #define FASTKERN_AVXVNNI
 #define FASTKERN_AVX512BF16
+#define FASTKERN_HAVE_AMX 0
 #endif
 
 namespace fastkern {
@@ -37,10 +47,13 @@ struct Features {
   bool avx = false, avx2 = false, fma = false, f16c = false;
   bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
   bool avx512vnni = false, avx512bf16 = false, avxvnni = false;
+  // AMX-TILE + AMX-INT8 on the CPU, enabled by the OS (XCR0) and granted to this process
+  // (arch_prctl ARCH_REQ_XCOMP_PERM, asked for once at detection)
+  bool amx_int8 = false;
 };
 
 // ordered: a path includes what the ones below it use (isa >= Isa::Avx2 holds for avx2vnni)
-enum class Isa { Auto = -1, Generic = 0, Avx2 = 1, Avx2Vnni = 2, Avx512 = 3 };
+enum class Isa { Auto = -1, Generic = 0, Avx2 = 1, Avx2Vnni = 2, Avx512 = 3, Amx = 4 };
 
 const Features& features();
 // The best path this CPU supports, or the forced one.
@@ -56,6 +69,14 @@ inline int64_t env_knob(const char* name, int64_t fallback) {
   const char* e = std::getenv(name);
   return e && *e ? std::atoll(e) : fallback;
 }
+
+#if FASTKERN_HAVE_AMX
+// Loads the tile configuration the AMX kernels use: all eight tiles 16 rows x 64 bytes. The
+// configuration and the tile state are per thread: a thread loads it before its first tile
+// instruction and releases the state (amx_end) when done.
+FASTKERN_AMX void amx_begin();
+FASTKERN_AMX void amx_end();
+#endif
 
 #if FASTKERN_X86
 // acc += pairwise bf16 products of a and b (fp32 lanes), in place: GCC otherwise copies an

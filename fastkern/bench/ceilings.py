@@ -182,7 +182,7 @@ def fma_peak_measured(min_run_time: float):
 
 
 def int8_peak_measured(min_run_time: float):
-    """({exact_gmacs, u8s8_gmacs, vnni_gmacs, threads}, note) of fastkern._C.int8_peak, or (None, why)."""
+    """({exact_gmacs, u8s8_gmacs, vnni_gmacs, amx_gmacs, threads}, note) of fastkern._C.int8_peak, or (None, why)."""
     probe, why = _native_probe("int8_peak")
     if probe is None:
         return None, why
@@ -190,6 +190,8 @@ def int8_peak_measured(min_run_time: float):
     if not r["exact_gmacs"]:
         return None, "this CPU has no AVX2"
     vnni = "" if not r.get("vnni_gmacs") else " and AVX-VNNI" if r.get("isa") == "avx2vnni" else " and AVX-512 VNNI"
+    if r.get("amx_gmacs"):
+        vnni += " and AMX tile"
     return dict(r), "register-only AVX2%s loops, %d threads" % (vnni, r["threads"])
 
 
@@ -210,7 +212,7 @@ def remeasure_peaks(ceilings: dict, results: list, min_run_time: float) -> None:
     i8, _ = int8_peak_measured(min_run_time) if old else (None, None)
     if i8:
         merged = dict(old)
-        for k in ("exact_gmacs", "u8s8_gmacs", "vnni_gmacs"):
+        for k in ("exact_gmacs", "u8s8_gmacs", "vnni_gmacs", "amx_gmacs"):
             if (i8.get(k) or 0) > (old.get(k) or 0):
                 merged[k] = i8[k]
         if merged != old:

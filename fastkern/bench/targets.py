@@ -112,7 +112,7 @@ def row_ceiling(result: dict, t: Target, e: dict) -> dict:
     floor time is the larger of its bytes at the read bandwidth of its own time window and its
     work at the compute rate the run measured for that kind of kernel (W4A16 M=1: the kernel's
     compute rate in GB/s; int8 products: the exact int16 mix's GMAC/s on the AVX2 path,
-    vpdpbusd's on the AVX-512 VNNI and avx2vnni paths; fp32
+    vpdpbusd's on the AVX-512 VNNI and avx2vnni paths, AMX tdpbsud's on the amx path's GEMMs; fp32
     GEMM: the FMA peak). A speedup target allows the peer's time over that floor, a %BW target
     the bandwidth's share of it. {"ceiling", "ceiling_bound"}: ceiling None where the run has
     no measurement for it (GPU runs, or an int8 product on a path no probe covers)."""
@@ -132,6 +132,8 @@ def row_ceiling(result: dict, t: Target, e: dict) -> dict:
         i8 = c.get("int8_peak") or {}
         if c.get("cpu_isa") == "avx2" and i8.get("exact_gmacs"):
             floors["compute"] = e["flops"] / 2 / (i8["exact_gmacs"] * 1e6)
+        elif c.get("cpu_isa") == "amx" and i8.get("amx_gmacs") and e["m"] > 1:
+            floors["compute"] = e["flops"] / 2 / (i8["amx_gmacs"] * 1e6)
         elif c.get("cpu_isa") != "avx2" and i8.get("vnni_gmacs"):
             floors["compute"] = e["flops"] / 2 / (i8["vnni_gmacs"] * 1e6)
         elif e["m"] > 1:
