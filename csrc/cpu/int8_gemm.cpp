@@ -427,31 +427,33 @@ void gemm_vnni_rows(const int8_t* Ap, const int8_t* W, int64_t K, int64_t k40, i
 // The same transposed product as the VNNI GEMM (CT[n][m] = sum_k w[n][k] (x[m][k] + 128),
 // less 128 sum_k w[n][k]) on AMX tiles: tdpbsud multiplies a signed tile by an unsigned one,
 // 16 x 64 bytes each, into 16 x 16 int32 (exact, wrapping as vpdpbusd does). The signed tile
-// is 16 weight rows read in place (row stride K); the unsigned one is 16 k-words of a
-// pack_x_vnni block of x (16 x rows of 4 bytes each), so x is packed as for the VNNI GEMM.
-// Eight tile registers hold a 2 x 2 block of 16 x 16 outputs (32 weight rows x 32 rows of x),
-// its two weight tiles and two x tiles. Bytes past K come from zero-padded copies: the last
-// 64 bytes of every weight row, whole weight rows past N, and the last k-words of x.
+// is 16 weight rows x 64 bytes of k, read in place (row stride K); the unsigned one is 16
+// k-words of a pack_x_vnni block of x (16 x rows of 4 bytes each, row stride 4 x the block's
+// width), so x is packed as for the VNNI GEMM. Bytes past K and weight rows past N come from
+// zero-padded copies: the last K % 64 bytes of each 16 weight rows and the last k-words of x
+// as tiles of their own, a last group of fewer than 16 weight rows whole. Eight tile
+// registers hold a 2 x 2 block of 16 x 16 outputs (32 weight rows x 32 rows of x), its two
+// weight tiles and two x tiles.
 #if FASTKERN_HAVE_AMX
-// One tile operand: 16 rows of 64 bytes per k-chunk, chunk c at p + c * step (row stride ld);
-// the chunk past the last whole one (K % 64 bytes, zero-padded) at tail (row stride 64).
+// One tile operand: 16 rows of 64 bytes per k-chunk, chunk c at p + c * step (row stride ld),
+// the chunk past the last whole one at tail (row stride 64).
 struct AmxOperand {
   const int8_t* p;
   int64_t ld, step;
   const int8_t* tail;
 };
 
-// CT for weight tiles a0, a1 against x tiles b0, b1 over `chunks` whole k-chunks (and the
-// tails where tail is set): the four 16 x 16 blocks to c + (16 i) ldc + 16 j (ldc in int32);
+// Weight tiles a0, a1 against x tiles b0, b1 over all of K (`whole` 64-byte chunks, then the
+// tails where `tail`), into the four 16 x 16 blocks at c + (16 i) ldc + 16 j (ldc in int32);
 // a missing second operand repeats the first, and its blocks are not stored.
-FASTKERN_AMX void amx_block(const AmxOperand& a0, const AmxOperand& a1, const AmxOperand& b0, const AmxOperand& b1,
-                            int64_t chunks, bool tail, int32_t* c, int64_t ldc, bool two_a, bool two_b) {
+FASTKERN_AMX void amx_block(const AmxOperand& a0, const AmxOperand& a1, const AmxOperand& b0, const AmxOperand& b1, int64_t whole, bool tail,
+                            int32_t* c, int64_t ldc, bool two_a, bool two_b) {
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
   _tile_zero(3);
   const int8_t *pa0 = a0.p, *pa1 = a1.p, *pb0 = b0.p, *pb1 = b1.p;
-  for (int64_t i = 0; i < chunks; ++i) {
+  for (int64_t i = 0; i < whole; ++i) {
     _tile_loadd(4, pa0, a0.ld);
     _tile_loadd(6, pb0, b0.ld);
     _tile_dpbsud(0, 4, 6);
@@ -462,7 +464,7 @@ FASTKERN_AMX void amx_block(const AmxOperand& a0, const AmxOperand& a1, const Am
     _tile_dpbsud(3, 5, 7);
     pa0 += a0.step, pa1 += a1.step, pb0 += b0.step, pb1 += b1.step;
   }
-  if (tail) {
+  if (tail) {  // the chunk past the whole ones
     _tile_loadd(4, a0.tail, 64);
     _tile_loadd(6, b0.tail, 64);
     _tile_dpbsud(0, 4, 6);
@@ -475,10 +477,36 @@ FASTKERN_AMX void amx_block(const AmxOperand& a0, const AmxOperand& a1, const Am
   const int64_t ldb = ldc * 4;
   _tile_stored(0, c, ldb);
   if (two_b) _tile_stored(1, c + 16, ldb);
-  if (two_a) {
-    _tile_stored(2, c + 16 * ldc, ldb);
-    if (two_b) _tile_stored(3, c + 16 * ldc + 16, ldb);
+  if (two_a) _tile_stored(2, c + 16 * ldc, ldb);
+  if (two_a && two_b) _tile_stored(3, c + 16 * ldc + 16, ldb);
+}
+
+// Weight rows [n0, n1) (at most 16) as tiles of 16 rows x 64 bytes, chunk c at wt + 1024 c,
+// zero past n1 and past K.
+FASTKERN_AVX512 void pack_w_amx(const int8_t* W, int64_t K, int64_t n0, int64_t n1, int8_t* wt) {
+  const int64_t chunks = (K + 63) / 64;
+  for (int64_t r = 0; r < 16; ++r) {
+    const int8_t* src = W + (n0 + r) * K;
+    int8_t* dst = wt + 64 * r;
+    if (n0 + r >= n1) {
+      for (int64_t c = 0; c < chunks; ++c) _mm512_storeu_si512(dst + 1024 * c, _mm512_setzero_si512());
+      continue;
+    }
+    int64_t c = 0;
+    for (; 64 * c + 64 <= K; ++c) _mm512_storeu_si512(dst + 1024 * c, _mm512_loadu_si512(src + 64 * c));
+    if (c < chunks) {
+      const __mmask64 m = (~__mmask64(0)) >> (64 - (K - 64 * c));
+      _mm512_storeu_si512(dst + 1024 * c, _mm512_maskz_loadu_epi8(m, src + 64 * c));
+    }
   }
+}
+
+// The last K % 64 bytes of weight rows [n0, n0 + 16) as one tile (zero past K).
+FASTKERN_AVX512 void pack_w_tail_amx(const int8_t* W, int64_t K, int64_t n0, int8_t* t) {
+  const int64_t whole = K / 64;
+  const __mmask64 m = (~__mmask64(0)) >> (64 - (K - 64 * whole));
+  for (int64_t r = 0; r < 16; ++r)
+    _mm512_storeu_si512(t + 64 * r, _mm512_maskz_loadu_epi8(m, W + (n0 + r) * K + 64 * whole));
 }
 #endif
 
@@ -954,79 +982,79 @@ void gemm_vnni_packed(const int32_t* ap, int64_t M, const int8_t* W, int64_t N, 
 
 #if FASTKERN_HAVE_AMX
 // Weight rows per AMX task: a multiple of 32 (the 2 x 2 tile blocks), about 256 KB of weights
-// (in L2 from the row sums on, while every block of x meets them).
+// (in L2 from their row sums to the task's last block).
 int64_t amx_task_rows(int64_t K) {
-  return std::max<int64_t>(32, std::min<int64_t>(128, (256 * 1024 / std::max<int64_t>(K, 1)) / 32 * 32));
+  return std::max<int64_t>(32, std::min<int64_t>(128, (256 * 1024 / round_up(std::max<int64_t>(K, 1), 64)) / 32 * 32));
 }
+// Rows of x per pass over a task's weight rows (the pass's products, at most nb x 256 int32,
+// in the thread's buffer until the epilogue writes them out).
+constexpr int64_t kAmxMRows = 256;
 
 // gemm_vnni_packed on AMX tiles (amx_block): each thread takes a run of 32-row units and goes
-// through it in tasks of amx_task_rows(K) weight rows; each block of 64 rows of x meets a
-// task's rows over all of K, in 2 x 2 tile blocks, and its products go out from the thread's
-// nb x 64 buffer through the VNNI GEMM's epilogue (finish_vnni_block).
+// through it in tasks of amx_task_rows(K) weight rows (their row sums first, which also pulls
+// them into L2). Within a task, for each pass of up to kAmxMRows rows of x, each pair of 16
+// weight rows meets the pass's rows, 32 at a time, over all of K, into the thread's buffer,
+// which the VNNI GEMM's epilogue (finish_vnni_block) then writes out.
 void gemm_amx_packed(const int32_t* ap, int64_t M, const int8_t* W, int64_t N, int64_t K, const VnniOut& o) {
-  const int64_t K4 = (K + 3) / 4, Mp = round_up(M, 16), nmb = (M + 63) / 64;
-  const int64_t chunks = K / 64, kt = K % 64, Kp = round_up(K, 64);
-  // the k-words of x past the whole chunks, per 16 rows of x: 16 words a row, zero past K4
-  std::vector<int32_t> xtail(kt ? size_t(Mp) * 16 : 0, 0);
-  for (int64_t m16 = 0; kt && m16 < Mp; m16 += 16) {
+  const int64_t K4 = (K + 3) / 4, Mp = round_up(M, 16), chunks = (K + 63) / 64, whole = K / 64;
+  // the k-words of x past the whole chunks, per 16 rows of x: a tile of 16 words a row, zero
+  // past K4
+  std::vector<int32_t> xtail(whole < chunks ? size_t(Mp) * 16 : 0, 0);
+  for (int64_t m16 = 0; whole < chunks && m16 < Mp; m16 += 16) {
     const int64_t m0 = m16 / 64 * 64, w = std::min<int64_t>(64, Mp - m0);
-    for (int64_t k4 = chunks * 16; k4 < K4; ++k4)
-      std::memcpy(&xtail[size_t(m16 * 16 + (k4 - chunks * 16) * 16)], ap + m0 * K4 + k4 * w + (m16 - m0), 64);
+    for (int64_t k4 = whole * 16; k4 < K4; ++k4)
+      std::memcpy(&xtail[size_t(m16 * 16 + (k4 - whole * 16) * 16)], ap + m0 * K4 + k4 * w + (m16 - m0), 64);
+  }
+  std::vector<AmxOperand> xs(Mp / 16);
+  for (int64_t v = 0; v < Mp / 16; ++v) {
+    const int64_t m0 = v / 4 * 64, w = std::min<int64_t>(64, Mp - m0);
+    xs[v] = AmxOperand{reinterpret_cast<const int8_t*>(ap + m0 * K4) + 64 * (v % 4), 4 * w, 64 * w,
+                       reinterpret_cast<const int8_t*>(xtail.data() + 16 * 16 * v)};
   }
   Scratch wst(ScratchSlot::Small, size_t(N) * 4);
   int32_t* corr = wst.as<int32_t>();
-  const int64_t nb = amx_task_rows(K);
+  const int64_t nb = amx_task_rows(K), mr = std::min(Mp, kAmxMRows);
   VnniOut os = o;
   os.stream = stream_out(o, M, N);
   parallel_rows(N, 32, 1, [&](int64_t r0, int64_t r1) {
-    Scratch cts(ScratchSlot::Worker0, size_t(nb * 64) * 4);
+    Scratch cts(ScratchSlot::Worker0, size_t(nb * mr) * 4);
     int32_t* ct = cts.as<int32_t>();
-    // per 16 weight rows of a task: the last K % 64 bytes of each row (16 x 64), and one
-    // zero-padded copy of a last group of fewer than 16 rows (16 x Kp)
-    Scratch sts(ScratchSlot::Worker1, size_t(nb / 16) * 16 * 64 + size_t(16) * Kp);
-    int8_t* wtail = sts.as<int8_t>();
-    int8_t* wrows = wtail + (nb / 16) * 16 * 64;
-    std::vector<AmxOperand> wops(nb / 16), xops(4);
+    // per 16 weight rows, their tail chunk (1 KB); then one last group of fewer than 16 rows
+    Scratch wts(ScratchSlot::Worker1, size_t(nb / 16) * 1024 + size_t(chunks) * 1024);
+    int8_t* wt = wts.as<int8_t>();
+    int8_t* wlast = wt + (nb / 16) * 1024;
+    std::vector<AmxOperand> wa(nb / 16);
     amx_begin();
     for (int64_t n0 = r0; n0 < r1; n0 += nb) {
       const int64_t n1 = std::min(r1, n0 + nb), groups = (n1 - n0 + 15) / 16;
       row_sums_vnni(W, K, n0, n1, corr + n0);
       for (int64_t n = n0; n < n1; ++n) corr[n] = int32_t(128u * uint32_t(corr[n]));
       for (int64_t g = 0; g < groups; ++g) {
-        const int64_t n = n0 + 16 * g, rows = std::min<int64_t>(16, n1 - n);
-        const int8_t* src = W + n * K;
-        int64_t ld = K;
-        if (rows < 16) {
-          std::memset(wrows, 0, size_t(16) * Kp);
-          for (int64_t r = 0; r < rows; ++r) std::memcpy(wrows + r * Kp, W + (n + r) * K, K);
-          src = wrows, ld = Kp;
+        const int64_t n = n0 + 16 * g;
+        if (n + 16 > n1) {  // tiles of their own, zero past n1 and K
+          pack_w_amx(W, K, n, n1, wlast);
+          wa[g] = AmxOperand{wlast, 64, 1024, wlast + 1024 * whole};
+        } else {  // whole chunks in place, the tail chunk from a tile of its own
+          int8_t* t = wt + g * 1024;
+          if (whole < chunks) pack_w_tail_amx(W, K, n, t);
+          wa[g] = AmxOperand{W + n * K, K, 64, t};
         }
-        int8_t* t = wtail + g * 16 * 64;
-        if (kt) {
-          std::memset(t, 0, 16 * 64);
-          for (int64_t r = 0; r < rows; ++r) std::memcpy(t + r * 64, src + r * ld + chunks * 64, kt);
-        }
-        wops[g] = AmxOperand{src, ld, 64, t};
       }
-      for (int64_t mb = 0; mb < nmb; ++mb) {
-        const int64_t m0 = mb * 64, w = std::min<int64_t>(64, Mp - m0), vm = w / 16;
-        const int8_t* a = reinterpret_cast<const int8_t*>(ap + m0 * K4);
-        for (int64_t v = 0; v < vm; ++v)
-          xops[v] = AmxOperand{a + 64 * v, 4 * w, 16 * 4 * w,
-                               reinterpret_cast<const int8_t*>(xtail.data() + (m0 + 16 * v) * 16)};
-        if (!os.stream) prefetch_out_vnni(o, N, m0, std::min(M, m0 + 64), n0, n1);
+      for (int64_t p0 = 0; p0 < Mp; p0 += mr) {
+        const int64_t v0 = p0 / 16, v1 = std::min(Mp, p0 + mr) / 16;
         for (int64_t g = 0; g < groups; g += 2) {
           const bool two_a = g + 1 < groups;
-          for (int64_t v = 0; v < vm; v += 2) {
-            const bool two_b = v + 1 < vm;
-            amx_block(wops[g], wops[two_a ? g + 1 : g], xops[v], xops[two_b ? v + 1 : v], chunks, kt != 0,
-                      ct + g * 16 * 64 + 16 * v, 64, two_a, two_b);
+          for (int64_t v = v0; v < v1; v += 2) {
+            const bool two_b = v + 1 < v1;
+            amx_block(wa[g], wa[two_a ? g + 1 : g], xs[v], xs[two_b ? v + 1 : v], whole, whole < chunks,
+                      ct + g * 16 * mr + 16 * (v - v0), mr, two_a, two_b);
           }
         }
-        for (int64_t nb16 = n0 / 16 * 16; nb16 < n1; nb16 += 16) {
-          const int64_t lo = std::max(n0, nb16), hi = std::min(n1, nb16 + 16);
-          for (int64_t m = m0; m < std::min(M, m0 + 64); m += 16)
-            finish_vnni_block(ct + (lo - n0) * 64 + (m - m0), 64, corr, M, N, m, nb16, lo - nb16, hi - nb16, os);
+        for (int64_t m = p0; m < std::min(M, p0 + mr); m += 16) {
+          if (!os.stream && (m - p0) % 64 == 0) prefetch_out_vnni(o, N, m, std::min(M, m + 64), n0, n1);
+          for (int64_t nb16 = n0; nb16 < n1; nb16 += 16)
+            finish_vnni_block(ct + (nb16 - n0) * mr + (m - p0), mr, corr, M, N, m, nb16, 0,
+                              std::min<int64_t>(16, n1 - nb16), os);
         }
       }
     }
