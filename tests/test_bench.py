@@ -311,10 +311,10 @@ def test_cpu_peers_compute_the_same_product(peer):
         case = shapes.Case("linear_w4a16", n, k, m, "bf16")
         ref = ops.linear_w4a16_ref(impl.x, *op_weight_args(case, w)).float()
         tol = 1e-2
-    elif peer.short in ("int8pack", "fbgemm"):
+    elif peer.short in ("int8pack", "fbgemm", "onednn"):
         q, s = formats.quantize_int8(w)
         ref = x32 @ formats.dequantize_int8(q, s).T
-        tol = 1e-2 if peer.short == "int8pack" else 3e-2  # fbgemm also quantizes x (uint8, reduced range)
+        tol = 1e-2 if peer.short == "int8pack" else 3e-2  # fbgemm / onednn also quantize x (uint8)
     else:
         ref = x32 @ w.T
         tol = 1e-5 if peer.short == "fp32" else 1e-2
@@ -325,6 +325,7 @@ def test_cpu_peers_compute_the_same_product(peer):
 def test_peer_selection():
     assert {p.short for p in peers_for("linear_w4a16", "cpu")} == {"fp32", "bf16", "fbgemm", "int8pack", "int4pack"}
     assert {p.short for p in peers_for("linear_sparse24", "cpu")} == {"fp32", "bf16"}
+    assert {p.short for p in peers_for("linear_w8a8", "cpu")} == {"fp32", "bf16", "fbgemm", "int8pack", "onednn"}
     assert {p.short for p in peers_for("linear_w8a8", "cuda")} == {"fp16", "bf16", "_int_mm"}
     assert [p.short for p in peers_for("linear_w4a16", "cpu", ["int4pack"])] == ["int4pack"]
 

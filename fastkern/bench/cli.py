@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--backends", help="comma list of fastkern backends to time (default: cpu on CPU; cuda,triton on GPU; "
                                       "'reference' times the plain-torch specification)")
-    p.add_argument("--peers", help="comma list of peers to time (short names: fp32,bf16,fbgemm,int8pack,int4pack,"
+    p.add_argument("--peers", help="comma list of peers to time (short names: fp32,bf16,fbgemm,onednn,int8pack,int4pack,"
                                    "_int_mm,fp16,cusparselt); default all")
     p.add_argument("--no-peers", action="store_true", help="time fastkern only (no speedups)")
     p.add_argument("--dtypes", help="activation dtypes, comma list of fp32,fp16,bf16 (default: fp32 on CPU, "

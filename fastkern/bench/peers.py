@@ -4,7 +4,7 @@ Each peer is built from the same float weight as the fastkern op it is compared 
 A peer that cannot run a shape (or is missing from this torch build) raises
 ``PeerUnavailable`` with the reason; the harness reports the reason instead of a time.
 
-CPU: F.linear fp32 and bf16, FBGEMM dynamic int8 (torch.ao dynamic Linear),
+CPU: F.linear fp32 and bf16, FBGEMM and oneDNN dynamic int8 (torch.ao dynamic Linear),
 torch._weight_int8pack_mm, torch._weight_int4pack_mm_for_cpu (bf16 activations,
 its fast path). GPU: cuBLAS fp16/bf16 (F.linear), torch._int_mm,
 torch._weight_int4pack_mm, 2:4 semi-structured sparsity (cuSPARSELt / CUTLASS).
@@ -109,10 +109,20 @@ def _linear_call(x, state):
     return F.linear(x, state[0])
 
 
-def _fbgemm_build(w):
+def _dynamic_int8_build(engine):
+    """torch.ao's dynamic int8 Linear with its weight packed by quantized engine ``engine``
+    (fbgemm: FBGEMM's AVX2 / AVX-512 kernels; onednn: oneDNN's, AMX where the CPU has it)."""
+
+    def build(w):
+        return _dynamic_int8_packed(w, engine)
+
+    return build
+
+
+def _dynamic_int8_packed(w, engine):
     n, k = w.shape
     q, s = formats.quantize_int8(w)
-    with _quant_engine("fbgemm"), warnings.catch_warnings():
+    with _quant_engine(engine), warnings.catch_warnings():
         # torch marks its quantized tensor types deprecated; they are still the API of this peer
         warnings.simplefilter("ignore")
         import torch.ao.nn.quantized.dynamic as nnqd
@@ -123,7 +133,7 @@ def _fbgemm_build(w):
     return (lin, n * k + 8 * n)  # int8 weight + per-channel scale and column offsets
 
 
-def _fbgemm_call(x, state):
+def _dynamic_int8_call(x, state):
     return state[0](x)
 
 
@@ -177,7 +187,11 @@ CPU_PEERS = [
     PeerSpec("F.linear bf16", "bf16", "cpu", ("gemm",) + LINEAR_FAMILY, torch.bfloat16,
              _linear_build(torch.bfloat16), _linear_call),
     PeerSpec("FBGEMM dynamic int8", "fbgemm", "cpu", ("int8_gemm",) + QUANT_FAMILY, torch.float32,
-             _fbgemm_build, _fbgemm_call, clone=None, weight_bytes=lambda st: st[1]),
+             _dynamic_int8_build("fbgemm"), _dynamic_int8_call, clone=None, weight_bytes=lambda st: st[1]),
+    # the same module packed for oneDNN, which multiplies on AMX tiles where the CPU has them
+    # (Intel Xeon from Sapphire Rapids): the peer of fastkern's amx path, W8A8 only
+    PeerSpec("oneDNN dynamic int8", "onednn", "cpu", ("int8_gemm", "linear_w8a8"), torch.float32,
+             _dynamic_int8_build("onednn"), _dynamic_int8_call, clone=None, weight_bytes=lambda st: st[1]),
     PeerSpec("torch int8pack (bf16)", "int8pack", "cpu", QUANT_FAMILY, torch.bfloat16,
              _int8pack_build, _int8pack_call),
     PeerSpec("torch int4pack (bf16)", "int4pack", "cpu", ("linear_w4a16",), torch.bfloat16,
