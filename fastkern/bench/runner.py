@@ -26,7 +26,8 @@ from fastkern.bench.impls import CopyPool, Impl, fastkern_impl, fastkern_pool
 from fastkern.bench.inputs import make_activation, make_weight, tensor_bytes
 from fastkern.bench.peers import PeerSpec, PeerUnavailable, peers_for
 from fastkern.bench.shapes import Case, group_by_weight
-from fastkern.bench.timing import Rotator, Timing, copies_needed, time_interleaved
+from fastkern.bench.timing import (MAX_ROTATION_BYTES, Rotator, Timing, copies_needed, rotation_cap,
+                                   time_interleaved)
 
 SCHEMA = "fastkern-bench/1"
 
@@ -175,12 +176,13 @@ def _rel_err(out: torch.Tensor, ref: Optional[torch.Tensor]) -> Optional[float]:
     return (out.double() - ref).norm().item() / denom if denom > 0 else None
 
 
-def prepare(impl: Impl, device: str, llc: int, cfg: RunConfig, ref: Optional[torch.Tensor] = None):
-    """Weight copies, one call (its output gives the error), and the rotator to time;
-    returns (the entry's fields known before timing, rotator)."""
+def prepare(impl: Impl, device: str, llc: int, cfg: RunConfig, ref: Optional[torch.Tensor] = None,
+            max_bytes: int = MAX_ROTATION_BYTES):
+    """Weight copies (at most max_bytes of them), one call (its output gives the error), and the
+    rotator to time; returns (the entry's fields known before timing, rotator)."""
     first = impl.pool.get(0)
     copy_bytes = impl.weight_bytes(first)
-    ncopies = copies_needed(copy_bytes, llc, cfg.max_copies)
+    ncopies = copies_needed(copy_bytes, llc, cfg.max_copies, max_bytes)
     copies = [impl.pool.get(i) for i in range(ncopies)]
     with impl.context():
         out = impl.call(impl.x, first)
@@ -266,6 +268,7 @@ def run_benchmark(cases: Sequence[Case], cfg: RunConfig, *, argv=None,
             x32 = make_activation(m, k, torch.float32, cfg.seed + 1, device)
             refs[(n, k, m)] = x32 @ w.T
         entries, timed = [], []  # timed: (entry, info, rotator, op for the roofline)
+        cap = rotation_cap(len(group), device)
         for task in group:
             if on_task:
                 on_task(done, len(tasks), task.label)
@@ -278,7 +281,7 @@ def run_benchmark(cases: Sequence[Case], cfg: RunConfig, *, argv=None,
             try:
                 impl = _make_impl(task, w, device, cfg, pools, entry)
                 if impl is not None:
-                    info, rot = prepare(impl, device, llc, cfg, refs.get((n, k, m)))
+                    info, rot = prepare(impl, device, llc, cfg, refs.get((n, k, m)), cap)
                     timed.append((entry, info, rot, task.case.op if task.kind == "fastkern" else _peer_op(task)))
             except PeerUnavailable as e:
                 entry.update(status="skipped", reason=str(e))

@@ -28,13 +28,43 @@ LLC_FACTOR = 4
 MAX_ROTATION_BYTES = 2 << 30
 
 
-def copies_needed(copy_bytes: int, llc_bytes: int, max_copies: int = 64) -> int:
-    """Copies whose total is >= LLC_FACTOR x the LLC; at least 2, so no call re-reads the previous call's weights."""
+# the weight copies of one problem (every implementation timed in it) together take at most
+# this share of the memory available when it is prepared
+ROTATION_MEMORY_SHARE = 0.5
+
+
+def copies_needed(copy_bytes: int, llc_bytes: int, max_copies: int = 64,
+                  max_bytes: int = MAX_ROTATION_BYTES) -> int:
+    """Copies whose total is >= LLC_FACTOR x the LLC, within max_bytes; at least 2, so no call
+    re-reads the previous call's weights."""
     if copy_bytes <= 0:
         return 2
     want = math.ceil(LLC_FACTOR * llc_bytes / copy_bytes)
-    cap = max(2, MAX_ROTATION_BYTES // copy_bytes)
+    cap = max(2, min(MAX_ROTATION_BYTES, max_bytes) // copy_bytes)
     return int(max(2, min(want, cap, max_copies)))
+
+
+def available_memory_bytes() -> Optional[int]:
+    """MemAvailable of /proc/meminfo (Linux), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def rotation_cap(implementations: int, device: str) -> int:
+    """Bytes of weight copies each of ``implementations`` timed together may hold: on the CPU,
+    ROTATION_MEMORY_SHARE of the available memory split among them (a CPU with an LLC of
+    hundreds of MB would otherwise ask for LLC_FACTOR x that per implementation, more than the
+    machine has), and never more than MAX_ROTATION_BYTES."""
+    avail = available_memory_bytes() if device == "cpu" else None
+    if avail is None:
+        return MAX_ROTATION_BYTES
+    return int(min(MAX_ROTATION_BYTES, ROTATION_MEMORY_SHARE * avail / max(1, implementations)))
 
 
 class Rotator:
