@@ -29,8 +29,8 @@ MAX_ROTATION_BYTES = 2 << 30
 
 
 # the weight copies of one problem (every implementation timed in it) together take at most
-# this share of the memory available when it is prepared
-ROTATION_MEMORY_SHARE = 0.5
+# this share of the machine's memory (and half of what is available when it is prepared)
+ROTATION_MEMORY_SHARE = 0.3
 
 
 def copies_needed(copy_bytes: int, llc_bytes: int, max_copies: int = 64,
@@ -44,27 +44,35 @@ def copies_needed(copy_bytes: int, llc_bytes: int, max_copies: int = 64,
     return int(max(2, min(want, cap, max_copies)))
 
 
-def available_memory_bytes() -> Optional[int]:
-    """MemAvailable of /proc/meminfo (Linux), or None."""
+def _meminfo(key: str) -> Optional[int]:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return None
 
 
+def available_memory_bytes() -> Optional[int]:
+    """What the copies may take: ROTATION_MEMORY_SHARE of MemTotal, at most half of
+    MemAvailable (Linux /proc/meminfo), or None where unknown."""
+    total, avail = _meminfo("MemTotal"), _meminfo("MemAvailable")
+    if total is None or avail is None:
+        return None
+    return int(min(ROTATION_MEMORY_SHARE * total, 0.5 * avail))
+
+
 def rotation_cap(implementations: int, device: str) -> int:
     """Bytes of weight copies each of ``implementations`` timed together may hold: on the CPU,
-    ROTATION_MEMORY_SHARE of the available memory split among them (a CPU with an LLC of
-    hundreds of MB would otherwise ask for LLC_FACTOR x that per implementation, more than the
-    machine has), and never more than MAX_ROTATION_BYTES."""
+    available_memory_bytes() split among them (a CPU with an LLC of hundreds of MB would
+    otherwise ask for LLC_FACTOR x that per implementation, more than the machine has), and
+    never more than MAX_ROTATION_BYTES."""
     avail = available_memory_bytes() if device == "cpu" else None
     if avail is None:
         return MAX_ROTATION_BYTES
-    return int(min(MAX_ROTATION_BYTES, ROTATION_MEMORY_SHARE * avail / max(1, implementations)))
+    return int(min(MAX_ROTATION_BYTES, avail / max(1, implementations)))
 
 
 class Rotator:
