@@ -305,7 +305,7 @@ def test_rotation_fits_the_memory(monkeypatch):
     llc = 480 << 20
     assert copies_needed(64 << 20, llc) * (64 << 20) >= 4 * llc  # unbounded: ~1.9 GB each
     info = {"MemTotal": 80 << 30, "MemAvailable": 16 << 30}
-    monkeypatch.setattr(timing, "_meminfo", info.get)
+    monkeypatch.setattr(timing, "meminfo_bytes", info.get)
     assert timing.available_memory_bytes() == 8 << 30
     info["MemTotal"] = 20 << 30
     assert timing.available_memory_bytes() == 6 << 30
@@ -319,6 +319,22 @@ def test_rotation_fits_the_memory(monkeypatch):
     assert timing.rotation_cap(8, "cuda") == timing.MAX_ROTATION_BYTES
     monkeypatch.setattr(timing, "available_memory_bytes", lambda: None)
     assert timing.rotation_cap(8, "cpu") == timing.MAX_ROTATION_BYTES
+
+
+def test_bandwidth_probe_fits_the_memory(monkeypatch):
+    # 16 x a 480 MiB LLC (7.5 GiB, alive for the whole run) is now a tenth of the memory, never
+    # under 2 x the LLC; ordinary LLCs keep 16 x, at least 256 MiB
+    from fastkern.bench import ceilings
+
+    info = {"MemTotal": 23 << 30}
+    monkeypatch.setattr(ceilings, "meminfo_bytes", info.get)
+    assert ceilings.cpu_probe_bytes(480 << 20) == (23 << 30) // 10
+    assert ceilings.cpu_probe_bytes(32 << 20) == 512 << 20
+    assert ceilings.cpu_probe_bytes(8 << 20) == 256 << 20
+    info["MemTotal"] = 4 << 30
+    assert ceilings.cpu_probe_bytes(480 << 20) == 960 << 20
+    info.clear()
+    assert ceilings.cpu_probe_bytes(480 << 20) == 16 * (480 << 20)
 
 
 @pytest.mark.parametrize("peer", CPU_PEERS, ids=lambda p: p.short)

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from fastkern.bench.shapes import DTYPES
-from fastkern.bench.timing import Rotator, time_rotator
+from fastkern.bench.timing import Rotator, meminfo_bytes, time_rotator
 
 
 def _parse_size(text: str) -> Optional[int]:
@@ -251,12 +251,24 @@ def w4a16_compute_gbs(min_run_time: float, dtype: str = "fp32"):
     return nbytes / (ms * 1e-3) / 1e9, "%dx%d g%d M=1 %s, %s path, weight in the LLC" % (n, k, g, dtype, probe())
 
 
+def cpu_probe_bytes(llc: int) -> int:
+    """The CPU bandwidth probe's array (kept for the whole run, which times it in every problem):
+    16 x the LLC, at least 256 MiB, but no more than a tenth of the machine's memory where the
+    LLC is huge (480 MiB: 16 x that took a third of a 23 GB host), and never under 2 x the
+    LLC, which a streaming read cannot keep in cache."""
+    want = max(256 << 20, 16 * llc)
+    total = meminfo_bytes("MemTotal")
+    if total is None:
+        return want
+    return int(min(want, max(2 * llc, total // 10)))
+
+
 def measure_ceilings(device: str, *, bw_bytes: Optional[int] = None, peak_n: Optional[int] = None,
                      min_run_time: float = 0.3) -> dict:
     """Ceilings for the % columns: read_bw_gbs and matmul_gflops[dtype] (+ llc_bytes, FMA estimate)."""
     llc = llc_bytes(device)
     if bw_bytes is None:
-        bw_bytes = max(256 << 20, 16 * llc) if device == "cpu" else max(1 << 30, 32 * llc)
+        bw_bytes = cpu_probe_bytes(llc) if device == "cpu" else max(1 << 30, 32 * llc)
     c = {"device": device, "llc_bytes": llc, "threads": torch.get_num_threads(), "bw_array_bytes": int(bw_bytes)}
     c["read_bw_gbs"] = c["read_bw_gbs_sum"] = read_bandwidth(device, bw_bytes, min_run_time)
     if device == "cpu":

@@ -317,7 +317,7 @@ def run_benchmark(cases: Sequence[Case], cfg: RunConfig, *, argv=None,
             if "status" not in entry:  # prepared, never timed: the run was stopped
                 entry.update(status="skipped", reason="interrupted")
         results.extend(entries)
-        timed = None
+        timed = rots = None  # the group's weight copies go with its rotators
     probe = None
 
     if cfg.measure_ceilings and ceilings.get("read_bw_gbs") and not interrupted:

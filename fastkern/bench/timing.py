@@ -44,7 +44,8 @@ def copies_needed(copy_bytes: int, llc_bytes: int, max_copies: int = 64,
     return int(max(2, min(want, cap, max_copies)))
 
 
-def _meminfo(key: str) -> Optional[int]:
+def meminfo_bytes(key: str) -> Optional[int]:
+    """A size field of /proc/meminfo (MemTotal, MemAvailable, ...) in bytes, or None."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -58,7 +59,7 @@ def _meminfo(key: str) -> Optional[int]:
 def available_memory_bytes() -> Optional[int]:
     """What the copies may take: ROTATION_MEMORY_SHARE of MemTotal, at most half of
     MemAvailable (Linux /proc/meminfo), or None where unknown."""
-    total, avail = _meminfo("MemTotal"), _meminfo("MemAvailable")
+    total, avail = meminfo_bytes("MemTotal"), meminfo_bytes("MemAvailable")
     if total is None or avail is None:
         return None
     return int(min(ROTATION_MEMORY_SHARE * total, 0.5 * avail))
