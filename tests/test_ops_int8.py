@@ -337,8 +337,9 @@ def test_amx_gemm_tails(m, gen, monkeypatch):
     # 2 x 2 blocks of 16 x 16 tiles with a missing second weight or x tile (16/32/48/64-row
     # blocks of x, odd 16-row groups of weight rows), weight rows past N from a zero-padded
     # copy (n % 16), K % 64 bytes from padded copies of the weight rows and of x's last
-    # k-words (K < 64: no whole chunk), 32-row thread shares in tasks of 32-128 rows (n = 300
-    # with k = 70: three tasks); int8_gemm exact with -128, W8A8 bit-identical.
+    # k-words (K < 64: no whole chunk; k = 4099: a second K block holding only that tail),
+    # 32-row thread shares in tasks of 64 rows (n = 300: five); int8_gemm exact with -128,
+    # W8A8 bit-identical.
     isa_or_skip("amx")
     monkeypatch.setenv("FASTKERN_INT8_WV_MAX_M", "0")
     monkeypatch.setenv("FASTKERN_INT8_ROW_MAX_M", "0")
@@ -349,14 +350,17 @@ def test_amx_gemm_tails(m, gen, monkeypatch):
 
 
 @NATIVE
-@pytest.mark.parametrize("m", [40, 130])
+@pytest.mark.parametrize("m", [40, 300])
 def test_amx_gemm_threads_and_streamed_output(m, gen, monkeypatch):
-    # Several tasks per thread (k = 2048: 128-row tasks; n = 1000: uneven 32-row shares), 1 and
-    # 2 threads bitwise equal and exact; FASTKERN_STREAM_OUT_KB=0 streams every output of whole
-    # 64-byte lines (n % 16 == 0) with non-temporal stores, bias included.
+    # Several tasks per thread (n = 1000: uneven 32-row shares of 64-row tasks), three K
+    # blocks of 4 KB accumulated (k = 8250, its last one partial with a tail), passes of 256
+    # rows of x (m = 300), 1 and 2 threads bitwise equal and exact; FASTKERN_STREAM_OUT_KB=0
+    # streams every output of whole 64-byte lines (n % 16 == 0) with non-temporal stores,
+    # bias included.
     isa_or_skip("amx")
     with cpu_isa("amx"):
         int8_threads_check(gen, m, 1000, 2048, min_rows=True)
+        int8_threads_check(gen, m, 200, 8250)
         monkeypatch.setenv("FASTKERN_STREAM_OUT_KB", "0")
         int8_threads_check(gen, m, 1008, 2050)
         x = torch.randn(m, 520, generator=gen)

@@ -443,17 +443,29 @@ struct AmxOperand {
   const int8_t* tail;
 };
 
-// Weight tiles a0, a1 against x tiles b0, b1 over all of K (`whole` 64-byte chunks, then the
-// tails where `tail`), into the four 16 x 16 blocks at c + (16 i) ldc + 16 j (ldc in int32);
-// a missing second operand repeats the first, and its blocks are not stored.
-FASTKERN_AMX void amx_block(const AmxOperand& a0, const AmxOperand& a1, const AmxOperand& b0, const AmxOperand& b1, int64_t whole, bool tail,
-                            int32_t* c, int64_t ldc, bool two_a, bool two_b) {
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
-  const int8_t *pa0 = a0.p, *pa1 = a1.p, *pb0 = b0.p, *pb1 = b1.p;
-  for (int64_t i = 0; i < whole; ++i) {
+// Chunks [c0, c1) of weight tiles a0, a1 against x tiles b0, b1 (`whole` 64-byte chunks in
+// place, the one past them from the operands' tails), added to the four 16 x 16 blocks at c +
+// (16 i) ldc + 16 j (ldc in int32), which are loaded first where acc; a missing second operand
+// repeats the first, and its blocks are neither loaded nor stored.
+FASTKERN_AMX void amx_block(const AmxOperand& a0, const AmxOperand& a1, const AmxOperand& b0, const AmxOperand& b1,
+                            int64_t c0, int64_t c1, int64_t whole, int32_t* c, int64_t ldc, bool acc, bool two_a,
+                            bool two_b) {
+  const int64_t ldb = ldc * 4;
+  if (acc) {
+    _tile_loadd(0, c, ldb);
+    if (two_b) _tile_loadd(1, c + 16, ldb);
+    if (two_a) _tile_loadd(2, c + 16 * ldc, ldb);
+    if (two_a && two_b) _tile_loadd(3, c + 16 * ldc + 16, ldb);
+  } else {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  const int64_t cw = std::min(c1, whole);
+  const int8_t *pa0 = a0.p + c0 * a0.step, *pa1 = a1.p + c0 * a1.step;
+  const int8_t *pb0 = b0.p + c0 * b0.step, *pb1 = b1.p + c0 * b1.step;
+  for (int64_t i = c0; i < cw; ++i) {
     _tile_loadd(4, pa0, a0.ld);
     _tile_loadd(6, pb0, b0.ld);
     _tile_dpbsud(0, 4, 6);
@@ -464,7 +476,7 @@ FASTKERN_AMX void amx_block(const AmxOperand& a0, const AmxOperand& a1, const Am
     _tile_dpbsud(3, 5, 7);
     pa0 += a0.step, pa1 += a1.step, pb0 += b0.step, pb1 += b1.step;
   }
-  if (tail) {  // the chunk past the whole ones
+  if (cw < c1) {  // the chunk past the whole ones
     _tile_loadd(4, a0.tail, 64);
     _tile_loadd(6, b0.tail, 64);
     _tile_dpbsud(0, 4, 6);
@@ -474,7 +486,6 @@ FASTKERN_AMX void amx_block(const AmxOperand& a0, const AmxOperand& a1, const Am
     _tile_dpbsud(2, 5, 6);
     _tile_dpbsud(3, 5, 7);
   }
-  const int64_t ldb = ldc * 4;
   _tile_stored(0, c, ldb);
   if (two_b) _tile_stored(1, c + 16, ldb);
   if (two_a) _tile_stored(2, c + 16 * ldc, ldb);
@@ -981,20 +992,23 @@ void gemm_vnni_packed(const int32_t* ap, int64_t M, const int8_t* W, int64_t N, 
 }
 
 #if FASTKERN_HAVE_AMX
-// Weight rows per AMX task: a multiple of 32 (the 2 x 2 tile blocks), about 256 KB of weights
-// (in L2 from their row sums to the task's last block).
-int64_t amx_task_rows(int64_t K) {
-  return std::max<int64_t>(32, std::min<int64_t>(128, (256 * 1024 / round_up(std::max<int64_t>(K, 1), 64)) / 32 * 32));
-}
-// Rows of x per pass over a task's weight rows (the pass's products, at most nb x 256 int32,
-// in the thread's buffer until the epilogue writes them out).
+// Weight rows per AMX task (a multiple of 32, for the 2 x 2 tile blocks), rows of x per pass
+// over them (their products, 64 x 256 int32 = 64 KB, stay in the thread's buffer while the K
+// blocks accumulate), and 64-byte chunks of k per K block: a pass's x (256 x 4 KB) and the
+// task's weight rows (64 x 4 KB) of one K block stay in L2 while its 2 x 2 blocks run. Against
+// 32 / 128 weight rows and K blocks of 2 KB or all of K, measured in one process (2 threads,
+// W8A8, weights beyond the LLC): 4096 x 14336 M = 256 10.96 ms against 10.56-13.15, M = 64
+// 4.03 against 4.00-4.50; 4096 x 4096 M = 64 / 256 1.03 / 2.48 against 1.04-1.13 / 2.48-2.71;
+// 11008 x 4096 M = 256 6.46 against 6.40-6.69.
+constexpr int64_t kAmxTaskRows = 64;
 constexpr int64_t kAmxMRows = 256;
+constexpr int64_t kAmxKChunks = 64;
 
 // gemm_vnni_packed on AMX tiles (amx_block): each thread takes a run of 32-row units and goes
-// through it in tasks of amx_task_rows(K) weight rows (their row sums first, which also pulls
-// them into L2). Within a task, for each pass of up to kAmxMRows rows of x, each pair of 16
-// weight rows meets the pass's rows, 32 at a time, over all of K, into the thread's buffer,
-// which the VNNI GEMM's epilogue (finish_vnni_block) then writes out.
+// through it in tasks of kAmxTaskRows weight rows (their row sums first). Within a task, for
+// each pass of up to kAmxMRows rows of x, per K block of kAmxKChunks chunks, each pair of 16
+// weight rows meets the pass's rows, 32 at a time, accumulating in the thread's buffer, which
+// the VNNI GEMM's epilogue (finish_vnni_block) writes out once K is done.
 void gemm_amx_packed(const int32_t* ap, int64_t M, const int8_t* W, int64_t N, int64_t K, const VnniOut& o) {
   const int64_t K4 = (K + 3) / 4, Mp = round_up(M, 16), chunks = (K + 63) / 64, whole = K / 64;
   // the k-words of x past the whole chunks, per 16 rows of x: a tile of 16 words a row, zero
@@ -1013,7 +1027,7 @@ void gemm_amx_packed(const int32_t* ap, int64_t M, const int8_t* W, int64_t N, i
   }
   Scratch wst(ScratchSlot::Small, size_t(N) * 4);
   int32_t* corr = wst.as<int32_t>();
-  const int64_t nb = amx_task_rows(K), mr = std::min(Mp, kAmxMRows);
+  const int64_t nb = kAmxTaskRows, mr = std::min(Mp, kAmxMRows);
   VnniOut os = o;
   os.stream = stream_out(o, M, N);
   parallel_rows(N, 32, 1, [&](int64_t r0, int64_t r1) {
@@ -1042,12 +1056,15 @@ void gemm_amx_packed(const int32_t* ap, int64_t M, const int8_t* W, int64_t N, i
       }
       for (int64_t p0 = 0; p0 < Mp; p0 += mr) {
         const int64_t v0 = p0 / 16, v1 = std::min(Mp, p0 + mr) / 16;
-        for (int64_t g = 0; g < groups; g += 2) {
-          const bool two_a = g + 1 < groups;
-          for (int64_t v = v0; v < v1; v += 2) {
-            const bool two_b = v + 1 < v1;
-            amx_block(wa[g], wa[two_a ? g + 1 : g], xs[v], xs[two_b ? v + 1 : v], whole, whole < chunks,
-                      ct + g * 16 * mr + 16 * (v - v0), mr, two_a, two_b);
+        for (int64_t c0 = 0; c0 < chunks; c0 += kAmxKChunks) {
+          const int64_t c1 = std::min(chunks, c0 + kAmxKChunks);
+          for (int64_t g = 0; g < groups; g += 2) {
+            const bool two_a = g + 1 < groups;
+            for (int64_t v = v0; v < v1; v += 2) {
+              const bool two_b = v + 1 < v1;
+              amx_block(wa[g], wa[two_a ? g + 1 : g], xs[v], xs[two_b ? v + 1 : v], c0, c1, whole,
+                        ct + g * 16 * mr + 16 * (v - v0), mr, c0 > 0, two_a, two_b);
+            }
           }
         }
         for (int64_t m = p0; m < std::min(M, p0 + mr); m += 16) {
