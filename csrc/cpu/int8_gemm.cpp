@@ -804,9 +804,15 @@ constexpr int64_t kVnniRowPass = 8;             // rows of x per pass (gemv_vnni
 constexpr int64_t kVnniRowXBytes = 32 << 10;    // x of a pass whole in L1 up to this
 // whether `rows` rows of x (whole 64-byte vectors) fit L1 unsplit in gemv_vnni_blocked
 bool row_x_whole(int64_t rows, int64_t K) { return rows * round_up(K, 64) <= kVnniRowXBytes; }
+// On the amx path the AMX GEMM takes over from M = 9, the band included (2 threads, W8A8,
+// weights beyond the LLC, one process, alternating; row GEMV / AMX GEMM ms): 4096 x 4096 M = 8
+// 0.71 / 0.81, M = 9 0.87 / 0.87, M = 10 0.89 / 0.85, M = 12 0.92 / 0.84, M = 20 1.16 / 0.86;
+// 11008 x 4096 M = 8 1.74 / 2.09, M = 9 2.11 / 2.09, M = 12 2.31 / 2.12, M = 20 3.00 / 2.19.
+constexpr int64_t kAmxRowMaxM = 8;
 bool row_gemv_takes(int64_t M, int64_t K) {
   const char* e = std::getenv("FASTKERN_INT8_ROW_MAX_M");
   if (e && *e) return M <= std::min(kVnniRowMaxMCap, std::max<int64_t>(0, std::atoll(e)));
+  if (active_isa() >= Isa::Amx) return M <= kAmxRowMaxM;
   return M <= kVnniRowMaxM ||
          (M >= kVnniRowBandLo && M <= kVnniRowBandHi && row_x_whole(kVnniRowPass, K));
 }
@@ -2245,6 +2251,11 @@ bool use_wv(bool vnni, int64_t M, int64_t N, int64_t K) {
   // 384, 1536 x 384, 384 x 1536, 3072 x 768, 768 x 3072: M = 4..7 the GEMV 1.6-2.7x, M >= 8
   // the GEMM 1.4-2.4x)
   if (!vnni && use_vnni256()) return false;
+  // on the amx path the AMX GEMM wins from M = 9 on every small layer measured (2 threads, W8A8,
+  // us, weight-vector kernels / AMX GEMM): 384 x 384 M = 16 / 32 / 64 18 / 15, 25 / 19, 38 /
+  // 27; 1536 x 384 34 / 24, 59 / 32, 87 / 50; 768 x 768 39 / 24, 32 / 32, 53 / 53; 384 x 1536
+  // 40 / 28, 43 / 42, 58 / 58; at M = 8 they win on three of four (384 x 384 14 against 17)
+  if (vnni && active_isa() >= Isa::Amx && M > kAmxRowMaxM) return false;
   const int64_t min_m = vnni ? kVnniGemvMaxM + 1 : kGemvMaxM + 1;
   // VNNI with K in several blocks (384 x 1536): from M = 32 the tiles above were as fast with 2
   // threads and 1.2-1.4x faster with one (weights in L3 or DRAM; in L2 these kernels won)
