@@ -197,17 +197,17 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) int int
 // int32 accumulators, two signed and two unsigned 16 x 64-byte operands): 4 x 16384 products
 // per iteration.
 FASTKERN_AMX int int8_amx(int64_t iters) {
-  alignas(64) static const int8_t ones[16 * 64] = {};
+  alignas(64) static const int8_t zeros[16 * 64] = {};
   alignas(64) int32_t out[16 * 16];
   amx_begin();
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
   _tile_zero(3);
-  _tile_loadd(4, ones, 64);
-  _tile_loadd(5, ones, 64);
-  _tile_loadd(6, ones, 64);
-  _tile_loadd(7, ones, 64);
+  _tile_loadd(4, zeros, 64);
+  _tile_loadd(5, zeros, 64);
+  _tile_loadd(6, zeros, 64);
+  _tile_loadd(7, zeros, 64);
   for (int64_t i = 0; i < iters; ++i) {
     _tile_dpbsud(0, 4, 6);
     _tile_dpbsud(1, 4, 7);
