@@ -17,7 +17,8 @@
 // FASTKERN_INT8_AVX2=panel, for A/B timing; it is also what the generic path runs. With
 // AVX-512 VNNI the integer product (int8_gemm, linear_w8a8) runs on vpdpbusd instead: a
 // GEMV for M <= 4, GEMV tiles of several weight rows up to M = 12 where K <= 4096, and a
-// transposed-tile GEMM above (section "AVX-512 VNNI"). W8A16 with AVX-512 runs an fp32 GEMV
+// transposed-tile GEMM above (section "AVX-512 VNNI"); on the amx path the GEMM runs on AMX
+// tiles from M = 9, small layers included (section "AMX"). W8A16 with AVX-512 runs an fp32 GEMV
 // up to M = 3, GEMV tiles to M = 24 (12 for bf16 x with AVX512-BF16) and fp32 / vdpbf16ps
 // GEMMs above. On small layers
 // (BERT/MiniLM-sized weights) at small M both ISAs run weight-vector kernels instead (section
