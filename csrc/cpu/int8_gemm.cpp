@@ -358,6 +358,13 @@ FASTKERN_VNNI512 void row_sums_vnni(const int8_t* W, int64_t K, int64_t n0, int6
   }
 }
 
+// 128 sum_k w[n][k] of rows [n0, n1), wrapping as the products do: what the GEMMs on x + 128
+// (VNNI, AMX) subtract from each of row n's sums
+void vnni_corrections(const int8_t* W, int64_t K, int64_t n0, int64_t n1, int32_t* out) {
+  row_sums_vnni(W, K, n0, n1, out);
+  for (int64_t n = 0; n < n1 - n0; ++n) out[n] = int32_t(128u * uint32_t(out[n]));
+}
+
 // GEMM tile, transposed: CT[n + j][16 v + lane] for NR weight rows and VM vectors of 16
 // x rows. x is packed per block of 16 VM rows as [K/4][16 VM][4 bytes] of x + 128 (zero
 // rows past M, zero bytes past K), so one 64-byte load holds 4 k of 16 rows; 4 weight
@@ -493,32 +500,17 @@ FASTKERN_AMX void amx_block(const AmxOperand& a0, const AmxOperand& a1, const Am
   if (two_a && two_b) _tile_stored(3, c + 16 * ldc + 16, ldb);
 }
 
-// Weight rows [n0, n1) (at most 16) as tiles of 16 rows x 64 bytes, chunk c at wt + 1024 c,
-// zero past n1 and past K.
-FASTKERN_AVX512 void pack_w_amx(const int8_t* W, int64_t K, int64_t n0, int64_t n1, int8_t* wt) {
+// Chunks [c0, ceil(K / 64)) of weight rows [n0, n1) (at most 16) as tiles of 16 rows x 64
+// bytes, chunk c at wt + 1024 (c - c0), zero past n1 and past K.
+FASTKERN_AVX512 void pack_w_amx(const int8_t* W, int64_t K, int64_t n0, int64_t n1, int64_t c0, int8_t* wt) {
   const int64_t chunks = (K + 63) / 64;
-  for (int64_t r = 0; r < 16; ++r) {
-    const int8_t* src = W + (n0 + r) * K;
-    int8_t* dst = wt + 64 * r;
-    if (n0 + r >= n1) {
-      for (int64_t c = 0; c < chunks; ++c) _mm512_storeu_si512(dst + 1024 * c, _mm512_setzero_si512());
-      continue;
-    }
-    int64_t c = 0;
-    for (; 64 * c + 64 <= K; ++c) _mm512_storeu_si512(dst + 1024 * c, _mm512_loadu_si512(src + 64 * c));
-    if (c < chunks) {
-      const __mmask64 m = (~__mmask64(0)) >> (64 - (K - 64 * c));
-      _mm512_storeu_si512(dst + 1024 * c, _mm512_maskz_loadu_epi8(m, src + 64 * c));
-    }
-  }
-}
-
-// The last K % 64 bytes of weight rows [n0, n0 + 16) as one tile (zero past K).
-FASTKERN_AVX512 void pack_w_tail_amx(const int8_t* W, int64_t K, int64_t n0, int8_t* t) {
-  const int64_t whole = K / 64;
-  const __mmask64 m = (~__mmask64(0)) >> (64 - (K - 64 * whole));
   for (int64_t r = 0; r < 16; ++r)
-    _mm512_storeu_si512(t + 64 * r, _mm512_maskz_loadu_epi8(m, W + (n0 + r) * K + 64 * whole));
+    for (int64_t c = c0; c < chunks; ++c) {
+      const int64_t bytes = n0 + r < n1 ? std::min<int64_t>(64, K - 64 * c) : 0;
+      const __mmask64 m = bytes ? (~__mmask64(0)) >> (64 - bytes) : 0;
+      const int8_t* src = bytes ? W + (n0 + r) * K + 64 * c : W;  // no address past the rows
+      _mm512_storeu_si512(wt + 1024 * (c - c0) + 64 * r, _mm512_maskz_loadu_epi8(m, src));
+    }
 }
 #endif
 
@@ -970,8 +962,7 @@ void gemm_vnni_packed(const int32_t* ap, int64_t M, const int8_t* W, int64_t N, 
       // spread over this task's tile calls: nmb x K blocks of them
       const int64_t nkb = (K4 + kVnniKC / 4 - 1) / (kVnniKC / 4);
       const int64_t share = ((pf_end - pf) + nmb * nkb - 1) / (nmb * nkb);
-      row_sums_vnni(W, K, n0, n1, corr + n0);
-      for (int64_t n = n0; n < n1; ++n) corr[n] = int32_t(128u * uint32_t(corr[n]));
+      vnni_corrections(W, K, n0, n1, corr + n0);
       for (int64_t mb = 0; mb < nmb; ++mb) {
         const int64_t m0 = mb * 64, vm = std::min<int64_t>(64, Mp - m0) / 16;
         const int8_t* a = reinterpret_cast<const int8_t*>(ap + m0 * K4);
@@ -1048,16 +1039,15 @@ void gemm_amx_packed(const int32_t* ap, int64_t M, const int8_t* W, int64_t N, i
     amx_begin();
     for (int64_t n0 = r0; n0 < r1; n0 += nb) {
       const int64_t n1 = std::min(r1, n0 + nb), groups = (n1 - n0 + 15) / 16;
-      row_sums_vnni(W, K, n0, n1, corr + n0);
-      for (int64_t n = n0; n < n1; ++n) corr[n] = int32_t(128u * uint32_t(corr[n]));
+      vnni_corrections(W, K, n0, n1, corr + n0);
       for (int64_t g = 0; g < groups; ++g) {
         const int64_t n = n0 + 16 * g;
         if (n + 16 > n1) {  // tiles of their own, zero past n1 and K
-          pack_w_amx(W, K, n, n1, wlast);
+          pack_w_amx(W, K, n, n1, 0, wlast);
           wa[g] = AmxOperand{wlast, 64, 1024, wlast + 1024 * whole};
         } else {  // whole chunks in place, the tail chunk from a tile of its own
           int8_t* t = wt + g * 1024;
-          if (whole < chunks) pack_w_tail_amx(W, K, n, t);
+          if (whole < chunks) pack_w_amx(W, K, n, n + 16, whole, t);
           wa[g] = AmxOperand{W + n * K, K, 64, t};
         }
       }

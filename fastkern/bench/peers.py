@@ -114,23 +114,19 @@ def _dynamic_int8_build(engine):
     (fbgemm: FBGEMM's AVX2 / AVX-512 kernels; onednn: oneDNN's, AMX where the CPU has it)."""
 
     def build(w):
-        return _dynamic_int8_packed(w, engine)
+        n, k = w.shape
+        q, s = formats.quantize_int8(w)
+        with _quant_engine(engine), warnings.catch_warnings():
+            # torch marks its quantized tensor types deprecated; they are still the API of this peer
+            warnings.simplefilter("ignore")
+            import torch.ao.nn.quantized.dynamic as nnqd
+
+            qw = torch._make_per_channel_quantized_tensor(q, s.double(), torch.zeros(n, dtype=torch.long), 0)
+            lin = nnqd.Linear(k, n, bias_=False, dtype=torch.qint8)
+            lin.set_weight_bias(qw, None)
+        return (lin, n * k + 8 * n)  # int8 weight + per-channel scale and column offsets
 
     return build
-
-
-def _dynamic_int8_packed(w, engine):
-    n, k = w.shape
-    q, s = formats.quantize_int8(w)
-    with _quant_engine(engine), warnings.catch_warnings():
-        # torch marks its quantized tensor types deprecated; they are still the API of this peer
-        warnings.simplefilter("ignore")
-        import torch.ao.nn.quantized.dynamic as nnqd
-
-        qw = torch._make_per_channel_quantized_tensor(q, s.double(), torch.zeros(n, dtype=torch.long), 0)
-        lin = nnqd.Linear(k, n, bias_=False, dtype=torch.qint8)
-        lin.set_weight_bias(qw, None)
-    return (lin, n * k + 8 * n)  # int8 weight + per-channel scale and column offsets
 
 
 def _dynamic_int8_call(x, state):
