@@ -447,6 +447,37 @@ def test_blocksparse_same_result_for_1_and_2_threads(gen, m):
 
 
 @needs_cpubs
+@pytest.mark.parametrize("isa", cpu_isas(), indirect=True)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("block", [(16, 16), (4, 8), (13, 3)], ids=lambda b: "%dx%d" % b)
+def test_blocksparse_long_block_rows(gen, isa, dtype, block):
+    """Larger M with block rows of tens to hundreds of blocks, in any column order: the
+    kernel takes a block row's blocks in groups sized for the L1 and carries every sum from
+    one group to the next, prefetching each next block's slice of x. Rows of 0 to all the
+    blocks (an empty row gives the bias), M tiles and their tails; 1 = 2 threads."""
+    bn, bk = block
+    k = bk * 97 + 5
+    for m in (5, 9, 40, 70):
+        w = torch.randn(4 * bn + 3, k, generator=gen)
+        w[bn:2 * bn] = 0  # an empty block row
+        w[2 * bn:3 * bn] += 1  # a full one
+        mask = formats.prune_blocks(w, block, 0.6)
+        mask[2 * bn:3 * bn] = True
+        blocks, row_ptr, col_idx = formats.dense_to_blocksparse(w, block, mask)
+        perm = torch.cat([torch.randperm(int(e - s), generator=gen) + s for s, e in zip(row_ptr[:-1], row_ptr[1:])])
+        blocks, col_idx = blocks[perm].to(dtype).contiguous(), col_idx[perm].contiguous()
+        n = w.shape[0]
+        x = torch.randn(m, k, generator=gen).to(dtype)
+        b = torch.randn(n, generator=gen)
+        out = torch.ops.fastkern_C.linear_blocksparse(x, blocks, row_ptr, col_idx, n, b)
+        dense = formats.blocksparse_to_dense(blocks, row_ptr, col_idx, (n, k))
+        assert_close_elementwise(out, x, dense, b, dtype)
+        assert torch.equal(out[:, bn:2 * bn], b[bn:2 * bn].to(dtype).expand(m, bn))
+        one, two = on_1_and_2_threads(torch.ops.fastkern_C.linear_blocksparse, x, blocks, row_ptr, col_idx, n, b)
+        assert torch.equal(one, two)
+
+
+@needs_cpubs
 @pytest.mark.skipif(not HAS_BF16_DOT, reason="the bf16 block-sparse pair tiles need a CPU with AVX512-BF16")
 @pytest.mark.parametrize("block", [(16, 16), (6, 8), (1, 32), (24, 8), (3, 2)], ids=lambda b: "%dx%d" % b)
 def test_blocksparse_bf16_pair_tiles(gen, block):

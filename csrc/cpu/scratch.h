@@ -1,6 +1,11 @@
 // Scratch memory for the temporaries of an op call (quantized and packed activations,
 // product buffers), kept by each thread from one call to the next.
 //
+// Buffers from kScratchHugeBytes on are 2 MiB aligned and advised as transparent huge pages
+// (Linux): kernels that read such a buffer at scattered places (block-sparse x slices) stop
+// missing the TLB on most of their reads (the 90%-sparse 4096 x 11008 M = 256 product:
+// 26.4 -> 22.5 ms).
+//
 // A fresh allocation of a few MB is mapped by the kernel one zeroed 4 KiB page at a time
 // on first touch and unmapped again when it is freed, on every call: linear_w8a8 at
 // M = 4096, 384 x 384 took ~4400 page faults per call (perf stat), more time than its
@@ -18,6 +23,10 @@
 #include <cstdint>
 #include <cstdlib>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 namespace fastkern {
 namespace cpu {
 
@@ -27,6 +36,8 @@ enum class ScratchSlot : int { XQuant = 0, XPack, Small, Scale, Out, Worker0, Wo
 
 constexpr size_t kScratchKeepBytes = size_t(32) << 20;
 constexpr size_t kScratchAlign = 64;
+constexpr size_t kHugePage = size_t(2) << 20;
+constexpr size_t kScratchHugeBytes = size_t(4) << 20;
 
 class Scratch {
  public:
@@ -80,8 +91,14 @@ class Scratch {
     return t;
   }
   static void* alloc(size_t bytes) {
-    void* p = std::aligned_alloc(kScratchAlign, bytes);
+    const bool huge = bytes >= kScratchHugeBytes;
+    const size_t align = huge ? kHugePage : kScratchAlign;
+    if (huge) bytes = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+    void* p = std::aligned_alloc(align, bytes);
     TORCH_CHECK(p != nullptr, "fastkern: out of memory allocating ", bytes, " bytes of scratch");
+#ifdef MADV_HUGEPAGE
+    if (huge) madvise(p, bytes, MADV_HUGEPAGE);
+#endif
     return p;
   }
 
