@@ -12,7 +12,8 @@
 // linear_blocksparse(x, blocks [nnzb, bn, bk], row_ptr [ceil(N/bn)+1], col_idx [nnzb], N, bias?)
 //   Empty blocks cost nothing: every kernel walks the CSR lists only. M <= 4:
 //   dot products along k over whole blocks; larger M: register tiles of weight
-//   rows x columns of M over x^T, weights broadcast straight from the blocks.
+//   rows x columns of M over x transposed into panels of the tile's columns,
+//   weights broadcast straight from the blocks, the next block's x slice prefetched.
 #include <torch/library.h>
 
 #include <atomic>
