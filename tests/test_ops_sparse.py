@@ -450,22 +450,33 @@ def test_blocksparse_same_result_for_1_and_2_threads(gen, m):
 @pytest.mark.parametrize("isa", cpu_isas(), indirect=True)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("block", [(16, 16), (4, 8), (13, 3)], ids=lambda b: "%dx%d" % b)
-def test_blocksparse_long_block_rows(gen, isa, dtype, block):
-    """Larger M with block rows of tens to hundreds of blocks, in any column order: the
-    kernel takes a block row's blocks in groups sized for the L1 and carries every sum from
-    one group to the next, prefetching each next block's slice of x. Rows of 0 to all the
-    blocks (an empty row gives the bias), M tiles and their tails; 1 = 2 threads."""
+@pytest.mark.parametrize("chunk_kb", [None, "1", "6"], ids=["chunk-default", "chunk-1kb", "chunk-6kb"])
+def test_blocksparse_long_block_rows(gen, isa, dtype, block, chunk_kb, monkeypatch):
+    """Larger M with block rows of tens to hundreds of blocks: the kernel takes a block
+    row's blocks in groups sized for the L1 and carries every sum from one group to the
+    next, prefetching each next block's slice of x; with the blocks of each row in column
+    order, K in chunks (FASTKERN_BS_CHUNK_KB: 1 KB = one block column per chunk) whose sums
+    wait between chunks, M in passes of 256 rows; in any other order one pass over K. Rows
+    of 0 to all the blocks (an empty row gives the bias), rows whose blocks all sit in the
+    last chunk, M tiles and their tails; 1 = 2 threads."""
+    if chunk_kb is not None:
+        monkeypatch.setenv("FASTKERN_BS_CHUNK_KB", chunk_kb)
     bn, bk = block
     k = bk * 97 + 5
-    for m in (5, 9, 40, 70):
-        w = torch.randn(4 * bn + 3, k, generator=gen)
+    for m, shuffle in ((5, False), (9, True), (40, False), (70, True), (70, False), (300, False)):
+        w = torch.randn(5 * bn + 3, k, generator=gen)
         w[bn:2 * bn] = 0  # an empty block row
         w[2 * bn:3 * bn] += 1  # a full one
+        w[3 * bn:4 * bn, : k - 2 * bk] = 0  # blocks in the last two block columns only
         mask = formats.prune_blocks(w, block, 0.6)
         mask[2 * bn:3 * bn] = True
+        mask[3 * bn:4 * bn] = w[3 * bn:4 * bn] != 0
         blocks, row_ptr, col_idx = formats.dense_to_blocksparse(w, block, mask)
-        perm = torch.cat([torch.randperm(int(e - s), generator=gen) + s for s, e in zip(row_ptr[:-1], row_ptr[1:])])
-        blocks, col_idx = blocks[perm].to(dtype).contiguous(), col_idx[perm].contiguous()
+        if shuffle:
+            perm = torch.cat([torch.randperm(int(e - s), generator=gen) + s
+                              for s, e in zip(row_ptr[:-1], row_ptr[1:])])
+            blocks, col_idx = blocks[perm].contiguous(), col_idx[perm].contiguous()
+        blocks = blocks.to(dtype)
         n = w.shape[0]
         x = torch.randn(m, k, generator=gen).to(dtype)
         b = torch.randn(n, generator=gen)
