@@ -20,6 +20,7 @@
 #include <string>
 
 #include "cpu/isa.h"
+#include "cpu/scratch.h"
 
 #if FASTKERN_X86
 #include <immintrin.h>
@@ -143,10 +144,16 @@ FASTKERN_AVX2 inline float hsum8(__m256 v) {
 using UKernelFn = void (*)(int64_t kc, const float* A, const float* B, float* C, int64_t ldc, int m, int n,
                            bool accumulate, const float* next_c);
 
+// nb: the order blocked_gemm runs the kernel in (see the driver). 0: each B sliver
+// (KC x nr) stays in L1 while every A sliver of the M block passes over it; > 0: each A
+// sliver (KC x mr) stays in L1 while it passes over nb columns of B slivers, which stay
+// in L2 from one A sliver to the next, through fn_stream (the kernel with B prefetch).
 struct MicroKernel {
   int mr;
   int nr;
   UKernelFn fn;
+  int64_t nb = 0;
+  UKernelFn fn_stream = nullptr;
 };
 
 inline void store_partial_tile(const float* tile, int tile_ld, float* C, int64_t ldc, int m, int n,
@@ -298,8 +305,10 @@ FASTKERN_AVX2 inline void ukernel_avx2_6x16(int64_t kc, const float* A, const fl
 // 16 MB C at 2048^2 lives in L3/DRAM and is revisited once per KC block): while
 // it computes, the kernel prefetches the C tile of the next call, one line
 // per k step, so the loads at the end hit L1. Tails: n < 16*NV by lane masks,
-// m < MR by storing only m rows, so no scratch tile is needed.
-template <int MR, int NV>
+// m < MR by storing only m rows, so no scratch tile is needed. PFB > 0: each k step
+// also prefetches the B row PFB steps ahead, for B slivers that stream from L2
+// (blocked_gemm with nb > 0).
+template <int MR, int NV, int PFB>
 FASTKERN_AVX512 void ukernel_avx512(int64_t kc, const float* A, const float* B, float* C, int64_t ldc, int m, int n,
                                     bool accumulate, const float* next_c) {
   __m512 c[MR][NV];
@@ -309,6 +318,10 @@ FASTKERN_AVX512 void ukernel_avx512(int64_t kc, const float* A, const float* B, 
     for (int j = 0; j < NV; ++j) c[i][j] = _mm512_setzero_ps();
 #define FK_STEP512()                                                            \
   {                                                                             \
+    if (PFB > 0) {                                                              \
+      _Pragma("GCC unroll 4") for (int j = 0; j < NV; ++j)                      \
+          _mm_prefetch(reinterpret_cast<const char*>(B + PFB * 16 * NV + 16 * j), _MM_HINT_T0); \
+    }                                                                           \
     __m512 b[NV];                                                               \
     _Pragma("GCC unroll 4") for (int j = 0; j < NV; ++j) b[j] = _mm512_load_ps(B + 16 * j); \
     _Pragma("GCC unroll 16") for (int i = 0; i < MR; ++i) {                    \
@@ -347,7 +360,7 @@ FASTKERN_AVX512 void ukernel_avx512(int64_t kc, const float* A, const float* B, 
 
 inline MicroKernel micro_kernel(Isa isa) {
 #if FASTKERN_X86
-  if (isa >= Isa::Avx512) return {12, 32, &ukernel_avx512<12, 2>};
+  if (isa >= Isa::Avx512) return {12, 32, &ukernel_avx512<12, 2, 0>, 512, &ukernel_avx512<12, 2, 16>};
   if (isa >= Isa::Avx2) return {6, 16, &ukernel_avx2_6x16};
 #endif
   (void)isa;
@@ -468,7 +481,19 @@ struct StridedRows {
 //   A block  MC*KC*4 <= 108 KB (L2), B panel KC*NC*4 = 2.3 MB (L3, shared).
 // KC 192 against 256 (B sliver 32 KB + A sliver 12 KB, nearly all of L1): 2048^3 on
 // 2 Zen 5 cores 465-473 GFLOP/s against 350-370, measured back to back.
-// The sizes are shared by every ISA (tests aim at the KC and NC boundaries).
+// The sizes are shared by every ISA (tests aim at the KC and NC boundaries, and the
+// skinny driver sums each output over the same KC blocks, so both give identical results).
+//
+// The zmm kernel (12 x 32, nb = 512) runs the other order inside a task, as BLIS does on
+// AVX-512 cores: each A sliver (KC x MR, 9 KB) stays in L1 while it passes over 512
+// columns of B slivers (16 slivers, 384 KB), which stay in L2 from one A sliver to the
+// next and stream into the kernel (it prefetches 16 k steps ahead). Measured on 2 Sapphire
+// Rapids class cores (KVM guest, alternating calls in one process, 25-30 rounds,
+// 2048^3, medians), with the thread-kept huge-page B panel below: 0.89-0.96x the time of
+// the first order. Its kernel alone (packing skipped) ran 182-188 against 170-175 GFLOP/s
+// per core. Also measured, within the noise of this: KC 256 / 384 (with KB 4 x 384),
+// MC 288 / 432, nb 256 / 1024; the same order with the ymm kernel was 3-8% slower.
+//
 // With the AVX2 6x16 kernel (B sliver 12 KB), KC 256 and 384 (and KB 6 x 256,
 // 4 x 384), MC 72/96/192 and NC 1024 were measured against these on 2 Zen 5
 // cores with the AVX2 cap: within the run-to-run noise (+-3%) at 2048^3; KC 384
@@ -540,8 +565,11 @@ void blocked_gemm(int64_t M, int64_t N, int64_t K, const MicroKernel& uk, const 
   nmb = div_up(M, mc);
   const int64_t ncr_max = round_up(std::min(kNC, N), NR);
   const int64_t kb_max = std::min(kKB, K);
-  at::Tensor bbuf = at::empty({ncr_max * kb_max + 16}, at::kFloat);
-  float* Bp = bbuf.data_ptr<float>();
+  // Thread-kept and (from 4 MB) on huge pages: a fresh buffer of up to 19 MB was mapped
+  // one 4 KiB page at a time on every call, and its TLB misses slowed the kernels' B
+  // loads (2048^3, 1 thread: 0.94x the time).
+  Scratch bbuf(ScratchSlot::Out, size_t(ncr_max * kb_max + 16) * sizeof(float));
+  float* Bp = bbuf.as<float>();
   // One packed-A buffer per thread (a task may be taken by any thread).
   const int64_t abuf_len = mc * std::min(kKC, K) + 16;
   at::Tensor abufs = at::empty({nthreads * abuf_len}, at::kFloat);
@@ -582,6 +610,24 @@ void blocked_gemm(int64_t M, int64_t N, int64_t K, const MicroKernel& uk, const 
             const int64_t pc = kb0 + q * kKC, kc = std::min(kKC, kb1 - pc);
             for (int64_t s = 0; s < na; ++s)
               pack_a(i0 + s * MR, static_cast<int>(std::min<int64_t>(MR, m - s * MR)), pc, kc, MR, Ap + s * kc * MR);
+            if (uk.nb > 0) {
+              // A sliver in L1 over a chunk of B slivers in L2; the next call's C tile is the
+              // next one in the row of tiles, then the first of the chunk's next row.
+              const int64_t nbs = std::max<int64_t>(1, uk.nb / NR);
+              for (int64_t jb = s0; jb < s1; jb += nbs) {
+                const int64_t je = std::min(s1, jb + nbs);
+                for (int64_t ir = 0; ir < na; ++ir) {
+                  const int mm = static_cast<int>(std::min<int64_t>(MR, m - ir * MR));
+                  float* crow = C + (i0 + ir * MR) * ldc + jc;
+                  for (int64_t jr = jb; jr < je; ++jr) {
+                    const int nn = static_cast<int>(std::min<int64_t>(NR, nc - jr * NR));
+                    const float* next = jr + 1 < je ? crow + (jr + 1) * NR : ir + 1 < na ? crow + MR * ldc + jb * NR : crow;
+                    uk.fn_stream(kc, Ap + ir * kc * MR, sliver(q, jr, kc), crow + jr * NR, ldc, mm, nn, pc > 0, next);
+                  }
+                }
+              }
+              continue;
+            }
             for (int64_t jr = s0; jr < s1; ++jr) {
               const int nn = static_cast<int>(std::min<int64_t>(NR, nc - jr * NR));
               const float* bp = sliver(q, jr, kc);
