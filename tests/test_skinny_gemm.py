@@ -113,3 +113,25 @@ def test_w4a16_fused_sliver_packer_matches_dequantize_then_pack(isa, gen, monkey
             monkeypatch.delenv("FASTKERN_W4A16_FUSED_PACK")
             assert torch.equal(fused, plain), (m, n, k, g)
             assert_close_rel(fused, ops.linear_w4a16_ref(x, w, s, z, g, None), torch.float32)
+
+
+@NATIVE
+@pytest.mark.parametrize("isa", cpu_isas())
+@pytest.mark.parametrize("layout", ["row_gap", "transposed"])
+def test_gemm_blocked_strided_a(isa, gen, monkeypatch, layout):
+    """blocked_gemm with an `a` whose rows are not packed one after the other: a gap between
+    rows (unit stride along K; the AVX-512 kernel reads such rows in place) and a transposed
+    `a` (packed), against a contiguous copy to the bit, on 1 and 2 threads: M blocks ending
+    in a partial sliver (301 rows), N over more than one 512-column chunk of B slivers."""
+    m, n, k = 301, 600, 2 * KC + 7
+    if layout == "row_gap":
+        a = torch.randn(m, k + 5, generator=gen)[:, 2 : 2 + k]
+    else:
+        a = torch.randn(k, m, generator=gen).t()
+    b = torch.randn(n, k, generator=gen)
+    monkeypatch.setenv("FASTKERN_SKINNY_MAX_M", "0")
+    with cpu_isa(isa):
+        one, two = on_1_and_2_threads(torch.ops.fastkern_C.gemm, a, b)
+        contig = torch.ops.fastkern_C.gemm(a.contiguous(), b)
+    assert torch.equal(one, contig) and torch.equal(two, contig)
+    assert_close_rel(contig, ops.gemm_ref(a, b), torch.float32)
