@@ -458,9 +458,12 @@ struct StridedRows {
   int64_t s_row;
   int64_t s_k;
   Isa isa = Isa::Generic;
-  // fp32 rows with unit stride along k, which a kernel can read in place: their row stride; else 0
-  int64_t fp32_rows_ld() const { return std::is_same<T, float>::value && s_k == 1 ? s_row : 0; }
-  const float* fp32_rows() const { return reinterpret_cast<const float*>(p); }
+  // fp32 rows with unit stride along k, which a kernel can read in place: the rows, their
+  // stride in ld; else nullptr
+  const float* fp32_rows(int64_t& ld) const {
+    ld = s_row;
+    return std::is_same<T, float>::value && s_k == 1 && s_row > 0 ? reinterpret_cast<const float*>(p) : nullptr;
+  }
   void operator()(int64_t row0, int rows, int64_t k0, int64_t kc, int width, float* dst) const {
     const T* base = p + row0 * s_row + k0 * s_k;
 #if FASTKERN_X86
@@ -492,12 +495,13 @@ struct StridedRows {
   }
 };
 
-// An A packer may also offer fp32_rows_ld() / fp32_rows() (StridedRows does): rows that a
-// kernel with fn_rows can read in place where the row stride it returns is not 0.
+// An A packer may also offer fp32_rows(ld) (StridedRows does): rows that a kernel with
+// fn_rows can read in place, where it returns them.
 template <class P, class = void>
 struct has_fp32_rows : std::false_type {};
 template <class P>
-struct has_fp32_rows<P, std::void_t<decltype(std::declval<const P&>().fp32_rows_ld())>> : std::true_type {};
+struct has_fp32_rows<P, std::void_t<decltype(std::declval<const P&>().fp32_rows(std::declval<int64_t&>()))>>
+    : std::true_type {};
 
 // ------------------------------------------------------------------ the blocked driver
 //
@@ -607,11 +611,9 @@ void blocked_gemm(int64_t M, int64_t N, int64_t K, const MicroKernel& uk, const 
   int64_t lda_direct = 0;
   const float* a_direct = nullptr;
   if constexpr (has_fp32_rows<PackA>::value) {
-    if (uk.nb > 0 && uk.fn_rows != nullptr) {
-      lda_direct = pack_a.fp32_rows_ld();
-      a_direct = pack_a.fp32_rows();
-    }
+    if (uk.nb > 0 && uk.fn_rows != nullptr) a_direct = pack_a.fp32_rows(lda_direct);
   }
+  if (a_direct == nullptr) lda_direct = 0;
   // One packed-A buffer per thread (a task may be taken by any thread).
   const int64_t abuf_len = mc * std::min(kKC, K) + 16;
   at::Tensor abufs = at::empty({nthreads * abuf_len}, at::kFloat);
