@@ -119,6 +119,10 @@ def test_cpu_paths_and_tails(isa, dtype, m, gemv, gen, monkeypatch):
     if isa == "generic" and m in (32, 33, 40, 41, 256):
         pytest.skip("the generic path has no GEMV; m = 17, 257 cover its GEMM drivers")
     set_gemv(monkeypatch, isa, gemv)
+    # odd m: the limb GEMVs in K blocks (FASTKERN_W4A16_WHOLE_K_KB=0); even m: K whole while
+    # the limbs fit the default 768 KiB
+    if m % 2:
+        monkeypatch.setenv("FASTKERN_W4A16_WHOLE_K_KB", "0")
     # limb GEMV up to m = 32 (fp32) / 40 (bf16) with VNNI (8 for g < 64), 16 on AVX2 without (m = 17 the
     # GEMM there); the GEMM: skinny_gemm to m = 256, blocked_gemm at 257
     # (limb MR x NR tiles: AVX-512 (1,1) (2,2) (3,2)
@@ -168,7 +172,8 @@ def test_avx512_m1_rows_kernel(rows, dtype, gen, monkeypatch):
     # rows of a K block in one call, two groups per step (odd group counts leave a single
     # group), masked loads for g < 128; FASTKERN_W4A16_ROWS512=0 the per-row tiles. Group
     # sizes 2..128 (partial chunks, groups across 64-byte lines), n tails of the 4-row units,
-    # k = 12800 (several K blocks; windows with FASTKERN_W4A16_WINDOW_KB=1), the last row's
+    # k = 12800 (several K blocks with FASTKERN_W4A16_WHOLE_K_KB=0; windows with
+    # FASTKERN_W4A16_WINDOW_KB=1; one K block by default: i = 11), the last row's
     # bytes the tensor's end. Against the reference; 1 and 2 threads bitwise equal.
     why = isa_skip_reason("avx512")
     if why:
@@ -181,10 +186,12 @@ def test_avx512_m1_rows_kernel(rows, dtype, gen, monkeypatch):
                                        (37, 12800, 128), (10, 12800, 64), (9, 12800, 100))):
             x = torch.randn(1, k, generator=gen).to(dtype)
             w, s, z = make_w4(gen, n, k, g, symmetric=bool(i % 2))
-            if k == 12800:
-                monkeypatch.setenv("FASTKERN_W4A16_WINDOW_KB", str(i % 2))
+            if k == 12800 and i != 11:
+                monkeypatch.setenv("FASTKERN_W4A16_WINDOW_KB", str((i // 2) % 2))
+                monkeypatch.setenv("FASTKERN_W4A16_WHOLE_K_KB", "0")
             one, two = on_1_and_2_threads(native, x, w, s, z, g, None)
             monkeypatch.delenv("FASTKERN_W4A16_WINDOW_KB", raising=False)
+            monkeypatch.delenv("FASTKERN_W4A16_WHOLE_K_KB", raising=False)
             assert torch.equal(one, two), (n, k, g)
             ref = ops.linear_w4a16_ref(x, w, s, z, g, None)
             assert_close_rel(two, ref, dtype, factor=100 if dtype == torch.float32 else 1)
@@ -293,7 +300,7 @@ def test_gemv_k_blocks_windows_and_whole_k(isa, dtype, gen, monkeypatch):
     # - Windows (w4l_gemv: each thread's rows in windows, every K block of a window before
     #   the next): FASTKERN_W4A16_WINDOW_KB=1 (4-row windows, many per thread) against 0 (no
     #   windows) bitwise equal, as they only reorder whole tiles; 1 and 2 threads equal.
-    # - Whole K (the AVX2 int16-span GEMV: one K block while the limbs of all m rows fit in
+    # - Whole K (both limb GEMVs: one K block while the limbs of all m rows fit in
     #   FASTKERN_W4A16_WHOLE_K_KB, 768 by default): the default and 0 (always blocks) both
     #   against the reference.
     outs, refs = [], []

@@ -978,14 +978,18 @@ struct W4Tiles {
 // Larger M: the limbs of one 4-row x tile within ~12 KiB, so that tile and the runs of
 // the rb weight rows it meets (~24 KiB, w4l_gemv) share L1, all of x's block in L2.
 // Blocks of equal size.
-// whole_k_bytes (the AVX2 row GEMV, w4l_gemv16_avx2): K is one block whenever the limbs
-// of all M rows fit in it. That GEMV reads each thread's rows as one stream; K blocks cut
-// it into runs with gaps (the other blocks' bytes), which DRAM delivers far slower than
-// the limbs come from L2. Measured (2 threads, AVX2 forced, weights beyond L3, alternating
-// in one process): fp32 M = 1 4096x14336 0.85 against 1.10 ms, 2048x28672 0.76 against
-// 1.16 ms; bf16 M = 4 4096x14336 2.30 against 3.12 ms; M = 8 2048x28672 fp32 5.6 against
-// 6.1 ms; 4096x4096 unchanged. M = 16 at K = 28672 (1.4 MB of limbs, beyond L2) was
-// faster with the blocks (12.3 against 14.6 ms), hence the bound.
+// whole_k_bytes (both limb GEMVs, w4l_gemv16_avx2 and w4l_gemv): K is one block whenever
+// the limbs of all M rows fit in it. The GEMV then reads each thread's rows as one stream;
+// K blocks cut it into runs with gaps (the other blocks' bytes), which DRAM delivers far
+// slower than the limbs come from L2. Measured (2 threads, AVX2 forced, weights beyond L3,
+// alternating in one process): fp32 M = 1 4096x14336 0.85 against 1.10 ms, 2048x28672 0.76
+// against 1.16 ms; bf16 M = 4 4096x14336 2.30 against 3.12 ms; M = 8 2048x28672 fp32 5.6
+// against 6.1 ms; 4096x4096 unchanged. M = 16 at K = 28672 (1.4 MB of limbs, beyond L2) was
+// faster with the blocks (12.3 against 14.6 ms), hence the bound. The AVX-512 VNNI GEMV
+// (2 Sapphire Rapids class cores, same method, medians of 5-8 rounds): fp32 M = 1 4096x14336
+// 0.93x the time (2048x28672 1.00x), M = 2 / 4 0.95x and 0.92x (both shapes), bf16 M = 1
+// 1.00x / 0.96x, bf16 M = 4 0.96x / 0.94x; M = 8 / 16 and K <= 11008 at M = 1 within 1%
+// (fp32 4096x4096 M = 16 0.95x).
 constexpr int64_t kW4WholeKBytes = 768 << 10;
 // w4l_gemv with several K blocks: each thread's rows in windows of about kW4WindowBytes of
 // weight, every K block of a window before the next window, so the runs of a window's
@@ -1012,7 +1016,7 @@ template <bool V512, int L>
 void w4l_gemv(const W4& p, const Limbs& q, int64_t M, int64_t N, float* Y) {
   constexpr int64_t CW = V512 ? 128 : 64;
   const int64_t hb = p.g / 2;
-  const int64_t gb = w4_k_block_groups(p.G, M, q.nc * L * CW, hb);
+  const int64_t gb = w4_k_block_groups(p.G, M, q.nc * L * CW, hb, w4_whole_k_bytes());
   // the far prefetch about kPrefetchL2 bytes ahead in this thread's stream of runs
   const int64_t pf_rows = std::max<int64_t>(1, (kPrefetchL2 + gb * hb - 1) / (gb * hb));
   // weight rows per pass over x: ~24 KiB of their runs (a multiple of kGemvRows, so tile
