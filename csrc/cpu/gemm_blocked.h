@@ -614,9 +614,8 @@ void blocked_gemm(int64_t M, int64_t N, int64_t K, const MicroKernel& uk, const 
     if (uk.nb > 0 && uk.fn_rows != nullptr) a_direct = pack_a.fp32_rows(lda_direct);
   }
   if (a_direct == nullptr) lda_direct = 0;
-  // One packed-A buffer per thread (a task may be taken by any thread).
-  const int64_t abuf_len = mc * std::min(kKC, K) + 16;
-  at::Tensor abufs = at::empty({nthreads * abuf_len}, at::kFloat);
+  // The packed A of a task, in the taking thread's kept buffer (a task may be taken by any thread).
+  const size_t abuf_bytes = size_t(mc * std::min(kKC, K) + 16) * sizeof(float);
 
   for (int64_t jc = 0; jc < N; jc += kNC) {
     const int64_t nc = std::min(kNC, N - jc);
@@ -644,7 +643,8 @@ void blocked_gemm(int64_t M, int64_t N, int64_t K, const MicroKernel& uk, const 
       // blocks of the pass over it, so C stays in cache between them.
       const int64_t macs_per_task = div_up(M, nmb) * div_up(nc, njs) * (kb1 - kb0);
       parallel_for_dynamic(0, nmb * njs, grain_for(nmb * njs, macs_per_task), [&](int64_t b, int64_t e) {
-        float* Ap = abufs.data_ptr<float>() + at::get_thread_num() * abuf_len;
+        Scratch abuf(ScratchSlot::Worker0, abuf_bytes);
+        float* Ap = abuf.as<float>();
         for (int64_t t = b; t < e; ++t) {
           const int64_t ib = t / njs, js = t % njs;
           const int64_t i0 = ib * mc, m = std::min(mc, M - i0);
