@@ -459,10 +459,11 @@ struct StridedRows {
   int64_t s_k;
   Isa isa = Isa::Generic;
   // fp32 rows with unit stride along k, which a kernel can read in place: the rows, their
-  // stride in ld; else nullptr
+  // stride in ld; else nullptr, ld 0
   const float* fp32_rows(int64_t& ld) const {
-    ld = s_row;
-    return std::is_same<T, float>::value && s_k == 1 && s_row > 0 ? reinterpret_cast<const float*>(p) : nullptr;
+    const bool direct = std::is_same<T, float>::value && s_k == 1 && s_row > 0;
+    ld = direct ? s_row : 0;
+    return direct ? reinterpret_cast<const float*>(p) : nullptr;
   }
   void operator()(int64_t row0, int rows, int64_t k0, int64_t kc, int width, float* dst) const {
     const T* base = p + row0 * s_row + k0 * s_k;
@@ -613,7 +614,6 @@ void blocked_gemm(int64_t M, int64_t N, int64_t K, const MicroKernel& uk, const 
   if constexpr (has_fp32_rows<PackA>::value) {
     if (uk.nb > 0 && uk.fn_rows != nullptr) a_direct = pack_a.fp32_rows(lda_direct);
   }
-  if (a_direct == nullptr) lda_direct = 0;
   // The packed A of a task, in the taking thread's kept buffer (a task may be taken by any thread).
   const size_t abuf_bytes = size_t(mc * std::min(kKC, K) + 16) * sizeof(float);
 

@@ -978,7 +978,7 @@ struct W4Tiles {
 // Larger M: the limbs of one 4-row x tile within ~12 KiB, so that tile and the runs of
 // the rb weight rows it meets (~24 KiB, w4l_gemv) share L1, all of x's block in L2.
 // Blocks of equal size.
-// whole_k_bytes (both limb GEMVs, w4l_gemv16_avx2 and w4l_gemv): K is one block whenever
+// Whole K (both limb GEMVs, w4l_gemv16_avx2 and w4l_gemv): K is one block whenever
 // the limbs of all M rows fit in it. The GEMV then reads each thread's rows as one stream;
 // K blocks cut it into runs with gaps (the other blocks' bytes), which DRAM delivers far
 // slower than the limbs come from L2. Measured (2 threads, AVX2 forced, weights beyond L3,
@@ -1001,9 +1001,8 @@ constexpr int64_t kW4WholeKBytes = 768 << 10;
 // override the two sizes.
 constexpr int64_t kW4WindowBytes = 768 << 10;
 inline int64_t w4_whole_k_bytes() { return env_knob("FASTKERN_W4A16_WHOLE_K_KB", kW4WholeKBytes >> 10) << 10; }
-inline int64_t w4_k_block_groups(int64_t G, int64_t M, int64_t group_bytes_row, int64_t run_bytes,
-                                 int64_t whole_k_bytes = 0) {
-  if (M * group_bytes_row * G <= whole_k_bytes) return G;
+inline int64_t w4_k_block_groups(int64_t G, int64_t M, int64_t group_bytes_row, int64_t run_bytes) {
+  if (M * group_bytes_row * G <= w4_whole_k_bytes()) return G;
   const int64_t gbx = std::max<int64_t>(M * group_bytes_row, 1);
   int64_t gb = M <= kGemvMaxM ? std::max((int64_t(36) << 10) / gbx, (2048 + run_bytes - 1) / run_bytes)
                               : (int64_t(12) << 10) / (4 * group_bytes_row);
@@ -1016,7 +1015,7 @@ template <bool V512, int L>
 void w4l_gemv(const W4& p, const Limbs& q, int64_t M, int64_t N, float* Y) {
   constexpr int64_t CW = V512 ? 128 : 64;
   const int64_t hb = p.g / 2;
-  const int64_t gb = w4_k_block_groups(p.G, M, q.nc * L * CW, hb, w4_whole_k_bytes());
+  const int64_t gb = w4_k_block_groups(p.G, M, q.nc * L * CW, hb);
   // the far prefetch about kPrefetchL2 bytes ahead in this thread's stream of runs
   const int64_t pf_rows = std::max<int64_t>(1, (kPrefetchL2 + gb * hb - 1) / (gb * hb));
   // weight rows per pass over x: ~24 KiB of their runs (a multiple of kGemvRows, so tile
@@ -1064,7 +1063,7 @@ void w4l_gemv16_avx2(const W4& p, const Limbs& q, int64_t M, int64_t N, float* Y
   constexpr int64_t CW = 64;
   // pair: K blocks of whole pairs (counted in 64-weight units, then in groups)
   const int64_t hb = pair ? 32 : p.g / 2;
-  const int64_t gbu = w4_k_block_groups(pair ? p.G / 2 : p.G, M, q.nc * L * CW, hb, w4_whole_k_bytes());
+  const int64_t gbu = w4_k_block_groups(pair ? p.G / 2 : p.G, M, q.nc * L * CW, hb);
   const int64_t gb = pair ? 2 * gbu : gbu;
   const int64_t pf_rows = std::max<int64_t>(1, (kPrefetchL2 + gbu * hb - 1) / (gbu * hb));
   const int64_t rb = M <= kGemvMaxM ? kGemvRows
