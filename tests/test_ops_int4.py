@@ -165,20 +165,27 @@ def test_cpu_threads_bitwise_identical(isa, dtype, m, gemv, gen, monkeypatch):
 
 
 @NATIVE
-@pytest.mark.parametrize("rows", [pytest.param("1", id="rows"), pytest.param("0", id="tile")])
+@pytest.mark.parametrize("rows", [pytest.param("rows", id="rows"), pytest.param("one", id="one_row"),
+                                  pytest.param("four", id="four_rows"), pytest.param("tile", id="tile")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 def test_avx512_m1_rows_kernel(rows, dtype, gen, monkeypatch):
-    # AVX-512 VNNI, m = 1, g <= 128 (one chunk per group): w4l_rows1_avx512 takes a thread's
-    # rows of a K block in one call, two groups per step (odd group counts leave a single
-    # group), masked loads for g < 128; FASTKERN_W4A16_ROWS512=0 the per-row tiles. Group
-    # sizes 2..128 (partial chunks, groups across 64-byte lines), n tails of the 4-row units,
-    # k = 12800 (several K blocks with FASTKERN_W4A16_WHOLE_K_KB=0; windows with
-    # FASTKERN_W4A16_WINDOW_KB=1; one K block by default: i = 11), the last row's
-    # bytes the tensor's end. Against the reference; 1 and 2 threads bitwise equal.
+    # AVX-512 VNNI, m = 1, g <= 128 (one chunk per group): a thread's rows of a K block in one
+    # call, w4l_rows1_avx512 (one weight row at a time, two groups per step; odd group counts
+    # leave a single group) or, where a block's limbs take 16 KiB or more, w4l_rows4_avx512
+    # (four weight rows per step, the n % 4 rows of a thread's range by w4l_rows1_avx512);
+    # masked loads for g < 128. "one": FASTKERN_W4A16_ROWS4_KB past every case (one row at a
+    # time); "four": FASTKERN_W4A16_ROWS4_KB=0 (four rows wherever n >= 4); "tile":
+    # FASTKERN_W4A16_ROWS512=0, the per-row tiles. Group sizes 2..128 (partial chunks, groups
+    # across 64-byte lines), n tails of the 4-row units, k = 12800 (several K blocks with
+    # FASTKERN_W4A16_WHOLE_K_KB=0; windows with FASTKERN_W4A16_WINDOW_KB=1; one K block by
+    # default: i = 11; fp32 limbs of 37.5 KiB, so four rows at a time by default), the last
+    # row's bytes the tensor's end. Against the reference; 1 and 2 threads bitwise equal.
     why = isa_skip_reason("avx512")
     if why:
         pytest.skip(why)
-    monkeypatch.setenv("FASTKERN_W4A16_ROWS512", rows)
+    monkeypatch.setenv("FASTKERN_W4A16_ROWS512", "0" if rows == "tile" else "1")
+    if rows in ("one", "four"):
+        monkeypatch.setenv("FASTKERN_W4A16_ROWS4_KB", "0" if rows == "four" else "100000")
     outs, refs = [], []
     with cpu_isa("avx512"):
         for i, (n, k, g) in enumerate(((1, 2, 2), (3, 6, 2), (5, 96, 32), (9, 126, 42), (2, 384, 128), (7, 512, 128),

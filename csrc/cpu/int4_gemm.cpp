@@ -933,6 +933,74 @@ FASTKERN_AVX512VNNI void w4l_rows1_avx512(const W4& p, const Limbs& q, const KRa
   }
 }
 
+// M = 1, g <= 128, where the limbs of a K block take kW4Rows4Bytes or more: four weight
+// rows per step, each limb vector loaded once for the four. One row at a time
+// (w4l_rows1_avx512) reloads all of the block's limbs for every weight row, and past
+// ~16 KiB the limbs and the streaming weight lines no longer both stay in L1: the limbs
+// then come from L2 on every row. Each row keeps one fp32 total (group after group), so a
+// row's result does not depend on which rows share its step; the n % 4 rows at the end of
+// a thread's range take w4l_rows1_avx512. Four streams of weight rows at once cost more
+// than the saved loads while the limbs fit: fp32 K = 4096 / 5120 (12 / 15 KiB of limbs)
+// 1.02-1.05x slower, hence the bound. Measured against w4l_rows1_avx512 (2 threads, g = 128,
+// weights beyond L3, alternating in one process, medians of 8-10 rounds): fp32 N x K
+// 4096 x 14336 0.80-0.84x the time, 2048 x 28672 0.73-0.77x, 4096 x 11008 0.89x, 4096 x 8192
+// 0.89x, 4096 x 6144 0.96x; bf16 (two limbs) 4096 x 14336 0.93x, 2048 x 28672 0.84x,
+// 4096 x 11008 0.90x, 4096 x 8192 0.90x; g = 32 fp32 4096 x 4096 (48 KiB) 0.95x. Three
+// rows per step measured within 3% of four.
+// FASTKERN_W4A16_ROWS4_KB overrides the bound (0: always four rows), read per call.
+constexpr int64_t kW4Rows4Bytes = 16 << 10;
+inline int64_t w4_rows4_bytes() { return env_knob("FASTKERN_W4A16_ROWS4_KB", kW4Rows4Bytes >> 10) << 10; }
+
+template <int L>
+FASTKERN_AVX512VNNI void w4l_rows4_avx512(const W4& p, const Limbs& q, const KRange& kr, int64_t n0, int64_t n1,
+                                          float* Y) {
+  constexpr int64_t CW = 128;
+  constexpr int R = 4;
+  const int64_t hb = p.g / 2, ldw = p.ldw, G = p.G, ng = kr.g1 - kr.g0, far = R * kr.pf_rows * ldw;
+  // masked loads: no read past the group (or the tensor)
+  const __mmask64 mk = hb >= 64 ? ~__mmask64(0) : (__mmask64(1) << hb) - 1;
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  const int8_t* x0 = q.a + kr.g0 * L * CW;
+  const float* sx = q.sx + kr.g0 * 4 + (L - 1);
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) {
+    const uint8_t* wp = p.w + n * ldw + kr.g0 * hb;
+    const float* sw = p.s + n * G + kr.g0;
+    __m512 tot[R];
+    for (int r = 0; r < R; ++r) tot[r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < ng; ++k) {
+      __m512i lo[R], hi[R];
+      for (int r = 0; r < R; ++r) {
+        // the far prefetch: the same bytes of the rows pf_rows steps ahead
+        _mm_prefetch(reinterpret_cast<const char*>(wp + r * ldw + k * hb + far), _MM_HINT_T1);
+        const __m512i v = _mm512_maskz_loadu_epi8(mk, wp + r * ldw + k * hb);
+        lo[r] = _mm512_and_si512(v, m4);
+        hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+      }
+      const int8_t* a = x0 + k * L * CW;
+      __m512i t[R][L];
+      for (int l = 0; l < L; ++l) {
+        const __m512i xe = _mm512_loadu_si512(a + l * CW), xo = _mm512_loadu_si512(a + l * CW + 64);
+        for (int r = 0; r < R; ++r) t[r][l] = dpbusd_inplace(_mm512_setzero_si512(), lo[r], xe);
+        for (int r = 0; r < R; ++r) t[r][l] = dpbusd_inplace(t[r][l], hi[r], xo);
+      }
+      const __m512 c = _mm512_set1_ps(sx[k * 4]);
+      for (int r = 0; r < R; ++r) {
+        __m512i d = t[r][0];
+        for (int l = 1; l < L; ++l) d = _mm512_add_epi32(_mm512_slli_epi32(d, 7), t[r][l]);
+        tot[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), c), _mm512_set1_ps(sw[r * G + k]), tot[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const float s = hsum16_avx512(tot[r]);
+      const float zc = zero_corr_avx512(sw + r * G, p.z + (n + r) * G + kr.g0, q.sum + kr.g0, ng);
+      float& y = Y[n + r];
+      y = kr.first ? s - zc : y + (s - zc);
+    }
+  }
+  if (n < n1) w4l_rows1_avx512<L>(p, q, kr, n, n1, Y);
+}
+
 // FASTKERN_W4A16_ROWS512=0 sends M = 1 back to the per-row tiles (A/B timing, tests); read per call.
 inline bool rows512_enabled() { return env_knob("FASTKERN_W4A16_ROWS512", 1) != 0; }
 
@@ -1027,13 +1095,15 @@ void w4l_gemv(const W4& p, const Limbs& q, int64_t M, int64_t N, float* Y) {
   // kGemvRows is a multiple of every NR (and win of rb), so the tiling of a row never
   // depends on the thread split or the windows
   const bool rows1 = V512 && M == 1 && p.g <= CW && rows512_enabled();
+  const bool rows4 = rows1 && gb * L * CW >= w4_rows4_bytes();
   parallel_rows(N, kGemvRows, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t n0 = r0; n0 < r1; n0 += win) {
       const int64_t n1 = std::min(r1, n0 + win);
       for (int64_t g0 = 0; g0 < p.G; g0 += gb) {
         const KRange kr{g0, std::min(p.G, g0 + gb), g0 == 0, p.w + N * p.ldw, pf_rows};
         if (rows1) {
-          w4l_rows1_avx512<L>(p, q, kr, n0, n1, Y);
+          if (rows4) w4l_rows4_avx512<L>(p, q, kr, n0, n1, Y);
+          else w4l_rows1_avx512<L>(p, q, kr, n0, n1, Y);
           continue;
         }
         // rb weight rows (their runs in L1) meet every row of x before the next rows stream
