@@ -173,8 +173,8 @@ def test_avx512_m1_rows_kernel(rows, dtype, gen, monkeypatch):
     # call, w4l_rows1_avx512 (one weight row at a time, two groups per step; odd group counts
     # leave a single group) or, where a block's limbs take 16 KiB or more, w4l_rows4_avx512
     # (four weight rows per step, the n % 4 rows of a thread's range by w4l_rows1_avx512);
-    # masked loads for g < 128. "one": FASTKERN_W4A16_ROWS4_KB past every case (one row at a
-    # time); "four": FASTKERN_W4A16_ROWS4_KB=0 (four rows wherever n >= 4); "tile":
+    # masked loads for g < 128. "one": FASTKERN_W4A16_MULTIROW_KB past every case (one row at a
+    # time); "four": FASTKERN_W4A16_MULTIROW_KB=0 (four rows wherever n >= 4); "tile":
     # FASTKERN_W4A16_ROWS512=0, the per-row tiles. Group sizes 2..128 (partial chunks, groups
     # across 64-byte lines), n tails of the 4-row units, k = 12800 (several K blocks with
     # FASTKERN_W4A16_WHOLE_K_KB=0; windows with FASTKERN_W4A16_WINDOW_KB=1; one K block by
@@ -185,7 +185,7 @@ def test_avx512_m1_rows_kernel(rows, dtype, gen, monkeypatch):
         pytest.skip(why)
     monkeypatch.setenv("FASTKERN_W4A16_ROWS512", "0" if rows == "tile" else "1")
     if rows in ("one", "four"):
-        monkeypatch.setenv("FASTKERN_W4A16_ROWS4_KB", "0" if rows == "four" else "100000")
+        monkeypatch.setenv("FASTKERN_W4A16_MULTIROW_KB", "0" if rows == "four" else "100000")
     outs, refs = [], []
     with cpu_isa("avx512"):
         for i, (n, k, g) in enumerate(((1, 2, 2), (3, 6, 2), (5, 96, 32), (9, 126, 42), (2, 384, 128), (7, 512, 128),
@@ -255,7 +255,7 @@ SPAN16_CASES = [(64, 64), (128, 128), (192, 192), (256, 256), (640, 320), (768, 
 
 @NATIVE
 @AVX2
-@pytest.mark.parametrize("span16", SPAN16)
+@pytest.mark.parametrize("span16", SPAN16 + [pytest.param("2", id="span16_two_rows")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 def test_avx2_gemv_groups_of_64(span16, dtype, gen, monkeypatch):
     # The AVX2 GEMV for g % 64 == 0 (span16: int16 span sums, one call per thread and K
@@ -265,7 +265,11 @@ def test_avx2_gemv_groups_of_64(span16, dtype, gen, monkeypatch):
     # m remainder of the 3-row tiles and 4-row passes (m = 1..7, 16, 17, 47, 48, 64 and 65,
     # above the AVX2 limit of 16 through FASTKERN_W4A16_LIMB_MAX_M), n tails of the passes, and k = 12800 (two K blocks at m = 1 fp32,
     # several at m = 3, with FASTKERN_W4A16_WHOLE_K_KB=0; with g = 32 blocks of whole pairs).
-    monkeypatch.setenv("FASTKERN_W4A16_AVX2_SPAN16", span16)
+    # span16_two_rows: FASTKERN_W4A16_MULTIROW_KB=0, two weight rows per step at m = 1 (by
+    # default only where a K block's limbs take 40 KiB), n tails of the pairs.
+    if span16 == "2":
+        monkeypatch.setenv("FASTKERN_W4A16_MULTIROW_KB", "0")
+    monkeypatch.setenv("FASTKERN_W4A16_AVX2_SPAN16", "0" if span16 == "0" else "1")
     monkeypatch.setenv("FASTKERN_W4A16_LIMB_MAX_M", "65")  # the limbs also above the AVX2 default (16)
     monkeypatch.setenv("FASTKERN_W4A16_WHOLE_K_KB", "0")  # K blocks (test_gemv_k_blocks_windows_and_whole_k: one)
     outs, refs = [], []
@@ -284,16 +288,21 @@ def test_avx2_gemv_groups_of_64(span16, dtype, gen, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("m", [1, 3, 17])
 @pytest.mark.parametrize("g", [32, 64, 192, 640])
-def test_avx2_span16_threads_bitwise_identical(dtype, m, g, gen):
+def test_avx2_span16_threads_bitwise_identical(dtype, m, g, gen, monkeypatch):
+    # m = 1: two weight rows per step (FASTKERN_W4A16_MULTIROW_KB=0) give every row the same
+    # bits as one row at a time, on 1 and 2 threads (g = 32 takes the pairs, one row at a time)
     n, k = 301, 1920
     x = torch.randn(m, k, generator=gen).to(dtype)
     w, s, z = make_w4(gen, n, k, g)
     outs = []
     with cpu_isa("avx2"):
-        for t in (1, 2):
-            with num_threads(t):
-                outs.append(native(x, w, s, z, g, None))
-    assert torch.equal(outs[0], outs[1])
+        for kb in (("100000", "0") if m == 1 else ("100000",)):
+            monkeypatch.setenv("FASTKERN_W4A16_MULTIROW_KB", kb)
+            for t in (1, 2):
+                with num_threads(t):
+                    outs.append(native(x, w, s, z, g, None))
+    for out in outs[1:]:
+        assert torch.equal(outs[0], out)
 
 
 

@@ -606,56 +606,81 @@ FASTKERN_AVX2 inline void w4l_store_block_avx2(const W4& p, const Limbs& q, cons
   }
 }
 
-// MR rows of x (from m0) against weight rows [n0, n1), one weight row at a time (one
-// stream per thread); CS chunks per span (CS divides the group's chunk count nc,
-// CS <= kSpan16). The far prefetch only (into L2, pf_rows rows ahead): the
-// hardware prefetchers bring the lines of the current run into L1 (measured: the near
-// prefetch costs 3-7% at 4096x4096).
-template <int MR, int L, int CS>
+// MR rows of x (from m0) against weight rows [n0, n1), R weight rows at a time (R streams
+// per thread; the n % R rows at the end take R = 1); CS chunks per span (CS divides the
+// group's chunk count nc, CS <= kSpan16). The far prefetch only (into L2, pf_rows steps
+// ahead): the hardware prefetchers bring the lines of the current run into L1 (measured:
+// the near prefetch costs 3-7% at 4096x4096). Each row's sums are the same integers and
+// fp32 operations for any R.
+// R = 2 at M = 1 where the limbs of a K block take kW4Rows2Avx2Bytes or more: each limb
+// vector is then loaded once for two weight rows, where one row at a time reloads all of
+// them per row and, past L1, from L2 (see w4l_rows4_avx512). This GEMV is bound by the
+// vector ALUs (vpmaddubsw per row and limb either way), so the loads saved pay only where
+// the limbs miss L1. Measured against R = 1 (2 threads, AVX2 forced, g = 128, weights
+// beyond L3, alternating in one process, medians of 8 rounds): fp32 4096 x 14336 (43 KiB)
+// 0.92-0.93x the time, 2048 x 28672 0.90-0.91x; bf16 2048 x 28672 (56 KiB) 0.90x; but fp32
+// 4096 x 11008 (33 KiB) 1.05-1.10x, bf16 4096 x 14336 (28 KiB) 1.00x, 4096 x 4096 1.03x.
+constexpr int64_t kW4Rows2Avx2Bytes = 40 << 10;
+inline int64_t w4_multirow_bytes(int64_t bound) {
+  return env_knob("FASTKERN_W4A16_MULTIROW_KB", bound >> 10) << 10;
+}
+template <int MR, int L, int CS, int R = 1>
 FASTKERN_AVX2 void w4l_rows16_avx2(const W4& p, const Limbs& q, const KRange& kr, int64_t n0, int64_t n1, int64_t m0,
                                    float* Y, int64_t ldy) {
   constexpr int64_t CW = 64;
   const __m256i m4 = _mm256_set1_epi8(0x0F);
   const int64_t hb = p.g / 2, nc = q.nc, spg = nc / CS, ldw = p.ldw, G = p.G, lda = q.lda;
-  const int64_t far = kr.pf_rows * ldw;
+  const int64_t far = R * kr.pf_rows * ldw;
   const int8_t* x0 = q.a + m0 * lda + kr.g0 * nc * L * CW;
   const float* sx0 = q.sx + (m0 * G + kr.g0) * 4 + (L - 1);
-  for (int64_t n = n0; n < n1; ++n) {
-    __m256 tot[MR];
-    for (int i = 0; i < MR; ++i) tot[i] = _mm256_setzero_ps();
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) {
+    __m256 tot[R][MR];
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < MR; ++i) tot[r][i] = _mm256_setzero_ps();
     const uint8_t* wp = p.w + n * ldw + kr.g0 * hb;
     const int8_t* xp = x0;
     const float* sw = p.s + n * G + kr.g0;
     const float* sx = sx0;
     for (int64_t gi = kr.g0; gi < kr.g1; ++gi, ++sw, sx += 4) {
       for (int64_t sp = 0; sp < spg; ++sp, wp += CS * 32, xp += CS * L * CW) {
-        __m256i acc[MR][L];
+        __m256i acc[R][MR][L];
         for (int c = 0; c < CS; ++c) {
-          // one prefetch per 64 bytes along the row
-          if (c % 2 == 0)
-            _mm_prefetch(reinterpret_cast<const char*>(wp + c * 32 + far), _MM_HINT_T1);
-          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + c * 32));
-          const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+          __m256i lo[R], hi[R];
+          for (int r = 0; r < R; ++r) {
+            // one prefetch per 64 bytes along the row
+            if (c % 2 == 0)
+              _mm_prefetch(reinterpret_cast<const char*>(wp + r * ldw + c * 32 + far), _MM_HINT_T1);
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + r * ldw + c * 32));
+            lo[r] = _mm256_and_si256(v, m4);
+            hi[r] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+          }
           for (int i = 0; i < MR; ++i)
             for (int l = 0; l < L; ++l) {
               const int8_t* al = xp + i * lda + (c * L + l) * CW;
-              const __m256i te = _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(al)));
-              const __m256i to =
-                  _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(al + 32)));
-              acc[i][l] = c == 0 ? _mm256_add_epi16(te, to) : _mm256_add_epi16(_mm256_add_epi16(acc[i][l], te), to);
+              const __m256i xe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(al));
+              const __m256i xo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(al + 32));
+              for (int r = 0; r < R; ++r) {
+                const __m256i te = _mm256_maddubs_epi16(lo[r], xe);
+                const __m256i to = _mm256_maddubs_epi16(hi[r], xo);
+                acc[r][i][l] = c == 0 ? _mm256_add_epi16(te, to) : _mm256_add_epi16(_mm256_add_epi16(acc[r][i][l], te), to);
+              }
             }
         }
-        const __m256 ws = _mm256_broadcast_ss(sw);
-        for (int i = 0; i < MR; ++i) {
-          __m256i d = _mm256_madd_epi16(acc[i][0], _mm256_set1_epi16(int16_t(1 << (7 * (L - 1)))));
-          for (int l = 1; l < L; ++l)
-            d = _mm256_add_epi32(d, _mm256_madd_epi16(acc[i][l], _mm256_set1_epi16(int16_t(1 << (7 * (L - 1 - l))))));
-          tot[i] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(d), _mm256_broadcast_ss(sx + i * G * 4)), ws, tot[i]);
+        for (int r = 0; r < R; ++r) {
+          const __m256 ws = _mm256_broadcast_ss(sw + r * G);
+          for (int i = 0; i < MR; ++i) {
+            __m256i d = _mm256_madd_epi16(acc[r][i][0], _mm256_set1_epi16(int16_t(1 << (7 * (L - 1)))));
+            for (int l = 1; l < L; ++l)
+              d = _mm256_add_epi32(d, _mm256_madd_epi16(acc[r][i][l], _mm256_set1_epi16(int16_t(1 << (7 * (L - 1 - l))))));
+            tot[r][i] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(d), _mm256_broadcast_ss(sx + i * G * 4)), ws, tot[r][i]);
+          }
         }
       }
     }
-    w4l_store_block_avx2<MR>(p, q, kr, n, m0, tot, Y, ldy);
+    for (int r = 0; r < R; ++r) w4l_store_block_avx2<MR>(p, q, kr, n + r, m0, tot[r], Y, ldy);
   }
+  if (R > 1 && n < n1) w4l_rows16_avx2<MR, L, CS, 1>(p, q, kr, n, n1, m0, Y, ldy);
 }
 
 // chunks per span for nc chunks per group
@@ -665,13 +690,13 @@ inline int w4_span16(int64_t nc) {
 
 using RowsFn = void (*)(const W4&, const Limbs&, const KRange&, int64_t, int64_t, int64_t, float*, int64_t);
 
-template <int L>
+template <int L, int R>
 RowsFn w4_rows16_fn(int cs) {
   switch (cs) {
-    case 1: return &w4l_rows16_avx2<1, L, 1>;
-    case 2: return &w4l_rows16_avx2<1, L, 2>;
-    case 3: return &w4l_rows16_avx2<1, L, 3>;
-    default: return &w4l_rows16_avx2<1, L, 4>;
+    case 1: return &w4l_rows16_avx2<1, L, 1, R>;
+    case 2: return &w4l_rows16_avx2<1, L, 2, R>;
+    case 3: return &w4l_rows16_avx2<1, L, 3, R>;
+    default: return &w4l_rows16_avx2<1, L, 4, R>;
   }
 }
 
@@ -947,9 +972,9 @@ FASTKERN_AVX512VNNI void w4l_rows1_avx512(const W4& p, const Limbs& q, const KRa
 // 0.89x, 4096 x 6144 0.96x; bf16 (two limbs) 4096 x 14336 0.93x, 2048 x 28672 0.84x,
 // 4096 x 11008 0.90x, 4096 x 8192 0.90x; g = 32 fp32 4096 x 4096 (48 KiB) 0.95x. Three
 // rows per step measured within 3% of four.
-// FASTKERN_W4A16_ROWS4_KB overrides the bound (0: always four rows), read per call.
+// FASTKERN_W4A16_MULTIROW_KB overrides the bound here and kW4Rows2Avx2Bytes (0: always
+// several rows), read per call.
 constexpr int64_t kW4Rows4Bytes = 16 << 10;
-inline int64_t w4_rows4_bytes() { return env_knob("FASTKERN_W4A16_ROWS4_KB", kW4Rows4Bytes >> 10) << 10; }
 
 template <int L>
 FASTKERN_AVX512VNNI void w4l_rows4_avx512(const W4& p, const Limbs& q, const KRange& kr, int64_t n0, int64_t n1,
@@ -1095,7 +1120,7 @@ void w4l_gemv(const W4& p, const Limbs& q, int64_t M, int64_t N, float* Y) {
   // kGemvRows is a multiple of every NR (and win of rb), so the tiling of a row never
   // depends on the thread split or the windows
   const bool rows1 = V512 && M == 1 && p.g <= CW && rows512_enabled();
-  const bool rows4 = rows1 && gb * L * CW >= w4_rows4_bytes();
+  const bool rows4 = rows1 && gb * L * CW >= w4_multirow_bytes(kW4Rows4Bytes);
   parallel_rows(N, kGemvRows, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t n0 = r0; n0 < r1; n0 += win) {
       const int64_t n1 = std::min(r1, n0 + win);
@@ -1145,7 +1170,9 @@ void w4l_gemv16_avx2(const W4& p, const Limbs& q, int64_t M, int64_t N, float* Y
   // tiles vs one row): m = 3 / 8: 6.8 / 16.6 ms against 5.4 / 13.3; 4096x4096 m = 4 / 12:
   // 1.45 / 4.6 against 0.99 / 3.6; bf16 m = 8: 8.2 against 7.3. Pairs (g = 32): m = 4 11 vs
   // 9.6, m = 12 16 vs 18 (kept at 3).
-  const RowsFn f1 = pair ? &w4l_rows16p_avx2<1, L> : w4_rows16_fn<L>(cs);
+  const RowsFn f1 = pair ? &w4l_rows16p_avx2<1, L> : w4_rows16_fn<L, 1>(cs);
+  const bool rows2 = !pair && M == 1 && gbu * q.nc * L * CW >= w4_multirow_bytes(kW4Rows2Avx2Bytes);
+  const RowsFn f1m = rows2 ? w4_rows16_fn<L, 2>(cs) : f1;
   const RowsFn f2 = pair ? &w4l_rows16p_avx2<2, L> : nullptr;
   const RowsFn f3 = pair ? &w4l_rows16p_avx2<3, L> : nullptr;
   const int64_t mr_max = pair ? 3 : 1;
@@ -1153,7 +1180,7 @@ void w4l_gemv16_avx2(const W4& p, const Limbs& q, int64_t M, int64_t N, float* Y
     for (int64_t g0 = 0; g0 < p.G; g0 += gb) {
       const KRange kr{g0, std::min(p.G, g0 + gb), g0 == 0, p.w + N * p.ldw, pf_rows};
       if (M == 1) {
-        f1(p, q, kr, n0, n1, 0, Y, N);
+        f1m(p, q, kr, n0, n1, 0, Y, N);
         continue;
       }
       for (int64_t nb = n0; nb < n1; nb += rb) {
