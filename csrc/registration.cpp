@@ -67,12 +67,22 @@ pybind11::dict cpu_features() {
   return d;
 }
 
+pybind11::dict cpu_l1d() {
+  const auto& f = fastkern::cpu::features();
+  pybind11::dict d;
+  d["ways"] = f.l1d_ways;
+  d["sets"] = f.l1d_sets;
+  d["line"] = f.l1d_line;
+  return d;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastkern native kernels (ops are registered under torch.ops.fastkern_C)";
   m.def("build_info", &build_info, "How this extension was built");
   m.def("cpu_features", &cpu_features, "CPU features detected at run time");
+  m.def("cpu_l1d", &cpu_l1d, "The L1 data cache's geometry the kernels plan for (ways, sets, line bytes)");
   m.def(
       "set_cpu_isa",
       [](const std::string& name) { fastkern::cpu::set_isa(fastkern::cpu::parse_isa(name)); },

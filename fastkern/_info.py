@@ -39,6 +39,7 @@ def info_dict() -> dict:
         d["cuda_archs"] = b["cuda_archs"].split(";") if b["cuda_archs"] else []
         d["cpu_features"] = [k for k, v in _ext._C.cpu_features().items() if v]
         d["cpu_isa"] = _ext._C.cpu_isa()
+        d["cpu_l1d"] = dict(_ext._C.cpu_l1d())
     try:
         import triton
 
@@ -68,8 +69,10 @@ def info(file=None) -> dict:
     if d["native_extension"]:
         lines.append("native extension: built against torch %s with %s" % (d["built_against_torch"], d["compiler"]))
         lines.append("CUDA kernels: %s" % ("archs " + ", ".join(d["cuda_archs"]) if d["built_with_cuda"] else "not built"))
-        lines.append("CPU: %s, %d threads; features: %s; kernel path: %s"
-                     % (d["cpu_model"], d["cpu_count"], " ".join(d["cpu_features"]) or "baseline", d["cpu_isa"]))
+        l1 = d["cpu_l1d"]
+        lines.append("CPU: %s, %d threads; features: %s; kernel path: %s; L1d %d KiB %d-way"
+                     % (d["cpu_model"], d["cpu_count"], " ".join(d["cpu_features"]) or "baseline", d["cpu_isa"],
+                        l1["ways"] * l1["sets"] * l1["line"] // 1024, l1["ways"]))
     else:
         lines.append("native extension: NOT available (%s); reference backend only" % d["native_extension_error"])
         lines.append("CPU: %s, %d threads" % (d["cpu_model"], d["cpu_count"]))

@@ -234,6 +234,35 @@ def test_gemm_blocked_k_passes_same_result_for_1_and_2_threads(gen, isa):
     assert torch.equal(one, two)
 
 
+@needs_cpu
+@pytest.mark.parametrize("isa", cpu_isas(), indirect=True)
+@pytest.mark.parametrize("row_stride", [1024, 1040, 3072])
+def test_gemm_a_in_place_or_packed_bitwise_identical(gen, isa, monkeypatch, row_stride):
+    """fp32 A with unit stride along K is read in place by the AVX-512 blocked GEMM unless its
+    rows alias in the L1 (1024 and 3072 floats: every row in one set; 1040: one set apart), where
+    it is packed. Both, forced by FASTKERN_GEMM_A_IN_PLACE, and the default must give the same
+    bits (the same products in the same order) and match the reference; full and partial
+    12-row slivers, a partial last 32-column sliver and a short last KC block."""
+    m, n, k = 12 * 25 + 5, 32 * 3 + 7, 3 * 192 + 40
+    a = torch.randn(m, row_stride, generator=gen)[:, :k]
+    b = torch.randn(n, k, generator=gen)
+    monkeypatch.setenv("FASTKERN_SKINNY_MAX_M", "0")
+    outs = {}
+    for knob in ("-1", "0", "1"):
+        monkeypatch.setenv("FASTKERN_GEMM_A_IN_PLACE", knob)
+        outs[knob] = torch.ops.fastkern_C.gemm(a, b)
+    assert_close_rel(outs["-1"], ops.gemm_ref(a, b), torch.float32)
+    assert torch.equal(outs["0"], outs["-1"]) and torch.equal(outs["1"], outs["-1"])
+
+
+@needs_cpu
+def test_cpu_l1d_geometry():
+    """The L1 data cache the kernels plan for: read from sysfs, or 8 ways x 64 sets x 64 bytes."""
+    g = _ext._C.cpu_l1d()
+    assert g["ways"] >= 1 and g["sets"] >= 1 and g["line"] in (32, 64, 128, 256)
+    assert 8 * 1024 <= g["ways"] * g["sets"] * g["line"] <= 4 * 1024 * 1024
+
+
 def _gemv_threshold_ms():
     return sorted({1, 3, 7} | {g + d for g in GEMV_MAX_M.values() for d in (0, 1)} | {200})
 

@@ -1,6 +1,7 @@
 #include "cpu/isa.h"
 
 #include <atomic>
+#include <cstdio>
 #include <cstdlib>
 #include <stdexcept>
 
@@ -36,8 +37,38 @@ bool detect_amx_int8() {
 #endif
 }
 
+// The first line of the sysfs file `name` of cpu0's cache `index` into buf; false where unreadable.
+bool cache_file(int index, const char* name, char* buf, int size) {
+  char path[128];
+  std::snprintf(path, sizeof(path), "/sys/devices/system/cpu/cpu0/cache/index%d/%s", index, name);
+  FILE* fp = std::fopen(path, "r");
+  if (fp == nullptr) return false;
+  const bool ok = std::fgets(buf, size, fp) != nullptr;
+  std::fclose(fp);
+  return ok;
+}
+
+int cache_value(int index, const char* name) {
+  char buf[32] = {};
+  return cache_file(index, name, buf, sizeof(buf)) ? std::atoi(buf) : 0;
+}
+
+// The level-1 data cache among cpu0's caches; the defaults stay where sysfs lacks it.
+void detect_l1d(Features& f) {
+  for (int i = 0; i < 8; ++i) {
+    char type[32] = {};
+    if (cache_value(i, "level") != 1 || !cache_file(i, "type", type, sizeof(type))) continue;
+    if (std::string(type).rfind("Data", 0) != 0) continue;
+    const int ways = cache_value(i, "ways_of_associativity"), sets = cache_value(i, "number_of_sets"),
+              line = cache_value(i, "coherency_line_size");
+    if (ways > 0 && sets > 0 && line > 0) f.l1d_ways = ways, f.l1d_sets = sets, f.l1d_line = line;
+    return;
+  }
+}
+
 Features detect() {
   Features f;
+  detect_l1d(f);
 #if FASTKERN_X86
   __builtin_cpu_init();
   f.avx = __builtin_cpu_supports("avx");

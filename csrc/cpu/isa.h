@@ -50,6 +50,9 @@ struct Features {
   // AMX-TILE + AMX-INT8 on the CPU, enabled by the OS (XCR0) and granted to this process
   // (arch_prctl ARCH_REQ_XCOMP_PERM, asked for once at detection)
   bool amx_int8 = false;
+  // The L1 data cache's geometry (Linux sysfs, cpu0); where it cannot be read, the smallest
+  // of the x86 cores in use (8 ways, 64 sets of 64-byte lines: 32 KiB).
+  int l1d_ways = 8, l1d_sets = 64, l1d_line = 64;
 };
 
 // ordered: a path includes what the ones below it use (isa >= Isa::Avx2 holds for avx2vnni)
