@@ -620,9 +620,19 @@ FASTKERN_AVX2 inline void w4l_store_block_avx2(const W4& p, const Limbs& q, cons
 // beyond L3, alternating in one process, medians of 8 rounds): fp32 4096 x 14336 (43 KiB)
 // 0.92-0.93x the time, 2048 x 28672 0.90-0.91x; bf16 2048 x 28672 (56 KiB) 0.90x; but fp32
 // 4096 x 11008 (33 KiB) 1.05-1.10x, bf16 4096 x 14336 (28 KiB) 1.00x, 4096 x 4096 1.03x.
+// Those were on a 48 KiB L1d (Xeon). On 2 Zen 4 cores (32 KiB L1d; four runs of 5-13 rounds)
+// R = 2 cost instead: fp32 4096 x 14336 1.03-1.08x the time of R = 1, 2048 x 28672
+// 1.01-1.13x, bf16 2048 x 28672 1.03x; so R = 2 is taken only where the L1d holds 48 KiB or
+// more (FASTKERN_W4A16_MULTIROW_KB, when set, decides on any L1d).
 constexpr int64_t kW4Rows2Avx2Bytes = 40 << 10;
+constexpr int64_t kW4Rows2Avx2MinL1d = 48 << 10;
 inline int64_t w4_multirow_bytes(int64_t bound) {
   return env_knob("FASTKERN_W4A16_MULTIROW_KB", bound >> 10) << 10;
+}
+inline int64_t w4_rows2_avx2_bytes() {
+  const Features& f = features();
+  const bool big_l1d = int64_t(f.l1d_ways) * f.l1d_sets * f.l1d_line >= kW4Rows2Avx2MinL1d;
+  return w4_multirow_bytes(big_l1d ? kW4Rows2Avx2Bytes : int64_t(1) << 50);
 }
 template <int MR, int L, int CS, int R = 1>
 FASTKERN_AVX2 void w4l_rows16_avx2(const W4& p, const Limbs& q, const KRange& kr, int64_t n0, int64_t n1, int64_t m0,
@@ -1171,7 +1181,7 @@ void w4l_gemv16_avx2(const W4& p, const Limbs& q, int64_t M, int64_t N, float* Y
   // 1.45 / 4.6 against 0.99 / 3.6; bf16 m = 8: 8.2 against 7.3. Pairs (g = 32): m = 4 11 vs
   // 9.6, m = 12 16 vs 18 (kept at 3).
   const RowsFn f1 = pair ? &w4l_rows16p_avx2<1, L> : w4_rows16_fn<L, 1>(cs);
-  const bool rows2 = !pair && M == 1 && gbu * q.nc * L * CW >= w4_multirow_bytes(kW4Rows2Avx2Bytes);
+  const bool rows2 = !pair && M == 1 && gbu * q.nc * L * CW >= w4_rows2_avx2_bytes();
   const RowsFn f1m = rows2 ? w4_rows16_fn<L, 2>(cs) : f1;
   const RowsFn f2 = pair ? &w4l_rows16p_avx2<2, L> : nullptr;
   const RowsFn f3 = pair ? &w4l_rows16p_avx2<3, L> : nullptr;
