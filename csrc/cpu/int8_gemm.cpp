@@ -229,6 +229,7 @@ FASTKERN_VNNI512 void gemv_vnni(const int8_t* A, int64_t lda, const int32_t* asu
                                 const float* sx = nullptr, const double* ws = nullptr) {
   const __m512i flip = _mm512_set1_epi8(char(0x80));
   const int64_t K256 = K & ~int64_t(255);
+  const bool pf_l1 = gemv_prefetch_l1();
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* w = W + n * K;
     __m512i s[MR][4];
@@ -236,7 +237,7 @@ FASTKERN_VNNI512 void gemv_vnni(const int8_t* A, int64_t lda, const int32_t* asu
       for (int u = 0; u < 4; ++u) s[i][u] = _mm512_setzero_si512();
     int64_t k = 0;
     for (; k < K256; k += 256) {
-      for (int u = 0; u < 4; ++u) _mm_prefetch(reinterpret_cast<const char*>(w + k + 64 * u + kVnniAhead), _MM_HINT_T0);
+      for (int u = 0; u < 4; ++u) prefetch_stream(w + k + 64 * u + kVnniAhead, pf_l1);
       for (int u = 0; u < 4; ++u) {
         const __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(w + k + 64 * u), flip);
         for (int i = 0; i < MR; ++i)
@@ -246,7 +247,7 @@ FASTKERN_VNNI512 void gemv_vnni(const int8_t* A, int64_t lda, const int32_t* asu
     for (; k < K; k += 64) {
       const int64_t nb = std::min<int64_t>(64, K - k);
       const __mmask64 mk = nb == 64 ? ~__mmask64(0) : (__mmask64(1) << nb) - 1;
-      _mm_prefetch(reinterpret_cast<const char*>(w + k + kVnniAhead), _MM_HINT_T0);
+      prefetch_stream(w + k + kVnniAhead, pf_l1);
       // masked-off bytes become 0x80 (128) and meet zero activations
       const __m512i wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, w + k), flip);
       for (int i = 0; i < MR; ++i) s[i][0] = dpbusd_inplace(s[i][0], wv, _mm512_loadu_si512(A + i * lda + k));
@@ -1097,6 +1098,7 @@ template <int MR>
 FASTKERN_AVX512 void gemv_w8f_avx512(const float* X, int64_t ldx, const int8_t* W, int64_t K, float* Y, int64_t ldy,
                                      int64_t n0, int64_t n1) {
   const int64_t K64 = K & ~int64_t(63);
+  const bool pf_l1 = gemv_prefetch_l1();
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* w = W + n * K;
     __m512 s[MR][4];
@@ -1104,7 +1106,7 @@ FASTKERN_AVX512 void gemv_w8f_avx512(const float* X, int64_t ldx, const int8_t* 
       for (int u = 0; u < 4; ++u) s[i][u] = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k < K64; k += 64) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + k + kVnniAhead), _MM_HINT_T0);
+      prefetch_stream(w + k + kVnniAhead, pf_l1);
       for (int u = 0; u < 4; ++u) {
         const __m512 wv = _mm512_cvtepi32_ps(
             _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k + 16 * u))));
@@ -1537,6 +1539,7 @@ FASTKERN_AVX2 void gemv_w8f_stream_avx2(const float* X, int64_t ldx, const int8_
                                         int64_t ldy, int64_t n0, int64_t n1) {
   constexpr int U = MR == 1 ? 8 : 4;  // FMA chains in flight: 8 for one row of x
   const int64_t K64 = K & ~int64_t(63);
+  const bool pf_l1 = gemv_prefetch_l1();
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* w = W + n * K;
     __m256 s[MR][U];
@@ -1544,7 +1547,7 @@ FASTKERN_AVX2 void gemv_w8f_stream_avx2(const float* X, int64_t ldx, const int8_
       for (int u = 0; u < U; ++u) s[i][u] = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k < K64; k += 64) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + k + kW8fAhead), _MM_HINT_T0);
+      prefetch_stream(w + k + kW8fAhead, pf_l1);
       for (int u = 0; u < 8; ++u) {
         const __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + k + 8 * u))));
         for (int i = 0; i < MR; ++i)
@@ -1640,6 +1643,7 @@ FASTKERN_AVX2 void gemv_s16_avx2(const int16_t* A, int64_t lda, const int8_t* W,
                                  int64_t n1, const VnniOut& o, int64_t ldo) {
   constexpr int U = MR <= 3 ? 4 : 2;
   const int64_t K64 = K & ~int64_t(63);
+  const bool pf_l1 = gemv_prefetch_l1();
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* w = W + n * K;
     __m256i s[MR][U];
@@ -1647,7 +1651,7 @@ FASTKERN_AVX2 void gemv_s16_avx2(const int16_t* A, int64_t lda, const int8_t* W,
       for (int u = 0; u < U; ++u) s[i][u] = _mm256_setzero_si256();
     int64_t k = 0;
     for (; k < K64; k += 64) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + k + kA2Ahead), _MM_HINT_T0);
+      prefetch_stream(w + k + kA2Ahead, pf_l1);
       for (int u = 0; u < 4; ++u) {
         const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k + 16 * u)));
         for (int i = 0; i < MR; ++i)

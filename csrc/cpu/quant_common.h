@@ -141,6 +141,30 @@ inline at::Tensor finish(at::Tensor out, const c10::optional<at::Tensor>& bias, 
   return out.reshape(out_shape(x, n));
 }
 
+// Where the int8-weight GEMVs' software prefetch of their weight stream (a few KB ahead)
+// puts the lines: into L1 (T0) where the L1d holds 48 KiB or more, else into L2 (T1). On a
+// 32 KiB L1d the lines prefetched into L1 evict the rows of x that every weight row meets
+// again (2 Zen 4 cores, W8A8 M = 1 on the AVX2 GEMV, 8 KB ahead, weights beyond L3, 7 rounds
+// alternating in one process: L2 against L1 0.70-0.86x the time at 4096 x 4096, 11008 x 4096
+// and 4096 x 14336, 0.85-0.95x at M = 4; W8A16 M = 1 on the AVX2 stream GEMV 0.68-0.71x; W8A8
+// M = 1 on the AVX-512 VNNI GEMV 0.91-0.96x; W8A16 on AVX-512 0.98-1.02x); on the Zen 5 and
+// Xeon hosts (48 KiB) L1 was the measured choice. FASTKERN_GEMV_PF_L1 (1: L1, 0: L2; read per
+// call) overrides.
+inline bool gemv_prefetch_l1() {
+  const int64_t knob = env_knob("FASTKERN_GEMV_PF_L1", -1);
+  if (knob >= 0) return knob != 0;
+  const Features& f = features();
+  return int64_t(f.l1d_ways) * f.l1d_sets * f.l1d_line >= (48 << 10);
+}
+#if FASTKERN_X86
+inline void prefetch_stream(const void* p, bool l1) {
+  if (l1)
+    _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
+  else
+    _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1);
+}
+#endif
+
 // Rows [0, n) split over threads in units of `unit` rows (so tile boundaries
 // never depend on the thread count).
 template <class F>
