@@ -279,6 +279,7 @@ FASTKERN_VNNI512 void gemv_vnni_kb(const int8_t* xp, const int8_t* W, int64_t K,
   const int64_t kend = std::min(k1, K);
   const int64_t kfull = k0 + ((kend - k0) & ~int64_t(64 * U - 1));
   const char* pf = pf_io;
+  const bool pf_l1 = !pf_end && gemv_prefetch_l1();
   for (int64_t n = n0; n + NR <= n1; n += NR) {
     const int8_t* w = W + n * K;
     const int8_t* x = xp + k0 * MR;
@@ -291,7 +292,7 @@ FASTKERN_VNNI512 void gemv_vnni_kb(const int8_t* xp, const int8_t* W, int64_t K,
       if (!pf_end) {  // one K block: along each row, kVnniAhead bytes ahead
         for (int j = 0; j < NR; ++j)
           for (int u = 0; u < U; ++u)
-            _mm_prefetch(reinterpret_cast<const char*>(w + j * K + k + 64 * u + kVnniAhead), _MM_HINT_T0);
+            prefetch_stream(w + j * K + k + 64 * u + kVnniAhead, pf_l1);
       } else if (pf < pf_end) {
         for (int u = 0; u < NR * U; ++u) _mm_prefetch(pf + 64 * u, _MM_HINT_T1);
         pf += 64 * NR * U;
@@ -1212,9 +1213,10 @@ FASTKERN_AVX512 void gemv_w8f_tile_avx512(const float* X, int64_t ldx, const int
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
   const int8_t* w = W + n * K;
   const __mmask16 all = static_cast<__mmask16>(0xFFFF);
+  const bool pf_l1 = gemv_prefetch_l1();
   int64_t k = 0;
   for (; k < K64; k += 64) {
-    for (int j = 0; j < NR; ++j) _mm_prefetch(reinterpret_cast<const char*>(w + j * K + k + kVnniAhead), _MM_HINT_T0);
+    for (int j = 0; j < NR; ++j) prefetch_stream(w + j * K + k + kVnniAhead, pf_l1);
     w8f_tile_step<MR, NR, false>(acc, X, ldx, w, K, k, all);
     w8f_tile_step<MR, NR, false>(acc, X, ldx, w, K, k + 16, all);
     w8f_tile_step<MR, NR, false>(acc, X, ldx, w, K, k + 32, all);

@@ -147,7 +147,8 @@ inline at::Tensor finish(at::Tensor out, const c10::optional<at::Tensor>& bias, 
 // again (2 Zen 4 cores, W8A8 M = 1 on the AVX2 GEMV, 8 KB ahead, weights beyond L3, 7 rounds
 // alternating in one process: L2 against L1 0.70-0.86x the time at 4096 x 4096, 11008 x 4096
 // and 4096 x 14336, 0.85-0.95x at M = 4; W8A16 M = 1 on the AVX2 stream GEMV 0.68-0.71x; W8A8
-// M = 1 on the AVX-512 VNNI GEMV 0.91-0.96x; W8A16 on AVX-512 0.98-1.02x); on the Zen 5 and
+// M = 1 on the AVX-512 VNNI GEMV 0.91-0.96x; W8A16 M = 1-4 on AVX-512 and W8A8 M = 8 on the
+// AVX-512 row GEMV 0.96-1.03x, neutral); on the Zen 5 and
 // Xeon hosts (48 KiB) L1 was the measured choice. FASTKERN_GEMV_PF_L1 (1: L1, 0: L2; read per
 // call) overrides.
 inline bool gemv_prefetch_l1() {
