@@ -589,15 +589,7 @@ inline void prefetch_l1(const float* p) {
 inline bool a_in_place(int64_t lda, int rows) {
   const int64_t knob = env_knob("FASTKERN_GEMM_A_IN_PLACE", -1);
   if (knob >= 0) return knob != 0;
-  const Features& f = features();
-  const int64_t line_of_row = lda * static_cast<int64_t>(sizeof(float)) / f.l1d_line;
-  int most = 0;
-  for (int i = 0; i < rows; ++i) {
-    int same = 0;
-    for (int j = 0; j < rows; ++j) same += (i * line_of_row - j * line_of_row) % f.l1d_sets == 0;
-    most = std::max(most, same);
-  }
-  return most <= f.l1d_ways;
+  return !rows_alias_in_l1(lda * static_cast<int64_t>(sizeof(float)), rows);
 }
 
 // K rows of B packed per pass: one packing region and one compute region per

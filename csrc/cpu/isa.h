@@ -73,6 +73,23 @@ inline int64_t env_knob(const char* name, int64_t fallback) {
   return e && *e ? std::atoll(e) : fallback;
 }
 
+// The most of `rows` streams, `stride` bytes apart, whose lines at one position fall into
+// one L1d set (features().l1d_*): where it exceeds the L1d's ways, a kernel that reads all of
+// them at every step keeps evicting its own lines (a stride of a multiple of 4 KiB puts them
+// all in one set on the x86 cores in use).
+inline int rows_per_l1_set(int64_t stride, int rows) {
+  const Features& f = features();
+  const int64_t line_of_row = stride / f.l1d_line;
+  int most = 0;
+  for (int i = 0; i < rows; ++i) {
+    int same = 0;
+    for (int j = 0; j < rows; ++j) same += (i - j) * line_of_row % f.l1d_sets == 0;
+    most = same > most ? same : most;
+  }
+  return most;
+}
+inline bool rows_alias_in_l1(int64_t stride, int rows) { return rows_per_l1_set(stride, rows) > features().l1d_ways; }
+
 #if FASTKERN_HAVE_AMX
 // Loads the tile configuration the AMX kernels use: all eight tiles 16 rows x 64 bytes. The
 // configuration and the tile state are per thread: a thread loads it before its first tile
