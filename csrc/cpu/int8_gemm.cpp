@@ -435,8 +435,10 @@ void gemm_vnni_rows_nr(const int8_t* Ap, const int8_t* W, int64_t K, int64_t k40
 // bytes apart: where 12 such rows alias in the L1 (K a multiple of 4 KiB on an 8-way L1d:
 // every row's line in one set), tiles of 6 rows. Measured on 2 Zen 4 cores (32 KiB 8-way L1d;
 // W8A8, weights beyond L3, 7 rounds alternating in one process), 6 against 12 rows: 4096 x 4096
-// M = 16 / 32 0.67x / 0.83x the time, 11008 x 4096 0.66x / 0.79x. (A 12-way L1, as on the Xeon
-// host, holds the 12 lines.) FASTKERN_INT8_TILE_ROWS (6 or 12; read per call) forces one.
+// M = 16 / 32 0.67x / 0.83x the time, 11008 x 4096 0.66x / 0.79x. Without aliasing 12 rows
+// won at K = 1024 / 2112 / 6000 (6 rows 1.05-1.10x the time) and lost a little at K = 11008 /
+// 14336 (6 rows 0.92-0.95x), so only aliasing decides. (A 12-way L1, as on the Xeon host,
+// holds the 12 lines.) FASTKERN_INT8_TILE_ROWS (6 or 12; read per call) forces one.
 template <int VM>
 void gemm_vnni_rows(const int8_t* Ap, const int8_t* W, int64_t K, int64_t k40, int64_t k41, int32_t* CT,
                     int64_t ldct, int64_t n0, int64_t n1, bool acc, const char* pf, const char* pf_end) {
