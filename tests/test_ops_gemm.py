@@ -397,6 +397,26 @@ def test_gemm_bf16_dot_every_tail(gen):
 
 @needs_cpu
 @needs_bf16_dot
+@pytest.mark.parametrize("m", [16, 32, 33])
+def test_gemm_bf16_tile_rows_bitwise_identical(gen, monkeypatch, m):
+    """The bf16 tile GEMM reading b's rows in place runs register tiles of 12 weight rows, or 6
+    where 12 rows alias in the L1 (K = 2048 bf16: rows 4 KiB apart); FASTKERN_TILE_ROWS forces
+    either. Every output is one chain over k in order, so 6, 12 and the default give the same
+    bits, all matching the reference; N leaves tile tails of both sizes."""
+    monkeypatch.setenv("FASTKERN_GEMM_BF16_MIN_M", "1")
+    for n, k in ((61, 2048), (29, 1040)):
+        a = torch.randn(m, k, generator=gen).bfloat16()
+        b = torch.randn(n, k, generator=gen).bfloat16()
+        outs = {}
+        for rows in ("0", "6", "12"):
+            monkeypatch.setenv("FASTKERN_TILE_ROWS", rows)
+            outs[rows] = torch.ops.fastkern_C.gemm(a, b)
+        assert_close_rel(outs["0"], ops.gemm_ref(a, b), torch.bfloat16)
+        assert torch.equal(outs["6"], outs["0"]) and torch.equal(outs["12"], outs["0"])
+
+
+@needs_cpu
+@needs_bf16_dot
 @pytest.mark.usefixtures("bf16_path")
 def test_gemm_bf16_dot_layouts(gen):
     """Non-contiguous and transposed a, a and b with a row stride above K (rows of a wider

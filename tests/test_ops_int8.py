@@ -336,13 +336,13 @@ def isa_or_skip(name):
 def test_vnni_gemm_tile_rows(m, rows, gen, monkeypatch):
     # The AVX-512 VNNI GEMM with one or two vectors of x rows runs tiles of 12 weight rows, or of
     # 6 where 12 rows K bytes apart alias in the L1 (K = 4096 on an 8-way L1d);
-    # FASTKERN_INT8_TILE_ROWS forces either. Exact for every K (aliasing or not, with a K % 4
+    # FASTKERN_TILE_ROWS forces either. Exact for every K (aliasing or not, with a K % 4
     # tail), tile tails (n % 6, n % 12) and both.
     isa_or_skip("avx512")
     monkeypatch.setenv("FASTKERN_INT8_WV_MAX_M", "0")
     monkeypatch.setenv("FASTKERN_INT8_ROW_MAX_M", "0")
     if rows != "auto":
-        monkeypatch.setenv("FASTKERN_INT8_TILE_ROWS", rows)
+        monkeypatch.setenv("FASTKERN_TILE_ROWS", rows)
     with cpu_isa("avx512"):
         for n, k in ((7, 4096), (53, 4096), (101, 1040), (30, 4099)):
             check_int8_exact(gen, m, n, k)

@@ -438,13 +438,11 @@ void gemm_vnni_rows_nr(const int8_t* Ap, const int8_t* W, int64_t K, int64_t k40
 // M = 16 / 32 0.67x / 0.83x the time, 11008 x 4096 0.66x / 0.79x. Without aliasing 12 rows
 // won at K = 1024 / 2112 / 6000 (6 rows 1.05-1.10x the time) and lost a little at K = 11008 /
 // 14336 (6 rows 0.92-0.95x), so only aliasing decides. (A 12-way L1, as on the Xeon host,
-// holds the 12 lines.) FASTKERN_INT8_TILE_ROWS (6 or 12; read per call) forces one.
+// holds the 12 lines.) FASTKERN_TILE_ROWS (6 or 12; read per call) forces one (tile_gemm.h: six_row_tiles).
 template <int VM>
 void gemm_vnni_rows(const int8_t* Ap, const int8_t* W, int64_t K, int64_t k40, int64_t k41, int32_t* CT,
                     int64_t ldct, int64_t n0, int64_t n1, bool acc, const char* pf, const char* pf_end) {
-  const int64_t knob = env_knob("FASTKERN_INT8_TILE_ROWS", 0);
-  const bool six = VM >= 3 || knob == 6 || (knob != 12 && rows_alias_in_l1(K, 12));
-  if (six)
+  if (VM >= 3 || tiles::six_row_tiles(K))
     gemm_vnni_rows_nr<VM, 6>(Ap, W, K, k40, k41, CT, ldct, n0, n1, acc, pf, pf_end);
   else
     gemm_vnni_rows_nr<VM, (VM >= 3 ? 6 : 12)>(Ap, W, K, k40, k41, CT, ldct, n0, n1, acc, pf, pf_end);
@@ -1309,7 +1307,7 @@ FASTKERN_AVX512 void w8f_tile(const float* Xp, const float* P, int64_t ldp, int6
 template <int VM>
 void w8f_rows(const float* Xp, const float* P, int64_t ldp, int64_t rows, int64_t kc, float* CT, int64_t ldct,
               bool acc, const char* const* pf, int64_t npf) {
-  panel_rows<VM>(rows, kc, pf, npf, [&](auto nr, int64_t r, const char* const* p, int64_t np, int64_t mask) {
+  panel_rows<VM>(rows, kc, ldp * 4, pf, npf, [&](auto nr, int64_t r, const char* const* p, int64_t np, int64_t mask) {
     w8f_tile<decltype(nr)::value, VM>(Xp, P + r * ldp, ldp, kc, CT + r * ldct, ldct, acc, p, np, mask);
   });
 }

@@ -119,13 +119,25 @@ void transpose_all(const float* CT, int64_t ldct, int64_t M, int64_t N, Y_t* Y, 
 constexpr int64_t kF32KC = 512;     // K columns per panel (96 rows x 512 x 4 B = 192 KB)
 constexpr int64_t kF32TaskRows = 96;
 
-// The rows of a panel in register tiles of NR weight rows (6 when VM >= 3, else 12), then
-// one by one, with the prefetch lines [pf, pf + npf) of the next task spread evenly over the
-// tiles (one every step k steps): tile(integral_constant<int, rows of the tile>, first row,
-// its prefetch lines, how many, step - 1).
-template <int VM, class Tile>
-void panel_rows(int64_t rows, int64_t ksteps, const char* const* pf, int64_t npf, const Tile& tile) {
-  constexpr int NR = VM >= 3 ? 6 : 12;
+// Register tiles of 6 weight rows instead of 12 (one or two vectors of x) where 12 rows
+// `row_bytes` apart alias in the L1 (rows_alias_in_l1: a stride of a multiple of 4 KiB on an
+// 8-way L1d puts every row's line in one set, and each step reads all 12). Measured on 2 Zen 4
+// cores (32 KiB 8-way L1d; alternating in one process, weights beyond L3): the bf16 GEMM
+// reading 4096 x 4096 / 11008 x 4096 bf16 rows in place (8 KiB apart), 6 against 12 rows, M =
+// 16 0.70x the time, M = 32 0.91-0.92x; the VNNI GEMM in int8_gemm.cpp 0.66-0.83x.
+// FASTKERN_TILE_ROWS (6 or 12; read per call) forces one.
+inline bool six_row_tiles(int64_t row_bytes) {
+  const int64_t knob = env_knob("FASTKERN_TILE_ROWS", 0);
+  return knob == 6 || (knob != 12 && rows_alias_in_l1(row_bytes, 12));
+}
+
+// The rows of a panel in register tiles of NR weight rows (6 when VM >= 3 or six_row_tiles,
+// else 12), then one by one, with the prefetch lines [pf, pf + npf) of the next task spread
+// evenly over the tiles (one every step k steps): tile(integral_constant<int, rows of the
+// tile>, first row, its prefetch lines, how many, step - 1). row_bytes: the row stride of what
+// the tiles read.
+template <int VM, int NR, class Tile>
+void panel_rows_nr(int64_t rows, int64_t ksteps, const char* const* pf, int64_t npf, const Tile& tile) {
   const int64_t tiles = std::max<int64_t>(1, rows / NR + rows % NR);
   const int64_t lines = std::max<int64_t>(1, (npf + tiles - 1) / tiles);
   int64_t step = 1;
@@ -139,6 +151,14 @@ void panel_rows(int64_t rows, int64_t ksteps, const char* const* pf, int64_t npf
   };
   for (; r + NR <= rows; r += NR) run(std::integral_constant<int, NR>{});
   for (; r < rows; ++r) run(std::integral_constant<int, 1>{});
+}
+template <int VM, class Tile>
+void panel_rows(int64_t rows, int64_t ksteps, int64_t row_bytes, const char* const* pf, int64_t npf,
+                const Tile& tile) {
+  if (VM >= 3 || six_row_tiles(row_bytes))
+    panel_rows_nr<VM, 6>(rows, ksteps, pf, npf, tile);
+  else
+    panel_rows_nr<VM, (VM >= 3 ? 6 : 12)>(rows, ksteps, pf, npf, tile);
 }
 
 // pfl = the cache lines of the weight W (row stride ldw) that a task of the transposed-tile
@@ -198,7 +218,7 @@ FASTKERN_AVX512BF16 void bf16_tile(const uint32_t* Xp, const uint32_t* P, int64_
 template <int VM>
 void bf16_rows(const uint32_t* Xp, const uint32_t* P, int64_t ldp, int64_t rows, int64_t kc2, float* CT,
                int64_t ldct, bool acc, const char* const* pf, int64_t npf) {
-  panel_rows<VM>(rows, kc2, pf, npf, [&](auto nr, int64_t r, const char* const* p, int64_t np, int64_t mask) {
+  panel_rows<VM>(rows, kc2, ldp * 4, pf, npf, [&](auto nr, int64_t r, const char* const* p, int64_t np, int64_t mask) {
     bf16_tile<decltype(nr)::value, VM>(Xp, P + r * ldp, ldp, kc2, CT + r * ldct, ldct, acc, p, np, mask);
   });
 }
