@@ -56,6 +56,15 @@ def assert_close_elementwise(out, a, b, dtype):
     assert bool((diff <= bound).all()), "max excess %.3g" % (diff - bound).max().item()
 
 
+def gemm_by_knob(monkeypatch, name, values, a, b):
+    """{value: gemm(a, b) with the environment knob `name` set to it}"""
+    outs = {}
+    for v in values:
+        monkeypatch.setenv(name, v)
+        outs[v] = torch.ops.fastkern_C.gemm(a, b)
+    return outs
+
+
 def make_x(shape_lead, k, dtype, gen, layout):
     """x [*shape_lead, K] laid out as `layout`: contiguous, 3-D or non-contiguous."""
     m = 1
@@ -247,10 +256,7 @@ def test_gemm_a_in_place_or_packed_bitwise_identical(gen, isa, monkeypatch, row_
     a = torch.randn(m, row_stride, generator=gen)[:, :k]
     b = torch.randn(n, k, generator=gen)
     monkeypatch.setenv("FASTKERN_SKINNY_MAX_M", "0")
-    outs = {}
-    for knob in ("-1", "0", "1"):
-        monkeypatch.setenv("FASTKERN_GEMM_A_IN_PLACE", knob)
-        outs[knob] = torch.ops.fastkern_C.gemm(a, b)
+    outs = gemm_by_knob(monkeypatch, "FASTKERN_GEMM_A_IN_PLACE", ("-1", "0", "1"), a, b)
     assert_close_rel(outs["-1"], ops.gemm_ref(a, b), torch.float32)
     assert torch.equal(outs["0"], outs["-1"]) and torch.equal(outs["1"], outs["-1"])
 
@@ -407,10 +413,7 @@ def test_gemm_bf16_tile_rows_bitwise_identical(gen, monkeypatch, m):
     for n, k in ((61, 2048), (29, 1040)):
         a = torch.randn(m, k, generator=gen).bfloat16()
         b = torch.randn(n, k, generator=gen).bfloat16()
-        outs = {}
-        for rows in ("0", "6", "12"):
-            monkeypatch.setenv("FASTKERN_TILE_ROWS", rows)
-            outs[rows] = torch.ops.fastkern_C.gemm(a, b)
+        outs = gemm_by_knob(monkeypatch, "FASTKERN_TILE_ROWS", ("0", "6", "12"), a, b)
         assert_close_rel(outs["0"], ops.gemm_ref(a, b), torch.bfloat16)
         assert torch.equal(outs["6"], outs["0"]) and torch.equal(outs["12"], outs["0"])
 

@@ -630,9 +630,7 @@ inline int64_t w4_multirow_bytes(int64_t bound) {
   return env_knob("FASTKERN_W4A16_MULTIROW_KB", bound >> 10) << 10;
 }
 inline int64_t w4_rows2_avx2_bytes() {
-  const Features& f = features();
-  const bool big_l1d = int64_t(f.l1d_ways) * f.l1d_sets * f.l1d_line >= kW4Rows2Avx2MinL1d;
-  return w4_multirow_bytes(big_l1d ? kW4Rows2Avx2Bytes : int64_t(1) << 50);
+  return w4_multirow_bytes(features().l1d_bytes() >= kW4Rows2Avx2MinL1d ? kW4Rows2Avx2Bytes : int64_t(1) << 50);
 }
 template <int MR, int L, int CS, int R = 1>
 FASTKERN_AVX2 void w4l_rows16_avx2(const W4& p, const Limbs& q, const KRange& kr, int64_t n0, int64_t n1, int64_t m0,

@@ -442,10 +442,9 @@ void gemm_vnni_rows_nr(const int8_t* Ap, const int8_t* W, int64_t K, int64_t k40
 template <int VM>
 void gemm_vnni_rows(const int8_t* Ap, const int8_t* W, int64_t K, int64_t k40, int64_t k41, int32_t* CT,
                     int64_t ldct, int64_t n0, int64_t n1, bool acc, const char* pf, const char* pf_end) {
-  if (VM >= 3 || tiles::six_row_tiles(K))
-    gemm_vnni_rows_nr<VM, 6>(Ap, W, K, k40, k41, CT, ldct, n0, n1, acc, pf, pf_end);
-  else
-    gemm_vnni_rows_nr<VM, (VM >= 3 ? 6 : 12)>(Ap, W, K, k40, k41, CT, ldct, n0, n1, acc, pf, pf_end);
+  tiles::with_tile_rows<VM>(K, [&](auto nr) {
+    gemm_vnni_rows_nr<VM, decltype(nr)::value>(Ap, W, K, k40, k41, CT, ldct, n0, n1, acc, pf, pf_end);
+  });
 }
 
 // ------------------------------------------------------------------ AMX (the amx path)

@@ -53,6 +53,7 @@ struct Features {
   // The L1 data cache's geometry (Linux sysfs, cpu0); where it cannot be read, the smallest
   // of the x86 cores in use (8 ways, 64 sets of 64-byte lines: 32 KiB).
   int l1d_ways = 8, l1d_sets = 64, l1d_line = 64;
+  int64_t l1d_bytes() const { return int64_t(l1d_ways) * l1d_sets * l1d_line; }
 };
 
 // ordered: a path includes what the ones below it use (isa >= Isa::Avx2 holds for avx2vnni)

@@ -154,8 +154,7 @@ inline at::Tensor finish(at::Tensor out, const c10::optional<at::Tensor>& bias, 
 inline bool gemv_prefetch_l1() {
   const int64_t knob = env_knob("FASTKERN_GEMV_PF_L1", -1);
   if (knob >= 0) return knob != 0;
-  const Features& f = features();
-  return int64_t(f.l1d_ways) * f.l1d_sets * f.l1d_line >= (48 << 10);
+  return features().l1d_bytes() >= (48 << 10);
 }
 #if FASTKERN_X86
 inline void prefetch_stream(const void* p, bool l1) {

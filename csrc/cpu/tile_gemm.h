@@ -130,6 +130,18 @@ inline bool six_row_tiles(int64_t row_bytes) {
   const int64_t knob = env_knob("FASTKERN_TILE_ROWS", 0);
   return knob == 6 || (knob != 12 && rows_alias_in_l1(row_bytes, 12));
 }
+// f(integral_constant<int, NR>): NR = 6 for VM >= 3 vectors of x or six_row_tiles, else 12
+template <int VM, class F>
+void with_tile_rows(int64_t row_bytes, const F& f) {
+  if constexpr (VM >= 3) {
+    f(std::integral_constant<int, 6>{});
+  } else {
+    if (six_row_tiles(row_bytes))
+      f(std::integral_constant<int, 6>{});
+    else
+      f(std::integral_constant<int, 12>{});
+  }
+}
 
 // The rows of a panel in register tiles of NR weight rows (6 when VM >= 3 or six_row_tiles,
 // else 12), then one by one, with the prefetch lines [pf, pf + npf) of the next task spread
@@ -155,10 +167,7 @@ void panel_rows_nr(int64_t rows, int64_t ksteps, const char* const* pf, int64_t 
 template <int VM, class Tile>
 void panel_rows(int64_t rows, int64_t ksteps, int64_t row_bytes, const char* const* pf, int64_t npf,
                 const Tile& tile) {
-  if (VM >= 3 || six_row_tiles(row_bytes))
-    panel_rows_nr<VM, 6>(rows, ksteps, pf, npf, tile);
-  else
-    panel_rows_nr<VM, (VM >= 3 ? 6 : 12)>(rows, ksteps, pf, npf, tile);
+  with_tile_rows<VM>(row_bytes, [&](auto nr) { panel_rows_nr<VM, decltype(nr)::value>(rows, ksteps, pf, npf, tile); });
 }
 
 // pfl = the cache lines of the weight W (row stride ldw) that a task of the transposed-tile
