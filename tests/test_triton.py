@@ -34,6 +34,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:Runtim
 
 from fastkern.triton import _weightonly, autotune, gemm as tgemm, sparse as tsparse  # noqa: E402
 from fastkern.triton import quantize_per_token  # noqa: E402
+from triton.runtime.errors import OutOfResources  # noqa: E402
 
 DT_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 DTYPES = [pytest.param(d, id=DT_IDS[d]) for d in FLOAT_DTYPES]
@@ -463,14 +464,20 @@ def test_gpu_every_candidate_config_is_correct(case, gen):
     seen = {}
     for cfg in candidates(key):
         seen.setdefault(tuple(sorted((k, v) for k, v in cfg.items() if k not in ("num_warps", "num_stages"))), cfg)
+    ran = 0
     for cfg in seen.values():
-        with tuner.force(cfg):
-            out = run_triton(op, args)
+        try:
+            with tuner.force(cfg):
+                out = run_triton(op, args)
+        except OutOfResources:  # the tuner skips a config this GPU cannot launch (shared memory)
+            continue
+        ran += 1
         if op == "int8_gemm":
             assert torch.equal(out, ref), cfg
         else:
             assert out.shape == ref.shape
             assert rel_err(out, ref) <= tol(torch.float16), cfg
+    assert ran > 0, "no candidate of %s could launch on this GPU" % op
 
 
 @pytest.mark.cuda

@@ -15,7 +15,7 @@ def quantize_int8(w: torch.Tensor):
         )
     wf = w.detach().float()
     absmax = wf.abs().amax(dim=1)
-    scale = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
+    scale = torch.where(absmax > 0, absmax / torch.full_like(absmax, 127.0), torch.ones_like(absmax))  # see quantize_per_token
     q = torch.round(wf / scale[:, None]).clamp_(-127, 127).to(torch.int8)
     return q, scale
 
@@ -37,7 +37,9 @@ def quantize_per_token(x: torch.Tensor):
     xf = x.float()
     absmax = xf.abs().amax(dim=-1, keepdim=True) if xf.shape[-1] > 0 else xf.new_zeros(xf.shape[:-1] + (1,))
     finite = torch.isfinite(absmax)
-    scale = absmax / 127.0
+    # a tensor divisor: torch on CUDA turns division by a Python scalar into a
+    # multiplication by its reciprocal, which is not absmax / 127 for every absmax
+    scale = absmax / torch.full_like(absmax, 127.0)
     safe = torch.where(finite & (scale > 0), scale, torch.ones_like(scale))
     q = torch.round(xf / safe).clamp_(-127, 127)
     q = torch.where(finite, q, torch.zeros_like(q)).to(torch.int8)

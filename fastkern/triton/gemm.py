@@ -54,7 +54,8 @@ def _tiled_kernel(
         a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0)
         b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0)
         if ACC_INT:
-            acc = tl.dot(a, b, acc)
+            # out_dtype named: Triton 3.6 asserts acc's dtype against it (default float32)
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         else:
             acc = dot_acc(a, b, acc, DOT_PRECISION, DOT_UPCAST)
         a_ptrs += BLOCK_K * stride_ak
