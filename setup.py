@@ -116,6 +116,30 @@ def extension():
     )
 
 
+def _load_elf_check():
+    # fastkern/_elf.py by path: importing the package here would try to load the extension
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_fastkern_elf", os.path.join(ROOT, "fastkern", "_elf.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.cxx_runtime_problem
+
+
+class BuildExt(cpp_extension.BuildExtension.with_options(use_ninja=True)):
+    """torch's build, then a refusal of an extension that carries a private copy of the C++
+    runtime (a compiler toolset other than the system's can link one in; see fastkern/_elf.py):
+    its kernels would work, but its error messages would crash the process."""
+
+    def run(self):
+        super().run()
+        check = _load_elf_check()
+        for ext in self.extensions:
+            problem = check(self.get_ext_fullpath(ext.name))
+            if problem:
+                raise RuntimeError("fastkern build: " + problem)
+
+
 def torch_requirement():
     # The binary is tied to the torch it was compiled against; pin it so pip
     # does not pair this build with another torch.
@@ -126,5 +150,5 @@ setup(
     version=read_version(),
     install_requires=[torch_requirement(), "numpy"],
     ext_modules=[extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExt},
 )

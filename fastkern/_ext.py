@@ -4,6 +4,8 @@ import warnings
 
 import torch
 
+from fastkern._elf import cxx_runtime_problem
+
 _C = None
 LOAD_ERROR = None
 
@@ -59,6 +61,17 @@ if _C is not None:
         _C = None
         LOAD_ERROR = "built against torch %s but running torch %s" % (_built, torch.__version__)
         raise ImportError(_mismatch_message(_built))
+
+# A private copy of the C++ runtime inside _C (see fastkern/_elf.py): the kernels compute
+# correctly, but their error messages can crash the process, so say so once, at import.
+CXX_RUNTIME_PROBLEM = None
+if _C is not None:
+    try:
+        CXX_RUNTIME_PROBLEM = cxx_runtime_problem(_C.__file__)
+    except OSError:
+        pass
+    if CXX_RUNTIME_PROBLEM:
+        warnings.warn("fastkern: " + CXX_RUNTIME_PROBLEM, RuntimeWarning, stacklevel=2)
 
 
 @functools.lru_cache(maxsize=None)

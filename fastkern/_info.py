@@ -35,6 +35,7 @@ def info_dict() -> dict:
         b = _ext._C.build_info()
         d["built_against_torch"] = b["torch_version"]
         d["compiler"] = b["compiler"]
+        d["cxx_runtime_problem"] = _ext.CXX_RUNTIME_PROBLEM
         d["built_with_cuda"] = b["with_cuda"]
         d["cuda_archs"] = b["cuda_archs"].split(";") if b["cuda_archs"] else []
         d["cpu_features"] = [k for k, v in _ext._C.cpu_features().items() if v]
@@ -68,6 +69,8 @@ def info(file=None) -> dict:
     lines = ["fastkern %s (torch %s, python %s)" % (d["fastkern"], d["torch"], d["python"])]
     if d["native_extension"]:
         lines.append("native extension: built against torch %s with %s" % (d["built_against_torch"], d["compiler"]))
+        if d["cxx_runtime_problem"]:
+            lines.append("WARNING: " + d["cxx_runtime_problem"])
         lines.append("CUDA kernels: %s" % ("archs " + ", ".join(d["cuda_archs"]) if d["built_with_cuda"] else "not built"))
         l1 = d["cpu_l1d"]
         lines.append("CPU: %s, %d threads; features: %s; kernel path: %s; L1d %d KiB %d-way"

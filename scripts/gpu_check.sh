@@ -32,8 +32,9 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton
 export CUDA_HOME=${CUDA_HOME:-$(cd /tmp && nvcc -v --dryrun -c x.cu 2>&1 | sed -n 's/^#\$ TOP=//p')}
 # A compiler whose libstdc++ differs from the system's one that torch loads can link
 # its own copy of the C++ runtime into the extension (seen on the H200 image with
-# /opt/gcc's gcc-toolset: formatting an error message then segfaults). Prefer the
-# system compiler; GPU_CHECK_KEEP_CXX=1 keeps the environment's.
+# /opt/gcc's gcc-toolset: formatting an error message then segfaults; setup.py now
+# refuses such a build, fastkern/_elf.py). Prefer the system compiler;
+# GPU_CHECK_KEEP_CXX=1 keeps the environment's.
 if [ -z "${GPU_CHECK_KEEP_CXX:-}" ] && [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ]; then
     export CXX=/usr/bin/g++ CC=/usr/bin/gcc
 fi
@@ -47,8 +48,6 @@ rc=$?
 grep -E "spill|registers" "$OUT/build.log" | head -5
 if (( rc != 0 )); then tail -60 "$OUT/build.log"; echo "== build failed (rc $rc) after $(elapsed) s"; exit 1; fi
 echo "== built after $(elapsed) s"
-ldd fastkern/_C*.so | grep -q "libstdc++.so" \
-    || echo "WARNING: fastkern/_C*.so does not load libstdc++.so: it carries its own copy of the C++ runtime (see bench/results/gpu-h200.md)"
 $PY -m fastkern info
 
 workers=${WORKERS:-8}
