@@ -17,7 +17,15 @@ _DT_NULL, _DT_NEEDED = 0, 1
 
 def needed_libraries(path):
     """DT_NEEDED names of the 64-bit little-endian ELF file at ``path``, in order; None when the
-    file is not such an ELF object or has no dynamic section (nothing can be said about it)."""
+    file is not such an ELF object, is truncated or malformed, or has no dynamic section
+    (nothing can be said about it)."""
+    try:
+        return _needed(path)
+    except (struct.error, IndexError):
+        return None
+
+
+def _needed(path):
     with open(path, "rb") as f:
         head = f.read(64)
         if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:
@@ -28,6 +36,8 @@ def needed_libraries(path):
             return None
         f.seek(shoff)
         table = f.read(shentsize * shnum)
+        if len(table) < shentsize * shnum:
+            return None
         sections = []  # (type, file offset, size, link)
         for i in range(shnum):
             _, typ, _, _, offset, size, link = struct.unpack_from("<IIQQQQI", table, i * shentsize)
@@ -41,6 +51,8 @@ def needed_libraries(path):
         _, str_offset, str_size, _ = sections[link]
         f.seek(str_offset)
         strings = f.read(str_size)
+        if len(entries) < size or len(strings) < str_size:
+            return None
     names = []
     for j in range(0, len(entries) - 15, 16):
         tag, value = struct.unpack_from("<qQ", entries, j)

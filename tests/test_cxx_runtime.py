@@ -53,6 +53,17 @@ def test_not_an_elf_object_says_nothing(tmp_path):
         assert _elf.cxx_runtime_problem(str(f)) is None
 
 
+def test_truncated_elf_says_nothing(tmp_path):
+    lib = _shared_object(tmp_path, "shared.so", [])
+    data = open(lib, "rb").read()
+    assert _elf.needed_libraries(lib)  # whole: readable
+    for cut in (64, len(data) // 2, len(data) - 8):
+        f = tmp_path / "cut.so"
+        f.write_bytes(data[:cut])
+        assert _elf.needed_libraries(str(f)) is None
+        assert _elf.cxx_runtime_problem(str(f)) is None
+
+
 @pytest.mark.skipif(_C is None, reason="fastkern._C is not built")
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ELF check: Linux only")
 def test_this_build_loads_the_shared_runtime():
