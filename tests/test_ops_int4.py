@@ -14,7 +14,9 @@ dequantized ((q - z) * s) weight slivers, skinny_gemm up to m = 256, blocked_gem
 every ISA path this CPU runs, and check that the thread count does not change a
 single bit. On AVX2 (no VNNI) groups of a multiple of 64, and g = 32 in pairs, take a
 GEMV that sums the byte products in int16 over spans of up to 4 chunks
-(FASTKERN_W4A16_AVX2_SPAN16=0 keeps the per-row tile for them; both are tested).
+(FASTKERN_W4A16_AVX2_SPAN16=0 keeps the per-row tile for them; both are tested). fp32 x at
+4 <= m <= 16 with groups of a multiple of 16 takes dequantizing fp32 FMA tiles there instead
+(test_avx2_fp32_tiles; FASTKERN_W4A16_TILE_MAX_M=0 keeps the limbs, as the limb tests do).
 """
 import pytest
 import torch
@@ -243,6 +245,44 @@ def test_avx512_fp32_tiles(m, gen, monkeypatch):
     assert_close_rel(torch.cat(outs), torch.cat(refs), torch.float32)
 
 
+@NATIVE
+@pytest.mark.parametrize("isa", ["avx2", "avx2vnni"])
+@pytest.mark.parametrize("m", [4, 5, 7, 8, 9, 13, 16, 17])
+def test_avx2_fp32_tiles(isa, m, gen, monkeypatch):
+    # AVX2 (and AVX2 + AVX-VNNI, which runs the same W4A16 code), fp32 x, 4 <= m <= 16,
+    # g % 16 == 0: the dequantizing FMA tiles (4 rows of x x 2 weight rows, passes of at most
+    # 4 rows spread evenly: 5 = 3 + 2, 7 = 4 + 3, 9 = 3 + 3 + 3, 13 = 4 + 3 + 3 + 3), a
+    # single-row tile for an odd n, 16 weights per 8-byte load (g = 16, 48: odd multiples of
+    # 16), x permuted per 16 columns into padded rows. Against the reference (the same
+    # dequantized fp32 weights), 1 and 2 threads bitwise equal; FASTKERN_W4A16_TILE_MAX_M=0 (the
+    # limbs) within the contract too; m = 17 is past the tiles (the GEMM), and
+    # FASTKERN_W4A16_TILE_MAX_M=64 takes it to them. bf16 / fp16 x keep the limbs.
+    why = isa_skip_reason(isa)
+    if why:
+        pytest.skip(why)
+    outs, refs = [], []
+    with cpu_isa(isa):
+        for n, k, g in ((1, 16, 16), (3, 96, 48), (5, 256, 32), (9, 384, 128), (70, 1024, 128), (13, 4096, 64)):
+            x = torch.randn(m, k, generator=gen)
+            w, s, z = make_w4(gen, n, k, g, symmetric=n % 2 == 0)
+            ref = ops.linear_w4a16_ref(x, w, s, z, g, None)
+            for top in (None, "64") if m > 16 else (None,):
+                if top:
+                    monkeypatch.setenv("FASTKERN_W4A16_TILE_MAX_M", top)
+                one, two = on_1_and_2_threads(native, x, w, s, z, g, None)
+                assert torch.equal(one, two), (n, k, g)
+                assert_close_rel(two, ref, torch.float32, factor=100)
+                outs.append(two.flatten())
+                refs.append(ref.flatten())
+            monkeypatch.setenv("FASTKERN_W4A16_TILE_MAX_M", "0")
+            assert_close_rel(native(x, w, s, z, g, None), ref, torch.float32, factor=100)
+            monkeypatch.delenv("FASTKERN_W4A16_TILE_MAX_M")
+            for dtype in (torch.bfloat16, torch.float16):
+                xh = x.to(dtype)
+                assert_close_rel(native(xh, w, s, z, g, None), ops.linear_w4a16_ref(xh, w, s, z, g, None), dtype)
+    assert_close_rel(torch.cat(outs), torch.cat(refs), torch.float32)
+
+
 AVX2 = pytest.mark.skipif(_C is not None and isa_skip_reason("avx2") is not None,
                           reason="this CPU cannot run the avx2 path")
 SPAN16 = [pytest.param("1", id="span16"), pytest.param("0", id="tile")]
@@ -271,6 +311,7 @@ def test_avx2_gemv_groups_of_64(span16, dtype, gen, monkeypatch):
         monkeypatch.setenv("FASTKERN_W4A16_MULTIROW_KB", "0")
     monkeypatch.setenv("FASTKERN_W4A16_AVX2_SPAN16", "0" if span16 == "0" else "1")
     monkeypatch.setenv("FASTKERN_W4A16_LIMB_MAX_M", "65")  # the limbs also above the AVX2 default (16)
+    monkeypatch.setenv("FASTKERN_W4A16_TILE_MAX_M", "0")  # and at fp32 m = 4..16 (the tiles' range)
     monkeypatch.setenv("FASTKERN_W4A16_WHOLE_K_KB", "0")  # K blocks (test_gemv_k_blocks_windows_and_whole_k: one)
     outs, refs = [], []
     with cpu_isa("avx2"):
@@ -319,6 +360,7 @@ def test_gemv_k_blocks_windows_and_whole_k(isa, dtype, gen, monkeypatch):
     # - Whole K (both limb GEMVs: one K block while the limbs of all m rows fit in
     #   FASTKERN_W4A16_WHOLE_K_KB, 768 by default): the default and 0 (always blocks) both
     #   against the reference.
+    monkeypatch.setenv("FASTKERN_W4A16_TILE_MAX_M", "0")  # the limbs at m = 5, 16 (not the fp32 tiles)
     outs, refs = [], []
     with cpu_isa(isa):
         for m, n, k, g in ((1, 37, 12800, 128), (1, 21, 12800, 32), (1, 11, 12800, 50), (3, 13, 12800, 64),

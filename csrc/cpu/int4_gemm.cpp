@@ -27,7 +27,8 @@
 // With AVX-512, fp32 x at 6 <= M <= 64 and fp16 x (bf16 x without AVX512-BF16) above the limbs
 // up to 64 (groups of a multiple of 16): fp32 FMA tiles over weights
 // dequantized in registers by a 16-entry table per row and group ("GEMV tiles: fp32 FMA"; NaN
-// and inf in x propagate through the FMAs as in the reference).
+// and inf in x propagate through the FMAs as in the reference). On AVX2, fp32 x at 4 <= M <= 16
+// (groups of a multiple of 16): the same tiles, each weight converted and scaled in registers.
 //
 // Larger M, the generic path, and inputs holding NaN, inf or |x| > 1e30 on the limb and bf16
 // paths: the fp32 GEMM of
@@ -1318,6 +1319,98 @@ void w4f_gemv_avx512(const W4& p, const float* X, int64_t ldx, int64_t M, int64_
   });
 }
 
+// The same tiles on AVX2 (fp32 x, groups of a multiple of 16): 16 weights of a row are one
+// 8-byte zero-extending load to 8 dword lanes (byte t in lane t), the even-k nibbles an AND,
+// the odd-k ones a shift, each converted to fp32 and made (q - z) * s by a subtract and a
+// multiply (the reference's operations: bit-identical weights; AVX2's vpermps holds 8 entries,
+// not 16). x is permuted to match once per call (per 16 columns: k = 0, 2, .., 14, then 1, 3,
+// .., 15), its rows 64-byte aligned and a cache line beyond a multiple of 4 KiB apart. One
+// accumulator per output summed over k in order, as on AVX-512: the result depends neither on
+// the tile shape nor on the thread split.
+FASTKERN_AVX2 inline void w4f_deq16_avx2(const uint8_t* b, __m256 z, __m256 s, __m256& lo, __m256& hi) {
+  const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b)));
+  lo = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15))), z), s);
+  hi = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), z), s);
+}
+
+// MR rows of x (fp32, permuted, row stride ldx) x weight rows [n, n + NR) -> Y[i * ldy + n + j]
+template <int MR, int NR>
+FASTKERN_AVX2 void w4f_tile_avx2(const W4& p, const float* X, int64_t ldx, int64_t n, float* Y, int64_t ldy) {
+  __m256 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
+  const int64_t g = p.g, hb = g / 2;
+  for (int64_t gi = 0; gi < p.G; ++gi) {
+    __m256 zv[NR], sv[NR];
+    const uint8_t* wg[NR];
+    for (int j = 0; j < NR; ++j) {
+      zv[j] = _mm256_set1_ps(float(p.z[(n + j) * p.G + gi]));
+      sv[j] = _mm256_set1_ps(p.s[(n + j) * p.G + gi]);
+      wg[j] = p.w + (n + j) * p.ldw + gi * hb;
+    }
+    const float* xg = X + gi * g;
+    for (int64_t c = 0; c < g; c += 16) {
+      if (c % 128 == 0)
+        for (int j = 0; j < NR; ++j) _mm_prefetch(reinterpret_cast<const char*>(wg[j] + c / 2 + kPrefetchL2), _MM_HINT_T0);
+      __m256 wl[NR], wh[NR];
+      for (int j = 0; j < NR; ++j) w4f_deq16_avx2(wg[j] + c / 2, zv[j], sv[j], wl[j], wh[j]);
+      for (int i = 0; i < MR; ++i) {
+        const __m256 xl = _mm256_load_ps(xg + i * ldx + c), xh = _mm256_load_ps(xg + i * ldx + c + 8);
+        for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(xl, wl[j], acc[i][j]);
+        for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(xh, wh[j], acc[i][j]);
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) Y[i * ldy + n + j] = gemm::hsum8(acc[i][j]);
+}
+
+// x [M, K] (row stride ldx, K a multiple of 16) -> xp (row stride lxp): each 16 columns as
+// (0, 2, .., 14, 1, 3, .., 15)
+FASTKERN_AVX2 void w4f_permute_x_avx2(const float* X, int64_t ldx, int64_t M, int64_t K, float* xp, int64_t lxp) {
+  const __m256i idx = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; k += 16) {
+      // a = (0, 2, 4, 6 | 1, 3, 5, 7), b = (8, 10, 12, 14 | 9, 11, 13, 15)
+      const __m256 a = _mm256_permutevar8x32_ps(_mm256_loadu_ps(X + m * ldx + k), idx);
+      const __m256 b = _mm256_permutevar8x32_ps(_mm256_loadu_ps(X + m * ldx + k + 8), idx);
+      _mm256_storeu_ps(xp + m * lxp + k, _mm256_permute2f128_ps(a, b, 0x20));
+      _mm256_storeu_ps(xp + m * lxp + k + 8, _mm256_permute2f128_ps(a, b, 0x31));
+    }
+}
+
+template <int MR>
+void w4f_tiles_avx2(const W4& p, const float* X, int64_t ldx, int64_t n0, int64_t n1, float* Y, int64_t ldy) {
+  int64_t n = n0;
+  for (; n + 2 <= n1; n += 2) w4f_tile_avx2<MR, 2>(p, X, ldx, n, Y, ldy);
+  if (n < n1) w4f_tile_avx2<MR, 1>(p, X, ldx, n, Y, ldy);
+}
+
+// Y [M, N] = X [M, K] x dequantized W^T: passes of at most 4 rows of x (tiles of 4 x rows x 2
+// weight rows: 8 accumulators, 4 weight vectors; 16 x loads per 16 FMAs, from memory operands)
+// over each thread's row blocks. Tried (fp32, 2 threads, weights beyond L3, alternating):
+// 5 x 2 ran as fast, 3 x 3 / 8 x 1 / 6 x 1 at 1.05-1.5x the time; K blocks holding the x rows
+// in L1 (8-32 KiB) 1.0-1.25x; the group scale applied per group to a second set of
+// accumulators instead of per weight (one multiply less per 8 weights) needs 16 accumulators.
+void w4f_gemv_avx2(const W4& p, const float* X, int64_t ldx, int64_t M, int64_t N, float* Y) {
+  const int64_t K = 2 * p.ldw, lxp = K + 16;
+  at::Tensor xpt = at::empty({M * lxp}, at::kFloat);  // 64-byte aligned: no x load crosses a line
+  float* xp = xpt.data_ptr<float>();
+  w4f_permute_x_avx2(X, ldx, M, K, xp, lxp);
+  parallel_row_blocks(N, 16, 8, p.ldw, (M + 3) / 4, [&](int64_t n0, int64_t n1) {
+    for_each_pass(M, 4, [&](int64_t m0, int64_t mr) {
+      float* y = Y + m0 * N;
+      const float* x = xp + m0 * lxp;
+      switch (mr) {
+        case 1: w4f_tiles_avx2<1>(p, x, lxp, n0, n1, y, N); break;
+        case 2: w4f_tiles_avx2<2>(p, x, lxp, n0, n1, y, N); break;
+        case 3: w4f_tiles_avx2<3>(p, x, lxp, n0, n1, y, N); break;
+        default: w4f_tiles_avx2<4>(p, x, lxp, n0, n1, y, N); break;
+      }
+    });
+  });
+}
+
 // The M range of the tiles (AVX-512, groups of a multiple of 16): fp32 x from kW4TileMinM;
 // bf16 / fp16 x above the limbs' range (two limbs cost less: bf16 11008 x 4096 M = 4 / 8 1.2
 // / 2.4 ms against 1.7 / 2.7, M = 16..40 the same), where the tiles beat the fp32 GEMM: bf16
@@ -1330,12 +1423,32 @@ void w4f_gemv_avx512(const W4& p, const float* X, int64_t ldx, int64_t M, int64_
 // 4096 x 4096 M = 4 / 8 / 16: 0.60 / 0.89 / 1.58 against 0.57 / 0.90 / 1.79.
 // FASTKERN_W4A16_TILE_MAX_M overrides the top (0: off), read on every call (A/B, tests).
 constexpr int64_t kW4TileMaxM = 64;
-inline bool use_w4f_tiles(int64_t M, int64_t g, bool fp32_x) {
+inline int64_t w4f_tile_max_m(int64_t fallback) {
   const char* e = std::getenv("FASTKERN_W4A16_TILE_MAX_M");
-  const int64_t top = e && *e ? std::atoll(e) : kW4TileMaxM;
-  const int64_t lo = fp32_x ? kW4TileMinM : std::max(kW4TileMinM, limb_max_m(false, features().avx512vnni, g) + 1);
-  return active_isa() >= Isa::Avx512 && g % 16 == 0 && M >= lo && M <= top;
+  return e && *e ? std::atoll(e) : fallback;
 }
+inline bool use_w4f_tiles(int64_t M, int64_t g, bool fp32_x) {
+  const int64_t lo = fp32_x ? kW4TileMinM : std::max(kW4TileMinM, limb_max_m(false, features().avx512vnni, g) + 1);
+  return active_isa() >= Isa::Avx512 && g % 16 == 0 && M >= lo && M <= w4f_tile_max_m(kW4TileMaxM);
+}
+
+// AVX2 (and AVX2 + AVX-VNNI, whose W4A16 runs the AVX2 code): fp32 x from 4 to 16 rows, where
+// the three-limb GEMV and the fp32 GEMM cost more. Measured (fp32 x, g = 128, 2 threads,
+// weights beyond L3, one process, alternating; ms, tiles against the default before them:
+// the limbs to m = 16, the GEMM above): 4096 x 4096 m = 2 / 4 / 8 / 16 / 32 / 64: 0.75 /
+// 1.04 / 2.07 / 4.0 / 7.9 / 19.0 against 0.59 / 1.39 / 2.27 / 4.5 / 7.9 / 14.1; 4096 x 11008
+// m = 4 / 8 / 16 / 32: 3.35 / 6.9 / 10.6 / 29.9 against 4.34 / 7.75 / 13.5 / 24.9; 4096 x
+// 14336 m = 4 / 12 / 16 / 24: 4.0 / 11.5 / 14.3 / 20.9 against 4.8 / 14.5 / 18.3 / 21.3;
+// 11008 x 4096 m = 4 / 16: 2.97 / 11.1 against 3.34 / 12.3. bf16 x keeps its two limbs (the
+// tiles 1.10-1.19x their time at m = 4..16). FASTKERN_W4A16_TILE_MAX_M moves the top here too.
+constexpr int64_t kW4TileMinMAvx2 = 4;
+constexpr int64_t kW4TileMaxMAvx2 = 16;
+inline bool use_w4f_tiles_avx2(int64_t M, int64_t g, bool fp32_x) {
+  const Isa isa = active_isa();
+  return isa >= Isa::Avx2 && isa < Isa::Avx512 && fp32_x && g % 16 == 0 && M >= kW4TileMinMAvx2 &&
+         M <= w4f_tile_max_m(kW4TileMaxMAvx2);
+}
+
 
 // ------------------------------------------------------------------ GEMV: bf16 dot products (AVX512-BF16)
 //
@@ -1840,6 +1953,10 @@ at::Tensor linear_w4a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
 #if FASTKERN_X86
   if (use_w4f_tiles(M, group_size, x.scalar_type() == at::kFloat)) {
     w4f_gemv_avx512(p, X.data_ptr<float>(), ldx, M, N, Y.data_ptr<float>());
+    return finish(Y, bias, x, N);
+  }
+  if (use_w4f_tiles_avx2(M, group_size, x.scalar_type() == at::kFloat)) {
+    w4f_gemv_avx2(p, X.data_ptr<float>(), ldx, M, N, Y.data_ptr<float>());
     return finish(Y, bias, x, N);
   }
   if (avx2 && M <= kGemvMaxM && x.scalar_type() != at::kFloat && active_isa() >= Isa::Avx512 &&
