@@ -253,8 +253,10 @@ def test_avx2_fp32_tiles(isa, m, gen, monkeypatch):
     # g % 16 == 0: the dequantizing FMA tiles (4 rows of x x 2 weight rows, passes of at most
     # 4 rows spread evenly: 5 = 3 + 2, 7 = 4 + 3, 9 = 3 + 3 + 3, 13 = 4 + 3 + 3 + 3), a
     # single-row tile for an odd n, 16 weights per 8-byte load (g = 16, 48: odd multiples of
-    # 16), x permuted per 16 columns into padded rows. Against the reference (the same
-    # dequantized fp32 weights), 1 and 2 threads bitwise equal; FASTKERN_W4A16_TILE_MAX_M=0 (the
+    # 16), x permuted per 16 columns into padded rows; the group scale once per group (the
+    # default where |x| <= 1e30) and per weight (FASTKERN_W4A16_AVX2_TILE_FOLD=0, and the
+    # path of x holding NaN / inf / huge values: test_nan_and_inf, test_huge_activations_every_path
+    # at m = 8). Against the reference, 1 and 2 threads bitwise equal; FASTKERN_W4A16_TILE_MAX_M=0 (the
     # limbs) within the contract too; m = 17 is past the tiles (the GEMM), and
     # FASTKERN_W4A16_TILE_MAX_M=64 takes it to them. bf16 / fp16 x keep the limbs.
     why = isa_skip_reason(isa)
@@ -269,11 +271,14 @@ def test_avx2_fp32_tiles(isa, m, gen, monkeypatch):
             for top in (None, "64") if m > 16 else (None,):
                 if top:
                     monkeypatch.setenv("FASTKERN_W4A16_TILE_MAX_M", top)
-                one, two = on_1_and_2_threads(native, x, w, s, z, g, None)
-                assert torch.equal(one, two), (n, k, g)
-                assert_close_rel(two, ref, torch.float32, factor=100)
-                outs.append(two.flatten())
-                refs.append(ref.flatten())
+                for fold in ("1", "0"):  # the group scale once per group / per weight
+                    monkeypatch.setenv("FASTKERN_W4A16_AVX2_TILE_FOLD", fold)
+                    one, two = on_1_and_2_threads(native, x, w, s, z, g, None)
+                    assert torch.equal(one, two), (n, k, g, fold)
+                    assert_close_rel(two, ref, torch.float32, factor=100)
+                    outs.append(two.flatten())
+                    refs.append(ref.flatten())
+                monkeypatch.delenv("FASTKERN_W4A16_AVX2_TILE_FOLD")
             monkeypatch.setenv("FASTKERN_W4A16_TILE_MAX_M", "0")
             assert_close_rel(native(x, w, s, z, g, None), ref, torch.float32, factor=100)
             monkeypatch.delenv("FASTKERN_W4A16_TILE_MAX_M")

@@ -1333,8 +1333,11 @@ FASTKERN_AVX2 inline void w4f_deq16_avx2(const uint8_t* b, __m256 z, __m256 s, _
   hi = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), z), s);
 }
 
-// MR rows of x (fp32, permuted, row stride ldx) x weight rows [n, n + NR) -> Y[i * ldy + n + j]
-template <int MR, int NR>
+// MR rows of x (fp32, permuted, row stride ldx) x weight rows [n, n + NR) -> Y[i * ldy + n + j].
+// FOLD: the weights as (q - z) only, each group's sums in a second set of accumulators, scaled
+// by s once per group (one multiply less per 8 weights; needs |x| <= kW4MaxX so that
+// x (q - z) cannot overflow where x ((q - z) s) does not).
+template <int MR, int NR, bool FOLD>
 FASTKERN_AVX2 void w4f_tile_avx2(const W4& p, const float* X, int64_t ldx, int64_t n, float* Y, int64_t ldy) {
   __m256 acc[MR][NR];
   for (int i = 0; i < MR; ++i)
@@ -1345,68 +1348,99 @@ FASTKERN_AVX2 void w4f_tile_avx2(const W4& p, const float* X, int64_t ldx, int64
     const uint8_t* wg[NR];
     for (int j = 0; j < NR; ++j) {
       zv[j] = _mm256_set1_ps(float(p.z[(n + j) * p.G + gi]));
-      sv[j] = _mm256_set1_ps(p.s[(n + j) * p.G + gi]);
+      sv[j] = _mm256_set1_ps(FOLD ? 1.f : p.s[(n + j) * p.G + gi]);
       wg[j] = p.w + (n + j) * p.ldw + gi * hb;
     }
+    __m256 ag[MR][NR];
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NR; ++j) ag[i][j] = _mm256_setzero_ps();
     const float* xg = X + gi * g;
     for (int64_t c = 0; c < g; c += 16) {
       if (c % 128 == 0)
         for (int j = 0; j < NR; ++j) _mm_prefetch(reinterpret_cast<const char*>(wg[j] + c / 2 + kPrefetchL2), _MM_HINT_T0);
       __m256 wl[NR], wh[NR];
-      for (int j = 0; j < NR; ++j) w4f_deq16_avx2(wg[j] + c / 2, zv[j], sv[j], wl[j], wh[j]);
+      for (int j = 0; j < NR; ++j) {
+        if (FOLD) {
+          const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wg[j] + c / 2)));
+          wl[j] = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15))), zv[j]);
+          wh[j] = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), zv[j]);
+        } else {
+          w4f_deq16_avx2(wg[j] + c / 2, zv[j], sv[j], wl[j], wh[j]);
+        }
+      }
       for (int i = 0; i < MR; ++i) {
         const __m256 xl = _mm256_load_ps(xg + i * ldx + c), xh = _mm256_load_ps(xg + i * ldx + c + 8);
-        for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(xl, wl[j], acc[i][j]);
-        for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(xh, wh[j], acc[i][j]);
+        __m256(&a)[NR] = FOLD ? ag[i] : acc[i];
+        for (int j = 0; j < NR; ++j) a[j] = _mm256_fmadd_ps(xl, wl[j], a[j]);
+        for (int j = 0; j < NR; ++j) a[j] = _mm256_fmadd_ps(xh, wh[j], a[j]);
       }
     }
+    if (FOLD)
+      for (int j = 0; j < NR; ++j) {
+        const __m256 sj = _mm256_set1_ps(p.s[(n + j) * p.G + gi]);
+        for (int i = 0; i < MR; ++i) acc[i][j] = _mm256_fmadd_ps(ag[i][j], sj, acc[i][j]);
+      }
   }
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) Y[i * ldy + n + j] = gemm::hsum8(acc[i][j]);
 }
 
 // x [M, K] (row stride ldx, K a multiple of 16) -> xp (row stride lxp): each 16 columns as
-// (0, 2, .., 14, 1, 3, .., 15)
-FASTKERN_AVX2 void w4f_permute_x_avx2(const float* X, int64_t ldx, int64_t M, int64_t K, float* xp, int64_t lxp) {
+// (0, 2, .., 14, 1, 3, .., 15). Returns whether every |x| <= kW4MaxX (NaN: false).
+FASTKERN_AVX2 bool w4f_permute_x_avx2(const float* X, int64_t ldx, int64_t M, int64_t K, float* xp, int64_t lxp) {
   const __m256i idx = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+  const __m256 big = _mm256_set1_ps(kW4MaxX), sign = _mm256_set1_ps(-0.f);
+  __m256 ok = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < K; k += 16) {
+      const __m256 u = _mm256_loadu_ps(X + m * ldx + k), v = _mm256_loadu_ps(X + m * ldx + k + 8);
+      ok = _mm256_and_ps(ok, _mm256_cmp_ps(_mm256_andnot_ps(sign, u), big, _CMP_LE_OQ));
+      ok = _mm256_and_ps(ok, _mm256_cmp_ps(_mm256_andnot_ps(sign, v), big, _CMP_LE_OQ));
       // a = (0, 2, 4, 6 | 1, 3, 5, 7), b = (8, 10, 12, 14 | 9, 11, 13, 15)
-      const __m256 a = _mm256_permutevar8x32_ps(_mm256_loadu_ps(X + m * ldx + k), idx);
-      const __m256 b = _mm256_permutevar8x32_ps(_mm256_loadu_ps(X + m * ldx + k + 8), idx);
+      const __m256 a = _mm256_permutevar8x32_ps(u, idx), b = _mm256_permutevar8x32_ps(v, idx);
       _mm256_storeu_ps(xp + m * lxp + k, _mm256_permute2f128_ps(a, b, 0x20));
       _mm256_storeu_ps(xp + m * lxp + k + 8, _mm256_permute2f128_ps(a, b, 0x31));
     }
+  return _mm256_movemask_ps(ok) == 0xFF;
 }
 
-template <int MR>
+template <int MR, bool FOLD>
 void w4f_tiles_avx2(const W4& p, const float* X, int64_t ldx, int64_t n0, int64_t n1, float* Y, int64_t ldy) {
   int64_t n = n0;
-  for (; n + 2 <= n1; n += 2) w4f_tile_avx2<MR, 2>(p, X, ldx, n, Y, ldy);
-  if (n < n1) w4f_tile_avx2<MR, 1>(p, X, ldx, n, Y, ldy);
+  for (; n + 2 <= n1; n += 2) w4f_tile_avx2<MR, 2, FOLD>(p, X, ldx, n, Y, ldy);
+  if (n < n1) w4f_tile_avx2<MR, 1, FOLD>(p, X, ldx, n, Y, ldy);
+}
+
+template <bool FOLD>
+void w4f_pass_avx2(int64_t mr, const W4& p, const float* x, int64_t lxp, int64_t n0, int64_t n1, float* y, int64_t N) {
+  switch (mr) {
+    case 1: w4f_tiles_avx2<1, FOLD>(p, x, lxp, n0, n1, y, N); break;
+    case 2: w4f_tiles_avx2<2, FOLD>(p, x, lxp, n0, n1, y, N); break;
+    case 3: w4f_tiles_avx2<3, FOLD>(p, x, lxp, n0, n1, y, N); break;
+    default: w4f_tiles_avx2<4, FOLD>(p, x, lxp, n0, n1, y, N); break;
+  }
 }
 
 // Y [M, N] = X [M, K] x dequantized W^T: passes of at most 4 rows of x (tiles of 4 x rows x 2
-// weight rows: 8 accumulators, 4 weight vectors; 16 x loads per 16 FMAs, from memory operands)
-// over each thread's row blocks. Tried (fp32, 2 threads, weights beyond L3, alternating):
-// 5 x 2 ran as fast, 3 x 3 / 8 x 1 / 6 x 1 at 1.05-1.5x the time; K blocks holding the x rows
-// in L1 (8-32 KiB) 1.0-1.25x; the group scale applied per group to a second set of
-// accumulators instead of per weight (one multiply less per 8 weights) needs 16 accumulators.
+// weight rows, 16 x loads per 16 FMAs as memory operands) over each thread's row blocks. The
+// group scale is applied once per group (FOLD) where every |x| <= kW4MaxX, else per weight
+// (FASTKERN_W4A16_AVX2_TILE_FOLD=0: always per weight, for tests and A/B). Measured (fp32, 2
+// threads, weights beyond L3, alternating): FOLD 0.82-0.94x the time of per-weight scaling
+// at m = 4 / 8 / 16 on the four Llama shapes (one multiply less per 8 weights on the FMA
+// pipes: a register-only loop runs 1.54 against 1.38 FMAs per cycle). Tried: 5 x 2 as fast as
+// 4 x 2; 3 x 3 / 8 x 1 / 6 x 1 1.05-1.5x the time (one weight row per tile reads x from L2
+// for every FMA); K blocks keeping the x rows in L1 (8-32 KiB) 1.0-1.25x.
 void w4f_gemv_avx2(const W4& p, const float* X, int64_t ldx, int64_t M, int64_t N, float* Y) {
   const int64_t K = 2 * p.ldw, lxp = K + 16;
   at::Tensor xpt = at::empty({M * lxp}, at::kFloat);  // 64-byte aligned: no x load crosses a line
   float* xp = xpt.data_ptr<float>();
-  w4f_permute_x_avx2(X, ldx, M, K, xp, lxp);
+  const bool fold = w4f_permute_x_avx2(X, ldx, M, K, xp, lxp) && env_knob("FASTKERN_W4A16_AVX2_TILE_FOLD", 1);
   parallel_row_blocks(N, 16, 8, p.ldw, (M + 3) / 4, [&](int64_t n0, int64_t n1) {
     for_each_pass(M, 4, [&](int64_t m0, int64_t mr) {
-      float* y = Y + m0 * N;
-      const float* x = xp + m0 * lxp;
-      switch (mr) {
-        case 1: w4f_tiles_avx2<1>(p, x, lxp, n0, n1, y, N); break;
-        case 2: w4f_tiles_avx2<2>(p, x, lxp, n0, n1, y, N); break;
-        case 3: w4f_tiles_avx2<3>(p, x, lxp, n0, n1, y, N); break;
-        default: w4f_tiles_avx2<4>(p, x, lxp, n0, n1, y, N); break;
-      }
+      if (fold)
+        w4f_pass_avx2<true>(mr, p, xp + m0 * lxp, lxp, n0, n1, Y + m0 * N, N);
+      else
+        w4f_pass_avx2<false>(mr, p, xp + m0 * lxp, lxp, n0, n1, Y + m0 * N, N);
     });
   });
 }
