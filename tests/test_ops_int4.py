@@ -15,7 +15,7 @@ every ISA path this CPU runs, and check that the thread count does not change a
 single bit. On AVX2 (no VNNI) groups of a multiple of 64, and g = 32 in pairs, take a
 GEMV that sums the byte products in int16 over spans of up to 4 chunks
 (FASTKERN_W4A16_AVX2_SPAN16=0 keeps the per-row tile for them; both are tested). fp32 x at
-4 <= m <= 16 with groups of a multiple of 16 takes dequantizing fp32 FMA tiles there instead
+4 <= m <= 32 with groups of a multiple of 16 takes dequantizing fp32 FMA tiles there instead
 (test_avx2_fp32_tiles; FASTKERN_W4A16_TILE_MAX_M=0 keeps the limbs, as the limb tests do).
 """
 import pytest
@@ -126,7 +126,8 @@ def test_cpu_paths_and_tails(isa, dtype, m, gemv, gen, monkeypatch):
     if m % 2:
         monkeypatch.setenv("FASTKERN_W4A16_WHOLE_K_KB", "0")
     # limb GEMV up to m = 32 (fp32) / 40 (bf16) with VNNI (8 for g < 64), 16 on AVX2 without (m = 17 the
-    # GEMM there); the GEMM: skinny_gemm to m = 256, blocked_gemm at 257
+    # GEMM there; fp32 x with g % 16 == 0 takes the FMA tiles from m = 6 with AVX-512, 4 to 32 on
+    # AVX2); the GEMM: skinny_gemm to m = 256, blocked_gemm at 257
     # (limb MR x NR tiles: AVX-512 (1,1) (2,2) (3,2)
     # (4,2), AVX2 (1,2) (2,1) (3,1), so m = 5, 7, 17, 33, 41 leave every row tail; from m = 17
     # passes of several weight rows and K blocks of a few groups). bf16dot: (1,4) (2,2) (3,1) (4,1) (4,2). n 1..9: tails of the
@@ -247,9 +248,9 @@ def test_avx512_fp32_tiles(m, gen, monkeypatch):
 
 @NATIVE
 @pytest.mark.parametrize("isa", ["avx2", "avx2vnni"])
-@pytest.mark.parametrize("m", [4, 5, 7, 8, 9, 13, 16, 17])
+@pytest.mark.parametrize("m", [4, 5, 7, 8, 9, 13, 16, 17, 32, 33])
 def test_avx2_fp32_tiles(isa, m, gen, monkeypatch):
-    # AVX2 (and AVX2 + AVX-VNNI, which runs the same W4A16 code), fp32 x, 4 <= m <= 16,
+    # AVX2 (and AVX2 + AVX-VNNI, which runs the same W4A16 code), fp32 x, 4 <= m <= 32,
     # g % 16 == 0: the dequantizing FMA tiles (4 rows of x x 2 weight rows, passes of at most
     # 4 rows spread evenly: 5 = 3 + 2, 7 = 4 + 3, 9 = 3 + 3 + 3, 13 = 4 + 3 + 3 + 3), a
     # single-row tile for an odd n, 16 weights per 8-byte load (g = 16, 48: odd multiples of
@@ -257,8 +258,8 @@ def test_avx2_fp32_tiles(isa, m, gen, monkeypatch):
     # default where |x| <= 1e30) and per weight (FASTKERN_W4A16_AVX2_TILE_FOLD=0, and the
     # path of x holding NaN / inf / huge values: test_nan_and_inf, test_huge_activations_every_path
     # at m = 8). Against the reference, 1 and 2 threads bitwise equal; FASTKERN_W4A16_TILE_MAX_M=0 (the
-    # limbs) within the contract too; m = 17 is past the tiles (the GEMM), and
-    # FASTKERN_W4A16_TILE_MAX_M=64 takes it to them. bf16 / fp16 x keep the limbs.
+    # limbs to m = 16, the GEMM above) within the contract too; m = 33 is past the tiles (the
+    # GEMM), and FASTKERN_W4A16_TILE_MAX_M=64 takes it to them. bf16 / fp16 x keep the limbs.
     why = isa_skip_reason(isa)
     if why:
         pytest.skip(why)
@@ -268,7 +269,7 @@ def test_avx2_fp32_tiles(isa, m, gen, monkeypatch):
             x = torch.randn(m, k, generator=gen)
             w, s, z = make_w4(gen, n, k, g, symmetric=n % 2 == 0)
             ref = ops.linear_w4a16_ref(x, w, s, z, g, None)
-            for top in (None, "64") if m > 16 else (None,):
+            for top in (None, "64") if m > 32 else (None,):
                 if top:
                     monkeypatch.setenv("FASTKERN_W4A16_TILE_MAX_M", top)
                 for fold in ("1", "0"):  # the group scale once per group / per weight

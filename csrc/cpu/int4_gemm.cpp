@@ -27,8 +27,8 @@
 // With AVX-512, fp32 x at 6 <= M <= 64 and fp16 x (bf16 x without AVX512-BF16) above the limbs
 // up to 64 (groups of a multiple of 16): fp32 FMA tiles over weights
 // dequantized in registers by a 16-entry table per row and group ("GEMV tiles: fp32 FMA"; NaN
-// and inf in x propagate through the FMAs as in the reference). On AVX2, fp32 x at 4 <= M <= 16
-// (groups of a multiple of 16): the same tiles, each weight converted and scaled in registers.
+// and inf in x propagate through the FMAs as in the reference). On AVX2, fp32 x at 4 <= M <= 32
+// (groups of a multiple of 16): the same tiles, each weight converted in registers.
 //
 // Larger M, the generic path, and inputs holding NaN, inf or |x| > 1e30 on the limb and bf16
 // paths: the fp32 GEMM of
@@ -1466,17 +1466,19 @@ inline bool use_w4f_tiles(int64_t M, int64_t g, bool fp32_x) {
   return active_isa() >= Isa::Avx512 && g % 16 == 0 && M >= lo && M <= w4f_tile_max_m(kW4TileMaxM);
 }
 
-// AVX2 (and AVX2 + AVX-VNNI, whose W4A16 runs the AVX2 code): fp32 x from 4 to 16 rows, where
-// the three-limb GEMV and the fp32 GEMM cost more. Measured (fp32 x, g = 128, 2 threads,
-// weights beyond L3, one process, alternating; ms, tiles against the default before them:
-// the limbs to m = 16, the GEMM above): 4096 x 4096 m = 2 / 4 / 8 / 16 / 32 / 64: 0.75 /
-// 1.04 / 2.07 / 4.0 / 7.9 / 19.0 against 0.59 / 1.39 / 2.27 / 4.5 / 7.9 / 14.1; 4096 x 11008
-// m = 4 / 8 / 16 / 32: 3.35 / 6.9 / 10.6 / 29.9 against 4.34 / 7.75 / 13.5 / 24.9; 4096 x
-// 14336 m = 4 / 12 / 16 / 24: 4.0 / 11.5 / 14.3 / 20.9 against 4.8 / 14.5 / 18.3 / 21.3;
-// 11008 x 4096 m = 4 / 16: 2.97 / 11.1 against 3.34 / 12.3. bf16 x keeps its two limbs (the
-// tiles 1.10-1.19x their time at m = 4..16). FASTKERN_W4A16_TILE_MAX_M moves the top here too.
+// AVX2 (and AVX2 + AVX-VNNI, whose W4A16 runs the AVX2 code): fp32 x from 4 to 32 rows, where
+// the three-limb GEMV (to 16) and the fp32 GEMM cost more. Measured (fp32 x, g = 128, 2
+// threads, weights beyond L3, one process, alternating; ms), tiles (the group scale per weight)
+// against the default before them: 4096 x 4096 m = 2 / 4 / 8 / 16: 0.75 / 1.04 / 2.07 / 4.0
+// against 0.59 / 1.39 / 2.27 / 4.5; 4096 x 11008 m = 4 / 8 / 16: 3.35 / 6.9 / 10.6 against
+// 4.34 / 7.75 / 13.5; 4096 x 14336 m = 4 / 12 / 16: 4.0 / 11.5 / 14.3 against 4.8 / 14.5 /
+// 18.3; 11008 x 4096 m = 4 / 16: 2.97 / 11.1 against 3.34 / 12.3. With the scale per group,
+// against the GEMM: 4096 x 4096 m = 20 / 24 / 32 / 40 / 48 / 64: 4.9 / 5.3 / 7.5 / 9.0 / 10.8 /
+// 14.4 against 6.7 / 6.1 / 8.4 / 8.9 / 9.7 / 13.1; 4096 x 11008 m = 20 / 32 / 40 / 64: 12.3 /
+// 20.5 / 23.7 / 37.7 against 16.3 / 23.9 / 23.5 / 33.7. bf16 x keeps its two limbs (the tiles
+// 1.10-1.19x their time at m = 4..16). FASTKERN_W4A16_TILE_MAX_M moves the top here too.
 constexpr int64_t kW4TileMinMAvx2 = 4;
-constexpr int64_t kW4TileMaxMAvx2 = 16;
+constexpr int64_t kW4TileMaxMAvx2 = 32;
 inline bool use_w4f_tiles_avx2(int64_t M, int64_t g, bool fp32_x) {
   const Isa isa = active_isa();
   return isa >= Isa::Avx2 && isa < Isa::Avx512 && fp32_x && g % 16 == 0 && M >= kW4TileMinMAvx2 &&
