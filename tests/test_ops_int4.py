@@ -16,7 +16,7 @@ single bit. On AVX2 (no VNNI) groups of a multiple of 64, and g = 32 in pairs, t
 GEMV that sums the byte products in int16 over spans of up to 4 chunks
 (FASTKERN_W4A16_AVX2_SPAN16=0 keeps the per-row tile for them; both are tested). fp32 x at
 4 <= m <= 32 with groups of a multiple of 16 takes dequantizing fp32 FMA tiles there instead
-(test_avx2_fp32_tiles; FASTKERN_W4A16_TILE_MAX_M=0 keeps the limbs, as the limb tests do).
+(and bf16 / fp16 x at 17..32; test_avx2_fp32_tiles; FASTKERN_W4A16_TILE_MAX_M=0 keeps the limbs, as the limb tests do).
 """
 import pytest
 import torch
@@ -259,7 +259,8 @@ def test_avx2_fp32_tiles(isa, m, gen, monkeypatch):
     # path of x holding NaN / inf / huge values: test_nan_and_inf, test_huge_activations_every_path
     # at m = 8). Against the reference, 1 and 2 threads bitwise equal; FASTKERN_W4A16_TILE_MAX_M=0 (the
     # limbs to m = 16, the GEMM above) within the contract too; m = 33 is past the tiles (the
-    # GEMM), and FASTKERN_W4A16_TILE_MAX_M=64 takes it to them. bf16 / fp16 x keep the limbs.
+    # GEMM), and FASTKERN_W4A16_TILE_MAX_M=64 takes it to them. bf16 / fp16 x: the limbs to
+    # m = 16, the tiles at 17 and 32.
     why = isa_skip_reason(isa)
     if why:
         pytest.skip(why)
@@ -285,7 +286,9 @@ def test_avx2_fp32_tiles(isa, m, gen, monkeypatch):
             monkeypatch.delenv("FASTKERN_W4A16_TILE_MAX_M")
             for dtype in (torch.bfloat16, torch.float16):
                 xh = x.to(dtype)
-                assert_close_rel(native(xh, w, s, z, g, None), ops.linear_w4a16_ref(xh, w, s, z, g, None), dtype)
+                one, two = on_1_and_2_threads(native, xh, w, s, z, g, None)
+                assert torch.equal(one, two), (n, k, g, dtype)
+                assert_close_rel(two, ops.linear_w4a16_ref(xh, w, s, z, g, None), dtype)
     assert_close_rel(torch.cat(outs), torch.cat(refs), torch.float32)
 
 

@@ -28,7 +28,8 @@
 // up to 64 (groups of a multiple of 16): fp32 FMA tiles over weights
 // dequantized in registers by a 16-entry table per row and group ("GEMV tiles: fp32 FMA"; NaN
 // and inf in x propagate through the FMAs as in the reference). On AVX2, fp32 x at 4 <= M <= 32
-// (groups of a multiple of 16): the same tiles, each weight converted in registers.
+// and bf16 / fp16 x above the limbs up to 32 (groups of a multiple of 16): the same tiles, each
+// weight converted in registers.
 //
 // Larger M, the generic path, and inputs holding NaN, inf or |x| > 1e30 on the limb and bf16
 // paths: the fp32 GEMM of
@@ -1475,14 +1476,16 @@ inline bool use_w4f_tiles(int64_t M, int64_t g, bool fp32_x) {
 // 18.3; 11008 x 4096 m = 4 / 16: 2.97 / 11.1 against 3.34 / 12.3. With the scale per group,
 // against the GEMM: 4096 x 4096 m = 20 / 24 / 32 / 40 / 48 / 64: 4.9 / 5.3 / 7.5 / 9.0 / 10.8 /
 // 14.4 against 6.7 / 6.1 / 8.4 / 8.9 / 9.7 / 13.1; 4096 x 11008 m = 20 / 32 / 40 / 64: 12.3 /
-// 20.5 / 23.7 / 37.7 against 16.3 / 23.9 / 23.5 / 33.7. bf16 x keeps its two limbs (the tiles
-// 1.10-1.19x their time at m = 4..16). FASTKERN_W4A16_TILE_MAX_M moves the top here too.
+// 20.5 / 23.7 / 37.7 against 16.3 / 23.9 / 23.5 / 33.7. bf16 / fp16 x keep their two limbs to
+// m = 16 (the tiles 0.96-1.13x their time at m = 4 / 8 / 16) and take the tiles above (bf16
+// 4096 x 4096 m = 20 / 32: 4.9 / 7.3 against the GEMM's 6.0 / 8.0 ms; 4096 x 11008: 12.9 / 20.1
+// against 16.8 / 21.6). FASTKERN_W4A16_TILE_MAX_M moves the top here too.
 constexpr int64_t kW4TileMinMAvx2 = 4;
 constexpr int64_t kW4TileMaxMAvx2 = 32;
 inline bool use_w4f_tiles_avx2(int64_t M, int64_t g, bool fp32_x) {
   const Isa isa = active_isa();
-  return isa >= Isa::Avx2 && isa < Isa::Avx512 && fp32_x && g % 16 == 0 && M >= kW4TileMinMAvx2 &&
-         M <= w4f_tile_max_m(kW4TileMaxMAvx2);
+  const int64_t lo = fp32_x ? kW4TileMinMAvx2 : std::max(kW4TileMinMAvx2, limb_max_m(false, false, g) + 1);
+  return isa >= Isa::Avx2 && isa < Isa::Avx512 && g % 16 == 0 && M >= lo && M <= w4f_tile_max_m(kW4TileMaxMAvx2);
 }
 
 
