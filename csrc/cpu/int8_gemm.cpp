@@ -62,9 +62,15 @@ constexpr int64_t kW8a16GemvMaxM = 16;
 // M = 32 13.4 / 13.3 / 5.0 vs 18.4 / 21.9 / 7.4, M = 64 25.5 / - / 9.4 vs 28.7 / - / 10.8,
 // M = 128 50.7 / - / 18.1 vs 55.7 / - / 19.2, M = 256 97.1 / - / 36.2 vs 96.7 / - / 36.8. The
 // GEMV converts each weight once per 3 rows of x, but on other pipes than the FMAs, which it
-// keeps busier than the GEMM's packed slivers do. FASTKERN_W8A16_GEMV_MAX_M overrides it,
-// read on every call (A/B timing, tests).
+// keeps busier than the GEMM's packed slivers do. Where the L1d holds under 48 KiB (Zen 4's
+// 32 KiB: three rows of x at K = 4096 no longer fit beside the weight stream) the GEMM wins
+// from M = 48: 4096 x 4096 / 11008 x 4096 / 4096 x 14336, same method, GEMV against GEMM,
+// M = 32 7.0 / - / - vs 8.2, M = 40 9.7 / 23.6 / - vs 9.3 / 24.2, M = 48 12.9 / 29.0 / 36.6
+// vs 10.9 / 26.6 / 33.7, M = 64 16.5 / 37.4 / 47.9 vs 13.8 / 36.0 / 42.6, M = 128 30.4 / 69.2
+// / 90.8 vs 26.7 / 66.5 / 81.1: there the bound is kW8a16GemvMaxMAvx2SmallL1.
+// FASTKERN_W8A16_GEMV_MAX_M overrides both, read on every call (A/B timing, tests).
 constexpr int64_t kW8a16GemvMaxMAvx2 = 128;
+constexpr int64_t kW8a16GemvMaxMAvx2SmallL1 = 40;
 // and, with AVX-512, the GEMMs from this M: their 16-row tiles cost the same from M = 1 to
 // 16 and overtake the AVX-512 GEMV's 3-row passes at M = 13 with fp32 x (4096 x 4096, one
 // thread: M = 12 3.1 vs 3.4 ms, M = 16 4.4 vs 3.5) and at M = 9 with bf16 x (vdpbf16ps:
@@ -2827,7 +2833,8 @@ bool w8a16_avx2_panel() {
 int64_t w8a16_gemv_max_m(bool avx2) {
   if (!avx2) return kW8a16GemvMaxM;
   const char* e = std::getenv("FASTKERN_W8A16_GEMV_MAX_M");
-  return e && *e ? std::max<int64_t>(kGemvMaxM, std::atoll(e)) : kW8a16GemvMaxMAvx2;
+  if (e && *e) return std::max<int64_t>(kGemvMaxM, std::atoll(e));
+  return features().l1d_bytes() < (int64_t(48) << 10) ? kW8a16GemvMaxMAvx2SmallL1 : kW8a16GemvMaxMAvx2;
 }
 
 // The largest M the AVX-512 GEMV tiles serve (gemv_w8f_tile_avx512), above it the GEMMs.
