@@ -225,25 +225,45 @@ def test_avx512_fp32_tiles(m, gen, monkeypatch):
         pytest.skip(why)
     outs, refs = [], []
     with cpu_isa("avx512"):
-        for n, k, g in ((1, 16, 16), (3, 96, 48), (5, 256, 32), (9, 384, 128), (70, 1024, 128), (13, 4096, 64)):
+        for n, k, g in TILE_CASES:
             x = torch.randn(m, k, generator=gen)
             w, s, z = make_w4(gen, n, k, g)
             ref = ops.linear_w4a16_ref(x, w, s, z, g, None)
-            one, two = on_1_and_2_threads(native, x, w, s, z, g, None)
-            assert torch.equal(one, two), (n, k, g)
-            assert_close_rel(two, ref, torch.float32, factor=100)
-            outs.append(two.flatten())
-            refs.append(ref.flatten())
-            monkeypatch.setenv("FASTKERN_W4A16_TILE_MAX_M", "0")
-            assert_close_rel(native(x, w, s, z, g, None), ref, torch.float32, factor=100)
-            monkeypatch.delenv("FASTKERN_W4A16_TILE_MAX_M")
+            check_tile_threads(x, w, s, z, g, ref, outs, refs)
+            check_without_tiles(x, w, s, z, g, ref, monkeypatch)
             monkeypatch.setenv("FASTKERN_W4A16_BF16_GEMM_MIN_M", "0")  # bf16 x: the tiles, not the bf16 GEMM
-            for dtype in (torch.bfloat16, torch.float16):
-                xh = x.to(dtype)
-                one, two = on_1_and_2_threads(native, xh, w, s, z, g, None)
-                assert torch.equal(one, two), (n, k, g, dtype)
-                assert_close_rel(two, ops.linear_w4a16_ref(xh, w, s, z, g, None), dtype)
+            check_tiles_half(x, w, s, z, g)
     assert_close_rel(torch.cat(outs), torch.cat(refs), torch.float32)
+
+
+# (n, k, g) of the FMA tile tests: n tails of the weight-row tiles, g = 16 / 48 odd multiples of
+# 16, several groups per row, K = 4096
+TILE_CASES = ((1, 16, 16), (3, 96, 48), (5, 256, 32), (9, 384, 128), (70, 1024, 128), (13, 4096, 64))
+
+
+def check_tile_threads(x, w, s, z, g, ref, outs, refs):
+    """fp32 x: 1 and 2 threads bitwise equal and within the contract (collected for the total)."""
+    one, two = on_1_and_2_threads(native, x, w, s, z, g, None)
+    assert torch.equal(one, two), (w.shape, g)
+    assert_close_rel(two, ref, torch.float32, factor=100)
+    outs.append(two.flatten())
+    refs.append(ref.flatten())
+
+
+def check_without_tiles(x, w, s, z, g, ref, monkeypatch):
+    """FASTKERN_W4A16_TILE_MAX_M=0: the path before the tiles, within the contract too."""
+    monkeypatch.setenv("FASTKERN_W4A16_TILE_MAX_M", "0")
+    assert_close_rel(native(x, w, s, z, g, None), ref, torch.float32, factor=100)
+    monkeypatch.delenv("FASTKERN_W4A16_TILE_MAX_M")
+
+
+def check_tiles_half(x, w, s, z, g):
+    """bf16 / fp16 x: 1 and 2 threads bitwise equal and within the half-precision contract."""
+    for dtype in (torch.bfloat16, torch.float16):
+        xh = x.to(dtype)
+        one, two = on_1_and_2_threads(native, xh, w, s, z, g, None)
+        assert torch.equal(one, two), (w.shape, g, dtype)
+        assert_close_rel(two, ops.linear_w4a16_ref(xh, w, s, z, g, None), dtype)
 
 
 @NATIVE
@@ -266,7 +286,7 @@ def test_avx2_fp32_tiles(isa, m, gen, monkeypatch):
         pytest.skip(why)
     outs, refs = [], []
     with cpu_isa(isa):
-        for n, k, g in ((1, 16, 16), (3, 96, 48), (5, 256, 32), (9, 384, 128), (70, 1024, 128), (13, 4096, 64)):
+        for n, k, g in TILE_CASES:
             x = torch.randn(m, k, generator=gen)
             w, s, z = make_w4(gen, n, k, g, symmetric=n % 2 == 0)
             ref = ops.linear_w4a16_ref(x, w, s, z, g, None)
@@ -275,20 +295,10 @@ def test_avx2_fp32_tiles(isa, m, gen, monkeypatch):
                     monkeypatch.setenv("FASTKERN_W4A16_TILE_MAX_M", top)
                 for fold in ("1", "0"):  # the group scale once per group / per weight
                     monkeypatch.setenv("FASTKERN_W4A16_AVX2_TILE_FOLD", fold)
-                    one, two = on_1_and_2_threads(native, x, w, s, z, g, None)
-                    assert torch.equal(one, two), (n, k, g, fold)
-                    assert_close_rel(two, ref, torch.float32, factor=100)
-                    outs.append(two.flatten())
-                    refs.append(ref.flatten())
+                    check_tile_threads(x, w, s, z, g, ref, outs, refs)
                 monkeypatch.delenv("FASTKERN_W4A16_AVX2_TILE_FOLD")
-            monkeypatch.setenv("FASTKERN_W4A16_TILE_MAX_M", "0")
-            assert_close_rel(native(x, w, s, z, g, None), ref, torch.float32, factor=100)
-            monkeypatch.delenv("FASTKERN_W4A16_TILE_MAX_M")
-            for dtype in (torch.bfloat16, torch.float16):
-                xh = x.to(dtype)
-                one, two = on_1_and_2_threads(native, xh, w, s, z, g, None)
-                assert torch.equal(one, two), (n, k, g, dtype)
-                assert_close_rel(two, ops.linear_w4a16_ref(xh, w, s, z, g, None), dtype)
+            check_without_tiles(x, w, s, z, g, ref, monkeypatch)
+            check_tiles_half(x, w, s, z, g)
     assert_close_rel(torch.cat(outs), torch.cat(refs), torch.float32)
 
 
