@@ -15,7 +15,7 @@ every ISA path this CPU runs, and check that the thread count does not change a
 single bit. On AVX2 (no VNNI) groups of a multiple of 64, and g = 32 in pairs, take a
 GEMV that sums the byte products in int16 over spans of up to 4 chunks
 (FASTKERN_W4A16_AVX2_SPAN16=0 keeps the per-row tile for them; both are tested). fp32 x at
-4 <= m <= 32 with groups of a multiple of 16 takes dequantizing fp32 FMA tiles there instead
+3 <= m <= 32 with groups of a multiple of 16 takes dequantizing fp32 FMA tiles there instead
 (and bf16 / fp16 x at 17..32; test_avx2_fp32_tiles; FASTKERN_W4A16_TILE_MAX_M=0 keeps the limbs, as the limb tests do).
 """
 import pytest
@@ -126,7 +126,7 @@ def test_cpu_paths_and_tails(isa, dtype, m, gemv, gen, monkeypatch):
     if m % 2:
         monkeypatch.setenv("FASTKERN_W4A16_WHOLE_K_KB", "0")
     # limb GEMV up to m = 32 (fp32) / 40 (bf16) with VNNI (8 for g < 64), 16 on AVX2 without (m = 17 the
-    # GEMM there; fp32 x with g % 16 == 0 takes the FMA tiles from m = 6 with AVX-512, 4 to 32 on
+    # GEMM there; fp32 x with g % 16 == 0 takes the FMA tiles from m = 6 with AVX-512, 3 to 32 on
     # AVX2); the GEMM: skinny_gemm to m = 256, blocked_gemm at 257
     # (limb MR x NR tiles: AVX-512 (1,1) (2,2) (3,2)
     # (4,2), AVX2 (1,2) (2,1) (3,1), so m = 5, 7, 17, 33, 41 leave every row tail; from m = 17
@@ -268,9 +268,9 @@ def check_tiles_half(x, w, s, z, g):
 
 @NATIVE
 @pytest.mark.parametrize("isa", ["avx2", "avx2vnni"])
-@pytest.mark.parametrize("m", [4, 5, 7, 8, 9, 13, 16, 17, 32, 33])
+@pytest.mark.parametrize("m", [3, 4, 5, 7, 8, 9, 13, 16, 17, 32, 33])
 def test_avx2_fp32_tiles(isa, m, gen, monkeypatch):
-    # AVX2 (and AVX2 + AVX-VNNI, which runs the same W4A16 code), fp32 x, 4 <= m <= 32,
+    # AVX2 (and AVX2 + AVX-VNNI, which runs the same W4A16 code), fp32 x, 3 <= m <= 32,
     # g % 16 == 0: the dequantizing FMA tiles (4 rows of x x 2 weight rows, passes of at most
     # 4 rows spread evenly: 5 = 3 + 2, 7 = 4 + 3, 9 = 3 + 3 + 3, 13 = 4 + 3 + 3 + 3), a
     # single-row tile for an odd n, 16 weights per 8-byte load (g = 16, 48: odd multiples of
@@ -330,7 +330,7 @@ def test_avx2_gemv_groups_of_64(span16, dtype, gen, monkeypatch):
         monkeypatch.setenv("FASTKERN_W4A16_MULTIROW_KB", "0")
     monkeypatch.setenv("FASTKERN_W4A16_AVX2_SPAN16", "0" if span16 == "0" else "1")
     monkeypatch.setenv("FASTKERN_W4A16_LIMB_MAX_M", "65")  # the limbs also above the AVX2 default (16)
-    monkeypatch.setenv("FASTKERN_W4A16_TILE_MAX_M", "0")  # and at fp32 m = 4..16 (the tiles' range)
+    monkeypatch.setenv("FASTKERN_W4A16_TILE_MAX_M", "0")  # and at fp32 m = 3..16 (the tiles' range)
     monkeypatch.setenv("FASTKERN_W4A16_WHOLE_K_KB", "0")  # K blocks (test_gemv_k_blocks_windows_and_whole_k: one)
     outs, refs = [], []
     with cpu_isa("avx2"):
@@ -354,6 +354,7 @@ def test_avx2_span16_threads_bitwise_identical(dtype, m, g, gen, monkeypatch):
     n, k = 301, 1920
     x = torch.randn(m, k, generator=gen).to(dtype)
     w, s, z = make_w4(gen, n, k, g)
+    monkeypatch.setenv("FASTKERN_W4A16_TILE_MAX_M", "0")  # fp32 m = 3: the span GEMV, not the FMA tiles
     outs = []
     with cpu_isa("avx2"):
         for kb in (("100000", "0") if m == 1 else ("100000",)):

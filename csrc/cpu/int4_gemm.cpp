@@ -27,7 +27,7 @@
 // With AVX-512, fp32 x at 6 <= M <= 64 and fp16 x (bf16 x without AVX512-BF16) above the limbs
 // up to 64 (groups of a multiple of 16): fp32 FMA tiles over weights
 // dequantized in registers by a 16-entry table per row and group ("GEMV tiles: fp32 FMA"; NaN
-// and inf in x propagate through the FMAs as in the reference). On AVX2, fp32 x at 4 <= M <= 32
+// and inf in x propagate through the FMAs as in the reference). On AVX2, fp32 x at 3 <= M <= 32
 // and bf16 / fp16 x above the limbs up to 32 (groups of a multiple of 16): the same tiles, each
 // weight converted in registers.
 //
@@ -1467,8 +1467,9 @@ inline bool use_w4f_tiles(int64_t M, int64_t g, bool fp32_x) {
   return active_isa() >= Isa::Avx512 && g % 16 == 0 && M >= lo && M <= w4f_tile_max_m(kW4TileMaxM);
 }
 
-// AVX2 (and AVX2 + AVX-VNNI, whose W4A16 runs the AVX2 code): fp32 x from 4 to 32 rows, where
-// the three-limb GEMV (to 16) and the fp32 GEMM cost more. Measured (fp32 x, g = 128, 2
+// AVX2 (and AVX2 + AVX-VNNI, whose W4A16 runs the AVX2 code): fp32 x from 3 to 32 rows, where
+// the three-limb GEMV (to 16) and the fp32 GEMM cost more (m = 3, scale per group: 0.76-0.89x
+// the limbs' time at 4096 x 4096, 4096 x 11008, 11008 x 4096; m = 2 1.05-1.14x). Measured (fp32 x, g = 128, 2
 // threads, weights beyond L3, one process, alternating; ms), tiles (the group scale per weight)
 // against the default before them: 4096 x 4096 m = 2 / 4 / 8 / 16: 0.75 / 1.04 / 2.07 / 4.0
 // against 0.59 / 1.39 / 2.27 / 4.5; 4096 x 11008 m = 4 / 8 / 16: 3.35 / 6.9 / 10.6 against
@@ -1480,7 +1481,7 @@ inline bool use_w4f_tiles(int64_t M, int64_t g, bool fp32_x) {
 // m = 16 (the tiles 0.96-1.13x their time at m = 4 / 8 / 16) and take the tiles above (bf16
 // 4096 x 4096 m = 20 / 32: 4.9 / 7.3 against the GEMM's 6.0 / 8.0 ms; 4096 x 11008: 12.9 / 20.1
 // against 16.8 / 21.6). FASTKERN_W4A16_TILE_MAX_M moves the top here too.
-constexpr int64_t kW4TileMinMAvx2 = 4;
+constexpr int64_t kW4TileMinMAvx2 = 3;
 constexpr int64_t kW4TileMaxMAvx2 = 32;
 inline bool use_w4f_tiles_avx2(int64_t M, int64_t g, bool fp32_x) {
   const Isa isa = active_isa();
