@@ -142,9 +142,10 @@ def test_w8_scale_and_bias_dtypes(op, scale_dtype, gen):
 def test_cpu_paths_and_tails(isa, m, gen):
     # m <= 3 runs the GEMV kernels (AVX2), larger m the panel kernels (3-row tiles);
     # linear_w8a16 runs the GEMV in groups of 3 rows of x (tails of 1 and 2) up to m = 16
-    # (generic) / 128 (AVX2), the dequantized panels / fp32 GEMM above (AVX-512: the GEMV to
-    # m = 12, the GEMM from 13);
-    # n 1..9 covers the 4-row tiles' tails, k = 1..33 the 8- and 16-wide K tails,
+    # (generic), in passes of up to 4 rows spread evenly up to 128 on AVX2 (4 x 3 and 3 x 4 /
+    # 2 x 4 / 1 x 4 tiles: m = 5 = 3 + 2, 7 = 4 + 3, 17 = 4 + 4 + 3 + 3 + 3), the dequantized
+    # panels / fp32 GEMM above (AVX-512: the GEMV to m = 12, the GEMM from 13);
+    # n 1..9 covers the 3- and 4-row tiles' tails, k = 1..33 the 8- and 16-wide K tails,
     # k = 1100 two int16 panels and three fp32 panels.
     outs, refs = [], []
     with cpu_isa(isa):

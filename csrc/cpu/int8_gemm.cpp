@@ -62,15 +62,12 @@ constexpr int64_t kW8a16GemvMaxM = 16;
 // M = 32 13.4 / 13.3 / 5.0 vs 18.4 / 21.9 / 7.4, M = 64 25.5 / - / 9.4 vs 28.7 / - / 10.8,
 // M = 128 50.7 / - / 18.1 vs 55.7 / - / 19.2, M = 256 97.1 / - / 36.2 vs 96.7 / - / 36.8. The
 // GEMV converts each weight once per 3 rows of x, but on other pipes than the FMAs, which it
-// keeps busier than the GEMM's packed slivers do. Where the L1d holds under 48 KiB (Zen 4's
-// 32 KiB: three rows of x at K = 4096 no longer fit beside the weight stream) the GEMM wins
-// from M = 48: 4096 x 4096 / 11008 x 4096 / 4096 x 14336, same method, GEMV against GEMM,
-// M = 32 7.0 / - / - vs 8.2, M = 40 9.7 / 23.6 / - vs 9.3 / 24.2, M = 48 12.9 / 29.0 / 36.6
-// vs 10.9 / 26.6 / 33.7, M = 64 16.5 / 37.4 / 47.9 vs 13.8 / 36.0 / 42.6, M = 128 30.4 / 69.2
-// / 90.8 vs 26.7 / 66.5 / 81.1: there the bound is kW8a16GemvMaxMAvx2SmallL1.
-// FASTKERN_W8A16_GEMV_MAX_M overrides both, read on every call (A/B timing, tests).
+// keeps busier than the GEMM's packed slivers do. Since the GEMV runs passes of 4 rows (Zen 4,
+// 32 KiB L1d, same method, GEMV against GEMM; 4096 x 4096 / 11008 x 4096 / 4096 x 14336): M =
+// 40 8.0 / 20.9 / 26.9 vs 9.3 / 25.0 / 30.3, M = 64 12.3 / 32.5 / 42.2 vs 12.9 / 35.1 / 45.9,
+// M = 128 23.7 / 63.1 / 85.1 vs 26.5 / 63.6 / 86.7 (with 3-row passes the GEMM had won from
+// M = 48 there). FASTKERN_W8A16_GEMV_MAX_M overrides it, read on every call (A/B, tests).
 constexpr int64_t kW8a16GemvMaxMAvx2 = 128;
-constexpr int64_t kW8a16GemvMaxMAvx2SmallL1 = 40;
 // and, with AVX-512, the GEMMs from this M: their 16-row tiles cost the same from M = 1 to
 // 16 and overtake the AVX-512 GEMV's 3-row passes at M = 13 with fp32 x (4096 x 4096, one
 // thread: M = 12 3.1 vs 3.4 ms, M = 16 4.4 vs 3.5) and at M = 9 with bf16 x (vdpbf16ps:
@@ -1600,7 +1597,9 @@ void gemv_w8f_rows(bool avx2, const float* X, int64_t ldx, const int8_t* W, int6
   int64_t n = n0;
 #if FASTKERN_X86
   if (avx2) {
-    for (; n + 4 <= n1; n += 4) gemv_w8f_avx2<MR, 4>(X, ldx, W + n * K, K, Y + n, ldy);
+    // 4 rows of x: 3 weight rows (12 accumulators, as 3 x 4)
+    constexpr int NR = MR == 4 ? 3 : 4;
+    for (; n + NR <= n1; n += NR) gemv_w8f_avx2<MR, NR>(X, ldx, W + n * K, K, Y + n, ldy);
     for (; n < n1; ++n) gemv_w8f_avx2<MR, 1>(X, ldx, W + n * K, K, Y + n, ldy);
     return;
   }
@@ -2833,8 +2832,7 @@ bool w8a16_avx2_panel() {
 int64_t w8a16_gemv_max_m(bool avx2) {
   if (!avx2) return kW8a16GemvMaxM;
   const char* e = std::getenv("FASTKERN_W8A16_GEMV_MAX_M");
-  if (e && *e) return std::max<int64_t>(kGemvMaxM, std::atoll(e));
-  return features().l1d_bytes() < (int64_t(48) << 10) ? kW8a16GemvMaxMAvx2SmallL1 : kW8a16GemvMaxMAvx2;
+  return e && *e ? std::max<int64_t>(kGemvMaxM, std::atoll(e)) : kW8a16GemvMaxMAvx2;
 }
 
 // The largest M the AVX-512 GEMV tiles serve (gemv_w8f_tile_avx512), above it the GEMMs.
@@ -2961,13 +2959,27 @@ at::Tensor linear_w8a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
         return finish(Y, bias, x, N);
       }
 #endif
-      parallel_row_blocks(N, kGemvRows, 16, K, passes, [&](int64_t n0, int64_t n1) {
+      // AVX2: passes of up to 4 rows of x, spread evenly (4 x 3 tiles: 0.87-0.97x the time of
+      // 3-row passes of 3 x 4 tiles at M = 4..32, Zen 4; a register-only loop 1.76 against 1.59
+      // FMAs per cycle, and M = 16 takes 4 passes instead of 6)
+      parallel_row_blocks(N, kGemvRows, 16, K, avx2 ? (Mx + 3) / 4 : passes, [&](int64_t n0, int64_t n1) {
 #if FASTKERN_X86
         if (avx2 && Mx <= kW8fStreamMaxM && w8f_stream_enabled()) {
           if (Mx == 1)
             gemv_w8f_stream_avx2<1>(xp, ldx, wp, K, yp, N, n0, n1);
           else
             gemv_w8f_stream_avx2<2>(xp, ldx, wp, K, yp, N, n0, n1);
+        } else if (avx2) {
+          for_each_pass(Mx, 4, [&](int64_t m0, int64_t mr) {
+            const float* xm = xp + m0 * ldx;
+            float* ym = yp + m0 * N;
+            switch (mr) {
+              case 1: gemv_w8f_rows<1>(true, xm, ldx, wp, K, ym, N, n0, n1); break;
+              case 2: gemv_w8f_rows<2>(true, xm, ldx, wp, K, ym, N, n0, n1); break;
+              case 3: gemv_w8f_rows<3>(true, xm, ldx, wp, K, ym, N, n0, n1); break;
+              default: gemv_w8f_rows<4>(true, xm, ldx, wp, K, ym, N, n0, n1); break;
+            }
+          });
         } else
 #endif
           for (int64_t m0 = 0; m0 < Mx; m0 += kGemvMaxM) {
