@@ -1320,14 +1320,14 @@ void w4f_gemv_avx512(const W4& p, const float* X, int64_t ldx, int64_t M, int64_
   });
 }
 
-// The same tiles on AVX2 (fp32 x, groups of a multiple of 16): 16 weights of a row are one
-// 8-byte zero-extending load to 8 dword lanes (byte t in lane t), the even-k nibbles an AND,
-// the odd-k ones a shift, each converted to fp32 and made (q - z) * s by a subtract and a
-// multiply (the reference's operations: bit-identical weights; AVX2's vpermps holds 8 entries,
-// not 16). x is permuted to match once per call (per 16 columns: k = 0, 2, .., 14, then 1, 3,
-// .., 15), its rows 64-byte aligned and a cache line beyond a multiple of 4 KiB apart. One
-// accumulator per output summed over k in order, as on AVX-512: the result depends neither on
-// the tile shape nor on the thread split.
+// The same tiles on AVX2 (groups of a multiple of 16): 16 weights of a row are one 8-byte
+// zero-extending load to 8 dword lanes (byte t in lane t), the even-k nibbles an AND, the odd-k
+// ones a shift, each converted to fp32 and made q - z by a subtract (exact), then either scaled
+// per weight ((q - z) * s, the reference's own fp32 weight) or, by default, left unscaled with
+// each group's sums scaled once (FOLD below). No 16-entry table: AVX2's vpermps holds 8. x is
+// permuted to match once per call (per 16 columns: k = 0, 2, .., 14, then 1, 3, .., 15), its
+// rows 64-byte aligned and a cache line beyond a multiple of 4 KiB apart. Each output is summed
+// over k in a fixed order (per group with FOLD) whatever the tile shape or the thread split.
 FASTKERN_AVX2 inline void w4f_deq16_avx2(const uint8_t* b, __m256 z, __m256 s, __m256& lo, __m256& hi) {
   const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b)));
   lo = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15))), z), s);
@@ -1468,10 +1468,10 @@ inline bool use_w4f_tiles(int64_t M, int64_t g, bool fp32_x) {
 }
 
 // AVX2 (and AVX2 + AVX-VNNI, whose W4A16 runs the AVX2 code): fp32 x from 3 to 32 rows, where
-// the three-limb GEMV (to 16) and the fp32 GEMM cost more (m = 3, scale per group: 0.76-0.89x
-// the limbs' time at 4096 x 4096, 4096 x 11008, 11008 x 4096; m = 2 1.05-1.14x). Measured (fp32 x, g = 128, 2
-// threads, weights beyond L3, one process, alternating; ms), tiles (the group scale per weight)
-// against the default before them: 4096 x 4096 m = 2 / 4 / 8 / 16: 0.75 / 1.04 / 2.07 / 4.0
+// the three-limb GEMV (to 16) and the fp32 GEMM cost more. Measured (fp32 x, g = 128, 2
+// threads, weights beyond L3, one process, alternating; ms): m = 3, the scale per group, 0.76-0.89x
+// the limbs' time at 4096 x 4096, 4096 x 11008, 11008 x 4096 (m = 2 1.05-1.14x, so the limbs
+// keep it); tiles with the scale per weight against the default before them: 4096 x 4096 m = 2 / 4 / 8 / 16: 0.75 / 1.04 / 2.07 / 4.0
 // against 0.59 / 1.39 / 2.27 / 4.5; 4096 x 11008 m = 4 / 8 / 16: 3.35 / 6.9 / 10.6 against
 // 4.34 / 7.75 / 13.5; 4096 x 14336 m = 4 / 12 / 16: 4.0 / 11.5 / 14.3 against 4.8 / 14.5 /
 // 18.3; 11008 x 4096 m = 4 / 16: 2.97 / 11.1 against 3.34 / 12.3. With the scale per group,
@@ -1488,7 +1488,6 @@ inline bool use_w4f_tiles_avx2(int64_t M, int64_t g, bool fp32_x) {
   const int64_t lo = fp32_x ? kW4TileMinMAvx2 : std::max(kW4TileMinMAvx2, limb_max_m(false, false, g) + 1);
   return isa >= Isa::Avx2 && isa < Isa::Avx512 && g % 16 == 0 && M >= lo && M <= w4f_tile_max_m(kW4TileMaxMAvx2);
 }
-
 
 // ------------------------------------------------------------------ GEMV: bf16 dot products (AVX512-BF16)
 //
