@@ -475,18 +475,23 @@ def test_avx2vnni_gemv(m, gen, monkeypatch):
 
 
 @NATIVE
-@pytest.mark.parametrize("m", [4, 5, 6, 7, 8, 9, 12, 13, 23, 24, 25])
+@pytest.mark.parametrize("m", [3, 4, 5, 6, 7, 8, 9, 12, 13, 23, 24, 25])
 def test_avx2_gemv_passes(m, gen, monkeypatch):
-    # AVX2 without VNNI, 3 < m <= 24 on weights the small-layer kernels leave alone: the GEMV in
-    # passes of up to 4 rows of x (m = 5: 3 + 2, 7: 4 + 3, 9: 3 + 3 + 3, 23: 4 x 4 + 3 x 2), 4-row
-    # passes with 2 accumulators per row, K tails of 16 and 64; exact for int8_gemm, bit-identical
+    # AVX2 without VNNI, 3 <= m <= 24 on weights the small-layer kernels leave alone: the GEMV in
+    # passes of up to 4 rows of x (m = 5: 3 + 2, 7: 4 + 3, 9: 3 + 3 + 3, 23: 4 x 4 + 3 x 2), one
+    # weight row per step (2 accumulators per row of x in 4-row passes) or three (passes of 3
+    # and 4 rows; FASTKERN_S16_GEMV_NR=3 / 1 force either, the default picks by m and K), n
+    # tails of the three-row steps, K tails of 16 and 64; exact for int8_gemm, bit-identical
     # W8A8, 1 and 2 threads equal. m = 25 runs the GEMM tiles; FASTKERN_INT8_GEMV_MAX_M sends each
     # m to the other path, which gives the same bits.
     isa_or_skip("avx2")
     monkeypatch.setenv("FASTKERN_INT8_WV_MAX_M", "0")
     with cpu_isa("avx2"):
-        for n, k in ((1, 1), (5, 17), (19, 64), (37, 1100), (70, 4099)):
-            check_int8_exact(gen, m, n, k)
+        for nr in ("3", "1"):
+            monkeypatch.setenv("FASTKERN_S16_GEMV_NR", nr)
+            for n, k in ((1, 1), (5, 17), (19, 64), (37, 1100), (70, 4099)):
+                check_int8_exact(gen, m, n, k)
+        monkeypatch.delenv("FASTKERN_S16_GEMV_NR")
         a, b, x, w, s, one = int8_threads_check(gen, m, 300, 1000)
         monkeypatch.setenv("FASTKERN_INT8_GEMV_MAX_M", "3" if m <= 24 else "32")
         assert torch.equal(native("int8_gemm")(a, b), one[0])

@@ -1658,49 +1658,68 @@ constexpr int64_t kA2ChunkMinRows = 256;
 // tasks: 384 x 384 x 4096, 3 MB, ran no faster in chunks, and in some processes 1.4x slower)
 constexpr int64_t kA2XWholeBytes = int64_t(8) << 20;
 
-// MR rows of x against weight rows [n0, n1), one row at a time; U accumulators per row of x
-// (4 up to 3 rows, 2 for 4: within the 16 ymm registers).
-template <int MR>
-FASTKERN_AVX2 void gemv_s16_avx2(const int16_t* A, int64_t lda, const int8_t* W, int64_t K, int64_t n0,
-                                 int64_t n1, const VnniOut& o, int64_t ldo) {
-  constexpr int U = MR <= 3 ? 4 : 2;
+// MR rows of x against weight rows [n, n + NR): one widened weight vector per row and 16 k,
+// each x vector loaded once for the NR rows. U accumulators per row pair: with one weight row
+// (NR = 1) 4 up to 3 rows of x, 2 for 4 (within the 16 ymm registers); with several, one
+// (their vpaddd chains are independent enough).
+template <int MR, int NR>
+FASTKERN_AVX2 void gemv_s16_rows_avx2(const int16_t* A, int64_t lda, const int8_t* W, int64_t K, int64_t n,
+                                      const VnniOut& o, int64_t ldo, bool pf_l1) {
+  constexpr int U = NR > 1 ? 1 : MR <= 3 ? 4 : 2;
   const int64_t K64 = K & ~int64_t(63);
-  const bool pf_l1 = gemv_prefetch_l1();
-  for (int64_t n = n0; n < n1; ++n) {
-    const int8_t* w = W + n * K;
-    __m256i s[MR][U];
-    for (int i = 0; i < MR; ++i)
-      for (int u = 0; u < U; ++u) s[i][u] = _mm256_setzero_si256();
-    int64_t k = 0;
-    for (; k < K64; k += 64) {
-      prefetch_stream(w + k + kA2Ahead, pf_l1);
-      for (int u = 0; u < 4; ++u) {
-        const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k + 16 * u)));
-        for (int i = 0; i < MR; ++i)
-          s[i][u % U] = add_inplace(
-              s[i][u % U],
-              _mm256_madd_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(A + i * lda + k + 16 * u)), wv));
+  const int8_t* w[NR];
+  for (int j = 0; j < NR; ++j) w[j] = W + (n + j) * K;
+  __m256i s[MR][NR][U];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j)
+      for (int u = 0; u < U; ++u) s[i][j][u] = _mm256_setzero_si256();
+  int64_t k = 0;
+  for (; k < K64; k += 64) {
+    for (int j = 0; j < NR; ++j) prefetch_stream(w[j] + k + kA2Ahead, pf_l1);
+    for (int u = 0; u < 4; ++u) {
+      __m256i wv[NR];
+      for (int j = 0; j < NR; ++j)
+        wv[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[j] + k + 16 * u)));
+      for (int i = 0; i < MR; ++i) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(A + i * lda + k + 16 * u));
+        for (int j = 0; j < NR; ++j) s[i][j][u % U] = add_inplace(s[i][j][u % U], _mm256_madd_epi16(xv, wv[j]));
       }
     }
-    for (; k < K; k += 16) {  // x is zero-padded to 16 columns; never read past a weight row
+  }
+  for (; k < K; k += 16) {  // x is zero-padded to 16 columns; never read past a weight row
+    __m256i wv[NR];
+    for (int j = 0; j < NR; ++j) {
       alignas(16) int8_t tail[16] = {};
-      const int8_t* src = w + k;
+      const int8_t* src = w[j] + k;
       if (K - k < 16) {
         std::memcpy(tail, src, K - k);
         src = tail;
       }
-      const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
-      for (int i = 0; i < MR; ++i)
-        s[i][0] = _mm256_add_epi32(
-            s[i][0], _mm256_madd_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(A + i * lda + k)), wv));
+      wv[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
     }
     for (int i = 0; i < MR; ++i) {
-      __m256i t = s[i][0];
-      for (int u = 1; u < U; ++u) t = _mm256_add_epi32(t, s[i][u]);
-      const int32_t c = hsum8_i32_avx2(t);
-      o.put(i, n, ldo, c);
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(A + i * lda + k));
+      for (int j = 0; j < NR; ++j) s[i][j][0] = _mm256_add_epi32(s[i][j][0], _mm256_madd_epi16(xv, wv[j]));
     }
   }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) {
+      __m256i t = s[i][j][0];
+      for (int u = 1; u < U; ++u) t = _mm256_add_epi32(t, s[i][j][u]);
+      o.put(i, n + j, ldo, hsum8_i32_avx2(t));
+    }
+}
+
+// MR rows of x against weight rows [n0, n1): with rows3 (MR >= 3), 3 weight rows at a time
+// (each x load feeds 3 products), else one at a time (and the last n % 3 rows).
+template <int MR>
+FASTKERN_AVX2 void gemv_s16_avx2(const int16_t* A, int64_t lda, const int8_t* W, int64_t K, int64_t n0,
+                                 int64_t n1, const VnniOut& o, int64_t ldo, bool rows3 = false) {
+  const bool pf_l1 = gemv_prefetch_l1();
+  int64_t n = n0;
+  if (MR >= 3 && rows3)
+    for (; n + 3 <= n1; n += 3) gemv_s16_rows_avx2<MR, 3>(A, lda, W, K, n, o, ldo, pf_l1);
+  for (; n < n1; ++n) gemv_s16_rows_avx2<MR, 1>(A, lda, W, K, n, o, ldo, pf_l1);
 }
 
 // x rows (int8, row stride lda) -> int16 pairs per block of 16 rows (the last one 8 or 16
@@ -2220,16 +2239,29 @@ int64_t int8_gemv_max_m(int64_t K) {
 // C or o = A (int16 holding int8 values, zero-padded to lda >= round_up(K, 16)) x W^T: one
 // pass over the weight per kS16GemvRows rows of x, each thread's rows in row blocks
 // (parallel_row_blocks), so that only the first pass over a block reads it from DRAM.
+//
+// Three weight rows per step (gemv_s16_rows_avx2<MR, 3>) where a pass's rows of x outgrow the
+// L1d or from M = kS16Rows3MinM: with one weight row per step x came from L2 for every product
+// (a register-only loop at K = 11008, one core: 83 against 52 GMAC/s). Measured (AVX2, 2
+// threads, weights beyond L3, one process, alternating; W8A8 ms, three rows against one):
+// 4096 x 11008 M = 3 / 4 / 8 / 16 / 24: 2.43 / 2.40 / 4.02 / 7.36 / 8.96 against 2.95 / 3.87 /
+// 5.87 / 10.7 / 13.8; 4096 x 14336 M = 3 / 16: 2.26 / 7.57 against 3.20 / 11.5; 4096 x 4096 and
+// 11008 x 4096 M = 16 / 24 0.89-0.94x; but at K = 4096 and M = 3 / 4 (x in L1, the GEMV near
+// the memory stream's rate, which one row at a time keeps best) 1.14-1.39x, M = 8 a tie.
+// FASTKERN_S16_GEMV_NR=1 / 3 forces one or three (read on every call: A/B, tests).
+constexpr int64_t kS16Rows3MinM = 12;
 void gemv_s16(const int16_t* A, int64_t lda, int64_t M, const int8_t* W, int64_t N, int64_t K, const VnniOut& o) {
+  const int64_t nr = env_knob("FASTKERN_S16_GEMV_NR", 0);
   parallel_row_blocks(N, 16, 8, K, (M + kS16GemvRows - 1) / kS16GemvRows, [&](int64_t n0, int64_t n1) {
     for_each_pass(M, kS16GemvRows, [&](int64_t m0, int64_t mr) {
       const VnniOut om = o.from_row(m0, N);
       const int16_t* Am = A + m0 * lda;
+      const bool rows3 = nr ? nr == 3 : M >= kS16Rows3MinM || mr * K * 2 > features().l1d_bytes();
       switch (mr) {
         case 1: gemv_s16_avx2<1>(Am, lda, W, K, n0, n1, om, N); break;
         case 2: gemv_s16_avx2<2>(Am, lda, W, K, n0, n1, om, N); break;
-        case 3: gemv_s16_avx2<3>(Am, lda, W, K, n0, n1, om, N); break;
-        default: gemv_s16_avx2<4>(Am, lda, W, K, n0, n1, om, N); break;
+        case 3: gemv_s16_avx2<3>(Am, lda, W, K, n0, n1, om, N, rows3); break;
+        default: gemv_s16_avx2<4>(Am, lda, W, K, n0, n1, om, N, rows3); break;
       }
     });
   });
