@@ -1328,10 +1328,11 @@ void w4f_gemv_avx512(const W4& p, const float* X, int64_t ldx, int64_t M, int64_
 // permuted to match once per call (per 16 columns: k = 0, 2, .., 14, then 1, 3, .., 15), its
 // rows 64-byte aligned and a cache line beyond a multiple of 4 KiB apart. Each output is summed
 // over k in a fixed order (per group with FOLD) whatever the tile shape or the thread split.
-FASTKERN_AVX2 inline void w4f_deq16_avx2(const uint8_t* b, __m256 z, __m256 s, __m256& lo, __m256& hi) {
+// q - z of 16 weights (8 bytes at b): lo the even k, hi the odd k
+FASTKERN_AVX2 inline void w4f_deq16_avx2(const uint8_t* b, __m256 z, __m256& lo, __m256& hi) {
   const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b)));
-  lo = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15))), z), s);
-  hi = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), z), s);
+  lo = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15))), z);
+  hi = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), z);
 }
 
 // MR rows of x (fp32, permuted, row stride ldx) x weight rows [n, n + NR) -> Y[i * ldy + n + j].
@@ -1349,7 +1350,7 @@ FASTKERN_AVX2 void w4f_tile_avx2(const W4& p, const float* X, int64_t ldx, int64
     const uint8_t* wg[NR];
     for (int j = 0; j < NR; ++j) {
       zv[j] = _mm256_set1_ps(float(p.z[(n + j) * p.G + gi]));
-      sv[j] = _mm256_set1_ps(FOLD ? 1.f : p.s[(n + j) * p.G + gi]);
+      sv[j] = _mm256_set1_ps(p.s[(n + j) * p.G + gi]);
       wg[j] = p.w + (n + j) * p.ldw + gi * hb;
     }
     __m256 ag[MR][NR];
@@ -1361,13 +1362,8 @@ FASTKERN_AVX2 void w4f_tile_avx2(const W4& p, const float* X, int64_t ldx, int64
         for (int j = 0; j < NR; ++j) _mm_prefetch(reinterpret_cast<const char*>(wg[j] + c / 2 + kPrefetchL2), _MM_HINT_T0);
       __m256 wl[NR], wh[NR];
       for (int j = 0; j < NR; ++j) {
-        if (FOLD) {
-          const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wg[j] + c / 2)));
-          wl[j] = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15))), zv[j]);
-          wh[j] = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), zv[j]);
-        } else {
-          w4f_deq16_avx2(wg[j] + c / 2, zv[j], sv[j], wl[j], wh[j]);
-        }
+        w4f_deq16_avx2(wg[j] + c / 2, zv[j], wl[j], wh[j]);
+        if (!FOLD) wl[j] = _mm256_mul_ps(wl[j], sv[j]), wh[j] = _mm256_mul_ps(wh[j], sv[j]);
       }
       for (int i = 0; i < MR; ++i) {
         const __m256 xl = _mm256_load_ps(xg + i * ldx + c), xh = _mm256_load_ps(xg + i * ldx + c + 8);
@@ -1377,10 +1373,8 @@ FASTKERN_AVX2 void w4f_tile_avx2(const W4& p, const float* X, int64_t ldx, int64
       }
     }
     if (FOLD)
-      for (int j = 0; j < NR; ++j) {
-        const __m256 sj = _mm256_set1_ps(p.s[(n + j) * p.G + gi]);
-        for (int i = 0; i < MR; ++i) acc[i][j] = _mm256_fmadd_ps(ag[i][j], sj, acc[i][j]);
-      }
+      for (int j = 0; j < NR; ++j)
+        for (int i = 0; i < MR; ++i) acc[i][j] = _mm256_fmadd_ps(ag[i][j], sv[j], acc[i][j]);
   }
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) Y[i * ldy + n + j] = gemm::hsum8(acc[i][j]);

@@ -61,8 +61,8 @@ constexpr int64_t kW8a16GemvMaxM = 16;
 // 11008 x 4096 / 4096 x 11008 / 4096 x 4096: M = 17 7.4 / 7.3 / 2.9 ms vs 12.0 / 12.8 / 4.5,
 // M = 32 13.4 / 13.3 / 5.0 vs 18.4 / 21.9 / 7.4, M = 64 25.5 / - / 9.4 vs 28.7 / - / 10.8,
 // M = 128 50.7 / - / 18.1 vs 55.7 / - / 19.2, M = 256 97.1 / - / 36.2 vs 96.7 / - / 36.8. The
-// GEMV converts each weight once per 3 rows of x, but on other pipes than the FMAs, which it
-// keeps busier than the GEMM's packed slivers do. Since the GEMV runs passes of 4 rows (Zen 4,
+// GEMV converts each weight once per pass of rows of x (3 then, 4 now), but on other pipes than
+// the FMAs, which it keeps busier than the GEMM's packed slivers do. With 4-row passes (Zen 4,
 // 32 KiB L1d, same method, GEMV against GEMM; 4096 x 4096 / 11008 x 4096 / 4096 x 14336): M =
 // 40 8.0 / 20.9 / 26.9 vs 9.3 / 25.0 / 30.3, M = 64 12.3 / 32.5 / 42.2 vs 12.9 / 35.1 / 45.9,
 // M = 128 23.7 / 63.1 / 85.1 vs 26.5 / 63.6 / 86.7 (with 3-row passes the GEMM had won from
@@ -2962,7 +2962,7 @@ at::Tensor linear_w8a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
 #endif
     if (Mx <= gemv_max_m) {
       // Beyond kGemvMaxM rows the GEMV passes over the weight once per group of kGemvMaxM
-      // rows of x, in row blocks (parallel_row_blocks): measured at 4096x4096 (2 threads),
+      // rows of x (up to 4 on AVX2, below), in row blocks (parallel_row_blocks): measured at 4096x4096 (2 threads),
       // M=4..16 took 1.6-2.9x longer on the dequantized-panel path, which converts every
       // weight to fp32 in memory.
       const int64_t passes = (Mx + kGemvMaxM - 1) / kGemvMaxM;
