@@ -624,16 +624,33 @@ FASTKERN_AVX2 inline void w4l_store_block_avx2(const W4& p, const Limbs& q, cons
 // 4096 x 11008 (33 KiB) 1.05-1.10x, bf16 4096 x 14336 (28 KiB) 1.00x, 4096 x 4096 1.03x.
 // Those were on a 48 KiB L1d (Xeon). On 2 Zen 4 cores (32 KiB L1d; four runs of 5-13 rounds)
 // R = 2 cost instead: fp32 4096 x 14336 1.03-1.08x the time of R = 1, 2048 x 28672
-// 1.01-1.13x, bf16 2048 x 28672 1.03x; so R = 2 is taken only where the L1d holds 48 KiB or
-// more (FASTKERN_W4A16_MULTIROW_KB, when set, decides on any L1d).
+// 1.01-1.13x, bf16 2048 x 28672 1.03x. That R = 2 loaded each limb vector twice, though
+// (GCC folded the shared load into both rows' vpmaddubsw and spilled the reassociated
+// sums); with one load per limb vector and the in-place adds below, fp32 (three limbs) on
+// the same Zen 4 cores: 4096 x 11008 (33 KiB) and 4096 x 14336 / 2048 x 28672 0.95x the
+// time of R = 1 (9 rounds), 2048 x 14336 with the weight in L3 (one thread) 0.87x;
+// 4096 x 4096 (12 KiB) 1.05x; bf16 (two limbs) 0.95-1.05x, no gain. So R = 2 where the L1d
+// holds 48 KiB or more at kW4Rows2Avx2Bytes, and on smaller L1ds for three limbs from 3/4
+// of the L1d (FASTKERN_W4A16_MULTIROW_KB, when set, decides for any L1d and L).
 constexpr int64_t kW4Rows2Avx2Bytes = 40 << 10;
 constexpr int64_t kW4Rows2Avx2MinL1d = 48 << 10;
 inline int64_t w4_multirow_bytes(int64_t bound) {
   return env_knob("FASTKERN_W4A16_MULTIROW_KB", bound >> 10) << 10;
 }
-inline int64_t w4_rows2_avx2_bytes() {
-  return w4_multirow_bytes(features().l1d_bytes() >= kW4Rows2Avx2MinL1d ? kW4Rows2Avx2Bytes : int64_t(1) << 50);
+inline int64_t w4_rows2_avx2_bytes(int limbs) {
+  const int64_t l1d = features().l1d_bytes();
+  return w4_multirow_bytes(l1d >= kW4Rows2Avx2MinL1d ? kW4Rows2Avx2Bytes
+                           : limbs == 3 && l1d > 0   ? l1d * 3 / 4
+                                                     : int64_t(1) << 50);
 }
+// acc += t (int16 lanes) in place: written as intrinsics, GCC reassociates a chunk's adds
+// into a tree that keeps every product live at once and spills them (0x1c0(%rsp)...) and
+// folds the shared x loads into each vpmaddubsw; the asm form keeps one chain per accumulator.
+FASTKERN_AVX2 inline __m256i add16_inplace(__m256i acc, __m256i t) {
+  asm("vpaddw %1, %0, %0" : "+x"(acc) : "x"(t));
+  return acc;
+}
+
 template <int MR, int L, int CS, int R = 1>
 FASTKERN_AVX2 void w4l_rows16_avx2(const W4& p, const Limbs& q, const KRange& kr, int64_t n0, int64_t n1, int64_t m0,
                                    float* Y, int64_t ldy) {
@@ -668,13 +685,15 @@ FASTKERN_AVX2 void w4l_rows16_avx2(const W4& p, const Limbs& q, const KRange& kr
           for (int i = 0; i < MR; ++i)
             for (int l = 0; l < L; ++l) {
               const int8_t* al = xp + i * lda + (c * L + l) * CW;
-              const __m256i xe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(al));
-              const __m256i xo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(al + 32));
+              __m256i xe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(al));
+              if (R > 1) asm("" : "+x"(xe));  // one load for the R rows (not one folded into each product)
               for (int r = 0; r < R; ++r) {
                 const __m256i te = _mm256_maddubs_epi16(lo[r], xe);
-                const __m256i to = _mm256_maddubs_epi16(hi[r], xo);
-                acc[r][i][l] = c == 0 ? _mm256_add_epi16(te, to) : _mm256_add_epi16(_mm256_add_epi16(acc[r][i][l], te), to);
+                acc[r][i][l] = c == 0 ? te : add16_inplace(acc[r][i][l], te);
               }
+              __m256i xo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(al + 32));
+              if (R > 1) asm("" : "+x"(xo));
+              for (int r = 0; r < R; ++r) acc[r][i][l] = add16_inplace(acc[r][i][l], _mm256_maddubs_epi16(hi[r], xo));
             }
         }
         for (int r = 0; r < R; ++r) {
@@ -1181,7 +1200,7 @@ void w4l_gemv16_avx2(const W4& p, const Limbs& q, int64_t M, int64_t N, float* Y
   // 1.45 / 4.6 against 0.99 / 3.6; bf16 m = 8: 8.2 against 7.3. Pairs (g = 32): m = 4 11 vs
   // 9.6, m = 12 16 vs 18 (kept at 3).
   const RowsFn f1 = pair ? &w4l_rows16p_avx2<1, L> : w4_rows16_fn<L, 1>(cs);
-  const bool rows2 = !pair && M == 1 && gbu * q.nc * L * CW >= w4_rows2_avx2_bytes();
+  const bool rows2 = !pair && M == 1 && gbu * q.nc * L * CW >= w4_rows2_avx2_bytes(L);
   const RowsFn f1m = rows2 ? w4_rows16_fn<L, 2>(cs) : f1;
   const RowsFn f2 = pair ? &w4l_rows16p_avx2<2, L> : nullptr;
   const RowsFn f3 = pair ? &w4l_rows16p_avx2<3, L> : nullptr;
