@@ -1471,10 +1471,7 @@ void w4f_gemv_avx2(const W4& p, const float* X, int64_t ldx, int64_t M, int64_t 
 // 4096 x 4096 M = 4 / 8 / 16: 0.60 / 0.89 / 1.58 against 0.57 / 0.90 / 1.79.
 // FASTKERN_W4A16_TILE_MAX_M overrides the top (0: off), read on every call (A/B, tests).
 constexpr int64_t kW4TileMaxM = 64;
-inline int64_t w4f_tile_max_m(int64_t fallback) {
-  const char* e = std::getenv("FASTKERN_W4A16_TILE_MAX_M");
-  return e && *e ? std::atoll(e) : fallback;
-}
+inline int64_t w4f_tile_max_m(int64_t fallback) { return env_knob("FASTKERN_W4A16_TILE_MAX_M", fallback); }
 inline bool use_w4f_tiles(int64_t M, int64_t g, bool fp32_x) {
   const int64_t lo = fp32_x ? kW4TileMinM : std::max(kW4TileMinM, limb_max_m(false, features().avx512vnni, g) + 1);
   return active_isa() >= Isa::Avx512 && g % 16 == 0 && M >= lo && M <= w4f_tile_max_m(kW4TileMaxM);

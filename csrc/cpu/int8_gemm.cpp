@@ -2995,6 +2995,17 @@ at::Tensor linear_w8a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
       // 3-row passes of 3 x 4 tiles at M = 4..32, Zen 4; a register-only loop 1.76 against 1.59
       // FMAs per cycle, and M = 16 takes 4 passes instead of 6)
       parallel_row_blocks(N, kGemvRows, 16, K, avx2 ? (Mx + 3) / 4 : passes, [&](int64_t n0, int64_t n1) {
+        // rows [m0, m0 + mr) of x (mr <= 4 on AVX2, <= kGemvMaxM otherwise) against [n0, n1)
+        auto pass = [&](int64_t m0, int64_t mr) {
+          const float* xm = xp + m0 * ldx;
+          float* ym = yp + m0 * N;
+          switch (mr) {
+            case 1: gemv_w8f_rows<1>(avx2, xm, ldx, wp, K, ym, N, n0, n1); break;
+            case 2: gemv_w8f_rows<2>(avx2, xm, ldx, wp, K, ym, N, n0, n1); break;
+            case 3: gemv_w8f_rows<3>(avx2, xm, ldx, wp, K, ym, N, n0, n1); break;
+            default: gemv_w8f_rows<4>(avx2, xm, ldx, wp, K, ym, N, n0, n1); break;
+          }
+        };
 #if FASTKERN_X86
         if (avx2 && Mx <= kW8fStreamMaxM && w8f_stream_enabled()) {
           if (Mx == 1)
@@ -3002,27 +3013,10 @@ at::Tensor linear_w8a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
           else
             gemv_w8f_stream_avx2<2>(xp, ldx, wp, K, yp, N, n0, n1);
         } else if (avx2) {
-          for_each_pass(Mx, 4, [&](int64_t m0, int64_t mr) {
-            const float* xm = xp + m0 * ldx;
-            float* ym = yp + m0 * N;
-            switch (mr) {
-              case 1: gemv_w8f_rows<1>(true, xm, ldx, wp, K, ym, N, n0, n1); break;
-              case 2: gemv_w8f_rows<2>(true, xm, ldx, wp, K, ym, N, n0, n1); break;
-              case 3: gemv_w8f_rows<3>(true, xm, ldx, wp, K, ym, N, n0, n1); break;
-              default: gemv_w8f_rows<4>(true, xm, ldx, wp, K, ym, N, n0, n1); break;
-            }
-          });
+          for_each_pass(Mx, 4, pass);
         } else
 #endif
-          for (int64_t m0 = 0; m0 < Mx; m0 += kGemvMaxM) {
-            const float* xm = xp + m0 * ldx;
-            float* ym = yp + m0 * N;
-            switch (std::min(kGemvMaxM, Mx - m0)) {
-              case 1: gemv_w8f_rows<1>(avx2, xm, ldx, wp, K, ym, N, n0, n1); break;
-              case 2: gemv_w8f_rows<2>(avx2, xm, ldx, wp, K, ym, N, n0, n1); break;
-              default: gemv_w8f_rows<3>(avx2, xm, ldx, wp, K, ym, N, n0, n1); break;
-            }
-          }
+          for (int64_t m0 = 0; m0 < Mx; m0 += kGemvMaxM) pass(m0, std::min(kGemvMaxM, Mx - m0));
         scale_rows(n0, n1);
       });
     } else {
