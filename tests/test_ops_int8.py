@@ -500,6 +500,47 @@ def test_avx2_gemv_passes(m, gen, monkeypatch):
 
 
 @NATIVE
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9])
+def test_avx2_gemv_int8_x(m, gen, monkeypatch):
+    # AVX2 without VNNI, the GEMV on int8 x (the sign trick: vpmaddubsw(|w|, x * sign(w)), taken
+    # at m = 1 and where a pass's int16 x outgrows the L1d; FASTKERN_I8S_GEMV_MAX_M=9 / 0 force
+    # it on / off): passes of up to 4 rows (m = 5: 3 + 2, 9: 3 + 3 + 3), 2 / 1 accumulators per
+    # row, K in 64-byte steps with 32-byte tails (k = 1, 31, 32, 33, 95, 4099) copied from the
+    # weight row. Weights hold -128 (|w| = 128 as the unsigned operand); x at +-127 against
+    # -128 weights gives the largest pair sums (2 x 128 x 127, under int16's limit). int8_gemm
+    # exact, also where x holds -128 (which the trick cannot take: it runs the int16 GEMV), and
+    # W8A8 bit-identical to the reference, on and off; 1 and 2 threads equal.
+    isa_or_skip("avx2")
+    monkeypatch.setenv("FASTKERN_INT8_WV_MAX_M", "0")
+    with cpu_isa("avx2"):
+        for on in ("9", "0"):
+            monkeypatch.setenv("FASTKERN_I8S_GEMV_MAX_M", on)
+            for n, k in ((1, 1), (3, 31), (5, 32), (7, 33), (19, 95), (37, 1100), (6, 4099)):
+                a = torch.randint(-127, 128, (m, k), generator=gen, dtype=torch.int8)
+                b = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+                b[::2, ::3] = -128
+                assert torch.equal(native("int8_gemm")(a, b), ops.int8_gemm_ref(a, b)), (m, n, k)
+                a[0, k // 2] = -128
+                assert torch.equal(native("int8_gemm")(a, b), ops.int8_gemm_ref(a, b)), (m, n, k)
+                a = torch.full((m, k), -127, dtype=torch.int8)
+                a[:, ::5] = 127
+                b = torch.full((n, k), -128, dtype=torch.int8)
+                assert torch.equal(native("int8_gemm")(a, b), ops.int8_gemm_ref(a, b)), (m, n, k)
+                x = torch.randn(m, k, generator=gen)
+                w, s = make_w8(gen, n, k)
+                w[::3, ::2] = -128
+                assert torch.equal(native("linear_w8a8")(x, w, s, None), ops.linear_w8a8_ref(x, w, s, None)), (m, n, k)
+            a = torch.randint(-127, 128, (m, 2000), generator=gen, dtype=torch.int8)
+            b = torch.randint(-128, 128, (301, 2000), generator=gen, dtype=torch.int8)
+            x = torch.randn(m, 2000, generator=gen)
+            w, s = make_w8(gen, 301, 2000)
+            one, two = on_1_and_2_threads(lambda: (native("int8_gemm")(a, b), native("linear_w8a8")(x, w, s, None)))
+            assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+            assert torch.equal(one[0], ops.int8_gemm_ref(a, b))
+            assert torch.equal(one[1], ops.linear_w8a8_ref(x, w, s, None))
+
+
+@NATIVE
 @pytest.mark.parametrize("m", [17, 24, 70, 257])
 def test_w8a16_avx2_gemm_tails_and_threads(m, gen, monkeypatch):
     # AVX2 without AVX-512, above the GEMV's rows (moved down to 16 here, so that m = 17..128

@@ -7,7 +7,8 @@
 //
 // AVX2: small M (<= kGemvMaxM, and up to kS16GemvMaxM where the small-layer kernels do not
 // take it) runs a GEMV in passes of up to 4 rows of x, widening the int8 weight in
-// registers; each thread's weight rows go in L2-sized blocks, all passes over a block before
+// registers (at M = 1, and where int16 rows of x outgrow the L1d, on int8 x by the sign trick
+// instead: gemv_i8s); each thread's weight rows go in L2-sized blocks, all passes over a block before
 // the next (parallel_row_blocks), so the weight comes from DRAM once. Larger M runs a
 // transposed-tile GEMM on int16 pairs (section "AVX2 without VNNI"). W8A16 runs its fp32
 // GEMV (3 rows of x per pass, the same row blocks) up to kW8a16GemvMaxMAvx2 and the fp32
@@ -1722,6 +1723,52 @@ FASTKERN_AVX2 void gemv_s16_avx2(const int16_t* A, int64_t lda, const int8_t* W,
   for (; n < n1; ++n) gemv_s16_rows_avx2<MR, 1>(A, lda, W, K, n, o, ldo, pf_l1);
 }
 
+// The same GEMV on int8 x by the sign trick: vpmaddubsw(|w|, x * sign(w)). |w| <= 128 as an
+// unsigned byte (vpabsb of -128 is 0x80) and x * sign(w) stays in -127..127 while x holds no
+// -128 (W8A8 activations never do; int8_gemm checks), so each pair sum is at most
+// 2 * 128 * 127 = 32512 and vpmaddubsw never saturates: exact. Per 32 weights one 32-byte
+// weight load and one x load (the int16 GEMV above: two widening weight loads, two x loads),
+// and x takes half the L1d.
+// s += the products of one 32-byte weight vector wv with x's rows at column k
+template <int MR>
+FASTKERN_AVX2 inline void i8s_step(__m256i* s, int64_t ss, const int8_t* A, int64_t lda, __m256i wv, int64_t k) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i aw = _mm256_abs_epi8(wv);
+  for (int i = 0; i < MR; ++i) {
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(A + i * lda + k));
+    const __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, wv));
+    s[i * ss] = add_inplace(s[i * ss], _mm256_madd_epi16(p, ones));
+  }
+}
+
+// MR rows of x (int8, zero-padded to lda >= round_up(K, 32)) against weight row n
+template <int MR>
+FASTKERN_AVX2 void gemv_i8s_row_avx2(const int8_t* A, int64_t lda, const int8_t* W, int64_t K, int64_t n,
+                                     const VnniOut& o, int64_t ldo, bool pf_l1) {
+  constexpr int U = MR <= 2 ? 2 : 1;
+  const int64_t K64 = K & ~int64_t(63);
+  const int8_t* w = W + n * K;
+  __m256i s[MR][U];
+  for (int i = 0; i < MR; ++i)
+    for (int u = 0; u < U; ++u) s[i][u] = _mm256_setzero_si256();
+  int64_t k = 0;
+  for (; k < K64; k += 64) {
+    prefetch_stream(w + k + kA2Ahead, pf_l1);
+    i8s_step<MR>(&s[0][0], U, A, lda, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k)), k);
+    i8s_step<MR>(&s[0][U - 1], U, A, lda, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k + 32)), k + 32);
+  }
+  for (; k < K; k += 32) {  // x is zero-padded to 32 columns; never read past a weight row
+    alignas(32) int8_t tail[32] = {};
+    std::memcpy(tail, w + k, std::min<int64_t>(32, K - k));
+    i8s_step<MR>(&s[0][0], U, A, lda, _mm256_load_si256(reinterpret_cast<const __m256i*>(tail)), k);
+  }
+  for (int i = 0; i < MR; ++i) {
+    __m256i t = s[i][0];
+    for (int u = 1; u < U; ++u) t = _mm256_add_epi32(t, s[i][u]);
+    o.put(i, n, ldo, hsum8_i32_avx2(t));
+  }
+}
+
 // x rows (int8, row stride lda) -> int16 pairs per block of 16 rows (the last one 8 or 16
 // wide): block m0 starts at ap + m0 * K2 and holds [K2][w] words (a[m][2k], a[m][2k + 1]);
 // zero rows past M, zero past K.
@@ -2267,6 +2314,48 @@ void gemv_s16(const int16_t* A, int64_t lda, int64_t M, const int8_t* W, int64_t
   });
 }
 
+// gemv_s16 on int8 x by the sign trick (gemv_i8s_row_avx2): A [M, lda] int8 in -127..127,
+// zero-padded to lda >= round_up(K, 32); one pass over the weight per kS16GemvRows rows of x.
+void gemv_i8s(const int8_t* A, int64_t lda, int64_t M, const int8_t* W, int64_t N, int64_t K, const VnniOut& o) {
+  const bool pf_l1 = gemv_prefetch_l1();
+  parallel_row_blocks(N, 16, 8, K, (M + kS16GemvRows - 1) / kS16GemvRows, [&](int64_t n0, int64_t n1) {
+    for_each_pass(M, kS16GemvRows, [&](int64_t m0, int64_t mr) {
+      const VnniOut om = o.from_row(m0, N);
+      const int8_t* Am = A + m0 * lda;
+      for (int64_t n = n0; n < n1; ++n) switch (mr) {
+          case 1: gemv_i8s_row_avx2<1>(Am, lda, W, K, n, om, N, pf_l1); break;
+          case 2: gemv_i8s_row_avx2<2>(Am, lda, W, K, n, om, N, pf_l1); break;
+          case 3: gemv_i8s_row_avx2<3>(Am, lda, W, K, n, om, N, pf_l1); break;
+          default: gemv_i8s_row_avx2<4>(Am, lda, W, K, n, om, N, pf_l1); break;
+        }
+    });
+  });
+}
+
+// Whether a (int8, 2-D) holds -128 anywhere, which the sign trick cannot take
+bool holds_int8_min(const at::Tensor& a) {
+  const at::Tensor c = a.contiguous();
+  const void* p = c.data_ptr<int8_t>();
+  return std::memchr(p, 0x80, size_t(c.numel())) != nullptr;
+}
+
+// Whether the AVX2 GEMV of M rows runs on int8 x (gemv_i8s) rather than int16 (gemv_s16):
+// at M = 1, and up to kI8sGemvMaxM where a pass's int16 rows of x outgrow the L1d. At M >= 2
+// each row of x pays its own vpsignb per weight vector, against the int16 GEMV's one widening
+// per weight vector for all rows. Measured (Zen 4, 32 KiB L1d, 2 threads, weights beyond L3,
+// one process, alternating; W8A8 ms, int8 x against int16 x): M = 1 4096 x 14336 1.06 / 0.95
+// vs 1.66 / 1.74 (FBGEMM 1.36 / 1.21), 4096 x 4096 and 11008 x 4096 0.96-1.02x; M = 2 4096 x
+// 14336 1.50 vs 2.59, 4096 x 4096 and 11008 x 4096 1.06-1.08x slower; M = 4 / 8 at K = 14336
+// 0.94 / 0.97x (against 3 weight rows per step), at K = 4096 0.97-0.98x; M = 16 1.03-1.09x
+// slower. FASTKERN_I8S_GEMV_MAX_M (read on every call: A/B, tests) sets the M up to which it
+// runs (0: never).
+constexpr int64_t kI8sGemvMaxM = 8;
+bool use_i8s_gemv(int64_t M, int64_t K) {
+  const int64_t knob = env_knob("FASTKERN_I8S_GEMV_MAX_M", -1);
+  if (knob >= 0) return M <= knob;
+  return M == 1 || (M <= kI8sGemvMaxM && std::min(M, kS16GemvRows) * K * 2 > features().l1d_bytes());
+}
+
 // ------------------------------------------------------------------ small M: weight vectors (both ISAs)
 //
 // At small M (a BERT/MiniLM layer at batch 1: M ~ 8..64, N, K ~ 384..1536) the transposed
@@ -2771,6 +2860,10 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a, const at::Tensor& b) {
       at::Tensor A8 = at::zeros({M, round_up(K, 32)}, a.options());
       A8.narrow(1, 0, K).copy_(a2);
       gemv_vnni256(A8.data_ptr<int8_t>(), A8.size(1), M, bc.data_ptr<int8_t>(), N, K, o);
+    } else if (gemv && use_i8s_gemv(M, K) && !holds_int8_min(a2)) {
+      at::Tensor A8 = at::zeros({M, round_up(K, 32)}, a.options());
+      A8.narrow(1, 0, K).copy_(a2);
+      gemv_i8s(A8.data_ptr<int8_t>(), A8.size(1), M, bc.data_ptr<int8_t>(), N, K, o);
     } else if (gemv) {
       at::Tensor A = at::zeros({M, Kp}, a.options().dtype(at::kShort));
       A.narrow(1, 0, K).copy_(a2);
@@ -3234,6 +3327,11 @@ at::Tensor linear_w8a8_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
       at::Tensor Q8 = at::zeros({M, Kq}, X.options().dtype(at::kChar));
       quantize_rows_avx2<int8_t>(X.data_ptr<float>(), Kp, M, K, Q8.data_ptr<int8_t>(), Kq, S.data_ptr<float>());
       gemv_vnni256(Q8.data_ptr<int8_t>(), Kq, M, wc.data_ptr<int8_t>(), N, K, o);
+    } else if (gemv && use_i8s_gemv(M, K)) {
+      const int64_t Kq = round_up(K, 32);
+      at::Tensor Q8 = at::zeros({M, Kq}, X.options().dtype(at::kChar));
+      quantize_rows_avx2<int8_t>(X.data_ptr<float>(), Kp, M, K, Q8.data_ptr<int8_t>(), Kq, S.data_ptr<float>());
+      gemv_i8s(Q8.data_ptr<int8_t>(), Kq, M, wc.data_ptr<int8_t>(), N, K, o);
     } else if (gemv) {
       at::Tensor Q = at::zeros({M, Kp}, X.options().dtype(at::kShort));
       quantize_rows_avx2<int16_t>(X.data_ptr<float>(), Kp, M, K, Q.data_ptr<int16_t>(), Kp, S.data_ptr<float>());
