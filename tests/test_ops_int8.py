@@ -583,6 +583,31 @@ def test_w8a16_avx2_streaming_gemv(m, gen, monkeypatch):
 
 
 @NATIVE
+@pytest.mark.parametrize("m", [1, 2])
+def test_w8a16_avx2_streaming_gemv_k_blocks(m, gen, monkeypatch):
+    # AVX2, m <= 2, the streaming GEMV in chunks of 8 weight rows (tails: n = 1, 7, 9, 17, 37)
+    # through K blocks of 2048 columns, the accumulators parked between blocks (k = 2049, 4099,
+    # 6150: a last block of 1, 3 or 6 columns; k = 2048, 4096: whole blocks only), forced on with
+    # FASTKERN_W8F_KBLOCK=1: bitwise the one-pass result (=0), within the contract of the
+    # reference, 1 and 2 threads bitwise equal; the default (blocks where x takes over half the
+    # L1d) gives one of the two.
+    isa_or_skip("avx2")
+    with cpu_isa("avx2"):
+        for n, k in ((1, 1), (7, 65), (9, 2048), (17, 2049), (37, 4099), (9, 4096), (20, 6150)):
+            x = torch.randn(m, k, generator=gen)
+            w, s = make_w8(gen, n, k)
+            ref = ops.linear_w8a16_ref(x, w, s, None)
+            monkeypatch.setenv("FASTKERN_W8F_KBLOCK", "0")
+            flat = native("linear_w8a16")(x, w, s, None)
+            monkeypatch.setenv("FASTKERN_W8F_KBLOCK", "1")
+            one, two = on_1_and_2_threads(native("linear_w8a16"), x, w, s, None)
+            assert torch.equal(one, two) and torch.equal(one, flat), (n, k)
+            assert_close_rel(one, ref, torch.float32)
+            monkeypatch.delenv("FASTKERN_W8F_KBLOCK")
+            assert torch.equal(native("linear_w8a16")(x, w, s, None), flat), (n, k)
+
+
+@NATIVE
 @pytest.mark.parametrize("m", [4, 5, 6, 7, 8, 9, 12, 13, 16, 17, 24])
 def test_w8a16_avx512_gemv_tiles(m, gen, monkeypatch):
     # AVX-512, 4 <= m <= 24 (bf16 x with AVX512-BF16: <= 12): linear_w8a16's GEMV tiles, MR

@@ -1555,40 +1555,94 @@ FASTKERN_AVX2 void gemv_w8f_avx2(const float* X, int64_t ldx, const int8_t* W, i
 // 1.18x, M = 3 0.95 / 0.82 / 0.84x (the tiles share each x load among 4 weight rows).
 constexpr int64_t kW8fStreamMaxM = 2;
 constexpr int64_t kW8fAhead = 8192;
+// s += x [., k0:k1) * w[k0:k1) for one weight row w, k0 a multiple of 64; k1 < K only at a
+// multiple of 64 (x is zero-padded to 8 columns; the weight row is never read past K). With pf,
+// one 64-byte line at pf per 64 bytes of weight read is prefetched into L2 (pf advances), else
+// the row's own stream kW8fAhead bytes ahead.
+template <int MR, int U>
+FASTKERN_AVX2 inline void w8f_stream_span(__m256 (&s)[MR][U], const float* X, int64_t ldx, const int8_t* w,
+                                          int64_t k0, int64_t k1, int64_t K, const char*& pf, bool pf_l1) {
+  const int64_t kf = k0 + ((k1 - k0) & ~int64_t(63));
+  int64_t k = k0;
+  for (; k < kf; k += 64) {
+    if (pf) {
+      _mm_prefetch(pf, _MM_HINT_T1);
+      pf += 64;
+    } else {
+      prefetch_stream(w + k + kW8fAhead, pf_l1);
+    }
+    for (int u = 0; u < 8; ++u) {
+      const __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + k + 8 * u))));
+      for (int i = 0; i < MR; ++i)
+        s[i][u % U] = _mm256_fmadd_ps(_mm256_loadu_ps(X + i * ldx + k + 8 * u), wv, s[i][u % U]);
+    }
+  }
+  for (; k < k1; k += 8) {
+    alignas(16) int8_t tail[8] = {};
+    const int8_t* src = w + k;
+    if (K - k < 8) {
+      std::memcpy(tail, src, K - k);
+      src = tail;
+    }
+    const __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src))));
+    for (int i = 0; i < MR; ++i) s[i][0] = _mm256_fmadd_ps(_mm256_loadu_ps(X + i * ldx + k), wv, s[i][0]);
+  }
+}
+
+template <int MR, int U>
+FASTKERN_AVX2 inline float w8f_stream_sum(const __m256 (&s)[U]) {
+  __m256 t[4] = {s[0], s[1], s[2], s[3]};
+  for (int u = 4; u < U; ++u) t[u - 4] = _mm256_add_ps(t[u - 4], s[u]);
+  return hsum8_avx2(_mm256_add_ps(_mm256_add_ps(t[0], t[1]), _mm256_add_ps(t[2], t[3])));
+}
+
+// Where the rows of fp32 x take more than half the L1d (K > 4096 at M = 1 on a 32 KiB L1d),
+// the weight rows go in chunks of kW8fRows through K blocks of kW8fBlockK columns, as
+// gemv_w8f_avx512_kblocked does, the accumulators parked between blocks: the same terms in the
+// same lanes in the same order, bitwise the result of one pass per row. Measured (Zen 4, 32
+// KiB L1d, 2 threads, weights beyond L3, one process, alternating; blocked against one pass):
+// 4096 x 11008 / 4096 x 14336 M = 1 0.86-0.90x the time, M = 2 0.71-0.72x; 4096 x 4096 M = 1
+// / 2 1.03 / 1.01x (not blocked at M = 1); 4096-column blocks or 16-row chunks no faster,
+// 4-row chunks 1.04-1.09x slower at M = 2. FASTKERN_W8F_KBLOCK=0 / 1 forces one pass / blocks
+// (read on every call: A/B, tests).
 template <int MR>
 FASTKERN_AVX2 void gemv_w8f_stream_avx2(const float* X, int64_t ldx, const int8_t* W, int64_t K, float* Y,
                                         int64_t ldy, int64_t n0, int64_t n1) {
   constexpr int U = MR == 1 ? 8 : 4;  // FMA chains in flight: 8 for one row of x
-  const int64_t K64 = K & ~int64_t(63);
   const bool pf_l1 = gemv_prefetch_l1();
+  const int64_t kb = env_knob("FASTKERN_W8F_KBLOCK", -1);
+  if (kb > 0 || (kb < 0 && MR * K * 4 > features().l1d_bytes() / 2)) {
+    alignas(32) float acc[kW8fRows][MR][U][8];
+    for (int64_t c0 = n0; c0 < n1; c0 += kW8fRows) {
+      const int64_t c1 = std::min(n1, c0 + kW8fRows);
+      const char* pf = reinterpret_cast<const char*>(W + c1 * K);
+      for (int64_t k0 = 0; k0 < K; k0 += kW8fBlockK) {
+        const int64_t k1 = std::min(K, k0 + kW8fBlockK);
+        for (int64_t n = c0; n < c1; ++n) {
+          __m256 s[MR][U];
+          for (int i = 0; i < MR; ++i)
+            for (int u = 0; u < U; ++u) s[i][u] = k0 == 0 ? _mm256_setzero_ps() : _mm256_load_ps(acc[n - c0][i][u]);
+          w8f_stream_span<MR, U>(s, X, ldx, W + n * K, k0, k1, K, pf, pf_l1);
+          for (int i = 0; i < MR; ++i)
+            for (int u = 0; u < U; ++u) _mm256_store_ps(acc[n - c0][i][u], s[i][u]);
+        }
+      }
+      for (int64_t n = c0; n < c1; ++n)
+        for (int i = 0; i < MR; ++i) {
+          __m256 s[U];
+          for (int u = 0; u < U; ++u) s[u] = _mm256_load_ps(acc[n - c0][i][u]);
+          Y[i * ldy + n] = w8f_stream_sum<MR, U>(s);
+        }
+    }
+    return;
+  }
   for (int64_t n = n0; n < n1; ++n) {
-    const int8_t* w = W + n * K;
     __m256 s[MR][U];
     for (int i = 0; i < MR; ++i)
       for (int u = 0; u < U; ++u) s[i][u] = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k < K64; k += 64) {
-      prefetch_stream(w + k + kW8fAhead, pf_l1);
-      for (int u = 0; u < 8; ++u) {
-        const __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + k + 8 * u))));
-        for (int i = 0; i < MR; ++i)
-          s[i][u % U] = _mm256_fmadd_ps(_mm256_loadu_ps(X + i * ldx + k + 8 * u), wv, s[i][u % U]);
-      }
-    }
-    for (; k < K; k += 8) {  // x is zero-padded to 8 columns; never read past a weight row
-      alignas(16) int8_t tail[8] = {};
-      const int8_t* src = w + k;
-      if (K - k < 8) {
-        std::memcpy(tail, src, K - k);
-        src = tail;
-      }
-      const __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src))));
-      for (int i = 0; i < MR; ++i) s[i][0] = _mm256_fmadd_ps(_mm256_loadu_ps(X + i * ldx + k), wv, s[i][0]);
-    }
-    for (int i = 0; i < MR; ++i) {
-      for (int u = 4; u < U; ++u) s[i][u - 4] = _mm256_add_ps(s[i][u - 4], s[i][u]);
-      Y[i * ldy + n] = hsum8_avx2(_mm256_add_ps(_mm256_add_ps(s[i][0], s[i][1]), _mm256_add_ps(s[i][2], s[i][3])));
-    }
+    const char* pf = nullptr;
+    w8f_stream_span<MR, U>(s, X, ldx, W + n * K, 0, K, K, pf, pf_l1);
+    for (int i = 0; i < MR; ++i) Y[i * ldy + n] = w8f_stream_sum<MR, U>(s[i]);
   }
 }
 
