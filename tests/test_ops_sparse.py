@@ -120,6 +120,28 @@ def test_sparse24_meta_high_bits_ignored(gen, isa, m):
 
 
 @needs_cpu24
+@pytest.mark.parametrize("isa", [p for p in cpu_isas() if p.values[0] != "generic"], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+def test_sparse24_small_m_k_blocks(gen, isa, dtype, m, monkeypatch):
+    """M <= 4 on AVX2/AVX-512: chunks of 8 weight rows (n = 1, 7, 9, 17: chunk tails) through
+    K blocks (2048 columns for 1-2 rows of x, 1344 for 3, 1024 for 4 on a 32 KiB L1d; k = 2052,
+    2064, 4100, 6156: several blocks, an odd last chunk, 1-3 tail groups), the accumulators
+    parked between blocks: bitwise the whole-row result (FASTKERN_S24_KBLOCK=0), close to the
+    reference, 1 and 2 threads equal."""
+    monkeypatch.setenv("FASTKERN_S24_BF16_MIN_M", "0")
+    for n, k in ((1, 2052), (7, 2064), (9, 4100), (17, 6156)):
+        x = torch.randn(m, k, generator=gen).to(dtype)
+        values, meta, b = sparse24_args(n, k, dtype, gen, bias=True)
+        monkeypatch.setenv("FASTKERN_S24_KBLOCK", "0")
+        rows = torch.ops.fastkern_C.linear_sparse24(x, values, meta, b)
+        monkeypatch.delenv("FASTKERN_S24_KBLOCK")
+        one, two = on_1_and_2_threads(torch.ops.fastkern_C.linear_sparse24, x, values, meta, b)
+        assert torch.equal(one, two) and torch.equal(one, rows), (n, k)
+        assert_close_elementwise(one, x, formats.decompress_2_4(values, meta), b, dtype)
+
+
+@needs_cpu24
 @pytest.mark.parametrize("isa", cpu_isas(), indirect=True)
 @pytest.mark.parametrize("m", [1, 3, 6, 9, 17, 40])
 def test_sparse24_garbage_meta_stays_in_bounds(gen, isa, m):

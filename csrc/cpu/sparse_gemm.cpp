@@ -144,19 +144,21 @@ constexpr int64_t kS24PrefetchBytes = 8192;
 // This kernel also serves AVX-512 machines: a zmm version (8 groups per step,
 // one two-source permute) measured no faster at K=4096 and 15-20% slower at
 // K >= 11008 on the development machine.
+// acc += chunks [c0, c1) (16 columns each; c0 even) of one weight row against MT rows of the
+// reordered x. With pf, one line of pf (the next rows' values) per 64 bytes of values read
+// and one of pfm (their meta) per 16 chunks are prefetched into L2 (both advance); else the
+// row's own streams kS24PrefetchBytes ahead.
 template <class T, int MT>
-FASTKERN_AVX2 void s24_row_avx2(const float* xr, int64_t K, const T* v, const uint8_t* mt, float* y, int64_t ldy) {
+FASTKERN_AVX2 inline void s24_span_avx2(__m256 (&acc)[MT][2], const float* xr, int64_t K, const T* v,
+                                        const uint8_t* mt, int64_t c0, int64_t c1, const char*& pf,
+                                        const char*& pfm) {
   const __m256i shifts = _mm256_setr_epi32(0, 2, 8, 10, 16, 18, 24, 26);
-  const int64_t G = K / 4, chunks = K / 16;
-  __m256 acc[MT][2];
-#pragma GCC unroll 4
-  for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
 #define FK_S24_CHUNK(c, a)                                                                              \
   {                                                                                                     \
     int32_t mb;                                                                                         \
     std::memcpy(&mb, mt + 4 * (c), 4);                                                                  \
     const __m256i ctrl = _mm256_srlv_epi32(_mm256_set1_epi32(mb), shifts);                              \
-    _mm_prefetch(reinterpret_cast<const char*>(v + 8 * (c)) + kS24PrefetchBytes, _MM_HINT_T0);          \
+    if (!pf) _mm_prefetch(reinterpret_cast<const char*>(v + 8 * (c)) + kS24PrefetchBytes, _MM_HINT_T0); \
     const __m256 w = gemm::load8(v + 8 * (c));                                                          \
     _Pragma("GCC unroll 4") for (int m = 0; m < MT; ++m) {                                              \
       const __m256 P = _mm256_loadu_ps(xr + m * K + 16 * (c)), Q = _mm256_loadu_ps(xr + m * K + 16 * (c) + 8); \
@@ -164,15 +166,30 @@ FASTKERN_AVX2 void s24_row_avx2(const float* xr, int64_t K, const T* v, const ui
       acc[m][a] = _mm256_fmadd_ps(w, xs, acc[m][a]);                                                    \
     }                                                                                                   \
   }
-  int64_t c = 0;
-  for (; c + 2 <= chunks; c += 2) {
-    if ((c & 15) == 0)
+  int64_t c = c0;
+  for (; c + 2 <= c1; c += 2) {
+    if (pf) {
+      _mm_prefetch(pf, _MM_HINT_T1);
+      pf += 16 * sizeof(T);
+      if ((c & 15) == 0) {
+        _mm_prefetch(pfm, _MM_HINT_T1);
+        pfm += 64;
+      }
+    } else if ((c & 15) == 0) {
       _mm_prefetch(reinterpret_cast<const char*>(mt + 4 * c) + kS24PrefetchBytes / (2 * sizeof(T)), _MM_HINT_T0);
+    }
     FK_S24_CHUNK(c, 0)
     FK_S24_CHUNK(c + 1, 1)
   }
-  if (c < chunks) FK_S24_CHUNK(c, 0)
+  if (c < c1) FK_S24_CHUNK(c, 0)
 #undef FK_S24_CHUNK
+}
+
+// y[m * ldy] = the row's sums: both accumulators, then the groups past the last whole chunk
+template <class T, int MT>
+FASTKERN_AVX2 inline void s24_finish_avx2(const __m256 (&acc)[MT][2], const float* xr, int64_t K, const T* v,
+                                          const uint8_t* mt, float* y, int64_t ldy) {
+  const int64_t G = K / 4, chunks = K / 16;
 #pragma GCC unroll 4
   for (int m = 0; m < MT; ++m) {
     float s = gemm::hsum8(_mm256_add_ps(acc[m][0], acc[m][1]));
@@ -185,10 +202,64 @@ FASTKERN_AVX2 void s24_row_avx2(const float* xr, int64_t K, const T* v, const ui
   }
 }
 
+// One weight row against MT (<= 4) rows of the reordered x, two accumulators
+// per x row. Whole rows are done one after another, so each thread reads its
+// values and its meta as two sequential streams (rows are contiguous), what
+// the hardware prefetchers follow best, plus the software prefetch 8 KB ahead.
+// This kernel also serves AVX-512 machines: a zmm version (8 groups per step,
+// one two-source permute) measured no faster at K=4096 and 15-20% slower at
+// K >= 11008 on the development machine.
+template <class T, int MT>
+FASTKERN_AVX2 void s24_row_avx2(const float* xr, int64_t K, const T* v, const uint8_t* mt, float* y, int64_t ldy) {
+  __m256 acc[MT][2];
+#pragma GCC unroll 4
+  for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  const char* pf = nullptr;
+  const char* pfm = nullptr;
+  s24_span_avx2<T, MT>(acc, xr, K, v, mt, 0, K / 16, pf, pfm);
+  s24_finish_avx2<T, MT>(acc, xr, K, v, mt, y, ldy);
+}
+
+// With kblocks (M <= 4: the weight is read once) the weight rows go in chunks of kS24KbRows
+// through K blocks of up to kS24KbCols columns (the block's rows of x in half the L1d), the
+// accumulators parked between blocks (the same terms in the same lanes in the same order:
+// bitwise the one-pass result), the next chunk's values and meta prefetched into L2 while a
+// chunk computes. Measured (Zen 4, 32 KiB L1d, 2 threads, weights beyond L3, one process,
+// alternating; fp32, blocked against whole rows): M = 1 4096 x 4096 / 11008 x 4096 /
+// 4096 x 11008 / 4096 x 14336 0.64-0.82x the time (at K = 4096 too, where x fits the L1d:
+// the row streams' own prefetch 8 KB ahead kept fewer lines in flight), M = 2 0.63-0.84x,
+// M = 3 / 4 0.78-0.96x; M = 8 (two passes over 256 KB row chunks) 0.87x at K = 4096 but
+// 1.26x at K = 14336, so not there. FASTKERN_S24_KBLOCK=0 turns it off (read on every call:
+// A/B, tests).
+constexpr int64_t kS24KbCols = 2048;  // at most
+constexpr int64_t kS24KbRows = 8;
+
 template <class T, int MT>
 FASTKERN_AVX2 void s24_rows_avx2(const float* xr, int64_t K, const T* vals, int64_t ldv, const uint8_t* meta,
-                                 int64_t ldm, int64_t n0, int64_t n1, float* y, int64_t ldy) {
-  for (int64_t n = n0; n < n1; ++n) s24_row_avx2<T, MT>(xr, K, vals + n * ldv, meta + n * ldm, y + n, ldy);
+                                 int64_t ldm, int64_t n0, int64_t n1, float* y, int64_t ldy, bool kblocks) {
+  if (!kblocks) {
+    for (int64_t n = n0; n < n1; ++n) s24_row_avx2<T, MT>(xr, K, vals + n * ldv, meta + n * ldm, y + n, ldy);
+    return;
+  }
+  const int64_t chunks = K / 16;
+  // the block's MT rows of x in half the L1d, a multiple of 32 columns (the chunk pairs keep
+  // their lanes)
+  const int64_t cols = std::min<int64_t>(kS24KbCols, std::max<int64_t>(256, (features().l1d_bytes() / 2) / (MT * 4) & ~int64_t(31)));
+  __m256 acc[kS24KbRows][MT][2];
+  for (int64_t r0 = n0; r0 < n1; r0 += kS24KbRows) {
+    const int64_t r1 = std::min(n1, r0 + kS24KbRows);
+    const char* pf = reinterpret_cast<const char*>(vals + r1 * ldv);
+    const char* pfm = reinterpret_cast<const char*>(meta + r1 * ldm);
+    for (int64_t n = r0; n < r1; ++n)
+      for (int m = 0; m < MT; ++m) acc[n - r0][m][0] = acc[n - r0][m][1] = _mm256_setzero_ps();
+    for (int64_t c0 = 0; c0 < chunks; c0 += cols / 16) {
+      const int64_t c1 = std::min(chunks, c0 + cols / 16);
+      for (int64_t n = r0; n < r1; ++n)
+        s24_span_avx2<T, MT>(acc[n - r0], xr, K, vals + n * ldv, meta + n * ldm, c0, c1, pf, pfm);
+    }
+    for (int64_t n = r0; n < r1; ++n)
+      s24_finish_avx2<T, MT>(acc[n - r0], xr, K, vals + n * ldv, meta + n * ldm, y + n, ldy);
+  }
 }
 #endif
 
@@ -222,15 +293,16 @@ void s24_small_m(Isa isa, const at::Tensor& x2, const at::Tensor& values, const 
     int64_t grain = M > 4 ? (int64_t(256) << 10) / std::max<int64_t>(1, row_bytes)
                           : std::max(gemm::grain_for(N, 2 * M * K), (int64_t(1) << 20) / std::max<int64_t>(1, row_bytes));
     grain = std::max<int64_t>(1, grain);
+    const bool kb = M <= 4 && env_knob("FASTKERN_S24_KBLOCK", 1) != 0;
     gemm::parallel_for_dynamic(0, N, grain, [&](int64_t n0, int64_t n1) {
       for (int64_t m0 = 0; m0 < M; m0 += 4) {
         const float* xm = x + m0 * K;
         float* ym = y + m0 * N;
         switch (std::min<int64_t>(4, M - m0)) {
-          case 1: s24_rows_avx2<T, 1>(xm, K, v, ldv, mt, ldm, n0, n1, ym, N); break;
-          case 2: s24_rows_avx2<T, 2>(xm, K, v, ldv, mt, ldm, n0, n1, ym, N); break;
-          case 3: s24_rows_avx2<T, 3>(xm, K, v, ldv, mt, ldm, n0, n1, ym, N); break;
-          default: s24_rows_avx2<T, 4>(xm, K, v, ldv, mt, ldm, n0, n1, ym, N); break;
+          case 1: s24_rows_avx2<T, 1>(xm, K, v, ldv, mt, ldm, n0, n1, ym, N, kb); break;
+          case 2: s24_rows_avx2<T, 2>(xm, K, v, ldv, mt, ldm, n0, n1, ym, N, kb); break;
+          case 3: s24_rows_avx2<T, 3>(xm, K, v, ldv, mt, ldm, n0, n1, ym, N, kb); break;
+          default: s24_rows_avx2<T, 4>(xm, K, v, ldv, mt, ldm, n0, n1, ym, N, kb); break;
         }
       }
     });
