@@ -1589,7 +1589,8 @@ FASTKERN_AVX2 inline void w8f_stream_span(__m256 (&s)[MR][U], const float* X, in
   }
 }
 
-template <int MR, int U>
+// the sum of one row's U accumulators
+template <int U>
 FASTKERN_AVX2 inline float w8f_stream_sum(const __m256 (&s)[U]) {
   __m256 t[4] = {s[0], s[1], s[2], s[3]};
   for (int u = 4; u < U; ++u) t[u - 4] = _mm256_add_ps(t[u - 4], s[u]);
@@ -1631,7 +1632,7 @@ FASTKERN_AVX2 void gemv_w8f_stream_avx2(const float* X, int64_t ldx, const int8_
         for (int i = 0; i < MR; ++i) {
           __m256 s[U];
           for (int u = 0; u < U; ++u) s[u] = _mm256_load_ps(acc[n - c0][i][u]);
-          Y[i * ldy + n] = w8f_stream_sum<MR, U>(s);
+          Y[i * ldy + n] = w8f_stream_sum<U>(s);
         }
     }
     return;
@@ -1642,7 +1643,7 @@ FASTKERN_AVX2 void gemv_w8f_stream_avx2(const float* X, int64_t ldx, const int8_
       for (int u = 0; u < U; ++u) s[i][u] = _mm256_setzero_ps();
     const char* pf = nullptr;
     w8f_stream_span<MR, U>(s, X, ldx, W + n * K, 0, K, K, pf, pf_l1);
-    for (int i = 0; i < MR; ++i) Y[i * ldy + n] = w8f_stream_sum<MR, U>(s[i]);
+    for (int i = 0; i < MR; ++i) Y[i * ldy + n] = w8f_stream_sum<U>(s[i]);
   }
 }
 
