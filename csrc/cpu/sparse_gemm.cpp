@@ -137,13 +137,6 @@ constexpr int64_t kS24PrefetchBytes = 8192;
 #endif
 
 #if FASTKERN_X86
-// One weight row against MT (<= 4) rows of the reordered x, two accumulators
-// per x row. Whole rows are done one after another, so each thread reads its
-// values and its meta as two sequential streams (rows are contiguous), what
-// the hardware prefetchers follow best, plus the software prefetch 8 KB ahead.
-// This kernel also serves AVX-512 machines: a zmm version (8 groups per step,
-// one two-source permute) measured no faster at K=4096 and 15-20% slower at
-// K >= 11008 on the development machine.
 // acc += chunks [c0, c1) (16 columns each; c0 even) of one weight row against MT rows of the
 // reordered x. With pf, one line of pf (the next rows' values) per 64 bytes of values read
 // and one of pfm (their meta) per 16 chunks are prefetched into L2 (both advance); else the
