@@ -122,13 +122,14 @@ def test_sparse24_meta_high_bits_ignored(gen, isa, m):
 @needs_cpu24
 @pytest.mark.parametrize("isa", [p for p in cpu_isas() if p.values[0] != "generic"], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8])
 def test_sparse24_small_m_k_blocks(gen, isa, dtype, m, monkeypatch):
-    """M <= 4 on AVX2/AVX-512: chunks of 8 weight rows (n = 1, 7, 9, 17: chunk tails) through
-    K blocks (2048 columns for 1-2 rows of x, 1344 for 3, 1024 for 4 on a 32 KiB L1d; k = 2052,
-    2064, 4100, 6156: several blocks, an odd last chunk, 1-3 tail groups), the accumulators
-    parked between blocks: bitwise the whole-row result (FASTKERN_S24_KBLOCK=0), close to the
-    reference, 1 and 2 threads equal."""
+    """The streaming path on AVX2/AVX-512 (M <= 8, passes of up to 4 rows of x: m = 5 is 4 + 1,
+    8 is 4 + 4): chunks of 8 weight rows (n = 1, 7, 9, 17: chunk tails) through K blocks (2048
+    columns for 1-2 rows of x, 1344 for 3, 1024 for 4 on a 32 KiB L1d; k = 2052, 2064, 4100,
+    6156: several blocks, an odd last chunk, 1-3 tail groups), the accumulators parked between
+    blocks: bitwise the whole-row result (FASTKERN_S24_KBLOCK=0), close to the reference, 1 and
+    2 threads equal."""
     monkeypatch.setenv("FASTKERN_S24_BF16_MIN_M", "0")
     for n, k in ((1, 2052), (7, 2064), (9, 4100), (17, 6156)):
         x = torch.randn(m, k, generator=gen).to(dtype)

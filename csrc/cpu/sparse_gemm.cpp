@@ -213,17 +213,18 @@ FASTKERN_AVX2 void s24_row_avx2(const float* xr, int64_t K, const T* v, const ui
   s24_finish_avx2<T, MT>(acc, xr, K, v, mt, y, ldy);
 }
 
-// With kblocks (M <= 4: the weight is read once) the weight rows go in chunks of kS24KbRows
-// through K blocks of up to kS24KbCols columns (the block's rows of x in half the L1d), the
-// accumulators parked between blocks (the same terms in the same lanes in the same order:
-// bitwise the one-pass result), the next chunk's values and meta prefetched into L2 while a
-// chunk computes. Measured (Zen 4, 32 KiB L1d, 2 threads, weights beyond L3, one process,
-// alternating; fp32, blocked against whole rows): M = 1 4096 x 4096 / 11008 x 4096 /
-// 4096 x 11008 / 4096 x 14336 0.64-0.82x the time (at K = 4096 too, where x fits the L1d:
-// the row streams' own prefetch 8 KB ahead kept fewer lines in flight), M = 2 0.63-0.84x,
-// M = 3 / 4 0.78-0.96x; M = 8 (two passes over 256 KB row chunks) 0.87x at K = 4096 but
-// 1.26x at K = 14336, so not there. FASTKERN_S24_KBLOCK=0 turns it off (read on every call:
-// A/B, tests).
+// With kblocks the weight rows [n0, n1) go in chunks of kS24KbRows through K blocks of up to
+// kS24KbCols columns (the block's rows of x in half the L1d), the accumulators parked between
+// blocks (the same terms in the same lanes in the same order: bitwise the one-pass result),
+// the next chunk's values and meta prefetched into L2 while a chunk computes. Measured (Zen 4,
+// 32 KiB L1d, 2 threads, weights beyond L3, one process, alternating; fp32, blocked against
+// whole rows): M = 1 4096 x 4096 / 11008 x 4096 / 4096 x 11008 / 4096 x 14336 0.64-0.82x the
+// time (at K = 4096 too, where x fits the L1d: the row streams' own prefetch 8 KB ahead kept
+// fewer lines in flight), M = 2 0.63-0.84x, M = 3 / 4 0.72-0.96x, M = 5..8 (passes of 4 rows
+// of x over 256 KB row chunks) 0.80-0.87x at K = 4096, 0.92-0.99x at K = 14336. Prefetching past
+// n1 (another thread's rows, at K = 14336 the whole next 8-row chunk of 256 KB) had made
+// M = 8 there 1.26x slower. FASTKERN_S24_KBLOCK=0 turns it off (read on every call: A/B,
+// tests).
 constexpr int64_t kS24KbCols = 2048;  // at most
 constexpr int64_t kS24KbRows = 8;
 
@@ -241,8 +242,11 @@ FASTKERN_AVX2 void s24_rows_avx2(const float* xr, int64_t K, const T* vals, int6
   __m256 acc[kS24KbRows][MT][2];
   for (int64_t r0 = n0; r0 < n1; r0 += kS24KbRows) {
     const int64_t r1 = std::min(n1, r0 + kS24KbRows);
-    const char* pf = reinterpret_cast<const char*>(vals + r1 * ldv);
-    const char* pfm = reinterpret_cast<const char*>(meta + r1 * ldm);
+    // the next chunk of this call's rows (the last chunk prefetches its own lines: the rows
+    // after n1 may be another thread's)
+    const int64_t rp = r1 < n1 ? r1 : r0;
+    const char* pf = reinterpret_cast<const char*>(vals + rp * ldv);
+    const char* pfm = reinterpret_cast<const char*>(meta + rp * ldm);
     for (int64_t n = r0; n < r1; ++n)
       for (int m = 0; m < MT; ++m) acc[n - r0][m][0] = acc[n - r0][m][1] = _mm256_setzero_ps();
     for (int64_t c0 = 0; c0 < chunks; c0 += cols / 16) {
@@ -286,7 +290,7 @@ void s24_small_m(Isa isa, const at::Tensor& x2, const at::Tensor& values, const 
     int64_t grain = M > 4 ? (int64_t(256) << 10) / std::max<int64_t>(1, row_bytes)
                           : std::max(gemm::grain_for(N, 2 * M * K), (int64_t(1) << 20) / std::max<int64_t>(1, row_bytes));
     grain = std::max<int64_t>(1, grain);
-    const bool kb = M <= 4 && env_knob("FASTKERN_S24_KBLOCK", 1) != 0;
+    const bool kb = env_knob("FASTKERN_S24_KBLOCK", 1) != 0;
     gemm::parallel_for_dynamic(0, N, grain, [&](int64_t n0, int64_t n1) {
       for (int64_t m0 = 0; m0 < M; m0 += 4) {
         const float* xm = x + m0 * K;
