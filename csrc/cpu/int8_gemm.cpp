@@ -2387,6 +2387,15 @@ void gemv_i8s(const int8_t* A, int64_t lda, int64_t M, const int8_t* W, int64_t 
   });
 }
 
+// The AVX2 GEMVs on int8 x (A [M, lda], rows zero-padded to lda >= round_up(K, 32)): VEX
+// vpdpbusd on avx2vnni, else the sign trick (x in -127..127)
+void gemv_int8_x(const int8_t* A, int64_t lda, int64_t M, const int8_t* W, int64_t N, int64_t K, const VnniOut& o) {
+  if (use_vnni256())
+    gemv_vnni256(A, lda, M, W, N, K, o);
+  else
+    gemv_i8s(A, lda, M, W, N, K, o);
+}
+
 // Whether a (int8, 2-D) holds -128 anywhere, which the sign trick cannot take
 bool holds_int8_min(const at::Tensor& a) {
   const at::Tensor c = a.contiguous();
@@ -2911,14 +2920,10 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a, const at::Tensor& b) {
     o.c = C.data_ptr<int32_t>();
     const bool wv = use_wv(false, M, N, K);  // never for M <= kGemvMaxM
     const bool gemv = !wv && M <= int8_gemv_max_m(K);
-    if (gemv && use_vnni256()) {
+    if (gemv && (use_vnni256() || (use_i8s_gemv(M, K) && !holds_int8_min(a2)))) {
       at::Tensor A8 = at::zeros({M, round_up(K, 32)}, a.options());
       A8.narrow(1, 0, K).copy_(a2);
-      gemv_vnni256(A8.data_ptr<int8_t>(), A8.size(1), M, bc.data_ptr<int8_t>(), N, K, o);
-    } else if (gemv && use_i8s_gemv(M, K) && !holds_int8_min(a2)) {
-      at::Tensor A8 = at::zeros({M, round_up(K, 32)}, a.options());
-      A8.narrow(1, 0, K).copy_(a2);
-      gemv_i8s(A8.data_ptr<int8_t>(), A8.size(1), M, bc.data_ptr<int8_t>(), N, K, o);
+      gemv_int8_x(A8.data_ptr<int8_t>(), A8.size(1), M, bc.data_ptr<int8_t>(), N, K, o);
     } else if (gemv) {
       at::Tensor A = at::zeros({M, Kp}, a.options().dtype(at::kShort));
       A.narrow(1, 0, K).copy_(a2);
@@ -3377,16 +3382,11 @@ at::Tensor linear_w8a8_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
     VnniOut o = VnniOut::scaled(out, S.data_ptr<float>(), wsd);
     const bool wv = use_wv(false, M, N, K);  // never for M <= kGemvMaxM
     const bool gemv = !wv && M <= int8_gemv_max_m(K);
-    if (gemv && use_vnni256()) {
+    if (gemv && (use_vnni256() || use_i8s_gemv(M, K))) {
       const int64_t Kq = round_up(K, 32);
       at::Tensor Q8 = at::zeros({M, Kq}, X.options().dtype(at::kChar));
       quantize_rows_avx2<int8_t>(X.data_ptr<float>(), Kp, M, K, Q8.data_ptr<int8_t>(), Kq, S.data_ptr<float>());
-      gemv_vnni256(Q8.data_ptr<int8_t>(), Kq, M, wc.data_ptr<int8_t>(), N, K, o);
-    } else if (gemv && use_i8s_gemv(M, K)) {
-      const int64_t Kq = round_up(K, 32);
-      at::Tensor Q8 = at::zeros({M, Kq}, X.options().dtype(at::kChar));
-      quantize_rows_avx2<int8_t>(X.data_ptr<float>(), Kp, M, K, Q8.data_ptr<int8_t>(), Kq, S.data_ptr<float>());
-      gemv_i8s(Q8.data_ptr<int8_t>(), Kq, M, wc.data_ptr<int8_t>(), N, K, o);
+      gemv_int8_x(Q8.data_ptr<int8_t>(), Kq, M, wc.data_ptr<int8_t>(), N, K, o);
     } else if (gemv) {
       at::Tensor Q = at::zeros({M, Kp}, X.options().dtype(at::kShort));
       quantize_rows_avx2<int16_t>(X.data_ptr<float>(), Kp, M, K, Q.data_ptr<int16_t>(), Kp, S.data_ptr<float>());
