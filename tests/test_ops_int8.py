@@ -233,14 +233,16 @@ def bias_in_epilogue_check(gen, m):
 @NATIVE
 @pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True, amx=True))
 @pytest.mark.parametrize("m", [4, 5, 6, 7, 8, 12, 13, 17, 31, 64, 65])
-def test_small_m_weight_vector_tails(isa, m, gen):
+def test_small_m_weight_vector_tails(isa, m, gen, monkeypatch):
     # Small layers (weights up to 1 MiB with VNNI, 4 MiB with AVX2) at 4/5 < m <= 64: the
-    # weight-vector kernels. x in register tiles of up to 6 rows (m = 13: 5 + 4 + 4, 17: 6 + 6 +
+    # weight-vector kernels (on AVX2 without VNNI only where FASTKERN_INT8_WV_MAX_M is set, as
+    # here; with VNNI 64 is their default). x in register tiles of up to 6 rows (m = 13: 5 + 4 + 4, 17: 6 + 6 +
     # 5, 31, 64: 6s and 5s), 16-row thread shares, 64-row packed blocks with 1-4 (VNNI) or 1-8
     # (AVX2) vectors and rows past N, K in blocks of 512 (VNNI) / 256 (AVX2) columns with
     # partial last blocks and K % 4 (VNNI) / K % 32 (AVX2 packing) tails; m = 65, the generic
     # path and (VNNI) K > 512 from m = 25 run the other kernels. int8_gemm exact with -128,
     # W8A8 bit-identical.
+    monkeypatch.setenv("FASTKERN_INT8_WV_MAX_M", "64")
     with cpu_isa(isa):
         for n, k in ((1, 1), (7, 3), (17, 33), (65, 257), (130, 513), (37, 1030), (200, 1537), (1100, 384)):
             check_int8_exact(gen, m, n, k)
@@ -269,7 +271,9 @@ def int8_threads_check(gen, m, n, k, min_rows=False, a_low=-128):
 def test_small_m_weight_vector_threads_and_old_tiles(isa, m, gen, monkeypatch):
     # several 64-row blocks per thread and uneven 16-row shares: 1 and 2 threads bitwise equal;
     # FASTKERN_INT8_WV_MAX_M=0 (read per call) runs the same small shapes on the other kernels
+    # (64 first: the wv kernels on AVX2 too)
     n, k = 900, 700
+    monkeypatch.setenv("FASTKERN_INT8_WV_MAX_M", "64")
     with cpu_isa(isa):
         a, b, x, w, s, one = int8_threads_check(gen, m, n, k, min_rows=True)
         monkeypatch.setenv("FASTKERN_INT8_WV_MAX_M", "0")
@@ -392,8 +396,8 @@ def test_amx_gemm_threads_and_streamed_output(m, gen, monkeypatch):
 @NATIVE
 @pytest.mark.parametrize("m", [4, 5, 8, 9, 15, 17, 24, 40, 70])
 def test_avx2_gemm_tails(m, gen, monkeypatch):
-    # The AVX2 (no VNNI) GEMM for m > 3 (the small-layer weight-vector kernels, which would
-    # take these small weights up to m = 64, and the GEMV passes, which take m <= 8 on large
+    # The AVX2 (no VNNI) GEMM for m > 3 (the small-layer weight-vector kernels, off on AVX2
+    # unless FASTKERN_INT8_WV_MAX_M asks, and the GEMV passes, which take m <= 8 on large
     # weights, turned off): x packed as int16 pairs in blocks of
     # 16 rows (the last 8 or 16 wide), 6-row weight tiles with 4-, 2- and 1-row tails, 48-row
     # tasks in 8-row thread shares, 1024-column K blocks widened in 16s (odd K: a half pair),
@@ -462,7 +466,7 @@ def test_avx2vnni_gemv(m, gen, monkeypatch):
     # bytes copied (the tensor's last row never read past its end), the weight flipped to
     # w + 128 and 128 * sum(x) subtracted. int8_gemm exact (-128 included), W8A8
     # bit-identical to the reference and to the avx2 path, 1 and 2 threads equal; the small
-    # layers, which take the weight-vector kernels on avx2, come here too.
+    # layers come here too.
     isa_or_skip("avx2vnni")
     monkeypatch.setenv("FASTKERN_INT8_GEMV_MAX_M", "17")
     for n in (1, 2, 5, 13, 64):

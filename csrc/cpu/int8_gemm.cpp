@@ -22,8 +22,9 @@
 // tiles from M = 9, small layers included (section "AMX"). W8A16 with AVX-512 runs an fp32 GEMV
 // up to M = 3, GEMV tiles to M = 24 (12 for bf16 x with AVX512-BF16) and fp32 / vdpbf16ps
 // GEMMs above. On small layers
-// (BERT/MiniLM-sized weights) at small M both ISAs run weight-vector kernels instead (section
-// "small M: weight vectors"; use_wv() says where).
+// (BERT/MiniLM-sized weights) at small M the VNNI paths run weight-vector kernels instead
+// (section "small M: weight vectors"; use_wv() says where; the AVX2 ones only where
+// FASTKERN_INT8_WV_MAX_M asks for them).
 #include <torch/library.h>
 
 #include <cmath>
@@ -2441,13 +2442,26 @@ constexpr int kWvMR = 6;             // rows of x per register tile (at most)
 
 // Whether an M x [N, K] product runs the weight-vector kernels: M up to 64 (xc[] below holds
 // 64 rows; FASTKERN_INT8_WV_MAX_M lowers it, read on every call for A/B timing in one process,
-// 0 turns them off) and weights up to 1 MiB with VNNI, 4 MiB with AVX2. Measured in one
+// 0 turns them off; on AVX2 without VNNI they run only where it is set) and weights up to 1 MiB
+// with VNNI, 4 MiB with AVX2. Measured in one
 // process against the tiles above (2 threads, M = 16 / 64, weights beyond L3): with VNNI
 // 1536 x 384, 384 x 1536 and 384 x 384 ran 1.0-1.5x faster (hot or cold), but 3072 x 768 M =
-// 16 took 179 against 106 us, 4096 x 4096 757 against 597 us; with AVX2 the small layers ran
-// 1.1-1.7x faster, 3072 x 768 and 768 x 3072 the same, 4096 x 4096 M = 16 12% slower.
+// 16 took 179 against 106 us, 4096 x 4096 757 against 597 us. With AVX2 (no VNNI) the small
+// layers had run 1.1-1.7x faster than the int16 GEMM of that time; against its 6-row tiles
+// (4c60c29) and the int16 / sign-trick GEMVs of now they lose everywhere measured, so on AVX2
+// they run only where FASTKERN_INT8_WV_MAX_M is set (A/B, tests). Measured on 2 Zen 4 cores
+// (W8A8, AVX2 forced, one process, alternating, wv / the others, ms): weights beyond L3, 2
+// threads, 384 x 384 M = 4 / 8 / 32 / 64 0.031 / 0.039 / 0.086 / 0.140 against 0.025 / 0.036 /
+// 0.063 / 0.097; 1536 x 384 0.074 / 0.102 / 0.226 / 0.356 against 0.043 / 0.079 / 0.166 /
+// 0.291; 768 x 3072 0.226 / 0.284 / 0.824 / 1.640 against 0.111 / 0.190 / 0.619 / 1.323; 2048 x
+// 2048 M = 8 / 32 / 64 0.448 / 1.177 / 1.926 against 0.289 / 0.911 / 1.714; one thread the same
+// (0.55-0.93x the time at M = 4..64 on 384 x 384, 1536 x 384, 384 x 1536, 3072 x 768); weights
+// in L3 0.74-1.00x, except 1536 x 384 M = 16 / 24 (1.02 / 1.05x). With VNNI (native, same
+// host) they still win on most small layers (384 x 384 and 1536 x 384 M = 5..64: the others
+// 1.06-1.53x the time).
 bool use_wv(bool vnni, int64_t M, int64_t N, int64_t K) {
   const char* e = std::getenv("FASTKERN_INT8_WV_MAX_M");
+  if (!vnni && !e) return false;
   int64_t max_m = std::min<int64_t>(64, e ? std::max<int64_t>(0, std::atoll(e)) : 64);
   // with AVX-VNNI (avx2vnni) the VNNI GEMV and GEMM win on every small layer measured (384 x
   // 384, 1536 x 384, 384 x 1536, 3072 x 768, 768 x 3072: M = 4..7 the GEMV 1.6-2.7x, M >= 8
