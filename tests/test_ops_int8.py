@@ -412,6 +412,36 @@ def test_avx2_gemm_tails(m, gen, monkeypatch):
                 check_int8_exact(gen, m, n, k)
 
 
+@NATIVE
+@pytest.mark.parametrize("m", [17, 18, 19, 20, 21, 33, 36, 66, 131])
+def test_avx2_gemm_gemv_tail(m, gen, monkeypatch):
+    # The AVX2 int16 GEMM leaves the last m % 16 rows to the GEMV where they are 1..4 (m = 17-20,
+    # 33, 36, 66, 131: the GEMM on 16 j rows, the int16 GEMV for int8_gemm and the sign-trick or
+    # int16 GEMV for W8A8 on the rest, the bias added to those rows by the op); m = 21 keeps the
+    # GEMM alone. int8_gemm exact with -128, W8A8 (with a bias) bit-identical to the reference
+    # and to the GEMM alone (FASTKERN_S16_GEMV_TAIL=0), 1 and 2 threads alike.
+    isa_or_skip("avx2")
+    monkeypatch.setenv("FASTKERN_INT8_WV_MAX_M", "0")
+    monkeypatch.setenv("FASTKERN_INT8_GEMV_MAX_M", "3")
+    with cpu_isa("avx2"):
+        for n, k in ((37, 1), (70, 33), (9, 1025), (130, 4099)):
+            a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
+            b = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+            b[::5, ::3] = -128
+            x = torch.randn(m, k, generator=gen)
+            w, s = make_w8(gen, n, k)
+            bias = torch.randn(n, generator=gen)
+            run = lambda: (native("int8_gemm")(a, b), native("linear_w8a8")(x, w, s, bias))  # noqa: E731
+            one, two = on_1_and_2_threads(run)
+            assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1]), (m, n, k)
+            assert torch.equal(one[0], ops.int8_gemm_ref(a, b)), (m, n, k)
+            assert torch.equal(one[1], ops.linear_w8a8_ref(x, w, s, bias)), (m, n, k)
+            monkeypatch.setenv("FASTKERN_S16_GEMV_TAIL", "0")
+            alone = run()
+            monkeypatch.delenv("FASTKERN_S16_GEMV_TAIL")
+            assert torch.equal(alone[0], one[0]) and torch.equal(alone[1], one[1]), (m, n, k)
+
+
 def check_avx2vnni_exact(gen, m, n, k, row_step, col_step):
     """int8_gemm (with -128 in every row_step-th weight row, every col_step-th column) and W8A8 on
     fresh data on the avx2vnni path: exact against the references, W8A8 bit-identical to avx2's."""

@@ -2286,15 +2286,6 @@ void gemm_vnni256_packed(const int32_t* ap, int64_t M, const int8_t* W, int64_t 
   });
 }
 
-// The int8 GEMM of the AVX2 paths: VEX vpdpbusd on avx2vnni, the int16 mix on plain AVX2.
-void gemm_int8_avx2(const int8_t* A, int64_t lda, int64_t M, const int8_t* W, int64_t N, int64_t K,
-                    const VnniOut& o) {
-  if (use_vnni256())
-    matmul_vnni256(A, lda, M, W, N, K, o);
-  else
-    gemm_s16_avx2(A, lda, M, W, N, K, o);
-}
-
 // The legacy AVX2 path (int16 panels), kept selectable for A/B timing:
 // FASTKERN_INT8_AVX2=panel (read on every call).
 bool int8_avx2_legacy() {
@@ -2337,6 +2328,24 @@ int64_t int8_gemv_max_m(int64_t K) {
   if (e && *e) return std::max<int64_t>(kGemvMaxM, std::atoll(e));
   if (use_vnni256()) return K <= kVnni256LongK ? kVnni256GemvMaxM : kVnni256GemvMaxMLongK;
   return kS16GemvMaxM;
+}
+
+// Rows past the last whole 16-row block of x that the AVX2 int16 GEMM leaves to the GEMV: the
+// GEMM computes x in blocks of 16 rows (two 8-row vectors per tile; a last block of up to 8
+// rows in one-vector tiles, which cost more than half as much), so M = 16 j + r with r <=
+// kS16GemvRows (one GEMV pass, which reads the weight once more) costs it a whole block for r
+// rows. Measured (Zen 4, AVX2, W8A8, 2 threads, weights beyond L3, one process, alternating;
+// GEMM alone against GEMM + GEMV, ms): 4096 x 4096 M = 33 / 35 / 36 4.79 / 4.76 / 4.89 against
+// 4.12 / 4.21 / 4.59, M = 65 / 67 / 68 8.03 / 7.94 / 8.00 against 7.43 / 7.53 / 7.76, M = 130
+// 14.49 against 14.02; 11008 x 4096 M = 33 / 36 / 65 12.1 / 12.1 / 20.3 against 10.6 / 11.3 /
+// 18.8; 1536 x 384 M = 33 / 36 / 65 0.206 / 0.213 / 0.342 against 0.184 / 0.199 / 0.311. With
+// 8-row vectors as the unit instead (M = 24 + r), 1536 x 384 M = 27 / 28 ran 1.04 / 1.09x slower
+// (the GEMM's rows then end in a one-vector block anyway). FASTKERN_S16_GEMV_TAIL=0 turns it
+// off (read on every call: A/B, tests).
+int64_t s16_gemv_tail(int64_t M) {
+  const int64_t r = M % 16;
+  if (r == 0 || r > kS16GemvRows || M < 16 || env_knob("FASTKERN_S16_GEMV_TAIL", 1) == 0) return 0;
+  return r;
 }
 
 // C or o = A (int16 holding int8 values, zero-padded to lda >= round_up(K, 16)) x W^T: one
@@ -2949,9 +2958,19 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a, const at::Tensor& b) {
       WvOut wo;
       wo.c = o.c;
       wv_gemm_avx2(A.data_ptr<int16_t>(), A.size(1), M, bc.data_ptr<int8_t>(), N, K, wo);
-    } else {
+    } else if (use_vnni256()) {
       at::Tensor A8 = a2.contiguous();
-      gemm_int8_avx2(A8.data_ptr<int8_t>(), K, M, bc.data_ptr<int8_t>(), N, K, o);
+      matmul_vnni256(A8.data_ptr<int8_t>(), K, M, bc.data_ptr<int8_t>(), N, K, o);
+    } else {
+      // the int16 GEMM, its last M % 16 rows by the int16 GEMV where s16_gemv_tail() says
+      at::Tensor A8 = a2.contiguous();
+      const int64_t tail = s16_gemv_tail(M), Mg = M - tail;
+      gemm_s16_avx2(A8.data_ptr<int8_t>(), K, Mg, bc.data_ptr<int8_t>(), N, K, o);
+      if (tail) {
+        at::Tensor A = at::zeros({tail, Kp}, a.options().dtype(at::kShort));
+        A.narrow(1, 0, K).copy_(A8.narrow(0, Mg, tail));
+        gemv_s16(A.data_ptr<int16_t>(), Kp, tail, bc.data_ptr<int8_t>(), N, K, o.from_row(Mg, N));
+      }
     }
     return C.reshape(out_shape(a, N));
   }
@@ -3396,15 +3415,24 @@ at::Tensor linear_w8a8_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
     VnniOut o = VnniOut::scaled(out, S.data_ptr<float>(), wsd);
     const bool wv = use_wv(false, M, N, K);  // never for M <= kGemvMaxM
     const bool gemv = !wv && M <= int8_gemv_max_m(K);
-    if (gemv && (use_vnni256() || use_i8s_gemv(M, K))) {
-      const int64_t Kq = round_up(K, 32);
-      at::Tensor Q8 = at::zeros({M, Kq}, X.options().dtype(at::kChar));
-      quantize_rows_avx2<int8_t>(X.data_ptr<float>(), Kp, M, K, Q8.data_ptr<int8_t>(), Kq, S.data_ptr<float>());
-      gemv_int8_x(Q8.data_ptr<int8_t>(), Kq, M, wc.data_ptr<int8_t>(), N, K, o);
-    } else if (gemv) {
-      at::Tensor Q = at::zeros({M, Kp}, X.options().dtype(at::kShort));
-      quantize_rows_avx2<int16_t>(X.data_ptr<float>(), Kp, M, K, Q.data_ptr<int16_t>(), Kp, S.data_ptr<float>());
-      gemv_s16(Q.data_ptr<int16_t>(), Kp, M, wc.data_ptr<int8_t>(), N, K, o);
+    // the GEMVs on rows [m0, m0 + rows) of x, into out from row m0 (the bias left to the op)
+    auto gemv_rows = [&](int64_t m0, int64_t rows) {
+      const VnniOut om = o.from_row(m0, N);
+      const float* xr = X.data_ptr<float>() + m0 * Kp;
+      float* sr = S.data_ptr<float>() + m0;
+      if (use_vnni256() || use_i8s_gemv(rows, K)) {
+        const int64_t Kq = round_up(K, 32);
+        at::Tensor Q8 = at::zeros({rows, Kq}, X.options().dtype(at::kChar));
+        quantize_rows_avx2<int8_t>(xr, Kp, rows, K, Q8.data_ptr<int8_t>(), Kq, sr);
+        gemv_int8_x(Q8.data_ptr<int8_t>(), Kq, rows, wc.data_ptr<int8_t>(), N, K, om);
+      } else {
+        at::Tensor Q = at::zeros({rows, Kp}, X.options().dtype(at::kShort));
+        quantize_rows_avx2<int16_t>(xr, Kp, rows, K, Q.data_ptr<int16_t>(), Kp, sr);
+        gemv_s16(Q.data_ptr<int16_t>(), Kp, rows, wc.data_ptr<int8_t>(), N, K, om);
+      }
+    };
+    if (gemv) {
+      gemv_rows(0, M);
     } else if (wv) {
       at::Tensor Q = at::zeros({M, Kp}, X.options().dtype(at::kShort));
       quantize_rows_avx2<int16_t>(X.data_ptr<float>(), Kp, M, K, Q.data_ptr<int16_t>(), Kp, S.data_ptr<float>());
@@ -3421,15 +3449,24 @@ at::Tensor linear_w8a8_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
       quantize_pack_vnni256(X.data_ptr<float>(), Kp, M, K, aps.as<int32_t>(), S.data_ptr<float>());
       const at::Tensor bf = o.take_bias(bias);
       gemm_vnni256_packed(aps.as<int32_t>(), M, wc.data_ptr<int8_t>(), N, K, o);
+      return finish(out, c10::nullopt, x, N);
     } else {
       // x quantized straight into the int16 GEMM's packed layout; the GEMM adds the bias in
-      // its epilogue, as the AVX-512 one does
-      Scratch aps(ScratchSlot::XPack, size_t(round_up(M, 8) * ((K + 1) / 2)) * 4);
-      quantize_pack_s16(X.data_ptr<float>(), Kp, M, K, aps.as<int32_t>(), S.data_ptr<float>());
-      const at::Tensor bf = o.take_bias(bias);
-      gemm_s16_packed(aps.as<int32_t>(), M, wc.data_ptr<int8_t>(), N, K, o);
+      // its epilogue, as the AVX-512 one does; the last M % 16 rows by the GEMV where
+      // s16_gemv_tail() says (their bias added here, as finish() would)
+      const int64_t tail = s16_gemv_tail(M), Mg = M - tail;
+      Scratch aps(ScratchSlot::XPack, size_t(round_up(Mg, 8) * ((K + 1) / 2)) * 4);
+      quantize_pack_s16(X.data_ptr<float>(), Kp, Mg, K, aps.as<int32_t>(), S.data_ptr<float>());
+      VnniOut og = o;
+      const at::Tensor bf = og.take_bias(bias);
+      gemm_s16_packed(aps.as<int32_t>(), Mg, wc.data_ptr<int8_t>(), N, K, og);
+      if (tail) {
+        gemv_rows(Mg, tail);
+        if (bf.defined()) out.narrow(0, Mg, tail).add_(bf);
+      }
+      return finish(out, c10::nullopt, x, N);
     }
-    return finish(out, o.bias ? c10::nullopt : bias, x, N);
+    return finish(out, bias, x, N);
   }
 #endif
   at::Tensor Q = at::zeros({M, Kp}, X.options().dtype(at::kShort));
