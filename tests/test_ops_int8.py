@@ -5,6 +5,8 @@ generic and an AVX2 variant of each; the tests below reach all of them, their
 tile tails, and check that the thread count does not change a single bit.
 """
 
+import itertools
+
 import pytest
 import torch
 
@@ -415,17 +417,18 @@ def test_avx2_gemm_tails(m, gen, monkeypatch):
 @NATIVE
 @pytest.mark.parametrize("m", [17, 18, 19, 20, 21, 33, 36, 66, 131])
 def test_avx2_gemm_gemv_tail(m, gen, monkeypatch):
-    # The AVX2 int16 GEMM leaves the last m % 16 rows to the GEMV where they are 1..4 (m = 17-20,
-    # 33, 36, 66, 131: the GEMM on 16 j rows, the int16 GEMV for int8_gemm and the sign-trick or
-    # int16 GEMV for W8A8 on the rest, the bias added to those rows by the op); m = 21 keeps the
-    # GEMM alone. int8_gemm exact with -128, W8A8 (with a bias) bit-identical to the reference
-    # and to the GEMM alone (FASTKERN_S16_GEMV_TAIL=0), 1 and 2 threads alike.
+    # The AVX2 int16 GEMM leaves the last m % 16 rows to the GEMVs where they are 1..4 (m = 17-20,
+    # 33, 36, 66, 131: the GEMM on 16 j rows, the rest by the sign-trick GEMV (one row; for
+    # int8_gemm where those rows of a hold no -128) or the int16 GEMV, the bias added to those
+    # rows by the op); m = 21 keeps the GEMM alone. int8_gemm exact with and without -128 in a,
+    # W8A8 (with a bias) bit-identical to the reference and to the GEMM alone
+    # (FASTKERN_S16_GEMV_TAIL=0), 1 and 2 threads alike.
     isa_or_skip("avx2")
     monkeypatch.setenv("FASTKERN_INT8_WV_MAX_M", "0")
     monkeypatch.setenv("FASTKERN_INT8_GEMV_MAX_M", "3")
     with cpu_isa("avx2"):
-        for n, k in ((37, 1), (70, 33), (9, 1025), (130, 4099)):
-            a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
+        for (n, k), a_low in itertools.product(((37, 1), (70, 33), (9, 1025), (130, 4099)), (-128, -127)):
+            a = torch.randint(a_low, 128, (m, k), generator=gen, dtype=torch.int8)
             b = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
             b[::5, ::3] = -128
             x = torch.randn(m, k, generator=gen)

@@ -2943,14 +2943,21 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a, const at::Tensor& b) {
     o.c = C.data_ptr<int32_t>();
     const bool wv = use_wv(false, M, N, K);  // never for M <= kGemvMaxM
     const bool gemv = !wv && M <= int8_gemv_max_m(K);
-    if (gemv && (use_vnni256() || (use_i8s_gemv(M, K) && !holds_int8_min(a2)))) {
-      at::Tensor A8 = at::zeros({M, round_up(K, 32)}, a.options());
-      A8.narrow(1, 0, K).copy_(a2);
-      gemv_int8_x(A8.data_ptr<int8_t>(), A8.size(1), M, bc.data_ptr<int8_t>(), N, K, o);
-    } else if (gemv) {
-      at::Tensor A = at::zeros({M, Kp}, a.options().dtype(at::kShort));
-      A.narrow(1, 0, K).copy_(a2);
-      gemv_s16(A.data_ptr<int16_t>(), Kp, M, bc.data_ptr<int8_t>(), N, K, o);
+    // the GEMVs on rows [m0, m0 + rows) of a, into C from row m0
+    auto gemv_rows = [&](int64_t m0, int64_t rows) {
+      const at::Tensor ar = a2.narrow(0, m0, rows);
+      if (use_vnni256() || (use_i8s_gemv(rows, K) && !holds_int8_min(ar))) {
+        at::Tensor A8 = at::zeros({rows, round_up(K, 32)}, a.options());
+        A8.narrow(1, 0, K).copy_(ar);
+        gemv_int8_x(A8.data_ptr<int8_t>(), A8.size(1), rows, bc.data_ptr<int8_t>(), N, K, o.from_row(m0, N));
+      } else {
+        at::Tensor A = at::zeros({rows, Kp}, a.options().dtype(at::kShort));
+        A.narrow(1, 0, K).copy_(ar);
+        gemv_s16(A.data_ptr<int16_t>(), Kp, rows, bc.data_ptr<int8_t>(), N, K, o.from_row(m0, N));
+      }
+    };
+    if (gemv) {
+      gemv_rows(0, M);
     } else if (wv) {
       at::Tensor A8 = a2.contiguous();
       at::Tensor A = at::empty({M, Kp}, a.options().dtype(at::kShort));
@@ -2962,15 +2969,11 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a, const at::Tensor& b) {
       at::Tensor A8 = a2.contiguous();
       matmul_vnni256(A8.data_ptr<int8_t>(), K, M, bc.data_ptr<int8_t>(), N, K, o);
     } else {
-      // the int16 GEMM, its last M % 16 rows by the int16 GEMV where s16_gemv_tail() says
+      // the int16 GEMM, its last M % 16 rows by the GEMVs where s16_gemv_tail() says
       at::Tensor A8 = a2.contiguous();
       const int64_t tail = s16_gemv_tail(M), Mg = M - tail;
       gemm_s16_avx2(A8.data_ptr<int8_t>(), K, Mg, bc.data_ptr<int8_t>(), N, K, o);
-      if (tail) {
-        at::Tensor A = at::zeros({tail, Kp}, a.options().dtype(at::kShort));
-        A.narrow(1, 0, K).copy_(A8.narrow(0, Mg, tail));
-        gemv_s16(A.data_ptr<int16_t>(), Kp, tail, bc.data_ptr<int8_t>(), N, K, o.from_row(Mg, N));
-      }
+      if (tail) gemv_rows(Mg, tail);
     }
     return C.reshape(out_shape(a, N));
   }
