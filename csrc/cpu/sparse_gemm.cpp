@@ -344,6 +344,36 @@ struct Sparse24Rows {
   }
 };
 
+// y[i][r] = c[r][i] for i < mm, r < rows (c's rows ldc apart, y's ldy): a chunk's or a
+// tile's sums, kept transposed while they accumulate, to the output. AVX2: 8 x 8 squares
+// transposed in registers, rows of x outer, so both sides move whole vectors and each row of
+// y takes the chunk's columns in one run (scalar copies down c's columns took 14% of a
+// 90%-sparse 4096 x 4096 M = 256 block-sparse call and a fifth of a 1536 x 384 M = 1024 2:4
+// call).
+inline void put_transposed(Isa isa, const float* c, int64_t ldc, int64_t mm, int64_t rows, float* y, int64_t ldy) {
+  int64_t r8 = 0, i8 = 0;
+#if FASTKERN_X86
+  if (isa >= Isa::Avx2) {
+    r8 = rows / 8 * 8;
+    i8 = mm / 8 * 8;
+    [&]() FASTKERN_AVX2 {
+      for (int64_t i = 0; i < i8; i += 8)
+        for (int64_t r = 0; r < r8; r += 8) {
+          __m256 v[8];
+#pragma GCC unroll 8
+          for (int j = 0; j < 8; ++j) v[j] = _mm256_loadu_ps(c + (r + j) * ldc + i);
+          gemm::transpose8x8(v);
+#pragma GCC unroll 8
+          for (int j = 0; j < 8; ++j) _mm256_storeu_ps(y + (i + j) * ldy + r, v[j]);
+        }
+    }();
+  }
+#endif
+  (void)isa;
+  for (int64_t i = 0; i < mm; ++i)
+    for (int64_t r = i < i8 ? r8 : 0; r < rows; ++r) y[i * ldy + r] = c[r * ldc + i];
+}
+
 #if FASTKERN_X86
 // --- mid/large M on AVX2/AVX-512: only the kept weights are multiplied (half the
 // FMAs of a dense product). x is transposed once to fp32 tiles xt [K][W] (W = 16..64
@@ -671,27 +701,6 @@ inline void m_tiles(int64_t Mp, int64_t lanes, int64_t mv_max, std::vector<int64
   }
 }
 
-// A chunk's outputs from ct [rows][ldct] (the products of its weight rows with x rows 0..M)
-// to y[m * N + r]: 8 x 8 blocks transposed in registers, x rows outer so that each row of y
-// gets the chunk's columns in one run (one float at a time, with ct read down its columns,
-// this copy had taken a fifth of a 1536 x 384 M = 1024 call).
-FASTKERN_AVX2 void s24_store_out_avx2(const float* ct, int64_t ldct, int64_t rows, int64_t M, float* y, int64_t N) {
-  const int64_t r8 = rows & ~int64_t(7);
-  int64_t m0 = 0;
-  for (; m0 + 8 <= M; m0 += 8) {
-    for (int64_t r0 = 0; r0 < r8; r0 += 8) {
-      __m256 v[8];
-      for (int j = 0; j < 8; ++j) v[j] = _mm256_loadu_ps(ct + (r0 + j) * ldct + m0);
-      gemm::transpose8x8(v);
-      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(y + (m0 + i) * N + r0, v[i]);
-    }
-    for (int64_t i = 0; i < 8; ++i)
-      for (int64_t r = r8; r < rows; ++r) y[(m0 + i) * N + r] = ct[r * ldct + m0 + i];
-  }
-  for (; m0 < M; ++m0)
-    for (int64_t r = 0; r < rows; ++r) y[m0 * N + r] = ct[r * ldct + m0];
-}
-
 // Returns whether x holds an inf or nan.
 template <class T>
 bool s24_mvec(Isa isa, const at::Tensor& x2_in, const at::Tensor& values, const at::Tensor& meta, float* y) {
@@ -767,7 +776,7 @@ bool s24_mvec(Isa isa, const at::Tensor& x2_in, const at::Tensor& values, const 
           }
         }
       }
-      s24_store_out_avx2(ct, Mp, rows, M, y + n0, N);
+      put_transposed(isa, ct, Mp, M, rows, y + n0, N);
     }
   });
   return nonfinite;
@@ -1021,9 +1030,7 @@ bool s24b_gemm(const at::Tensor& x2, const at::Tensor& values_in, const at::Tens
                                     static_cast<int>(std::min<int64_t>(R, rows - i * R)), s0 + g0 > 0);
             }
           }
-          if (last)
-            for (int64_t m = 0; m < Mq; ++m)
-              for (int64_t r = 0; r < rows; ++r) y[(p0 + m) * N + n0 + r] = cc[r * Mp + m];
+          if (last) put_transposed(Isa::Avx512, cc, Mp, Mq, rows, y + p0 * N + n0, N);
         }
       });
     }
@@ -1540,32 +1547,6 @@ bool use_bf16_pairs(Isa isa, const BlockLayout& L) {
   return isa >= Isa::Avx512 && features().avx512bf16 && L.bk % 2 == 0 && env_knob("FASTKERN_BLOCKSPARSE_BF16", 1) != 0;
 }
 
-// y[i][r] = c[r][i] for i < mm, r < rows (c's rows ldc apart, y's ldy): the sums of one
-// block row's M tile to the output. AVX2: 8 x 8 squares transposed in registers, so both
-// sides move whole vectors (a scalar loop took 14% of a 90%-sparse 4096 x 4096 M = 256 call).
-inline void bs_put_tile(Isa isa, const float* c, int64_t ldc, int64_t mm, int64_t rows, float* y, int64_t ldy) {
-  int64_t r8 = 0, i8 = 0;
-#if FASTKERN_X86
-  if (isa >= Isa::Avx2) {
-    r8 = rows / 8 * 8;
-    i8 = mm / 8 * 8;
-    [&]() FASTKERN_AVX2 {
-      for (int64_t r = 0; r < r8; r += 8)
-        for (int64_t i = 0; i < i8; i += 8) {
-          __m256 v[8];
-#pragma GCC unroll 8
-          for (int j = 0; j < 8; ++j) v[j] = _mm256_loadu_ps(c + (r + j) * ldc + i);
-          gemm::transpose8x8(v);
-#pragma GCC unroll 8
-          for (int j = 0; j < 8; ++j) _mm256_storeu_ps(y + (i + j) * ldy + r, v[j]);
-        }
-    }();
-  }
-#endif
-  (void)isa;
-  for (int64_t i = 0; i < mm; ++i)
-    for (int64_t r = i < i8 ? r8 : 0; r < rows; ++r) y[i * ldy + r] = c[r * ldc + i];
-}
 
 // Returns whether x holds an inf or nan.
 template <class T>
@@ -1705,7 +1686,7 @@ bool bs_large_m(Isa isa, const at::Tensor& x2, const T* blocks, const BlockLayou
       if (L.row_ptr[nb] == L.row_ptr[nb + 1])
         for (int64_t m = m0; m < m0 + mm; ++m) std::fill_n(y + m * N + nb * bn, L.valid_rows(nb), 0.f);
       else
-        bs_put_tile(isa, acc + (m0 - t_m0[ti0]) * bn, mt, mm, L.valid_rows(nb), y + m0 * N + nb * bn, N);
+        put_transposed(isa, acc + (m0 - t_m0[ti0]) * bn, mt, mm, L.valid_rows(nb), y + m0 * N + nb * bn, N);
     }
   };
   std::vector<int64_t> pos(static_cast<size_t>(L.nbr));
