@@ -5,12 +5,12 @@
 // with 256-bit vectors it keeps the two multiplier pipes as busy per multiply-add as the
 // vpmaddubsw + vpmaddwd pair does (section "AVX2 without VNNI" has the measurements).
 //
-// AVX2: small M (<= kGemvMaxM, and up to kS16GemvMaxM where the small-layer kernels do not
-// take it) runs a GEMV in passes of up to 4 rows of x, widening the int8 weight in
-// registers (at M = 1, and where int16 rows of x outgrow the L1d, on int8 x by the sign trick
-// instead: gemv_i8s); each thread's weight rows go in L2-sized blocks, all passes over a block before
-// the next (parallel_row_blocks), so the weight comes from DRAM once. Larger M runs a
-// transposed-tile GEMM on int16 pairs (section "AVX2 without VNNI"). W8A16 runs its fp32
+// AVX2: small M (< kS16GemmMinM, up to kS16GemvMaxM on large weights; int8_gemv_takes) runs a
+// GEMV in passes of up to 4 rows of x, widening the int8 weight in registers (at M = 1, and
+// where int16 rows of x outgrow the L1d, on int8 x by the sign trick instead: gemv_i8s); each
+// thread's weight rows go in L2-sized blocks, all passes over a block before the next
+// (parallel_row_blocks), so the weight comes from DRAM once. Larger M runs a transposed-tile
+// GEMM on int16 pairs (section "AVX2 without VNNI"). W8A16 runs its fp32
 // GEMV (3 rows of x per pass, the same row blocks) up to kW8a16GemvMaxMAvx2 and the fp32
 // GEMM drivers with B slivers dequantized from the int8 rows above (section "W8A16 GEMM,
 // AVX2"; the generic path dequantizes one cache-sized weight panel at a time).
@@ -2156,7 +2156,7 @@ void gemm_vnni256_rows(const int8_t* Ap, int64_t step, const int8_t* W, int64_t 
                          pf, std::min(pf_end, pf + share), st - 1);
 }
 
-// The GEMV on AVX-VNNI (avx2vnni, M <= int8_gemv_max_m(K)): one weight row at a time (each
+// The GEMV on AVX-VNNI (avx2vnni, where int8_gemv_takes()): one weight row at a time (each
 // thread's rows one stream, as the AVX-512 GEMV: several interleaved rows read DRAM
 // slower) against MR rows of x, passes of at most kVnni256GemvRows rows over each row block
 // of weight (parallel_row_blocks); the weight bytes flipped to w + 128 in registers (one
@@ -2295,7 +2295,8 @@ bool int8_avx2_legacy() {
 
 bool use_s16_avx2() { return use_avx2() && !use_vnni512() && !int8_avx2_legacy(); }
 
-// The AVX2 GEMV serves M <= kS16GemvMaxM where the small-layer kernels do not (use_wv), in
+// The AVX2 GEMV serves M < kS16GemmMinM, and up to kS16GemvMaxM on large weights where the GEMM
+// would leave it a tail anyway (int8_gemv_takes), where the small-layer kernels do not (use_wv), in
 // passes of at most kS16GemvRows rows of x over the weight, the rows spread evenly over the
 // passes (M = 5: 3 + 2). Measured against the GEMM tiles (AVX2, 2 threads, one process,
 // alternating, FBGEMM alongside as the yardstick; 4096 x 4096 unless said): M = 4 0.66 vs
@@ -2305,8 +2306,9 @@ bool use_s16_avx2() { return use_avx2() && !use_vnni512() && !int8_avx2_legacy()
 // GCC had reassociated the sums, spilled two accumulators and copied four per step; 4096^2
 // M = 8 1.89 -> 1.47 ms, one thread) it also wins up to M = 24 (11008 x 4096 / 4096^2: M = 16
 // 4.33 / 1.93 ms vs 4.40 / 2.18, M = 24 6.34 / 2.36 vs 7.06 / 2.66) and loses from 32 (8.92 /
-// 3.30 vs 8.43 / 3.18). FASTKERN_INT8_GEMV_MAX_M overrides the limit, read on every call (A/B
-// timing, tests).
+// 3.30 vs 8.43 / 3.18) (those on another host, against the GEMM of that time; see
+// int8_gemv_takes for the measurements behind today's split). FASTKERN_INT8_GEMV_MAX_M overrides
+// the limit, read on every call (A/B timing, tests).
 constexpr int64_t kS16GemvRows = 4;
 constexpr int64_t kS16GemvMaxM = 24;
 
@@ -2320,15 +2322,6 @@ constexpr int64_t kS16GemvMaxM = 24;
 constexpr int64_t kVnni256GemvMaxM = 8;
 constexpr int64_t kVnni256GemvMaxMLongK = 7;
 constexpr int64_t kVnni256LongK = 4096;  // K above which kVnni256GemvMaxMLongK applies
-
-// The largest M the GEMVs serve for K: FASTKERN_INT8_GEMV_MAX_M overrides it (read on every
-// call: A/B timing, tests).
-int64_t int8_gemv_max_m(int64_t K) {
-  const char* e = std::getenv("FASTKERN_INT8_GEMV_MAX_M");
-  if (e && *e) return std::max<int64_t>(kGemvMaxM, std::atoll(e));
-  if (use_vnni256()) return K <= kVnni256LongK ? kVnni256GemvMaxM : kVnni256GemvMaxMLongK;
-  return kS16GemvMaxM;
-}
 
 // Rows past the last whole 16-row block of x that the AVX2 int16 GEMM leaves to the GEMV: the
 // GEMM computes x in blocks of 16 rows (two 8-row vectors per tile; a last block of up to 8
@@ -2346,6 +2339,31 @@ int64_t s16_gemv_tail(int64_t M) {
   const int64_t r = M % 16;
   if (r == 0 || r > kS16GemvRows || M < 16 || env_knob("FASTKERN_S16_GEMV_TAIL", 1) == 0) return 0;
   return r;
+}
+
+// With the GEMV tail above, the int16 GEMM takes over from M = kS16GemmMinM (Zen 4, AVX2, W8A8,
+// 2 threads, weights beyond L3, one process, alternating; GEMV against GEMM, ms): M = 16 / 24
+// 384 x 384 0.041 / 0.070 against 0.040 / 0.056, 1536 x 384 0.126 / 0.173 against 0.103 /
+// 0.157, 1024 x 1024 0.178 / 0.249 against 0.162 / 0.229, 4096 x 4096 2.15 / 3.07 against 2.02
+// / 2.97, 11008 x 4096 5.71 / 8.07 against 5.46 / 7.97, 4096 x 14336 7.38 / 10.31 against 7.12
+// / 10.13. Between those, where the GEMM leaves a GEMV pass that reads the weight once more (M
+// = 17..20) or pads x to 24 rows (21..23), the GEMV alone stays from kS16TailGemvBytes of
+// weight: 11008 x 4096 / 4096 x 14336 M = 17 / 20 6.03 / 6.92 and 7.81 / 8.69 against 6.24 /
+// 7.19 and 8.77 / 9.28, M = 21 11008 x 4096 / 4096 x 4096 7.20 / 2.78 against 8.04 / 3.06
+// (4096 x 4096 M = 17 / 20 even: 2.27 / 2.61 against 2.24 / 2.59); on small weights the GEMM
+// wins there too (1536 x 384 M = 17 / 20 / 21 0.137 / 0.154 / 0.156 against 0.122 / 0.138 /
+// 0.145). Below M = 16 the GEMV wins (4096 x 4096 M = 12 / 13 1.66 / 1.78 against 2.03 / 2.03).
+constexpr int64_t kS16GemmMinM = 16;
+constexpr int64_t kS16TailGemvBytes = int64_t(16) << 20;
+
+// Whether the GEMVs take M rows of x against the weight [N, K] (rather than a GEMM):
+// FASTKERN_INT8_GEMV_MAX_M sets the largest M they take (read on every call: A/B timing, tests).
+bool int8_gemv_takes(int64_t M, int64_t N, int64_t K) {
+  const char* e = std::getenv("FASTKERN_INT8_GEMV_MAX_M");
+  if (e && *e) return M <= std::max<int64_t>(kGemvMaxM, std::atoll(e));
+  if (use_vnni256()) return M <= (K <= kVnni256LongK ? kVnni256GemvMaxM : kVnni256GemvMaxMLongK);
+  if (M < kS16GemmMinM) return true;
+  return M <= kS16GemvMaxM && M % 16 != 0 && N * K >= kS16TailGemvBytes;
 }
 
 // C or o = A (int16 holding int8 values, zero-padded to lda >= round_up(K, 16)) x W^T: one
@@ -2942,7 +2960,7 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a, const at::Tensor& b) {
     VnniOut o;
     o.c = C.data_ptr<int32_t>();
     const bool wv = use_wv(false, M, N, K);  // never for M <= kGemvMaxM
-    const bool gemv = !wv && M <= int8_gemv_max_m(K);
+    const bool gemv = !wv && int8_gemv_takes(M, N, K);
     // the GEMVs on rows [m0, m0 + rows) of a, into C from row m0
     auto gemv_rows = [&](int64_t m0, int64_t rows) {
       const at::Tensor ar = a2.narrow(0, m0, rows);
@@ -3417,7 +3435,7 @@ at::Tensor linear_w8a8_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
     const at::Tensor wsd = w_scale.to(at::kDouble).contiguous();
     VnniOut o = VnniOut::scaled(out, S.data_ptr<float>(), wsd);
     const bool wv = use_wv(false, M, N, K);  // never for M <= kGemvMaxM
-    const bool gemv = !wv && M <= int8_gemv_max_m(K);
+    const bool gemv = !wv && int8_gemv_takes(M, N, K);
     // the GEMVs on rows [m0, m0 + rows) of x, into out from row m0 (the bias left to the op)
     auto gemv_rows = [&](int64_t m0, int64_t rows) {
       const VnniOut om = o.from_row(m0, N);
