@@ -395,6 +395,16 @@ def test_amx_gemm_threads_and_streamed_output(m, gen, monkeypatch):
         assert torch.equal(native("linear_w8a8")(x, w, s, b), ops.linear_w8a8_ref(x, w, s, b))
 
 
+def avx2_gemm_only(monkeypatch, gemv_tail=True):
+    """The AVX2 (no VNNI) int16 GEMM for every m > 3: the small-layer kernels and the GEMV
+    passes off (their knobs are read per call), its GEMV tail as asked."""
+    isa_or_skip("avx2")
+    monkeypatch.setenv("FASTKERN_INT8_WV_MAX_M", "0")
+    monkeypatch.setenv("FASTKERN_INT8_GEMV_MAX_M", "3")
+    if not gemv_tail:
+        monkeypatch.setenv("FASTKERN_S16_GEMV_TAIL", "0")
+
+
 @NATIVE
 @pytest.mark.parametrize("m", [4, 5, 8, 9, 15, 17, 24, 40, 70])
 def test_avx2_gemm_tails(m, gen, monkeypatch):
@@ -403,11 +413,9 @@ def test_avx2_gemm_tails(m, gen, monkeypatch):
     # weights, turned off): x packed as int16 pairs in blocks of
     # 16 rows (the last 8 or 16 wide), 6-row weight tiles with 4-, 2- and 1-row tails, 48-row
     # tasks in 8-row thread shares, 1024-column K blocks widened in 16s (odd K: a half pair),
-    # 8 x 8 transposed output blocks and their row / column tails; exact for int8_gemm and
-    # bit-identical W8A8.
-    isa_or_skip("avx2")
-    monkeypatch.setenv("FASTKERN_INT8_WV_MAX_M", "0")
-    monkeypatch.setenv("FASTKERN_INT8_GEMV_MAX_M", "3")
+    # 8 x 8 transposed output blocks and their row / column tails (its GEMV tail off, so m = 17
+    # ends in a one-vector block); exact for int8_gemm and bit-identical W8A8.
+    avx2_gemm_only(monkeypatch, gemv_tail=False)
     with cpu_isa("avx2"):
         for n in (1, 3, 4, 5, 6, 7, 9, 13, 37, 70, 101):
             for k in (1, 2, 3, 17, 33, 1025, 2050):
@@ -423,9 +431,7 @@ def test_avx2_gemm_gemv_tail(m, gen, monkeypatch):
     # rows by the op); m = 21 keeps the GEMM alone. int8_gemm exact with and without -128 in a,
     # W8A8 (with a bias) bit-identical to the reference and to the GEMM alone
     # (FASTKERN_S16_GEMV_TAIL=0), 1 and 2 threads alike.
-    isa_or_skip("avx2")
-    monkeypatch.setenv("FASTKERN_INT8_WV_MAX_M", "0")
-    monkeypatch.setenv("FASTKERN_INT8_GEMV_MAX_M", "3")
+    avx2_gemm_only(monkeypatch)
     with cpu_isa("avx2"):
         for (n, k), a_low in itertools.product(((37, 1), (70, 33), (9, 1025), (130, 4099)), (-128, -127)):
             a = torch.randint(a_low, 128, (m, k), generator=gen, dtype=torch.int8)
