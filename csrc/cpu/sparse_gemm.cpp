@@ -1547,7 +1547,6 @@ bool use_bf16_pairs(Isa isa, const BlockLayout& L) {
   return isa >= Isa::Avx512 && features().avx512bf16 && L.bk % 2 == 0 && env_knob("FASTKERN_BLOCKSPARSE_BF16", 1) != 0;
 }
 
-
 // Returns whether x holds an inf or nan.
 template <class T>
 bool bs_large_m(Isa isa, const at::Tensor& x2, const T* blocks, const BlockLayout& L, float* y) {
