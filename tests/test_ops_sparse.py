@@ -332,6 +332,29 @@ def test_sparse24_same_result_for_1_and_2_threads(gen, isa, m):
 
 
 @needs_cpu24
+@pytest.mark.parametrize("isa", [p for p in cpu_isas() if p.values[0] != "generic"], indirect=True)
+def test_sparse24_kept_weights_chunks_per_thread(gen, isa, monkeypatch):
+    """The kept-weights kernel's chunks of weight rows: 4 per thread, or one where the
+    transposed x is large (here forced both ways by FASTKERN_S24_CHUNKS_PER_THREAD on a small
+    x, and the default on an x past 4 MiB): bitwise the same outputs, 1 and 2 threads alike,
+    close to the reference."""
+    for m, k, n in ((40, 704, 333), (700, 1540, 70)):
+        x = torch.randn(m, k, generator=gen)
+        values, meta, b = sparse24_args(n, k, torch.float32, gen)
+        outs = []
+        for cpt in ("1", "4", None):
+            if cpt is None:
+                monkeypatch.delenv("FASTKERN_S24_CHUNKS_PER_THREAD")
+            else:
+                monkeypatch.setenv("FASTKERN_S24_CHUNKS_PER_THREAD", cpt)
+            one, two = on_1_and_2_threads(torch.ops.fastkern_C.linear_sparse24, x, values, meta, b)
+            assert torch.equal(one, two), (m, k, n, cpt)
+            outs.append(one)
+        assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2]), (m, k, n)
+        assert_close_rel(outs[0], ops.linear_sparse24_ref(x, values, meta, b), torch.float32)
+
+
+@needs_cpu24
 @pytest.mark.parametrize("isa", cpu_isas(), indirect=True)
 @pytest.mark.parametrize("m", [1, 9, 40])
 def test_sparse24_nan_propagates(gen, isa, m):

@@ -658,6 +658,12 @@ void s24_pack(Isa isa, const T* vals, int64_t ldv, const uint8_t* mt, int64_t ld
 // chunk reads all of xt once, so a chunk is long enough for that read to be small
 // next to its FMAs.
 constexpr int64_t kS24ChunkRows = 192;
+// ... and with x transposed (xt) beyond this many bytes, one chunk per thread: the 4 per thread
+// that balance the threads' work made each of N = 384 rows' 48-row chunks read all of xt
+// (Zen 4, AVX2, 2 threads, one process, alternating: 384 x 1536 M = 512 / 1024 / 4096, xt 3 /
+// 6 / 25 MB, one chunk per thread 0.97 / 0.90 / 0.84x the time; where N / 8 >= 192 rows the
+// chunks are the same either way)
+constexpr int64_t kS24XtBytes = int64_t(4) << 20;
 
 // x rows [m0, m0 + W) (rows >= M as zeros) transposed to dst [K][W] fp32, 8 rows x
 // 8 columns per step through registers; one thread, no ATen call: this runs before
@@ -727,9 +733,12 @@ bool s24_mvec(Isa isa, const at::Tensor& x2_in, const at::Tensor& values, const 
   const uint8_t* mt = meta.data_ptr<uint8_t>();
   const int64_t ldv = values.stride(0), ldm = meta.stride(0);
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
-  // At least 4 chunks per thread when N allows (dynamic scheduling evens out a
-  // thread that another process delays).
-  const int64_t chunk_rows = std::max<int64_t>(R, std::min(kS24ChunkRows, round_up(div_up(N, 4 * nthreads), R)));
+  // At least 4 chunks per thread when N allows (dynamic scheduling evens out a thread that
+  // another process delays), but one where xt outgrows kS24XtBytes: every chunk reads all of
+  // it. FASTKERN_S24_CHUNKS_PER_THREAD sets the count (read per call: A/B, tests).
+  const int64_t per_thr = env_knob("FASTKERN_S24_CHUNKS_PER_THREAD", Mp * K * 4 > kS24XtBytes ? 1 : 4);
+  const int64_t chunk_rows =
+      std::max<int64_t>(R, std::min(kS24ChunkRows, round_up(div_up(N, std::max<int64_t>(1, per_thr) * nthreads), R)));
   const int64_t gmax = kc / 4;
   const int64_t ct_len = chunk_rows * Mp;
   const int64_t pv_len = chunk_rows * gmax * 2;
