@@ -526,10 +526,12 @@ def test_avx2_gemv_passes(m, gen, monkeypatch):
     # weight row per step (2 accumulators per row of x in 4-row passes) or three (passes of 3
     # and 4 rows; FASTKERN_S16_GEMV_NR=3 / 1 force either, the default picks by m and K), n
     # tails of the three-row steps, K tails of 16 and 64; exact for int8_gemm, bit-identical
-    # W8A8, 1 and 2 threads equal. m = 25 runs the GEMM tiles; FASTKERN_INT8_GEMV_MAX_M sends each
-    # m to the other path, which gives the same bits.
+    # W8A8, 1 and 2 threads equal. m = 25 runs the GEMM tiles; FASTKERN_INT8_GEMV_MAX_M holds the
+    # GEMV's range at 24 (by default the GEMM takes m >= 16 on these small weights), then sends
+    # each m to the other path, which gives the same bits.
     isa_or_skip("avx2")
     monkeypatch.setenv("FASTKERN_INT8_WV_MAX_M", "0")
+    monkeypatch.setenv("FASTKERN_INT8_GEMV_MAX_M", "24")
     with cpu_isa("avx2"):
         for nr in ("3", "1"):
             monkeypatch.setenv("FASTKERN_S16_GEMV_NR", nr)
@@ -718,10 +720,13 @@ def test_gemv_row_blocks(isa, m, gen, monkeypatch):
     # GEMVs with more than one pass over the weight take each thread's rows in blocks, all
     # passes over a block before the next: linear_w8a16's GEMV (3 rows of x per pass, up to
     # m = 128 on AVX2 and 16 generic; AVX-512 tiles of up to 8 rows per pass to m = 24) and the
-    # AVX2 int8 GEMV (4-row passes, up to m = 24). FASTKERN_GEMV_BLOCK_KB=1 makes the blocks 16
-    # rows (several per thread, the last one short), 0 turns them off: the same bits either
-    # way, on 1 and 2 threads, and the reference's results.
+    # AVX2 int8 GEMV (4-row passes; held to m = 24 here, where by default the GEMM takes these
+    # small weights from m = 16). FASTKERN_GEMV_BLOCK_KB=1 makes the blocks 16 rows (several per
+    # thread, the last one short), 0 turns them off: the same bits either way, on 1 and 2
+    # threads, and the reference's results.
     monkeypatch.setenv("FASTKERN_INT8_WV_MAX_M", "0")
+    if isa == "avx2":
+        monkeypatch.setenv("FASTKERN_INT8_GEMV_MAX_M", "24")
     with cpu_isa(isa):
         for n, k in ((70, 1100), (250, 4500)):
             x = torch.randn(m, k, generator=gen)
