@@ -1682,7 +1682,15 @@ void gemv_w8f_rows(bool avx2, const float* X, int64_t ldx, const int8_t* W, int6
 // Gaussian weight's pairs, lowered while the weight block is copied and the difference
 // added back from a transposed copy of x): 4096 x 4096, 2 threads, it ran 174 / 204 GMAC/s
 // at M = 64 / 256 against 199 / 207 here (the copy's data-dependent branches and the
-// corrections ate the multiplier-pipe gain), so it was not kept.
+// corrections ate the multiplier-pipe gain), so it was not kept. A third exact vpmaddubsw
+// GEMM was built and timed on Zen 4 (2026-12-05): |w| broadcast, x the vector operand read
+// from a per-K-block table of each 16-row slice of x under the 16 sign patterns of a 4-byte
+// weight group (pattern bytes packed beside |w|), so the sign costs no instruction: 3 vector
+// instructions per 32 multiply-adds, FBGEMM's count. Register-only 112 GMAC/s per core against
+// the int16 mix's 94, in place 100; but the table (32 stores per group and slice, amortized
+// over 384-row tasks) and the per-call packing of |w| and the patterns cost 10-20%, so W8A8
+// ran 0.94-1.04x the int16 GEMM's time at M = 64..512 (2 threads; 0.93-0.97x on one),
+// still 0.83-0.94x FBGEMM, and it was not kept.
 //
 // - GEMV (M <= kGemvMaxM): each thread's weight rows as one stream, one row at a time,
 //   prefetched kA2Ahead bytes ahead (the hardware prefetchers stop at 4 KiB pages).
