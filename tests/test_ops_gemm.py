@@ -500,3 +500,28 @@ def test_gemm_bf16_dot_nan_inf_propagate(gen):
     b[2, 1025] = float("inf")
     out = torch.ops.fastkern_C.gemm(a, b)
     assert torch.isinf(out[:, 2]).all() and not torch.isnan(out).any()
+
+
+@needs_cpu
+@pytest.mark.parametrize("isa", cpu_isas(), indirect=True)
+@pytest.mark.parametrize("m", [257, 300])
+def test_blocked_gemm_adds_the_bias(gen, isa, m):
+    # Above the skinny GEMM's 256 rows the weight-only ops run the blocked GEMM, which adds the
+    # bias to each output after its last K block, in the task that owns the C block (N slices
+    # of 3072 columns and their sliver tails: n = 3100; M blocks of up to 144 rows; K passes of
+    # 8 x 192 columns: k = 1600 takes two, the bias after the second). Bitwise what adding it to
+    # the finished product gives (the op without a bias, plus the bias in fp32), as the other
+    # paths do; 1 and 2 threads alike; a bf16 bias converted first.
+    from fastkern import formats
+
+    for n, k in ((3100, 64), (70, 1600)):
+        x = torch.randn(m, k, generator=gen)
+        w = torch.randn(n, k, generator=gen)
+        q8, s8 = formats.quantize_int8(w)
+        q4, s4, z4 = formats.quantize_int4(w, 32)
+        for bias in (torch.randn(n, generator=gen), torch.randn(n, generator=gen).bfloat16()):
+            for name, args in (("linear_w8a16", (q8, s8)), ("linear_w4a16", (q4, s4, z4, 32))):
+                op = getattr(torch.ops.fastkern_C, name)
+                one, two = on_1_and_2_threads(op, x, *args, bias)
+                assert torch.equal(one, two), (name, n, k)
+                assert torch.equal(one, op(x, *args, None) + bias.float()), (name, n, k, bias.dtype)

@@ -222,15 +222,19 @@ struct W4Packer {
   }
 };
 
-void w4_blocked_gemm(const W4& p, int64_t N, int64_t K, const float* X, int64_t ldx, int64_t M, float* Y) {
+// Y = X W^T, plus bias (fp32 [N] or null) where it returns true (the blocked GEMM adds it).
+bool w4_blocked_gemm(const W4& p, int64_t N, int64_t K, const float* X, int64_t ldx, int64_t M, float* Y,
+                     const float* bias) {
   const Isa isa = active_isa();
   gemm::StridedRows<float> pa{X, ldx, 1, isa};
   const char* e = std::getenv("FASTKERN_W4A16_FUSED_PACK");
   W4Packer pb{&p, isa, !(e && e[0] == '0')};
-  if (M <= gemm::skinny_max_m())
+  if (M <= gemm::skinny_max_m()) {
     gemm::skinny_gemm(M, N, K, gemm::micro_kernel(isa), pa, pb, Y, N);
-  else
-    gemm::blocked_gemm(M, N, K, gemm::micro_kernel(isa), pa, pb, Y, N);
+    return false;
+  }
+  gemm::blocked_gemm(M, N, K, gemm::micro_kernel(isa), pa, pb, Y, N, bias);
+  return true;
 }
 
 // ------------------------------------------------------------------ GEMV: int8 limbs x nibbles
@@ -2050,7 +2054,11 @@ at::Tensor linear_w4a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
     }
   }
 #endif
-  if (!done) w4_blocked_gemm(p, N, K, X.data_ptr<float>(), ldx, M, Y.data_ptr<float>());
+  if (!done) {
+    const at::Tensor bf = bias_f32(bias);
+    if (w4_blocked_gemm(p, N, K, X.data_ptr<float>(), ldx, M, Y.data_ptr<float>(), data_or_null(bf)))
+      return finish(Y, c10::nullopt, x, N);
+  }
   return finish(Y, bias, x, N);
 }
 

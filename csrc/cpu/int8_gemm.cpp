@@ -3096,16 +3096,19 @@ int64_t w8f_tile_max_m(bool bf16_gemm) {
   return e && *e ? std::atoll(e) : bf16_gemm ? kW8fTileMaxMBf16 : kW8fTileMaxM;
 }
 
-// Y [M, N] = X [M, K] (fp32, row stride ldx) x (float(W) * s)^T
-void w8a16_gemm_avx2(const float* X, int64_t ldx, int64_t M, const int8_t* W, const float* s, int64_t N, int64_t K,
-                     float* Y) {
+// Y [M, N] = X [M, K] (fp32, row stride ldx) x (float(W) * s)^T, plus bias (fp32 [N] or null)
+// where it returns true (the blocked GEMM adds it)
+bool w8a16_gemm_avx2(const float* X, int64_t ldx, int64_t M, const int8_t* W, const float* s, int64_t N, int64_t K,
+                     float* Y, const float* bias) {
   const Isa isa = active_isa();
   const gemm::StridedRows<float> pa{X, ldx, 1, isa};
   const W8Packer pb{W, s, K};
-  if (M <= gemm::skinny_max_m())
+  if (M <= gemm::skinny_max_m()) {
     gemm::skinny_gemm(M, N, K, gemm::micro_kernel(isa), pa, pb, Y, N);
-  else
-    gemm::blocked_gemm(M, N, K, gemm::micro_kernel(isa), pa, pb, Y, N);
+    return false;
+  }
+  gemm::blocked_gemm(M, N, K, gemm::micro_kernel(isa), pa, pb, Y, N, bias);
+  return true;
 }
 #endif
 
@@ -3171,8 +3174,9 @@ at::Tensor linear_w8a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
     const int64_t gemv_max_m = huge ? 0 : w8a16_gemv_max_m(avx2_fma);
 #if FASTKERN_X86
     if (Mx > gemv_max_m && avx2_fma) {
-      w8a16_gemm_avx2(xp, ldx, Mx, wp, sp, N, K, yp);
-      return finish(Y, bias, x, N);
+      const at::Tensor bf = bias_f32(bias);
+      const bool added = w8a16_gemm_avx2(xp, ldx, Mx, wp, sp, N, K, yp, data_or_null(bf));
+      return finish(Y, added ? c10::nullopt : bias, x, N);
     }
 #endif
     if (Mx <= gemv_max_m) {
