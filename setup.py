@@ -69,7 +69,7 @@ def extension():
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     os.environ.setdefault("MAX_JOBS", default_max_jobs())
 
-    sources = ["csrc/registration.cpp", "csrc/autograd.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/registration.cpp", "csrc/autograd.cpp", "csrc/cpu_entry.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # Baseline x86-64 code only: AVX2/FMA/AVX-512 kernels carry their own
     # target attributes and are chosen at run time, so one wheel runs anywhere.

@@ -13,6 +13,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include "autograd.h"
+#include "py_hook.h"
 
 namespace fastkern {
 namespace {
@@ -36,6 +37,13 @@ void autograd_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torc
   }
   TORCH_CHECK(g_hook != nullptr, "fastkern autograd: ", schema.name(),
               " needs gradients, but fastkern.ops has not installed its autograd hook (import fastkern)");
+  call_python_hook(*g_hook, schema, stack, first, n);
+}
+
+}  // namespace
+
+void call_python_hook(const pybind11::object& hook, const c10::FunctionSchema& schema, torch::jit::Stack* stack,
+                      size_t first, size_t n) {
   pybind11::gil_scoped_acquire gil;
   pybind11::tuple args(n);
   for (size_t i = 0; i < n; ++i) {
@@ -47,17 +55,14 @@ void autograd_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torc
     else if (v.isInt())
       args[i] = pybind11::int_(v.toInt());
     else
-      TORCH_CHECK(false, "fastkern autograd: ", schema.name(), " argument ", schema.arguments()[i].name(),
-                  " has a type this kernel does not pass on (", v.tagKind(), ")");
+      TORCH_CHECK(false, "fastkern: ", schema.name(), " argument ", schema.arguments()[i].name(),
+                  " has a type the Python hook is not passed (", v.tagKind(), ")");
   }
-  const std::string& full = schema.name();  // "fastkern::<op>"
-  pybind11::object out = (*g_hook)(full.substr(full.find("::") + 2), args);
+  pybind11::object out = hook(short_name(schema), args);
   at::Tensor y = out.cast<at::Tensor>();
   torch::jit::drop(*stack, n);
   stack->emplace_back(std::move(y));
 }
-
-}  // namespace
 
 void set_autograd_hook(pybind11::object fn) {
   if (g_hook == nullptr) g_hook = new pybind11::object();

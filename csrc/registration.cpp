@@ -137,4 +137,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "The CPU kernel path in use");
   m.def("set_autograd_hook", &fastkern::set_autograd_hook, pybind11::arg("fn"),
         "fn(op_name, args) runs a call of torch.ops.fastkern.<op_name> that needs gradients");
+  m.def("set_cpu_hook", &fastkern::set_cpu_hook, pybind11::arg("fn"), pybind11::arg("requested_backend"),
+        "fn(op_name, args) runs a call of torch.ops.fastkern.<op_name> on CPU tensors that the C++ entry "
+        "does not run itself");
 }

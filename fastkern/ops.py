@@ -7,6 +7,10 @@ backend kernels. Calling the op checks the inputs once, picks a backend
 (``use_backend`` > ``FASTKERN_BACKEND`` > the best one built for the tensors'
 device) and runs that backend's kernel.
 
+With the native extension, a call on CPU tensors enters C++ first (csrc/cpu_entry.cpp): when
+no other backend is asked for and the arguments pass the same fast check as below, it runs
+the cpu backend's kernel there and then; every other call comes back here.
+
 Backends:
   cpu        C++ kernels in fastkern._C, registered as torch.ops.fastkern_C.* (CPU key)
   cuda       CUDA C++ kernels in fastkern._C, same ops (CUDA key)
@@ -525,10 +529,16 @@ def _make_fake(spec):
     return fake
 
 
+# op name -> the Python implementation (check, backend choice, kernel) of each op
+_IMPLS = {name: _make_impl(spec) for name, spec in OPS.items()}
+
 for _spec in OPS.values():
     _lib.define(_spec.name + _spec.schema)
-    for _key in ("CPU", "CUDA"):
-        _lib.impl(_spec.name, _make_impl(_spec), _key)
+    # With the native extension its own CPU kernel (csrc/cpu_entry.cpp) takes the ops' CPU
+    # calls: straight to fastkern_C when the default backend applies and the arguments pass
+    # the fast check, through _IMPLS otherwise.
+    for _key in ("CPU", "CUDA") if _ext._C is None else ("CUDA",):
+        _lib.impl(_spec.name, _IMPLS[_spec.name], _key)
     torch.library.register_fake("fastkern::" + _spec.name, _make_fake(_spec), lib=_lib)
     if _ext._C is not None:
         # the native kernels share the public schemas; their fakes are the same
@@ -656,6 +666,7 @@ def _python_autograd_kernel(name):
 
 if _ext._C is not None:
     _ext._C.set_autograd_hook(_call_with_grad)
+    _ext._C.set_cpu_hook(lambda name, args: _IMPLS[name](*args), requested_backend)
 else:
     for _spec in OPS.values():
         _lib.impl(_spec.name, _python_autograd_kernel(_spec.name), "Autograd")

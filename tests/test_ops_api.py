@@ -1,4 +1,5 @@
 """The op catalogue itself: schemas/fakes (opcheck), backend routing, input errors, info."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -296,3 +297,90 @@ def test_triton_on_cpu_is_asked_at_every_call(gen, monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(fk.BackendUnavailableError, match="TRITON_INTERPRET=1"):
             torch.ops.fastkern.gemm(*args)
+
+
+@pytest.mark.skipif(fk._ext._C is None, reason="fastkern._C is not built")
+@pytest.mark.parametrize("op", list(ops.OPS))
+def test_cpu_entry_takes_what_the_fast_check_accepts(gen, op, monkeypatch):
+    # The C++ CPU kernel of the public op runs the native kernel itself exactly when the
+    # Python fast check would accept the arguments (and no other backend is asked for);
+    # everything else, every mutation the check refuses, goes through the Python path
+    # (ops._IMPLS), which raises its messages as before.
+    spec = ops.OPS[op]
+    calls = []
+    real = ops._IMPLS[op]
+    monkeypatch.setitem(ops._IMPLS, op, lambda *a: calls.append(1) or real(*a))
+    explains = [n for n in dir(ops) if n.startswith("_explain_")]
+
+    class Refused(Exception):
+        pass
+
+    def fast_check_accepts(args):
+        with monkeypatch.context() as m:
+            for n in explains:
+                m.setattr(ops, n, lambda *a: (_ for _ in ()).throw(Refused()))
+            try:
+                spec.check(*args)
+                return True
+            except Refused:
+                return False
+
+    taken = refused = 0
+    for base in _valid_variants(op, gen):
+        for args in [base] + list(_mutations(base)):
+            if any(isinstance(a, torch.Tensor) and a.device.type != "cpu" for a in args):
+                continue
+            accepts = fast_check_accepts(args)
+            calls.clear()
+            try:
+                out = getattr(torch.ops.fastkern, op)(*args)
+            except (TypeError, ValueError, RuntimeError):
+                out = None
+            assert (not calls) == accepts, describe_args(args)
+            if accepts:
+                taken += 1
+                assert torch.equal(out, getattr(torch.ops.fastkern_C, op)(*args)), describe_args(args)
+            else:
+                refused += 1
+    assert taken >= 5 and refused >= 10, (taken, refused)
+
+
+@pytest.mark.skipif(fk._ext._C is None, reason="fastkern._C is not built")
+def test_cpu_entry_honours_every_backend_request(gen, monkeypatch):
+    # use_backend and FASTKERN_BACKEND (set, emptied, or in a replaced os.environ) send the call
+    # through the Python path unless they name "cpu"; an unknown name still raises there.
+    args = sample_args("linear_w8a8", gen)
+    calls = []
+    real = ops._IMPLS["linear_w8a8"]
+    monkeypatch.setitem(ops._IMPLS, "linear_w8a8", lambda *a: calls.append(1) or real(*a))
+
+    def through_python(ctx=None):
+        calls.clear()
+        with ctx if ctx is not None else contextlib.nullcontext():
+            out = torch.ops.fastkern.linear_w8a8(*args)
+        return bool(calls), out
+
+    native = torch.ops.fastkern_C.linear_w8a8(*args)
+    ref = ops.linear_w8a8_ref(*args)
+    used, out = through_python()
+    assert not used and torch.equal(out, native)
+    used, out = through_python(fk.use_backend("reference"))
+    assert used and torch.equal(out, ref)
+    used, out = through_python(fk.use_backend("cpu"))
+    assert not used and torch.equal(out, native)
+    monkeypatch.setenv("FASTKERN_BACKEND", "reference")
+    used, out = through_python()
+    assert used and torch.equal(out, ref)
+    used, _ = through_python(fk.use_backend("cpu"))  # the context wins over the environment
+    assert not used
+    monkeypatch.setenv("FASTKERN_BACKEND", "cpu")
+    assert not through_python()[0]
+    monkeypatch.setenv("FASTKERN_BACKEND", "")
+    assert not through_python()[0]
+    monkeypatch.setenv("FASTKERN_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="unknown backend 'nonsense'"):
+        torch.ops.fastkern.linear_w8a8(*args)
+    monkeypatch.delenv("FASTKERN_BACKEND")
+    monkeypatch.setattr(os, "environ", {"FASTKERN_BACKEND": "reference"})
+    used, out = through_python()
+    assert used and torch.equal(out, ref)
