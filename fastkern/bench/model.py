@@ -26,6 +26,7 @@ import gc
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from types import SimpleNamespace
@@ -53,6 +54,7 @@ FULL = {
     "throughput_batch": 32,
     "seq_len": 128,
     "min_run_time": 1.0,
+    "rounds": 3,
     "llama_layers": 4,
     "llama_m": "1,2,4,8,16",
     "llama_dtypes": "fp32,bf16",
@@ -62,6 +64,7 @@ QUICK = {
     "throughput_batch": 32,
     "seq_len": 128,
     "min_run_time": 0.2,
+    "rounds": 3,
     "llama_layers": 1,
     "llama_m": "1,16",
     "llama_dtypes": "fp32,bf16",
@@ -159,6 +162,13 @@ def time_fn(fn: Callable[[], object], min_run_time: float, device: torch.device)
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     m = timer.blocked_autorange(min_run_time=min_run_time)
     return {"median_s": m.median, "iqr_s": m.iqr, "runs": int(len(m.raw_times) * m.number_per_run)}
+
+
+def _over_rounds(times: Sequence[Dict[str, float]]) -> Dict[str, float]:
+    """One variant's time_fn results of every round: the median of the rounds' medians."""
+    return {"median_s": statistics.median(t["median_s"] for t in times),
+            "iqr_s": statistics.median(t["iqr_s"] for t in times),
+            "runs": sum(t["runs"] for t in times)}
 
 
 def backends_used(op_names: Sequence[str], device: torch.device) -> Dict[str, str]:
@@ -305,7 +315,11 @@ def run_minilm(cfg: argparse.Namespace) -> dict:
         return minilm.embed(_OnDevice(model, device), tokenizer, eval_sents, batch_size=32, max_length=cfg.seq_len)
 
     ref_emb = embed(ref_model)
-    rows = []
+    # every variant first (converted, its cosine taken), then all of them timed in alternating
+    # rounds, so that a change of the machine's state during the run (memory bandwidth, other
+    # load) falls on every variant alike: timed one after the other, the throughput ratios of
+    # unchanged variants moved by up to 0.2x between runs
+    built = []
     for v in _select(model_variants(), cfg.variants, device):
         t0 = time.time()
         model = copy.deepcopy(ref_model).cpu()
@@ -314,10 +328,18 @@ def run_minilm(cfg: argparse.Namespace) -> dict:
         model.eval().to(device)
         convert_s = time.time() - t0
         backends = backends_used(v.ops, device)
-        emb = embed(model)
-        cos = minilm.mean_cosine(emb, ref_emb)
-        lat = time_fn(lambda: model(**one), cfg.min_run_time, device)
-        thr = time_fn(lambda: model(**full), cfg.min_run_time, device)
+        cos = minilm.mean_cosine(embed(model), ref_emb)
+        built.append((v, model, convert_s, backends, cos))
+    rounds = max(1, int(cfg.rounds))
+    per_round = cfg.min_run_time / rounds
+    timed = {v.name: ([], []) for v, *_ in built}
+    for r in range(rounds):
+        for v, model, *_ in built if r % 2 == 0 else built[::-1]:
+            timed[v.name][0].append(time_fn(lambda: model(**one), per_round, device))
+            timed[v.name][1].append(time_fn(lambda: model(**full), per_round, device))
+    rows = []
+    for v, model, convert_s, backends, cos in built:
+        lat, thr = (_over_rounds(t) for t in timed[v.name])
         row = {
             "variant": v.name,
             "description": v.description,
@@ -341,8 +363,8 @@ def run_minilm(cfg: argparse.Namespace) -> dict:
         _log("minilm %-14s backend=%-10s cos=%.4f  b1 %.2f ms  %.1f sent/s  %.1f MB"
              % (v.name, row["backend"], cos, row["latency_b1_ms"], row["throughput_sent_per_s"],
                 row["size_bytes"] / 1e6))
-        del model
-        gc.collect()
+    del built
+    gc.collect()
 
     base = next(r for r in rows if r["variant"] == "fp32")
     for r in rows:
@@ -359,6 +381,7 @@ def run_minilm(cfg: argparse.Namespace) -> dict:
             "throughput_batch": cfg.throughput_batch,
             "seq_len": cfg.seq_len,
             "min_run_time_s": cfg.min_run_time,
+            "rounds": rounds,
         },
         "variants": rows,
     }
@@ -630,7 +653,8 @@ def markdown(result: dict) -> str:
         lines += ["MiniLM: the model's forward on pre-tokenized inputs (batch 1: one short sentence, unpadded; "
                   "throughput: a batch padded to the full length). size: bytes of the state_dict; linear size: "
                   "its linear layers alone. cosine: mean cosine of the sentence embeddings vs fp32 on held-out "
-                  "sentences. backend: where the variant's fastkern op ran.", ""]
+                  "sentences. backend: where the variant's fastkern op ran. Timings: the median of %d alternating "
+                  "rounds over every variant." % result["minilm"]["config"].get("rounds", 1), ""]
     if "llama_mlp" in result:
         lines += ["Llama MLP: one forward of the whole stack on M tokens (random weights); ms/token = ms/fwd / M; "
                   "GB/s = checkpoint bytes of the stack / time (the rate at which the weights were streamed); % read BW: "
@@ -663,6 +687,8 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     p.add_argument("--throughput-batch", type=int, default=None, help="sentences per throughput batch (32)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sentence in the throughput batch (128)")
     p.add_argument("--min-run-time", type=float, default=None, help="seconds of timing per measurement (1.0)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="MiniLM: time the variants in this many alternating rounds, min-run-time split over them (3)")
     p.add_argument("--bw-mb", type=float, default=None,
                    help="MiB of the read-bandwidth probe (default max(256, 4 x LLC))")
     p.add_argument("--llama-hidden", type=int, default=LLAMA_HIDDEN)
