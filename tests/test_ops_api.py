@@ -299,6 +299,14 @@ def test_triton_on_cpu_is_asked_at_every_call(gen, monkeypatch):
             torch.ops.fastkern.gemm(*args)
 
 
+def _python_path_calls(monkeypatch, op):
+    """A list that gets one entry per call of ``op`` that goes through the Python path."""
+    calls = []
+    real = ops._IMPLS[op]
+    monkeypatch.setitem(ops._IMPLS, op, lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
 @pytest.mark.skipif(fk._ext._C is None, reason="fastkern._C is not built")
 @pytest.mark.parametrize("op", list(ops.OPS))
 def test_cpu_entry_takes_what_the_fast_check_accepts(gen, op, monkeypatch):
@@ -307,9 +315,7 @@ def test_cpu_entry_takes_what_the_fast_check_accepts(gen, op, monkeypatch):
     # everything else, every mutation the check refuses, goes through the Python path
     # (ops._IMPLS), which raises its messages as before.
     spec = ops.OPS[op]
-    calls = []
-    real = ops._IMPLS[op]
-    monkeypatch.setitem(ops._IMPLS, op, lambda *a: calls.append(1) or real(*a))
+    calls = _python_path_calls(monkeypatch, op)
     explains = [n for n in dir(ops) if n.startswith("_explain_")]
 
     class Refused(Exception):
@@ -350,9 +356,7 @@ def test_cpu_entry_honours_every_backend_request(gen, monkeypatch):
     # use_backend and FASTKERN_BACKEND (set, emptied, or in a replaced os.environ) send the call
     # through the Python path unless they name "cpu"; an unknown name still raises there.
     args = sample_args("linear_w8a8", gen)
-    calls = []
-    real = ops._IMPLS["linear_w8a8"]
-    monkeypatch.setitem(ops._IMPLS, "linear_w8a8", lambda *a: calls.append(1) or real(*a))
+    calls = _python_path_calls(monkeypatch, "linear_w8a8")
 
     def through_python(ctx=None):
         calls.clear()
