@@ -1930,6 +1930,18 @@ void s16_rows(const int32_t* Ap, const int16_t* B, int64_t ldb, int64_t rows, in
 }
 
 // dst[r][k] = int16(W[n0 + r][k0 + k]) for k < kc, zero up to round_up(kc, 16)
+//
+// At M = 16 this pass is 14% of the GEMM's time (one x slice per widened block; skipping it
+// altogether, results aside, took 4096^2 from 2.05 to 1.68 ms and 11008 x 4096 from 5.14 to
+// 4.36, 1.6-1.8 ms on hot 1536 x 384 / 2048 x 1024 alike, so it is not the weight stream).
+// Tried, not kept: widening 16 columns per k step inside the tiles of the first x slice (each
+// tile the next one's rows; the chunk in locals, the partial last one after the loop): the same
+// time to the percent at M = 16 / 64 / 256 (Zen 4, AVX2, 2 threads, alternating with the pass).
+// The tiles issue near their limit: in a register-only probe 12 vpmaddwd + 12 vpaddd take 7.4
+// cycles a k step for 6 x 2, 4 x 3, 3 x 4 and 2 x 6 tiles alike (x and B loads folded or not,
+// B broadcast or pre-broadcast), against 6 on the two multiply pipes; an independent
+// vpmaddwd / vpaddd stream runs 6.8. The widening's load, shuffle and store cost as much
+// inside the loop as outside it.
 FASTKERN_AVX2 void widen_rows(const int8_t* W, int64_t K, int64_t n0, int64_t n1, int64_t k0, int64_t kc,
                               int16_t* dst, int64_t ldd) {
   for (int64_t n = n0; n < n1; ++n) {
