@@ -343,20 +343,25 @@ def test_gemm_bad_inputs_clear_errors(gen):
 #   1..4 vectors of 16 rows), the weight copied into panels of 96 rows x 1024 k (12 rows per
 #   parallel unit) and broadcast one pair at a time against x, register tiles of 12 weight
 #   rows (VM <= 2) or 6 (VM >= 3) and then single rows, the sums in CT [N, Mp] transposed into
-#   the output 16 x 16 at a time.
-# FASTKERN_GEMM_BF16_GEMV_MAX_M and FASTKERN_GEMM_BF16_MIN_M move the switches (0: off).
+#   the output 16 x 16 at a time;
+# - where b has fewer rows than a (and at least 16), the same tile GEMM on b as x and a as the
+#   weight (C^T = b a^T), its sums [M, N] written out as they lie.
+# FASTKERN_GEMM_BF16_GEMV_MAX_M and FASTKERN_GEMM_BF16_MIN_M move the switches (0: off),
+# FASTKERN_GEMM_BF16_SWAP forces the orientation (0: a as x, 1: b as x wherever it can).
 
 needs_bf16_dot = pytest.mark.skipif(not has_bf16_dot(), reason="the bf16 vdpbf16ps paths need a CPU with AVX512-BF16")
 BF16_GEMV_MAX_M, BF16_GEMM_MIN_M = 15, 16
-BF16_PATHS = {"gemv": ("100000", "0"), "tile": ("0", "1")}
+BF16_PATHS = {"gemv": ("100000", "0", "0"), "tile": ("0", "1", "0"), "tile-swapped": ("0", "1", "1")}
 
 
 @pytest.fixture(params=sorted(BF16_PATHS))
 def bf16_path(request, monkeypatch):
-    """One of the two vdpbf16ps paths at every M, on the native path."""
-    gemv_max, gemm_min = BF16_PATHS[request.param]
+    """One of the vdpbf16ps paths at every M (the tile GEMM in both orientations), on the
+    native path."""
+    gemv_max, gemm_min, swap = BF16_PATHS[request.param]
     monkeypatch.setenv("FASTKERN_GEMM_BF16_GEMV_MAX_M", gemv_max)
     monkeypatch.setenv("FASTKERN_GEMM_BF16_MIN_M", gemm_min)
+    monkeypatch.setenv("FASTKERN_GEMM_BF16_SWAP", swap)
     _ext._C.set_cpu_isa("avx512")
     try:
         yield request.param
@@ -451,6 +456,29 @@ def test_gemm_bf16_dot_m_passes(gen):
         a = int_bf16((150, k), gen)
         b = int_bf16((65537, k), gen)
         assert torch.equal(torch.ops.fastkern_C.gemm(a, b), exact_bf16(a, b)), k
+
+
+@needs_cpu
+@needs_bf16_dot
+def test_gemm_bf16_orientations_agree(gen, monkeypatch):
+    """The tile GEMM packs a (as x) or, where b has fewer rows (and at least 16), b: each output
+    is the same vdpbf16ps chain over k either way, so the default and both forced orientations
+    give the same bits, within the contract of the reference. Shapes on both sides of the rule,
+    tails in M, N and K, odd K (panels), a non-contiguous b, 3-D a; FASTKERN_GEMM_BF16_MIN_M = 1
+    lets the swapped GEMM run on b with fewer than 16 rows and on a with 5 (its passes over a's
+    rows are in test_gemm_bf16_dot_m_passes, tile-swapped)."""
+    monkeypatch.setenv("FASTKERN_GEMM_BF16_MIN_M", "1")
+    shapes = [(300, 100, 301), (3000, 16, 64), (100, 300, 64), (16, 17, 130), (17, 16, 130), (40, 40, 33),
+              (1030, 70, 1030), (65, 15, 20), (5, 2100, 8)]
+    for m, n, k in shapes:
+        a = torch.randn(m, k, generator=gen).bfloat16()
+        b = torch.randn(n, k + 6, generator=gen).bfloat16()[:, 3:k + 3]
+        if m % 5 == 0:
+            a = a.reshape(5, m // 5, k)
+        outs = gemm_by_knob(monkeypatch, "FASTKERN_GEMM_BF16_SWAP", ("-1", "0", "1"), a, b)
+        assert outs["-1"].shape == (*a.shape[:-1], n)
+        assert_close_rel(outs["-1"], ops.gemm_ref(a, b), torch.bfloat16)
+        assert torch.equal(outs["0"], outs["-1"]) and torch.equal(outs["1"], outs["-1"]), (m, n, k)
 
 
 @needs_cpu

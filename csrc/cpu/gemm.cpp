@@ -341,8 +341,27 @@ bool use_bf16_gemv(int64_t M, int64_t N, int64_t K) {
   return M <= env_knob("FASTKERN_GEMM_BF16_GEMV_MAX_M", kBf16GemvMaxM) && bf16_dot(N, K);
 }
 
-// C [M, N] bf16, rounded once from the fp32 sums
-void bf16_gemm(const at::Tensor& a2, const at::Tensor& b, uint16_t* C) {
+// Which operand the tile GEMM packs: it packs x (its M rows, [K/2][16] pairs per 16 rows, per
+// call) and reads the weight's rows in place, so with a as x it packs the M x K operand. Where b
+// is the smaller one (N < M) it runs on b as x and a as the weight, computing C^T = b a^T, and
+// writes its sums [M][N] out as they lie (no transpose). Each output is the same chain of
+// vdpbf16ps over k either way (the instruction is symmetric in its operands): bitwise the same
+// result. Measured (Zen 4, AVX512-BF16, 2 threads, one process; M x N x K, ms, a as x against b as
+// x, torch's bf16 matmul (oneDNN)): 3000 x 100 x 3000 8.57 / 5.09 (5.03), 3000 x 384 x 3000
+// 20.3 / 16.4 (16.2), 4096 x 64 x 4096 12.4 / 5.41 (6.8), 4096 x 384 x 384 3.39 / 2.99 (2.79),
+// 4096 x 1536 x 384 13.9 / 12.9 (11.4), 4096 x 768 x 3072 50.7 / 44.6 (44.5), 2048 x 1024 x
+// 1024 11.5 / 10.5 (10.2); with N >= M it loses (100 x 3000 x 3000 4.86 / 10.0, 64 x 4096 x
+// 4096 5.62 / 13.6, 17 x 384 x 384 0.035 / 0.059), 512^3 a tie. b needs kBf16GemmMinM rows for
+// the tile GEMM. FASTKERN_GEMM_BF16_SWAP (read on every call: A/B, tests) = 0 never swaps, 1
+// swaps wherever b has those rows.
+bool bf16_swap(int64_t M, int64_t N, int64_t K) {
+  const int64_t knob = env_knob("FASTKERN_GEMM_BF16_SWAP", -1);
+  if (knob == 0 || !use_bf16_gemm(N, M, K)) return false;
+  return knob == 1 || N < M;
+}
+
+// C [M, N] bf16, rounded once from the fp32 sums (transposed: C is [N, M], b a2^T)
+void bf16_gemm(const at::Tensor& a2, const at::Tensor& b, uint16_t* C, bool transposed = false) {
   const int64_t M = a2.size(0), K = a2.size(1), N = b.size(0);
   at::Tensor ac = a2.stride(1) == 1 ? a2 : a2.contiguous();
   at::Tensor bc = b.stride(1) == 1 ? b : b.contiguous();
@@ -358,7 +377,8 @@ void bf16_gemm(const at::Tensor& a2, const at::Tensor& b, uint16_t* C) {
                           if (direct) return Rows(reinterpret_cast<const uint32_t*>(B + n0 * ldb + k0), ldb / 2);
                           bf16_copy_panel(B, ldb, n0, n1, k0, kc, panel, ldp);
                           return Rows(panel, ldp);
-                        });
+                        },
+                        transposed);
 }
 #endif
 
@@ -409,7 +429,11 @@ at::Tensor gemm_cpu(const at::Tensor& a, const at::Tensor& b) {
   // (in one process against that: 1.00-1.15x at M = 64 .. 2048 on 2048^2 .. 11008 x 4096)
   if (a.scalar_type() == at::kBFloat16 && use_bf16_gemm(M, N, K)) {
     at::Tensor out = at::empty({M, N}, a.options());
-    bf16_gemm(a2, b, reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>()));
+    uint16_t* C = reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>());
+    if (bf16_swap(M, N, K))
+      bf16_gemm(b, a2, C, true);
+    else
+      bf16_gemm(a2, b, C);
     return out.reshape(out_shape(a, N));
   }
 #endif

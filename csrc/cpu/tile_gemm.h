@@ -265,9 +265,22 @@ inline void pack_x_bf16(const uint16_t* X, int64_t ldx, int64_t M, int64_t K, ui
 // (B[n][k0 + k], B[n][k0 + k + 1]) for k < kc and zero past kc: either the panel it was given
 // (ldp u32 per row), filled, or the weight's own rows. W: the weight as stored (row stride
 // ldw elements of T), whose next K block's lines are prefetched.
+// Y[j][i] (row stride ldy) = bf16(CT[j][i]) for i < M, j in [j0, j1): the sums as they lie,
+// for a caller that asked for the transposed result
+FASTKERN_AVX512BF16 inline void rows_out_bf16(const float* ct, int64_t ldct, int64_t M, int64_t j0, int64_t j1,
+                                              uint16_t* Y, int64_t ldy) {
+  for (int64_t j = j0; j < j1; ++j)
+    for (int64_t i = 0; i < M; i += 16) {
+      const __mmask16 mk = M - i >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (M - i)) - 1u);
+      _mm256_mask_storeu_epi16(Y + j * ldy + i, mk,
+                               (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mk, ct + j * ldct + i)));
+    }
+}
+
+// ldyt > 0: Y is the transposed result, [N][M] with row stride ldyt (no scales or bias)
 template <class T, class Fill>
 void bf16_tile_gemm_pass(const uint16_t* X, int64_t ldx, int64_t M, const T* W, int64_t ldw, int64_t N, int64_t K,
-                         uint16_t* Y, const float* s, const float* bias, const Fill& fill) {
+                         uint16_t* Y, const float* s, const float* bias, const Fill& fill, int64_t ldyt = 0) {
   const int64_t Mp = round_up(M, 16), nmb = (M + 63) / 64, K2 = (K + 1) / 2;
   Scratch xps(ScratchSlot::XPack, Mp * K2 * sizeof(uint32_t));
   Scratch cts(ScratchSlot::Out, N * Mp * sizeof(float));
@@ -307,19 +320,24 @@ void bf16_tile_gemm_pass(const uint16_t* X, int64_t ldx, int64_t M, const T* W, 
       }
     }
   });
-  transpose_all(ct, Mp, M, N, Y, s, bias);
+  if (ldyt > 0)
+    at::parallel_for(0, N, 16, [&](int64_t j0, int64_t j1) { rows_out_bf16(ct, Mp, M, j0, j1, Y, ldyt); });
+  else
+    transpose_all(ct, Mp, M, N, Y, s, bias);
 }
 
 // M in passes whose sums CT [N, pass] stay within a kept scratch buffer (kScratchKeepBytes):
 // a fresh buffer of tens of MB is mapped one page at a time on every call, while the weight is
 // read once more per pass. 11008 x 4096 at M = 2048 (bf16 gemm, 2 threads): 265 against 319 ms
 // in one process (perf had put 10% of the time in page faults).
+// transposed: Y is the result's transpose, [N][M] (no scales or bias).
 template <class T, class Fill>
 void bf16_tile_gemm(const uint16_t* X, int64_t ldx, int64_t M, const T* W, int64_t ldw, int64_t N, int64_t K,
-                    uint16_t* Y, const float* s, const float* bias, const Fill& fill) {
+                    uint16_t* Y, const float* s, const float* bias, const Fill& fill, bool transposed = false) {
   const int64_t pass = std::max<int64_t>(64, int64_t(kScratchKeepBytes) / (std::max<int64_t>(N, 1) * 4) / 64 * 64);
   for (int64_t m0 = 0; m0 < M; m0 += pass)
-    bf16_tile_gemm_pass(X + m0 * ldx, ldx, std::min(pass, M - m0), W, ldw, N, K, Y + m0 * N, s, bias, fill);
+    bf16_tile_gemm_pass(X + m0 * ldx, ldx, std::min(pass, M - m0), W, ldw, N, K, transposed ? Y + m0 : Y + m0 * N,
+                        s, bias, fill, transposed ? M : 0);
 }
 #endif
 
