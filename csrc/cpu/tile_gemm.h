@@ -258,13 +258,6 @@ inline void pack_x_bf16(const uint16_t* X, int64_t ldx, int64_t M, int64_t K, ui
   });
 }
 
-// Y [M, N] (bf16) = s[n] * (X [M, K] (bf16, row stride ldx) x B^T) + bias[n] (no s: unscaled; no
-// bias: none; rounded to bf16 once, from the fp32 sum), B [N, K] the weight
-// as bf16 pairs: fill(n0, n1, k0, kc, panel, ldp) returns where rows [n0, n1) of K block
-// [k0, k0 + kc) are and their row stride, {P, ldp'} with P[(n - n0) ldp' + k / 2] =
-// (B[n][k0 + k], B[n][k0 + k + 1]) for k < kc and zero past kc: either the panel it was given
-// (ldp u32 per row), filled, or the weight's own rows. W: the weight as stored (row stride
-// ldw elements of T), whose next K block's lines are prefetched.
 // Y[j][i] (row stride ldy) = bf16(CT[j][i]) for i < M, j in [j0, j1): the sums as they lie,
 // for a caller that asked for the transposed result
 FASTKERN_AVX512BF16 inline void rows_out_bf16(const float* ct, int64_t ldct, int64_t M, int64_t j0, int64_t j1,
@@ -277,10 +270,19 @@ FASTKERN_AVX512BF16 inline void rows_out_bf16(const float* ct, int64_t ldct, int
     }
 }
 
-// ldyt > 0: Y is the transposed result, [N][M] with row stride ldyt (no scales or bias)
+// Y [M, N] (bf16) = s[n] * (X [M, K] (bf16, row stride ldx) x B^T) + bias[n] (no s: unscaled; no
+// bias: none; rounded to bf16 once, from the fp32 sum), B [N, K] the weight
+// as bf16 pairs: fill(n0, n1, k0, kc, panel, ldp) returns where rows [n0, n1) of K block
+// [k0, k0 + kc) are and their row stride, {P, ldp'} with P[(n - n0) ldp' + k / 2] =
+// (B[n][k0 + k], B[n][k0 + k + 1]) for k < kc and zero past kc: either the panel it was given
+// (ldp u32 per row), filled, or the weight's own rows. W: the weight as stored (row stride
+// ldw elements of T), whose next K block's lines are prefetched.
+// ldyt > 0: Y is the result's transpose, [N][M] with row stride ldyt (no scales or bias).
 template <class T, class Fill>
 void bf16_tile_gemm_pass(const uint16_t* X, int64_t ldx, int64_t M, const T* W, int64_t ldw, int64_t N, int64_t K,
                          uint16_t* Y, const float* s, const float* bias, const Fill& fill, int64_t ldyt = 0) {
+  TORCH_INTERNAL_ASSERT(ldyt == 0 || (s == nullptr && bias == nullptr),
+                        "bf16_tile_gemm: a transposed result takes no scales or bias");
   const int64_t Mp = round_up(M, 16), nmb = (M + 63) / 64, K2 = (K + 1) / 2;
   Scratch xps(ScratchSlot::XPack, Mp * K2 * sizeof(uint32_t));
   Scratch cts(ScratchSlot::Out, N * Mp * sizeof(float));
