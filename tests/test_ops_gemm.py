@@ -483,6 +483,32 @@ def test_gemm_bf16_orientations_agree(gen, monkeypatch):
 
 @needs_cpu
 @needs_bf16_dot
+def test_gemm_bf16_gemv_tail(gen, monkeypatch):
+    """M = 16 j + r with 1 <= r <= 4 (j >= 1): the tile GEMM takes the first 16 j rows and the
+    GEMV the last r, so each part is bit for bit what its own path gives on those rows alone;
+    r >= 5, M <= 16 and FASTKERN_GEMM_BF16_GEMV_TAIL=0 keep the tile GEMM on all rows. Random
+    data, odd K through the GEMV's masked tail and the tile's panels, a non-contiguous b."""
+    for m, n, k in [(17, 40, 1536), (18, 7, 33), (20, 29, 64), (33, 16, 301), (36, 45, 2049), (52, 3, 100),
+                    (21, 20, 50), (16, 20, 50), (63, 9, 31)]:
+        a = torch.randn(m, k, generator=gen).bfloat16()
+        b = torch.randn(n, k + 2, generator=gen).bfloat16()[:, 1:k + 1]
+        monkeypatch.delenv("FASTKERN_GEMM_BF16_GEMV_TAIL", raising=False)
+        out = torch.ops.fastkern_C.gemm(a, b)
+        assert_close_rel(out, ops.gemm_ref(a, b), torch.bfloat16)
+        r = m % 16
+        head = m - r if m > 16 and 1 <= r <= 4 else m
+        monkeypatch.setenv("FASTKERN_GEMM_BF16_GEMV_TAIL", "0")
+        assert torch.equal(out[:head], torch.ops.fastkern_C.gemm(a[:head], b)), (m, n, k)
+        if head < m:
+            monkeypatch.setenv("FASTKERN_GEMM_BF16_GEMV_MAX_M", "100000")  # the GEMV on the tail rows alone
+            assert torch.equal(out[head:], torch.ops.fastkern_C.gemm(a[head:], b)), (m, n, k)
+            monkeypatch.delenv("FASTKERN_GEMM_BF16_GEMV_MAX_M")
+        else:
+            assert torch.equal(out, torch.ops.fastkern_C.gemm(a, b))
+
+
+@needs_cpu
+@needs_bf16_dot
 @pytest.mark.parametrize("m", [1, 6, BF16_GEMV_MAX_M, BF16_GEMM_MIN_M, 100, 300])
 def test_gemm_bf16_dot_random_data(gen, m):
     """Random data at the default switches, against float64 products within the bf16

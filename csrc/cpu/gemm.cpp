@@ -360,6 +360,22 @@ bool bf16_swap(int64_t M, int64_t N, int64_t K) {
   return knob == 1 || N < M;
 }
 
+// Rows past the last whole 16-row vector of a that the GEMV takes instead of the tile GEMM: the
+// tile GEMM works on vectors of 16 rows of x, so M = 16 j + r computes a whole vector for r rows
+// (M = 17 cost as much as 32). Measured (Zen 4, AVX512-BF16, 2 threads, one process; us, tile
+// GEMM on all M rows against the tile on 16 j rows + the GEMV on r, torch's bf16 matmul):
+// 17 x 384 x 1536 114 / 96 (81), 17 x 1536 x 384 112 / 101 (93), 17 x 768 x 3072 393 / 304 (270),
+// 17 x 1024 x 1024 189 / 153 (138), 17 x 4096 x 4096 2769 / 2286 (2305) (the weight read once
+// more there, but the tile's second vector cost more), 20 x 384 x 1536 111 / 100 (the GEMV takes
+// 4 rows per pass); 17 x 384 x 384 36 / 40 (both as two calls, split from Python). Up to
+// kBf16GemvTailRows rows; FASTKERN_GEMM_BF16_GEMV_TAIL (read on every call) sets that number
+// (0: off).
+constexpr int64_t kBf16GemvTailRows = 4;
+int64_t bf16_gemv_tail(int64_t M) {
+  const int64_t r = M % 16, most = env_knob("FASTKERN_GEMM_BF16_GEMV_TAIL", kBf16GemvTailRows);
+  return M > 16 && r > 0 && r <= most ? r : 0;
+}
+
 // C [M, N] bf16, rounded once from the fp32 sums (transposed: C is [N, M], b a2^T)
 void bf16_gemm(const at::Tensor& a2, const at::Tensor& b, uint16_t* C, bool transposed = false) {
   const int64_t M = a2.size(0), K = a2.size(1), N = b.size(0);
@@ -430,10 +446,18 @@ at::Tensor gemm_cpu(const at::Tensor& a, const at::Tensor& b) {
   if (a.scalar_type() == at::kBFloat16 && use_bf16_gemm(M, N, K)) {
     at::Tensor out = at::empty({M, N}, a.options());
     uint16_t* C = reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>());
-    if (bf16_swap(M, N, K))
+    if (bf16_swap(M, N, K)) {
       bf16_gemm(b, a2, C, true);
-    else
+    } else if (const int64_t r = bf16_gemv_tail(M)) {
+      bf16_gemm(a2.narrow(0, 0, M - r), b, C);
+      // the last r rows by the GEMV (fp32 sums, rounded to bf16 once as its own path does)
+      at::Tensor tail32 = at::empty({r, N}, a.options().dtype(at::kFloat));
+      gemv<c10::BFloat16, c10::BFloat16>(active_isa(), a2.narrow(0, M - r, r).contiguous(),
+                                         b.stride(1) == 1 ? b : b.contiguous(), tail32.data_ptr<float>());
+      out.narrow(0, M - r, r).copy_(tail32);
+    } else {
       bf16_gemm(a2, b, C);
+    }
     return out.reshape(out_shape(a, N));
   }
 #endif
