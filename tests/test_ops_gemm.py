@@ -485,14 +485,17 @@ def test_gemm_bf16_orientations_agree(gen, monkeypatch):
 @needs_bf16_dot
 def test_gemm_bf16_gemv_tail(gen, monkeypatch):
     """M = 16 j + r with 1 <= r <= 4 (j >= 1): the tile GEMM takes the first 16 j rows and the
-    GEMV the last r, so each part is bit for bit what its own path gives on those rows alone;
-    r >= 5, M <= 16 and FASTKERN_GEMM_BF16_GEMV_TAIL=0 keep the tile GEMM on all rows. Random
-    data, odd K through the GEMV's masked tail and the tile's panels, a non-contiguous b."""
+    GEMV the last r (by default where b holds 1M to 8M elements; FASTKERN_GEMM_BF16_GEMV_TAIL=4
+    here, for any size), so each part is bit for bit what its own path gives on those rows
+    alone; r >= 5 and M <= 16 keep the tile GEMM on all rows. Random data, odd K through the
+    GEMV's masked tail and the tile's panels, a non-contiguous b; and the default on a b of 1M
+    elements against the reference."""
+    monkeypatch.setenv("FASTKERN_GEMM_BF16_GEMV_TAIL", "4")
     for m, n, k in [(17, 40, 1536), (18, 7, 33), (20, 29, 64), (33, 16, 301), (36, 45, 2049), (52, 3, 100),
                     (21, 20, 50), (16, 20, 50), (63, 9, 31)]:
         a = torch.randn(m, k, generator=gen).bfloat16()
         b = torch.randn(n, k + 2, generator=gen).bfloat16()[:, 1:k + 1]
-        monkeypatch.delenv("FASTKERN_GEMM_BF16_GEMV_TAIL", raising=False)
+        monkeypatch.setenv("FASTKERN_GEMM_BF16_GEMV_TAIL", "4")
         out = torch.ops.fastkern_C.gemm(a, b)
         assert_close_rel(out, ops.gemm_ref(a, b), torch.bfloat16)
         r = m % 16
@@ -505,6 +508,10 @@ def test_gemm_bf16_gemv_tail(gen, monkeypatch):
             monkeypatch.delenv("FASTKERN_GEMM_BF16_GEMV_MAX_M")
         else:
             assert torch.equal(out, torch.ops.fastkern_C.gemm(a, b))
+    monkeypatch.delenv("FASTKERN_GEMM_BF16_GEMV_TAIL")
+    a = torch.randn(19, 1024, generator=gen).bfloat16()
+    b = torch.randn(1024, 1024, generator=gen).bfloat16()
+    assert_close_rel(torch.ops.fastkern_C.gemm(a, b), ops.gemm_ref(a, b), torch.bfloat16)
 
 
 @needs_cpu

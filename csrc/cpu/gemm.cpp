@@ -362,18 +362,23 @@ bool bf16_swap(int64_t M, int64_t N, int64_t K) {
 
 // Rows past the last whole 16-row vector of a that the GEMV takes instead of the tile GEMM: the
 // tile GEMM works on vectors of 16 rows of x, so M = 16 j + r computes a whole vector for r rows
-// (M = 17 cost as much as 32). Measured (Zen 4, AVX512-BF16, 2 threads, one process; us, tile
-// GEMM on all M rows against the tile on 16 j rows + the GEMV on r, torch's bf16 matmul):
-// 17 x 384 x 1536 114 / 96 (81), 17 x 1536 x 384 112 / 101 (93), 17 x 768 x 3072 393 / 304 (270),
-// 17 x 1024 x 1024 189 / 153 (138), 17 x 4096 x 4096 2769 / 2286 (2305) (the weight read once
-// more there, but the tile's second vector cost more), 20 x 384 x 1536 111 / 100 (the GEMV takes
-// 4 rows per pass); 17 x 384 x 384 36 / 40 (both as two calls, split from Python). Up to
-// kBf16GemvTailRows rows; FASTKERN_GEMM_BF16_GEMV_TAIL (read on every call) sets that number
-// (0: off).
+// (M = 17 cost as much as 32), while the GEMV reads b once more and costs a parallel region of
+// its own. Measured (Zen 4, AVX512-BF16, 2 threads, one process, alternating; us, tile GEMM on
+// all rows against 16 j rows + the GEMV on r, torch's bf16 matmul): b rotated beyond the L3,
+// 17 x 768 x 3072 485 / 431 (460), 17 x 4096 x 4096 3116 / 2901 (3166), 33 x 4096 x 4096 4210 /
+// 4066 (3969), 17 x 1024 x 1024 237 / 231 (262), 17 x 384 x 1536 152 / 139 (127); but 17 x 1536
+// x 384 168 / 222 (217), 17 x 384 x 384 61 / 76 (62), 33 x 384 x 384 74 / 85. With b in cache:
+// 17 x 384 x 1536 114 / 83, 17 x 4096 x 4096 2780 / 2344 (2376). Beyond the L3 the GEMV reads b
+// from memory again: 18 x 4096 x 4096 cold 3173 / 3468, 17 x 4096 x 4096 cold 3116 / 2901 in
+// another run, a wash. So up to kBf16GemvTailRows rows where b holds 1M to 8M elements (16 MB,
+// which the GEMV finds in the L3 after the tile GEMM); FASTKERN_GEMM_BF16_GEMV_TAIL (read on
+// every call) sets the rows (0: off) for any size.
 constexpr int64_t kBf16GemvTailRows = 4;
-int64_t bf16_gemv_tail(int64_t M) {
-  const int64_t r = M % 16, most = env_knob("FASTKERN_GEMM_BF16_GEMV_TAIL", kBf16GemvTailRows);
-  return M > 16 && r > 0 && r <= most ? r : 0;
+constexpr int64_t kBf16GemvTailMinElems = int64_t(1) << 20, kBf16GemvTailMaxElems = int64_t(8) << 20;
+int64_t bf16_gemv_tail(int64_t M, int64_t N, int64_t K) {
+  const int64_t knob = env_knob("FASTKERN_GEMM_BF16_GEMV_TAIL", -1), r = M % 16;
+  const bool sized = N * K >= kBf16GemvTailMinElems && N * K <= kBf16GemvTailMaxElems;
+  return M > 16 && r > 0 && (knob >= 0 ? r <= knob : r <= kBf16GemvTailRows && sized) ? r : 0;
 }
 
 // C [M, N] bf16, rounded once from the fp32 sums (transposed: C is [N, M], b a2^T)
@@ -448,7 +453,7 @@ at::Tensor gemm_cpu(const at::Tensor& a, const at::Tensor& b) {
     uint16_t* C = reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>());
     if (bf16_swap(M, N, K)) {
       bf16_gemm(b, a2, C, true);
-    } else if (const int64_t r = bf16_gemv_tail(M)) {
+    } else if (const int64_t r = bf16_gemv_tail(M, N, K)) {
       bf16_gemm(a2.narrow(0, 0, M - r), b, C);
       // the last r rows by the GEMV (fp32 sums, rounded to bf16 once as its own path does)
       at::Tensor tail32 = at::empty({r, N}, a.options().dtype(at::kFloat));
