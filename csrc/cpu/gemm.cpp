@@ -365,14 +365,14 @@ bool bf16_swap(int64_t M, int64_t N, int64_t K) {
 // (M = 17 cost as much as 32), while the GEMV reads b once more and costs a parallel region of
 // its own. Measured (Zen 4, AVX512-BF16, 2 threads, one process, alternating; us, tile GEMM on
 // all rows against 16 j rows + the GEMV on r, torch's bf16 matmul): b rotated beyond the L3,
-// 17 x 768 x 3072 485 / 431 (460), 17 x 4096 x 4096 3116 / 2901 (3166), 33 x 4096 x 4096 4210 /
-// 4066 (3969), 17 x 1024 x 1024 237 / 231 (262), 17 x 384 x 1536 152 / 139 (127); but 17 x 1536
-// x 384 168 / 222 (217), 17 x 384 x 384 61 / 76 (62), 33 x 384 x 384 74 / 85. With b in cache:
-// 17 x 384 x 1536 114 / 83, 17 x 4096 x 4096 2780 / 2344 (2376). Beyond the L3 the GEMV reads b
-// from memory again: 18 x 4096 x 4096 cold 3173 / 3468, 17 x 4096 x 4096 cold 3116 / 2901 in
-// another run, a wash. So up to kBf16GemvTailRows rows where b holds 1M to 8M elements (16 MB,
-// which the GEMV finds in the L3 after the tile GEMM); FASTKERN_GEMM_BF16_GEMV_TAIL (read on
-// every call) sets the rows (0: off) for any size.
+// 17 x 2048 x 2048 758 / 604 (667), 17 x 4096 x 2048 1435 / 1220 (1412), 17 x 768 x 3072 446 /
+// 363 (414), 17 x 3072 x 768 444 / 409 (528), 17 x 1024 x 1024 221 / 214 (249); but 17 x 1536
+// x 384 168 / 222 (217), 17 x 384 x 384 61 / 76 (62), 33 x 384 x 384 74 / 85 (the GEMV's own
+// parallel region), and beyond the L3, where the GEMV reads b from memory again, a wash: 17 x
+// 4096 x 4096 3116 / 2901, 18 x 4096 x 4096 3173 / 3468. (With b in cache: 17 x 384 x 1536 114
+// / 83, 17 x 4096 x 4096 2780 / 2344.) So up to kBf16GemvTailRows rows where b holds 1M to 8M
+// elements (up to 16 MB, which the GEMV finds in the L3 after the tile GEMM);
+// FASTKERN_GEMM_BF16_GEMV_TAIL (read on every call) sets the rows (0: off) for any size.
 constexpr int64_t kBf16GemvTailRows = 4;
 constexpr int64_t kBf16GemvTailMinElems = int64_t(1) << 20, kBf16GemvTailMaxElems = int64_t(8) << 20;
 int64_t bf16_gemv_tail(int64_t M, int64_t N, int64_t K) {
