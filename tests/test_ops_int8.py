@@ -674,15 +674,18 @@ def test_w8a16_avx512_gemv_tiles(m, gen, monkeypatch):
 
 
 @NATIVE
+@pytest.mark.parametrize("x_l1", ["1", "0"])
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9, 12, 13, 17, 18, 20, 24])
-def test_vnni_gemv_blocked(m, gen, monkeypatch):
+def test_vnni_gemv_blocked(m, x_l1, gen, monkeypatch):
     # AVX-512 VNNI: int8_gemm / linear_w8a8 run gemv_vnni_blocked for 5 <= m <= 12, for
     # 17 <= m <= 20 where K <= 4096 (the GEMM above it), and for m <= 4 where the m rows of x
     # exceed 24 KB (K = 7000 at m = 4, 9000 at m = 3, 30000 at m = 1 and 2; otherwise the one-row
     # GEMV). Passes of at most 8 rows (9: 5 + 4; 17, 18, 20: 6 + 6 + 5, 6 + 6 + 6, 7 + 7 + 6; 13,
     # 24 with FASTKERN_INT8_ROW_MAX_M=24: 7 + 6, 8 + 8 + 8); x whole where a pass holds
-    # at most 32 KB of it, else in 8 KB K blocks (K = 4500 at m = 8: 4 x 1024 + 404; K = 30000
-    # at m = 1: 3 x 8192 + 5424; masked last 64-byte steps); each thread's rows in 128 KB blocks
+    # at most 32 KB of it and 2/3 of the L1d (FASTKERN_INT8_ROW_X_L1=0: 32 KB alone; the two
+    # differ on an L1d under 48 KiB: on 32 KiB at K = 4096 with 6 to 8 rows a pass), else in 8 KB K blocks
+    # (K = 4500 at m = 8: 4 x 1024 + 404; K = 30000 at m = 1: 3 x 8192 + 5424; masked last
+    # 64-byte steps); each thread's rows in 128 KB blocks
     # (70 x 4500: 28 rows), the full int8 range (-128 included). Exact against the reference,
     # 1 and 2 threads bitwise equal, and the GEMM (FASTKERN_INT8_ROW_MAX_M=0) equal.
     from conftest import isa_skip_reason
@@ -691,11 +694,13 @@ def test_vnni_gemv_blocked(m, gen, monkeypatch):
     if why or not _C.cpu_features()["avx512vnni"]:
         pytest.skip(why or "no AVX-512 VNNI")
     monkeypatch.setenv("FASTKERN_INT8_WV_MAX_M", "0")  # the small-layer kernels would take these weights
+    monkeypatch.setenv("FASTKERN_INT8_ROW_X_L1", x_l1)
     default_path = m <= 12 or 17 <= m <= 20
     if not default_path:
         monkeypatch.setenv("FASTKERN_INT8_ROW_MAX_M", "24")
     with cpu_isa("avx512"):
-        for n, k in ((1, 1), (5, 63), (7, 64), (13, 65), (70, 1100), (70, 4500), (37, 7000), (9, 9000), (5, 30000)):
+        for n, k in ((1, 1), (5, 63), (7, 64), (13, 65), (70, 1100), (70, 4096), (70, 4500), (37, 7000), (9, 9000),
+                     (5, 30000)):
             a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
             b = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
             x = torch.randn(m, k, generator=gen)
