@@ -818,7 +818,7 @@ constexpr int64_t kVnniRowBandLo = 17, kVnniRowBandHi = 20;
 constexpr int64_t kVnniRowPass = 8;             // rows of x per pass (gemv_vnni_blocked)
 constexpr int64_t kVnniRowXBytes = 32 << 10;    // x of a pass whole in L1 up to this
 // whether `rows` rows of x (whole 64-byte vectors) fit L1 unsplit in gemv_vnni_blocked
-bool row_x_whole(int64_t rows, int64_t K) { return rows * round_up(K, 64) <= kVnniRowXBytes; }
+bool row_x_whole(int64_t rows, int64_t K, int64_t limit = kVnniRowXBytes) { return rows * round_up(K, 64) <= limit; }
 // ... and whether a pass of `rows` takes K whole: kVnniRowXBytes was measured on 48 KiB L1ds,
 // where x took 2/3 of it; on a 32 KiB L1d (Zen 4) 8 rows at K = 4096 fill it all and every
 // weight line evicts x: W8A8 4096 x 4096 / 11008 x 4096 M = 8 took 0.90 / 2.51 ms against
@@ -829,7 +829,7 @@ bool row_x_unsplit(int64_t rows, int64_t K) {
   int64_t limit = kVnniRowXBytes;
   const int64_t l1d = features().l1d_bytes();
   if (l1d > 0 && env_knob("FASTKERN_INT8_ROW_X_L1", 1) != 0) limit = std::min(limit, l1d * 2 / 3);
-  return rows * round_up(K, 64) <= limit;
+  return row_x_whole(rows, K, limit);
 }
 // On the amx path the AMX GEMM takes over from M = 9, the band included (2 threads, W8A8,
 // weights beyond the LLC, one process, alternating; row GEMV / AMX GEMM ms): 4096 x 4096 M = 8
@@ -890,7 +890,7 @@ constexpr int64_t kVnniRowSplitXBytes = 8 << 10;
 void gemv_vnni_blocked(const int8_t* A, int64_t lda, int64_t M, const int32_t* asum, const int8_t* W, int64_t N,
                        int64_t K, const VnniOut& o) {
   const int64_t rb = rows_in_bytes(kVnniRowBlock, K, kVnniRowNR, N);
-  const int64_t passes = (M + kVnniRowPass - 1) / kVnniRowPass, mp = (M + passes - 1) / passes;  // the largest pass
+  const int64_t mp = largest_pass(M, kVnniRowPass);
   const int64_t kc = row_x_unsplit(mp, K) ? K : std::max<int64_t>(256, kVnniRowSplitXBytes / mp / 256 * 256);
   // x per pass as [k / 64][mr][64] (rows of A hold round_up(K, 64) bytes)
   const int64_t K64 = (K + 63) / 64;

@@ -209,6 +209,11 @@ inline void for_each_pass(int64_t M, int64_t rows, const F& f) {
     m0 += mr;
   }
 }
+// the rows of for_each_pass's largest (first) pass
+inline int64_t largest_pass(int64_t M, int64_t rows) {
+  const int64_t passes = (M + rows - 1) / rows;
+  return (M + passes - 1) / passes;
+}
 
 // ------------------------------------------------------------------ fp32 dot tiles
 //
