@@ -675,13 +675,14 @@ def test_w8a16_avx512_gemv_tiles(m, gen, monkeypatch):
 
 @NATIVE
 @pytest.mark.parametrize("x_l1", ["1", "0"])
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9, 12, 13, 17, 18, 20, 24])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9, 12, 13, 14, 17, 18, 20, 21, 23, 24])
 def test_vnni_gemv_blocked(m, x_l1, gen, monkeypatch):
     # AVX-512 VNNI: int8_gemm / linear_w8a8 run gemv_vnni_blocked for 5 <= m <= 12, for
     # 17 <= m <= 20 where K <= 4096 (the GEMM above it), and for m <= 4 where the m rows of x
     # exceed 24 KB (K = 7000 at m = 4, 9000 at m = 3, 30000 at m = 1 and 2; otherwise the one-row
     # GEMV). Passes of at most 8 rows (9: 5 + 4; 17, 18, 20: 6 + 6 + 5, 6 + 6 + 6, 7 + 7 + 6; 13,
-    # 24 with FASTKERN_INT8_ROW_MAX_M=24: 7 + 6, 8 + 8 + 8); x whole where a pass holds
+    # 14, 21, 23, 24 with FASTKERN_INT8_ROW_MAX_M=24, as the wide rule (test_vnni_row_wide) takes
+    # them on larger weights: 7 + 6, 7 + 7, 7 + 7 + 7, 8 + 8 + 7, 8 + 8 + 8); x whole where a pass holds
     # at most 32 KB of it and 2/3 of the L1d (FASTKERN_INT8_ROW_X_L1=0: 32 KB alone; the two
     # differ on an L1d under 48 KiB: on 32 KiB at K = 4096 with 6 to 8 rows a pass), else in 8 KB K blocks
     # (K = 4500 at m = 8: 4 x 1024 + 404; K = 30000 at m = 1: 3 x 8192 + 5424; masked last
@@ -716,6 +717,34 @@ def test_vnni_gemv_blocked(m, x_l1, gen, monkeypatch):
             monkeypatch.setenv("FASTKERN_INT8_ROW_MAX_M", "24")
             if default_path:
                 monkeypatch.delenv("FASTKERN_INT8_ROW_MAX_M")
+
+
+@NATIVE
+@pytest.mark.parametrize("m", [13, 15, 16, 21, 24, 25])
+def test_vnni_row_wide(m, gen, monkeypatch):
+    # AVX-512 VNNI, under a 48 KiB L1d (FASTKERN_INT8_ROW_WIDE=1 forces it on any): the row GEMV
+    # also takes M = 13..15 and 17..24 on weights of 4M elements or more, K blocks included
+    # (K = 8200 here: x in 8 KB blocks and a masked last step); M = 16 and 25 stay on the GEMM.
+    # Either rule gives the reference's exact integers, for int8_gemm and linear_w8a8 (3-D x),
+    # on 1 and 2 threads.
+    from conftest import isa_skip_reason
+
+    why = isa_skip_reason("avx512")
+    if why or not _C.cpu_features()["avx512vnni"]:
+        pytest.skip(why or "no AVX-512 VNNI")
+    n, k = 512, 8200
+    a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
+    b = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+    x = torch.randn(1, m, k, generator=gen)
+    w, s = make_w8(gen, n, k)
+    ref = ops.int8_gemm_ref(a, b), ops.linear_w8a8_ref(x, w, s, None)
+    with cpu_isa("avx512"):
+        for wide in ("1", "0"):
+            monkeypatch.setenv("FASTKERN_INT8_ROW_WIDE", wide)
+            one, two = on_1_and_2_threads(lambda: (native("int8_gemm")(a, b), native("linear_w8a8")(x, w, s, None)))
+            for got in (one, two):
+                assert torch.equal(got[0], ref[0]), (m, wide)
+                assert torch.equal(got[1], ref[1]), (m, wide)
 
 
 @NATIVE

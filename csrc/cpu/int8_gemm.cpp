@@ -836,12 +836,32 @@ bool row_x_unsplit(int64_t rows, int64_t K) {
 // 0.71 / 0.81, M = 9 0.87 / 0.87, M = 10 0.89 / 0.85, M = 12 0.92 / 0.84, M = 20 1.16 / 0.86;
 // 11008 x 4096 M = 8 1.74 / 2.09, M = 9 2.11 / 2.09, M = 12 2.31 / 2.12, M = 20 3.00 / 2.19.
 constexpr int64_t kAmxRowMaxM = 8;
-bool row_gemv_takes(int64_t M, int64_t K) {
+// On a 32 KiB L1d (Zen 4) the row GEMV also beats the GEMM's 16-row tiles at M = 13..15 and
+// 17..24, K blocks included, on weights of 4M elements and more (2 threads, W8A8, weights
+// beyond L3, one process, 5 alternating rounds, median ms, GEMM / row GEMV (FBGEMM)):
+// 4096 x 4096 M = 13 0.91 / 0.80 (0.77), 21 1.58 / 1.27 (1.30), 24 1.78 / 1.60 (1.60);
+// 11008 x 4096 M = 21 4.47 / 3.48 (3.73), 24 4.27 / 3.59 (4.26); 4096 x 11008 M = 13 2.49 /
+// 2.07 (1.91), 17 4.35 / 2.74 (2.75), 21 4.53 / 3.12 (3.01), 24 4.36 / 3.73 (3.40); 4096 x
+// 14336 M = 17 5.85 / 4.09 (3.52), 22 5.67 / 4.71 (4.20); 2048 x 2048 M = 21 0.42 / 0.33
+// (0.36); 1024 x 4096 M = 21 0.41 / 0.32 (0.31). Not at M = 16, where the tiles fit exactly
+// (0.89 / 0.96, 2.58 / 2.56), nor from M = 30 (4096 x 4096 1.51 / 1.60); on smaller weights
+// mixed (3072 x 768 / 768 x 3072 M = 24: 0.29 / 0.30, 0.30 / 0.33). The 48 KiB-L1d Xeon measured
+// the opposite at M = 22..24 and with K blocks (above), so this applies where the L1d is
+// under 48 KiB, the measurable difference between the two hosts; FASTKERN_INT8_ROW_WIDE (1 /
+// 0, read per call) forces it on or off.
+constexpr int64_t kVnniRowWideHi = 24;
+constexpr int64_t kVnniRowWideMinElems = int64_t(4) << 20;
+bool row_wide(int64_t M, int64_t N, int64_t K) {
+  const int64_t knob = env_knob("FASTKERN_INT8_ROW_WIDE", -1);
+  const bool on = knob >= 0 ? knob != 0 : features().l1d_bytes() < (48 << 10);
+  return on && M <= kVnniRowWideHi && M != 16 && N * K >= kVnniRowWideMinElems;
+}
+bool row_gemv_takes(int64_t M, int64_t N, int64_t K) {
   const char* e = std::getenv("FASTKERN_INT8_ROW_MAX_M");
   if (e && *e) return M <= std::min(kVnniRowMaxMCap, std::max<int64_t>(0, std::atoll(e)));
   if (active_isa() >= Isa::Amx) return M <= kAmxRowMaxM;
   return M <= kVnniRowMaxM ||
-         (M >= kVnniRowBandLo && M <= kVnniRowBandHi && row_x_whole(kVnniRowPass, K));
+         (M >= kVnniRowBandLo && M <= kVnniRowBandHi && row_x_whole(kVnniRowPass, K)) || row_wide(M, N, K);
 }
 // the one-row GEMV streams x from L1 for every weight row: up to this many bytes of x
 constexpr int64_t kVnniGemvXBytes = 24 << 10;
@@ -849,7 +869,7 @@ bool use_gemv_vnni(int64_t M, int64_t K) { return M <= kVnniGemvMaxM && M * roun
 
 // Whether the VNNI GEMV paths take M x K: they read x in whole 64-byte vectors (rows
 // zero-padded to a multiple of 64 columns).
-bool vnni_gemv(int64_t M, int64_t K) { return use_gemv_vnni(M, K) || row_gemv_takes(M, K); }
+bool vnni_gemv(int64_t M, int64_t N, int64_t K) { return use_gemv_vnni(M, K) || row_gemv_takes(M, N, K); }
 
 // Weight rows per GEMM task: a multiple of 12 (the 12- and 6-row tiles), about 384 KB of
 // weights, which stay in L2 from the row sums to the last tile.
@@ -936,10 +956,10 @@ void gemv_vnni_blocked(const int8_t* A, int64_t lda, int64_t M, const int32_t* a
 
 void gemm_vnni_packed(const int32_t* ap, int64_t M, const int8_t* W, int64_t N, int64_t K, const VnniOut& o);
 
-// A [M, K] (int8 rows, stride lda; where vnni_gemv(M, K) zero-padded to a multiple of 64
+// A [M, K] (int8 rows, stride lda; where vnni_gemv(M, N, K) zero-padded to a multiple of 64
 // columns) x W [N, K]^T -> o.
 void matmul_vnni(const int8_t* A, int64_t lda, int64_t M, const int8_t* W, int64_t N, int64_t K, const VnniOut& o) {
-  if (vnni_gemv(M, K)) {
+  if (vnni_gemv(M, N, K)) {
     TORCH_INTERNAL_ASSERT(o.bias == nullptr, "matmul_vnni: the GEMV paths do not add a bias");
     static_assert(kVnniRowMaxMCap >= kVnniGemvMaxM, "asum holds the rows of either GEMV");
     int32_t asum[kVnniRowMaxMCap] = {};
@@ -2977,7 +2997,7 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a, const at::Tensor& b) {
     o.c = C.data_ptr<int32_t>();
     at::Tensor A8;
     int64_t lda = K;
-    if (vnni_gemv(M, K)) {  // the GEMVs read whole 64-byte vectors of x: zero-pad
+    if (vnni_gemv(M, N, K)) {  // the GEMVs read whole 64-byte vectors of x: zero-pad
       lda = round_up(K, 64);
       A8 = at::zeros({M, lda}, a.options());
       A8.narrow(1, 0, K).copy_(a2);
@@ -3429,7 +3449,7 @@ at::Tensor linear_w8a8_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
     Scratch ss(ScratchSlot::Scale, size_t(M) * 4);
     float* sx = ss.as<float>();
     at::Tensor out = at::empty({M, N}, X.options());
-    if (!use_wv(true, M, N, K) && !vnni_gemv(M, K)) {
+    if (!use_wv(true, M, N, K) && !vnni_gemv(M, N, K)) {
       // the GEMM: x quantized straight into its packed layout; the epilogue applies the scales
       // and adds the bias (a separate pass over a large output cost up to ~14%: 4096 x 1536 x
       // 384, 2 threads)
