@@ -506,6 +506,43 @@ def test_bf16_gemm_matches_reference(m, gen, monkeypatch):
 
 @NATIVE
 @BF16_GEMM
+@pytest.mark.parametrize("m", [16, 17, 18, 20, 21, 33, 36, 52])
+def test_bf16_gemm_gemv_tail(m, gen, monkeypatch):
+    # m = 16 j + r with 1 <= r <= 4 (j >= 1): the bf16 GEMM takes the first 16 j rows and the
+    # small-m paths the last r (by default from 1M weight elements; FASTKERN_W4A16_BF16_GEMV_TAIL=4
+    # here, for any size), so each part is bit for bit what its own call gives on those rows
+    # alone, bias included; r >= 5 and m <= 16 keep the GEMM on all rows. Cases of
+    # BF16_GEMM_CASES (tasks, K blocks, group layouts), 3-D x for one; 1 and 2 threads equal; and
+    # the default on a weight of 1M elements against the reference.
+    monkeypatch.setenv("FASTKERN_W4A16_BF16_GEMM_MIN_G", "2")
+    r = m % 16
+    head = m - r if m > 16 and 1 <= r <= 4 else m
+    with cpu_isa("avx512"):
+        for i, (n, k, g) in enumerate(BF16_GEMM_CASES[3:8]):
+            x = torch.randn(m, k, generator=gen).bfloat16()
+            w, s, z = make_w4(gen, n, k, g, symmetric=bool(i % 2))
+            b = torch.randn(n, generator=gen).bfloat16() if i % 2 == 0 else None
+            monkeypatch.setenv("FASTKERN_W4A16_BF16_GEMV_TAIL", "4")
+            xi = x.reshape(1, m, k) if i == 0 else x
+            one, two = on_1_and_2_threads(native, xi, w, s, z, g, b)
+            assert torch.equal(one, two), (n, k, g)
+            two = two.reshape(m, n)
+            assert_close_rel(two, ops.linear_w4a16_ref(x, w, s, z, g, b), torch.bfloat16)
+            monkeypatch.setenv("FASTKERN_W4A16_BF16_GEMV_TAIL", "0")
+            assert torch.equal(two[:head], native(x[:head], w, s, z, g, b)), (n, k, g)
+            if head < m:
+                assert torch.equal(two[head:], native(x[head:], w, s, z, g, b)), (n, k, g)
+            else:
+                assert torch.equal(two, native(x, w, s, z, g, b)), (n, k, g)
+        monkeypatch.delenv("FASTKERN_W4A16_BF16_GEMV_TAIL")
+        n, k, g = 1024, 1024, 128
+        x = torch.randn(m, k, generator=gen).bfloat16()
+        w, s, z = make_w4(gen, n, k, g)
+        assert_close_rel(native(x, w, s, z, g, None), ops.linear_w4a16_ref(x, w, s, z, g, None), torch.bfloat16)
+
+
+@NATIVE
+@BF16_GEMM
 @pytest.mark.parametrize("m", [16, 40, 64])
 def test_bf16_gemm_exact_products(m, gen):  # g = 128: the default switch
     # the products are exact (q - z and bf16 x are both bf16): a group whose largest activation

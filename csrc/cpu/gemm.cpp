@@ -376,9 +376,8 @@ bool bf16_swap(int64_t M, int64_t N, int64_t K) {
 constexpr int64_t kBf16GemvTailRows = 4;
 constexpr int64_t kBf16GemvTailMinElems = int64_t(1) << 20, kBf16GemvTailMaxElems = int64_t(8) << 20;
 int64_t bf16_gemv_tail(int64_t M, int64_t N, int64_t K) {
-  const int64_t knob = env_knob("FASTKERN_GEMM_BF16_GEMV_TAIL", -1), r = M % 16;
-  const bool sized = N * K >= kBf16GemvTailMinElems && N * K <= kBf16GemvTailMaxElems;
-  return M > 16 && r > 0 && (knob >= 0 ? r <= knob : r <= kBf16GemvTailRows && sized) ? r : 0;
+  return tiles::gemv_tail_rows(M, "FASTKERN_GEMM_BF16_GEMV_TAIL", kBf16GemvTailRows,
+                               N * K >= kBf16GemvTailMinElems && N * K <= kBf16GemvTailMaxElems);
 }
 
 // C [M, N] bf16, rounded once from the fp32 sums (transposed: C is [N, M], b a2^T)

@@ -1766,6 +1766,17 @@ inline bool use_w4_bf16_gemm(int64_t M, int64_t g) {
   return min_m > 0 && M >= min_m && g >= env_knob("FASTKERN_W4A16_BF16_GEMM_MIN_G", kW4BfGemmMinG);
 }
 
+// At M = 16 j + r, r = 1..4, the GEMM takes the first 16 j rows and the small-M path (the limbs)
+// the last r: the GEMM's 16-row vectors computed M = 17 as 32 rows, widening included. Measured
+// (2 threads, weights beyond L3, bf16 x, g = 128, one process, 5 alternating rounds, median ms,
+// one call / the two calls): 4096 x 4096 M = 17 3.50 / 2.55, 18 3.29 / 2.38, 20 3.41 / 2.98, 33
+// 4.84 / 3.85; 11008 x 4096 M = 17 9.04 / 7.06, 20 8.75 / 8.06, 33 12.32 / 9.80; 4096 x 11008
+// M = 17 8.15 / 5.63, 20 8.15 / 6.59; 1024 x 1024 M = 17 0.22 / 0.16, 20 0.21 / 0.21 (from 1M
+// weight elements). FASTKERN_W4A16_BF16_GEMV_TAIL (rows, 0: off; read per call) sets the rows
+// for any size.
+constexpr int64_t kW4BfTailRows = 4;
+constexpr int64_t kW4BfTailMinElems = int64_t(1) << 20;
+
 // Rows [m0, m0 + w) of x (bf16, row stride ldx elements; zero from row M on), k pairs [k0, k1)
 // -> dst[kp * w + r] (dst: the block's [K/2][w] words). A pair of bf16 is the 32-bit word it
 // occupies in x, so this is a transpose of words. Returns false if a value is NaN, inf or
@@ -1991,9 +2002,14 @@ at::Tensor linear_w4a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
     // the bf16 result written by the GEMM, bias included (no fp32 copy to convert)
     at::Tensor Y = at::empty({M, N}, x.options());
     const at::Tensor bf = bias_f32(bias);
-    if (w4b_gemm_bf16(p, reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>()), M, N, data_or_null(bf),
-                      reinterpret_cast<uint16_t*>(Y.data_ptr<at::BFloat16>())))
+    const int64_t r = tiles::gemv_tail_rows(M, "FASTKERN_W4A16_BF16_GEMV_TAIL", kW4BfTailRows,
+                                            N * K >= kW4BfTailMinElems);
+    if (w4b_gemm_bf16(p, reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>()), M - r, N, data_or_null(bf),
+                      reinterpret_cast<uint16_t*>(Y.data_ptr<at::BFloat16>()))) {
+      // the last r rows as a call of their own (the small-M paths, the bias added there)
+      if (r > 0) Y.narrow(0, M - r, r).copy_(linear_w4a16_cpu(xb.narrow(0, M - r, r), w, scales, zeros, group_size, bias));
       return Y.reshape(out_shape(x, N));
+    }
   }
 #endif
   at::Tensor X = x_f32_padded(x, K, round_up(K, 8));

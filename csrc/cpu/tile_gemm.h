@@ -25,6 +25,15 @@ namespace tiles {
 
 using quant::round_up;
 
+// The tile GEMMs compute whole vectors of 16 rows of x, so M = 16 j + r (r > 0) costs as much
+// as 16 (j + 1). Callers that hand the last r rows to a GEMV instead ask here: r when
+// 1 <= r <= max_rows and the problem is in the caller's measured size range (`sized`), else 0.
+// The environment knob `knob` (rows; 0: off; read on every call) overrides both, for any size.
+inline int64_t gemv_tail_rows(int64_t M, const char* knob, int64_t max_rows, bool sized) {
+  const int64_t forced = env_knob(knob, -1), r = M % 16;
+  return M > 16 && r > 0 && (forced >= 0 ? r <= forced : r <= max_rows && sized) ? r : 0;
+}
+
 #if FASTKERN_X86
 // 16 x 16 int32 transpose in registers: r[i] lane j -> r[j] lane i.
 FASTKERN_AVX512 inline void transpose16x16(__m512i r[16]) {
