@@ -287,12 +287,12 @@ def test_small_m_weight_vector_threads_and_old_tiles(isa, m, gen, monkeypatch):
 
 @NATIVE
 @pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True, amx=True))
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 8, 9, 12, 13, 16, 33, 50, 64, 65, 130])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 8, 9, 12, 13, 16, 33, 50, 64, 65, 90, 130])
 def test_w8a16_gemm_tiles(isa, m, gen):
     # AVX-512: up to m = 3 the streaming GEMV (1-3 rows of x, 64-wide K steps and masked
     # 16-wide K tails; K > 2048 in blocks of 2048 over 8-row chunks), m = 4..24 its tiles
-    # (test_w8a16_avx512_gemv_tiles), from m = 25 the fp32 GEMM: x packed in 64-row blocks
-    # (16/32/48/64 wide), dequantized panels of 96 rows x 512 columns (K blocks accumulated,
+    # (test_w8a16_avx512_gemv_tiles; to 32 under a 48 KiB L1d), from m = 25 (33) the fp32 GEMM: x
+    # packed in 64-row blocks (16/32/48/64 wide: m = 130, 90, 33, 64), dequantized panels of 96 rows x 512 columns (K blocks accumulated,
     # masked K tails), 12- and 6-row tiles with 1-row tails, 12-row thread shares split into
     # 96-row tasks (n = 250). bf16 x with AVX512-BF16, from m = 13: the vdpbf16ps tiles
     # (1024-column panels, odd K). Other ISAs: their GEMV / panel paths.
@@ -647,9 +647,10 @@ def test_w8a16_avx2_streaming_gemv_k_blocks(m, gen, monkeypatch):
 
 
 @NATIVE
-@pytest.mark.parametrize("m", [4, 5, 6, 7, 8, 9, 12, 13, 16, 17, 24])
+@pytest.mark.parametrize("m", [4, 5, 6, 7, 8, 9, 12, 13, 16, 17, 24, 32])
 def test_w8a16_avx512_gemv_tiles(m, gen, monkeypatch):
-    # AVX-512, 4 <= m <= 24 (bf16 x with AVX512-BF16: <= 12): linear_w8a16's GEMV tiles, MR
+    # AVX-512, 4 <= m <= 24 (32 under a 48 KiB L1d, and here through FASTKERN_W8A16_TILE_MAX_M;
+    # bf16 x with AVX512-BF16: <= 12): linear_w8a16's GEMV tiles, MR
     # rows of x x NR weight rows ((4..6) x 4, (7, 8) x 3), in passes of at most 8 rows spread
     # evenly (9: 5 + 4, 17: 6 + 6 + 5), single-row tiles for the n % NR rows, 64-column steps
     # and masked 16-column K tails. Against the reference, 1 and 2 threads bitwise equal, and
@@ -659,18 +660,68 @@ def test_w8a16_avx512_gemv_tiles(m, gen, monkeypatch):
     why = isa_skip_reason("avx512")
     if why:
         pytest.skip(why)
+    tile_max = "32" if m > 24 else ""
     with cpu_isa("avx512"):
         for n, k in ((1, 1), (5, 15), (7, 16), (13, 63), (4, 64), (9, 65), (70, 1100), (37, 4500)):
             for dtype in (torch.float32, torch.bfloat16, torch.float16):
                 x = torch.randn(m, k, generator=gen).to(dtype)
                 w, s = make_w8(gen, n, k)
                 ref = ops.linear_w8a16_ref(x, w, s, None)
+                monkeypatch.setenv("FASTKERN_W8A16_TILE_MAX_M", tile_max)
                 one, two = on_1_and_2_threads(native("linear_w8a16"), x, w, s, None)
                 assert torch.equal(one, two), (n, k, dtype)
                 assert_close_rel(two, ref, dtype)
                 monkeypatch.setenv("FASTKERN_W8A16_TILE_MAX_M", "0")
                 assert_close_rel(native("linear_w8a16")(x, w, s, None), ref, dtype)
                 monkeypatch.delenv("FASTKERN_W8A16_TILE_MAX_M")
+
+
+@NATIVE
+@pytest.mark.parametrize("m", [16, 17, 20, 21, 25, 27, 28, 33, 43, 44])
+def test_w8a16_gemv_tail(m, gen, monkeypatch):
+    # AVX-512, above the tiles (held to 24 here, 12 for bf16 x with AVX512-BF16): m = 16 j + r
+    # with 1 <= r <= 11 (fp32 / fp16 x, the fp32 GEMM) or 2 (bf16 x, the vdpbf16ps GEMM; 4 here), j >= 1:
+    # the GEMM takes the first 16 j rows and a call of their own (the tiles, the GEMV) the last r
+    # (by default from 1M weight elements; FASTKERN_W8A16_GEMV_TAIL here, for any size), so
+    # each part is bit for bit what its own call gives on those rows alone, bias included;
+    # other m keep the GEMM on all rows. 3-D x for one shape, 1 and 2 threads equal, and the
+    # default on a weight of 1M elements against the reference.
+    from conftest import isa_skip_reason
+
+    why = isa_skip_reason("avx512")
+    if why:
+        pytest.skip(why)
+    bf16_gemm = _C.cpu_features()["avx512bf16"]
+    r = m % 16
+    with cpu_isa("avx512"):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            is_bf16 = dtype == torch.bfloat16 and bf16_gemm
+            gemm = m > (12 if is_bf16 else 24)
+            tail = r if gemm and m > 16 and 1 <= r <= (4 if is_bf16 else 11) else 0
+            monkeypatch.setenv("FASTKERN_W8A16_TILE_MAX_M", "12" if is_bf16 else "24")
+            for i, (n, k) in enumerate(((250, 1030), (37, 4500), (13, 517))):
+                x = torch.randn(m, k, generator=gen).to(dtype)
+                w, s = make_w8(gen, n, k)
+                b = torch.randn(n, generator=gen) if i != 1 else None
+                monkeypatch.setenv("FASTKERN_W8A16_GEMV_TAIL", "4" if is_bf16 else "11")
+                xi = x.reshape(1, m, k) if i == 2 else x
+                one, two = on_1_and_2_threads(native("linear_w8a16"), xi, w, s, b)
+                assert torch.equal(one, two), (n, k, dtype)
+                two = two.reshape(m, n)
+                assert_close_rel(two, ops.linear_w8a16_ref(x, w, s, b), dtype)
+                monkeypatch.setenv("FASTKERN_W8A16_GEMV_TAIL", "0")
+                head = m - tail
+                if gemm:  # the head on the GEMM alone (16 rows would take the tiles by themselves)
+                    monkeypatch.setenv("FASTKERN_W8A16_TILE_MAX_M", "0")
+                assert torch.equal(two[:head], native("linear_w8a16")(x[:head], w, s, b)), (n, k, dtype)
+                monkeypatch.setenv("FASTKERN_W8A16_TILE_MAX_M", "12" if is_bf16 else "24")
+                if tail:
+                    assert torch.equal(two[head:], native("linear_w8a16")(x[head:], w, s, b)), (n, k, dtype)
+            monkeypatch.delenv("FASTKERN_W8A16_GEMV_TAIL")
+            monkeypatch.delenv("FASTKERN_W8A16_TILE_MAX_M")
+            x = torch.randn(m, 1024, generator=gen).to(dtype)
+            w, s = make_w8(gen, 1024, 1024)
+            assert_close_rel(native("linear_w8a16")(x, w, s, None), ops.linear_w8a16_ref(x, w, s, None), dtype)
 
 
 @NATIVE

@@ -3132,12 +3132,38 @@ int64_t w8a16_gemv_max_m(bool avx2) {
 // against 1.93 / 2.65 / 3.03 / 4.10 / 5.33 / 7.55 (the 3-row GEMV to 12, the fp32 GEMM from
 // 13), M = 32: 8.2 against the GEMM's 7.6; bf16 x, where AVX512-BF16 runs the vdpbf16ps GEMM
 // from M = 9: M = 8 / 9 / 12 2.7 / 3.3 / 4.0 against 3.8 / 4.8 / 5.0, M = 16 6.0 against 5.2.
+// On 2 Zen 4 cores (32 KiB L1d) the tiles beat the fp32 GEMM up to M = 32 (4096 x 4096 / 11008 x
+// 4096, one process, 5 alternating rounds, median ms, GEMM / tiles: M = 25 6.02 / 4.55, 17.05 /
+// 11.46; M = 28 6.27 / 4.85, 16.74 / 13.93; M = 32 6.37 / 5.71, 16.20 / 15.06), so there, under a
+// 48 KiB L1d, they serve fp32 x to kW8fTileMaxMSmallL1.
 // FASTKERN_W8A16_TILE_MAX_M overrides both (0: off), read on every call (A/B timing, tests).
 constexpr int64_t kW8fTileMaxM = 24;
+constexpr int64_t kW8fTileMaxMSmallL1 = 32;
 constexpr int64_t kW8fTileMaxMBf16 = 12;
 int64_t w8f_tile_max_m(bool bf16_gemm) {
   const char* e = std::getenv("FASTKERN_W8A16_TILE_MAX_M");
-  return e && *e ? std::atoll(e) : bf16_gemm ? kW8fTileMaxMBf16 : kW8fTileMaxM;
+  if (e && *e) return std::atoll(e);
+  if (bf16_gemm) return kW8fTileMaxMBf16;
+  return features().l1d_bytes() < (48 << 10) ? kW8fTileMaxMSmallL1 : kW8fTileMaxM;
+}
+
+// Above the tiles, M = 16 j + r: the GEMMs (16-row vectors) take the first 16 j rows and a call
+// of their own (the tiles or the GEMV) the last r, r <= kW8fTailRows (fp32 GEMM) /
+// kW8bTailRows (bf16 GEMM), from 1M weight elements. Measured (2 threads, weights beyond L3,
+// one process, 5 alternating rounds, median ms, one call / split): fp32 x 4096 x 4096 M = 33
+// 8.56 / 6.29, 36 8.72 / 6.91, 41 9.33 / 7.80, 43 9.00 / 7.66, 45 7.97 / 7.85, 47 9.45 / 8.22,
+// 49 11.73 / 9.69, 56 12.06 / 10.97; 11008 x 4096 M = 33 21.65 / 17.27, 43 21.98 / 20.84, 45
+// 21.45 / 22.36, 47 22.04 / 22.73, 49 28.11 / 23.04; bf16 x 4096 x 4096 M = 17 3.33 / 2.62, 18
+// 3.32 / 2.83, 20 3.32 / 3.10, 33 4.58 / 3.84; 11008 x 4096 M = 17 8.57 / 7.01, 20 8.73 / 8.70,
+// 33 11.68 / 9.95; a second run (4096 x 4096, 11008 x 4096, 4096 x 11008): M = 18 1.00-1.06x
+// faster, M = 20 0.92-1.04x, so bf16 to 2 rows. FASTKERN_W8A16_GEMV_TAIL (rows, 0: off; read per
+// call) sets the rows for any size.
+constexpr int64_t kW8fTailRows = 11;
+constexpr int64_t kW8bTailRows = 2;
+constexpr int64_t kW8TailMinElems = int64_t(1) << 20;
+int64_t w8a16_tail_rows(int64_t M, int64_t N, int64_t K, bool bf16_gemm) {
+  return tiles::gemv_tail_rows(M, "FASTKERN_W8A16_GEMV_TAIL", bf16_gemm ? kW8bTailRows : kW8fTailRows,
+                               N * K >= kW8TailMinElems);
 }
 
 // Y [M, N] = X [M, K] (fp32, row stride ldx) x (float(W) * s)^T, plus bias (fp32 [N] or null)
@@ -3179,9 +3205,11 @@ at::Tensor linear_w8a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
       // the bf16 result written by the GEMM, bias included (no fp32 copy to convert)
       at::Tensor Y = at::empty({M, N}, x.options());
       const at::Tensor bf = bias_f32(bias);
-      w8a16_gemm_bf16(reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>()), K, M, wc.data_ptr<int8_t>(),
+      const int64_t r = w8a16_tail_rows(M, N, K, true);
+      w8a16_gemm_bf16(reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>()), K, M - r, wc.data_ptr<int8_t>(),
                       ws.data_ptr<float>(), data_or_null(bf), N, K,
                       reinterpret_cast<uint16_t*>(Y.data_ptr<at::BFloat16>()));
+      if (r > 0) Y.narrow(0, M - r, r).copy_(linear_w8a16_cpu(xb.narrow(0, M - r, r), w, w_scale, bias));
       return Y.reshape(out_shape(x, N));
     }
   }
@@ -3210,8 +3238,14 @@ at::Tensor linear_w8a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
       return finish(Y, bias, x, N);
     }
     if (Mx >= w8a16_gemm_min_m(false) && active_isa() >= Isa::Avx512) {
-      w8a16_gemm_avx512(xp, ldx, Mx, wp, sp, N, K, yp);
-      return finish(Y, bias, x, N);
+      const int64_t r = w8a16_tail_rows(Mx, N, K, false);
+      w8a16_gemm_avx512(xp, ldx, Mx - r, wp, sp, N, K, yp);
+      at::Tensor out = finish(Y, bias, x, N);
+      // the last r rows as a call of their own (their rows of Y stayed zero: overwritten)
+      if (r > 0)
+        out.view({Mx, N}).narrow(0, Mx - r, r).copy_(
+            linear_w8a16_cpu(x.reshape({Mx, K}).narrow(0, Mx - r, r), w, w_scale, bias));
+      return out;
     }
 #endif
     const bool avx2_fma = avx2 && !w8a16_avx2_panel();
