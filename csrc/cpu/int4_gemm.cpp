@@ -22,7 +22,8 @@
 // bf16 x from M = 16 with AVX512-BF16 (AVX-512 path), groups of at least 32: a GEMM of
 // vdpbf16ps over the weights as exact bf16 integers q - z, the groups' fp32 sums scaled by
 // their weight scales ("GEMM: bf16 dot products"; NaN / inf and |x| > 1e30 take the fp32
-// paths below).
+// paths below); from 1M weight elements its last 1..4 rows past a multiple of 16 go to the
+// small-M paths (kW4BfTailRows).
 //
 // With AVX-512, fp32 x at 6 <= M <= 64 and fp16 x (bf16 x without AVX512-BF16) above the limbs
 // up to 64 (groups of a multiple of 16): fp32 FMA tiles over weights

@@ -20,8 +20,9 @@
 // GEMV for M <= 4, GEMV tiles of several weight rows up to M = 12 where K <= 4096, and a
 // transposed-tile GEMM above (section "AVX-512 VNNI"); on the amx path the GEMM runs on AMX
 // tiles from M = 9, small layers included (section "AMX"). W8A16 with AVX-512 runs an fp32 GEMV
-// up to M = 3, GEMV tiles to M = 24 (12 for bf16 x with AVX512-BF16) and fp32 / vdpbf16ps
-// GEMMs above. On small layers
+// up to M = 3, GEMV tiles to M = 24 (32 under a 48 KiB L1d; 12 for bf16 x with AVX512-BF16) and
+// fp32 / vdpbf16ps GEMMs above, their last few rows past a multiple of 16 by the tiles or the
+// GEMV (w8a16_tail_rows). On small layers
 // (BERT/MiniLM-sized weights) at small M the VNNI paths run weight-vector kernels instead
 // (section "small M: weight vectors"; use_wv() says where; the AVX2 ones only where
 // FASTKERN_INT8_WV_MAX_M asks for them).
