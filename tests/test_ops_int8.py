@@ -799,6 +799,49 @@ def test_vnni_row_wide(m, gen, monkeypatch):
 
 
 @NATIVE
+@pytest.mark.parametrize("m", [32, 33, 36, 37, 49, 52, 65])
+def test_vnni_gemv_tail(m, gen, monkeypatch):
+    # AVX-512 VNNI: where the GEMM takes m = 16 j + r, 1 <= r <= 4, the last r rows go to the
+    # GEMVs as a call of their own (by default K <= 4096 and 1M weight elements on;
+    # FASTKERN_INT8_GEMV_TAIL=4 here, for any size, K blocks included), so each part is bit for
+    # bit its own call on those rows alone (int8_gemm; linear_w8a8 with bias and 3-D x) and
+    # exact against the reference, 1 and 2 threads equal. With FASTKERN_INT8_ROW_MAX_M=32 the
+    # rows before a tail of m = 33..36 would be the GEMV's, which needs padded rows: no split.
+    from conftest import isa_skip_reason
+
+    why = isa_skip_reason("avx512")
+    if why or not _C.cpu_features()["avx512vnni"]:
+        pytest.skip(why or "no AVX-512 VNNI")
+    monkeypatch.setenv("FASTKERN_INT8_WV_MAX_M", "0")  # the small-layer kernels would take these weights
+    r = m % 16
+    head = m - r if 1 <= r <= 4 else m
+    with cpu_isa("avx512"):
+        for i, (n, k) in enumerate(((70, 1100), (37, 4500), (13, 63))):
+            a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
+            b = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+            x = torch.randn(m, k, generator=gen)
+            w, s = make_w8(gen, n, k)
+            bias = torch.randn(n, generator=gen) if i != 1 else None
+            xi = x.reshape(1, m, k) if i == 0 else x
+            ref = ops.int8_gemm_ref(a, b), ops.linear_w8a8_ref(x, w, s, bias)
+            for row_max in ("", "32"):
+                monkeypatch.setenv("FASTKERN_INT8_ROW_MAX_M", row_max)
+                monkeypatch.setenv("FASTKERN_INT8_GEMV_TAIL", "4")
+                one, two = on_1_and_2_threads(lambda: (native("int8_gemm")(a, b), native("linear_w8a8")(xi, w, s, bias)))
+                assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1]), (n, k)
+                assert torch.equal(two[0], ref[0]), (n, k, row_max)
+                assert torch.equal(two[1].reshape(m, n), ref[1]), (n, k, row_max)
+                if row_max:
+                    continue
+                monkeypatch.setenv("FASTKERN_INT8_GEMV_TAIL", "0")
+                assert torch.equal(two[0][:head], native("int8_gemm")(a[:head], b)), (n, k)
+                assert torch.equal(two[1].reshape(m, n)[:head], native("linear_w8a8")(x[:head], w, s, bias)), (n, k)
+                if head < m:
+                    assert torch.equal(two[0][head:], native("int8_gemm")(a[head:], b)), (n, k)
+                    assert torch.equal(two[1].reshape(m, n)[head:], native("linear_w8a8")(x[head:], w, s, bias)), (n, k)
+
+
+@NATIVE
 @pytest.mark.parametrize("isa", cpu_isas(avx2vnni=True, amx=True))
 @pytest.mark.parametrize("m", [4, 7, 12, 17, 40, 128])
 def test_gemv_row_blocks(isa, m, gen, monkeypatch):

@@ -872,6 +872,22 @@ bool use_gemv_vnni(int64_t M, int64_t K) { return M <= kVnniGemvMaxM && M * roun
 // zero-padded to a multiple of 64 columns).
 bool vnni_gemv(int64_t M, int64_t N, int64_t K) { return use_gemv_vnni(M, K) || row_gemv_takes(M, N, K); }
 
+// Where the GEMM takes M = 16 j + r rows, r <= kVnniTailRows, the last r go to a call of their
+// own (the GEMVs): the GEMM's 16-row vectors computed M = 33 as 48 rows. Measured (2 threads,
+// W8A8, weights beyond L3, one process, 5 alternating rounds, median ms, one call / split):
+// 4096 x 4096 M = 33 2.18 / 1.86, 36 2.24 / 1.88, 49 2.82 / 2.42; 11008 x 4096 M = 33 5.89 /
+// 5.32, 36 5.68 / 5.05; 2048 x 2048 M = 33 0.57 / 0.47; 768 x 3072 M = 33 0.34 / 0.29; 1024 x
+// 1024 M = 33 0.16 / 0.15; with K blocks not (4096 x 11008 M = 33 / 34 / 36 5.88 / 6.12 / 5.74
+// against 5.86 / 6.33 / 5.67), so K <= kVnniTailMaxK, from 1M weight elements.
+// FASTKERN_INT8_GEMV_TAIL (rows, 0: off; read per call) sets the rows for any size.
+constexpr int64_t kVnniTailRows = 4;
+constexpr int64_t kVnniTailMaxK = 4096;
+constexpr int64_t kVnniTailMinElems = int64_t(1) << 20;
+int64_t vnni_tail_rows(int64_t M, int64_t N, int64_t K) {
+  return tiles::gemv_tail_rows(M, "FASTKERN_INT8_GEMV_TAIL", kVnniTailRows,
+                               K <= kVnniTailMaxK && N * K >= kVnniTailMinElems);
+}
+
 // Weight rows per GEMM task: a multiple of 12 (the 12- and 6-row tiles), about 384 KB of
 // weights, which stay in L2 from the row sums to the last tile.
 int64_t vnni_task_rows(int64_t K) {
@@ -3005,7 +3021,12 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a, const at::Tensor& b) {
     } else {
       A8 = a2.contiguous();
     }
-    matmul_vnni(A8.data_ptr<int8_t>(), lda, M, bc.data_ptr<int8_t>(), N, K, o);
+    // the GEMM's last r rows (vnni_tail_rows) as a call of their own, where the GEMM takes both
+    // M and the M - r rows before them (matmul_vnni would hand a GEMV rows without the padding)
+    int64_t r = vnni_gemv(M, N, K) ? 0 : vnni_tail_rows(M, N, K);
+    if (r > 0 && vnni_gemv(M - r, N, K)) r = 0;
+    matmul_vnni(A8.data_ptr<int8_t>(), lda, M - r, bc.data_ptr<int8_t>(), N, K, o);
+    if (r > 0) C.narrow(0, M - r, r).copy_(int8_gemm_cpu(A8.narrow(0, M - r, r), b));
     return C.reshape(out_shape(a, N));
   }
   if (use_s16_avx2() && M > 0 && N > 0 && K > 0) {
@@ -3488,12 +3509,15 @@ at::Tensor linear_w8a8_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
       // the GEMM: x quantized straight into its packed layout; the epilogue applies the scales
       // and adds the bias (a separate pass over a large output cost up to ~14%: 4096 x 1536 x
       // 384, 2 threads)
-      Scratch aps(ScratchSlot::XPack, size_t(round_up(M, 16) * ((K + 3) / 4)) * 4);
-      quantize_pack_vnni(X.data_ptr<float>(), Kp, M, K, aps.as<int32_t>(), sx);
+      // the last r rows (vnni_tail_rows) as a call of their own, bias included
+      const int64_t r = vnni_tail_rows(M, N, K), mh = M - r;
+      Scratch aps(ScratchSlot::XPack, size_t(round_up(mh, 16) * ((K + 3) / 4)) * 4);
+      quantize_pack_vnni(X.data_ptr<float>(), Kp, mh, K, aps.as<int32_t>(), sx);
       const at::Tensor wsd = w_scale.to(at::kDouble).contiguous();
       VnniOut o = VnniOut::scaled(out, sx, wsd);
       const at::Tensor bf = o.take_bias(bias);
-      gemm_vnni_packed(aps.as<int32_t>(), M, wc.data_ptr<int8_t>(), N, K, o);
+      gemm_vnni_packed(aps.as<int32_t>(), mh, wc.data_ptr<int8_t>(), N, K, o);
+      if (r > 0) out.narrow(0, mh, r).copy_(linear_w8a8_cpu(x.reshape({M, K}).narrow(0, mh, r), w, w_scale, bias));
       return finish(out, c10::nullopt, x, N);
     }
     // the GEMVs and the small-layer kernels: int8 rows (zero-padded to 64 columns), the scales
