@@ -638,13 +638,12 @@ FASTKERN_AVX2 inline void w4l_store_block_avx2(const W4& p, const Limbs& q, cons
 // holds 48 KiB or more at kW4Rows2Avx2Bytes, and on smaller L1ds for three limbs from 3/4
 // of the L1d (FASTKERN_W4A16_MULTIROW_KB, when set, decides for any L1d and L).
 constexpr int64_t kW4Rows2Avx2Bytes = 40 << 10;
-constexpr int64_t kW4Rows2Avx2MinL1d = 48 << 10;
 inline int64_t w4_multirow_bytes(int64_t bound) {
   return env_knob("FASTKERN_W4A16_MULTIROW_KB", bound >> 10) << 10;
 }
 inline int64_t w4_rows2_avx2_bytes(int limbs) {
   const int64_t l1d = features().l1d_bytes();
-  return w4_multirow_bytes(l1d >= kW4Rows2Avx2MinL1d ? kW4Rows2Avx2Bytes
+  return w4_multirow_bytes(!small_l1d() ? kW4Rows2Avx2Bytes
                            : limbs == 3 && l1d > 0   ? l1d * 3 / 4
                                                      : int64_t(1) << 50);
 }

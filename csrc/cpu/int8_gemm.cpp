@@ -854,7 +854,7 @@ constexpr int64_t kVnniRowWideHi = 24;
 constexpr int64_t kVnniRowWideMinElems = int64_t(4) << 20;
 bool row_wide(int64_t M, int64_t N, int64_t K) {
   const int64_t knob = env_knob("FASTKERN_INT8_ROW_WIDE", -1);
-  const bool on = knob >= 0 ? knob != 0 : features().l1d_bytes() < (48 << 10);
+  const bool on = knob >= 0 ? knob != 0 : small_l1d();
   return on && M <= kVnniRowWideHi && M != 16 && N * K >= kVnniRowWideMinElems;
 }
 bool row_gemv_takes(int64_t M, int64_t N, int64_t K) {
@@ -3014,7 +3014,8 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a, const at::Tensor& b) {
     o.c = C.data_ptr<int32_t>();
     at::Tensor A8;
     int64_t lda = K;
-    if (vnni_gemv(M, N, K)) {  // the GEMVs read whole 64-byte vectors of x: zero-pad
+    const bool gemv = vnni_gemv(M, N, K);
+    if (gemv) {  // the GEMVs read whole 64-byte vectors of x: zero-pad
       lda = round_up(K, 64);
       A8 = at::zeros({M, lda}, a.options());
       A8.narrow(1, 0, K).copy_(a2);
@@ -3023,7 +3024,7 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a, const at::Tensor& b) {
     }
     // the GEMM's last r rows (vnni_tail_rows) as a call of their own, where the GEMM takes both
     // M and the M - r rows before them (matmul_vnni would hand a GEMV rows without the padding)
-    int64_t r = vnni_gemv(M, N, K) ? 0 : vnni_tail_rows(M, N, K);
+    int64_t r = gemv ? 0 : vnni_tail_rows(M, N, K);
     if (r > 0 && vnni_gemv(M - r, N, K)) r = 0;
     matmul_vnni(A8.data_ptr<int8_t>(), lda, M - r, bc.data_ptr<int8_t>(), N, K, o);
     if (r > 0) C.narrow(0, M - r, r).copy_(int8_gemm_cpu(A8.narrow(0, M - r, r), b));
@@ -3166,7 +3167,7 @@ int64_t w8f_tile_max_m(bool bf16_gemm) {
   const char* e = std::getenv("FASTKERN_W8A16_TILE_MAX_M");
   if (e && *e) return std::atoll(e);
   if (bf16_gemm) return kW8fTileMaxMBf16;
-  return features().l1d_bytes() < (48 << 10) ? kW8fTileMaxMSmallL1 : kW8fTileMaxM;
+  return small_l1d() ? kW8fTileMaxMSmallL1 : kW8fTileMaxM;
 }
 
 // Above the tiles, M = 16 j + r: the GEMMs (16-row vectors) take the first 16 j rows and a call

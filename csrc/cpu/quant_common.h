@@ -141,6 +141,11 @@ inline at::Tensor finish(at::Tensor out, const c10::optional<at::Tensor>& bias, 
   return out.reshape(out_shape(x, n));
 }
 
+// Several GEMV / GEMM bounds were measured on 48 KiB L1ds (Zen 5, Xeon) and again on a 32 KiB one
+// (Zen 4), where some differ: whether this CPU's L1d is the smaller kind.
+constexpr int64_t kLargeL1dBytes = 48 << 10;
+inline bool small_l1d() { return features().l1d_bytes() < kLargeL1dBytes; }
+
 // Where the int8-weight GEMVs' software prefetch of their weight stream (a few KB ahead)
 // puts the lines: into L1 (T0) where the L1d holds 48 KiB or more, else into L2 (T1). On a
 // 32 KiB L1d the lines prefetched into L1 evict the rows of x that every weight row meets
@@ -154,7 +159,7 @@ inline at::Tensor finish(at::Tensor out, const c10::optional<at::Tensor>& bias, 
 inline bool gemv_prefetch_l1() {
   const int64_t knob = env_knob("FASTKERN_GEMV_PF_L1", -1);
   if (knob >= 0) return knob != 0;
-  return features().l1d_bytes() >= (48 << 10);
+  return !small_l1d();
 }
 #if FASTKERN_X86
 inline void prefetch_stream(const void* p, bool l1) {
