@@ -799,46 +799,58 @@ def test_vnni_row_wide(m, gen, monkeypatch):
 
 
 @NATIVE
-@pytest.mark.parametrize("m", [32, 33, 36, 37, 49, 52, 65])
+@pytest.mark.parametrize("m", [32, 33, 36, 37, 43, 49, 52, 65, 79])
 def test_vnni_gemv_tail(m, gen, monkeypatch):
-    # AVX-512 VNNI: where the GEMM takes m = 16 j + r, 1 <= r <= 4, the last r rows go to the
-    # GEMVs as a call of their own (by default K <= 4096 and 1M weight elements on;
-    # FASTKERN_INT8_GEMV_TAIL=4 here, for any size, K blocks included), so each part is bit for
-    # bit its own call on those rows alone (int8_gemm; linear_w8a8 with bias and 3-D x) and
-    # exact against the reference, 1 and 2 threads equal. With FASTKERN_INT8_ROW_MAX_M=32 the
-    # rows before a tail of m = 33..36 would be the GEMV's, which needs padded rows: no split.
+    # AVX-512 VNNI: where the GEMM takes m = 16 j + r, the last r rows go to the GEMV within the
+    # GEMM, over each task's weight rows after its tiles (by default r <= 11 from 1M weight
+    # elements; FASTKERN_INT8_GEMV_TAIL=15 here, for any size, so every r > 0 and two GEMV passes
+    # from r = 9). Each part is bit for bit its own call on those rows alone (int8_gemm;
+    # linear_w8a8 with bias and 3-D x) and exact against the reference, 1 and 2 threads equal.
+    # The weights: one task per thread, several (250 x 1100: 96-row tasks, the last short) and
+    # K blocks of the GEMM (37 x 4500), K % 64 != 0 and N under one tile (13 x 63).
+    # FASTKERN_INT8_ROW_MAX_M=32 makes the rows before a tail of m = 33..47 the GEMV's in a call
+    # of m - r rows, not here: the GEMM still takes them with the tail.
     from conftest import isa_skip_reason
 
     why = isa_skip_reason("avx512")
     if why or not _C.cpu_features()["avx512vnni"]:
         pytest.skip(why or "no AVX-512 VNNI")
     monkeypatch.setenv("FASTKERN_INT8_WV_MAX_M", "0")  # the small-layer kernels would take these weights
-    r = m % 16
-    head = m - r if 1 <= r <= 4 else m
+    head = m - m % 16
+
+    def same(p, q):  # bit for bit, NaN where the other has NaN
+        return torch.equal(p.isnan(), q.isnan()) and torch.equal(p.nan_to_num(), q.nan_to_num())
+
     with cpu_isa("avx512"):
-        for i, (n, k) in enumerate(((70, 1100), (37, 4500), (13, 63))):
+        for i, (n, k) in enumerate(((70, 1100), (37, 4500), (13, 63), (250, 1100))):
             a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
             b = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
             x = torch.randn(m, k, generator=gen)
+            if i == 2:
+                x[-1, :7] = float("nan")  # a NaN row (in the tail where m % 16 > 0): NaN out, as the reference
             w, s = make_w8(gen, n, k)
             bias = torch.randn(n, generator=gen) if i != 1 else None
             xi = x.reshape(1, m, k) if i == 0 else x
             ref = ops.int8_gemm_ref(a, b), ops.linear_w8a8_ref(x, w, s, bias)
             for row_max in ("", "32"):
                 monkeypatch.setenv("FASTKERN_INT8_ROW_MAX_M", row_max)
-                monkeypatch.setenv("FASTKERN_INT8_GEMV_TAIL", "4")
+                monkeypatch.setenv("FASTKERN_INT8_GEMV_TAIL", "15")
                 one, two = on_1_and_2_threads(lambda: (native("int8_gemm")(a, b), native("linear_w8a8")(xi, w, s, bias)))
-                assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1]), (n, k)
+                assert torch.equal(one[0], two[0]), (n, k)
+                assert same(one[1], two[1]), (n, k)
                 assert torch.equal(two[0], ref[0]), (n, k, row_max)
-                assert torch.equal(two[1].reshape(m, n), ref[1]), (n, k, row_max)
+                assert same(two[1].reshape(m, n), ref[1]), (n, k, row_max)
                 if row_max:
                     continue
                 monkeypatch.setenv("FASTKERN_INT8_GEMV_TAIL", "0")
                 assert torch.equal(two[0][:head], native("int8_gemm")(a[:head], b)), (n, k)
-                assert torch.equal(two[1].reshape(m, n)[:head], native("linear_w8a8")(x[:head], w, s, bias)), (n, k)
+                head_y = native("linear_w8a8")(x[:head], w, s, bias)
+                assert same(two[1].reshape(m, n)[:head], head_y), (n, k)
                 if head < m:
                     assert torch.equal(two[0][head:], native("int8_gemm")(a[head:], b)), (n, k)
-                    assert torch.equal(two[1].reshape(m, n)[head:], native("linear_w8a8")(x[head:], w, s, bias)), (n, k)
+                    tail_y = native("linear_w8a8")(x[head:], w, s, bias)
+                    assert same(two[1].reshape(m, n)[head:], tail_y), (n, k)
+                    assert two[1].reshape(m, n)[-1].isnan().all() == (i == 2), (n, k)
 
 
 @NATIVE

@@ -872,20 +872,66 @@ bool use_gemv_vnni(int64_t M, int64_t K) { return M <= kVnniGemvMaxM && M * roun
 // zero-padded to a multiple of 64 columns).
 bool vnni_gemv(int64_t M, int64_t N, int64_t K) { return use_gemv_vnni(M, K) || row_gemv_takes(M, N, K); }
 
-// Where the GEMM takes M = 16 j + r rows, r <= kVnniTailRows, the last r go to a call of their
-// own (the GEMVs): the GEMM's 16-row vectors computed M = 33 as 48 rows. Measured (2 threads,
-// W8A8, weights beyond L3, one process, 5 alternating rounds, median ms, one call / split):
-// 4096 x 4096 M = 33 2.18 / 1.86, 36 2.24 / 1.88, 49 2.82 / 2.42; 11008 x 4096 M = 33 5.89 /
-// 5.32, 36 5.68 / 5.05; 2048 x 2048 M = 33 0.57 / 0.47; 768 x 3072 M = 33 0.34 / 0.29; 1024 x
-// 1024 M = 33 0.16 / 0.15; with K blocks not (4096 x 11008 M = 33 / 34 / 36 5.88 / 6.12 / 5.74
-// against 5.86 / 6.33 / 5.67), so K <= kVnniTailMaxK, from 1M weight elements.
-// FASTKERN_INT8_GEMV_TAIL (rows, 0: off; read per call) sets the rows for any size.
-constexpr int64_t kVnniTailRows = 4;
-constexpr int64_t kVnniTailMaxK = 4096;
+// Where the GEMM takes M = 16 j + r rows, r <= kVnniTailRows, the last r go to the GEMV
+// (gemv_vnni_kb) instead of another 16-row vector (which computed M = 33 as 48 rows): within the
+// GEMM, over each task's weight rows right after its tiles, while the rows are in L2
+// (VnniTail). A call of its own for them (the previous form, r <= 4) read the weight from
+// memory a second time: 11008 x 4096 M = 33 5.48 ms against 4.20 for FBGEMM, and no gain with
+// K blocks. Measured (2 threads, W8A8, weights beyond L3, one process, 5-7 alternating rounds,
+// median ms, GEMM alone / with the tail (FBGEMM)): 11008 x 4096 M = 33 5.58 / 4.36 (4.29), 36
+// 5.42 / 4.42 (4.39), 49 7.12 / 5.90 (6.17), 25 4.63 / 4.39 (4.12), 26 3.95 / 3.60 (3.61), 27
+// 3.80 / 3.66 (3.55), 42 5.55 / 5.19 (5.57), 43 5.63 / 5.35 (5.33); 4096 x 4096 M = 33 2.17 /
+// 1.72 (1.56), 37 2.03 / 1.66 (1.65), 40 2.18 / 1.92 (1.91), 25 1.56 / 1.38 (1.35), 26 1.60 /
+// 1.50 (1.30), 41 2.16 / 2.00 (2.04), 65 3.41 / 2.92 (3.00), 129 5.86 / 5.43 (5.41), 257 10.78
+// / 10.25 (10.87); 4096 x 11008 (K blocks) M = 33 5.64 / 4.55 (4.23), 40 6.47 / 5.77 (6.80);
+// 2048 x 2048 M = 33 0.52 / 0.40 (0.39); 3072 x 768 M = 24 0.227 / 0.202 (0.167); 1024 x 1024
+// M = 33 0.153 / 0.122 (0.121). Not with more rows (4096 x 4096 M = 44 2.12 / 2.10, 28 1.65 /
+// 1.92, 31 1.50 / 1.72; 11008 x 4096 M = 31 4.94 / 5.62) nor on smaller weights, where it was
+// mixed (384 x 384 M = 33 0.038 / 0.042; 384 x 1536 M = 33 0.091 / 0.075, 43 0.092 / 0.099):
+// r <= 11 from 1M weight elements. Not on the amx path, whose GEMM keeps all rows.
+// FASTKERN_INT8_GEMV_TAIL (rows, up to kVnniTailCap; 0: off; read per call) sets the rows for
+// any size.
+constexpr int64_t kVnniTailRows = 11;
+constexpr int64_t kVnniTailCap = 15;
 constexpr int64_t kVnniTailMinElems = int64_t(1) << 20;
 int64_t vnni_tail_rows(int64_t M, int64_t N, int64_t K) {
-  return tiles::gemv_tail_rows(M, "FASTKERN_INT8_GEMV_TAIL", kVnniTailRows,
-                               K <= kVnniTailMaxK && N * K >= kVnniTailMinElems);
+  if (active_isa() >= Isa::Amx) return 0;
+  const int64_t r = tiles::gemv_tail_rows(M, "FASTKERN_INT8_GEMV_TAIL", kVnniTailRows, N * K >= kVnniTailMinElems);
+  return r <= kVnniTailCap ? r : 0;
+}
+
+FASTKERN_AVX2 void int8_row_sums(const int8_t* X, int64_t ldx, int64_t M, int64_t K, int32_t* out);
+
+// The GEMM's last rows of x as GEMV rows (vnni_tail_rows): r <= kVnniTailCap rows of int8 x
+// packed for gemv_vnni_kb in passes of up to kVnniRowPass rows (for_each_pass), pass [m0,
+// m0 + mr) at xp + m0 * K64 * 64 as [K64][mr][64] (zero past K), their row sums, and the
+// output from their first row on. gemm_vnni_packed runs them over each task's weight rows
+// right after the task's tiles, from L2.
+struct VnniTail {
+  int64_t r = 0;
+  const int8_t* xp = nullptr;
+  int32_t asum[kVnniTailCap] = {};
+  VnniOut o;
+};
+
+// rows [0, r) of int8 A (row stride lda, K bytes read per row) into t (xp: r * K64 * 64 bytes)
+void pack_vnni_tail(const int8_t* A, int64_t lda, int64_t r, int64_t K, int8_t* xp, const VnniOut& o,
+                    VnniTail& t) {
+  TORCH_INTERNAL_ASSERT(r > 0 && r <= kVnniTailCap, "pack_vnni_tail: ", r, " rows");
+  const int64_t K64 = (K + 63) / 64;
+  for_each_pass(r, kVnniRowPass, [&](int64_t m0, int64_t mr) {
+    for (int64_t j = 0; j < K64; ++j)
+      for (int64_t i = 0; i < mr; ++i) {
+        int8_t* d = xp + (m0 * K64 + j * mr + i) * 64;
+        const int64_t nb = std::min<int64_t>(64, K - j * 64);
+        std::memcpy(d, A + (m0 + i) * lda + j * 64, nb);
+        if (nb < 64) std::memset(d + nb, 0, 64 - nb);
+      }
+  });
+  int8_row_sums(A, lda, r, K, t.asum);
+  t.r = r;
+  t.xp = xp;
+  t.o = o;
 }
 
 // Weight rows per GEMM task: a multiple of 12 (the 12- and 6-row tiles), about 384 KB of
@@ -894,7 +940,6 @@ int64_t vnni_task_rows(int64_t K) {
   return std::max<int64_t>(12, std::min<int64_t>(96, (384 * 1024 / std::max<int64_t>(K, 1)) / 12 * 12));
 }
 
-FASTKERN_AVX2 void int8_row_sums(const int8_t* X, int64_t ldx, int64_t M, int64_t K, int32_t* out);
 
 // y[i][n] for rows [n0, n1) from the lane sums of gemv_vnni_kb
 FASTKERN_VNNI512 void finish_row_parts(const int32_t* part, int64_t M, const int32_t* asum, int64_t n0, int64_t n1,
@@ -971,11 +1016,40 @@ void gemv_vnni_blocked(const int8_t* A, int64_t lda, int64_t M, const int32_t* a
   });
 }
 
-void gemm_vnni_packed(const int32_t* ap, int64_t M, const int8_t* W, int64_t N, int64_t K, const VnniOut& o);
+// The tail rows against weight rows [n0, n1) over all of K, into t.o (part: (n1 - n0) *
+// largest_pass(r, kVnniRowPass) * 16 int32). The rows are in L2 after the task's tiles: no
+// prefetch (pf == pf_end).
+void vnni_tail_task(const VnniTail& t, const int8_t* W, int64_t N, int64_t K, int64_t n0, int64_t n1,
+                    int32_t* part) {
+  const int64_t K64 = (K + 63) / 64;
+  for_each_pass(t.r, kVnniRowPass, [&](int64_t m0, int64_t mr) {
+    const int8_t* xp = t.xp + m0 * K64 * 64;
+    const char* pf = reinterpret_cast<const char*>(W);
+    const char* const pf_end = pf;
+    switch (mr) {
+#define FASTKERN_TAIL_CASE(R) \
+  case R: gemv_vnni_kb_rows<R>(xp, W, K, 0, K, n0, n1, part, true, pf, pf_end); break;
+      FASTKERN_TAIL_CASE(1)
+      FASTKERN_TAIL_CASE(2)
+      FASTKERN_TAIL_CASE(3)
+      FASTKERN_TAIL_CASE(4)
+      FASTKERN_TAIL_CASE(5)
+      FASTKERN_TAIL_CASE(6)
+      FASTKERN_TAIL_CASE(7)
+      default: gemv_vnni_kb_rows<8>(xp, W, K, 0, K, n0, n1, part, true, pf, pf_end); break;
+#undef FASTKERN_TAIL_CASE
+    }
+    finish_row_parts(part, mr, t.asum + m0, n0, n1, t.o.from_row(m0, N), N);
+  });
+}
+
+void gemm_vnni_packed(const int32_t* ap, int64_t M, const int8_t* W, int64_t N, int64_t K, const VnniOut& o,
+                      const VnniTail* tail = nullptr);
 
 // A [M, K] (int8 rows, stride lda; where vnni_gemv(M, N, K) zero-padded to a multiple of 64
-// columns) x W [N, K]^T -> o.
-void matmul_vnni(const int8_t* A, int64_t lda, int64_t M, const int8_t* W, int64_t N, int64_t K, const VnniOut& o) {
+// columns) x W [N, K]^T -> o; the GEMM's last tail_rows rows (vnni_tail_rows) as its VnniTail.
+void matmul_vnni(const int8_t* A, int64_t lda, int64_t M, const int8_t* W, int64_t N, int64_t K, const VnniOut& o,
+                 int64_t tail_rows = 0) {
   if (vnni_gemv(M, N, K)) {
     TORCH_INTERNAL_ASSERT(o.bias == nullptr, "matmul_vnni: the GEMV paths do not add a bias");
     static_assert(kVnniRowMaxMCap >= kVnniGemvMaxM, "asum holds the rows of either GEMV");
@@ -996,20 +1070,31 @@ void matmul_vnni(const int8_t* A, int64_t lda, int64_t M, const int8_t* W, int64
     });
     return;
   }
-  Scratch apt(ScratchSlot::XPack, size_t(round_up(M, 16) * ((K + 3) / 4)) * 4);
+  const int64_t mh = M - tail_rows;
+  Scratch apt(ScratchSlot::XPack, size_t(round_up(mh, 16) * ((K + 3) / 4)) * 4);
   int32_t* ap = apt.as<int32_t>();
-  pack_x_vnni(A, lda, M, K, ap);
-  gemm_vnni_packed(ap, M, W, N, K, o);
+  pack_x_vnni(A, lda, mh, K, ap);
+  VnniTail t;
+  Scratch xts(ScratchSlot::XQuant, size_t(tail_rows * round_up(K, 64)));
+  if (tail_rows > 0) pack_vnni_tail(A + mh * lda, lda, tail_rows, K, xts.as<int8_t>(), o.from_row(mh, N), t);
+  gemm_vnni_packed(ap, mh, W, N, K, o, tail_rows > 0 ? &t : nullptr);
 }
 
 #if FASTKERN_HAVE_AMX
 void gemm_amx_packed(const int32_t* ap, int64_t M, const int8_t* W, int64_t N, int64_t K, const VnniOut& o);
 #endif
 
-// x packed by pack_x_vnni (or quantize_pack_vnni) x W [N, K]^T -> o: matmul_vnni's GEMM.
-void gemm_vnni_packed(const int32_t* ap, int64_t M, const int8_t* W, int64_t N, int64_t K, const VnniOut& o) {
+// x packed by pack_x_vnni (or quantize_pack_vnni) x W [N, K]^T -> o: matmul_vnni's GEMM;
+// tail: rows after the M packed ones, computed by the GEMV over each task's weight rows once
+// its tiles are done (the rows then in L2; a call of its own read the weight from memory a
+// second time).
+void gemm_vnni_packed(const int32_t* ap, int64_t M, const int8_t* W, int64_t N, int64_t K, const VnniOut& o,
+                      const VnniTail* tail) {
 #if FASTKERN_HAVE_AMX
-  if (active_isa() >= Isa::Amx) return gemm_amx_packed(ap, M, W, N, K, o);
+  if (active_isa() >= Isa::Amx) {
+    TORCH_INTERNAL_ASSERT(tail == nullptr, "gemm_vnni_packed: the AMX GEMM takes no tail rows");
+    return gemm_amx_packed(ap, M, W, N, K, o);
+  }
 #endif
   const int64_t K4 = (K + 3) / 4, nmb = (M + 63) / 64, Mp = round_up(M, 16);
   Scratch wst(ScratchSlot::Small, size_t(N) * 4);
@@ -1026,6 +1111,7 @@ void gemm_vnni_packed(const int32_t* ap, int64_t M, const int8_t* W, int64_t N, 
   parallel_rows(N, 12, 1, [&](int64_t r0, int64_t r1) {
     Scratch cts(ScratchSlot::Worker0, size_t(nb * 64) * 4);
     int32_t* ct = cts.as<int32_t>();
+    Scratch tps(ScratchSlot::Worker1, tail ? size_t(nb * largest_pass(tail->r, kVnniRowPass) * 16) * 4 : 0);
     for (int64_t n0 = r0; n0 < r1; n0 += nb) {
       const int64_t n1 = std::min(r1, n0 + nb);
       const char* pf = reinterpret_cast<const char*>(W + n1 * K);
@@ -1055,6 +1141,7 @@ void gemm_vnni_packed(const int32_t* ap, int64_t M, const int8_t* W, int64_t N, 
             finish_vnni_block(ct + (lo - n0) * 64 + (m - m0), 64, corr, M, N, m, nb16, lo - nb16, hi - nb16, os);
         }
       }
+      if (tail) vnni_tail_task(*tail, W, N, K, n0, n1, tps.as<int32_t>());
     }
     if (os.stream) _mm_sfence();  // the non-temporal stores before the threads join
   });
@@ -3022,12 +3109,8 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a, const at::Tensor& b) {
     } else {
       A8 = a2.contiguous();
     }
-    // the GEMM's last r rows (vnni_tail_rows) as a call of their own, where the GEMM takes both
-    // M and the M - r rows before them (matmul_vnni would hand a GEMV rows without the padding)
-    int64_t r = gemv ? 0 : vnni_tail_rows(M, N, K);
-    if (r > 0 && vnni_gemv(M - r, N, K)) r = 0;
-    matmul_vnni(A8.data_ptr<int8_t>(), lda, M - r, bc.data_ptr<int8_t>(), N, K, o);
-    if (r > 0) C.narrow(0, M - r, r).copy_(int8_gemm_cpu(A8.narrow(0, M - r, r), b));
+    // the GEMM's last r rows (vnni_tail_rows) by the GEMV, within the GEMM
+    matmul_vnni(A8.data_ptr<int8_t>(), lda, M, bc.data_ptr<int8_t>(), N, K, o, gemv ? 0 : vnni_tail_rows(M, N, K));
     return C.reshape(out_shape(a, N));
   }
   if (use_s16_avx2() && M > 0 && N > 0 && K > 0) {
@@ -3510,15 +3593,23 @@ at::Tensor linear_w8a8_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
       // the GEMM: x quantized straight into its packed layout; the epilogue applies the scales
       // and adds the bias (a separate pass over a large output cost up to ~14%: 4096 x 1536 x
       // 384, 2 threads)
-      // the last r rows (vnni_tail_rows) as a call of their own, bias included
+      // the last r rows (vnni_tail_rows) by the GEMV within the GEMM, quantized as the GEMV
+      // paths quantize
       const int64_t r = vnni_tail_rows(M, N, K), mh = M - r;
       Scratch aps(ScratchSlot::XPack, size_t(round_up(mh, 16) * ((K + 3) / 4)) * 4);
       quantize_pack_vnni(X.data_ptr<float>(), Kp, mh, K, aps.as<int32_t>(), sx);
       const at::Tensor wsd = w_scale.to(at::kDouble).contiguous();
       VnniOut o = VnniOut::scaled(out, sx, wsd);
       const at::Tensor bf = o.take_bias(bias);
-      gemm_vnni_packed(aps.as<int32_t>(), mh, wc.data_ptr<int8_t>(), N, K, o);
-      if (r > 0) out.narrow(0, mh, r).copy_(linear_w8a8_cpu(x.reshape({M, K}).narrow(0, mh, r), w, w_scale, bias));
+      VnniTail t;
+      const int64_t Kq = round_up(K, 64);
+      Scratch q8s(ScratchSlot::XQuant, size_t(r * Kq));
+      Scratch xts(ScratchSlot::Out, size_t(r * Kq));
+      if (r > 0) {
+        quantize_rows_avx2<int8_t>(X.data_ptr<float>() + mh * Kp, Kp, r, K, q8s.as<int8_t>(), Kq, sx + mh);
+        pack_vnni_tail(q8s.as<int8_t>(), Kq, r, K, xts.as<int8_t>(), o.from_row(mh, N), t);
+      }
+      gemm_vnni_packed(aps.as<int32_t>(), mh, wc.data_ptr<int8_t>(), N, K, o, r > 0 ? &t : nullptr);
       return finish(out, c10::nullopt, x, N);
     }
     // the GEMVs and the small-layer kernels: int8 rows (zero-padded to 64 columns), the scales
