@@ -423,15 +423,20 @@ def test_avx2_gemm_tails(m, gen, monkeypatch):
 
 
 @NATIVE
-@pytest.mark.parametrize("m", [17, 18, 19, 20, 21, 33, 36, 66, 131])
+@pytest.mark.parametrize("m", [17, 18, 19, 20, 21, 33, 36, 66, 131, 516])
 def test_avx2_gemm_gemv_tail(m, gen, monkeypatch):
-    # The AVX2 int16 GEMM leaves the last m % 16 rows to the GEMVs where they are 1..4 (m = 17-20,
-    # 33, 36, 66, 131: the GEMM on 16 j rows, the rest by the sign-trick GEMV (one row; for
-    # int8_gemm where those rows of a hold no -128) or the int16 GEMV, the bias added to those
-    # rows by the op); m = 21 keeps the GEMM alone. int8_gemm exact with and without -128 in a,
-    # W8A8 (with a bias) bit-identical to the reference and to the GEMM alone
-    # (FASTKERN_S16_GEMV_TAIL=0), 1 and 2 threads alike.
+    # The AVX2 int16 GEMM leaves the last m % 16 rows to a GEMV within it where they are 1..4
+    # (m = 17-20, 33, 36, 66, 131, 516: the GEMM's tiles on 16 j rows, the rest against each
+    # widened weight block after them, its K blocks summed, the bias added by the GEMM's
+    # output); m = 21 keeps the GEMM alone. Several tasks per thread (n = 130) and K blocks (k =
+    # 1025, 4099); m = 516 with x in two chunks of 256 rows (FASTKERN_S16_X_WHOLE_KB=0), the
+    # tail computed in the first only. int8_gemm exact with and without -128 in a, W8A8 (with a
+    # bias) bit-identical to the reference and to the GEMM alone (FASTKERN_S16_GEMV_TAIL=0), 1
+    # and 2 threads alike.
     avx2_gemm_only(monkeypatch)
+    if m > 256:
+        monkeypatch.setenv("FASTKERN_S16_X_WHOLE_KB", "0")
+        monkeypatch.setenv("FASTKERN_S16_X_CHUNK_KB", "1")
     with cpu_isa("avx2"):
         for (n, k), a_low in itertools.product(((37, 1), (70, 33), (9, 1025), (130, 4099)), (-128, -127)):
             a = torch.randint(a_low, 128, (m, k), generator=gen, dtype=torch.int8)

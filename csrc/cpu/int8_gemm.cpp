@@ -2150,19 +2150,93 @@ FASTKERN_AVX2 void finish_s16(const int32_t* CT, int64_t Mp, int64_t M, int64_t 
     }
 }
 
-void gemm_s16_packed(const int32_t* ap, int64_t M, const int8_t* W, int64_t N, int64_t K, const VnniOut& o);
+// The int16 GEMM's last rows of x (s16_gemv_tail) by a GEMV within it: r <= kS16GemvRows rows
+// of x as int16 [r][ldx] (zero from K to ldx, a multiple of 16), against each widened weight
+// block (a task's rows, one K block, in L2) right after the block's tiles; o: the output from
+// their first row on.
+constexpr int64_t kS16TailCap = 4;  // rows (s16_tail_block's cases)
+struct S16Tail {
+  const int16_t* x = nullptr;
+  int64_t ldx = 0, r = 0;
+  VnniOut o;
+};
 
-// A [M, K] (int8, row stride lda) x W [N, K]^T -> o, for M > kGemvMaxM.
-void gemm_s16_avx2(const int8_t* A, int64_t lda, int64_t M, const int8_t* W, int64_t N, int64_t K,
-                   const VnniOut& o) {
-  Scratch apt(ScratchSlot::XPack, size_t(round_up(M, 8) * ((K + 1) / 2)) * 4);
-  int32_t* ap = apt.as<int32_t>();
-  pack_x_s16(A, lda, M, K, ap);
-  gemm_s16_packed(ap, M, W, N, K, o);
+// R rows of x (from x, row stride ldx) against NR widened rows of wb (row stride ldb), k in
+// [0, kc16): int32 lane sums into part[(j * R + i) * 8 ..], stored where first, else added.
+template <int R, int NR>
+FASTKERN_AVX2 void s16_tail_tile(const int16_t* x, int64_t ldx, const int16_t* wb, int64_t ldb, int64_t kc16,
+                                 int32_t* part, bool first) {
+  __m256i acc[R][NR];
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_si256();
+  for (int64_t k = 0; k < kc16; k += 16) {
+    __m256i w[NR];
+    for (int j = 0; j < NR; ++j) w[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + j * ldb + k));
+    for (int i = 0; i < R; ++i) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i * ldx + k));
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(xv, w[j]));
+    }
+  }
+  for (int j = 0; j < NR; ++j)
+    for (int i = 0; i < R; ++i) {
+      __m256i* d = reinterpret_cast<__m256i*>(part + (j * R + i) * 8);
+      _mm256_storeu_si256(d, first ? acc[i][j] : _mm256_add_epi32(_mm256_loadu_si256(d), acc[i][j]));
+    }
 }
 
-// x packed by pack_x_s16 (or quantize_pack_s16) x W [N, K]^T -> o: gemm_s16_avx2's GEMM.
-void gemm_s16_packed(const int32_t* ap, int64_t M, const int8_t* W, int64_t N, int64_t K, const VnniOut& o) {
+// t's rows, k in [k0, k0 + kc16), against the widened block wb (rows [0, rows)): lane sums
+// into part[(n * r + i) * 8 ..] for block row n.
+template <int R>
+FASTKERN_AVX2 void s16_tail_block_r(const S16Tail& t, int64_t k0, const int16_t* wb, int64_t ldb, int64_t rows,
+                                    int64_t kc16, int32_t* part, bool first) {
+  const int16_t* x = t.x + k0;
+  int64_t j = 0;
+  for (; j + 2 <= rows; j += 2) s16_tail_tile<R, 2>(x, t.ldx, wb + j * ldb, ldb, kc16, part + j * R * 8, first);
+  for (; j < rows; ++j) s16_tail_tile<R, 1>(x, t.ldx, wb + j * ldb, ldb, kc16, part + j * R * 8, first);
+}
+void s16_tail_block(const S16Tail& t, int64_t k0, const int16_t* wb, int64_t ldb, int64_t rows, int64_t kc16,
+                    int32_t* part, bool first) {
+  switch (t.r) {
+    case 1: return s16_tail_block_r<1>(t, k0, wb, ldb, rows, kc16, part, first);
+    case 2: return s16_tail_block_r<2>(t, k0, wb, ldb, rows, kc16, part, first);
+    case 3: return s16_tail_block_r<3>(t, k0, wb, ldb, rows, kc16, part, first);
+    default: return s16_tail_block_r<4>(t, k0, wb, ldb, rows, kc16, part, first);
+  }
+}
+// the tail's outputs for weight rows [n0, n1) from their lane sums
+FASTKERN_AVX2 void s16_tail_finish(const S16Tail& t, const int32_t* part, int64_t N, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t i = 0; i < t.r; ++i)
+      t.o.put(i, n, N, hsum8_i32_avx2(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(part + ((n - n0) * t.r + i) * 8))));
+}
+
+void gemm_s16_packed(const int32_t* ap, int64_t M, const int8_t* W, int64_t N, int64_t K, const VnniOut& o,
+                     const S16Tail* tail = nullptr);
+
+// A [M, K] (int8, row stride lda) x W [N, K]^T -> o, for M > kGemvMaxM; the last tail_rows
+// rows (s16_gemv_tail) as the GEMM's S16Tail.
+void gemm_s16_avx2(const int8_t* A, int64_t lda, int64_t M, const int8_t* W, int64_t N, int64_t K,
+                   const VnniOut& o, int64_t tail_rows = 0) {
+  const int64_t mg = M - tail_rows;
+  Scratch apt(ScratchSlot::XPack, size_t(round_up(mg, 8) * ((K + 1) / 2)) * 4);
+  int32_t* ap = apt.as<int32_t>();
+  pack_x_s16(A, lda, mg, K, ap);
+  S16Tail t;
+  const int64_t ldx = round_up(K, 16);
+  Scratch xts(ScratchSlot::XQuant, size_t(tail_rows * ldx) * 2);
+  if (tail_rows > 0) {
+    int16_t* xt = xts.as<int16_t>();
+    for (int64_t i = 0; i < tail_rows; ++i)
+      for (int64_t k = 0; k < ldx; ++k) xt[i * ldx + k] = k < K ? A[(mg + i) * lda + k] : 0;
+    t.x = xt, t.ldx = ldx, t.r = tail_rows, t.o = o.from_row(mg, N);
+  }
+  gemm_s16_packed(ap, mg, W, N, K, o, tail_rows > 0 ? &t : nullptr);
+}
+
+// x packed by pack_x_s16 (or quantize_pack_s16) x W [N, K]^T -> o: gemm_s16_avx2's GEMM;
+// tail: rows after the M packed ones, by the GEMV within it (S16Tail).
+void gemm_s16_packed(const int32_t* ap, int64_t M, const int8_t* W, int64_t N, int64_t K, const VnniOut& o,
+                     const S16Tail* tail) {
   const int64_t K2 = (K + 1) / 2, Mp = round_up(M, 8);
   const int64_t KC = std::min(kA2KC, round_up(K, 2)), ldb = round_up(KC, 16);
   // chunks of MC rows of x, each one's packed x (MC x K int16) kept in L2 while all of a
@@ -2178,6 +2252,7 @@ void gemm_s16_packed(const int32_t* ap, int64_t M, const int8_t* W, int64_t N, i
     Scratch cts(ScratchSlot::Worker0, size_t(kA2TaskRows * std::min(MC, Mp)) * 4);
     int16_t* wb = wbs.as<int16_t>();
     int32_t* ct = cts.as<int32_t>();
+    alignas(32) int32_t tpart[kA2TaskRows * kS16TailCap * 8];
     for (int64_t mc0 = 0; mc0 < M; mc0 += MC) {
       const int64_t mc1 = std::min(M, mc0 + MC), ldct = std::min(MC, Mp - mc0);
       const int64_t nmb = (mc1 - mc0 + 15) / 16;
@@ -2214,8 +2289,10 @@ void gemm_s16_packed(const int32_t* ap, int64_t M, const int8_t* W, int64_t N, i
             else
               s16_rows<1>(a, wb, ldb, n1 - n0, kc2, ct + (m0 - mc0), ldct, k0 > 0, pf);
           }
+          if (tail && mc0 == 0) s16_tail_block(*tail, k0, wb, ldb, n1 - n0, round_up(kc, 16), tpart, k0 == 0);
         }
         finish_s16(ct, ldct, mc1 - mc0, N, n0, n1, oc);
+        if (tail && mc0 == 0) s16_tail_finish(*tail, tpart, N, n0, n1);
       }
     }
     if (os.stream) _mm_sfence();  // the non-temporal stores before the threads join
@@ -2467,6 +2544,7 @@ bool use_s16_avx2() { return use_avx2() && !use_vnni512() && !int8_avx2_legacy()
 // the limit, read on every call (A/B timing, tests).
 constexpr int64_t kS16GemvRows = 4;
 constexpr int64_t kS16GemvMaxM = 24;
+static_assert(kS16GemvRows <= kS16TailCap, "the GEMM's tail rows (s16_gemv_tail) fit its S16Tail");
 
 // With AVX-VNNI (avx2vnni) the GEMV is gemv_vnni256 (memory-bound to M = 8 at K = 4096) and
 // the GEMM matmul_vnni256, which takes over from M = 9, or from M = 8 where K > 4096 (x's
@@ -2489,8 +2567,14 @@ constexpr int64_t kVnni256LongK = 4096;  // K above which kVnni256GemvMaxMLongK 
 // 14.49 against 14.02; 11008 x 4096 M = 33 / 36 / 65 12.1 / 12.1 / 20.3 against 10.6 / 11.3 /
 // 18.8; 1536 x 384 M = 33 / 36 / 65 0.206 / 0.213 / 0.342 against 0.184 / 0.199 / 0.311. With
 // 8-row vectors as the unit instead (M = 24 + r), 1536 x 384 M = 27 / 28 ran 1.04 / 1.09x slower
-// (the GEMM's rows then end in a one-vector block anyway). FASTKERN_S16_GEMV_TAIL=0 turns it
-// off (read on every call: A/B, tests).
+// (the GEMM's rows then end in a one-vector block anyway). The r rows now run within the GEMM
+// (S16Tail: against each widened weight block after its tiles, from L2, at about the tiles'
+// cost per row) instead of a GEMV call that read the weight from memory again; measured (same
+// method, W8A8, 9 rounds; ms, within / a call of their own / the 16 j rows alone): 4096 x 4096
+// M = 33 5.65 / 5.95 / 5.33, 36 4.12 / 4.35 / 3.63, 65 7.04 / 7.43 / 6.82; 11008 x 4096 M = 33
+// 14.98 / 15.82 / 13.57; 1536 x 384 M = 33 0.155 / 0.173 / 0.139, 36 0.163 / 0.182 / 0.139
+// (this host's speed moved between runs; each line is one run). FASTKERN_S16_GEMV_TAIL=0
+// turns it off (read on every call: A/B, tests).
 int64_t s16_gemv_tail(int64_t M) {
   const int64_t r = M % 16;
   if (r == 0 || r > kS16GemvRows || M < 16 || env_knob("FASTKERN_S16_GEMV_TAIL", 1) == 0) return 0;
@@ -3145,11 +3229,9 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a, const at::Tensor& b) {
       at::Tensor A8 = a2.contiguous();
       matmul_vnni256(A8.data_ptr<int8_t>(), K, M, bc.data_ptr<int8_t>(), N, K, o);
     } else {
-      // the int16 GEMM, its last M % 16 rows by the GEMVs where s16_gemv_tail() says
+      // the int16 GEMM, its last M % 16 rows by the GEMV within it where s16_gemv_tail() says
       at::Tensor A8 = a2.contiguous();
-      const int64_t tail = s16_gemv_tail(M), Mg = M - tail;
-      gemm_s16_avx2(A8.data_ptr<int8_t>(), K, Mg, bc.data_ptr<int8_t>(), N, K, o);
-      if (tail) gemv_rows(Mg, tail);
+      gemm_s16_avx2(A8.data_ptr<int8_t>(), K, M, bc.data_ptr<int8_t>(), N, K, o, s16_gemv_tail(M));
     }
     return C.reshape(out_shape(a, N));
   }
@@ -3680,18 +3762,22 @@ at::Tensor linear_w8a8_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
       return finish(out, c10::nullopt, x, N);
     } else {
       // x quantized straight into the int16 GEMM's packed layout; the GEMM adds the bias in
-      // its epilogue, as the AVX-512 one does; the last M % 16 rows by the GEMV where
-      // s16_gemv_tail() says (their bias added here, as finish() would)
+      // its epilogue, as the AVX-512 one does; the last M % 16 rows by the GEMV within the GEMM
+      // where s16_gemv_tail() says, quantized as the GEMV paths quantize
       const int64_t tail = s16_gemv_tail(M), Mg = M - tail;
       Scratch aps(ScratchSlot::XPack, size_t(round_up(Mg, 8) * ((K + 1) / 2)) * 4);
       quantize_pack_s16(X.data_ptr<float>(), Kp, Mg, K, aps.as<int32_t>(), S.data_ptr<float>());
       VnniOut og = o;
       const at::Tensor bf = og.take_bias(bias);
-      gemm_s16_packed(aps.as<int32_t>(), Mg, wc.data_ptr<int8_t>(), N, K, og);
+      S16Tail t;
+      at::Tensor Q;
       if (tail) {
-        gemv_rows(Mg, tail);
-        if (bf.defined()) out.narrow(0, Mg, tail).add_(bf);
+        Q = at::zeros({tail, Kp}, X.options().dtype(at::kShort));
+        quantize_rows_avx2<int16_t>(X.data_ptr<float>() + Mg * Kp, Kp, tail, K, Q.data_ptr<int16_t>(), Kp,
+                                    S.data_ptr<float>() + Mg);
+        t.x = Q.data_ptr<int16_t>(), t.ldx = Kp, t.r = tail, t.o = og.from_row(Mg, N);
       }
+      gemm_s16_packed(aps.as<int32_t>(), Mg, wc.data_ptr<int8_t>(), N, K, og, tail ? &t : nullptr);
       return finish(out, c10::nullopt, x, N);
     }
     return finish(out, bias, x, N);
