@@ -506,33 +506,42 @@ def test_bf16_gemm_matches_reference(m, gen, monkeypatch):
 
 @NATIVE
 @BF16_GEMM
-@pytest.mark.parametrize("m", [16, 17, 18, 20, 21, 33, 36, 52])
+@pytest.mark.parametrize("m", [16, 17, 18, 20, 21, 24, 33, 36, 52, 56])
 def test_bf16_gemm_gemv_tail(m, gen, monkeypatch):
-    # m = 16 j + r with 1 <= r <= 4 (j >= 1): the bf16 GEMM takes the first 16 j rows and the
-    # small-m paths the last r (by default from 1M weight elements; FASTKERN_W4A16_BF16_GEMV_TAIL=4
-    # here, for any size), so each part is bit for bit what its own call gives on those rows
-    # alone, bias included; r >= 5 and m <= 16 keep the GEMM on all rows. Cases of
-    # BF16_GEMM_CASES (tasks, K blocks, group layouts), 3-D x for one; 1 and 2 threads equal; and
-    # the default on a weight of 1M elements against the reference.
+    # m = 16 j + r with 1 <= r <= 7 (j >= 1; by default, and up to 8 rows through
+    # FASTKERN_W4A16_BF16_GEMV_TAIL=8 here): the bf16 GEMM's tiles take the
+    # first 16 j rows and a GEMV within it the last r, against each widened weight block (groups
+    # of a multiple of 32; g = 550 keeps the tiles on all rows, as r >= 9 and m <= 16 do). The
+    # first rows bit for bit the GEMM's own call on them alone, the tail rows close to the
+    # reference (their fp32 sums in another order), bias included. Cases of BF16_GEMM_CASES
+    # (several tasks per thread, K blocks, a group per K block), 3-D x for one; 1 and 2 threads
+    # equal; a NaN in a tail row sends the whole call to the fp32 paths (NaN in that row only);
+    # and the default (r <= 7) on a weight of 1M elements against the reference.
     monkeypatch.setenv("FASTKERN_W4A16_BF16_GEMM_MIN_G", "2")
     r = m % 16
-    head = m - r if m > 16 and 1 <= r <= 4 else m
     with cpu_isa("avx512"):
         for i, (n, k, g) in enumerate(BF16_GEMM_CASES[3:8]):
+            head = m - r if m > 16 and 1 <= r <= 8 and g % 32 == 0 else m
             x = torch.randn(m, k, generator=gen).bfloat16()
             w, s, z = make_w4(gen, n, k, g, symmetric=bool(i % 2))
             b = torch.randn(n, generator=gen).bfloat16() if i % 2 == 0 else None
-            monkeypatch.setenv("FASTKERN_W4A16_BF16_GEMV_TAIL", "4")
+            monkeypatch.setenv("FASTKERN_W4A16_BF16_GEMV_TAIL", "8")
             xi = x.reshape(1, m, k) if i == 0 else x
             one, two = on_1_and_2_threads(native, xi, w, s, z, g, b)
             assert torch.equal(one, two), (n, k, g)
             two = two.reshape(m, n)
-            assert_close_rel(two, ops.linear_w4a16_ref(x, w, s, z, g, b), torch.bfloat16)
+            ref = ops.linear_w4a16_ref(x, w, s, z, g, b)
+            assert_close_rel(two, ref, torch.bfloat16)
+            if head < m:
+                assert_close_rel(two[head:], ref[head:], torch.bfloat16)
+                xn = x.clone()
+                xn[-1, 3] = float("nan")
+                yn = native(xn, w, s, z, g, b)
+                assert yn[-1].isnan().all() and not yn[:-1].isnan().any(), (n, k, g)
+                assert_close_rel(yn[:-1], ref[:-1], torch.bfloat16)
             monkeypatch.setenv("FASTKERN_W4A16_BF16_GEMV_TAIL", "0")
             assert torch.equal(two[:head], native(x[:head], w, s, z, g, b)), (n, k, g)
-            if head < m:
-                assert torch.equal(two[head:], native(x[head:], w, s, z, g, b)), (n, k, g)
-            else:
+            if head == m:
                 assert torch.equal(two, native(x, w, s, z, g, b)), (n, k, g)
         monkeypatch.delenv("FASTKERN_W4A16_BF16_GEMV_TAIL")
         n, k, g = 1024, 1024, 128

@@ -22,8 +22,7 @@
 // bf16 x from M = 16 with AVX512-BF16 (AVX-512 path), groups of at least 32: a GEMM of
 // vdpbf16ps over the weights as exact bf16 integers q - z, the groups' fp32 sums scaled by
 // their weight scales ("GEMM: bf16 dot products"; NaN / inf and |x| > 1e30 take the fp32
-// paths below); from 1M weight elements its last 1..4 rows past a multiple of 16 go to the
-// small-M paths (kW4BfTailRows).
+// paths below); its last 1..7 rows past a multiple of 16 by a GEMV within it (kW4BfTailRows).
 //
 // With AVX-512, fp32 x at 6 <= M <= 64 and fp16 x (bf16 x without AVX512-BF16) above the limbs
 // up to 64 (groups of a multiple of 16): fp32 FMA tiles over weights
@@ -1766,16 +1765,28 @@ inline bool use_w4_bf16_gemm(int64_t M, int64_t g) {
   return min_m > 0 && M >= min_m && g >= env_knob("FASTKERN_W4A16_BF16_GEMM_MIN_G", kW4BfGemmMinG);
 }
 
-// At M = 16 j + r, r = 1..4, the GEMM takes the first 16 j rows and the small-M path (the limbs)
-// the last r: the GEMM's 16-row vectors computed M = 17 as 32 rows, widening included. Measured
-// (2 threads, weights beyond L3, bf16 x, g = 128, one process, 5 alternating rounds, median ms,
-// one call / the two calls): 4096 x 4096 M = 17 3.50 / 2.55, 18 3.29 / 2.38, 20 3.41 / 2.98, 33
-// 4.84 / 3.85; 11008 x 4096 M = 17 9.04 / 7.06, 20 8.75 / 8.06, 33 12.32 / 9.80; 4096 x 11008
-// M = 17 8.15 / 5.63, 20 8.15 / 6.59; 1024 x 1024 M = 17 0.22 / 0.16, 20 0.21 / 0.21 (from 1M
-// weight elements). FASTKERN_W4A16_BF16_GEMV_TAIL (rows, 0: off; read per call) sets the rows
-// for any size.
-constexpr int64_t kW4BfTailRows = 4;
-constexpr int64_t kW4BfTailMinElems = int64_t(1) << 20;
+// At M = 16 j + r, r = 1..kW4BfTailRows, the GEMM's tiles take the first 16 j rows and a GEMV
+// within it the last r (w4b_tail_block: against each widened weight block after its tiles, so
+// the weight is read and widened once): the 16-row vectors computed M = 17 as 32 rows,
+// widening included. First the r rows were a call of their own (the limbs, r <= 4, from 1M
+// weight elements), which read the weight a second time. Measured (2 threads, weights beyond
+// L3, bf16 x, g = 128, one process, 5-11 alternating rounds, median ms, within / a call of
+// their own / the tiles on all rows): 4096 x 4096 M = 17 2.46 / 2.67 / 3.47, 20 2.73 / 3.08 /
+// 3.55, 22 2.63 / 3.08 / 3.20, 23 2.73 / 3.03 / 3.15, 24 2.93 / 3.22 / 3.35, 33 3.82 / 4.08 /
+// 5.03, 40 4.26 / 4.62 / 4.60; 11008 x 4096 M = 17 6.24 / 7.19 / 8.91, 20 6.57 / 7.78 / 8.87,
+// 22 6.58 / 7.36 / 8.11, 23 8.03 / 8.87 / 8.63, 24 9.18 / 9.59 / 8.84, 33 8.97 / 9.22 /
+// 11.43; 1024 x 1024 M = 17 0.143 / 0.160 / 0.202, 20 0.160 / 0.198 / 0.202; 384 x 384 M = 17 /
+// 20 / 23 0.032 / 0.035 / 0.042 against tiles 0.041 / 0.042 / 0.042; 1536 x 384 M = 23 0.183
+// against 0.203. So r <= 7 on any size (r = 8 lost at 11008 x 4096). Groups of a multiple of
+// 32 weights only (whole 16-pair vectors per group); others keep the tiles on all rows.
+// FASTKERN_W4A16_BF16_GEMV_TAIL (rows up to kW4BfTailCapRows, 0: off; read per call) sets
+// the rows.
+constexpr int64_t kW4BfTailRows = 7;
+constexpr int64_t kW4BfTailCapRows = 8;  // the most the knob may ask for (w4b_gemm_bf16's tail)
+int64_t w4_bf16_tail_rows(int64_t M, int64_t g) {
+  const int64_t r = tiles::gemv_tail_rows(M, "FASTKERN_W4A16_BF16_GEMV_TAIL", kW4BfTailRows, true);
+  return g % 32 == 0 && r <= kW4BfTailCapRows ? r : 0;
+}
 
 // Rows [m0, m0 + w) of x (bf16, row stride ldx elements; zero from row M on), k pairs [k0, k1)
 // -> dst[kp * w + r] (dst: the block's [K/2][w] words). A pair of bf16 is the 32-bit word it
@@ -1922,10 +1933,114 @@ void w4b_gemm_rows(const uint32_t* Ap, int64_t w, const uint32_t* B, int64_t ldb
   if (r < rows) w4b_gemm_tile<1, MV>(Ap, w, B + r * ldb, ldb, kp0, kp1, sw + r * G, G, hb, CT + r * ldct, ldct);
 }
 
-// Y [M, N] (bf16) = x (bf16, contiguous rows of K) x ((q - z) * s)^T + b[n] (if b), rounded once.
+// The GEMM's last rows of x (w4_bf16_tail_rows) by a GEMV within it: against each widened
+// block of a task's rows after the block's tiles (in L2), r rows of x as they are (a row of
+// bf16 is KP words of pairs), each output's per-group dot products (16 pairs a lane vector)
+// folded with the group's scale into a lane vector tot[row][i] kept over the K blocks, summed
+// across lanes at the task's end: the products exact as in the tiles, the fp32 sums in
+// another order. Groups of a multiple of 32 weights (whole 16-pair vectors per group).
+// R rows of x (X: rows of ldx words, from pair 0) against NR widened rows (B, stride ldb, word 0
+// = pair kp0) over pairs [kp0, kp1): tot[(j * R + i) * 16 ..] += the groups' scaled dot products
+// (stored where first).
+template <int R, int NR>
+FASTKERN_AVX512BF16 void w4b_tail_tile(const uint32_t* X, int64_t ldx, const uint32_t* B, int64_t ldb, int64_t kp0,
+                                       int64_t kp1, const float* sw, int64_t G, int64_t hb, float* tot, bool first) {
+  __m512 t[NR][R];
+  for (int j = 0; j < NR; ++j)
+    for (int i = 0; i < R; ++i) t[j][i] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(tot + (j * R + i) * 16);
+  for (int64_t a = kp0; a < kp1;) {
+    const int64_t gi = a / hb, e = std::min(kp1, (gi + 1) * hb);
+    __m512 d[NR][R];
+    for (int j = 0; j < NR; ++j)
+      for (int i = 0; i < R; ++i) d[j][i] = _mm512_setzero_ps();
+    for (int64_t kp = a; kp < e; kp += 16) {
+      __m512i bv[NR];
+      for (int j = 0; j < NR; ++j) bv[j] = _mm512_loadu_si512(B + j * ldb + (kp - kp0));
+      for (int i = 0; i < R; ++i) {
+        const __m512i xv = _mm512_loadu_si512(X + i * ldx + kp);
+        for (int j = 0; j < NR; ++j) d[j][i] = dpbf16_inplace(d[j][i], xv, bv[j]);
+      }
+    }
+    for (int j = 0; j < NR; ++j) {
+      const __m512 sv = _mm512_set1_ps(sw[j * G + gi]);
+      for (int i = 0; i < R; ++i) t[j][i] = _mm512_fmadd_ps(d[j][i], sv, t[j][i]);
+    }
+    a = e;
+  }
+  for (int j = 0; j < NR; ++j)
+    for (int i = 0; i < R; ++i) _mm512_storeu_ps(tot + (j * R + i) * 16, t[j][i]);
+}
+
+constexpr int64_t kW4BfTailCap = 8;  // rows (w4b_tail_block's cases)
+static_assert(kW4BfTailCapRows <= kW4BfTailCap, "w4_bf16_tail_rows stays within the tail's cases");
+
+template <int R>
+void w4b_tail_block_r(const uint32_t* X, int64_t ldx, const uint32_t* B, int64_t ldb, int64_t rows, int64_t kp0,
+                      int64_t kp1, const float* sw, int64_t G, int64_t hb, float* tot, bool first) {
+  constexpr int NR = R <= 4 ? 2 : 1;
+  int64_t j = 0;
+  for (; j + NR <= rows; j += NR)
+    w4b_tail_tile<R, NR>(X, ldx, B + j * ldb, ldb, kp0, kp1, sw + j * G, G, hb, tot + j * R * 16, first);
+  for (; j < rows; ++j)
+    w4b_tail_tile<R, 1>(X, ldx, B + j * ldb, ldb, kp0, kp1, sw + j * G, G, hb, tot + j * R * 16, first);
+}
+void w4b_tail_block(int64_t r, const uint32_t* X, int64_t ldx, const uint32_t* B, int64_t ldb, int64_t rows,
+                    int64_t kp0, int64_t kp1, const float* sw, int64_t G, int64_t hb, float* tot, bool first) {
+  switch (r) {
+#define FASTKERN_TAIL_CASE(R) \
+  case R: return w4b_tail_block_r<R>(X, ldx, B, ldb, rows, kp0, kp1, sw, G, hb, tot, first);
+    FASTKERN_TAIL_CASE(1)
+    FASTKERN_TAIL_CASE(2)
+    FASTKERN_TAIL_CASE(3)
+    FASTKERN_TAIL_CASE(4)
+    FASTKERN_TAIL_CASE(5)
+    FASTKERN_TAIL_CASE(6)
+    FASTKERN_TAIL_CASE(7)
+    default: return w4b_tail_block_r<8>(X, ldx, B, ldb, rows, kp0, kp1, sw, G, hb, tot, first);
+#undef FASTKERN_TAIL_CASE
+  }
+}
+
+// Y[i][n0 + j] (row stride N) = bf16(sum of tot[(j * r + i) * 16 ..] + b[n0 + j]) for the r tail
+// rows and weight rows j < rows, rounded as the tiles' outputs are (transpose_out)
+FASTKERN_AVX512BF16 void w4b_tail_out(const float* tot, int64_t r, int64_t rows, int64_t n0, const float* b,
+                                      uint16_t* Y, int64_t N) {
+  for (int64_t i = 0; i < r; ++i)
+    for (int64_t j0 = 0; j0 < rows; j0 += 16) {
+      const int64_t nn = std::min<int64_t>(16, rows - j0);
+      alignas(64) float v[16] = {};
+      for (int64_t j = 0; j < nn; ++j) v[j] = _mm512_reduce_add_ps(_mm512_loadu_ps(tot + ((j0 + j) * r + i) * 16));
+      __m512 y = _mm512_load_ps(v);
+      if (b) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << nn) - 1u), b + n0 + j0));
+      _mm256_mask_storeu_epi16(Y + i * N + n0 + j0, static_cast<__mmask16>((1u << nn) - 1u),
+                               (__m256i)_mm512_cvtneps_pbh(y));
+    }
+}
+
+// Whether rows [0, r) of bf16 x (row stride ldx, K values each) hold no NaN, inf or value
+// beyond kW4MaxX (w4_pack_x_bf16's test)
+FASTKERN_AVX512BF16 bool w4_bf16_rows_ok(const uint16_t* X, int64_t ldx, int64_t r, int64_t K) {
+  const __m512i mag = _mm512_set1_epi16(0x7FFF), lim = _mm512_set1_epi16(int16_t(f32_to_bf16_rne(kW4MaxX)));
+  __mmask32 bad = 0;
+  for (int64_t i = 0; i < r; ++i)
+    for (int64_t k = 0; k < K; k += 32) {
+      const __mmask32 mk = K - k >= 32 ? ~__mmask32(0) : (__mmask32(1) << (K - k)) - 1;
+      const __m512i v = _mm512_maskz_loadu_epi16(mk, X + i * ldx + k);
+      bad |= _mm512_cmpgt_epu16_mask(_mm512_and_si512(v, mag), lim);
+    }
+  return bad == 0;
+}
+
+// Y [M, N] (bf16) = x (bf16, contiguous rows of K) x ((q - z) * s)^T + b[n] (if b), rounded once;
+// the last `tail` rows (w4_bf16_tail_rows) by the GEMV within it.
 // Returns false (Y untouched) if x holds NaN, inf or values beyond kW4MaxX.
-bool w4b_gemm_bf16(const W4& p, const uint16_t* X, int64_t M, int64_t N, const float* b, uint16_t* Y) {
+bool w4b_gemm_bf16(const W4& p, const uint16_t* X, int64_t M_all, int64_t N, const float* b, uint16_t* Y,
+                   int64_t tail = 0) {
+  const int64_t M = M_all - tail;
   const int64_t K = 2 * p.ldw, KP = p.ldw, Mp = round_up(M, 16), hb = p.g / 2;
+  TORCH_INTERNAL_ASSERT(tail >= 0 && tail <= kW4BfTailCap && (tail == 0 || hb % 16 == 0), "w4b_gemm_bf16: tail ", tail);
+  const uint32_t* xt = reinterpret_cast<const uint32_t*>(X + M * K);
+  if (tail > 0 && !w4_bf16_rows_ok(X + M * K, K, tail, K)) return false;
   // thread-kept scratch (scratch.h): no page faults per call
   Scratch apt(ScratchSlot::XPack, size_t(Mp * KP) * 4);
   uint32_t* ap = apt.as<uint32_t>();
@@ -1934,8 +2049,10 @@ bool w4b_gemm_bf16(const W4& p, const uint16_t* X, int64_t M, int64_t N, const f
   parallel_rows(N, 16, 1, [&](int64_t r0, int64_t r1) {
     Scratch wbs(ScratchSlot::Worker1, size_t(kW4BfTaskRows * ldb) * 4);
     Scratch cts(ScratchSlot::Worker0, size_t(kW4BfTaskRows * Mp) * 4);
+    Scratch tts(ScratchSlot::Small, size_t(kW4BfTaskRows * tail * 16) * 4);
     uint32_t* wb = wbs.as<uint32_t>();
     float* ct = cts.as<float>();
+    float* tt = tts.as<float>();
     for (int64_t n0 = r0; n0 < r1; n0 += kW4BfTaskRows) {
       const int64_t n1 = std::min(r1, n0 + kW4BfTaskRows), rows = n1 - n0;
       std::fill(ct, ct + rows * Mp, 0.f);
@@ -1958,8 +2075,10 @@ bool w4b_gemm_bf16(const W4& p, const uint16_t* X, int64_t M, int64_t N, const f
             default: w4b_gemm_rows<4>(a, w, wb, ldb, rows, kp0, kp1, sw, p.G, hb, ct + m0, Mp); break;
           }
         }
+        if (tail > 0) w4b_tail_block(tail, xt, KP, wb, ldb, rows, kp0, kp1, p.s + n0 * p.G, p.G, hb, tt, kp0 == 0);
       }
       tiles::transpose_strip(ct, Mp, M, rows, Y + n0, N, nullptr, b ? b + n0 : nullptr);
+      if (tail > 0) w4b_tail_out(tt, tail, rows, n0, b, Y + M * N, N);
     }
   });
   return true;
@@ -2002,14 +2121,9 @@ at::Tensor linear_w4a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
     // the bf16 result written by the GEMM, bias included (no fp32 copy to convert)
     at::Tensor Y = at::empty({M, N}, x.options());
     const at::Tensor bf = bias_f32(bias);
-    const int64_t r = tiles::gemv_tail_rows(M, "FASTKERN_W4A16_BF16_GEMV_TAIL", kW4BfTailRows,
-                                            N * K >= kW4BfTailMinElems);
-    if (w4b_gemm_bf16(p, reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>()), M - r, N, data_or_null(bf),
-                      reinterpret_cast<uint16_t*>(Y.data_ptr<at::BFloat16>()))) {
-      // the last r rows as a call of their own (the small-M paths, the bias added there)
-      if (r > 0) Y.narrow(0, M - r, r).copy_(linear_w4a16_cpu(xb.narrow(0, M - r, r), w, scales, zeros, group_size, bias));
+    if (w4b_gemm_bf16(p, reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>()), M, N, data_or_null(bf),
+                      reinterpret_cast<uint16_t*>(Y.data_ptr<at::BFloat16>()), w4_bf16_tail_rows(M, group_size)))
       return Y.reshape(out_shape(x, N));
-    }
   }
 #endif
   at::Tensor X = x_f32_padded(x, K, round_up(K, 8));
