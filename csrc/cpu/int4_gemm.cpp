@@ -22,7 +22,7 @@
 // bf16 x from M = 16 with AVX512-BF16 (AVX-512 path), groups of at least 32: a GEMM of
 // vdpbf16ps over the weights as exact bf16 integers q - z, the groups' fp32 sums scaled by
 // their weight scales ("GEMM: bf16 dot products"; NaN / inf and |x| > 1e30 take the fp32
-// paths below); its last 1..7 rows past a multiple of 16 by a GEMV within it (kW4BfTailRows).
+// paths below); its last 1..10 rows past a multiple of 16 by a GEMV within it (kW4BfTailRows).
 //
 // With AVX-512, fp32 x at 6 <= M <= 64 and fp16 x (bf16 x without AVX512-BF16) above the limbs
 // up to 64 (groups of a multiple of 16): fp32 FMA tiles over weights
@@ -1770,19 +1770,22 @@ inline bool use_w4_bf16_gemm(int64_t M, int64_t g) {
 // the weight is read and widened once): the 16-row vectors computed M = 17 as 32 rows,
 // widening included. First the r rows were a call of their own (the limbs, r <= 4, from 1M
 // weight elements), which read the weight a second time. Measured (2 threads, weights beyond
-// L3, bf16 x, g = 128, one process, 5-11 alternating rounds, median ms, within / a call of
-// their own / the tiles on all rows): 4096 x 4096 M = 17 2.46 / 2.67 / 3.47, 20 2.73 / 3.08 /
-// 3.55, 22 2.63 / 3.08 / 3.20, 23 2.73 / 3.03 / 3.15, 24 2.93 / 3.22 / 3.35, 33 3.82 / 4.08 /
-// 5.03, 40 4.26 / 4.62 / 4.60; 11008 x 4096 M = 17 6.24 / 7.19 / 8.91, 20 6.57 / 7.78 / 8.87,
-// 22 6.58 / 7.36 / 8.11, 23 8.03 / 8.87 / 8.63, 24 9.18 / 9.59 / 8.84, 33 8.97 / 9.22 /
-// 11.43; 1024 x 1024 M = 17 0.143 / 0.160 / 0.202, 20 0.160 / 0.198 / 0.202; 384 x 384 M = 17 /
-// 20 / 23 0.032 / 0.035 / 0.042 against tiles 0.041 / 0.042 / 0.042; 1536 x 384 M = 23 0.183
-// against 0.203. So r <= 7 on any size (r = 8 lost at 11008 x 4096). Groups of a multiple of
+// L3, bf16 x, g = 128, one process, 5-9 alternating rounds, median ms, within / a call of
+// their own / the tiles on all rows): 4096 x 4096 M = 17 1.86 / 1.85 / 3.00, 20 2.14 / 2.29 /
+// 3.02, 23 2.53 / 2.86 / 3.06, 24 2.61 / 2.89 / 3.03, 25 2.59 / 3.03 / 2.91, 26 2.71 / 3.15 /
+// 2.91, 27 2.77 / 3.30 / 2.90, 28 2.94 / 3.43 / 2.92, 40 3.95 / 4.23 / 4.23, 44 4.27 / 4.69 /
+// 4.15; 11008 x 4096 M = 17 4.83 / 5.11 / 7.78, 20 5.49 / 5.92 / 7.77, 23 6.42 / 7.09 / 7.80,
+// 24 6.78 / 7.61 / 7.94, 25 6.92 / 7.96 / 7.65, 26 7.27 / 8.28 / 7.67, 27 7.53 / 8.63 / 7.71, 28
+// 7.86 / 8.93 / 7.71. With the tail's rows of x read in place (8 KiB apart, aliasing in the
+// L1) r = 8 had lost at 11008 x 4096 (9.18 against 8.84 for the tiles); packed, r <= 10 win.
+// Small weights alike (that in-place form: 1024 x 1024 M = 17 / 20 0.143 / 0.160 against
+// 0.202 / 0.202 for the tiles; 384 x 384 M = 17 / 20 / 23 0.032 / 0.035 / 0.042 against 0.041
+// / 0.042 / 0.042; 1536 x 384 M = 23 0.183 against 0.203): any size. Groups of a multiple of
 // 32 weights only (whole 16-pair vectors per group); others keep the tiles on all rows.
 // FASTKERN_W4A16_BF16_GEMV_TAIL (rows up to kW4BfTailCapRows, 0: off; read per call) sets
 // the rows.
-constexpr int64_t kW4BfTailRows = 7;
-constexpr int64_t kW4BfTailCapRows = 8;  // the most the knob may ask for (w4b_gemm_bf16's tail)
+constexpr int64_t kW4BfTailRows = 10;
+constexpr int64_t kW4BfTailCapRows = 12;  // the most the knob may ask for (w4b_gemm_bf16's tail)
 int64_t w4_bf16_tail_rows(int64_t M, int64_t g) {
   const int64_t r = tiles::gemv_tail_rows(M, "FASTKERN_W4A16_BF16_GEMV_TAIL", kW4BfTailRows, true);
   return g % 32 == 0 && r <= kW4BfTailCapRows ? r : 0;
@@ -1939,12 +1942,13 @@ void w4b_gemm_rows(const uint32_t* Ap, int64_t w, const uint32_t* B, int64_t ldb
 // folded with the group's scale into a lane vector tot[row][i] kept over the K blocks, summed
 // across lanes at the task's end: the products exact as in the tiles, the fp32 sums in
 // another order. Groups of a multiple of 32 weights (whole 16-pair vectors per group).
-// R rows of x (X: rows of ldx words, from pair 0) against NR widened rows (B, stride ldb, word 0
-// = pair kp0) over pairs [kp0, kp1): tot[(j * R + i) * 16 ..] += the groups' scaled dot products
+// R rows of x (X: packed as [pair / 16][R][16 words], from pair kp0, so that the rows never
+// alias in the L1 as rows 8 KiB apart do) against NR widened rows (B, stride ldb, word 0 = pair
+// kp0) over pairs [kp0, kp1): tot[(j * R + i) * 16 ..] += the groups' scaled dot products
 // (stored where first).
 template <int R, int NR>
-FASTKERN_AVX512BF16 void w4b_tail_tile(const uint32_t* X, int64_t ldx, const uint32_t* B, int64_t ldb, int64_t kp0,
-                                       int64_t kp1, const float* sw, int64_t G, int64_t hb, float* tot, bool first) {
+FASTKERN_AVX512BF16 void w4b_tail_tile(const uint32_t* X, const uint32_t* B, int64_t ldb, int64_t kp0, int64_t kp1,
+                                       const float* sw, int64_t G, int64_t hb, float* tot, bool first) {
   __m512 t[NR][R];
   for (int j = 0; j < NR; ++j)
     for (int i = 0; i < R; ++i) t[j][i] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(tot + (j * R + i) * 16);
@@ -1957,7 +1961,7 @@ FASTKERN_AVX512BF16 void w4b_tail_tile(const uint32_t* X, int64_t ldx, const uin
       __m512i bv[NR];
       for (int j = 0; j < NR; ++j) bv[j] = _mm512_loadu_si512(B + j * ldb + (kp - kp0));
       for (int i = 0; i < R; ++i) {
-        const __m512i xv = _mm512_loadu_si512(X + i * ldx + kp);
+        const __m512i xv = _mm512_loadu_si512(X + ((kp - kp0) / 16 * R + i) * 16);
         for (int j = 0; j < NR; ++j) d[j][i] = dpbf16_inplace(d[j][i], xv, bv[j]);
       }
     }
@@ -1971,24 +1975,25 @@ FASTKERN_AVX512BF16 void w4b_tail_tile(const uint32_t* X, int64_t ldx, const uin
     for (int i = 0; i < R; ++i) _mm512_storeu_ps(tot + (j * R + i) * 16, t[j][i]);
 }
 
-constexpr int64_t kW4BfTailCap = 8;  // rows (w4b_tail_block's cases)
+constexpr int64_t kW4BfTailCap = 12;  // rows (w4b_tail_block's cases)
 static_assert(kW4BfTailCapRows <= kW4BfTailCap, "w4_bf16_tail_rows stays within the tail's cases");
 
 template <int R>
-void w4b_tail_block_r(const uint32_t* X, int64_t ldx, const uint32_t* B, int64_t ldb, int64_t rows, int64_t kp0,
-                      int64_t kp1, const float* sw, int64_t G, int64_t hb, float* tot, bool first) {
+void w4b_tail_block_r(const uint32_t* X, const uint32_t* B, int64_t ldb, int64_t rows, int64_t kp0, int64_t kp1,
+                      const float* sw, int64_t G, int64_t hb, float* tot, bool first) {
   constexpr int NR = R <= 4 ? 2 : 1;
   int64_t j = 0;
   for (; j + NR <= rows; j += NR)
-    w4b_tail_tile<R, NR>(X, ldx, B + j * ldb, ldb, kp0, kp1, sw + j * G, G, hb, tot + j * R * 16, first);
-  for (; j < rows; ++j)
-    w4b_tail_tile<R, 1>(X, ldx, B + j * ldb, ldb, kp0, kp1, sw + j * G, G, hb, tot + j * R * 16, first);
+    w4b_tail_tile<R, NR>(X, B + j * ldb, ldb, kp0, kp1, sw + j * G, G, hb, tot + j * R * 16, first);
+  for (; j < rows; ++j) w4b_tail_tile<R, 1>(X, B + j * ldb, ldb, kp0, kp1, sw + j * G, G, hb, tot + j * R * 16, first);
 }
-void w4b_tail_block(int64_t r, const uint32_t* X, int64_t ldx, const uint32_t* B, int64_t ldb, int64_t rows,
-                    int64_t kp0, int64_t kp1, const float* sw, int64_t G, int64_t hb, float* tot, bool first) {
+// X: all of the tail's packed rows (from pair 0)
+void w4b_tail_block(int64_t r, const uint32_t* X, const uint32_t* B, int64_t ldb, int64_t rows, int64_t kp0,
+                    int64_t kp1, const float* sw, int64_t G, int64_t hb, float* tot, bool first) {
+  X += kp0 * r;
   switch (r) {
 #define FASTKERN_TAIL_CASE(R) \
-  case R: return w4b_tail_block_r<R>(X, ldx, B, ldb, rows, kp0, kp1, sw, G, hb, tot, first);
+  case R: return w4b_tail_block_r<R>(X, B, ldb, rows, kp0, kp1, sw, G, hb, tot, first);
     FASTKERN_TAIL_CASE(1)
     FASTKERN_TAIL_CASE(2)
     FASTKERN_TAIL_CASE(3)
@@ -1996,7 +2001,11 @@ void w4b_tail_block(int64_t r, const uint32_t* X, int64_t ldx, const uint32_t* B
     FASTKERN_TAIL_CASE(5)
     FASTKERN_TAIL_CASE(6)
     FASTKERN_TAIL_CASE(7)
-    default: return w4b_tail_block_r<8>(X, ldx, B, ldb, rows, kp0, kp1, sw, G, hb, tot, first);
+    FASTKERN_TAIL_CASE(8)
+    FASTKERN_TAIL_CASE(9)
+    FASTKERN_TAIL_CASE(10)
+    FASTKERN_TAIL_CASE(11)
+    default: return w4b_tail_block_r<12>(X, B, ldb, rows, kp0, kp1, sw, G, hb, tot, first);
 #undef FASTKERN_TAIL_CASE
   }
 }
@@ -2039,8 +2048,13 @@ bool w4b_gemm_bf16(const W4& p, const uint16_t* X, int64_t M_all, int64_t N, con
   const int64_t M = M_all - tail;
   const int64_t K = 2 * p.ldw, KP = p.ldw, Mp = round_up(M, 16), hb = p.g / 2;
   TORCH_INTERNAL_ASSERT(tail >= 0 && tail <= kW4BfTailCap && (tail == 0 || hb % 16 == 0), "w4b_gemm_bf16: tail ", tail);
-  const uint32_t* xt = reinterpret_cast<const uint32_t*>(X + M * K);
   if (tail > 0 && !w4_bf16_rows_ok(X + M * K, K, tail, K)) return false;
+  // the tail rows' words as [pair / 16][tail][16] (w4b_tail_tile; KP is a multiple of 16)
+  Scratch xts(ScratchSlot::XQuant, size_t(tail * KP) * 4);
+  uint32_t* xt = xts.as<uint32_t>();
+  const uint32_t* xw = reinterpret_cast<const uint32_t*>(X + M * K);
+  for (int64_t i = 0; i < tail; ++i)
+    for (int64_t v = 0; v < KP / 16; ++v) std::memcpy(xt + (v * tail + i) * 16, xw + i * KP + v * 16, 64);
   // thread-kept scratch (scratch.h): no page faults per call
   Scratch apt(ScratchSlot::XPack, size_t(Mp * KP) * 4);
   uint32_t* ap = apt.as<uint32_t>();
@@ -2075,7 +2089,7 @@ bool w4b_gemm_bf16(const W4& p, const uint16_t* X, int64_t M_all, int64_t N, con
             default: w4b_gemm_rows<4>(a, w, wb, ldb, rows, kp0, kp1, sw, p.G, hb, ct + m0, Mp); break;
           }
         }
-        if (tail > 0) w4b_tail_block(tail, xt, KP, wb, ldb, rows, kp0, kp1, p.s + n0 * p.G, p.G, hb, tt, kp0 == 0);
+        if (tail > 0) w4b_tail_block(tail, xt, wb, ldb, rows, kp0, kp1, p.s + n0 * p.G, p.G, hb, tt, kp0 == 0);
       }
       tiles::transpose_strip(ct, Mp, M, rows, Y + n0, N, nullptr, b ? b + n0 : nullptr);
       if (tail > 0) w4b_tail_out(tt, tail, rows, n0, b, Y + M * N, N);
