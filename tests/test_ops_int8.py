@@ -423,16 +423,16 @@ def test_avx2_gemm_tails(m, gen, monkeypatch):
 
 
 @NATIVE
-@pytest.mark.parametrize("m", [17, 18, 19, 20, 21, 33, 36, 66, 131, 516])
+@pytest.mark.parametrize("m", [17, 18, 19, 20, 21, 23, 24, 33, 36, 39, 66, 131, 516])
 def test_avx2_gemm_gemv_tail(m, gen, monkeypatch):
-    # The AVX2 int16 GEMM leaves the last m % 16 rows to a GEMV within it where they are 1..4
-    # (m = 17-20, 33, 36, 66, 131, 516: the GEMM's tiles on 16 j rows, the rest against each
-    # widened weight block after them, its K blocks summed, the bias added by the GEMM's
-    # output); m = 21 keeps the GEMM alone. Several tasks per thread (n = 130) and K blocks (k =
-    # 1025, 4099); m = 516 with x in two chunks of 256 rows (FASTKERN_S16_X_WHOLE_KB=0), the
-    # tail computed in the first only. int8_gemm exact with and without -128 in a, W8A8 (with a
-    # bias) bit-identical to the reference and to the GEMM alone (FASTKERN_S16_GEMV_TAIL=0), 1
-    # and 2 threads alike.
+    # The AVX2 int16 GEMM leaves the last m % 16 rows to a GEMV within it where they are 1..7
+    # (m = 17-23, 33, 36, 39, 66, 131, 516: the GEMM's tiles on 16 j rows, the rest against each
+    # widened weight block after them, 2 weight rows at a time up to 4 rows of x, then 1, its K
+    # blocks summed, the bias added by the GEMM's output); m = 24 keeps the GEMM alone. Several
+    # tasks per thread (n = 130) and K blocks (k = 1025, 4099); m = 516 with x in two chunks of
+    # 256 rows (FASTKERN_S16_X_WHOLE_KB=0), the tail computed in the first only. int8_gemm exact
+    # with and without -128 in a, W8A8 (with a bias) bit-identical to the reference and to the
+    # GEMM alone (FASTKERN_S16_GEMV_TAIL=0), 1 and 2 threads alike.
     avx2_gemm_only(monkeypatch)
     if m > 256:
         monkeypatch.setenv("FASTKERN_S16_X_WHOLE_KB", "0")

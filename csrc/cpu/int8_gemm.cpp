@@ -5,7 +5,7 @@
 // with 256-bit vectors it keeps the two multiplier pipes as busy per multiply-add as the
 // vpmaddubsw + vpmaddwd pair does (section "AVX2 without VNNI" has the measurements).
 //
-// AVX2: small M (< kS16GemmMinM, up to kS16GemvMaxM on large weights; int8_gemv_takes) runs a
+// AVX2: small M (< kS16GemmMinM, and M = 23, 24 on large weights; int8_gemv_takes) runs a
 // GEMV in passes of up to 4 rows of x, widening the int8 weight in registers (at M = 1, and
 // where int16 rows of x outgrow the L1d, on int8 x by the sign trick instead: gemv_i8s); each
 // thread's weight rows go in L2-sized blocks, all passes over a block before the next
@@ -2150,11 +2150,12 @@ FASTKERN_AVX2 void finish_s16(const int32_t* CT, int64_t Mp, int64_t M, int64_t 
     }
 }
 
-// The int16 GEMM's last rows of x (s16_gemv_tail) by a GEMV within it: r <= kS16GemvRows rows
+// The int16 GEMM's last rows of x (s16_gemv_tail) by a GEMV within it: r <= kS16TailCap rows
 // of x as int16 [r][ldx] (zero from K to ldx, a multiple of 16), against each widened weight
 // block (a task's rows, one K block, in L2) right after the block's tiles; o: the output from
 // their first row on.
-constexpr int64_t kS16TailCap = 4;  // rows (s16_tail_block's cases)
+constexpr int64_t kS16TailCap = 8;  // rows (s16_tail_block's cases)
+constexpr int64_t kS16TailRows = 7;  // by default (s16_gemv_tail)
 struct S16Tail {
   const int16_t* x = nullptr;
   int64_t ldx = 0, r = 0;
@@ -2189,9 +2190,10 @@ FASTKERN_AVX2 void s16_tail_tile(const int16_t* x, int64_t ldx, const int16_t* w
 template <int R>
 FASTKERN_AVX2 void s16_tail_block_r(const S16Tail& t, int64_t k0, const int16_t* wb, int64_t ldb, int64_t rows,
                                     int64_t kc16, int32_t* part, bool first) {
+  constexpr int NR = R <= 4 ? 2 : 1;  // R x NR accumulators within the 16 ymm registers
   const int16_t* x = t.x + k0;
   int64_t j = 0;
-  for (; j + 2 <= rows; j += 2) s16_tail_tile<R, 2>(x, t.ldx, wb + j * ldb, ldb, kc16, part + j * R * 8, first);
+  for (; j + NR <= rows; j += NR) s16_tail_tile<R, NR>(x, t.ldx, wb + j * ldb, ldb, kc16, part + j * R * 8, first);
   for (; j < rows; ++j) s16_tail_tile<R, 1>(x, t.ldx, wb + j * ldb, ldb, kc16, part + j * R * 8, first);
 }
 void s16_tail_block(const S16Tail& t, int64_t k0, const int16_t* wb, int64_t ldb, int64_t rows, int64_t kc16,
@@ -2200,7 +2202,11 @@ void s16_tail_block(const S16Tail& t, int64_t k0, const int16_t* wb, int64_t ldb
     case 1: return s16_tail_block_r<1>(t, k0, wb, ldb, rows, kc16, part, first);
     case 2: return s16_tail_block_r<2>(t, k0, wb, ldb, rows, kc16, part, first);
     case 3: return s16_tail_block_r<3>(t, k0, wb, ldb, rows, kc16, part, first);
-    default: return s16_tail_block_r<4>(t, k0, wb, ldb, rows, kc16, part, first);
+    case 4: return s16_tail_block_r<4>(t, k0, wb, ldb, rows, kc16, part, first);
+    case 5: return s16_tail_block_r<5>(t, k0, wb, ldb, rows, kc16, part, first);
+    case 6: return s16_tail_block_r<6>(t, k0, wb, ldb, rows, kc16, part, first);
+    case 7: return s16_tail_block_r<7>(t, k0, wb, ldb, rows, kc16, part, first);
+    default: return s16_tail_block_r<8>(t, k0, wb, ldb, rows, kc16, part, first);
   }
 }
 // the tail's outputs for weight rows [n0, n1) from their lane sums
@@ -2528,8 +2534,8 @@ bool int8_avx2_legacy() {
 
 bool use_s16_avx2() { return use_avx2() && !use_vnni512() && !int8_avx2_legacy(); }
 
-// The AVX2 GEMV serves M < kS16GemmMinM, and up to kS16GemvMaxM on large weights where the GEMM
-// would leave it a tail anyway (int8_gemv_takes), where the small-layer kernels do not (use_wv), in
+// The AVX2 GEMV serves M < kS16GemmMinM, and M = 23, 24 on large weights, where the GEMM would
+// compute a one-vector block (int8_gemv_takes), where the small-layer kernels do not (use_wv), in
 // passes of at most kS16GemvRows rows of x over the weight, the rows spread evenly over the
 // passes (M = 5: 3 + 2). Measured against the GEMM tiles (AVX2, 2 threads, one process,
 // alternating, FBGEMM alongside as the yardstick; 4096 x 4096 unless said): M = 4 0.66 vs
@@ -2544,7 +2550,6 @@ bool use_s16_avx2() { return use_avx2() && !use_vnni512() && !int8_avx2_legacy()
 // the limit, read on every call (A/B timing, tests).
 constexpr int64_t kS16GemvRows = 4;
 constexpr int64_t kS16GemvMaxM = 24;
-static_assert(kS16GemvRows <= kS16TailCap, "the GEMM's tail rows (s16_gemv_tail) fit its S16Tail");
 
 // With AVX-VNNI (avx2vnni) the GEMV is gemv_vnni256 (memory-bound to M = 8 at K = 4096) and
 // the GEMM matmul_vnni256, which takes over from M = 9, or from M = 8 where K > 4096 (x's
@@ -2573,11 +2578,15 @@ constexpr int64_t kVnni256LongK = 4096;  // K above which kVnni256GemvMaxMLongK 
 // method, W8A8, 9 rounds; ms, within / a call of their own / the 16 j rows alone): 4096 x 4096
 // M = 33 5.65 / 5.95 / 5.33, 36 4.12 / 4.35 / 3.63, 65 7.04 / 7.43 / 6.82; 11008 x 4096 M = 33
 // 14.98 / 15.82 / 13.57; 1536 x 384 M = 33 0.155 / 0.173 / 0.139, 36 0.163 / 0.182 / 0.139
-// (this host's speed moved between runs; each line is one run). FASTKERN_S16_GEMV_TAIL=0
-// turns it off (read on every call: A/B, tests).
+// (this host's speed moved between runs; each line is one run). Within the GEMM the tail also
+// pays up to 7 rows, where the GEMM alone ran them as a one-vector block (ms, the GEMM alone /
+// with the tail): 1536 x 384 M = 21 0.116 / 0.105, 22 0.129 / 0.113, 23 0.173 / 0.157, 37
+// 0.176 / 0.165, 39 0.300 / 0.274; 4096 x 4096 M = 38 4.55 / 4.35, 39 4.58 / 4.49; even at 8
+// rows (1536 x 384 M = 24 0.117 / 0.118, 40 0.177 / 0.178). FASTKERN_S16_GEMV_TAIL (rows up to
+// kS16TailCap, 0: off; read on every call: A/B, tests) sets the rows.
 int64_t s16_gemv_tail(int64_t M) {
-  const int64_t r = M % 16;
-  if (r == 0 || r > kS16GemvRows || M < 16 || env_knob("FASTKERN_S16_GEMV_TAIL", 1) == 0) return 0;
+  const int64_t r = M % 16, rows = std::min(kS16TailCap, env_knob("FASTKERN_S16_GEMV_TAIL", kS16TailRows));
+  if (r == 0 || r > rows || M < 16) return 0;
   return r;
 }
 
@@ -2593,8 +2602,14 @@ int64_t s16_gemv_tail(int64_t M) {
 // (4096 x 4096 M = 17 / 20 even: 2.27 / 2.61 against 2.24 / 2.59); on small weights the GEMM
 // wins there too (1536 x 384 M = 17 / 20 / 21 0.137 / 0.154 / 0.156 against 0.122 / 0.138 /
 // 0.145). Below M = 16 the GEMV wins (4096 x 4096 M = 12 / 13 1.66 / 1.78 against 2.03 / 2.03).
+// With the tail inside the GEMM (S16Tail, up to kS16TailRows) the GEMM + tail beat the GEMV
+// alone on those weights at M = 17..22 (same method, ms, GEMV / GEMM + tail): 11008 x 4096 M =
+// 19 6.42 / 6.03, 21 7.25 / 6.76, 22 7.61 / 7.39; 4096 x 4096 M = 19 2.45 / 2.40, 21 2.87 / 2.59,
+// 22 2.99 / 2.89; not from M = 23 (11008 x 4096 M = 23 8.08 / 8.42, 24 9.05 / 9.30; 4096 x 4096
+// 23 2.91 / 2.92, 24 3.09 / 3.18): the GEMV keeps M % 16 >= kS16TailGemvMinR there.
 constexpr int64_t kS16GemmMinM = 16;
 constexpr int64_t kS16TailGemvBytes = int64_t(16) << 20;
+constexpr int64_t kS16TailGemvMinR = 7;
 
 // Whether the GEMVs take M rows of x against the weight [N, K] (rather than a GEMM):
 // FASTKERN_INT8_GEMV_MAX_M sets the largest M they take (read on every call: A/B timing, tests).
@@ -2603,7 +2618,7 @@ bool int8_gemv_takes(int64_t M, int64_t N, int64_t K) {
   if (e && *e) return M <= std::max<int64_t>(kGemvMaxM, std::atoll(e));
   if (use_vnni256()) return M <= (K <= kVnni256LongK ? kVnni256GemvMaxM : kVnni256GemvMaxMLongK);
   if (M < kS16GemmMinM) return true;
-  return M <= kS16GemvMaxM && M % 16 != 0 && N * K >= kS16TailGemvBytes;
+  return M <= kS16GemvMaxM && M % 16 >= kS16TailGemvMinR && N * K >= kS16TailGemvBytes;
 }
 
 // C or o = A (int16 holding int8 values, zero-padded to lda >= round_up(K, 16)) x W^T: one
