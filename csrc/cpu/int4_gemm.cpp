@@ -1991,23 +1991,9 @@ void w4b_tail_block_r(const uint32_t* X, const uint32_t* B, int64_t ldb, int64_t
 void w4b_tail_block(int64_t r, const uint32_t* X, const uint32_t* B, int64_t ldb, int64_t rows, int64_t kp0,
                     int64_t kp1, const float* sw, int64_t G, int64_t hb, float* tot, bool first) {
   X += kp0 * r;
-  switch (r) {
-#define FASTKERN_TAIL_CASE(R) \
-  case R: return w4b_tail_block_r<R>(X, B, ldb, rows, kp0, kp1, sw, G, hb, tot, first);
-    FASTKERN_TAIL_CASE(1)
-    FASTKERN_TAIL_CASE(2)
-    FASTKERN_TAIL_CASE(3)
-    FASTKERN_TAIL_CASE(4)
-    FASTKERN_TAIL_CASE(5)
-    FASTKERN_TAIL_CASE(6)
-    FASTKERN_TAIL_CASE(7)
-    FASTKERN_TAIL_CASE(8)
-    FASTKERN_TAIL_CASE(9)
-    FASTKERN_TAIL_CASE(10)
-    FASTKERN_TAIL_CASE(11)
-    default: return w4b_tail_block_r<12>(X, B, ldb, rows, kp0, kp1, sw, G, hb, tot, first);
-#undef FASTKERN_TAIL_CASE
-  }
+  with_rows<kW4BfTailCap>(r, [&](auto R) {
+    w4b_tail_block_r<decltype(R)::value>(X, B, ldb, rows, kp0, kp1, sw, G, hb, tot, first);
+  });
 }
 
 // Y[i][n0 + j] (row stride N) = bf16(sum of tot[(j * r + i) * 16 ..] + b[n0 + j]) for the r tail

@@ -1026,19 +1026,9 @@ void vnni_tail_task(const VnniTail& t, const int8_t* W, int64_t N, int64_t K, in
     const int8_t* xp = t.xp + m0 * K64 * 64;
     const char* pf = reinterpret_cast<const char*>(W);
     const char* const pf_end = pf;
-    switch (mr) {
-#define FASTKERN_TAIL_CASE(R) \
-  case R: gemv_vnni_kb_rows<R>(xp, W, K, 0, K, n0, n1, part, true, pf, pf_end); break;
-      FASTKERN_TAIL_CASE(1)
-      FASTKERN_TAIL_CASE(2)
-      FASTKERN_TAIL_CASE(3)
-      FASTKERN_TAIL_CASE(4)
-      FASTKERN_TAIL_CASE(5)
-      FASTKERN_TAIL_CASE(6)
-      FASTKERN_TAIL_CASE(7)
-      default: gemv_vnni_kb_rows<8>(xp, W, K, 0, K, n0, n1, part, true, pf, pf_end); break;
-#undef FASTKERN_TAIL_CASE
-    }
+    with_rows<kVnniRowPass>(mr, [&](auto R) {
+      gemv_vnni_kb_rows<decltype(R)::value>(xp, W, K, 0, K, n0, n1, part, true, pf, pf_end);
+    });
     finish_row_parts(part, mr, t.asum + m0, n0, n1, t.o.from_row(m0, N), N);
   });
 }
@@ -2198,16 +2188,9 @@ FASTKERN_AVX2 void s16_tail_block_r(const S16Tail& t, int64_t k0, const int16_t*
 }
 void s16_tail_block(const S16Tail& t, int64_t k0, const int16_t* wb, int64_t ldb, int64_t rows, int64_t kc16,
                     int32_t* part, bool first) {
-  switch (t.r) {
-    case 1: return s16_tail_block_r<1>(t, k0, wb, ldb, rows, kc16, part, first);
-    case 2: return s16_tail_block_r<2>(t, k0, wb, ldb, rows, kc16, part, first);
-    case 3: return s16_tail_block_r<3>(t, k0, wb, ldb, rows, kc16, part, first);
-    case 4: return s16_tail_block_r<4>(t, k0, wb, ldb, rows, kc16, part, first);
-    case 5: return s16_tail_block_r<5>(t, k0, wb, ldb, rows, kc16, part, first);
-    case 6: return s16_tail_block_r<6>(t, k0, wb, ldb, rows, kc16, part, first);
-    case 7: return s16_tail_block_r<7>(t, k0, wb, ldb, rows, kc16, part, first);
-    default: return s16_tail_block_r<8>(t, k0, wb, ldb, rows, kc16, part, first);
-  }
+  with_rows<kS16TailCap>(t.r, [&](auto R) {
+    s16_tail_block_r<decltype(R)::value>(t, k0, wb, ldb, rows, kc16, part, first);
+  });
 }
 // the tail's outputs for weight rows [n0, n1) from their lane sums
 FASTKERN_AVX2 void s16_tail_finish(const S16Tail& t, const int32_t* part, int64_t N, int64_t n0, int64_t n1) {

@@ -20,6 +20,7 @@
 #include <cstring>
 #include <sstream>
 #include <string>
+#include <type_traits>
 
 #include "cpu/isa.h"
 
@@ -213,6 +214,15 @@ inline void for_each_pass(int64_t M, int64_t rows, const F& f) {
     f(m0, mr);
     m0 += mr;
   }
+}
+// f(std::integral_constant<int, R>{}) with R = r for a runtime row count r in [1, Max], R = Max
+// above it: one template instance of a kernel per row count
+template <int Max, class F>
+inline void with_rows(int64_t r, const F& f) {
+  if constexpr (Max > 1) {
+    if (r < Max) return with_rows<Max - 1>(r, f);
+  }
+  f(std::integral_constant<int, Max>{});
 }
 // the rows of for_each_pass's largest (first) pass
 inline int64_t largest_pass(int64_t M, int64_t rows) {
