@@ -1782,23 +1782,29 @@ inline bool use_w4_bf16_gemm(int64_t M, int64_t g) {
 // 0.202 / 0.202 for the tiles; 384 x 384 M = 17 / 20 / 23 0.032 / 0.035 / 0.042 against 0.041
 // / 0.042 / 0.042; 1536 x 384 M = 23 0.183 against 0.203): any size. Groups of a multiple of
 // 32 weights only (whole 16-pair vectors per group); others keep the tiles on all rows.
-// FASTKERN_W4A16_BF16_GEMV_TAIL (rows up to kW4BfTailCapRows, 0: off; read per call) sets
+// FASTKERN_W4A16_BF16_GEMV_TAIL (rows up to kW4BfTailCap, 0: off; read per call) sets
 // the rows.
 constexpr int64_t kW4BfTailRows = 10;
-constexpr int64_t kW4BfTailCapRows = 12;  // the most the knob may ask for (w4b_gemm_bf16's tail)
+constexpr int64_t kW4BfTailCap = 12;  // the most the knob may ask for (w4b_tail_block's cases)
 int64_t w4_bf16_tail_rows(int64_t M, int64_t g) {
   const int64_t r = tiles::gemv_tail_rows(M, "FASTKERN_W4A16_BF16_GEMV_TAIL", kW4BfTailRows, true);
-  return g % 32 == 0 && r <= kW4BfTailCapRows ? r : 0;
+  return g % 32 == 0 && r <= kW4BfTailCap ? r : 0;
 }
 
 // Rows [m0, m0 + w) of x (bf16, row stride ldx elements; zero from row M on), k pairs [k0, k1)
 // -> dst[kp * w + r] (dst: the block's [K/2][w] words). A pair of bf16 is the 32-bit word it
 // occupies in x, so this is a transpose of words. Returns false if a value is NaN, inf or
 // beyond kW4MaxX (bf16 magnitudes order as their bits: one unsigned compare).
+// The lanes of v (32 bf16) that hold NaN, inf or a value beyond kW4MaxX (bf16 magnitudes order
+// as their bits: one unsigned compare)
+FASTKERN_AVX512BF16 inline __mmask32 w4_bf16_beyond(__m512i v) {
+  return _mm512_cmpgt_epu16_mask(_mm512_and_si512(v, _mm512_set1_epi16(0x7FFF)),
+                                 _mm512_set1_epi16(int16_t(f32_to_bf16_rne(kW4MaxX))));
+}
+
 FASTKERN_AVX512BF16 bool w4_pack_x_bf16_block(const uint16_t* X, int64_t ldx, int64_t M, int64_t m0, int64_t w,
                                               int64_t k0, int64_t k1, uint32_t* dst) {
   alignas(64) uint32_t t[kW4BfBlockRows][16];
-  const __m512i mag = _mm512_set1_epi16(0x7FFF), lim = _mm512_set1_epi16(int16_t(f32_to_bf16_rne(kW4MaxX)));
   const int64_t rows = std::min<int64_t>(w, M - m0);
   __mmask32 bad = 0;
   for (int64_t kk = k0; kk < k1; kk += 16) {
@@ -1808,7 +1814,7 @@ FASTKERN_AVX512BF16 bool w4_pack_x_bf16_block(const uint16_t* X, int64_t ldx, in
       __m512i v = _mm512_setzero_si512();
       if (r < rows) {
         v = _mm512_maskz_loadu_epi16(mk, X + (m0 + r) * ldx + 2 * kk);
-        bad |= _mm512_cmpgt_epu16_mask(_mm512_and_si512(v, mag), lim);
+        bad |= w4_bf16_beyond(v);
       }
       _mm512_store_si512(t[r], v);
     }
@@ -1975,8 +1981,6 @@ FASTKERN_AVX512BF16 void w4b_tail_tile(const uint32_t* X, const uint32_t* B, int
     for (int i = 0; i < R; ++i) _mm512_storeu_ps(tot + (j * R + i) * 16, t[j][i]);
 }
 
-constexpr int64_t kW4BfTailCap = 12;  // rows (w4b_tail_block's cases)
-static_assert(kW4BfTailCapRows <= kW4BfTailCap, "w4_bf16_tail_rows stays within the tail's cases");
 
 template <int R>
 void w4b_tail_block_r(const uint32_t* X, const uint32_t* B, int64_t ldb, int64_t rows, int64_t kp0, int64_t kp1,
@@ -2012,16 +2016,16 @@ FASTKERN_AVX512BF16 void w4b_tail_out(const float* tot, int64_t r, int64_t rows,
     }
 }
 
-// Whether rows [0, r) of bf16 x (row stride ldx, K values each) hold no NaN, inf or value
-// beyond kW4MaxX (w4_pack_x_bf16's test)
-FASTKERN_AVX512BF16 bool w4_bf16_rows_ok(const uint16_t* X, int64_t ldx, int64_t r, int64_t K) {
-  const __m512i mag = _mm512_set1_epi16(0x7FFF), lim = _mm512_set1_epi16(int16_t(f32_to_bf16_rne(kW4MaxX)));
+// Rows [0, r) of bf16 x (rows of KP words, KP a multiple of 16) into xt as [pair / 16][r][16
+// words] (w4b_tail_tile); false if they hold NaN, inf or a value beyond kW4MaxX (as
+// w4_pack_x_bf16)
+FASTKERN_AVX512BF16 bool w4_pack_tail_bf16(const uint32_t* X, int64_t r, int64_t KP, uint32_t* xt) {
   __mmask32 bad = 0;
   for (int64_t i = 0; i < r; ++i)
-    for (int64_t k = 0; k < K; k += 32) {
-      const __mmask32 mk = K - k >= 32 ? ~__mmask32(0) : (__mmask32(1) << (K - k)) - 1;
-      const __m512i v = _mm512_maskz_loadu_epi16(mk, X + i * ldx + k);
-      bad |= _mm512_cmpgt_epu16_mask(_mm512_and_si512(v, mag), lim);
+    for (int64_t v = 0; v < KP / 16; ++v) {
+      const __m512i x = _mm512_loadu_si512(X + i * KP + v * 16);
+      bad |= w4_bf16_beyond(x);
+      _mm512_storeu_si512(xt + (v * r + i) * 16, x);
     }
   return bad == 0;
 }
@@ -2034,13 +2038,9 @@ bool w4b_gemm_bf16(const W4& p, const uint16_t* X, int64_t M_all, int64_t N, con
   const int64_t M = M_all - tail;
   const int64_t K = 2 * p.ldw, KP = p.ldw, Mp = round_up(M, 16), hb = p.g / 2;
   TORCH_INTERNAL_ASSERT(tail >= 0 && tail <= kW4BfTailCap && (tail == 0 || hb % 16 == 0), "w4b_gemm_bf16: tail ", tail);
-  if (tail > 0 && !w4_bf16_rows_ok(X + M * K, K, tail, K)) return false;
-  // the tail rows' words as [pair / 16][tail][16] (w4b_tail_tile; KP is a multiple of 16)
   Scratch xts(ScratchSlot::XQuant, size_t(tail * KP) * 4);
   uint32_t* xt = xts.as<uint32_t>();
-  const uint32_t* xw = reinterpret_cast<const uint32_t*>(X + M * K);
-  for (int64_t i = 0; i < tail; ++i)
-    for (int64_t v = 0; v < KP / 16; ++v) std::memcpy(xt + (v * tail + i) * 16, xw + i * KP + v * 16, 64);
+  if (tail > 0 && !w4_pack_tail_bf16(reinterpret_cast<const uint32_t*>(X + M * K), tail, KP, xt)) return false;
   // thread-kept scratch (scratch.h): no page faults per call
   Scratch apt(ScratchSlot::XPack, size_t(Mp * KP) * 4);
   uint32_t* ap = apt.as<uint32_t>();
