@@ -682,6 +682,56 @@ def test_w8a16_avx512_gemv_tiles(m, gen, monkeypatch):
 
 
 @NATIVE
+@pytest.mark.parametrize("m", [17, 20, 24, 26, 27, 28, 31, 33, 44, 76, 140])
+def test_w8a16_bf16_gemm_tail(m, gen, monkeypatch):
+    # bf16 x with AVX512-BF16, above the tiles: m = 16 j + r runs the last r rows within the
+    # vdpbf16ps GEMM (against each weight panel after its tiles) where K is a multiple of 32 and
+    # r <= 10 (8 below K = 4096; FASTKERN_W8A16_BF16_TAIL, up to 12, here). The first 16 j rows are
+    # bit for bit the GEMM's on them alone, the last r match the reference, 1 and 2 threads agree.
+    # 140 x 32 against 140000 weight rows: the GEMM runs M in passes of 64 rows there, the tail
+    # within the second.
+    from conftest import isa_skip_reason
+
+    why = isa_skip_reason("avx512")
+    if why:
+        pytest.skip(why)
+    if not _C.cpu_features()["avx512bf16"]:
+        pytest.skip("the vdpbf16ps GEMM needs AVX512-BF16")
+    r = m % 16
+    shapes = ((250, 1024), (37, 4096), (13, 544), (7, 32)) if m != 140 else ((140000, 32),)
+    with cpu_isa("avx512"):
+        for knob in ("12", "3", None):
+            for i, (n, k) in enumerate(shapes):
+                x = torch.randn(m, k, generator=gen).bfloat16()
+                w, s = make_w8(gen, n, k)
+                b = torch.randn(n, generator=gen) if i != 1 else None
+                if knob is None:
+                    monkeypatch.delenv("FASTKERN_W8A16_BF16_TAIL", raising=False)
+                    within = r <= (10 if k >= 4096 else 8)
+                else:
+                    monkeypatch.setenv("FASTKERN_W8A16_BF16_TAIL", knob)
+                    within = r <= int(knob)
+                xi = x.reshape(1, m, k) if i == 2 else x
+                one, two = on_1_and_2_threads(native("linear_w8a16"), xi, w, s, b)
+                assert torch.equal(one, two), (n, k, knob)
+                two = two.reshape(m, n)
+                assert_close_rel(two, ops.linear_w8a16_ref(x, w, s, b), torch.bfloat16)
+                if not within:
+                    continue
+                # the head: the GEMM alone (no tiles, no tail of either kind)
+                monkeypatch.setenv("FASTKERN_W8A16_BF16_TAIL", "0")
+                monkeypatch.setenv("FASTKERN_W8A16_GEMV_TAIL", "0")
+                monkeypatch.setenv("FASTKERN_W8A16_TILE_MAX_M", "0")
+                head = m - r
+                assert torch.equal(two[:head], native("linear_w8a16")(x[:head], w, s, b)), (n, k, knob)
+                # the tail against the reference on its rows alone (and so not the GEMM's
+                # zero-padded vector: a sum left out or counted twice shows here)
+                assert_close_rel(two[head:], ops.linear_w8a16_ref(x[head:], w, s, b), torch.bfloat16)
+                monkeypatch.delenv("FASTKERN_W8A16_GEMV_TAIL")
+                monkeypatch.delenv("FASTKERN_W8A16_TILE_MAX_M")
+
+
+@NATIVE
 @pytest.mark.parametrize("m", [16, 17, 20, 21, 25, 27, 28, 33, 43, 44])
 def test_w8a16_gemv_tail(m, gen, monkeypatch):
     # AVX-512, above the tiles (held to 24 here, 12 for bf16 x with AVX512-BF16): m = 16 j + r

@@ -22,7 +22,7 @@
 // tiles from M = 9, small layers included (section "AMX"). W8A16 with AVX-512 runs an fp32 GEMV
 // up to M = 3, GEMV tiles to M = 24 (32 under a 48 KiB L1d; 12 for bf16 x with AVX512-BF16) and
 // fp32 / vdpbf16ps GEMMs above, their last few rows past a multiple of 16 by the tiles or the
-// GEMV (w8a16_tail_rows). On small layers
+// GEMV (w8a16_tail_rows), or within the vdpbf16ps GEMM (w8a16_bf16_tail_rows). On small layers
 // (BERT/MiniLM-sized weights) at small M the VNNI paths run weight-vector kernels instead
 // (section "small M: weight vectors"; use_wv() says where; the AVX2 ones only where
 // FASTKERN_INT8_WV_MAX_M asks for them).
@@ -1551,14 +1551,17 @@ FASTKERN_AVX512BF16 void bf16_panel(const int8_t* W, int64_t K, int64_t n0, int6
   }
 }
 
-// Y [M, N] (bf16) = s[n] * (X [M, K] (bf16, row stride ldx) x bf16(W)^T) + b[n] (if b), rounded once
+// Y [M, N] (bf16) = s[n] * (X [M, K] (bf16, row stride ldx) x bf16(W)^T) + b[n] (if b), rounded
+// once; the last `tail` rows within it (w8a16_bf16_tail_rows)
 void w8a16_gemm_bf16(const uint16_t* X, int64_t ldx, int64_t M, const int8_t* W, const float* s, const float* b,
-                     int64_t N, int64_t K, uint16_t* Y) {
-  tiles::bf16_tile_gemm(X, ldx, M, W, K, N, K, Y, s, b,
-                        [&](int64_t n0, int64_t n1, int64_t k0, int64_t kc, uint32_t* panel, int64_t ldp) {
-                          bf16_panel(W, K, n0, n1, k0, kc, panel, ldp);
-                          return std::pair<const uint32_t*, int64_t>(panel, ldp);
-                        });
+                     int64_t N, int64_t K, uint16_t* Y, int64_t tail = 0) {
+  tiles::bf16_tile_gemm(
+      X, ldx, M, W, K, N, K, Y, s, b,
+      [&](int64_t n0, int64_t n1, int64_t k0, int64_t kc, uint32_t* panel, int64_t ldp) {
+        bf16_panel(W, K, n0, n1, k0, kc, panel, ldp);
+        return std::pair<const uint32_t*, int64_t>(panel, ldp);
+      },
+      false, tail);
 }
 #endif
 
@@ -3342,14 +3345,35 @@ int64_t w8f_tile_max_m(bool bf16_gemm) {
 // 21.45 / 22.36, 47 22.04 / 22.73, 49 28.11 / 23.04; bf16 x 4096 x 4096 M = 17 3.33 / 2.62, 18
 // 3.32 / 2.83, 20 3.32 / 3.10, 33 4.58 / 3.84; 11008 x 4096 M = 17 8.57 / 7.01, 20 8.73 / 8.70,
 // 33 11.68 / 9.95; a second run (4096 x 4096, 11008 x 4096, 4096 x 11008): M = 18 1.00-1.06x
-// faster, M = 20 0.92-1.04x, so bf16 to 2 rows. FASTKERN_W8A16_GEMV_TAIL (rows, 0: off; read per
-// call) sets the rows for any size.
+// faster, M = 20 0.92-1.04x, so bf16 to 2 rows (where the bf16 GEMM cannot take them within
+// itself: w8a16_bf16_tail_rows). FASTKERN_W8A16_GEMV_TAIL (rows, 0: off; read per call) sets
+// the rows for any size.
 constexpr int64_t kW8fTailRows = 11;
 constexpr int64_t kW8bTailRows = 2;
 constexpr int64_t kW8TailMinElems = int64_t(1) << 20;
 int64_t w8a16_tail_rows(int64_t M, int64_t N, int64_t K, bool bf16_gemm) {
   return tiles::gemv_tail_rows(M, "FASTKERN_W8A16_GEMV_TAIL", bf16_gemm ? kW8bTailRows : kW8fTailRows,
                                N * K >= kW8TailMinElems);
+}
+
+// The bf16 GEMM runs the last r rows within itself (tiles::bf16_tail_block) where K is a
+// multiple of 32: r <= kW8bFusedRows (kW8bFusedRowsSmallK below K = 4096), any size;
+// FASTKERN_W8A16_BF16_TAIL (rows up to tiles::kBf16TailCap, 0: off, read per call)
+// overrides. Elsewhere w8a16_tail_rows splits. Measured (Zen 4, 2 threads, one process, 7
+// alternating rounds, median ms, within / split (r <= 2 a call of its own) / the GEMM on all
+// rows): 4096 x 4096 M = 17 2.42 / 2.72 / 3.27, 20 2.61 / 3.25 / 3.25, 24 2.94 / 3.23 / 3.24,
+// 26 3.06 / 3.20 / 3.19, 27 3.13 / 3.18 / 3.19, 28 3.36 / 3.22 / 3.23, 33 3.35 / 3.57 / 4.34;
+// 11008 x 4096 M = 20 6.89 / 8.51 / 8.48, 26 8.10 / 8.34 / 8.39, 28 8.78 / 8.56 / 8.49; 4096 x
+// 11008 M = 20 6.64 / 8.37 / 8.35, 26 7.94 / 8.44 / 8.37; small K, 4096 x 512 M = 24 0.399 /
+// 0.424, 26 0.431 / 0.425; 1536 x 384 M = 24 0.136 / 0.140, 26 0.147 / 0.140; 2048 x 2048 M = 26
+// 0.830 / 0.820.
+constexpr int64_t kW8bFusedRows = 10;
+constexpr int64_t kW8bFusedRowsSmallK = 8;
+int64_t w8a16_bf16_tail_rows(int64_t M, int64_t K) {
+  if (K % 32 != 0) return 0;
+  const int64_t r = tiles::gemv_tail_rows(M, "FASTKERN_W8A16_BF16_TAIL",
+                                          K >= 4096 ? kW8bFusedRows : kW8bFusedRowsSmallK, true);
+  return r <= tiles::kBf16TailCap ? r : 0;
 }
 
 // Y [M, N] = X [M, K] (fp32, row stride ldx) x (float(W) * s)^T, plus bias (fp32 [N] or null)
@@ -3391,10 +3415,11 @@ at::Tensor linear_w8a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
       // the bf16 result written by the GEMM, bias included (no fp32 copy to convert)
       at::Tensor Y = at::empty({M, N}, x.options());
       const at::Tensor bf = bias_f32(bias);
-      const int64_t r = w8a16_tail_rows(M, N, K, true);
+      const int64_t within = w8a16_bf16_tail_rows(M, K);
+      const int64_t r = within > 0 ? 0 : w8a16_tail_rows(M, N, K, true);
       w8a16_gemm_bf16(reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>()), K, M - r, wc.data_ptr<int8_t>(),
                       ws.data_ptr<float>(), data_or_null(bf), N, K,
-                      reinterpret_cast<uint16_t*>(Y.data_ptr<at::BFloat16>()));
+                      reinterpret_cast<uint16_t*>(Y.data_ptr<at::BFloat16>()), within);
       if (r > 0) Y.narrow(0, M - r, r).copy_(linear_w8a16_cpu(xb.narrow(0, M - r, r), w, w_scale, bias));
       return Y.reshape(out_shape(x, N));
     }

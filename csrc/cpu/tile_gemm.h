@@ -267,6 +267,72 @@ inline void pack_x_bf16(const uint16_t* X, int64_t ldx, int64_t M, int64_t K, ui
   });
 }
 
+// ---- the last r rows of x within the GEMM (M = 16 j + r)
+//
+// The tiles compute whole vectors of 16 rows of x, so M = 16 j + r would cost 16 (j + 1).
+// Instead the last r rows (r <= kBf16TailCap) run against each weight panel right after its
+// tiles, while the panel is in L2: one 16-pair weight vector per row of the panel against the
+// r rows' pairs, packed [pair / 16][r][16 pairs] (read in place, rows K elements apart alias
+// in the L1), vdpbf16ps into lane sums per (weight row, x row) kept over the K blocks of a
+// task, and summed across the lanes into the task's CT columns past the tiles' at its end:
+// scales, bias and the rounding to bf16 are the tiles' (transpose_all). K must be a multiple
+// of 32 (whole 16-pair vectors in every K block).
+constexpr int64_t kBf16TailCap = 12;  // rows (bf16_tail_block's cases)
+
+struct Bf16Tail {
+  const uint32_t* xt = nullptr;  // the r rows' pairs, [K2 / 16][r][16]
+  int64_t r = 0;
+};
+
+// x rows [0, r) (bf16, row stride ldx elements, K a multiple of 32) into xt as [K2 / 16][r][16] pairs
+inline void pack_tail_bf16(const uint16_t* X, int64_t ldx, int64_t r, int64_t K, uint32_t* xt) {
+  const int64_t K2 = K / 2;
+  for (int64_t i = 0; i < r; ++i) {
+    const uint32_t* src = reinterpret_cast<const uint32_t*>(X + i * ldx);
+    for (int64_t v = 0; v < K2 / 16; ++v) std::copy(src + 16 * v, src + 16 * v + 16, xt + (v * r + i) * 16);
+  }
+}
+
+// Lane sums tot[(j R + i) 16 ..] (+)= weight rows j < NR of the panel (row stride ldp) against
+// the R tail rows xt (this K block's, [kc2 / 16][R][16]) over kc2 pairs (a multiple of 16)
+template <int R, int NR>
+FASTKERN_AVX512BF16 void bf16_tail_tile(const uint32_t* xt, const uint32_t* P, int64_t ldp, int64_t kc2, float* tot,
+                                        bool first) {
+  __m512 t[NR][R];
+  for (int j = 0; j < NR; ++j)
+    for (int i = 0; i < R; ++i) t[j][i] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(tot + (j * R + i) * 16);
+  for (int64_t kp = 0; kp < kc2; kp += 16) {
+    __m512i w[NR];
+    for (int j = 0; j < NR; ++j) w[j] = _mm512_loadu_si512(P + j * ldp + kp);
+    for (int i = 0; i < R; ++i) {
+      const __m512i xv = _mm512_loadu_si512(xt + (kp / 16 * R + i) * 16);
+      for (int j = 0; j < NR; ++j) t[j][i] = dpbf16_inplace(t[j][i], xv, w[j]);
+    }
+  }
+  for (int j = 0; j < NR; ++j)
+    for (int i = 0; i < R; ++i) _mm512_storeu_ps(tot + (j * R + i) * 16, t[j][i]);
+}
+template <int R>
+void bf16_tail_block_r(const uint32_t* xt, const uint32_t* P, int64_t ldp, int64_t rows, int64_t kc2, float* tot,
+                       bool first) {
+  constexpr int NR = R <= 6 ? 3 : 2;
+  int64_t j = 0;
+  for (; j + NR <= rows; j += NR) bf16_tail_tile<R, NR>(xt, P + j * ldp, ldp, kc2, tot + j * R * 16, first);
+  for (; j < rows; ++j) bf16_tail_tile<R, 1>(xt, P + j * ldp, ldp, kc2, tot + j * R * 16, first);
+}
+// The panel's rows against the tail's rows over K block pairs [kp0, kp0 + kc2)
+inline void bf16_tail_block(const Bf16Tail& t, int64_t kp0, const uint32_t* P, int64_t ldp, int64_t rows,
+                            int64_t kc2, float* tot, bool first) {
+  quant::with_rows<kBf16TailCap>(t.r, [&](auto R) {
+    bf16_tail_block_r<decltype(R)::value>(t.xt + kp0 * t.r, P, ldp, rows, kc2, tot, first);
+  });
+}
+// ct[j][i] (row stride ldct) = the sum of the lanes tot[(j r + i) 16 ..], j < rows, i < r
+FASTKERN_AVX512BF16 inline void bf16_tail_sums(const float* tot, int64_t r, int64_t rows, float* ct, int64_t ldct) {
+  for (int64_t j = 0; j < rows; ++j)
+    for (int64_t i = 0; i < r; ++i) ct[j * ldct + i] = _mm512_reduce_add_ps(_mm512_loadu_ps(tot + (j * r + i) * 16));
+}
+
 // Y[j][i] (row stride ldy) = bf16(CT[j][i]) for i < M, j in [j0, j1): the sums as they lie,
 // for a caller that asked for the transposed result
 FASTKERN_AVX512BF16 inline void rows_out_bf16(const float* ct, int64_t ldct, int64_t M, int64_t j0, int64_t j1,
@@ -287,22 +353,32 @@ FASTKERN_AVX512BF16 inline void rows_out_bf16(const float* ct, int64_t ldct, int
 // (ldp u32 per row), filled, or the weight's own rows. W: the weight as stored (row stride
 // ldw elements of T), whose next K block's lines are prefetched.
 // ldyt > 0: Y is the result's transpose, [N][M] with row stride ldyt (no scales or bias).
+// tail > 0: the `tail` rows of X after its M (and of Y after its M) by bf16_tail_block (M a
+// multiple of 16 then, K of 32; no transposed result).
 template <class T, class Fill>
 void bf16_tile_gemm_pass(const uint16_t* X, int64_t ldx, int64_t M, const T* W, int64_t ldw, int64_t N, int64_t K,
-                         uint16_t* Y, const float* s, const float* bias, const Fill& fill, int64_t ldyt = 0) {
+                         uint16_t* Y, const float* s, const float* bias, const Fill& fill, int64_t ldyt = 0,
+                         int64_t tail = 0) {
   TORCH_INTERNAL_ASSERT(ldyt == 0 || (s == nullptr && bias == nullptr),
                         "bf16_tile_gemm: a transposed result takes no scales or bias");
+  TORCH_INTERNAL_ASSERT(tail == 0 || (tail <= kBf16TailCap && M % 16 == 0 && K % 32 == 0 && ldyt == 0),
+                        "bf16_tile_gemm: tail ", tail, " with M ", M, ", K ", K);
   const int64_t Mp = round_up(M, 16), nmb = (M + 63) / 64, K2 = (K + 1) / 2;
+  const int64_t ldct = Mp + (tail > 0 ? 16 : 0);  // the tail's sums in the columns past the tiles'
   Scratch xps(ScratchSlot::XPack, Mp * K2 * sizeof(uint32_t));
-  Scratch cts(ScratchSlot::Out, N * Mp * sizeof(float));
+  Scratch cts(ScratchSlot::Out, N * ldct * sizeof(float));
+  Scratch xts(ScratchSlot::XQuant, tail * K2 * sizeof(uint32_t));
   uint32_t* xp = xps.as<uint32_t>();
   float* ct = cts.as<float>();
+  const Bf16Tail bt{xts.as<uint32_t>(), tail};
+  if (tail > 0) pack_tail_bf16(X + M * ldx, ldx, tail, K, xts.as<uint32_t>());
   pack_x_bf16(X, ldx, M, K, xp);
   // K columns per panel: twice the fp32 panel's, the same bytes
   constexpr int64_t KC = 2 * kF32KC;
   const int64_t nb = kF32TaskRows, kc2max = (std::min(KC, K) + 1) / 2;
   quant::parallel_rows(N, 12, 1, [&](int64_t r0, int64_t r1) {
     Scratch panel(ScratchSlot::Worker0, nb * kc2max * sizeof(uint32_t));
+    Scratch tts(ScratchSlot::Small, nb * tail * 16 * sizeof(float));
     std::vector<const char*> pfl;
     pfl.reserve(nb * (KC * sizeof(T) / 64 + 1));
     for (int64_t n0 = r0; n0 < r1; n0 += nb) {
@@ -317,24 +393,26 @@ void bf16_tile_gemm_pass(const uint16_t* X, int64_t ldx, int64_t M, const T* W, 
         for (int64_t mb = 0; mb < nmb; ++mb) {
           const int64_t m0 = mb * 64, vm = std::min<int64_t>(64, Mp - m0) / 16;
           const uint32_t* xb = xp + m0 * K2 + (k0 / 2) * 16 * vm;
-          float* c = ct + n0 * Mp + m0;
+          float* c = ct + n0 * ldct + m0;
           const int64_t p0 = std::min<int64_t>(pfl.size(), mb * per_mb);
           const int64_t np = std::min<int64_t>(pfl.size() - p0, per_mb);
           const char* const* pp = pfl.data() + p0;
           switch (vm) {
-            case 1: bf16_rows<1>(xb, P, ldp, n1 - n0, kc2, c, Mp, k0 > 0, pp, np); break;
-            case 2: bf16_rows<2>(xb, P, ldp, n1 - n0, kc2, c, Mp, k0 > 0, pp, np); break;
-            case 3: bf16_rows<3>(xb, P, ldp, n1 - n0, kc2, c, Mp, k0 > 0, pp, np); break;
-            default: bf16_rows<4>(xb, P, ldp, n1 - n0, kc2, c, Mp, k0 > 0, pp, np); break;
+            case 1: bf16_rows<1>(xb, P, ldp, n1 - n0, kc2, c, ldct, k0 > 0, pp, np); break;
+            case 2: bf16_rows<2>(xb, P, ldp, n1 - n0, kc2, c, ldct, k0 > 0, pp, np); break;
+            case 3: bf16_rows<3>(xb, P, ldp, n1 - n0, kc2, c, ldct, k0 > 0, pp, np); break;
+            default: bf16_rows<4>(xb, P, ldp, n1 - n0, kc2, c, ldct, k0 > 0, pp, np); break;
           }
         }
+        if (tail > 0) bf16_tail_block(bt, k0 / 2, P, ldp, n1 - n0, kc2, tts.as<float>(), k0 == 0);
       }
+      if (tail > 0) bf16_tail_sums(tts.as<float>(), tail, n1 - n0, ct + n0 * ldct + Mp, ldct);
     }
   });
   if (ldyt > 0)
-    at::parallel_for(0, N, 16, [&](int64_t j0, int64_t j1) { rows_out_bf16(ct, Mp, M, j0, j1, Y, ldyt); });
+    at::parallel_for(0, N, 16, [&](int64_t j0, int64_t j1) { rows_out_bf16(ct, ldct, M, j0, j1, Y, ldyt); });
   else
-    transpose_all(ct, Mp, M, N, Y, s, bias);
+    transpose_all(ct, ldct, M + tail, N, Y, s, bias);
 }
 
 // M in passes whose sums CT [N, pass] stay within a kept scratch buffer (kScratchKeepBytes):
@@ -342,13 +420,19 @@ void bf16_tile_gemm_pass(const uint16_t* X, int64_t ldx, int64_t M, const T* W, 
 // read once more per pass. 11008 x 4096 at M = 2048 (bf16 gemm, 2 threads): 265 against 319 ms
 // in one process (perf had put 10% of the time in page faults).
 // transposed: Y is the result's transpose, [N][M] (no scales or bias).
+// tail: the last rows of X by bf16_tail_block within the last pass (M - tail a multiple of 16,
+// K of 32, not transposed).
 template <class T, class Fill>
 void bf16_tile_gemm(const uint16_t* X, int64_t ldx, int64_t M, const T* W, int64_t ldw, int64_t N, int64_t K,
-                    uint16_t* Y, const float* s, const float* bias, const Fill& fill, bool transposed = false) {
+                    uint16_t* Y, const float* s, const float* bias, const Fill& fill, bool transposed = false,
+                    int64_t tail = 0) {
   const int64_t pass = std::max<int64_t>(64, int64_t(kScratchKeepBytes) / (std::max<int64_t>(N, 1) * 4) / 64 * 64);
-  for (int64_t m0 = 0; m0 < M; m0 += pass)
-    bf16_tile_gemm_pass(X + m0 * ldx, ldx, std::min(pass, M - m0), W, ldw, N, K, transposed ? Y + m0 : Y + m0 * N,
-                        s, bias, fill, transposed ? M : 0);
+  const int64_t Mh = M - tail;
+  for (int64_t m0 = 0; m0 < Mh; m0 += pass) {
+    const int64_t rows = std::min(pass, Mh - m0);
+    bf16_tile_gemm_pass(X + m0 * ldx, ldx, rows, W, ldw, N, K, transposed ? Y + m0 : Y + m0 * N, s, bias, fill,
+                        transposed ? M : 0, m0 + rows == Mh ? tail : 0);
+  }
 }
 #endif
 
