@@ -489,7 +489,9 @@ def test_gemm_bf16_gemv_tail(gen, monkeypatch):
     here, for any size), so each part is bit for bit what its own path gives on those rows
     alone; r >= 5 and M <= 16 keep the tile GEMM on all rows. Random data, odd K through the
     GEMV's masked tail and the tile's panels, a non-contiguous b; and the default on a b of 1M
-    elements against the reference."""
+    elements against the reference. (The tail within the tile GEMM, which takes these rows by
+    default where K is a multiple of 32, is off here: test_gemm_bf16_tail_within.)"""
+    monkeypatch.setenv("FASTKERN_GEMM_BF16_TAIL", "0")
     monkeypatch.setenv("FASTKERN_GEMM_BF16_GEMV_TAIL", "4")
     for m, n, k in [(17, 40, 1536), (18, 7, 33), (20, 29, 64), (33, 16, 301), (36, 45, 2049), (52, 3, 100),
                     (21, 20, 50), (16, 20, 50), (63, 9, 31)]:
@@ -512,6 +514,55 @@ def test_gemm_bf16_gemv_tail(gen, monkeypatch):
     a = torch.randn(19, 1024, generator=gen).bfloat16()
     b = torch.randn(1024, 1024, generator=gen).bfloat16()
     assert_close_rel(torch.ops.fastkern_C.gemm(a, b), ops.gemm_ref(a, b), torch.bfloat16)
+
+
+@needs_cpu
+@needs_bf16_dot
+@pytest.mark.parametrize("knob", ["12", None])
+def test_gemm_bf16_tail_within(knob, gen, monkeypatch):
+    """M = 16 j + r (j >= 1) with K a multiple of 32: the last r rows run within the tile GEMM,
+    against each weight panel after its tiles (r <= 8 by default, any size;
+    FASTKERN_GEMM_BF16_TAIL up to 12 here). The first 16 j rows are bit for bit the tile GEMM's on
+    them alone, the last r match the reference on their own rows, 1 and 2 threads agree; b read
+    in place (contiguous) and through panels (an odd offset), several K blocks (K = 2080), and
+    a 3-D a."""
+    from conftest import num_threads
+
+    monkeypatch.setenv("FASTKERN_GEMM_BF16_SWAP", "0")  # (b as the GEMM's x where N < M: no tail)
+    monkeypatch.setenv("FASTKERN_GEMM_BF16_MIN_M", "16")
+    if knob is None:
+        monkeypatch.delenv("FASTKERN_GEMM_BF16_TAIL", raising=False)
+    else:
+        monkeypatch.setenv("FASTKERN_GEMM_BF16_TAIL", knob)
+    cap = 8 if knob is None else int(knob)
+    for m, n, k in [(17, 40, 1536), (20, 29, 64), (24, 100, 2080), (28, 16, 32), (33, 7, 96), (44, 130, 512),
+                    (76, 21, 160), (27, 300, 1024)]:
+        for offset in (0, 1):
+            a = torch.randn(m, k, generator=gen).bfloat16()
+            b = torch.randn(n, k + 2, generator=gen).bfloat16()[:, offset:k + offset]
+            if offset == 0:
+                b = b.contiguous()
+            ai = a.reshape(2, m // 2, k) if m % 2 == 0 and offset else a
+            with num_threads(1):
+                one = torch.ops.fastkern_C.gemm(ai, b)
+            with num_threads(2):
+                out = torch.ops.fastkern_C.gemm(ai, b)
+            assert torch.equal(one, out), (m, n, k, offset)
+            out = out.reshape(m, n)
+            assert_close_rel(out, ops.gemm_ref(a, b), torch.bfloat16)
+            r = m % 16
+            if r > cap:
+                continue
+            head = m - r
+            monkeypatch.setenv("FASTKERN_GEMM_BF16_TAIL", "0")
+            monkeypatch.setenv("FASTKERN_GEMM_BF16_GEMV_TAIL", "0")
+            assert torch.equal(out[:head], torch.ops.fastkern_C.gemm(a[:head], b)), (m, n, k, offset)
+            assert_close_rel(out[head:], ops.gemm_ref(a[head:], b), torch.bfloat16)
+            monkeypatch.delenv("FASTKERN_GEMM_BF16_GEMV_TAIL")
+            if knob is None:
+                monkeypatch.delenv("FASTKERN_GEMM_BF16_TAIL")
+            else:
+                monkeypatch.setenv("FASTKERN_GEMM_BF16_TAIL", knob)
 
 
 @needs_cpu

@@ -380,8 +380,26 @@ int64_t bf16_gemv_tail(int64_t M, int64_t N, int64_t K) {
                                N * K >= kBf16GemvTailMinElems && N * K <= kBf16GemvTailMaxElems);
 }
 
-// C [M, N] bf16, rounded once from the fp32 sums (transposed: C is [N, M], b a2^T)
-void bf16_gemm(const at::Tensor& a2, const at::Tensor& b, uint16_t* C, bool transposed = false) {
+// Where K is a multiple of 32 the tile GEMM takes r <= kBf16TailWithinRows within itself
+// instead (tiles::bf16_tail_block: against each weight panel after its tiles, from L2), any
+// size; FASTKERN_GEMM_BF16_TAIL (rows up to tiles::kBf16TailCap, 0: off; read on every call)
+// overrides. Measured (Zen 4, 2 threads, one process, 7 alternating rounds, median ms, within
+// / the GEMV split above / the tile GEMM on all rows (torch's bf16 matmul), b rotated beyond
+// the L3): 17 x 4096 x 4096 2.16 / 3.01 / 3.06 (2.70), 24 x 4096 x 4096 2.87 / 3.17 / 3.12
+// (3.48), 26 x 4096 x 4096 3.04 / 3.10 / 3.08, 28 x 4096 x 4096 3.03 / 3.00 / 3.01; 17 x 11008 x
+// 4096 5.15 / 7.58 / 7.65 (6.89), 33 x 11008 x 4096 8.29 / 10.70 / 10.82 (10.00); 17 x 384 x
+// 1536 0.077 / 0.110 / 0.109 (0.083); 24 x 384 x 384 0.037 / 0.036 / 0.036; 40 x 1536 x 384
+// 0.186 / 0.182 / 0.188.
+constexpr int64_t kBf16TailWithinRows = 8;
+int64_t bf16_tail_within(int64_t M, int64_t K) {
+  if (K % 32 != 0) return 0;
+  const int64_t r = tiles::gemv_tail_rows(M, "FASTKERN_GEMM_BF16_TAIL", kBf16TailWithinRows, true);
+  return r <= tiles::kBf16TailCap ? r : 0;
+}
+
+// C [M, N] bf16, rounded once from the fp32 sums (transposed: C is [N, M], b a2^T); the last
+// `tail` rows of a2 within the tile GEMM (bf16_tail_within)
+void bf16_gemm(const at::Tensor& a2, const at::Tensor& b, uint16_t* C, bool transposed = false, int64_t tail = 0) {
   const int64_t M = a2.size(0), K = a2.size(1), N = b.size(0);
   at::Tensor ac = a2.stride(1) == 1 ? a2 : a2.contiguous();
   at::Tensor bc = b.stride(1) == 1 ? b : b.contiguous();
@@ -398,7 +416,7 @@ void bf16_gemm(const at::Tensor& a2, const at::Tensor& b, uint16_t* C, bool tran
                           bf16_copy_panel(B, ldb, n0, n1, k0, kc, panel, ldp);
                           return Rows(panel, ldp);
                         },
-                        transposed);
+                        transposed, tail);
 }
 #endif
 
@@ -452,6 +470,8 @@ at::Tensor gemm_cpu(const at::Tensor& a, const at::Tensor& b) {
     uint16_t* C = reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>());
     if (bf16_swap(M, N, K)) {
       bf16_gemm(b, a2, C, true);
+    } else if (const int64_t r = bf16_tail_within(M, K)) {
+      bf16_gemm(a2, b, C, false, r);
     } else if (const int64_t r = bf16_gemv_tail(M, N, K)) {
       bf16_gemm(a2.narrow(0, 0, M - r), b, C);
       // the last r rows by the GEMV (fp32 sums, rounded to bf16 once as its own path does)
