@@ -174,8 +174,8 @@ S24_MAX_TILE = {"avx2": 16, "avx512": 64}
 def test_sparse24_kept_weights_kernel_every_tail(gen, isa, dtype, monkeypatch):
     """The kept-weights kernel (M above the streaming path): every M tile width (1..4
     vectors) and a partial last vector, weight rows 1..4 of a register tile and past a
-    parallel chunk, K in several L1 blocks (kc = 32 KB / (4 W) columns on AVX-512,
-    16 KB on AVX2) with group tails of the 8-group packer steps. bf16 x takes it where
+    parallel chunk, K in several blocks (kc = 256 columns; K = 260 and 1028 end in a block of
+    one group) with group tails of the 8-group packer steps. bf16 x takes it where
     the pair kernel is off (no AVX512-BF16)."""
     monkeypatch.setenv("FASTKERN_S24_BF16_MIN_M", "0")
     lanes, wide = S24_LANES[isa], S24_MAX_TILE[isa]

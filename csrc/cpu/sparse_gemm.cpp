@@ -381,9 +381,8 @@ inline void put_transposed(Isa isa, const float* c, int64_t ldc, int64_t mm, int
 // broadcast against row k of a tile updates W outputs y[m0 .. m0+W, n] in W/16
 // (W/8) FMAs whose x operand is a load at an address decoded from meta
 // (4g + position): no dense weight is built, no FMA multiplies a pruned zero.
-// The weights go in K blocks of kc columns so that a tile's kc x W slice of xt
-// (<= 32 KB) stays in L1 while every row of a chunk of weight rows passes over
-// it. Per K block the chunk's values (as fp32) and meta are repacked group-major
+// The weights go in K blocks of kc columns (kS24KC), and every row of a chunk of weight rows
+// passes over a tile's kc x W slice of xt (16 KB with 16 columns of M, in L1). Per K block the chunk's values (as fp32) and meta are repacked group-major
 // for tiles of kS24Rows rows (one pointer walks all the rows of a tile, and
 // consecutive FMAs belong to different rows, so independent accumulator chains
 // sit next to each other in the instruction stream); the chunk's outputs
@@ -395,6 +394,15 @@ inline void put_transposed(Isa isa, const float* c, int64_t ldc, int64_t mm, int
 // ISA only, so results are identical for any thread count or chunking.
 
 constexpr int kS24Rows = 4;
+// K columns per block. It was the widest M tile's xt slice within 32 KB (zmm) / 16 KB (ymm):
+// 512 columns for one zmm vector of M (M = 9..16 with AVX-512), which ran 1.2-1.25x slower
+// than 256 on Zen 4 (32 KiB L1d; 2 threads, one process, alternating, median ms, 512 / 256 /
+// 384 columns: 4096 x 4096 M = 16 4.10 / 3.36 / 3.89, 4096 x 11008 M = 16 11.42 / 8.65 /
+// 10.65); wider tiles (128 / 64 columns before) ran 0.95-1.0x the time at 256 and within 3%
+// across 256..512 (4096 x 4096 / 11008 x 4096 / 4096 x 11008, M = 48..256: 128 / 256 columns
+// 6.73 / 6.43, 22.47 / 21.47, 44.67 / 41.61 ms at M = 48, 64, 128). The ymm tiles had 256 for
+// 16 columns of M already. FASTKERN_S24_KC (columns; read per call) overrides.
+constexpr int64_t kS24KC = 256;
 
 // One register tile: kS24Rows weight rows x MV vectors of M columns. pv: [ng][rows][2]
 // fp32 values, pm: [ng][rows] meta bytes.
@@ -514,7 +522,6 @@ struct S24TileSet {
   int lanes;         // floats per vector
   int mv_max;        // widest tile, in vectors
   S24TileFn fn[5];
-  int64_t l1_bytes;  // budget for a tile's kc x W slice of xt
 };
 
 // zmm: 6 rows x 16..64 columns of M (12..24 accumulators of 32 registers);
@@ -523,13 +530,13 @@ S24TileSet s24_tiles(Isa isa) {
   S24TileSet t{};
 #if FASTKERN_X86
   if (isa >= Isa::Avx512) {
-    t.lanes = 16, t.mv_max = 4, t.l1_bytes = 32 << 10;
+    t.lanes = 16, t.mv_max = 4;
     t.fn[1] = &s24t_tile_avx512<1>, t.fn[2] = &s24t_tile_avx512<2>;
     t.fn[3] = &s24t_tile_avx512<3>, t.fn[4] = &s24t_tile_avx512<4>;
     return t;
   }
   if (isa >= Isa::Avx2) {
-    t.lanes = 8, t.mv_max = 2, t.l1_bytes = 16 << 10;
+    t.lanes = 8, t.mv_max = 2;
     t.fn[1] = &s24t_tile_avx2<1>, t.fn[2] = &s24t_tile_avx2<2>;
     return t;
   }
@@ -718,9 +725,8 @@ bool s24_mvec(Isa isa, const at::Tensor& x2_in, const at::Tensor& values, const 
   // M tiles: widest first, the last one narrower (Mp = 80 -> 64 + 16).
   std::vector<int64_t> t_off, t_mv;
   m_tiles(Mp, L, ts.mv_max, t_off, t_mv);
-  const int64_t wmax = t_mv[0] * L;
-  // K block: the widest tile's slice within the L1 budget, a multiple of 4 columns.
-  const int64_t kc = std::min(K, std::max<int64_t>(32, ts.l1_bytes / (wmax * 4) / 32 * 32));
+  // K block: kS24KC columns (a multiple of 32)
+  const int64_t kc = std::min(K, std::max<int64_t>(32, env_knob("FASTKERN_S24_KC", kS24KC) / 32 * 32));
   // xt: tile t is [K][W_t] at xt + K * off_t; its rows are 64-byte aligned (W_t is a
   // multiple of 16 floats with zmm, of 8 with ymm; ATen's allocator aligns to 64).
   at::Tensor xt = at::empty({Mp * K + 16}, x2.options().dtype(at::kFloat));
