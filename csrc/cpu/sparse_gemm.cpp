@@ -10,8 +10,8 @@
 //   one vdpbf16ps lane, x expanded into the six position pairs of every group. The
 //   generic path expands 2:4 into the packed B panels of the dense blocked GEMM.
 // linear_blocksparse(x, blocks [nnzb, bn, bk], row_ptr [ceil(N/bn)+1], col_idx [nnzb], N, bias?)
-//   Empty blocks cost nothing: every kernel walks the CSR lists only. M <= 4 (12 on
-//   the AVX2 paths: bs_small_max_m): dot products along k over whole blocks; larger M: register tiles of weight
+//   Empty blocks cost nothing: every kernel walks the CSR lists only. M <= 4 (12, or
+//   16 with blocks of 16 columns or more, on the AVX2 paths: bs_small_max_m): dot products along k over whole blocks; larger M: register tiles of weight
 //   rows x columns of M over x transposed into panels of the tile's columns,
 //   weights broadcast straight from the blocks, the next block's x slice prefetched.
 #include <torch/library.h>
@@ -1310,13 +1310,16 @@ void bs_dot_block_row(Isa isa, const float* x, int64_t K, const T* blocks, const
 // 8 1.54 / 0.80, 12 1.28 / 0.86, 16 1.14 / 0.69-1.08, 24 1.50 / 1.02, 48 1.95 / 1.88; 8 x 8
 // blocks M = 8 0.75 / 0.44, 10 1.00 / 0.81, 12 0.96 / 1.00, 16 0.69-1.10 / 0.78-1.50; 32 x 32
 // M = 12 1.40 / 1.04, 16 1.55 / 1.44; 11008 x 4096 M = 5 4.17 / 1.67, 8 4.18 / 2.23, 16 4.25 /
-// 3.55, 32 6.05 / 6.69; 50% sparse M = 8 6.34 / 3.12. With AVX-512 the panels win from M = 6
-// (4096 x 4096: M = 5 0.67 / 0.66, 6 0.68 / 0.73, 8 0.71 / 1.01). FASTKERN_BS_SMALL_MAX_M
-// (read per call) overrides.
-constexpr int64_t kBsSmallMaxMAvx2 = 12;
-int64_t bs_small_max_m(Isa isa) {
+// 3.55, 32 6.05 / 6.69; 50% sparse M = 8 6.34 / 3.12; up to M = 16 with blocks of 16 columns
+// or more (16 x 16 M = 14 / 16: 4096 x 4096 1.26 / 0.69, 1.16 / 0.82, 11008 x 4096 4.18 / 3.14,
+// 4.09 / 3.43, 4096 x 14336 5.38 / 3.48, 5.56 / 3.78; 32 x 32 M = 16 1.00 / 0.92; 8 x 8 M = 14 /
+// 16 0.82 / 0.89, 0.86 / 1.01). With AVX-512 the panels win from M = 6 (4096 x 4096: M = 5 0.67
+// / 0.66, 6 0.68 / 0.73, 8 0.71 / 1.01). FASTKERN_BS_SMALL_MAX_M (read per call) overrides.
+constexpr int64_t kBsSmallMaxMAvx2 = 12, kBsSmallMaxMAvx2Wide = 16;
+int64_t bs_small_max_m(Isa isa, int64_t bk) {
   const bool avx2 = isa >= Isa::Avx2 && isa < Isa::Avx512;
-  return env_knob("FASTKERN_BS_SMALL_MAX_M", avx2 ? kBsSmallMaxMAvx2 : kSmallM);
+  return env_knob("FASTKERN_BS_SMALL_MAX_M",
+                  avx2 ? (bk >= 16 ? kBsSmallMaxMAvx2Wide : kBsSmallMaxMAvx2) : kSmallM);
 }
 
 template <class T>
@@ -1802,7 +1805,7 @@ at::Tensor linear_blocksparse_cpu(const at::Tensor& x, const at::Tensor& blocks_
     auto run = [&](auto tag) {
       using T = decltype(tag);
       const T* bp = blocks.data_ptr<T>();
-      if (M > bs_small_max_m(isa)) return bs_large_m<T>(isa, x2, bp, L, y);
+      if (M > bs_small_max_m(isa, bk)) return bs_large_m<T>(isa, x2, bp, L, y);
       bs_small_m<T>(isa, x2, bp, L, y);
       return true;
     };
