@@ -10,8 +10,8 @@
 //   one vdpbf16ps lane, x expanded into the six position pairs of every group. The
 //   generic path expands 2:4 into the packed B panels of the dense blocked GEMM.
 // linear_blocksparse(x, blocks [nnzb, bn, bk], row_ptr [ceil(N/bn)+1], col_idx [nnzb], N, bias?)
-//   Empty blocks cost nothing: every kernel walks the CSR lists only. M <= 4 (12, or
-//   16 with blocks of 16 columns or more, on the AVX2 paths: bs_small_max_m): dot products along k over whole blocks; larger M: register tiles of weight
+//   Empty blocks cost nothing: every kernel walks the CSR lists only. M <= 4 (8 on the
+//   AVX2 paths, 6 on AVX-512 with blocks of 16 columns or more: bs_small_max_m): dot products along k over whole blocks; larger M: register tiles of weight
 //   rows x columns of M over x transposed into panels of the tile's columns,
 //   weights broadcast straight from the blocks, the next block's x slice prefetched.
 #include <torch/library.h>
@@ -1303,23 +1303,20 @@ void bs_dot_block_row(Isa isa, const float* x, int64_t K, const T* blocks, const
   for (; r < rows; ++r) bs_dot_tile_generic<T, MT, 1>(x, K, blocks, L, nb, r, y, ldy);
 }
 
-// The dot-product path up to this M (the tiles of x^T panels above): kSmallM, and
-// kBsSmallMaxMAvx2 on the AVX2 paths, whose panel tiles cost the same for 5..16 rows of x as
-// for 16. Measured (Zen 4, AVX2 path, 2 threads, 90% sparse, weights beyond L3, one process,
-// alternating, median ms, panels / dot products): 4096 x 4096 16 x 16 blocks M = 5 1.51 / 0.60,
-// 8 1.54 / 0.80, 12 1.28 / 0.86, 16 1.14 / 0.69-1.08, 24 1.50 / 1.02, 48 1.95 / 1.88; 8 x 8
-// blocks M = 8 0.75 / 0.44, 10 1.00 / 0.81, 12 0.96 / 1.00, 16 0.69-1.10 / 0.78-1.50; 32 x 32
-// M = 12 1.40 / 1.04, 16 1.55 / 1.44; 11008 x 4096 M = 5 4.17 / 1.67, 8 4.18 / 2.23, 16 4.25 /
-// 3.55, 32 6.05 / 6.69; 50% sparse M = 8 6.34 / 3.12; up to M = 16 with blocks of 16 columns
-// or more (16 x 16 M = 14 / 16: 4096 x 4096 1.26 / 0.69, 1.16 / 0.82, 11008 x 4096 4.18 / 3.14,
-// 4.09 / 3.43, 4096 x 14336 5.38 / 3.48, 5.56 / 3.78; 32 x 32 M = 16 1.00 / 0.92; 8 x 8 M = 14 /
-// 16 0.82 / 0.89, 0.86 / 1.01). With AVX-512 the panels win from M = 6 (4096 x 4096: M = 5 0.67
-// / 0.66, 6 0.68 / 0.73, 8 0.71 / 1.01). FASTKERN_BS_SMALL_MAX_M (read per call) overrides.
-constexpr int64_t kBsSmallMaxMAvx2 = 12, kBsSmallMaxMAvx2Wide = 16;
+// The dot-product path up to this M (the tiles of x^T panels above). Measured (Zen 4, 2
+// threads, 90% sparse, weights beyond L3, one process, alternating, median ms, panels / dot
+// products, 4096 x 4096): AVX2 16 x 16 blocks M = 8 0.49 / 0.40, 10 0.47 / 0.46, 12 0.56 / 0.60,
+// 16 0.52 / 0.66; 8 x 8 M = 8 0.53 / 0.42, 10 0.57 / 0.50, 12 0.59 / 0.62; 32 x 32 M = 8 0.46 /
+// 0.44, 10 0.44 / 0.55; AVX-512 16 x 16 M = 5 0.47 / 0.30, 6 0.41 / 0.32, 8 0.40 / 0.43; 8 x 8 M
+// = 5 0.44 / 0.47, 6 0.42 / 0.60; 32 x 32 M = 6 0.39 / 0.33, 8 0.39 / 0.43. (Before the panels'
+// block prefetch (row_tiles) the AVX2 panels cost as much for 5..16 rows as for 16, 1.2-1.5 ms
+// here.) FASTKERN_BS_SMALL_MAX_M (read per call) overrides.
+constexpr int64_t kBsSmallMaxMAvx2 = 8, kBsSmallMaxMWide = 6;
 int64_t bs_small_max_m(Isa isa, int64_t bk) {
-  const bool avx2 = isa >= Isa::Avx2 && isa < Isa::Avx512;
-  return env_knob("FASTKERN_BS_SMALL_MAX_M",
-                  avx2 ? (bk >= 16 ? kBsSmallMaxMAvx2Wide : kBsSmallMaxMAvx2) : kSmallM);
+  const int64_t m = isa >= Isa::Avx512 ? (bk >= 16 ? kBsSmallMaxMWide : kSmallM)
+                    : isa >= Isa::Avx2 ? kBsSmallMaxMAvx2
+                                       : kSmallM;
+  return env_knob("FASTKERN_BS_SMALL_MAX_M", m);
 }
 
 template <class T>
@@ -1645,6 +1642,8 @@ bool bs_large_m(Isa isa, const at::Tensor& x2, const T* blocks, const BlockLayou
   // The blocks [b0, b1) of block row nb against the M tiles [ti0, ti1): tile ti's sums, [rows][mt],
   // at acc + (t_m0[ti] - t_m0[ti0]) * bn, carried from group to group (each output's sum runs
   // over the blocks in order) and added to what is there when `add`.
+  const bool panel_pf = env_knob("FASTKERN_BS_PANEL_PF", 1) != 0;
+  const int64_t nnzb_all = L.row_ptr[L.nbr];
   auto row_tiles = [&](at::Tensor& conv, int64_t nb, int64_t b0, int64_t b1, size_t ti0, size_t ti1, bool add,
                        float* acc) {
     const int64_t rows = L.valid_rows(nb);
@@ -1671,8 +1670,27 @@ bool bs_large_m(Isa isa, const at::Tensor& x2, const T* blocks, const BlockLayou
         const float* wg = pairs ? reinterpret_cast<const float*>(reinterpret_cast<const uint16_t*>(wrow) +
                                                                  (g0 - b0) * bn * bk)
                                 : wrow + (g0 - b0) * bn * bk;
+        // the first M tile brings the blocks in from memory: where its row tiles split the
+        // block row, the next group's lines into L2, spread over the row tiles (each tile reads
+        // a few rows of every block, a pattern the hardware prefetchers do not follow; a tile
+        // of all the rows reads the blocks front to back, and there a prefetch cost 7-15% at
+        // M = 16 with AVX-512). Measured (Zen 4, 2 threads, 4096 x
+        // 4096, 90% sparse 16 x 16 blocks, one process, alternating, ms, with / without): AVX2
+        // M = 17 0.81 / 1.40, 32 0.79 / 1.45, 64 1.50 / 2.26, 128 4.13 / 4.15; AVX-512 M = 17
+        // 0.68 / 0.79, 64 1.28 / 1.47, 128 2.83 / 2.87. FASTKERN_BS_PANEL_PF=0 turns it off.
+        const char* pf = nullptr;
+        int64_t pf_lines = 0, pf_per = 0;
+        if (panel_pf && ti == ti0 && t.rmax < rows && std::is_same<T, float>::value) {
+          const int64_t n1 = std::min(nnzb_all, b1 + group) - g1;  // blocks after this group (the next block row's too)
+          if (n1 > 0) {
+            pf = reinterpret_cast<const char*>(reinterpret_cast<const float*>(blocks) + g1 * bn * bk);
+            pf_lines = std::min(n1, group) * bn * bk * 4 / 64;
+            pf_per = div_up(pf_lines, div_up(rows, t.rmax));
+          }
+        }
         for (int64_t r0 = 0; r0 < rows; r0 += t.rmax) {
           const int R = static_cast<int>(std::min<int64_t>(t.rmax, rows - r0));
+          for (int64_t i = 0; i < pf_per && pf_lines > 0; ++i, --pf_lines, pf += 64) __builtin_prefetch(pf, 0, 2);
           t.fn[R](xp, ldp, wg, L, g0, g1, r0, a + r0 * t.mt, add || g0 > b0);
         }
       }
