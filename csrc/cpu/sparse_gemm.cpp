@@ -10,7 +10,7 @@
 //   one vdpbf16ps lane, x expanded into the six position pairs of every group. The
 //   generic path expands 2:4 into the packed B panels of the dense blocked GEMM.
 // linear_blocksparse(x, blocks [nnzb, bn, bk], row_ptr [ceil(N/bn)+1], col_idx [nnzb], N, bias?)
-//   Empty blocks cost nothing: every kernel walks the CSR lists only. M <= 4 (8 on the
+//   Empty blocks cost nothing: every kernel walks the CSR lists only. M <= 4 (12 on the
 //   AVX2 paths, 6 on AVX-512 with blocks of 16 columns or more: bs_small_max_m): dot products along k over whole blocks; larger M: register tiles of weight
 //   rows x columns of M over x transposed into panels of the tile's columns,
 //   weights broadcast straight from the blocks, the next block's x slice prefetched.
@@ -1304,14 +1304,15 @@ void bs_dot_block_row(Isa isa, const float* x, int64_t K, const T* blocks, const
 }
 
 // The dot-product path up to this M (the tiles of x^T panels above). Measured (Zen 4, 2
-// threads, 90% sparse, weights beyond L3, one process, alternating, median ms, panels / dot
-// products, 4096 x 4096): AVX2 16 x 16 blocks M = 8 0.49 / 0.40, 10 0.47 / 0.46, 12 0.56 / 0.60,
-// 16 0.52 / 0.66; 8 x 8 M = 8 0.53 / 0.42, 10 0.57 / 0.50, 12 0.59 / 0.62; 32 x 32 M = 8 0.46 /
-// 0.44, 10 0.44 / 0.55; AVX-512 16 x 16 M = 5 0.47 / 0.30, 6 0.41 / 0.32, 8 0.40 / 0.43; 8 x 8 M
-// = 5 0.44 / 0.47, 6 0.42 / 0.60; 32 x 32 M = 6 0.39 / 0.33, 8 0.39 / 0.43. (Before the panels'
-// block prefetch (row_tiles) the AVX2 panels cost as much for 5..16 rows as for 16, 1.2-1.5 ms
-// here.) FASTKERN_BS_SMALL_MAX_M (read per call) overrides.
-constexpr int64_t kBsSmallMaxMAvx2 = 8, kBsSmallMaxMWide = 6;
+// threads, 90% sparse 16 x 16 blocks, 4096 x 4096, weights beyond L3, one process,
+// alternating, median ms, panels / dot products): AVX2 M = 6 0.70 / 0.43, 8 0.69 / 0.51, 10
+// 0.69 / 0.59, 12 0.69 / 0.68, 16 0.72 / 0.90; AVX-512 M = 5 0.47 / 0.41, 6 0.47 / 0.44, 8 0.49
+// / 0.54. In the harness (peers timed between) the dot products stayed ahead at M = 12 (0.66-0.79
+// against 1.13 ms). With weights in the L3, 8 x 8 blocks lost with AVX-512 from M = 5 (0.44 /
+// 0.47) and 32 x 32 blocks with AVX2 from M = 10 (0.44 / 0.55). (Before the panels' block
+// prefetch (row_tiles) the AVX2 panels cost as much for 5..16 rows as for 16, 1.2-1.5 ms here.)
+// FASTKERN_BS_SMALL_MAX_M (read per call) overrides.
+constexpr int64_t kBsSmallMaxMAvx2 = 12, kBsSmallMaxMWide = 6;
 int64_t bs_small_max_m(Isa isa, int64_t bk) {
   const int64_t m = isa >= Isa::Avx512 ? (bk >= 16 ? kBsSmallMaxMWide : kSmallM)
                     : isa >= Isa::Avx2 ? kBsSmallMaxMAvx2
