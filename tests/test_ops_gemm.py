@@ -524,8 +524,8 @@ def test_gemm_bf16_tail_within(knob, gen, monkeypatch):
     against each weight panel after its tiles (r <= 8 by default, any size;
     FASTKERN_GEMM_BF16_TAIL up to 12 here). The first 16 j rows are bit for bit the tile GEMM's on
     them alone, the last r match the reference on their own rows, 1 and 2 threads agree; b read
-    in place (contiguous) and through panels (an odd offset), several K blocks (K = 2080), and
-    a 3-D a."""
+    in place (contiguous) and through panels (an odd offset, a's rows an odd number of elements
+    apart too), several K blocks (K = 2080), and a 3-D a."""
     from conftest import num_threads
 
     monkeypatch.setenv("FASTKERN_GEMM_BF16_SWAP", "0")  # (b as the GEMM's x where N < M: no tail)
@@ -538,11 +538,12 @@ def test_gemm_bf16_tail_within(knob, gen, monkeypatch):
     for m, n, k in [(17, 40, 1536), (20, 29, 64), (24, 100, 2080), (28, 16, 32), (33, 7, 96), (44, 130, 512),
                     (76, 21, 160), (27, 300, 1024)]:
         for offset in (0, 1):
-            a = torch.randn(m, k, generator=gen).bfloat16()
+            # offset 1: rows of a and b an odd number of elements apart (2-byte aligned pairs)
+            a = torch.randn(m, k + 1, generator=gen).bfloat16()[:, offset:k + offset]
             b = torch.randn(n, k + 2, generator=gen).bfloat16()[:, offset:k + offset]
             if offset == 0:
                 b = b.contiguous()
-            ai = a.reshape(2, m // 2, k) if m % 2 == 0 and offset else a
+            ai = a.contiguous().reshape(2, m // 2, k) if m % 2 == 0 and not offset else a
             with num_threads(1):
                 one = torch.ops.fastkern_C.gemm(ai, b)
             with num_threads(2):

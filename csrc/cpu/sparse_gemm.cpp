@@ -11,7 +11,8 @@
 //   generic path expands 2:4 into the packed B panels of the dense blocked GEMM.
 // linear_blocksparse(x, blocks [nnzb, bn, bk], row_ptr [ceil(N/bn)+1], col_idx [nnzb], N, bias?)
 //   Empty blocks cost nothing: every kernel walks the CSR lists only. M <= 4 (12 on the
-//   AVX2 paths, 6 on AVX-512 with blocks of 16 columns or more: bs_small_max_m): dot products along k over whole blocks; larger M: register tiles of weight
+//   AVX2 paths, 6 on AVX-512 with blocks of 16 columns or more: bs_small_max_m): dot
+//   products along k over whole blocks; larger M: register tiles of weight
 //   rows x columns of M over x transposed into panels of the tile's columns,
 //   weights broadcast straight from the blocks, the next block's x slice prefetched.
 #include <torch/library.h>
@@ -382,7 +383,8 @@ inline void put_transposed(Isa isa, const float* c, int64_t ldc, int64_t mm, int
 // (W/8) FMAs whose x operand is a load at an address decoded from meta
 // (4g + position): no dense weight is built, no FMA multiplies a pruned zero.
 // The weights go in K blocks of kc columns (kS24KC), and every row of a chunk of weight rows
-// passes over a tile's kc x W slice of xt (16 KB with 16 columns of M, in L1). Per K block the chunk's values (as fp32) and meta are repacked group-major
+// passes over a tile's kc x W slice of xt (16 KB with 16 columns of M, in L1). Per K block
+// the chunk's values (as fp32) and meta are repacked group-major
 // for tiles of kS24Rows rows (one pointer walks all the rows of a tile, and
 // consecutive FMAs belong to different rows, so independent accumulator chains
 // sit next to each other in the instruction stream); the chunk's outputs
@@ -1675,14 +1677,15 @@ bool bs_large_m(Isa isa, const at::Tensor& x2, const T* blocks, const BlockLayou
         // block row, the next group's lines into L2, spread over the row tiles (each tile reads
         // a few rows of every block, a pattern the hardware prefetchers do not follow; a tile
         // of all the rows reads the blocks front to back, and there a prefetch cost 7-15% at
-        // M = 16 with AVX-512). Measured (Zen 4, 2 threads, 4096 x
-        // 4096, 90% sparse 16 x 16 blocks, one process, alternating, ms, with / without): AVX2
-        // M = 17 0.81 / 1.40, 32 0.79 / 1.45, 64 1.50 / 2.26, 128 4.13 / 4.15; AVX-512 M = 17
-        // 0.68 / 0.79, 64 1.28 / 1.47, 128 2.83 / 2.87. FASTKERN_BS_PANEL_PF=0 turns it off.
+        // M = 16 with AVX-512). Measured (Zen 4, 2 threads, 4096 x 4096, 90% sparse 16 x 16
+        // blocks, one process, alternating, ms, with / without): AVX2 M = 17 0.81 / 1.40, 32
+        // 0.79 / 1.45, 64 1.50 / 2.26, 128 4.13 / 4.15; AVX-512 M = 17 0.68 / 0.79, 64 1.28 /
+        // 1.47, 128 2.83 / 2.87. FASTKERN_BS_PANEL_PF=0 turns it off.
         const char* pf = nullptr;
         int64_t pf_lines = 0, pf_per = 0;
         if (panel_pf && ti == ti0 && t.rmax < rows && std::is_same<T, float>::value) {
-          const int64_t n1 = std::min(nnzb_all, b1 + group) - g1;  // blocks after this group (the next block row's too)
+          // the blocks after this group (those of the next block row too)
+          const int64_t n1 = std::min(nnzb_all, b1 + group) - g1;
           if (n1 > 0) {
             pf = reinterpret_cast<const char*>(reinterpret_cast<const float*>(blocks) + g1 * bn * bk);
             pf_lines = std::min(n1, group) * bn * bk * 4 / 64;

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -284,13 +285,11 @@ struct Bf16Tail {
   int64_t r = 0;
 };
 
-// x rows [0, r) (bf16, row stride ldx elements, K a multiple of 32) into xt as [K2 / 16][r][16] pairs
+// x rows [0, r) (bf16, row stride ldx elements, K a multiple of 32) into xt as [K2 / 16][r][16]
+// pairs (a pair: x[2k] in the low half; memcpy, as rows may start on any 2-byte boundary)
 inline void pack_tail_bf16(const uint16_t* X, int64_t ldx, int64_t r, int64_t K, uint32_t* xt) {
-  const int64_t K2 = K / 2;
-  for (int64_t i = 0; i < r; ++i) {
-    const uint32_t* src = reinterpret_cast<const uint32_t*>(X + i * ldx);
-    for (int64_t v = 0; v < K2 / 16; ++v) std::copy(src + 16 * v, src + 16 * v + 16, xt + (v * r + i) * 16);
-  }
+  for (int64_t i = 0; i < r; ++i)
+    for (int64_t v = 0; v < K / 32; ++v) std::memcpy(xt + (v * r + i) * 16, X + i * ldx + 32 * v, 64);
 }
 
 // Lane sums tot[(j R + i) 16 ..] (+)= weight rows j < NR of the panel (row stride ldp) against
