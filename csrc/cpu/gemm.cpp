@@ -392,9 +392,7 @@ int64_t bf16_gemv_tail(int64_t M, int64_t N, int64_t K) {
 // 0.186 / 0.182 / 0.188.
 constexpr int64_t kBf16TailWithinRows = 8;
 int64_t bf16_tail_within(int64_t M, int64_t K) {
-  if (K % 32 != 0) return 0;
-  const int64_t r = tiles::gemv_tail_rows(M, "FASTKERN_GEMM_BF16_TAIL", kBf16TailWithinRows, true);
-  return r <= tiles::kBf16TailCap ? r : 0;
+  return tiles::bf16_tail_rows(M, K, "FASTKERN_GEMM_BF16_TAIL", kBf16TailWithinRows);
 }
 
 // C [M, N] bf16, rounded once from the fp32 sums (transposed: C is [N, M], b a2^T); the last

@@ -3370,10 +3370,7 @@ int64_t w8a16_tail_rows(int64_t M, int64_t N, int64_t K, bool bf16_gemm) {
 constexpr int64_t kW8bFusedRows = 10;
 constexpr int64_t kW8bFusedRowsSmallK = 8;
 int64_t w8a16_bf16_tail_rows(int64_t M, int64_t K) {
-  if (K % 32 != 0) return 0;
-  const int64_t r = tiles::gemv_tail_rows(M, "FASTKERN_W8A16_BF16_TAIL",
-                                          K >= 4096 ? kW8bFusedRows : kW8bFusedRowsSmallK, true);
-  return r <= tiles::kBf16TailCap ? r : 0;
+  return tiles::bf16_tail_rows(M, K, "FASTKERN_W8A16_BF16_TAIL", K >= 4096 ? kW8bFusedRows : kW8bFusedRowsSmallK);
 }
 
 // Y [M, N] = X [M, K] (fp32, row stride ldx) x (float(W) * s)^T, plus bias (fp32 [N] or null)

@@ -280,6 +280,14 @@ inline void pack_x_bf16(const uint16_t* X, int64_t ldx, int64_t M, int64_t K, ui
 // of 32 (whole 16-pair vectors in every K block).
 constexpr int64_t kBf16TailCap = 12;  // rows (bf16_tail_block's cases)
 
+// The rows the bf16 GEMM takes within itself at this M (gemv_tail_rows's rule with
+// max_rows, knob up to kBf16TailCap), 0 where K is not a multiple of 32
+inline int64_t bf16_tail_rows(int64_t M, int64_t K, const char* knob, int64_t max_rows) {
+  if (K % 32 != 0) return 0;
+  const int64_t r = gemv_tail_rows(M, knob, max_rows, true);
+  return r <= kBf16TailCap ? r : 0;
+}
+
 struct Bf16Tail {
   const uint32_t* xt = nullptr;  // the r rows' pairs, [K2 / 16][r][16]
   int64_t r = 0;
