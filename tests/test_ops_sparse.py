@@ -165,7 +165,7 @@ def test_sparse24_garbage_meta_stays_in_bounds(gen, isa, m):
 # the lanes of a vector and the widest M tile of the kept-weights kernel above it
 S24_STREAM_MAX_M = {"generic": 4, "avx2": 8, "avx512": 8}
 S24_LANES = {"avx2": 8, "avx512": 16}
-S24_MAX_TILE = {"avx2": 16, "avx512": 64}
+S24_MAX_TILE = {"avx2": 32, "avx512": 64}
 
 
 @needs_cpu24
@@ -173,10 +173,10 @@ S24_MAX_TILE = {"avx2": 16, "avx512": 64}
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_sparse24_kept_weights_kernel_every_tail(gen, isa, dtype, monkeypatch):
     """The kept-weights kernel (M above the streaming path): every M tile width (1..4
-    vectors) and a partial last vector, weight rows 1..4 of a register tile and past a
-    parallel chunk, K in several blocks (kc = 256 columns; K = 260 and 1028 end in a block of
-    one group) with group tails of the 8-group packer steps. bf16 x takes it where
-    the pair kernel is off (no AVX512-BF16)."""
+    vectors; the 4-vector ymm tile in two passes of 2 weight rows) and a partial last vector,
+    weight rows 1..4 of a register tile and past a parallel chunk, K in several blocks (kc = 256
+    or 128 columns; K = 260 and 1028 end in a block of one group) with group tails of the
+    8-group packer steps. bf16 x takes it where the pair kernel is off (no AVX512-BF16)."""
     monkeypatch.setenv("FASTKERN_S24_BF16_MIN_M", "0")
     lanes, wide = S24_LANES[isa], S24_MAX_TILE[isa]
     lo = S24_STREAM_MAX_M[isa] + 1

@@ -403,8 +403,12 @@ constexpr int kS24Rows = 4;
 // 10.65); wider tiles (128 / 64 columns before) ran 0.95-1.0x the time at 256 and within 3%
 // across 256..512 (4096 x 4096 / 11008 x 4096 / 4096 x 11008, M = 48..256: 128 / 256 columns
 // 6.73 / 6.43, 22.47 / 21.47, 44.67 / 41.61 ms at M = 48, 64, 128). The ymm tiles had 256 for
-// 16 columns of M already. FASTKERN_S24_KC (columns; read per call) overrides.
+// 16 columns of M already. The ymm tiles of 24 and 32 columns (AVX2: M > 16) take 128 columns
+// (16 KB of xt at 32), which ran 0.90-0.97x the time of 256 (Zen 4, 2 threads, one process,
+// alternating: 4096 x 4096 / 11008 x 4096 / 4096 x 11008 M = 24..256, 1536 x 384 / 384 x 1536
+// M = 128..2048). FASTKERN_S24_KC (columns; read per call) overrides both.
 constexpr int64_t kS24KC = 256;
+constexpr int64_t kS24KCYmmWide = 128;
 
 // One register tile: kS24Rows weight rows x MV vectors of M columns. pv: [ng][rows][2]
 // fp32 values, pm: [ng][rows] meta bytes.
@@ -473,47 +477,56 @@ FASTKERN_AVX512 void s24t_tile_avx512(int64_t ng, const float* xs, const float* 
   s24_store_tile_avx512(acc, ct, ldct, rows_valid, accumulate);
 }
 
-template <int MV>
+// ymm (16 registers): the tile's kS24Rows rows go in passes of RH rows over the same xs slice
+// (from L1), RH x MV accumulators per pass. Every kept weight costs a broadcast for the
+// tile's MV FMAs, and each FMA loads its own x vector, so wider passes load less per FMA:
+// with 4 rows x 16 columns of M (MV = 2) a core ran 8-10 multiply-adds per cycle, with 2
+// rows x 32 columns (MV = 4) 11.5 (Zen 4, xs in L1; a 4 x 24 pass, MV = 3, 10.9).
+template <int MV, int RH = (MV >= 4 ? 2 : kS24Rows)>
 FASTKERN_AVX2 void s24t_tile_avx2(int64_t ng, const float* xs, const float* pv, const uint8_t* pm, float* ct,
                                   int64_t ldct, int rows_valid, bool accumulate, const char* const* pf, int64_t npf) {
   constexpr int R = kS24Rows, W = 8 * MV, A = MV == 1 ? 2 : 1;
-  __m256 acc[A][R][MV];
+  static_assert(R % RH == 0, "passes of whole rows");
+#pragma GCC unroll 1
+  for (int h = 0; h < R && h < rows_valid; h += RH) {
+    __m256 acc[A][RH][MV];
 #pragma GCC unroll 2
-  for (int a = 0; a < A; ++a)
+    for (int a = 0; a < A; ++a)
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
+      for (int r = 0; r < RH; ++r)
 #pragma GCC unroll 4
-      for (int u = 0; u < MV; ++u) acc[a][r][u] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < ng; ++g) {
-    if (2 * g < npf) {
-      _mm_prefetch(pf[2 * g], _MM_HINT_T0);
-      if (2 * g + 1 < npf) _mm_prefetch(pf[2 * g + 1], _MM_HINT_T0);
-    }
-    uint32_t q;
-    std::memcpy(&q, pm + g * R, 4);
-    const float* xg = xs + 4 * g * W;
-    const float* v = pv + g * 2 * R;
+        for (int u = 0; u < MV; ++u) acc[a][r][u] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < ng; ++g) {
+      if (h == 0 && 2 * g < npf) {
+        _mm_prefetch(pf[2 * g], _MM_HINT_T0);
+        if (2 * g + 1 < npf) _mm_prefetch(pf[2 * g + 1], _MM_HINT_T0);
+      }
+      uint32_t q;
+      std::memcpy(&q, pm + g * R, 4);
+      const float* xg = xs + 4 * g * W;
+      const float* v = pv + g * 2 * R;
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const uint32_t b = q >> (8 * r);
-      const float* x0 = xg + (b & 3) * W;
-      const float* x1 = xg + ((b >> 2) & 3) * W;
-      const __m256 w0 = _mm256_broadcast_ss(v + 2 * r), w1 = _mm256_broadcast_ss(v + 2 * r + 1);
+      for (int r = 0; r < RH; ++r) {
+        const uint32_t b = q >> (8 * (h + r));
+        const float* x0 = xg + (b & 3) * W;
+        const float* x1 = xg + ((b >> 2) & 3) * W;
+        const __m256 w0 = _mm256_broadcast_ss(v + 2 * (h + r)), w1 = _mm256_broadcast_ss(v + 2 * (h + r) + 1);
 #pragma GCC unroll 4
-      for (int u = 0; u < MV; ++u) {
-        acc[0][r][u] = _mm256_fmadd_ps(w0, _mm256_load_ps(x0 + 8 * u), acc[0][r][u]);
-        acc[A - 1][r][u] = _mm256_fmadd_ps(w1, _mm256_load_ps(x1 + 8 * u), acc[A - 1][r][u]);
+        for (int u = 0; u < MV; ++u) {
+          acc[0][r][u] = _mm256_fmadd_ps(w0, _mm256_load_ps(x0 + 8 * u), acc[0][r][u]);
+          acc[A - 1][r][u] = _mm256_fmadd_ps(w1, _mm256_load_ps(x1 + 8 * u), acc[A - 1][r][u]);
+        }
       }
     }
-  }
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    if (r >= rows_valid) break;
+    for (int r = 0; r < RH; ++r) {
+      if (h + r >= rows_valid) break;
 #pragma GCC unroll 4
-    for (int u = 0; u < MV; ++u) {
-      __m256 s = A == 2 ? _mm256_add_ps(acc[0][r][u], acc[A - 1][r][u]) : acc[0][r][u];
-      float* c = ct + r * ldct + 8 * u;
-      _mm256_storeu_ps(c, accumulate ? _mm256_add_ps(_mm256_loadu_ps(c), s) : s);
+      for (int u = 0; u < MV; ++u) {
+        __m256 s = A == 2 ? _mm256_add_ps(acc[0][r][u], acc[A - 1][r][u]) : acc[0][r][u];
+        float* c = ct + (h + r) * ldct + 8 * u;
+        _mm256_storeu_ps(c, accumulate ? _mm256_add_ps(_mm256_loadu_ps(c), s) : s);
+      }
     }
   }
 }
@@ -526,8 +539,9 @@ struct S24TileSet {
   S24TileFn fn[5];
 };
 
-// zmm: 6 rows x 16..64 columns of M (12..24 accumulators of 32 registers);
-// ymm (16 registers): 6 rows x 8 or 16 (12 accumulators).
+// zmm: 4 rows x 16..64 columns of M (8..16 accumulators of 32 registers); ymm (16
+// registers): 4 rows x 8 or 16 columns (8 accumulators, 16 with the two chains of MV = 1),
+// 24 columns (12), 32 columns in two passes of 2 rows (8 each).
 S24TileSet s24_tiles(Isa isa) {
   S24TileSet t{};
 #if FASTKERN_X86
@@ -538,8 +552,10 @@ S24TileSet s24_tiles(Isa isa) {
     return t;
   }
   if (isa >= Isa::Avx2) {
-    t.lanes = 8, t.mv_max = 2;
+    // FASTKERN_S24_AVX2_MV (2..4, read per call): the widest tile, for A/B timing
+    t.lanes = 8, t.mv_max = int(std::max<int64_t>(2, std::min<int64_t>(4, env_knob("FASTKERN_S24_AVX2_MV", 4))));
     t.fn[1] = &s24t_tile_avx2<1>, t.fn[2] = &s24t_tile_avx2<2>;
+    t.fn[3] = &s24t_tile_avx2<3>, t.fn[4] = &s24t_tile_avx2<4>;
     return t;
   }
 #endif
@@ -727,8 +743,10 @@ bool s24_mvec(Isa isa, const at::Tensor& x2_in, const at::Tensor& values, const 
   // M tiles: widest first, the last one narrower (Mp = 80 -> 64 + 16).
   std::vector<int64_t> t_off, t_mv;
   m_tiles(Mp, L, ts.mv_max, t_off, t_mv);
-  // K block: kS24KC columns (a multiple of 32)
-  const int64_t kc = std::min(K, std::max<int64_t>(32, env_knob("FASTKERN_S24_KC", kS24KC) / 32 * 32));
+  // K block: kS24KC columns (a multiple of 32); kS24KCYmmWide where ymm tiles are 24 or 32
+  // columns of M wide
+  const int64_t kc_def = L == 8 && t_mv[0] >= 3 ? kS24KCYmmWide : kS24KC;
+  const int64_t kc = std::min(K, std::max<int64_t>(32, env_knob("FASTKERN_S24_KC", kc_def) / 32 * 32));
   // xt: tile t is [K][W_t] at xt + K * off_t; its rows are 64-byte aligned (W_t is a
   // multiple of 16 floats with zmm, of 8 with ymm; ATen's allocator aligns to 64).
   at::Tensor xt = at::empty({Mp * K + 16}, x2.options().dtype(at::kFloat));
