@@ -652,6 +652,45 @@ def test_w8a16_avx2_streaming_gemv_k_blocks(m, gen, monkeypatch):
 
 
 @NATIVE
+def test_w8a16_avx2_limb_gemv(gen, monkeypatch):
+    # AVX2, m = 1: the GEMV on two int16 limbs of x per block of 1024 columns (x ~ s_b (a1 + a2 /
+    # 65534)). K tails of the 16- and 64-column steps and of the limb blocks (k = 1023..1025,
+    # 2049: a last block of one column) within and across the 2048-column K blocks (k > 4096);
+    # blocks of very different magnitudes (each its own scale), a block of zeros and values at
+    # +-absmax; within the contract of the reference, 1 and 2 threads bitwise equal, and not the
+    # fp32 GEMV's result (FASTKERN_W8A16_LIMBS=0), so the limbs ran. A block whose largest |x| is
+    # under 1e-30 (and not zero) sends the call to the fp32 GEMV, bitwise.
+    isa_or_skip("avx2")
+    with cpu_isa("avx2"):
+        for n, k in ((1, 1), (3, 15), (5, 16), (7, 17), (9, 63), (13, 1023), (6, 1024), (11, 1025),
+                     (17, 2049), (37, 4099), (9, 6150)):
+            x = torch.randn(1, k, generator=gen)
+            x *= 10.0 ** torch.randint(-6, 7, (1, (k + 1023) // 1024), generator=gen).repeat_interleave(1024, 1)[:, :k]
+            if k > 2048:
+                x[:, 1024:2048] = 0
+            x[0, k // 2] = -x.abs().max() if k > 1 else x[0, 0]
+            w, s = make_w8(gen, n, k)
+            ref = ops.linear_w8a16_ref(x, w, s, None)
+            one, two = on_1_and_2_threads(native("linear_w8a16"), x, w, s, None)
+            assert torch.equal(one, two), (n, k)
+            assert_close_rel(one, ref, torch.float32)
+            monkeypatch.setenv("FASTKERN_W8A16_LIMBS", "0")
+            fp32 = native("linear_w8a16")(x, w, s, None)
+            monkeypatch.delenv("FASTKERN_W8A16_LIMBS")
+            if k >= 1024:
+                assert not torch.equal(one, fp32), (n, k)
+            if k > 1100:
+                x[:, 1030:1100] = 1e-33 * torch.randn(1, 70, generator=gen)
+                x[:, 1024:1030] = 0
+                x[:, 1100:2048] = 0
+                monkeypatch.setenv("FASTKERN_W8A16_LIMBS", "0")
+                fp32 = native("linear_w8a16")(x, w, s, None)
+                monkeypatch.delenv("FASTKERN_W8A16_LIMBS")
+                assert torch.equal(native("linear_w8a16")(x, w, s, None), fp32), (n, k)
+                assert_close_rel(fp32, ops.linear_w8a16_ref(x, w, s, None), torch.float32)
+
+
+@NATIVE
 @pytest.mark.parametrize("m", [4, 5, 6, 7, 8, 9, 12, 13, 16, 17, 24, 32])
 def test_w8a16_avx512_gemv_tiles(m, gen, monkeypatch):
     # AVX-512, 4 <= m <= 24 (32 under a 48 KiB L1d, and here through FASTKERN_W8A16_TILE_MAX_M;

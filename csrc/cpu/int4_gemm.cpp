@@ -359,10 +359,7 @@ FASTKERN_AVX2 bool w4_limbs_group_avx2(const float* x, int64_t g, int64_t CW, in
     vmax = _mm256_max_ps(vmax, v);
   }
   if (_mm256_movemask_ps(bad)) return false;
-  alignas(32) float mx[8];
-  _mm256_store_ps(mx, vmax);
-  float amax = 0.f;
-  for (int i = 0; i < 8; ++i) amax = std::max(amax, mx[i]);
+  const float amax = hmax8_avx2(vmax);
   if (!limbs_hold(amax)) return false;
   const float s = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
   if (g % CW && r0 < 0) std::memset(blk, 0, nc * L * CW);

@@ -1719,6 +1719,107 @@ FASTKERN_AVX2 inline void w8f_stream_span(__m256 (&s)[MR][U], const float* X, in
   }
 }
 
+// ---- W8A16 GEMV at M = 1 on int16 limbs (AVX2)
+//
+// The fp32 GEMV converts every weight to fp32 (vpmovsxbd, vcvtdq2ps, then the FMA: three
+// vector instructions per 8 weights). At M = 1 x is split once per call into two int16
+// limbs per block of kW8LimbBlock columns instead: x ~ s_b (a1 + a2 / kW8L2), s_b = the
+// block's largest |x| / 32767, a1 = round(x / s_b), a2 = round((x / s_b - a1) kW8L2), both
+// within +-32767, so x is kept to 2^-31 of the block's largest |x| (the fp32 contract's 1e-5
+// with a wide margin). The weight is widened to int16 (vpmovsxbw: 16 per instruction) and
+// multiplied by both limbs in vpmaddwd, exact int32 sums per block (at most 2 * 128 * 32767
+// per pair, kW8LimbBlock / 32 pairs per lane and accumulator: < 2^29), then
+// (d1 + d2 / kW8L2) s_b in fp32: five vector instructions per 16 weights. Register-only,
+// one Zen 4 core: 9.9 against 7.6 weights per cycle. Blocks holding a |x| under kW8LimbMinX
+// (but not only zeros) take the fp32 GEMV (s_b and the products stay normal numbers);
+// NaN, inf and |x| > kW8MaxX never reach a GEMV. FASTKERN_W8A16_LIMBS=0 turns it off (read
+// on every call: A/B, tests).
+constexpr int64_t kW8LimbBlock = 1024;
+constexpr float kW8L2 = 65534.f;
+constexpr float kW8LimbMinX = 1e-30f;
+static_assert(kW8fBlockK % kW8LimbBlock == 0, "K blocks of whole limb blocks");
+
+struct W8Limbs {
+  const int16_t* a1;  // [round_up(K, 16)], zero past K
+  const int16_t* a2;
+  const float* s;     // [ceil(K / kW8LimbBlock)]
+};
+
+bool w8_limbs_enabled() {
+  const char* e = std::getenv("FASTKERN_W8A16_LIMBS");
+  return !(e && e[0] == '0');
+}
+
+// The limbs of x [round_up(K, 8)] (zero past K) into a1, a2 [round_up(K, 16)] and s. Returns
+// false where a block's largest |x| is under kW8LimbMinX but not zero.
+FASTKERN_AVX2 bool w8_limbs_avx2(const float* x, int64_t K, int16_t* a1, int16_t* a2, float* s) {
+  const int64_t K8 = round_up(K, 8), K16 = round_up(K, 16);
+  const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), l2 = _mm256_set1_ps(kW8L2);
+  for (int64_t b0 = 0; b0 < K; b0 += kW8LimbBlock) {
+    const int64_t b1 = std::min(K8, b0 + kW8LimbBlock);
+    __m256 mx = _mm256_setzero_ps();
+    for (int64_t k = b0; k < b1; k += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(_mm256_loadu_ps(x + k), absm));
+    const float amax = hmax8_avx2(mx);
+    if (amax != 0.f && amax < kW8LimbMinX) return false;
+    s[b0 / kW8LimbBlock] = amax / 32767.f;
+    const __m256 inv = _mm256_set1_ps(amax > 0.f ? 32767.f / amax : 0.f);
+    for (int64_t k = b0; k < b1; k += 8) {
+      const __m256 t = _mm256_mul_ps(_mm256_loadu_ps(x + k), inv);
+      const __m256 r1 = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m256 r2 = _mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(t, r1), l2), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m256i i1 = _mm256_cvtps_epi32(r1), i2 = _mm256_cvtps_epi32(r2);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(a1 + k),
+                       _mm_packs_epi32(_mm256_castsi256_si128(i1), _mm256_extracti128_si256(i1, 1)));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(a2 + k),
+                       _mm_packs_epi32(_mm256_castsi256_si128(i2), _mm256_extracti128_si256(i2, 1)));
+    }
+  }
+  for (int64_t k = K8; k < K16; ++k) a1[k] = a2[k] = 0;
+  return true;
+}
+
+// s += the limb products of one weight row w over [k0, k1) (k0 a multiple of kW8LimbBlock;
+// k1 < K only at one), block by block; the row is never read past K. Prefetches as
+// w8f_stream_span.
+FASTKERN_AVX2 inline void w8l_stream_span(__m256& s, const W8Limbs& q, const int8_t* w, int64_t k0, int64_t k1,
+                                          int64_t K, const char*& pf, bool pf_l1) {
+  const __m256 inv2 = _mm256_set1_ps(1.f / kW8L2);
+  for (int64_t b0 = k0; b0 < k1; b0 += kW8LimbBlock) {
+    const int64_t b1 = std::min(k1, b0 + kW8LimbBlock), kf = b0 + ((b1 - b0) & ~int64_t(63));
+    __m256i p1[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+    __m256i p2[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+    int64_t k = b0;
+    for (; k < kf; k += 64) {
+      if (pf) {
+        _mm_prefetch(pf, _MM_HINT_T1);
+        pf += 64;
+      } else {
+        prefetch_stream(w + k + kW8fAhead, pf_l1);
+      }
+#pragma GCC unroll 4
+      for (int u = 0; u < 4; ++u) {
+        const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k + 16 * u)));
+        p1[u & 1] = _mm256_add_epi32(p1[u & 1], _mm256_madd_epi16(wv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.a1 + k + 16 * u))));
+        p2[u & 1] = _mm256_add_epi32(p2[u & 1], _mm256_madd_epi16(wv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.a2 + k + 16 * u))));
+      }
+    }
+    for (; k < b1; k += 16) {
+      alignas(16) int8_t tail[16] = {};
+      const int8_t* src = w + k;
+      if (K - k < 16) {
+        std::memcpy(tail, src, K - k);
+        src = tail;
+      }
+      const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+      p1[0] = _mm256_add_epi32(p1[0], _mm256_madd_epi16(wv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.a1 + k))));
+      p2[0] = _mm256_add_epi32(p2[0], _mm256_madd_epi16(wv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.a2 + k))));
+    }
+    const __m256 d1 = _mm256_cvtepi32_ps(_mm256_add_epi32(p1[0], p1[1]));
+    const __m256 d2 = _mm256_cvtepi32_ps(_mm256_add_epi32(p2[0], p2[1]));
+    s = _mm256_fmadd_ps(_mm256_fmadd_ps(d2, inv2, d1), _mm256_set1_ps(q.s[b0 / kW8LimbBlock]), s);
+  }
+}
+
 // the sum of one row's U accumulators
 template <int U>
 FASTKERN_AVX2 inline float w8f_stream_sum(const __m256 (&s)[U]) {
@@ -1736,9 +1837,10 @@ FASTKERN_AVX2 inline float w8f_stream_sum(const __m256 (&s)[U]) {
 // / 2 1.03 / 1.01x (not blocked at M = 1); 4096-column blocks or 16-row chunks no faster,
 // 4-row chunks 1.04-1.09x slower at M = 2. FASTKERN_W8F_KBLOCK=0 / 1 forces one pass / blocks
 // (read on every call: A/B, tests).
+// limbs (MR = 1): the products on the int16 limbs of x (w8l_stream_span) instead of X.
 template <int MR>
 FASTKERN_AVX2 void gemv_w8f_stream_avx2(const float* X, int64_t ldx, const int8_t* W, int64_t K, float* Y,
-                                        int64_t ldy, int64_t n0, int64_t n1) {
+                                        int64_t ldy, int64_t n0, int64_t n1, const W8Limbs* limbs = nullptr) {
   constexpr int U = MR == 1 ? 8 : 4;  // FMA chains in flight: 8 for one row of x
   const bool pf_l1 = gemv_prefetch_l1();
   const int64_t kb = env_knob("FASTKERN_W8F_KBLOCK", -1);
@@ -1753,7 +1855,10 @@ FASTKERN_AVX2 void gemv_w8f_stream_avx2(const float* X, int64_t ldx, const int8_
           __m256 s[MR][U];
           for (int i = 0; i < MR; ++i)
             for (int u = 0; u < U; ++u) s[i][u] = k0 == 0 ? _mm256_setzero_ps() : _mm256_load_ps(acc[n - c0][i][u]);
-          w8f_stream_span<MR, U>(s, X, ldx, W + n * K, k0, k1, K, pf, pf_l1);
+          if (limbs)
+            w8l_stream_span(s[0][0], *limbs, W + n * K, k0, k1, K, pf, pf_l1);
+          else
+            w8f_stream_span<MR, U>(s, X, ldx, W + n * K, k0, k1, K, pf, pf_l1);
           for (int i = 0; i < MR; ++i)
             for (int u = 0; u < U; ++u) _mm256_store_ps(acc[n - c0][i][u], s[i][u]);
         }
@@ -1772,7 +1877,10 @@ FASTKERN_AVX2 void gemv_w8f_stream_avx2(const float* X, int64_t ldx, const int8_
     for (int i = 0; i < MR; ++i)
       for (int u = 0; u < U; ++u) s[i][u] = _mm256_setzero_ps();
     const char* pf = nullptr;
-    w8f_stream_span<MR, U>(s, X, ldx, W + n * K, 0, K, K, pf, pf_l1);
+    if (limbs)
+      w8l_stream_span(s[0][0], *limbs, W + n * K, 0, K, K, pf, pf_l1);
+    else
+      w8f_stream_span<MR, U>(s, X, ldx, W + n * K, 0, K, K, pf, pf_l1);
     for (int i = 0; i < MR; ++i) Y[i * ldy + n] = w8f_stream_sum<U>(s[i]);
   }
 }
@@ -3499,6 +3607,21 @@ at::Tensor linear_w8a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
       // AVX2: passes of up to 4 rows of x, spread evenly (4 x 3 tiles: 0.87-0.97x the time of
       // 3-row passes of 3 x 4 tiles at M = 4..32, Zen 4; a register-only loop 1.76 against 1.59
       // FMAs per cycle, and M = 16 takes 4 passes instead of 6)
+#if FASTKERN_X86
+      // M = 1 on AVX2: the int16 limbs of x (w8l_stream_span), where every block allows them
+      at::Tensor lb;
+      W8Limbs limbs{};
+      bool use_limbs = false;
+      if (avx2 && Mx == 1 && w8f_stream_enabled() && w8_limbs_enabled()) {
+        // a1, a2 and the block scales in one buffer (2 K16 int16 keep the scales 4-byte aligned)
+        const int64_t K16 = round_up(K, 16), nb = gemm::div_up(K, kW8LimbBlock);
+        lb = at::empty({2 * K16 + 2 * nb}, X.options().dtype(at::kShort));
+        int16_t* a = lb.data_ptr<int16_t>();
+        float* sb = reinterpret_cast<float*>(a + 2 * K16);
+        limbs = W8Limbs{a, a + K16, sb};
+        use_limbs = w8_limbs_avx2(xp, K, a, a + K16, sb);
+      }
+#endif
       parallel_row_blocks(N, kGemvRows, 16, K, avx2 ? (Mx + 3) / 4 : passes, [&](int64_t n0, int64_t n1) {
         // rows [m0, m0 + mr) of x (mr <= 4 on AVX2, <= kGemvMaxM otherwise) against [n0, n1)
         auto pass = [&](int64_t m0, int64_t mr) {
@@ -3514,7 +3637,7 @@ at::Tensor linear_w8a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
 #if FASTKERN_X86
         if (avx2 && Mx <= kW8fStreamMaxM && w8f_stream_enabled()) {
           if (Mx == 1)
-            gemv_w8f_stream_avx2<1>(xp, ldx, wp, K, yp, N, n0, n1);
+            gemv_w8f_stream_avx2<1>(xp, ldx, wp, K, yp, N, n0, n1, use_limbs ? &limbs : nullptr);
           else
             gemv_w8f_stream_avx2<2>(xp, ldx, wp, K, yp, N, n0, n1);
         } else if (avx2) {

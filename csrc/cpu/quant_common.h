@@ -277,6 +277,13 @@ FASTKERN_AVX2 inline float hsum8_avx2(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
 }
 
+// the largest lane of v
+FASTKERN_AVX2 inline float hmax8_avx2(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+}
+
 template <int MR, int NR>
 FASTKERN_AVX2 inline void dot_tile_f32_avx2(const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
                                             int64_t ldc, int64_t kc, bool acc) {
