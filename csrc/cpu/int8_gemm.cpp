@@ -10,8 +10,9 @@
 // where int16 rows of x outgrow the L1d, on int8 x by the sign trick instead: gemv_i8s); each
 // thread's weight rows go in L2-sized blocks, all passes over a block before the next
 // (parallel_row_blocks), so the weight comes from DRAM once. Larger M runs a transposed-tile
-// GEMM on int16 pairs (section "AVX2 without VNNI"). W8A16 runs its fp32
-// GEMV (3 rows of x per pass, the same row blocks) up to kW8a16GemvMaxMAvx2 and the fp32
+// GEMM on int16 pairs (section "AVX2 without VNNI"). W8A16 runs a GEMV on two int16 limbs of
+// x at M = 1 (w8l_stream_span), its fp32 GEMV (3 rows of x per pass, the same row blocks)
+// above, up to kW8a16GemvMaxMAvx2, and the fp32
 // GEMM drivers with B slivers dequantized from the int8 rows above (section "W8A16 GEMM,
 // AVX2"; the generic path dequantizes one cache-sized weight panel at a time).
 // The previous AVX2 integer path (int16 panels, row-vector dot tiles) stays selectable with
