@@ -1690,18 +1690,24 @@ constexpr int64_t kW8fAhead = 8192;
 // multiple of 64 (x is zero-padded to 8 columns; the weight row is never read past K). With pf,
 // one 64-byte line at pf per 64 bytes of weight read is prefetched into L2 (pf advances), else
 // the row's own stream kW8fAhead bytes ahead.
+// The streaming spans' prefetch per 64 bytes of weight at w: one line at pf into L2 (pf
+// advances), or without pf the row's own stream kW8fAhead bytes ahead.
+inline void w8_span_prefetch(const char*& pf, const int8_t* w, bool pf_l1) {
+  if (pf) {
+    _mm_prefetch(pf, _MM_HINT_T1);
+    pf += 64;
+  } else {
+    prefetch_stream(w + kW8fAhead, pf_l1);
+  }
+}
+
 template <int MR, int U>
 FASTKERN_AVX2 inline void w8f_stream_span(__m256 (&s)[MR][U], const float* X, int64_t ldx, const int8_t* w,
                                           int64_t k0, int64_t k1, int64_t K, const char*& pf, bool pf_l1) {
   const int64_t kf = k0 + ((k1 - k0) & ~int64_t(63));
   int64_t k = k0;
   for (; k < kf; k += 64) {
-    if (pf) {
-      _mm_prefetch(pf, _MM_HINT_T1);
-      pf += 64;
-    } else {
-      prefetch_stream(w + k + kW8fAhead, pf_l1);
-    }
+    w8_span_prefetch(pf, w + k, pf_l1);
     for (int u = 0; u < 8; ++u) {
       const __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + k + 8 * u))));
       for (int i = 0; i < MR; ++i)
@@ -1791,12 +1797,7 @@ FASTKERN_AVX2 inline void w8l_stream_span(__m256& s, const W8Limbs& q, const int
     __m256i p2[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
     int64_t k = b0;
     for (; k < kf; k += 64) {
-      if (pf) {
-        _mm_prefetch(pf, _MM_HINT_T1);
-        pf += 64;
-      } else {
-        prefetch_stream(w + k + kW8fAhead, pf_l1);
-      }
+      w8_span_prefetch(pf, w + k, pf_l1);
 #pragma GCC unroll 4
       for (int u = 0; u < 4; ++u) {
         const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k + 16 * u)));

@@ -418,6 +418,14 @@ using S24TileFn = void (*)(int64_t ng, const float* xs, const float* pv, const u
                            int rows_valid, bool accumulate, const char* const* pf, int64_t npf);
 
 #if FASTKERN_X86
+// The tiles' prefetch at group step g: lines 2 g and 2 g + 1 of pf's npf.
+inline void s24_tile_prefetch(const char* const* pf, int64_t npf, int64_t g) {
+  if (2 * g < npf) {
+    _mm_prefetch(pf[2 * g], _MM_HINT_T0);
+    if (2 * g + 1 < npf) _mm_prefetch(pf[2 * g + 1], _MM_HINT_T0);
+  }
+}
+
 // The end of a zmm register tile of R weight rows x MV vectors of 16 rows of x: ct[r][16 v +
 // lane] (+)= the sums (acc[0] + acc[1] where the tile keeps A = 2 accumulators per output) for
 // r < rows_valid.
@@ -451,10 +459,7 @@ FASTKERN_AVX512 void s24t_tile_avx512(int64_t ng, const float* xs, const float* 
 #pragma GCC unroll 4
       for (int u = 0; u < MV; ++u) acc[a][r][u] = _mm512_setzero_ps();
   for (int64_t g = 0; g < ng; ++g) {
-    if (2 * g < npf) {
-      _mm_prefetch(pf[2 * g], _MM_HINT_T0);
-      if (2 * g + 1 < npf) _mm_prefetch(pf[2 * g + 1], _MM_HINT_T0);
-    }
+    s24_tile_prefetch(pf, npf, g);
     uint32_t q;
     std::memcpy(&q, pm + g * R, 4);
     const float* xg = xs + 4 * g * W;
@@ -497,10 +502,7 @@ FASTKERN_AVX2 void s24t_tile_avx2(int64_t ng, const float* xs, const float* pv, 
 #pragma GCC unroll 4
         for (int u = 0; u < MV; ++u) acc[a][r][u] = _mm256_setzero_ps();
     for (int64_t g = 0; g < ng; ++g) {
-      if (h == 0 && 2 * g < npf) {
-        _mm_prefetch(pf[2 * g], _MM_HINT_T0);
-        if (2 * g + 1 < npf) _mm_prefetch(pf[2 * g + 1], _MM_HINT_T0);
-      }
+      if (h == 0) s24_tile_prefetch(pf, npf, g);
       uint32_t q;
       std::memcpy(&q, pm + g * R, 4);
       const float* xg = xs + 4 * g * W;
