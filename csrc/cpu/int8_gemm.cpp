@@ -1686,10 +1686,6 @@ FASTKERN_AVX2 void gemv_w8f_avx2(const float* X, int64_t ldx, const int8_t* W, i
 // 1.18x, M = 3 0.95 / 0.82 / 0.84x (the tiles share each x load among 4 weight rows).
 constexpr int64_t kW8fStreamMaxM = 2;
 constexpr int64_t kW8fAhead = 8192;
-// s += x [., k0:k1) * w[k0:k1) for one weight row w, k0 a multiple of 64; k1 < K only at a
-// multiple of 64 (x is zero-padded to 8 columns; the weight row is never read past K). With pf,
-// one 64-byte line at pf per 64 bytes of weight read is prefetched into L2 (pf advances), else
-// the row's own stream kW8fAhead bytes ahead.
 // The streaming spans' prefetch per 64 bytes of weight at w: one line at pf into L2 (pf
 // advances), or without pf the row's own stream kW8fAhead bytes ahead.
 inline void w8_span_prefetch(const char*& pf, const int8_t* w, bool pf_l1) {
@@ -1701,6 +1697,10 @@ inline void w8_span_prefetch(const char*& pf, const int8_t* w, bool pf_l1) {
   }
 }
 
+// s += x [., k0:k1) * w[k0:k1) for one weight row w, k0 a multiple of 64; k1 < K only at a
+// multiple of 64 (x is zero-padded to 8 columns; the weight row is never read past K). With pf,
+// one 64-byte line at pf per 64 bytes of weight read is prefetched into L2 (pf advances), else
+// the row's own stream kW8fAhead bytes ahead (w8_span_prefetch).
 template <int MR, int U>
 FASTKERN_AVX2 inline void w8f_stream_span(__m256 (&s)[MR][U], const float* X, int64_t ldx, const int8_t* w,
                                           int64_t k0, int64_t k1, int64_t K, const char*& pf, bool pf_l1) {
@@ -3613,7 +3613,7 @@ at::Tensor linear_w8a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
       // M = 1 on AVX2: the int16 limbs of x (w8l_stream_span), where every block allows them
       at::Tensor lb;
       W8Limbs limbs{};
-      bool use_limbs = false;
+      const W8Limbs* lp = nullptr;  // &limbs where they hold
       if (avx2 && Mx == 1 && w8f_stream_enabled() && w8_limbs_enabled()) {
         // a1, a2 and the block scales in one buffer (2 K16 int16 keep the scales 4-byte aligned)
         const int64_t K16 = round_up(K, 16), nb = gemm::div_up(K, kW8LimbBlock);
@@ -3621,7 +3621,7 @@ at::Tensor linear_w8a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
         int16_t* a = lb.data_ptr<int16_t>();
         float* sb = reinterpret_cast<float*>(a + 2 * K16);
         limbs = W8Limbs{a, a + K16, sb};
-        use_limbs = w8_limbs_avx2(xp, K, a, a + K16, sb);
+        if (w8_limbs_avx2(xp, K, a, a + K16, sb)) lp = &limbs;
       }
 #endif
       parallel_row_blocks(N, kGemvRows, 16, K, avx2 ? (Mx + 3) / 4 : passes, [&](int64_t n0, int64_t n1) {
@@ -3639,7 +3639,7 @@ at::Tensor linear_w8a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
 #if FASTKERN_X86
         if (avx2 && Mx <= kW8fStreamMaxM && w8f_stream_enabled()) {
           if (Mx == 1)
-            gemv_w8f_stream_avx2<1>(xp, ldx, wp, K, yp, N, n0, n1, use_limbs ? &limbs : nullptr);
+            gemv_w8f_stream_avx2<1>(xp, ldx, wp, K, yp, N, n0, n1, lp);
           else
             gemv_w8f_stream_avx2<2>(xp, ldx, wp, K, yp, N, n0, n1);
         } else if (avx2) {
