@@ -652,18 +652,23 @@ def test_w8a16_avx2_streaming_gemv_k_blocks(m, gen, monkeypatch):
 
 
 @NATIVE
-def test_w8a16_avx2_limb_gemv(gen, monkeypatch):
-    # AVX2, m = 1: the GEMV on two int16 limbs of x per block of 1024 columns (x ~ s_b (a1 + a2 /
-    # 65534)). K tails of the 16- and 64-column steps and of the limb blocks (k = 1023..1025,
-    # 2049: a last block of one column) within and across the 2048-column K blocks (k > 4096);
-    # blocks of very different magnitudes (each its own scale), a block of zeros and values at
-    # +-absmax; within the contract of the reference, 1 and 2 threads bitwise equal, and not the
-    # fp32 GEMV's result (FASTKERN_W8A16_LIMBS=0), so the limbs ran. A block whose largest |x| is
-    # under 1e-30 (and not zero) sends the call to the fp32 GEMV, bitwise.
-    isa_or_skip("avx2")
-    with cpu_isa("avx2"):
-        for n, k in ((1, 1), (3, 15), (5, 16), (7, 17), (9, 63), (13, 1023), (6, 1024), (11, 1025),
-                     (17, 2049), (37, 4099), (9, 6150)):
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_w8a16_limb_gemv(isa, gen, monkeypatch):
+    # m = 1: the GEMV on two int16 limbs of x per block of 1024 columns (x ~ s_b (a1 + a2 /
+    # 65534)); AVX2 on vpmaddwd in groups of 4 weight rows, AVX-512 on vpdpwssd (AVX512-VNNI) in
+    # groups of 2 (the rest of a chunk of 8 rows in a group of its own). K tails of the 16-, 32- and
+    # 64-column steps and of the limb blocks (k = 1023..1025, 2049: a last block of one column)
+    # within and across the 2048-column K blocks (k > 2048); blocks of very different magnitudes
+    # (each its own scale), a block of zeros and values at +-absmax; within the contract of the
+    # reference, 1 and 2 threads bitwise equal, and not the fp32 GEMV's result
+    # (FASTKERN_W8A16_LIMBS=0), so the limbs ran. A block whose largest |x| is under 1e-30 (and
+    # not zero) sends the call to the fp32 GEMV, bitwise.
+    isa_or_skip(isa)
+    if isa == "avx512" and not _C.cpu_features()["avx512vnni"]:
+        pytest.skip("no AVX-512 VNNI")
+    with cpu_isa(isa):
+        for n, k in ((1, 1), (3, 15), (5, 16), (7, 17), (9, 31), (2, 33), (9, 63), (13, 1023), (6, 1024),
+                     (11, 1025), (17, 2049), (37, 4099), (9, 6150), (70, 2100)):
             x = torch.randn(1, k, generator=gen)
             x *= 10.0 ** torch.randint(-6, 7, (1, (k + 1023) // 1024), generator=gen).repeat_interleave(1024, 1)[:, :k]
             if k > 2048:

@@ -11,7 +11,7 @@
 // thread's weight rows go in L2-sized blocks, all passes over a block before the next
 // (parallel_row_blocks), so the weight comes from DRAM once. Larger M runs a transposed-tile
 // GEMM on int16 pairs (section "AVX2 without VNNI"). W8A16 runs a GEMV on two int16 limbs of
-// x at M = 1 (w8l_stream_span), its fp32 GEMV (3 rows of x per pass, the same row blocks)
+// x at M = 1 (gemv_w8l; on vpdpwssd with AVX512-VNNI), its fp32 GEMV (3 rows of x per pass, the same row blocks)
 // above, up to kW8a16GemvMaxMAvx2, and the fp32
 // GEMM drivers with B slivers dequantized from the int8 rows above (section "W8A16 GEMM,
 // AVX2"; the generic path dequantizes one cache-sized weight panel at a time).
@@ -1734,10 +1734,9 @@ FASTKERN_AVX2 inline void w8f_stream_span(__m256 (&s)[MR][U], const float* X, in
 // block's largest |x| / 32767, a1 = round(x / s_b), a2 = round((x / s_b - a1) kW8L2), both
 // within +-32767, so x is kept to 2^-31 of the block's largest |x| (the fp32 contract's 1e-5
 // with a wide margin). The weight is widened to int16 (vpmovsxbw: 16 per instruction) and
-// multiplied by both limbs in vpmaddwd, exact int32 sums per block (at most 2 * 128 * 32767
-// per pair, kW8LimbBlock / 32 pairs per lane and accumulator: < 2^29), then
-// (d1 + d2 / kW8L2) s_b in fp32: five vector instructions per 16 weights. Register-only,
-// one Zen 4 core: 9.9 against 7.6 weights per cycle. Blocks holding a |x| under kW8LimbMinX
+// multiplied by both limbs in vpmaddwd, exact int32 sums per block, then (d1 + d2 / kW8L2) s_b
+// in fp32: five vector instructions per 16 weights. Register-only, one Zen 4 core: 9.9
+// against 7.6 weights per cycle. Blocks holding a |x| under kW8LimbMinX
 // (but not only zeros) take the fp32 GEMV (s_b and the products stay normal numbers);
 // NaN, inf and |x| > kW8MaxX never reach a GEMV. FASTKERN_W8A16_LIMBS=0 turns it off (read
 // on every call: A/B, tests).
@@ -1785,42 +1784,72 @@ FASTKERN_AVX2 bool w8_limbs_avx2(const float* x, int64_t K, int16_t* a1, int16_t
   return true;
 }
 
-// s += the limb products of one weight row w over [k0, k1) (k0 a multiple of kW8LimbBlock;
-// k1 < K only at one), block by block; the row is never read past K. Prefetches as
-// w8f_stream_span.
-FASTKERN_AVX2 inline void w8l_stream_span(__m256& s, const W8Limbs& q, const int8_t* w, int64_t k0, int64_t k1,
-                                          int64_t K, const char*& pf, bool pf_l1) {
-  const __m256 inv2 = _mm256_set1_ps(1.f / kW8L2);
-  for (int64_t b0 = k0; b0 < k1; b0 += kW8LimbBlock) {
-    const int64_t b1 = std::min(k1, b0 + kW8LimbBlock), kf = b0 + ((b1 - b0) & ~int64_t(63));
-    __m256i p1[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
-    __m256i p2[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
-    int64_t k = b0;
-    for (; k < kf; k += 64) {
-      w8_span_prefetch(pf, w + k, pf_l1);
-#pragma GCC unroll 4
-      for (int u = 0; u < 4; ++u) {
-        const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k + 16 * u)));
-        p1[u & 1] = _mm256_add_epi32(p1[u & 1], _mm256_madd_epi16(wv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.a1 + k + 16 * u))));
-        p2[u & 1] = _mm256_add_epi32(p2[u & 1], _mm256_madd_epi16(wv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.a2 + k + 16 * u))));
+// The limb GEMVs' row kernels (gemv_w8l): acc[r] (16 floats, 8 used here) += the limb
+// products of weight row w + r K over [k0, k1) (k0 a multiple of kW8LimbBlock; k1 < K only at
+// one), block by block; no row is read past K. R rows (up to kRows) share each limb load. One
+// 64-byte line at pf is prefetched into L2 per 64 bytes of weight read (pf advances), and with
+// kAhead each row kAhead bytes ahead into L1. One accumulator per row and limb: kW8LimbBlock /
+// 16 vpmaddwd of at most 2 * 128 * 32767 per lane, < 2^30. On AVX2 the vector ALUs bound the
+// rate, not the limb loads: 4 rows against 1 (the previous one-row kernel) 1.00-1.14x as fast
+// in L3 and from memory (one Zen 4 core: 27-30 GB/s in L3), 2 rows in between; a prefetch
+// into L1 as well was no faster.
+struct W8lAvx2 {
+  static constexpr int kRows = 4;
+  static constexpr int64_t kAhead = 0;
+  template <int R>
+  FASTKERN_AVX2 static void rows(float (*acc)[16], const W8Limbs& q, const int8_t* w, int64_t k0, int64_t k1,
+                                 int64_t K, const char*& pf) {
+    const __m256 inv2 = _mm256_set1_ps(1.f / kW8L2);
+    __m256 s[R];
+    for (int r = 0; r < R; ++r) s[r] = k0 == 0 ? _mm256_setzero_ps() : _mm256_load_ps(acc[r]);
+    for (int64_t b0 = k0; b0 < k1; b0 += kW8LimbBlock) {
+      const int64_t b1 = std::min(k1, b0 + kW8LimbBlock), kf = b0 + ((b1 - b0) & ~int64_t(63));
+      __m256i p1[R], p2[R];
+      for (int r = 0; r < R; ++r) p1[r] = p2[r] = _mm256_setzero_si256();
+      int64_t k = b0;
+      for (; k < kf; k += 64) {
+        for (int r = 0; r < R; ++r) {
+          _mm_prefetch(pf, _MM_HINT_T1);
+          pf += 64;
+          if (kAhead) _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k + kAhead), _MM_HINT_T0);
+        }
+        // not unrolled: GCC would sum the 4 steps' products first and spill the accumulators
+#pragma GCC unroll 1
+        for (int h = 0; h < 64; h += 16) {
+          const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.a1 + k + h));
+          const __m256i a2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.a2 + k + h));
+          for (int r = 0; r < R; ++r) {
+            const __m256i wv =
+                _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * K + k + h)));
+            p1[r] = _mm256_add_epi32(p1[r], _mm256_madd_epi16(wv, a1));
+            p2[r] = _mm256_add_epi32(p2[r], _mm256_madd_epi16(wv, a2));
+          }
+        }
       }
-    }
-    for (; k < b1; k += 16) {
-      alignas(16) int8_t tail[16] = {};
-      const int8_t* src = w + k;
-      if (K - k < 16) {
-        std::memcpy(tail, src, K - k);
-        src = tail;
+      // the last < 64 columns (the limbs hold round_up(K, 16) columns, zero past K)
+      for (; k < b1; k += 16) {
+        const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.a1 + k));
+        const __m256i a2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.a2 + k));
+        for (int r = 0; r < R; ++r) {
+          alignas(16) int8_t tail[16] = {};
+          const int8_t* src = w + r * K + k;
+          if (K - k < 16) {
+            std::memcpy(tail, src, K - k);
+            src = tail;
+          }
+          const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+          p1[r] = _mm256_add_epi32(p1[r], _mm256_madd_epi16(wv, a1));
+          p2[r] = _mm256_add_epi32(p2[r], _mm256_madd_epi16(wv, a2));
+        }
       }
-      const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
-      p1[0] = _mm256_add_epi32(p1[0], _mm256_madd_epi16(wv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.a1 + k))));
-      p2[0] = _mm256_add_epi32(p2[0], _mm256_madd_epi16(wv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.a2 + k))));
+      const __m256 sb = _mm256_set1_ps(q.s[b0 / kW8LimbBlock]);
+      for (int r = 0; r < R; ++r)
+        s[r] = _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_cvtepi32_ps(p2[r]), inv2, _mm256_cvtepi32_ps(p1[r])), sb, s[r]);
     }
-    const __m256 d1 = _mm256_cvtepi32_ps(_mm256_add_epi32(p1[0], p1[1]));
-    const __m256 d2 = _mm256_cvtepi32_ps(_mm256_add_epi32(p2[0], p2[1]));
-    s = _mm256_fmadd_ps(_mm256_fmadd_ps(d2, inv2, d1), _mm256_set1_ps(q.s[b0 / kW8LimbBlock]), s);
+    for (int r = 0; r < R; ++r) _mm256_store_ps(acc[r], s[r]);
   }
-}
+  FASTKERN_AVX2 static float sum(const float* a) { return hsum8_avx2(_mm256_load_ps(a)); }
+};
 
 // the sum of one row's U accumulators
 template <int U>
@@ -1839,10 +1868,9 @@ FASTKERN_AVX2 inline float w8f_stream_sum(const __m256 (&s)[U]) {
 // / 2 1.03 / 1.01x (not blocked at M = 1); 4096-column blocks or 16-row chunks no faster,
 // 4-row chunks 1.04-1.09x slower at M = 2. FASTKERN_W8F_KBLOCK=0 / 1 forces one pass / blocks
 // (read on every call: A/B, tests).
-// limbs (MR = 1): the products on the int16 limbs of x (w8l_stream_span) instead of X.
 template <int MR>
 FASTKERN_AVX2 void gemv_w8f_stream_avx2(const float* X, int64_t ldx, const int8_t* W, int64_t K, float* Y,
-                                        int64_t ldy, int64_t n0, int64_t n1, const W8Limbs* limbs = nullptr) {
+                                        int64_t ldy, int64_t n0, int64_t n1) {
   constexpr int U = MR == 1 ? 8 : 4;  // FMA chains in flight: 8 for one row of x
   const bool pf_l1 = gemv_prefetch_l1();
   const int64_t kb = env_knob("FASTKERN_W8F_KBLOCK", -1);
@@ -1857,10 +1885,7 @@ FASTKERN_AVX2 void gemv_w8f_stream_avx2(const float* X, int64_t ldx, const int8_
           __m256 s[MR][U];
           for (int i = 0; i < MR; ++i)
             for (int u = 0; u < U; ++u) s[i][u] = k0 == 0 ? _mm256_setzero_ps() : _mm256_load_ps(acc[n - c0][i][u]);
-          if (limbs)
-            w8l_stream_span(s[0][0], *limbs, W + n * K, k0, k1, K, pf, pf_l1);
-          else
-            w8f_stream_span<MR, U>(s, X, ldx, W + n * K, k0, k1, K, pf, pf_l1);
+          w8f_stream_span<MR, U>(s, X, ldx, W + n * K, k0, k1, K, pf, pf_l1);
           for (int i = 0; i < MR; ++i)
             for (int u = 0; u < U; ++u) _mm256_store_ps(acc[n - c0][i][u], s[i][u]);
         }
@@ -1879,11 +1904,108 @@ FASTKERN_AVX2 void gemv_w8f_stream_avx2(const float* X, int64_t ldx, const int8_
     for (int i = 0; i < MR; ++i)
       for (int u = 0; u < U; ++u) s[i][u] = _mm256_setzero_ps();
     const char* pf = nullptr;
-    if (limbs)
-      w8l_stream_span(s[0][0], *limbs, W + n * K, 0, K, K, pf, pf_l1);
-    else
-      w8f_stream_span<MR, U>(s, X, ldx, W + n * K, 0, K, K, pf, pf_l1);
+    w8f_stream_span<MR, U>(s, X, ldx, W + n * K, 0, K, K, pf, pf_l1);
     for (int i = 0; i < MR; ++i) Y[i * ldy + n] = w8f_stream_sum<U>(s[i]);
+  }
+}
+
+#if FASTKERN_X86
+// ---- W8A16 GEMV at M = 1 on the int16 limbs of x with AVX512-VNNI
+//
+// The limbs of w8_limbs_avx2 (kW8LimbBlock blocks), multiplied on vpdpwssd: the int16 products
+// and their int32 sum in one instruction, so 32 weights cost a widening (vpmovsxbw) and two
+// vpdpwssd, against a widening, a convert and two FMAs per 16 weights in gemv_w8f_avx512.
+// One weight row at a time, the limb loads (4 bytes per weight) kept the L1d's read ports
+// busy: 33 GB/s from L3 on one Zen 4 core, where the fp32 GEMV read 28; two rows per limb load
+// 37-39, four 42-44 (eight no faster). But from memory four rows streamed worse (one thread:
+// 20-22 GB/s against 24-27 for two and 23-25 for the fp32 GEMV), so kRows = 2, each row
+// prefetched 512 bytes ahead into L1 as well (one thread 24-29 GB/s, two 33-56 with the fp32
+// GEMV at 34-47 in the same rounds).
+
+// acc += the int16 pair products of a and b, in place (as dpbusd_inplace)
+FASTKERN_VNNI512 inline __m512i dpwssd_inplace(__m512i acc, __m512i a, __m512i b) {
+  asm("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+  return acc;
+}
+
+// W8lAvx2's rows on vpdpwssd (zmm: 32 weights per widening; kW8LimbBlock / 32 vpdpwssd of at
+// most 2 * 128 * 32767 per lane, < 2^28), the K tail masked
+struct W8lVnni512 {
+  static constexpr int kRows = 2;
+  static constexpr int64_t kAhead = 512;
+  template <int R>
+  FASTKERN_VNNI512 static void rows(float (*acc)[16], const W8Limbs& q, const int8_t* w, int64_t k0, int64_t k1,
+                                    int64_t K, const char*& pf) {
+    const __m512 inv2 = _mm512_set1_ps(1.f / kW8L2);
+    __m512 s[R];
+    for (int r = 0; r < R; ++r) s[r] = k0 == 0 ? _mm512_setzero_ps() : _mm512_load_ps(acc[r]);
+    for (int64_t b0 = k0; b0 < k1; b0 += kW8LimbBlock) {
+      const int64_t b1 = std::min(k1, b0 + kW8LimbBlock), kf = b0 + ((b1 - b0) & ~int64_t(63));
+      __m512i p1[R], p2[R];
+      for (int r = 0; r < R; ++r) p1[r] = p2[r] = _mm512_setzero_si512();
+      int64_t k = b0;
+      for (; k < kf; k += 64) {
+        for (int r = 0; r < R; ++r) {
+          _mm_prefetch(pf, _MM_HINT_T1);
+          pf += 64;
+          if (kAhead) _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k + kAhead), _MM_HINT_T0);
+        }
+        for (int h = 0; h < 64; h += 32) {
+          const __m512i a1 = _mm512_loadu_si512(q.a1 + k + h), a2 = _mm512_loadu_si512(q.a2 + k + h);
+          for (int r = 0; r < R; ++r) {
+            const __m512i wv =
+                _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * K + k + h)));
+            p1[r] = dpwssd_inplace(p1[r], wv, a1);
+            p2[r] = dpwssd_inplace(p2[r], wv, a2);
+          }
+        }
+      }
+      for (; k < b1; k += 32) {
+        const __mmask32 m = K - k >= 32 ? ~__mmask32(0) : __mmask32((1u << (K - k)) - 1u);
+        const __m512i a1 = _mm512_maskz_loadu_epi16(m, q.a1 + k), a2 = _mm512_maskz_loadu_epi16(m, q.a2 + k);
+        for (int r = 0; r < R; ++r) {
+          const __m512i wv = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(m, w + r * K + k));
+          p1[r] = dpwssd_inplace(p1[r], wv, a1);
+          p2[r] = dpwssd_inplace(p2[r], wv, a2);
+        }
+      }
+      const __m512 sb = _mm512_set1_ps(q.s[b0 / kW8LimbBlock]);
+      for (int r = 0; r < R; ++r)
+        s[r] = _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(p2[r]), inv2, _mm512_cvtepi32_ps(p1[r])), sb, s[r]);
+    }
+    for (int r = 0; r < R; ++r) _mm512_store_ps(acc[r], s[r]);
+  }
+  FASTKERN_VNNI512 static float sum(const float* a) { return _mm512_reduce_add_ps(_mm512_load_ps(a)); }
+};
+#endif
+
+// y[n] = x . float(w[n]) for rows [n0, n1) on the limbs q (the scale is applied by the
+// caller): chunks of kW8fRows rows through K (in blocks of kW8fBlockK columns where the limbs
+// of all K take more than half the L1d), groups of Kern::kRows rows (a last group of the rest)
+// by Kern::rows, the next chunk prefetched into L2 as in gemv_w8f_avx512_kblocked; each row's
+// lanes add the same terms in the same order for any row split.
+template <class Kern>
+void gemv_w8l(const W8Limbs& q, const int8_t* W, int64_t K, float* Y, int64_t n0, int64_t n1) {
+  constexpr int R = Kern::kRows;
+  static_assert(kW8fRows % R == 0 && R <= 4, "chunks of whole row groups");
+  alignas(64) float acc[kW8fRows][16];
+  // one pass over K where both limbs of x take at most half the L1d
+  const int64_t kb = K * 4 <= features().l1d_bytes() / 2 ? K : kW8fBlockK;
+  for (int64_t c0 = n0; c0 < n1; c0 += kW8fRows) {
+    const int64_t c1 = std::min(n1, c0 + kW8fRows);
+    const char* pf = reinterpret_cast<const char*>(W + c1 * K);
+    for (int64_t k0 = 0; k0 < K; k0 += kb) {
+      const int64_t k1 = std::min(K, k0 + kb);
+      int64_t n = c0;
+      for (; n + R <= c1; n += R) Kern::template rows<R>(acc + (n - c0), q, W + n * K, k0, k1, K, pf);
+      switch (c1 - n) {
+        case 3: Kern::template rows<3>(acc + (n - c0), q, W + n * K, k0, k1, K, pf); break;
+        case 2: Kern::template rows<2>(acc + (n - c0), q, W + n * K, k0, k1, K, pf); break;
+        case 1: Kern::template rows<1>(acc + (n - c0), q, W + n * K, k0, k1, K, pf); break;
+        default: break;
+      }
+    }
+    for (int64_t n = c0; n < c1; ++n) Y[n] = Kern::sum(acc[n - c0]);
   }
 }
 
@@ -3582,7 +3704,29 @@ at::Tensor linear_w8a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
       // weight to fp32 in memory.
       const int64_t passes = (Mx + kGemvMaxM - 1) / kGemvMaxM;
 #if FASTKERN_X86
-      if (active_isa() >= Isa::Avx512) {
+      // M = 1: the int16 limbs of x (gemv_w8l: W8lAvx2, or W8lVnni512 with AVX512-VNNI), where
+      // every block allows them
+      const bool avx512 = active_isa() >= Isa::Avx512;
+      at::Tensor lb;
+      W8Limbs limbs{};
+      const W8Limbs* lp = nullptr;  // &limbs where they hold
+      if (Mx == 1 && w8_limbs_enabled() && (avx512 ? use_vnni512() : avx2 && w8f_stream_enabled())) {
+        // a1, a2 and the block scales in one buffer (2 K16 int16 keep the scales 4-byte aligned)
+        const int64_t K16 = round_up(K, 16), nb = gemm::div_up(K, kW8LimbBlock);
+        lb = at::empty({2 * K16 + 2 * nb}, X.options().dtype(at::kShort));
+        int16_t* a = lb.data_ptr<int16_t>();
+        float* sb = reinterpret_cast<float*>(a + 2 * K16);
+        limbs = W8Limbs{a, a + K16, sb};
+        if (w8_limbs_avx2(xp, K, a, a + K16, sb)) lp = &limbs;
+      }
+      if (avx512 && lp) {
+        parallel_row_blocks(N, 16, 8, K, 1, [&](int64_t n0, int64_t n1) {
+          gemv_w8l<W8lVnni512>(*lp, wp, K, yp, n0, n1);
+          scale_rows(n0, n1);
+        });
+        return finish(Y, bias, x, N);
+      }
+      if (avx512) {
         parallel_row_blocks(N, 16, 8, K, passes, [&](int64_t n0, int64_t n1) {
           for (int64_t m0 = 0; m0 < Mx; m0 += kGemvMaxM) {
             const float* xm = xp + m0 * ldx;
@@ -3609,21 +3753,6 @@ at::Tensor linear_w8a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
       // AVX2: passes of up to 4 rows of x, spread evenly (4 x 3 tiles: 0.87-0.97x the time of
       // 3-row passes of 3 x 4 tiles at M = 4..32, Zen 4; a register-only loop 1.76 against 1.59
       // FMAs per cycle, and M = 16 takes 4 passes instead of 6)
-#if FASTKERN_X86
-      // M = 1 on AVX2: the int16 limbs of x (w8l_stream_span), where every block allows them
-      at::Tensor lb;
-      W8Limbs limbs{};
-      const W8Limbs* lp = nullptr;  // &limbs where they hold
-      if (avx2 && Mx == 1 && w8f_stream_enabled() && w8_limbs_enabled()) {
-        // a1, a2 and the block scales in one buffer (2 K16 int16 keep the scales 4-byte aligned)
-        const int64_t K16 = round_up(K, 16), nb = gemm::div_up(K, kW8LimbBlock);
-        lb = at::empty({2 * K16 + 2 * nb}, X.options().dtype(at::kShort));
-        int16_t* a = lb.data_ptr<int16_t>();
-        float* sb = reinterpret_cast<float*>(a + 2 * K16);
-        limbs = W8Limbs{a, a + K16, sb};
-        if (w8_limbs_avx2(xp, K, a, a + K16, sb)) lp = &limbs;
-      }
-#endif
       parallel_row_blocks(N, kGemvRows, 16, K, avx2 ? (Mx + 3) / 4 : passes, [&](int64_t n0, int64_t n1) {
         // rows [m0, m0 + mr) of x (mr <= 4 on AVX2, <= kGemvMaxM otherwise) against [n0, n1)
         auto pass = [&](int64_t m0, int64_t mr) {
@@ -3638,8 +3767,10 @@ at::Tensor linear_w8a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
         };
 #if FASTKERN_X86
         if (avx2 && Mx <= kW8fStreamMaxM && w8f_stream_enabled()) {
-          if (Mx == 1)
-            gemv_w8f_stream_avx2<1>(xp, ldx, wp, K, yp, N, n0, n1, lp);
+          if (Mx == 1 && lp)
+            gemv_w8l<W8lAvx2>(*lp, wp, K, yp, n0, n1);
+          else if (Mx == 1)
+            gemv_w8f_stream_avx2<1>(xp, ldx, wp, K, yp, N, n0, n1);
           else
             gemv_w8f_stream_avx2<2>(xp, ldx, wp, K, yp, N, n0, n1);
         } else if (avx2) {
