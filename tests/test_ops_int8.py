@@ -652,47 +652,51 @@ def test_w8a16_avx2_streaming_gemv_k_blocks(m, gen, monkeypatch):
 
 
 @NATIVE
-@pytest.mark.parametrize("isa", ["avx2", "avx512"])
-def test_w8a16_limb_gemv(isa, gen, monkeypatch):
-    # m = 1: the GEMV on two int16 limbs of x per block of 1024 columns (x ~ s_b (a1 + a2 /
-    # 65534)); AVX2 on vpmaddwd in groups of 4 weight rows, AVX-512 on vpdpwssd (AVX512-VNNI) in
-    # groups of 2 (the rest of a chunk of 8 rows in a group of its own). K tails of the 16-, 32- and
-    # 64-column steps and of the limb blocks (k = 1023..1025, 2049: a last block of one column)
-    # within and across the 2048-column K blocks (k > 2048); blocks of very different magnitudes
-    # (each its own scale), a block of zeros and values at +-absmax; within the contract of the
+@pytest.mark.parametrize("isa,m", [("avx2", 1), ("avx2", 2), ("avx512", 1), ("avx512", 2), ("avx512", 3)])
+def test_w8a16_limb_gemv(isa, m, gen, monkeypatch):
+    # m <= 2 (AVX2) / 3 (AVX-512): the GEMV on two int16 limbs of x per row and block of 1024
+    # columns (x ~ s_b (a1 + a2 / 65534)); AVX2 on vpmaddwd in groups of 4 (m = 1) / 2 weight
+    # rows, AVX-512 on vpdpwssd (AVX512-VNNI) in groups of 2 / 4 / 3 (the rest of a chunk of 8
+    # rows in a group of its own). K tails of the 16-, 32- and 64-column steps and of the limb
+    # blocks (k = 1023..1025, 2049: a last block of one column) within and across the
+    # 2048-column K blocks; blocks of very different magnitudes (each row and block its own
+    # scale), a block of zeros and values at +-absmax; every row within the contract of the
     # reference, 1 and 2 threads bitwise equal, and not the fp32 GEMV's result
-    # (FASTKERN_W8A16_LIMBS=0), so the limbs ran. A block whose largest |x| is under 1e-30 (and
-    # not zero) sends the call to the fp32 GEMV, bitwise.
+    # (FASTKERN_W8A16_LIMBS=0), so the limbs ran. A block of one row whose largest |x| is under
+    # 1e-30 (and not zero) sends the call to the fp32 GEMV, bitwise.
     isa_or_skip(isa)
     if isa == "avx512" and not _C.cpu_features()["avx512vnni"]:
         pytest.skip("no AVX-512 VNNI")
     with cpu_isa(isa):
         for n, k in ((1, 1), (3, 15), (5, 16), (7, 17), (9, 31), (2, 33), (9, 63), (13, 1023), (6, 1024),
                      (11, 1025), (17, 2049), (37, 4099), (9, 6150), (70, 2100)):
-            x = torch.randn(1, k, generator=gen)
-            x *= 10.0 ** torch.randint(-6, 7, (1, (k + 1023) // 1024), generator=gen).repeat_interleave(1024, 1)[:, :k]
+            x = torch.randn(m, k, generator=gen)
+            x *= 10.0 ** torch.randint(-6, 7, (m, (k + 1023) // 1024), generator=gen).repeat_interleave(1024, 1)[:, :k]
             if k > 2048:
                 x[:, 1024:2048] = 0
-            x[0, k // 2] = -x.abs().max() if k > 1 else x[0, 0]
+            x[:, k // 2] = -x.abs().amax(1) if k > 1 else x[:, 0]
             w, s = make_w8(gen, n, k)
             ref = ops.linear_w8a16_ref(x, w, s, None)
             one, two = on_1_and_2_threads(native("linear_w8a16"), x, w, s, None)
             assert torch.equal(one, two), (n, k)
-            assert_close_rel(one, ref, torch.float32)
+            for i in range(m):
+                assert_close_rel(one[i], ref[i], torch.float32)
             monkeypatch.setenv("FASTKERN_W8A16_LIMBS", "0")
             fp32 = native("linear_w8a16")(x, w, s, None)
             monkeypatch.delenv("FASTKERN_W8A16_LIMBS")
             if k >= 1024:
                 assert not torch.equal(one, fp32), (n, k)
             if k > 1100:
-                x[:, 1030:1100] = 1e-33 * torch.randn(1, 70, generator=gen)
-                x[:, 1024:1030] = 0
-                x[:, 1100:2048] = 0
+                x[m - 1, 1030:1100] = 1e-33 * torch.randn(70, generator=gen)
+                x[m - 1, 1024:1030] = 0
+                x[m - 1, 1100:2048] = 0
                 monkeypatch.setenv("FASTKERN_W8A16_LIMBS", "0")
                 fp32 = native("linear_w8a16")(x, w, s, None)
                 monkeypatch.delenv("FASTKERN_W8A16_LIMBS")
                 assert torch.equal(native("linear_w8a16")(x, w, s, None), fp32), (n, k)
-                assert_close_rel(fp32, ops.linear_w8a16_ref(x, w, s, None), torch.float32)
+                ref = ops.linear_w8a16_ref(x, w, s, None)
+                for i in range(m):
+                    assert_close_rel(fp32[i], ref[i], torch.float32)
 
 
 @NATIVE

@@ -1726,29 +1726,32 @@ FASTKERN_AVX2 inline void w8f_stream_span(__m256 (&s)[MR][U], const float* X, in
   }
 }
 
-// ---- W8A16 GEMV at M = 1 on int16 limbs (AVX2)
+// ---- W8A16 GEMV at M <= 2 (AVX2) / 3 (AVX512-VNNI) on int16 limbs
 //
 // The fp32 GEMV converts every weight to fp32 (vpmovsxbd, vcvtdq2ps, then the FMA: three
-// vector instructions per 8 weights). At M = 1 x is split once per call into two int16
-// limbs per block of kW8LimbBlock columns instead: x ~ s_b (a1 + a2 / kW8L2), s_b = the
-// block's largest |x| / 32767, a1 = round(x / s_b), a2 = round((x / s_b - a1) kW8L2), both
+// vector instructions per 8 weights). At small M each row of x is split once per call into
+// two int16 limbs per block of kW8LimbBlock columns instead: x ~ s_b (a1 + a2 / kW8L2), s_b =
+// the block's largest |x| / 32767, a1 = round(x / s_b), a2 = round((x / s_b - a1) kW8L2), both
 // within +-32767, so x is kept to 2^-31 of the block's largest |x| (the fp32 contract's 1e-5
 // with a wide margin). The weight is widened to int16 (vpmovsxbw: 16 per instruction) and
 // multiplied by both limbs in vpmaddwd, exact int32 sums per block, then (d1 + d2 / kW8L2) s_b
-// in fp32: five vector instructions per 16 weights. Register-only, one Zen 4 core: 9.9
-// against 7.6 weights per cycle. Blocks holding a |x| under kW8LimbMinX
-// (but not only zeros) take the fp32 GEMV (s_b and the products stay normal numbers);
+// in fp32: five vector instructions per 16 weights (M = 1; register-only, one Zen 4 core:
+// 9.9 against 7.6 weights per cycle). A call where a block of a row holds a |x| under
+// kW8LimbMinX (but not only zeros) takes the fp32 GEMV (s_b and the products stay normal);
 // NaN, inf and |x| > kW8MaxX never reach a GEMV. FASTKERN_W8A16_LIMBS=0 turns it off (read
 // on every call: A/B, tests).
 constexpr int64_t kW8LimbBlock = 1024;
+constexpr int64_t kW8LimbMaxM = 3;      // AVX-512 (kW8fTileMinM up, the fp32 GEMV tiles)
+constexpr int64_t kW8LimbMaxMAvx2 = 2;
 constexpr float kW8L2 = 65534.f;
 constexpr float kW8LimbMinX = 1e-30f;
 static_assert(kW8fBlockK % kW8LimbBlock == 0, "K blocks of whole limb blocks");
 
 struct W8Limbs {
-  const int16_t* a1;  // [round_up(K, 16)], zero past K
+  const int16_t* a1;  // [M, ld]: round_up(K, 16) columns, zero past K
   const int16_t* a2;
-  const float* s;     // [ceil(K / kW8LimbBlock)]
+  const float* s;     // [M, lds]: ceil(K / kW8LimbBlock) block scales
+  int64_t ld, lds;
 };
 
 bool w8_limbs_enabled() {
@@ -1784,52 +1787,57 @@ FASTKERN_AVX2 bool w8_limbs_avx2(const float* x, int64_t K, int16_t* a1, int16_t
   return true;
 }
 
-// The limb GEMVs' row kernels (gemv_w8l): acc[r] (16 floats, 8 used here) += the limb
-// products of weight row w + r K over [k0, k1) (k0 a multiple of kW8LimbBlock; k1 < K only at
-// one), block by block; no row is read past K. R rows (up to kRows) share each limb load. One
-// 64-byte line at pf is prefetched into L2 per 64 bytes of weight read (pf advances), and with
-// kAhead each row kAhead bytes ahead into L1. One accumulator per row and limb: kW8LimbBlock /
-// 16 vpmaddwd of at most 2 * 128 * 32767 per lane, < 2^30. On AVX2 the vector ALUs bound the
-// rate, not the limb loads: 4 rows against 1 (the previous one-row kernel) 1.00-1.14x as fast
-// in L3 and from memory (one Zen 4 core: 27-30 GB/s in L3), 2 rows in between; a prefetch
-// into L1 as well was no faster.
+// The limb GEMVs' row kernels (gemv_w8l): acc[r MR + i] (16 floats, 8 used here) += the limb
+// products of row i < MR of x and weight row w + r K over [k0, k1) (k0 a multiple of
+// kW8LimbBlock; k1 < K only at one), block by block; no row is read past K. R weight rows (up
+// to kRows<MR>) share each limb load, MR rows of x each widened weight. One 64-byte line at pf
+// is prefetched into L2 per 64 bytes of weight read (pf advances). One accumulator per row
+// pair and limb: kW8LimbBlock / 16 vpmaddwd of at most 2 * 128 * 32767 per lane, < 2^30. On
+// AVX2 the vector ALUs bound the rate, not the limb loads: at M = 1 4 weight rows against 1
+// 1.00-1.14x as fast in L3 and from memory (one Zen 4 core: 27-30 GB/s in L3), 2 in between,
+// a prefetch into L1 as well no faster; at M = 2 2 rows (1: no faster than the fp32 GEMV, 3:
+// spills), 0.91x the fp32 GEMV's time in L3, 0.87x from memory (2 threads). At M = 3 the
+// fp32 GEMV's tiles share each converted weight among 3 rows of x (no limbs).
 struct W8lAvx2 {
-  static constexpr int kRows = 4;
-  static constexpr int64_t kAhead = 0;
-  template <int R>
+  template <int MR>
+  static constexpr int kRows = MR == 1 ? 4 : 2;
+  template <int MR, int R>
   FASTKERN_AVX2 static void rows(float (*acc)[16], const W8Limbs& q, const int8_t* w, int64_t k0, int64_t k1,
                                  int64_t K, const char*& pf) {
     const __m256 inv2 = _mm256_set1_ps(1.f / kW8L2);
-    __m256 s[R];
-    for (int r = 0; r < R; ++r) s[r] = k0 == 0 ? _mm256_setzero_ps() : _mm256_load_ps(acc[r]);
+    __m256 s[R][MR];
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < MR; ++i) s[r][i] = k0 == 0 ? _mm256_setzero_ps() : _mm256_load_ps(acc[r * MR + i]);
     for (int64_t b0 = k0; b0 < k1; b0 += kW8LimbBlock) {
       const int64_t b1 = std::min(k1, b0 + kW8LimbBlock), kf = b0 + ((b1 - b0) & ~int64_t(63));
-      __m256i p1[R], p2[R];
-      for (int r = 0; r < R; ++r) p1[r] = p2[r] = _mm256_setzero_si256();
+      __m256i p1[R][MR], p2[R][MR];
+      for (int r = 0; r < R; ++r)
+        for (int i = 0; i < MR; ++i) p1[r][i] = p2[r][i] = _mm256_setzero_si256();
       int64_t k = b0;
       for (; k < kf; k += 64) {
         for (int r = 0; r < R; ++r) {
           _mm_prefetch(pf, _MM_HINT_T1);
           pf += 64;
-          if (kAhead) _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k + kAhead), _MM_HINT_T0);
         }
         // not unrolled: GCC would sum the 4 steps' products first and spill the accumulators
 #pragma GCC unroll 1
         for (int h = 0; h < 64; h += 16) {
-          const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.a1 + k + h));
-          const __m256i a2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.a2 + k + h));
-          for (int r = 0; r < R; ++r) {
-            const __m256i wv =
-                _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * K + k + h)));
-            p1[r] = _mm256_add_epi32(p1[r], _mm256_madd_epi16(wv, a1));
-            p2[r] = _mm256_add_epi32(p2[r], _mm256_madd_epi16(wv, a2));
+          __m256i wv[R];
+          for (int r = 0; r < R; ++r)
+            wv[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * K + k + h)));
+          for (int i = 0; i < MR; ++i) {
+            const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.a1 + i * q.ld + k + h));
+            const __m256i a2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.a2 + i * q.ld + k + h));
+            for (int r = 0; r < R; ++r) {
+              p1[r][i] = _mm256_add_epi32(p1[r][i], _mm256_madd_epi16(wv[r], a1));
+              p2[r][i] = _mm256_add_epi32(p2[r][i], _mm256_madd_epi16(wv[r], a2));
+            }
           }
         }
       }
       // the last < 64 columns (the limbs hold round_up(K, 16) columns, zero past K)
       for (; k < b1; k += 16) {
-        const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.a1 + k));
-        const __m256i a2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.a2 + k));
+        __m256i wv[R];
         for (int r = 0; r < R; ++r) {
           alignas(16) int8_t tail[16] = {};
           const int8_t* src = w + r * K + k;
@@ -1837,16 +1845,26 @@ struct W8lAvx2 {
             std::memcpy(tail, src, K - k);
             src = tail;
           }
-          const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
-          p1[r] = _mm256_add_epi32(p1[r], _mm256_madd_epi16(wv, a1));
-          p2[r] = _mm256_add_epi32(p2[r], _mm256_madd_epi16(wv, a2));
+          wv[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+        }
+        for (int i = 0; i < MR; ++i) {
+          const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.a1 + i * q.ld + k));
+          const __m256i a2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.a2 + i * q.ld + k));
+          for (int r = 0; r < R; ++r) {
+            p1[r][i] = _mm256_add_epi32(p1[r][i], _mm256_madd_epi16(wv[r], a1));
+            p2[r][i] = _mm256_add_epi32(p2[r][i], _mm256_madd_epi16(wv[r], a2));
+          }
         }
       }
-      const __m256 sb = _mm256_set1_ps(q.s[b0 / kW8LimbBlock]);
-      for (int r = 0; r < R; ++r)
-        s[r] = _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_cvtepi32_ps(p2[r]), inv2, _mm256_cvtepi32_ps(p1[r])), sb, s[r]);
+      for (int i = 0; i < MR; ++i) {
+        const __m256 sb = _mm256_set1_ps(q.s[i * q.lds + b0 / kW8LimbBlock]);
+        for (int r = 0; r < R; ++r)
+          s[r][i] = _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_cvtepi32_ps(p2[r][i]), inv2, _mm256_cvtepi32_ps(p1[r][i])),
+                                    sb, s[r][i]);
+      }
     }
-    for (int r = 0; r < R; ++r) _mm256_store_ps(acc[r], s[r]);
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < MR; ++i) _mm256_store_ps(acc[r * MR + i], s[r][i]);
   }
   FASTKERN_AVX2 static float sum(const float* a) { return hsum8_avx2(_mm256_load_ps(a)); }
 };
@@ -1910,7 +1928,7 @@ FASTKERN_AVX2 void gemv_w8f_stream_avx2(const float* X, int64_t ldx, const int8_
 }
 
 #if FASTKERN_X86
-// ---- W8A16 GEMV at M = 1 on the int16 limbs of x with AVX512-VNNI
+// ---- W8A16 GEMV at M <= 3 on the int16 limbs of x with AVX512-VNNI
 //
 // The limbs of w8_limbs_avx2 (kW8LimbBlock blocks), multiplied on vpdpwssd: the int16 products
 // and their int32 sum in one instruction, so 32 weights cost a widening (vpmovsxbw) and two
@@ -1920,7 +1938,10 @@ FASTKERN_AVX2 void gemv_w8f_stream_avx2(const float* X, int64_t ldx, const int8_
 // 37-39, four 42-44 (eight no faster). But from memory four rows streamed worse (one thread:
 // 20-22 GB/s against 24-27 for two and 23-25 for the fp32 GEMV), so kRows = 2, each row
 // prefetched 512 bytes ahead into L1 as well (one thread 24-29 GB/s, two 33-56 with the fp32
-// GEMV at 34-47 in the same rounds).
+// GEMV at 34-47 in the same rounds). At M = 2 / 3 (each widened weight against the limbs of
+// every row of x) 4 / 3 weight rows (2: 0.79x the fp32 GEMV's time in L3, 4 / 3: 0.69-0.79x);
+// from memory (2 threads) 0.76-0.82x the fp32 GEMV's time, where M = 2 now streams as fast as
+// M = 1.
 
 // acc += the int16 pair products of a and b, in place (as dpbusd_inplace)
 FASTKERN_VNNI512 inline __m512i dpwssd_inplace(__m512i acc, __m512i a, __m512i b) {
@@ -1931,49 +1952,64 @@ FASTKERN_VNNI512 inline __m512i dpwssd_inplace(__m512i acc, __m512i a, __m512i b
 // W8lAvx2's rows on vpdpwssd (zmm: 32 weights per widening; kW8LimbBlock / 32 vpdpwssd of at
 // most 2 * 128 * 32767 per lane, < 2^28), the K tail masked
 struct W8lVnni512 {
-  static constexpr int kRows = 2;
+  template <int MR>
+  static constexpr int kRows = MR == 2 ? 4 : MR == 3 ? 3 : 2;
   static constexpr int64_t kAhead = 512;
-  template <int R>
+  template <int MR, int R>
   FASTKERN_VNNI512 static void rows(float (*acc)[16], const W8Limbs& q, const int8_t* w, int64_t k0, int64_t k1,
                                     int64_t K, const char*& pf) {
     const __m512 inv2 = _mm512_set1_ps(1.f / kW8L2);
-    __m512 s[R];
-    for (int r = 0; r < R; ++r) s[r] = k0 == 0 ? _mm512_setzero_ps() : _mm512_load_ps(acc[r]);
+    __m512 s[R][MR];
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < MR; ++i) s[r][i] = k0 == 0 ? _mm512_setzero_ps() : _mm512_load_ps(acc[r * MR + i]);
     for (int64_t b0 = k0; b0 < k1; b0 += kW8LimbBlock) {
       const int64_t b1 = std::min(k1, b0 + kW8LimbBlock), kf = b0 + ((b1 - b0) & ~int64_t(63));
-      __m512i p1[R], p2[R];
-      for (int r = 0; r < R; ++r) p1[r] = p2[r] = _mm512_setzero_si512();
+      __m512i p1[R][MR], p2[R][MR];
+      for (int r = 0; r < R; ++r)
+        for (int i = 0; i < MR; ++i) p1[r][i] = p2[r][i] = _mm512_setzero_si512();
       int64_t k = b0;
       for (; k < kf; k += 64) {
         for (int r = 0; r < R; ++r) {
           _mm_prefetch(pf, _MM_HINT_T1);
           pf += 64;
-          if (kAhead) _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k + kAhead), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k + kAhead), _MM_HINT_T0);
         }
         for (int h = 0; h < 64; h += 32) {
-          const __m512i a1 = _mm512_loadu_si512(q.a1 + k + h), a2 = _mm512_loadu_si512(q.a2 + k + h);
-          for (int r = 0; r < R; ++r) {
-            const __m512i wv =
-                _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * K + k + h)));
-            p1[r] = dpwssd_inplace(p1[r], wv, a1);
-            p2[r] = dpwssd_inplace(p2[r], wv, a2);
+          __m512i wv[R];
+          for (int r = 0; r < R; ++r)
+            wv[r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * K + k + h)));
+          for (int i = 0; i < MR; ++i) {
+            const __m512i a1 = _mm512_loadu_si512(q.a1 + i * q.ld + k + h);
+            const __m512i a2 = _mm512_loadu_si512(q.a2 + i * q.ld + k + h);
+            for (int r = 0; r < R; ++r) {
+              p1[r][i] = dpwssd_inplace(p1[r][i], wv[r], a1);
+              p2[r][i] = dpwssd_inplace(p2[r][i], wv[r], a2);
+            }
           }
         }
       }
       for (; k < b1; k += 32) {
         const __mmask32 m = K - k >= 32 ? ~__mmask32(0) : __mmask32((1u << (K - k)) - 1u);
-        const __m512i a1 = _mm512_maskz_loadu_epi16(m, q.a1 + k), a2 = _mm512_maskz_loadu_epi16(m, q.a2 + k);
-        for (int r = 0; r < R; ++r) {
-          const __m512i wv = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(m, w + r * K + k));
-          p1[r] = dpwssd_inplace(p1[r], wv, a1);
-          p2[r] = dpwssd_inplace(p2[r], wv, a2);
+        __m512i wv[R];
+        for (int r = 0; r < R; ++r) wv[r] = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(m, w + r * K + k));
+        for (int i = 0; i < MR; ++i) {
+          const __m512i a1 = _mm512_maskz_loadu_epi16(m, q.a1 + i * q.ld + k);
+          const __m512i a2 = _mm512_maskz_loadu_epi16(m, q.a2 + i * q.ld + k);
+          for (int r = 0; r < R; ++r) {
+            p1[r][i] = dpwssd_inplace(p1[r][i], wv[r], a1);
+            p2[r][i] = dpwssd_inplace(p2[r][i], wv[r], a2);
+          }
         }
       }
-      const __m512 sb = _mm512_set1_ps(q.s[b0 / kW8LimbBlock]);
-      for (int r = 0; r < R; ++r)
-        s[r] = _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(p2[r]), inv2, _mm512_cvtepi32_ps(p1[r])), sb, s[r]);
+      for (int i = 0; i < MR; ++i) {
+        const __m512 sb = _mm512_set1_ps(q.s[i * q.lds + b0 / kW8LimbBlock]);
+        for (int r = 0; r < R; ++r)
+          s[r][i] = _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(p2[r][i]), inv2, _mm512_cvtepi32_ps(p1[r][i])),
+                                    sb, s[r][i]);
+      }
     }
-    for (int r = 0; r < R; ++r) _mm512_store_ps(acc[r], s[r]);
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < MR; ++i) _mm512_store_ps(acc[r * MR + i], s[r][i]);
   }
   FASTKERN_VNNI512 static float sum(const float* a) { return _mm512_reduce_add_ps(_mm512_load_ps(a)); }
 };
@@ -1984,28 +2020,29 @@ struct W8lVnni512 {
 // of all K take more than half the L1d), groups of Kern::kRows rows (a last group of the rest)
 // by Kern::rows, the next chunk prefetched into L2 as in gemv_w8f_avx512_kblocked; each row's
 // lanes add the same terms in the same order for any row split.
-template <class Kern>
-void gemv_w8l(const W8Limbs& q, const int8_t* W, int64_t K, float* Y, int64_t n0, int64_t n1) {
-  constexpr int R = Kern::kRows;
-  static_assert(kW8fRows % R == 0 && R <= 4, "chunks of whole row groups");
-  alignas(64) float acc[kW8fRows][16];
-  // one pass over K where both limbs of x take at most half the L1d
-  const int64_t kb = K * 4 <= features().l1d_bytes() / 2 ? K : kW8fBlockK;
+template <class Kern, int MR>
+void gemv_w8l(const W8Limbs& q, const int8_t* W, int64_t K, float* Y, int64_t ldy, int64_t n0, int64_t n1) {
+  constexpr int R = Kern::template kRows<MR>;
+  static_assert(R <= 4, "the rest of a chunk in one group of under 4 rows");
+  alignas(64) float acc[kW8fRows * MR][16];
+  // one pass over K where both limbs of the MR rows of x take at most half the L1d
+  const int64_t kb = MR * K * 4 <= features().l1d_bytes() / 2 ? K : kW8fBlockK;
   for (int64_t c0 = n0; c0 < n1; c0 += kW8fRows) {
     const int64_t c1 = std::min(n1, c0 + kW8fRows);
     const char* pf = reinterpret_cast<const char*>(W + c1 * K);
     for (int64_t k0 = 0; k0 < K; k0 += kb) {
       const int64_t k1 = std::min(K, k0 + kb);
       int64_t n = c0;
-      for (; n + R <= c1; n += R) Kern::template rows<R>(acc + (n - c0), q, W + n * K, k0, k1, K, pf);
+      for (; n + R <= c1; n += R) Kern::template rows<MR, R>(acc + (n - c0) * MR, q, W + n * K, k0, k1, K, pf);
       switch (c1 - n) {
-        case 3: Kern::template rows<3>(acc + (n - c0), q, W + n * K, k0, k1, K, pf); break;
-        case 2: Kern::template rows<2>(acc + (n - c0), q, W + n * K, k0, k1, K, pf); break;
-        case 1: Kern::template rows<1>(acc + (n - c0), q, W + n * K, k0, k1, K, pf); break;
+        case 3: Kern::template rows<MR, 3>(acc + (n - c0) * MR, q, W + n * K, k0, k1, K, pf); break;
+        case 2: Kern::template rows<MR, 2>(acc + (n - c0) * MR, q, W + n * K, k0, k1, K, pf); break;
+        case 1: Kern::template rows<MR, 1>(acc + (n - c0) * MR, q, W + n * K, k0, k1, K, pf); break;
         default: break;
       }
     }
-    for (int64_t n = c0; n < c1; ++n) Y[n] = Kern::sum(acc[n - c0]);
+    for (int64_t n = c0; n < c1; ++n)
+      for (int i = 0; i < MR; ++i) Y[i * ldy + n] = Kern::sum(acc[(n - c0) * MR + i]);
   }
 }
 
@@ -3704,24 +3741,35 @@ at::Tensor linear_w8a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
       // weight to fp32 in memory.
       const int64_t passes = (Mx + kGemvMaxM - 1) / kGemvMaxM;
 #if FASTKERN_X86
-      // M = 1: the int16 limbs of x (gemv_w8l: W8lAvx2, or W8lVnni512 with AVX512-VNNI), where
-      // every block allows them
+      // M <= kW8LimbMaxM (AVX-512) / kW8LimbMaxMAvx2: the int16 limbs of x (gemv_w8l: W8lAvx2, or
+      // W8lVnni512 with AVX512-VNNI), where every block of every row allows them
       const bool avx512 = active_isa() >= Isa::Avx512;
       at::Tensor lb;
       W8Limbs limbs{};
       const W8Limbs* lp = nullptr;  // &limbs where they hold
-      if (Mx == 1 && w8_limbs_enabled() && (avx512 ? use_vnni512() : avx2 && w8f_stream_enabled())) {
-        // a1, a2 and the block scales in one buffer (2 K16 int16 keep the scales 4-byte aligned)
+      if (Mx <= (avx512 ? kW8LimbMaxM : kW8LimbMaxMAvx2) && w8_limbs_enabled() &&
+          (avx512 ? use_vnni512() : avx2 && w8f_stream_enabled())) {
+        // per row a1, a2, then the rows' block scales, in one buffer (2 K16 int16 per row keep
+        // the scales 4-byte aligned)
         const int64_t K16 = round_up(K, 16), nb = gemm::div_up(K, kW8LimbBlock);
-        lb = at::empty({2 * K16 + 2 * nb}, X.options().dtype(at::kShort));
+        lb = at::empty({Mx * (2 * K16 + 2 * nb)}, X.options().dtype(at::kShort));
         int16_t* a = lb.data_ptr<int16_t>();
-        float* sb = reinterpret_cast<float*>(a + 2 * K16);
-        limbs = W8Limbs{a, a + K16, sb};
-        if (w8_limbs_avx2(xp, K, a, a + K16, sb)) lp = &limbs;
+        float* sb = reinterpret_cast<float*>(a + Mx * 2 * K16);
+        limbs = W8Limbs{a, a + K16, sb, 2 * K16, nb};
+        bool hold = true;
+        for (int64_t i = 0; i < Mx && hold; ++i)
+          hold = w8_limbs_avx2(xp + i * ldx, K, a + i * 2 * K16, a + i * 2 * K16 + K16, sb + i * nb);
+        if (hold) lp = &limbs;
       }
-      if (avx512 && lp) {
-        parallel_row_blocks(N, 16, 8, K, 1, [&](int64_t n0, int64_t n1) {
-          gemv_w8l<W8lVnni512>(*lp, wp, K, yp, n0, n1);
+      if (lp) {
+        parallel_row_blocks(N, avx512 ? 16 : kGemvRows, avx512 ? 8 : 16, K, 1, [&](int64_t n0, int64_t n1) {
+          switch ((avx512 ? 3 : 0) + Mx) {
+            case 1: gemv_w8l<W8lAvx2, 1>(*lp, wp, K, yp, N, n0, n1); break;
+            case 2: gemv_w8l<W8lAvx2, 2>(*lp, wp, K, yp, N, n0, n1); break;
+            case 4: gemv_w8l<W8lVnni512, 1>(*lp, wp, K, yp, N, n0, n1); break;
+            case 5: gemv_w8l<W8lVnni512, 2>(*lp, wp, K, yp, N, n0, n1); break;
+            default: gemv_w8l<W8lVnni512, 3>(*lp, wp, K, yp, N, n0, n1); break;
+          }
           scale_rows(n0, n1);
         });
         return finish(Y, bias, x, N);
@@ -3767,9 +3815,7 @@ at::Tensor linear_w8a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
         };
 #if FASTKERN_X86
         if (avx2 && Mx <= kW8fStreamMaxM && w8f_stream_enabled()) {
-          if (Mx == 1 && lp)
-            gemv_w8l<W8lAvx2>(*lp, wp, K, yp, n0, n1);
-          else if (Mx == 1)
+          if (Mx == 1)
             gemv_w8f_stream_avx2<1>(xp, ldx, wp, K, yp, N, n0, n1);
           else
             gemv_w8f_stream_avx2<2>(xp, ldx, wp, K, yp, N, n0, n1);
