@@ -1741,7 +1741,9 @@ FASTKERN_AVX2 inline void w8f_stream_span(__m256 (&s)[MR][U], const float* X, in
 // NaN, inf and |x| > kW8MaxX never reach a GEMV. FASTKERN_W8A16_LIMBS=0 turns it off (read
 // on every call: A/B, tests).
 constexpr int64_t kW8LimbBlock = 1024;
-constexpr int64_t kW8LimbMaxM = 3;      // AVX-512 (kW8fTileMinM up, the fp32 GEMV tiles)
+// AVX-512; at M = 4 the fp32 GEMV tiles (gemv_w8f_tile_avx512) took 0.6-0.8x the limbs' time
+// (4 rows of x against 2 or 1 weight rows; one Zen 4 core, in L3 and from memory)
+constexpr int64_t kW8LimbMaxM = 3;
 constexpr int64_t kW8LimbMaxMAvx2 = 2;
 constexpr float kW8L2 = 65534.f;
 constexpr float kW8LimbMinX = 1e-30f;
@@ -1953,7 +1955,7 @@ FASTKERN_VNNI512 inline __m512i dpwssd_inplace(__m512i acc, __m512i a, __m512i b
 // most 2 * 128 * 32767 per lane, < 2^28), the K tail masked
 struct W8lVnni512 {
   template <int MR>
-  static constexpr int kRows = MR == 2 ? 4 : MR == 3 ? 3 : 2;
+  static constexpr int kRows = MR == 1 ? 2 : MR == 2 ? 4 : 3;
   static constexpr int64_t kAhead = 512;
   template <int MR, int R>
   FASTKERN_VNNI512 static void rows(float (*acc)[16], const W8Limbs& q, const int8_t* w, int64_t k0, int64_t k1,
@@ -3705,6 +3707,39 @@ at::Tensor linear_w8a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
   };
   if (Mx > 0 && N > 0 && K > 0) {
 #if FASTKERN_X86
+    const bool avx512 = active_isa() >= Isa::Avx512;
+    // M <= kW8LimbMaxM (AVX-512) / kW8LimbMaxMAvx2: the int16 limbs of x (gemv_w8l: W8lAvx2, or
+    // W8lVnni512 with AVX512-VNNI), where every block of every row allows them
+    at::Tensor lb;
+    W8Limbs limbs{};
+    const W8Limbs* lp = nullptr;  // &limbs where they hold
+    if (!huge && Mx <= (avx512 ? kW8LimbMaxM : kW8LimbMaxMAvx2) && w8_limbs_enabled() &&
+        (avx512 ? use_vnni512() : avx2 && w8f_stream_enabled())) {
+      // per row a1, a2, then the rows' block scales, in one buffer (2 K16 int16 per row keep
+      // the scales 4-byte aligned)
+      const int64_t K16 = round_up(K, 16), nb = gemm::div_up(K, kW8LimbBlock);
+      lb = at::empty({Mx * (2 * K16 + 2 * nb)}, X.options().dtype(at::kShort));
+      int16_t* a = lb.data_ptr<int16_t>();
+      float* sb = reinterpret_cast<float*>(a + Mx * 2 * K16);
+      limbs = W8Limbs{a, a + K16, sb, 2 * K16, nb};
+      bool hold = true;
+      for (int64_t i = 0; i < Mx && hold; ++i)
+        hold = w8_limbs_avx2(xp + i * ldx, K, a + i * 2 * K16, a + i * 2 * K16 + K16, sb + i * nb);
+      if (hold) lp = &limbs;
+    }
+    if (lp) {
+      parallel_row_blocks(N, avx512 ? 16 : kGemvRows, avx512 ? 8 : 16, K, 1, [&](int64_t n0, int64_t n1) {
+        switch ((avx512 ? 4 : 0) + Mx) {
+          case 1: gemv_w8l<W8lAvx2, 1>(*lp, wp, K, yp, N, n0, n1); break;
+          case 2: gemv_w8l<W8lAvx2, 2>(*lp, wp, K, yp, N, n0, n1); break;
+          case 5: gemv_w8l<W8lVnni512, 1>(*lp, wp, K, yp, N, n0, n1); break;
+          case 6: gemv_w8l<W8lVnni512, 2>(*lp, wp, K, yp, N, n0, n1); break;
+          default: gemv_w8l<W8lVnni512, 3>(*lp, wp, K, yp, N, n0, n1); break;
+        }
+        scale_rows(n0, n1);
+      });
+      return finish(Y, bias, x, N);
+    }
     if (tiles) {
       parallel_row_blocks(N, 16, 8, K, (Mx + kW8fTileRows - 1) / kW8fTileRows, [&](int64_t n0, int64_t n1) {
         for_each_pass(Mx, kW8fTileRows, [&](int64_t m0, int64_t mr) {
@@ -3741,39 +3776,6 @@ at::Tensor linear_w8a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
       // weight to fp32 in memory.
       const int64_t passes = (Mx + kGemvMaxM - 1) / kGemvMaxM;
 #if FASTKERN_X86
-      // M <= kW8LimbMaxM (AVX-512) / kW8LimbMaxMAvx2: the int16 limbs of x (gemv_w8l: W8lAvx2, or
-      // W8lVnni512 with AVX512-VNNI), where every block of every row allows them
-      const bool avx512 = active_isa() >= Isa::Avx512;
-      at::Tensor lb;
-      W8Limbs limbs{};
-      const W8Limbs* lp = nullptr;  // &limbs where they hold
-      if (Mx <= (avx512 ? kW8LimbMaxM : kW8LimbMaxMAvx2) && w8_limbs_enabled() &&
-          (avx512 ? use_vnni512() : avx2 && w8f_stream_enabled())) {
-        // per row a1, a2, then the rows' block scales, in one buffer (2 K16 int16 per row keep
-        // the scales 4-byte aligned)
-        const int64_t K16 = round_up(K, 16), nb = gemm::div_up(K, kW8LimbBlock);
-        lb = at::empty({Mx * (2 * K16 + 2 * nb)}, X.options().dtype(at::kShort));
-        int16_t* a = lb.data_ptr<int16_t>();
-        float* sb = reinterpret_cast<float*>(a + Mx * 2 * K16);
-        limbs = W8Limbs{a, a + K16, sb, 2 * K16, nb};
-        bool hold = true;
-        for (int64_t i = 0; i < Mx && hold; ++i)
-          hold = w8_limbs_avx2(xp + i * ldx, K, a + i * 2 * K16, a + i * 2 * K16 + K16, sb + i * nb);
-        if (hold) lp = &limbs;
-      }
-      if (lp) {
-        parallel_row_blocks(N, avx512 ? 16 : kGemvRows, avx512 ? 8 : 16, K, 1, [&](int64_t n0, int64_t n1) {
-          switch ((avx512 ? 3 : 0) + Mx) {
-            case 1: gemv_w8l<W8lAvx2, 1>(*lp, wp, K, yp, N, n0, n1); break;
-            case 2: gemv_w8l<W8lAvx2, 2>(*lp, wp, K, yp, N, n0, n1); break;
-            case 4: gemv_w8l<W8lVnni512, 1>(*lp, wp, K, yp, N, n0, n1); break;
-            case 5: gemv_w8l<W8lVnni512, 2>(*lp, wp, K, yp, N, n0, n1); break;
-            default: gemv_w8l<W8lVnni512, 3>(*lp, wp, K, yp, N, n0, n1); break;
-          }
-          scale_rows(n0, n1);
-        });
-        return finish(Y, bias, x, N);
-      }
       if (avx512) {
         parallel_row_blocks(N, 16, 8, K, passes, [&](int64_t n0, int64_t n1) {
           for (int64_t m0 = 0; m0 < Mx; m0 += kGemvMaxM) {
