@@ -1799,7 +1799,8 @@ FASTKERN_AVX2 bool w8_limbs_avx2(const float* x, int64_t K, int16_t* a1, int16_t
 // 1.00-1.14x as fast in L3 and from memory (one Zen 4 core: 27-30 GB/s in L3), 2 in between,
 // a prefetch into L1 as well no faster; at M = 2 2 rows (1: no faster than the fp32 GEMV, 3:
 // spills), 0.91x the fp32 GEMV's time in L3, 0.87x from memory (2 threads). At M = 3 the
-// fp32 GEMV's tiles share each converted weight among 3 rows of x (no limbs).
+// fp32 GEMV's tiles share each converted weight among 3 rows of x: the limbs (one weight row
+// at a time, the limbs of x from memory operands) took 1.28-1.35x their time.
 struct W8lAvx2 {
   template <int MR>
   static constexpr int kRows = MR == 1 ? 4 : 2;
