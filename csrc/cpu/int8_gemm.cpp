@@ -1945,6 +1945,11 @@ FASTKERN_AVX2 void gemv_w8f_stream_avx2(const float* X, int64_t ldx, const int8_
 // every row of x) 4 / 3 weight rows (2: 0.79x the fp32 GEMV's time in L3, 4 / 3: 0.69-0.79x);
 // from memory (2 threads) 0.76-0.82x the fp32 GEMV's time, where M = 2 now streams as fast as
 // M = 1.
+// Tried and dropped: three int8 limbs of x (base 128) on vpdpbusd against the weight bytes
+// flipped to unsigned (w + 128; 128 sum(a) per lane taken off exactly), no widening: 0.75x the
+// time of these int16 limbs in L3 at M = 1 (0.9x at M = 2, 1.1x at M = 3), but from memory
+// 1.0-1.3x slower (4096 x 14336, one and two threads, with prefetch distances of 512-4096
+// bytes and plain or masked loads alike); the reason was not found.
 
 // acc += the int16 pair products of a and b, in place (as dpbusd_inplace)
 FASTKERN_VNNI512 inline __m512i dpwssd_inplace(__m512i acc, __m512i a, __m512i b) {
