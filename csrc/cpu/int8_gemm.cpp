@@ -11,18 +11,18 @@
 // thread's weight rows go in L2-sized blocks, all passes over a block before the next
 // (parallel_row_blocks), so the weight comes from DRAM once. Larger M runs a transposed-tile
 // GEMM on int16 pairs (section "AVX2 without VNNI"). W8A16 runs a GEMV on two int16 limbs of
-// x at M = 1 (gemv_w8l; on vpdpwssd with AVX512-VNNI), its fp32 GEMV (3 rows of x per pass, the same row blocks)
-// above, up to kW8a16GemvMaxMAvx2, and the fp32
-// GEMM drivers with B slivers dequantized from the int8 rows above (section "W8A16 GEMM,
-// AVX2"; the generic path dequantizes one cache-sized weight panel at a time).
+// x at M <= 2 (M <= 3 on vpdpwssd with AVX512-VNNI; gemv_w8l), its fp32 GEMV (3 rows of x per
+// pass, the same row blocks) above, up to kW8a16GemvMaxMAvx2, and the fp32 GEMM drivers with
+// B slivers dequantized from the int8 rows above (section "W8A16 GEMM, AVX2"; the generic
+// path dequantizes one cache-sized weight panel at a time).
 // The previous AVX2 integer path (int16 panels, row-vector dot tiles) stays selectable with
 // FASTKERN_INT8_AVX2=panel, for A/B timing; it is also what the generic path runs. With
 // AVX-512 VNNI the integer product (int8_gemm, linear_w8a8) runs on vpdpbusd instead: a
 // GEMV for M <= 4, GEMV tiles of several weight rows up to M = 12 where K <= 4096, and a
 // transposed-tile GEMM above (section "AVX-512 VNNI"); on the amx path the GEMM runs on AMX
-// tiles from M = 9, small layers included (section "AMX"). W8A16 with AVX-512 runs an fp32 GEMV
-// up to M = 3, GEMV tiles to M = 24 (32 under a 48 KiB L1d; 12 for bf16 x with AVX512-BF16) and
-// fp32 / vdpbf16ps GEMMs above, their last few rows past a multiple of 16 by the tiles or the
+// tiles from M = 9, small layers included (section "AMX"). W8A16 with AVX-512 runs the limb
+// GEMV (with VNNI; else an fp32 GEMV) up to M = 3, GEMV tiles to M = 24 (32 under a 48 KiB
+// L1d; 12 for bf16 x with AVX512-BF16) and fp32 / vdpbf16ps GEMMs above, their last few rows past a multiple of 16 by the tiles or the
 // GEMV (w8a16_tail_rows), or within the vdpbf16ps GEMM (w8a16_bf16_tail_rows). On small layers
 // (BERT/MiniLM-sized weights) at small M the VNNI paths run weight-vector kernels instead
 // (section "small M: weight vectors"; use_wv() says where; the AVX2 ones only where
@@ -1686,28 +1686,22 @@ FASTKERN_AVX2 void gemv_w8f_avx2(const float* X, int64_t ldx, const int8_t* W, i
 // 1.18x, M = 3 0.95 / 0.82 / 0.84x (the tiles share each x load among 4 weight rows).
 constexpr int64_t kW8fStreamMaxM = 2;
 constexpr int64_t kW8fAhead = 8192;
-// The streaming spans' prefetch per 64 bytes of weight at w: one line at pf into L2 (pf
-// advances), or without pf the row's own stream kW8fAhead bytes ahead.
-inline void w8_span_prefetch(const char*& pf, const int8_t* w, bool pf_l1) {
-  if (pf) {
-    _mm_prefetch(pf, _MM_HINT_T1);
-    pf += 64;
-  } else {
-    prefetch_stream(w + kW8fAhead, pf_l1);
-  }
-}
-
 // s += x [., k0:k1) * w[k0:k1) for one weight row w, k0 a multiple of 64; k1 < K only at a
 // multiple of 64 (x is zero-padded to 8 columns; the weight row is never read past K). With pf,
 // one 64-byte line at pf per 64 bytes of weight read is prefetched into L2 (pf advances), else
-// the row's own stream kW8fAhead bytes ahead (w8_span_prefetch).
+// the row's own stream kW8fAhead bytes ahead.
 template <int MR, int U>
 FASTKERN_AVX2 inline void w8f_stream_span(__m256 (&s)[MR][U], const float* X, int64_t ldx, const int8_t* w,
                                           int64_t k0, int64_t k1, int64_t K, const char*& pf, bool pf_l1) {
   const int64_t kf = k0 + ((k1 - k0) & ~int64_t(63));
   int64_t k = k0;
   for (; k < kf; k += 64) {
-    w8_span_prefetch(pf, w + k, pf_l1);
+    if (pf) {
+      _mm_prefetch(pf, _MM_HINT_T1);
+      pf += 64;
+    } else {
+      prefetch_stream(w + k + kW8fAhead, pf_l1);
+    }
     for (int u = 0; u < 8; ++u) {
       const __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + k + 8 * u))));
       for (int i = 0; i < MR; ++i)
@@ -3735,13 +3729,12 @@ at::Tensor linear_w8a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
     }
     if (lp) {
       parallel_row_blocks(N, avx512 ? 16 : kGemvRows, avx512 ? 8 : 16, K, 1, [&](int64_t n0, int64_t n1) {
-        switch ((avx512 ? 4 : 0) + Mx) {
-          case 1: gemv_w8l<W8lAvx2, 1>(*lp, wp, K, yp, N, n0, n1); break;
-          case 2: gemv_w8l<W8lAvx2, 2>(*lp, wp, K, yp, N, n0, n1); break;
-          case 5: gemv_w8l<W8lVnni512, 1>(*lp, wp, K, yp, N, n0, n1); break;
-          case 6: gemv_w8l<W8lVnni512, 2>(*lp, wp, K, yp, N, n0, n1); break;
-          default: gemv_w8l<W8lVnni512, 3>(*lp, wp, K, yp, N, n0, n1); break;
-        }
+        if (!avx512)
+          (Mx == 1 ? gemv_w8l<W8lAvx2, 1> : gemv_w8l<W8lAvx2, 2>)(*lp, wp, K, yp, N, n0, n1);
+        else
+          (Mx == 1   ? gemv_w8l<W8lVnni512, 1>
+           : Mx == 2 ? gemv_w8l<W8lVnni512, 2>
+                     : gemv_w8l<W8lVnni512, 3>)(*lp, wp, K, yp, N, n0, n1);
         scale_rows(n0, n1);
       });
       return finish(Y, bias, x, N);
