@@ -22,8 +22,9 @@
 // transposed-tile GEMM above (section "AVX-512 VNNI"); on the amx path the GEMM runs on AMX
 // tiles from M = 9, small layers included (section "AMX"). W8A16 with AVX-512 runs the limb
 // GEMV (with VNNI; else an fp32 GEMV) up to M = 3, GEMV tiles to M = 24 (32 under a 48 KiB
-// L1d; 12 for bf16 x with AVX512-BF16) and fp32 / vdpbf16ps GEMMs above, their last few rows past a multiple of 16 by the tiles or the
-// GEMV (w8a16_tail_rows), or within the vdpbf16ps GEMM (w8a16_bf16_tail_rows). On small layers
+// L1d; 12 for bf16 x with AVX512-BF16) and fp32 / vdpbf16ps GEMMs above, their last few rows
+// past a multiple of 16 by the tiles or the GEMV (w8a16_tail_rows), or within the vdpbf16ps
+// GEMM (w8a16_bf16_tail_rows). On small layers
 // (BERT/MiniLM-sized weights) at small M the VNNI paths run weight-vector kernels instead
 // (section "small M: weight vectors"; use_wv() says where; the AVX2 ones only where
 // FASTKERN_INT8_WV_MAX_M asks for them).
