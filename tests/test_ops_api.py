@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastkern as fk
-from conftest import num_threads
+from conftest import isa_skip_reason, num_threads
 from fastkern import formats, ops
 
 
@@ -174,6 +174,54 @@ def test_native_kernels_run_on_every_torch_thread():
     for t in (1, 2, 3):
         with num_threads(t):
             assert fk._ext._C.parallel_width(8) == t
+
+
+def _thread_split_args(op, gen, m, dtype):
+    """Arguments big enough that every thread gets rows (N = 392, K = 640: 2:4, group 32 and
+    the 8 x 16 blocks all divide it) at M = m."""
+    n, k = 392, 640
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    w = torch.randn(n, k, generator=gen)
+    if op == "gemm":
+        return (x, w.to(dtype))
+    if op == "int8_gemm":
+        return (torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8),
+                torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8))
+    if op in ("linear_w8a16", "linear_w8a8"):
+        return (x,) + formats.quantize_int8(w) + (None,)
+    if op == "linear_w4a16":
+        return (x,) + formats.quantize_int4(w, 32) + (32, None)
+    if op == "linear_sparse24":
+        v, meta = formats.compress_2_4(w)
+        return (x, v.to(dtype), meta, None)
+    blocks, row_ptr, col_idx = formats.dense_to_blocksparse(w, (8, 16), formats.prune_blocks(w, (8, 16), 0.5))
+    return (x, blocks.to(dtype), row_ptr, col_idx, n, None)
+
+
+@pytest.mark.skipif(fk._ext._C is None, reason="fastkern._C is not built")
+@pytest.mark.parametrize("isa", ["auto", "avx2"])
+@pytest.mark.parametrize("op", list(ops.OPS))
+def test_native_kernels_same_bits_on_odd_thread_counts(gen, op, isa):
+    # the 1-vs-2-thread identity tests split rows in halves; 3 and 4 threads split them
+    # into other shares (rows of a thread's tasks, row blocks, tails at other offsets)
+    why = None if isa == "auto" else isa_skip_reason(isa)
+    if why:
+        pytest.skip(why)
+    fn = getattr(torch.ops.fastkern_C, op)
+    dtypes = [torch.float32] if op == "int8_gemm" else [torch.float32, torch.bfloat16]
+    fk._ext._C.set_cpu_isa(isa)
+    try:
+        for dtype in dtypes:
+            for m in (1, 3, 17, 70):
+                args = _thread_split_args(op, gen, m, dtype)
+                outs = []
+                for t in (1, 3, 4):
+                    with num_threads(t):
+                        outs.append(fn(*args))
+                for t, o in zip((3, 4), outs[1:]):
+                    assert torch.equal(o, outs[0]), (op, isa, str(dtype), m, t)
+    finally:
+        fk._ext._C.set_cpu_isa("auto")
 
 
 # ------------------------------------------------ per-call fast paths (checks, backend choice)

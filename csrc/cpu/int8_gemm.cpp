@@ -447,6 +447,13 @@ void gemm_vnni_rows_nr(const int8_t* Ap, const int8_t* W, int64_t K, int64_t k40
 // won at K = 1024 / 2112 / 6000 (6 rows 1.05-1.10x the time) and lost a little at K = 11008 /
 // 14336 (6 rows 0.92-0.95x), so only aliasing decides. (A 12-way L1, as on the Xeon host,
 // holds the 12 lines.) FASTKERN_TILE_ROWS (6 or 12; read per call) forces one (tile_gemm.h: six_row_tiles).
+// Tried on the same cores for the one-vector tiles (M = 16; W8A8 4096 x 4096, weight in the
+// L3, one process, alternating), not kept: two accumulators per weight row (even / odd k4, 12
+// chains for 6 rows) took the same time (the tiles are not latency-bound); x blocks of 512 /
+// 1024 / 4096 bytes of K instead of kVnniKC were within 5% either way. The broadcast folded
+// into vpdpbusd (an asm operand "m" with {1to16}) took 2.3-2.5x the time, but only because GCC
+// then kept the accumulator array in memory (a zmm store per row and step); a whole-step asm
+// block without that was not tried.
 template <int VM>
 void gemm_vnni_rows(const int8_t* Ap, const int8_t* W, int64_t K, int64_t k40, int64_t k41, int32_t* CT,
                     int64_t ldct, int64_t n0, int64_t n1, bool acc, const char* pf, const char* pf_end) {
@@ -1108,7 +1115,8 @@ void gemm_vnni_packed(const int32_t* ap, int64_t M, const int8_t* W, int64_t N, 
       const int64_t n1 = std::min(r1, n0 + nb);
       const char* pf = reinterpret_cast<const char*>(W + n1 * K);
       const char* pf_end = reinterpret_cast<const char*>(W + std::min(r1, n1 + nb) * K);
-      // spread over this task's tile calls: nmb x K blocks of them
+      // spread over this task's tile calls: nmb x K blocks of them. (W8A8 M = 16, Zen 4, 2
+      // threads, weights beyond L3: without it 1.22x the time; two tasks ahead no faster.)
       const int64_t nkb = (K4 + kVnniKC / 4 - 1) / (kVnniKC / 4);
       const int64_t share = ((pf_end - pf) + nmb * nkb - 1) / (nmb * nkb);
       vnni_corrections(W, K, n0, n1, corr + n0);
