@@ -176,28 +176,6 @@ def test_native_kernels_run_on_every_torch_thread():
             assert fk._ext._C.parallel_width(8) == t
 
 
-def _thread_split_args(op, gen, m, dtype):
-    """Arguments big enough that every thread gets rows (N = 392, K = 640: 2:4, group 32 and
-    the 8 x 16 blocks all divide it) at M = m."""
-    n, k = 392, 640
-    x = torch.randn(m, k, generator=gen).to(dtype)
-    w = torch.randn(n, k, generator=gen)
-    if op == "gemm":
-        return (x, w.to(dtype))
-    if op == "int8_gemm":
-        return (torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8),
-                torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8))
-    if op in ("linear_w8a16", "linear_w8a8"):
-        return (x,) + formats.quantize_int8(w) + (None,)
-    if op == "linear_w4a16":
-        return (x,) + formats.quantize_int4(w, 32) + (32, None)
-    if op == "linear_sparse24":
-        v, meta = formats.compress_2_4(w)
-        return (x, v.to(dtype), meta, None)
-    blocks, row_ptr, col_idx = formats.dense_to_blocksparse(w, (8, 16), formats.prune_blocks(w, (8, 16), 0.5))
-    return (x, blocks.to(dtype), row_ptr, col_idx, n, None)
-
-
 @pytest.mark.skipif(fk._ext._C is None, reason="fastkern._C is not built")
 @pytest.mark.parametrize("isa", ["auto", "avx2"])
 @pytest.mark.parametrize("op", list(ops.OPS))
@@ -213,7 +191,8 @@ def test_native_kernels_same_bits_on_odd_thread_counts(gen, op, isa):
     try:
         for dtype in dtypes:
             for m in (1, 3, 17, 70):
-                args = _thread_split_args(op, gen, m, dtype)
+                # N = 392, K = 640: every thread gets rows; 2:4, group 32 and 8 x 16 blocks divide it
+                args = sample_args(op, gen, m=m, n=392, k=640, dtype=dtype)
                 outs = []
                 for t in (1, 3, 4):
                     with num_threads(t):
