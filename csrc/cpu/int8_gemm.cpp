@@ -443,10 +443,11 @@ void gemm_vnni_rows_nr(const int8_t* Ap, const int8_t* W, int64_t K, int64_t k40
 // bytes apart: where 12 such rows alias in the L1 (K a multiple of 4 KiB on an 8-way L1d:
 // every row's line in one set), tiles of 6 rows. Measured on 2 Zen 4 cores (32 KiB 8-way L1d;
 // W8A8, weights beyond L3, 7 rounds alternating in one process), 6 against 12 rows: 4096 x 4096
-// M = 16 / 32 0.67x / 0.83x the time, 11008 x 4096 0.66x / 0.79x. Without aliasing 12 rows
-// won at K = 1024 / 2112 / 6000 (6 rows 1.05-1.10x the time) and lost a little at K = 11008 /
-// 14336 (6 rows 0.92-0.95x), so only aliasing decides. (A 12-way L1, as on the Xeon host,
-// holds the 12 lines.) FASTKERN_TILE_ROWS (6 or 12; read per call) forces one (tile_gemm.h: six_row_tiles).
+// M = 16 / 32 0.67x / 0.83x the time, 11008 x 4096 0.66x / 0.79x. Without aliasing, a first
+// reading had 12 rows ahead at K = 1024 / 2112 / 6000 (6 rows 1.05-1.10x the time) and behind
+// at K = 11008 / 14336 (0.92-0.95x); a second one (tile_gemm.h: six_row_tiles) had 6 rows
+// ahead at every K, so an L1d under 48 KiB takes 6 rows throughout. (A 12-way L1, as on the
+// Xeon host, holds the 12 lines.) FASTKERN_TILE_ROWS (6 or 12; read per call) forces one.
 // Tried on the same cores for the one-vector tiles (M = 16; W8A8 4096 x 4096, weight in the
 // L3, one process, alternating), not kept: two accumulators per weight row (even / odd k4, 12
 // chains for 6 rows) took the same time (the tiles are not latency-bound); x blocks of 512 /

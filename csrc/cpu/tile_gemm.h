@@ -135,10 +135,18 @@ constexpr int64_t kF32TaskRows = 96;
 // cores (32 KiB 8-way L1d; alternating in one process, weights beyond L3): the bf16 GEMM
 // reading 4096 x 4096 / 11008 x 4096 bf16 rows in place (8 KiB apart), 6 against 12 rows, M =
 // 16 0.70x the time, M = 32 0.91-0.92x; the VNNI GEMM in int8_gemm.cpp 0.66-0.83x.
-// FASTKERN_TILE_ROWS (6 or 12; read per call) forces one.
+// On an L1d under 48 KiB (small_l1d) six rows also where the rows do not alias: the same
+// cores, same method, 2026-12-05, 6 against 12 rows, N = 4096 unless said: W8A8 (VNNI) M = 16 /
+// 32 at K = 1024 / 2112 / 3072 / 6000 / 11008 / 14336 0.97 / 0.99, 0.95 / 0.96, 0.92 / 0.94,
+// 0.96 / 0.96, 0.94 / 0.95, 0.97 / 0.96x the time, 3072 x 768, 768 x 3072, 1536 x 1536,
+// 2048 x 2048 M = 16 / 32 0.94-0.98x; bf16 x (W8A16's vdpbf16ps GEMM / gemm) M = 16 at K =
+// 2112 / 3072 / 6000 / 11008 0.90 / 0.92 / 0.93 / 0.92x and 0.99 / 0.91 / 0.93 / 0.93x (11008
+// x 4160: 0.91 / 0.96x), M = 32 0.98-1.03x. (An earlier reading on these cores had 12 rows
+// ahead by 5-10% at K = 1024 / 2112 / 6000; it did not come back.) FASTKERN_TILE_ROWS (6 or
+// 12; read per call) forces one.
 inline bool six_row_tiles(int64_t row_bytes) {
   const int64_t knob = env_knob("FASTKERN_TILE_ROWS", 0);
-  return knob == 6 || (knob != 12 && rows_alias_in_l1(row_bytes, 12));
+  return knob == 6 || (knob != 12 && (quant::small_l1d() || rows_alias_in_l1(row_bytes, 12)));
 }
 // f(integral_constant<int, NR>): NR = 6 for VM >= 3 vectors of x or six_row_tiles, else 12
 template <int VM, class F>
