@@ -412,8 +412,9 @@ def test_gemm_bf16_dot_every_tail(gen):
 def test_gemm_bf16_tile_rows_bitwise_identical(gen, monkeypatch, m):
     """The bf16 tile GEMM reading b's rows in place runs register tiles of 12 weight rows, or 6
     where 12 rows alias in the L1 (K = 2048 bf16: rows 4 KiB apart) or the L1d is under 48 KiB;
-    FASTKERN_TILE_ROWS forces either. Every output is one chain over k in order, so 6, 12 and the default give the same
-    bits, all matching the reference; N leaves tile tails of both sizes."""
+    FASTKERN_TILE_ROWS forces either. Every output is one chain over k in order, so 6, 12 and
+    the default give the same bits, all matching the reference; N leaves tile tails of both
+    sizes."""
     monkeypatch.setenv("FASTKERN_GEMM_BF16_MIN_M", "1")
     for n, k in ((61, 2048), (29, 1040)):
         a = torch.randn(m, k, generator=gen).bfloat16()

@@ -344,8 +344,8 @@ def isa_or_skip(name):
 def test_vnni_gemm_tile_rows(m, rows, gen, monkeypatch):
     # The AVX-512 VNNI GEMM with one or two vectors of x rows runs tiles of 12 weight rows, or of
     # 6 where 12 rows K bytes apart alias in the L1 (K = 4096 on an 8-way L1d) or the L1d is
-    # under 48 KiB; FASTKERN_TILE_ROWS forces either. Exact for every K (aliasing or not, with a K % 4
-    # tail), tile tails (n % 6, n % 12) and both.
+    # under 48 KiB; FASTKERN_TILE_ROWS forces either. Exact for every K (aliasing or not, with
+    # a K % 4 tail), tile tails (n % 6, n % 12) and both.
     isa_or_skip("avx512")
     monkeypatch.setenv("FASTKERN_INT8_WV_MAX_M", "0")
     monkeypatch.setenv("FASTKERN_INT8_ROW_MAX_M", "0")

@@ -451,7 +451,9 @@ void gemm_vnni_rows_nr(const int8_t* Ap, const int8_t* W, int64_t K, int64_t k40
 // Tried on the same cores for the one-vector tiles (M = 16; W8A8 4096 x 4096, weight in the
 // L3, one process, alternating), not kept: two accumulators per weight row (even / odd k4, 12
 // chains for 6 rows) took the same time (the tiles are not latency-bound); x blocks of 512 /
-// 1024 / 4096 bytes of K instead of kVnniKC were within 5% either way. The broadcast folded
+// 1024 / 4096 bytes of K instead of kVnniKC were within 5% either way (from memory, after the
+// six-row change, the four Llama shapes at M = 16 / 32 / 64: 4096 bytes 0-3% faster, 1024 up
+// to 7% slower; not changed). The broadcast folded
 // into vpdpbusd (an asm operand "m" with {1to16}) took 2.3-2.5x the time, but only because GCC
 // then kept the accumulator array in memory (a zmm store per row and step); a whole-step asm
 // block without that was not tried.
