@@ -72,7 +72,7 @@ void set_autograd_hook(pybind11::object fn) {
 }  // namespace fastkern
 
 TORCH_LIBRARY_IMPL(fastkern, Autograd, m) {
-  for (const char* name : {"gemm", "int8_gemm", "linear_w8a16", "linear_w8a8", "linear_w4a16", "linear_sparse24",
-                           "linear_blocksparse"})
+  for (const char* name : {"gemm", "int8_gemm", "linear_w8a16", "linear_w8a8", "linear_w4a16", "linear_w4a8",
+                           "linear_sparse24", "linear_blocksparse"})
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&fastkern::autograd_kernel>());
 }

@@ -56,9 +56,9 @@ bool w8_ok(const c10::IValue* a, bool w8a8) {
 }
 
 // The public ops, in the order of their kernels' registration below.
-enum class Op { Gemm, Int8Gemm, W8A16, W8A8, W4A16, Sparse24, BlockSparse };
-constexpr const char* kOpNames[] = {"gemm", "int8_gemm", "linear_w8a16", "linear_w8a8", "linear_w4a16",
-                                    "linear_sparse24", "linear_blocksparse"};
+enum class Op { Gemm, Int8Gemm, W8A16, W8A8, W4A16, W4A8, Sparse24, BlockSparse };
+constexpr const char* kOpNames[] = {"gemm",        "int8_gemm",       "linear_w8a16", "linear_w8a8",
+                                    "linear_w4a16", "linear_w4a8", "linear_sparse24", "linear_blocksparse"};
 
 // Whether the arguments of `op` pass ops.py's fast check (a[0..n): the op's arguments).
 bool well_formed(Op op, const c10::IValue* a) {
@@ -77,7 +77,7 @@ bool well_formed(Op op, const c10::IValue* a) {
   }
   if (op == Op::W8A16) return w8_ok(a, false);
   if (op == Op::W8A8) return w8_ok(a, true);
-  if (op == Op::W4A16) {
+  if (op == Op::W4A16 || op == Op::W4A8) {  // one argument list and one check
     const at::Tensor &w = a[1].toTensor(), &sc = a[2].toTensor(), &z = a[3].toTensor();
     const int64_t g = a[4].toInt();
     if (!(is_float(x) && w.scalar_type() == at::kByte && w.dim() == 2 && x.dim() >= 1 && g > 0)) return false;
@@ -173,6 +173,7 @@ TORCH_LIBRARY_IMPL(fastkern, CPU, m) {
   m.impl("linear_w8a16", CppFunction::makeFromBoxedFunction<&cpu_kernel<Op::W8A16>>());
   m.impl("linear_w8a8", CppFunction::makeFromBoxedFunction<&cpu_kernel<Op::W8A8>>());
   m.impl("linear_w4a16", CppFunction::makeFromBoxedFunction<&cpu_kernel<Op::W4A16>>());
+  m.impl("linear_w4a8", CppFunction::makeFromBoxedFunction<&cpu_kernel<Op::W4A8>>());
   m.impl("linear_sparse24", CppFunction::makeFromBoxedFunction<&cpu_kernel<Op::Sparse24>>());
   m.impl("linear_blocksparse", CppFunction::makeFromBoxedFunction<&cpu_kernel<Op::BlockSparse>>());
 }

@@ -20,6 +20,9 @@ TORCH_LIBRARY(fastkern_C, m) {
   m.def(
       "linear_w4a16(Tensor x, Tensor w, Tensor scales, Tensor zeros, int group_size, "
       "Tensor? bias) -> Tensor");
+  m.def(
+      "linear_w4a8(Tensor x, Tensor w, Tensor scales, Tensor zeros, int group_size, "
+      "Tensor? bias) -> Tensor");
   m.def("linear_sparse24(Tensor x, Tensor values, Tensor meta, Tensor? bias) -> Tensor");
   m.def(
       "linear_blocksparse(Tensor x, Tensor blocks, Tensor row_ptr, Tensor col_idx, "

@@ -32,7 +32,7 @@ def quantize_(model: nn.Module, weight_dtype: str = "int8", act_dtype: Optional[
     """Quantize the model's nn.Linear layers in place and return the model.
 
     weight_dtype "int8" (per-channel) or "int4" (group-wise, ``group_size``);
-    act_dtype "int8" for dynamic int8 activations (W8A8). method: "rtn" (round to
+    act_dtype "int8" for dynamic int8 activations (W8A8, or W4A8 with int4 weights). method: "rtn" (round to
     nearest), "search" (int4, data-free per-group clipping search) or "gptq" (int4,
     calibrated on ``calibration``: model inputs, see fastkern.calibrate).
     filter_fn(module, fqn) -> bool picks the layers (default: all nn.Linear).

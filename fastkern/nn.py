@@ -38,6 +38,7 @@ def _check_incoming(prefix, name, t, shape, dtype, errors):
 _linear_w8a16 = ops.linear_w8a16.default
 _linear_w8a8 = ops.linear_w8a8.default
 _linear_w4a16 = ops.linear_w4a16.default
+_linear_w4a8 = ops.linear_w4a8.default
 _linear_sparse24 = ops.linear_sparse24.default
 _linear_blocksparse = ops.linear_blocksparse.default
 
@@ -95,7 +96,7 @@ class QLinear(_CanonicalLinear):
         weight_dtype: "int8" (symmetric per output channel) or "int4" (group-wise,
             asymmetric, zero points in 0..15).
         act_dtype: None (activations stay float: W8A16 / W4A16) or "int8"
-            (dynamic per-token int8 activations: W8A8; int8 weights only).
+            (dynamic per-token int8 activations: W8A8 / W4A8).
         group_size: int4 group size along K (-1 for one group per row).
     Inputs of any leading shape [..., in_features] in fp32/fp16/bf16; the output has
     the input's dtype.
@@ -108,8 +109,6 @@ class QLinear(_CanonicalLinear):
             raise ValueError("QLinear: weight_dtype must be 'int8' or 'int4', got %r" % (weight_dtype,))
         if act_dtype not in _ACT_DTYPES:
             raise ValueError("QLinear: act_dtype must be None or 'int8', got %r" % (act_dtype,))
-        if act_dtype == "int8" and weight_dtype != "int8":
-            raise ValueError("QLinear: int8 activations are supported with int8 weights only (W8A8), not %s" % weight_dtype)
         self.in_features, self.out_features = in_features, out_features
         self.weight_dtype, self.act_dtype = weight_dtype, act_dtype
         factory = _factory(device, dtype)
@@ -189,6 +188,8 @@ class QLinear(_CanonicalLinear):
         bias = b["bias"] if "bias" in b else self.bias
         if self.weight_dtype == "int4":
             zero = b["weight_zero"] if "weight_zero" in b else self.weight_zero
+            if self.act_dtype == "int8":
+                return _linear_w4a8(x, w, scale, zero, self.group_size, bias)
             return _linear_w4a16(x, w, scale, zero, self.group_size, bias)
         if self.act_dtype == "int8":
             return _linear_w8a8(x, w, scale, bias)

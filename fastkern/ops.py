@@ -296,6 +296,15 @@ def linear_w4a16_ref(x, w, scales, zeros, group_size, bias):
     return _finish(x.float() @ formats.dequantize_int4(w, scales, zeros, group_size).T, bias, x.dtype)
 
 
+def linear_w4a8_ref(x, w, scales, zeros, group_size, bias):
+    # x quantized per token as linear_w8a8 does; float64 holds every product of an int8
+    # activation and a dequantized weight ((q - z) * s, an fp32 number times an integer <= 15)
+    # exactly, and their sums within 2^-52 of the exact value
+    q, s = formats.quantize_per_token(x)
+    acc = q.double() @ formats.dequantize_int4(w, scales, zeros, group_size).double().T
+    return _finish((acc * s.double()).float(), bias, x.dtype)
+
+
 def linear_sparse24_ref(x, values, meta, bias):
     return _finish(x.float() @ formats.decompress_2_4(values, meta).float().T, bias, x.dtype)
 
@@ -336,6 +345,9 @@ OPS = {
         OpSpec("linear_w4a16",
                "(Tensor x, Tensor w, Tensor scales, Tensor zeros, int group_size, Tensor? bias) -> Tensor",
                _check_w4a16, linear_w4a16_ref, lambda x, w, *_: (_out_linear(x, w.shape[0]), x.dtype)),
+        OpSpec("linear_w4a8",
+               "(Tensor x, Tensor w, Tensor scales, Tensor zeros, int group_size, Tensor? bias) -> Tensor",
+               _check_w4a16, linear_w4a8_ref, lambda x, w, *_: (_out_linear(x, w.shape[0]), x.dtype)),
         OpSpec("linear_sparse24", "(Tensor x, Tensor values, Tensor meta, Tensor? bias) -> Tensor",
                _check_sparse24, linear_sparse24_ref,
                lambda x, values, *_: (_out_linear(x, values.shape[0]), x.dtype)),
@@ -551,8 +563,8 @@ for _spec in OPS.values():
 # the weight-side floats (weight scales, 2:4 values, blocks). The weight's own integers and
 # indices are not. The gradients are those of the reference: grad_x = grad_y @ W and grad_W =
 # grad_y^T @ x in fp32 with W the op's dense fp32 weight, carried back to the scales / values
-# through the format's dequantization; each cast back to its input's dtype. linear_w8a8 passes
-# grad_x straight through its per-token rounding of x (whose own derivative is zero almost
+# through the format's dequantization; each cast back to its input's dtype. linear_w8a8 and
+# linear_w4a8 pass grad_x straight through their per-token rounding of x (whose own derivative is zero almost
 # everywhere): grad_x = grad_y @ (w * w_scale), as quantization-aware training does.
 # int8_gemm has no float inputs.
 #
@@ -565,7 +577,7 @@ def _dense_weight(name, args):
     """The op's weight as the dense fp32 [N, K] matrix the reference multiplies by."""
     if name in ("linear_w8a16", "linear_w8a8"):
         return formats.dequantize_int8(args[1], args[2])
-    if name == "linear_w4a16":
+    if name in ("linear_w4a16", "linear_w4a8"):
         return formats.dequantize_int4(args[1], args[2], args[3], args[4])
     if name == "linear_sparse24":
         return formats.decompress_2_4(args[1], args[2]).float()
@@ -585,7 +597,7 @@ _GRAD_CHUNK_ELEMS = 1 << 23
 def _weight_rows(name, args, n0, n1):
     """args with the weight cut to its rows [n0, n1) (not for linear_blocksparse)."""
     cut = list(args)
-    last = 2 if name == "gemm" else 4 if name == "linear_w4a16" else 3
+    last = 2 if name == "gemm" else 4 if name in ("linear_w4a16", "linear_w4a8") else 3
     for i in range(1, last):
         cut[i] = args[i][n0:n1]
     return cut
@@ -681,5 +693,6 @@ int8_gemm = _public("int8_gemm")
 linear_w8a16 = _public("linear_w8a16")
 linear_w8a8 = _public("linear_w8a8")
 linear_w4a16 = _public("linear_w4a16")
+linear_w4a8 = _public("linear_w4a8")
 linear_sparse24 = _public("linear_sparse24")
 linear_blocksparse = _public("linear_blocksparse")

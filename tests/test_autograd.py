@@ -15,7 +15,8 @@ from fastkern import formats, ops
 
 from conftest import assert_close_rel, backends_for
 
-LINEAR_OPS = ["linear_w8a16", "linear_w8a8", "linear_w4a16", "linear_sparse24", "linear_blocksparse", "gemm"]
+LINEAR_OPS = ["linear_w8a16", "linear_w8a8", "linear_w4a16", "linear_w4a8", "linear_sparse24", "linear_blocksparse",
+              "gemm"]
 N, K = 24, 64
 
 
@@ -32,7 +33,7 @@ def make_args(op, gen, dtype, lead=(3,)):
     if op in ("linear_w8a16", "linear_w8a8"):
         q, s = formats.quantize_int8(w)
         args = [x, q, s, b]
-    elif op == "linear_w4a16":
+    elif op in ("linear_w4a16", "linear_w4a8"):
         q, s, z = formats.quantize_int4(w, 16)
         args = [x, q, s, z, 16, b]
     elif op == "linear_sparse24":
@@ -47,7 +48,9 @@ def make_args(op, gen, dtype, lead=(3,)):
 
 
 def reference_grads(op, args, grad_y):
-    ref = ops.linear_w8a16_ref if op == "linear_w8a8" else ops.OPS[op].reference
+    # the int8-activation ops pass grad_x straight through their rounding of x: the gradients of
+    # their weight-only counterparts
+    ref = {"linear_w8a8": ops.linear_w8a16_ref, "linear_w4a8": ops.linear_w4a16_ref}.get(op, ops.OPS[op].reference)
     leaves = [a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.requires_grad else a for a in args]
     y = ref(*leaves)
     y.backward(grad_y)

@@ -12,6 +12,7 @@ QCONFIGS = [
     dict(weight_dtype="int8", act_dtype="int8"),
     dict(weight_dtype="int4", group_size=32),
     dict(weight_dtype="int4", group_size=128),
+    dict(weight_dtype="int4", act_dtype="int8", group_size=128),
 ]
 SCONFIGS = [dict(pattern="2:4"), dict(pattern="block", block_size=(16, 16), sparsity=0.75)]
 
@@ -29,6 +30,8 @@ def expected_qlinear(q, x):
     """What QLinear must compute: the op reference on its own canonical tensors."""
     from fastkern import ops
 
+    if q.weight_dtype == "int4" and q.act_dtype == "int8":
+        return ops.linear_w4a8_ref(x, q.weight, q.weight_scale, q.weight_zero, q.group_size, q.bias)
     if q.weight_dtype == "int4":
         return ops.linear_w4a16_ref(x, q.weight, q.weight_scale, q.weight_zero, q.group_size, q.bias)
     if q.act_dtype == "int8":
@@ -52,8 +55,8 @@ def test_qlinear_matches_reference(gen, cfg, dtype, bias):
     assert_close_rel(out, expected_qlinear(q, x), dtype)
 
 
-@pytest.mark.parametrize("cfg,floor", [(QCONFIGS[0], 40), (QCONFIGS[1], 37), (QCONFIGS[3], 19)],
-                         ids=["w8a16", "w8a8", "w4a16-g128"])
+@pytest.mark.parametrize("cfg,floor", [(QCONFIGS[0], 40), (QCONFIGS[1], 37), (QCONFIGS[3], 19), (QCONFIGS[4], 19)],
+                         ids=["w8a16", "w8a8", "w4a16-g128", "w4a8-g128"])
 def test_quantization_quality(gen, cfg, floor):
     lin = make_linear(gen, k=1024, n=256, bias=False)
     x = torch.randn(64, 1024, generator=gen)
@@ -136,8 +139,8 @@ def test_conversion_errors_name_the_layer():
         fk.quantize_(model, weight_dtype="int4", group_size=128)
     with pytest.raises(ValueError, match="divisible by 4"):
         fk.sparsify_(nn.Sequential(nn.Linear(10, 8)), pattern="2:4")
-    with pytest.raises(ValueError, match="int8 weights only"):
-        fk.QLinear(64, 8, weight_dtype="int4", act_dtype="int8")
+    with pytest.raises(ValueError, match="act_dtype must be None or 'int8', got 'int4'"):
+        fk.QLinear(64, 8, weight_dtype="int4", act_dtype="int4")
 
 
 def test_forward_errors_name_the_tensor(gen):

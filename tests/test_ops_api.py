@@ -24,7 +24,7 @@ def sample_args(op, gen, m=5, n=24, k=64, dtype=torch.float32):
     if op in ("linear_w8a16", "linear_w8a8"):
         q, s = formats.quantize_int8(w)
         return (x, q, s, bias)
-    if op == "linear_w4a16":
+    if op in ("linear_w4a16", "linear_w4a8"):
         p, s, z = formats.quantize_int4(w, 32)
         return (x, p, s, z, 32, bias)
     if op == "linear_sparse24":

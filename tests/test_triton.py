@@ -13,6 +13,9 @@ dequantized weight is rounded to bf16 before the dot, as on the GPU's tensor cor
 conftest.tol allows 1e-5 / 1e-2. The interpreter multiplies fp16 tiles in numpy with
 fp32 results and bf16 tiles after an exact upcast to fp32, which is what the GPU's
 MMA computes (exact products, fp32 sums), so these errors are representative.
+linear_w4a8 (int32 dot products, the scales in fp32): fp32 1.4e-7, fp16 7e-5, bf16 4e-3;
+nearly all of bf16's error is the interpreter's cast of fp32 to bf16, which truncates
+where a GPU rounds to nearest even.
 """
 import json
 import math
@@ -32,7 +35,7 @@ triton = pytest.importorskip("triton")
 # NaN / inf rows make numpy warn inside the interpreter; the tests check the results
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
-from fastkern.triton import _weightonly, autotune, gemm as tgemm, sparse as tsparse  # noqa: E402
+from fastkern.triton import _w4a8, _weightonly, autotune, gemm as tgemm, sparse as tsparse  # noqa: E402
 from fastkern.triton import quantize_per_token  # noqa: E402
 from triton.runtime.errors import OutOfResources  # noqa: E402
 
@@ -77,7 +80,7 @@ def op_args(op, x, n, gen, bias, group_size=24, block=(16, 16)):
     if op in ("linear_w8a16", "linear_w8a8"):
         q, s = formats.quantize_int8(w)
         return (x, q.to(dev), s.to(dev), b)
-    if op == "linear_w4a16":
+    if op in ("linear_w4a16", "linear_w4a8"):
         p, s, z = formats.quantize_int4(w, group_size)
         return (x, p.to(dev), s.to(dev), z.to(dev), group_size, b)
     if op == "linear_sparse24":
@@ -102,7 +105,8 @@ def check(op, args, dtype):
     return out
 
 
-FLOAT_OPS = ["gemm", "linear_w8a16", "linear_w8a8", "linear_w4a16", "linear_sparse24", "linear_blocksparse"]
+FLOAT_OPS = ["gemm", "linear_w8a16", "linear_w8a8", "linear_w4a16", "linear_w4a8", "linear_sparse24",
+             "linear_blocksparse"]
 
 
 # ------------------------------------------------------------------ every op, every case
@@ -193,6 +197,31 @@ def test_w4a16_group_sizes(k, group_size, m, gen):
     check("linear_w4a16", op_args("linear_w4a16", x, 37, gen, True, group_size=group_size), torch.float32)
 
 
+@pytest.mark.parametrize("group_size", [16, 24, 32, 64, 96, 128, 6])
+@pytest.mark.parametrize("m", [1, 3, 17])
+def test_w4a8_group_sizes(group_size, m, gen):
+    # BLOCK_K = 32 in the interpreter: groups of 64, 96 and 128 carry int32 sums over
+    # two to four tiles, 32 takes one tile per group, 16, 24 and 6 cut each tile into
+    # slices of 16, 8 and 2 columns; K holds 2 to 4 groups (13 of 6), and 48 and 78
+    # leave a partial last tile
+    k = group_size * (2 + group_size % 3) if group_size >= 16 else 78
+    x = torch.randn(m, k, generator=gen, dtype=torch.float32) * 3
+    check("linear_w4a8", op_args("linear_w4a8", x, 37, gen, True, group_size=group_size), torch.float32)
+
+
+@pytest.mark.parametrize("cfg,group_size", [
+    (dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=1), 128),  # one tile per group
+    (dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, GROUP_M=3), 128),   # two tiles per group
+    (dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=2), 64),   # two groups per tile: two slices
+], ids=["bk128", "bk64", "bk128-g64"])
+def test_w4a8_gpu_tile_configs(cfg, group_size, gen):
+    # the K tiles a GPU picks (64, 128) and other program orders, with M and N odd
+    x = torch.randn(2, 19, 256, generator=gen).to(torch.bfloat16)
+    args = op_args("linear_w4a8", x, 45, gen, True, group_size=group_size)
+    with _w4a8.TUNER.force(cfg):
+        check("linear_w4a8", args, torch.bfloat16)
+
+
 @pytest.mark.parametrize("cfg", [
     dict(BLOCK_N=16, BLOCK_K=16, SPLIT_K=1),   # one split: the GEMV writes the output itself
     dict(BLOCK_N=64, BLOCK_K=16, SPLIT_K=3),   # uneven splits, last one partial
@@ -281,7 +310,40 @@ def test_mixed_bias_dtype(gen):
     check("linear_w8a16", tuple(args), torch.bfloat16)
 
 
+@pytest.mark.parametrize("m,n,k", [(0, 40, 64), (5, 0, 64), (0, 0, 64), (3, 40, 0)])
+def test_w4a8_empty(m, n, k, gen):
+    # K = 0: no product at all, the outputs are the bias
+    x = torch.randn(m, k, generator=gen).to(torch.float16)
+    p = torch.randint(0, 256, (n, k // 2), generator=gen, dtype=torch.uint8)
+    s = torch.rand(n, k // 32, generator=gen) + 0.1
+    z = torch.randint(0, 16, (n, k // 32), generator=gen, dtype=torch.uint8)
+    args = (x, p, s, z, 32, torch.randn(n, generator=gen).half())
+    out = run_triton("linear_w4a8", args)
+    ref = ops.linear_w4a8_ref(*args)
+    assert out.shape == ref.shape == (m, n) and out.dtype == ref.dtype
+    assert torch.equal(out, ref)
+
+
 # --------------------------------------------------------------- non-finite inputs
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_w4a8_nonfinite_rows_only(dtype, gen):
+    # a row holding NaN or inf gets a NaN token scale: all its outputs are NaN, and no
+    # other row's (they share every weight tile and program with it)
+    x = torch.randn(3, 7, 96, generator=gen).to(dtype)
+    x[0, 2, 5] = float("nan")
+    x[1, 0, 95] = float("inf")
+    x[2, 6, 40] = -float("inf")
+    bad = torch.zeros(3, 7, dtype=torch.bool)
+    bad[0, 2] = bad[1, 0] = bad[2, 6] = True
+    args = op_args("linear_w4a8", x, 33, gen, True, group_size=32)
+    out = run_triton("linear_w4a8", args)
+    ref = ops.linear_w4a8_ref(*args)
+    assert ref[bad].isnan().all() and ref[~bad].isfinite().all()
+    assert out[bad].isnan().all()
+    assert out[~bad].isfinite().all()
+    assert_close_rel(out[~bad], ref[~bad], dtype)
 
 
 @pytest.mark.parametrize("op", FLOAT_OPS)
@@ -375,7 +437,7 @@ def _ptxas():
 
 @pytest.mark.skipif(not os.path.exists(_ptxas()), reason="this triton wheel ships no ptxas")
 def test_kernels_compile_for_sm90_without_gpu():
-    """The interpreter never lowers to PTX; compile two kernels to sm_90 cubins to catch GPU-only errors.
+    """The interpreter never lowers to PTX; compile three kernels to sm_90 cubins to catch GPU-only errors.
 
     ``python -m fastkern.triton.aot_check`` does this for every kernel (about a minute).
     """
@@ -383,12 +445,12 @@ def test_kernels_compile_for_sm90_without_gpu():
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     r = subprocess.run(
         [sys.executable, "-m", "fastkern.triton.aot_check", "--arch", "90",
-         "--only", "quantize rows=1 ", "--only", "w4a16 gemv M=1 "],
+         "--only", "quantize rows=1 ", "--only", "w4a16 gemv M=1 ", "--only", "w4a8 M=1 "],
         env=env, capture_output=True, text=True, timeout=600,
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("\nok ") + r.stdout.startswith("ok ") == 2, r.stdout
+    assert r.stdout.count("\nok ") + r.stdout.startswith("ok ") == 3, r.stdout
 
 
 # ------------------------------------------------------------------------ GPU
@@ -443,11 +505,13 @@ def _gpu_candidate_cases():
         ("linear_w8a16", _weightonly.GEMM_TUNER, _weightonly._gemm_candidates, (256, 1000, 1024, 8, 1, "fp16")),
         ("linear_sparse24", tsparse.S24_TUNER, tsparse._s24_candidates, (256, 1000, 1024, "torch.float16")),
         ("linear_blocksparse", tsparse.BS_TUNER, tsparse._bs_candidates, (256, 1000, 1024, 32, 32, "torch.float16")),
+        ("linear_w4a8", _w4a8.TUNER, _w4a8._candidates, (16, 1000, 1024, 128, "float16")),
+        ("linear_w4a8", _w4a8.TUNER, _w4a8._candidates, (256, 1000, 1024, 128, "float16")),
     ]
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("case", range(10))
+@pytest.mark.parametrize("case", range(12))
 def test_gpu_every_candidate_config_is_correct(case, gen):
     """The tuner may pick any candidate, so each must compute the right thing."""
     op, tuner, candidates, key = _gpu_candidate_cases()[case]

@@ -22,14 +22,21 @@ GOALS = [  # (fastkern op, ggml type, ggml layout, shape, M, goal)
     ("linear_w4a16", "q4_0", "repack", (4096, 14336), 1, 1.25),
     ("linear_w4a16", "q4_K", "plain", (4096, 14336), 1, 1.05),
     ("linear_w4a16", "q4_K", "repack", (4096, 14336), 1, 1.05),
+    # the same goals for W4A8, whose arithmetic is ggml's own (int8 activations x int4 weights)
+    ("linear_w4a8", "q4_0", "plain", (4096, 14336), 1, 1.25),
+    ("linear_w4a8", "q4_0", "repack", (4096, 14336), 1, 1.25),
+    ("linear_w4a8", "q4_K", "plain", (4096, 14336), 1, 1.05),
+    ("linear_w4a8", "q4_K", "repack", (4096, 14336), 1, 1.05),
 ]
 GG_COLS = [("q4_0", "plain"), ("q4_0", "repack"), ("q4_K", "plain"), ("q4_K", "repack"), ("q8_0", "plain")]
-FK_COLS = ["linear_w4a16", "linear_w8a8", "linear_w8a16"]
+FK_COLS = ["linear_w4a16", "linear_w4a8", "linear_w8a8", "linear_w8a16"]
 RATIOS = [  # (fastkern op, ggml type, ggml layout, column title)
     ("linear_w4a16", "q4_0", "plain", "w4a16 / Q4_0"),
     ("linear_w4a16", "q4_0", "repack", "w4a16 / Q4_0 rp"),
     ("linear_w4a16", "q4_K", "plain", "w4a16 / Q4_K"),
     ("linear_w4a16", "q4_K", "repack", "w4a16 / Q4_K rp"),
+    ("linear_w4a8", "q4_0", "repack", "w4a8 / Q4_0 rp"),
+    ("linear_w4a8", "q4_K", "repack", "w4a8 / Q4_K rp"),
     ("linear_w8a8", "q8_0", "plain", "w8a8 / Q8_0"),
     ("linear_w8a16", "q8_0", "plain", "w8a16 / Q8_0"),
 ]

@@ -41,7 +41,7 @@ for isa in $ISAS; do
     "$here/run_ggml.sh" --isa "$isa" "$src" "$build" --shapes "$SHAPES" --m "$M" \
         --json "$outdir/ggml-$isa-$r.json" $GGML_ARGS | tee "$outdir/ggml-$isa-$r.txt"
     echo "== $isa round $r: fastkern ($(date -u +%H:%M:%S))"
-    excl env "${caps[@]}" "$FK_BENCH" --ops w4a16,w8a8,w8a16 --shapes "$SHAPES" --m "$M" --dtypes fp32 \
+    excl env "${caps[@]}" "$FK_BENCH" --ops w4a16,w4a8,w8a8,w8a16 --shapes "$SHAPES" --m "$M" --dtypes fp32 \
         --peers "$FK_PEERS" --plain --no-progress --json "$outdir/fk-$isa-$r.json" > "$outdir/fk-$isa-$r.txt"
     grep -E "^(4096|11008)x|read bandwidth" "$outdir/fk-$isa-$r.txt" | grep -E "fastkern|FBGEMM|bandwidth" || true
   done

@@ -309,8 +309,27 @@ inline void set_limb_weights(float s, float* sx) {
 // One group of one row: limbs into blk (nc * L * CW bytes), its scale and the sum of its
 // reconstructed activations. Returns false if the group holds NaN, inf or |x| > kW4MaxX, or
 // its largest |x| is under kW4MinX but not zero.
-bool w4_limbs_group_generic(const float* x, int64_t g, int64_t CW, int L, int8_t* blk, float* sx, float* sum) {
+//
+// tok_s >= 0 (linear_w4a8, L = 1): the row's per-token scale s = absmax / 127 (the row checked
+// by w4a8_token_scales) instead of the group's, and the one limb round_half_even(x / s)
+// clamped to +-127: the bytes and scale of fastkern.formats.quantize_per_token.
+bool w4_limbs_group_generic(const float* x, int64_t g, int64_t CW, int L, int8_t* blk, float* sx, float* sum,
+                            float tok_s = -1.f) {
   const int64_t nc = (g + CW - 1) / CW;
+  if (tok_s >= 0.f) {
+    const float safe = tok_s > 0.f ? tok_s : 1.f;
+    std::memset(blk, 0, nc * CW);
+    int64_t isum = 0;
+    for (int64_t k = 0; k < g; ++k) {
+      const int64_t r = k % CW;
+      const float a = std::min(127.f, std::max(-127.f, std::nearbyint(x[k] / safe)));
+      blk[(k / CW) * CW + ((r & 1) ? CW / 2 + r / 2 : r / 2)] = int8_t(a);
+      isum += int64_t(a);
+    }
+    set_limb_weights(tok_s, sx);
+    *sum = float(double(tok_s) * double(isum));
+    return true;
+  }
   float amax = 0.f;
   for (int64_t k = 0; k < g; ++k) {
     const float v = std::fabs(x[k]);
@@ -346,9 +365,11 @@ bool w4_limbs_group_generic(const float* x, int64_t g, int64_t CW, int L, int8_t
 //
 // r0 >= 0 (pair layout, g = 32): the group is the half r0 / 32 of a 64-weight chunk shared
 // with its neighbour group, which writes the other half (no zeroing).
+// tok_s >= 0: linear_w4a8's per-token limb (L = 1), as in w4_limbs_group_generic.
 FASTKERN_AVX2 bool w4_limbs_group_avx2(const float* x, int64_t g, int64_t CW, int L, int8_t* blk, float* sx,
-                                       float* sum, int64_t r0 = -1) {
+                                       float* sum, int64_t r0 = -1, float tok_s = -1.f) {
   const int64_t nc = (g + CW - 1) / CW;
+  const bool tok = tok_s >= 0.f;
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   __m256 vmax = _mm256_setzero_ps();
   __m256 bad = _mm256_setzero_ps();
@@ -360,11 +381,13 @@ FASTKERN_AVX2 bool w4_limbs_group_avx2(const float* x, int64_t g, int64_t CW, in
   }
   if (_mm256_movemask_ps(bad)) return false;
   const float amax = hmax8_avx2(vmax);
-  if (!limbs_hold(amax)) return false;
-  const float s = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+  if (!tok && !limbs_hold(amax)) return false;
+  const float s = tok ? tok_s : amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
   if (g % CW && r0 < 0) std::memset(blk, 0, nc * L * CW);
   const int64_t ro = r0 < 0 ? 0 : r0;
   const __m256 vinv = _mm256_set1_ps(inv), vl = _mm256_set1_ps(kLimb);
+  const __m256 vsafe = _mm256_set1_ps(tok_s > 0.f ? tok_s : 1.f);
+  const __m256 lo127 = _mm256_set1_ps(-127.f), hi127 = _mm256_set1_ps(127.f);
   const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   __m256i isum[3] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
   for (int64_t k = 0; k < g; k += 32) {
@@ -376,13 +399,14 @@ FASTKERN_AVX2 bool w4_limbs_group_avx2(const float* x, int64_t g, int64_t CW, in
     t[1] = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(x2, x3, 0x88)), 0xD8));
     t[2] = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(x0, x1, 0xDD)), 0xD8));
     t[3] = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(x2, x3, 0xDD)), 0xD8));
-    for (int i = 0; i < 4; ++i) t[i] = _mm256_mul_ps(t[i], vinv);
+    for (int i = 0; i < 4; ++i) t[i] = tok ? _mm256_div_ps(t[i], vsafe) : _mm256_mul_ps(t[i], vinv);
     const int64_t r = (k + ro) % CW;
     int8_t* d = blk + ((k + ro) / CW) * L * CW + r / 2;
     for (int l = 0; l < L; ++l) {
       __m256i q[4];
       for (int i = 0; i < 4; ++i) {
-        const __m256 a = _mm256_round_ps(t[i], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m256 a = _mm256_round_ps(t[i], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        if (tok) a = _mm256_min_ps(hi127, _mm256_max_ps(lo127, a));
         q[i] = _mm256_cvtps_epi32(a);
         isum[l] = _mm256_add_epi32(isum[l], q[i]);
         t[i] = _mm256_mul_ps(_mm256_sub_ps(t[i], a), vl);
@@ -424,22 +448,48 @@ bool w4_for_each_group(int64_t M, int64_t G, int64_t g, const F& f) {
 // |x| > kW4MaxX, or a group too small for the limbs (kW4MinX; the caller then takes the fp32
 // panel path).
 // pair (AVX2, g = 32, K % 64 == 0): groups 2j and 2j + 1 share the 64-weight chunk j.
+// tok (linear_w4a8, L = 1): the rows' per-token scales (w4a8_token_scales).
 bool w4_prepare_limbs(const float* X, int64_t ldx, int64_t M, int64_t K, int64_t g, int64_t CW, int L, int8_t* A,
-                      int64_t lda, float* SX, float* SUM, bool avx2, bool pair = false) {
+                      int64_t lda, float* SX, float* SUM, bool avx2, bool pair = false, const float* tok = nullptr) {
   const int64_t nc = (g + CW - 1) / CW;
   return w4_for_each_group(M, K / g, g, [&](int64_t i, int64_t m, int64_t gi) {
     const float* x = X + m * ldx + gi * g;
+    const float ts = tok ? tok[m] : -1.f;
 #if FASTKERN_X86
-    if (pair) return w4_limbs_group_avx2(x, g, CW, L, A + m * lda + (gi / 2) * L * CW, SX + 4 * i, SUM + i, 32 * (gi % 2));
+    if (pair)
+      return w4_limbs_group_avx2(x, g, CW, L, A + m * lda + (gi / 2) * L * CW, SX + 4 * i, SUM + i, 32 * (gi % 2), ts);
 #endif
     int8_t* blk = A + m * lda + gi * nc * L * CW;
 #if FASTKERN_X86
-    if (avx2 && g % 32 == 0) return w4_limbs_group_avx2(x, g, CW, L, blk, SX + 4 * i, SUM + i);
+    if (avx2 && g % 32 == 0) return w4_limbs_group_avx2(x, g, CW, L, blk, SX + 4 * i, SUM + i, -1, ts);
 #else
     (void)avx2;
 #endif
-    return w4_limbs_group_generic(x, g, CW, L, blk, SX + 4 * i, SUM + i);
+    return w4_limbs_group_generic(x, g, CW, L, blk, SX + 4 * i, SUM + i, ts);
   });
+}
+
+// linear_w4a8's per-token scales S[m] = absmax / 127 of rows of X (ldx floats, zero past K),
+// fastkern.formats.quantize_per_token's fp32 division. False if a row holds NaN or inf, a
+// magnitude beyond kW4MaxX, or a largest |x| under kW4MinX but not zero (the limb GEMV's
+// bounds, see kW4MinX): the caller then takes the fp32 paths.
+bool w4a8_token_scales(const float* X, int64_t ldx, int64_t M, float* S) {
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, M, std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(ldx, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m) {
+      const float* x = X + m * ldx;
+      float amax = 0.f;
+      uint32_t bad = 0;
+      for (int64_t k = 0; k < ldx; ++k) {
+        const float v = std::fabs(x[k]);
+        bad |= uint32_t(!(v <= kW4MaxX));
+        amax = v > amax ? v : amax;
+      }
+      if (bad || !limbs_hold(amax)) ok = false;
+      S[m] = amax / 127.f;
+    }
+  });
+  return ok;
 }
 
 #if FASTKERN_X86
@@ -2084,9 +2134,15 @@ bool w4b_gemm_bf16(const W4& p, const uint16_t* X, int64_t M_all, int64_t N, con
 
 // ------------------------------------------------------------------ op
 
-at::Tensor linear_w4a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
-                            const at::Tensor& zeros, int64_t group_size, const c10::optional<at::Tensor>& bias) {
-  const char* op = "linear_w4a16";
+// The checks of linear_w4a16 and linear_w4a8 (one argument list); the canonical tensors as the
+// kernels read them (kept alive by the caller) and their W4 view.
+struct W4Args {
+  at::Tensor wc, sc, zc;
+  W4 p;
+  int64_t N, K;
+};
+W4Args w4_args(const char* op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+               const at::Tensor& zeros, int64_t group_size, const c10::optional<at::Tensor>& bias) {
   check_float(op, "x", x);
   check_dtype(op, "w", w, at::kByte);
   check_2d(op, "w", w);
@@ -2103,12 +2159,101 @@ at::Tensor linear_w4a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
   TORCH_CHECK(zeros.dim() == 2 && zeros.size(0) == N && zeros.size(1) == G, "fastkern_C::", op, ": ",
               describe("zeros", zeros), " must have shape [", N, ", ", G, "]");
   check_bias(op, bias, N);
+  W4Args a{w.contiguous(), scales.to(at::kFloat).contiguous(), zeros.contiguous(), {}, N, K};
+  a.p = W4{a.wc.data_ptr<uint8_t>(), K / 2, a.sc.data_ptr<float>(), a.zc.data_ptr<uint8_t>(), G, group_size};
+  return a;
+}
 
-  at::Tensor wc = w.contiguous();
-  at::Tensor sc = scales.to(at::kFloat).contiguous();
-  at::Tensor zc = zeros.contiguous();
-  W4 p{wc.data_ptr<uint8_t>(), K / 2, sc.data_ptr<float>(), zc.data_ptr<uint8_t>(), G, group_size};
-  const bool avx2 = use_avx2();
+// The limb GEMV (w4l_gemv / w4l_gemv16_avx2, by ISA and group size) over prepared limbs.
+template <int L>
+void w4l_run(const W4& p, const Limbs& q, int64_t M, int64_t N, float* Y, bool v512, bool span16, bool pair) {
+  if (v512)
+    w4l_gemv<true, L>(p, q, M, N, Y);
+  else if (span16 && (p.g % 64 == 0 || pair))
+    w4l_gemv16_avx2<L>(p, q, M, N, Y, pair);
+  else
+    w4l_gemv<false, L>(p, q, M, N, Y);
+}
+
+// L limbs of the M rows of X into scratch and the limb GEMV over them (tok: linear_w4a8's
+// per-token scales, L = 1). False (Y untouched) where the limbs do not apply to X.
+bool w4_limb_gemv(const W4& p, const float* X, int64_t ldx, int64_t M, int64_t N, float* Y, int L, bool v512,
+                  const float* tok = nullptr) {
+  // AVX2, g = 32: groups in pairs per 64-weight chunk (w4l_rows16p_avx2)
+  const int64_t K = 2 * p.ldw, G = p.G, g = p.g;
+  const bool span16 = !v512 && span16_enabled();
+  const bool pair = span16 && g == 32 && K % 64 == 0;
+  const int64_t CW = v512 ? 128 : 64, nc = (g + CW - 1) / CW;
+  const int64_t lda = pair ? (G / 2) * L * CW : G * nc * L * CW;
+  const at::TensorOptions f32 = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor A = at::empty({M, lda}, f32.dtype(at::kChar));
+  at::Tensor SX = at::empty({M, G, 4}, f32);
+  at::Tensor SUM = at::empty({M, G}, f32);
+#if FASTKERN_X86
+  const bool avx2 = true;
+#else
+  const bool avx2 = false;
+#endif
+  if (!w4_prepare_limbs(X, ldx, M, K, g, CW, L, A.data_ptr<int8_t>(), lda, SX.data_ptr<float>(), SUM.data_ptr<float>(),
+                        avx2, pair, tok))
+    return false;
+  const Limbs q{A.data_ptr<int8_t>(), lda, SX.data_ptr<float>(), SUM.data_ptr<float>(), nc};
+  switch (L) {
+    case 1: w4l_run<1>(p, q, M, N, Y, v512, span16, pair); break;
+    case 2: w4l_run<2>(p, q, M, N, Y, v512, span16, pair); break;
+    default: w4l_run<3>(p, q, M, N, Y, v512, span16, pair); break;
+  }
+  return true;
+}
+
+// Y [M, N] fp32 = X (fp32 rows of ldx, zero past K; values of dtype xt) x ((q - z) * s)^T by
+// the path for that M and dtype: the fp32 FMA tiles, the bf16-dot GEMV, the limb GEMV or the
+// fp32 GEMM. Returns true if it added the bias b (the GEMM adds it itself).
+bool w4_float_paths(const W4& p, const float* X, int64_t ldx, int64_t M, int64_t N, float* Y, at::ScalarType xt,
+                    const float* b) {
+  const int64_t K = 2 * p.ldw;
+#if FASTKERN_X86
+  const bool fp32_x = xt == at::kFloat, avx2 = use_avx2();
+  const int64_t G = p.G, group_size = p.g;
+  if (use_w4f_tiles(M, group_size, fp32_x)) {
+    w4f_gemv_avx512(p, X, ldx, M, N, Y);
+    return false;
+  }
+  if (use_w4f_tiles_avx2(M, group_size, fp32_x)) {
+    w4f_gemv_avx2(p, X, ldx, M, N, Y);
+    return false;
+  }
+  if (avx2 && M <= kGemvMaxM && !fp32_x && active_isa() >= Isa::Avx512 && features().avx512bf16 &&
+      bf16_gemv_enabled(M)) {
+    // bf16 x: one bf16 operand, exact; fp16 x: two (x = hi + lo exactly, both bf16)
+    const int L = xt == at::kBFloat16 ? 1 : 2;
+    // rows of x one cache line apart from a multiple of 4 KiB: the MR rows a tile reads
+    // together never map to the same L1 sets
+    const int64_t nc = (group_size + kBfChunk - 1) / kBfChunk, lda = G * nc * L * kBfChunk + 32;
+    at::Tensor A = at::empty({M, lda}, at::TensorOptions().dtype(at::kShort));
+    at::Tensor SUM = at::empty({M, G}, at::TensorOptions().dtype(at::kFloat));
+    uint16_t* ap = reinterpret_cast<uint16_t*>(A.data_ptr<int16_t>());
+    if (w4_prepare_bf16(X, ldx, M, K, group_size, L, ap, lda, SUM.data_ptr<float>())) {
+      const Bf16X q{ap, lda, SUM.data_ptr<float>(), nc};
+      if (L == 1) w4b_gemv<1>(p, q, M, N, Y); else w4b_gemv<2>(p, q, M, N, Y);
+      return false;
+    }
+  }
+  const bool v512 = avx2 && active_isa() >= Isa::Avx512 && features().avx512vnni;
+  if (avx2 && M <= limb_max_m(fp32_x, v512, group_size) && group_size <= kGemvMaxGroup &&
+      w4_limb_gemv(p, X, ldx, M, N, Y, fp32_x ? 3 : 2, v512))
+    return false;
+#else
+  (void)xt;
+#endif
+  return w4_blocked_gemm(p, N, K, X, ldx, M, Y, b);
+}
+
+at::Tensor linear_w4a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                            const at::Tensor& zeros, int64_t group_size, const c10::optional<at::Tensor>& bias) {
+  const W4Args a = w4_args("linear_w4a16", x, w, scales, zeros, group_size, bias);
+  const W4& p = a.p;
+  const int64_t N = a.N, K = a.K;
 #if FASTKERN_X86
   // bf16 x as it is (no fp32 copy): the bf16 GEMM
   if (x.scalar_type() == at::kBFloat16 && N > 0 && K > 0 && active_isa() >= Isa::Avx512 && features().avx512bf16 &&
@@ -2128,64 +2273,80 @@ at::Tensor linear_w4a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
   // every path stores each output (the GEMVs in their first K block, the GEMM in its first KC block)
   at::Tensor Y = at::empty({M, N}, X.options());
   if (M == 0 || N == 0 || K == 0) return finish(Y.zero_(), bias, x, N);
+  const at::Tensor bf = bias_f32(bias);
+  if (w4_float_paths(p, X.data_ptr<float>(), ldx, M, N, Y.data_ptr<float>(), x.scalar_type(), data_or_null(bf)))
+    return finish(Y, c10::nullopt, x, N);
+  return finish(Y, bias, x, N);
+}
 
-  bool done = false;
-#if FASTKERN_X86
-  if (use_w4f_tiles(M, group_size, x.scalar_type() == at::kFloat)) {
-    w4f_gemv_avx512(p, X.data_ptr<float>(), ldx, M, N, Y.data_ptr<float>());
-    return finish(Y, bias, x, N);
-  }
-  if (use_w4f_tiles_avx2(M, group_size, x.scalar_type() == at::kFloat)) {
-    w4f_gemv_avx2(p, X.data_ptr<float>(), ldx, M, N, Y.data_ptr<float>());
-    return finish(Y, bias, x, N);
-  }
-  if (avx2 && M <= kGemvMaxM && x.scalar_type() != at::kFloat && active_isa() >= Isa::Avx512 &&
-      features().avx512bf16 && bf16_gemv_enabled(M)) {
-    // bf16 x: one bf16 operand, exact; fp16 x: two (x = hi + lo exactly, both bf16)
-    const int L = x.scalar_type() == at::kBFloat16 ? 1 : 2;
-    // rows of x one cache line apart from a multiple of 4 KiB: the MR rows a tile reads
-    // together never map to the same L1 sets
-    const int64_t nc = (group_size + kBfChunk - 1) / kBfChunk, lda = G * nc * L * kBfChunk + 32;
-    at::Tensor A = at::empty({M, lda}, X.options().dtype(at::kShort));
-    at::Tensor SUM = at::empty({M, G}, X.options());
-    uint16_t* ap = reinterpret_cast<uint16_t*>(A.data_ptr<int16_t>());
-    if (w4_prepare_bf16(X.data_ptr<float>(), ldx, M, K, group_size, L, ap, lda, SUM.data_ptr<float>())) {
-      const Bf16X q{ap, lda, SUM.data_ptr<float>(), nc};
-      if (L == 1) w4b_gemv<1>(p, q, M, N, Y.data_ptr<float>()); else w4b_gemv<2>(p, q, M, N, Y.data_ptr<float>());
-      done = true;
-    }
-  }
-  const bool v512 = avx2 && active_isa() >= Isa::Avx512 && features().avx512vnni;
-  if (!done && avx2 && M <= limb_max_m(x.scalar_type() == at::kFloat, v512, group_size) && group_size <= kGemvMaxGroup) {
-    const int L = x.scalar_type() == at::kFloat ? 3 : 2;
-    // AVX2, g = 32: groups in pairs per 64-weight chunk (w4l_rows16p_avx2)
-    const bool span16 = !v512 && span16_enabled();
-    const bool pair = span16 && group_size == 32 && K % 64 == 0;
-    const int64_t CW = v512 ? 128 : 64, nc = (group_size + CW - 1) / CW;
-    const int64_t lda = pair ? (G / 2) * L * CW : G * nc * L * CW;
-    at::Tensor A = at::empty({M, lda}, X.options().dtype(at::kChar));
-    at::Tensor SX = at::empty({M, G, 4}, X.options());
-    at::Tensor SUM = at::empty({M, G}, X.options());
-    if (w4_prepare_limbs(X.data_ptr<float>(), ldx, M, K, group_size, CW, L, A.data_ptr<int8_t>(), lda,
-                         SX.data_ptr<float>(), SUM.data_ptr<float>(), avx2, pair)) {
-      Limbs q{A.data_ptr<int8_t>(), lda, SX.data_ptr<float>(), SUM.data_ptr<float>(), nc};
-      float* yp = Y.data_ptr<float>();
-      if (v512) {
-        if (L == 3) w4l_gemv<true, 3>(p, q, M, N, yp); else w4l_gemv<true, 2>(p, q, M, N, yp);
-      } else if (span16 && (group_size % 64 == 0 || pair)) {
-        if (L == 3) w4l_gemv16_avx2<3>(p, q, M, N, yp, pair); else w4l_gemv16_avx2<2>(p, q, M, N, yp, pair);
-      } else {
-        if (L == 3) w4l_gemv<false, 3>(p, q, M, N, yp); else w4l_gemv<false, 2>(p, q, M, N, yp);
+// ------------------------------------------------------------------ linear_w4a8
+//
+// int4 weights (linear_w4a16's format) and dynamic per-token int8 activations, quantized as
+// linear_w8a8 quantizes them (fastkern.formats.quantize_per_token, bit for bit). The small-M
+// path is the limb GEMV above with a single limb per activation, the token's scale in place
+// of the group's: the byte products q * a are exact in int32 per group, and the weight scales
+// and zero points apply per group as for W4A16. One limb costs a third of the products of
+// fp32 W4A16's three, so the GEMV stays memory-bound at M = 1 on AVX2 too.
+// Above kW4A8GemvMaxM rows (or where a row's magnitudes are outside the limbs' bounds, or holds
+// NaN / inf) the quantized activations, integers in fp32, go through linear_w4a16's fp32
+// paths and each output row is scaled by its token's scale afterwards: the reference's order
+// (the integer products first, then s_x), NaN rows NaN as there.
+constexpr int64_t kW4A8GemvMaxM = 16;
+constexpr int64_t kW4A8GemvMaxMVnni = 32;
+inline int64_t w4a8_gemv_max_m(bool vnni) {
+  return env_knob("FASTKERN_W4A8_GEMV_MAX_M", vnni ? kW4A8GemvMaxMVnni : kW4A8GemvMaxM);
+}
+
+// Q [M, ldx] = X's rows (ldx floats, zero past K) quantized to round_half_even(x / s) clamped
+// to +-127, as fp32 integers, with S[m] = s = absmax / 127; a row holding NaN or inf gives
+// zeros with S[m] = NaN (quantize_per_token). X may be the caller's own tensor: never written.
+void w4a8_quantize_rows_f32(const float* X, int64_t ldx, int64_t M, float* Q, float* S) {
+  at::parallel_for(0, M, std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(ldx, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m) {
+      const float* x = X + m * ldx;
+      float* q = Q + m * ldx;
+      float amax = 0.f;
+      uint32_t bad = 0;
+      for (int64_t k = 0; k < ldx; ++k) {
+        const float v = std::fabs(x[k]);
+        bad |= uint32_t(!(v <= std::numeric_limits<float>::max()));
+        amax = v > amax ? v : amax;
       }
-      done = true;
+      if (bad) {
+        S[m] = std::numeric_limits<float>::quiet_NaN();
+        std::fill(q, q + ldx, 0.f);
+        continue;
+      }
+      const float s = amax / 127.f, safe = s > 0.f ? s : 1.f;
+      S[m] = s;
+      for (int64_t k = 0; k < ldx; ++k) q[k] = std::min(127.f, std::max(-127.f, std::nearbyint(x[k] / safe)));
     }
-  }
+  });
+}
+
+at::Tensor linear_w4a8_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                           const at::Tensor& zeros, int64_t group_size, const c10::optional<at::Tensor>& bias) {
+  const W4Args a = w4_args("linear_w4a8", x, w, scales, zeros, group_size, bias);
+  const W4& p = a.p;
+  const int64_t N = a.N, K = a.K;
+  at::Tensor X = x_f32_padded(x, K, round_up(K, 8));
+  const int64_t M = X.size(0), ldx = X.size(1);
+  at::Tensor Y = at::empty({M, N}, X.options());
+  if (M == 0 || N == 0 || K == 0) return finish(Y.zero_(), bias, x, N);
+  at::Tensor S = at::empty({M}, X.options());
+  const float* xp = X.data_ptr<float>();
+  float* yp = Y.data_ptr<float>();
+  float* sp = S.data_ptr<float>();
+#if FASTKERN_X86
+  const bool v512 = active_isa() >= Isa::Avx512 && features().avx512vnni;
+  if (use_avx2() && M <= w4a8_gemv_max_m(v512) && group_size <= kGemvMaxGroup && w4a8_token_scales(xp, ldx, M, sp) &&
+      w4_limb_gemv(p, xp, ldx, M, N, yp, 1, v512, sp))
+    return finish(Y, bias, x, N);
 #endif
-  if (!done) {
-    const at::Tensor bf = bias_f32(bias);
-    if (w4_blocked_gemm(p, N, K, X.data_ptr<float>(), ldx, M, Y.data_ptr<float>(), data_or_null(bf)))
-      return finish(Y, c10::nullopt, x, N);
-  }
+  at::Tensor Q = at::empty_like(X);
+  w4a8_quantize_rows_f32(xp, ldx, M, Q.data_ptr<float>(), sp);
+  w4_float_paths(p, Q.data_ptr<float>(), ldx, M, N, yp, at::kFloat, nullptr);
+  Y.mul_(S.unsqueeze(1));
   return finish(Y, bias, x, N);
 }
 
@@ -2194,4 +2355,7 @@ at::Tensor linear_w4a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
 }  // namespace cpu
 }  // namespace fastkern
 
-TORCH_LIBRARY_IMPL(fastkern_C, CPU, m) { m.impl("linear_w4a16", &fastkern::cpu::quant::linear_w4a16_cpu); }
+TORCH_LIBRARY_IMPL(fastkern_C, CPU, m) {
+  m.impl("linear_w4a16", &fastkern::cpu::quant::linear_w4a16_cpu);
+  m.impl("linear_w4a8", &fastkern::cpu::quant::linear_w4a8_cpu);
+}

@@ -209,23 +209,31 @@ at::Tensor linear_w8a8(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   return out.view(out_shape);
 }
 
-at::Tensor linear_w4a16(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros,
-                        int64_t group_size, const std::optional<at::Tensor>& bias) {
-  const char* op = "linear_w4a16";
+// Shared checks of the two int4-weight linears; returns N, K.
+std::pair<int64_t, int64_t> check_w4(const char* op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                                     const at::Tensor& zeros, int64_t group_size) {
   check_cuda(op, "x", x, x);
   check_cuda(op, "w", w, x);
   check_cuda(op, "scales", scales, x);
   check_cuda(op, "zeros", zeros, x);
-  const fk::DType dt = float_dtype(op, "x", x);
+  float_dtype(op, "x", x);
   check_dtype(op, "w", w, at::kByte);
-  TORCH_CHECK(w.dim() == 2, "fastkern_C::linear_w4a16: ", describe("w", w), " must be 2-D [N, K/2]");
+  TORCH_CHECK(w.dim() == 2, "fastkern_C::", op, ": ", describe("w", w), " must be 2-D [N, K/2]");
   const int64_t N = w.size(0), K = 2 * w.size(1);
-  TORCH_CHECK(group_size > 0 && group_size % 2 == 0 && K % group_size == 0, "fastkern_C::linear_w4a16: group_size=",
+  TORCH_CHECK(group_size > 0 && group_size % 2 == 0 && K % group_size == 0, "fastkern_C::", op, ": group_size=",
               group_size, " must be a positive even number dividing K=", K, " (", describe("w", w), ")");
   float_dtype(op, "scales", scales);
   check_shape(op, "scales", scales, {N, K / group_size});
   check_dtype(op, "zeros", zeros, at::kByte);
   check_shape(op, "zeros", zeros, {N, K / group_size});
+  return {N, K};
+}
+
+at::Tensor linear_w4a16(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros,
+                        int64_t group_size, const std::optional<at::Tensor>& bias) {
+  const char* op = "linear_w4a16";
+  auto [N, K] = check_w4(op, x, w, scales, zeros, group_size);
+  const fk::DType dt = float_dtype(op, "x", x);
   c10::cuda::CUDAGuard guard(x.device());
   auto b = bias_f32(op, bias, N, x);
   auto [x2, out_shape] = flatten_x(op, x, K, N);
@@ -241,6 +249,42 @@ at::Tensor linear_w4a16(const at::Tensor& x, const at::Tensor& w, const at::Tens
                                     zc.data_ptr<uint8_t>(), group_size, ptr_or_null(b), out.data_ptr(), M, N, K,
                                     sp.ptr(), sp.n, stream_of(x)));
   return out.view(out_shape);
+}
+
+// int4 weights, dynamic per-token int8 activations: x quantized by the kernel linear_w8a8 uses
+// (bit for bit fastkern.formats.quantize_per_token), the int8 values as fp32 integers through
+// the fp32 path of the W4A16 kernel (exact products, fp32 sums), then each row times its token
+// scale and the bias, in fp32, as the reference orders them. Correct, not yet fast: an int8
+// tensor-core kernel over the nibbles is the next step. Not yet run on a GPU.
+at::Tensor linear_w4a8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros,
+                       int64_t group_size, const std::optional<at::Tensor>& bias) {
+  const char* op = "linear_w4a8";
+  auto [N, K] = check_w4(op, x, w, scales, zeros, group_size);
+  const fk::DType dt = float_dtype(op, "x", x);
+  c10::cuda::CUDAGuard guard(x.device());
+  auto b = bias_f32(op, bias, N, x);
+  auto [x2, out_shape] = flatten_x(op, x, K, N);
+  const int64_t M = x2.size(0);
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return out.view(out_shape);
+  if (K == 0) return empty_k_result(out, bias).view(out_shape);
+  const at::Tensor wc = w.contiguous();
+  const at::Tensor sc = scales.to(at::kFloat).contiguous();
+  const at::Tensor zc = zeros.contiguous();
+  at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor xs = at::empty({M}, x.options().dtype(at::kFloat));
+  cudaStream_t stream = stream_of(x);
+  check_launch(op, fk::quantize_per_token(x2.data_ptr(), dt, xq.data_ptr<int8_t>(), xs.data_ptr<float>(), M, K,
+                                          stream));
+  const at::Tensor qf = xq.to(at::kFloat);
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  Splits sp = make_splits(M, N, K, 4, false, x);
+  check_launch(op, fk::linear_w4a16(qf.data_ptr(), fk::kF32, wc.data_ptr<uint8_t>(), sc.data_ptr<float>(),
+                                    zc.data_ptr<uint8_t>(), group_size, nullptr, y.data_ptr(), M, N, K, sp.ptr(), sp.n,
+                                    stream));
+  y.mul_(xs.unsqueeze(1));
+  if (b.has_value()) y.add_(*b);
+  return y.to(x.scalar_type()).view(out_shape);
 }
 
 at::Tensor linear_sparse24(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
@@ -316,6 +360,7 @@ TORCH_LIBRARY_IMPL(fastkern_C, CUDA, m) {
   m.impl("linear_w8a16", &linear_w8a16);
   m.impl("linear_w8a8", &linear_w8a8);
   m.impl("linear_w4a16", &linear_w4a16);
+  m.impl("linear_w4a8", &linear_w4a8);
   m.impl("linear_sparse24", &linear_sparse24);
   m.impl("linear_blocksparse", &linear_blocksparse);
 }

@@ -46,7 +46,7 @@ def op_weight_args(case: Case, w: torch.Tensor) -> tuple:
     if op in ("linear_w8a16", "linear_w8a8"):
         q, s = formats.quantize_int8(w)
         return (q, s, None)
-    if op == "linear_w4a16":
+    if op in ("linear_w4a16", "linear_w4a8"):
         gs = case.param("group_size")
         packed, scale, zero = formats.quantize_int4(w, gs)
         return (packed, scale, zero, gs, None)

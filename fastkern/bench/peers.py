@@ -27,8 +27,9 @@ class PeerUnavailable(Exception):
     """This peer cannot run here (its reason is the message)."""
 
 
-LINEAR_FAMILY = ("linear_w8a16", "linear_w8a8", "linear_w4a16", "linear_sparse24", "linear_blocksparse", "int8_gemm")
-QUANT_FAMILY = ("linear_w8a16", "linear_w8a8", "linear_w4a16")
+LINEAR_FAMILY = ("linear_w8a16", "linear_w8a8", "linear_w4a16", "linear_w4a8", "linear_sparse24", "linear_blocksparse",
+                 "int8_gemm")
+QUANT_FAMILY = ("linear_w8a16", "linear_w8a8", "linear_w4a16", "linear_w4a8")
 
 
 @dataclass
@@ -190,7 +191,7 @@ CPU_PEERS = [
              _dynamic_int8_build("onednn"), _dynamic_int8_call, clone=None, weight_bytes=lambda st: st[1]),
     PeerSpec("torch int8pack (bf16)", "int8pack", "cpu", QUANT_FAMILY, torch.bfloat16,
              _int8pack_build, _int8pack_call),
-    PeerSpec("torch int4pack (bf16)", "int4pack", "cpu", ("linear_w4a16",), torch.bfloat16,
+    PeerSpec("torch int4pack (bf16)", "int4pack", "cpu", ("linear_w4a16", "linear_w4a8"), torch.bfloat16,
              _int4pack_cpu_build, _int4pack_cpu_call),
 ]
 # torch._int_mm also runs on CPU, but through a generic loop (seconds for one 4096x4096 M=64 product):
@@ -245,7 +246,7 @@ GPU_PEERS = [
              _linear_build(torch.bfloat16), _linear_call),
     PeerSpec("torch._int_mm", "_int_mm", "cuda", ("int8_gemm", "linear_w8a8"), torch.int8,
              _int_mm_build, _int_mm_call, applies=_int_mm_applies),
-    PeerSpec("torch int4pack (bf16)", "int4pack", "cuda", ("linear_w4a16",), torch.bfloat16,
+    PeerSpec("torch int4pack (bf16)", "int4pack", "cuda", ("linear_w4a16", "linear_w4a8"), torch.bfloat16,
              _int4pack_cuda_build, _int4pack_cuda_call),
     PeerSpec("2:4 semi-structured fp16", "cusparselt", "cuda", ("linear_sparse24",), torch.float16,
              _semi_structured_build, _semi_structured_call, clone=None, weight_bytes=lambda st: st[1]),

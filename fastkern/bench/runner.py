@@ -136,7 +136,8 @@ def _base_entry(task: Task) -> dict:
     return e
 
 
-_OP_PARAMS = {"linear_w4a16": ("group_size",), "linear_blocksparse": ("block_size", "sparsity")}
+_OP_PARAMS = {"linear_w4a16": ("group_size",), "linear_w4a8": ("group_size",),
+              "linear_blocksparse": ("block_size", "sparsity")}
 
 
 def _op_params(case: Case) -> dict:

@@ -17,7 +17,8 @@ GPU_M: Tuple[int, ...] = (1, 16, 64, 256, 1024, 4096)
 QUICK_M: Tuple[int, ...] = (1, 64)
 
 # ops that compute x @ W.T for a weight in some format; gemm is timed as a square problem
-LINEAR_OPS = ("int8_gemm", "linear_w8a16", "linear_w8a8", "linear_w4a16", "linear_sparse24", "linear_blocksparse")
+LINEAR_OPS = ("int8_gemm", "linear_w8a16", "linear_w8a8", "linear_w4a16", "linear_w4a8", "linear_sparse24",
+              "linear_blocksparse")
 ALL_OPS = ("gemm",) + LINEAR_OPS
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
@@ -126,14 +127,16 @@ def full_cases(ops=None, device="cpu", dtypes=None) -> List[Case]:
 
 
 def quick_cases(ops=None, device="cpu", dtypes=None) -> List[Case]:
-    """About a minute on 2 cores: one Llama shape per op at M in {1, 64}, plus the W4A16 target shape at M=1."""
+    """About a minute on 2 cores: one Llama shape per op at M in {1, 64}, plus the W4A16 target shape at M=1
+    (and W4A8 there too)."""
     ops = resolve_ops(ops)
     if device == "cuda":
         cases = _gemm_cases(ops, (4096,), device, dtypes) + _linear_cases(ops, ((8192, 8192),), QUICK_M, device, dtypes)
     else:
         cases = _gemm_cases(ops, (1024,), device, dtypes) + _linear_cases(ops, ((4096, 4096),), QUICK_M, device, dtypes)
-        if "linear_w4a16" in ops:
-            cases += _linear_cases(["linear_w4a16"], ((4096, 14336),), (1,), device, dtypes)
+        wide = [op for op in ("linear_w4a16", "linear_w4a8") if op in ops]
+        if wide:
+            cases += _linear_cases(wide, ((4096, 14336),), (1,), device, dtypes)
     return _dedup(cases)
 
 

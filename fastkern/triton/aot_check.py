@@ -27,6 +27,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from fastkern.triton import _common as C  # noqa: E402
+from fastkern.triton import _w4a8 as A8  # noqa: E402
 from fastkern.triton import _weightonly as W  # noqa: E402
 from fastkern.triton import gemm as G  # noqa: E402
 from fastkern.triton import int8 as I8  # noqa: E402
@@ -129,6 +130,15 @@ def jobs(all_candidates=False):
             args = _wo_args(f16, bits, 4096)
             del args["part_ptr"], args["K_PER_SPLIT"]
             out.append(("w%da16 gemm %s" % (bits, cfg), W._gemm_kernel, args, consts, "mma"))
+
+    for m in (1, 16, 4096):
+        key = (m, 8192, 8192, 128, "float16")
+        for cfg in (A8._candidates(key) if all_candidates else [A8._default(key)]):
+            args = dict(q_ptr=i8, tok_scale_ptr=f32, w_ptr=torch.uint8, s_ptr=f32, z_ptr=torch.uint8, bias_ptr=f16,
+                        out_ptr=f16, M=m, N=8192, K=8192, stride_qm=8192, stride_qk=1, stride_wn=4096, stride_wk=1,
+                        stride_sn=64, stride_sg=1, stride_zn=64, stride_zg=1, stride_om=8192, stride_on=1)
+            out.append(("w4a8 M=%d %s" % (m, cfg), A8._w4a8_kernel, args,
+                        dict(GROUP=128, SUB=min(128, cfg["BLOCK_K"]), HAS_BIAS=True, **cfg), "mma"))
 
     key = (4096, 8192, 8192, "torch.float16")
     for cfg in (S._s24_candidates(key) if all_candidates else [S._s24_default(key)]):

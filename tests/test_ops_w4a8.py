@@ -1,0 +1,291 @@
+"""linear_w4a8 (int4 group-wise weights, dynamic per-token int8 activations) against the reference.
+
+The activations are quantized as linear_w8a8 quantizes them (fastkern.formats.quantize_per_token,
+bit for bit). The CPU kernel runs the W4A16 limb GEMV with one limb and the token's scale up to
+m = 16 (AVX2) / 32 (AVX-512 VNNI) (FASTKERN_W4A8_GEMV_MAX_M moves the switch; 0 sends every call
+to the other path): above it, or where a row holds NaN / inf or magnitudes outside the limbs'
+bounds, the quantized activations as fp32 integers go through linear_w4a16's fp32 paths and each
+output row is scaled by its token's scale. The tests reach both paths on every ISA path this CPU
+runs, the AVX2 GEMV's variants (groups of a multiple of 64, pairs of g = 32, the per-row tile),
+their tails in M, N and K, and check that the thread count changes no bit.
+"""
+import pytest
+import torch
+
+import fastkern
+from fastkern import formats, ops
+from fastkern._ext import _C
+
+from conftest import (FLOAT_DTYPES, M_SIZES, assert_close_rel, assert_nonfinite_as_reference, backends_for, cpu_isa,
+                      cpu_isas, num_threads)
+from test_ops_int8 import make_x
+
+NATIVE = pytest.mark.skipif(_C is None, reason="fastkern._C is not built")
+OP = "linear_w4a8"
+PATHS = [pytest.param("", id="gemv"), pytest.param("0", id="fp32_paths")]
+
+
+def make_w4(gen, n, k, g):
+    return formats.quantize_int4(torch.randn(n, k, generator=gen), g)
+
+
+def native(*args):
+    return torch.ops.fastkern_C.linear_w4a8(*args)
+
+
+def matrix():
+    """Full product on the native CPU backend; one rotation per m on the others."""
+    layouts = ("2d", "3d", "noncontig")
+    out = []
+    for bp in backends_for(OP):
+        be = bp.values[0]
+        for i, m in enumerate(M_SIZES):
+            for dtype in FLOAT_DTYPES:
+                for layout in layouts:
+                    for bias in (False, True):
+                        if be != "cpu" and (FLOAT_DTYPES[i % 3], layouts[i % 3], bool(i % 2)) != (dtype, layout, bias):
+                            continue
+                        out.append(pytest.param(be, m, dtype, layout, bias, marks=bp.marks,
+                                                id="%s-m%d-%s-%s-%s" % (be, m, str(dtype)[6:], layout,
+                                                                        "bias" if bias else "nobias")))
+    return out
+
+
+@pytest.mark.parametrize("be,m,dtype,layout,bias", matrix())
+@pytest.mark.parametrize("n,k,g", [(37, 256, 32), (19, 384, 128), (21, 96, 96), (13, 240, 48)],
+                         ids=["g32", "g128", "gK", "g48"])
+def test_w4a8_matches_reference(be, m, dtype, layout, bias, n, k, g, gen):
+    if be != "cpu" and g != 128 and m != 17:
+        pytest.skip("other group sizes are covered at m=17 on this backend")
+    x = make_x(gen, m, k, dtype, layout)
+    w, s, z = make_w4(gen, n, k, g)
+    b = torch.randn(n, generator=gen).to(dtype) if bias else None
+    with fastkern.use_backend(be):
+        out = torch.ops.fastkern.linear_w4a8(x, w, s, z, g, b)
+    assert out.shape == (*x.shape[:-1], n) and out.dtype == dtype
+    assert_close_rel(out, ops.linear_w4a8_ref(x, w, s, z, g, b), dtype)
+
+
+# ----------------------------------------------------------------- CPU paths, tails, threads
+
+
+@NATIVE
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("isa", cpu_isas())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 16, 17, 32, 33])
+def test_cpu_paths_and_tails(isa, dtype, m, path, gen, monkeypatch):
+    """n 1..9: tails of the GEMV's 4-row units and tiles; group sizes 2..62 give partial 64- and
+    128-weight chunks, g = 192 / 550 several chunks with a partial last one; odd m in K blocks
+    (FASTKERN_W4A16_WHOLE_K_KB=0). Each case loosely (a single output can sit near zero), all
+    together within the fp32 contract."""
+    if path == "" and isa == "generic":
+        pytest.skip("the generic path has no GEMV (fp32_paths covers it)")
+    monkeypatch.setenv("FASTKERN_W4A8_GEMV_MAX_M", path)
+    if m % 2:
+        monkeypatch.setenv("FASTKERN_W4A16_WHOLE_K_KB", "0")
+    outs, refs = [], []
+    with cpu_isa(isa):
+        for n in (1, 2, 3, 5, 9):
+            for k, g in ((2, 2), (6, 6), (30, 30), (32, 32), (62, 62), (64, 32), (96, 48), (256, 64), (384, 192),
+                         (1100, 550)):
+                x = torch.randn(m, k, generator=gen).to(dtype)
+                w, s, z = make_w4(gen, n, k, g)
+                out = native(x, w, s, z, g, None)
+                ref = ops.linear_w4a8_ref(x, w, s, z, g, None)
+                assert_close_rel(out, ref, dtype, factor=100 if dtype == torch.float32 else 1)
+                outs.append(out.flatten())
+                refs.append(ref.flatten())
+    assert_close_rel(torch.cat(outs), torch.cat(refs), dtype)
+
+
+@NATIVE
+@pytest.mark.parametrize("span16", ["1", "0"], ids=["span16", "row_tile"])
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("g", [32, 64, 128, 192])
+def test_avx2_gemv_variants(span16, m, g, gen, monkeypatch):
+    """The AVX2 GEMV's three kernels with one limb: int16 spans (g % 64 == 0), pairs of 32-weight
+    groups, and the per-row tile (FASTKERN_W4A16_AVX2_SPAN16=0)."""
+    monkeypatch.setenv("FASTKERN_W4A16_AVX2_SPAN16", span16)
+    x = torch.randn(m, 4 * g, generator=gen)
+    w, s, z = make_w4(gen, 45, 4 * g, g)
+    with cpu_isa("avx2"):
+        out = native(x, w, s, z, g, None)
+    assert_close_rel(out, ops.linear_w4a8_ref(x, w, s, z, g, None), torch.float32)
+
+
+@NATIVE
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("isa", cpu_isas())
+@pytest.mark.parametrize("m", [1, 3, 17, 40])
+def test_cpu_threads_bitwise_identical(isa, m, path, gen, monkeypatch):
+    monkeypatch.setenv("FASTKERN_W4A8_GEMV_MAX_M", path)
+    n, k, g = 301, 1024, 128
+    x = torch.randn(m, k, generator=gen)
+    w, s, z = make_w4(gen, n, k, g)
+    outs = []
+    with cpu_isa(isa):
+        for t in (1, 2, 3):
+            with num_threads(t):
+                outs.append(native(x, w, s, z, g, None))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+@NATIVE
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("isa", cpu_isas())
+def test_rounding_is_quantize_per_token(isa, path, gen, monkeypatch):
+    """Activations on exact halves of the token's step (x / s = j + 0.5, s a power of two) round
+    half to even as quantize_per_token does. Weight row n is one step at column n and zero
+    elsewhere (zero points 0), so each output is s_x * s_w * q_x[n], a single product: rounding
+    half away from zero, or by x * (1 / s), moves an output by at least 1/127 of itself."""
+    monkeypatch.setenv("FASTKERN_W4A8_GEMV_MAX_M", path)
+    k, g = 256, 64
+    steps = (torch.arange(k) % 254).float() - 126.5  # -126.5 .. 126.5
+    steps[0] = 127.0  # the token's absmax: s = 127 * c / 127 = c for a power of two c
+    # rows 3..5: scales that are not powers of two, x the fp32 numbers nearest (j + 0.5) * s, where
+    # x / s and x * (1 / s) fall on either side of the half for some j
+    rows = [steps * 0.25, steps * -2.0, steps * 2.0**-10]
+    for c in (0.3, -1.7, 0.011):
+        sc = torch.tensor(127 * abs(c), dtype=torch.float32) / torch.tensor(127.0)
+        rows.append(torch.where(steps == 127.0, torch.tensor(127 * c), steps * sc * (1 if c > 0 else -1)))
+    x = torch.stack(rows)
+    onehot = torch.zeros(k, k, dtype=torch.uint8)
+    onehot[torch.arange(k), torch.arange(k)] = 1
+    q = formats.pack_int4(onehot)
+    s = torch.rand(k, k // g, generator=gen) + 0.5
+    z = torch.zeros(k, k // g, dtype=torch.uint8)
+    with cpu_isa(isa):
+        out = native(x, q, s, z, g, None)
+    qx, sx = formats.quantize_per_token(x)
+    assert (qx[:3].float() != x[:3] / sx[:3]).sum() > 600  # the halves did round
+    expected = qx.float() * sx * s.repeat_interleave(g, 1).diagonal()
+    # one rounding flip would be >= 1 / 127 off; the fp32 paths' three-limb GEMV resolves each
+    # group to ~1e-7 of its largest |q_x| (the W4A16 contract), hence 1e-5 and not 3e-7 there
+    torch.testing.assert_close(out, expected, rtol=1e-5 if path else 3e-7, atol=0)
+    torch.testing.assert_close(ops.linear_w4a8_ref(x, q, s, z, g, None), expected, rtol=3e-7, atol=0)
+
+
+@NATIVE
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("isa", cpu_isas())
+@pytest.mark.parametrize("m", [1, 3, 20])
+def test_nan_and_inf_rows(isa, m, path, gen, monkeypatch):
+    """A row holding NaN or inf quantizes to s = NaN (quantize_per_token): its outputs are all
+    NaN, as the reference's; the other rows are untouched."""
+    monkeypatch.setenv("FASTKERN_W4A8_GEMV_MAX_M", path)
+    x = torch.randn(m, 128, generator=gen)
+    x[0, 5] = float("nan")
+    if m > 2:
+        x[1, 7] = float("-inf")
+    w, s, z = make_w4(gen, 9, 128, 32)
+    b = torch.randn(9, generator=gen)
+    with cpu_isa(isa):
+        out = native(x, w, s, z, 32, b)
+    ref = ops.linear_w4a8_ref(x, w, s, z, 32, b)
+    bad = 2 if m > 2 else 1
+    assert torch.isnan(out[:bad]).all() and torch.isnan(ref[:bad]).all()
+    assert_close_rel(out[bad:], ref[bad:], torch.float32)
+
+
+@NATIVE
+@pytest.mark.parametrize("isa", cpu_isas())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_huge_tiny_and_zero_rows(isa, dtype, gen):
+    """Rows whose largest |x| is huge (3e38, 1e35: the limbs' sums would overflow) or tiny but not
+    zero (1e-25, 1e-37: the limb weights would leave the normal range) take the fp32 paths;
+    each row within the contract (a row at a time), the all-zero row exactly the bias."""
+    w, s, z = make_w4(gen, 37, 512, 128)
+    b = torch.randn(37, generator=gen)
+    with cpu_isa(isa):
+        for scale in (3e38 / 4, 1e35, 1e-25, 1e-37):
+            x = torch.randn(4, 512, generator=gen)
+            x = x / x.abs().amax(-1, keepdim=True)
+            x[1] *= scale
+            x[2] = 0.0
+            x = x.to(dtype)
+            out = native(x, w, s, z, 128, b)
+            ref = ops.linear_w4a8_ref(x, w, s, z, 128, b)
+            for r in (0, 1, 3):
+                assert_nonfinite_as_reference(out[r], ref[r], dtype, (scale, r))
+            assert torch.equal(out[2], b.to(dtype))
+
+
+@NATIVE
+@pytest.mark.parametrize("path", PATHS)
+def test_input_never_written(path, gen, monkeypatch):
+    """x fp32, contiguous, K a multiple of 8 reaches the kernel as the caller's own tensor."""
+    monkeypatch.setenv("FASTKERN_W4A8_GEMV_MAX_M", path)
+    for m in (1, 4, 40):
+        x = torch.randn(m, 256, generator=gen)
+        keep = x.clone()
+        w, s, z = make_w4(gen, 16, 256, 64)
+        native(x, w, s, z, 64, None)
+        assert torch.equal(x, keep)
+
+
+@NATIVE
+def test_matches_w8a8_on_the_same_weights(gen):
+    """One quantization of x for both int8-activation ops: W4A8 equals W8A8 over int8 weights
+    that hold the int4 values q - z (a per-channel scale, one group per row)."""
+    n, k = 24, 256
+    w, s, z = make_w4(gen, n, k, k)
+    x = torch.randn(5, k, generator=gen)
+    q8 = (formats.unpack_int4(w).to(torch.int16) - z.to(torch.int16)).to(torch.int8)
+    out4 = native(x, w, s, z, k, None)
+    out8 = torch.ops.fastkern_C.linear_w8a8(x, q8, s[:, 0].contiguous(), None)
+    assert_close_rel(out4, out8, torch.float32)
+
+
+@NATIVE
+def test_empty_dims(gen):
+    w, s, z = make_w4(gen, 6, 64, 32)
+    assert native(torch.randn(0, 64), w, s, z, 32, None).shape == (0, 6)
+    assert native(torch.randn(2, 0, 64), w, s, z, 32, None).shape == (2, 0, 6)
+    e = torch.zeros(0, 32, dtype=torch.uint8)
+    out = native(torch.randn(3, 64), e, torch.zeros(0, 2), torch.zeros(0, 2, dtype=torch.uint8), 32, None)
+    assert out.shape == (3, 0)
+
+
+# ----------------------------------------------------------------- op checks and errors
+
+
+@NATIVE
+@pytest.mark.parametrize("ns", ["fastkern", "fastkern_C"])
+def test_opcheck(ns, gen):
+    opobj = getattr(getattr(torch.ops, ns), OP)
+    w, s, z = make_w4(gen, 5, 64, 32)
+    for args in [(torch.randn(3, 64, generator=gen), w, s, z, 32, None),
+                 (torch.randn(2, 1, 64, generator=gen).half(), w, s, z, 32, torch.randn(5, generator=gen))]:
+        torch.library.opcheck(opobj, args)
+
+
+@NATIVE
+def test_native_bad_inputs(gen):
+    w, s, z = make_w4(gen, 5, 64, 32)
+    x = torch.randn(3, 64)
+    with pytest.raises(RuntimeError, match=r"linear_w4a8.*x \(shape \[3, 63\].*must have shape \[\.\.\., 64\]"):
+        native(torch.randn(3, 63), w, s, z, 32, None)
+    with pytest.raises(RuntimeError, match=r"x \(shape \[3, 64\], dtype Long.*must be float32, float16 or bfloat16"):
+        native(torch.ones(3, 64, dtype=torch.long), w, s, z, 32, None)
+    with pytest.raises(RuntimeError, match=r"linear_w4a8: group_size=24 must be a positive even number dividing K=64"):
+        native(x, w, s, z, 24, None)
+    with pytest.raises(RuntimeError, match=r"scales \(shape \[5, 1\].*must have shape \[5, 2\]"):
+        native(x, w, s[:, :1], z, 32, None)
+    with pytest.raises(RuntimeError, match=r"zeros \(shape \[5, 2\], dtype Float.*must have dtype Byte"):
+        native(x, w, s, z.float(), 32, None)
+    with pytest.raises(RuntimeError, match=r"bias \(shape \[4\].*must have shape \[5\]"):
+        native(x, w, s, z, 32, torch.randn(4))
+
+
+def test_public_bad_inputs(gen):
+    w, s, z = make_w4(gen, 5, 64, 32)
+    f = torch.ops.fastkern.linear_w4a8
+    with pytest.raises(ValueError, match=r"x must have K=64 features.*shape \[3, 63\]"):
+        f(torch.randn(3, 63), w, s, z, 32, None)
+    with pytest.raises(TypeError, match=r"x must be float32, float16 or bfloat16.*int64"):
+        f(torch.ones(3, 64, dtype=torch.long), w, s, z, 32, None)
+    with pytest.raises(ValueError, match=r"group_size=24 must be a positive even number dividing K=64"):
+        f(torch.randn(3, 64), w, s, z, 24, None)
+    with pytest.raises(TypeError, match=r"zeros must be uint8.*float32"):
+        f(torch.randn(3, 64), w, s, z.float(), 32, None)
