@@ -1,13 +1,13 @@
 """linear_w4a8 (int4 group-wise weights, dynamic per-token int8 activations) against the reference.
 
 The activations are quantized as linear_w8a8 quantizes them (fastkern.formats.quantize_per_token,
-bit for bit). The CPU kernel runs the W4A16 limb GEMV with one limb and the token's scale up to
-m = 16 (AVX2) / 32 (AVX-512 VNNI) (FASTKERN_W4A8_GEMV_MAX_M moves the switch; 0 sends every call
-to the other path): above it, or where a row holds NaN / inf or magnitudes outside the limbs'
-bounds, the quantized activations as fp32 integers go through linear_w4a16's fp32 paths and each
-output row is scaled by its token's scale. The tests reach both paths on every ISA path this CPU
-runs, the AVX2 GEMV's variants (groups of a multiple of 64, pairs of g = 32, the per-row tile),
-their tails in M, N and K, and check that the thread count changes no bit.
+bit for bit). The CPU kernel runs the W4A16 limb GEMV with one limb and the token's scale at every m
+(FASTKERN_W4A8_GEMV_MAX_M caps it; 0 sends every call to the other path); where a row holds NaN /
+inf or magnitudes outside the limbs' bounds, or on the generic path, the quantized activations
+as fp32 integers go through linear_w4a16's fp32 paths and each output row is scaled by its
+token's scale. The tests reach both paths on every ISA path this CPU runs, the AVX2 GEMV's
+variants (groups of a multiple of 64 with 1..4 rows of x per call, pairs of g = 32, the per-row
+tile), their tails in M, N and K, and check that the thread count changes no bit.
 """
 import pytest
 import torch
@@ -73,7 +73,7 @@ def test_w4a8_matches_reference(be, m, dtype, layout, bias, n, k, g, gen):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("isa", cpu_isas())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("m", [1, 2, 3, 5, 16, 17, 32, 33])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 16, 17, 33, 70])
 def test_cpu_paths_and_tails(isa, dtype, m, path, gen, monkeypatch):
     """n 1..9: tails of the GEMV's 4-row units and tiles; group sizes 2..62 give partial 64- and
     128-weight chunks, g = 192 / 550 several chunks with a partial last one; odd m in K blocks
@@ -100,13 +100,18 @@ def test_cpu_paths_and_tails(isa, dtype, m, path, gen, monkeypatch):
 
 
 @NATIVE
+@pytest.mark.parametrize("rows", ["4", "1"], ids=["rows4", "rows1"])
 @pytest.mark.parametrize("span16", ["1", "0"], ids=["span16", "row_tile"])
-@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("m", [1, 3, 6, 7, 16])
 @pytest.mark.parametrize("g", [32, 64, 128, 192])
-def test_avx2_gemv_variants(span16, m, g, gen, monkeypatch):
-    """The AVX2 GEMV's three kernels with one limb: int16 spans (g % 64 == 0), pairs of 32-weight
-    groups, and the per-row tile (FASTKERN_W4A16_AVX2_SPAN16=0)."""
+def test_avx2_gemv_variants(span16, rows, m, g, gen, monkeypatch):
+    """The AVX2 GEMV's three kernels with one limb: int16 spans (g % 64 == 0) with up to 4 rows of
+    x per call (m = 6 / 7: a 4-row call and a 2- / 3-row one; FASTKERN_W4A8_AVX2_ROWS=1: one row
+    per call), pairs of 32-weight groups, and the per-row tile (FASTKERN_W4A16_AVX2_SPAN16=0)."""
+    if span16 == "0" and rows == "1":
+        pytest.skip("the per-row tile has no rows knob")
     monkeypatch.setenv("FASTKERN_W4A16_AVX2_SPAN16", span16)
+    monkeypatch.setenv("FASTKERN_W4A8_AVX2_ROWS", rows)
     x = torch.randn(m, 4 * g, generator=gen)
     w, s, z = make_w4(gen, 45, 4 * g, g)
     with cpu_isa("avx2"):

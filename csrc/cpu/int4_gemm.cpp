@@ -769,13 +769,13 @@ inline int w4_span16(int64_t nc) {
 
 using RowsFn = void (*)(const W4&, const Limbs&, const KRange&, int64_t, int64_t, int64_t, float*, int64_t);
 
-template <int L, int R>
+template <int L, int R, int MR = 1>
 RowsFn w4_rows16_fn(int cs) {
   switch (cs) {
-    case 1: return &w4l_rows16_avx2<1, L, 1, R>;
-    case 2: return &w4l_rows16_avx2<1, L, 2, R>;
-    case 3: return &w4l_rows16_avx2<1, L, 3, R>;
-    default: return &w4l_rows16_avx2<1, L, 4, R>;
+    case 1: return &w4l_rows16_avx2<MR, L, 1, R>;
+    case 2: return &w4l_rows16_avx2<MR, L, 2, R>;
+    case 3: return &w4l_rows16_avx2<MR, L, 3, R>;
+    default: return &w4l_rows16_avx2<MR, L, 4, R>;
   }
 }
 
@@ -1229,6 +1229,12 @@ void w4l_gemv(const W4& p, const Limbs& q, int64_t M, int64_t N, float* Y) {
   });
 }
 
+// Rows of x per w4l_rows16_avx2 call with one limb (linear_w4a8): FASTKERN_W4A8_AVX2_ROWS (1..4,
+// default 4; read per call). Measured (2 threads, AVX2, 11008 x 4096 g = 128, weights beyond L3,
+// ms for 1 / 2 / 3 / 4 rows): M = 4 1.95 / 1.79 / 1.60 / 1.42, M = 16 6.8 / 6.6 / 5.5 / 5.2,
+// M = 64 26.5 / 24.4 / 20.9 / 19.4; 4096 x 4096 likewise (M = 64 10.1 / 9.5 / 7.9 / 7.5).
+inline int64_t w4a8_rows_avx2() { return std::max<int64_t>(1, std::min<int64_t>(4, env_knob("FASTKERN_W4A8_AVX2_ROWS", 4))); }
+
 // The AVX2 GEMV for g % 64 == 0 (w4l_rows16_avx2): the K blocks, prefetch distance and
 // row passes of w4l_gemv; at M = 1 each thread's rows go to one call (one stream, the
 // per-call setup paid once per K block).
@@ -1249,12 +1255,16 @@ void w4l_gemv16_avx2(const W4& p, const Limbs& q, int64_t M, int64_t N, float* Y
   // tiles vs one row): m = 3 / 8: 6.8 / 16.6 ms against 5.4 / 13.3; 4096x4096 m = 4 / 12:
   // 1.45 / 4.6 against 0.99 / 3.6; bf16 m = 8: 8.2 against 7.3. Pairs (g = 32): m = 4 11 vs
   // 9.6, m = 12 16 vs 18 (kept at 3).
+  // One limb (linear_w4a8): up to 4 rows of x per call, sharing each unpacked chunk (1 + 1
+  // ymm per row: no spill).
   const RowsFn f1 = pair ? &w4l_rows16p_avx2<1, L> : w4_rows16_fn<L, 1>(cs);
   const bool rows2 = !pair && M == 1 && gbu * q.nc * L * CW >= w4_rows2_avx2_bytes(L);
   const RowsFn f1m = rows2 ? w4_rows16_fn<L, 2>(cs) : f1;
-  const RowsFn f2 = pair ? &w4l_rows16p_avx2<2, L> : nullptr;
-  const RowsFn f3 = pair ? &w4l_rows16p_avx2<3, L> : nullptr;
-  const int64_t mr_max = pair ? 3 : 1;
+  const bool multi = !pair && L == 1 && w4a8_rows_avx2() > 1;
+  const RowsFn f2 = pair ? &w4l_rows16p_avx2<2, L> : multi ? w4_rows16_fn<L, 1, 2>(cs) : nullptr;
+  const RowsFn f3 = pair ? &w4l_rows16p_avx2<3, L> : multi ? w4_rows16_fn<L, 1, 3>(cs) : nullptr;
+  const RowsFn f4 = multi ? w4_rows16_fn<L, 1, 4>(cs) : nullptr;
+  const int64_t mr_max = pair ? 3 : multi ? w4a8_rows_avx2() : 1;
   parallel_rows(N, kGemvRows, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t g0 = 0; g0 < p.G; g0 += gb) {
       const KRange kr{g0, std::min(p.G, g0 + gb), g0 == 0, p.w + N * p.ldw, pf_rows};
@@ -1266,7 +1276,7 @@ void w4l_gemv16_avx2(const W4& p, const Limbs& q, int64_t M, int64_t N, float* Y
         const int64_t ne = std::min(n1, nb + rb);
         for (int64_t m0 = 0; m0 < M;) {
           const int64_t mr = std::min<int64_t>(mr_max, M - m0);
-          (mr == 1 ? f1 : mr == 2 ? f2 : f3)(p, q, kr, nb, ne, m0, Y, N);
+          (mr == 1 ? f1 : mr == 2 ? f2 : mr == 3 ? f3 : f4)(p, q, kr, nb, ne, m0, Y, N);
           m0 += mr;
         }
       }
@@ -2282,20 +2292,25 @@ at::Tensor linear_w4a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
 // ------------------------------------------------------------------ linear_w4a8
 //
 // int4 weights (linear_w4a16's format) and dynamic per-token int8 activations, quantized as
-// linear_w8a8 quantizes them (fastkern.formats.quantize_per_token, bit for bit). The small-M
-// path is the limb GEMV above with a single limb per activation, the token's scale in place
+// linear_w8a8 quantizes them (fastkern.formats.quantize_per_token, bit for bit). The kernel
+// is the limb GEMV above with a single limb per activation, the token's scale in place
 // of the group's: the byte products q * a are exact in int32 per group, and the weight scales
 // and zero points apply per group as for W4A16. One limb costs a third of the products of
 // fp32 W4A16's three, so the GEMV stays memory-bound at M = 1 on AVX2 too.
-// Above kW4A8GemvMaxM rows (or where a row's magnitudes are outside the limbs' bounds, or holds
-// NaN / inf) the quantized activations, integers in fp32, go through linear_w4a16's fp32
-// paths and each output row is scaled by its token's scale afterwards: the reference's order
-// (the integer products first, then s_x), NaN rows NaN as there.
-constexpr int64_t kW4A8GemvMaxM = 16;
-constexpr int64_t kW4A8GemvMaxMVnni = 32;
-inline int64_t w4a8_gemv_max_m(bool vnni) {
-  return env_knob("FASTKERN_W4A8_GEMV_MAX_M", vnni ? kW4A8GemvMaxMVnni : kW4A8GemvMaxM);
-}
+// Where a row holds NaN / inf or magnitudes outside the limbs' bounds (and on the generic path)
+// the quantized activations, integers in fp32, go through linear_w4a16's fp32 paths and each
+// output row is scaled by its token's scale afterwards: the reference's order (the integer
+// products first, then s_x), NaN rows NaN as there.
+//
+// The GEMV serves every M: its byte products cost a third of W4A16's (fp32 x) and, on AVX2, up
+// to 4 rows of x share each unpacked chunk of nibbles (w4l_gemv16_avx2), so it stays ahead of
+// the fp32 GEMM over dequantized weights that W4A16 uses from M = 17. Measured (2 threads,
+// g = 128, weights beyond L3, one process, ms, GEMV against the fp32 paths): AVX2 4096 x 4096
+// M = 1 / 4 / 16 / 64 / 128 / 256 / 512: 0.34 / 0.71 / 2.6 / 9.8 / 16.2 / 33.6 / 62.4 against
+// 0.43 / 1.01 / 3.7 / 12.8 / 26.4 / 49.1 / 88.9; AVX-512 VNNI M = 4 / 16 / 64 / 256: 0.46 /
+// 1.7 / 6.2 / 26.9 against 0.82 / 3.0 / 11.1 / 45.7. FASTKERN_W4A8_GEMV_MAX_M (read per call)
+// caps the GEMV's M (0: always the fp32 paths), for tests and A/B timing.
+inline int64_t w4a8_gemv_max_m() { return env_knob("FASTKERN_W4A8_GEMV_MAX_M", std::numeric_limits<int64_t>::max()); }
 
 // Q [M, ldx] = X's rows (ldx floats, zero past K) quantized to round_half_even(x / s) clamped
 // to +-127, as fp32 integers, with S[m] = s = absmax / 127; a row holding NaN or inf gives
@@ -2339,7 +2354,7 @@ at::Tensor linear_w4a8_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
   float* sp = S.data_ptr<float>();
 #if FASTKERN_X86
   const bool v512 = active_isa() >= Isa::Avx512 && features().avx512vnni;
-  if (use_avx2() && M <= w4a8_gemv_max_m(v512) && group_size <= kGemvMaxGroup && w4a8_token_scales(xp, ldx, M, sp) &&
+  if (use_avx2() && M <= w4a8_gemv_max_m() && group_size <= kGemvMaxGroup && w4a8_token_scales(xp, ldx, M, sp) &&
       w4_limb_gemv(p, xp, ldx, M, N, yp, 1, v512, sp))
     return finish(Y, bias, x, N);
 #endif
