@@ -19,9 +19,9 @@ from fastkern.bench import model as mb
 from fastkern.nn import QLinear
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MINILM_VARIANTS = {"fp32", "torch-int8-dyn", "w8a8", "w8a16", "w4a16-g32", "w4a16-g128", "2:4"}
+MINILM_VARIANTS = {"fp32", "torch-int8-dyn", "w8a8", "w8a16", "w4a16-g32", "w4a16-g128", "w4a8-g128", "2:4"}
 FASTKERN_OPS = {"w8a8": "linear_w8a8", "w8a16": "linear_w8a16", "w4a16-g32": "linear_w4a16",
-                "w4a16-g128": "linear_w4a16", "2:4": "linear_sparse24"}
+                "w4a16-g128": "linear_w4a16", "w4a8-g128": "linear_w4a8", "2:4": "linear_sparse24"}
 HIDDEN, INTER = 256, 384  # both divisible by the int4 group size 128 and by 4 (2:4)
 MS = [1, 3]
 
@@ -77,6 +77,8 @@ def test_minilm_cosines(minilm_run):
     assert rows["w8a8"]["cosine"] > 0.98
     assert rows["w4a16-g32"]["cosine"] > rows["w4a16-g128"]["cosine"] > 0.9
     assert rows["2:4"]["cosine"] < rows["w4a16-g128"]["cosine"]
+    # int8 activations on top of the int4 weights cost little: the weights dominate the error
+    assert rows["w4a8-g128"]["cosine"] > rows["w4a16-g128"]["cosine"] - 0.01
 
 
 def test_minilm_sizes(minilm_run):
@@ -93,6 +95,7 @@ def test_minilm_sizes(minilm_run):
     assert rows["w8a8"]["linear_bytes"] == rows["w8a16"]["linear_bytes"]
     assert 0.12 < rows["w4a16-g128"]["linear_bytes"] / lin < 0.15
     assert rows["w4a16-g128"]["linear_bytes"] < rows["w4a16-g32"]["linear_bytes"] < rows["w8a16"]["linear_bytes"]
+    assert rows["w4a8-g128"]["linear_bytes"] == rows["w4a16-g128"]["linear_bytes"]
     assert 0.5 < rows["2:4"]["linear_bytes"] / lin < 0.6
 
 
@@ -148,7 +151,7 @@ def test_llama_every_variant_dtype_and_m(llama_run):
     assert (cfg["hidden"], cfg["intermediate"], cfg["layers"]) == (HIDDEN, INTER, 1)  # --quick: one layer
     assert cfg["m"] == MS and cfg["dtypes"] == ["fp32", "bf16"]
     got = {(r["variant"], r["dtype"], r["m"]) for r in res["results"]}
-    fk = ["w8a8", "w8a16", "w4a16-g128", "2:4"]
+    fk = ["w8a8", "w8a16", "w4a16-g128", "w4a8-g128", "2:4"]
     want = {(v, dt, m) for v in ["dense"] + fk for dt in ("fp32", "bf16") for m in MS}
     want |= {("torch-int8-dyn", "fp32", m) for m in MS}  # FBGEMM takes fp32 activations only
     assert got == want
@@ -169,7 +172,7 @@ def test_llama_weight_bytes(llama_run):
     assert sizes["fp32"] == cfg["fp32_weight_bytes"] == 4 * n_params
     assert sizes["w8a16"] == n_params + 4 * (2 * INTER + HIDDEN)  # int8 + one fp32 scale per output row
     # int4: half a byte per weight, one fp32 scale and one uint8 zero per group of 128
-    assert sizes["w4a16-g128"] == n_params // 2 + 5 * n_params // 128
+    assert sizes["w4a16-g128"] == sizes["w4a8-g128"] == n_params // 2 + 5 * n_params // 128
     assert sizes["2:4"] == 4 * n_params // 2 + n_params // 4
     assert isinstance(cfg["exceeds_l3"], bool)
     assert cfg["read_bw_gbs"] > 0 and cfg["read_bw_array_bytes"] == 16 << 20
@@ -182,6 +185,7 @@ def test_llama_outputs_track_fp32(llama_run):
     assert 0 < err[("w8a16", "fp32")] < 0.02
     assert 0 < err[("w8a8", "fp32")] < 0.05
     assert 0 < err[("w4a16-g128", "fp32")] < 0.2
+    assert 0 < err[("w4a8-g128", "fp32")] < 0.2
     assert 0 < err[("2:4", "fp32")] < 1.0
 
 

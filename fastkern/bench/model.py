@@ -248,13 +248,17 @@ def model_variants() -> List[Variant]:
         Variant("w4a16-g128", "fastkern int4 weights, group 128 (round to nearest)",
                 lambda m: fastkern.quantize_(m, weight_dtype="int4", group_size=128, filter_fn=_k_divisible(128)),
                 ("linear_w4a16",)),
+        Variant("w4a8-g128", "fastkern int4 weights, group 128, + dynamic int8 activations",
+                lambda m: fastkern.quantize_(m, weight_dtype="int4", act_dtype="int8", group_size=128,
+                                             filter_fn=_k_divisible(128)),
+                ("linear_w4a8",)),
         Variant("2:4", "fastkern 2:4 magnitude pruning (no recovery)",
                 lambda m: fastkern.sparsify_(m, pattern="2:4", filter_fn=lambda mod, fqn: mod.in_features % 4 == 0),
                 ("linear_sparse24",)),
     ]
 
 
-LLAMA_VARIANTS = ("fp32", "torch-int8-dyn", "w8a8", "w8a16", "w4a16-g128", "2:4")
+LLAMA_VARIANTS = ("fp32", "torch-int8-dyn", "w8a8", "w8a16", "w4a16-g128", "w4a8-g128", "2:4")
 
 
 def _select(variants: List[Variant], names: Optional[Sequence[str]], device: torch.device) -> List[Variant]:
