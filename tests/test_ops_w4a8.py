@@ -1,13 +1,15 @@
 """linear_w4a8 (int4 group-wise weights, dynamic per-token int8 activations) against the reference.
 
 The activations are quantized as linear_w8a8 quantizes them (fastkern.formats.quantize_per_token,
-bit for bit). The CPU kernel runs the W4A16 limb GEMV with one limb and the token's scale at every m
-(FASTKERN_W4A8_GEMV_MAX_M caps it; 0 sends every call to the other path); where a row holds NaN /
-inf or magnitudes outside the limbs' bounds, or on the generic path, the quantized activations
-as fp32 integers go through linear_w4a16's fp32 paths and each output row is scaled by its
-token's scale. The tests reach both paths on every ISA path this CPU runs, the AVX2 GEMV's
-variants (groups of a multiple of 64 with 1..4 rows of x per call, pairs of g = 32, the per-row
-tile), their tails in M, N and K, and check that the thread count changes no bit.
+bit for bit). The CPU kernel: with AVX-512 VNNI from m = 16 (FASTKERN_W4A8_GEMM_MIN_M; 0: off) an int8 GEMM
+whose lanes run along x's rows, over the nibbles unpacked to bytes per task; otherwise the W4A16
+limb GEMV with one limb and the token's scale (FASTKERN_W4A8_GEMV_MAX_M caps it; 0 sends every
+call on to the last path); where a row holds NaN / inf or magnitudes outside the limbs' bounds,
+or on the generic path, the quantized activations as fp32 integers go through linear_w4a16's
+fp32 paths and each output row is scaled by its token's scale. The tests reach the three paths
+on every ISA path this CPU runs (`path`), the AVX2 GEMV's variants (groups of a multiple of 64
+with 1..4 rows of x per call, pairs of g = 32, the per-row tile), their tails in M, N and K,
+and check that the thread count changes no bit.
 """
 import pytest
 import torch
@@ -17,12 +19,22 @@ from fastkern import formats, ops
 from fastkern._ext import _C
 
 from conftest import (FLOAT_DTYPES, M_SIZES, assert_close_rel, assert_nonfinite_as_reference, backends_for, cpu_isa,
-                      cpu_isas, num_threads)
+                      cpu_isas, isa_skip_reason, num_threads)
 from test_ops_int8 import make_x
 
 NATIVE = pytest.mark.skipif(_C is None, reason="fastkern._C is not built")
 OP = "linear_w4a8"
-PATHS = [pytest.param("", id="gemv"), pytest.param("0", id="fp32_paths")]
+PATHS = [pytest.param("gemm", id="gemm"), pytest.param("gemv", id="gemv"), pytest.param("fp32", id="fp32_paths")]
+
+
+def set_path(monkeypatch, path, isa):
+    """Send every call to one CPU path: the VNNI GEMM (from m = 1), the GEMV or the fp32 paths."""
+    if path == "gemm" and isa != "avx512":
+        pytest.skip("the int8 GEMM is part of the avx512 path (AVX-512 VNNI)")
+    if path == "gemv" and isa == "generic":
+        pytest.skip("the generic path has no GEMV (fp32_paths covers it)")
+    monkeypatch.setenv("FASTKERN_W4A8_GEMM_MIN_M", "1" if path == "gemm" else "0")
+    monkeypatch.setenv("FASTKERN_W4A8_GEMV_MAX_M", "0" if path == "fp32" else "")
 
 
 def make_w4(gen, n, k, g):
@@ -79,9 +91,7 @@ def test_cpu_paths_and_tails(isa, dtype, m, path, gen, monkeypatch):
     128-weight chunks, g = 192 / 550 several chunks with a partial last one; odd m in K blocks
     (FASTKERN_W4A16_WHOLE_K_KB=0). Each case loosely (a single output can sit near zero), all
     together within the fp32 contract."""
-    if path == "" and isa == "generic":
-        pytest.skip("the generic path has no GEMV (fp32_paths covers it)")
-    monkeypatch.setenv("FASTKERN_W4A8_GEMV_MAX_M", path)
+    set_path(monkeypatch, path, isa)
     if m % 2:
         monkeypatch.setenv("FASTKERN_W4A16_WHOLE_K_KB", "0")
     outs, refs = [], []
@@ -120,11 +130,36 @@ def test_avx2_gemv_variants(span16, rows, m, g, gen, monkeypatch):
 
 
 @NATIVE
+@pytest.mark.parametrize("m", [1, 15, 16, 17, 63, 64, 65, 130])
+def test_vnni_gemm_tiles_blocks_and_groups(m, gen, monkeypatch):
+    """The AVX-512 VNNI GEMM: rows of x in 16-row vectors and 64-row blocks (m = 15..130: partial
+    vectors and blocks), weight rows in tiles of 6 / 4 / 2 / 1 and tasks of 48 (n up to 97), groups
+    of 4..1100 weights with K blocks of whole groups (g = 192: 960 weights; g = 1100 alone) and
+    unpacked tails that are not multiples of 64 weights. Each case loosely, all within the fp32
+    contract."""
+    if isa_skip_reason("avx512") is not None:
+        pytest.skip(isa_skip_reason("avx512"))
+    monkeypatch.setenv("FASTKERN_W4A8_GEMM_MIN_M", "1")
+    outs, refs = [], []
+    with cpu_isa("avx512"):
+        for n in (1, 5, 9, 47, 97):
+            for k, g in ((4, 4), (24, 8), (36, 12), (96, 32), (256, 64), (1152, 128), (960, 192), (2200, 1100)):
+                x = torch.randn(m, k, generator=gen)
+                w, s, z = make_w4(gen, n, k, g)
+                out = native(x, w, s, z, g, None)
+                ref = ops.linear_w4a8_ref(x, w, s, z, g, None)
+                assert_close_rel(out, ref, torch.float32, factor=100)
+                outs.append(out.flatten())
+                refs.append(ref.flatten())
+    assert_close_rel(torch.cat(outs), torch.cat(refs), torch.float32)
+
+
+@NATIVE
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("isa", cpu_isas())
 @pytest.mark.parametrize("m", [1, 3, 17, 40])
 def test_cpu_threads_bitwise_identical(isa, m, path, gen, monkeypatch):
-    monkeypatch.setenv("FASTKERN_W4A8_GEMV_MAX_M", path)
+    set_path(monkeypatch, path, isa)
     n, k, g = 301, 1024, 128
     x = torch.randn(m, k, generator=gen)
     w, s, z = make_w4(gen, n, k, g)
@@ -144,7 +179,7 @@ def test_rounding_is_quantize_per_token(isa, path, gen, monkeypatch):
     half to even as quantize_per_token does. Weight row n is one step at column n and zero
     elsewhere (zero points 0), so each output is s_x * s_w * q_x[n], a single product: rounding
     half away from zero, or by x * (1 / s), moves an output by at least 1/127 of itself."""
-    monkeypatch.setenv("FASTKERN_W4A8_GEMV_MAX_M", path)
+    set_path(monkeypatch, path, isa)
     k, g = 256, 64
     steps = (torch.arange(k) % 254).float() - 126.5  # -126.5 .. 126.5
     steps[0] = 127.0  # the token's absmax: s = 127 * c / 127 = c for a power of two c
@@ -167,7 +202,7 @@ def test_rounding_is_quantize_per_token(isa, path, gen, monkeypatch):
     expected = qx.float() * sx * s.repeat_interleave(g, 1).diagonal()
     # one rounding flip would be >= 1 / 127 off; the fp32 paths' three-limb GEMV resolves each
     # group to ~1e-7 of its largest |q_x| (the W4A16 contract), hence 1e-5 and not 3e-7 there
-    torch.testing.assert_close(out, expected, rtol=1e-5 if path else 3e-7, atol=0)
+    torch.testing.assert_close(out, expected, rtol=1e-5 if path == "fp32" else 3e-7, atol=0)
     torch.testing.assert_close(ops.linear_w4a8_ref(x, q, s, z, g, None), expected, rtol=3e-7, atol=0)
 
 
@@ -178,7 +213,7 @@ def test_rounding_is_quantize_per_token(isa, path, gen, monkeypatch):
 def test_nan_and_inf_rows(isa, m, path, gen, monkeypatch):
     """A row holding NaN or inf quantizes to s = NaN (quantize_per_token): its outputs are all
     NaN, as the reference's; the other rows are untouched."""
-    monkeypatch.setenv("FASTKERN_W4A8_GEMV_MAX_M", path)
+    set_path(monkeypatch, path, isa)
     x = torch.randn(m, 128, generator=gen)
     x[0, 5] = float("nan")
     if m > 2:
@@ -220,7 +255,7 @@ def test_huge_tiny_and_zero_rows(isa, dtype, gen):
 @pytest.mark.parametrize("path", PATHS)
 def test_input_never_written(path, gen, monkeypatch):
     """x fp32, contiguous, K a multiple of 8 reaches the kernel as the caller's own tensor."""
-    monkeypatch.setenv("FASTKERN_W4A8_GEMV_MAX_M", path)
+    set_path(monkeypatch, path, "avx512" if path == "gemm" and isa_skip_reason("avx512") is None else "avx2")
     for m in (1, 4, 40):
         x = torch.randn(m, 256, generator=gen)
         keep = x.clone()
