@@ -1,8 +1,8 @@
 """linear_w4a8 (int4 group-wise weights, dynamic per-token int8 activations) against the reference.
 
 The activations are quantized as linear_w8a8 quantizes them (fastkern.formats.quantize_per_token,
-bit for bit). The CPU kernel: with AVX-512 VNNI from m = 16 (FASTKERN_W4A8_GEMM_MIN_M; 0: off) an int8 GEMM
-whose lanes run along x's rows, over the nibbles unpacked to bytes per task; otherwise the W4A16
+bit for bit). The CPU kernel: from m = 16 (FASTKERN_W4A8_GEMM_MIN_M; 0: off) an int8 GEMM whose lanes run along
+x's rows, over the nibbles unpacked to bytes per task (AVX-512 VNNI or AVX2); otherwise the W4A16
 limb GEMV with one limb and the token's scale (FASTKERN_W4A8_GEMV_MAX_M caps it; 0 sends every
 call on to the last path); where a row holds NaN / inf or magnitudes outside the limbs' bounds,
 or on the generic path, the quantized activations as fp32 integers go through linear_w4a16's
@@ -28,11 +28,9 @@ PATHS = [pytest.param("gemm", id="gemm"), pytest.param("gemv", id="gemv"), pytes
 
 
 def set_path(monkeypatch, path, isa):
-    """Send every call to one CPU path: the VNNI GEMM (from m = 1), the GEMV or the fp32 paths."""
-    if path == "gemm" and isa != "avx512":
-        pytest.skip("the int8 GEMM is part of the avx512 path (AVX-512 VNNI)")
-    if path == "gemv" and isa == "generic":
-        pytest.skip("the generic path has no GEMV (fp32_paths covers it)")
+    """Send every call to one CPU path: the int8 GEMM (from m = 1), the GEMV or the fp32 paths."""
+    if path in ("gemm", "gemv") and isa == "generic":
+        pytest.skip("the generic path has no int8 GEMM or GEMV (fp32_paths covers it)")
     monkeypatch.setenv("FASTKERN_W4A8_GEMM_MIN_M", "1" if path == "gemm" else "0")
     monkeypatch.setenv("FASTKERN_W4A8_GEMV_MAX_M", "0" if path == "fp32" else "")
 
@@ -130,18 +128,18 @@ def test_avx2_gemv_variants(span16, rows, m, g, gen, monkeypatch):
 
 
 @NATIVE
+@pytest.mark.parametrize("isa", [i for i in cpu_isas() if i.values[0] != "generic"])
 @pytest.mark.parametrize("m", [1, 15, 16, 17, 63, 64, 65, 130])
-def test_vnni_gemm_tiles_blocks_and_groups(m, gen, monkeypatch):
-    """The AVX-512 VNNI GEMM: rows of x in 16-row vectors and 64-row blocks (m = 15..130: partial
-    vectors and blocks), weight rows in tiles of 6 / 4 / 2 / 1 and tasks of 48 (n up to 97), groups
-    of 4..1100 weights with K blocks of whole groups (g = 192: 960 weights; g = 1100 alone) and
-    unpacked tails that are not multiples of 64 weights. Each case loosely, all within the fp32
-    contract."""
-    if isa_skip_reason("avx512") is not None:
-        pytest.skip(isa_skip_reason("avx512"))
+def test_gemm_tiles_blocks_and_groups(isa, m, gen, monkeypatch):
+    """The int8 GEMM (AVX-512 VNNI and AVX2 tiles): rows of x in 16-row vectors and 64-row blocks
+    (m = 15..130: partial vectors and blocks), weight rows in tiles of 6 / 4 / 2 / 1 (VNNI) or 2 / 1
+    (AVX2) and tasks of 48 (n up to 97), groups of 4..1100 weights with K blocks of whole groups
+    (g = 192: 960 weights; g = 1100 alone; AVX2's int16 sums over 8 quads end inside groups of 36
+    and 1100) and unpacked tails that are not multiples of 64 weights. Each case loosely, all within
+    the fp32 contract."""
     monkeypatch.setenv("FASTKERN_W4A8_GEMM_MIN_M", "1")
     outs, refs = [], []
-    with cpu_isa("avx512"):
+    with cpu_isa(isa):
         for n in (1, 5, 9, 47, 97):
             for k, g in ((4, 4), (24, 8), (36, 12), (96, 32), (256, 64), (1152, 128), (960, 192), (2200, 1100)):
                 x = torch.randn(m, k, generator=gen)
@@ -152,6 +150,26 @@ def test_vnni_gemm_tiles_blocks_and_groups(m, gen, monkeypatch):
                 outs.append(out.flatten())
                 refs.append(ref.flatten())
     assert_close_rel(torch.cat(outs), torch.cat(refs), torch.float32)
+
+
+@NATIVE
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("isa", cpu_isas())
+def test_extreme_products_exact(isa, path, gen, monkeypatch):
+    """Every product at its largest (q = 15, x = +-127 after quantization, zero point 0): the int16
+    sums of the AVX2 paths (8 quads in the GEMM, spans of chunks in the GEMV) reach 30480 of
+    32767 and the int32 group sums 15 * 127 * g. One more pair per int16 sum would wrap."""
+    set_path(monkeypatch, path, isa)
+    n, k, g = 13, 2048, 1024
+    q = formats.pack_int4(torch.full((n, k), 15, dtype=torch.uint8))
+    s = torch.rand(n, k // g, generator=gen) + 0.5
+    z = torch.zeros(n, k // g, dtype=torch.uint8)
+    sign = torch.where(torch.rand(k, generator=gen) < 0.5, -1.0, 1.0)
+    x = torch.stack([torch.full((k,), 3.0), torch.full((k,), -0.5), 2.0 * sign] * 6)  # 18 rows: the GEMMs too
+    with cpu_isa(isa):
+        out = native(x, q, s, z, g, None)
+    ref = ops.linear_w4a8_ref(x, q, s, z, g, None)
+    torch.testing.assert_close(out, ref, rtol=1e-5 if path == "fp32" else 1e-6, atol=1e-3)
 
 
 @NATIVE
@@ -255,7 +273,7 @@ def test_huge_tiny_and_zero_rows(isa, dtype, gen):
 @pytest.mark.parametrize("path", PATHS)
 def test_input_never_written(path, gen, monkeypatch):
     """x fp32, contiguous, K a multiple of 8 reaches the kernel as the caller's own tensor."""
-    set_path(monkeypatch, path, "avx512" if path == "gemm" and isa_skip_reason("avx512") is None else "avx2")
+    set_path(monkeypatch, path, "avx2")
     for m in (1, 4, 40):
         x = torch.randn(m, 256, generator=gen)
         keep = x.clone()

@@ -2144,7 +2144,7 @@ bool w4b_gemm_bf16(const W4& p, const uint16_t* X, int64_t M_all, int64_t N, con
 
 // ------------------------------------------------------------------ GEMM: int8 x nibbles (AVX-512 VNNI, linear_w4a8)
 //
-// linear_w4a8 from kW4QGemmMinM rows of x with AVX-512 VNNI: a GEMM whose vector lanes run
+// linear_w4a8 from kW4QGemmMinM rows of x (AVX-512 VNNI, or AVX2): a GEMM whose vector lanes run
 // along x's rows (the layout of the bf16 GEMM above), so a group's weight scale and zero point
 // are one broadcast per weight row, applied to 16 rows of x at once. The limb GEMV's lanes run
 // along K instead, and at M >= 16 its per-group fold (one convert, multiply and FMA per output
@@ -2159,7 +2159,9 @@ bool w4b_gemm_bf16(const W4& p, const uint16_t* X, int64_t M_all, int64_t N, con
 // Measured (2 threads, g = 128, weights beyond L3, one process, alternating; ms, GEMM against the
 // one-limb GEMV): 11008 x 4096 M = 8 / 16 / 32 / 64 / 256: 3.7 / 3.6 / 5.5 / 9.6 / 34.4 against
 // 2.3 / 4.3 / 8.3 / 16.8 / 73-80; 4096 x 14336 M = 8 / 16 / 64 / 256: 4.8 / 4.9 / 13.1 / 44.7
-// against 3.0 / 5.7 / 22.6 / 90. So from M = 16.
+// against 3.0 / 5.7 / 22.6 / 90. AVX2 (6-row tiles below): 11008 x 4096 M = 16 / 64 / 256: 5.1 /
+// 13.6 / 47.5 against 5.1-5.9 / 19.1 / 83; 4096 x 14336 6.2 / 17.3 / 62.6 against 7.0-8.3 / 35.7 /
+// 146; M = 8 (2-row tiles) 5.3-5.9 against 2.7-3.3. So from M = 16 on both.
 constexpr int64_t kW4QGemmMinM = 16;   // FASTKERN_W4A8_GEMM_MIN_M (0: off), read per call
 constexpr int64_t kW4QKC = 1024;       // weights of K per block (48 rows x 1 KB unpacked, in L2)
 constexpr int64_t kW4QTaskRows = 48;   // weight rows per task
@@ -2285,15 +2287,142 @@ void w4q_rows(const int32_t* Ap, int64_t w, const uint8_t* B, int64_t ldb, int64
     w4q_tile<1, MV>(Ap, w, B + r * ldb, ldb, kq0, kq1, sw + r * G, zw + r * G, G, gq, xs, Mp, CT + r * ldct, ldct);
 }
 
+// The AVX2 forms (no VNNI): x quantized and packed as above (8 floats a step), nibbles unpacked
+// 32 bytes a step, and a tile of NR weight rows x MV vectors of 8 rows of x: vpmaddubsw (u8
+// weight quad broadcast, s8 x quads) gives pairs of products (|pair| <= 2 * 15 * 127 = 3810),
+// summed in int16 over up to 8 quads (|sum| <= 30480) and widened by vpmaddwd into the
+// group's int32 sums; the fold as above.
+FASTKERN_AVX2 void w4q_pack_x_avx2(const float* X, int64_t ldx, int64_t M, int64_t K, int64_t g, const float* S,
+                                   int32_t* ap, float* xs) {
+  const int64_t KQ = K / 4, G = K / g, Mp = round_up(M, 16);
+  at::parallel_for(0, Mp, 8, [&](int64_t b, int64_t e) FASTKERN_AVX2 {
+    std::vector<int8_t> q(round_up(K, 8) + 8);
+    const __m256 lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
+    for (int64_t m = b; m < e; ++m) {
+      if (m >= M) {
+        std::fill(q.begin(), q.end(), int8_t(0));
+      } else {
+        const float* x = X + m * ldx;  // ldx >= round_up(K, 8), zero past K
+        const __m256 safe = _mm256_set1_ps(S[m] > 0.f ? S[m] : 1.f);
+        for (int64_t k = 0; k < K; k += 8) {
+          __m256 v = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + k), safe),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          const __m256i i32 = _mm256_cvtps_epi32(_mm256_min_ps(hi, _mm256_max_ps(lo, v)));
+          const __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
+          _mm_storel_epi64(reinterpret_cast<__m128i*>(&q[k]), _mm_packs_epi16(i16, i16));
+        }
+      }
+      for (int64_t gi = 0; gi < G; ++gi) {
+        int32_t t = 0;
+        for (int64_t k = gi * g; k < (gi + 1) * g; ++k) t += q[k];
+        xs[gi * Mp + m] = float(t);
+      }
+      const int64_t m0 = m / kW4QBlockRows * kW4QBlockRows, w = std::min<int64_t>(kW4QBlockRows, Mp - m0);
+      int32_t* dst = ap + m0 * KQ + (m - m0);
+      for (int64_t kq = 0; kq < KQ; ++kq) std::memcpy(dst + kq * w, &q[4 * kq], 4);
+    }
+  });
+}
+
+FASTKERN_AVX2 void w4q_widen_avx2(const W4& p, int64_t n0, int64_t n1, int64_t k0, int64_t k1, uint8_t* dst,
+                                  int64_t ldb) {
+  const __m256i lo = _mm256_set1_epi16(0x000F), hi = _mm256_set1_epi16(0x0F00);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* src = p.w + n * p.ldw + k0 / 2;
+    uint8_t* d = dst + (n - n0) * ldb;
+    int64_t i = 0;
+    for (; 2 * i + 32 <= k1 - k0; i += 16) {
+      const __m256i t = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + 2 * i),
+                          _mm256_or_si256(_mm256_and_si256(t, lo), _mm256_and_si256(_mm256_slli_epi16(t, 4), hi)));
+    }
+    for (; 2 * i < k1 - k0; ++i) {
+      d[2 * i] = src[i] & 15;
+      d[2 * i + 1] = src[i] >> 4;
+    }
+  }
+}
+
+// acc += t (int16 lanes) in place, one chain per accumulator (see add16_inplace)
+template <int NR, int MV>
+FASTKERN_AVX2 void w4q_tile_avx2(const int32_t* Ap, int64_t w, const uint8_t* B, int64_t ldb, int64_t kq0,
+                                 int64_t kq1, const float* sw, const uint8_t* zw, int64_t G, int64_t gq,
+                                 const float* xs, int64_t Mp, float* CT, int64_t ldct) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t a = kq0; a < kq1;) {
+    const int64_t gi = a / gq, e = std::min(kq1, (gi + 1) * gq);
+    __m256i acc[NR][MV];
+    for (int j = 0; j < NR; ++j)
+      for (int v = 0; v < MV; ++v) acc[j][v] = _mm256_setzero_si256();
+    const int32_t* xp = Ap + a * w;
+    const uint8_t* bp = B + 4 * (a - kq0);
+    for (int64_t kq = a; kq < e;) {
+      const int64_t se = std::min(e, kq + 8);
+      __m256i s16[NR][MV];
+      for (int j = 0; j < NR; ++j)
+        for (int v = 0; v < MV; ++v) s16[j][v] = _mm256_setzero_si256();
+      for (; kq < se; ++kq, xp += w, bp += 4) {
+        __m256i x[MV];
+        for (int v = 0; v < MV; ++v) x[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 8 * v));
+        for (int j = 0; j < NR; ++j) {
+          int32_t wq;
+          std::memcpy(&wq, bp + j * ldb, 4);
+          const __m256i b = _mm256_set1_epi32(wq);
+          for (int v = 0; v < MV; ++v) s16[j][v] = add16_inplace(s16[j][v], _mm256_maddubs_epi16(b, x[v]));
+        }
+      }
+      for (int j = 0; j < NR; ++j)
+        for (int v = 0; v < MV; ++v) acc[j][v] = _mm256_add_epi32(acc[j][v], _mm256_madd_epi16(s16[j][v], ones));
+    }
+    for (int j = 0; j < NR; ++j) {
+      const __m256 s = _mm256_set1_ps(sw[j * G + gi]), z = _mm256_set1_ps(float(zw[j * G + gi]));
+      for (int v = 0; v < MV; ++v) {
+        const __m256 t = _mm256_fnmadd_ps(z, _mm256_loadu_ps(xs + gi * Mp + 8 * v), _mm256_cvtepi32_ps(acc[j][v]));
+        float* c = CT + j * ldct + 8 * v;
+        _mm256_storeu_ps(c, _mm256_fmadd_ps(t, s, _mm256_loadu_ps(c)));
+      }
+    }
+    a = e;
+  }
+}
+
+// Weight rows six at a time (then 4, 2, 1), x in pairs of 8-row vectors (w is a multiple of 16).
+// The 12 int16 sums stay in registers; the int32 ones, touched every 8 quads, may live on the
+// stack. Measured against 2 / 4 / 8 rows (AVX2, M = 256, 11008 x 4096): 47.5 ms against 56.6 /
+// 52.7 / 60.5 (8 rows spill the int16 sums).
+void w4q_rows_avx2(const int32_t* Ap, int64_t w, const uint8_t* B, int64_t ldb, int64_t rows, int64_t kq0,
+                   int64_t kq1, const float* sw, const uint8_t* zw, int64_t G, int64_t gq, const float* xs, int64_t Mp,
+                   float* CT, int64_t ldct) {
+  for (int64_t v0 = 0; v0 < w; v0 += 16) {
+    int64_t r = 0;
+    for (; r + 6 <= rows; r += 6)
+      w4q_tile_avx2<6, 2>(Ap + v0, w, B + r * ldb, ldb, kq0, kq1, sw + r * G, zw + r * G, G, gq, xs + v0, Mp,
+                          CT + r * ldct + v0, ldct);
+    for (; r + 4 <= rows; r += 4)
+      w4q_tile_avx2<4, 2>(Ap + v0, w, B + r * ldb, ldb, kq0, kq1, sw + r * G, zw + r * G, G, gq, xs + v0, Mp,
+                          CT + r * ldct + v0, ldct);
+    for (; r + 2 <= rows; r += 2)
+      w4q_tile_avx2<2, 2>(Ap + v0, w, B + r * ldb, ldb, kq0, kq1, sw + r * G, zw + r * G, G, gq, xs + v0, Mp,
+                          CT + r * ldct + v0, ldct);
+    if (r < rows)
+      w4q_tile_avx2<1, 2>(Ap + v0, w, B + r * ldb, ldb, kq0, kq1, sw + r * G, zw + r * G, G, gq, xs + v0, Mp,
+                          CT + r * ldct + v0, ldct);
+  }
+}
+
 // Y [M, N] fp32 = the integer products of x's quantized rows with ((q - z) * s_w), before the
 // token scales (rows of X: ldx floats; S: the token scales, all within the limbs' bounds).
-void w4q_gemm(const W4& p, const float* X, int64_t ldx, int64_t M, int64_t N, const float* S, float* Y) {
+// v512: the VNNI tiles, else the AVX2 ones.
+void w4q_gemm(const W4& p, const float* X, int64_t ldx, int64_t M, int64_t N, const float* S, float* Y, bool v512) {
   const int64_t K = 2 * p.ldw, KQ = K / 4, G = p.G, g = p.g, gq = g / 4, Mp = round_up(M, 16);
   Scratch apt(ScratchSlot::XPack, size_t(Mp * KQ) * 4);
   Scratch xst(ScratchSlot::XQuant, size_t(G * Mp) * 4);
   int32_t* ap = apt.as<int32_t>();
   float* xs = xst.as<float>();
-  w4q_pack_x(X, ldx, M, K, g, S, ap, xs);
+  if (v512)
+    w4q_pack_x(X, ldx, M, K, g, S, ap, xs);
+  else
+    w4q_pack_x_avx2(X, ldx, M, K, g, S, ap, xs);
   // K blocks of whole groups, about kW4QKC weights
   const int64_t KC = std::min(K, g * std::max<int64_t>(1, kW4QKC / g)), ldb = KC + 64;  // + 64 B: off 4 KiB strides
   parallel_rows(N, 16, 1, [&](int64_t r0, int64_t r1) {
@@ -2306,7 +2435,10 @@ void w4q_gemm(const W4& p, const float* X, int64_t ldx, int64_t M, int64_t N, co
       std::fill(ct, ct + rows * Mp, 0.f);
       for (int64_t k0 = 0; k0 < K; k0 += KC) {
         const int64_t k1 = std::min(K, k0 + KC);
-        w4q_widen(p, n0, n1, k0, k1, wb, ldb);
+        if (v512)
+          w4q_widen(p, n0, n1, k0, k1, wb, ldb);
+        else
+          w4q_widen_avx2(p, n0, n1, k0, k1, wb, ldb);
         for (int64_t m0 = 0; m0 < Mp; m0 += kW4QBlockRows) {
           const int64_t w = std::min<int64_t>(kW4QBlockRows, Mp - m0);
           const int32_t* a = ap + m0 * KQ;
@@ -2315,6 +2447,10 @@ void w4q_gemm(const W4& p, const float* X, int64_t ldx, int64_t M, int64_t N, co
           const float* xb = xs + m0;
           float* c = ct + m0;
           const int64_t q0 = k0 / 4, q1 = k1 / 4;
+          if (!v512) {
+            w4q_rows_avx2(a, w, wb, ldb, rows, q0, q1, sw, zw, G, gq, xb, Mp, c, Mp);
+            continue;
+          }
           switch (w / 16) {
             case 1: w4q_rows<1>(a, w, wb, ldb, rows, q0, q1, sw, zw, G, gq, xb, Mp, c, Mp); break;
             case 2: w4q_rows<2>(a, w, wb, ldb, rows, q0, q1, sw, zw, G, gq, xb, Mp, c, Mp); break;
@@ -2323,7 +2459,12 @@ void w4q_gemm(const W4& p, const float* X, int64_t ldx, int64_t M, int64_t N, co
           }
         }
       }
-      tiles::transpose_strip(ct, Mp, M, rows, Y + n0, N, nullptr, nullptr);
+      if (v512) {
+        tiles::transpose_strip(ct, Mp, M, rows, Y + n0, N, nullptr, nullptr);
+      } else {
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t j = 0; j < rows; ++j) Y[m * N + n0 + j] = ct[j * Mp + m];
+      }
     }
   });
 }
@@ -2541,8 +2682,8 @@ at::Tensor linear_w4a8_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
   float* sp = S.data_ptr<float>();
 #if FASTKERN_X86
   const bool v512 = active_isa() >= Isa::Avx512 && features().avx512vnni;
-  if (v512 && use_w4q_gemm(M, group_size) && w4a8_token_scales(xp, ldx, M, sp)) {
-    w4q_gemm(p, xp, ldx, M, N, sp, yp);
+  if (use_avx2() && use_w4q_gemm(M, group_size) && w4a8_token_scales(xp, ldx, M, sp)) {
+    w4q_gemm(p, xp, ldx, M, N, sp, yp, v512);
     Y.mul_(S.unsqueeze(1));
     return finish(Y, bias, x, N);
   }
