@@ -1,7 +1,7 @@
 """linear_w4a8 (int4 group-wise weights, dynamic per-token int8 activations) against the reference.
 
 The activations are quantized as linear_w8a8 quantizes them (fastkern.formats.quantize_per_token,
-bit for bit). The CPU kernel: from m = 16 (FASTKERN_W4A8_GEMM_MIN_M; 0: off) an int8 GEMM whose lanes run along
+bit for bit). The CPU kernel: from m = 12 (FASTKERN_W4A8_GEMM_MIN_M; 0: off) an int8 GEMM whose lanes run along
 x's rows, over the nibbles unpacked to bytes per task (AVX-512 VNNI or AVX2); otherwise the W4A16
 limb GEMV with one limb and the token's scale (FASTKERN_W4A8_GEMV_MAX_M caps it; 0 sends every
 call on to the last path); where a row holds NaN / inf or magnitudes outside the limbs' bounds,

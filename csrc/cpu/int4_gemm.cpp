@@ -2161,8 +2161,10 @@ bool w4b_gemm_bf16(const W4& p, const uint16_t* X, int64_t M_all, int64_t N, con
 // 2.3 / 4.3 / 8.3 / 16.8 / 73-80; 4096 x 14336 M = 8 / 16 / 64 / 256: 4.8 / 4.9 / 13.1 / 44.7
 // against 3.0 / 5.7 / 22.6 / 90. AVX2 (6-row tiles below): 11008 x 4096 M = 16 / 64 / 256: 5.1 /
 // 13.6 / 47.5 against 5.1-5.9 / 19.1 / 83; 4096 x 14336 6.2 / 17.3 / 62.6 against 7.0-8.3 / 35.7 /
-// 146; M = 8 (2-row tiles) 5.3-5.9 against 2.7-3.3. So from M = 16 on both.
-constexpr int64_t kW4QGemmMinM = 16;   // FASTKERN_W4A8_GEMM_MIN_M (0: off), read per call
+// 146; M = 8 (2-row tiles) 5.3-5.9 against 2.7-3.3. With the prefetch below, M = 12 / 8 (VNNI,
+// 11008 x 4096 and 4096 x 14336): 3.3-3.5 / 4.4 against 3.5-3.8 / 4.4-4.8, and 3.4-3.5 / 4.5
+// against 2.8-3.6; AVX2 M = 12: 3.8-3.9 / 5.1 against 4.0-4.5 / 5.1-5.2. So from M = 12 on both.
+constexpr int64_t kW4QGemmMinM = 12;   // FASTKERN_W4A8_GEMM_MIN_M (0: off), read per call
 constexpr int64_t kW4QKC = 1024;       // weights of K per block (48 rows x 1 KB unpacked, in L2)
 constexpr int64_t kW4QTaskRows = 48;   // weight rows per task
 constexpr int64_t kW4QBlockRows = 64;  // rows of x per packed block (4 vectors of 16)
@@ -2210,13 +2212,17 @@ FASTKERN_AVX512VNNI void w4q_pack_x(const float* X, int64_t ldx, int64_t M, int6
 }
 
 // dst[r * ldb + (k - k0)] = the nibble of weight row n0 + r at k, as a byte, for k in [k0, k1)
-// (k0 even; k1 - k0 a multiple of 4)
+// (k0 even; k1 - k0 a multiple of 4); and into L2 the next block's bytes: pf_rows rows of
+// pf_bytes from pf (row stride p.ldw), one row per row widened
 FASTKERN_AVX512VNNI void w4q_widen(const W4& p, int64_t n0, int64_t n1, int64_t k0, int64_t k1, uint8_t* dst,
-                                   int64_t ldb) {
+                                   int64_t ldb, const uint8_t* pf, int64_t pf_rows, int64_t pf_bytes) {
   const __m512i lo = _mm512_set1_epi16(0x000F), hi = _mm512_set1_epi16(0x0F00);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* src = p.w + n * p.ldw + k0 / 2;
     uint8_t* d = dst + (n - n0) * ldb;
+    if (n - n0 < pf_rows)
+      for (int64_t c = 0; c < pf_bytes; c += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(pf + (n - n0) * p.ldw + c), _MM_HINT_T1);
     int64_t i = 0;
     for (; 2 * i + 64 <= k1 - k0; i += 32) {
       // byte b -> word (b & 15) | (b >> 4) << 8: the two nibbles as bytes, low first
@@ -2325,11 +2331,14 @@ FASTKERN_AVX2 void w4q_pack_x_avx2(const float* X, int64_t ldx, int64_t M, int64
 }
 
 FASTKERN_AVX2 void w4q_widen_avx2(const W4& p, int64_t n0, int64_t n1, int64_t k0, int64_t k1, uint8_t* dst,
-                                  int64_t ldb) {
+                                  int64_t ldb, const uint8_t* pf, int64_t pf_rows, int64_t pf_bytes) {
   const __m256i lo = _mm256_set1_epi16(0x000F), hi = _mm256_set1_epi16(0x0F00);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* src = p.w + n * p.ldw + k0 / 2;
     uint8_t* d = dst + (n - n0) * ldb;
+    if (n - n0 < pf_rows)
+      for (int64_t c = 0; c < pf_bytes; c += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(pf + (n - n0) * p.ldw + c), _MM_HINT_T1);
     int64_t i = 0;
     for (; 2 * i + 32 <= k1 - k0; i += 16) {
       const __m256i t = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
@@ -2425,6 +2434,7 @@ void w4q_gemm(const W4& p, const float* X, int64_t ldx, int64_t M, int64_t N, co
     w4q_pack_x_avx2(X, ldx, M, K, g, S, ap, xs);
   // K blocks of whole groups, about kW4QKC weights
   const int64_t KC = std::min(K, g * std::max<int64_t>(1, kW4QKC / g)), ldb = KC + 64;  // + 64 B: off 4 KiB strides
+  const bool prefetch = env_knob("FASTKERN_W4A8_GEMM_PREFETCH", 1) != 0;
   parallel_rows(N, 16, 1, [&](int64_t r0, int64_t r1) {
     Scratch wbs(ScratchSlot::Worker1, size_t(kW4QTaskRows * ldb));
     Scratch cts(ScratchSlot::Worker0, size_t(kW4QTaskRows * Mp) * 4);
@@ -2435,10 +2445,17 @@ void w4q_gemm(const W4& p, const float* X, int64_t ldx, int64_t M, int64_t N, co
       std::fill(ct, ct + rows * Mp, 0.f);
       for (int64_t k0 = 0; k0 < K; k0 += KC) {
         const int64_t k1 = std::min(K, k0 + KC);
+        // the next block's bytes into L2 while this one is widened: the next K block of these
+        // rows, or the next task's first (FASTKERN_W4A8_GEMM_PREFETCH=0: none, for A/B timing).
+        // Measured against none (one process, alternating): M = 16 0.78-0.87x the time (VNNI),
+        // 0.74-0.82x (AVX2); M = 64 0.92-1.03x / 0.88-0.99x; M = 256 0.97-1.03x.
+        const uint8_t* pf = k1 < K ? p.w + n0 * p.ldw + k1 / 2 : p.w + n1 * p.ldw;
+        const int64_t pf_rows = !prefetch ? 0 : k1 < K ? rows : std::min(kW4QTaskRows, r1 - n1);
+        const int64_t pf_bytes = (k1 < K ? std::min(KC, K - k1) : std::min(KC, K)) / 2;
         if (v512)
-          w4q_widen(p, n0, n1, k0, k1, wb, ldb);
+          w4q_widen(p, n0, n1, k0, k1, wb, ldb, pf, pf_rows, pf_bytes);
         else
-          w4q_widen_avx2(p, n0, n1, k0, k1, wb, ldb);
+          w4q_widen_avx2(p, n0, n1, k0, k1, wb, ldb, pf, pf_rows, pf_bytes);
         for (int64_t m0 = 0; m0 < Mp; m0 += kW4QBlockRows) {
           const int64_t w = std::min<int64_t>(kW4QBlockRows, Mp - m0);
           const int32_t* a = ap + m0 * KQ;
