@@ -2174,68 +2174,20 @@ inline bool use_w4q_gemm(int64_t M, int64_t g) {
   return min_m > 0 && M >= min_m && g % 4 == 0 && g <= 8192;
 }
 
-#if FASTKERN_X86
-// Rows of x quantized per token (S: the token scales of w4a8_token_scales) and packed: for
-// block m0 (w = min(64, Mp - m0) rows), ap[m0 * KQ + kq * w + r] = the quad k = 4 kq .. 4 kq + 3
-// of row m0 + r (zero past M); xs[gi * Mp + m] = the sum of row m's quantized values in group
-// gi (zero past M). quantize_per_token's operations: round_half_even(x / s) clamped to +-127.
-FASTKERN_AVX512VNNI void w4q_pack_x(const float* X, int64_t ldx, int64_t M, int64_t K, int64_t g, const float* S,
-                                    int32_t* ap, float* xs) {
-  const int64_t KQ = K / 4, G = K / g, Mp = round_up(M, 16);
-  at::parallel_for(0, Mp, 8, [&](int64_t b, int64_t e) FASTKERN_AVX512VNNI {
-    std::vector<int8_t> q(round_up(K, 16));
-    const __m512 lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
-    for (int64_t m = b; m < e; ++m) {
-      if (m >= M) {
-        std::fill(q.begin(), q.end(), int8_t(0));
-      } else {
-        const float* x = X + m * ldx;
-        const __m512 safe = _mm512_set1_ps(S[m] > 0.f ? S[m] : 1.f);
-        for (int64_t k = 0; k < K; k += 16) {
-          const __mmask16 mk = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1u);
-          __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(mk, x + k), safe);
-          v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-          v = _mm512_min_ps(hi, _mm512_max_ps(lo, v));
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(&q[k]), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
-        }
-      }
-      for (int64_t gi = 0; gi < G; ++gi) {
-        int32_t t = 0;
-        for (int64_t k = gi * g; k < (gi + 1) * g; ++k) t += q[k];
-        xs[gi * Mp + m] = float(t);
-      }
-      const int64_t m0 = m / kW4QBlockRows * kW4QBlockRows, w = std::min<int64_t>(kW4QBlockRows, Mp - m0);
-      int32_t* dst = ap + m0 * KQ + (m - m0);
-      for (int64_t kq = 0; kq < KQ; ++kq) std::memcpy(dst + kq * w, &q[4 * kq], 4);
-    }
-  });
-}
-
-// dst[r * ldb + (k - k0)] = the nibble of weight row n0 + r at k, as a byte, for k in [k0, k1)
-// (k0 even; k1 - k0 a multiple of 4); and into L2 the next block's bytes: pf_rows rows of
-// pf_bytes from pf (row stride p.ldw), one row per row widened
-FASTKERN_AVX512VNNI void w4q_widen(const W4& p, int64_t n0, int64_t n1, int64_t k0, int64_t k1, uint8_t* dst,
-                                   int64_t ldb, const uint8_t* pf, int64_t pf_rows, int64_t pf_bytes) {
-  const __m512i lo = _mm512_set1_epi16(0x000F), hi = _mm512_set1_epi16(0x0F00);
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* src = p.w + n * p.ldw + k0 / 2;
-    uint8_t* d = dst + (n - n0) * ldb;
-    if (n - n0 < pf_rows)
-      for (int64_t c = 0; c < pf_bytes; c += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(pf + (n - n0) * p.ldw + c), _MM_HINT_T1);
-    int64_t i = 0;
-    for (; 2 * i + 64 <= k1 - k0; i += 32) {
-      // byte b -> word (b & 15) | (b >> 4) << 8: the two nibbles as bytes, low first
-      const __m512i t = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)));
-      _mm512_storeu_si512(d + 2 * i, _mm512_or_si512(_mm512_and_si512(t, lo), _mm512_and_si512(_mm512_slli_epi16(t, 4), hi)));
-    }
-    for (; 2 * i < k1 - k0; ++i) {
-      d[2 * i] = src[i] & 15;
-      d[2 * i + 1] = src[i] >> 4;
-    }
+// Row m's quantized values q [K] into the packed layout below and its group sums.
+inline void w4q_store_row(const int8_t* q, int64_t m, int64_t K, int64_t g, int64_t Mp, int32_t* ap, float* xs) {
+  const int64_t KQ = K / 4, G = K / g;
+  for (int64_t gi = 0; gi < G; ++gi) {
+    int32_t t = 0;
+    for (int64_t k = gi * g; k < (gi + 1) * g; ++k) t += q[k];
+    xs[gi * Mp + m] = float(t);
   }
+  const int64_t m0 = m / kW4QBlockRows * kW4QBlockRows, w = std::min<int64_t>(kW4QBlockRows, Mp - m0);
+  int32_t* dst = ap + m0 * KQ + (m - m0);
+  for (int64_t kq = 0; kq < KQ; ++kq) std::memcpy(dst + kq * w, q + 4 * kq, 4);
 }
 
+#if FASTKERN_X86
 // CT[j][16 v + lane] += the groups' folded sums of weight rows j < NR (widened bytes B, row
 // stride ldb bytes, byte 0 = quad kq0) with MV vectors of 16 rows of x (Ap: [kq][w] quads of
 // the block, from quad 0) over quads [kq0, kq1), groups of gq quads; sw / zw the rows' scales
@@ -2293,14 +2245,17 @@ void w4q_rows(const int32_t* Ap, int64_t w, const uint8_t* B, int64_t ldb, int64
     w4q_tile<1, MV>(Ap, w, B + r * ldb, ldb, kq0, kq1, sw + r * G, zw + r * G, G, gq, xs, Mp, CT + r * ldct, ldct);
 }
 
-// The AVX2 forms (no VNNI): x quantized and packed as above (8 floats a step), nibbles unpacked
-// 32 bytes a step, and a tile of NR weight rows x MV vectors of 8 rows of x: vpmaddubsw (u8
-// weight quad broadcast, s8 x quads) gives pairs of products (|pair| <= 2 * 15 * 127 = 3810),
-// summed in int16 over up to 8 quads (|sum| <= 30480) and widened by vpmaddwd into the
-// group's int32 sums; the fold as above.
-FASTKERN_AVX2 void w4q_pack_x_avx2(const float* X, int64_t ldx, int64_t M, int64_t K, int64_t g, const float* S,
-                                   int32_t* ap, float* xs) {
-  const int64_t KQ = K / 4, G = K / g, Mp = round_up(M, 16);
+// Rows of x quantized per token (S: the token scales of w4a8_token_scales) and packed: for
+// block m0 (w = min(64, Mp - m0) rows), ap[m0 * KQ + kq * w + r] = the quad k = 4 kq .. 4 kq + 3
+// of row m0 + r (zero past M); xs[gi * Mp + m] = the sum of row m's quantized values in group
+// gi (zero past M). quantize_per_token's operations: round_half_even(x / s) clamped to +-127.
+// Rows of X hold ldx >= round_up(K, 8) floats, zero past K. AVX2 forms of this and of the
+// unpacking (w4q_widen) serve both ISAs: with them the VNNI GEMM at 11008 x 4096 took 2.84-2.90 /
+// 33.6-33.8 ms at M = 16 / 256, against 3.24-3.33 / 33.5 with AVX-512 forms a few minutes
+// earlier (not in one process; these cores run 512-bit operations on 256-bit units).
+FASTKERN_AVX2 void w4q_pack_x(const float* X, int64_t ldx, int64_t M, int64_t K, int64_t g, const float* S,
+                              int32_t* ap, float* xs) {
+  const int64_t Mp = round_up(M, 16);
   at::parallel_for(0, Mp, 8, [&](int64_t b, int64_t e) FASTKERN_AVX2 {
     std::vector<int8_t> q(round_up(K, 8) + 8);
     const __m256 lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
@@ -2318,20 +2273,16 @@ FASTKERN_AVX2 void w4q_pack_x_avx2(const float* X, int64_t ldx, int64_t M, int64
           _mm_storel_epi64(reinterpret_cast<__m128i*>(&q[k]), _mm_packs_epi16(i16, i16));
         }
       }
-      for (int64_t gi = 0; gi < G; ++gi) {
-        int32_t t = 0;
-        for (int64_t k = gi * g; k < (gi + 1) * g; ++k) t += q[k];
-        xs[gi * Mp + m] = float(t);
-      }
-      const int64_t m0 = m / kW4QBlockRows * kW4QBlockRows, w = std::min<int64_t>(kW4QBlockRows, Mp - m0);
-      int32_t* dst = ap + m0 * KQ + (m - m0);
-      for (int64_t kq = 0; kq < KQ; ++kq) std::memcpy(dst + kq * w, &q[4 * kq], 4);
+      w4q_store_row(q.data(), m, K, g, Mp, ap, xs);
     }
   });
 }
 
-FASTKERN_AVX2 void w4q_widen_avx2(const W4& p, int64_t n0, int64_t n1, int64_t k0, int64_t k1, uint8_t* dst,
-                                  int64_t ldb, const uint8_t* pf, int64_t pf_rows, int64_t pf_bytes) {
+// dst[r * ldb + (k - k0)] = the nibble of weight row n0 + r at k, as a byte, for k in [k0, k1)
+// (k0 even; k1 - k0 a multiple of 4); and into L2 the next block's bytes: pf_rows rows of
+// pf_bytes from pf (row stride p.ldw), one row per row widened
+FASTKERN_AVX2 void w4q_widen(const W4& p, int64_t n0, int64_t n1, int64_t k0, int64_t k1, uint8_t* dst, int64_t ldb,
+                             const uint8_t* pf, int64_t pf_rows, int64_t pf_bytes) {
   const __m256i lo = _mm256_set1_epi16(0x000F), hi = _mm256_set1_epi16(0x0F00);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* src = p.w + n * p.ldw + k0 / 2;
@@ -2352,7 +2303,10 @@ FASTKERN_AVX2 void w4q_widen_avx2(const W4& p, int64_t n0, int64_t n1, int64_t k
   }
 }
 
-// acc += t (int16 lanes) in place, one chain per accumulator (see add16_inplace)
+// The AVX2 tile (no VNNI): NR weight rows x MV vectors of 8 rows of x. vpmaddubsw (u8 weight
+// quad broadcast, s8 x quads) gives pairs of products (|pair| <= 2 * 15 * 127 = 3810), summed in
+// int16 over up to 8 quads (|sum| <= 30480) and widened by vpmaddwd into the group's int32 sums;
+// the fold as in w4q_tile.
 template <int NR, int MV>
 FASTKERN_AVX2 void w4q_tile_avx2(const int32_t* Ap, int64_t w, const uint8_t* B, int64_t ldb, int64_t kq0,
                                  int64_t kq1, const float* sw, const uint8_t* zw, int64_t G, int64_t gq,
@@ -2428,10 +2382,7 @@ void w4q_gemm(const W4& p, const float* X, int64_t ldx, int64_t M, int64_t N, co
   Scratch xst(ScratchSlot::XQuant, size_t(G * Mp) * 4);
   int32_t* ap = apt.as<int32_t>();
   float* xs = xst.as<float>();
-  if (v512)
-    w4q_pack_x(X, ldx, M, K, g, S, ap, xs);
-  else
-    w4q_pack_x_avx2(X, ldx, M, K, g, S, ap, xs);
+  w4q_pack_x(X, ldx, M, K, g, S, ap, xs);
   // K blocks of whole groups, about kW4QKC weights
   const int64_t KC = std::min(K, g * std::max<int64_t>(1, kW4QKC / g)), ldb = KC + 64;  // + 64 B: off 4 KiB strides
   const bool prefetch = env_knob("FASTKERN_W4A8_GEMM_PREFETCH", 1) != 0;
@@ -2452,10 +2403,7 @@ void w4q_gemm(const W4& p, const float* X, int64_t ldx, int64_t M, int64_t N, co
         const uint8_t* pf = k1 < K ? p.w + n0 * p.ldw + k1 / 2 : p.w + n1 * p.ldw;
         const int64_t pf_rows = !prefetch ? 0 : k1 < K ? rows : std::min(kW4QTaskRows, r1 - n1);
         const int64_t pf_bytes = (k1 < K ? std::min(KC, K - k1) : std::min(KC, K)) / 2;
-        if (v512)
-          w4q_widen(p, n0, n1, k0, k1, wb, ldb, pf, pf_rows, pf_bytes);
-        else
-          w4q_widen_avx2(p, n0, n1, k0, k1, wb, ldb, pf, pf_rows, pf_bytes);
+        w4q_widen(p, n0, n1, k0, k1, wb, ldb, pf, pf_rows, pf_bytes);
         for (int64_t m0 = 0; m0 < Mp; m0 += kW4QBlockRows) {
           const int64_t w = std::min<int64_t>(kW4QBlockRows, Mp - m0);
           const int32_t* a = ap + m0 * KQ;
