@@ -69,7 +69,7 @@ echo "== after $(elapsed) s"
 echo "== harness"
 TRITON_INTERPRET=0 FASTKERN_TRITON_AUTOTUNE=${FASTKERN_TRITON_AUTOTUNE:-0} \
     timeout "$(slot ${BENCH_SECONDS:-150})" $PY -m fastkern.bench --device cuda --no-progress --plain \
-    --ops ${BENCH_OPS:-gemm,linear_w4a16,linear_w8a8,int8_gemm,linear_sparse24} --dtypes fp16 \
+    --ops ${BENCH_OPS:-gemm,linear_w4a16,linear_w4a8,linear_w8a8,int8_gemm,linear_sparse24} --dtypes fp16 \
     --shapes ${BENCH_SHAPES:-8192x8192} --m ${BENCH_M:-1,16,64,4096} \
     --json "$OUT/bench-cuda.json" --txt "$OUT/bench-cuda.txt" >"$OUT/bench.log" 2>&1
 echo "rc $?"; cat "$OUT/bench-cuda.txt" 2>/dev/null || tail -30 "$OUT/bench.log"

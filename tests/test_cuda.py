@@ -249,6 +249,27 @@ def test_linear_w4a16_nonfinite_propagates(gen):
     assert torch.isfinite(out[[0, 2]]).all()
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("nkg", W4_NK_GROUP, ids=str)
+@pytest.mark.parametrize("m", M_SIZES + [65])
+def test_linear_w4a8(gen, m, nkg, dtype, with_bias):
+    n, k, group = nkg
+    x = make_x(gen, m, k, dtype, "3d" if m % 2 else "noncontig")
+    w, sc, z = make_w4(gen, n, k, group)
+    bias = make_bias(gen, n, with_bias)
+    check(run("linear_w4a8", x, w, sc, z, group, bias), ref("linear_w4a8", x, w, sc, z, group, bias), dtype)
+
+
+def test_linear_w4a8_nonfinite_rows(gen):
+    x = torch.randn(3, 128, generator=gen).half()
+    x[1, 3] = float("inf")
+    w, sc, z = make_w4(gen, 16, 128, 32)
+    out = run("linear_w4a8", x.to(DEV), w, sc, z, 32, None).cpu()
+    assert torch.isnan(out[1]).all()
+    assert torch.isfinite(out[[0, 2]]).all()
+
+
 # ----------------------------------------------------------------- 2:4
 
 S24_NK = [(5, 8), (33, 52), (64, 128), (130, 264), (257, 1024), (19, 4)]
@@ -467,6 +488,7 @@ def _opcheck_cases(gen):
         "linear_w8a16": (x16, w8, s8, bias),
         "linear_w8a8": (x16, w8, s8, bias),
         "linear_w4a16": (x16, w4, sc4, z4, 32, bias),
+        "linear_w4a8": (x16, w4, sc4, z4, 32, bias),
         "linear_sparse24": (x16, vals.to(DEV), meta.to(DEV), None),
         "linear_blocksparse": (x16.float(), blocks.to(DEV), row_ptr.to(DEV), col_idx.to(DEV), 48, bias),
     }
