@@ -469,24 +469,26 @@ bool w4_prepare_limbs(const float* X, int64_t ldx, int64_t M, int64_t K, int64_t
   });
 }
 
-// linear_w4a8's per-token scales S[m] = absmax / 127 of rows of X (ldx floats, zero past K),
-// fastkern.formats.quantize_per_token's fp32 division. False if a row holds NaN or inf, a
-// magnitude beyond kW4MaxX, or a largest |x| under kW4MinX but not zero (the limb GEMV's
-// bounds, see kW4MinX): the caller then takes the fp32 paths.
+// linear_w4a8's per-token scales, as fastkern.formats.quantize_per_token sets them: S[m] =
+// absmax / 127 of row m of X (ldx floats, zero past K; the fp32 division), NaN for a row holding
+// NaN or inf. Returns whether every row is within the limb kernels' bounds: finite, no magnitude
+// beyond kW4MaxX, and a largest |x| of zero or at least kW4MinX (see kW4MinX); where not, the
+// caller takes the fp32 paths (w4a8_quantize_rows_f32, with these scales).
 bool w4a8_token_scales(const float* X, int64_t ldx, int64_t M, float* S) {
   std::atomic<bool> ok{true};
   at::parallel_for(0, M, std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(ldx, 1)), [&](int64_t b, int64_t e) {
     for (int64_t m = b; m < e; ++m) {
       const float* x = X + m * ldx;
       float amax = 0.f;
-      uint32_t bad = 0;
+      uint32_t big = 0, nonfinite = 0;
       for (int64_t k = 0; k < ldx; ++k) {
         const float v = std::fabs(x[k]);
-        bad |= uint32_t(!(v <= kW4MaxX));
+        big |= uint32_t(!(v <= kW4MaxX));
+        nonfinite |= uint32_t(!(v <= std::numeric_limits<float>::max()));
         amax = v > amax ? v : amax;
       }
-      if (bad || !limbs_hold(amax)) ok = false;
-      S[m] = amax / 127.f;
+      if (big || !limbs_hold(amax)) ok = false;
+      S[m] = nonfinite ? std::numeric_limits<float>::quiet_NaN() : amax / 127.f;
     }
   });
   return ok;
@@ -2467,6 +2469,7 @@ W4Args w4_args(const char* op, const at::Tensor& x, const at::Tensor& w, const a
   return a;
 }
 
+#if FASTKERN_X86
 // The limb GEMV (w4l_gemv / w4l_gemv16_avx2, by ISA and group size) over prepared limbs.
 template <int L>
 void w4l_run(const W4& p, const Limbs& q, int64_t M, int64_t N, float* Y, bool v512, bool span16, bool pair) {
@@ -2492,13 +2495,8 @@ bool w4_limb_gemv(const W4& p, const float* X, int64_t ldx, int64_t M, int64_t N
   at::Tensor A = at::empty({M, lda}, f32.dtype(at::kChar));
   at::Tensor SX = at::empty({M, G, 4}, f32);
   at::Tensor SUM = at::empty({M, G}, f32);
-#if FASTKERN_X86
-  const bool avx2 = true;
-#else
-  const bool avx2 = false;
-#endif
   if (!w4_prepare_limbs(X, ldx, M, K, g, CW, L, A.data_ptr<int8_t>(), lda, SX.data_ptr<float>(), SUM.data_ptr<float>(),
-                        avx2, pair, tok))
+                        true, pair, tok))
     return false;
   const Limbs q{A.data_ptr<int8_t>(), lda, SX.data_ptr<float>(), SUM.data_ptr<float>(), nc};
   switch (L) {
@@ -2508,6 +2506,7 @@ bool w4_limb_gemv(const W4& p, const float* X, int64_t ldx, int64_t M, int64_t N
   }
   return true;
 }
+#endif
 
 // Y [M, N] fp32 = X (fp32 rows of ldx, zero past K; values of dtype xt) x ((q - z) * s)^T by
 // the path for that M and dtype: the fp32 FMA tiles, the bf16-dot GEMV, the limb GEMV or the
@@ -2605,28 +2604,19 @@ at::Tensor linear_w4a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
 // caps the GEMV's M (0: always the fp32 paths), for tests and A/B timing.
 inline int64_t w4a8_gemv_max_m() { return env_knob("FASTKERN_W4A8_GEMV_MAX_M", std::numeric_limits<int64_t>::max()); }
 
-// Q [M, ldx] = X's rows (ldx floats, zero past K) quantized to round_half_even(x / s) clamped
-// to +-127, as fp32 integers, with S[m] = s = absmax / 127; a row holding NaN or inf gives
-// zeros with S[m] = NaN (quantize_per_token). X may be the caller's own tensor: never written.
-void w4a8_quantize_rows_f32(const float* X, int64_t ldx, int64_t M, float* Q, float* S) {
+// Q [M, ldx] = X's rows (ldx floats, zero past K) quantized to round_half_even(x / S[m]) clamped
+// to +-127, as fp32 integers (S: w4a8_token_scales'); a row whose scale is NaN (it holds NaN or
+// inf) gives zeros, as in quantize_per_token. X may be the caller's own tensor: never written.
+void w4a8_quantize_rows_f32(const float* X, int64_t ldx, int64_t M, const float* S, float* Q) {
   at::parallel_for(0, M, std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(ldx, 1)), [&](int64_t b, int64_t e) {
     for (int64_t m = b; m < e; ++m) {
       const float* x = X + m * ldx;
       float* q = Q + m * ldx;
-      float amax = 0.f;
-      uint32_t bad = 0;
-      for (int64_t k = 0; k < ldx; ++k) {
-        const float v = std::fabs(x[k]);
-        bad |= uint32_t(!(v <= std::numeric_limits<float>::max()));
-        amax = v > amax ? v : amax;
-      }
-      if (bad) {
-        S[m] = std::numeric_limits<float>::quiet_NaN();
+      if (std::isnan(S[m])) {
         std::fill(q, q + ldx, 0.f);
         continue;
       }
-      const float s = amax / 127.f, safe = s > 0.f ? s : 1.f;
-      S[m] = s;
+      const float safe = S[m] > 0.f ? S[m] : 1.f;
       for (int64_t k = 0; k < ldx; ++k) q[k] = std::min(127.f, std::max(-127.f, std::nearbyint(x[k] / safe)));
     }
   });
@@ -2645,19 +2635,20 @@ at::Tensor linear_w4a8_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
   const float* xp = X.data_ptr<float>();
   float* yp = Y.data_ptr<float>();
   float* sp = S.data_ptr<float>();
+  const bool in_bounds = w4a8_token_scales(xp, ldx, M, sp);
 #if FASTKERN_X86
   const bool v512 = active_isa() >= Isa::Avx512 && features().avx512vnni;
-  if (use_avx2() && use_w4q_gemm(M, group_size) && w4a8_token_scales(xp, ldx, M, sp)) {
+  if (in_bounds && use_avx2() && use_w4q_gemm(M, group_size)) {
     w4q_gemm(p, xp, ldx, M, N, sp, yp, v512);
     Y.mul_(S.unsqueeze(1));
     return finish(Y, bias, x, N);
   }
-  if (use_avx2() && M <= w4a8_gemv_max_m() && group_size <= kGemvMaxGroup && w4a8_token_scales(xp, ldx, M, sp) &&
+  if (in_bounds && use_avx2() && M <= w4a8_gemv_max_m() && group_size <= kGemvMaxGroup &&
       w4_limb_gemv(p, xp, ldx, M, N, yp, 1, v512, sp))
     return finish(Y, bias, x, N);
 #endif
   at::Tensor Q = at::empty_like(X);
-  w4a8_quantize_rows_f32(xp, ldx, M, Q.data_ptr<float>(), sp);
+  w4a8_quantize_rows_f32(xp, ldx, M, sp, Q.data_ptr<float>());
   w4_float_paths(p, Q.data_ptr<float>(), ldx, M, N, yp, at::kFloat, nullptr);
   Y.mul_(S.unsqueeze(1));
   return finish(Y, bias, x, N);
