@@ -794,13 +794,19 @@ def test_tiny_weight_scales_every_path(isa, dtype, gen):
                         assert_close_rel(out[i], ref[i], dtype)
 
 
+# the two ops over the int4 format (linear_w4a8: the same arguments and checks, int8 activations)
+INT4_OPS = pytest.mark.parametrize("op", [OP, "linear_w4a8"])
+
+
 @NATIVE
-def test_empty_dims(gen):
+@INT4_OPS
+def test_empty_dims(op, gen):
+    f = getattr(torch.ops.fastkern_C, op)
     w, s, z = make_w4(gen, 6, 64, 32)
-    assert native(torch.randn(0, 64), w, s, z, 32, None).shape == (0, 6)
-    assert native(torch.randn(2, 0, 64), w, s, z, 32, None).shape == (2, 0, 6)
+    assert f(torch.randn(0, 64), w, s, z, 32, None).shape == (0, 6)
+    assert f(torch.randn(2, 0, 64), w, s, z, 32, None).shape == (2, 0, 6)
     e = torch.zeros(0, 32, dtype=torch.uint8)
-    out = native(torch.randn(3, 64), e, torch.zeros(0, 2), torch.zeros(0, 2, dtype=torch.uint8), 32, None)
+    out = f(torch.randn(3, 64), e, torch.zeros(0, 2), torch.zeros(0, 2, dtype=torch.uint8), 32, None)
     assert out.shape == (3, 0)
 
 
@@ -808,9 +814,10 @@ def test_empty_dims(gen):
 
 
 @NATIVE
+@INT4_OPS
 @pytest.mark.parametrize("ns", ["fastkern", "fastkern_C"])
-def test_opcheck(ns, gen):
-    opobj = getattr(getattr(torch.ops, ns), OP)
+def test_opcheck(op, ns, gen):
+    opobj = getattr(getattr(torch.ops, ns), op)
     w, s, z = make_w4(gen, 5, 64, 32)
     for args in [(torch.randn(3, 64, generator=gen), w, s, z, 32, None),
                  (torch.randn(2, 1, 64, generator=gen).half(), w, s, z, 32, torch.randn(5, generator=gen))]:
@@ -818,30 +825,33 @@ def test_opcheck(ns, gen):
 
 
 @NATIVE
-def test_native_bad_inputs(gen):
+@INT4_OPS
+def test_native_bad_inputs(op, gen):
+    f = getattr(torch.ops.fastkern_C, op)
     w, s, z = make_w4(gen, 5, 64, 32)
     x = torch.randn(3, 64)
-    with pytest.raises(RuntimeError, match=r"x \(shape \[3, 63\].*must have shape \[\.\.\., 64\]"):
-        native(torch.randn(3, 63), w, s, z, 32, None)
+    with pytest.raises(RuntimeError, match=op + r".*x \(shape \[3, 63\].*must have shape \[\.\.\., 64\]"):
+        f(torch.randn(3, 63), w, s, z, 32, None)
     with pytest.raises(RuntimeError, match=r"x \(shape \[3, 64\], dtype Long.*must be float32, float16 or bfloat16"):
-        native(torch.ones(3, 64, dtype=torch.long), w, s, z, 32, None)
-    with pytest.raises(RuntimeError, match=r"group_size=24 must be a positive even number dividing K=64"):
-        native(x, w, s, z, 24, None)
+        f(torch.ones(3, 64, dtype=torch.long), w, s, z, 32, None)
+    with pytest.raises(RuntimeError, match=op + r": group_size=24 must be a positive even number dividing K=64"):
+        f(x, w, s, z, 24, None)
     with pytest.raises(RuntimeError, match=r"group_size=-2 must be"):
-        native(x, w, s, z, -2, None)
+        f(x, w, s, z, -2, None)
     with pytest.raises(RuntimeError, match=r"scales \(shape \[5, 1\].*must have shape \[5, 2\]"):
-        native(x, w, s[:, :1], z, 32, None)
+        f(x, w, s[:, :1], z, 32, None)
     with pytest.raises(RuntimeError, match=r"zeros \(shape \[5, 2\], dtype Float.*must have dtype Byte"):
-        native(x, w, s, z.float(), 32, None)
+        f(x, w, s, z.float(), 32, None)
     with pytest.raises(RuntimeError, match=r"w \(shape \[5, 32\], dtype Char.*must have dtype Byte"):
-        native(x, w.to(torch.int8), s, z, 32, None)
+        f(x, w.to(torch.int8), s, z, 32, None)
     with pytest.raises(RuntimeError, match=r"bias \(shape \[4\].*must have shape \[5\]"):
-        native(x, w, s, z, 32, torch.randn(4))
+        f(x, w, s, z, 32, torch.randn(4))
 
 
-def test_public_bad_inputs(gen):
+@INT4_OPS
+def test_public_bad_inputs(op, gen):
     w, s, z = make_w4(gen, 5, 64, 32)
-    f = torch.ops.fastkern.linear_w4a16
+    f = getattr(torch.ops.fastkern, op)
     with pytest.raises(ValueError, match=r"x must have K=64 features.*shape \[3, 63\]"):
         f(torch.randn(3, 63), w, s, z, 32, None)
     with pytest.raises(TypeError, match=r"x must be float32, float16 or bfloat16.*int64"):
@@ -850,3 +860,5 @@ def test_public_bad_inputs(gen):
         f(torch.randn(3, 64), w, s, z, 24, None)
     with pytest.raises(ValueError, match=r"scales must have shape \[5, 2\]"):
         f(torch.randn(3, 64), w, s[:, :1], z, 32, None)
+    with pytest.raises(TypeError, match=r"zeros must be uint8.*float32"):
+        f(torch.randn(3, 64), w, s, z.float(), 32, None)
