@@ -58,12 +58,12 @@ def check(out, x, w, s, z, g, b, dtype=torch.float32):
     assert_close_rel(out, ops.linear_w4a16_ref(x, w, s, z, g, b), dtype)
 
 
-def matrix():
+def matrix(op=OP):
     """Full product on the native CPU backend; one rotation per m on the others (reference,
     triton under the interpreter: slow, and tested in depth elsewhere)."""
     layouts = ("2d", "3d", "noncontig")
     out = []
-    for bp in backends_for(OP):
+    for bp in backends_for(op):
         be = bp.values[0]
         for i, m in enumerate(M_SIZES):
             for dtype in FLOAT_DTYPES:

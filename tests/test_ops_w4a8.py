@@ -18,8 +18,8 @@ import fastkern
 from fastkern import formats, ops
 from fastkern._ext import _C
 
-from conftest import (FLOAT_DTYPES, M_SIZES, assert_close_rel, assert_nonfinite_as_reference, backends_for, cpu_isa,
-                      cpu_isas, isa_skip_reason, num_threads)
+from conftest import assert_close_rel, assert_nonfinite_as_reference, cpu_isa, cpu_isas, num_threads
+from test_ops_int4 import matrix
 from test_ops_int8 import make_x
 
 NATIVE = pytest.mark.skipif(_C is None, reason="fastkern._C is not built")
@@ -43,25 +43,7 @@ def native(*args):
     return torch.ops.fastkern_C.linear_w4a8(*args)
 
 
-def matrix():
-    """Full product on the native CPU backend; one rotation per m on the others."""
-    layouts = ("2d", "3d", "noncontig")
-    out = []
-    for bp in backends_for(OP):
-        be = bp.values[0]
-        for i, m in enumerate(M_SIZES):
-            for dtype in FLOAT_DTYPES:
-                for layout in layouts:
-                    for bias in (False, True):
-                        if be != "cpu" and (FLOAT_DTYPES[i % 3], layouts[i % 3], bool(i % 2)) != (dtype, layout, bias):
-                            continue
-                        out.append(pytest.param(be, m, dtype, layout, bias, marks=bp.marks,
-                                                id="%s-m%d-%s-%s-%s" % (be, m, str(dtype)[6:], layout,
-                                                                        "bias" if bias else "nobias")))
-    return out
-
-
-@pytest.mark.parametrize("be,m,dtype,layout,bias", matrix())
+@pytest.mark.parametrize("be,m,dtype,layout,bias", matrix(OP))
 @pytest.mark.parametrize("n,k,g", [(37, 256, 32), (19, 384, 128), (21, 96, 96), (13, 240, 48)],
                          ids=["g32", "g128", "gK", "g48"])
 def test_w4a8_matches_reference(be, m, dtype, layout, bias, n, k, g, gen):
