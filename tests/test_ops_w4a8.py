@@ -2,7 +2,8 @@
 
 The activations are quantized as linear_w8a8 quantizes them (fastkern.formats.quantize_per_token,
 bit for bit). The CPU kernel: from m = 12 (FASTKERN_W4A8_GEMM_MIN_M; 0: off) an int8 GEMM whose lanes run along
-x's rows, over the nibbles unpacked to bytes per task (AVX-512 VNNI or AVX2); otherwise the W4A16
+x's rows (AVX-512 VNNI: over the canonical nibbles where groups are a multiple of 8, else over
+them unpacked to bytes per task, as on AVX2); otherwise the W4A16
 limb GEMV with one limb and the token's scale (FASTKERN_W4A8_GEMV_MAX_M caps it; 0 sends every
 call on to the last path); where a row holds NaN / inf or magnitudes outside the limbs' bounds,
 or on the generic path, the quantized activations as fp32 integers go through linear_w4a16's
@@ -110,16 +111,22 @@ def test_avx2_gemv_variants(span16, rows, m, g, gen, monkeypatch):
 
 
 @NATIVE
+@pytest.mark.parametrize("nibbles", ["1", "0"], ids=["nibble_tiles", "unpacked"])
 @pytest.mark.parametrize("isa", [i for i in cpu_isas() if i.values[0] != "generic"])
 @pytest.mark.parametrize("m", [1, 15, 16, 17, 63, 64, 65, 130])
-def test_gemm_tiles_blocks_and_groups(isa, m, gen, monkeypatch):
+def test_gemm_tiles_blocks_and_groups(isa, m, nibbles, gen, monkeypatch):
     """The int8 GEMM (AVX-512 VNNI and AVX2 tiles): rows of x in 16-row vectors and 64-row blocks
-    (m = 15..130: partial vectors and blocks), weight rows in tiles of 6 / 4 / 2 / 1 (VNNI) or 2 / 1
-    (AVX2) and tasks of 48 (n up to 97), groups of 4..1100 weights with K blocks of whole groups
-    (g = 192: 960 weights; g = 1100 alone; AVX2's int16 sums over 8 quads end inside groups of 36
-    and 1100) and unpacked tails that are not multiples of 64 weights. Each case loosely, all within
-    the fp32 contract."""
+    (m = 15..130: partial vectors and blocks), weight rows in tiles of 8 (one vector of x, the high
+    nibbles in place), 6 or 4 (more vectors) then 4 / 2 / 1 over the canonical nibbles (VNNI, groups
+    of a multiple of 8), of 6 / 4 / 2 / 1 over unpacked bytes (VNNI with FASTKERN_W4A8_GEMM_NIBBLES=0
+    or groups of 4 / 12 / 1100; AVX2), tasks of 48 (n up to 97), groups of 4..1100 weights with K
+    blocks of whole groups (g = 192: 960 weights; g = 1100 alone; AVX2's int16 sums over 8 quads end
+    inside groups of 36 and 1100) and unpacked tails that are not multiples of 64 weights. Each case
+    loosely, all within the fp32 contract."""
+    if nibbles == "0" and isa != "avx512":
+        pytest.skip("the nibble tiles are AVX-512 VNNI's (FASTKERN_W4A8_GEMM_NIBBLES changes nothing here)")
     monkeypatch.setenv("FASTKERN_W4A8_GEMM_MIN_M", "1")
+    monkeypatch.setenv("FASTKERN_W4A8_GEMM_NIBBLES", nibbles)
     outs, refs = [], []
     with cpu_isa(isa):
         for n in (1, 5, 9, 47, 97):
@@ -148,10 +155,11 @@ def test_extreme_products_exact(isa, path, gen, monkeypatch):
     z = torch.zeros(n, k // g, dtype=torch.uint8)
     sign = torch.where(torch.rand(k, generator=gen) < 0.5, -1.0, 1.0)
     x = torch.stack([torch.full((k,), 3.0), torch.full((k,), -0.5), 2.0 * sign] * 6)  # 18 rows: the GEMMs too
-    with cpu_isa(isa):
-        out = native(x, q, s, z, g, None)
-    ref = ops.linear_w4a8_ref(x, q, s, z, g, None)
-    torch.testing.assert_close(out, ref, rtol=1e-5 if path == "fp32" else 1e-6, atol=1e-3)
+    for rows in (x, x[:6]):  # 6 rows: the VNNI GEMM's one-vector tiles (high nibbles in place)
+        with cpu_isa(isa):
+            out = native(rows, q, s, z, g, None)
+        ref = ops.linear_w4a8_ref(rows, q, s, z, g, None)
+        torch.testing.assert_close(out, ref, rtol=1e-5 if path == "fp32" else 1e-6, atol=1e-3)
 
 
 @NATIVE

@@ -2152,9 +2152,11 @@ bool w4b_gemm_bf16(const W4& p, const uint16_t* X, int64_t M_all, int64_t N, con
 // along K instead, and at M >= 16 its per-group fold (one convert, multiply and FMA per output
 // and group) cost as much as its products. Here x is quantized per token into int8 quads
 // ([k / 4][16 rows] dwords per 16-row vector, ap), with each group's sum of the quantized
-// values per row (xs); per task of weight rows and K block the nibbles are unpacked to bytes
-// (w4q_widen), and a register tile of NR weight rows x MV vectors of x takes
-// vpdpbusd(u8 weight quad broadcast, s8 x quads) into int32 per group. At the group's end
+// values per row (xs); a register tile of NR weight rows x MV vectors of x takes
+// vpdpbusd(u8 weight quad broadcast, s8 x quads) into int32 per group. With VNNI and groups of
+// a multiple of 8 the tile masks each dword of canonical nibbles into two quads (w4q_tile_nib);
+// otherwise, and on AVX2, the nibbles are unpacked to bytes per task of weight rows and K block
+// (w4q_widen) first. At the group's end
 // t = D - z * xs (exact in fp32 while both are under 2^24: groups up to 8806 weights) is
 // folded as CT += t * s_w; the token scale multiplies the result rows afterwards. K blocks hold
 // whole groups (a group's zero point is taken once). Groups of a multiple of 4 weights.
@@ -2177,7 +2179,11 @@ inline bool use_w4q_gemm(int64_t M, int64_t g) {
 }
 
 // Row m's quantized values q [K] into the packed layout below and its group sums.
-inline void w4q_store_row(const int8_t* q, int64_t m, int64_t K, int64_t g, int64_t Mp, int32_t* ap, float* xs) {
+// split (the nibble tiles, K % 8 == 0): each 8 weights' quads hold the even k's, then the odd
+// ones (k = 8c + 0, 2, 4, 6 and 8c + 1, 3, 5, 7), the order of a packed dword's low and high
+// nibbles.
+inline void w4q_store_row(const int8_t* q, int64_t m, int64_t K, int64_t g, int64_t Mp, int32_t* ap, float* xs,
+                          bool split) {
   const int64_t KQ = K / 4, G = K / g;
   for (int64_t gi = 0; gi < G; ++gi) {
     int32_t t = 0;
@@ -2186,7 +2192,16 @@ inline void w4q_store_row(const int8_t* q, int64_t m, int64_t K, int64_t g, int6
   }
   const int64_t m0 = m / kW4QBlockRows * kW4QBlockRows, w = std::min<int64_t>(kW4QBlockRows, Mp - m0);
   int32_t* dst = ap + m0 * KQ + (m - m0);
-  for (int64_t kq = 0; kq < KQ; ++kq) std::memcpy(dst + kq * w, q + 4 * kq, 4);
+  if (!split) {
+    for (int64_t kq = 0; kq < KQ; ++kq) std::memcpy(dst + kq * w, q + 4 * kq, 4);
+    return;
+  }
+  for (int64_t kq = 0; kq < KQ; kq += 2) {
+    const int8_t* c = q + 4 * kq;
+    const int8_t e[4] = {c[0], c[2], c[4], c[6]}, o[4] = {c[1], c[3], c[5], c[7]};
+    std::memcpy(dst + kq * w, e, 4);
+    std::memcpy(dst + (kq + 1) * w, o, 4);
+  }
 }
 
 #if FASTKERN_X86
@@ -2247,6 +2262,90 @@ void w4q_rows(const int32_t* Ap, int64_t w, const uint8_t* B, int64_t ldb, int64
     w4q_tile<1, MV>(Ap, w, B + r * ldb, ldb, kq0, kq1, sw + r * G, zw + r * G, G, gq, xs, Mp, CT + r * ldct, ldct);
 }
 
+// w4q_tile over the canonical nibbles themselves (no unpacking pass): B the weight rows' packed
+// bytes from k = 0 (row stride ldb = K / 2), x packed split (w4q_store_row). One dword holds 8
+// weights: its low nibbles (& 0x0F) are the even k's quad, its high nibbles (>> 4, & 0x0F) the
+// odd k's, each against its own quad of x; groups of a multiple of 8 weights. H16: the high
+// nibbles taken in place (& 0xF0, one operation instead of two: 16 times their values) into
+// accumulators of their own, shifted back exactly at the group's end (|16 D| < 2^31 for groups
+// up to 8192). Against the unpacking pass and w4q_tile (one process, alternating, 2 threads, ms,
+// weights beyond L3): 4096^2 M = 16 / 32 / 64 / 128 / 256 1.08 / 1.64 / 2.99 / 6.0 / 11.8 against
+// 1.19 / 1.81 / 3.42 / 6.7 / 13.2; 11008 x 4096 M = 16 / 32 / 64 / 256 2.67 / 4.71 / 8.9 / 30.3
+// against 2.96 / 5.39 / 10.4 / 34.0. The masks cost less than the pass's stores and second
+// broadcast per weight quad.
+template <int NR, int MV, bool H16>
+FASTKERN_AVX512VNNI void w4q_tile_nib(const int32_t* Ap, int64_t w, const uint8_t* B, int64_t ldb, int64_t kq0,
+                                      int64_t kq1, const float* sw, const uint8_t* zw, int64_t G, int64_t gq,
+                                      const float* xs, int64_t Mp, float* CT, int64_t ldct) {
+  const __m512i m4 = _mm512_set1_epi8(0x0F), m4h = _mm512_set1_epi8(int8_t(0xF0));
+  constexpr int NA = H16 ? 2 : 1;
+  for (int64_t a = kq0; a < kq1;) {
+    const int64_t gi = a / gq, e = std::min(kq1, (gi + 1) * gq);
+    __m512i acc[NA][NR][MV];
+    for (int h = 0; h < NA; ++h)
+      for (int j = 0; j < NR; ++j)
+        for (int v = 0; v < MV; ++v) acc[h][j][v] = _mm512_setzero_si512();
+    const int32_t* xp = Ap + a * w;
+    const uint8_t* bp = B + 2 * a;
+    for (int64_t kq = a; kq < e; kq += 2, xp += 2 * w, bp += 4) {
+      __m512i xe[MV], xo[MV];
+      for (int v = 0; v < MV; ++v) {
+        xe[v] = _mm512_loadu_si512(xp + 16 * v);
+        xo[v] = _mm512_loadu_si512(xp + w + 16 * v);
+      }
+      for (int j = 0; j < NR; ++j) {
+        int32_t wq;
+        std::memcpy(&wq, bp + j * ldb, 4);
+        const __m512i b = _mm512_set1_epi32(wq);
+        const __m512i lo = _mm512_and_si512(b, m4);
+        const __m512i hi = H16 ? _mm512_and_si512(b, m4h) : _mm512_and_si512(_mm512_srli_epi16(b, 4), m4);
+        for (int v = 0; v < MV; ++v) {
+          acc[0][j][v] = dpbusd_inplace(acc[0][j][v], lo, xe[v]);
+          acc[NA - 1][j][v] = dpbusd_inplace(acc[NA - 1][j][v], hi, xo[v]);
+        }
+      }
+    }
+    for (int j = 0; j < NR; ++j) {
+      const __m512 s = _mm512_set1_ps(sw[j * G + gi]), z = _mm512_set1_ps(float(zw[j * G + gi]));
+      for (int v = 0; v < MV; ++v) {
+        __m512i d = acc[0][j][v];
+        if (H16) d = _mm512_add_epi32(d, _mm512_srai_epi32(acc[NA - 1][j][v], 4));
+        const __m512 t = _mm512_fnmadd_ps(z, _mm512_loadu_ps(xs + gi * Mp + 16 * v), _mm512_cvtepi32_ps(d));
+        float* c = CT + j * ldct + 16 * v;
+        _mm512_storeu_ps(c, _mm512_fmadd_ps(t, s, _mm512_loadu_ps(c)));
+      }
+    }
+    a = e;
+  }
+}
+
+// Weight rows per nibble tile, as measured (VNNI, 2 threads, one process, alternating, ms at
+// 4096^2 / 11008 x 4096): MV = 1 8 rows with H16 1.09 / 2.70 against 1.20 / 3.09 without (and
+// 1.11-1.13 / 2.70-2.81 with 4 or 6 rows, 1.20 / 3.01 with 12); MV = 2 6, 4 and 8 rows within 3%
+// (H16 too); MV = 3 6 or 4 rows within the noise (5 up to 3% slower); MV = 4 4 or 5 rows, 3 and
+// 6 8-15% slower. The accumulators (twice NR x MV with H16), the 2 MV vectors of x, the
+// broadcast, its nibbles and the masks stay within the 32 zmm registers.
+template <int MV>
+constexpr int kW4QNibRows = MV == 1 ? 8 : MV == 4 ? 4 : 6;
+
+// Weight rows kW4QNibRows at a time (H16 at MV = 1), then 4, 2 and 1.
+template <int MV>
+void w4q_rows_nib(const int32_t* Ap, int64_t w, const uint8_t* B, int64_t ldb, int64_t rows, int64_t kq0,
+                  int64_t kq1, const float* sw, const uint8_t* zw, int64_t G, int64_t gq, const float* xs, int64_t Mp,
+                  float* CT, int64_t ldct) {
+  constexpr int NR = kW4QNibRows<MV>;
+  int64_t r = 0;
+  auto tile = [&](auto nr) {
+    w4q_tile_nib<decltype(nr)::value, MV, MV == 1>(Ap, w, B + r * ldb, ldb, kq0, kq1, sw + r * G, zw + r * G, G, gq,
+                                                  xs, Mp, CT + r * ldct, ldct);
+    r += decltype(nr)::value;
+  };
+  while (r + NR <= rows) tile(std::integral_constant<int, NR>());
+  if (NR > 4 && r + 4 <= rows) tile(std::integral_constant<int, 4>());
+  if (r + 2 <= rows) tile(std::integral_constant<int, 2>());
+  if (r < rows) tile(std::integral_constant<int, 1>());
+}
+
 // Rows of x quantized per token (S: the token scales of w4a8_token_scales) and packed: for
 // block m0 (w = min(64, Mp - m0) rows), ap[m0 * KQ + kq * w + r] = the quad k = 4 kq .. 4 kq + 3
 // of row m0 + r (zero past M); xs[gi * Mp + m] = the sum of row m's quantized values in group
@@ -2256,7 +2355,7 @@ void w4q_rows(const int32_t* Ap, int64_t w, const uint8_t* B, int64_t ldb, int64
 // 33.6-33.8 ms at M = 16 / 256, against 3.24-3.33 / 33.5 with AVX-512 forms a few minutes
 // earlier (not in one process; these cores run 512-bit operations on 256-bit units).
 FASTKERN_AVX2 void w4q_pack_x(const float* X, int64_t ldx, int64_t M, int64_t K, int64_t g, const float* S,
-                              int32_t* ap, float* xs) {
+                              int32_t* ap, float* xs, bool split) {
   const int64_t Mp = round_up(M, 16);
   at::parallel_for(0, Mp, 8, [&](int64_t b, int64_t e) FASTKERN_AVX2 {
     std::vector<int8_t> q(round_up(K, 8) + 8);
@@ -2275,7 +2374,7 @@ FASTKERN_AVX2 void w4q_pack_x(const float* X, int64_t ldx, int64_t M, int64_t K,
           _mm_storel_epi64(reinterpret_cast<__m128i*>(&q[k]), _mm_packs_epi16(i16, i16));
         }
       }
-      w4q_store_row(q.data(), m, K, g, Mp, ap, xs);
+      w4q_store_row(q.data(), m, K, g, Mp, ap, xs, split);
     }
   });
 }
@@ -2384,7 +2483,10 @@ void w4q_gemm(const W4& p, const float* X, int64_t ldx, int64_t M, int64_t N, co
   Scratch xst(ScratchSlot::XQuant, size_t(G * Mp) * 4);
   int32_t* ap = apt.as<int32_t>();
   float* xs = xst.as<float>();
-  w4q_pack_x(X, ldx, M, K, g, S, ap, xs);
+  // the nibble tiles (VNNI, groups of a multiple of 8; FASTKERN_W4A8_GEMM_NIBBLES=0: the unpacked
+  // bytes, for A/B timing)
+  const bool nib = v512 && g % 8 == 0 && env_knob("FASTKERN_W4A8_GEMM_NIBBLES", 1) != 0;
+  w4q_pack_x(X, ldx, M, K, g, S, ap, xs, nib);
   // K blocks of whole groups, about kW4QKC weights
   const int64_t KC = std::min(K, g * std::max<int64_t>(1, kW4QKC / g)), ldb = KC + 64;  // + 64 B: off 4 KiB strides
   const bool prefetch = env_knob("FASTKERN_W4A8_GEMM_PREFETCH", 1) != 0;
@@ -2405,7 +2507,13 @@ void w4q_gemm(const W4& p, const float* X, int64_t ldx, int64_t M, int64_t N, co
         const uint8_t* pf = k1 < K ? p.w + n0 * p.ldw + k1 / 2 : p.w + n1 * p.ldw;
         const int64_t pf_rows = !prefetch ? 0 : k1 < K ? rows : std::min(kW4QTaskRows, r1 - n1);
         const int64_t pf_bytes = (k1 < K ? std::min(KC, K - k1) : std::min(KC, K)) / 2;
-        w4q_widen(p, n0, n1, k0, k1, wb, ldb, pf, pf_rows, pf_bytes);
+        if (nib) {  // the prefetch alone (11008 x 4096 M = 16: 0.94x the time without it)
+          for (int64_t r = 0; r < pf_rows; ++r)
+            for (int64_t c = 0; c < pf_bytes; c += 64)
+              _mm_prefetch(reinterpret_cast<const char*>(pf + r * p.ldw + c), _MM_HINT_T1);
+        } else {
+          w4q_widen(p, n0, n1, k0, k1, wb, ldb, pf, pf_rows, pf_bytes);
+        }
         for (int64_t m0 = 0; m0 < Mp; m0 += kW4QBlockRows) {
           const int64_t w = std::min<int64_t>(kW4QBlockRows, Mp - m0);
           const int32_t* a = ap + m0 * KQ;
@@ -2416,6 +2524,16 @@ void w4q_gemm(const W4& p, const float* X, int64_t ldx, int64_t M, int64_t N, co
           const int64_t q0 = k0 / 4, q1 = k1 / 4;
           if (!v512) {
             w4q_rows_avx2(a, w, wb, ldb, rows, q0, q1, sw, zw, G, gq, xb, Mp, c, Mp);
+            continue;
+          }
+          if (nib) {
+            const uint8_t* bw = p.w + n0 * p.ldw;
+            switch (w / 16) {
+              case 1: w4q_rows_nib<1>(a, w, bw, p.ldw, rows, q0, q1, sw, zw, G, gq, xb, Mp, c, Mp); break;
+              case 2: w4q_rows_nib<2>(a, w, bw, p.ldw, rows, q0, q1, sw, zw, G, gq, xb, Mp, c, Mp); break;
+              case 3: w4q_rows_nib<3>(a, w, bw, p.ldw, rows, q0, q1, sw, zw, G, gq, xb, Mp, c, Mp); break;
+              default: w4q_rows_nib<4>(a, w, bw, p.ldw, rows, q0, q1, sw, zw, G, gq, xb, Mp, c, Mp); break;
+            }
             continue;
           }
           switch (w / 16) {
