@@ -1,8 +1,9 @@
 """linear_w4a8 (int4 group-wise weights, dynamic per-token int8 activations) against the reference.
 
 The activations are quantized as linear_w8a8 quantizes them (fastkern.formats.quantize_per_token,
-bit for bit). The CPU kernel: from m = 12 (FASTKERN_W4A8_GEMM_MIN_M; 0: off) an int8 GEMM whose lanes run along
-x's rows (AVX-512 VNNI: over the canonical nibbles where groups are a multiple of 8, else over
+bit for bit). The CPU kernel: from m = 12 (m = 6 with AVX-512 VNNI and groups of a multiple of 8;
+FASTKERN_W4A8_GEMM_MIN_M, 0: off) an int8 GEMM whose lanes run along x's rows (AVX-512 VNNI: over
+the canonical nibbles where groups are a multiple of 8, on one 8-row vector where m <= 8, else over
 them unpacked to bytes per task, as on AVX2); otherwise the W4A16
 limb GEMV with one limb and the token's scale (FASTKERN_W4A8_GEMV_MAX_M caps it; 0 sends every
 call on to the last path); where a row holds NaN / inf or magnitudes outside the limbs' bounds,
@@ -113,10 +114,11 @@ def test_avx2_gemv_variants(span16, rows, m, g, gen, monkeypatch):
 @NATIVE
 @pytest.mark.parametrize("nibbles", ["1", "0"], ids=["nibble_tiles", "unpacked"])
 @pytest.mark.parametrize("isa", [i for i in cpu_isas() if i.values[0] != "generic"])
-@pytest.mark.parametrize("m", [1, 15, 16, 17, 63, 64, 65, 130])
+@pytest.mark.parametrize("m", [1, 5, 8, 9, 15, 16, 17, 63, 64, 65, 130])
 def test_gemm_tiles_blocks_and_groups(isa, m, nibbles, gen, monkeypatch):
     """The int8 GEMM (AVX-512 VNNI and AVX2 tiles): rows of x in 16-row vectors and 64-row blocks
-    (m = 15..130: partial vectors and blocks), weight rows in tiles of 8 (one vector of x, the high
+    (m = 9..130: partial vectors and blocks; m <= 8 one 8-row vector with the nibble tiles), weight
+    rows in tiles of 8 (one vector of x, the high
     nibbles in place), 6 or 4 (more vectors) then 4 / 2 / 1 over the canonical nibbles (VNNI, groups
     of a multiple of 8), of 6 / 4 / 2 / 1 over unpacked bytes (VNNI with FASTKERN_W4A8_GEMM_NIBBLES=0
     or groups of 4 / 12 / 1100; AVX2), tasks of 48 (n up to 97), groups of 4..1100 weights with K

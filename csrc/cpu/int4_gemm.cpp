@@ -474,19 +474,47 @@ bool w4_prepare_limbs(const float* X, int64_t ldx, int64_t M, int64_t K, int64_t
 // NaN or inf. Returns whether every row is within the limb kernels' bounds: finite, no magnitude
 // beyond kW4MaxX, and a largest |x| of zero or at least kW4MinX (see kW4MinX); where not, the
 // caller takes the fp32 paths (w4a8_quantize_rows_f32, with these scales).
+#if FASTKERN_X86
+// The scan of one row below on AVX2 (ldx a multiple of 8): the same largest |x| where the row is
+// finite (a maximum is exact in any order); big / nonfinite as there. The scalar scan, with its
+// compare-and-or chains, took longer than the GEMM's tiles at M = 8 on 48 x 4096 weights.
+FASTKERN_AVX2 inline float w4a8_row_scan_avx2(const float* x, int64_t ldx, uint32_t& big, uint32_t& nonfinite) {
+  const __m256 sign = _mm256_set1_ps(-0.f), lim = _mm256_set1_ps(kW4MaxX),
+               fmax = _mm256_set1_ps(std::numeric_limits<float>::max());
+  __m256 mx = _mm256_setzero_ps(), bg = _mm256_setzero_ps(), nf = _mm256_setzero_ps();
+  for (int64_t k = 0; k < ldx; k += 8) {
+    const __m256 v = _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k));
+    bg = _mm256_or_ps(bg, _mm256_cmp_ps(v, lim, _CMP_NLE_UQ));
+    nf = _mm256_or_ps(nf, _mm256_cmp_ps(v, fmax, _CMP_NLE_UQ));
+    mx = _mm256_max_ps(mx, v);
+  }
+  big = uint32_t(_mm256_movemask_ps(bg) != 0);
+  nonfinite = uint32_t(_mm256_movemask_ps(nf) != 0);
+  return hmax8_avx2(mx);
+}
+#endif
+
 bool w4a8_token_scales(const float* X, int64_t ldx, int64_t M, float* S) {
   std::atomic<bool> ok{true};
+#if FASTKERN_X86
+  const bool avx2 = use_avx2() && ldx % 8 == 0;
+#endif
   at::parallel_for(0, M, std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(ldx, 1)), [&](int64_t b, int64_t e) {
     for (int64_t m = b; m < e; ++m) {
       const float* x = X + m * ldx;
       float amax = 0.f;
       uint32_t big = 0, nonfinite = 0;
-      for (int64_t k = 0; k < ldx; ++k) {
-        const float v = std::fabs(x[k]);
-        big |= uint32_t(!(v <= kW4MaxX));
-        nonfinite |= uint32_t(!(v <= std::numeric_limits<float>::max()));
-        amax = v > amax ? v : amax;
-      }
+#if FASTKERN_X86
+      if (avx2) {
+        amax = w4a8_row_scan_avx2(x, ldx, big, nonfinite);
+      } else
+#endif
+        for (int64_t k = 0; k < ldx; ++k) {
+          const float v = std::fabs(x[k]);
+          big |= uint32_t(!(v <= kW4MaxX));
+          nonfinite |= uint32_t(!(v <= std::numeric_limits<float>::max()));
+          amax = v > amax ? v : amax;
+        }
       if (big || !limbs_hold(amax)) ok = false;
       S[m] = nonfinite ? std::numeric_limits<float>::quiet_NaN() : amax / 127.f;
     }
@@ -2146,7 +2174,8 @@ bool w4b_gemm_bf16(const W4& p, const uint16_t* X, int64_t M_all, int64_t N, con
 
 // ------------------------------------------------------------------ GEMM: int8 x nibbles (AVX-512 VNNI, linear_w4a8)
 //
-// linear_w4a8 from kW4QGemmMinM rows of x (AVX-512 VNNI, or AVX2): a GEMM whose vector lanes run
+// linear_w4a8 from kW4QGemmMinM rows of x (kW4QNibGemmMinM with the nibble tiles below; AVX-512
+// VNNI, or AVX2): a GEMM whose vector lanes run
 // along x's rows (the layout of the bf16 GEMM above), so a group's weight scale and zero point
 // are one broadcast per weight row, applied to 16 rows of x at once. The limb GEMV's lanes run
 // along K instead, and at M >= 16 its per-group fold (one convert, multiply and FMA per output
@@ -2167,41 +2196,27 @@ bool w4b_gemm_bf16(const W4& p, const uint16_t* X, int64_t M_all, int64_t N, con
 // 13.6 / 47.5 against 5.1-5.9 / 19.1 / 83; 4096 x 14336 6.2 / 17.3 / 62.6 against 7.0-8.3 / 35.7 /
 // 146; M = 8 (2-row tiles) 5.3-5.9 against 2.7-3.3. With the prefetch below, M = 12 / 8 (VNNI,
 // 11008 x 4096 and 4096 x 14336): 3.3-3.5 / 4.4 against 3.5-3.8 / 4.4-4.8, and 3.4-3.5 / 4.5
-// against 2.8-3.6; AVX2 M = 12: 3.8-3.9 / 5.1 against 4.0-4.5 / 5.1-5.2. So from M = 12 on both.
-constexpr int64_t kW4QGemmMinM = 12;   // FASTKERN_W4A8_GEMM_MIN_M (0: off), read per call
-constexpr int64_t kW4QKC = 1024;       // weights of K per block (48 rows x 1 KB unpacked, in L2)
-constexpr int64_t kW4QTaskRows = 48;   // weight rows per task
-constexpr int64_t kW4QBlockRows = 64;  // rows of x per packed block (4 vectors of 16)
+// against 2.8-3.6; AVX2 M = 12: 3.8-3.9 / 5.1 against 4.0-4.5 / 5.1-5.2. So from M = 12 on both
+// (those figures predate the nibble tiles).
+// The nibble tiles (w4q_tile_nib; M <= 8 on one 8-row vector) from M = 6: against the GEMV (one
+// process, alternating, ms, 4096^2 / 11008 x 4096 / 4096 x 14336) M = 4 0.67 / 1.71 / 2.35 against
+// 0.47 / 1.15 / 1.64, M = 6 0.67 / 1.73 / 2.40 against 0.72 / 1.82 / 2.43, M = 8 0.70 / 1.74 /
+// 2.45 against 0.85 / 2.17 / 2.90.
+constexpr int64_t kW4QGemmMinM = 12;     // FASTKERN_W4A8_GEMM_MIN_M (0: off), read per call
+constexpr int64_t kW4QNibGemmMinM = 6;   // with the nibble tiles (the same knob)
+constexpr int64_t kW4QKC = 1024;         // weights of K per block (48 rows x 1 KB unpacked, in L2)
+constexpr int64_t kW4QTaskRows = 48;     // weight rows per task
+constexpr int64_t kW4QBlockRows = 64;    // rows of x per packed block (4 vectors of 16)
 
-inline bool use_w4q_gemm(int64_t M, int64_t g) {
-  const int64_t min_m = env_knob("FASTKERN_W4A8_GEMM_MIN_M", kW4QGemmMinM);
-  return min_m > 0 && M >= min_m && g % 4 == 0 && g <= 8192;
+// the nibble tiles: AVX-512 VNNI, groups of a multiple of 8 (FASTKERN_W4A8_GEMM_NIBBLES=0: the
+// unpacked bytes, for tests and A/B timing)
+inline bool w4q_nibbles(bool v512, int64_t g) {
+  return v512 && g % 8 == 0 && env_knob("FASTKERN_W4A8_GEMM_NIBBLES", 1) != 0;
 }
 
-// Row m's quantized values q [K] into the packed layout below and its group sums.
-// split (the nibble tiles, K % 8 == 0): each 8 weights' quads hold the even k's, then the odd
-// ones (k = 8c + 0, 2, 4, 6 and 8c + 1, 3, 5, 7), the order of a packed dword's low and high
-// nibbles.
-inline void w4q_store_row(const int8_t* q, int64_t m, int64_t K, int64_t g, int64_t Mp, int32_t* ap, float* xs,
-                          bool split) {
-  const int64_t KQ = K / 4, G = K / g;
-  for (int64_t gi = 0; gi < G; ++gi) {
-    int32_t t = 0;
-    for (int64_t k = gi * g; k < (gi + 1) * g; ++k) t += q[k];
-    xs[gi * Mp + m] = float(t);
-  }
-  const int64_t m0 = m / kW4QBlockRows * kW4QBlockRows, w = std::min<int64_t>(kW4QBlockRows, Mp - m0);
-  int32_t* dst = ap + m0 * KQ + (m - m0);
-  if (!split) {
-    for (int64_t kq = 0; kq < KQ; ++kq) std::memcpy(dst + kq * w, q + 4 * kq, 4);
-    return;
-  }
-  for (int64_t kq = 0; kq < KQ; kq += 2) {
-    const int8_t* c = q + 4 * kq;
-    const int8_t e[4] = {c[0], c[2], c[4], c[6]}, o[4] = {c[1], c[3], c[5], c[7]};
-    std::memcpy(dst + kq * w, e, 4);
-    std::memcpy(dst + (kq + 1) * w, o, 4);
-  }
+inline bool use_w4q_gemm(int64_t M, int64_t g, bool v512) {
+  const int64_t min_m = env_knob("FASTKERN_W4A8_GEMM_MIN_M", w4q_nibbles(v512, g) ? kW4QNibGemmMinM : kW4QGemmMinM);
+  return min_m > 0 && M >= min_m && g % 4 == 0 && g <= 8192;
 }
 
 #if FASTKERN_X86
@@ -2263,7 +2278,7 @@ void w4q_rows(const int32_t* Ap, int64_t w, const uint8_t* B, int64_t ldb, int64
 }
 
 // w4q_tile over the canonical nibbles themselves (no unpacking pass): B the weight rows' packed
-// bytes from k = 0 (row stride ldb = K / 2), x packed split (w4q_store_row). One dword holds 8
+// bytes from k = 0 (row stride ldb = K / 2), x packed split (w4q_pack_x). One dword holds 8
 // weights: its low nibbles (& 0x0F) are the even k's quad, its high nibbles (>> 4, & 0x0F) the
 // odd k's, each against its own quad of x; groups of a multiple of 8 weights. H16: the high
 // nibbles taken in place (& 0xF0, one operation instead of two: 16 times their values) into
@@ -2273,46 +2288,93 @@ void w4q_rows(const int32_t* Ap, int64_t w, const uint8_t* B, int64_t ldb, int64
 // 1.19 / 1.81 / 3.42 / 6.7 / 13.2; 11008 x 4096 M = 16 / 32 / 64 / 256 2.67 / 4.71 / 8.9 / 30.3
 // against 2.96 / 5.39 / 10.4 / 34.0. The masks cost less than the pass's stores and second
 // broadcast per weight quad.
-template <int NR, int MV, bool H16>
+// The nibble tile's vectors of x rows: 16 (zmm) or, for M <= 8, 8 (ymm: half the products of a
+// zmm tile where half its lanes would be padding).
+struct NibZ {
+  using I = __m512i;
+  using F = __m512;
+  static constexpr int L = 16;
+  FASTKERN_AVX512VNNI static I load(const int32_t* p) { return _mm512_loadu_si512(p); }
+  FASTKERN_AVX512VNNI static I set1(int32_t v) { return _mm512_set1_epi32(v); }
+  FASTKERN_AVX512VNNI static I zero() { return _mm512_setzero_si512(); }
+  FASTKERN_AVX512VNNI static I band(I a, I b) { return _mm512_and_si512(a, b); }
+  FASTKERN_AVX512VNNI static I srl16(I a) { return _mm512_srli_epi16(a, 4); }
+  FASTKERN_AVX512VNNI static I sra32(I a) { return _mm512_srai_epi32(a, 4); }
+  FASTKERN_AVX512VNNI static I add(I a, I b) { return _mm512_add_epi32(a, b); }
+  FASTKERN_AVX512VNNI static I dp(I acc, I a, I b) { return dpbusd_inplace(acc, a, b); }
+  FASTKERN_AVX512VNNI static F cvt(I a) { return _mm512_cvtepi32_ps(a); }
+  FASTKERN_AVX512VNNI static F fset1(float v) { return _mm512_set1_ps(v); }
+  FASTKERN_AVX512VNNI static F fload(const float* p) { return _mm512_loadu_ps(p); }
+  FASTKERN_AVX512VNNI static void fstore(float* p, F v) { _mm512_storeu_ps(p, v); }
+  FASTKERN_AVX512VNNI static F fnmadd(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
+  FASTKERN_AVX512VNNI static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+};
+struct NibY {
+  using I = __m256i;
+  using F = __m256;
+  static constexpr int L = 8;
+  FASTKERN_AVX512VNNI static I load(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const I*>(p)); }
+  FASTKERN_AVX512VNNI static I set1(int32_t v) { return _mm256_set1_epi32(v); }
+  FASTKERN_AVX512VNNI static I zero() { return _mm256_setzero_si256(); }
+  FASTKERN_AVX512VNNI static I band(I a, I b) { return _mm256_and_si256(a, b); }
+  FASTKERN_AVX512VNNI static I srl16(I a) { return _mm256_srli_epi16(a, 4); }
+  FASTKERN_AVX512VNNI static I sra32(I a) { return _mm256_srai_epi32(a, 4); }
+  FASTKERN_AVX512VNNI static I add(I a, I b) { return _mm256_add_epi32(a, b); }
+  FASTKERN_AVX512VNNI static I dp(I acc, I a, I b) {
+    asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));  // as dpbusd_inplace
+    return acc;
+  }
+  FASTKERN_AVX512VNNI static F cvt(I a) { return _mm256_cvtepi32_ps(a); }
+  FASTKERN_AVX512VNNI static F fset1(float v) { return _mm256_set1_ps(v); }
+  FASTKERN_AVX512VNNI static F fload(const float* p) { return _mm256_loadu_ps(p); }
+  FASTKERN_AVX512VNNI static void fstore(float* p, F v) { _mm256_storeu_ps(p, v); }
+  FASTKERN_AVX512VNNI static F fnmadd(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
+  FASTKERN_AVX512VNNI static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+};
+
+template <class V, int NR, int MV, bool H16>
 FASTKERN_AVX512VNNI void w4q_tile_nib(const int32_t* Ap, int64_t w, const uint8_t* B, int64_t ldb, int64_t kq0,
                                       int64_t kq1, const float* sw, const uint8_t* zw, int64_t G, int64_t gq,
                                       const float* xs, int64_t Mp, float* CT, int64_t ldct) {
-  const __m512i m4 = _mm512_set1_epi8(0x0F), m4h = _mm512_set1_epi8(int8_t(0xF0));
+  using I = typename V::I;
+  using F = typename V::F;
+  constexpr int L = V::L;
+  const I m4 = V::set1(0x0F0F0F0F), m4h = V::set1(int32_t(0xF0F0F0F0u));
   constexpr int NA = H16 ? 2 : 1;
   for (int64_t a = kq0; a < kq1;) {
     const int64_t gi = a / gq, e = std::min(kq1, (gi + 1) * gq);
-    __m512i acc[NA][NR][MV];
+    I acc[NA][NR][MV];
     for (int h = 0; h < NA; ++h)
       for (int j = 0; j < NR; ++j)
-        for (int v = 0; v < MV; ++v) acc[h][j][v] = _mm512_setzero_si512();
+        for (int v = 0; v < MV; ++v) acc[h][j][v] = V::zero();
     const int32_t* xp = Ap + a * w;
     const uint8_t* bp = B + 2 * a;
     for (int64_t kq = a; kq < e; kq += 2, xp += 2 * w, bp += 4) {
-      __m512i xe[MV], xo[MV];
+      I xe[MV], xo[MV];
       for (int v = 0; v < MV; ++v) {
-        xe[v] = _mm512_loadu_si512(xp + 16 * v);
-        xo[v] = _mm512_loadu_si512(xp + w + 16 * v);
+        xe[v] = V::load(xp + L * v);
+        xo[v] = V::load(xp + w + L * v);
       }
       for (int j = 0; j < NR; ++j) {
         int32_t wq;
         std::memcpy(&wq, bp + j * ldb, 4);
-        const __m512i b = _mm512_set1_epi32(wq);
-        const __m512i lo = _mm512_and_si512(b, m4);
-        const __m512i hi = H16 ? _mm512_and_si512(b, m4h) : _mm512_and_si512(_mm512_srli_epi16(b, 4), m4);
+        const I b = V::set1(wq);
+        const I lo = V::band(b, m4);
+        const I hi = H16 ? V::band(b, m4h) : V::band(V::srl16(b), m4);
         for (int v = 0; v < MV; ++v) {
-          acc[0][j][v] = dpbusd_inplace(acc[0][j][v], lo, xe[v]);
-          acc[NA - 1][j][v] = dpbusd_inplace(acc[NA - 1][j][v], hi, xo[v]);
+          acc[0][j][v] = V::dp(acc[0][j][v], lo, xe[v]);
+          acc[NA - 1][j][v] = V::dp(acc[NA - 1][j][v], hi, xo[v]);
         }
       }
     }
     for (int j = 0; j < NR; ++j) {
-      const __m512 s = _mm512_set1_ps(sw[j * G + gi]), z = _mm512_set1_ps(float(zw[j * G + gi]));
+      const F s = V::fset1(sw[j * G + gi]), z = V::fset1(float(zw[j * G + gi]));
       for (int v = 0; v < MV; ++v) {
-        __m512i d = acc[0][j][v];
-        if (H16) d = _mm512_add_epi32(d, _mm512_srai_epi32(acc[NA - 1][j][v], 4));
-        const __m512 t = _mm512_fnmadd_ps(z, _mm512_loadu_ps(xs + gi * Mp + 16 * v), _mm512_cvtepi32_ps(d));
-        float* c = CT + j * ldct + 16 * v;
-        _mm512_storeu_ps(c, _mm512_fmadd_ps(t, s, _mm512_loadu_ps(c)));
+        I d = acc[0][j][v];
+        if (H16) d = V::add(d, V::sra32(acc[NA - 1][j][v]));
+        const F t = V::fnmadd(z, V::fload(xs + gi * Mp + L * v), V::cvt(d));
+        float* c = CT + j * ldct + L * v;
+        V::fstore(c, V::fmadd(t, s, V::fload(c)));
       }
     }
     a = e;
@@ -2328,15 +2390,15 @@ FASTKERN_AVX512VNNI void w4q_tile_nib(const int32_t* Ap, int64_t w, const uint8_
 template <int MV>
 constexpr int kW4QNibRows = MV == 1 ? 8 : MV == 4 ? 4 : 6;
 
-// Weight rows kW4QNibRows at a time (H16 at MV = 1), then 4, 2 and 1.
-template <int MV>
+// Weight rows kW4QNibRows at a time (H16 at MV = 1), then 4, 2 and 1; V: the vectors of x.
+template <class V, int MV>
 void w4q_rows_nib(const int32_t* Ap, int64_t w, const uint8_t* B, int64_t ldb, int64_t rows, int64_t kq0,
                   int64_t kq1, const float* sw, const uint8_t* zw, int64_t G, int64_t gq, const float* xs, int64_t Mp,
                   float* CT, int64_t ldct) {
   constexpr int NR = kW4QNibRows<MV>;
   int64_t r = 0;
   auto tile = [&](auto nr) {
-    w4q_tile_nib<decltype(nr)::value, MV, MV == 1>(Ap, w, B + r * ldb, ldb, kq0, kq1, sw + r * G, zw + r * G, G, gq,
+    w4q_tile_nib<V, decltype(nr)::value, MV, MV == 1>(Ap, w, B + r * ldb, ldb, kq0, kq1, sw + r * G, zw + r * G, G, gq,
                                                   xs, Mp, CT + r * ldct, ldct);
     r += decltype(nr)::value;
   };
@@ -2346,35 +2408,79 @@ void w4q_rows_nib(const int32_t* Ap, int64_t w, const uint8_t* B, int64_t ldb, i
   if (r < rows) tile(std::integral_constant<int, 1>());
 }
 
-// Rows of x quantized per token (S: the token scales of w4a8_token_scales) and packed: for
-// block m0 (w = min(64, Mp - m0) rows), ap[m0 * KQ + kq * w + r] = the quad k = 4 kq .. 4 kq + 3
-// of row m0 + r (zero past M); xs[gi * Mp + m] = the sum of row m's quantized values in group
-// gi (zero past M). quantize_per_token's operations: round_half_even(x / s) clamped to +-127.
-// Rows of X hold ldx >= round_up(K, 8) floats, zero past K. AVX2 forms of this and of the
-// unpacking (w4q_widen) serve both ISAs: with them the VNNI GEMM at 11008 x 4096 took 2.84-2.90 /
-// 33.6-33.8 ms at M = 16 / 256, against 3.24-3.33 / 33.5 with AVX-512 forms a few minutes
-// earlier (not in one process; these cores run 512-bit operations on 256-bit units).
-FASTKERN_AVX2 void w4q_pack_x(const float* X, int64_t ldx, int64_t M, int64_t K, int64_t g, const float* S,
-                              int32_t* ap, float* xs, bool split) {
-  const int64_t Mp = round_up(M, 16);
-  at::parallel_for(0, Mp, 8, [&](int64_t b, int64_t e) FASTKERN_AVX2 {
-    std::vector<int8_t> q(round_up(K, 8) + 8);
+// The sum of n int8 values (n a multiple of 4): 32 at a time as unsigned bytes (q + 128) summed
+// by vpsadbw, less 128 n.
+FASTKERN_AVX2 inline int32_t w4q_sum_i8(const int8_t* q, int64_t n) {
+  const __m256i flip = _mm256_set1_epi8(int8_t(0x80));
+  __m256i acc = _mm256_setzero_si256();
+  int64_t k = 0;
+  for (; k + 32 <= n; k += 32) {
+    const __m256i v = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + k)), flip);
+    acc = _mm256_add_epi64(acc, _mm256_sad_epu8(v, _mm256_setzero_si256()));
+  }
+  alignas(32) int64_t t[4];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(t), acc);
+  int32_t s = int32_t(t[0] + t[1] + t[2] + t[3] - 128 * k);
+  for (; k < n; ++k) s += q[k];
+  return s;
+}
+
+// Rows of x quantized per token (S: the token scales of w4a8_token_scales) and packed, Mp rows
+// (M rounded up to 16, or 8): for block m0 (w = min(64, Mp - m0) rows), ap[m0 * KQ + kq * w + r]
+// = the quad k = 4 kq .. 4 kq + 3 of row m0 + r (zero past M); xs[gi * Mp + m] = the sum of row
+// m's quantized values in group gi (zero past M). split (the nibble tiles, K % 8 == 0): each 8
+// weights' quads hold the even k's, then the odd ones (k = 8c + 0, 2, 4, 6 and 8c + 1, 3, 5, 7),
+// the order of a packed dword's low and high nibbles. quantize_per_token's operations:
+// round_half_even(x / s) clamped to +-127. Rows of X hold ldx >= round_up(K, 8) floats, zero past
+// K. Eight rows at a time, their quads transposed in registers into the packed layout. AVX2 forms
+// of this and of the unpacking (w4q_widen) serve both ISAs: with them the VNNI GEMM at 11008 x
+// 4096 took 2.84-2.90 / 33.6-33.8 ms at M = 16 / 256, against 3.24-3.33 / 33.5 with AVX-512
+// forms a few minutes earlier (not in one process; these cores run 512-bit operations on 256-bit
+// units).
+FASTKERN_AVX2 void w4q_pack_x(const float* X, int64_t ldx, int64_t M, int64_t Mp, int64_t K, int64_t g,
+                              const float* S, int32_t* ap, float* xs, bool split) {
+  const int64_t KQ = K / 4, G = K / g, ldq = round_up(K, 32);
+  at::parallel_for(0, Mp / 8, 1, [&](int64_t b, int64_t e) FASTKERN_AVX2 {
+    std::vector<int8_t> qv(size_t(8 * ldq));
     const __m256 lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
-    for (int64_t m = b; m < e; ++m) {
-      if (m >= M) {
-        std::fill(q.begin(), q.end(), int8_t(0));
-      } else {
-        const float* x = X + m * ldx;  // ldx >= round_up(K, 8), zero past K
-        const __m256 safe = _mm256_set1_ps(S[m] > 0.f ? S[m] : 1.f);
-        for (int64_t k = 0; k < K; k += 8) {
-          __m256 v = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + k), safe),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-          const __m256i i32 = _mm256_cvtps_epi32(_mm256_min_ps(hi, _mm256_max_ps(lo, v)));
-          const __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
-          _mm_storel_epi64(reinterpret_cast<__m128i*>(&q[k]), _mm_packs_epi16(i16, i16));
+    const __m256i perm = _mm256_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15,  //
+                                          0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
+    for (int64_t o = b; o < e; ++o) {
+      const int64_t r0 = 8 * o;
+      for (int64_t r = 0; r < 8; ++r) {
+        const int64_t m = r0 + r;
+        int8_t* q = qv.data() + r * ldq;
+        std::fill(q, q + ldq, int8_t(0));
+        if (m < M) {
+          const float* x = X + m * ldx;  // ldx >= round_up(K, 8), zero past K
+          const __m256 safe = _mm256_set1_ps(S[m] > 0.f ? S[m] : 1.f);
+          for (int64_t k = 0; k < K; k += 8) {
+            __m256 v = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + k), safe),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            const __m256i i32 = _mm256_cvtps_epi32(_mm256_min_ps(hi, _mm256_max_ps(lo, v)));
+            const __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
+            _mm_storel_epi64(reinterpret_cast<__m128i*>(q + k), _mm_packs_epi16(i16, i16));
+          }
         }
+        for (int64_t gi = 0; gi < G; ++gi) xs[gi * Mp + m] = float(w4q_sum_i8(q + gi * g, g));
+        if (split)
+          for (int64_t k = 0; k < ldq; k += 32) {
+            __m256i* p = reinterpret_cast<__m256i*>(q + k);
+            _mm256_storeu_si256(p, _mm256_shuffle_epi8(_mm256_loadu_si256(p), perm));
+          }
       }
-      w4q_store_row(q.data(), m, K, g, Mp, ap, xs, split);
+      const int64_t m0 = r0 / kW4QBlockRows * kW4QBlockRows, w = std::min<int64_t>(kW4QBlockRows, Mp - m0);
+      int32_t* dst = ap + m0 * KQ + (r0 - m0);
+      int64_t kq = 0;
+      for (; kq + 8 <= KQ; kq += 8) {
+        __m256i rq[8], t[8];
+        for (int r = 0; r < 8; ++r)
+          rq[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qv.data() + r * ldq + 4 * kq));
+        transpose8x8_epi32(rq, t);
+        for (int j = 0; j < 8; ++j) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (kq + j) * w), t[j]);
+      }
+      for (; kq < KQ; ++kq)
+        for (int64_t r = 0; r < 8; ++r) std::memcpy(dst + kq * w + r, qv.data() + r * ldq + 4 * kq, 4);
     }
   });
 }
@@ -2478,15 +2584,15 @@ void w4q_rows_avx2(const int32_t* Ap, int64_t w, const uint8_t* B, int64_t ldb, 
 // token scales (rows of X: ldx floats; S: the token scales, all within the limbs' bounds).
 // v512: the VNNI tiles, else the AVX2 ones.
 void w4q_gemm(const W4& p, const float* X, int64_t ldx, int64_t M, int64_t N, const float* S, float* Y, bool v512) {
-  const int64_t K = 2 * p.ldw, KQ = K / 4, G = p.G, g = p.g, gq = g / 4, Mp = round_up(M, 16);
+  const int64_t K = 2 * p.ldw, KQ = K / 4, G = p.G, g = p.g, gq = g / 4;
+  // the nibble tiles, on one 8-row vector of x where M <= 8
+  const bool nib = w4q_nibbles(v512, g);
+  const int64_t Mp = nib && M <= 8 ? 8 : round_up(M, 16);
   Scratch apt(ScratchSlot::XPack, size_t(Mp * KQ) * 4);
   Scratch xst(ScratchSlot::XQuant, size_t(G * Mp) * 4);
   int32_t* ap = apt.as<int32_t>();
   float* xs = xst.as<float>();
-  // the nibble tiles (VNNI, groups of a multiple of 8; FASTKERN_W4A8_GEMM_NIBBLES=0: the unpacked
-  // bytes, for A/B timing)
-  const bool nib = v512 && g % 8 == 0 && env_knob("FASTKERN_W4A8_GEMM_NIBBLES", 1) != 0;
-  w4q_pack_x(X, ldx, M, K, g, S, ap, xs, nib);
+  w4q_pack_x(X, ldx, M, Mp, K, g, S, ap, xs, nib);
   // K blocks of whole groups, about kW4QKC weights
   const int64_t KC = std::min(K, g * std::max<int64_t>(1, kW4QKC / g)), ldb = KC + 64;  // + 64 B: off 4 KiB strides
   const bool prefetch = env_knob("FASTKERN_W4A8_GEMM_PREFETCH", 1) != 0;
@@ -2528,11 +2634,15 @@ void w4q_gemm(const W4& p, const float* X, int64_t ldx, int64_t M, int64_t N, co
           }
           if (nib) {
             const uint8_t* bw = p.w + n0 * p.ldw;
+            if (w == 8) {
+              w4q_rows_nib<NibY, 1>(a, w, bw, p.ldw, rows, q0, q1, sw, zw, G, gq, xb, Mp, c, Mp);
+              continue;
+            }
             switch (w / 16) {
-              case 1: w4q_rows_nib<1>(a, w, bw, p.ldw, rows, q0, q1, sw, zw, G, gq, xb, Mp, c, Mp); break;
-              case 2: w4q_rows_nib<2>(a, w, bw, p.ldw, rows, q0, q1, sw, zw, G, gq, xb, Mp, c, Mp); break;
-              case 3: w4q_rows_nib<3>(a, w, bw, p.ldw, rows, q0, q1, sw, zw, G, gq, xb, Mp, c, Mp); break;
-              default: w4q_rows_nib<4>(a, w, bw, p.ldw, rows, q0, q1, sw, zw, G, gq, xb, Mp, c, Mp); break;
+              case 1: w4q_rows_nib<NibZ, 1>(a, w, bw, p.ldw, rows, q0, q1, sw, zw, G, gq, xb, Mp, c, Mp); break;
+              case 2: w4q_rows_nib<NibZ, 2>(a, w, bw, p.ldw, rows, q0, q1, sw, zw, G, gq, xb, Mp, c, Mp); break;
+              case 3: w4q_rows_nib<NibZ, 3>(a, w, bw, p.ldw, rows, q0, q1, sw, zw, G, gq, xb, Mp, c, Mp); break;
+              default: w4q_rows_nib<NibZ, 4>(a, w, bw, p.ldw, rows, q0, q1, sw, zw, G, gq, xb, Mp, c, Mp); break;
             }
             continue;
           }
@@ -2544,7 +2654,7 @@ void w4q_gemm(const W4& p, const float* X, int64_t ldx, int64_t M, int64_t N, co
           }
         }
       }
-      if (v512) {
+      if (v512 && Mp % 16 == 0) {
         tiles::transpose_strip(ct, Mp, M, rows, Y + n0, N, nullptr, nullptr);
       } else {
         for (int64_t m = 0; m < M; ++m)
@@ -2756,7 +2866,7 @@ at::Tensor linear_w4a8_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
   const bool in_bounds = w4a8_token_scales(xp, ldx, M, sp);
 #if FASTKERN_X86
   const bool v512 = active_isa() >= Isa::Avx512 && features().avx512vnni;
-  if (in_bounds && use_avx2() && use_w4q_gemm(M, group_size)) {
+  if (in_bounds && use_avx2() && use_w4q_gemm(M, group_size, v512)) {
     w4q_gemm(p, xp, ldx, M, N, sp, yp, v512);
     Y.mul_(S.unsqueeze(1));
     return finish(Y, bias, x, N);

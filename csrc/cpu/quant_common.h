@@ -284,6 +284,25 @@ FASTKERN_AVX2 inline float hmax8_avx2(__m256 v) {
   return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
 }
 
+// 8 x 8 dword transpose: lane j of r[i] -> lane i of t[j].
+FASTKERN_AVX2 inline void transpose8x8_epi32(const __m256i r[8], __m256i t[8]) {
+  __m256i a[8], b[8];
+  for (int j = 0; j < 4; ++j) {
+    a[2 * j] = _mm256_unpacklo_epi32(r[2 * j], r[2 * j + 1]);
+    a[2 * j + 1] = _mm256_unpackhi_epi32(r[2 * j], r[2 * j + 1]);
+  }
+  for (int h = 0; h < 2; ++h) {
+    b[4 * h + 0] = _mm256_unpacklo_epi64(a[4 * h], a[4 * h + 2]);
+    b[4 * h + 1] = _mm256_unpackhi_epi64(a[4 * h], a[4 * h + 2]);
+    b[4 * h + 2] = _mm256_unpacklo_epi64(a[4 * h + 1], a[4 * h + 3]);
+    b[4 * h + 3] = _mm256_unpackhi_epi64(a[4 * h + 1], a[4 * h + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    t[j] = _mm256_permute2x128_si256(b[j], b[4 + j], 0x20);
+    t[4 + j] = _mm256_permute2x128_si256(b[j], b[4 + j], 0x31);
+  }
+}
+
 template <int MR, int NR>
 FASTKERN_AVX2 inline void dot_tile_f32_avx2(const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
                                             int64_t ldc, int64_t kc, bool acc) {
