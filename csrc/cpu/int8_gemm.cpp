@@ -1670,7 +1670,6 @@ FASTKERN_AVX2 void gemv_w8f_avx2(const float* X, int64_t ldx, const int8_t* W, i
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) Y[i * ldy + j] = hsum8_avx2(s[i][j]);
 }
-#endif
 
 // M <= kW8fStreamMaxM: like gemv_s16_avx2, each thread's weight rows as one stream, one row
 // at a time, prefetched kW8fAhead bytes ahead (1, 2, 4 and 16 KB measured 0.78, 0.85, 0.96
@@ -1920,7 +1919,6 @@ FASTKERN_AVX2 void gemv_w8f_stream_avx2(const float* X, int64_t ldx, const int8_
   }
 }
 
-#if FASTKERN_X86
 // ---- W8A16 GEMV at M <= 3 on the int16 limbs of x with AVX512-VNNI
 //
 // The limbs of w8_limbs_avx2 (kW8LimbBlock blocks), multiplied on vpdpwssd: the int16 products
@@ -2011,7 +2009,6 @@ struct W8lVnni512 {
   }
   FASTKERN_VNNI512 static float sum(const float* a) { return _mm512_reduce_add_ps(_mm512_load_ps(a)); }
 };
-#endif
 
 // y[n] = x . float(w[n]) for rows [n0, n1) on the limbs q (the scale is applied by the
 // caller): chunks of kW8fRows rows through K (in blocks of kW8fBlockK columns where the limbs
@@ -2043,6 +2040,8 @@ void gemv_w8l(const W8Limbs& q, const int8_t* W, int64_t K, float* Y, int64_t ld
       for (int i = 0; i < MR; ++i) Y[i * ldy + n] = Kern::sum(acc[(n - c0) * MR + i]);
   }
 }
+
+#endif
 
 template <int MR>
 void gemv_w8f_rows(bool avx2, const float* X, int64_t ldx, const int8_t* W, int64_t K, float* Y, int64_t ldy,
@@ -3531,6 +3530,18 @@ void check_w8(const char* op, const at::Tensor& x, const at::Tensor& w, const at
 // into the packed layout (no dequantized panel in memory). FASTKERN_W8A16_AVX2=panel (read
 // on every call) runs the previous dequantized-panel dot tiles instead.
 
+bool w8a16_avx2_panel() {
+  const char* e = std::getenv("FASTKERN_W8A16_AVX2");
+  return e && std::string(e) == "panel";
+}
+
+// the largest M the W8A16 GEMV takes on the AVX2 path (avx2: use_avx2(), not the panel path)
+int64_t w8a16_gemv_max_m(bool avx2) {
+  if (!avx2) return kW8a16GemvMaxM;
+  const char* e = std::getenv("FASTKERN_W8A16_GEMV_MAX_M");
+  return e && *e ? std::max<int64_t>(kGemvMaxM, std::atoll(e)) : kW8a16GemvMaxMAvx2;
+}
+
 #if FASTKERN_X86
 // dst[k * width + r] = float(W[row0 + r][k0 + k]) * s[row0 + r] for k < kc (0 for rows <= r < width).
 FASTKERN_AVX2 void w8_pack_sliver_avx2(const int8_t* W, int64_t K, const float* s, int64_t row0, int rows,
@@ -3568,18 +3579,6 @@ struct W8Packer {
 bool w8f_stream_enabled() {
   const char* e = std::getenv("FASTKERN_W8A16_STREAM");
   return !(e && e[0] == '0');
-}
-
-bool w8a16_avx2_panel() {
-  const char* e = std::getenv("FASTKERN_W8A16_AVX2");
-  return e && std::string(e) == "panel";
-}
-
-// the largest M the W8A16 GEMV takes on the AVX2 path (avx2: use_avx2(), not the panel path)
-int64_t w8a16_gemv_max_m(bool avx2) {
-  if (!avx2) return kW8a16GemvMaxM;
-  const char* e = std::getenv("FASTKERN_W8A16_GEMV_MAX_M");
-  return e && *e ? std::max<int64_t>(kGemvMaxM, std::atoll(e)) : kW8a16GemvMaxMAvx2;
 }
 
 // The largest M the AVX-512 GEMV tiles serve (gemv_w8f_tile_avx512), above it the GEMMs.
