@@ -16,7 +16,8 @@
 #include <cstdlib>
 #include <string>
 
-#if defined(__x86_64__) || defined(_M_X64)
+// FASTKERN_PORTABLE_ONLY: compile as for a CPU without x86 paths (tests/test_portable_build.py)
+#if (defined(__x86_64__) || defined(_M_X64)) && !defined(FASTKERN_PORTABLE_ONLY)
 #define FASTKERN_X86 1
 #define FASTKERN_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define FASTKERN_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
