@@ -2277,17 +2277,6 @@ void w4q_rows(const int32_t* Ap, int64_t w, const uint8_t* B, int64_t ldb, int64
     w4q_tile<1, MV>(Ap, w, B + r * ldb, ldb, kq0, kq1, sw + r * G, zw + r * G, G, gq, xs, Mp, CT + r * ldct, ldct);
 }
 
-// w4q_tile over the canonical nibbles themselves (no unpacking pass): B the weight rows' packed
-// bytes from k = 0 (row stride ldb = K / 2), x packed split (w4q_pack_x). One dword holds 8
-// weights: its low nibbles (& 0x0F) are the even k's quad, its high nibbles (>> 4, & 0x0F) the
-// odd k's, each against its own quad of x; groups of a multiple of 8 weights. H16: the high
-// nibbles taken in place (& 0xF0, one operation instead of two: 16 times their values) into
-// accumulators of their own, shifted back exactly at the group's end (|16 D| < 2^31 for groups
-// up to 8192). Against the unpacking pass and w4q_tile (one process, alternating, 2 threads, ms,
-// weights beyond L3): 4096^2 M = 16 / 32 / 64 / 128 / 256 1.08 / 1.64 / 2.99 / 6.0 / 11.8 against
-// 1.19 / 1.81 / 3.42 / 6.7 / 13.2; 11008 x 4096 M = 16 / 32 / 64 / 256 2.67 / 4.71 / 8.9 / 30.3
-// against 2.96 / 5.39 / 10.4 / 34.0. The masks cost less than the pass's stores and second
-// broadcast per weight quad.
 // The nibble tile's vectors of x rows: 16 (zmm) or, for M <= 8, 8 (ymm: half the products of a
 // zmm tile where half its lanes would be padding).
 struct NibZ {
@@ -2332,6 +2321,17 @@ struct NibY {
   FASTKERN_AVX512VNNI static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
 };
 
+// w4q_tile over the canonical nibbles themselves (no unpacking pass): B the weight rows' packed
+// bytes from k = 0 (row stride ldb = K / 2), x packed split (w4q_pack_x). One dword holds 8
+// weights: its low nibbles (& 0x0F) are the even k's quad, its high nibbles (>> 4, & 0x0F) the
+// odd k's, each against its own quad of x; groups of a multiple of 8 weights. H16: the high
+// nibbles taken in place (& 0xF0, one operation instead of two: 16 times their values) into
+// accumulators of their own, shifted back exactly at the group's end (|16 D| < 2^31 for groups
+// up to 8192). Against the unpacking pass and w4q_tile (one process, alternating, 2 threads, ms,
+// weights beyond L3): 4096^2 M = 16 / 32 / 64 / 128 / 256 1.08 / 1.64 / 2.99 / 6.0 / 11.8 against
+// 1.19 / 1.81 / 3.42 / 6.7 / 13.2; 11008 x 4096 M = 16 / 32 / 64 / 256 2.67 / 4.71 / 8.9 / 30.3
+// against 2.96 / 5.39 / 10.4 / 34.0. The masks cost less than the pass's stores and second
+// broadcast per weight quad.
 template <class V, int NR, int MV, bool H16>
 FASTKERN_AVX512VNNI void w4q_tile_nib(const int32_t* Ap, int64_t w, const uint8_t* B, int64_t ldb, int64_t kq0,
                                       int64_t kq1, const float* sw, const uint8_t* zw, int64_t G, int64_t gq,
