@@ -2331,7 +2331,10 @@ struct NibY {
 // weights beyond L3): 4096^2 M = 16 / 32 / 64 / 128 / 256 1.08 / 1.64 / 2.99 / 6.0 / 11.8 against
 // 1.19 / 1.81 / 3.42 / 6.7 / 13.2; 11008 x 4096 M = 16 / 32 / 64 / 256 2.67 / 4.71 / 8.9 / 30.3
 // against 2.96 / 5.39 / 10.4 / 34.0. The masks cost less than the pass's stores and second
-// broadcast per weight quad.
+// broadcast per weight quad. Tried, not kept, for M <= 16: lanes along 16 weight rows (the
+// canonical rows transposed per task into [dword][16 rows] panels, two masks per 64-byte load
+// serving every row of x, each x quad broadcast): 1.07-1.34x the time of these tiles at M = 4..16
+// (4096^2, 11008 x 4096, 4096 x 14336): one broadcast per dot product cost more than the masks.
 template <class V, int NR, int MV, bool H16>
 FASTKERN_AVX512VNNI void w4q_tile_nib(const int32_t* Ap, int64_t w, const uint8_t* B, int64_t ldb, int64_t kq0,
                                       int64_t kq1, const float* sw, const uint8_t* zw, int64_t G, int64_t gq,
