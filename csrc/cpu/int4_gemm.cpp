@@ -2825,7 +2825,10 @@ at::Tensor linear_w4a16_cpu(const at::Tensor& x, const at::Tensor& w, const at::
 // output row is scaled by its token's scale afterwards: the reference's order (the integer
 // products first, then s_x), NaN rows NaN as there.
 //
-// The GEMV serves every M: its byte products cost a third of W4A16's (fp32 x) and, on AVX2, up
+// From kW4QGemmMinM rows (kW4QNibGemmMinM with the nibble tiles) the int8 GEMM above takes the
+// call; below it the GEMV. The GEMV serves any M where the GEMM does not apply (groups that are
+// not a multiple of 4 or above 8192, FASTKERN_W4A8_GEMM_MIN_M=0): its byte products cost a third
+// of W4A16's (fp32 x) and, on AVX2, up
 // to 4 rows of x share each unpacked chunk of nibbles (w4l_gemv16_avx2), so it stays ahead of
 // the fp32 GEMM over dequantized weights that W4A16 uses from M = 17. Measured (2 threads,
 // g = 128, weights beyond L3, one process, ms, GEMV against the fp32 paths): AVX2 4096 x 4096
