@@ -1463,8 +1463,8 @@ FASTKERN_AVX512 void dequant_panel(const int8_t* W, int64_t K, const float* s, i
 
 // x [M, K] fp32 (row stride ldx) -> per block of 64 rows [K][w], w = 16, 32, 48 or 64
 // (zero rows past M); block mb starts at xp + 64 mb K.
-// Eight rows at a time, 8 x 8 blocks transposed in registers (one element per strided store
-// took 220 us of a 460 us call at M = 64, 48 x 4096 weights, one thread).
+// Eight rows at a time by pack_rows8 (one element per strided store took 220 us of a 460 us
+// call at M = 64, 48 x 4096 weights, one thread).
 void pack_x_f32(const float* X, int64_t ldx, int64_t M, int64_t K, float* xp) {
   const int64_t Mp = round_up(M, 16), nmb = (M + 63) / 64;
   constexpr int64_t kChunk = 256;
@@ -1475,22 +1475,17 @@ void pack_x_f32(const float* X, int64_t ldx, int64_t M, int64_t K, float* xp) {
       const int64_t m0 = mb * 64, w = std::min<int64_t>(64, Mp - m0), rows = std::min<int64_t>(w, M - m0);
       float* dst = xp + m0 * K;
       for (int64_t r0 = 0; r0 < w; r0 += 8) {
-        auto row = [&](int64_t r) { return r < rows ? X + (m0 + r) * ldx : nullptr; };
-        int64_t k = k0;
-        for (; k + 8 <= k1; k += 8) {
-          __m256i v[8], tr[8];
-          for (int i = 0; i < 8; ++i) {
-            const float* src = row(r0 + i);
-            v[i] = src ? _mm256_castps_si256(_mm256_loadu_ps(src + k)) : _mm256_setzero_si256();
-          }
-          transpose8x8_epi32(v, tr);
-          for (int j = 0; j < 8; ++j) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (k + j) * w + r0), tr[j]);
-        }
-        for (; k < k1; ++k)
-          for (int64_t i = 0; i < 8; ++i) {
-            const float* src = row(r0 + i);
-            dst[k * w + r0 + i] = src ? src[k] : 0.f;
-          }
+        auto row = [&](int64_t i) { return r0 + i < rows ? X + (m0 + r0 + i) * ldx : nullptr; };
+        pack_rows8(
+            dst, w, r0, k0, k1, K,
+            [&](int i, int64_t k) FASTKERN_AVX2 {
+              const float* src = row(i);
+              return src ? _mm256_castps_si256(_mm256_loadu_ps(src + k)) : _mm256_setzero_si256();
+            },
+            [&](int i, int64_t k) {
+              const float* src = row(i);
+              return src ? src[k] : 0.f;
+            });
       }
     }
   });
@@ -2243,7 +2238,7 @@ FASTKERN_AVX2 void gemv_i8s_row_avx2(const int8_t* A, int64_t lda, const int8_t*
 // x rows (int8, row stride lda) -> int16 pairs per block of 16 rows (the last one 8 or 16
 // wide): block m0 starts at ap + m0 * K2 and holds [K2][w] words (a[m][2k], a[m][2k + 1]);
 // zero rows past M, zero past K.
-// (Eight rows at a time, 8 pairs each widened and transposed 8 x 8 in registers.)
+// Eight rows at a time by pack_rows8, 8 pairs of each widened per step.
 void pack_x_s16(const int8_t* A, int64_t lda, int64_t M, int64_t K, int32_t* ap) {
   const int64_t K2 = (K + 1) / 2, Mp = round_up(M, 8), nmb = (M + 15) / 16;
   constexpr int64_t kChunk = 512;  // pairs of a row per work item
@@ -2254,29 +2249,21 @@ void pack_x_s16(const int8_t* A, int64_t lda, int64_t M, int64_t K, int32_t* ap)
       const int64_t m0 = mb * 16, w = std::min<int64_t>(16, Mp - m0), rows = std::min<int64_t>(w, M - m0);
       int32_t* dst = ap + m0 * K2;
       for (int64_t r0 = 0; r0 < w; r0 += 8) {
-        auto row = [&](int64_t r) { return r < rows ? A + (m0 + r) * lda : nullptr; };
-        int64_t k = k0;
-        for (; k + 8 <= k1 && 2 * k + 16 <= K; k += 8) {  // 8 whole pairs: 16 bytes within K
-          __m256i v[8], tr[8];
-          for (int i = 0; i < 8; ++i) {
-            const int8_t* src = row(r0 + i);
-            v[i] = src ? _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 2 * k)))
-                       : _mm256_setzero_si256();
-          }
-          transpose8x8_epi32(v, tr);
-          for (int j = 0; j < 8; ++j) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (k + j) * w + r0), tr[j]);
-        }
-        for (; k < k1; ++k)
-          for (int64_t i = 0; i < 8; ++i) {
-            const int8_t* src = row(r0 + i);
-            int32_t v = 0;
-            if (src) {
+        auto row = [&](int64_t i) { return r0 + i < rows ? A + (m0 + r0 + i) * lda : nullptr; };
+        pack_rows8(
+            dst, w, r0, k0, k1, K / 2,  // 8 whole pairs: 16 bytes within K
+            [&](int i, int64_t k) FASTKERN_AVX2 {
+              const int8_t* src = row(i);
+              return src ? _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 2 * k)))
+                         : _mm256_setzero_si256();
+            },
+            [&](int i, int64_t k) {
+              const int8_t* src = row(i);
+              if (!src) return int32_t(0);
               const uint32_t lo = uint16_t(int16_t(src[2 * k]));
               const uint32_t hi = 2 * k + 1 < K ? uint16_t(int16_t(src[2 * k + 1])) : 0u;
-              v = int32_t(lo | (hi << 16));
-            }
-            dst[k * w + r0 + i] = v;
-          }
+              return int32_t(lo | (hi << 16));
+            });
       }
     }
   });

@@ -303,6 +303,25 @@ FASTKERN_AVX2 inline void transpose8x8_epi32(const __m256i r[8], __m256i t[8]) {
   }
 }
 
+// x's packing for the GEMMs whose lanes run along x's rows: dst[k * w + r0 + i] = dword k of
+// row r0 + i (i < 8), for k in [k0, k1). Below kv, 8 dwords at a time (vec(i, k): row i's dwords
+// k..k+7, zeros past the rows) transposed 8 x 8 in registers, then one(i, k) each (one
+// strided store per element took up to half of a small layer's call).
+template <class T, class Vec, class One>
+FASTKERN_AVX2 inline void pack_rows8(T* dst, int64_t w, int64_t r0, int64_t k0, int64_t k1, int64_t kv,
+                                     const Vec& vec, const One& one) {
+  static_assert(sizeof(T) == 4, "dwords");
+  int64_t k = k0;
+  for (; k + 8 <= k1 && k + 8 <= kv; k += 8) {
+    __m256i v[8], t[8];
+    for (int i = 0; i < 8; ++i) v[i] = vec(i, k);
+    transpose8x8_epi32(v, t);
+    for (int j = 0; j < 8; ++j) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (k + j) * w + r0), t[j]);
+  }
+  for (; k < k1; ++k)
+    for (int i = 0; i < 8; ++i) dst[k * w + r0 + i] = one(i, k);
+}
+
 template <int MR, int NR>
 FASTKERN_AVX2 inline void dot_tile_f32_avx2(const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
                                             int64_t ldc, int64_t kc, bool acc) {

@@ -252,7 +252,7 @@ void bf16_rows(const uint32_t* Xp, const uint32_t* P, int64_t ldp, int64_t rows,
 
 // x [M, K] bf16 (row stride ldx elements) -> per block of 64 rows [K2][w] pairs (zero rows
 // past M, zero past K); block mb starts at xp + 64 mb K2.
-// Eight rows at a time, 8 pairs each transposed 8 x 8 in registers.
+// Eight rows at a time by quant::pack_rows8.
 inline void pack_x_bf16(const uint16_t* X, int64_t ldx, int64_t M, int64_t K, uint32_t* xp) {
   const int64_t Mp = round_up(M, 16), nmb = (M + 63) / 64, K2 = (K + 1) / 2;
   constexpr int64_t kChunk = 256;
@@ -263,27 +263,19 @@ inline void pack_x_bf16(const uint16_t* X, int64_t ldx, int64_t M, int64_t K, ui
       const int64_t m0 = mb * 64, w = std::min<int64_t>(64, Mp - m0), rows = std::min<int64_t>(w, M - m0);
       uint32_t* dst = xp + m0 * K2;
       for (int64_t r0 = 0; r0 < w; r0 += 8) {
-        auto row = [&](int64_t r) { return r < rows ? X + (m0 + r) * ldx : nullptr; };
-        int64_t k = k0;
-        for (; k + 8 <= k1 && 2 * k + 16 <= K; k += 8) {  // 8 whole pairs within K
-          __m256i v[8], tr[8];
-          for (int i = 0; i < 8; ++i) {
-            const uint16_t* src = row(r0 + i);
-            v[i] = src ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 2 * k)) : _mm256_setzero_si256();
-          }
-          quant::transpose8x8_epi32(v, tr);
-          for (int j = 0; j < 8; ++j) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (k + j) * w + r0), tr[j]);
-        }
-        for (; k < k1; ++k)
-          for (int64_t i = 0; i < 8; ++i) {
-            const uint16_t* src = row(r0 + i);
-            uint32_t v = 0;
-            if (src) {
+        auto row = [&](int64_t i) { return r0 + i < rows ? X + (m0 + r0 + i) * ldx : nullptr; };
+        quant::pack_rows8(
+            dst, w, r0, k0, k1, K / 2,  // 8 whole pairs within K
+            [&](int i, int64_t k) FASTKERN_AVX2 {
+              const uint16_t* src = row(i);
+              return src ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 2 * k)) : _mm256_setzero_si256();
+            },
+            [&](int i, int64_t k) {
+              const uint16_t* src = row(i);
+              if (!src) return 0u;
               const uint32_t lo = src[2 * k], hi = 2 * k + 1 < K ? src[2 * k + 1] : 0;
-              v = lo | (hi << 16);
-            }
-            dst[k * w + r0 + i] = v;
-          }
+              return lo | (hi << 16);
+            });
       }
     }
   });
