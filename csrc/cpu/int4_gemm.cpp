@@ -2435,7 +2435,7 @@ FASTKERN_AVX2 inline int32_t w4q_sum_i8(const int8_t* q, int64_t n) {
 // weights' quads hold the even k's, then the odd ones (k = 8c + 0, 2, 4, 6 and 8c + 1, 3, 5, 7),
 // the order of a packed dword's low and high nibbles. quantize_per_token's operations:
 // round_half_even(x / s) clamped to +-127. Rows of X hold ldx >= round_up(K, 8) floats, zero past
-// K. Eight rows at a time, their quads transposed in registers into the packed layout. AVX2 forms
+// K. Eight rows at a time, their quads transposed into the packed layout (pack_rows8). AVX2 forms
 // of this and of the unpacking (w4q_widen) serve both ISAs: with them the VNNI GEMM at 11008 x
 // 4096 took 2.84-2.90 / 33.6-33.8 ms at M = 16 / 256, against 3.24-3.33 / 33.5 with AVX-512
 // forms a few minutes earlier (not in one process; these cores run 512-bit operations on 256-bit
@@ -2473,17 +2473,16 @@ FASTKERN_AVX2 void w4q_pack_x(const float* X, int64_t ldx, int64_t M, int64_t Mp
           }
       }
       const int64_t m0 = r0 / kW4QBlockRows * kW4QBlockRows, w = std::min<int64_t>(kW4QBlockRows, Mp - m0);
-      int32_t* dst = ap + m0 * KQ + (r0 - m0);
-      int64_t kq = 0;
-      for (; kq + 8 <= KQ; kq += 8) {
-        __m256i rq[8], t[8];
-        for (int r = 0; r < 8; ++r)
-          rq[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qv.data() + r * ldq + 4 * kq));
-        transpose8x8_epi32(rq, t);
-        for (int j = 0; j < 8; ++j) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (kq + j) * w), t[j]);
-      }
-      for (; kq < KQ; ++kq)
-        for (int64_t r = 0; r < 8; ++r) std::memcpy(dst + kq * w + r, qv.data() + r * ldq + 4 * kq, 4);
+      pack_rows8(
+          ap + m0 * KQ, w, r0 - m0, 0, KQ, KQ,
+          [&](int i, int64_t kq) FASTKERN_AVX2 {
+            return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qv.data() + i * ldq + 4 * kq));
+          },
+          [&](int i, int64_t kq) {
+            int32_t d;
+            std::memcpy(&d, qv.data() + i * ldq + 4 * kq, 4);
+            return d;
+          });
     }
   });
 }
