@@ -474,26 +474,6 @@ bool w4_prepare_limbs(const float* X, int64_t ldx, int64_t M, int64_t K, int64_t
 // NaN or inf. Returns whether every row is within the limb kernels' bounds: finite, no magnitude
 // beyond kW4MaxX, and a largest |x| of zero or at least kW4MinX (see kW4MinX); where not, the
 // caller takes the fp32 paths (w4a8_quantize_rows_f32, with these scales).
-#if FASTKERN_X86
-// The scan of one row below on AVX2 (ldx a multiple of 8): the same largest |x| where the row is
-// finite (a maximum is exact in any order); big / nonfinite as there. The scalar scan, with its
-// compare-and-or chains, took longer than the GEMM's tiles at M = 8 on 48 x 4096 weights.
-FASTKERN_AVX2 inline float w4a8_row_scan_avx2(const float* x, int64_t ldx, uint32_t& big, uint32_t& nonfinite) {
-  const __m256 sign = _mm256_set1_ps(-0.f), lim = _mm256_set1_ps(kW4MaxX),
-               fmax = _mm256_set1_ps(std::numeric_limits<float>::max());
-  __m256 mx = _mm256_setzero_ps(), bg = _mm256_setzero_ps(), nf = _mm256_setzero_ps();
-  for (int64_t k = 0; k < ldx; k += 8) {
-    const __m256 v = _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k));
-    bg = _mm256_or_ps(bg, _mm256_cmp_ps(v, lim, _CMP_NLE_UQ));
-    nf = _mm256_or_ps(nf, _mm256_cmp_ps(v, fmax, _CMP_NLE_UQ));
-    mx = _mm256_max_ps(mx, v);
-  }
-  big = uint32_t(_mm256_movemask_ps(bg) != 0);
-  nonfinite = uint32_t(_mm256_movemask_ps(nf) != 0);
-  return hmax8_avx2(mx);
-}
-#endif
-
 bool w4a8_token_scales(const float* X, int64_t ldx, int64_t M, float* S) {
   std::atomic<bool> ok{true};
 #if FASTKERN_X86
@@ -505,8 +485,9 @@ bool w4a8_token_scales(const float* X, int64_t ldx, int64_t M, float* S) {
       float amax = 0.f;
       uint32_t big = 0, nonfinite = 0;
 #if FASTKERN_X86
-      if (avx2) {
-        amax = w4a8_row_scan_avx2(x, ldx, big, nonfinite);
+      if (avx2) {  // the scalar scan's compare-and-or chains took longer than the GEMM at M = 8 on 48 x 4096
+        nonfinite = !row_absmax_avx2(x, ldx, &amax);
+        big = nonfinite || !(amax <= kW4MaxX);
       } else
 #endif
         for (int64_t k = 0; k < ldx; ++k) {

@@ -693,25 +693,6 @@ void pack_x_vnni(const int8_t* A, int64_t lda, int64_t M, int64_t K, int32_t* ap
   });
 }
 
-// max |x[k]| over k < n (a multiple of 8) into *amax; false if x holds NaN or inf there.
-FASTKERN_AVX2 inline bool row_absmax_avx2(const float* x, int64_t n, float* amax) {
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  __m256 a = _mm256_setzero_ps();
-  __m256 bad = _mm256_setzero_ps();
-  for (int64_t k = 0; k < n; k += 8) {
-    const __m256 v = _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k));
-    a = _mm256_max_ps(a, v);
-    bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, _mm256_set1_ps(INFINITY), _CMP_EQ_OQ));
-  }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, a);
-  float r = 0.f;
-  for (int l = 0; l < 8; ++l) r = std::max(r, lanes[l]);
-  *amax = r;
-  return _mm256_movemask_ps(bad) == 0;
-}
-
 // round_half_even(x / s) clamped to +-127, as int32 lanes (s: the row's safe scale)
 FASTKERN_AVX2 inline __m256i quantize8_avx2(__m256 x, __m256 s) {
   __m256 v = _mm256_round_ps(_mm256_div_ps(x, s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);

@@ -303,6 +303,25 @@ FASTKERN_AVX2 inline void transpose8x8_epi32(const __m256i r[8], __m256i t[8]) {
   }
 }
 
+// max |x[k]| over k < n (a multiple of 8) into *amax; false if x holds NaN or inf there.
+FASTKERN_AVX2 inline bool row_absmax_avx2(const float* x, int64_t n, float* amax) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 a = _mm256_setzero_ps();
+  __m256 bad = _mm256_setzero_ps();
+  for (int64_t k = 0; k < n; k += 8) {
+    const __m256 v = _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k));
+    a = _mm256_max_ps(a, v);
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, _mm256_set1_ps(INFINITY), _CMP_EQ_OQ));
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, a);
+  float r = 0.f;
+  for (int l = 0; l < 8; ++l) r = std::max(r, lanes[l]);
+  *amax = r;
+  return _mm256_movemask_ps(bad) == 0;
+}
+
 // x's packing for the GEMMs whose lanes run along x's rows: dst[k * w + r0 + i] = dword k of
 // row r0 + i (i < 8), for k in [k0, k1). Below kv, 8 dwords at a time (vec(i, k): row i's dwords
 // k..k+7, zeros past the rows) transposed 8 x 8 in registers, then one(i, k) each (one
