@@ -2195,69 +2195,13 @@ inline bool w4q_nibbles(bool v512, int64_t g) {
   return v512 && g % 8 == 0 && env_knob("FASTKERN_W4A8_GEMM_NIBBLES", 1) != 0;
 }
 
-inline bool use_w4q_gemm(int64_t M, int64_t g, bool v512) {
-  const int64_t min_m = env_knob("FASTKERN_W4A8_GEMM_MIN_M", w4q_nibbles(v512, g) ? kW4QNibGemmMinM : kW4QGemmMinM);
+// nib: w4q_nibbles()
+inline bool use_w4q_gemm(int64_t M, int64_t g, bool nib) {
+  const int64_t min_m = env_knob("FASTKERN_W4A8_GEMM_MIN_M", nib ? kW4QNibGemmMinM : kW4QGemmMinM);
   return min_m > 0 && M >= min_m && g % 4 == 0 && g <= 8192;
 }
 
 #if FASTKERN_X86
-// CT[j][16 v + lane] += the groups' folded sums of weight rows j < NR (widened bytes B, row
-// stride ldb bytes, byte 0 = quad kq0) with MV vectors of 16 rows of x (Ap: [kq][w] quads of
-// the block, from quad 0) over quads [kq0, kq1), groups of gq quads; sw / zw the rows' scales
-// and zero points (row stride G), xs the block's group sums (row stride Mp).
-template <int NR, int MV>
-FASTKERN_AVX512VNNI void w4q_tile(const int32_t* Ap, int64_t w, const uint8_t* B, int64_t ldb, int64_t kq0,
-                                  int64_t kq1, const float* sw, const uint8_t* zw, int64_t G, int64_t gq,
-                                  const float* xs, int64_t Mp, float* CT, int64_t ldct) {
-  for (int64_t a = kq0; a < kq1;) {
-    const int64_t gi = a / gq, e = std::min(kq1, (gi + 1) * gq);
-    __m512i acc[NR][MV];
-    for (int j = 0; j < NR; ++j)
-      for (int v = 0; v < MV; ++v) acc[j][v] = _mm512_setzero_si512();
-    const int32_t* xp = Ap + a * w;
-    const uint8_t* bp = B + 4 * (a - kq0);
-    for (int64_t kq = a; kq < e; ++kq, xp += w, bp += 4) {
-      __m512i x[MV];
-      for (int v = 0; v < MV; ++v) x[v] = _mm512_loadu_si512(xp + 16 * v);
-      for (int j = 0; j < NR; ++j) {
-        int32_t wq;
-        std::memcpy(&wq, bp + j * ldb, 4);
-        const __m512i b = _mm512_set1_epi32(wq);
-        for (int v = 0; v < MV; ++v) acc[j][v] = dpbusd_inplace(acc[j][v], b, x[v]);
-      }
-    }
-    for (int j = 0; j < NR; ++j) {
-      const __m512 s = _mm512_set1_ps(sw[j * G + gi]), z = _mm512_set1_ps(float(zw[j * G + gi]));
-      for (int v = 0; v < MV; ++v) {
-        const __m512 t = _mm512_fnmadd_ps(z, _mm512_loadu_ps(xs + gi * Mp + 16 * v), _mm512_cvtepi32_ps(acc[j][v]));
-        float* c = CT + j * ldct + 16 * v;
-        _mm512_storeu_ps(c, _mm512_fmadd_ps(t, s, _mm512_loadu_ps(c)));
-      }
-    }
-    a = e;
-  }
-}
-
-// Weight rows: 6 at a time (24 accumulators at MV = 4), then 4, 2, 1.
-template <int MV>
-void w4q_rows(const int32_t* Ap, int64_t w, const uint8_t* B, int64_t ldb, int64_t rows, int64_t kq0, int64_t kq1,
-              const float* sw, const uint8_t* zw, int64_t G, int64_t gq, const float* xs, int64_t Mp, float* CT,
-              int64_t ldct) {
-  int64_t r = 0;
-  for (; r + 6 <= rows; r += 6)
-    w4q_tile<6, MV>(Ap, w, B + r * ldb, ldb, kq0, kq1, sw + r * G, zw + r * G, G, gq, xs, Mp, CT + r * ldct, ldct);
-  if (r + 4 <= rows) {
-    w4q_tile<4, MV>(Ap, w, B + r * ldb, ldb, kq0, kq1, sw + r * G, zw + r * G, G, gq, xs, Mp, CT + r * ldct, ldct);
-    r += 4;
-  }
-  if (r + 2 <= rows) {
-    w4q_tile<2, MV>(Ap, w, B + r * ldb, ldb, kq0, kq1, sw + r * G, zw + r * G, G, gq, xs, Mp, CT + r * ldct, ldct);
-    r += 2;
-  }
-  if (r < rows)
-    w4q_tile<1, MV>(Ap, w, B + r * ldb, ldb, kq0, kq1, sw + r * G, zw + r * G, G, gq, xs, Mp, CT + r * ldct, ldct);
-}
-
 // The nibble tile's vectors of x rows: 16 (zmm) or, for M <= 8, 8 (ymm: half the products of a
 // zmm tile where half its lanes would be padding).
 struct NibZ {
@@ -2302,6 +2246,72 @@ struct NibY {
   FASTKERN_AVX512VNNI static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
 };
 
+// A group's end in the VNNI tiles: CT[j][L v + lane] += (float(D) - z * xs) * s_w for weight
+// rows j < NR and vectors v < MV of x rows (D: the group's exact int32 sums).
+template <class V, int NR, int MV>
+FASTKERN_AVX512VNNI inline void w4q_fold(const typename V::I (&d)[NR][MV], const float* sw, const uint8_t* zw,
+                                         int64_t G, int64_t gi, const float* xs, int64_t Mp, float* CT,
+                                         int64_t ldct) {
+  for (int j = 0; j < NR; ++j) {
+    const typename V::F s = V::fset1(sw[j * G + gi]), z = V::fset1(float(zw[j * G + gi]));
+    for (int v = 0; v < MV; ++v) {
+      const typename V::F t = V::fnmadd(z, V::fload(xs + gi * Mp + V::L * v), V::cvt(d[j][v]));
+      float* c = CT + j * ldct + V::L * v;
+      V::fstore(c, V::fmadd(t, s, V::fload(c)));
+    }
+  }
+}
+
+// CT[j][16 v + lane] += the groups' folded sums of weight rows j < NR (widened bytes B, row
+// stride ldb bytes, byte 0 = quad kq0) with MV vectors of 16 rows of x (Ap: [kq][w] quads of
+// the block, from quad 0) over quads [kq0, kq1), groups of gq quads; sw / zw the rows' scales
+// and zero points (row stride G), xs the block's group sums (row stride Mp).
+template <int NR, int MV>
+FASTKERN_AVX512VNNI void w4q_tile(const int32_t* Ap, int64_t w, const uint8_t* B, int64_t ldb, int64_t kq0,
+                                  int64_t kq1, const float* sw, const uint8_t* zw, int64_t G, int64_t gq,
+                                  const float* xs, int64_t Mp, float* CT, int64_t ldct) {
+  for (int64_t a = kq0; a < kq1;) {
+    const int64_t gi = a / gq, e = std::min(kq1, (gi + 1) * gq);
+    __m512i acc[NR][MV];
+    for (int j = 0; j < NR; ++j)
+      for (int v = 0; v < MV; ++v) acc[j][v] = _mm512_setzero_si512();
+    const int32_t* xp = Ap + a * w;
+    const uint8_t* bp = B + 4 * (a - kq0);
+    for (int64_t kq = a; kq < e; ++kq, xp += w, bp += 4) {
+      __m512i x[MV];
+      for (int v = 0; v < MV; ++v) x[v] = _mm512_loadu_si512(xp + 16 * v);
+      for (int j = 0; j < NR; ++j) {
+        int32_t wq;
+        std::memcpy(&wq, bp + j * ldb, 4);
+        const __m512i b = _mm512_set1_epi32(wq);
+        for (int v = 0; v < MV; ++v) acc[j][v] = dpbusd_inplace(acc[j][v], b, x[v]);
+      }
+    }
+    w4q_fold<NibZ, NR, MV>(acc, sw, zw, G, gi, xs, Mp, CT, ldct);
+    a = e;
+  }
+}
+
+// Weight rows: 6 at a time (24 accumulators at MV = 4), then 4, 2, 1.
+template <int MV>
+void w4q_rows(const int32_t* Ap, int64_t w, const uint8_t* B, int64_t ldb, int64_t rows, int64_t kq0, int64_t kq1,
+              const float* sw, const uint8_t* zw, int64_t G, int64_t gq, const float* xs, int64_t Mp, float* CT,
+              int64_t ldct) {
+  int64_t r = 0;
+  for (; r + 6 <= rows; r += 6)
+    w4q_tile<6, MV>(Ap, w, B + r * ldb, ldb, kq0, kq1, sw + r * G, zw + r * G, G, gq, xs, Mp, CT + r * ldct, ldct);
+  if (r + 4 <= rows) {
+    w4q_tile<4, MV>(Ap, w, B + r * ldb, ldb, kq0, kq1, sw + r * G, zw + r * G, G, gq, xs, Mp, CT + r * ldct, ldct);
+    r += 4;
+  }
+  if (r + 2 <= rows) {
+    w4q_tile<2, MV>(Ap, w, B + r * ldb, ldb, kq0, kq1, sw + r * G, zw + r * G, G, gq, xs, Mp, CT + r * ldct, ldct);
+    r += 2;
+  }
+  if (r < rows)
+    w4q_tile<1, MV>(Ap, w, B + r * ldb, ldb, kq0, kq1, sw + r * G, zw + r * G, G, gq, xs, Mp, CT + r * ldct, ldct);
+}
+
 // w4q_tile over the canonical nibbles themselves (no unpacking pass): B the weight rows' packed
 // bytes from k = 0 (row stride ldb = K / 2), x packed split (w4q_pack_x). One dword holds 8
 // weights: its low nibbles (& 0x0F) are the even k's quad, its high nibbles (>> 4, & 0x0F) the
@@ -2321,7 +2331,6 @@ FASTKERN_AVX512VNNI void w4q_tile_nib(const int32_t* Ap, int64_t w, const uint8_
                                       int64_t kq1, const float* sw, const uint8_t* zw, int64_t G, int64_t gq,
                                       const float* xs, int64_t Mp, float* CT, int64_t ldct) {
   using I = typename V::I;
-  using F = typename V::F;
   constexpr int L = V::L;
   const I m4 = V::set1(0x0F0F0F0F), m4h = V::set1(int32_t(0xF0F0F0F0u));
   constexpr int NA = H16 ? 2 : 1;
@@ -2351,16 +2360,10 @@ FASTKERN_AVX512VNNI void w4q_tile_nib(const int32_t* Ap, int64_t w, const uint8_
         }
       }
     }
-    for (int j = 0; j < NR; ++j) {
-      const F s = V::fset1(sw[j * G + gi]), z = V::fset1(float(zw[j * G + gi]));
-      for (int v = 0; v < MV; ++v) {
-        I d = acc[0][j][v];
-        if (H16) d = V::add(d, V::sra32(acc[NA - 1][j][v]));
-        const F t = V::fnmadd(z, V::fload(xs + gi * Mp + L * v), V::cvt(d));
-        float* c = CT + j * ldct + L * v;
-        V::fstore(c, V::fmadd(t, s, V::fload(c)));
-      }
-    }
+    if (H16)
+      for (int j = 0; j < NR; ++j)
+        for (int v = 0; v < MV; ++v) acc[0][j][v] = V::add(acc[0][j][v], V::sra32(acc[NA - 1][j][v]));
+    w4q_fold<V, NR, MV>(acc[0], sw, zw, G, gi, xs, Mp, CT, ldct);
     a = e;
   }
 }
@@ -2565,11 +2568,11 @@ void w4q_rows_avx2(const int32_t* Ap, int64_t w, const uint8_t* B, int64_t ldb, 
 
 // Y [M, N] fp32 = the integer products of x's quantized rows with ((q - z) * s_w), before the
 // token scales (rows of X: ldx floats; S: the token scales, all within the limbs' bounds).
-// v512: the VNNI tiles, else the AVX2 ones.
-void w4q_gemm(const W4& p, const float* X, int64_t ldx, int64_t M, int64_t N, const float* S, float* Y, bool v512) {
+// v512: the VNNI tiles, else the AVX2 ones; nib: w4q_nibbles(v512, g).
+void w4q_gemm(const W4& p, const float* X, int64_t ldx, int64_t M, int64_t N, const float* S, float* Y, bool v512,
+              bool nib) {
   const int64_t K = 2 * p.ldw, KQ = K / 4, G = p.G, g = p.g, gq = g / 4;
-  // the nibble tiles, on one 8-row vector of x where M <= 8
-  const bool nib = w4q_nibbles(v512, g);
+  // the nibble tiles on one 8-row vector of x where M <= 8
   const int64_t Mp = nib && M <= 8 ? 8 : round_up(M, 16);
   Scratch apt(ScratchSlot::XPack, size_t(Mp * KQ) * 4);
   Scratch xst(ScratchSlot::XQuant, size_t(G * Mp) * 4);
@@ -2852,8 +2855,9 @@ at::Tensor linear_w4a8_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
   const bool in_bounds = w4a8_token_scales(xp, ldx, M, sp);
 #if FASTKERN_X86
   const bool v512 = active_isa() >= Isa::Avx512 && features().avx512vnni;
-  if (in_bounds && use_avx2() && use_w4q_gemm(M, group_size, v512)) {
-    w4q_gemm(p, xp, ldx, M, N, sp, yp, v512);
+  const bool nib = w4q_nibbles(v512, group_size);
+  if (in_bounds && use_avx2() && use_w4q_gemm(M, group_size, nib)) {
+    w4q_gemm(p, xp, ldx, M, N, sp, yp, v512, nib);
     Y.mul_(S.unsqueeze(1));
     return finish(Y, bias, x, N);
   }
