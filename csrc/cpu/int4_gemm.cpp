@@ -2329,7 +2329,7 @@ void w4q_rows(const int32_t* Ap, int64_t w, const uint8_t* B, int64_t ldb, int64
 template <class V, int NR, int MV, bool H16>
 FASTKERN_AVX512VNNI void w4q_tile_nib(const int32_t* Ap, int64_t w, const uint8_t* B, int64_t ldb, int64_t kq0,
                                       int64_t kq1, const float* sw, const uint8_t* zw, int64_t G, int64_t gq,
-                                      const float* xs, int64_t Mp, float* CT, int64_t ldct) {
+                                      const float* xs, int64_t Mp, float* CT, int64_t ldct, LinePrefetch& pf) {
   using I = typename V::I;
   constexpr int L = V::L;
   const I m4 = V::set1(0x0F0F0F0F), m4h = V::set1(int32_t(0xF0F0F0F0u));
@@ -2343,6 +2343,7 @@ FASTKERN_AVX512VNNI void w4q_tile_nib(const int32_t* Ap, int64_t w, const uint8_
     const int32_t* xp = Ap + a * w;
     const uint8_t* bp = B + 2 * a;
     for (int64_t kq = a; kq < e; kq += 2, xp += 2 * w, bp += 4) {
+      if (((kq - kq0) / 2 & pf.mask) == 0) pf.one();
       I xe[MV], xo[MV];
       for (int v = 0; v < MV; ++v) {
         xe[v] = V::load(xp + L * v);
@@ -2378,21 +2379,25 @@ template <int MV>
 constexpr int kW4QNibRows = MV == 1 ? 8 : MV == 4 ? 4 : 6;
 
 // Weight rows kW4QNibRows at a time (H16 at MV = 1), then 4, 2 and 1; V: the vectors of x.
+// The tiles of `rows` weight rows with NR rows per tile: f(nr, first row) for each.
+template <int NR, class F>
+inline void w4q_nib_row_tiles(int64_t rows, const F& f) {
+  int64_t r = 0;
+  for (; r + NR <= rows; r += NR) f(std::integral_constant<int, NR>(), r);
+  if (NR > 4 && r + 4 <= rows) f(std::integral_constant<int, 4>(), r), r += 4;
+  if (r + 2 <= rows) f(std::integral_constant<int, 2>(), r), r += 2;
+  if (r < rows) f(std::integral_constant<int, 1>(), r);
+}
+
+// pf: the next weight block's lines, spread over the tiles' k steps (LinePrefetch)
 template <class V, int MV>
 void w4q_rows_nib(const int32_t* Ap, int64_t w, const uint8_t* B, int64_t ldb, int64_t rows, int64_t kq0,
                   int64_t kq1, const float* sw, const uint8_t* zw, int64_t G, int64_t gq, const float* xs, int64_t Mp,
-                  float* CT, int64_t ldct) {
-  constexpr int NR = kW4QNibRows<MV>;
-  int64_t r = 0;
-  auto tile = [&](auto nr) {
+                  float* CT, int64_t ldct, LinePrefetch& pf) {
+  w4q_nib_row_tiles<kW4QNibRows<MV>>(rows, [&](auto nr, int64_t r) {
     w4q_tile_nib<V, decltype(nr)::value, MV, MV == 1>(Ap, w, B + r * ldb, ldb, kq0, kq1, sw + r * G, zw + r * G, G, gq,
-                                                  xs, Mp, CT + r * ldct, ldct);
-    r += decltype(nr)::value;
-  };
-  while (r + NR <= rows) tile(std::integral_constant<int, NR>());
-  if (NR > 4 && r + 4 <= rows) tile(std::integral_constant<int, 4>());
-  if (r + 2 <= rows) tile(std::integral_constant<int, 2>());
-  if (r < rows) tile(std::integral_constant<int, 1>());
+                                                  xs, Mp, CT + r * ldct, ldct, pf);
+  });
 }
 
 // The sum of n int8 values (n a multiple of 4): 32 at a time as unsigned bytes (q + 128) summed
@@ -2599,10 +2604,24 @@ void w4q_gemm(const W4& p, const float* X, int64_t ldx, int64_t M, int64_t N, co
         const uint8_t* pf = k1 < K ? p.w + n0 * p.ldw + k1 / 2 : p.w + n1 * p.ldw;
         const int64_t pf_rows = !prefetch ? 0 : k1 < K ? rows : std::min(kW4QTaskRows, r1 - n1);
         const int64_t pf_bytes = (k1 < K ? std::min(KC, K - k1) : std::min(KC, K)) / 2;
-        if (nib) {  // the prefetch alone (11008 x 4096 M = 16: 0.94x the time without it)
-          for (int64_t r = 0; r < pf_rows; ++r)
-            for (int64_t c = 0; c < pf_bytes; c += 64)
-              _mm_prefetch(reinterpret_cast<const char*>(pf + r * p.ldw + c), _MM_HINT_T1);
+        // nib: no pass; the lines are prefetched within the tiles instead (LinePrefetch), one every
+        // few k steps. Against one burst of them before the block's tiles (VNNI, 2 threads, one
+        // process, alternating, weights beyond L3; 4096^2 / 4096 x 14336 / 11008 x 4096): M = 6..16
+        // 0.88-0.98x the time (4096 x 14336 M = 6 / 8 / 12 / 16: 2.32 / 2.33 / 3.28 / 3.31 ms against
+        // 2.64 / 2.68 / 3.68 / 3.70), M = 32 and 64 0.96-0.99x.
+        LinePrefetch lp;
+        if (nib) {
+          const int64_t pn = k1 < K ? n0 : n1, pk0 = k1 < K ? k1 / 2 : 0;
+          lp = LinePrefetch(reinterpret_cast<const char*>(p.w), p.ldw, pn, pn + pf_rows, pk0, pk0 + pf_bytes);
+          int64_t tiles = 0;
+          auto count = [&](auto, int64_t) { ++tiles; };
+          for (int64_t m0 = 0; m0 < Mp; m0 += kW4QBlockRows) {
+            const int64_t w = std::min<int64_t>(kW4QBlockRows, Mp - m0);
+            if (w == 8 || w == 16) w4q_nib_row_tiles<kW4QNibRows<1>>(rows, count);
+            else if (w == 32 || w == 48) w4q_nib_row_tiles<kW4QNibRows<2>>(rows, count);  // 6 rows for MV 2, 3
+            else w4q_nib_row_tiles<kW4QNibRows<4>>(rows, count);
+          }
+          lp.spread(tiles, (k1 - k0) / 8);
         } else {
           w4q_widen(p, n0, n1, k0, k1, wb, ldb, pf, pf_rows, pf_bytes);
         }
@@ -2621,14 +2640,14 @@ void w4q_gemm(const W4& p, const float* X, int64_t ldx, int64_t M, int64_t N, co
           if (nib) {
             const uint8_t* bw = p.w + n0 * p.ldw;
             if (w == 8) {
-              w4q_rows_nib<NibY, 1>(a, w, bw, p.ldw, rows, q0, q1, sw, zw, G, gq, xb, Mp, c, Mp);
+              w4q_rows_nib<NibY, 1>(a, w, bw, p.ldw, rows, q0, q1, sw, zw, G, gq, xb, Mp, c, Mp, lp);
               continue;
             }
             switch (w / 16) {
-              case 1: w4q_rows_nib<NibZ, 1>(a, w, bw, p.ldw, rows, q0, q1, sw, zw, G, gq, xb, Mp, c, Mp); break;
-              case 2: w4q_rows_nib<NibZ, 2>(a, w, bw, p.ldw, rows, q0, q1, sw, zw, G, gq, xb, Mp, c, Mp); break;
-              case 3: w4q_rows_nib<NibZ, 3>(a, w, bw, p.ldw, rows, q0, q1, sw, zw, G, gq, xb, Mp, c, Mp); break;
-              default: w4q_rows_nib<NibZ, 4>(a, w, bw, p.ldw, rows, q0, q1, sw, zw, G, gq, xb, Mp, c, Mp); break;
+              case 1: w4q_rows_nib<NibZ, 1>(a, w, bw, p.ldw, rows, q0, q1, sw, zw, G, gq, xb, Mp, c, Mp, lp); break;
+              case 2: w4q_rows_nib<NibZ, 2>(a, w, bw, p.ldw, rows, q0, q1, sw, zw, G, gq, xb, Mp, c, Mp, lp); break;
+              case 3: w4q_rows_nib<NibZ, 3>(a, w, bw, p.ldw, rows, q0, q1, sw, zw, G, gq, xb, Mp, c, Mp, lp); break;
+              default: w4q_rows_nib<NibZ, 4>(a, w, bw, p.ldw, rows, q0, q1, sw, zw, G, gq, xb, Mp, c, Mp, lp); break;
             }
             continue;
           }

@@ -2250,21 +2250,6 @@ void pack_x_s16(const int8_t* A, int64_t lda, int64_t M, int64_t K, int32_t* ap)
   });
 }
 
-// The cache lines of a weight block [n0, n1) x [k0, k1), walked row by row into L2: the
-// next block's weights are prefetched while this block computes, one line every (mask + 1)
-// k steps inside the tiles (a burst of them before each tile stalls on the full miss
-// queues; at M = 16 the burst took most of the time the weight widening costs).
-struct LinePrefetch {
-  const int8_t* W = nullptr;
-  int64_t K = 0, n = 0, n1 = 0, k0 = 0, k1 = 0, k = 0, mask = 0;
-  void one() {
-    if (n >= n1) return;
-    _mm_prefetch(reinterpret_cast<const char*>(W + n * K + k), _MM_HINT_T1);
-    k += 64;
-    if (k >= k1) k = k0, ++n;
-  }
-};
-
 // CT[j][8 v + lane] (+)= sum over kc2 k pairs of Ap[k][8 v + lane] . B[j][k] for NR weight
 // rows (B: int16 rows, stride ldb) and MV vectors of 8 rows of x (Ap: packed, w = 8 MV wide).
 template <int NR, int MV>
@@ -2516,23 +2501,13 @@ void gemm_s16_packed(const int32_t* ap, int64_t M, const int8_t* W, int64_t N, i
           widen_rows(W, K, n0, n1, k0, kc, wb, ldb);
           // the next block: the next K block of these rows, or the next task's first (the
           // thread's first task where the next chunk of x starts)
-          LinePrefetch pf;
-          pf.W = W;
-          pf.K = K;
-          pf.n = n0, pf.n1 = n1, pf.k0 = k0 + KC;
-          if (pf.k0 >= K) {
-            pf.n = n1 < r1 || mc1 >= M ? n1 : r0;
-            pf.n1 = std::min(r1, pf.n + kA2TaskRows), pf.k0 = 0;
-          }
-          pf.k1 = std::min(K, pf.k0 + KC);
-          pf.k = pf.k0;
+          const int64_t pn = k0 + KC < K ? n0 : n1 < r1 || mc1 >= M ? n1 : r0;
+          const int64_t pk0 = k0 + KC < K ? k0 + KC : 0;
+          LinePrefetch pf(reinterpret_cast<const char*>(W), K, pn, k0 + KC < K ? n1 : std::min(r1, pn + kA2TaskRows),
+                          pk0, std::min(K, pk0 + KC));
           int64_t tiles = 0;
           s16_row_tiles(n1 - n0, [&](auto, int64_t) { ++tiles; });
-          tiles *= nmb;
-          const int64_t per = ((pf.n1 - pf.n) * ((pf.k1 - pf.k0 + 63) / 64) + tiles - 1) / tiles;
-          int64_t step = 1;  // a power of two: about `per` lines in each tile
-          while (per > 0 && step * 2 * per <= kc2) step *= 2;
-          pf.mask = step - 1;
+          pf.spread(tiles * nmb, kc2);
           for (int64_t mb = 0; mb < nmb; ++mb) {
             const int64_t m0 = mc0 + mb * 16, w = std::min<int64_t>(16, Mp - m0);
             const int32_t* a = ap + m0 * K2 + (k0 / 2) * w;

@@ -481,6 +481,34 @@ inline void dot_block_i16(const int16_t* A, int64_t lda, int64_t M, const int16_
   if (M - m == 1) dot_rows_i16<AVX2, 1>(A, lda, m, B, ldb, nb, C, ldc, kc, acc);
 }
 
+// The cache lines of a weight block, rows [n, n1) x bytes [k0, k1) of rows `ld` bytes apart,
+// walked row by row into L2: the next block's weights are prefetched while this block computes,
+// one line every (mask + 1) k steps inside the tiles (a burst of them before each tile stalls on
+// the full miss queues; at M = 16 the int16 GEMM's burst took most of the time its weight
+// widening costs). Nothing where n >= n1.
+struct LinePrefetch {
+  const char* W = nullptr;
+  int64_t ld = 0, n = 0, n1 = 0, k0 = 0, k1 = 0, k = 0, mask = 0;
+  LinePrefetch() = default;
+  LinePrefetch(const char* w, int64_t ld_, int64_t n_, int64_t n1_, int64_t k0_, int64_t k1_)
+      : W(w), ld(ld_), n(n_), n1(n1_), k0(k0_), k1(k1_), k(k0_) {}
+  // every line within `tiles` tile calls of `steps` k steps each: mask + 1 a power of two
+  void spread(int64_t tiles, int64_t steps) {
+    const int64_t per = ((n1 - n) * ((k1 - k0 + 63) / 64) + tiles - 1) / std::max<int64_t>(1, tiles);
+    int64_t step = 1;
+    while (per > 0 && step * 2 * per <= steps) step *= 2;
+    mask = step - 1;
+  }
+  void one() {
+#if FASTKERN_X86
+    if (n >= n1) return;
+    _mm_prefetch(W + n * ld + k, _MM_HINT_T1);
+    k += 64;
+    if (k >= k1) k = k0, ++n;
+#endif
+  }
+};
+
 inline bool use_avx2() {
 #if FASTKERN_X86
   return active_isa() >= Isa::Avx2;
