@@ -2378,8 +2378,7 @@ FASTKERN_AVX512VNNI void w4q_tile_nib(const int32_t* Ap, int64_t w, const uint8_
 template <int MV>
 constexpr int kW4QNibRows = MV == 1 ? 8 : MV == 4 ? 4 : 6;
 
-// Weight rows kW4QNibRows at a time (H16 at MV = 1), then 4, 2 and 1; V: the vectors of x.
-// The tiles of `rows` weight rows with NR rows per tile: f(nr, first row) for each.
+// The tiles of `rows` weight rows, NR rows per tile and then 4, 2 and 1: f(nr, first row) for each.
 template <int NR, class F>
 inline void w4q_nib_row_tiles(int64_t rows, const F& f) {
   int64_t r = 0;
@@ -2389,7 +2388,8 @@ inline void w4q_nib_row_tiles(int64_t rows, const F& f) {
   if (r < rows) f(std::integral_constant<int, 1>(), r);
 }
 
-// pf: the next weight block's lines, spread over the tiles' k steps (LinePrefetch)
+// Weight rows kW4QNibRows at a time (H16 at MV = 1), then 4, 2 and 1; V: the vectors of x; pf:
+// the next weight block's lines, spread over the tiles' k steps.
 template <class V, int MV>
 void w4q_rows_nib(const int32_t* Ap, int64_t w, const uint8_t* B, int64_t ldb, int64_t rows, int64_t kq0,
                   int64_t kq1, const float* sw, const uint8_t* zw, int64_t G, int64_t gq, const float* xs, int64_t Mp,
@@ -2508,7 +2508,7 @@ FASTKERN_AVX2 void w4q_widen(const W4& p, int64_t n0, int64_t n1, int64_t k0, in
 template <int NR, int MV>
 FASTKERN_AVX2 void w4q_tile_avx2(const int32_t* Ap, int64_t w, const uint8_t* B, int64_t ldb, int64_t kq0,
                                  int64_t kq1, const float* sw, const uint8_t* zw, int64_t G, int64_t gq,
-                                 const float* xs, int64_t Mp, float* CT, int64_t ldct) {
+                                 const float* xs, int64_t Mp, float* CT, int64_t ldct, LinePrefetch& pf) {
   const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t a = kq0; a < kq1;) {
     const int64_t gi = a / gq, e = std::min(kq1, (gi + 1) * gq);
@@ -2523,6 +2523,7 @@ FASTKERN_AVX2 void w4q_tile_avx2(const int32_t* Ap, int64_t w, const uint8_t* B,
       for (int j = 0; j < NR; ++j)
         for (int v = 0; v < MV; ++v) s16[j][v] = _mm256_setzero_si256();
       for (; kq < se; ++kq, xp += w, bp += 4) {
+        if (((kq - kq0) & pf.mask) == 0) pf.one();
         __m256i x[MV];
         for (int v = 0; v < MV; ++v) x[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 8 * v));
         for (int j = 0; j < NR; ++j) {
@@ -2547,28 +2548,47 @@ FASTKERN_AVX2 void w4q_tile_avx2(const int32_t* Ap, int64_t w, const uint8_t* B,
   }
 }
 
+// The tiles of `rows` weight rows: f(nr, first row) six at a time, then 4, 2 and 1.
+template <class F>
+inline void w4q_avx2_row_tiles(int64_t rows, const F& f) {
+  int64_t r = 0;
+  for (; r + 6 <= rows; r += 6) f(std::integral_constant<int, 6>(), r);
+  for (; r + 4 <= rows; r += 4) f(std::integral_constant<int, 4>(), r);
+  for (; r + 2 <= rows; r += 2) f(std::integral_constant<int, 2>(), r);
+  if (r < rows) f(std::integral_constant<int, 1>(), r);
+}
+
 // Weight rows six at a time (then 4, 2, 1), x in pairs of 8-row vectors (w is a multiple of 16).
 // The 12 int16 sums stay in registers; the int32 ones, touched every 8 quads, may live on the
 // stack. Measured against 2 / 4 / 8 rows (AVX2, M = 256, 11008 x 4096): 47.5 ms against 56.6 /
 // 52.7 / 60.5 (8 rows spill the int16 sums).
 void w4q_rows_avx2(const int32_t* Ap, int64_t w, const uint8_t* B, int64_t ldb, int64_t rows, int64_t kq0,
                    int64_t kq1, const float* sw, const uint8_t* zw, int64_t G, int64_t gq, const float* xs, int64_t Mp,
-                   float* CT, int64_t ldct) {
-  for (int64_t v0 = 0; v0 < w; v0 += 16) {
-    int64_t r = 0;
-    for (; r + 6 <= rows; r += 6)
-      w4q_tile_avx2<6, 2>(Ap + v0, w, B + r * ldb, ldb, kq0, kq1, sw + r * G, zw + r * G, G, gq, xs + v0, Mp,
-                          CT + r * ldct + v0, ldct);
-    for (; r + 4 <= rows; r += 4)
-      w4q_tile_avx2<4, 2>(Ap + v0, w, B + r * ldb, ldb, kq0, kq1, sw + r * G, zw + r * G, G, gq, xs + v0, Mp,
-                          CT + r * ldct + v0, ldct);
-    for (; r + 2 <= rows; r += 2)
-      w4q_tile_avx2<2, 2>(Ap + v0, w, B + r * ldb, ldb, kq0, kq1, sw + r * G, zw + r * G, G, gq, xs + v0, Mp,
-                          CT + r * ldct + v0, ldct);
-    if (r < rows)
-      w4q_tile_avx2<1, 2>(Ap + v0, w, B + r * ldb, ldb, kq0, kq1, sw + r * G, zw + r * G, G, gq, xs + v0, Mp,
-                          CT + r * ldct + v0, ldct);
+                   float* CT, int64_t ldct, LinePrefetch& pf) {
+  for (int64_t v0 = 0; v0 < w; v0 += 16)
+    w4q_avx2_row_tiles(rows, [&](auto nr, int64_t r) {
+      w4q_tile_avx2<decltype(nr)::value, 2>(Ap + v0, w, B + r * ldb, ldb, kq0, kq1, sw + r * G, zw + r * G, G, gq,
+                                            xs + v0, Mp, CT + r * ldct + v0, ldct, pf);
+    });
+}
+
+// The tile calls of one K block of `rows` weight rows (w4q_gemm's m blocks of Mp rows of x): the
+// nibble tiles' (nib) or the AVX2 ones'.
+inline int64_t w4q_tiles(int64_t Mp, int64_t rows, bool nib) {
+  int64_t tiles = 0;
+  const auto count = [&](auto, int64_t) { ++tiles; };
+  for (int64_t m0 = 0; m0 < Mp; m0 += kW4QBlockRows) {
+    const int64_t w = std::min<int64_t>(kW4QBlockRows, Mp - m0);
+    if (!nib)
+      for (int64_t v0 = 0; v0 < w; v0 += 16) w4q_avx2_row_tiles(rows, count);
+    else if (w <= 16)
+      w4q_nib_row_tiles<kW4QNibRows<1>>(rows, count);
+    else if (w <= 48)
+      w4q_nib_row_tiles<kW4QNibRows<2>>(rows, count);  // kW4QNibRows<3> rows too
+    else
+      w4q_nib_row_tiles<kW4QNibRows<4>>(rows, count);
   }
+  return tiles;
 }
 
 // Y [M, N] fp32 = the integer products of x's quantized rows with ((q - z) * s_w), before the
@@ -2604,27 +2624,19 @@ void w4q_gemm(const W4& p, const float* X, int64_t ldx, int64_t M, int64_t N, co
         const uint8_t* pf = k1 < K ? p.w + n0 * p.ldw + k1 / 2 : p.w + n1 * p.ldw;
         const int64_t pf_rows = !prefetch ? 0 : k1 < K ? rows : std::min(kW4QTaskRows, r1 - n1);
         const int64_t pf_bytes = (k1 < K ? std::min(KC, K - k1) : std::min(KC, K)) / 2;
-        // nib: no pass; the lines are prefetched within the tiles instead (LinePrefetch), one every
-        // few k steps. Against one burst of them before the block's tiles (VNNI, 2 threads, one
-        // process, alternating, weights beyond L3; 4096^2 / 4096 x 14336 / 11008 x 4096): M = 6..16
-        // 0.88-0.98x the time (4096 x 14336 M = 6 / 8 / 12 / 16: 2.32 / 2.33 / 3.28 / 3.31 ms against
-        // 2.64 / 2.68 / 3.68 / 3.70), M = 32 and 64 0.96-0.99x.
-        LinePrefetch lp;
-        if (nib) {
-          const int64_t pn = k1 < K ? n0 : n1, pk0 = k1 < K ? k1 / 2 : 0;
-          lp = LinePrefetch(reinterpret_cast<const char*>(p.w), p.ldw, pn, pn + pf_rows, pk0, pk0 + pf_bytes);
-          int64_t tiles = 0;
-          auto count = [&](auto, int64_t) { ++tiles; };
-          for (int64_t m0 = 0; m0 < Mp; m0 += kW4QBlockRows) {
-            const int64_t w = std::min<int64_t>(kW4QBlockRows, Mp - m0);
-            if (w == 8 || w == 16) w4q_nib_row_tiles<kW4QNibRows<1>>(rows, count);
-            else if (w == 32 || w == 48) w4q_nib_row_tiles<kW4QNibRows<2>>(rows, count);  // 6 rows for MV 2, 3
-            else w4q_nib_row_tiles<kW4QNibRows<4>>(rows, count);
-          }
-          lp.spread(tiles, (k1 - k0) / 8);
-        } else {
-          w4q_widen(p, n0, n1, k0, k1, wb, ldb, pf, pf_rows, pf_bytes);
-        }
+        // On the nibble tiles and the AVX2 ones the lines are prefetched within the tiles
+        // (LinePrefetch), one every few k steps, and not in one burst (the unpacking pass's, or
+        // before the tiles). Measured against the burst (2 threads, one process, alternating,
+        // weights beyond L3; 4096^2 / 4096 x 14336 / 11008 x 4096): VNNI M = 6..16 0.88-0.98x the
+        // time (4096 x 14336 M = 6 / 8 / 12 / 16: 2.32 / 2.33 / 3.28 / 3.31 ms against 2.64 / 2.68 /
+        // 3.68 / 3.70), M = 32 and 64 0.96-0.99x; AVX2 M = 12 / 16 0.91-0.95x, M = 32 0.93-1.03x, 64
+        // 0.97-1.02x, 256 0.89-1.01x.
+        const bool in_tiles = nib || !v512;
+        const int64_t pn = k1 < K ? n0 : n1, pk0 = k1 < K ? k1 / 2 : 0;
+        LinePrefetch lp(reinterpret_cast<const char*>(p.w), p.ldw, pn, pn + (in_tiles ? pf_rows : 0), pk0,
+                        pk0 + pf_bytes);
+        if (in_tiles) lp.spread(w4q_tiles(Mp, rows, nib), (k1 - k0) / (nib ? 8 : 4));
+        if (!nib) w4q_widen(p, n0, n1, k0, k1, wb, ldb, pf, in_tiles ? 0 : pf_rows, pf_bytes);
         for (int64_t m0 = 0; m0 < Mp; m0 += kW4QBlockRows) {
           const int64_t w = std::min<int64_t>(kW4QBlockRows, Mp - m0);
           const int32_t* a = ap + m0 * KQ;
@@ -2634,7 +2646,7 @@ void w4q_gemm(const W4& p, const float* X, int64_t ldx, int64_t M, int64_t N, co
           float* c = ct + m0;
           const int64_t q0 = k0 / 4, q1 = k1 / 4;
           if (!v512) {
-            w4q_rows_avx2(a, w, wb, ldb, rows, q0, q1, sw, zw, G, gq, xb, Mp, c, Mp);
+            w4q_rows_avx2(a, w, wb, ldb, rows, q0, q1, sw, zw, G, gq, xb, Mp, c, Mp, lp);
             continue;
           }
           if (nib) {
