@@ -2621,7 +2621,8 @@ void w4q_gemm(const W4& p, const float* X, int64_t ldx, int64_t M, int64_t N, co
         // rows, or the next task's first (FASTKERN_W4A8_GEMM_PREFETCH=0: none, for A/B timing).
         // Measured against none (one process, alternating): M = 16 0.78-0.87x the time (VNNI),
         // 0.74-0.82x (AVX2); M = 64 0.92-1.03x / 0.88-0.99x; M = 256 0.97-1.03x.
-        const uint8_t* pf = k1 < K ? p.w + n0 * p.ldw + k1 / 2 : p.w + n1 * p.ldw;
+        const int64_t pn = k1 < K ? n0 : n1, pk0 = k1 < K ? k1 / 2 : 0;  // its first row and byte
+        const uint8_t* pf = p.w + pn * p.ldw + pk0;
         const int64_t pf_rows = !prefetch ? 0 : k1 < K ? rows : std::min(kW4QTaskRows, r1 - n1);
         const int64_t pf_bytes = (k1 < K ? std::min(KC, K - k1) : std::min(KC, K)) / 2;
         // On the nibble tiles and the AVX2 ones the lines are prefetched within the tiles
@@ -2632,7 +2633,6 @@ void w4q_gemm(const W4& p, const float* X, int64_t ldx, int64_t M, int64_t N, co
         // 3.68 / 3.70), M = 32 and 64 0.96-0.99x; AVX2 M = 12 / 16 0.91-0.95x, M = 32 0.93-1.03x, 64
         // 0.97-1.02x, 256 0.89-1.01x.
         const bool in_tiles = nib || !v512;
-        const int64_t pn = k1 < K ? n0 : n1, pk0 = k1 < K ? k1 / 2 : 0;
         LinePrefetch lp(reinterpret_cast<const char*>(p.w), p.ldw, pn, pn + (in_tiles ? pf_rows : 0), pk0,
                         pk0 + pf_bytes);
         if (in_tiles) lp.spread(w4q_tiles(Mp, rows, nib), (k1 - k0) / (nib ? 8 : 4));

@@ -2501,10 +2501,10 @@ void gemm_s16_packed(const int32_t* ap, int64_t M, const int8_t* W, int64_t N, i
           widen_rows(W, K, n0, n1, k0, kc, wb, ldb);
           // the next block: the next K block of these rows, or the next task's first (the
           // thread's first task where the next chunk of x starts)
-          const int64_t pn = k0 + KC < K ? n0 : n1 < r1 || mc1 >= M ? n1 : r0;
-          const int64_t pk0 = k0 + KC < K ? k0 + KC : 0;
-          LinePrefetch pf(reinterpret_cast<const char*>(W), K, pn, k0 + KC < K ? n1 : std::min(r1, pn + kA2TaskRows),
-                          pk0, std::min(K, pk0 + KC));
+          const bool next_k = k0 + KC < K;
+          const int64_t pn = next_k ? n0 : n1 < r1 || mc1 >= M ? n1 : r0, pk0 = next_k ? k0 + KC : 0;
+          LinePrefetch pf(reinterpret_cast<const char*>(W), K, pn, next_k ? n1 : std::min(r1, pn + kA2TaskRows), pk0,
+                          std::min(K, pk0 + KC));
           int64_t tiles = 0;
           s16_row_tiles(n1 - n0, [&](auto, int64_t) { ++tiles; });
           pf.spread(tiles * nmb, kc2);
